@@ -1,0 +1,41 @@
+# memos front door. Every target installs what it needs into .venv first.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint bench format clean
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Reinstall when the dependency pins change.
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/memos serve --host 127.0.0.1 --port 8000
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check memos tests migrations bench
+	$(VENV)/bin/ruff format --check memos tests migrations bench
+	$(VENV)/bin/mypy memos
+
+format: install
+	$(VENV)/bin/ruff format memos tests migrations bench
+	$(VENV)/bin/ruff check --fix memos tests migrations bench
+
+bench: install
+	$(PY) -m bench.api_latency
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

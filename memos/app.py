@@ -1,0 +1,185 @@
+"""``create_app(settings)``: the Litestar application, its lifecycle, DI and the one error mapping."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+from litestar import Litestar, Request, Response, Router, get
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from sqlalchemy.exc import DataError, IntegrityError
+
+from memos import __version__
+from memos.cubes.controller import CubeController
+from memos.cubes.service import CubeService
+from memos.deps import dependencies
+from memos.errors import PROBLEM_BASE, BadRequest, FieldError, Invalid, MemosError, Problem, TooLarge
+from memos.identity.auth import BearerKeyAuth
+from memos.identity.controller import IdentityController
+from memos.identity.service import IdentityService, load_operator_key
+from memos.memories.controller import MemoryController
+from memos.memories.service import MemoryService
+from memos.observability import request_id_middleware, request_id_var
+from memos.settings import Settings
+from memos.store.db import Database
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def _problem_response(error: MemosError) -> Response[bytes]:
+    return Response(
+        msgspec.json.encode(error.problem()),
+        status_code=error.status,
+        media_type=PROBLEM_JSON,
+        headers=error.headers,
+    )
+
+
+def _on_memos_error(_: Request[Any, Any, Any], exc: MemosError) -> Response[bytes]:
+    return _problem_response(exc)
+
+
+_NAMED_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
+
+
+def _field_of(key: str, message: str) -> str:
+    """The dotted path of the field a validation message is about (``data`` is Litestar's name for the body)."""
+    path = "" if key in ("data", "body", "") else key.removeprefix("data.")
+    if match := _NAMED_FIELD.search(message):
+        path = f"{path}.{match.group(1)}" if path else match.group(1)
+    return path or "body"
+
+
+def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
+    """Litestar's parse errors: malformed JSON is 400, a well-formed body that breaks the schema is 422."""
+    messages = exc.extra if isinstance(exc.extra, list) else []
+    errors = []
+    for m in messages:
+        if not isinstance(m, dict):
+            continue
+        text = str(m.get("message", "invalid"))
+        if "malformed" in text.lower():
+            return _problem_response(BadRequest(f"the request body is not valid JSON: {text}"))
+        errors.append(FieldError(field=_field_of(str(m.get("key") or ""), text), message=text))
+    if not errors:
+        return _problem_response(BadRequest(str(exc.detail)))
+    detail = "; ".join(f"{e.field}: {e.message}" for e in errors)
+    return _problem_response(Invalid(detail, errors=errors))
+
+
+def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    if exc.status_code == 413:
+        return _problem_response(TooLarge("the request body is larger than this server accepts"))
+    if exc.status_code == 400:
+        return _problem_response(BadRequest(exc.detail))
+    slug = {404: "not-found", 405: "method-not-allowed", 401: "unauthorized", 403: "forbidden"}.get(
+        exc.status_code, "http"
+    )
+    problem = Problem(type=PROBLEM_BASE + slug, title=exc.__class__.__name__, status=exc.status_code, detail=exc.detail)
+    return Response(
+        msgspec.json.encode(problem),
+        status_code=exc.status_code,
+        media_type=PROBLEM_JSON,
+        headers=exc.headers,
+    )
+
+
+def _on_integrity(_: Request[Any, Any, Any], exc: IntegrityError) -> Response[bytes]:
+    # Services translate the conflicts they expect; this is the net for the ones they did not.
+    from memos.errors import Conflict
+
+    log.warning("unmapped integrity error", extra={"error": str(exc.orig)})
+    return _problem_response(Conflict("the change conflicts with existing data"))
+
+
+def _on_data_error(_: Request[Any, Any, Any], exc: DataError) -> Response[bytes]:
+    log.warning("unmapped data error", extra={"error": str(exc.orig)})
+    return _problem_response(Invalid("a value is out of the range the database accepts"))
+
+
+def _on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.exception("unhandled error", exc_info=exc)
+    problem = Problem(
+        type=PROBLEM_BASE + "internal",
+        title="Internal error",
+        status=500,
+        detail=f"something went wrong on our side; quote request id {request_id_var.get()} when reporting it",
+    )
+    return Response(msgspec.json.encode(problem), status_code=HTTP_500_INTERNAL_SERVER_ERROR, media_type=PROBLEM_JSON)
+
+
+@get("/healthz", summary="200 while the process runs", tags=["operations"])
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get(
+    "/readyz",
+    summary="200 when the database answers and its schema is current, else 503",
+    tags=["operations"],
+)
+async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
+    db: Database = request.app.state.db
+    if await db.ready():
+        return Response({"status": "ready", "schema": db.head})
+    return Response({"status": "not ready"}, status_code=503, headers={"Retry-After": "1"})
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the application; the database starts (embedded or external) when the app starts."""
+    settings = settings or Settings.from_env()
+    db = Database(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await db.start()
+        try:
+            app.state.db = db
+            app.state.identity = IdentityService(db, load_operator_key(settings))
+            app.state.cubes = CubeService(db)
+            app.state.memories = MemoryService(db)
+            yield
+        finally:
+            await db.stop()
+
+    v1 = Router(
+        path="/",
+        route_handlers=[IdentityController, CubeController, MemoryController],
+        middleware=[DefineMiddleware(BearerKeyAuth)],
+        security=[{"BearerAuth": []}],
+        dependencies=dependencies(),
+    )
+
+    return Litestar(
+        route_handlers=[healthz, readyz, v1],
+        lifespan=[lifespan],
+        middleware=[request_id_middleware],
+        exception_handlers={
+            MemosError: _on_memos_error,
+            ValidationException: _on_validation,
+            HTTPException: _on_http,
+            IntegrityError: _on_integrity,
+            DataError: _on_data_error,
+            Exception: _on_unexpected,
+        },
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="memos",
+            version=__version__,
+            description="A memory operating system for AI agents.",
+            components=Components(
+                security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer", description="API key")}
+            ),
+        ),
+        debug=False,
+    )

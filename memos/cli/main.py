@@ -1,0 +1,81 @@
+"""The ``memos`` command: ``serve`` and ``admin`` tools. Calls the same services as the API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from memos.settings import Settings, SettingsError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from memos.app import create_app
+    from memos.observability import configure_logging
+
+    settings = Settings.from_env(host=args.host, port=args.port)
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from memos.store import migrations
+    from memos.store.embedded import EmbeddedPostgres
+
+    settings = Settings.from_env()
+    embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
+    url = embedded.start() if embedded is not None else settings.database_url
+    assert url is not None
+    try:
+        before = migrations.current_revision(url)
+        if args.revision.startswith("-") or args.down:
+            migrations.downgrade(url, args.revision)
+        else:
+            migrations.upgrade(url, args.revision)
+        after = migrations.current_revision(url)
+        print(f"schema: {before or 'empty'} -> {after or 'empty'}")
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memos", description="memos: a memory operating system for AI agents")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the REST API (embedded Postgres unless MEMOS_DATABASE_URL is set)")
+    serve.add_argument("--host", default=None, help="interface to listen on (MEMOS_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port to listen on (MEMOS_PORT, default 8000)")
+    serve.set_defaults(func=_serve)
+
+    admin = sub.add_parser("admin", help="operations: migrations")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    migrate = admin_sub.add_parser("migrate", help="upgrade the database schema (or --down to a revision)")
+    migrate.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
+    migrate.add_argument("--down", action="store_true", help="downgrade to the revision instead")
+    migrate.set_defaults(func=_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        print(f"memos: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

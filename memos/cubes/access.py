@@ -1,0 +1,64 @@
+"""Who may do what in a cube: the one place the sharing rules live.
+
+manage: the owner and the tenant's admins (everything, grants included);
+write/read: agents holding a grant. Anyone else does not see the cube (404).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from sqlalchemy import Select, and_, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from memos.errors import Forbidden, NotFound
+from memos.identity.principal import Principal
+from memos.store.models import cube_grants, cubes
+
+Access = Literal["read", "write", "manage"]
+_RANK: dict[str, int] = {"read": 1, "write": 2, "manage": 3}
+
+
+def access_of(principal: Principal, owner_agent_id: uuid.UUID, grant: str | None) -> Access | None:
+    """What ``principal`` may do in a cube of its tenant, given the cube's owner and its grant row."""
+    if principal.is_admin or owner_agent_id == principal.agent_id:
+        return "manage"
+    if grant == "write":
+        return "write"
+    if grant == "read":
+        return "read"
+    return None
+
+
+def require(access: Access, needed: Access, what: str = "cube") -> None:
+    if _RANK[access] < _RANK[needed]:
+        raise Forbidden(f"this {what} is shared with you for {access} only; {needed} access is needed")
+
+
+async def cube_access(conn: AsyncConnection, principal: Principal, cube_id: uuid.UUID, needed: Access) -> Access:
+    """The caller's access to a live cube, at least ``needed`` (403 if less), or 404 if it cannot see it."""
+    tenant_id, agent_id = principal.tenant_member()
+    row = (
+        await conn.execute(
+            select(cubes.c.owner_agent_id, cube_grants.c.access)
+            .select_from(cubes)
+            .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id))
+            .where(cubes.c.id == cube_id, cubes.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
+        )
+    ).first()
+    access = None if row is None else access_of(principal, row.owner_agent_id, row.access)
+    if access is None:
+        raise NotFound("no such cube")
+    require(access, needed)
+    return access
+
+
+def readable_cube_ids(principal: Principal) -> Select[tuple[uuid.UUID]]:
+    """A subquery of the ids of every live cube the caller may read."""
+    tenant_id, agent_id = principal.tenant_member()
+    query = select(cubes.c.id).where(cubes.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
+    if principal.is_admin:
+        return query
+    granted = select(cube_grants.c.cube_id).where(cube_grants.c.agent_id == agent_id)
+    return query.where(or_(cubes.c.owner_agent_id == agent_id, cubes.c.id.in_(granted)))

@@ -1,0 +1,52 @@
+"""What handlers can ask for by name, and where it comes from.
+
+Services are built once in the app's lifespan and kept on ``app.state``; the
+caller's ``Principal`` is what the auth middleware resolved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+
+from memos.cubes.service import CubeService
+from memos.identity.principal import Principal
+from memos.identity.service import IdentityService
+from memos.memories.service import MemoryService
+
+CurrentPrincipal = NamedDependency[Principal]
+Identity = NamedDependency[IdentityService]
+Cubes = NamedDependency[CubeService]
+Memories = NamedDependency[MemoryService]
+
+
+def _principal(request: Request[Any, Any, Any]) -> Principal:
+    user: Principal = request.user
+    return user
+
+
+def _identity(state: State) -> IdentityService:
+    service: IdentityService = state.identity
+    return service
+
+
+def _cubes(state: State) -> CubeService:
+    service: CubeService = state.cubes
+    return service
+
+
+def _memories(state: State) -> MemoryService:
+    service: MemoryService = state.memories
+    return service
+
+
+def dependencies() -> dict[str, Provide]:
+    return {
+        "principal": Provide(_principal, sync_to_thread=False),
+        "identity": Provide(_identity, sync_to_thread=False),
+        "cubes": Provide(_cubes, sync_to_thread=False),
+        "memories": Provide(_memories, sync_to_thread=False),
+    }

@@ -1,0 +1,128 @@
+"""The domain error tree, and its one mapping to RFC 9457 problem+json.
+
+Services raise these; ``app.py`` turns every one of them (and Litestar's own
+client errors) into ``application/problem+json`` in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import msgspec
+
+PROBLEM_BASE = "https://memos.dev/problems/"
+
+
+class FieldError(msgspec.Struct, frozen=True):
+    """One invalid field: a dotted path into the request and what is wrong with it."""
+
+    field: str
+    message: str
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """An RFC 9457 problem document."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+    extra: dict[str, Any] | None = None
+
+
+class MemosError(Exception):
+    """Base of every error a user can cause; carries its HTTP status."""
+
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        errors: Sequence[FieldError] | None = None,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = list(errors) if errors else None
+        self.extra = extra
+        self.headers = headers or {}
+
+    def problem(self) -> Problem:
+        return Problem(
+            type=PROBLEM_BASE + self.slug,
+            title=self.title,
+            status=self.status,
+            detail=self.detail,
+            errors=self.errors,
+            extra=self.extra,
+        )
+
+
+class BadRequest(MemosError):
+    status = 400
+    slug = "bad-request"
+    title = "Bad request"
+
+
+class Unauthorized(MemosError):
+    status = 401
+    slug = "unauthorized"
+    title = "Unauthorized"
+
+
+class Forbidden(MemosError):
+    status = 403
+    slug = "forbidden"
+    title = "Forbidden"
+
+
+class NotFound(MemosError):
+    status = 404
+    slug = "not-found"
+    title = "Not found"
+
+
+class Conflict(MemosError):
+    status = 409
+    slug = "conflict"
+    title = "Conflict"
+
+
+class PreconditionFailed(MemosError):
+    status = 412
+    slug = "precondition-failed"
+    title = "Precondition failed"
+
+
+class PreconditionRequired(MemosError):
+    status = 428
+    slug = "precondition-required"
+    title = "Precondition required"
+
+
+class TooLarge(MemosError):
+    status = 413
+    slug = "too-large"
+    title = "Request too large"
+
+
+class Invalid(MemosError):
+    status = 422
+    slug = "invalid"
+    title = "Invalid request"
+
+    @classmethod
+    def field(cls, field: str, message: str) -> Invalid:
+        return cls(f"{field}: {message}", errors=[FieldError(field, message)])
+
+
+class Unavailable(MemosError):
+    status = 503
+    slug = "unavailable"
+    title = "Service unavailable"

@@ -1,0 +1,40 @@
+"""Small HTTP helpers the controllers share: ids from paths, ETags, If-Match."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from litestar.params import HeaderParameter, QueryParameter
+
+from memos.errors import NotFound, PreconditionFailed
+from memos.pagination import DEFAULT_LIMIT, MAX_LIMIT
+
+Limit = Annotated[int, QueryParameter(ge=1, le=MAX_LIMIT, description=f"page size (default {DEFAULT_LIMIT})")]
+Cursor = Annotated[str | None, QueryParameter(max_length=512, description="next_cursor of the previous page")]
+IfMatch = Annotated[str | None, HeaderParameter(name="If-Match", description='The version you read, as its ETag ("3")')]
+
+
+def parse_id(value: str, what: str) -> uuid.UUID:
+    """A path id; anything that is not a UUID names nothing, so it is a 404 like an unknown id."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound(f"no such {what}") from None
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def parse_if_match(header: str | None) -> int | None:
+    """The version an ``If-Match`` header names; None when absent or ``*``."""
+    if header is None:
+        return None
+    value = header.strip()
+    if value == "*":
+        return None
+    value = value.removeprefix("W/").strip('"')
+    if not value.isdigit():
+        raise PreconditionFailed('If-Match must be an ETag this server sent, like "3"')
+    return int(value)

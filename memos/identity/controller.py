@@ -1,0 +1,48 @@
+"""HTTP endpoints for tenants, agents and API keys."""
+
+from __future__ import annotations
+
+from litestar import Controller, delete, get, post
+from litestar.params import FromPath, JSONBody
+
+from memos.deps import CurrentPrincipal, Identity
+from memos.errors import Forbidden
+from memos.http import parse_id
+from memos.identity import schemas
+
+
+class IdentityController(Controller):
+    path = "/v1"
+    tags = ["identity"]
+
+    @post("/tenants", summary="Create a tenant (operator key only); returns its admin key once")
+    async def create_tenant(
+        self, data: JSONBody[schemas.TenantIn], principal: CurrentPrincipal, identity: Identity
+    ) -> schemas.TenantCreated:
+        if principal.role != "operator":
+            raise Forbidden("only the operator key creates tenants")
+        return await identity.create_tenant(principal, data)
+
+    @post("/agents", summary="Create an agent or admin of the caller's tenant; returns its key once")
+    async def create_agent(
+        self, data: JSONBody[schemas.AgentIn], principal: CurrentPrincipal, identity: Identity
+    ) -> schemas.AgentCreated:
+        return await identity.create_agent(principal, data)
+
+    @get("/agents", summary="List the agents of the caller's tenant (tenant admin)")
+    async def list_agents(self, principal: CurrentPrincipal, identity: Identity) -> list[schemas.Agent]:
+        return await identity.list_agents(principal)
+
+    @get("/agents/me", summary="Who the caller's key belongs to")
+    async def me(self, principal: CurrentPrincipal, identity: Identity) -> schemas.Me:
+        return await identity.me(principal)
+
+    @post("/agents/{agent_id:str}/keys", summary="Issue a new key for an agent (tenant admin)")
+    async def rotate_key(
+        self, agent_id: FromPath[str], principal: CurrentPrincipal, identity: Identity
+    ) -> schemas.KeyCreated:
+        return await identity.rotate_key(principal, parse_id(agent_id, "agent"))
+
+    @delete("/keys/{prefix:str}", summary="Revoke a key by its prefix")
+    async def revoke_key(self, prefix: FromPath[str], principal: CurrentPrincipal, identity: Identity) -> None:
+        await identity.revoke_key(principal, prefix)

@@ -1,0 +1,147 @@
+"""Tenants, agents and API keys; turning a bearer token into a ``Principal``."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from memos.errors import Conflict, NotFound
+from memos.identity import schemas
+from memos.identity.keys import generate_key, hash_key, key_matches, key_prefix
+from memos.identity.principal import OPERATOR, Principal
+from memos.settings import Settings
+from memos.store.audit import record
+from memos.store.db import Database
+from memos.store.models import agents, api_keys, tenants
+
+log = logging.getLogger(__name__)
+
+
+def load_operator_key(settings: Settings) -> str:
+    """``MEMOS_OPERATOR_KEY``, else the key in ``<data_dir>/operator.key``, generated (mode 0600) on first start."""
+    if settings.operator_key is not None:
+        return settings.operator_key
+    path = Path(settings.data_dir) / "operator.key"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key, _ = generate_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    log.warning("generated the operator key", extra={"path": str(path.resolve())})
+    return key
+
+
+class IdentityService:
+    def __init__(self, db: Database, operator_key: str) -> None:
+        self.db = db
+        self._operator_hash = hash_key(operator_key)
+
+    async def authenticate(self, token: str) -> Principal | None:
+        """The principal a bearer token stands for, or None. Constant-time compares either way."""
+        if hmac.compare_digest(hash_key(token), self._operator_hash):
+            return OPERATOR
+        prefix = key_prefix(token)
+        if prefix is None:
+            return None
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(api_keys.c.key_hash, agents.c.id, agents.c.tenant_id, agents.c.role)
+                    .join(agents, agents.c.id == api_keys.c.agent_id)
+                    .where(api_keys.c.prefix == prefix, api_keys.c.revoked_at.is_(None))
+                )
+            ).first()
+        if row is None or not key_matches(token, row.key_hash):
+            return None
+        return Principal(role=row.role, agent_id=row.id, tenant_id=row.tenant_id, key_prefix=prefix)
+
+    async def create_tenant(self, principal: Principal, body: schemas.TenantIn) -> schemas.TenantCreated:
+        tenant_id, admin_id = uuid.uuid4(), uuid.uuid4()
+        try:
+            async with self.db.transaction() as conn:
+                await conn.execute(insert(tenants).values(id=tenant_id, name=body.name))
+                await conn.execute(insert(agents).values(id=admin_id, tenant_id=tenant_id, name="admin", role="admin"))
+                key = await self._issue_key(conn, admin_id)
+                await record(conn, principal, "tenant.create", "tenant", tenant_id, tenant_id=tenant_id)
+        except IntegrityError:
+            raise Conflict(f"a tenant named {body.name!r} already exists") from None
+        return schemas.TenantCreated(id=tenant_id, name=body.name, admin_agent_id=admin_id, admin_key=key)
+
+    async def create_agent(self, principal: Principal, body: schemas.AgentIn) -> schemas.AgentCreated:
+        tenant_id, _ = principal.require_admin()
+        agent_id = uuid.uuid4()
+        try:
+            async with self.db.transaction() as conn:
+                await conn.execute(
+                    insert(agents).values(id=agent_id, tenant_id=tenant_id, name=body.name, role=body.role)
+                )
+                key = await self._issue_key(conn, agent_id)
+                await record(conn, principal, "agent.create", "agent", agent_id, detail={"role": body.role})
+        except IntegrityError:
+            raise Conflict(f"an agent named {body.name!r} already exists in this tenant") from None
+        return schemas.AgentCreated(id=agent_id, name=body.name, role=body.role, api_key=key)
+
+    async def list_agents(self, principal: Principal) -> list[schemas.Agent]:
+        tenant_id, _ = principal.require_admin()
+        async with self.db.read() as conn:
+            rows = await conn.execute(select(agents).where(agents.c.tenant_id == tenant_id).order_by(agents.c.name))
+            return [
+                schemas.Agent(id=r.id, name=r.name, role=r.role, tenant_id=r.tenant_id, created_at=r.created_at)
+                for r in rows
+            ]
+
+    async def me(self, principal: Principal) -> schemas.Me:
+        tenant_id, agent_id = principal.tenant_member()
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(agents).where(agents.c.id == agent_id))).one()
+        return schemas.Me(id=row.id, name=row.name, role=row.role, tenant_id=tenant_id)
+
+    async def rotate_key(self, principal: Principal, agent_id: uuid.UUID) -> schemas.KeyCreated:
+        """Issue a new key for an agent. Old keys stay valid until revoked, so callers can switch over."""
+        tenant_id, _ = principal.require_admin()
+        async with self.db.transaction() as conn:
+            found = await conn.scalar(
+                select(agents.c.id).where(agents.c.id == agent_id, agents.c.tenant_id == tenant_id)
+            )
+            if found is None:
+                raise NotFound("no such agent")
+            key = await self._issue_key(conn, agent_id)
+            prefix = key_prefix(key)
+            assert prefix is not None
+            await record(conn, principal, "key.create", "api_key", prefix, detail={"agent_id": str(agent_id)})
+        return schemas.KeyCreated(api_key=key, prefix=prefix)
+
+    async def revoke_key(self, principal: Principal, prefix: str) -> None:
+        """A tenant admin revokes any key of its tenant; an agent may revoke its own keys."""
+        tenant_id, agent_id = principal.tenant_member()
+        owner_filter = agents.c.tenant_id == tenant_id if principal.is_admin else agents.c.id == agent_id
+        async with self.db.transaction() as conn:
+            owned = select(agents.c.id).where(owner_filter)
+            result = await conn.execute(
+                update(api_keys)
+                .where(
+                    and_(
+                        api_keys.c.prefix == prefix,
+                        api_keys.c.revoked_at.is_(None),
+                        api_keys.c.agent_id.in_(owned.scalar_subquery()),
+                    )
+                )
+                .values(revoked_at=func.now())
+            )
+            if result.rowcount == 0:
+                raise NotFound("no such key")
+            await record(conn, principal, "key.revoke", "api_key", prefix)
+
+    async def _issue_key(self, conn: AsyncConnection, agent_id: uuid.UUID) -> str:
+        key, prefix = generate_key()
+        await conn.execute(insert(api_keys).values(prefix=prefix, agent_id=agent_id, key_hash=hash_key(key)))
+        return key

@@ -1,0 +1,557 @@
+"""Memories: create, read, list, update, delete, purge, restore, provenance and links.
+
+Each public method is one use case and one transaction. Reads and writes are
+scoped by tenant and by the caller's cube access; a memory the caller cannot
+read does not exist for it (404).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+from sqlalchemy import Row, and_, func, insert, literal, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from memos.cubes.access import Access, access_of, cube_access, readable_cube_ids, require
+from memos.errors import Conflict, FieldError, Forbidden, Invalid, NotFound, PreconditionFailed
+from memos.identity.principal import Principal
+from memos.memories import schemas
+from memos.memories.versioning import content_sha256, insert_new, write_version
+from memos.pagination import Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset
+from memos.store.audit import record
+from memos.store.models import cube_grants, cubes, memories, memory_links, memory_versions
+
+PROVENANCE_LINK = "derived_from"
+MAX_PROVENANCE_NODES = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilters:
+    kind: str | None = None
+    tags: Sequence[str] = ()
+    state: str = "active"
+    since: datetime | None = None
+    until: datetime | None = None
+    include_expired: bool = False
+
+
+def to_dto(row: Row[Any]) -> schemas.Memory:
+    return schemas.Memory(
+        id=row.id,
+        cube_id=row.cube_id,
+        kind=row.kind,
+        state=row.state,
+        version=row.version,
+        content=row.content,
+        metadata=row.metadata,
+        tags=list(row.tags),
+        provenance=row.provenance,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        expires_at=row.expires_at,
+        created_by=row.created_by,
+        heat=row.heat,
+    )
+
+
+def _version_dto(row: Row[Any]) -> schemas.Version:
+    return schemas.Version(
+        memory_id=row.memory_id,
+        version=row.version,
+        op=row.op,
+        state=row.state,
+        content=row.content,
+        metadata=row.metadata,
+        tags=list(row.tags),
+        provenance=row.provenance,
+        content_sha256=row.content_sha256,
+        created_at=row.created_at,
+        created_by=row.created_by,
+    )
+
+
+def _provenance_json(p: schemas.Provenance) -> dict[str, Any]:
+    out: dict[str, Any] = msgspec.to_builtins(p)
+    if not out.get("derived_from"):
+        out.pop("derived_from", None)
+    return out
+
+
+def _check_kind(item: schemas.MemoryIn, where: str) -> None:
+    if item.kind == "response":
+        query = item.metadata.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise Invalid.field(f"{where}metadata.query", "a response memory needs the query it answers")
+
+
+def _expires(ttl_seconds: int | None) -> datetime | None:
+    return None if ttl_seconds is None else datetime.now(UTC) + timedelta(seconds=ttl_seconds)
+
+
+def _not_expired() -> Any:
+    return or_(memories.c.expires_at.is_(None), memories.c.expires_at > func.now())
+
+
+class MemoryService:
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    # ------------------------------------------------------------------ create
+
+    async def create(self, principal: Principal, cube_id: uuid.UUID, body: schemas.MemoryIn) -> schemas.Memory:
+        (memory,) = await self._create(principal, cube_id, [body], single=True)
+        return memory
+
+    async def create_batch(
+        self, principal: Principal, cube_id: uuid.UUID, body: schemas.BatchIn
+    ) -> list[schemas.Memory]:
+        return await self._create(principal, cube_id, body.items, single=False)
+
+    async def _create(
+        self, principal: Principal, cube_id: uuid.UUID, items: Sequence[schemas.MemoryIn], *, single: bool
+    ) -> list[schemas.Memory]:
+        tenant_id, agent_id = principal.tenant_member()
+        for i, item in enumerate(items):
+            _check_kind(item, "" if single else f"items[{i}].")
+        async with self.db.transaction() as conn:
+            await cube_access(conn, principal, cube_id, "write")
+            versions = await self._resolve_references(conn, principal, items, single)
+            rows: list[dict[str, Any]] = []
+            for item in items:
+                provenance = _provenance_json(item.provenance)
+                for ref in provenance.get("derived_from", []):
+                    ref.setdefault("version", versions[uuid.UUID(ref["memory_id"])])
+                rows.append(
+                    {
+                        "id": uuid.uuid4(),
+                        "tenant_id": tenant_id,
+                        "cube_id": cube_id,
+                        "kind": item.kind,
+                        "state": "active",
+                        "version": 1,
+                        "content": item.content,
+                        "metadata": item.metadata,
+                        "tags": item.tags,
+                        "provenance": provenance,
+                        "content_sha256": content_sha256(item.content),
+                        "expires_at": _expires(item.ttl_seconds),
+                        "created_by": agent_id,
+                    }
+                )
+            inserted = await insert_new(conn, rows)
+            links = [
+                {"from_id": row["id"], "to_id": link.to, "type": link.type, "weight": link.weight}
+                for row, item in zip(rows, items, strict=True)
+                for link in item.links
+            ] + [
+                {
+                    "from_id": row["id"],
+                    "to_id": uuid.UUID(ref["memory_id"]),
+                    "type": PROVENANCE_LINK,
+                    "weight": 1.0,
+                    "to_version": ref["version"],
+                }
+                for row in rows
+                for ref in row["provenance"].get("derived_from", [])
+            ]
+            if links:
+                await self._insert_links(conn, principal, links)
+            await record(
+                conn,
+                principal,
+                "memory.create" if single else "memory.batch_create",
+                "memory" if single else "cube",
+                rows[0]["id"] if single else cube_id,
+                detail={} if single else {"count": len(rows)},
+            )
+        return [to_dto(r) for r in inserted]
+
+    async def _resolve_references(
+        self, conn: AsyncConnection, principal: Principal, items: Sequence[schemas.MemoryIn], single: bool
+    ) -> dict[uuid.UUID, int]:
+        """Check that every linked or derived-from memory is one the caller can read; their current versions."""
+        wanted: dict[uuid.UUID, str] = {}
+        for i, item in enumerate(items):
+            where = "" if single else f"items[{i}]."
+            for j, link in enumerate(item.links):
+                if link.type == PROVENANCE_LINK:
+                    raise Invalid.field(f"{where}links[{j}].type", "use provenance.derived_from for provenance")
+                wanted.setdefault(link.to, f"{where}links[{j}].to")
+            for j, ref in enumerate(item.provenance.derived_from):
+                wanted.setdefault(ref.memory_id, f"{where}provenance.derived_from[{j}].memory_id")
+        if not wanted:
+            return {}
+        found = await self._readable_versions(conn, principal, list(wanted))
+        for memory_id, field in wanted.items():
+            if memory_id not in found:
+                raise NotFound(f"{field}: no such memory", errors=[FieldError(field, "no such memory")])
+        for i, item in enumerate(items):
+            for j, ref in enumerate(item.provenance.derived_from):
+                if ref.version is not None and ref.version > found[ref.memory_id]:
+                    where = "" if single else f"items[{i}]."
+                    raise Invalid.field(
+                        f"{where}provenance.derived_from[{j}].version",
+                        f"memory {ref.memory_id} has no version {ref.version} yet",
+                    )
+        return found
+
+    async def _readable_versions(
+        self, conn: AsyncConnection, principal: Principal, ids: list[uuid.UUID]
+    ) -> dict[uuid.UUID, int]:
+        rows = await conn.execute(
+            select(memories.c.id, memories.c.version).where(
+                memories.c.id.in_(ids),
+                memories.c.tenant_id == principal.tenant_id,
+                memories.c.cube_id.in_(readable_cube_ids(principal)),
+            )
+        )
+        return {r.id: r.version for r in rows}
+
+    async def _insert_links(
+        self, conn: AsyncConnection, principal: Principal, links: list[dict[str, Any]]
+    ) -> list[Row[Any]]:
+        for link in links:
+            link.setdefault("to_version", None)
+            link.update(id=uuid.uuid4(), tenant_id=principal.tenant_id, created_by=principal.agent_id)
+        try:
+            async with conn.begin_nested():
+                return list((await conn.execute(insert(memory_links).returning(memory_links), links)).all())
+        except IntegrityError:
+            raise Conflict("a link of this type between these memories already exists") from None
+
+    # ------------------------------------------------------------------ read
+
+    async def _load(
+        self,
+        conn: AsyncConnection,
+        principal: Principal,
+        memory_id: uuid.UUID,
+        needed: Access,
+        *,
+        include_expired: bool = True,
+        lock: bool = False,
+    ) -> Row[Any]:
+        """The memory's current row, if the caller has ``needed`` access to its cube (404 if it cannot read it)."""
+        tenant_id, agent_id = principal.tenant_member()
+        query = (
+            select(memories, cubes.c.owner_agent_id, cube_grants.c.access.label("grant"))
+            .select_from(memories)
+            .join(cubes, cubes.c.id == memories.c.cube_id)
+            .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id))
+            .where(memories.c.id == memory_id, memories.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
+        )
+        if not include_expired:
+            query = query.where(_not_expired())
+        if lock:
+            query = query.with_for_update(of=memories)
+        row = (await conn.execute(query)).first()
+        access = None if row is None else access_of(principal, row.owner_agent_id, row.grant)
+        if row is None or access is None:
+            raise NotFound("no such memory")
+        require(access, needed, "memory's cube")
+        return row
+
+    async def get(self, principal: Principal, memory_id: uuid.UUID, include_expired: bool = False) -> schemas.Memory:
+        async with self.db.read() as conn:
+            return to_dto(await self._load(conn, principal, memory_id, "read", include_expired=include_expired))
+
+    async def list(
+        self, principal: Principal, cube_id: uuid.UUID, filters: ListFilters, limit: int, cursor: str | None
+    ) -> Page[schemas.Memory]:
+        after = decode_keyset(cursor)
+        query = select(memories).where(memories.c.cube_id == cube_id, memories.c.state == filters.state)
+        if filters.kind is not None:
+            query = query.where(memories.c.kind == filters.kind)
+        if filters.tags:
+            query = query.where(memories.c.tags.contains(list(filters.tags)))
+        if filters.since is not None:
+            query = query.where(memories.c.created_at >= filters.since)
+        if filters.until is not None:
+            query = query.where(memories.c.created_at < filters.until)
+        if not filters.include_expired:
+            query = query.where(_not_expired())
+        if after is not None:
+            query = query.where(func.row(memories.c.created_at, memories.c.id) > func.row(*after))
+        query = query.order_by(memories.c.created_at, memories.c.id).limit(limit + 1)
+        async with self.db.read() as conn:
+            await cube_access(conn, principal, cube_id, "read")
+            rows = (await conn.execute(query)).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(
+            items=[to_dto(r) for r in rows],
+            next_cursor=encode_keyset(rows[-1].created_at, rows[-1].id) if more else None,
+        )
+
+    async def versions(
+        self, principal: Principal, memory_id: uuid.UUID, limit: int, cursor: str | None
+    ) -> Page[schemas.Version]:
+        after = decode_cursor(cursor, 1)
+        start = int(after[0]) if after is not None and isinstance(after[0], int) else 0
+        async with self.db.read() as conn:
+            await self._load(conn, principal, memory_id, "read")
+            rows = (
+                await conn.execute(
+                    select(memory_versions)
+                    .where(memory_versions.c.memory_id == memory_id, memory_versions.c.version > start)
+                    .order_by(memory_versions.c.version)
+                    .limit(limit + 1)
+                )
+            ).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(
+            items=[_version_dto(r) for r in rows],
+            next_cursor=encode_cursor([rows[-1].version]) if more else None,
+        )
+
+    async def version(self, principal: Principal, memory_id: uuid.UUID, n: int) -> schemas.Version:
+        async with self.db.read() as conn:
+            await self._load(conn, principal, memory_id, "read")
+            row = (
+                await conn.execute(
+                    select(memory_versions).where(
+                        memory_versions.c.memory_id == memory_id, memory_versions.c.version == n
+                    )
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"this memory has no version {n}")
+        return _version_dto(row)
+
+    # ------------------------------------------------------------------ change
+
+    async def update(
+        self, principal: Principal, memory_id: uuid.UUID, patch: schemas.MemoryPatch, if_match: int | None
+    ) -> schemas.Memory:
+        """A new version with the sent fields changed; none if nothing changes. Stale ``if_match`` is 412."""
+        async with self.db.transaction() as conn:
+            current = await self._load(conn, principal, memory_id, "write")
+            _check_writable(current)
+            _check_match(current.version, if_match)
+            values: dict[str, Any] = {}
+            if patch.content is not msgspec.UNSET and patch.content != current.content:
+                values["content"] = patch.content
+            if patch.metadata is not msgspec.UNSET and patch.metadata != current.metadata:
+                if current.kind == "response" and not str(patch.metadata.get("query") or "").strip():
+                    raise Invalid.field("metadata.query", "a response memory needs the query it answers")
+                values["metadata"] = patch.metadata
+            if patch.tags is not msgspec.UNSET and list(patch.tags) != list(current.tags):
+                values["tags"] = patch.tags
+            if patch.state is not msgspec.UNSET and patch.state != current.state:
+                values["state"] = patch.state
+            if patch.ttl_seconds is not msgspec.UNSET:
+                values["expires_at"] = _expires(patch.ttl_seconds)
+            new_links: list[dict[str, Any]] = []
+            if patch.provenance is not msgspec.UNSET:
+                provenance = _provenance_json(patch.provenance)
+                if patch.provenance.derived_from:
+                    item = schemas.MemoryIn(kind="plaintext", content="-", provenance=patch.provenance)
+                    found = await self._resolve_references(conn, principal, [item], single=True)
+                    for ref in provenance["derived_from"]:
+                        ref.setdefault("version", found[uuid.UUID(ref["memory_id"])])
+                if provenance != current.provenance:
+                    values["provenance"] = provenance
+                    new_links = _new_provenance_links(memory_id, current.provenance, provenance)
+            if not values:
+                return to_dto(current)
+            row = await write_version(conn, memory_id, current.version, "update", principal, values)
+            if row is None:
+                raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
+            if new_links:
+                await self._insert_links(conn, principal, new_links)
+            await record(
+                conn,
+                principal,
+                "memory.update",
+                "memory",
+                memory_id,
+                detail={"version": row.version, "fields": sorted(values)},
+            )
+        return to_dto(row)
+
+    async def delete(
+        self, principal: Principal, memory_id: uuid.UUID, if_match: int | None, purge: bool = False
+    ) -> None:
+        """Soft delete (a ``delete`` version; history kept), or purge: erase the content of every version."""
+        if purge and not principal.is_admin:
+            raise Forbidden("purge needs a tenant admin key")
+        async with self.db.transaction() as conn:
+            current = await self._load(conn, principal, memory_id, "write", lock=True)
+            _check_match(current.version, if_match)
+            if current.state != "deleted":
+                row = await write_version(conn, memory_id, current.version, "delete", principal, {"state": "deleted"})
+                if row is None:
+                    raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
+            if purge:
+                erased: dict[str, Any] = {
+                    "content": None,
+                    "content_sha256": None,
+                    "metadata": {},
+                    "tags": [],
+                    "embedding": None,
+                }
+                await conn.execute(
+                    update(memory_versions).where(memory_versions.c.memory_id == memory_id).values(**erased)
+                )
+                await conn.execute(
+                    update(memories).where(memories.c.id == memory_id).values(**erased, purged_at=func.now())
+                )
+            await record(conn, principal, "memory.purge" if purge else "memory.delete", "memory", memory_id)
+
+    async def restore(
+        self, principal: Principal, memory_id: uuid.UUID, version: int, if_match: int | None
+    ) -> schemas.Memory:
+        """A new version whose content, metadata, tags and provenance equal version ``version``; state active."""
+        async with self.db.transaction() as conn:
+            current = await self._load(conn, principal, memory_id, "write")
+            if current.purged_at is not None:
+                raise Conflict("this memory was purged; its versions have no content to restore")
+            _check_match(current.version, if_match)
+            old = (
+                await conn.execute(
+                    select(memory_versions).where(
+                        memory_versions.c.memory_id == memory_id, memory_versions.c.version == version
+                    )
+                )
+            ).first()
+            if old is None:
+                raise NotFound(f"this memory has no version {version}")
+            values = {
+                "content": old.content,
+                "metadata": old.metadata,
+                "tags": old.tags,
+                "provenance": old.provenance,
+                "embedding": old.embedding,
+                "state": "active",
+            }
+            row = await write_version(conn, memory_id, current.version, "restore", principal, values)
+            if row is None:
+                raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
+            await record(
+                conn,
+                principal,
+                "memory.restore",
+                "memory",
+                memory_id,
+                detail={"from": version, "version": row.version},
+            )
+        return to_dto(row)
+
+    async def link(self, principal: Principal, memory_id: uuid.UUID, body: schemas.LinkIn) -> schemas.Link:
+        if body.type == PROVENANCE_LINK:
+            raise Invalid.field("type", "use provenance.derived_from for provenance")
+        async with self.db.transaction() as conn:
+            await self._load(conn, principal, memory_id, "write")
+            if body.to not in await self._readable_versions(conn, principal, [body.to]):
+                raise NotFound("to: no such memory", errors=[FieldError("to", "no such memory")])
+            (row,) = await self._insert_links(
+                conn,
+                principal,
+                [{"from_id": memory_id, "to_id": body.to, "type": body.type, "weight": body.weight}],
+            )
+            await record(
+                conn,
+                principal,
+                "memory.link",
+                "memory",
+                memory_id,
+                detail={"to": str(body.to), "type": body.type},
+            )
+        return schemas.Link(
+            id=row.id,
+            from_id=row.from_id,
+            to_id=row.to_id,
+            type=row.type,
+            weight=row.weight,
+            created_at=row.created_at,
+        )
+
+    async def provenance(self, principal: Principal, memory_id: uuid.UUID) -> schemas.ProvenanceGraph:
+        """Ancestors (what it was derived from) and descendants (what was derived from it) the caller can read."""
+        async with self.db.read() as conn:
+            await self._load(conn, principal, memory_id, "read")
+            edges = await _lineage(conn, memory_id)
+            depth: dict[uuid.UUID, int] = {memory_id: 0}
+            for e in edges:
+                depth.setdefault(e.node, e.depth)
+            visible = {
+                r.id: r
+                for r in await conn.execute(
+                    select(memories.c.id, memories.c.kind, memories.c.state, memories.c.version).where(
+                        memories.c.id.in_(list(depth)),
+                        memories.c.cube_id.in_(readable_cube_ids(principal)),
+                    )
+                )
+            }
+        nodes = [
+            schemas.ProvenanceNode(memory_id=i, kind=r.kind, state=r.state, version=r.version, depth=depth[i])
+            for i, r in visible.items()
+        ]
+        nodes.sort(key=lambda n: (n.depth, str(n.memory_id)))
+        seen: set[tuple[uuid.UUID, uuid.UUID]] = set()
+        out_edges = []
+        for e in edges:
+            key = (e.from_id, e.to_id)
+            if e.from_id in visible and e.to_id in visible and key not in seen:
+                seen.add(key)
+                out_edges.append(schemas.ProvenanceEdge(from_id=e.from_id, to_id=e.to_id, to_version=e.to_version))
+        return schemas.ProvenanceGraph(nodes=nodes, edges=out_edges)
+
+
+def _check_match(current_version: int, if_match: int | None) -> None:
+    if if_match is not None and if_match != current_version:
+        raise PreconditionFailed(
+            f"If-Match names version {if_match}, the memory is at version {current_version}",
+            extra={"current_version": current_version},
+        )
+
+
+def _check_writable(current: Row[Any]) -> None:
+    if current.purged_at is not None:
+        raise Conflict("this memory was purged and cannot change")
+    if current.state == "deleted":
+        raise Conflict("this memory is deleted; restore a version of it first")
+
+
+def _new_provenance_links(memory_id: uuid.UUID, old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
+    before = {ref["memory_id"] for ref in old.get("derived_from", [])}
+    return [
+        {
+            "from_id": memory_id,
+            "to_id": uuid.UUID(ref["memory_id"]),
+            "type": PROVENANCE_LINK,
+            "weight": 1.0,
+            "to_version": ref["version"],
+        }
+        for ref in new.get("derived_from", [])
+        if ref["memory_id"] not in before
+    ]
+
+
+async def _lineage(conn: AsyncConnection, memory_id: uuid.UUID) -> list[Row[Any]]:
+    """Provenance edges reachable from ``memory_id``: upwards (ancestors) and downwards (descendants)."""
+    out: list[Row[Any]] = []
+    for up in (True, False):
+        link = memory_links.alias("l")
+        near, far = (link.c.from_id, link.c.to_id) if up else (link.c.to_id, link.c.from_id)
+        step = -1 if up else 1
+        base = select(
+            link.c.from_id, link.c.to_id, link.c.to_version, far.label("node"), literal(step).label("depth")
+        ).where(link.c.type == PROVENANCE_LINK, near == memory_id)
+        walk = base.cte("walk", recursive=True)
+        link2 = memory_links.alias("l2")
+        near2, far2 = (link2.c.from_id, link2.c.to_id) if up else (link2.c.to_id, link2.c.from_id)
+        walk = walk.union(
+            select(link2.c.from_id, link2.c.to_id, link2.c.to_version, far2, walk.c.depth + step).where(
+                link2.c.type == PROVENANCE_LINK, near2 == walk.c.node, func.abs(walk.c.depth) < 50
+            )
+        )
+        out.extend((await conn.execute(select(walk).limit(MAX_PROVENANCE_NODES))).all())
+    return out

