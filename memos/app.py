@@ -181,5 +181,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer", description="API key")}
             ),
         ),
+        # memos configures logging itself (JSON lines with request ids); Litestar must not replace it.
+        logging_config=None,
         debug=False,
     )

@@ -47,6 +47,10 @@ def configure_logging(level: str) -> None:
     root.setLevel(level)
     # uvicorn's own access log would duplicate ours, without the request id.
     logging.getLogger("uvicorn.access").disabled = True
+    # Library warnings (e.g. platformdirs when XDG_RUNTIME_DIR is unset) become JSON lines too.
+    logging.captureWarnings(True)
+    # Alembic announces each of its plugins at INFO on every start.
+    logging.getLogger("alembic").setLevel(max(root.level, logging.WARNING))
 
 
 def request_id_middleware(app: ASGIApp) -> ASGIApp:

@@ -1,0 +1,267 @@
+"""Operations: migrations, schema checks, settings, health, OpenAPI, lazy imports, and `memos serve` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from conftest import OPERATOR_KEY, PgServer, bearer, fresh_database
+from litestar.testing import TestClient
+
+from memos.app import create_app
+from memos.settings import Settings, SettingsError
+from memos.store import migrations
+from memos.store.db import Database, SchemaOutOfDate
+from memos.store.embedded import drop_database, ensure_database
+from memos.store.models import metadata
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_migrations_upgrade_downgrade_upgrade(pg_server: PgServer) -> None:
+    name = "t_migrations_roundtrip"
+    drop_database(pg_server.admin_url, name)
+    ensure_database(pg_server.admin_url, name)
+    url = pg_server.url(name)
+    try:
+        migrations.upgrade(url)
+        assert migrations.current_revision(url) == migrations.head_revision()
+        with psycopg.connect(url) as conn:
+            tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert {t.name for t in metadata.sorted_tables} <= tables
+        migrations.downgrade(url, "base")
+        assert migrations.current_revision(url) is None
+        with psycopg.connect(url) as conn:
+            left = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert left <= {"alembic_version"}
+        migrations.upgrade(url)
+        assert migrations.current_revision(url) == migrations.head_revision()
+    finally:
+        drop_database(pg_server.admin_url, name)
+
+
+def test_models_match_the_migrated_schema(pg_server: PgServer) -> None:
+    """The Core tables the code queries and the schema alembic builds must agree, column for column."""
+    name = fresh_database(pg_server, "schemacheck")
+    try:
+        with psycopg.connect(pg_server.url(name)) as conn:
+            rows = conn.execute(
+                "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public'"
+            ).fetchall()
+        in_db: dict[str, set[str]] = {}
+        for table, column in rows:
+            in_db.setdefault(table, set()).add(column)
+        for table in metadata.sorted_tables:
+            assert {c.name for c in table.columns} == in_db[table.name], table.name
+    finally:
+        drop_database(pg_server.admin_url, name)
+
+
+async def test_external_database_with_old_schema_refuses_to_start(pg_server: PgServer, tmp_path: Path) -> None:
+    name = "t_unmigrated"
+    drop_database(pg_server.admin_url, name)
+    ensure_database(pg_server.admin_url, name)
+    try:
+        db = Database(Settings(database_url=pg_server.url(name), data_dir=tmp_path))
+        with pytest.raises(SchemaOutOfDate, match="memos admin migrate"):
+            await db.start()
+    finally:
+        drop_database(pg_server.admin_url, name)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"MEMOS_PORT": "eighty"}, "MEMOS_PORT"),
+        ({"MEMOS_PORT": "70000"}, "MEMOS_PORT"),
+        ({"MEMOS_MAX_BODY_BYTES": "12"}, "MEMOS_MAX_BODY_BYTES"),
+        ({"MEMOS_LOG_LEVEL": "chatty"}, "MEMOS_LOG_LEVEL"),
+        ({"MEMOS_DATABASE_URL": "mysql://x"}, "MEMOS_DATABASE_URL"),
+        ({"MEMOS_OPERATOR_KEY": "short"}, "MEMOS_OPERATOR_KEY"),
+        ({"MEMOS_DB_POOL_SIZE": "0"}, "MEMOS_DB_POOL_SIZE"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env(env)
+
+
+def test_settings_defaults_and_overrides() -> None:
+    s = Settings.from_env({"MEMOS_PORT": "9001", "MEMOS_LOG_LEVEL": "debug"}, host="0.0.0.0")
+    assert (s.port, s.log_level, s.host, s.max_body_bytes, s.embedded) == (9001, "DEBUG", "0.0.0.0", 1048576, True)
+
+
+def test_health_ready_and_openapi(client: TestClient) -> None:  # type: ignore[type-arg]
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["schema"] == migrations.head_revision()
+    spec = client.get("/schema/openapi.json").json()
+    paths = spec["paths"]
+    for path in (
+        "/v1/tenants",
+        "/v1/agents",
+        "/v1/agents/me",
+        "/v1/agents/{agent_id}/keys",
+        "/v1/keys/{prefix}",
+        "/v1/cubes",
+        "/v1/cubes/{cube_id}",
+        "/v1/cubes/{cube_id}/grants/{agent_id}",
+        "/v1/cubes/{cube_id}/memories",
+        "/v1/cubes/{cube_id}/memories/batch",
+        "/v1/memories/{memory_id}",
+        "/v1/memories/{memory_id}/versions",
+        "/v1/memories/{memory_id}/versions/{n}",
+        "/v1/memories/{memory_id}/restore",
+        "/v1/memories/{memory_id}/provenance",
+        "/v1/memories/{memory_id}/links",
+    ):
+        assert path in paths, path
+    assert "BearerAuth" in spec["components"]["securitySchemes"]
+
+
+def test_requests_carry_a_request_id(client: TestClient) -> None:  # type: ignore[type-arg]
+    r = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+    assert r.headers["x-request-id"] != "bad id with spaces"
+    assert len(r.headers["x-request-id"]) == 32
+
+
+def test_unauthenticated_v1_is_401_problem(client: TestClient) -> None:  # type: ignore[type-arg]
+    for headers in ({}, {"Authorization": "Basic abc"}, bearer("memos_000000000000_nope"), bearer("junk")):
+        r = client.get("/v1/cubes", headers=headers)
+        assert r.status_code == 401
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_importing_the_api_does_not_import_torch() -> None:
+    code = "import sys, memos.app, memos.cli.main; sys.exit(1 if {'torch', 'transformers'} & set(sys.modules) else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_no_pickle_or_torch_load_in_the_code() -> None:
+    offenders = []
+    for path in (REPO / "memos").rglob("*.py"):
+        text = path.read_text()
+        if "import pickle" in text or "torch.load(" in text or "pickle.load" in text:
+            offenders.append(str(path))
+    assert offenders == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"memos serve exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return time.monotonic() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("memos serve did not become ready")
+
+
+def _output(proc: subprocess.Popen[bytes]) -> str:
+    assert proc.stderr is not None and proc.stdout is not None
+    text = proc.stderr.read().decode()
+    proc.stderr.close()
+    proc.stdout.close()
+    return text
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_memos_serve_runs_embedded_postgres_end_to_end(tmp_path: Path) -> None:
+    """`memos serve` with no database URL: starts Postgres, migrates, writes the operator key, serves, stops."""
+    data_dir = tmp_path / "data"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMOS_")}
+    env.update(MEMOS_DATA_DIR=str(data_dir), MEMOS_LOG_LEVEL="INFO")
+    cmd = [str(Path(sys.executable).parent / "memos"), "serve", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_ready(url, proc)
+        key_file = data_dir / "operator.key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        operator_key = key_file.read_text().strip()
+        r = httpx.post(url + "/v1/tenants", json={"name": "acme"}, headers=bearer(operator_key))
+        assert r.status_code == 201, r.text
+        admin_key = r.json()["admin_key"]
+        cube = httpx.post(url + "/v1/cubes", json={"name": "notes"}, headers=bearer(admin_key)).json()
+        r = httpx.post(
+            url + f"/v1/cubes/{cube['id']}/memories",
+            json={"kind": "plaintext", "content": "durable"},
+            headers=bearer(admin_key),
+        )
+        assert r.status_code == 201
+        memory_id = r.json()["id"]
+    finally:
+        _stop(proc)
+    logs = _output(proc)
+    assert operator_key not in logs, "the operator key must never be logged"
+    assert str(key_file.resolve()) in logs, "the operator key's path is logged"
+    assert admin_key not in logs
+    entries = [json.loads(line) for line in logs.splitlines() if line.strip()]
+    access = [e for e in entries if e["logger"] == "memos.access"]
+    assert access, "one access line per request"
+    assert all(e["request_id"] and e["status"] and "ms" in e for e in access)
+    # Postgres stopped with the service.
+    assert not (data_dir / "pg" / "postmaster.pid").exists()
+
+    # Restart on the same data dir: same key, same data.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_ready(url, proc)
+        r = httpx.get(url + f"/v1/memories/{memory_id}", headers=bearer(admin_key))
+        assert r.status_code == 200
+        assert r.json()["content"] == "durable"
+    finally:
+        _stop(proc)
+        _output(proc)
+
+
+def test_memos_serve_refuses_bad_settings(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMOS_")}
+    env.update(MEMOS_DATA_DIR=str(tmp_path), MEMOS_PORT="not-a-port")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "memos"), "serve"], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2
+    assert "MEMOS_PORT" in result.stderr
+
+
+def test_app_factory_uses_given_settings(settings: Settings) -> None:
+    app = create_app(settings)
+    with TestClient(app) as c:
+        assert c.get("/v1/agents/me", headers=bearer(OPERATOR_KEY)).status_code == 403
