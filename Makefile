@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+SRC    := $(wildcard memos tests migrations bench)
 
 .PHONY: install run test lint bench format clean
 
@@ -26,13 +27,13 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check memos tests migrations bench
-	$(VENV)/bin/ruff format --check memos tests migrations bench
+	$(VENV)/bin/ruff check $(SRC)
+	$(VENV)/bin/ruff format --check $(SRC)
 	$(VENV)/bin/mypy memos
 
 format: install
-	$(VENV)/bin/ruff format memos tests migrations bench
-	$(VENV)/bin/ruff check --fix memos tests migrations bench
+	$(VENV)/bin/ruff format $(SRC)
+	$(VENV)/bin/ruff check --fix $(SRC)
 
 bench: install
 	$(PY) -m bench.api_latency
