@@ -108,16 +108,17 @@ class CubeService:
 
     async def update(self, principal: Principal, cube_id: uuid.UUID, body: schemas.CubePatch) -> schemas.Cube:
         changes = {k: v for k, v in msgspec.structs.asdict(body).items() if v is not msgspec.UNSET}
-        if changes:
-            try:
-                async with self.db.transaction() as conn:
-                    await cube_access(conn, principal, cube_id, "manage")
+        try:
+            async with self.db.transaction() as conn:
+                # Checked even when nothing changes: an empty PATCH must not answer where a real one is refused.
+                await cube_access(conn, principal, cube_id, "manage")
+                if changes:
                     await conn.execute(
                         update(cubes).where(cubes.c.id == cube_id).values(**changes, updated_at=func.now())
                     )
                     await record(conn, principal, "cube.update", "cube", cube_id, detail={"fields": sorted(changes)})
-            except IntegrityError:
-                raise Conflict(f"a cube named {changes.get('name')!r} already exists in this tenant") from None
+        except IntegrityError:
+            raise Conflict(f"a cube named {changes.get('name')!r} already exists in this tenant") from None
         return await self.get(principal, cube_id)
 
     async def delete(self, principal: Principal, cube_id: uuid.UUID) -> None:
