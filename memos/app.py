@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,6 +22,9 @@ from memos import __version__
 from memos.cubes.controller import CubeController
 from memos.cubes.service import CubeService
 from memos.deps import dependencies
+from memos.embed.base import Embedder
+from memos.embed.registry import load_embedder
+from memos.embed.worker import EmbedWorker
 from memos.errors import PROBLEM_BASE, BadRequest, FieldError, Invalid, MemosError, Problem, TooLarge
 from memos.identity.auth import BearerKeyAuth
 from memos.identity.controller import IdentityController
@@ -28,6 +32,10 @@ from memos.identity.service import IdentityService, load_operator_key
 from memos.memories.controller import MemoryController
 from memos.memories.service import MemoryService
 from memos.observability import request_id_middleware, request_id_var
+from memos.search.controller import SearchController
+from memos.search.embedding import EmbeddingService
+from memos.search.graphs import CubeGraphs
+from memos.search.service import SearchService
 from memos.settings import Settings
 from memos.store.db import Database
 
@@ -55,6 +63,8 @@ _NAMED_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
 def _field_of(key: str, message: str) -> str:
     """The dotted path of the field a validation message is about (``data`` is Litestar's name for the body)."""
     path = "" if key in ("data", "body", "") else key.removeprefix("data.")
+    # Query parameters whose name is reserved by Litestar (``state``) are declared as ``state_``.
+    path = path.removesuffix("_")
     if match := _NAMED_FIELD.search(message):
         path = f"{path}.{match.group(1)}" if path else match.group(1)
     return path or "body"
@@ -77,15 +87,21 @@ def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Respo
     return _problem_response(Invalid(detail, errors=errors))
 
 
+_HTTP_PROBLEMS = {
+    401: ("unauthorized", "Unauthorized"),
+    403: ("forbidden", "Forbidden"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+}
+
+
 def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     if exc.status_code == 413:
         return _problem_response(TooLarge("the request body is larger than this server accepts"))
     if exc.status_code == 400:
         return _problem_response(BadRequest(exc.detail))
-    slug = {404: "not-found", 405: "method-not-allowed", 401: "unauthorized", 403: "forbidden"}.get(
-        exc.status_code, "http"
-    )
-    problem = Problem(type=PROBLEM_BASE + slug, title=exc.__class__.__name__, status=exc.status_code, detail=exc.detail)
+    slug, title = _HTTP_PROBLEMS.get(exc.status_code, ("http", "HTTP error"))
+    problem = Problem(type=PROBLEM_BASE + slug, title=title, status=exc.status_code, detail=exc.detail)
     return Response(
         msgspec.json.encode(problem),
         status_code=exc.status_code,
@@ -118,6 +134,11 @@ def _on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]
     return Response(msgspec.json.encode(problem), status_code=HTTP_500_INTERNAL_SERVER_ERROR, media_type=PROBLEM_JSON)
 
 
+def _log_load_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("the embedding model failed to load; writes and searches answer 503", exc_info=exc)
+
+
 @get("/healthz", summary="200 while the process runs", tags=["operations"])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -131,30 +152,46 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
     db: Database = request.app.state.db
     if await db.ready():
-        return Response({"status": "ready", "schema": db.head})
+        worker: EmbedWorker = request.app.state.embed_worker
+        return Response({"status": "ready", "schema": db.head, "embedder": str(worker.state)})
     return Response({"status": "not ready"}, status_code=503, headers={"Retry-After": "1"})
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
-    """Build the application; the database starts (embedded or external) when the app starts."""
+def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[], Embedder] | None = None) -> Litestar:
+    """Build the application; the database starts (embedded or external) when the app starts.
+
+    The embedder loads in the embed worker's thread while the service starts serving; by default it is
+    the configured model, ``embedder_factory`` replaces that (tests share one loaded model across apps).
+    """
     settings = settings or Settings.from_env()
     db = Database(settings)
+    model = settings.embed_model
+    factory = embedder_factory or (lambda: load_embedder(model))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        worker = EmbedWorker(factory)
+        # Loading torch and the model takes seconds: serve meanwhile (writes and searches wait, bounded, or get 503).
+        loading = asyncio.create_task(worker.start())
+        loading.add_done_callback(_log_load_failure)
         await db.start()
         try:
+            embedding = EmbeddingService(worker, settings.embed_wait_seconds)
+            graphs = CubeGraphs(db)
             app.state.db = db
+            app.state.embed_worker = worker
             app.state.identity = IdentityService(db, load_operator_key(settings))
-            app.state.cubes = CubeService(db)
-            app.state.memories = MemoryService(db)
+            app.state.cubes = CubeService(db, graphs)
+            app.state.memories = MemoryService(db, embedding, graphs)
+            app.state.search = SearchService(db, embedding, graphs)
             yield
         finally:
+            await worker.close()
             await db.stop()
 
     v1 = Router(
         path="/",
-        route_handlers=[IdentityController, CubeController, MemoryController],
+        route_handlers=[IdentityController, CubeController, MemoryController, SearchController],
         middleware=[DefineMiddleware(BearerKeyAuth)],
         security=[{"BearerAuth": []}],
         dependencies=dependencies(),

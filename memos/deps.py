@@ -16,11 +16,13 @@ from memos.cubes.service import CubeService
 from memos.identity.principal import Principal
 from memos.identity.service import IdentityService
 from memos.memories.service import MemoryService
+from memos.search.service import SearchService
 
 CurrentPrincipal = NamedDependency[Principal]
 Identity = NamedDependency[IdentityService]
 Cubes = NamedDependency[CubeService]
 Memories = NamedDependency[MemoryService]
+Search = NamedDependency[SearchService]
 
 
 def _principal(request: Request[Any, Any, Any]) -> Principal:
@@ -43,10 +45,16 @@ def _memories(state: State) -> MemoryService:
     return service
 
 
+def _search(state: State) -> SearchService:
+    service: SearchService = state.search
+    return service
+
+
 def dependencies() -> dict[str, Provide]:
     return {
         "principal": Provide(_principal, sync_to_thread=False),
         "identity": Provide(_identity, sync_to_thread=False),
         "cubes": Provide(_cubes, sync_to_thread=False),
         "memories": Provide(_memories, sync_to_thread=False),
+        "search": Provide(_search, sync_to_thread=False),
     }

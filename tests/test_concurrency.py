@@ -12,11 +12,13 @@ from litestar.testing import AsyncTestClient
 from memos.app import create_app
 
 
-async def test_racing_patches_one_wins_the_rest_get_412(settings, factory: Factory, database_url: str) -> None:
+async def test_racing_patches_one_wins_the_rest_get_412(
+    settings, embedder, factory: Factory, database_url: str
+) -> None:
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)
     memory = factory.memory(tenant.admin_key, cube["id"], "v1")
-    app: Litestar = create_app(settings)
+    app: Litestar = create_app(settings, embedder_factory=lambda: embedder)
     headers = {**bearer(tenant.admin_key), "If-Match": '"1"'}
     async with AsyncTestClient(app) as client:
         for round_ in range(5):
@@ -46,10 +48,10 @@ async def test_racing_patches_one_wins_the_rest_get_412(settings, factory: Facto
     assert current[1].startswith("r4-")
 
 
-async def test_concurrent_creates_in_one_cube_all_land(settings, factory: Factory) -> None:
+async def test_concurrent_creates_in_one_cube_all_land(settings, embedder, factory: Factory) -> None:
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)
-    app: Litestar = create_app(settings)
+    app: Litestar = create_app(settings, embedder_factory=lambda: embedder)
     async with AsyncTestClient(app) as client:
         results = await asyncio.gather(
             *(

@@ -261,7 +261,7 @@ def test_memos_serve_refuses_bad_settings(tmp_path: Path) -> None:
     assert "MEMOS_PORT" in result.stderr
 
 
-def test_app_factory_uses_given_settings(settings: Settings) -> None:
-    app = create_app(settings)
+def test_app_factory_uses_given_settings(settings: Settings, embedder) -> None:
+    app = create_app(settings, embedder_factory=lambda: embedder)
     with TestClient(app) as c:
         assert c.get("/v1/agents/me", headers=bearer(OPERATOR_KEY)).status_code == 403

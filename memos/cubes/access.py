@@ -7,7 +7,7 @@ write/read: agents holding a grant. Anyone else does not see the cube (404).
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -54,7 +54,7 @@ async def cube_access(conn: AsyncConnection, principal: Principal, cube_id: uuid
     return access
 
 
-def readable_cube_ids(principal: Principal) -> Select[tuple[uuid.UUID]]:
+def readable_cube_ids(principal: Principal) -> Select[Any]:
     """A subquery of the ids of every live cube the caller may read."""
     tenant_id, agent_id = principal.tenant_member()
     query = select(cubes.c.id).where(cubes.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))

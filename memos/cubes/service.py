@@ -16,6 +16,7 @@ from memos.errors import Conflict, Invalid, NotFound
 from memos.identity.principal import Principal
 from memos.memories.versioning import tombstone_cube_memories
 from memos.pagination import Page, decode_keyset, encode_keyset
+from memos.search.graphs import CubeGraphs
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import agents, cube_grants, cubes, memories
@@ -31,8 +32,9 @@ def _count(kind_is_activation: bool) -> Any:
 
 
 class CubeService:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, graphs: CubeGraphs) -> None:
         self.db = db
+        self.graphs = graphs
 
     def _select(self, principal: Principal) -> Any:
         _, agent_id = principal.tenant_member()
@@ -128,6 +130,7 @@ class CubeService:
             await conn.execute(update(cubes).where(cubes.c.id == cube_id).values(deleted_at=func.now()))
             count = await tombstone_cube_memories(conn, cube_id, principal)
             await record(conn, principal, "cube.delete", "cube", cube_id, detail={"memories": count})
+        self.graphs.drop(cube_id)
 
     async def grant(
         self, principal: Principal, cube_id: uuid.UUID, agent_id: uuid.UUID, body: schemas.GrantIn

@@ -7,8 +7,9 @@ from litestar.params import FromPath, JSONBody
 
 from memos.deps import CurrentPrincipal, Identity
 from memos.errors import Forbidden
-from memos.http import parse_id
+from memos.http import Cursor, Limit, parse_id
 from memos.identity import schemas
+from memos.pagination import DEFAULT_LIMIT, Page
 
 
 class IdentityController(Controller):
@@ -29,9 +30,11 @@ class IdentityController(Controller):
     ) -> schemas.AgentCreated:
         return await identity.create_agent(principal, data)
 
-    @get("/agents", summary="List the agents of the caller's tenant (tenant admin)")
-    async def list_agents(self, principal: CurrentPrincipal, identity: Identity) -> list[schemas.Agent]:
-        return await identity.list_agents(principal)
+    @get("/agents", summary="List the agents of the caller's tenant (tenant admin), oldest first")
+    async def list_agents(
+        self, principal: CurrentPrincipal, identity: Identity, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
+    ) -> Page[schemas.Agent]:
+        return await identity.list_agents(principal, limit, cursor)
 
     @get("/agents/me", summary="Who the caller's key belongs to")
     async def me(self, principal: CurrentPrincipal, identity: Identity) -> schemas.Me:

@@ -16,6 +16,7 @@ from memos.errors import Conflict, NotFound
 from memos.identity import schemas
 from memos.identity.keys import generate_key, hash_key, key_matches, key_prefix
 from memos.identity.principal import OPERATOR, Principal
+from memos.pagination import Page, decode_keyset, encode_keyset
 from memos.settings import Settings
 from memos.store.audit import record
 from memos.store.db import Database
@@ -90,14 +91,23 @@ class IdentityService:
             raise Conflict(f"an agent named {body.name!r} already exists in this tenant") from None
         return schemas.AgentCreated(id=agent_id, name=body.name, role=body.role, api_key=key)
 
-    async def list_agents(self, principal: Principal) -> list[schemas.Agent]:
+    async def list_agents(self, principal: Principal, limit: int, cursor: str | None) -> Page[schemas.Agent]:
         tenant_id, _ = principal.require_admin()
+        after = decode_keyset(cursor)
+        query = select(agents).where(agents.c.tenant_id == tenant_id)
+        if after is not None:
+            query = query.where(func.row(agents.c.created_at, agents.c.id) > func.row(*after))
         async with self.db.read() as conn:
-            rows = await conn.execute(select(agents).where(agents.c.tenant_id == tenant_id).order_by(agents.c.name))
-            return [
+            rows = (await conn.execute(query.order_by(agents.c.created_at, agents.c.id).limit(limit + 1))).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(
+            items=[
                 schemas.Agent(id=r.id, name=r.name, role=r.role, tenant_id=r.tenant_id, created_at=r.created_at)
                 for r in rows
-            ]
+            ],
+            next_cursor=encode_keyset(rows[-1].created_at, rows[-1].id) if more else None,
+        )
 
     async def me(self, principal: Principal) -> schemas.Me:
         tenant_id, agent_id = principal.tenant_member()

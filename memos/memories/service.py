@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
-from sqlalchemy import Row, and_, func, insert, literal, or_, select, update
+from sqlalchemy import Row, and_, delete, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -24,11 +24,25 @@ from memos.identity.principal import Principal
 from memos.memories import schemas
 from memos.memories.versioning import content_sha256, insert_new, write_version
 from memos.pagination import Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset
+from memos.search.embedding import EmbeddingService
+from memos.search.graphs import CubeGraphs
+from memos.search.indexing import embedding_text, event_time
 from memos.store.audit import record
+from memos.store.db import Database
 from memos.store.models import cube_grants, cubes, memories, memory_links, memory_versions
 
 PROVENANCE_LINK = "derived_from"
 MAX_PROVENANCE_NODES = 500
+
+
+@dataclass(frozen=True, slots=True)
+class _Gone:
+    """A memory leaving the search graph (deleted or purged)."""
+
+    id: uuid.UUID
+    state: str = "deleted"
+    content: None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +97,25 @@ def _provenance_json(p: schemas.Provenance) -> dict[str, Any]:
     return out
 
 
+def _reject_nul(value: Any, field: str) -> None:
+    """Postgres stores no NUL character in text or JSON: refuse it up front, naming where it is."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise Invalid.field(field, "text may not contain the NUL character (\\u0000)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _reject_nul(key, field)
+            _reject_nul(item, f"{field}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _reject_nul(item, f"{field}[{i}]")
+    elif isinstance(value, msgspec.Struct):
+        _reject_nul(msgspec.to_builtins(value), field)
+
+
 def _check_kind(item: schemas.MemoryIn, where: str) -> None:
+    for name in ("content", "metadata", "tags", "provenance"):
+        _reject_nul(getattr(item, name), f"{where}{name}")
     if item.kind == "response":
         query = item.metadata.get("query")
         if not isinstance(query, str) or not query.strip():
@@ -99,8 +131,10 @@ def _not_expired() -> Any:
 
 
 class MemoryService:
-    def __init__(self, db: Any) -> None:
+    def __init__(self, db: Database, embedder: EmbeddingService, graphs: CubeGraphs) -> None:
         self.db = db
+        self.embedder = embedder
+        self.graphs = graphs
 
     # ------------------------------------------------------------------ create
 
@@ -117,13 +151,18 @@ class MemoryService:
         self, principal: Principal, cube_id: uuid.UUID, items: Sequence[schemas.MemoryIn], *, single: bool
     ) -> list[schemas.Memory]:
         tenant_id, agent_id = principal.tenant_member()
+        times = []
         for i, item in enumerate(items):
-            _check_kind(item, "" if single else f"items[{i}].")
+            where = "" if single else f"items[{i}]."
+            _check_kind(item, where)
+            times.append(event_time(item.metadata, f"{where}metadata.time"))
+        # Embedding runs before the transaction: no connection is held while the model works.
+        vectors = await self.embedder.embed([embedding_text(i.kind, i.content, i.metadata) for i in items])
         async with self.db.transaction() as conn:
             await cube_access(conn, principal, cube_id, "write")
             versions = await self._resolve_references(conn, principal, items, single)
             rows: list[dict[str, Any]] = []
-            for item in items:
+            for item, vector, when in zip(items, vectors, times, strict=True):
                 provenance = _provenance_json(item.provenance)
                 for ref in provenance.get("derived_from", []):
                     ref.setdefault("version", versions[uuid.UUID(ref["memory_id"])])
@@ -142,6 +181,9 @@ class MemoryService:
                         "content_sha256": content_sha256(item.content),
                         "expires_at": _expires(item.ttl_seconds),
                         "created_by": agent_id,
+                        "embedding": vector,
+                        "embedding_model": self.embedder.model,
+                        "event_time": when,
                     }
                 )
             inserted = await insert_new(conn, rows)
@@ -170,6 +212,8 @@ class MemoryService:
                 rows[0]["id"] if single else cube_id,
                 detail={} if single else {"count": len(rows)},
             )
+        self.graphs.memories_written(cube_id, inserted)
+        self.graphs.links_written(cube_id, [(x["from_id"], x["to_id"], x["type"], x["weight"]) for x in links])
         return [to_dto(r) for r in inserted]
 
     async def _resolve_references(
@@ -188,9 +232,9 @@ class MemoryService:
         if not wanted:
             return {}
         found = await self._readable_versions(conn, principal, list(wanted))
-        for memory_id, field in wanted.items():
+        for memory_id, where in wanted.items():
             if memory_id not in found:
-                raise NotFound(f"{field}: no such memory", errors=[FieldError(field, "no such memory")])
+                raise NotFound(f"{where}: no such memory", errors=[FieldError(where, "no such memory")])
         for i, item in enumerate(items):
             for j, ref in enumerate(item.provenance.derived_from):
                 if ref.version is not None and ref.version > found[ref.memory_id]:
@@ -335,6 +379,9 @@ class MemoryService:
             current = await self._load(conn, principal, memory_id, "write")
             _check_writable(current)
             _check_match(current.version, if_match)
+            for name in ("content", "metadata", "tags", "provenance"):
+                if (value := getattr(patch, name)) is not msgspec.UNSET:
+                    _reject_nul(value, name)
             values: dict[str, Any] = {}
             if patch.content is not msgspec.UNSET and patch.content != current.content:
                 values["content"] = patch.content
@@ -346,9 +393,12 @@ class MemoryService:
                 values["tags"] = patch.tags
             if patch.state is not msgspec.UNSET and patch.state != current.state:
                 values["state"] = patch.state
-            if patch.ttl_seconds is not msgspec.UNSET:
+            if patch.ttl_seconds is not msgspec.UNSET and not (
+                patch.ttl_seconds is None and current.expires_at is None
+            ):
                 values["expires_at"] = _expires(patch.ttl_seconds)
             new_links: list[dict[str, Any]] = []
+            dropped: list[uuid.UUID] = []
             if patch.provenance is not msgspec.UNSET:
                 provenance = _provenance_json(patch.provenance)
                 if patch.provenance.derived_from:
@@ -358,12 +408,29 @@ class MemoryService:
                         ref.setdefault("version", found[uuid.UUID(ref["memory_id"])])
                 if provenance != current.provenance:
                     values["provenance"] = provenance
-                    new_links = _new_provenance_links(memory_id, current.provenance, provenance)
+                    new_links, dropped = _provenance_link_changes(memory_id, current.provenance, provenance)
             if not values:
                 return to_dto(current)
+            if "content" in values or "metadata" in values:
+                new_content = values.get("content", current.content)
+                new_metadata = values.get("metadata", current.metadata)
+                values["event_time"] = event_time(new_metadata)
+                text = embedding_text(current.kind, new_content, new_metadata)
+                if text != embedding_text(current.kind, current.content, current.metadata):
+                    values["embedding"] = (await self.embedder.embed([text]))[0]
+                    values["embedding_model"] = self.embedder.model
             row = await write_version(conn, memory_id, current.version, "update", principal, values)
             if row is None:
                 raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
+            if dropped:
+                # The provenance graph follows the memory's current provenance.
+                await conn.execute(
+                    delete(memory_links).where(
+                        memory_links.c.from_id == memory_id,
+                        memory_links.c.type == PROVENANCE_LINK,
+                        memory_links.c.to_id.in_(dropped),
+                    )
+                )
             if new_links:
                 await self._insert_links(conn, principal, new_links)
             await record(
@@ -374,6 +441,9 @@ class MemoryService:
                 memory_id,
                 detail={"version": row.version, "fields": sorted(values)},
             )
+        self.graphs.memories_written(row.cube_id, [row])
+        self.graphs.links_removed(row.cube_id, [(memory_id, d, PROVENANCE_LINK) for d in dropped])
+        self.graphs.links_written(row.cube_id, [(x["from_id"], x["to_id"], x["type"], x["weight"]) for x in new_links])
         return to_dto(row)
 
     async def delete(
@@ -396,6 +466,7 @@ class MemoryService:
                     "metadata": {},
                     "tags": [],
                     "embedding": None,
+                    "event_time": None,
                 }
                 await conn.execute(
                     update(memory_versions).where(memory_versions.c.memory_id == memory_id).values(**erased)
@@ -404,6 +475,7 @@ class MemoryService:
                     update(memories).where(memories.c.id == memory_id).values(**erased, purged_at=func.now())
                 )
             await record(conn, principal, "memory.purge" if purge else "memory.delete", "memory", memory_id)
+        self.graphs.memories_written(current.cube_id, [_Gone(memory_id)])
 
     async def restore(
         self, principal: Principal, memory_id: uuid.UUID, version: int, if_match: int | None
@@ -429,6 +501,8 @@ class MemoryService:
                 "tags": old.tags,
                 "provenance": old.provenance,
                 "embedding": old.embedding,
+                "embedding_model": old.embedding_model,
+                "event_time": old.event_time,
                 "state": "active",
             }
             row = await write_version(conn, memory_id, current.version, "restore", principal, values)
@@ -447,8 +521,10 @@ class MemoryService:
     async def link(self, principal: Principal, memory_id: uuid.UUID, body: schemas.LinkIn) -> schemas.Link:
         if body.type == PROVENANCE_LINK:
             raise Invalid.field("type", "use provenance.derived_from for provenance")
+        if body.to == memory_id:
+            raise Invalid.field("to", "a memory cannot link to itself")
         async with self.db.transaction() as conn:
-            await self._load(conn, principal, memory_id, "write")
+            source = await self._load(conn, principal, memory_id, "write")
             if body.to not in await self._readable_versions(conn, principal, [body.to]):
                 raise NotFound("to: no such memory", errors=[FieldError("to", "no such memory")])
             (row,) = await self._insert_links(
@@ -464,6 +540,7 @@ class MemoryService:
                 memory_id,
                 detail={"to": str(body.to), "type": body.type},
             )
+        self.graphs.links_written(source.cube_id, [(row.from_id, row.to_id, row.type, row.weight)])
         return schemas.Link(
             id=row.id,
             from_id=row.from_id,
@@ -520,9 +597,13 @@ def _check_writable(current: Row[Any]) -> None:
         raise Conflict("this memory is deleted; restore a version of it first")
 
 
-def _new_provenance_links(memory_id: uuid.UUID, old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
+def _provenance_link_changes(
+    memory_id: uuid.UUID, old: dict[str, Any], new: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[uuid.UUID]]:
+    """Provenance edges to add, and the sources whose edges to drop, when provenance changes."""
     before = {ref["memory_id"] for ref in old.get("derived_from", [])}
-    return [
+    after = {ref["memory_id"] for ref in new.get("derived_from", [])}
+    added = [
         {
             "from_id": memory_id,
             "to_id": uuid.UUID(ref["memory_id"]),
@@ -533,6 +614,7 @@ def _new_provenance_links(memory_id: uuid.UUID, old: dict[str, Any], new: dict[s
         for ref in new.get("derived_from", [])
         if ref["memory_id"] not in before
     ]
+    return added, [uuid.UUID(m) for m in before - after]
 
 
 async def _lineage(conn: AsyncConnection, memory_id: uuid.UUID) -> list[Row[Any]]:

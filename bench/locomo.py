@@ -1,0 +1,242 @@
+"""LoCoMo evidence recall: ingest the dev conversations through the memos API, then search with every mode.
+
+One cube per conversation, one memory per dialog turn (speaker, session date and turn in metadata, turns
+of a session linked in order). For each question of categories 1-4, evidence recall@k is the share of its
+gold evidence turns (``qa[].evidence``) found in the top k; figures are averaged over questions. The dense
+baseline embeds the raw turns with the same model and ranks by cosine in numpy, outside memos.
+
+Run: ``python -m bench.locomo`` (``make bench`` runs it). Tune on the dev file only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import re
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from litestar.testing import TestClient
+
+from memos.app import create_app
+from memos.embed.registry import load_embedder
+from memos.settings import Settings
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "locomo" / "locomo-dev.json"
+OPERATOR_KEY = "bench-operator-" + "x" * 32
+KS = (5, 10, 25)
+MODES = ("vector", "text", "hybrid", "graph")
+CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
+_DIA = re.compile(r"D\d+:\d+")
+
+
+def evidence_ids(raw: list[str]) -> set[str]:
+    """Gold turn ids, read leniently: 'D8:6; D9:17' holds two, 'D:11:26' means D11:26, 'D' means nothing."""
+    found: set[str] = set()
+    for item in raw:
+        found.update(_DIA.findall(item.replace("D:", "D")))
+    return found
+
+
+def turn_text(turn: dict[str, Any]) -> str:
+    text = str(turn["text"])
+    if turn.get("blip_caption"):
+        text += f" [shares a photo: {turn['blip_caption']}]"
+    return text
+
+
+def sessions(conv: dict[str, Any]) -> list[tuple[int, str, list[dict[str, Any]]]]:
+    out = []
+    for key, turns in conv.items():
+        match = re.fullmatch(r"session_(\d+)", key)
+        if match and isinstance(turns, list):
+            n = int(match.group(1))
+            out.append((n, str(conv.get(f"session_{n}_date_time", "")), turns))
+    return sorted(out, key=lambda s: s[0])
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import os
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def recall_at(ranked: list[str], gold: set[str], k: int) -> float:
+    return len(gold & set(ranked[:k])) / len(gold)
+
+
+def run(limit_conversations: int | None, out: Path | None, data_dir: Path | None = None) -> dict[str, Any]:
+    data = json.loads(DATA.read_text())[:limit_conversations]
+    embedder = load_embedder(None)
+    with tempfile.TemporaryDirectory(prefix="memos-locomo-") as tmp:
+        # --data-dir keeps the ingested service data for later inspection; by default it is thrown away.
+        settings = Settings(data_dir=data_dir or Path(tmp), operator_key=OPERATOR_KEY, log_level="WARNING")
+        app = create_app(settings, embedder_factory=lambda: embedder)
+        with TestClient(app, timeout=120) as client:
+            return _run(client, embedder, data, out)
+
+
+def _run(client: TestClient, embedder: Any, data: list[dict[str, Any]], out: Path | None) -> dict[str, Any]:  # type: ignore[type-arg]
+    op = {"Authorization": f"Bearer {OPERATOR_KEY}"}
+    tenant = client.post("/v1/tenants", json={"name": "locomo"}, headers=op).json()
+    auth = {"Authorization": f"Bearer {tenant['admin_key']}"}
+
+    # ---- ingest through the API, timing the raw embedder on the same texts for the throughput ratio
+    ingest_s = 0.0
+    texts_all: list[str] = []
+    cubes: dict[str, dict[str, Any]] = {}
+    for conv in data:
+        cube = client.post("/v1/cubes", json={"name": conv["sample_id"]}, headers=auth).json()
+        by_dia: dict[str, str] = {}
+        dia_of: dict[str, str] = {}
+        raw_texts: list[str] = []
+        raw_ids: list[str] = []
+        for n, when, turns in sessions(conv["conversation"]):
+            items = [
+                {
+                    "kind": "plaintext",
+                    "content": turn_text(t),
+                    "metadata": {"speaker": t["speaker"], "session": n, "turn": i, "dia_id": t["dia_id"], "time": when},
+                    "tags": [f"session-{n}"],
+                }
+                for i, t in enumerate(turns)
+            ]
+            started = time.perf_counter()
+            r = client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=auth)
+            ingest_s += time.perf_counter() - started
+            assert r.status_code == 201, r.text
+            made = r.json()["items"]
+            for t, m in zip(turns, made, strict=True):
+                by_dia[t["dia_id"]] = m["id"]
+                dia_of[m["id"]] = t["dia_id"]
+                raw_texts.append(turn_text(t))
+                raw_ids.append(t["dia_id"])
+            for prev, nxt in itertools.pairwise(made):
+                r = client.post(
+                    f"/v1/memories/{nxt['id']}/links", json={"to": prev["id"], "type": "next"}, headers=auth
+                )
+                assert r.status_code == 201, r.text
+            texts_all += [i["content"] for i in items]
+        cubes[conv["sample_id"]] = {"cube": cube, "dia_of": dia_of, "raw_texts": raw_texts, "raw_ids": raw_ids}
+
+    started = time.perf_counter()
+    embedder.embed([f"x: {t}" for t in texts_all])
+    raw_embed_s = time.perf_counter() - started
+
+    # ---- questions
+    hits: dict[str, dict[int, list[float]]] = {m: defaultdict(list) for m in ("dense-baseline", *MODES)}
+    per_cat: dict[str, dict[int, dict[int, list[float]]]] = {
+        m: defaultdict(lambda: defaultdict(list)) for m in ("dense-baseline", *MODES)
+    }
+    latency: dict[str, list[float]] = defaultdict(list)
+    questions = 0
+    for conv in data:
+        info = cubes[conv["sample_id"]]
+        raw_vectors = embedder.embed(info["raw_texts"])
+        for qa in conv["qa"]:
+            if qa.get("category") not in CATEGORIES:
+                continue
+            gold = evidence_ids(qa.get("evidence", []))
+            if not gold:
+                continue
+            questions += 1
+            q = embedder.embed([qa["question"]])[0]
+            order = np.argsort(-(raw_vectors @ q))[: max(KS)]
+            baseline = [info["raw_ids"][i] for i in order]
+            for k in KS:
+                value = recall_at(baseline, gold, k)
+                hits["dense-baseline"][k].append(value)
+                per_cat["dense-baseline"][qa["category"]][k].append(value)
+            for mode in MODES:
+                body = {"query": qa["question"], "cube_ids": [info["cube"]["id"]], "k": max(KS), "mode": mode}
+                started = time.perf_counter()
+                r = client.post("/v1/search", json=body, headers=auth)
+                latency[mode].append((time.perf_counter() - started) * 1000)
+                assert r.status_code == 200, r.text
+                ranked = [info["dia_of"][x["memory"]["id"]] for x in r.json()["results"]]
+                for k in KS:
+                    value = recall_at(ranked, gold, k)
+                    hits[mode][k].append(value)
+                    per_cat[mode][qa["category"]][k].append(value)
+
+    def pct(values: list[float]) -> float:
+        return round(100 * statistics.fmean(values), 1) if values else float("nan")
+
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "conversations": len(data),
+        "turns": len(texts_all),
+        "questions": questions,
+        "recall": {m: {f"@{k}": pct(hits[m][k]) for k in KS} for m in hits},
+        "recall_by_category": {
+            m: {CATEGORIES[c]: {f"@{k}": pct(per_cat[m][c][k]) for k in KS} for c in sorted(per_cat[m])}
+            for m in per_cat
+        },
+        "search_ms_p50": {m: round(statistics.median(v), 2) for m, v in latency.items()},
+        "ingest": {
+            "api_texts_per_s": round(len(texts_all) / ingest_s, 1),
+            "raw_embedder_texts_per_s": round(len(texts_all) / raw_embed_s, 1),
+            "ratio": round(raw_embed_s / ingest_s, 3),
+        },
+    }
+    print_table(result)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    m = result["machine"]
+    print(
+        f"\nLoCoMo dev evidence recall — {result['conversations']} conversations, {result['turns']} turns, "
+        f"{result['questions']} questions (categories 1-4)"
+    )
+    print(f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}, {m['date']}")
+    print(f"{'mode':<16}" + "".join(f"{'R@' + str(k):>8}" for k in KS) + f"{'p50 ms':>10}")
+    for mode, row in result["recall"].items():
+        p50 = result["search_ms_p50"].get(mode)
+        print(f"{mode:<16}" + "".join(f"{row[f'@{k}']:>8}" for k in KS) + (f"{p50:>10}" if p50 else f"{'-':>10}"))
+    print("\nrecall@10 by category")
+    cats = list(CATEGORIES.values())
+    print(f"{'mode':<16}" + "".join(f"{c:>13}" for c in cats))
+    for mode, per in result["recall_by_category"].items():
+        print(f"{mode:<16}" + "".join(f"{per.get(c, {}).get('@10', float('nan')):>13}" for c in cats))
+    ing = result["ingest"]
+    print(
+        f"\ningest: {ing['api_texts_per_s']} memories/s through the API vs {ing['raw_embedder_texts_per_s']} "
+        f"texts/s raw embedder: ratio {ing['ratio']}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--conversations", type=int, default=None, help="only the first N conversations")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/locomo.json"))
+    parser.add_argument("--data-dir", type=Path, default=None, help="keep the service's data here (must be new)")
+    args = parser.parse_args()
+    run(args.conversations, args.out, args.data_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Runs an Embedder off the event loop: one worker thread, a bounded queue, and micro-batching.
+
+Concurrent requests that wait in the queue together are embedded as one batch. A full queue fails
+fast with ``EmbedderBusy`` and a request before the model has loaded with ``EmbedderLoading``, so the
+service can answer 503 with ``Retry-After`` instead of letting latency pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from types import TracebackType
+from typing import Any
+
+from memos.embed.base import Embedder, Vectors, check_texts, empty
+from memos.embed.errors import EmbedderBusy, EmbedderClosed, EmbedderLoadError, EmbedderLoading
+
+
+class WorkerState(StrEnum):
+    NEW = "new"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Job:
+    texts: list[str]
+    future: asyncio.Future[Vectors]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclasses.dataclass(slots=True)
+class WorkerStats:
+    """Counters for metrics and tests; ``batches < requests`` means requests were coalesced."""
+
+    requests: int = 0
+    texts: int = 0
+    batches: int = 0
+    rejected: int = 0
+    busy_seconds: float = 0.0
+
+
+def _settle(future: asyncio.Future[Vectors], result: Vectors | None, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up (cancelled) while the batch ran
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert result is not None
+        future.set_result(result)
+
+
+class EmbedWorker:
+    """Owns one Embedder and the single thread that loads it and runs every ``embed`` call.
+
+    ``factory`` builds the embedder; it runs in the worker thread, so ``start()`` does not block the
+    loop while torch loads. ``max_queue`` bounds waiting requests and ``max_pending_texts`` the texts
+    they hold (a single request larger than that is still accepted when nothing else waits).
+    Requests waiting together are merged into one ``embed`` call of at most ``max_coalesce`` texts;
+    ``linger`` (seconds, default 0) lets the thread wait briefly for more requests to merge.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], Embedder],
+        *,
+        max_queue: int = 256,
+        max_pending_texts: int = 8192,
+        max_coalesce: int = 256,
+        linger: float = 0.0,
+        retry_after: float = 1.0,
+        thread_name: str = "memos-embed",
+    ) -> None:
+        if max_queue < 1 or max_pending_texts < 1 or max_coalesce < 1 or linger < 0:
+            raise ValueError("max_queue, max_pending_texts and max_coalesce must be >= 1, linger >= 0")
+        self._factory = factory
+        self._max_queue = max_queue
+        self._max_pending_texts = max_pending_texts
+        self._max_coalesce = max_coalesce
+        self._linger = linger
+        self._retry_after = retry_after
+        self._thread_name = thread_name
+        self._cond = threading.Condition()
+        self._jobs: deque[_Job] = deque()
+        self._pending_texts = 0
+        self._closing = False
+        self._state = WorkerState.NEW
+        self._embedder: Embedder | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.stats = WorkerStats()
+
+    @classmethod
+    def for_embedder(cls, embedder: Embedder, **options: Any) -> EmbedWorker:
+        """A worker around an embedder that is already loaded (tests, the CLI)."""
+        return cls(lambda: embedder, **options)
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> WorkerState:
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        """True once the model has loaded and until ``close()``."""
+        return self._state is WorkerState.READY
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why loading failed, when ``state`` is ``failed``."""
+        return self._error
+
+    @property
+    def embedder(self) -> Embedder:
+        """The loaded embedder; only call its methods from the worker (use ``embed``)."""
+        if self._embedder is None or not self.ready:
+            raise EmbedderLoading("the embedding model is not loaded", retry_after=self._retry_after)
+        return self._embedder
+
+    @property
+    def name(self) -> str:
+        return self.embedder.name
+
+    @property
+    def dims(self) -> int:
+        return self.embedder.dims
+
+    @property
+    def queued_texts(self) -> int:
+        """Texts waiting for the worker (not counting the batch it is running)."""
+        return self._pending_texts
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the thread (once) and wait until the model has loaded; raises ``EmbedderLoadError`` if it fails.
+
+        To serve while loading, run it as a task (``asyncio.create_task(worker.start())``): until it
+        finishes, ``embed`` raises ``EmbedderLoading``.
+        """
+        self._ensure_thread()
+        await self.wait_ready()
+
+    async def wait_ready(self) -> None:
+        """Wait for the model to load (bound it with ``asyncio.timeout``); raises ``EmbedderLoadError`` if it fails."""
+        if self._thread is None:
+            raise EmbedderLoading("the embedding worker was not started", retry_after=self._retry_after)
+        # Shielded: a caller timing out must not cancel the load that other callers wait on.
+        await asyncio.shield(asyncio.wrap_future(self._loaded))
+
+    async def close(self, join_timeout: float | None = 30.0) -> None:
+        """Fail waiting requests with ``EmbedderClosed``, let the running batch finish, stop the thread."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            dropped = list(self._jobs)
+            self._jobs.clear()
+            self._pending_texts = 0
+            self._cond.notify_all()
+        for job in dropped:
+            _settle(job.future, None, EmbedderClosed("the embedding worker was closed"))
+        if self._thread is not None and self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, join_timeout)
+        self._state = WorkerState.CLOSED
+        self._embedder = None
+
+    async def __aenter__(self) -> EmbedWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        """Embed ``texts`` in the worker thread: ``[len(texts), dims]`` float32, rows L2-normalized.
+
+        Raises ``EmbedderLoading`` before the model is ready, ``EmbedderBusy`` when the queue is full,
+        ``EmbedderLoadError`` if loading failed and ``EmbedderClosed`` after ``close()``.
+        """
+        items = check_texts(texts)
+        self._check_usable()
+        if not items:
+            return empty(self.dims)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Vectors] = loop.create_future()
+        with self._cond:
+            if self._closing:
+                raise EmbedderClosed("the embedding worker was closed")
+            too_many_texts = self._pending_texts > 0 and self._pending_texts + len(items) > self._max_pending_texts
+            if len(self._jobs) >= self._max_queue or too_many_texts:
+                self.stats.rejected += 1
+                raise EmbedderBusy(
+                    f"the embedding queue is full ({len(self._jobs)} requests, {self._pending_texts} texts waiting)",
+                    retry_after=self._retry_after,
+                )
+            self._jobs.append(_Job(items, future, loop))
+            self._pending_texts += len(items)
+            self.stats.requests += 1
+            self._cond.notify()
+        return await future
+
+    def _check_usable(self) -> None:
+        if self._closing or self._state is WorkerState.CLOSED:
+            raise EmbedderClosed("the embedding worker was closed")
+        if self._state is WorkerState.FAILED:
+            raise EmbedderLoadError(f"the embedding model failed to load: {self._error}") from self._error
+        if self._state is not WorkerState.READY:
+            raise EmbedderLoading("the embedding model is still loading", retry_after=self._retry_after)
+
+    # -- the worker thread -----------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        with self._cond:
+            if self._closing:
+                raise EmbedderClosed("the embedding worker was closed")
+            if self._thread is not None:
+                return
+            self._state = WorkerState.LOADING
+            # Daemon: a process exiting without close() must not hang on this thread.
+            self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            embedder = self._factory()
+        except BaseException as exc:
+            self._error = exc
+            self._state = WorkerState.FAILED
+            error = exc if isinstance(exc, EmbedderLoadError) else EmbedderLoadError(f"cannot load the embedder: {exc}")
+            if error is not exc:
+                error.__cause__ = exc
+            self._loaded.set_exception(error)
+            return
+        self._embedder = embedder
+        if not self._closing:
+            self._state = WorkerState.READY
+        self._loaded.set_result(None)
+        while (batch := self._take_batch()) is not None:
+            self._run_batch(embedder, batch)
+
+    def _take_batch(self) -> list[_Job] | None:
+        """Block for the next request, then merge the ones queued behind it; ``None`` once closing."""
+        with self._cond:
+            while not self._jobs and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                return None
+            if self._linger > 0 and self._pending_texts < self._max_coalesce:
+                deadline = time.monotonic() + self._linger
+                while not self._closing and self._pending_texts < self._max_coalesce:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._closing:
+                    return None
+            batch = [self._jobs.popleft()]
+            count = len(batch[0].texts)
+            while self._jobs and count + len(self._jobs[0].texts) <= self._max_coalesce:
+                job = self._jobs.popleft()
+                batch.append(job)
+                count += len(job.texts)
+            self._pending_texts -= count
+            return batch
+
+    def _run_batch(self, embedder: Embedder, batch: list[_Job]) -> None:
+        jobs = [job for job in batch if not job.future.done()]
+        if not jobs:
+            return
+        texts = [text for job in jobs for text in job.texts]
+        started = time.perf_counter()
+        try:
+            vectors = embedder.embed(texts)
+        except Exception as exc:
+            for job in jobs:
+                self._deliver(job, None, exc)
+            return
+        finally:
+            self.stats.batches += 1
+            self.stats.texts += len(texts)
+            self.stats.busy_seconds += time.perf_counter() - started
+        offset = 0
+        for job in jobs:
+            # Copy so one caller's array does not keep the whole batch alive (or alias another's rows).
+            self._deliver(job, vectors[offset : offset + len(job.texts)].copy(), None)
+            offset += len(job.texts)
+
+    @staticmethod
+    def _deliver(job: _Job, result: Vectors | None, error: BaseException | None) -> None:
+        # A closed loop raises RuntimeError: its caller is gone and nobody waits for the result.
+        with contextlib.suppress(RuntimeError):
+            job.loop.call_soon_threadsafe(_settle, job.future, result, error)

@@ -1,0 +1,20 @@
+"""HTTP endpoint for search."""
+
+from __future__ import annotations
+
+from litestar import Controller, post
+from litestar.params import JSONBody
+
+from memos.deps import CurrentPrincipal, Search
+from memos.search import schemas
+
+
+class SearchController(Controller):
+    path = "/v1/search"
+    tags = ["search"]
+
+    @post("/", status_code=200, summary="Find memories: vector, text, hybrid (default) or graph-augmented")
+    async def search(
+        self, data: JSONBody[schemas.SearchRequest], principal: CurrentPrincipal, search: Search
+    ) -> schemas.SearchResponse:
+        return await search.search(principal, data)

@@ -1,0 +1,127 @@
+"""BM25 over Postgres full text: Postgres finds and stems, memos adds the IDF that ``ts_rank`` lacks.
+
+``ts_rank`` weighs a word by how often it occurs in a memory, not by how rare it is in the cube, so
+"Caroline" (in half the turns) counts as much as "Dolomites" (in one). Candidates come from the GIN
+index; their term frequencies come from their ``tsvector``; document frequencies are counted per cube
+with the same index and cached for a short while (IDF needs to be about right, not exact).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import Text, cast, func, select, text
+from sqlalchemy.dialects.postgresql import TSQUERY
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from memos.store.models import memories
+
+K1 = 1.2
+B = 0.75
+_LEXEME = re.compile(r"'((?:[^']|'')+)'(?::([0-9A-D,]+))?")
+
+
+def parse_tsvector(value: str) -> dict[str, int]:
+    """``'word':1,4 'other':2`` -> {word: 2, other: 1} (term frequency = number of positions)."""
+    out: dict[str, int] = {}
+    for match in _LEXEME.finditer(value):
+        positions = match.group(2)
+        out[match.group(1).replace("''", "'")] = positions.count(",") + 1 if positions else 1
+    return out
+
+
+def tsquery_literal(lexeme: str) -> str:
+    """A single already-normalized lexeme as tsquery text (sent as a bound parameter, cast in SQL)."""
+    return "'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+@dataclass
+class _CubeStats:
+    docs: int
+    total_length: int
+    fetched_at: float
+    df: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+
+class LexicalStats:
+    """Per-cube document counts and lexeme document frequencies, cached for ``ttl`` seconds."""
+
+    def __init__(self, ttl: float = 60.0, max_cubes: int = 1024) -> None:
+        self.ttl = ttl
+        self.max_cubes = max_cubes
+        self._cubes: dict[uuid.UUID, _CubeStats] = {}
+
+    async def query_lexemes(self, conn: AsyncConnection, query: str) -> list[str]:
+        """The query's words as Postgres's English configuration normalizes them (stemmed, stopwords gone)."""
+        value = await conn.scalar(select(cast(func.to_tsvector(text("'english'::regconfig"), query), Text)))
+        return list(parse_tsvector(str(value or "")))
+
+    async def idf(
+        self, conn: AsyncConnection, cubes: Sequence[uuid.UUID], lexemes: Iterable[str]
+    ) -> tuple[dict[str, float], float]:
+        """BM25 IDF of each lexeme over the given cubes, and their average memory length in lexemes."""
+        now = time.monotonic()
+        words = list(lexemes)
+        docs = 0
+        total_length = 0
+        df: dict[str, int] = dict.fromkeys(words, 0)
+        for cube_id in cubes:
+            stats = self._cubes.get(cube_id)
+            if stats is None or now - stats.fetched_at > self.ttl:
+                stats = await self._count_docs(conn, cube_id, now)
+            missing = [w for w in words if w not in stats.df or now - stats.df[w][1] > self.ttl]
+            if missing:
+                await self._count_lexemes(conn, cube_id, stats, missing, now)
+            docs += stats.docs
+            total_length += stats.total_length
+            for w in words:
+                df[w] += stats.df[w][0]
+        idf = {w: math.log(1 + (docs - n + 0.5) / (n + 0.5)) for w, n in df.items()}
+        return idf, (total_length / docs if docs else 1.0)
+
+    async def _count_docs(self, conn: AsyncConnection, cube_id: uuid.UUID, now: float) -> _CubeStats:
+        row = (
+            await conn.execute(
+                select(func.count(), func.coalesce(func.sum(func.length(memories.c.tsv)), 0)).where(
+                    memories.c.cube_id == cube_id, memories.c.state == "active"
+                )
+            )
+        ).one()
+        if len(self._cubes) >= self.max_cubes:
+            self._cubes.pop(next(iter(self._cubes)))
+        stats = _CubeStats(docs=int(row[0]), total_length=int(row[1]), fetched_at=now)
+        self._cubes[cube_id] = stats
+        return stats
+
+    async def _count_lexemes(
+        self, conn: AsyncConnection, cube_id: uuid.UUID, stats: _CubeStats, lexemes: list[str], now: float
+    ) -> None:
+        # One pass over the memories that contain any of the words (GIN), counting each word.
+        queries = [cast(tsquery_literal(w), TSQUERY) for w in lexemes]
+        any_of = cast(" | ".join(tsquery_literal(w) for w in lexemes), TSQUERY)
+        counts = (
+            await conn.execute(
+                select(*[func.count().filter(memories.c.tsv.bool_op("@@")(q)) for q in queries]).where(
+                    memories.c.cube_id == cube_id,
+                    memories.c.state == "active",
+                    memories.c.tsv.bool_op("@@")(any_of),
+                )
+            )
+        ).one()
+        for w, n in zip(lexemes, counts, strict=True):
+            stats.df[w] = (int(n), now)
+
+    def forget(self, cube_id: uuid.UUID) -> None:
+        self._cubes.pop(cube_id, None)
+
+
+def bm25(tf: dict[str, int], idf: dict[str, float], avg_length: float) -> float:
+    """Okapi BM25 of one memory; its length is its number of distinct lexemes, like ``length(tsvector)``."""
+    length = len(tf) or 1
+    norm = K1 * (1 - B + B * length / avg_length)
+    return sum(weight * tf[w] * (K1 + 1) / (tf[w] + norm) for w, weight in idf.items() if w in tf)

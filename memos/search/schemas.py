@@ -1,0 +1,48 @@
+"""Request and response bodies of ``POST /v1/search``."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from memos.memories.schemas import Memory
+
+MAX_K = 200
+
+Mode = Literal["vector", "text", "hybrid", "graph"]
+Query = Annotated[str, msgspec.Meta(min_length=1, max_length=4000, pattern=r"\S")]
+
+
+class SearchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    query: Query
+    cube_ids: Annotated[list[uuid.UUID], msgspec.Meta(max_length=100)] | None = None
+    """Cubes to search; default: every cube the caller may read."""
+    k: Annotated[int, msgspec.Meta(ge=1, le=MAX_K)] = 10
+    mode: Mode = "hybrid"
+    kinds: list[Literal["plaintext", "response", "activation"]] | None = None
+    tags: Annotated[list[str], msgspec.Meta(max_length=64)] | None = None
+    """Every listed tag must be present."""
+    filters: dict[str, Any] | None = None
+    """Metadata that must match exactly (JSON containment)."""
+    since: datetime | None = None
+    """Event time (metadata.time) at or after; memories without one use their creation time."""
+    until: datetime | None = None
+    states: list[Literal["active", "archived", "deleted"]] | None = None
+    """Default: active only."""
+    diversity: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    """0 = rank by relevance only; towards 1 = prefer results unlike the ones already chosen (graph mode)."""
+
+
+class SearchResult(msgspec.Struct):
+    memory: Memory
+    score: float
+    via: str
+    """Why it was chosen: vector, text, vector+text, or graph:<edge><-<seed memory id>."""
+
+
+class SearchResponse(msgspec.Struct):
+    results: list[SearchResult]
+    took_ms: float

@@ -1,0 +1,271 @@
+"""Search: pgvector (semantic), Postgres full text (lexical), their fusion, and graph-augmented retrieval.
+
+Every mode is scoped the same way: the caller's tenant, the cubes it may read,
+then the request's filters. Graph mode starts from hybrid candidates.
+"""
+
+from __future__ import annotations
+
+import time
+import typing
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import ColumnElement, Row, Text, cast, func, literal, or_, select, text
+from sqlalchemy.dialects.postgresql import TSQUERY
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from memos.cubes.access import readable_cube_ids
+from memos.errors import NotFound
+from memos.graph.memgraph import MemoryGraph
+from memos.graph.select import mmr
+from memos.identity.principal import Principal
+from memos.memories.service import to_dto
+from memos.search import schemas
+from memos.search.embedding import EmbeddingService
+from memos.search.graphs import CubeGraphs
+from memos.search.indexing import embedding_text
+from memos.search.lexical import LexicalStats, bm25, parse_tsvector, tsquery_literal
+from memos.store.db import Database
+from memos.store.models import memories
+
+DENSE_WEIGHT = 0.5
+"""Hybrid score = DENSE_WEIGHT * scaled cosine + (1 - DENSE_WEIGHT) * scaled BM25: equal say, no tuning."""
+
+NEIGHBOUR_SHARE = 0.3
+"""Graph mode: a memory receives this share of each graph neighbour's hybrid score (times the edge weight)."""
+
+EDGE_WEIGHTS = {"link": 1.0, "derived_from": 1.0, "sequence": 1.0, "knn": 0.5}
+
+_HNSW_SETTINGS = text(
+    "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', :ef, true)"
+)
+
+# Every column a result needs, but not the search columns (a 384-float vector per row is not free).
+_RESULT_COLUMNS = [c for c in memories.c if c.name not in ("embedding", "tsv")]
+
+
+@dataclass
+class Candidate:
+    row: Row[Any]
+    dense: float = 0.0
+    lexical: float = 0.0
+    score: float = 0.0
+    via: set[str] = field(default_factory=set)
+    lexical_tf: dict[str, int] = field(default_factory=dict)
+    """Term frequencies of the memory's lexemes (from its tsvector), for BM25."""
+
+
+class SearchService:
+    def __init__(self, db: Database, embedder: EmbeddingService, graphs: CubeGraphs | None = None) -> None:
+        self.db = db
+        self.embedder = embedder
+        self.graphs = graphs or CubeGraphs(db)
+        self.lexical = LexicalStats()
+
+    async def search(self, principal: Principal, req: schemas.SearchRequest) -> schemas.SearchResponse:
+        started = time.perf_counter()
+        principal.tenant_member()
+        query_vector = None
+        if req.mode != "text":
+            query_vector = await self.embedder.embed_query(embedding_text("plaintext", req.query, {}))
+        pool = req.k if req.mode == "vector" else min(max(req.k * 4, 100), 400)
+        async with self.db.read() as conn:
+            cubes = await self._scope(conn, principal, req.cube_ids)
+            where = self._filters(req, cubes)
+            lexemes = await self.lexical.query_lexemes(conn, req.query) if req.mode != "vector" else []
+            found: dict[uuid.UUID, Candidate] = {}
+            if query_vector is not None:
+                await self._vector(conn, where, query_vector, pool, found, with_text=bool(lexemes))
+            if lexemes:
+                await self._text(conn, where, lexemes, query_vector, pool, found)
+                idf, avg_length = await self.lexical.idf(conn, cubes, lexemes)
+                for cand in found.values():
+                    cand.lexical = bm25(cand.lexical_tf, idf, avg_length)
+            ranked = self._rank(req, list(found.values()))
+            if req.mode == "graph":
+                ranked = await self._graph(conn, req, where, cubes, ranked)
+        results = [
+            schemas.SearchResult(memory=to_dto(c.row), score=round(c.score, 6), via="+".join(sorted(c.via)))
+            for c in ranked[: req.k]
+        ]
+        return schemas.SearchResponse(results=results, took_ms=round((time.perf_counter() - started) * 1000, 3))
+
+    # -- scope -----------------------------------------------------------------------------------------
+
+    async def _scope(
+        self, conn: AsyncConnection, principal: Principal, cube_ids: Sequence[uuid.UUID] | None
+    ) -> list[uuid.UUID]:
+        readable: list[uuid.UUID] = [r[0] for r in await conn.execute(readable_cube_ids(principal))]
+        if cube_ids is None:
+            return readable
+        allowed = set(readable)
+        for i, cube_id in enumerate(cube_ids):
+            if cube_id not in allowed:
+                raise NotFound(f"cube_ids[{i}]: no such cube")
+        return list(dict.fromkeys(cube_ids))
+
+    def _filters(self, req: schemas.SearchRequest, cubes: list[uuid.UUID]) -> list[ColumnElement[bool]]:
+        states = req.states or ["active"]
+        where: list[ColumnElement[bool]] = [
+            memories.c.cube_id.in_(cubes),
+            memories.c.state.in_(states),
+            or_(memories.c.expires_at.is_(None), memories.c.expires_at > func.now()),
+        ]
+        if req.kinds:
+            where.append(memories.c.kind.in_(req.kinds))
+        if req.tags:
+            where.append(memories.c.tags.contains(req.tags))
+        if req.filters:
+            where.append(memories.c.metadata.contains(req.filters))
+        when = func.coalesce(memories.c.event_time, memories.c.created_at)
+        if req.since is not None:
+            where.append(when >= req.since)
+        if req.until is not None:
+            where.append(when < req.until)
+        return where
+
+    # -- the two legs: each returns both signals, so fusion compares like with like -------------------------
+
+    async def _vector(
+        self,
+        conn: AsyncConnection,
+        where: list[ColumnElement[bool]],
+        vector: np.ndarray,
+        limit: int,
+        found: dict[uuid.UUID, Candidate],
+        *,
+        with_text: bool,
+    ) -> None:
+        # Filtered HNSW: keep scanning the index until enough rows pass the filters (pgvector >= 0.8).
+        await conn.execute(_HNSW_SETTINGS, {"ef": str(max(64, min(1000, limit * 2)))})
+        distance = memories.c.embedding.cosine_distance(vector)
+        tsv = cast(memories.c.tsv, Text) if with_text else literal("")
+        rows = (
+            await conn.execute(
+                select(*_RESULT_COLUMNS, distance.label("distance"), tsv.label("tsv_text"))
+                .where(*where, memories.c.embedding.is_not(None))
+                .order_by(distance)
+                .limit(limit)
+            )
+        ).all()
+        for r in rows:
+            cand = found.setdefault(r.id, _candidate(r))
+            cand.dense = 1.0 - float(r.distance)
+            cand.via.add("vector")
+
+    async def _text(
+        self,
+        conn: AsyncConnection,
+        where: list[ColumnElement[bool]],
+        lexemes: list[str],
+        vector: np.ndarray | None,
+        limit: int,
+        found: dict[uuid.UUID, Candidate],
+    ) -> None:
+        # Any of the query's words (a memory sharing one rare word is a candidate); BM25 ranks them after.
+        any_word = cast(" | ".join(tsquery_literal(w) for w in lexemes), TSQUERY)
+        distance = memories.c.embedding.cosine_distance(vector) if vector is not None else literal(1.0)
+        rows = (
+            await conn.execute(
+                select(*_RESULT_COLUMNS, distance.label("distance"), cast(memories.c.tsv, Text).label("tsv_text"))
+                .where(*where, memories.c.tsv.bool_op("@@")(any_word))
+                .order_by(func.ts_rank_cd(memories.c.tsv, any_word, 1).desc(), memories.c.id)
+                .limit(limit)
+            )
+        ).all()
+        for r in rows:
+            cand = found.setdefault(r.id, _candidate(r))
+            if vector is not None and r.distance is not None:
+                cand.dense = 1.0 - float(r.distance)
+            cand.via.add("text")
+
+    # -- ranking ---------------------------------------------------------------------------------------
+
+    def _rank(self, req: schemas.SearchRequest, cands: list[Candidate]) -> list[Candidate]:
+        if req.mode == "vector":
+            for c in cands:
+                c.score = c.dense
+            cands = [c for c in cands if "vector" in c.via]
+        elif req.mode == "text":
+            for c in cands:
+                c.score = c.lexical
+            cands = [c for c in cands if c.lexical > 0]
+        else:
+            fuse(cands)
+        return sorted(cands, key=lambda c: (-c.score, str(c.row.id)))
+
+    async def _graph(
+        self,
+        conn: AsyncConnection,
+        req: schemas.SearchRequest,
+        where: list[ColumnElement[bool]],
+        cubes: list[uuid.UUID],
+        ranked: list[Candidate],
+    ) -> list[Candidate]:
+        """Spread each candidate's score to its graph neighbours, then pick the top k with MMR."""
+        by_id = {c.row.id: c for c in ranked}
+        base = {c.row.id: c.score for c in ranked}
+        boost: dict[uuid.UUID, float] = {}
+        reached: dict[uuid.UUID, tuple[float, str]] = {}
+        cube_of = {c.row.id: c.row.cube_id for c in ranked}
+        graphs: dict[uuid.UUID, MemoryGraph] = {}
+        for cube_id in {cube_of[i] for i in base}:
+            graphs[cube_id] = await self.graphs.get(cube_id)
+        for memory_id, score in base.items():
+            graph = graphs[cube_of[memory_id]]
+            if memory_id not in graph:
+                continue
+            for neighbour, kind, weight in graph.edges(memory_id):
+                other = typing.cast(uuid.UUID, neighbour)
+                share = NEIGHBOUR_SHARE * EDGE_WEIGHTS.get(kind, 0.0) * min(weight, 1.0) * score
+                if share <= 0:
+                    continue
+                boost[other] = boost.get(other, 0.0) + share
+                if other not in base and share > reached.get(other, (0.0, ""))[0]:
+                    reached[other] = (share, f"graph:{kind}<-{memory_id}")
+        # Memories found only through the graph still have to pass the request's filters.
+        if reached:
+            rows = (await conn.execute(select(*_RESULT_COLUMNS).where(*where, memories.c.id.in_(list(reached))))).all()
+            for r in rows:
+                by_id[r.id] = Candidate(row=r, via={reached[r.id][1]})
+        for memory_id, cand in by_id.items():
+            cand.score = base.get(memory_id, 0.0) + boost.get(memory_id, 0.0)
+        ordered = sorted(by_id.values(), key=lambda c: (-c.score, str(c.row.id)))
+        if req.diversity <= 0:
+            return ordered
+        head = ordered[: max(req.k * 3, 30)]
+        vectors = await self._vectors(conn, [c.row.id for c in head])
+        picked = mmr([(c.row.id, c.score) for c in head], vectors, req.k, req.diversity)
+        return [by_id[typing.cast(uuid.UUID, memory_id)] for memory_id, _ in picked]
+
+    async def _vectors(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[Any, np.ndarray]:
+        rows = await conn.execute(
+            select(memories.c.id, memories.c.embedding).where(memories.c.id.in_(ids), memories.c.embedding.is_not(None))
+        )
+        return {r.id: np.asarray(r.embedding, dtype=np.float32) for r in rows}
+
+
+def _candidate(row: Any) -> Candidate:
+    return Candidate(row=row, lexical_tf=parse_tsvector(row.tsv_text or ""))
+
+
+def fuse(cands: Sequence[Candidate]) -> None:
+    """Score fusion: cosine scaled to [0, 1] over the candidates, BM25 divided by the best, weighted sum.
+
+    Unlike rank fusion this keeps *how much* better one memory is, and both legs fetch both signals, so a
+    memory found by one leg is still scored by the other.
+    """
+    if not cands:
+        return
+    dense = np.array([c.dense for c in cands])
+    lexical = np.array([c.lexical for c in cands])
+    span = dense.max() - dense.min()
+    dense_scaled = (dense - dense.min()) / span if span > 0 else np.ones_like(dense)
+    top = lexical.max()
+    lexical_scaled = lexical / top if top > 0 else lexical
+    for c, d, lx in zip(cands, dense_scaled, lexical_scaled, strict=True):
+        c.score = float(DENSE_WEIGHT * d + (1 - DENSE_WEIGHT) * lx)

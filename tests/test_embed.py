@@ -1,0 +1,346 @@
+"""The embedding layer: the default MiniLM encoder, the registry, and the worker that runs it off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hashing_embedder import HashingEmbedder
+
+from memos.embed import (
+    DEFAULT_MODEL,
+    EmbedderBusy,
+    EmbedderClosed,
+    EmbedderLoadError,
+    EmbedderLoading,
+    EmbedWorker,
+    TransformersEncoder,
+    Vectors,
+    WorkerState,
+    bundled_model_dir,
+    load_embedder,
+)
+from memos.embed.base import Embedder
+
+SENTENCES = [
+    "Caroline went to the LGBTQ support group on 7 May 2023.",
+    "Melanie painted a sunrise over the lake last year.",
+    "ok",
+    "The quarterly report shows revenue grew by 12% compared with the previous quarter, "
+    "driven mostly by subscriptions in Europe and a new partnership with a logistics firm.",
+    "Dogs are loyal.",
+]
+
+
+SAME_TEXT = 0.999
+"""Cosine floor for one text embedded in different batches: float32 agrees to ~1e-6, bfloat16 to ~1e-4."""
+
+
+@pytest.fixture(scope="session")
+def minilm(embedder: Embedder) -> TransformersEncoder:
+    """The bundled all-MiniLM-L6-v2, loaded once: reuse the harness's session embedder when it is that model."""
+    if isinstance(embedder, TransformersEncoder) and embedder.name == DEFAULT_MODEL:
+        return embedder
+    return TransformersEncoder()
+
+
+def cosine(a: Vectors, b: Vectors) -> float:
+    return float(np.dot(a, b))
+
+
+class GatedEmbedder:
+    """A model-free embedder whose ``embed`` blocks until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.inner = HashingEmbedder(16)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.name = "gated"
+        self.dims = 16
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        self.entered.set()
+        assert self.gate.wait(10), "test never opened the gate"
+        return self.inner.embed(texts)
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+# -- import cost ----------------------------------------------------------------------------
+
+
+def test_import_does_not_load_torch() -> None:
+    code = (
+        "import sys, memos.embed, memos.embed.worker, memos.embed.registry, memos.embed.transformers_encoder; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- the default encoder --------------------------------------------------------------------
+
+
+def test_bundled_model_is_found_in_the_wheel() -> None:
+    path = bundled_model_dir()
+    assert (path / "config.json").is_file()
+    assert (path / "model.safetensors").is_file()
+
+
+def test_shape_dtype_and_unit_norm(minilm: TransformersEncoder) -> None:
+    vectors = minilm.embed(SENTENCES)
+    assert minilm.name == DEFAULT_MODEL
+    assert minilm.dims == 384
+    assert vectors.shape == (len(SENTENCES), 384)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_empty_input(minilm: TransformersEncoder) -> None:
+    vectors = minilm.embed([])
+    assert vectors.shape == (0, 384)
+    assert vectors.dtype == np.float32
+
+
+def test_a_bare_string_is_refused(minilm: TransformersEncoder) -> None:
+    with pytest.raises(TypeError, match="not a single str"):
+        minilm.embed("hello")
+
+
+def test_deterministic(minilm: TransformersEncoder) -> None:
+    np.testing.assert_array_equal(minilm.embed(SENTENCES), minilm.embed(SENTENCES))
+
+
+def test_order_is_kept_across_length_buckets(minilm: TransformersEncoder) -> None:
+    # 40 texts of very different lengths in batches of 8: sorted into buckets, then put back in input order.
+    rng = np.random.default_rng(7)
+    words = ["memory", "agent", "paris", "sister", "bought", "books", "cooking", "painting", "music", "lake"]
+    texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 60, size=40)]
+    minilm.batch_size = 8
+    try:
+        together = minilm.embed(texts)
+    finally:
+        minilm.batch_size = 64
+    alone = minilm.embed([texts[i] for i in (0, 13, 22, 31, 39)])
+    # Row i of the batch is text i: its best match among the texts embedded alone is itself.
+    similarity = together[[0, 13, 22, 31, 39]] @ alone.T
+    assert list(similarity.argmax(axis=1)) == [0, 1, 2, 3, 4]
+    assert similarity.diagonal().min() > SAME_TEXT
+    assert len(set(minilm.token_lengths(texts))) > 10
+
+
+def test_long_text_is_truncated(minilm: TransformersEncoder) -> None:
+    long_text = "word " * 5000
+    assert minilm.token_lengths([long_text]) == [256]
+    assert minilm.embed([long_text]).shape == (1, 384)
+
+
+def test_paraphrases_are_closer_than_unrelated_texts(minilm: TransformersEncoder) -> None:
+    a, b, c = minilm.embed(
+        [
+            "A man is eating food.",
+            "Someone is having a meal.",
+            "The stock market fell sharply on Tuesday.",
+        ]
+    )
+    assert cosine(a, b) > 0.5
+    assert cosine(a, b) > cosine(a, c) + 0.3
+
+
+# -- the registry ---------------------------------------------------------------------------
+
+
+def test_registry_refuses_what_is_not_a_local_directory(tmp_path: Path) -> None:
+    with pytest.raises(EmbedderLoadError, match="not a local directory"):
+        load_embedder("sentence-transformers/all-mpnet-base-v2")
+    with pytest.raises(EmbedderLoadError, match=r"no config\.json"):
+        load_embedder(str(tmp_path))
+    with pytest.raises(EmbedderLoadError, match="not a local directory"):
+        load_embedder("hash:64")  # no model-free embedders: memos only serves real models
+    with pytest.raises(ValueError, match="dtype"):
+        load_embedder(None, dtype="float16")
+
+
+def test_registry_loads_a_local_encoder_directory(tmp_path: Path) -> None:
+    """MEMOS_EMBED_MODEL may name any local HF encoder: here a tiny random BERT built from a config."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(config).save_pretrained(tmp_path)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).write_bytes((bundled_model_dir() / name).read_bytes())
+
+    texts = ["one", "two words", "three words here"]
+    embedder = load_embedder(str(tmp_path), batch_size=2, dtype="float32")
+    vectors = embedder.embed(texts)
+    assert embedder.name == str(tmp_path)
+    assert embedder.dims == 32
+    assert vectors.shape == (3, 32)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # bfloat16 weights (what "auto" picks on a CPU with native bf16) give float32 vectors close to these
+    half = load_embedder(str(tmp_path), dtype="bfloat16").embed(texts)
+    assert half.dtype == np.float32
+    assert (half * vectors).sum(axis=1).min() > 0.99
+
+
+# -- the worker -----------------------------------------------------------------------------
+
+
+async def test_worker_concurrent_requests_match_direct_calls(minilm: TransformersEncoder) -> None:
+    requests = [[f"request {i} about topic {i % 7}", f"second text of {i}"][: 1 + i % 2] for i in range(24)]
+    expected = [minilm.embed(texts) for texts in requests]
+    async with EmbedWorker.for_embedder(minilm) as worker:
+        assert worker.ready
+        assert worker.dims == 384
+        results = await asyncio.gather(*(worker.embed(texts) for texts in requests))
+        assert worker.stats.requests == 24
+        # Requests that queued up while a batch ran were merged into one embed call.
+        assert worker.stats.batches < worker.stats.requests
+    for got, want in zip(results, expected, strict=True):
+        assert got.shape == want.shape
+        assert (got * want).sum(axis=1).min() > SAME_TEXT
+
+
+async def test_worker_empty_request_skips_the_queue(minilm: TransformersEncoder) -> None:
+    async with EmbedWorker.for_embedder(minilm) as worker:
+        assert (await worker.embed([])).shape == (0, 384)
+        assert worker.stats.requests == 0
+
+
+async def test_worker_full_queue_raises_busy() -> None:
+    gated = GatedEmbedder()
+    worker = EmbedWorker.for_embedder(gated, max_queue=2, retry_after=2.5)
+    await worker.start()
+    running = asyncio.create_task(worker.embed(["first"]))
+    await wait_until(gated.entered.is_set)  # the worker holds "first"; the queue is empty again
+    queued = [asyncio.create_task(worker.embed([f"queued {i}"])) for i in range(2)]
+    await wait_until(lambda: worker.queued_texts == 2)
+    with pytest.raises(EmbedderBusy) as busy:
+        await worker.embed(["one too many"])
+    assert busy.value.retry_after == 2.5
+    assert worker.stats.rejected == 1
+    gated.gate.set()
+    results = await asyncio.gather(running, *queued)
+    assert [r.shape for r in results] == [(1, 16)] * 3
+    await worker.close()
+
+
+async def test_worker_bounds_pending_texts() -> None:
+    gated = GatedEmbedder()
+    worker = EmbedWorker.for_embedder(gated, max_pending_texts=10)
+    await worker.start()
+    running = asyncio.create_task(worker.embed(["first"]))
+    await wait_until(gated.entered.is_set)
+    big = asyncio.create_task(worker.embed([str(i) for i in range(25)]))  # alone in the queue: accepted
+    await wait_until(lambda: worker.queued_texts == 25)
+    with pytest.raises(EmbedderBusy):
+        await worker.embed(["more"])
+    gated.gate.set()
+    assert (await big).shape == (25, 16)
+    await running
+    await worker.close()
+
+
+async def test_worker_reports_loading_then_ready() -> None:
+    release = threading.Event()
+
+    def slow_factory() -> Embedder:
+        assert release.wait(10)
+        return HashingEmbedder(8)
+
+    worker = EmbedWorker(slow_factory)
+    with pytest.raises(EmbedderLoading):
+        await worker.embed(["too early"])  # not even started
+    starting = asyncio.create_task(worker.start())
+    await wait_until(lambda: worker.state is WorkerState.LOADING)
+    assert not worker.ready
+    with pytest.raises(EmbedderLoading):
+        await worker.embed(["still too early"])
+    release.set()
+    await starting
+    assert worker.ready
+    assert worker.name == "hash-8"
+    assert (await worker.embed(["now"])).shape == (1, 8)
+    await worker.close()
+    assert worker.state is WorkerState.CLOSED
+
+
+async def test_worker_load_failure_is_reported() -> None:
+    def broken() -> Embedder:
+        raise OSError("weights are missing")
+
+    worker = EmbedWorker(broken)
+    with pytest.raises(EmbedderLoadError, match="weights are missing"):
+        await worker.start()
+    assert worker.state is WorkerState.FAILED
+    with pytest.raises(EmbedderLoadError):
+        await worker.embed(["x"])
+    await worker.close()
+
+
+async def test_worker_close_fails_waiting_requests() -> None:
+    gated = GatedEmbedder()
+    worker = EmbedWorker.for_embedder(gated)
+    await worker.start()
+    running = asyncio.create_task(worker.embed(["running"]))
+    await wait_until(gated.entered.is_set)
+    waiting = asyncio.create_task(worker.embed(["waiting"]))
+    await wait_until(lambda: worker.queued_texts == 1)
+    closing = asyncio.create_task(worker.close())
+    with pytest.raises(EmbedderClosed):
+        await waiting
+    gated.gate.set()  # the batch already running still completes
+    assert (await running).shape == (1, 16)
+    await closing
+    with pytest.raises(EmbedderClosed):
+        await worker.embed(["after close"])
+
+
+async def test_worker_survives_a_cancelled_request() -> None:
+    gated = GatedEmbedder()
+    worker = EmbedWorker.for_embedder(gated)
+    await worker.start()
+    running = asyncio.create_task(worker.embed(["running"]))
+    await wait_until(gated.entered.is_set)
+    abandoned = asyncio.create_task(worker.embed(["abandoned"]))
+    await wait_until(lambda: worker.queued_texts == 1)
+    abandoned.cancel()
+    gated.gate.set()
+    await running
+    assert (await worker.embed(["later"])).shape == (1, 16)
+    assert abandoned.cancelled()
+    await worker.close()
+
+
+async def test_worker_embedding_errors_reach_the_caller() -> None:
+    class Failing(HashingEmbedder):
+        def embed(self, texts: Sequence[str]) -> Vectors:
+            raise RuntimeError("boom")
+
+    async with EmbedWorker.for_embedder(Failing(8)) as worker:
+        with pytest.raises(RuntimeError, match="boom"):
+            await worker.embed(["x"])
+        assert worker.ready  # one failed batch does not stop the worker
+
+
+async def test_worker_linger_merges_requests_that_arrive_together() -> None:
+    async with EmbedWorker.for_embedder(HashingEmbedder(8), linger=0.05) as worker:
+        results = await asyncio.gather(*(worker.embed([f"text {i}"]) for i in range(10)))
+        assert [r.shape for r in results] == [(1, 8)] * 10
+        assert worker.stats.batches == 1

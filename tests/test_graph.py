@@ -1,0 +1,364 @@
+"""The memory graph package: entity extraction, event times, PageRank expansion and diversity selection."""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from memos.graph import (
+    EdgeKind,
+    EdgeWeights,
+    EntityKind,
+    MemoryGraph,
+    coverage,
+    entity_keys,
+    extract_entities,
+    format_event_time,
+    mmr,
+    parse_event_time,
+)
+
+# -- entities -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # proper names: runs of capitalized words, trimmed of stopwords, possessives dropped
+        ("Caroline: Hey Mel! I met John Smith at the LGBTQ center.", ["caroline", "mel", "john smith", "lgbtq"]),
+        ("Thanks Jon! We saw Caroline's sister in New York City.", ["jon", "caroline", "new york city"]),
+        ("I work at the Bank of America now.", ["bank of america"]),
+        ("We went to Sweden, Norway and Denmark.", ["sweden", "norway", "denmark"]),
+        # a lone capitalized word opening a sentence is not a name unless it recurs
+        ("Painting is fun. Yesterday was long.", []),
+        ("Woohoo Melanie, bye Caroline!", ["melanie", "caroline"]),
+        ("Paris was lovely. I would go back to Paris.", ["paris"]),
+        # dates, normalized so different spellings meet
+        ("The talk was on 8 May, 2023.", ["2023-05-08"]),
+        ("The talk was on May 8th, 2023.", ["2023-05-08"]),
+        ("The talk was on 2023-05-08.", ["2023-05-08"]),
+        ("See you on May 8 or maybe 9 June.", ["may 8", "june 9"]),
+        ("It started in May 2023 and ended last Friday.", ["2023-05", "friday"]),
+        ("See you next Tues or on Sat. The sun sat low.", ["tuesday", "saturday"]),
+        ("The Beatles split in 1970.", ["beatles", "1970"]),
+        ("We may go in March.", ["march"]),
+        ("May I ask you something?", []),
+        # numbers with units
+        ("I ran 5 km and spent $1,200 on gear, 20% more than planned.", ["5 km", "1200 usd", "20%"]),
+        ("Her son is three years old; it is a 3-year plan.", ["3 years"]),
+        ("It took 2.50 hours and €3.5 for the ticket.", ["2.5 hours", "3.5 eur"]),
+        ("I have 3 kids.", []),
+        ("We drove 2000 miles in 2019.", ["2000 mi", "2019"]),
+    ],
+)
+def test_entity_keys(text: str, expected: list[str]) -> None:
+    assert entity_keys(text) == expected
+
+
+def test_entities_carry_kind_and_surface_form() -> None:
+    entities = extract_entities("Melanie ran 10 km on Friday, 8 May 2023, with Melanie's dog.")
+    assert [(e.key, e.kind, e.text) for e in entities] == [
+        ("melanie", EntityKind.NAME, "Melanie"),
+        ("10 km", EntityKind.NUMBER, "10 km"),
+        ("friday", EntityKind.DATE, "Friday"),
+        ("2023-05-08", EntityKind.DATE, "8 May 2023"),
+    ]
+
+
+def test_known_entities_admit_a_sentence_start() -> None:
+    assert entity_keys("Gina opened a store.") == []
+    assert entity_keys("Gina opened a store.", known={"gina"}) == ["gina"]
+
+
+def test_extraction_is_deterministic_and_cheap_on_long_text() -> None:
+    text = "Caroline met Mel in Paris on 8 May 2023 and ran 5 km. " * 2000
+    assert entity_keys(text) == entity_keys(text) == ["caroline", "mel", "paris", "2023-05-08", "5 km"]
+
+
+# -- event times ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("1:56 pm on 8 May, 2023", datetime(2023, 5, 8, 13, 56, tzinfo=UTC)),
+        ("10:37 am on 27 June, 2023", datetime(2023, 6, 27, 10, 37, tzinfo=UTC)),
+        ("12:05 am on 1 January, 2024", datetime(2024, 1, 1, 0, 5, tzinfo=UTC)),
+        ("7:00 p.m. on 8 May 2023", datetime(2023, 5, 8, 19, 0, tzinfo=UTC)),
+        ("8 May 2023", datetime(2023, 5, 8, tzinfo=UTC)),
+        ("Monday, May 8th, 2023 at 13:56", datetime(2023, 5, 8, 13, 56, tzinfo=UTC)),
+        ("8 May 2023 1:56pm +02:00", datetime(2023, 5, 8, 11, 56, tzinfo=UTC)),
+        ("2023-05-08", datetime(2023, 5, 8, tzinfo=UTC)),
+        ("2023-05-08T13:56:00+02:00", datetime(2023, 5, 8, 11, 56, tzinfo=UTC)),
+        ("2023-05-08T13:56:00Z", datetime(2023, 5, 8, 13, 56, tzinfo=UTC)),
+        ("2023-05-08 13:56", datetime(2023, 5, 8, 13, 56, tzinfo=UTC)),
+        ("2023/5/8", datetime(2023, 5, 8, tzinfo=UTC)),
+        ("May 2023", datetime(2023, 5, 1, tzinfo=UTC)),
+        ("", None),
+        ("yesterday", None),
+        ("8 May", None),
+        ("31 February 2023", None),
+        ("13:99 on 8 May 2023", None),
+        ("a long sentence that mentions 8 May 2023 somewhere " * 4, None),
+    ],
+)
+def test_parse_event_time(raw: str, expected: datetime | None) -> None:
+    parsed = parse_event_time(raw)
+    assert parsed == expected
+    if parsed is not None:
+        assert parsed.tzinfo is UTC
+
+
+def test_format_event_time() -> None:
+    assert format_event_time(datetime(2023, 5, 8, 13, 56, tzinfo=UTC)) == "Monday 8 May 2023, 13:56 UTC"
+    assert format_event_time(datetime(2023, 5, 8, tzinfo=UTC)) == "Monday 8 May 2023"
+
+
+# -- the graph ------------------------------------------------------------------------------
+
+
+def via_of(results: list[tuple[object, float, str]]) -> dict[object, str]:
+    return {node: via for node, _, via in results}
+
+
+def test_expand_reaches_a_memory_only_through_a_link() -> None:
+    graph = MemoryGraph()
+    for name in ("seed", "linked", "other"):
+        graph.add_memory(name)
+    assert graph.add_edge("seed", "linked", EdgeKind.LINK)
+    results = graph.expand({"seed": 1.0}, k=10)
+    assert via_of(results) == {"seed": "seed", "linked": "graph:link<-seed"}
+    assert [r.id for r in results] == ["seed", "linked"]
+
+
+def test_expand_reaches_a_memory_only_through_a_shared_entity() -> None:
+    graph = MemoryGraph()
+    graph.add_memory("seed", text="Caroline moved to Sweden in 2019.")
+    graph.add_memory("shares", text="Everyone said Sweden was cold.")
+    graph.add_memory("unrelated", text="The soup needs more salt.")
+    assert graph.entities("seed") == {"sweden", "2019"}  # a lone sentence-opening word is not a name
+    results = graph.expand({"seed": 1.0}, k=10)
+    assert via_of(results) == {"seed": "seed", "shares": "graph:entity(sweden)<-seed"}
+
+
+def test_expand_names_the_edge_and_the_memory_it_came_from() -> None:
+    graph = MemoryGraph()
+    for name in "abcde":
+        graph.add_memory(name)
+    graph.add_edge("a", "b", EdgeKind.DERIVED_FROM)
+    graph.add_edge("b", "c", EdgeKind.KNN, 0.9)
+    graph.add_edge("a", "d", EdgeKind.KNN, 0.7)
+    graph.add_edge("a", "d", EdgeKind.LINK)  # two kinds on one edge: the explicit one explains it
+    graph.add_edge("c", "e", EdgeKind.LINK)  # three hops away
+    vias = via_of(graph.expand({"a": 1.0}, k=10, hops=2))
+    assert vias == {"a": "seed", "b": "graph:derived_from<-a", "d": "graph:link<-a", "c": "graph:knn<-b"}
+    assert "e" in via_of(graph.expand({"a": 1.0}, k=10, hops=3))
+
+
+def test_pagerank_stays_in_the_neighbourhood() -> None:
+    graph = MemoryGraph()
+    for i in range(10):
+        graph.add_memory(f"near{i}", session="s1", turn=i)
+        graph.add_memory(f"far{i}", session="s2", turn=i)
+    graph.add_memory("shared-only-far", entities=["x"])
+    graph.add_memory("far-hub", entities=["x"])
+    graph.add_edge("far-hub", "far0", EdgeKind.LINK)
+    results = graph.expand({"near0": 1.0, "near9": 0.5}, k=100, hops=3)
+    found = {r.id for r in results}
+    assert not any(str(node).startswith(("far", "shared")) for node in found)
+    # hops bound the walk: from near0 and near9 over the chain, three hops reach near1..3 and near6..8 only
+    assert found == {"near0", "near1", "near2", "near3", "near6", "near7", "near8", "near9"}
+    assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+
+
+def test_max_nodes_bounds_the_neighbourhood() -> None:
+    graph = MemoryGraph()
+    for i in range(200):
+        graph.add_memory(i, session="s", turn=i)
+    results = graph.expand({100: 1.0}, k=500, hops=1000, max_nodes=25)
+    assert len(results) == 25
+    assert {r.id for r in results} == set(range(88, 113))
+
+
+def test_a_strongly_connected_memory_outranks_a_weak_seed() -> None:
+    graph = MemoryGraph()
+    for name in ("top", "second", "weak", "bridge"):
+        graph.add_memory(name)
+    graph.add_edge("top", "bridge", EdgeKind.LINK)
+    graph.add_edge("second", "bridge", EdgeKind.LINK)
+    ranked = [r.id for r in graph.expand({"top": 1.0, "second": 0.9, "weak": 0.2}, k=4)]
+    assert ranked.index("bridge") < ranked.index("weak")
+    # with all the weight on the seed scores, the graph only appends
+    ranked = [r.id for r in graph.expand({"top": 1.0, "second": 0.9, "weak": 0.2}, k=4, seed_weight=1.0)]
+    assert ranked[:3] == ["top", "second", "weak"]
+
+
+def test_seeds_unknown_to_the_graph_keep_their_score() -> None:
+    graph = MemoryGraph()
+    graph.add_memory("known")
+    results = graph.expand({"known": 0.5, "unknown": 1.0}, k=5)
+    assert [(r.id, r.via) for r in results] == [("unknown", "seed"), ("known", "seed")]
+    assert graph.expand({}, k=5) == []
+
+
+def test_sequence_edges_follow_turn_order() -> None:
+    graph = MemoryGraph()
+    graph.add_memory("t1", session="s", turn=1)
+    graph.add_memory("t3", session="s", turn=3)
+    graph.add_memory("t2", session="s", turn=2)  # arrives late: sits between t1 and t3
+    graph.add_memory("other", session="s2", turn=2)
+    assert {(o, kind) for o, kind, _ in graph.edges("t2")} == {("t1", "sequence"), ("t3", "sequence")}
+    assert {o for o, _, _ in graph.edges("t1")} == {"t2"}
+    graph.remove_memory("t2")
+    assert {o for o, _, _ in graph.edges("t1")} == {"t3"}  # the chain is mended
+    assert graph.edges("other") == []
+
+
+def test_knn_edges_respect_the_floor() -> None:
+    graph = MemoryGraph(knn_floor=0.6)
+    for name in "abc":
+        graph.add_memory(name)
+    assert graph.add_knn("a", [("b", 0.8), ("c", 0.4), ("missing", 0.9)]) == 1
+    assert graph.edges("a") == [("b", "knn", 0.8)]
+
+
+def test_a_very_common_entity_is_not_traversed() -> None:
+    graph = MemoryGraph()
+    for i in range(200):
+        graph.add_memory(i, entities=["everyone"] + (["rare"] if i in (0, 150) else []))
+    assert graph.mentions("everyone") == 200
+    vias = via_of(graph.expand({0: 1.0}, k=50))
+    assert vias == {0: "seed", 150: "graph:entity(rare)<-0"}
+
+
+def test_entity_hubs_stay_linear_in_mentions() -> None:
+    graph = MemoryGraph()
+    for i in range(500):
+        graph.add_memory(i, entities=["common"])
+    assert graph.graph.number_of_edges() == 500  # one hub, not 500 * 499 / 2 pairwise edges
+
+
+def test_updates_replace_entities_and_keep_age() -> None:
+    graph = MemoryGraph(max_nodes=2)
+    graph.add_memory("a", entities=["x"], colour="red")
+    graph.add_memory("b", entities=["x"])
+    assert graph.add_memory("a", entities=["y"], size=3) == []
+    assert graph.entities("a") == {"y"}
+    assert graph.attrs("a") == {"colour": "red", "size": 3}
+    assert graph.mentions("x") == 1
+    assert graph.add_memory("c") == ["a"]  # still the oldest
+
+
+def test_bounded_size_evicts_the_oldest() -> None:
+    graph = MemoryGraph(max_nodes=3)
+    evicted = [graph.add_memory(i, entities=[f"e{i}", "shared"], session="s", turn=i) for i in range(5)]
+    assert evicted == [[], [], [], [0], [1]]
+    assert list(graph.memory_ids()) == [2, 3, 4]
+    assert len(graph) == 3
+    assert graph.mentions("e0") == 0
+    assert graph.mentions("shared") == 3
+    assert "e0" not in graph.known_entities
+    assert 0 not in graph
+    assert graph.graph.number_of_nodes() == 3 + 4  # memories + hubs e2, e3, e4, shared
+    assert {o for o, _, _ in graph.edges(2)} == {3}
+
+
+def test_edge_api_validates() -> None:
+    graph = MemoryGraph()
+    graph.add_memory("a")
+    graph.add_memory("b")
+    assert not graph.add_edge("a", "a", EdgeKind.LINK)
+    assert not graph.add_edge("a", "missing", EdgeKind.LINK)
+    with pytest.raises(ValueError, match="entity edges"):
+        graph.add_edge("a", "b", EdgeKind.ENTITY)
+    with pytest.raises(ValueError, match="positive"):
+        graph.add_edge("a", "b", EdgeKind.KNN, 0.0)
+    graph.add_edge("a", "b", "link")
+    graph.add_edge("a", "b", "knn", 0.7)
+    assert graph.remove_edge("a", "b", "knn")
+    assert graph.edges("a") == [("b", "link", 1.0)]
+    assert graph.remove_edge("a", "b")
+    assert not graph.remove_edge("a", "b")
+
+
+def test_edge_weights_are_applied_at_query_time() -> None:
+    graph = MemoryGraph()
+    for name in ("seed", "by-link", "by-sequence"):
+        graph.add_memory(name)
+    graph.add_edge("seed", "by-link", EdgeKind.LINK)
+    graph.add_edge("seed", "by-sequence", EdgeKind.SEQUENCE)
+    assert [r.id for r in graph.expand({"seed": 1.0}, k=3)][1] == "by-link"
+    graph.weights = EdgeWeights(sequence=3.0)
+    assert [r.id for r in graph.expand({"seed": 1.0}, k=3)][1] == "by-sequence"
+
+
+def test_expand_on_a_100k_memory_graph() -> None:
+    """Not a timed assertion: builds a 100k-memory graph and shows expansion stays local (time printed)."""
+    rng = random.Random(0)
+    graph = MemoryGraph(max_nodes=100_000)
+    started = time.perf_counter()
+    for i in range(100_000):
+        entities = [f"topic{rng.randrange(5000)}", f"name{int(rng.paretovariate(1.2))}"]
+        graph.add_memory(i, entities=entities, session=f"s{i // 25}", turn=i % 25)
+        if i > 10:
+            graph.add_knn(i, [(rng.randrange(i), 0.6), (i - rng.randrange(1, 10), 0.8)])
+    built = time.perf_counter() - started
+    seeds = {rng.randrange(100_000): 1.0 / (61 + rank) for rank in range(20)}
+    started = time.perf_counter()
+    results = graph.expand(seeds, k=50, max_nodes=2000)
+    took = time.perf_counter() - started
+    print(f"\n100k-memory graph: built in {built:.1f}s, expand(20 seeds, max_nodes=2000) in {took * 1000:.1f} ms")
+    assert len(results) == 50
+    assert sum(r.via == "seed" for r in results) >= 1
+    assert all(r.via == "seed" or r.via.startswith("graph:") for r in results)
+
+
+# -- selection ------------------------------------------------------------------------------
+
+
+def unit(*values: float) -> np.ndarray:
+    vector = np.asarray(values, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+CANDIDATES = [("a", 1.0), ("a-paraphrase", 0.95), ("b", 0.7), ("c", 0.7), ("a-again", 0.9)]
+VECTORS = {
+    "a": unit(1, 0, 0),
+    "a-paraphrase": unit(1, 0.05, 0),
+    "a-again": unit(1, 0, 0.05),
+    "b": unit(0, 1, 0),
+    "c": unit(0, 0, 1),
+}
+
+
+def test_mmr_without_diversity_is_score_order() -> None:
+    picked = mmr(CANDIDATES, VECTORS, k=5, diversity=0.0)
+    assert picked == [("a", 1.0), ("a-paraphrase", 0.95), ("a-again", 0.9), ("b", 0.7), ("c", 0.7)]
+    assert mmr(CANDIDATES, None, k=2, diversity=0.8) == picked[:2]  # nothing to judge redundancy by
+
+
+def test_mmr_with_diversity_skips_near_duplicates() -> None:
+    picked = [cid for cid, _ in mmr(CANDIDATES, VECTORS, k=3, diversity=0.7)]
+    assert picked == ["a", "b", "c"]
+
+
+def test_mmr_tolerates_missing_vectors_and_edge_cases() -> None:
+    partial = {"a": VECTORS["a"], "a-paraphrase": VECTORS["a-paraphrase"]}
+    picked = [cid for cid, _ in mmr(CANDIDATES, partial, k=2, diversity=0.7)]
+    assert picked == ["a", "a-again"]  # no vector, no known redundancy: relevance decides
+    assert mmr(CANDIDATES, VECTORS, k=0, diversity=0.5) == []
+    assert mmr([], VECTORS, k=3, diversity=0.5) == []
+    assert len(mmr(CANDIDATES, VECTORS, k=50, diversity=0.5)) == len(CANDIDATES)
+    with pytest.raises(ValueError, match="diversity"):
+        mmr(CANDIDATES, VECTORS, k=2, diversity=1.5)
+
+
+def test_entity_coverage_without_vectors() -> None:
+    candidates = [("m1", 1.0), ("m2", 0.9), ("m3", 0.8)]
+    entities = {"m1": {"caroline", "sweden"}, "m2": {"caroline", "sweden"}, "m3": {"melanie"}}
+    assert [cid for cid, _ in coverage(candidates, entities, k=2, diversity=0.6)] == ["m1", "m3"]
+    assert [cid for cid, _ in coverage(candidates, entities, k=2, diversity=0.0)] == ["m1", "m2"]

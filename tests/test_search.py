@@ -1,0 +1,210 @@
+"""Search through real HTTP with the real embedder: every mode, filters, scoping, isolation, bad input."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import psycopg
+import pytest
+from conftest import Factory, Tenant, bearer
+from litestar.testing import TestClient
+
+from memos.app import create_app
+
+FACTS = [
+    ("Alice drinks a double espresso every morning before work.", ["food"], {"speaker": "Alice"}),
+    ("Bob adopted a golden retriever puppy named Biscuit.", ["pets"], {"speaker": "Bob"}),
+    ("The quarterly revenue report is due on Friday.", ["work"], {"speaker": "Carol"}),
+    ("Alice is allergic to peanuts and shellfish.", ["health"], {"speaker": "Alice"}),
+    ("Bob's favourite hiking trail is in the Dolomites.", ["travel"], {"speaker": "Bob"}),
+    ("The office wifi password rotates every month.", ["work"], {"speaker": "Carol"}),
+]
+
+
+@pytest.fixture(scope="module")
+def world(factory: Factory) -> dict:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    ids = [factory.memory(tenant.admin_key, cube["id"], c, tags=t, metadata=m)["id"] for c, t, m in FACTS]
+    return {"tenant": tenant, "cube": cube, "ids": ids}
+
+
+def search(client, key: str, **body) -> dict:
+    r = client.post("/v1/search", json=body, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_vector_mode_finds_meaning_not_words(client, world) -> None:
+    body = search(client, world["tenant"].admin_key, query="what coffee does she like", mode="vector", k=3)
+    assert body["results"][0]["memory"]["id"] == world["ids"][0]
+    assert body["results"][0]["via"] == "vector"
+    assert 0 < body["results"][0]["score"] <= 1
+    assert body["took_ms"] > 0
+
+
+def test_text_mode_matches_rare_words(client, world) -> None:
+    body = search(client, world["tenant"].admin_key, query="Dolomites", mode="text", k=5)
+    assert [r["memory"]["id"] for r in body["results"]] == [world["ids"][4]]
+    assert body["results"][0]["via"] == "text"
+    # The speaker is indexed for full text too.
+    carol = search(client, world["tenant"].admin_key, query="Carol", mode="text", k=5)
+    assert {r["memory"]["id"] for r in carol["results"]} == {world["ids"][2], world["ids"][5]}
+
+
+def test_hybrid_is_default_and_fuses_both(client, world) -> None:
+    body = search(client, world["tenant"].admin_key, query="Biscuit the dog", k=3)
+    top = body["results"][0]
+    assert top["memory"]["id"] == world["ids"][1]
+    assert top["via"] == "text+vector"
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_filters_tags_kinds_and_states(client, factory: Factory, world) -> None:
+    key = world["tenant"].admin_key
+    body = search(client, key, query="Alice", tags=["health"], k=10)
+    assert [r["memory"]["id"] for r in body["results"]] == [world["ids"][3]]
+    body = search(client, key, query="anything at all", filters={"speaker": "Carol"}, k=10)
+    assert {r["memory"]["id"] for r in body["results"]} == {world["ids"][2], world["ids"][5]}
+    assert search(client, key, query="espresso", kinds=["response"], k=10)["results"] == []
+
+    doomed = factory.memory(key, world["cube"]["id"], "The zeppelin hangar closes at dusk.")
+    assert client.delete(f"/v1/memories/{doomed['id']}", headers=bearer(key)).status_code == 204
+    assert search(client, key, query="zeppelin hangar", k=5, mode="text")["results"] == []
+    found = search(client, key, query="zeppelin hangar", k=5, mode="text", states=["deleted"])
+    assert [r["memory"]["id"] for r in found["results"]] == [doomed["id"]]
+
+
+def test_since_until_use_the_event_time(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    may = factory.memory(
+        tenant.admin_key, cube["id"], "went to the support group", metadata={"time": "1:56 pm on 8 May, 2023"}
+    )
+    june = factory.memory(
+        tenant.admin_key, cube["id"], "went to the support group again", metadata={"time": "2023-06-20"}
+    )
+    body = search(client, tenant.admin_key, query="support group", since="2023-06-01T00:00:00Z", k=10)
+    assert [r["memory"]["id"] for r in body["results"]] == [june["id"]]
+    body = search(client, tenant.admin_key, query="support group", until="2023-06-01T00:00:00Z", k=10)
+    assert [r["memory"]["id"] for r in body["results"]] == [may["id"]]
+    # The user-written date is searchable as text.
+    body = search(client, tenant.admin_key, query="May 2023", mode="text", k=10)
+    assert body["results"][0]["memory"]["id"] == may["id"]
+
+
+def test_unreadable_time_is_422(client, world) -> None:
+    r = client.post(
+        f"/v1/cubes/{world['cube']['id']}/memories",
+        json={"kind": "plaintext", "content": "x", "metadata": {"time": "the day after never"}},
+        headers=bearer(world["tenant"].admin_key),
+    )
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["field"] == "metadata.time"
+
+
+def test_patch_reembeds_and_records_the_model(client, factory: Factory, database_url: str) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    m = factory.memory(tenant.admin_key, cube["id"], "The cat sleeps on the sofa.")
+    r = client.patch(
+        f"/v1/memories/{m['id']}",
+        json={"content": "The rocket launch was postponed due to weather."},
+        headers={**bearer(tenant.admin_key), "If-Match": '"1"'},
+    )
+    assert r.status_code == 200
+    body = search(client, tenant.admin_key, query="space launch delayed", mode="vector", k=1)
+    assert body["results"][0]["memory"]["id"] == m["id"]
+    assert body["results"][0]["score"] > 0.4
+    with psycopg.connect(database_url) as conn:
+        models = conn.execute(
+            "SELECT version, embedding_model, embedding IS NOT NULL FROM memory_versions WHERE memory_id = %s ORDER BY version",
+            (m["id"],),
+        ).fetchall()
+    assert [row[0] for row in models] == [1, 2]
+    assert all(row[1] and row[2] for row in models)
+
+
+def test_search_is_scoped_to_readable_cubes(client, factory: Factory, world) -> None:
+    other: Tenant = factory.tenant()
+    other_cube = factory.cube(other.admin_key)
+    factory.memory(other.admin_key, other_cube["id"], "Alice drinks a double espresso every morning before work.")
+    for mode in ("vector", "text", "hybrid", "graph"):
+        body = search(client, other.admin_key, query="espresso Alice", mode=mode, k=50)
+        assert all(r["memory"]["cube_id"] == other_cube["id"] for r in body["results"]), mode
+        mine = search(client, world["tenant"].admin_key, query="espresso Alice", mode=mode, k=50)
+        assert all(r["memory"]["cube_id"] == world["cube"]["id"] for r in mine["results"]), mode
+    r = client.post(
+        "/v1/search", json={"query": "x", "cube_ids": [world["cube"]["id"]]}, headers=bearer(other.admin_key)
+    )
+    assert r.status_code == 404
+    # An agent without a grant sees nothing of the admin's cube; with a read grant it does.
+    agent = factory.agent(world["tenant"])
+    assert search(client, agent.key, query="espresso", k=10)["results"] == []
+    client.put(
+        f"/v1/cubes/{world['cube']['id']}/grants/{agent.id}",
+        json={"access": "read"},
+        headers=bearer(world["tenant"].admin_key),
+    )
+    assert search(client, agent.key, query="espresso", k=10)["results"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"query": ""}, "query"),
+        ({"query": "   "}, "query"),
+        ({"query": "x", "k": 201}, "k"),
+        ({"query": "x", "k": 0}, "k"),
+        ({"query": "x", "mode": "psychic"}, "mode"),
+        ({"query": "x", "diversity": 1.5}, "diversity"),
+        ({"query": "x", "cube_ids": ["nope"]}, None),
+        ({"query": "x", "colour": "blue"}, "colour"),
+    ],
+)
+def test_bad_search_requests_are_422(client, world, body, field) -> None:
+    r = client.post("/v1/search", json=body, headers=bearer(world["tenant"].admin_key))
+    assert r.status_code == 422, r.text
+    if field is not None:
+        assert r.json()["errors"][0]["field"] == field
+
+
+def test_unknown_cube_in_search_is_404(client, world) -> None:
+    r = client.post(
+        "/v1/search", json={"query": "x", "cube_ids": [str(uuid.uuid4())]}, headers=bearer(world["tenant"].admin_key)
+    )
+    assert r.status_code == 404
+
+
+def test_search_while_the_model_loads_is_503_with_retry_after(settings, embedder, factory: Factory, world) -> None:
+    gate = threading.Event()
+
+    def slow_load():
+        gate.wait(30)
+        return embedder
+
+    slow = create_app(
+        settings.__class__(
+            **{**{f: getattr(settings, f) for f in settings.__dataclass_fields__}, "embed_wait_seconds": 0.2}
+        ),
+        embedder_factory=slow_load,
+    )
+    try:
+        with TestClient(slow) as c:
+            r = c.post("/v1/search", json={"query": "espresso"}, headers=bearer(world["tenant"].admin_key))
+            assert r.status_code == 503
+            assert r.headers["retry-after"]
+            assert r.headers["content-type"].startswith("application/problem+json")
+            w = c.post(
+                f"/v1/cubes/{world['cube']['id']}/memories",
+                json={"kind": "plaintext", "content": "written while loading"},
+                headers=bearer(world["tenant"].admin_key),
+            )
+            assert w.status_code == 503
+            gate.set()
+            r = c.post("/v1/search", json={"query": "espresso"}, headers=bearer(world["tenant"].admin_key))
+            assert r.status_code == 200
+    finally:
+        gate.set()
