@@ -35,8 +35,11 @@ format: install
 	$(VENV)/bin/ruff format $(SRC)
 	$(VENV)/bin/ruff check --fix $(SRC)
 
+# Figures go to stdout and bench/results/*.json; docs/benchmarks.md records them with machine and date.
 bench: install
 	$(PY) -m bench.api_latency
+	$(PY) -m bench.locomo
+	$(PY) -m bench.search_scale
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

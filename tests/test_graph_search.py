@@ -1,0 +1,127 @@
+"""Graph mode through real HTTP: memories reached only over a link or a shared entity, kept current by writes.
+
+The app here fetches only 4 candidates per retrieval leg, so a memory that neither leg finds can only
+enter the results through the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+from conftest import Factory, bearer
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from memos.app import create_app
+
+FILLERS = [
+    "Jon painted the garden fence blue last weekend.",
+    "The art class meets on Tuesday evenings.",
+    "Oil paints dry slower than acrylic paints.",
+    "The museum added three watercolour landscapes.",
+    "Priya sketches portraits of her neighbours.",
+    "A gallery downtown sells framed prints.",
+    "The kids made finger paintings at school.",
+    "Brushes should be cleaned with warm soapy water.",
+    "Tom bought an easel at the flea market.",
+    "Colour theory explains why blue and orange contrast.",
+]
+
+
+@pytest.fixture(scope="module")
+def app(settings, embedder) -> Litestar:
+    return create_app(dataclasses.replace(settings, search_pool=4), embedder_factory=lambda: embedder)
+
+
+@pytest.fixture(scope="module")
+def client(app: Litestar) -> Iterator[TestClient]:  # type: ignore[type-arg]
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def world(factory: Factory, client) -> dict:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    key = tenant.admin_key
+    hit = factory.memory(key, cube["id"], "Melanie painted a sunrise over the beach in Zanzibar.")
+    linked = factory.memory(key, cube["id"], "Qwertz flumbo 4471 grelt.", links=[{"to": hit["id"], "type": "about"}])
+    entity = factory.memory(key, cube["id"], "Our ferry tickets for Zanzibar are booked.")
+    r = client.post(
+        f"/v1/cubes/{cube['id']}/memories/batch",
+        json={"items": [{"kind": "plaintext", "content": c} for c in FILLERS]},
+        headers=bearer(key),
+    )
+    assert r.status_code == 201
+    return {"key": key, "cube": cube, "hit": hit, "linked": linked, "entity": entity}
+
+
+def search(client, key: str, **body) -> list[dict]:
+    r = client.post("/v1/search", json=body, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def test_graph_reaches_a_memory_only_through_a_link(client, world) -> None:
+    query = "Melanie sunrise painting"
+    hybrid = [r["memory"]["id"] for r in search(client, world["key"], query=query, k=10, mode="hybrid")]
+    assert world["hit"]["id"] == hybrid[0]
+    assert world["linked"]["id"] not in hybrid, "neither leg finds the linked memory by itself"
+    graph = search(client, world["key"], query=query, k=10, mode="graph")
+    via = {r["memory"]["id"]: r["via"] for r in graph}
+    assert graph[0]["memory"]["id"] == world["hit"]["id"]
+    assert via[world["linked"]["id"]] == f"graph:link<-{world['hit']['id']}"
+
+
+def test_graph_reaches_a_memory_only_through_a_shared_entity(client, world) -> None:
+    query = "Melanie sunrise painting"
+    hybrid = [r["memory"]["id"] for r in search(client, world["key"], query=query, k=10, mode="hybrid")]
+    assert world["entity"]["id"] not in hybrid
+    graph = search(client, world["key"], query=query, k=10, mode="graph")
+    via = {r["memory"]["id"]: r["via"] for r in graph}
+    assert via[world["entity"]["id"]] == f"graph:entity(zanzibar)<-{world['hit']['id']}"
+
+
+def test_graph_follows_writes_made_after_it_was_built(client, factory: Factory, world) -> None:
+    key = world["key"]
+    query = "Melanie sunrise painting"
+    search(client, key, query=query, k=10, mode="graph")  # the cube's graph is loaded now
+    late = factory.memory(
+        key, world["cube"]["id"], "Blorp snazz 9. Vindu klep.", links=[{"to": world["hit"]["id"], "type": "see"}]
+    )
+    via = {r["memory"]["id"]: r["via"] for r in search(client, key, query=query, k=12, mode="graph")}
+    assert via.get(late["id"]) == f"graph:link<-{world['hit']['id']}"
+    assert client.delete(f"/v1/memories/{late['id']}", headers=bearer(key)).status_code == 204
+    ids = {r["memory"]["id"] for r in search(client, key, query=query, k=12, mode="graph")}
+    assert late["id"] not in ids
+
+
+def test_graph_results_respect_filters_and_isolation(client, factory: Factory, world) -> None:
+    query = "Melanie sunrise painting"
+    # A memory reached over the graph still has to pass the request's filters.
+    only_tagged = search(client, world["key"], query=query, k=10, mode="graph", tags=["nothing-has-this"])
+    assert only_tagged == []
+    other = factory.tenant()
+    other_cube = factory.cube(other.admin_key)
+    factory.memory(other.admin_key, other_cube["id"], "Melanie painted a sunrise over the beach in Zanzibar.")
+    theirs = search(client, other.admin_key, query=query, k=10, mode="graph")
+    assert {r["memory"]["cube_id"] for r in theirs} == {other_cube["id"]}
+
+
+def test_diversity_prefers_unlike_results(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    key = tenant.admin_key
+    for text in (
+        "Alice loves strong espresso in the morning.",
+        "Alice really loves a strong espresso each morning.",
+        "Every morning Alice loves strong espresso.",
+        "Alice keeps bees on her allotment.",
+    ):
+        factory.memory(key, cube["id"], text)
+    plain = search(client, key, query="strong espresso in the morning", k=2, mode="graph", diversity=0.0)
+    diverse = search(client, key, query="strong espresso in the morning", k=2, mode="graph", diversity=0.9)
+    assert all("espresso" in r["memory"]["content"] for r in plain)
+    assert any("bees" in r["memory"]["content"] for r in diverse)
