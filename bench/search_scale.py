@@ -190,12 +190,12 @@ def fill(conninfo: str, cube_id: str, tenant_id: str, agent_id: str, n: int) -> 
                 SELECT gen_random_uuid(), %(tenant)s, %(cube)s, 'plaintext', 'active', 1,
                        array_to_string(ARRAY(
                            SELECT (%(words)s::text[])[1 + floor(random() * %(nwords)s)::int]
-                           FROM generate_series(1, 14) w WHERE g > 0), ' '),
+                           FROM generate_series(1, 14) w WHERE g >= 0), ' '),
                        jsonb_build_object('session', g / 20, 'turn', g %% 20), '{}', '{}', %(agent)s,
                        (SELECT l2_normalize(ARRAY(SELECT random() - 0.5 FROM generate_series(1, 384) d
-                                                  WHERE g > 0)::vector(384))),
+                                                  WHERE g >= 0)::vector(384))),
                        'synthetic'
-                FROM generate_series(%(lo)s, %(hi)s) g
+                FROM generate_series(%(lo)s::int, %(hi)s::int) g
                 """,
                 {
                     "tenant": tenant_id,

@@ -125,3 +125,54 @@ def test_diversity_prefers_unlike_results(client, factory: Factory) -> None:
     diverse = search(client, key, query="strong espresso in the morning", k=2, mode="graph", diversity=0.9)
     assert all("espresso" in r["memory"]["content"] for r in plain)
     assert any("bees" in r["memory"]["content"] for r in diverse)
+
+
+def test_knn_links_are_written_at_create_and_refreshed_on_change(client, factory: Factory, database_url: str) -> None:
+    import psycopg
+
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    key = tenant.admin_key
+    cats = factory.memory(key, cube["id"], "My cat sleeps on the sofa all afternoon.")
+    kitten = factory.memory(key, cube["id"], "Our kitten naps on the couch every afternoon.")
+    tax = factory.memory(key, cube["id"], "The tax return is due at the end of April.")
+
+    def neighbours(memory_id: str) -> dict[str, float]:
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute(
+                "SELECT to_id, weight FROM memory_links WHERE from_id = %s AND type = 'knn'", (memory_id,)
+            ).fetchall()
+        return {str(r[0]): r[1] for r in rows}
+
+    near = neighbours(kitten["id"])
+    assert cats["id"] in near
+    assert near[cats["id"]] >= 0.5
+    assert tax["id"] not in near, "unrelated memories are below the similarity floor"
+    # New content, new neighbours.
+    r = client.patch(
+        f"/v1/memories/{kitten['id']}",
+        json={"content": "File the April tax return before the deadline."},
+        headers={**bearer(key), "If-Match": '"1"'},
+    )
+    assert r.status_code == 200
+    near = neighbours(kitten["id"])
+    assert tax["id"] in near
+    assert cats["id"] not in near
+    # Users cannot write knn links themselves.
+    r = client.post(f"/v1/memories/{tax['id']}/links", json={"to": cats["id"], "type": "knn"}, headers=bearer(key))
+    assert r.status_code == 422
+
+
+def test_a_restored_memory_returns_to_the_graph(client, factory: Factory, world) -> None:
+    key = world["key"]
+    query = "Melanie sunrise painting"
+    late = factory.memory(
+        key, world["cube"]["id"], "Zib zab 77 quorn.", links=[{"to": world["hit"]["id"], "type": "see"}]
+    )
+    search(client, key, query=query, k=12, mode="graph")
+    assert client.delete(f"/v1/memories/{late['id']}", headers=bearer(key)).status_code == 204
+    assert late["id"] not in {r["memory"]["id"] for r in search(client, key, query=query, k=12, mode="graph")}
+    r = client.post(f"/v1/memories/{late['id']}/restore", json={"version": 1}, headers=bearer(key))
+    assert r.status_code == 200
+    via = {r["memory"]["id"]: r["via"] for r in search(client, key, query=query, k=12, mode="graph")}
+    assert via.get(late["id"]) == f"graph:link<-{world['hit']['id']}"

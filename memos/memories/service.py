@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
-from sqlalchemy import Row, and_, delete, func, insert, literal, or_, select, update
+from sqlalchemy import Row, and_, delete, func, insert, literal, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -32,6 +32,33 @@ from memos.store.db import Database
 from memos.store.models import cube_grants, cubes, memories, memory_links, memory_versions
 
 PROVENANCE_LINK = "derived_from"
+KNN_LINK = "knn"
+"""System links to a memory's semantic nearest neighbours in its cube, written by memos itself."""
+RESERVED_LINKS = {
+    PROVENANCE_LINK: "use provenance.derived_from for provenance",
+    KNN_LINK: "memos writes knn links itself",
+}
+KNN_NEIGHBOURS = 5
+KNN_FLOOR = 0.5
+"""Cosine similarity below which two memories are not neighbours (all-MiniLM: unrelated texts sit near 0.1)."""
+
+_KNN_SQL = text(
+    """
+    INSERT INTO memory_links (id, tenant_id, from_id, to_id, type, weight, created_by)
+    SELECT gen_random_uuid(), n.tenant_id, n.id, nb.id, 'knn', nb.similarity, :actor
+    FROM memories n
+    CROSS JOIN LATERAL (
+        SELECT m.id, 1 - (m.embedding <=> n.embedding) AS similarity
+        FROM memories m
+        WHERE m.cube_id = n.cube_id AND m.id <> n.id AND m.state = 'active' AND m.embedding IS NOT NULL
+        ORDER BY m.embedding <=> n.embedding
+        LIMIT :k
+    ) nb
+    WHERE n.id = ANY(:ids) AND n.embedding IS NOT NULL AND nb.similarity >= :floor
+    ON CONFLICT (from_id, to_id, type) DO UPDATE SET weight = EXCLUDED.weight
+    RETURNING from_id, to_id, weight
+    """
+)
 MAX_PROVENANCE_NODES = 500
 
 
@@ -204,6 +231,7 @@ class MemoryService:
             ]
             if links:
                 await self._insert_links(conn, principal, links)
+            knn = await self._link_neighbours(conn, principal, [r["id"] for r in rows])
             await record(
                 conn,
                 principal,
@@ -214,6 +242,7 @@ class MemoryService:
             )
         self.graphs.memories_written(cube_id, inserted)
         self.graphs.links_written(cube_id, [(x["from_id"], x["to_id"], x["type"], x["weight"]) for x in links])
+        self.graphs.links_written(cube_id, knn)
         return [to_dto(r) for r in inserted]
 
     async def _resolve_references(
@@ -224,8 +253,8 @@ class MemoryService:
         for i, item in enumerate(items):
             where = "" if single else f"items[{i}]."
             for j, link in enumerate(item.links):
-                if link.type == PROVENANCE_LINK:
-                    raise Invalid.field(f"{where}links[{j}].type", "use provenance.derived_from for provenance")
+                if link.type in RESERVED_LINKS:
+                    raise Invalid.field(f"{where}links[{j}].type", RESERVED_LINKS[link.type])
                 wanted.setdefault(link.to, f"{where}links[{j}].to")
             for j, ref in enumerate(item.provenance.derived_from):
                 wanted.setdefault(ref.memory_id, f"{where}provenance.derived_from[{j}].memory_id")
@@ -268,6 +297,29 @@ class MemoryService:
                 return list((await conn.execute(insert(memory_links).returning(memory_links), links)).all())
         except IntegrityError:
             raise Conflict("a link of this type between these memories already exists") from None
+
+    async def _link_neighbours(
+        self, conn: AsyncConnection, principal: Principal, ids: list[uuid.UUID]
+    ) -> list[tuple[uuid.UUID, uuid.UUID, str, float]]:
+        """Write ``knn`` links from each memory to its nearest neighbours in its cube (pgvector, one statement)."""
+        await conn.execute(
+            text("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)"),
+        )
+        rows = await conn.execute(
+            _KNN_SQL, {"ids": ids, "actor": principal.agent_id, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR}
+        )
+        return [(r.from_id, r.to_id, KNN_LINK, float(r.weight)) for r in rows]
+
+    async def _relink_neighbours(
+        self, conn: AsyncConnection, principal: Principal, memory_id: uuid.UUID
+    ) -> tuple[list[uuid.UUID], list[tuple[uuid.UUID, uuid.UUID, str, float]]]:
+        """The memory's embedding changed: replace its knn links. Returns (old neighbours, new links)."""
+        old = await conn.execute(
+            delete(memory_links)
+            .where(memory_links.c.from_id == memory_id, memory_links.c.type == KNN_LINK)
+            .returning(memory_links.c.to_id)
+        )
+        return [r.to_id for r in old], await self._link_neighbours(conn, principal, [memory_id])
 
     # ------------------------------------------------------------------ read
 
@@ -415,9 +467,9 @@ class MemoryService:
                 new_content = values.get("content", current.content)
                 new_metadata = values.get("metadata", current.metadata)
                 values["event_time"] = event_time(new_metadata)
-                text = embedding_text(current.kind, new_content, new_metadata)
-                if text != embedding_text(current.kind, current.content, current.metadata):
-                    values["embedding"] = (await self.embedder.embed([text]))[0]
+                indexed = embedding_text(current.kind, new_content, new_metadata)
+                if indexed != embedding_text(current.kind, current.content, current.metadata):
+                    values["embedding"] = (await self.embedder.embed([indexed]))[0]
                     values["embedding_model"] = self.embedder.model
             row = await write_version(conn, memory_id, current.version, "update", principal, values)
             if row is None:
@@ -433,6 +485,7 @@ class MemoryService:
                 )
             if new_links:
                 await self._insert_links(conn, principal, new_links)
+            knn = await self._relink_neighbours(conn, principal, memory_id) if "embedding" in values else None
             await record(
                 conn,
                 principal,
@@ -444,6 +497,9 @@ class MemoryService:
         self.graphs.memories_written(row.cube_id, [row])
         self.graphs.links_removed(row.cube_id, [(memory_id, d, PROVENANCE_LINK) for d in dropped])
         self.graphs.links_written(row.cube_id, [(x["from_id"], x["to_id"], x["type"], x["weight"]) for x in new_links])
+        if knn is not None:
+            self.graphs.links_removed(row.cube_id, [(memory_id, other, KNN_LINK) for other in knn[0]])
+            self.graphs.links_written(row.cube_id, knn[1])
         return to_dto(row)
 
     async def delete(
@@ -508,6 +564,15 @@ class MemoryService:
             row = await write_version(conn, memory_id, current.version, "restore", principal, values)
             if row is None:
                 raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
+            knn = await self._relink_neighbours(conn, principal, memory_id)
+            # Deleting took the memory's edges out of the in-memory graph; its links are still in Postgres.
+            edges = (
+                await conn.execute(
+                    select(
+                        memory_links.c.from_id, memory_links.c.to_id, memory_links.c.type, memory_links.c.weight
+                    ).where(or_(memory_links.c.from_id == memory_id, memory_links.c.to_id == memory_id))
+                )
+            ).all()
             await record(
                 conn,
                 principal,
@@ -516,11 +581,14 @@ class MemoryService:
                 memory_id,
                 detail={"from": version, "version": row.version},
             )
+        self.graphs.memories_written(row.cube_id, [row])
+        self.graphs.links_removed(row.cube_id, [(memory_id, other, KNN_LINK) for other in knn[0]])
+        self.graphs.links_written(row.cube_id, [(e.from_id, e.to_id, e.type, float(e.weight)) for e in edges])
         return to_dto(row)
 
     async def link(self, principal: Principal, memory_id: uuid.UUID, body: schemas.LinkIn) -> schemas.Link:
-        if body.type == PROVENANCE_LINK:
-            raise Invalid.field("type", "use provenance.derived_from for provenance")
+        if body.type in RESERVED_LINKS:
+            raise Invalid.field("type", RESERVED_LINKS[body.type])
         if body.to == memory_id:
             raise Invalid.field("to", "a memory cannot link to itself")
         async with self.db.transaction() as conn:

@@ -21,7 +21,7 @@ from memos.store.db import Database
 from memos.store.models import memories, memory_links
 
 # Link types written by users map onto the graph's edge kinds; provenance keeps its own kind.
-_LINK_KIND = {"derived_from": EdgeKind.DERIVED_FROM}
+_LINK_KIND = {"derived_from": EdgeKind.DERIVED_FROM, "knn": EdgeKind.KNN}
 
 Note = Callable[[MemoryGraph], None]
 

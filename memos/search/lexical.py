@@ -63,8 +63,9 @@ class LexicalStats:
 
     async def idf(
         self, conn: AsyncConnection, cubes: Sequence[uuid.UUID], lexemes: Iterable[str]
-    ) -> tuple[dict[str, float], float]:
-        """BM25 IDF of each lexeme over the given cubes, and their average memory length in lexemes."""
+    ) -> tuple[dict[str, float], float, dict[str, float]]:
+        """BM25 IDF of each lexeme over the given cubes, their average memory length, and each lexeme's share
+        of the memories that contain it (document frequency / memories)."""
         now = time.monotonic()
         words = list(lexemes)
         docs = 0
@@ -82,7 +83,8 @@ class LexicalStats:
             for w in words:
                 df[w] += stats.df[w][0]
         idf = {w: math.log(1 + (docs - n + 0.5) / (n + 0.5)) for w, n in df.items()}
-        return idf, (total_length / docs if docs else 1.0)
+        share = {w: (n / docs if docs else 0.0) for w, n in df.items()}
+        return idf, (total_length / docs if docs else 1.0), share
 
     async def _count_docs(self, conn: AsyncConnection, cube_id: uuid.UUID, now: float) -> _CubeStats:
         row = (
@@ -125,3 +127,20 @@ def bm25(tf: dict[str, int], idf: dict[str, float], avg_length: float) -> float:
     length = len(tf) or 1
     norm = K1 * (1 - B + B * length / avg_length)
     return sum(weight * tf[w] * (K1 + 1) / (tf[w] + norm) for w, weight in idf.items() if w in tf)
+
+
+COMMON_SHARE = 0.1
+"""Words in more than this share of a cube's memories do not generate text candidates (they still score)."""
+
+
+def discriminating(share: dict[str, float], keep_at_least: int = 2) -> list[str]:
+    """The query words worth looking memories up by: the rare ones, or failing that the rarest few.
+
+    An OR over common words would make Postgres rank a large part of the cube; BM25 gives such words
+    little weight anyway, so candidates come from the words that tell memories apart.
+    """
+    # A word no active memory has is rare too: archived or deleted ones may still have it.
+    rare = [w for w, s in share.items() if s <= COMMON_SHARE]
+    if len(rare) >= keep_at_least:
+        return rare
+    return [w for _, w in sorted((s, w) for w, s in share.items())[:keep_at_least]]

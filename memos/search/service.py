@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, Row, Text, cast, func, literal, or_, select, text
+from sqlalchemy import ColumnElement, Text, cast, func, literal, or_, select, text
 from sqlalchemy.dialects.postgresql import TSQUERY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -28,7 +28,7 @@ from memos.search import schemas
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
 from memos.search.indexing import embedding_text
-from memos.search.lexical import LexicalStats, bm25, parse_tsvector, tsquery_literal
+from memos.search.lexical import LexicalStats, bm25, discriminating, parse_tsvector, tsquery_literal
 from memos.store.db import Database
 from memos.store.models import memories
 
@@ -38,7 +38,10 @@ DENSE_WEIGHT = 0.5
 NEIGHBOUR_SHARE = 0.3
 """Graph mode: a memory receives this share of each graph neighbour's hybrid score (times the edge weight)."""
 
-EDGE_WEIGHTS = {"link": 1.0, "derived_from": 1.0, "sequence": 1.0, "knn": 0.5, "entity": 0.5}
+GRAPH_SEEDS = 30
+"""Graph mode spreads scores from this many of the best hybrid candidates (3 x k when that is more)."""
+
+EDGE_WEIGHTS = {"link": 1.0, "derived_from": 1.0, "sequence": 1.0, "knn": 0.0, "entity": 0.5}
 """How far each kind of edge carries a score (entity edges are also scaled by the entity's rarity)."""
 
 _HNSW_SETTINGS = text(
@@ -51,7 +54,8 @@ _RESULT_COLUMNS = [c for c in memories.c if c.name not in ("embedding", "tsv")]
 
 @dataclass
 class Candidate:
-    row: Row[Any]
+    id: uuid.UUID
+    cube_id: uuid.UUID
     dense: float = 0.0
     lexical: float = 0.0
     score: float = 0.0
@@ -77,7 +81,8 @@ class SearchService:
         if req.mode != "text":
             query_vector = await self.embedder.embed_query(embedding_text("plaintext", req.query, {}))
         pool = self.pool or (req.k if req.mode == "vector" else min(max(req.k * 4, 100), 400))
-        async with self.db.read() as conn:
+        # A transaction, not a read: the HNSW settings below are transaction-local.
+        async with self.db.transaction() as conn:
             cubes = await self._scope(conn, principal, req.cube_ids)
             where = self._filters(req, cubes)
             lexemes = await self.lexical.query_lexemes(conn, req.query) if req.mode != "vector" else []
@@ -85,16 +90,23 @@ class SearchService:
             if query_vector is not None:
                 await self._vector(conn, where, query_vector, pool, found, with_text=bool(lexemes))
             if lexemes:
-                await self._text(conn, where, lexemes, query_vector, pool, found)
-                idf, avg_length = await self.lexical.idf(conn, cubes, lexemes)
+                idf, avg_length, share = await self.lexical.idf(conn, cubes, lexemes)
+                await self._text(conn, where, discriminating(share), query_vector, pool, found)
                 for cand in found.values():
                     cand.lexical = bm25(cand.lexical_tf, idf, avg_length)
             ranked = self._rank(req, list(found.values()))
             if req.mode == "graph":
-                ranked = await self._graph(conn, req, where, cubes, ranked)
+                ranked = await self._graph(conn, req, where, ranked)
+            top = ranked[: req.k]
+            # Only the winners' full rows leave the database.
+            rows = {
+                r.id: r
+                for r in await conn.execute(select(*_RESULT_COLUMNS).where(memories.c.id.in_([c.id for c in top])))
+            }
         results = [
-            schemas.SearchResult(memory=to_dto(c.row), score=round(c.score, 6), via="+".join(sorted(c.via)))
-            for c in ranked[: req.k]
+            schemas.SearchResult(memory=to_dto(rows[c.id]), score=round(c.score, 6), via="+".join(sorted(c.via)))
+            for c in top
+            if c.id in rows
         ]
         return schemas.SearchResponse(results=results, took_ms=round((time.perf_counter() - started) * 1000, 3))
 
@@ -150,7 +162,7 @@ class SearchService:
         tsv = cast(memories.c.tsv, Text) if with_text else literal("")
         rows = (
             await conn.execute(
-                select(*_RESULT_COLUMNS, distance.label("distance"), tsv.label("tsv_text"))
+                select(memories.c.id, memories.c.cube_id, distance.label("distance"), tsv.label("tsv_text"))
                 .where(*where, memories.c.embedding.is_not(None))
                 .order_by(distance)
                 .limit(limit)
@@ -170,12 +182,19 @@ class SearchService:
         limit: int,
         found: dict[uuid.UUID, Candidate],
     ) -> None:
-        # Any of the query's words (a memory sharing one rare word is a candidate); BM25 ranks them after.
+        # Any of the given words (a memory sharing one rare word is a candidate); BM25 ranks them after.
+        if not lexemes:
+            return
         any_word = cast(" | ".join(tsquery_literal(w) for w in lexemes), TSQUERY)
         distance = memories.c.embedding.cosine_distance(vector) if vector is not None else literal(1.0)
         rows = (
             await conn.execute(
-                select(*_RESULT_COLUMNS, distance.label("distance"), cast(memories.c.tsv, Text).label("tsv_text"))
+                select(
+                    memories.c.id,
+                    memories.c.cube_id,
+                    distance.label("distance"),
+                    cast(memories.c.tsv, Text).label("tsv_text"),
+                )
                 .where(*where, memories.c.tsv.bool_op("@@")(any_word))
                 .order_by(func.ts_rank_cd(memories.c.tsv, any_word, 1).desc(), memories.c.id)
                 .limit(limit)
@@ -200,26 +219,27 @@ class SearchService:
             cands = [c for c in cands if c.lexical > 0]
         else:
             fuse(cands)
-        return sorted(cands, key=lambda c: (-c.score, str(c.row.id)))
+        return sorted(cands, key=lambda c: (-c.score, str(c.id)))
 
     async def _graph(
         self,
         conn: AsyncConnection,
         req: schemas.SearchRequest,
         where: list[ColumnElement[bool]],
-        cubes: list[uuid.UUID],
         ranked: list[Candidate],
     ) -> list[Candidate]:
         """Spread each candidate's score to its graph neighbours, then pick the top k with MMR."""
-        by_id = {c.row.id: c for c in ranked}
-        base = {c.row.id: c.score for c in ranked}
+        by_id = {c.id: c for c in ranked}
+        base = {c.id: c.score for c in ranked}
+        # Scores spread from the best candidates only: the tail of the pool would add little but cost much.
+        seeds = dict(list(base.items())[: max(req.k * 3, GRAPH_SEEDS)])
         boost: dict[uuid.UUID, float] = {}
         reached: dict[uuid.UUID, tuple[float, str]] = {}
-        cube_of = {c.row.id: c.row.cube_id for c in ranked}
+        cube_of = {c.id: c.cube_id for c in ranked}
         graphs: dict[uuid.UUID, MemoryGraph] = {}
-        for cube_id in {cube_of[i] for i in base}:
+        for cube_id in {cube_of[i] for i in seeds}:
             graphs[cube_id] = await self.graphs.get(cube_id)
-        for memory_id, score in base.items():
+        for memory_id, score in seeds.items():
             graph = graphs[cube_of[memory_id]]
             if memory_id not in graph:
                 continue
@@ -238,17 +258,19 @@ class SearchService:
                     reached[other] = (share, f"graph:{label}<-{memory_id}")
         # Memories found only through the graph still have to pass the request's filters.
         if reached:
-            rows = (await conn.execute(select(*_RESULT_COLUMNS).where(*where, memories.c.id.in_(list(reached))))).all()
+            rows = await conn.execute(
+                select(memories.c.id, memories.c.cube_id).where(*where, memories.c.id.in_(list(reached)))
+            )
             for r in rows:
-                by_id[r.id] = Candidate(row=r, via={reached[r.id][1]})
+                by_id[r.id] = Candidate(id=r.id, cube_id=r.cube_id, via={reached[r.id][1]})
         for memory_id, cand in by_id.items():
             cand.score = base.get(memory_id, 0.0) + boost.get(memory_id, 0.0)
-        ordered = sorted(by_id.values(), key=lambda c: (-c.score, str(c.row.id)))
+        ordered = sorted(by_id.values(), key=lambda c: (-c.score, str(c.id)))
         if req.diversity <= 0:
             return ordered
         head = ordered[: max(req.k * 3, 30)]
-        vectors = await self._vectors(conn, [c.row.id for c in head])
-        picked = mmr([(c.row.id, c.score) for c in head], vectors, req.k, req.diversity)
+        vectors = await self._vectors(conn, [c.id for c in head])
+        picked = mmr([(c.id, c.score) for c in head], vectors, req.k, req.diversity)
         return [by_id[typing.cast(uuid.UUID, memory_id)] for memory_id, _ in picked]
 
     async def _vectors(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[Any, np.ndarray]:
@@ -259,7 +281,7 @@ class SearchService:
 
 
 def _candidate(row: Any) -> Candidate:
-    return Candidate(row=row, lexical_tf=parse_tsvector(row.tsv_text or ""))
+    return Candidate(id=row.id, cube_id=row.cube_id, lexical_tf=parse_tsvector(row.tsv_text or ""))
 
 
 def fuse(cands: Sequence[Candidate]) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -91,15 +91,28 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         """One transaction: commits when the block ends, rolls back on any exception."""
-        try:
+        with _unavailable_when_disconnected():
             async with self.engine.begin() as conn:
                 yield conn
-        except (OperationalError, InterfaceError, PoolTimeout) as exc:
-            log.warning("database unavailable", extra={"error": type(exc).__name__})
-            raise Unavailable("the database is not answering; retry shortly", headers={"Retry-After": "1"}) from exc
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads (same error translation, no write intent)."""
-        async with self.transaction() as conn:
-            yield conn
+        """A connection for reads, in autocommit: no BEGIN/COMMIT round trips.
+
+        Visibility is the same as in a READ COMMITTED transaction (each statement sees what was
+        committed when it started). Code that needs ``SET LOCAL``-style settings uses ``transaction()``.
+        """
+        with _unavailable_when_disconnected():
+            async with self.engine.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                yield conn
+
+
+@contextmanager
+def _unavailable_when_disconnected() -> Iterator[None]:
+    """A lost or exhausted connection is the service's problem, not the caller's: 503, retry shortly."""
+    try:
+        yield
+    except (OperationalError, InterfaceError, PoolTimeout) as exc:
+        log.warning("database unavailable", extra={"error": type(exc).__name__})
+        raise Unavailable("the database is not answering; retry shortly", headers={"Retry-After": "1"}) from exc
