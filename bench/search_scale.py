@@ -1,9 +1,10 @@
 """Search latency at scale: POST /v1/search p50/p95/p99 against one cube of 100k memories, per mode.
 
 A real ``memos serve`` runs in a subprocess on embedded Postgres. The cube is filled straight in that
-Postgres (the API would spend an hour embedding 100k texts on 2 cores): sentences drawn from a fixed
-vocabulary, so full text has realistic posting lists, and random unit vectors, so HNSW has real work.
-Queries are real sentences embedded by the service itself: the figures include query embedding.
+Postgres (the API would spend the better part of an hour embedding 100k texts on 2 cores): the LoCoMo dev
+turns, replicated up to 100k with their real MiniLM vectors plus a little noise, so full text has the
+word statistics of real conversation and HNSW the geometry of real sentence vectors. Queries are the
+LoCoMo questions, embedded by the service itself: the figures include query embedding.
 
 Run: ``python -m bench.search_scale [--memories 100000] [--queries 200]``.
 """
@@ -21,145 +22,34 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import psycopg
+from psycopg.types.json import Jsonb
 
-from bench.locomo import machine
+from bench.locomo import DATA, machine, sessions, turn_text
+from memos.embed.registry import load_embedder
 
 OPERATOR_KEY = "bench-operator-" + "y" * 32
-WORDS = [
-    "alice",
-    "bob",
-    "carol",
-    "dave",
-    "erin",
-    "frank",
-    "grace",
-    "heidi",
-    "ivan",
-    "judy",
-    "mallory",
-    "nina",
-    "oscar",
-    "peggy",
-    "rupert",
-    "sybil",
-    "trent",
-    "victor",
-    "walter",
-    "yasmin",
-    "coffee",
-    "tea",
-    "hiking",
-    "trail",
-    "museum",
-    "painting",
-    "guitar",
-    "piano",
-    "garden",
-    "dog",
-    "cat",
-    "puppy",
-    "kitten",
-    "lake",
-    "mountain",
-    "beach",
-    "ocean",
-    "river",
-    "city",
-    "village",
-    "school",
-    "office",
-    "meeting",
-    "report",
-    "deadline",
-    "budget",
-    "invoice",
-    "project",
-    "birthday",
-    "wedding",
-    "holiday",
-    "vacation",
-    "flight",
-    "train",
-    "ticket",
-    "hotel",
-    "restaurant",
-    "dinner",
-    "lunch",
-    "breakfast",
-    "recipe",
-    "cake",
-    "bread",
-    "soup",
-    "salad",
-    "pasta",
-    "pizza",
-    "bicycle",
-    "car",
-    "bus",
-    "doctor",
-    "hospital",
-    "medicine",
-    "allergy",
-    "book",
-    "novel",
-    "poem",
-    "movie",
-    "concert",
-    "festival",
-    "football",
-    "tennis",
-    "swimming",
-    "yoga",
-    "running",
-    "marathon",
-    "paris",
-    "london",
-    "tokyo",
-    "berlin",
-    "rome",
-    "monday",
-    "tuesday",
-    "wednesday",
-    "thursday",
-    "friday",
-    "saturday",
-    "sunday",
-    "january",
-    "february",
-    "march",
-    "april",
-    "may",
-    "june",
-    "july",
-    "august",
-    "september",
-    "october",
-    "november",
-    "december",
-    "morning",
-    "evening",
-    "night",
-    "yesterday",
-    "tomorrow",
-    "weekend",
-]
-QUERIES = [
-    "When did Alice go hiking near the lake?",
-    "What did Bob cook for dinner on Friday?",
-    "Which museum did Carol visit in Paris?",
-    "Who has an allergy to cats?",
-    "What is the deadline for the budget report?",
-    "Where did Erin spend her summer vacation?",
-    "Which novel is Frank reading this month?",
-    "When is Grace's birthday party?",
-    "What instrument does Heidi practise every evening?",
-    "How did Ivan get to the concert in Berlin?",
-]
+NOISE = 0.02
+"""Per-dimension noise added to a replica's vector: replicas stay close to (cosine ~0.9) but not on the original."""
+
+
+def corpus() -> tuple[list[dict[str, Any]], list[str]]:
+    """The LoCoMo dev turns (speaker, session, turn, text) and the questions of categories 1-4."""
+    data = json.loads(DATA.read_text())
+    turns = [
+        {"speaker": t["speaker"], "session": n, "turn": i, "text": turn_text(t)}
+        for conv in data
+        for n, _, ts in sessions(conv["conversation"])
+        for i, t in enumerate(ts)
+    ]
+    questions = [qa["question"] for conv in data for qa in conv["qa"] if qa.get("category") in (1, 2, 3, 4)]
+    return turns, questions
 
 
 def _free_port() -> int:
@@ -174,39 +64,50 @@ def _pg_conninfo(pgdata: Path) -> str:
     return f"host={lines[4]} port={lines[3]} user=postgres dbname=memos"
 
 
-def fill(conninfo: str, cube_id: str, tenant_id: str, agent_id: str, n: int) -> float:
+def fill(conninfo: str, cube_id: str, tenant_id: str, agent_id: str, n: int, turns: list[dict[str, Any]]) -> float:
+    """Replicate the LoCoMo turns up to ``n`` memories with their real embeddings (plus noise), by binary COPY."""
+    from pgvector.psycopg import register_vector
+
+    tenant, cube, agent = uuid.UUID(tenant_id), uuid.UUID(cube_id), uuid.UUID(agent_id)
+    embedder = load_embedder(None)
+    vectors = embedder.embed([f"{t['speaker']}: {t['text']}" for t in turns])
+    rng = np.random.default_rng(7)
     started = time.perf_counter()
-    words = "{" + ",".join(WORDS) + "}"
     with psycopg.connect(conninfo, autocommit=True) as conn:
+        register_vector(conn)
         conn.execute("SET maintenance_work_mem = '1GB'")
         # Bulk load without the HNSW index, then build it once: far faster than 100k incremental inserts.
         conn.execute("DROP INDEX IF EXISTS ix_memories_embedding_hnsw")
-        step = 10_000
-        for start in range(0, n, step):
-            conn.execute(
-                """
-                INSERT INTO memories (id, tenant_id, cube_id, kind, state, version, content, metadata, tags,
-                                      provenance, created_by, embedding, embedding_model)
-                SELECT gen_random_uuid(), %(tenant)s, %(cube)s, 'plaintext', 'active', 1,
-                       array_to_string(ARRAY(
-                           SELECT (%(words)s::text[])[1 + floor(random() * %(nwords)s)::int]
-                           FROM generate_series(1, 14) w WHERE g >= 0), ' '),
-                       jsonb_build_object('session', g / 20, 'turn', g %% 20), '{}', '{}', %(agent)s,
-                       (SELECT l2_normalize(ARRAY(SELECT random() - 0.5 FROM generate_series(1, 384) d
-                                                  WHERE g >= 0)::vector(384))),
-                       'synthetic'
-                FROM generate_series(%(lo)s::int, %(hi)s::int) g
-                """,
-                {
-                    "tenant": tenant_id,
-                    "cube": cube_id,
-                    "agent": agent_id,
-                    "words": words,
-                    "nwords": len(WORDS),
-                    "lo": start,
-                    "hi": min(start + step, n) - 1,
-                },
-            )
+        columns = (
+            "id, tenant_id, cube_id, kind, state, version, content, metadata, created_by, embedding, embedding_model"
+        )
+        with conn.cursor().copy(f"COPY memories ({columns}) FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["uuid", "uuid", "uuid", "text", "text", "int4", "text", "jsonb", "uuid", "vector", "text"])
+            for i in range(n):
+                turn = turns[i % len(turns)]
+                replica = i // len(turns)
+                vector = vectors[i % len(turns)] + rng.normal(0, NOISE, vectors.shape[1]).astype(np.float32)
+                vector /= np.linalg.norm(vector)
+                metadata = {
+                    "speaker": turn["speaker"],
+                    "session": replica * 1000 + turn["session"],
+                    "turn": turn["turn"],
+                }
+                copy.write_row(
+                    [
+                        uuid.uuid4(),
+                        tenant,
+                        cube,
+                        "plaintext",
+                        "active",
+                        1,
+                        turn["text"],
+                        Jsonb(metadata),
+                        agent,
+                        vector,
+                        embedder.name,
+                    ]
+                )
         conn.execute("CREATE INDEX ix_memories_embedding_hnsw ON memories USING hnsw (embedding vector_cosine_ops)")
         conn.execute("ANALYZE memories")
     return time.perf_counter() - started
@@ -239,7 +140,8 @@ def run(memories: int, queries: int, modes: list[str], out: Path | None) -> dict
             tenant = http.post("/v1/tenants", json={"name": "scale"}, headers=_auth(OPERATOR_KEY)).json()
             auth = _auth(tenant["admin_key"])
             cube = http.post("/v1/cubes", json={"name": "big"}, headers=auth).json()
-            fill_s = fill(_pg_conninfo(tmp / "pg"), cube["id"], tenant["id"], tenant["admin_agent_id"], memories)
+            turns, questions = corpus()
+            fill_s = fill(_pg_conninfo(tmp / "pg"), cube["id"], tenant["id"], tenant["admin_agent_id"], memories, turns)
             rng = random.Random(7)
             result: dict[str, Any] = {
                 "machine": machine(),
@@ -249,7 +151,7 @@ def run(memories: int, queries: int, modes: list[str], out: Path | None) -> dict
                 "modes": {},
             }
             for mode in modes:
-                body = {"query": QUERIES[0], "cube_ids": [cube["id"]], "k": 10, "mode": mode}
+                body = {"query": questions[0], "cube_ids": [cube["id"]], "k": 10, "mode": mode}
                 first = time.perf_counter()
                 r = http.post("/v1/search", json=body, headers=auth)  # warms caches (and builds the graph)
                 assert r.status_code == 200, r.text
@@ -259,7 +161,7 @@ def run(memories: int, queries: int, modes: list[str], out: Path | None) -> dict
                 took: list[float] = []
                 server: list[float] = []
                 for _ in range(queries):
-                    body["query"] = rng.choice(QUERIES) + f" {rng.choice(WORDS)}"
+                    body["query"] = rng.choice(questions)
                     started = time.perf_counter()
                     r = http.post("/v1/search", json=body, headers=auth)
                     took.append((time.perf_counter() - started) * 1000)

@@ -3,7 +3,7 @@
 ``ts_rank`` weighs a word by how often it occurs in a memory, not by how rare it is in the cube, so
 "Caroline" (in half the turns) counts as much as "Dolomites" (in one). Candidates come from the GIN
 index; their term frequencies come from their ``tsvector``; document frequencies are counted per cube
-with the same index and cached for a short while (IDF needs to be about right, not exact).
+in one pass over the cube and cached for a few minutes (IDF needs to be about right, not exact).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import re
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Text, cast, func, select, text
-from sqlalchemy.dialects.postgresql import TSQUERY
+from sqlalchemy import Text, cast, func, select, text, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.store.models import memories
@@ -44,14 +44,18 @@ def tsquery_literal(lexeme: str) -> str:
 class _CubeStats:
     docs: int
     total_length: int
+    df: dict[str, int]
     fetched_at: float
-    df: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 class LexicalStats:
-    """Per-cube document counts and lexeme document frequencies, cached for ``ttl`` seconds."""
+    """Per-cube memory counts and the document frequency of every lexeme, refreshed after ``ttl`` seconds.
 
-    def __init__(self, ttl: float = 60.0, max_cubes: int = 1024) -> None:
+    One pass over a cube's tsvectors (``unnest``) counts every lexeme at once, so a query's IDF is a
+    dictionary lookup; counting per query word would scan the word's postings on every search.
+    """
+
+    def __init__(self, ttl: float = 300.0, max_cubes: int = 256) -> None:
         self.ttl = ttl
         self.max_cubes = max_cubes
         self._cubes: dict[uuid.UUID, _CubeStats] = {}
@@ -74,58 +78,58 @@ class LexicalStats:
         for cube_id in cubes:
             stats = self._cubes.get(cube_id)
             if stats is None or now - stats.fetched_at > self.ttl:
-                stats = await self._count_docs(conn, cube_id, now)
-            missing = [w for w in words if w not in stats.df or now - stats.df[w][1] > self.ttl]
-            if missing:
-                await self._count_lexemes(conn, cube_id, stats, missing, now)
+                stats = await self._load(conn, cube_id, now)
             docs += stats.docs
             total_length += stats.total_length
             for w in words:
-                df[w] += stats.df[w][0]
+                df[w] += stats.df.get(w, 0)
         idf = {w: math.log(1 + (docs - n + 0.5) / (n + 0.5)) for w, n in df.items()}
         share = {w: (n / docs if docs else 0.0) for w, n in df.items()}
         return idf, (total_length / docs if docs else 1.0), share
 
-    async def _count_docs(self, conn: AsyncConnection, cube_id: uuid.UUID, now: float) -> _CubeStats:
+    async def _load(self, conn: AsyncConnection, cube_id: uuid.UUID, now: float) -> _CubeStats:
+        live = (memories.c.cube_id == cube_id, memories.c.state == "active")
         row = (
             await conn.execute(
-                select(func.count(), func.coalesce(func.sum(func.length(memories.c.tsv)), 0)).where(
-                    memories.c.cube_id == cube_id, memories.c.state == "active"
-                )
+                select(func.count(), func.coalesce(func.sum(func.length(memories.c.tsv)), 0)).where(*live)
             )
         ).one()
+        lexeme = func.unnest(memories.c.tsv).table_valued("lexeme", "positions", "weights").render_derived("u")
+        rows = await conn.execute(
+            select(lexeme.c.lexeme, func.count())
+            .select_from(memories)
+            .join(lexeme, true())
+            .where(*live)
+            .group_by(lexeme.c.lexeme)
+        )
         if len(self._cubes) >= self.max_cubes:
             self._cubes.pop(next(iter(self._cubes)))
-        stats = _CubeStats(docs=int(row[0]), total_length=int(row[1]), fetched_at=now)
+        stats = _CubeStats(
+            docs=int(row[0]), total_length=int(row[1]), df={str(w): int(n) for w, n in rows}, fetched_at=now
+        )
         self._cubes[cube_id] = stats
         return stats
-
-    async def _count_lexemes(
-        self, conn: AsyncConnection, cube_id: uuid.UUID, stats: _CubeStats, lexemes: list[str], now: float
-    ) -> None:
-        # One pass over the memories that contain any of the words (GIN), counting each word.
-        queries = [cast(tsquery_literal(w), TSQUERY) for w in lexemes]
-        any_of = cast(" | ".join(tsquery_literal(w) for w in lexemes), TSQUERY)
-        counts = (
-            await conn.execute(
-                select(*[func.count().filter(memories.c.tsv.bool_op("@@")(q)) for q in queries]).where(
-                    memories.c.cube_id == cube_id,
-                    memories.c.state == "active",
-                    memories.c.tsv.bool_op("@@")(any_of),
-                )
-            )
-        ).one()
-        for w, n in zip(lexemes, counts, strict=True):
-            stats.df[w] = (int(n), now)
 
     def forget(self, cube_id: uuid.UUID) -> None:
         self._cubes.pop(cube_id, None)
 
 
-def bm25(tf: dict[str, int], idf: dict[str, float], avg_length: float) -> float:
-    """Okapi BM25 of one memory; its length is its number of distinct lexemes, like ``length(tsvector)``."""
-    length = len(tf) or 1
-    norm = K1 * (1 - B + B * length / avg_length)
+def term_counts(lexemes: Sequence[str]) -> Any:
+    """Per memory row: ``{lexeme: occurrences}`` for the query's lexemes only, computed by Postgres.
+
+    Shipping whole tsvectors to parse them here cost more than the search itself on big pools.
+    """
+    terms = func.unnest(memories.c.tsv).table_valued("lexeme", "positions", "weights").render_derived("u")
+    return (
+        select(func.jsonb_object_agg(terms.c.lexeme, func.coalesce(func.array_length(terms.c.positions, 1), 1)))
+        .where(terms.c.lexeme.in_(list(lexemes)))
+        .scalar_subquery()
+    )
+
+
+def bm25(tf: dict[str, int], idf: dict[str, float], avg_length: float, length: int) -> float:
+    """Okapi BM25 of one memory; its length is its number of distinct lexemes, ``length(tsvector)``."""
+    norm = K1 * (1 - B + B * max(length, 1) / avg_length)
     return sum(weight * tf[w] * (K1 + 1) / (tf[w] + norm) for w, weight in idf.items() if w in tf)
 
 

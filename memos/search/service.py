@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, Text, cast, func, literal, or_, select, text
+from sqlalchemy import ColumnElement, cast, func, literal, or_, select, text
 from sqlalchemy.dialects.postgresql import TSQUERY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -28,7 +28,7 @@ from memos.search import schemas
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
 from memos.search.indexing import embedding_text
-from memos.search.lexical import LexicalStats, bm25, discriminating, parse_tsvector, tsquery_literal
+from memos.search.lexical import LexicalStats, bm25, discriminating, term_counts, tsquery_literal
 from memos.store.db import Database
 from memos.store.models import memories
 
@@ -61,7 +61,9 @@ class Candidate:
     score: float = 0.0
     via: set[str] = field(default_factory=set)
     lexical_tf: dict[str, int] = field(default_factory=dict)
-    """Term frequencies of the memory's lexemes (from its tsvector), for BM25."""
+    """How often each query lexeme occurs in the memory, for BM25."""
+    length: int = 1
+    """The memory's number of distinct lexemes."""
 
 
 class SearchService:
@@ -88,12 +90,12 @@ class SearchService:
             lexemes = await self.lexical.query_lexemes(conn, req.query) if req.mode != "vector" else []
             found: dict[uuid.UUID, Candidate] = {}
             if query_vector is not None:
-                await self._vector(conn, where, query_vector, pool, found, with_text=bool(lexemes))
+                await self._vector(conn, where, query_vector, pool, found, lexemes)
             if lexemes:
                 idf, avg_length, share = await self.lexical.idf(conn, cubes, lexemes)
                 await self._text(conn, where, discriminating(share), query_vector, pool, found)
                 for cand in found.values():
-                    cand.lexical = bm25(cand.lexical_tf, idf, avg_length)
+                    cand.lexical = bm25(cand.lexical_tf, idf, avg_length, cand.length)
             ranked = self._rank(req, list(found.values()))
             if req.mode == "graph":
                 ranked = await self._graph(conn, req, where, ranked)
@@ -153,16 +155,14 @@ class SearchService:
         vector: np.ndarray,
         limit: int,
         found: dict[uuid.UUID, Candidate],
-        *,
-        with_text: bool,
+        lexemes: list[str],
     ) -> None:
         # Filtered HNSW: keep scanning the index until enough rows pass the filters (pgvector >= 0.8).
-        await conn.execute(_HNSW_SETTINGS, {"ef": str(max(64, min(1000, limit * 2)))})
+        await conn.execute(_HNSW_SETTINGS, {"ef": str(max(40, min(1000, limit)))})
         distance = memories.c.embedding.cosine_distance(vector)
-        tsv = cast(memories.c.tsv, Text) if with_text else literal("")
         rows = (
             await conn.execute(
-                select(memories.c.id, memories.c.cube_id, distance.label("distance"), tsv.label("tsv_text"))
+                select(memories.c.id, memories.c.cube_id, distance.label("distance"), *_lexical_columns(lexemes))
                 .where(*where, memories.c.embedding.is_not(None))
                 .order_by(distance)
                 .limit(limit)
@@ -189,12 +189,7 @@ class SearchService:
         distance = memories.c.embedding.cosine_distance(vector) if vector is not None else literal(1.0)
         rows = (
             await conn.execute(
-                select(
-                    memories.c.id,
-                    memories.c.cube_id,
-                    distance.label("distance"),
-                    cast(memories.c.tsv, Text).label("tsv_text"),
-                )
+                select(memories.c.id, memories.c.cube_id, distance.label("distance"), *_lexical_columns(lexemes))
                 .where(*where, memories.c.tsv.bool_op("@@")(any_word))
                 .order_by(func.ts_rank_cd(memories.c.tsv, any_word, 1).desc(), memories.c.id)
                 .limit(limit)
@@ -280,8 +275,14 @@ class SearchService:
         return {r.id: np.asarray(r.embedding, dtype=np.float32) for r in rows}
 
 
+def _lexical_columns(lexemes: list[str]) -> list[Any]:
+    if not lexemes:
+        return [literal(None).label("tf"), literal(1).label("doc_length")]
+    return [term_counts(lexemes).label("tf"), func.length(memories.c.tsv).label("doc_length")]
+
+
 def _candidate(row: Any) -> Candidate:
-    return Candidate(id=row.id, cube_id=row.cube_id, lexical_tf=parse_tsvector(row.tsv_text or ""))
+    return Candidate(id=row.id, cube_id=row.cube_id, lexical_tf=row.tf or {}, length=int(row.doc_length or 1))
 
 
 def fuse(cands: Sequence[Candidate]) -> None:
