@@ -109,3 +109,64 @@ def test_dead_holders_no_longer_keep_embedded_postgres_alive(tmp_path: Path) -> 
     holders.write_text(json.dumps([dead_pid, os.getpid()]))
     forget_dead_holders(tmp_path)
     assert json.loads(holders.read_text()) == [os.getpid()]
+
+
+def test_search_nul_and_unknown_cube_name_the_field(client, factory: Factory) -> None:
+    import uuid
+
+    tenant = factory.tenant()
+    for body, field in [
+        ({"query": "tea\u0000", "mode": "text"}, "query"),
+        ({"query": "tea", "filters": {"k": "v\u0000"}}, "filters.k"),
+        ({"query": "tea", "cube_ids": [str(uuid.uuid4())]}, "cube_ids[0]"),
+    ]:
+        r = client.post("/v1/search", json=body, headers=bearer(tenant.admin_key))
+        assert r.status_code in (404, 422), r.text
+        assert r.json()["errors"][0]["field"] == field
+    r = client.post("/v1/cubes", json={"name": "bad\u0000name"}, headers=bearer(tenant.admin_key))
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["field"] == "name"
+
+
+def test_text_only_candidates_are_scored_on_every_query_word(client, factory: Factory) -> None:
+    """Text candidates come from the rare words, but BM25 must count the common ones too (as for vector ones)."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    key = tenant.admin_key
+    # "garden" is in ~19% of memories (too common to look memories up by, still worth scoring); the flowers are rare.
+    items = [{"kind": "plaintext", "content": f"note {i} about the garden"} for i in range(6)]
+    items += [{"kind": "plaintext", "content": f"note {i} about the weather"} for i in range(24)]
+    items += [
+        {"kind": "plaintext", "content": "zinnia dahlia"},
+        {"kind": "plaintext", "content": "zinnia dahlia in the garden"},
+    ]
+    client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=bearer(key))
+    r = client.post("/v1/search", json={"query": "garden zinnia dahlia", "mode": "text", "k": 2}, headers=bearer(key))
+    top = [x["memory"]["content"] for x in r.json()["results"]]
+    assert top[0] == "zinnia dahlia in the garden"
+
+
+def test_reactivating_an_archived_memory_restores_its_graph_edges(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    key = tenant.admin_key
+    hub = factory.memory(key, cube["id"], "Melanie painted a sunrise over the lake.")
+    side = factory.memory(key, cube["id"], "Qorvath blen 12.", links=[{"to": hub["id"], "type": "about"}])
+    body = {"query": "Melanie sunrise painting", "mode": "graph", "k": 5}
+    assert client.post("/v1/search", json=body, headers=bearer(key)).status_code == 200  # graph loaded
+    h = {**bearer(key), "If-Match": '"1"'}
+    assert client.patch(f"/v1/memories/{side['id']}", json={"state": "archived"}, headers=h).status_code == 200
+    h["If-Match"] = '"2"'
+    assert client.patch(f"/v1/memories/{side['id']}", json={"state": "active"}, headers=h).status_code == 200
+    graph = client.post("/v1/search", json=body, headers=bearer(key)).json()["results"]
+    via = {x["memory"]["id"]: x["via"] for x in graph}
+    assert side["id"] in via
+    # It is in the small cube's candidate pool anyway; what matters is that its link edge came back.
+    linked = client.app.state.search.graphs._graphs[uuid_of(cube["id"])].edges(uuid_of(side["id"]))
+    assert any(kind == "link" for _, kind, _ in linked)
+
+
+def uuid_of(value: str):
+    import uuid
+
+    return uuid.UUID(value)

@@ -20,6 +20,7 @@ from memos.search.graphs import CubeGraphs
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import agents, cube_grants, cubes, memories
+from memos.validation import reject_nul
 
 
 def _count(kind_is_activation: bool) -> Any:
@@ -68,6 +69,8 @@ class CubeService:
 
     async def create(self, principal: Principal, body: schemas.CubeIn) -> schemas.Cube:
         tenant_id, agent_id = principal.tenant_member()
+        for name, value in msgspec.structs.asdict(body).items():
+            reject_nul(value, name)
         cube_id = uuid.uuid4()
         try:
             async with self.db.transaction() as conn:
@@ -110,6 +113,8 @@ class CubeService:
 
     async def update(self, principal: Principal, cube_id: uuid.UUID, body: schemas.CubePatch) -> schemas.Cube:
         changes = {k: v for k, v in msgspec.structs.asdict(body).items() if v is not msgspec.UNSET}
+        for name, value in changes.items():
+            reject_nul(value, name)
         try:
             async with self.db.transaction() as conn:
                 # Checked even when nothing changes: an empty PATCH must not answer where a real one is refused.

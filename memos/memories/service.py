@@ -30,6 +30,7 @@ from memos.search.indexing import embedding_text, event_time
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import cube_grants, cubes, memories, memory_links, memory_versions
+from memos.validation import reject_nul
 
 PROVENANCE_LINK = "derived_from"
 KNN_LINK = "knn"
@@ -124,25 +125,9 @@ def _provenance_json(p: schemas.Provenance) -> dict[str, Any]:
     return out
 
 
-def _reject_nul(value: Any, field: str) -> None:
-    """Postgres stores no NUL character in text or JSON: refuse it up front, naming where it is."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise Invalid.field(field, "text may not contain the NUL character (\\u0000)")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _reject_nul(key, field)
-            _reject_nul(item, f"{field}.{key}")
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _reject_nul(item, f"{field}[{i}]")
-    elif isinstance(value, msgspec.Struct):
-        _reject_nul(msgspec.to_builtins(value), field)
-
-
 def _check_kind(item: schemas.MemoryIn, where: str) -> None:
     for name in ("content", "metadata", "tags", "provenance"):
-        _reject_nul(getattr(item, name), f"{where}{name}")
+        reject_nul(getattr(item, name), f"{where}{name}")
     if item.kind == "response":
         query = item.metadata.get("query")
         if not isinstance(query, str) or not query.strip():
@@ -433,7 +418,7 @@ class MemoryService:
             _check_match(current.version, if_match)
             for name in ("content", "metadata", "tags", "provenance"):
                 if (value := getattr(patch, name)) is not msgspec.UNSET:
-                    _reject_nul(value, name)
+                    reject_nul(value, name)
             values: dict[str, Any] = {}
             if patch.content is not msgspec.UNSET and patch.content != current.content:
                 values["content"] = patch.content
@@ -486,6 +471,8 @@ class MemoryService:
             if new_links:
                 await self._insert_links(conn, principal, new_links)
             knn = await self._relink_neighbours(conn, principal, memory_id) if "embedding" in values else None
+            # Archiving took the memory's edges out of the in-memory graph; making it active brings them back.
+            revived = await _edges_of(conn, memory_id) if values.get("state") == "active" else []
             await record(
                 conn,
                 principal,
@@ -500,6 +487,7 @@ class MemoryService:
         if knn is not None:
             self.graphs.links_removed(row.cube_id, [(memory_id, other, KNN_LINK) for other in knn[0]])
             self.graphs.links_written(row.cube_id, knn[1])
+        self.graphs.links_written(row.cube_id, revived)
         return to_dto(row)
 
     async def delete(
@@ -566,13 +554,7 @@ class MemoryService:
                 raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
             knn = await self._relink_neighbours(conn, principal, memory_id)
             # Deleting took the memory's edges out of the in-memory graph; its links are still in Postgres.
-            edges = (
-                await conn.execute(
-                    select(
-                        memory_links.c.from_id, memory_links.c.to_id, memory_links.c.type, memory_links.c.weight
-                    ).where(or_(memory_links.c.from_id == memory_id, memory_links.c.to_id == memory_id))
-                )
-            ).all()
+            edges = await _edges_of(conn, memory_id)
             await record(
                 conn,
                 principal,
@@ -583,7 +565,7 @@ class MemoryService:
             )
         self.graphs.memories_written(row.cube_id, [row])
         self.graphs.links_removed(row.cube_id, [(memory_id, other, KNN_LINK) for other in knn[0]])
-        self.graphs.links_written(row.cube_id, [(e.from_id, e.to_id, e.type, float(e.weight)) for e in edges])
+        self.graphs.links_written(row.cube_id, edges)
         return to_dto(row)
 
     async def link(self, principal: Principal, memory_id: uuid.UUID, body: schemas.LinkIn) -> schemas.Link:
@@ -683,6 +665,16 @@ def _provenance_link_changes(
         if ref["memory_id"] not in before
     ]
     return added, [uuid.UUID(m) for m in before - after]
+
+
+async def _edges_of(conn: AsyncConnection, memory_id: uuid.UUID) -> list[tuple[uuid.UUID, uuid.UUID, str, float]]:
+    """Every link touching a memory, as the graph takes them."""
+    rows = await conn.execute(
+        select(memory_links.c.from_id, memory_links.c.to_id, memory_links.c.type, memory_links.c.weight).where(
+            or_(memory_links.c.from_id == memory_id, memory_links.c.to_id == memory_id)
+        )
+    )
+    return [(r.from_id, r.to_id, r.type, float(r.weight)) for r in rows]
 
 
 async def _lineage(conn: AsyncConnection, memory_id: uuid.UUID) -> list[Row[Any]]:

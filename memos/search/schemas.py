@@ -40,7 +40,7 @@ class SearchResult(msgspec.Struct):
     memory: Memory
     score: float
     via: str
-    """Why it was chosen: vector, text, vector+text, or graph:<edge><-<seed memory id>."""
+    """Why it was chosen: vector, text, text+vector, or graph:<edge><-<memory id it was reached from>."""
 
 
 class SearchResponse(msgspec.Struct):

@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import TSQUERY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.cubes.access import readable_cube_ids
-from memos.errors import NotFound
+from memos.errors import FieldError, NotFound
 from memos.graph.memgraph import MemoryGraph
 from memos.graph.select import mmr
 from memos.identity.principal import Principal
@@ -31,6 +31,7 @@ from memos.search.indexing import embedding_text
 from memos.search.lexical import LexicalStats, bm25, discriminating, term_counts, tsquery_literal
 from memos.store.db import Database
 from memos.store.models import memories
+from memos.validation import reject_nul
 
 DENSE_WEIGHT = 0.5
 """Hybrid score = DENSE_WEIGHT * scaled cosine + (1 - DENSE_WEIGHT) * scaled BM25: equal say, no tuning."""
@@ -79,6 +80,9 @@ class SearchService:
     async def search(self, principal: Principal, req: schemas.SearchRequest) -> schemas.SearchResponse:
         started = time.perf_counter()
         principal.tenant_member()
+        reject_nul(req.query, "query")
+        reject_nul(req.filters, "filters")
+        reject_nul(req.tags, "tags")
         query_vector = None
         if req.mode != "text":
             query_vector = await self.embedder.embed_query(embedding_text("plaintext", req.query, {}))
@@ -93,7 +97,7 @@ class SearchService:
                 await self._vector(conn, where, query_vector, pool, found, lexemes)
             if lexemes:
                 idf, avg_length, share = await self.lexical.idf(conn, cubes, lexemes)
-                await self._text(conn, where, discriminating(share), query_vector, pool, found)
+                await self._text(conn, where, discriminating(share), lexemes, query_vector, pool, found)
                 for cand in found.values():
                     cand.lexical = bm25(cand.lexical_tf, idf, avg_length, cand.length)
             ranked = self._rank(req, list(found.values()))
@@ -123,7 +127,7 @@ class SearchService:
         allowed = set(readable)
         for i, cube_id in enumerate(cube_ids):
             if cube_id not in allowed:
-                raise NotFound(f"cube_ids[{i}]: no such cube")
+                raise NotFound(f"cube_ids[{i}]: no such cube", errors=[FieldError(f"cube_ids[{i}]", "no such cube")])
         return list(dict.fromkeys(cube_ids))
 
     def _filters(self, req: schemas.SearchRequest, cubes: list[uuid.UUID]) -> list[ColumnElement[bool]]:
@@ -177,15 +181,17 @@ class SearchService:
         self,
         conn: AsyncConnection,
         where: list[ColumnElement[bool]],
+        lookup: list[str],
         lexemes: list[str],
         vector: np.ndarray | None,
         limit: int,
         found: dict[uuid.UUID, Candidate],
     ) -> None:
-        # Any of the given words (a memory sharing one rare word is a candidate); BM25 ranks them after.
-        if not lexemes:
+        # Memories with any of the ``lookup`` words are candidates; BM25 then scores them on all ``lexemes``,
+        # exactly like the vector leg's candidates.
+        if not lookup:
             return
-        any_word = cast(" | ".join(tsquery_literal(w) for w in lexemes), TSQUERY)
+        any_word = cast(" | ".join(tsquery_literal(w) for w in lookup), TSQUERY)
         distance = memories.c.embedding.cosine_distance(vector) if vector is not None else literal(1.0)
         rows = (
             await conn.execute(
