@@ -67,9 +67,9 @@ class LexicalStats:
 
     async def idf(
         self, conn: AsyncConnection, cubes: Sequence[uuid.UUID], lexemes: Iterable[str]
-    ) -> tuple[dict[str, float], float, dict[str, float]]:
-        """BM25 IDF of each lexeme over the given cubes, their average memory length, and each lexeme's share
-        of the memories that contain it (document frequency / memories)."""
+    ) -> tuple[dict[str, float], float, dict[str, float], int]:
+        """BM25 IDF of each lexeme over the given cubes, their average memory length, each lexeme's share
+        of the memories that contain it (document frequency / memories), and the number of memories."""
         now = time.monotonic()
         words = list(lexemes)
         docs = 0
@@ -85,7 +85,7 @@ class LexicalStats:
                 df[w] += stats.df.get(w, 0)
         idf = {w: math.log(1 + (docs - n + 0.5) / (n + 0.5)) for w, n in df.items()}
         share = {w: (n / docs if docs else 0.0) for w, n in df.items()}
-        return idf, (total_length / docs if docs else 1.0), share
+        return idf, (total_length / docs if docs else 1.0), share, docs
 
     async def _load(self, conn: AsyncConnection, cube_id: uuid.UUID, now: float) -> _CubeStats:
         live = (memories.c.cube_id == cube_id, memories.c.state == "active")
@@ -136,15 +136,24 @@ def bm25(tf: dict[str, int], idf: dict[str, float], avg_length: float, length: i
 COMMON_SHARE = 0.1
 """Words in more than this share of a cube's memories do not generate text candidates (they still score)."""
 
+POSTINGS_BUDGET = 2000
+"""Text candidates are looked up by the rarest words first, until their memories add up to about this many."""
 
-def discriminating(share: dict[str, float], keep_at_least: int = 2) -> list[str]:
-    """The query words worth looking memories up by: the rare ones, or failing that the rarest few.
+
+def discriminating(share: dict[str, float], docs: int, keep_at_least: int = 2) -> list[str]:
+    """The query words worth looking memories up by: rare ones, rarest first, within a postings budget.
 
     An OR over common words would make Postgres rank a large part of the cube; BM25 gives such words
-    little weight anyway, so candidates come from the words that tell memories apart.
+    little weight anyway, so candidates come from the words that tell memories apart. The budget keeps
+    the ranking work bounded in big cubes, where even a word in 1 % of memories has thousands of them.
+    A word no active memory has counts as rare too: archived or deleted memories may still have it.
     """
-    # A word no active memory has is rare too: archived or deleted ones may still have it.
-    rare = [w for w, s in share.items() if s <= COMMON_SHARE]
-    if len(rare) >= keep_at_least:
-        return rare
-    return [w for _, w in sorted((s, w) for w, s in share.items())[:keep_at_least]]
+    ranked = sorted((s, w) for w, s in share.items())
+    chosen: list[str] = []
+    postings = 0.0
+    for s, w in ranked:
+        if len(chosen) >= keep_at_least and (s > COMMON_SHARE or postings + s * docs > POSTINGS_BUDGET):
+            break
+        chosen.append(w)
+        postings += s * docs
+    return chosen

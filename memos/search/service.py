@@ -96,8 +96,9 @@ class SearchService:
             if query_vector is not None:
                 await self._vector(conn, where, query_vector, pool, found, lexemes)
             if lexemes:
-                idf, avg_length, share = await self.lexical.idf(conn, cubes, lexemes)
-                await self._text(conn, where, discriminating(share), lexemes, query_vector, pool, found)
+                idf, avg_length, share, docs = await self.lexical.idf(conn, cubes, lexemes)
+                lookup = discriminating(share, docs=docs)
+                await self._text(conn, where, lookup, lexemes, query_vector, pool, found)
                 for cand in found.values():
                     cand.lexical = bm25(cand.lexical_tf, idf, avg_length, cand.length)
             ranked = self._rank(req, list(found.values()))
@@ -192,13 +193,21 @@ class SearchService:
         if not lookup:
             return
         any_word = cast(" | ".join(tsquery_literal(w) for w in lookup), TSQUERY)
+        # Rank and cut in a subquery first: Postgres computes a select list before ORDER BY ... LIMIT, and the
+        # cosine and term counts are worth computing for the kept rows only, not every memory that matched.
+        top = (
+            select(memories.c.id)
+            .where(*where, memories.c.tsv.bool_op("@@")(any_word))
+            .order_by(func.ts_rank_cd(memories.c.tsv, any_word, 1).desc(), memories.c.id)
+            .limit(limit)
+            .subquery("top")
+        )
         distance = memories.c.embedding.cosine_distance(vector) if vector is not None else literal(1.0)
         rows = (
             await conn.execute(
                 select(memories.c.id, memories.c.cube_id, distance.label("distance"), *_lexical_columns(lexemes))
-                .where(*where, memories.c.tsv.bool_op("@@")(any_word))
-                .order_by(func.ts_rank_cd(memories.c.tsv, any_word, 1).desc(), memories.c.id)
-                .limit(limit)
+                .select_from(memories)
+                .join(top, top.c.id == memories.c.id)
             )
         ).all()
         for r in rows:
