@@ -6,6 +6,7 @@ then the request's filters. Graph mode starts from hybrid candidates.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import typing
 import uuid
@@ -83,25 +84,37 @@ class SearchService:
         reject_nul(req.query, "query")
         reject_nul(req.filters, "filters")
         reject_nul(req.tags, "tags")
-        query_vector = None
-        if req.mode != "text":
-            query_vector = await self.embedder.embed_query(embedding_text("plaintext", req.query, {}))
         pool = self.pool or (req.k if req.mode == "vector" else min(max(req.k * 4, 100), 400))
-        # A transaction, not a read: the HNSW settings below are transaction-local.
-        async with self.db.transaction() as conn:
-            cubes = await self._scope(conn, principal, req.cube_ids)
-            where = self._filters(req, cubes)
-            lexemes = await self.lexical.query_lexemes(conn, req.query) if req.mode != "vector" else []
-            found: dict[uuid.UUID, Candidate] = {}
-            if query_vector is not None:
-                await self._vector(conn, where, query_vector, pool, found, lexemes)
-            if lexemes:
-                idf, avg_length, share, docs = await self.lexical.idf(conn, cubes, lexemes)
-                lookup = discriminating(share, docs=docs)
-                await self._text(conn, where, lookup, lexemes, query_vector, pool, found)
-                for cand in found.values():
-                    cand.lexical = bm25(cand.lexical_tf, idf, avg_length, cand.length)
-            ranked = self._rank(req, list(found.values()))
+        # The query embeds in the worker thread while the scope and word statistics come from Postgres.
+        embedding = (
+            asyncio.ensure_future(self.embedder.embed_query(embedding_text("plaintext", req.query, {})))
+            if req.mode != "text"
+            else None
+        )
+        try:
+            async with self.db.read() as conn:
+                cubes = await self._scope(conn, principal, req.cube_ids)
+                lexemes = await self.lexical.query_lexemes(conn, req.query) if req.mode != "vector" else []
+                if lexemes:
+                    idf, avg_length, share, docs = await self.lexical.idf(conn, cubes, lexemes)
+            query_vector = await embedding if embedding is not None else None
+        finally:
+            if embedding is not None and not embedding.done():
+                embedding.cancel()
+        where = self._filters(req, cubes)
+        found: dict[uuid.UUID, Candidate] = {}
+        # The two legs run at once, each on its own connection: Postgres works on both cores.
+        legs = []
+        if query_vector is not None:
+            legs.append(self._vector(where, query_vector, pool, found, lexemes))
+        if lexemes:
+            legs.append(self._text(where, discriminating(share, docs=docs), lexemes, query_vector, pool, found))
+        await asyncio.gather(*legs)
+        if lexemes:
+            for cand in found.values():
+                cand.lexical = bm25(cand.lexical_tf, idf, avg_length, cand.length)
+        ranked = self._rank(req, list(found.values()))
+        async with self.db.read() as conn:
             if req.mode == "graph":
                 ranked = await self._graph(conn, req, where, ranked)
             top = ranked[: req.k]
@@ -155,24 +168,25 @@ class SearchService:
 
     async def _vector(
         self,
-        conn: AsyncConnection,
         where: list[ColumnElement[bool]],
         vector: np.ndarray,
         limit: int,
         found: dict[uuid.UUID, Candidate],
         lexemes: list[str],
     ) -> None:
-        # Filtered HNSW: keep scanning the index until enough rows pass the filters (pgvector >= 0.8).
-        await conn.execute(_HNSW_SETTINGS, {"ef": str(max(40, min(1000, limit)))})
         distance = memories.c.embedding.cosine_distance(vector)
-        rows = (
-            await conn.execute(
-                select(memories.c.id, memories.c.cube_id, distance.label("distance"), *_lexical_columns(lexemes))
-                .where(*where, memories.c.embedding.is_not(None))
-                .order_by(distance)
-                .limit(limit)
-            )
-        ).all()
+        # A transaction, not a read: the HNSW settings are transaction-local.
+        async with self.db.transaction() as conn:
+            # Filtered HNSW: keep scanning the index until enough rows pass the filters (pgvector >= 0.8).
+            await conn.execute(_HNSW_SETTINGS, {"ef": str(max(40, min(1000, limit)))})
+            rows = (
+                await conn.execute(
+                    select(memories.c.id, memories.c.cube_id, distance.label("distance"), *_lexical_columns(lexemes))
+                    .where(*where, memories.c.embedding.is_not(None))
+                    .order_by(distance)
+                    .limit(limit)
+                )
+            ).all()
         for r in rows:
             cand = found.setdefault(r.id, _candidate(r))
             cand.dense = 1.0 - float(r.distance)
@@ -180,7 +194,6 @@ class SearchService:
 
     async def _text(
         self,
-        conn: AsyncConnection,
         where: list[ColumnElement[bool]],
         lookup: list[str],
         lexemes: list[str],
@@ -203,13 +216,14 @@ class SearchService:
             .subquery("top")
         )
         distance = memories.c.embedding.cosine_distance(vector) if vector is not None else literal(1.0)
-        rows = (
-            await conn.execute(
-                select(memories.c.id, memories.c.cube_id, distance.label("distance"), *_lexical_columns(lexemes))
-                .select_from(memories)
-                .join(top, top.c.id == memories.c.id)
-            )
-        ).all()
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(memories.c.id, memories.c.cube_id, distance.label("distance"), *_lexical_columns(lexemes))
+                    .select_from(memories)
+                    .join(top, top.c.id == memories.c.id)
+                )
+            ).all()
         for r in rows:
             cand = found.setdefault(r.id, _candidate(r))
             if vector is not None and r.distance is not None:
