@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-SRC    := $(wildcard memos tests migrations bench)
+SRC    := $(wildcard memos tests migrations bench clients)
 
 .PHONY: install run test lint bench format clean
 
@@ -14,8 +14,8 @@ $(PY):
 	$(PIP) install --quiet --upgrade pip
 
 # Reinstall when the dependency pins change.
-$(STAMP): $(PY) pyproject.toml constraints.txt
-	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+$(STAMP): $(PY) pyproject.toml constraints.txt clients/python/pyproject.toml
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]" -e clients/python
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +30,7 @@ lint: install
 	$(VENV)/bin/ruff check $(SRC)
 	$(VENV)/bin/ruff format --check $(SRC)
 	$(VENV)/bin/mypy memos
+	$(VENV)/bin/mypy --strict clients/python/memos_client
 
 format: install
 	$(VENV)/bin/ruff format $(SRC)

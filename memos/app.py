@@ -12,7 +12,6 @@ from typing import Any
 import msgspec
 from litestar import Litestar, Request, Response, Router, get
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
@@ -25,8 +24,8 @@ from memos.deps import dependencies
 from memos.embed.base import Embedder
 from memos.embed.registry import load_embedder
 from memos.embed.worker import EmbedWorker
-from memos.errors import PROBLEM_BASE, BadRequest, FieldError, Invalid, MemosError, Problem, TooLarge
-from memos.identity.auth import BearerKeyAuth
+from memos.errors import PROBLEM_BASE, BadRequest, Conflict, FieldError, Invalid, MemosError, Problem, TooLarge
+from memos.identity.auth import require_api_key
 from memos.identity.controller import IdentityController
 from memos.identity.service import IdentityService, load_operator_key
 from memos.memories.controller import MemoryController
@@ -112,8 +111,6 @@ def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
 
 def _on_integrity(_: Request[Any, Any, Any], exc: IntegrityError) -> Response[bytes]:
     # Services translate the conflicts they expect; this is the net for the ones they did not.
-    from memos.errors import Conflict
-
     log.warning("unmapped integrity error", extra={"error": str(exc.orig)})
     return _problem_response(Conflict("the change conflicts with existing data"))
 
@@ -192,7 +189,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
     v1 = Router(
         path="/",
         route_handlers=[IdentityController, CubeController, MemoryController, SearchController],
-        middleware=[DefineMiddleware(BearerKeyAuth)],
+        guards=[require_api_key],
         security=[{"BearerAuth": []}],
         dependencies=dependencies(),
     )

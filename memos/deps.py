@@ -13,6 +13,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 
 from memos.cubes.service import CubeService
+from memos.identity.auth import current_principal
 from memos.identity.principal import Principal
 from memos.identity.service import IdentityService
 from memos.memories.service import MemoryService
@@ -26,8 +27,7 @@ Search = NamedDependency[SearchService]
 
 
 def _principal(request: Request[Any, Any, Any]) -> Principal:
-    user: Principal = request.user
-    return user
+    return current_principal(request)
 
 
 def _identity(state: State) -> IdentityService:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -17,18 +15,6 @@ from litestar.testing import TestClient
 from tests.conftest import OPERATOR_KEY, Agent, Factory, Tenant, bearer
 
 Client = TestClient[Litestar]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_request_logs() -> Iterator[None]:
-    """One INFO line per request (httpx, the access log) is most of this module's run time under log capture."""
-    loggers = [logging.getLogger(name) for name in ("httpx", "memos.access")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    yield
-    for lg, level in zip(loggers, levels, strict=True):
-        lg.setLevel(level)
 
 
 CUBE_FIELDS = {"id", "name", "description", "metadata", "owner_agent_id", "created_at", "stats"}

@@ -12,9 +12,7 @@ memories, versions, grants and keys are exactly as they were.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -26,18 +24,6 @@ from litestar.testing import TestClient
 from tests.conftest import Agent, Factory, Tenant, bearer
 
 Client = TestClient[Litestar]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_request_logs() -> Iterator[None]:
-    """One INFO line per request (httpx, the access log) is most of this module's run time under log capture."""
-    loggers = [logging.getLogger(name) for name in ("httpx", "memos.access")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    yield
-    for lg, level in zip(loggers, levels, strict=True):
-        lg.setLevel(level)
 
 
 @dataclasses.dataclass

@@ -1,30 +1,36 @@
-"""Bearer-key authentication for every ``/v1`` route, and the ``principal`` dependency."""
+"""Bearer-key authentication for every ``/v1`` route, as a router guard.
+
+A guard rather than a middleware: guards run inside Litestar's handler error mapping, so a 401 is
+answered like every other error (problem+json, ``X-Request-ID``, the right status in the access log).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from litestar.connection import ASGIConnection
-from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
+from litestar.handlers.base import BaseRouteHandler
 
 from memos.errors import Unauthorized
+from memos.identity.principal import Principal
 from memos.identity.service import IdentityService
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="memos"'}
 
 
-class BearerKeyAuth(AbstractAuthenticationMiddleware):
-    """Resolves ``Authorization: Bearer <key>`` to a ``Principal``; anything else is 401."""
+async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Resolve ``Authorization: Bearer <key>`` to a ``Principal`` on the connection; anything else is 401."""
+    header = connection.headers.get("authorization")
+    scheme, _sep, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("send your API key as 'Authorization: Bearer <key>'", headers=_CHALLENGE)
+    identity: IdentityService = connection.app.state.identity
+    principal = await identity.authenticate(token.strip())
+    if principal is None:
+        raise Unauthorized("the API key is not valid (unknown or revoked)", headers=_CHALLENGE)
+    connection.state.principal = principal
 
-    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
-        header = connection.headers.get("authorization")
-        if not header:
-            raise Unauthorized("send your API key as 'Authorization: Bearer <key>'", headers=_CHALLENGE)
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("send your API key as 'Authorization: Bearer <key>'", headers=_CHALLENGE)
-        identity: IdentityService = connection.app.state.identity
-        principal = await identity.authenticate(token.strip())
-        if principal is None:
-            raise Unauthorized("the API key is not valid (unknown or revoked)", headers=_CHALLENGE)
-        return AuthenticationResult(user=principal, auth=principal.key_prefix)
+
+def current_principal(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    principal: Principal = connection.state.principal
+    return principal

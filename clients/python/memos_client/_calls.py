@@ -1,0 +1,318 @@
+"""Every API call as a ``Call``: the path, verb, parameters and body, and the type of the answer.
+
+Pure functions, shared by the sync and async resources, so the two clients cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from memos_client._base import Call, Id, any_json, compact, decoder, no_content, path, query, time_param
+from memos_client._models import (
+    Agent,
+    AgentCreated,
+    Cube,
+    Grant,
+    KeyCreated,
+    Link,
+    LinkIn,
+    Me,
+    Memory,
+    MemoryIn,
+    Page,
+    Provenance,
+    ProvenanceGraph,
+    SearchResponse,
+    TenantCreated,
+    Version,
+)
+
+# Decoders are built once per type: msgspec compiles each one.
+_TENANT_CREATED = decoder(TenantCreated)
+_AGENT_CREATED = decoder(AgentCreated)
+_AGENT_PAGE = decoder(Page[Agent])
+_ME = decoder(Me)
+_KEY_CREATED = decoder(KeyCreated)
+_CUBE = decoder(Cube)
+_CUBE_PAGE = decoder(Page[Cube])
+_GRANT = decoder(Grant)
+_MEMORY = decoder(Memory)
+_MEMORY_PAGE = decoder(Page[Memory])
+_VERSION = decoder(Version)
+_VERSION_PAGE = decoder(Page[Version])
+_PROVENANCE = decoder(ProvenanceGraph)
+_LINK = decoder(Link)
+_SEARCH = decoder(SearchResponse)
+
+
+class _Items(msgspec.Struct):
+    items: list[Memory]
+
+
+_MEMORY_ITEMS = decoder(_Items)
+
+
+def _if_match(if_version: int | None) -> dict[str, str] | None:
+    if if_version is None:
+        return None
+    if isinstance(if_version, bool) or not isinstance(if_version, int):
+        raise TypeError(f"if_version must be an int (a memory's version), not {type(if_version).__name__}")
+    return {"If-Match": f'"{if_version}"'}
+
+
+# --- identity -----------------------------------------------------------------------------------
+
+
+def create_tenant(name: str) -> Call[TenantCreated]:
+    return Call("POST", path("tenants"), _TENANT_CREATED, body={"name": name})
+
+
+def create_agent(name: str, role: str) -> Call[AgentCreated]:
+    return Call("POST", path("agents"), _AGENT_CREATED, body={"name": name, "role": role})
+
+
+def me() -> Call[Me]:
+    return Call("GET", path("agents", "me"), _ME)
+
+
+def list_agents(cursor: str | None, page_size: int | None) -> Call[Page[Agent]]:
+    return Call("GET", path("agents"), _AGENT_PAGE, params=query(limit=page_size, cursor=cursor))
+
+
+def rotate_key(agent_id: Id) -> Call[KeyCreated]:
+    return Call("POST", path("agents", agent_id, "keys"), _KEY_CREATED)
+
+
+def revoke_key(prefix: str) -> Call[None]:
+    return Call("DELETE", path("keys", prefix), no_content)
+
+
+# --- cubes --------------------------------------------------------------------------------------
+
+
+def create_cube(name: str, description: str | None, metadata: Mapping[str, Any] | None) -> Call[Cube]:
+    body = compact(name=name, description=description, metadata=_dict(metadata))
+    return Call("POST", path("cubes"), _CUBE, body=body)
+
+
+def list_cubes(cursor: str | None, page_size: int | None) -> Call[Page[Cube]]:
+    return Call("GET", path("cubes"), _CUBE_PAGE, params=query(limit=page_size, cursor=cursor))
+
+
+def get_cube(cube_id: Id) -> Call[Cube]:
+    return Call("GET", path("cubes", cube_id), _CUBE)
+
+
+def update_cube(
+    cube_id: Id, name: str | None, description: str | None, metadata: Mapping[str, Any] | None
+) -> Call[Cube]:
+    body = compact(name=name, description=description, metadata=_dict(metadata))
+    return Call("PATCH", path("cubes", cube_id), _CUBE, body=body)
+
+
+def delete_cube(cube_id: Id) -> Call[None]:
+    return Call("DELETE", path("cubes", cube_id), no_content)
+
+
+def grant(cube_id: Id, agent_id: Id, access: str) -> Call[Grant]:
+    return Call("PUT", path("cubes", cube_id, "grants", agent_id), _GRANT, body={"access": access})
+
+
+def revoke(cube_id: Id, agent_id: Id) -> Call[None]:
+    return Call("DELETE", path("cubes", cube_id, "grants", agent_id), no_content)
+
+
+# --- memories -----------------------------------------------------------------------------------
+
+
+def _dict(value: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if value is None else dict(value)
+
+
+def _provenance(value: Provenance | Mapping[str, Any] | None) -> Provenance | dict[str, Any] | None:
+    return value if value is None or isinstance(value, Provenance) else dict(value)
+
+
+def _links(value: Iterable[LinkIn | Mapping[str, Any]] | None) -> list[LinkIn | dict[str, Any]] | None:
+    if value is None:
+        return None
+    return [v if isinstance(v, LinkIn) else dict(v) for v in value]
+
+
+def memory_body(
+    *,
+    content: str,
+    kind: str,
+    metadata: Mapping[str, Any] | None,
+    tags: Sequence[str] | None,
+    provenance: Provenance | Mapping[str, Any] | None,
+    links: Iterable[LinkIn | Mapping[str, Any]] | None,
+    ttl_seconds: int | None,
+) -> dict[str, Any]:
+    if isinstance(tags, str):
+        raise TypeError("tags must be a list of strings, not a string")
+    return {
+        "kind": kind,
+        **compact(
+            content=content,
+            metadata=_dict(metadata),
+            tags=None if tags is None else list(tags),
+            provenance=_provenance(provenance),
+            links=_links(links),
+            ttl_seconds=ttl_seconds,
+        ),
+    }
+
+
+def _item_body(item: MemoryIn | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(item, MemoryIn):
+        return memory_body(
+            content=item.content,
+            kind=item.kind,
+            metadata=item.metadata,
+            tags=item.tags,
+            provenance=item.provenance,
+            links=item.links,
+            ttl_seconds=item.ttl_seconds,
+        )
+    return {"kind": "plaintext", **item}
+
+
+def add_memory(cube_id: Id, body: dict[str, Any]) -> Call[Memory]:
+    return Call("POST", path("cubes", cube_id, "memories"), _MEMORY, body=body)
+
+
+def add_many(cube_id: Id, items: Iterable[MemoryIn | Mapping[str, Any]]) -> Call[_Items]:
+    body = {"items": [_item_body(item) for item in items]}
+    return Call("POST", path("cubes", cube_id, "memories", "batch"), _MEMORY_ITEMS, body=body)
+
+
+def list_memories(
+    cube_id: Id,
+    *,
+    kind: str | None,
+    tag: str | Sequence[str] | None,
+    state: str | None,
+    since: datetime | str | None,
+    until: datetime | str | None,
+    include_expired: bool | None,
+    cursor: str | None,
+    page_size: int | None,
+) -> Call[Page[Memory]]:
+    params = query(
+        kind=kind,
+        tag=[tag] if isinstance(tag, str) else tag,
+        state=state,
+        since=None if since is None else time_param("since", since),
+        until=None if until is None else time_param("until", until),
+        include_expired=include_expired,
+        limit=page_size,
+        cursor=cursor,
+    )
+    return Call("GET", path("cubes", cube_id, "memories"), _MEMORY_PAGE, params=params)
+
+
+def get_memory(memory_id: Id, include_expired: bool) -> Call[Memory]:
+    params = query(include_expired=True) if include_expired else None
+    return Call("GET", path("memories", memory_id), _MEMORY, params=params)
+
+
+def update_memory(memory_id: Id, if_version: int, patch: dict[str, Any]) -> Call[Memory]:
+    return Call("PATCH", path("memories", memory_id), _MEMORY, body=patch, headers=_if_match(if_version))
+
+
+def delete_memory(memory_id: Id, purge: bool, if_version: int | None) -> Call[None]:
+    params = query(purge=True) if purge else None
+    return Call("DELETE", path("memories", memory_id), no_content, params=params, headers=_if_match(if_version))
+
+
+def versions(memory_id: Id, cursor: str | None, page_size: int | None) -> Call[Page[Version]]:
+    params = query(limit=page_size, cursor=cursor)
+    return Call("GET", path("memories", memory_id, "versions"), _VERSION_PAGE, params=params)
+
+
+def version(memory_id: Id, n: int) -> Call[Version]:
+    return Call("GET", path("memories", memory_id, "versions", n), _VERSION)
+
+
+def restore(memory_id: Id, version: int, if_version: int | None) -> Call[Memory]:
+    return Call(
+        "POST",
+        path("memories", memory_id, "restore"),
+        _MEMORY,
+        body={"version": version},
+        headers=_if_match(if_version),
+    )
+
+
+def provenance(memory_id: Id) -> Call[ProvenanceGraph]:
+    return Call("GET", path("memories", memory_id, "provenance"), _PROVENANCE)
+
+
+def link(memory_id: Id, to: Id, type: str, weight: float | None) -> Call[Link]:
+    body = compact(to=str(to), type=type, weight=weight)
+    return Call("POST", path("memories", memory_id, "links"), _LINK, body=body)
+
+
+# --- search -------------------------------------------------------------------------------------
+
+
+def search(
+    query_text: str,
+    *,
+    cube_ids: Iterable[Id] | None,
+    k: int | None,
+    mode: str | None,
+    kinds: Sequence[str] | None,
+    tags: Sequence[str] | None,
+    filters: Mapping[str, Any] | None,
+    since: datetime | str | None,
+    until: datetime | str | None,
+    states: Sequence[str] | None,
+    diversity: float | None,
+) -> Call[SearchResponse]:
+    body = compact(
+        query=query_text,
+        cube_ids=None if cube_ids is None else [str(c) for c in cube_ids],
+        k=k,
+        mode=mode,
+        kinds=None if kinds is None else list(kinds),
+        tags=None if tags is None else list(tags),
+        filters=_dict(filters),
+        since=None if since is None else time_param("since", since),
+        until=None if until is None else time_param("until", until),
+        states=None if states is None else list(states),
+        diversity=diversity,
+    )
+    # Search only reads: retrying it on 429/503 is as safe as retrying a GET.
+    return Call("POST", path("search"), _SEARCH, body=body, idempotent=True)
+
+
+# --- anything else ------------------------------------------------------------------------------
+
+
+def raw(
+    method: str,
+    url: str,
+    *,
+    params: Mapping[str, Any] | None,
+    json: Any,
+    content: bytes | None,
+    headers: Mapping[str, str] | None,
+) -> Call[Any]:
+    if not url.startswith("/"):
+        # An absolute URL would carry this client's API key to another host.
+        raise ValueError(f"request() takes a path on the memos server, like /v1/agents/me, not {url!r}")
+    return Call(
+        method.upper(),
+        url,
+        any_json,
+        params=None if params is None else query(**params),
+        body=json,
+        content=content,
+        headers=headers,
+    )

@@ -1,0 +1,246 @@
+"""``MemosClient`` and ``AsyncMemosClient``: one httpx client each, the retry loop, the resources."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+
+from memos_client import _calls
+from memos_client._base import DEFAULT_TIMEOUT, BaseClient, Call, Id, RetryPolicy
+from memos_client._models import Mode, SearchResponse, State
+from memos_client._resources import (
+    Agents,
+    AsyncAgents,
+    AsyncCubes,
+    AsyncMemories,
+    AsyncTenants,
+    Cubes,
+    Memories,
+    Tenants,
+)
+
+T = TypeVar("T")
+C = TypeVar("C", bound="MemosClient")
+A = TypeVar("A", bound="AsyncMemosClient")
+
+_DEFAULT_RETRIES = RetryPolicy()
+
+
+class MemosClient(BaseClient):
+    """A synchronous memos client.
+
+    ``base_url`` defaults to ``$MEMOS_URL`` (then ``http://127.0.0.1:8000``) and ``api_key`` to
+    ``$MEMOS_API_KEY``; both are read once, here. ``timeout`` is seconds or an ``httpx.Timeout``
+    (default: 5 s to connect, 60 s for the rest; ``None`` waits forever). ``retries`` is a
+    ``RetryPolicy`` or a number of retries (see ``RetryPolicy`` for what is retried). ``transport``
+    replaces httpx's network transport (an in-process app in tests, a proxy, a mock).
+
+    Use it as a context manager, or call ``close()``::
+
+        with MemosClient() as client:
+            cube = client.cubes.create("notes")
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        retries: int | RetryPolicy = _DEFAULT_RETRIES,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout=timeout, retries=retries, headers=headers)
+        self._http = httpx.Client(transport=transport, **self._http_options())
+        self.tenants = Tenants(self)
+        self.agents = Agents(self)
+        self.cubes = Cubes(self)
+        self.memories = Memories(self)
+
+    def search(
+        self,
+        query: str,
+        *,
+        cube_ids: Iterable[Id] | None = None,
+        k: int | None = None,
+        mode: Mode | None = None,
+        kinds: Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+        filters: Mapping[str, Any] | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        states: Sequence[State] | None = None,
+        diversity: float | None = None,
+    ) -> SearchResponse:
+        """Find memories the caller may read, best first. ``None`` leaves a field to the server's default.
+
+        ``since``/``until`` apply to the event time (``metadata.time``, else ``created_at``).
+        """
+        return self._send(
+            _calls.search(
+                query,
+                cube_ids=cube_ids,
+                k=k,
+                mode=mode,
+                kinds=kinds,
+                tags=tags,
+                filters=filters,
+                since=since,
+                until=until,
+                states=states,
+                diversity=diversity,
+            )
+        )
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Any other endpoint: the decoded JSON answer (``None`` for 204), errors raised as for the rest."""
+        return self._send(_calls.raw(method, path, params=params, json=json, content=content, headers=headers))
+
+    def _send(self, call: Call[T]) -> T:
+        content, headers = self._content(call)
+        request = self._http.build_request(call.method, call.path, params=call.params, content=content, headers=headers)
+        attempt = 0
+        while True:
+            try:
+                response = self._http.send(request)
+            except httpx.RequestError as exc:  # transport errors, and undecodable or redirect-looping answers
+                wait = self._retry_wait(call, attempt, error=exc)
+                if wait is None:
+                    raise self._transport_error(call, exc) from exc
+            else:
+                wait = self._retry_wait(call, attempt, response=response)
+                if wait is None:
+                    return self._result(call, response)
+            time.sleep(wait)
+            attempt += 1
+
+    def close(self) -> None:
+        """Close the connections; the client cannot be used afterwards."""
+        self._http.close()
+
+    def __enter__(self: C) -> C:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncMemosClient(BaseClient):
+    """The asyncio twin of ``MemosClient``: the same arguments, methods that are awaited.
+
+    Lists are async iterators (``async for m in client.memories.list(cube_id)``). Use it as an async
+    context manager, or call ``await client.aclose()``.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        retries: int | RetryPolicy = _DEFAULT_RETRIES,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout=timeout, retries=retries, headers=headers)
+        self._http = httpx.AsyncClient(transport=transport, **self._http_options())
+        self.tenants = AsyncTenants(self)
+        self.agents = AsyncAgents(self)
+        self.cubes = AsyncCubes(self)
+        self.memories = AsyncMemories(self)
+
+    async def search(
+        self,
+        query: str,
+        *,
+        cube_ids: Iterable[Id] | None = None,
+        k: int | None = None,
+        mode: Mode | None = None,
+        kinds: Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+        filters: Mapping[str, Any] | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        states: Sequence[State] | None = None,
+        diversity: float | None = None,
+    ) -> SearchResponse:
+        """Find memories the caller may read, best first. ``None`` leaves a field to the server's default.
+
+        ``since``/``until`` apply to the event time (``metadata.time``, else ``created_at``).
+        """
+        return await self._send(
+            _calls.search(
+                query,
+                cube_ids=cube_ids,
+                k=k,
+                mode=mode,
+                kinds=kinds,
+                tags=tags,
+                filters=filters,
+                since=since,
+                until=until,
+                states=states,
+                diversity=diversity,
+            )
+        )
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Any other endpoint: the decoded JSON answer (``None`` for 204), errors raised as for the rest."""
+        return await self._send(_calls.raw(method, path, params=params, json=json, content=content, headers=headers))
+
+    async def _send(self, call: Call[T]) -> T:
+        content, headers = self._content(call)
+        request = self._http.build_request(call.method, call.path, params=call.params, content=content, headers=headers)
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.send(request)
+            except httpx.RequestError as exc:  # transport errors, and undecodable or redirect-looping answers
+                wait = self._retry_wait(call, attempt, error=exc)
+                if wait is None:
+                    raise self._transport_error(call, exc) from exc
+            else:
+                wait = self._retry_wait(call, attempt, response=response)
+                if wait is None:
+                    return self._result(call, response)
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    async def aclose(self) -> None:
+        """Close the connections; the client cannot be used afterwards."""
+        await self._http.aclose()
+
+    async def __aenter__(self: A) -> A:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,216 @@
+"""Typed bodies: what the server returns (decoded with msgspec) and the few structured inputs.
+
+Response types mirror the server's DTOs (docs/api.md). Fields a newer server adds are ignored when
+decoding, so an older client keeps working. IDs are UUID strings; times are timezone-aware datetimes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+Kind = Literal["plaintext", "response"]
+State = Literal["active", "archived", "deleted"]
+Mode = Literal["vector", "text", "hybrid", "graph"]
+Access = Literal["read", "write"]
+Role = Literal["agent", "admin"]
+
+
+class Page(msgspec.Struct, Generic[T], frozen=True):
+    """One page of a list; pass ``next_cursor`` as ``cursor=`` to continue from it (``None``: the last page)."""
+
+    items: list[T]
+    next_cursor: str | None
+
+
+# --- identity -----------------------------------------------------------------------------------
+
+
+class TenantCreated(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    admin_agent_id: str
+    admin_key: str
+    """Shown once: the server keeps only its hash."""
+
+
+class AgentCreated(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    role: str
+    api_key: str
+    """Shown once: the server keeps only its hash."""
+
+
+class Agent(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    role: str
+    tenant_id: str
+    created_at: datetime
+
+
+class Me(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    role: str
+    tenant_id: str
+
+
+class KeyCreated(msgspec.Struct, frozen=True):
+    api_key: str
+    prefix: str
+    """The key's public handle: ``agents.revoke_key(prefix)`` revokes it."""
+
+
+# --- cubes --------------------------------------------------------------------------------------
+
+
+class CubeStats(msgspec.Struct, frozen=True):
+    memories: int
+    activations: int
+
+
+class Cube(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    description: str
+    metadata: dict[str, Any]
+    owner_agent_id: str
+    created_at: datetime
+    updated_at: datetime
+    stats: CubeStats
+    access: str
+    """What the caller may do here: ``"manage"`` (owner, tenant admin), ``"write"`` or ``"read"``."""
+
+
+class Grant(msgspec.Struct, frozen=True):
+    cube_id: str
+    agent_id: str
+    access: str
+
+
+# --- memories -----------------------------------------------------------------------------------
+
+
+class Memory(msgspec.Struct, frozen=True):
+    id: str
+    cube_id: str
+    kind: str
+    state: str
+    version: int
+    """Pass it as ``if_version=`` to update this memory."""
+    content: str | None
+    """``None`` once purged."""
+    metadata: dict[str, Any]
+    tags: list[str]
+    provenance: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None
+    created_by: str
+    heat: float
+
+
+class Version(msgspec.Struct, frozen=True):
+    memory_id: str
+    version: int
+    op: str
+    """``create``, ``update``, ``restore`` or ``delete``."""
+    state: str
+    content: str | None
+    metadata: dict[str, Any]
+    tags: list[str]
+    provenance: dict[str, Any]
+    content_sha256: str | None
+    created_at: datetime
+    created_by: str
+
+
+class Link(msgspec.Struct, frozen=True):
+    id: str
+    from_id: str
+    to_id: str
+    type: str
+    weight: float
+    created_at: datetime
+
+
+class ProvenanceNode(msgspec.Struct, frozen=True):
+    memory_id: str
+    kind: str
+    state: str
+    version: int
+    depth: int
+    """Negative for ancestors, 0 for the memory asked about, positive for descendants."""
+
+
+class ProvenanceEdge(msgspec.Struct, frozen=True):
+    from_id: str
+    to_id: str
+    to_version: int | None
+    """``from_id`` was derived from version ``to_version`` of ``to_id``."""
+
+
+class ProvenanceGraph(msgspec.Struct, frozen=True):
+    nodes: list[ProvenanceNode]
+    edges: list[ProvenanceEdge]
+
+
+# --- search -------------------------------------------------------------------------------------
+
+
+class SearchResult(msgspec.Struct, frozen=True):
+    memory: Memory
+    score: float
+    via: str
+    """Why it was chosen: ``vector``, ``text``, ``text+vector`` or ``graph:<edge><-<seed memory id>``."""
+
+
+class SearchResponse(msgspec.Struct, frozen=True):
+    results: list[SearchResult]
+    took_ms: float
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+class DerivedFrom(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A source of a memory; ``version`` defaults (server side) to the source's current version."""
+
+    memory_id: str
+    version: int | None = None
+
+
+class Provenance(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """Where a memory came from. A plain dict with the same keys works too."""
+
+    source: str | None = None
+    derived_from: list[DerivedFrom] | None = None
+    agent: str | None = None
+    model: str | None = None
+    note: str | None = None
+
+
+class LinkIn(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A typed edge to write with a new memory (``memories.add(..., links=[LinkIn(to, "supports")])``)."""
+
+    to: str
+    type: str
+    weight: float | None = None
+
+
+class MemoryIn(msgspec.Struct, frozen=True, kw_only=True):
+    """One item of ``memories.add_many``: the same fields as ``memories.add``."""
+
+    content: str
+    kind: Kind = "plaintext"
+    metadata: dict[str, Any] | None = None
+    tags: list[str] | None = None
+    provenance: Provenance | dict[str, Any] | None = None
+    links: list[LinkIn | dict[str, Any]] | None = None
+    ttl_seconds: int | None = None

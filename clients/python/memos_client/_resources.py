@@ -1,0 +1,472 @@
+"""``client.tenants``, ``client.agents``, ``client.cubes`` and ``client.memories``, sync and async.
+
+Each method describes its call with ``_calls`` and hands it to the client; the sync and async
+classes differ only in ``await``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+
+from memos_client import _calls
+from memos_client._base import Call, Id, compact
+from memos_client._models import (
+    Access,
+    Agent,
+    AgentCreated,
+    Cube,
+    Grant,
+    KeyCreated,
+    Kind,
+    Link,
+    LinkIn,
+    Me,
+    Memory,
+    MemoryIn,
+    Page,
+    Provenance,
+    ProvenanceGraph,
+    Role,
+    State,
+    TenantCreated,
+    Version,
+)
+from memos_client._pagination import AsyncPager, Pager
+
+T = TypeVar("T")
+
+
+class _Sender(Protocol):
+    def _send(self, call: Call[T]) -> T: ...
+
+
+class _AsyncSender(Protocol):
+    async def _send(self, call: Call[T]) -> T: ...
+
+
+def _patch(
+    content: str | None,
+    metadata: Mapping[str, Any] | None,
+    tags: Sequence[str] | None,
+    provenance: Provenance | Mapping[str, Any] | None,
+    state: str | None,
+    ttl_seconds: int | msgspec.UnsetType | None,
+) -> dict[str, Any]:
+    if isinstance(tags, str):
+        raise TypeError("tags must be a list of strings, not a string")
+    patch = compact(
+        content=content,
+        metadata=None if metadata is None else dict(metadata),
+        tags=None if tags is None else list(tags),
+        provenance=provenance if provenance is None or isinstance(provenance, Provenance) else dict(provenance),
+        state=state,
+    )
+    if ttl_seconds is not msgspec.UNSET:
+        patch["ttl_seconds"] = ttl_seconds  # None is sent as null: it clears the expiry
+    return patch
+
+
+# --- sync ---------------------------------------------------------------------------------------
+
+
+class Tenants:
+    """Tenants: the operator key's only job."""
+
+    def __init__(self, client: _Sender) -> None:
+        self._client = client
+
+    def create(self, name: str) -> TenantCreated:
+        """Create a tenant and its admin agent; the admin key in the answer is shown once."""
+        return self._client._send(_calls.create_tenant(name))
+
+
+class Agents:
+    """Agents of the caller's tenant, and their keys."""
+
+    def __init__(self, client: _Sender) -> None:
+        self._client = client
+
+    def create(self, name: str, *, role: Role = "agent") -> AgentCreated:
+        """Create an agent (tenant admin only); its key in the answer is shown once."""
+        return self._client._send(_calls.create_agent(name, role))
+
+    def me(self) -> Me:
+        """Who this client's key belongs to."""
+        return self._client._send(_calls.me())
+
+    def list(self, *, page_size: int | None = None, cursor: str | None = None) -> Pager[Agent]:
+        """Every agent of the tenant, oldest first (tenant admin only)."""
+        return Pager(lambda c: self._client._send(_calls.list_agents(c, page_size)), cursor)
+
+    def rotate_key(self, agent_id: Id) -> KeyCreated:
+        """Issue an additional key for an agent; its older keys stay valid until revoked."""
+        return self._client._send(_calls.rotate_key(agent_id))
+
+    def revoke_key(self, prefix: str) -> None:
+        """Revoke a key by its prefix (``KeyCreated.prefix``, or the 12 hex after ``memos_``)."""
+        self._client._send(_calls.revoke_key(prefix))
+
+
+class Cubes:
+    """MemCubes: named containers of memories, owned by an agent and shared by grants."""
+
+    def __init__(self, client: _Sender) -> None:
+        self._client = client
+
+    def create(self, name: str, *, description: str | None = None, metadata: Mapping[str, Any] | None = None) -> Cube:
+        return self._client._send(_calls.create_cube(name, description, metadata))
+
+    def list(self, *, page_size: int | None = None, cursor: str | None = None) -> Pager[Cube]:
+        """The cubes the caller owns or is granted (every cube of the tenant for an admin), oldest first."""
+        return Pager(lambda c: self._client._send(_calls.list_cubes(c, page_size)), cursor)
+
+    def get(self, cube_id: Id) -> Cube:
+        return self._client._send(_calls.get_cube(cube_id))
+
+    def update(
+        self,
+        cube_id: Id,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Cube:
+        """Change the fields given (``None``: left as it is); ``metadata`` replaces the stored object."""
+        return self._client._send(_calls.update_cube(cube_id, name, description, metadata))
+
+    def delete(self, cube_id: Id) -> None:
+        """Tombstone the cube and every memory in it."""
+        self._client._send(_calls.delete_cube(cube_id))
+
+    def grant(self, cube_id: Id, agent_id: Id, access: Access = "read") -> Grant:
+        """Create or change an agent's grant on the cube (owner or tenant admin)."""
+        return self._client._send(_calls.grant(cube_id, agent_id, access))
+
+    def revoke(self, cube_id: Id, agent_id: Id) -> None:
+        """Remove an agent's grant on the cube."""
+        self._client._send(_calls.revoke(cube_id, agent_id))
+
+
+class Memories:
+    """Memories: versioned, with provenance and links."""
+
+    def __init__(self, client: _Sender) -> None:
+        self._client = client
+
+    def add(
+        self,
+        cube_id: Id,
+        *,
+        content: str,
+        kind: Kind = "plaintext",
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        provenance: Provenance | Mapping[str, Any] | None = None,
+        links: Iterable[LinkIn | Mapping[str, Any]] | None = None,
+        ttl_seconds: int | None = None,
+    ) -> Memory:
+        """Add a memory (version 1). A ``"response"`` memory needs ``metadata["query"]``."""
+        body = _calls.memory_body(
+            content=content,
+            kind=kind,
+            metadata=metadata,
+            tags=tags,
+            provenance=provenance,
+            links=links,
+            ttl_seconds=ttl_seconds,
+        )
+        return self._client._send(_calls.add_memory(cube_id, body))
+
+    def add_many(self, cube_id: Id, items: Iterable[MemoryIn | Mapping[str, Any]]) -> list[Memory]:
+        """Add up to 1000 memories at once, all or nothing. Items are ``MemoryIn`` or dicts of the same fields."""
+        return self._client._send(_calls.add_many(cube_id, items)).items
+
+    def get(self, memory_id: Id, *, include_expired: bool = False) -> Memory:
+        """The current version (a soft-deleted memory too, with ``state == "deleted"``)."""
+        return self._client._send(_calls.get_memory(memory_id, include_expired))
+
+    def list(
+        self,
+        cube_id: Id,
+        *,
+        kind: str | None = None,
+        tag: str | Sequence[str] | None = None,
+        state: State | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        include_expired: bool | None = None,
+        page_size: int | None = None,
+        cursor: str | None = None,
+    ) -> Pager[Memory]:
+        """A cube's memories, oldest first; ``state`` defaults (server side) to ``"active"``.
+
+        Several tags must all be present. ``since`` (inclusive) and ``until`` (exclusive) apply to
+        ``created_at``.
+        """
+
+        def fetch(c: str | None) -> Page[Memory]:
+            call = _calls.list_memories(
+                cube_id,
+                kind=kind,
+                tag=tag,
+                state=state,
+                since=since,
+                until=until,
+                include_expired=include_expired,
+                cursor=c,
+                page_size=page_size,
+            )
+            return self._client._send(call)
+
+        return Pager(fetch, cursor)
+
+    def update(
+        self,
+        memory_id: Id,
+        *,
+        if_version: int,
+        content: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        tags: Sequence[str] | None = None,
+        provenance: Provenance | Mapping[str, Any] | None = None,
+        state: State | None = None,
+        ttl_seconds: int | msgspec.UnsetType | None = msgspec.UNSET,
+    ) -> Memory:
+        """Write a new version, if the memory is still at ``if_version``; otherwise ``PreconditionFailed``.
+
+        ``if_version`` is required: an update always says which version it was based on, so it cannot
+        silently overwrite someone else's. Fields left ``None`` stay as they are; ``metadata``,
+        ``tags`` and ``provenance`` replace the stored value. ``ttl_seconds=None`` clears the expiry.
+        """
+        patch = _patch(content, metadata, tags, provenance, state, ttl_seconds)
+        return self._client._send(_calls.update_memory(memory_id, if_version, patch))
+
+    def delete(self, memory_id: Id, *, purge: bool = False, if_version: int | None = None) -> None:
+        """Soft-delete (history kept); ``purge=True`` (tenant admin) erases the content of every version."""
+        self._client._send(_calls.delete_memory(memory_id, purge, if_version))
+
+    def versions(self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None) -> Pager[Version]:
+        """Every version of the memory, oldest first."""
+        return Pager(lambda c: self._client._send(_calls.versions(memory_id, c, page_size)), cursor)
+
+    def version(self, memory_id: Id, n: int) -> Version:
+        return self._client._send(_calls.version(memory_id, n))
+
+    def restore(self, memory_id: Id, version: int, *, if_version: int | None = None) -> Memory:
+        """Write a new version equal to version ``version`` (this also undeletes and unarchives)."""
+        return self._client._send(_calls.restore(memory_id, version, if_version))
+
+    def provenance(self, memory_id: Id) -> ProvenanceGraph:
+        """Ancestors and descendants by ``derived_from``, with their edges."""
+        return self._client._send(_calls.provenance(memory_id))
+
+    def link(self, memory_id: Id, *, to: Id, type: str, weight: float | None = None) -> Link:
+        """Add a typed, weighted edge from this memory to another."""
+        return self._client._send(_calls.link(memory_id, to, type, weight))
+
+
+# --- async --------------------------------------------------------------------------------------
+
+
+class AsyncTenants:
+    """Tenants: the operator key's only job."""
+
+    def __init__(self, client: _AsyncSender) -> None:
+        self._client = client
+
+    async def create(self, name: str) -> TenantCreated:
+        """Create a tenant and its admin agent; the admin key in the answer is shown once."""
+        return await self._client._send(_calls.create_tenant(name))
+
+
+class AsyncAgents:
+    """Agents of the caller's tenant, and their keys."""
+
+    def __init__(self, client: _AsyncSender) -> None:
+        self._client = client
+
+    async def create(self, name: str, *, role: Role = "agent") -> AgentCreated:
+        """Create an agent (tenant admin only); its key in the answer is shown once."""
+        return await self._client._send(_calls.create_agent(name, role))
+
+    async def me(self) -> Me:
+        """Who this client's key belongs to."""
+        return await self._client._send(_calls.me())
+
+    def list(self, *, page_size: int | None = None, cursor: str | None = None) -> AsyncPager[Agent]:
+        """Every agent of the tenant, oldest first (tenant admin only)."""
+        return AsyncPager(lambda c: self._client._send(_calls.list_agents(c, page_size)), cursor)
+
+    async def rotate_key(self, agent_id: Id) -> KeyCreated:
+        """Issue an additional key for an agent; its older keys stay valid until revoked."""
+        return await self._client._send(_calls.rotate_key(agent_id))
+
+    async def revoke_key(self, prefix: str) -> None:
+        """Revoke a key by its prefix (``KeyCreated.prefix``, or the 12 hex after ``memos_``)."""
+        await self._client._send(_calls.revoke_key(prefix))
+
+
+class AsyncCubes:
+    """MemCubes: named containers of memories, owned by an agent and shared by grants."""
+
+    def __init__(self, client: _AsyncSender) -> None:
+        self._client = client
+
+    async def create(
+        self, name: str, *, description: str | None = None, metadata: Mapping[str, Any] | None = None
+    ) -> Cube:
+        return await self._client._send(_calls.create_cube(name, description, metadata))
+
+    def list(self, *, page_size: int | None = None, cursor: str | None = None) -> AsyncPager[Cube]:
+        """The cubes the caller owns or is granted (every cube of the tenant for an admin), oldest first."""
+        return AsyncPager(lambda c: self._client._send(_calls.list_cubes(c, page_size)), cursor)
+
+    async def get(self, cube_id: Id) -> Cube:
+        return await self._client._send(_calls.get_cube(cube_id))
+
+    async def update(
+        self,
+        cube_id: Id,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Cube:
+        """Change the fields given (``None``: left as it is); ``metadata`` replaces the stored object."""
+        return await self._client._send(_calls.update_cube(cube_id, name, description, metadata))
+
+    async def delete(self, cube_id: Id) -> None:
+        """Tombstone the cube and every memory in it."""
+        await self._client._send(_calls.delete_cube(cube_id))
+
+    async def grant(self, cube_id: Id, agent_id: Id, access: Access = "read") -> Grant:
+        """Create or change an agent's grant on the cube (owner or tenant admin)."""
+        return await self._client._send(_calls.grant(cube_id, agent_id, access))
+
+    async def revoke(self, cube_id: Id, agent_id: Id) -> None:
+        """Remove an agent's grant on the cube."""
+        await self._client._send(_calls.revoke(cube_id, agent_id))
+
+
+class AsyncMemories:
+    """Memories: versioned, with provenance and links."""
+
+    def __init__(self, client: _AsyncSender) -> None:
+        self._client = client
+
+    async def add(
+        self,
+        cube_id: Id,
+        *,
+        content: str,
+        kind: Kind = "plaintext",
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        provenance: Provenance | Mapping[str, Any] | None = None,
+        links: Iterable[LinkIn | Mapping[str, Any]] | None = None,
+        ttl_seconds: int | None = None,
+    ) -> Memory:
+        """Add a memory (version 1). A ``"response"`` memory needs ``metadata["query"]``."""
+        body = _calls.memory_body(
+            content=content,
+            kind=kind,
+            metadata=metadata,
+            tags=tags,
+            provenance=provenance,
+            links=links,
+            ttl_seconds=ttl_seconds,
+        )
+        return await self._client._send(_calls.add_memory(cube_id, body))
+
+    async def add_many(self, cube_id: Id, items: Iterable[MemoryIn | Mapping[str, Any]]) -> list[Memory]:
+        """Add up to 1000 memories at once, all or nothing. Items are ``MemoryIn`` or dicts of the same fields."""
+        return (await self._client._send(_calls.add_many(cube_id, items))).items
+
+    async def get(self, memory_id: Id, *, include_expired: bool = False) -> Memory:
+        """The current version (a soft-deleted memory too, with ``state == "deleted"``)."""
+        return await self._client._send(_calls.get_memory(memory_id, include_expired))
+
+    def list(
+        self,
+        cube_id: Id,
+        *,
+        kind: str | None = None,
+        tag: str | Sequence[str] | None = None,
+        state: State | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        include_expired: bool | None = None,
+        page_size: int | None = None,
+        cursor: str | None = None,
+    ) -> AsyncPager[Memory]:
+        """A cube's memories, oldest first; ``state`` defaults (server side) to ``"active"``.
+
+        Several tags must all be present. ``since`` (inclusive) and ``until`` (exclusive) apply to
+        ``created_at``.
+        """
+
+        async def fetch(c: str | None) -> Page[Memory]:
+            call = _calls.list_memories(
+                cube_id,
+                kind=kind,
+                tag=tag,
+                state=state,
+                since=since,
+                until=until,
+                include_expired=include_expired,
+                cursor=c,
+                page_size=page_size,
+            )
+            return await self._client._send(call)
+
+        return AsyncPager(fetch, cursor)
+
+    async def update(
+        self,
+        memory_id: Id,
+        *,
+        if_version: int,
+        content: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        tags: Sequence[str] | None = None,
+        provenance: Provenance | Mapping[str, Any] | None = None,
+        state: State | None = None,
+        ttl_seconds: int | msgspec.UnsetType | None = msgspec.UNSET,
+    ) -> Memory:
+        """Write a new version, if the memory is still at ``if_version``; otherwise ``PreconditionFailed``.
+
+        ``if_version`` is required: an update always says which version it was based on, so it cannot
+        silently overwrite someone else's. Fields left ``None`` stay as they are; ``metadata``,
+        ``tags`` and ``provenance`` replace the stored value. ``ttl_seconds=None`` clears the expiry.
+        """
+        patch = _patch(content, metadata, tags, provenance, state, ttl_seconds)
+        return await self._client._send(_calls.update_memory(memory_id, if_version, patch))
+
+    async def delete(self, memory_id: Id, *, purge: bool = False, if_version: int | None = None) -> None:
+        """Soft-delete (history kept); ``purge=True`` (tenant admin) erases the content of every version."""
+        await self._client._send(_calls.delete_memory(memory_id, purge, if_version))
+
+    def versions(
+        self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None
+    ) -> AsyncPager[Version]:
+        """Every version of the memory, oldest first."""
+        return AsyncPager(lambda c: self._client._send(_calls.versions(memory_id, c, page_size)), cursor)
+
+    async def version(self, memory_id: Id, n: int) -> Version:
+        return await self._client._send(_calls.version(memory_id, n))
+
+    async def restore(self, memory_id: Id, version: int, *, if_version: int | None = None) -> Memory:
+        """Write a new version equal to version ``version`` (this also undeletes and unarchives)."""
+        return await self._client._send(_calls.restore(memory_id, version, if_version))
+
+    async def provenance(self, memory_id: Id) -> ProvenanceGraph:
+        """Ancestors and descendants by ``derived_from``, with their edges."""
+        return await self._client._send(_calls.provenance(memory_id))
+
+    async def link(self, memory_id: Id, *, to: Id, type: str, weight: float | None = None) -> Link:
+        """Add a typed, weighted edge from this memory to another."""
+        return await self._client._send(_calls.link(memory_id, to, type, weight))
