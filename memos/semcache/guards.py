@@ -1,0 +1,948 @@
+"""Deterministic guards: does a cached query ask the same thing as a new one, beyond looking alike?
+
+An embedding puts "Cancel my subscription" and "Don't cancel my subscription" next to each other,
+and "the Pro plan for 5 users" next to "for 50 users". Each guard here compares one kind of fact the
+two queries state (polarity, numbers, dates, names, scope, direction, the words that differ) and
+returns ``None`` when they agree or a short reason when they do not. Everything is pure Python and
+regular expressions: :func:`analyze` reads a query once (memoized) in tens of microseconds and a
+comparison costs a few microseconds, so the guards run on every candidate of every lookup.
+
+The guards are general rules, not lists of known trap sentences. They err on the side of a miss:
+a rejected paraphrase costs one model call, a served wrong answer costs trust.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from functools import lru_cache
+
+from memos.graph._calendar import MONTH_NAMES, WEEKDAYS
+from memos.graph.entities import EntityKind, extract_entities
+from memos.semcache.lexicon import (
+    ANTONYM_PAIRS,
+    COMPARATIVE_PREPOSITIONS,
+    FILLERS,
+    NEGATIVE_PREFIXES,
+    NEGATORS,
+    OPPOSED_PARTICLES,
+    OPPOSED_PREFIXES,
+    REASON_MARKERS,
+    SCOPE_POLES,
+    STOPWORDS,
+    SYNONYMS,
+    stem,
+    words,
+)
+
+__all__ = [
+    "GUARDS",
+    "GUARD_NAMES",
+    "Guard",
+    "QueryFacts",
+    "analyze",
+    "check",
+    "check_all",
+    "similar_words",
+]
+
+# -- normalization ----------------------------------------------------------------------------------
+
+_TRANSLATE = str.maketrans(
+    {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-", "\u00a0": " "}
+)
+_CONTRACTIONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern, re.IGNORECASE), repl)
+    for pattern, repl in (
+        (r"\bcan'?t\b", "can not"),
+        (r"\bcannot\b", "can not"),
+        (r"\bwon'?t\b", "will not"),
+        (r"\bshan'?t\b", "shall not"),
+        (r"\bain'?t\b", "is not"),
+        (r"\b(\w+)n't\b", r"\1 not"),
+        # the apostrophe-less spellings people type ("dont", "isnt"): "cant" and "wont" are words, left alone
+        (r"\b(do|does|did|is|are|was|were|have|has|had|should|would|could|must|need)nt\b", r"\1 not"),
+        (r"\b(what|who|where|when|how|it|that|there|here)'?s\b(?!\s+(?:been|got)\b)", r"\1 is"),
+        (r"'re\b", " are"),
+        (r"'ve\b", " have"),
+        (r"'ll\b", " will"),
+        (r"'d\b", " would"),
+        (r"\bi'?m\b", "i am"),
+        # phrasal verbs that mean one word: "turn on dark mode" asks what "enable dark mode" asks
+        (r"\b(?:turn|switch)(?:s|ed|ing)?\s+on\b", "enable"),
+        (r"\b(?:turn|switch)(?:s|ed|ing)?\s+off\b", "disable"),
+    )
+)
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def _normalize(text: str) -> str:
+    # line breaks survive: in a conversation they end a turn, which the name reader needs to know
+    out = "\n".join(" ".join(line.split()) for line in text.translate(_TRANSLATE).splitlines() if line.strip())
+    for pattern, repl in _CONTRACTIONS:
+        out = pattern.sub(repl, out)
+    return out
+
+
+def similar_words(a: str, b: str) -> bool:
+    """True when two stems are spellings of one word: a typo, a British/American spelling, an inflection.
+
+    Damerau-Levenshtein distance 1 for words of 4+ letters, 2 for 7+ letters, or a long shared
+    prefix ("agent"/"agency"). A negative prefix ("lock"/"unlock") never counts as a spelling.
+    """
+    if a == b:
+        return True
+    if min(len(a), len(b)) < 4 or _prefixed_opposites(a, b):
+        return False
+    prefix = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        prefix += 1
+    if prefix >= max(4, int(0.75 * min(len(a), len(b)) + 0.5)) and abs(len(a) - len(b)) <= 3:
+        return True
+    if prefix == min(len(a), len(b)) >= 4:  # "form"/"formation", "deliver"/"delivery"
+        return True
+    limit = 2 if min(len(a), len(b)) >= 7 else 1
+    return abs(len(a) - len(b)) <= limit and _damerau(a, b, limit) <= limit
+
+
+def _damerau(a: str, b: str, limit: int) -> int:
+    """Optimal-string-alignment distance, stopping early once it exceeds ``limit``."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        if min(cur) > limit:
+            return limit + 1
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+def _prefixed_opposites(a: str, b: str) -> bool:
+    """``a`` and ``b`` are one stem with and without a negative prefix, or with opposed prefixes."""
+    short, long_ = (a, b) if len(a) <= len(b) else (b, a)
+    for prefix in NEGATIVE_PREFIXES:
+        if long_ == prefix + short and len(short) >= 3:
+            return True
+    for left, right in OPPOSED_PREFIXES:
+        for x, y in ((a, b), (b, a)):
+            if x.startswith(left) and y.startswith(right) and x[len(left) :] == y[len(right) :] and len(x) > 4:
+                return True
+    return False
+
+
+# -- numbers and times ------------------------------------------------------------------------------
+
+_SMALL = {
+    w: i
+    for i, w in enumerate(
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+        ]
+    )
+}
+_TENS = {
+    w: 10 * i
+    for i, w in enumerate(["_", "_", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"])
+    if i >= 2
+}
+_ORDINALS = {
+    w: i
+    for i, w in enumerate(
+        [
+            "_",
+            "first",
+            "second",
+            "third",
+            "fourth",
+            "fifth",
+            "sixth",
+            "seventh",
+            "eighth",
+            "ninth",
+            "tenth",
+            "eleventh",
+            "twelfth",
+        ],
+        start=0,
+    )
+    if i
+}
+_NUMBER_WORD = (
+    r"(?:(?:" + "|".join(_TENS) + r")(?:[\s-](?:" + "|".join(w for w in _SMALL if _SMALL[w] < 10) + r"))?"
+    r"|" + "|".join(sorted(_SMALL, key=len, reverse=True)) + r")"
+)
+_UNIT_FAMILIES: dict[str, str] = {
+    **dict.fromkeys(["%", "percent", "per", "cent", "pct"], "%"),
+    **dict.fromkeys(["kg", "kgs", "kilo", "kilos", "kilogram", "kilograms", "kilogramme", "kilogrammes"], "kg"),
+    **dict.fromkeys(["g", "gram", "grams", "gramme", "grammes"], "g"),
+    **dict.fromkeys(["lb", "lbs"], "lb"),
+    **dict.fromkeys(["pound", "pounds"], "pound"),
+    **dict.fromkeys(["quid", "gbp"], "gbp"),
+    **dict.fromkeys(["dollar", "dollars", "usd", "bucks"], "usd"),
+    **dict.fromkeys(["euro", "euros", "eur"], "eur"),
+    **dict.fromkeys(["rupee", "rupees", "inr", "rs"], "inr"),
+    **dict.fromkeys(["km", "kms", "kilometer", "kilometers", "kilometre", "kilometres"], "km"),
+    **dict.fromkeys(["mi", "mile", "miles"], "mi"),
+    **dict.fromkeys(["m", "meter", "meters", "metre", "metres"], "m"),
+    **dict.fromkeys(["cm", "centimeter", "centimeters", "centimetre", "centimetres"], "cm"),
+    **dict.fromkeys(["mm", "millimeter", "millimeters", "millimetre", "millimetres"], "mm"),
+    **dict.fromkeys(["ft", "foot", "feet"], "ft"),
+    **dict.fromkeys(["inch", "inches"], "in"),
+    **dict.fromkeys(["ml", "millilitre", "millilitres", "milliliter", "milliliters"], "ml"),
+    **dict.fromkeys(["l", "litre", "litres", "liter", "liters"], "l"),
+    **dict.fromkeys(["gb", "gig", "gigs", "gigabyte", "gigabytes"], "gb"),
+    **dict.fromkeys(["mb", "megabyte", "megabytes"], "mb"),
+    **dict.fromkeys(["tb", "terabyte", "terabytes"], "tb"),
+    **dict.fromkeys(["kwh"], "kwh"),
+    **dict.fromkeys(["kw"], "kw"),
+    **dict.fromkeys(["mph", "kph"], "speed"),
+    **dict.fromkeys(["s", "sec", "secs", "second", "seconds"], "second"),
+    **dict.fromkeys(["min", "mins", "minute", "minutes"], "minute"),
+    **dict.fromkeys(["h", "hr", "hrs", "hour", "hours"], "hour"),
+    **dict.fromkeys(["day", "days"], "day"),
+    **dict.fromkeys(["night", "nights"], "night"),
+    **dict.fromkeys(["week", "weeks"], "week"),
+    **dict.fromkeys(["month", "months"], "month"),
+    **dict.fromkeys(["yr", "yrs", "year", "years"], "year"),
+}
+_CURRENCY_SYMBOLS = {"$": "usd", "£": "gbp", "€": "eur", "₹": "inr", "¥": "yen"}
+_AMBIGUOUS_UNITS = (frozenset({"pound", "gbp"}), frozenset({"pound", "lb"}))
+"""The word "pounds" is money or weight: it matches either, "£" and "lb" never match each other."""
+_UNIT_ALT = "|".join(sorted((re.escape(u) for u in _UNIT_FAMILIES), key=len, reverse=True))
+_DIGITS = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+
+_TIME_AMPM = re.compile(r"\b(?P<h>\d{1,2})(?:[:.](?P<m>\d{2}))?\s?(?P<ap>a\.?m\.?|p\.?m\.?)(?![a-z])", re.IGNORECASE)
+_TIME_CLOCK = re.compile(r"(?<![\d.,:])(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)(?![\d:])")
+_TIME_WORDS = re.compile(
+    rf"\b(?P<h>\d{{1,2}}|{_NUMBER_WORD})(?:\s?o'?\s?clock)?\s+(?P<part>in the morning|in the afternoon|"
+    r"in the evening|at night|tonight|this morning|this afternoon|this evening)\b"
+    rf"|\b(?P<h2>\d{{1,2}}|{_NUMBER_WORD})\s?o'?\s?clock\b",
+    re.IGNORECASE,
+)
+_NOON = re.compile(r"\b(?P<w>noon|midday|midnight)\b", re.IGNORECASE)
+_MONEY = re.compile(
+    rf"(?P<cur>[$£€₹¥])\s?(?P<num>{_DIGITS})(?:\s?(?P<scale>k|m|bn|million|billion|thousand)\b)?", re.IGNORECASE
+)
+_NUMBER = re.compile(
+    rf"(?<![\w.])(?P<num>{_DIGITS})(?P<k>k\b)?(?:(?:\s?|-)(?P<unit>{_UNIT_ALT})(?![a-z0-9]))?", re.IGNORECASE
+)
+_ORDINAL = re.compile(r"\b(?P<num>\d+)(?:st|nd|rd|th)\b", re.IGNORECASE)
+_WORD_NUMBER = re.compile(
+    rf"\b(?P<w>{_NUMBER_WORD})(?:[\s-](?P<big>hundred|thousand|million))?(?:(?:\s|-)(?P<unit>{_UNIT_ALT})(?![a-z]))?\b",
+    re.IGNORECASE,
+)
+_WORD_ORDINAL = re.compile(r"\b(?P<w>" + "|".join(_ORDINALS) + r")\b", re.IGNORECASE)
+_CODE = re.compile(r"\b(?=[a-z]*\d)(?=\d*[a-z])[a-z0-9]+(?:-[a-z0-9]+)*\b", re.IGNORECASE)
+
+
+def _word_value(word: str) -> int | None:
+    word = word.lower().replace("-", " ")
+    parts = word.split()
+    if parts[0] in _TENS:
+        return _TENS[parts[0]] + (_SMALL[parts[1]] if len(parts) > 1 else 0)
+    return _SMALL.get(parts[0])
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Numbers:
+    values: frozenset[str]
+    units: frozenset[tuple[str, str]]
+    times: frozenset[str]
+    meridiem: frozenset[tuple[str, str]]
+
+
+def _take(pattern: re.Pattern[str], text: str, handle: Callable[[re.Match[str]], bool]) -> str:
+    """Call ``handle`` on every match of ``pattern`` and blank the matches it accepts, in one pass.
+
+    Blanking (not deleting) keeps offsets and word boundaries, so a number read once is not read
+    again by a later, looser pattern.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        return " " * (match.end() - match.start()) if handle(match) else match.group()
+
+    return pattern.sub(replace, text)
+
+
+_SCALES = {"k": 1e3, "thousand": 1e3, "m": 1e6, "million": 1e6, "bn": 1e9, "billion": 1e9}
+_BIG = {"hundred": 100, "thousand": 1000, "million": 1_000_000}
+
+
+def _read_numbers(text: str) -> tuple[_Numbers, str]:
+    """Times, amounts, counts and ordinals in ``text``; returns them and ``text`` with their spans blanked."""
+    values: set[str] = set()
+    units: set[tuple[str, str]] = set()
+    times: set[str] = set()
+    meridiem: set[tuple[str, str]] = set()
+
+    def add_time(hour: int, minute: int, part: str | None) -> bool:
+        if not 0 <= hour <= 24 or not 0 <= minute < 60:
+            return False
+        if part is None and hour > 12:
+            part = "pm"
+        key = f"{(hour % 12) or 12}:{minute:02d}"
+        times.add(key)
+        if part:
+            meridiem.add((key, part))
+        return True
+
+    def ampm(match: re.Match[str]) -> bool:
+        return add_time(int(match["h"]), int(match["m"] or 0), "am" if match["ap"].lower().startswith("a") else "pm")
+
+    def spoken(match: re.Match[str]) -> bool:
+        raw = match["h"] or match["h2"]
+        hour = int(raw) if raw.isdigit() else _word_value(raw)
+        part = (match["part"] or "").lower()
+        return hour is not None and add_time(hour, 0, "am" if "morning" in part else ("pm" if part else None))
+
+    def clock(match: re.Match[str]) -> bool:
+        return add_time(int(match["h"]), int(match["m"]), None)
+
+    def noon(match: re.Match[str]) -> bool:
+        return add_time(12, 0, "am" if match["w"].lower() == "midnight" else "pm")
+
+    def money(match: re.Match[str]) -> bool:
+        value = float(match["num"].replace(",", "")) * _SCALES.get((match["scale"] or "").lower(), 1)
+        values.add(_number_text(value))
+        units.add((_number_text(value), _CURRENCY_SYMBOLS[match["cur"]]))
+        return True
+
+    def ordinal(match: re.Match[str]) -> bool:
+        values.add(match["num"])
+        return True
+
+    def number(match: re.Match[str]) -> bool:
+        value = float(match["num"].replace(",", "")) * (1000 if match["k"] else 1)
+        key = _number_text(value)
+        values.add(key)
+        unit = match["unit"]
+        # a one-letter unit must touch its number ("5m", "2g"): "18 in the UK" is not eighteen inches
+        if unit and (len(unit) > 1 or not match.group()[: -len(unit)].endswith(" ")):
+            units.add((key, _UNIT_FAMILIES[unit.lower()]))
+        return True
+
+    def word_number(match: re.Match[str]) -> bool:
+        value = _word_value(match["w"])
+        # "one" is mostly a pronoun ("the first one", "one of your shops"): a number only before a unit
+        if value is None or (match["w"].lower() == "one" and not match["unit"] and not match["big"]):
+            return False
+        value *= _BIG.get((match["big"] or "").lower(), 1)
+        values.add(str(value))
+        if match["unit"]:
+            units.add((str(value), _UNIT_FAMILIES[match["unit"].lower()]))
+        return True
+
+    def word_ordinal(match: re.Match[str]) -> bool:
+        values.add(str(_ORDINALS[match["w"].lower()]))
+        return True
+
+    # most specific first: "7.30pm" is a time before "7.30" could be a number
+    for pattern, handle in (
+        (_TIME_AMPM, ampm),
+        (_TIME_WORDS, spoken),
+        (_TIME_CLOCK, clock),
+        (_NOON, noon),
+        (_MONEY, money),
+        (_ORDINAL, ordinal),
+        (_NUMBER, number),
+        (_WORD_NUMBER, word_number),
+        (_WORD_ORDINAL, word_ordinal),
+    ):
+        text = _take(pattern, text, handle)
+    return _Numbers(frozenset(values), frozenset(units), frozenset(times), frozenset(meridiem)), text
+
+
+# -- dates ------------------------------------------------------------------------------------------
+
+# One calendar vocabulary for the whole service (the event-time parser uses the same names).
+_WEEKDAY_NAMES = WEEKDAYS
+_MONTH_NAMES = tuple(MONTH_NAMES)
+_AMBIGUOUS_MONTHS = frozenset({"may", "march"})  # also a modal verb and a verb/noun
+_DATE_CONTEXT_BEFORE = re.compile(
+    r"(?:\b(?:in|on|from|by|until|till|since|of|this|next|last|early|late|mid|end|start|during|before|after)"
+    r"|\d(?:st|nd|rd|th)?)\s*-?\s*$",
+    re.IGNORECASE,
+)
+_RANGES = (
+    (re.compile(r"\bmon(?:day)?s?\s*(?:-|to|through|thru|till|until)\s*fri(?:day)?s?\b", re.IGNORECASE), "cal:weekday"),
+    (re.compile(r"\bsat(?:urday)?s?\s*(?:and|&|-|to)\s*sun(?:day)?s?\b", re.IGNORECASE), "cal:weekend"),
+)
+_RELATIVE = re.compile(
+    r"\b(?P<rel>today|tonight|tomorrow|yesterday|overnight|same[\s-]day|next[\s-]day|"
+    r"(?:this|next|last|coming|following|previous|past)\s+(?:week|weekend|month|year|term|quarter|season|night|"
+    r"morning|afternoon|evening|spring|summer|autumn|winter)|(?:this|tomorrow|yesterday)\s+"
+    r"(?:morning|afternoon|evening|night))\b",
+    re.IGNORECASE,
+)
+_CALENDAR_WORDS = re.compile(
+    r"\b(?P<w>weekdays?|weekends?|weeknights?|christmas(?:\s+(?:eve|day))?|boxing\s+day|new\s+year'?s?(?:\s+(?:eve|day))?"
+    r"|easter|halloween|bank\s+holidays?|thanksgiving|spring|summer|autumn|winter)\b",
+    re.IGNORECASE,
+)
+_WORD_IN_TEXT = re.compile(r"[A-Za-z]+")
+
+
+def _always(_match: re.Match[str]) -> bool:
+    return True
+
+
+def _read_dates(cased: str) -> tuple[frozenset[str], str]:
+    """Weekdays, months, holidays, seasons and relative days in ``cased``; ``cased`` with their spans blanked."""
+    keys: set[str] = set()
+
+    def relative(match: re.Match[str]) -> bool:
+        keys.add("rel:" + " ".join(match["rel"].lower().replace("-", " ").split()))
+        return True
+
+    def calendar(match: re.Match[str]) -> bool:
+        word = " ".join(match["w"].lower().replace("'", "").split())
+        word = word.removesuffix("s") if word.startswith(("week", "bank")) else word
+        keys.add("cal:" + word.replace("new years", "new year"))
+        return True
+
+    def name(match: re.Match[str]) -> bool:
+        word = match.group().lower()
+        found = _calendar_word(word)
+        if found is None:
+            return False
+        if found.startswith("month:") and word in _AMBIGUOUS_MONTHS:
+            # "May I ..." and "march on": a month only when capitalized mid-sentence or next to a date word
+            text = match.string
+            before = text[max(0, match.start() - 12) : match.start()]
+            after = text[match.end() : match.end() + 6]
+            capital_mid = match.group()[0].isupper() and match.start() > 0 and not re.search(r"[.?!\n]\s*$", before)
+            if not (capital_mid or _DATE_CONTEXT_BEFORE.search(before) or re.match(r"\s*\d", after)):
+                return False
+        keys.add(found)
+        return True
+
+    text = cased
+    for pattern, key in _RANGES:
+        if pattern.search(text):
+            keys.add(key)
+            text = _take(pattern, text, _always)
+    text = _take(_RELATIVE, text, relative)
+    text = _take(_CALENDAR_WORDS, text, calendar)
+    text = _take(_WORD_IN_TEXT, text, name)
+    return frozenset(keys), text
+
+
+_CALENDAR_EXACT: dict[str, str] = {
+    **{name: "day:" + name for name in _WEEKDAY_NAMES},
+    **{name + "s": "day:" + name for name in _WEEKDAY_NAMES},
+    **{name: f"month:{i + 1}" for i, name in enumerate(_MONTH_NAMES)},
+}
+_CALENDAR_PREFIXES = frozenset(name[:2] for name in (*_WEEKDAY_NAMES, *_MONTH_NAMES))
+
+
+@lru_cache(maxsize=4096)
+def _calendar_word(word: str) -> str | None:
+    """``day:<weekday>`` or ``month:<n>`` for a weekday or month name, misspelt ones included ("Mondys")."""
+    exact = _CALENDAR_EXACT.get(word)
+    if exact is not None or len(word) < 5 or word[:2] not in _CALENDAR_PREFIXES:
+        return exact
+    forms = (word, word[:-1]) if word.endswith("s") and len(word) >= 6 else (word,)
+    for form in forms:
+        for name in _WEEKDAY_NAMES:
+            if form[:2] == name[:2] and _damerau(form, name, 2) <= (1 if len(name) < 8 else 2):
+                return "day:" + name
+        for i, name in enumerate(_MONTH_NAMES):
+            if len(form) >= 6 and len(name) >= 6 and form[:2] == name[:2] and _damerau(form, name, 1) <= 1:
+                return f"month:{i + 1}"
+    return None
+
+
+# -- the facts of one query -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QueryFacts:
+    """What the guards read from one query; computed once by :func:`analyze` and reused."""
+
+    text: str
+    tokens: tuple[str, ...]
+    """Lowercase word tokens of the normalized text, numbers and dates included."""
+    stems: frozenset[str]
+    """Stems of every token outside numbers and dates (function words included)."""
+    words: frozenset[str]
+    """Every token and its stem, numbers and dates included: what :func:`mentions` looks names up in."""
+    surface: tuple[str, ...]
+    """Stems of every word outside numbers and dates, fillers dropped, in order: the sentence's shape."""
+    content: tuple[str, ...]
+    """Stems of the content words: no function words, fillers, numbers, dates or scope words."""
+    negations: int
+    numbers: frozenset[str]
+    units: frozenset[tuple[str, str]]
+    times: frozenset[str]
+    meridiem: frozenset[tuple[str, str]]
+    dates: frozenset[str]
+    names: frozenset[str]
+    """Proper names (lowercase keys), from :func:`memos.graph.entities.extract_entities` plus alphanumeric codes."""
+    scope: frozenset[tuple[str, str]]
+    """(dimension, pole) pairs, e.g. ("comparison", "more")."""
+    particles: frozenset[tuple[str, str]]
+    """(verb stem, particle) for phrasal verbs: ("turn", "off"), ("opt", "in")."""
+    possessed: frozenset[tuple[str, str]]
+    """(noun stem, person) after a possessive determiner: ("password", "1"), ("name", "2")."""
+    sources: frozenset[str]
+    """Content stems after "from"."""
+    targets: frozenset[str]
+    """Content stems after "to"/"into"/"onto"."""
+    asks_reason: bool
+
+
+_POSSESSIVE_PERSON = {"my": "1", "our": "1", "your": "2", "his": "3", "her": "3", "their": "3", "its": "3"}
+_PREPOSITION_STOP = frozenset(
+    [
+        "to",
+        "into",
+        "onto",
+        "from",
+        "for",
+        "with",
+        "at",
+        "in",
+        "on",
+        "by",
+        "of",
+        "about",
+        "via",
+        "and",
+        "or",
+        "but",
+        "so",
+        "if",
+        "when",
+        "where",
+        "which",
+        "that",
+        "while",
+        "as",
+        "than",
+    ]
+)
+_SCOPE_INDEX: dict[str, tuple[str, str]] = {
+    word: (dimension, pole)
+    for dimension, poles in SCOPE_POLES.items()
+    for pole, group in poles.items()
+    for word in group
+}
+_SCOPE_WORDS = frozenset(_SCOPE_INDEX)
+_NAME_NOISE = frozenset({"i", "ok", "okay", "hi", "hello", "hey", "please", "thanks", "um", "uh"})
+
+
+@lru_cache(maxsize=8192)
+def analyze(text: str) -> QueryFacts:
+    """Read the facts of ``text`` that the guards compare. Memoized: a cached query is read once."""
+    cased = _normalize(text)
+    lowered = cased.lower()
+    tokens = tuple(_TOKEN.findall(lowered))
+    numbers, rest = _read_numbers(cased)
+    dates, rest = _read_dates(rest)
+    rest_lower = rest.lower()
+    rest_tokens = _TOKEN.findall(rest_lower)
+    stems_all = [stem(t) for t in rest_tokens]
+
+    negations = sum(1 for t in rest_tokens if t in NEGATORS)
+
+    scope = {_SCOPE_INDEX[t] for t in rest_tokens if t in _SCOPE_INDEX and t not in COMPARATIVE_PREPOSITIONS}
+    # "over £50" is a comparison; "over to Vanguard" and "under the warranty" are not
+    scope.update(_SCOPE_INDEX[m["w"].lower()] for m in _COMPARATIVE.finditer(cased))
+
+    particles: set[tuple[str, str]] = set()
+    for i, token in enumerate(rest_tokens[1:], start=1):
+        if token in OPPOSED_PARTICLES:
+            verb = rest_tokens[i - 1]
+            if verb not in STOPWORDS and verb not in FILLERS and not verb.isdigit():
+                particles.add((stem(verb), token))
+
+    possessed: set[tuple[str, str]] = set()
+    for i, token in enumerate(rest_tokens[:-1]):
+        person = _POSSESSIVE_PERSON.get(token)
+        if person is not None:
+            for nxt in rest_tokens[i + 1 : i + 4]:
+                if nxt not in STOPWORDS and nxt not in FILLERS:
+                    possessed.add((stem(nxt), person))
+                    break
+
+    sources = _phrase_after(rest_tokens, {"from"})
+    targets = _phrase_after(rest_tokens, {"to", "into", "onto"})
+
+    # "how much" already asks for a price ("how much is it" = "how much does it cost"), "what time" for a time
+    implied = (_IMPLIED_BY_HOW_MUCH if "how much" in rest_lower else frozenset()) | (
+        _TIME_WORD if "what time" in rest_lower else frozenset()
+    )
+    content = tuple(
+        s
+        for t, s in zip(rest_tokens, stems_all, strict=True)
+        if s not in implied
+        if t not in STOPWORDS
+        and t not in FILLERS
+        and t not in NEGATORS
+        and t not in _SCOPE_WORDS
+        and s not in STOPWORDS
+        and not t.isdigit()
+        and len(t) > 1
+    )
+
+    # order numbers, postcodes, model names: "48213" is a number, "HC-20931" / "LS6 2AB" / "J5" are codes
+    codes = [m for m in _CODE.finditer(cased) if not _is_unit_code(m.group())]
+    names = {
+        e.key
+        for e in extract_entities(cased)
+        if e.kind is EntityKind.NAME
+        and e.key not in _NAME_NOISE
+        and not _is_calendar_key(e.key)
+        and not any(m.start() <= e.start < m.end() for m in codes)
+        and _is_name(cased, e.text)
+    }
+    names.update(m.group().lower() for m in codes)
+    # "PulseFit", "HubSpot", "HSBC" are names even where the extractor skips them (at a sentence start);
+    # not in shouted text, where every word is in capitals
+    letters = [c for c in cased if c.isalpha()]
+    if sum(c.isupper() for c in letters) * 2 < len(letters):
+        names.update(m.group().lower() for m in _MARKED_NAME.finditer(cased) if m.group().lower() not in _NAME_NOISE)
+
+    return QueryFacts(
+        text=text,
+        tokens=tokens,
+        stems=frozenset(stems_all),
+        words=frozenset(tokens) | {stem(t) for t in tokens},
+        surface=tuple(s for t, s in zip(rest_tokens, stems_all, strict=True) if t not in FILLERS),
+        content=content,
+        negations=negations,
+        numbers=numbers.values,
+        units=numbers.units,
+        times=numbers.times,
+        meridiem=numbers.meridiem,
+        dates=dates,
+        names=frozenset(names),
+        scope=frozenset(scope),
+        particles=frozenset(particles),
+        possessed=frozenset(possessed),
+        sources=sources,
+        targets=targets,
+        asks_reason=bool(REASON_MARKERS.search(lowered)),
+    )
+
+
+_TO = frozenset({"to"})
+_INFINITIVE_BEFORE = words(
+    "want wants wanted need needs like how way have has had able going try trying wish plan hope love decide "
+    "possible allowed easy best where what when whether used due about ok okay"
+)
+
+
+def _phrase_after(tokens: Sequence[str], heads: set[str]) -> frozenset[str]:
+    out: set[str] = set()
+    for i, word in enumerate(tokens):
+        if word not in heads:
+            continue
+        if word in _TO and i > 0 and tokens[i - 1] in _INFINITIVE_BEFORE:
+            continue  # "want to move", "how to transfer": an infinitive, not a destination
+        for nxt in tokens[i + 1 : i + 6]:
+            if nxt in _PREPOSITION_STOP:
+                break
+            if nxt not in STOPWORDS and nxt not in FILLERS:
+                out.add(stem(nxt))
+    return frozenset(out)
+
+
+_COMPARATIVE = re.compile(
+    r"\b(?P<w>" + "|".join(COMPARATIVE_PREPOSITIONS) + r")\s+(?:the\s+)?(?:age\s+of\s+)?[$£€₹¥]?\s?\d",
+    re.IGNORECASE,
+)
+_IMPLIED_BY_HOW_MUCH = frozenset({"cost", "price", "charge", "pay"})
+_TIME_WORD = frozenset({"time"})
+_MARKED_NAME = re.compile(r"\b[A-Z][a-z]+[A-Z][A-Za-z]*\b|\b[A-Z]{2,}\b")
+_SENTENCE_END = frozenset('.!?:;\n"(')
+
+
+def _is_name(text: str, surface: str) -> bool:
+    """A capitalized word is a name if it is more than one word, has inner capitals or digits ("IronWorks",
+    "HSBC"), or is capitalized somewhere other than at the start of a sentence ("Done." twice is not a name).
+    """
+    if " " in surface or any(c.isupper() or c.isdigit() for c in surface[1:]):
+        return True
+    for match in re.finditer(re.escape(surface), text):
+        before = text[: match.start()].rstrip(" \t")
+        if before and before[-1] not in _SENTENCE_END:
+            return True
+    return False
+
+
+def _is_calendar_key(key: str) -> bool:
+    return any(_calendar_word(part) is not None for part in key.split())
+
+
+_UNIT_CODE = re.compile(rf"^\d+(?:\.\d+)?(?:k|{_UNIT_ALT}|st|nd|rd|th|am|pm)$", re.IGNORECASE)
+
+
+def _is_unit_code(token: str) -> bool:
+    return bool(_UNIT_CODE.match(token))
+
+
+# -- the guards -------------------------------------------------------------------------------------
+
+Guard = Callable[[QueryFacts, QueryFacts], "str | None"]
+
+
+def _fmt(items: Iterable[str]) -> str:
+    listed = sorted(items)
+    return ", ".join(listed) if listed else "nothing"
+
+
+def negation_guard(a: QueryFacts, b: QueryFacts) -> str | None:
+    """Polarity: an odd number of negators on one side only ("cancel" vs "don't cancel"), or a prefixed opposite."""
+    if a.negations % 2 != b.negations % 2:
+        return f"negation differs ({a.negations} vs {b.negations} negations)"
+    only_a = a.stems - b.stems
+    only_b = b.stems - a.stems
+    for x in sorted(only_a):
+        for y in sorted(only_b):
+            if _prefixed_opposites(x, y):
+                return f"negation differs: {x!r} vs {y!r}"
+    return None
+
+
+def antonym_guard(a: QueryFacts, b: QueryFacts) -> str | None:
+    """Opposite words, each used on its own side only: add/remove, benefits/drawbacks, increase/decrease."""
+    only_a = a.stems - b.stems
+    only_b = b.stems - a.stems
+    if not only_a or not only_b:
+        return None
+    for left, right in ANTONYM_PAIRS:
+        for x, y in ((left, right), (right, left)):
+            hit_a = only_a & x
+            hit_b = only_b & y
+            if hit_a and hit_b and not (a.stems & y) and not (b.stems & x):
+                return f"opposite meaning: {_fmt(hit_a)!s} vs {_fmt(hit_b)!s}"
+    for verb, particle in sorted(a.particles):
+        if (verb, OPPOSED_PARTICLES[particle]) in b.particles and (verb, particle) not in b.particles:
+            return f"opposite meaning: '{verb} {particle}' vs '{verb} {OPPOSED_PARTICLES[particle]}'"
+    # on/off reverse whatever verb carries them ("turn the water on" / "cut the water off")
+    on_off_a = {p for _, p in a.particles if p in ("on", "off")}
+    on_off_b = {p for _, p in b.particles if p in ("on", "off")}
+    if len(on_off_a) == 1 and len(on_off_b) == 1 and on_off_a != on_off_b:
+        return f"opposite meaning: {_fmt(on_off_a)} vs {_fmt(on_off_b)}"
+    return None
+
+
+def number_guard(a: QueryFacts, b: QueryFacts) -> str | None:
+    """Numbers, amounts, units and clock times must be the same on both sides."""
+    if a.numbers != b.numbers:
+        return f"numbers differ: {_fmt(a.numbers)} vs {_fmt(b.numbers)}"
+    units_a = dict(a.units)
+    for value, unit in b.units:
+        other = units_a.get(value)
+        if other is not None and other != unit and frozenset({other, unit}) not in _AMBIGUOUS_UNITS:
+            return f"units differ for {value}: {other} vs {unit}"
+    if a.times != b.times:
+        return f"times differ: {_fmt(a.times)} vs {_fmt(b.times)}"
+    parts_a = dict(a.meridiem)
+    for key, part in b.meridiem:
+        if parts_a.get(key, part) != part:
+            return f"times differ: {key} {parts_a[key]} vs {key} {part}"
+    return None
+
+
+def date_guard(a: QueryFacts, b: QueryFacts) -> str | None:
+    """Weekdays, months, holidays, seasons and relative days (today, next week) must match."""
+    if a.dates != b.dates:
+        return (
+            f"dates differ: {_fmt(k.split(':', 1)[1] for k in a.dates)} vs {_fmt(k.split(':', 1)[1] for k in b.dates)}"
+        )
+    return None
+
+
+def entity_guard(a: QueryFacts, b: QueryFacts) -> str | None:
+    """Every proper name or code on one side must appear (in any case) on the other side."""
+    missing_in_b = {name for name in a.names if not mentions(b, name)}
+    missing_in_a = {name for name in b.names if not mentions(a, name)}
+    if missing_in_b and missing_in_a:
+        return f"entities differ: {_fmt(missing_in_b)} vs {_fmt(missing_in_a)}"
+    if missing_in_b:
+        return f"entity only in the cached query: {_fmt(missing_in_b)}"
+    if missing_in_a:
+        return f"entity only in the new query: {_fmt(missing_in_a)}"
+    return None
+
+
+def mentions(facts: QueryFacts, name: str) -> bool:
+    """True when every word of ``name`` occurs in ``facts``' text, in any case ("Fahrenheit" in "in fahrenheit")."""
+    parts = _TOKEN.findall(name)
+    if all(p in facts.words or stem(p) in facts.words for p in parts):
+        return True
+    # "Wi-Fi" vs "wifi", "LS6 2AB" vs "ls62ab"
+    joined = "".join(parts)
+    return len(joined) >= 4 and joined in "".join(facts.tokens)
+
+
+def scope_guard(a: QueryFacts, b: QueryFacts) -> str | None:
+    """Quantity (all vs some), order (first vs last), time relation (before vs after) and comparison (more vs less)."""
+    dims = {d for d, _ in a.scope} | {d for d, _ in b.scope}
+    for dim in sorted(dims):
+        poles_a = {p for d, p in a.scope if d == dim}
+        poles_b = {p for d, p in b.scope if d == dim}
+        # one side silent is not a conflict ("export my data" / "download all my data"); opposite poles are
+        if poles_a and poles_b and poles_a != poles_b:
+            return f"scope differs ({dim}): {_fmt(poles_a)} vs {_fmt(poles_b)}"
+    return None
+
+
+def direction_guard(a: QueryFacts, b: QueryFacts) -> str | None:
+    """Source and destination swapped: "from savings to current account" vs "from current account to savings"."""
+    if (a.sources & b.targets) and (a.targets & b.sources):
+        return f"direction reversed: {_fmt(a.sources & b.targets)} moves between 'from' and 'to'"
+    # one side names only the destination: "from X to Y" vs "move my Y thing over to X"
+    for x, y in ((a, b), (b, a)):
+        moved = (x.sources & y.targets) - y.sources
+        if moved and x.targets and not (x.targets & y.targets):
+            return f"direction reversed: {_fmt(moved)} moves between 'from' and 'to'"
+    return None
+
+
+def person_guard(a: QueryFacts, b: QueryFacts) -> str | None:
+    """Whose thing it is: "my name" vs "your name"."""
+    owners_a: dict[str, set[str]] = {}
+    for noun, person in a.possessed:
+        owners_a.setdefault(noun, set()).add(person)
+    for noun, person in b.possessed:
+        if noun in owners_a and person not in owners_a[noun]:
+            return f"possessor differs for {noun!r}"
+    return None
+
+
+def question_guard(a: QueryFacts, b: QueryFacts) -> str | None:
+    """A question asking why is not answered by one asking how or what."""
+    if a.asks_reason != b.asks_reason:
+        return "one query asks why, the other does not"
+    return None
+
+
+def wording_guard(a: QueryFacts, b: QueryFacts, *, max_diff: int = 3, min_overlap: float = 0.7) -> str | None:
+    """Near-identical queries that differ in a few content words differ on purpose.
+
+    "Is the chicken dish gluten-free?" / "Is the beef dish gluten-free?", "symptoms of flu" /
+    "symptoms of flu in babies": when most content words are shared and the rest are neither
+    spellings of one another nor synonyms, the changed words are the point of the question.
+    Queries that share few words are left to the similarity threshold.
+    """
+    only_a, only_b, shared = _content_diff(a.content, b.content)
+    if not only_a and not only_b:
+        return None
+    if not shared or len(only_a) + len(only_b) > max_diff:
+        return None
+    if len(shared) < len(only_a) + len(only_b) - 1:
+        return None
+    # only sentences built alike: a reworded paraphrase shares content words but not its shape
+    if SequenceMatcher(None, a.surface, b.surface, autojunk=False).ratio() < min_overlap:
+        return None
+    if only_a and only_b:
+        return f"different words: {_fmt(only_a)} vs {_fmt(only_b)}"
+    extra = only_a or only_b
+    side = "cached" if only_a else "new"
+    return f"qualifier only in the {side} query: {_fmt(extra)}"
+
+
+def _content_diff(a: Sequence[str], b: Sequence[str]) -> tuple[set[str], set[str], set[str]]:
+    set_a, set_b = set(a), set(b)
+    shared = set_a & set_b
+    only_a = set_a - shared
+    only_b = set_b - shared
+    # spellings and synonyms pair off
+    for x in sorted(only_a):
+        match = next((y for y in sorted(only_b) if similar_words(x, y) or _synonyms(x, y)), None)
+        if match is not None:
+            only_a.discard(x)
+            only_b.discard(match)
+            shared.add(x)
+    # compounds: "wifi" vs "wi fi", "checkbox" vs "check box": the word and both its parts pair off
+    for side, other_side, other in ((only_a, only_b, list(b)), (only_b, only_a, list(a))):
+        for x, y in itertools.pairwise(other):
+            if x + y in side:
+                side.discard(x + y)
+                other_side.discard(x)
+                other_side.discard(y)
+    return only_a, only_b, shared
+
+
+def _synonyms(x: str, y: str) -> bool:
+    gx = SYNONYMS.get(x)
+    return gx is not None and gx == SYNONYMS.get(y)
+
+
+GUARDS: tuple[tuple[str, Guard], ...] = (
+    ("negation", negation_guard),
+    ("antonym", antonym_guard),
+    ("number", number_guard),
+    ("date", date_guard),
+    ("entity", entity_guard),
+    ("scope", scope_guard),
+    ("direction", direction_guard),
+    ("person", person_guard),
+    ("question", question_guard),
+    ("wording", wording_guard),
+)
+"""Every guard, in the order :func:`check` runs them (cheapest and most specific first)."""
+
+GUARD_NAMES = frozenset(name for name, _ in GUARDS)
+
+
+def check(cached: str, query: str, *, disabled: frozenset[str] = frozenset()) -> str | None:
+    """``None`` when ``query`` may be answered by the answer cached for ``cached``, else the first reason why not.
+
+    The reason starts with the guard's name ("number: numbers differ: 5 vs 50").
+    """
+    a, b = analyze(cached), analyze(query)
+    for name, guard in GUARDS:
+        if name in disabled:
+            continue
+        reason = guard(a, b)
+        if reason is not None:
+            return f"{name}: {reason}"
+    return None
+
+
+def check_all(cached: str, query: str) -> list[str]:
+    """Every guard's objection (for explanations and tests); empty when the queries are compatible."""
+    a, b = analyze(cached), analyze(query)
+    out = []
+    for name, guard in GUARDS:
+        reason = guard(a, b)
+        if reason is not None:
+            out.append(f"{name}: {reason}")
+    return out
