@@ -85,7 +85,13 @@ def recall_at(ranked: list[str], gold: set[str], k: int) -> float:
     return len(gold & set(ranked[:k])) / len(gold)
 
 
-def run(limit_conversations: int | None, out: Path | None, data_dir: Path | None = None) -> dict[str, Any]:
+def run(
+    limit_conversations: int | None, out: Path | None, data_dir: Path | None = None, k: int | None = None
+) -> dict[str, Any]:
+    global KS
+    if k is not None:
+        # Ask with this k, as a caller would, and score only the cut-offs it covers (the pool depends on k).
+        KS = tuple(x for x in (5, 10, 25) if x <= k) or (k,)
     data = json.loads(DATA.read_text())[:limit_conversations]
     embedder = load_embedder(None)
     with tempfile.TemporaryDirectory(prefix="memos-locomo-") as tmp:
@@ -238,8 +244,9 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=None, help="only the first N conversations")
     parser.add_argument("--out", type=Path, default=Path("bench/results/locomo.json"))
     parser.add_argument("--data-dir", type=Path, default=None, help="keep the service's data here (must be new)")
+    parser.add_argument("--k", type=int, default=None, help="ask with this k (default 25) and score up to it")
     args = parser.parse_args()
-    run(args.conversations, args.out, args.data_dir)
+    run(args.conversations, args.out, args.data_dir, args.k)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class SearchService:
         reject_nul(req.query, "query")
         reject_nul(req.filters, "filters")
         reject_nul(req.tags, "tags")
-        pool = self.pool or (req.k if req.mode == "vector" else min(max(req.k * 4, 100), 400))
+        pool = self.pool or (req.k if req.mode == "vector" else min(max(req.k * 4, 40), 400))
         # The query embeds in the worker thread while the scope and word statistics come from Postgres.
         embedding = (
             asyncio.ensure_future(self.embedder.embed_query(embedding_text("plaintext", req.query, {})))
