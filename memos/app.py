@@ -171,8 +171,8 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
         # Loading torch and the model takes seconds: serve meanwhile (writes and searches wait, bounded, or get 503).
         loading = asyncio.create_task(worker.start())
         loading.add_done_callback(_log_load_failure)
-        await db.start()
         try:
+            await db.start()
             embedding = EmbeddingService(worker, settings.embed_wait_seconds)
             graphs = CubeGraphs(db)
             app.state.db = db

@@ -35,6 +35,7 @@ def parse_if_match(header: str | None) -> int | None:
     if value == "*":
         return None
     value = value.removeprefix("W/").strip('"')
-    if not value.isdigit():
+    # isascii(): str.isdigit() also accepts digits like "²" that int() refuses.
+    if not (value.isascii() and value.isdigit()):
         raise PreconditionFailed('If-Match must be an ETag this server sent, like "3"')
     return int(value)

@@ -170,3 +170,59 @@ def uuid_of(value: str):
     import uuid
 
     return uuid.UUID(value)
+
+
+def test_purge_erases_provenance_text(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    m = factory.memory(tenant.admin_key, cube["id"], "secret", provenance={"note": "told by Jane Doe, 555-0100"})
+    assert client.delete(f"/v1/memories/{m['id']}?purge=true", headers=bearer(tenant.admin_key)).status_code == 204
+    history = client.get(f"/v1/memories/{m['id']}/versions", headers=bearer(tenant.admin_key)).json()["items"]
+    assert all(v["provenance"] == {} for v in history)
+    assert client.get(f"/v1/memories/{m['id']}", headers=bearer(tenant.admin_key)).json()["provenance"] == {}
+
+
+def test_if_match_with_non_ascii_digits_is_412(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    m = factory.memory(tenant.admin_key, cube["id"], "v1")
+    r = client.patch(
+        f"/v1/memories/{m['id']}",
+        json={"content": "v2"},
+        headers={**bearer(tenant.admin_key), "If-Match": b'"\xb2"'},  # a latin-1 superscript two
+    )
+    assert r.status_code == 412
+
+
+def test_changing_a_sources_version_updates_the_provenance_edge(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    key = tenant.admin_key
+    source = factory.memory(key, cube["id"], "source v1")
+    client.patch(
+        f"/v1/memories/{source['id']}", json={"content": "source v2"}, headers={**bearer(key), "If-Match": '"1"'}
+    )
+    derived = factory.memory(
+        key, cube["id"], "derived", provenance={"derived_from": [{"memory_id": source["id"], "version": 1}]}
+    )
+    r = client.patch(
+        f"/v1/memories/{derived['id']}",
+        json={"provenance": {"derived_from": [{"memory_id": source["id"], "version": 2}]}},
+        headers={**bearer(key), "If-Match": '"1"'},
+    )
+    assert r.status_code == 200
+    graph = client.get(f"/v1/memories/{derived['id']}/provenance", headers=bearer(key)).json()
+    assert [(e["to_id"], e["to_version"]) for e in graph["edges"]] == [(source["id"], 2)]
+
+
+def test_a_response_query_must_be_text_on_update_too(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    m = factory.memory(tenant.admin_key, cube["id"], "Paris", kind="response", metadata={"query": "capital?"})
+    r = client.patch(
+        f"/v1/memories/{m['id']}",
+        json={"metadata": {"query": 5}},
+        headers={**bearer(tenant.admin_key), "If-Match": '"1"'},
+    )
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["field"] == "metadata.query"

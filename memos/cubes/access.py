@@ -37,16 +37,23 @@ def require(access: Access, needed: Access, what: str = "cube") -> None:
 
 
 async def cube_access(conn: AsyncConnection, principal: Principal, cube_id: uuid.UUID, needed: Access) -> Access:
-    """The caller's access to a live cube, at least ``needed`` (403 if less), or 404 if it cannot see it."""
+    """The caller's access to a live cube, at least ``needed`` (403 if less), or 404 if it cannot see it.
+
+    Writers take a share lock on the cube row and managers an exclusive one, so a cube cannot be
+    deleted between a writer's check and its commit (the delete's tombstoning would miss the new rows).
+    """
     tenant_id, agent_id = principal.tenant_member()
-    row = (
-        await conn.execute(
-            select(cubes.c.owner_agent_id, cube_grants.c.access)
-            .select_from(cubes)
-            .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id))
-            .where(cubes.c.id == cube_id, cubes.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
-        )
-    ).first()
+    query = (
+        select(cubes.c.owner_agent_id, cube_grants.c.access)
+        .select_from(cubes)
+        .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id))
+        .where(cubes.c.id == cube_id, cubes.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
+    )
+    if needed == "write":
+        query = query.with_for_update(read=True, of=cubes)
+    elif needed == "manage":
+        query = query.with_for_update(of=cubes)
+    row = (await conn.execute(query)).first()
     access = None if row is None else access_of(principal, row.owner_agent_id, row.access)
     if access is None:
         raise NotFound("no such cube")

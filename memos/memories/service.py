@@ -129,9 +129,13 @@ def _check_kind(item: schemas.MemoryIn, where: str) -> None:
     for name in ("content", "metadata", "tags", "provenance"):
         reject_nul(getattr(item, name), f"{where}{name}")
     if item.kind == "response":
-        query = item.metadata.get("query")
-        if not isinstance(query, str) or not query.strip():
-            raise Invalid.field(f"{where}metadata.query", "a response memory needs the query it answers")
+        _check_response_query(item.metadata, f"{where}metadata.query")
+
+
+def _check_response_query(metadata: dict[str, Any], field: str) -> None:
+    query = metadata.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise Invalid.field(field, "a response memory needs the query it answers")
 
 
 def _expires(ttl_seconds: int | None) -> datetime | None:
@@ -331,6 +335,9 @@ class MemoryService:
             query = query.where(_not_expired())
         if lock:
             query = query.with_for_update(of=memories)
+        elif needed != "read":
+            # As in cube_access: the cube cannot be deleted between this check and the write's commit.
+            query = query.with_for_update(read=True, of=cubes)
         row = (await conn.execute(query)).first()
         access = None if row is None else access_of(principal, row.owner_agent_id, row.grant)
         if row is None or access is None:
@@ -411,8 +418,12 @@ class MemoryService:
     async def update(
         self, principal: Principal, memory_id: uuid.UUID, patch: schemas.MemoryPatch, if_match: int | None
     ) -> schemas.Memory:
-        """A new version with the sent fields changed; none if nothing changes. Stale ``if_match`` is 412."""
-        async with self.db.transaction() as conn:
+        """A new version with the sent fields changed; none if nothing changes. Stale ``if_match`` is 412.
+
+        The change is planned and embedded outside the transaction (no connection waits on the model);
+        the transaction then re-checks access and claims the version it planned from.
+        """
+        async with self.db.read() as conn:
             current = await self._load(conn, principal, memory_id, "write")
             _check_writable(current)
             _check_match(current.version, if_match)
@@ -423,8 +434,8 @@ class MemoryService:
             if patch.content is not msgspec.UNSET and patch.content != current.content:
                 values["content"] = patch.content
             if patch.metadata is not msgspec.UNSET and patch.metadata != current.metadata:
-                if current.kind == "response" and not str(patch.metadata.get("query") or "").strip():
-                    raise Invalid.field("metadata.query", "a response memory needs the query it answers")
+                if current.kind == "response":
+                    _check_response_query(patch.metadata, "metadata.query")
                 values["metadata"] = patch.metadata
             if patch.tags is not msgspec.UNSET and list(patch.tags) != list(current.tags):
                 values["tags"] = patch.tags
@@ -446,16 +457,19 @@ class MemoryService:
                 if provenance != current.provenance:
                     values["provenance"] = provenance
                     new_links, dropped = _provenance_link_changes(memory_id, current.provenance, provenance)
-            if not values:
-                return to_dto(current)
-            if "content" in values or "metadata" in values:
-                new_content = values.get("content", current.content)
-                new_metadata = values.get("metadata", current.metadata)
-                values["event_time"] = event_time(new_metadata)
-                indexed = embedding_text(current.kind, new_content, new_metadata)
-                if indexed != embedding_text(current.kind, current.content, current.metadata):
-                    values["embedding"] = (await self.embedder.embed([indexed]))[0]
-                    values["embedding_model"] = self.embedder.model
+        if not values:
+            return to_dto(current)
+        if "content" in values or "metadata" in values:
+            new_content = values.get("content", current.content)
+            new_metadata = values.get("metadata", current.metadata)
+            values["event_time"] = event_time(new_metadata)
+            indexed = embedding_text(current.kind, new_content, new_metadata)
+            if indexed != embedding_text(current.kind, current.content, current.metadata):
+                values["embedding"] = (await self.embedder.embed([indexed]))[0]
+                values["embedding_model"] = self.embedder.model
+        async with self.db.transaction() as conn:
+            await self._load(conn, principal, memory_id, "write")  # access may have changed meanwhile
+            # The compare-and-set on the planned version answers 412 if anyone wrote in between.
             row = await write_version(conn, memory_id, current.version, "update", principal, values)
             if row is None:
                 raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
@@ -511,6 +525,8 @@ class MemoryService:
                     "tags": [],
                     "embedding": None,
                     "event_time": None,
+                    # Provenance notes and sources are free text too.
+                    "provenance": {},
                 }
                 await conn.execute(
                     update(memory_versions).where(memory_versions.c.memory_id == memory_id).values(**erased)
@@ -651,8 +667,9 @@ def _provenance_link_changes(
     memory_id: uuid.UUID, old: dict[str, Any], new: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], list[uuid.UUID]]:
     """Provenance edges to add, and the sources whose edges to drop, when provenance changes."""
-    before = {ref["memory_id"] for ref in old.get("derived_from", [])}
-    after = {ref["memory_id"] for ref in new.get("derived_from", [])}
+    # A source whose version changed is dropped and added again, so the edge carries the new version.
+    before = {(ref["memory_id"], ref.get("version")) for ref in old.get("derived_from", [])}
+    after = {(ref["memory_id"], ref.get("version")) for ref in new.get("derived_from", [])}
     added = [
         {
             "from_id": memory_id,
@@ -662,9 +679,9 @@ def _provenance_link_changes(
             "to_version": ref["version"],
         }
         for ref in new.get("derived_from", [])
-        if ref["memory_id"] not in before
+        if (ref["memory_id"], ref.get("version")) not in before
     ]
-    return added, [uuid.UUID(m) for m in before - after]
+    return added, [uuid.UUID(m) for m, _ in before - after]
 
 
 async def _edges_of(conn: AsyncConnection, memory_id: uuid.UUID) -> list[tuple[uuid.UUID, uuid.UUID, str, float]]:

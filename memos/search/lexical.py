@@ -12,6 +12,7 @@ import math
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +59,7 @@ class LexicalStats:
     def __init__(self, ttl: float = 300.0, max_cubes: int = 256) -> None:
         self.ttl = ttl
         self.max_cubes = max_cubes
-        self._cubes: dict[uuid.UUID, _CubeStats] = {}
+        self._cubes: OrderedDict[uuid.UUID, _CubeStats] = OrderedDict()
 
     async def query_lexemes(self, conn: AsyncConnection, query: str) -> list[str]:
         """The query's words as Postgres's English configuration normalizes them (stemmed, stopwords gone)."""
@@ -79,6 +80,7 @@ class LexicalStats:
             stats = self._cubes.get(cube_id)
             if stats is None or now - stats.fetched_at > self.ttl:
                 stats = await self._load(conn, cube_id, now)
+            self._cubes.move_to_end(cube_id)  # least recently used cubes go first
             docs += stats.docs
             total_length += stats.total_length
             for w in words:
@@ -102,16 +104,13 @@ class LexicalStats:
             .where(*live)
             .group_by(lexeme.c.lexeme)
         )
-        if len(self._cubes) >= self.max_cubes:
-            self._cubes.pop(next(iter(self._cubes)))
+        if cube_id not in self._cubes and len(self._cubes) >= self.max_cubes:
+            self._cubes.popitem(last=False)
         stats = _CubeStats(
             docs=int(row[0]), total_length=int(row[1]), df={str(w): int(n) for w, n in rows}, fetched_at=now
         )
         self._cubes[cube_id] = stats
         return stats
-
-    def forget(self, cube_id: uuid.UUID) -> None:
-        self._cubes.pop(cube_id, None)
 
 
 def term_counts(lexemes: Sequence[str]) -> Any:

@@ -114,9 +114,15 @@ class SearchService:
             for cand in found.values():
                 cand.lexical = bm25(cand.lexical_tf, idf, avg_length, cand.length)
         ranked = self._rank(req, list(found.values()))
+        graphs: dict[uuid.UUID, MemoryGraph] = {}
+        if req.mode == "graph":
+            # Built (or fetched) before a connection is taken: a cold cube's build can take a while.
+            seeds = ranked[: max(req.k * 3, GRAPH_SEEDS)]
+            for cube_id in dict.fromkeys(c.cube_id for c in seeds):
+                graphs[cube_id] = await self.graphs.get(cube_id)
         async with self.db.read() as conn:
             if req.mode == "graph":
-                ranked = await self._graph(conn, req, where, ranked)
+                ranked = await self._graph(conn, req, where, ranked, graphs)
             top = ranked[: req.k]
             # Only the winners' full rows leave the database.
             rows = {
@@ -251,6 +257,7 @@ class SearchService:
         req: schemas.SearchRequest,
         where: list[ColumnElement[bool]],
         ranked: list[Candidate],
+        graphs: dict[uuid.UUID, MemoryGraph],
     ) -> list[Candidate]:
         """Spread each candidate's score to its graph neighbours, then pick the top k with MMR."""
         by_id = {c.id: c for c in ranked}
@@ -260,9 +267,6 @@ class SearchService:
         boost: dict[uuid.UUID, float] = {}
         reached: dict[uuid.UUID, tuple[float, str]] = {}
         cube_of = {c.id: c.cube_id for c in ranked}
-        graphs: dict[uuid.UUID, MemoryGraph] = {}
-        for cube_id in {cube_of[i] for i in seeds}:
-            graphs[cube_id] = await self.graphs.get(cube_id)
         for memory_id, score in seeds.items():
             graph = graphs[cube_of[memory_id]]
             if memory_id not in graph:
