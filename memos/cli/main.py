@@ -50,6 +50,23 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mcp(args: argparse.Namespace) -> int:
+    import anyio
+
+    # Imported here so that only `memos mcp` needs the mcp package and the SDK.
+    from memos.mcp_server import ConfigError, resolve, serve
+
+    try:
+        url, api_key, cube_id = resolve(args.url, args.api_key, args.cube)
+        anyio.run(lambda: serve(url, api_key, cube_id, transport=args.transport, host=args.host, port=args.port))
+    except ConfigError as exc:
+        print(f"memos mcp: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memos", description="memos: a memory operating system for AI agents")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="interface to listen on (MEMOS_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port to listen on (MEMOS_PORT, default 8000)")
     serve.set_defaults(func=_serve)
+
+    mcp = sub.add_parser("mcp", help="run an MCP server (remember, recall, forget, history) on one cube")
+    mcp.add_argument("--url", default=None, help="the memos API (MEMOS_URL, default http://127.0.0.1:8000)")
+    mcp.add_argument("--api-key", default=None, help="the agent's API key (MEMOS_API_KEY)")
+    mcp.add_argument("--cube", default=None, help="the cube id every tool acts on (MEMOS_CUBE_ID)")
+    mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio", help="stdio (default) or http")
+    mcp.add_argument("--host", default="127.0.0.1", help="interface for --transport http (default 127.0.0.1)")
+    mcp.add_argument("--port", type=int, default=8765, help="port for --transport http (default 8765)")
+    mcp.set_defaults(func=_mcp)
 
     admin = sub.add_parser("admin", help="operations: migrations")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)

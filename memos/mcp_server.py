@@ -1,0 +1,223 @@
+"""``memos mcp``: an MCP server that gives an agent four memory tools on one cube.
+
+The server is bound at start to one memos URL, one API key and one cube; every tool call goes to
+the memos REST API through the SDK (``memos_client.AsyncMemosClient``), never to the database.
+Tools: ``remember`` (add), ``recall`` (search), ``forget`` (soft delete), ``history`` (versions).
+An API problem comes back as an MCP tool error (``is_error``) carrying the problem's status, title
+and detail, never a traceback.
+
+Only ``memos mcp`` imports this module: ``import memos.app`` must not pull in ``mcp``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+# The SDK (clients/python) is installed editable, through an import hook mypy cannot follow: it is typed (py.typed)
+# when mypy finds it (mypy_path = "clients/python"), and Any, not an error, when it does not.
+from memos_client import AsyncMemosClient, MemosError
+from pydantic import BaseModel, Field
+
+T = TypeVar("T")
+
+Mode = Literal["hybrid", "vector", "text", "graph"]
+Transport = Literal["stdio", "http"]
+
+INSTRUCTIONS = (
+    "Long-term memory backed by memos. Use `remember` to store a fact worth keeping, `recall` to find "
+    "what was stored (best first), `history` to see how a memory changed, and `forget` to delete one. "
+    "Everything happens in one memory cube chosen when this server was started."
+)
+
+
+# --- tool results -------------------------------------------------------------------------------
+
+
+class Remembered(BaseModel):
+    id: str = Field(description="The memory's id: pass it to forget or history.")
+    version: int = Field(description="The memory's version (1 for a new memory).")
+    cube_id: str
+
+
+class Hit(BaseModel):
+    id: str = Field(description="The memory's id.")
+    content: str | None = Field(description="The memory's text (null once purged).")
+    score: float = Field(description="Relevance, higher is better.")
+    via: str = Field(description="Why it matched: vector, text, text+vector or graph:<edge><-<seed id>.")
+    tags: list[str]
+    metadata: dict[str, Any]
+    version: int
+    created_at: datetime
+
+
+class Recalled(BaseModel):
+    results: list[Hit] = Field(description="Matching memories, best first.")
+
+
+class Forgotten(BaseModel):
+    id: str
+    state: str = Field(description="`deleted`: the memory no longer appears in recall; its history is kept.")
+
+
+class VersionEntry(BaseModel):
+    version: int
+    op: str = Field(description="create, update, restore or delete.")
+    state: str
+    content: str | None
+    tags: list[str]
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+class History(BaseModel):
+    id: str
+    versions: list[VersionEntry] = Field(description="Every version, oldest first.")
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def _problem_text(exc: MemosError) -> str:
+    """The problem detail as one readable line for the model: status, title, detail and field errors."""
+    text = str(exc.message)
+    if exc.field_errors:
+        text += " (" + "; ".join(f"{e.field}: {e.message}" for e in exc.field_errors) + ")"
+    return text
+
+
+async def _call(op: Callable[[], Awaitable[T]]) -> T:
+    """Run one SDK call; API problems and bad arguments become ``ToolError`` (an MCP tool error)."""
+    try:
+        return await op()
+    except MemosError as exc:
+        raise ToolError(_problem_text(exc)) from exc
+    except (ValueError, TypeError) as exc:  # the SDK's own argument checks, worded like the server's
+        raise ToolError(str(exc)) from exc
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos") -> MCPServer:
+    """An MCP server whose tools act on ``cube_id`` through ``client``; the caller owns the client's lifecycle."""
+    server: MCPServer = MCPServer(name=name, instructions=INSTRUCTIONS, log_level="WARNING")
+
+    async def _in_cube(memory_id: str) -> None:
+        """A memory of another cube is reported as not found: this server sees only its own cube."""
+        memory = await _call(lambda: client.memories.get(memory_id))
+        if memory.cube_id != cube_id:
+            raise ToolError(f"404 Not Found: memory {memory_id} is not in this server's cube")
+
+    @server.tool()
+    async def remember(
+        content: str,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Remembered:
+        """Store a new memory (a fact, preference or event worth keeping) and return its id and version."""
+        memory = await _call(lambda: client.memories.add(cube_id, content=content, tags=tags, metadata=metadata))
+        return Remembered(id=memory.id, version=memory.version, cube_id=memory.cube_id)
+
+    @server.tool()
+    async def recall(query: str, k: int = 10, mode: Mode = "hybrid") -> Recalled:
+        """Search the memories for `query`; return up to `k` of them, best first.
+
+        `mode`: hybrid (default: text and vector together), vector (by meaning), text (by words) or graph
+        (hybrid, then follow links between memories).
+        """
+        found = await _call(lambda: client.search(query, cube_ids=[cube_id], k=k, mode=mode))
+        return Recalled(
+            results=[
+                Hit(
+                    id=r.memory.id,
+                    content=r.memory.content,
+                    score=r.score,
+                    via=r.via,
+                    tags=r.memory.tags,
+                    metadata=r.memory.metadata,
+                    version=r.memory.version,
+                    created_at=r.memory.created_at,
+                )
+                for r in found.results
+            ]
+        )
+
+    @server.tool()
+    async def forget(memory_id: str) -> Forgotten:
+        """Delete a memory: it stops appearing in recall, but its history is kept."""
+        await _in_cube(memory_id)
+        await _call(lambda: client.memories.delete(memory_id))
+        return Forgotten(id=memory_id, state="deleted")
+
+    @server.tool()
+    async def history(memory_id: str) -> History:
+        """Every version of a memory, oldest first: what it said, and whether it was created, updated or deleted."""
+        await _in_cube(memory_id)
+
+        async def versions() -> list[VersionEntry]:
+            return [
+                VersionEntry(
+                    version=v.version,
+                    op=v.op,
+                    state=v.state,
+                    content=v.content,
+                    tags=v.tags,
+                    metadata=v.metadata,
+                    created_at=v.created_at,
+                )
+                async for v in client.memories.versions(memory_id)
+            ]
+
+        return History(id=memory_id, versions=await _call(versions))
+
+    return server
+
+
+# --- running it ---------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A missing or bad option of ``memos mcp``: no key or cube, or a key or cube the API refuses."""
+
+
+def resolve(
+    url: str | None, api_key: str | None, cube_id: str | None, env: Mapping[str, str] | None = None
+) -> tuple[str, str, str]:
+    """URL, key and cube from the options, else ``MEMOS_URL`` / ``MEMOS_API_KEY`` / ``MEMOS_CUBE_ID``."""
+    env = os.environ if env is None else env
+    url = url or env.get("MEMOS_URL") or "http://127.0.0.1:8000"
+    api_key = api_key or env.get("MEMOS_API_KEY")
+    cube_id = cube_id or env.get("MEMOS_CUBE_ID")
+    if not api_key:
+        raise ConfigError("an API key is required: --api-key or MEMOS_API_KEY")
+    if not cube_id:
+        raise ConfigError("a cube is required: --cube or MEMOS_CUBE_ID")
+    return url, api_key, cube_id
+
+
+async def serve(
+    url: str,
+    api_key: str,
+    cube_id: str,
+    *,
+    transport: Transport = "stdio",
+    host: str = "127.0.0.1",
+    port: int = 8765,
+) -> None:
+    """Check the key and the cube once, then serve MCP on stdio or streamable HTTP (``http://host:port/mcp``)."""
+    async with AsyncMemosClient(url, api_key=api_key) as client:
+        try:
+            await client.cubes.get(cube_id)  # a bad URL, key or cube fails here, not on the first tool call
+        except MemosError as exc:
+            raise ConfigError(f"cannot use cube {cube_id} at {url}: {exc}") from exc
+        server = create_server(client, cube_id)
+        if transport == "stdio":
+            await server.run_stdio_async()
+        else:
+            await server.run_streamable_http_async(host=host, port=port)
