@@ -88,10 +88,8 @@ def recall_at(ranked: list[str], gold: set[str], k: int) -> float:
 def run(
     limit_conversations: int | None, out: Path | None, data_dir: Path | None = None, k: int | None = None
 ) -> dict[str, Any]:
-    global KS
-    if k is not None:
-        # Ask with this k, as a caller would, and score only the cut-offs it covers (the pool depends on k).
-        KS = tuple(x for x in (5, 10, 25) if x <= k) or (k,)
+    # Ask with k, as a caller would, and score only the cut-offs it covers (the candidate pool depends on k).
+    ks = KS if k is None else (tuple(x for x in KS if x <= k) or (k,))
     data = json.loads(DATA.read_text())[:limit_conversations]
     embedder = load_embedder(None)
     with tempfile.TemporaryDirectory(prefix="memos-locomo-") as tmp:
@@ -99,10 +97,12 @@ def run(
         settings = Settings(data_dir=data_dir or Path(tmp), operator_key=OPERATOR_KEY, log_level="WARNING")
         app = create_app(settings, embedder_factory=lambda: embedder)
         with TestClient(app, timeout=120) as client:
-            return _run(client, embedder, data, out)
+            return _run(client, embedder, data, out, ks)
 
 
-def _run(client: TestClient, embedder: Any, data: list[dict[str, Any]], out: Path | None) -> dict[str, Any]:  # type: ignore[type-arg]
+def _run(  # type: ignore[type-arg]
+    client: TestClient, embedder: Any, data: list[dict[str, Any]], out: Path | None, ks: tuple[int, ...]
+) -> dict[str, Any]:
     op = {"Authorization": f"Bearer {OPERATOR_KEY}"}
     tenant = client.post("/v1/tenants", json={"name": "locomo"}, headers=op).json()
     auth = {"Authorization": f"Bearer {tenant['admin_key']}"}
@@ -171,20 +171,20 @@ def _run(client: TestClient, embedder: Any, data: list[dict[str, Any]], out: Pat
                 continue
             questions += 1
             q = embedder.embed([qa["question"]])[0]
-            order = np.argsort(-(raw_vectors @ q))[: max(KS)]
+            order = np.argsort(-(raw_vectors @ q))[: max(ks)]
             baseline = [info["raw_ids"][i] for i in order]
-            for k in KS:
+            for k in ks:
                 value = recall_at(baseline, gold, k)
                 hits["dense-baseline"][k].append(value)
                 per_cat["dense-baseline"][qa["category"]][k].append(value)
             for mode in MODES:
-                body = {"query": qa["question"], "cube_ids": [info["cube"]["id"]], "k": max(KS), "mode": mode}
+                body = {"query": qa["question"], "cube_ids": [info["cube"]["id"]], "k": max(ks), "mode": mode}
                 started = time.perf_counter()
                 r = client.post("/v1/search", json=body, headers=auth)
                 latency[mode].append((time.perf_counter() - started) * 1000)
                 assert r.status_code == 200, r.text
                 ranked = [info["dia_of"][x["memory"]["id"]] for x in r.json()["results"]]
-                for k in KS:
+                for k in ks:
                     value = recall_at(ranked, gold, k)
                     hits[mode][k].append(value)
                     per_cat[mode][qa["category"]][k].append(value)
@@ -197,9 +197,9 @@ def _run(client: TestClient, embedder: Any, data: list[dict[str, Any]], out: Pat
         "conversations": len(data),
         "turns": len(texts_all),
         "questions": questions,
-        "recall": {m: {f"@{k}": pct(hits[m][k]) for k in KS} for m in hits},
+        "recall": {m: {f"@{k}": pct(hits[m][k]) for k in ks} for m in hits},
         "recall_by_category": {
-            m: {CATEGORIES[c]: {f"@{k}": pct(per_cat[m][c][k]) for k in KS} for c in sorted(per_cat[m])}
+            m: {CATEGORIES[c]: {f"@{k}": pct(per_cat[m][c][k]) for k in ks} for c in sorted(per_cat[m])}
             for m in per_cat
         },
         "search_ms_p50": {m: round(statistics.median(v), 2) for m, v in latency.items()},
@@ -209,24 +209,24 @@ def _run(client: TestClient, embedder: Any, data: list[dict[str, Any]], out: Pat
             "ratio": round(raw_embed_s / ingest_s, 3),
         },
     }
-    print_table(result)
+    print_table(result, ks)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
     return result
 
 
-def print_table(result: dict[str, Any]) -> None:
+def print_table(result: dict[str, Any], ks: tuple[int, ...] = KS) -> None:
     m = result["machine"]
     print(
         f"\nLoCoMo dev evidence recall — {result['conversations']} conversations, {result['turns']} turns, "
         f"{result['questions']} questions (categories 1-4)"
     )
     print(f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}, {m['date']}")
-    print(f"{'mode':<16}" + "".join(f"{'R@' + str(k):>8}" for k in KS) + f"{'p50 ms':>10}")
+    print(f"{'mode':<16}" + "".join(f"{'R@' + str(k):>8}" for k in ks) + f"{'p50 ms':>10}")
     for mode, row in result["recall"].items():
         p50 = result["search_ms_p50"].get(mode)
-        print(f"{mode:<16}" + "".join(f"{row[f'@{k}']:>8}" for k in KS) + (f"{p50:>10}" if p50 else f"{'-':>10}"))
+        print(f"{mode:<16}" + "".join(f"{row[f'@{k}']:>8}" for k in ks) + (f"{p50:>10}" if p50 else f"{'-':>10}"))
     print("\nrecall@10 by category")
     cats = list(CATEGORIES.values())
     print(f"{'mode':<16}" + "".join(f"{c:>13}" for c in cats))

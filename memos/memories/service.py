@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -61,16 +61,6 @@ _KNN_SQL = text(
     """
 )
 MAX_PROVENANCE_NODES = 500
-
-
-@dataclass(frozen=True, slots=True)
-class _Gone:
-    """A memory leaving the search graph (deleted or purged)."""
-
-    id: uuid.UUID
-    state: str = "deleted"
-    content: None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,7 +525,7 @@ class MemoryService:
                     update(memories).where(memories.c.id == memory_id).values(**erased, purged_at=func.now())
                 )
             await record(conn, principal, "memory.purge" if purge else "memory.delete", "memory", memory_id)
-        self.graphs.memories_written(current.cube_id, [_Gone(memory_id)])
+        self.graphs.memories_removed(current.cube_id, [memory_id])
 
     async def restore(
         self, principal: Principal, memory_id: uuid.UUID, version: int, if_match: int | None

@@ -130,6 +130,16 @@ class CubeGraphs:
 
         self._apply(cube_id, note)
 
+    def memories_removed(self, cube_id: uuid.UUID, ids: Iterable[uuid.UUID]) -> None:
+        """Deleted or purged memories leave the graph (with their edges)."""
+        gone = list(ids)
+
+        def note(graph: MemoryGraph) -> None:
+            for memory_id in gone:
+                graph.remove_memory(memory_id)
+
+        self._apply(cube_id, note)
+
     def links_written(self, cube_id: uuid.UUID, links: Iterable[tuple[uuid.UUID, uuid.UUID, str, float]]) -> None:
         snapshot = list(links)
 
