@@ -1,0 +1,355 @@
+"""A LangGraph ``BaseStore`` over memos: swap one object and a LangGraph agent's long-term memory lives in memos.
+
+Install with ``pip install "memos-client[langgraph]"``::
+
+    from memos_client import MemosClient
+    from memos_client.compat.langgraph import MemosStore
+
+    store = MemosStore(MemosClient())            # MEMOS_URL / MEMOS_API_KEY
+    graph = builder.compile(store=store)         # or use it directly:
+    store.put(("users", "u1", "prefs"), "theme", {"text": "prefers dark mode"})
+    store.search(("users", "u1"), query="what colours does the user like?")
+
+How LangGraph's model maps onto memos:
+
+- **A namespace is a cube**, named ``<cube_prefix>:<JSON list of the labels>`` and created on the
+  first ``put``. Grants, isolation and deletion are memos' own, per namespace.
+- **An item is a memory** whose metadata holds ``{"langgraph": {"key": key}, "value": value}`` and
+  which carries the tag ``lg-key:<sha256(key)[:32]>`` so ``get`` is one indexed lookup. A ``put``
+  on an existing key writes a new version (history and provenance are kept); ``delete`` is memos'
+  soft delete.
+- **What is searched** is the memory's content: the item's ``index`` fields joined by newlines (the
+  whole value as JSON when ``index`` is not given; the key alone for ``index=False``). ``search``
+  with a ``query`` is memos' hybrid search over every cube under the prefix; ``score`` is memos'
+  fused score (not a cosine). Plain-equality ``filter`` entries are applied by the server, ``$ne``,
+  ``$gt``, ``$gte``, ``$lt``, ``$lte`` and ``$eq`` here, on the results.
+- **TTL** is in minutes, as in LangGraph, and becomes the memory's ``ttl_seconds``; it counts from
+  the last write (memos does not refresh it on reads, so ``refresh_ttl`` is ignored).
+
+The async methods run the same calls on a worker thread; the store is safe to share between threads
+as ``httpx.Client`` is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+from langgraph.store.base import (
+    BaseStore,
+    GetOp,
+    Item,
+    ListNamespacesOp,
+    MatchCondition,
+    Op,
+    PutOp,
+    Result,
+    SearchItem,
+    SearchOp,
+    validate_op_namespace,
+)
+
+from memos_client._client import MemosClient
+from memos_client._errors import Conflict, NotFound, PreconditionFailed
+from memos_client._models import Cube, Memory
+
+__all__ = ["MemosStore"]
+
+SearchMode = Literal["vector", "text", "hybrid", "graph"]
+
+_SEARCH_MAX_K = 200  # the server's limit on k
+_OPERATORS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte")
+
+
+class MemosStore(BaseStore):
+    """LangGraph's ``BaseStore`` backed by a memos server: namespaces are cubes, items are memories."""
+
+    supports_ttl = True
+
+    def __init__(self, client: MemosClient, *, cube_prefix: str = "langgraph", mode: SearchMode = "hybrid") -> None:
+        if not cube_prefix or ":" in cube_prefix:
+            raise ValueError("cube_prefix must be a non-empty string without ':'")
+        self._client = client
+        self._prefix = cube_prefix
+        self._mode: SearchMode = mode
+        self._cubes: dict[tuple[str, ...], str] = {}
+        self._lock = threading.Lock()
+
+    # --- BaseStore ---------------------------------------------------------------------------------
+
+    def batch(self, ops: Iterable[Op]) -> list[Result]:
+        results: list[Result] = []
+        for op in ops:
+            validate_op_namespace(op)
+            if isinstance(op, GetOp):
+                results.append(self._get(op))
+            elif isinstance(op, SearchOp):
+                results.append(self._search(op))
+            elif isinstance(op, PutOp):
+                self._put(op)
+                results.append(None)
+            elif isinstance(op, ListNamespacesOp):
+                results.append(self._list_namespaces(op))
+            else:  # pragma: no cover - LangGraph's Op union is closed
+                raise TypeError(f"unknown store operation {op!r}")
+        return results
+
+    async def abatch(self, ops: Iterable[Op]) -> list[Result]:
+        return await asyncio.to_thread(self.batch, list(ops))
+
+    # --- operations --------------------------------------------------------------------------------
+
+    def _get(self, op: GetOp) -> Item | None:
+        cube_id = self._cube_id(op.namespace, create=False)
+        if cube_id is None:
+            return None
+        memory = self._find(cube_id, op.key)
+        return None if memory is None else _item(op.namespace, memory)
+
+    def _put(self, op: PutOp) -> None:
+        if op.value is None:
+            cube_id = self._cube_id(op.namespace, create=False)
+            memory = None if cube_id is None else self._find(cube_id, op.key)
+            if memory is not None:
+                with contextlib.suppress(NotFound):  # deleted meanwhile: the outcome the caller asked for
+                    self._client.memories.delete(memory.id)
+            return
+        value = dict(op.value)
+        metadata = {"langgraph": {"key": op.key}, "value": value}
+        content = _content(op.key, value, op.index)
+        ttl_seconds = None if op.ttl is None else max(1, round(op.ttl * 60))
+        cube_id = self._cube_id(op.namespace, create=True)
+        assert cube_id is not None
+        for _ in range(3):  # a concurrent put of the same key moved the version: read it again
+            memory = self._find(cube_id, op.key)
+            if memory is None:
+                self._client.memories.add(
+                    cube_id, content=content, metadata=metadata, tags=[_key_tag(op.key)], ttl_seconds=ttl_seconds
+                )
+                return
+            try:
+                self._client.memories.update(
+                    memory.id, if_version=memory.version, content=content, metadata=metadata, ttl_seconds=ttl_seconds
+                )
+                return
+            except PreconditionFailed:
+                continue
+        raise Conflict(f"key {op.key!r} kept changing under concurrent writes; try again", status=409)
+
+    def _search(self, op: SearchOp) -> list[SearchItem]:
+        cubes = self._cubes_under(op.namespace_prefix)
+        if not cubes:
+            return []
+        wanted = op.offset + op.limit
+        if op.query:
+            exact = {k: v for k, v in (op.filter or {}).items() if not _is_operator(v)}
+            found = self._client.search(
+                op.query,
+                cube_ids=list(cubes),
+                k=min(max(wanted, 1), _SEARCH_MAX_K),
+                mode=self._mode,
+                filters={"value": exact} if exact else None,
+            )
+            hits = [
+                _search_item(cubes[r.memory.cube_id], r.memory, r.score)
+                for r in found.results
+                if r.memory.cube_id in cubes and _matches(_value(r.memory), op.filter)
+            ]
+        else:
+            hits = [
+                _search_item(namespace, memory, None)
+                for cube_id, namespace in cubes.items()
+                for memory in self._client.memories.list(cube_id)
+                if _matches(_value(memory), op.filter)
+            ]
+            hits.sort(key=lambda item: item.updated_at, reverse=True)
+        return hits[op.offset : op.offset + op.limit]
+
+    def _list_namespaces(self, op: ListNamespacesOp) -> list[tuple[str, ...]]:
+        found: set[tuple[str, ...]] = set()
+        for namespace in self._all_namespaces().values():
+            if not all(_condition_holds(namespace, c) for c in op.match_conditions or ()):
+                continue
+            found.add(namespace if op.max_depth is None else namespace[: op.max_depth])
+        return sorted(found)[op.offset : op.offset + op.limit]
+
+    # --- namespaces and keys -----------------------------------------------------------------------
+
+    def _cube_id(self, namespace: tuple[str, ...], *, create: bool) -> str | None:
+        with self._lock:
+            known = self._cubes.get(namespace)
+        if known is not None:
+            return known
+        self._all_namespaces()  # refreshes the map: another process may have created it
+        with self._lock:
+            known = self._cubes.get(namespace)
+        if known is not None or not create:
+            return known
+        try:
+            cube = self._client.cubes.create(
+                self._cube_name(namespace), metadata={"langgraph": {"namespace": list(namespace)}}
+            )
+        except Conflict:  # created concurrently under the same name
+            self._all_namespaces()
+            with self._lock:
+                return self._cubes.get(namespace)
+        with self._lock:
+            self._cubes[namespace] = cube.id
+        return cube.id
+
+    def _cubes_under(self, prefix: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+        return {cid: ns for cid, ns in self._all_namespaces().items() if ns[: len(prefix)] == prefix}
+
+    def _all_namespaces(self) -> dict[str, tuple[str, ...]]:
+        """Every cube of this store the caller can see, as cube id -> namespace (and the cache refreshed)."""
+        found = {cube.id: ns for cube in self._client.cubes.list() if (ns := self._namespace_of(cube)) is not None}
+        with self._lock:
+            self._cubes = {ns: cid for cid, ns in found.items()}
+        return found
+
+    def _cube_name(self, namespace: tuple[str, ...]) -> str:
+        return f"{self._prefix}:{json.dumps(list(namespace), ensure_ascii=False, separators=(',', ':'))}"
+
+    def _namespace_of(self, cube: Cube) -> tuple[str, ...] | None:
+        if not cube.name.startswith(f"{self._prefix}:["):
+            return None
+        try:
+            labels = json.loads(cube.name[len(self._prefix) + 1 :])
+        except ValueError:
+            return None
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            return None
+        return tuple(labels)
+
+    def _find(self, cube_id: str, key: str) -> Memory | None:
+        for memory in self._client.memories.list(cube_id, tag=_key_tag(key), page_size=10):
+            if memory.metadata.get("langgraph", {}).get("key") == key:
+                return memory
+        return None
+
+
+# --- items ----------------------------------------------------------------------------------------
+
+
+def _key_tag(key: str) -> str:
+    # Keys are free text of any length; a digest keeps the tag inside memos' tag limit.
+    return "lg-key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _value(memory: Memory) -> dict[str, Any]:
+    value = memory.metadata.get("value")
+    return value if isinstance(value, dict) else {}
+
+
+def _item(namespace: tuple[str, ...], memory: Memory) -> Item:
+    return Item(
+        value=_value(memory),
+        key=str(memory.metadata.get("langgraph", {}).get("key", "")),
+        namespace=namespace,
+        created_at=memory.created_at,
+        updated_at=memory.updated_at,
+    )
+
+
+def _search_item(namespace: tuple[str, ...], memory: Memory, score: float | None) -> SearchItem:
+    return SearchItem(
+        namespace=namespace,
+        key=str(memory.metadata.get("langgraph", {}).get("key", "")),
+        value=_value(memory),
+        created_at=memory.created_at,
+        updated_at=memory.updated_at,
+        score=score,
+    )
+
+
+def _content(key: str, value: Mapping[str, Any], index: Literal[False] | list[str] | None) -> str:
+    """The text memos embeds and indexes for an item."""
+    if index is False:
+        return key
+    if index:
+        parts = [_text(v) for path in index for v in _select(value, path)]
+        text = "\n".join(p for p in parts if p)
+        if text.strip():
+            return text
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+_STEP = re.compile(r"([^.\[\]]+)|\[(\*|-?\d+)\]")
+
+
+def _select(value: Any, path: str) -> Iterator[Any]:
+    """Values at a LangGraph index path: ``a.b``, ``list[0]``, ``list[-1]``, ``list[*].field``, ``$`` (the whole)."""
+    if path in ("$", ""):
+        yield value
+        return
+    current: list[Any] = [value]
+    for name, index in _STEP.findall(path):
+        following: list[Any] = []
+        for node in current:
+            if name:
+                if isinstance(node, Mapping) and name in node:
+                    following.append(node[name])
+            elif isinstance(node, Sequence) and not isinstance(node, str):
+                if index == "*":
+                    following.extend(node)
+                elif -len(node) <= int(index) < len(node):
+                    following.append(node[int(index)])
+        current = following
+    yield from current
+
+
+# --- filters and namespace conditions -------------------------------------------------------------
+
+
+def _is_operator(condition: Any) -> bool:
+    return isinstance(condition, Mapping) and any(k in _OPERATORS for k in condition)
+
+
+def _matches(value: Mapping[str, Any], filters: Mapping[str, Any] | None) -> bool:
+    for key, condition in (filters or {}).items():
+        actual = value.get(key)
+        if _is_operator(condition):
+            if not all(_compare(actual, op, expected) for op, expected in condition.items()):
+                return False
+        elif actual != condition:
+            return False
+    return True
+
+
+def _compare(actual: Any, op: str, expected: Any) -> bool:
+    if op == "$eq":
+        return bool(actual == expected)
+    if op == "$ne":
+        return bool(actual != expected)
+    if actual is None:
+        return False
+    try:
+        if op == "$gt":
+            return bool(actual > expected)
+        if op == "$gte":
+            return bool(actual >= expected)
+        if op == "$lt":
+            return bool(actual < expected)
+        if op == "$lte":
+            return bool(actual <= expected)
+    except TypeError:  # values of kinds that do not order (str vs int) never match
+        return False
+    raise ValueError(f"unsupported filter operator {op!r}; use one of {', '.join(_OPERATORS)}")
+
+
+def _condition_holds(namespace: tuple[str, ...], condition: MatchCondition) -> bool:
+    path = tuple(condition.path)
+    if len(path) > len(namespace):
+        return False
+    part = namespace[: len(path)] if condition.match_type == "prefix" else namespace[len(namespace) - len(path) :]
+    return all(want in ("*", got) for want, got in zip(path, part, strict=True))
