@@ -66,6 +66,9 @@ class VectorLRU:
         while len(self._vectors) > self.maxsize:
             self._vectors.popitem(last=False)
 
+    def clear(self) -> None:
+        self._vectors.clear()
+
     async def embed(self, texts: Sequence[str]) -> list[Vector]:
         """Embeddings of ``texts`` (L2-normalized float32), embedding only those not remembered, in one call."""
         found = [self.get(t) for t in texts]
