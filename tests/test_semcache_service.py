@@ -20,7 +20,7 @@ from litestar.testing import TestClient
 
 from memos.app import create_app
 from memos.embed.base import Embedder
-from memos.settings import Settings
+from memos.settings import Settings, SettingsError
 
 
 def lookup(client: TestClient[Litestar], key: str, cube_id: str, query: str, **extra: Any) -> dict[str, Any]:
@@ -652,3 +652,24 @@ def test_malformed_cube_ids(client: TestClient[Litestar], tenant: Tenant) -> Non
         client.post("/v1/cache/lookup", json={"cube_id": missing, "query": "q"}, headers=bearer(key)).status_code == 404
     )
     assert client.post("/v1/cache/lookup", json={"cube_id": missing, "query": "q"}).status_code == 401
+
+
+def test_cache_settings_come_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "MEMOS_CACHE_INDEXES": "4",
+            "MEMOS_CACHE_QUERY_LRU": "100",
+            "MEMOS_CACHE_SYNC_SECONDS": "0.5",
+            "MEMOS_CACHE_FLUSH_SECONDS": "1",
+        }
+    )
+    assert (settings.cache_indexes, settings.cache_query_lru) == (4, 100)
+    assert (settings.cache_sync_seconds, settings.cache_flush_seconds) == (0.5, 1.0)
+    for name, value in (
+        ("MEMOS_CACHE_INDEXES", "0"),
+        ("MEMOS_CACHE_QUERY_LRU", "many"),
+        ("MEMOS_CACHE_SYNC_SECONDS", "nan"),
+        ("MEMOS_CACHE_FLUSH_SECONDS", "0"),
+    ):
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: value})
