@@ -239,6 +239,10 @@ class SemCacheService:
             # Postgres says otherwise (another process changed or removed it): drop it, catch up, decide again.
             index.remove(chosen.id)
             self.indexes.request_sync(state)
+        # The index went away (the cube was deleted) or kept disagreeing with Postgres: a miss, if the caller
+        # may still read the cube at all.
+        async with self.db.read() as conn:
+            _require_read(principal, await store.check_and_fetch(conn, principal, req.cube_id, None))
         miss = decide(req.query, qvec, [], state.policy, category=category)
         return replace(miss, reason="miss: the nearest entries changed while being checked"), None
 
