@@ -327,6 +327,37 @@ def test_another_process_invalidating_is_never_served_from_this_index(
     assert body["via"] == "index"
 
 
+def test_while_the_index_builds_lookups_use_pgvector(
+    other_process: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """A process that has not built a cube's index answers from pgvector: same decisions, current state."""
+    key = tenant.admin_key
+    service = other_process.app.state.semcache
+    service.build_wait = 0.0  # answer at once instead of waiting for the build
+    try:
+        kept = store(other_process, key, cube, "Which platform does the Oxford train leave from?", "Platform 4.")
+        gone = store(other_process, key, cube, "Which platform does the Bath train leave from?", "Platform 9.")
+        assert other_process.delete(f"/v1/memories/{gone['id']}", headers=bearer(key)).status_code == 204
+        service.indexes.drop(uuid.UUID(cube))  # as after a restart: the next lookups start a build
+        hit = lookup(other_process, key, cube, "What platform does the Oxford train leave from?")
+        assert (hit["via"], hit["hit"], hit["memory_id"]) == ("database", True, kept["id"])
+        miss = lookup(other_process, key, cube, "Which platform does the Bath train leave from?")
+        assert miss["hit"] is False
+        assert miss["via"] == "database"
+        assert miss["similarity"] < 0.99  # the deleted entry, asked word for word, was not even a candidate
+        assert lookup(other_process, key, cube, "Is it raining in Leeds?")["hit"] is False
+        stranger = Factory(other_process).tenant()
+        r = other_process.post(
+            "/v1/cache/lookup",
+            json={"cube_id": cube, "query": "Oxford train platform?"},
+            headers=bearer(stranger.admin_key),
+        )
+        assert r.status_code == 404
+    finally:
+        service.build_wait = 0.05
+    assert indexed_lookup(other_process, key, cube, "What platform does the Oxford train leave from?")["hit"] is True
+
+
 # -- feedback ----------------------------------------------------------------------------------------------
 
 

@@ -74,8 +74,10 @@ class SemCacheService:
         indexes: CacheIndexes,
         *,
         flush_seconds: float = 5.0,
+        build_wait: float = BUILD_WAIT_SECONDS,
     ) -> None:
         self.db = db
+        self.build_wait = build_wait
         self.memories = memories_service
         self.indexes = indexes
         self.vectors = indexes.vectors
@@ -177,7 +179,7 @@ class SemCacheService:
         texts = [req.query] + ([context_text(turns)] if turns else [])
         vectors = await self.vectors.embed(texts)
         qvec, cvec = vectors[0], (vectors[1] if turns else None)
-        index = await self.indexes.index(state, wait=BUILD_WAIT_SECONDS)
+        index = await self.indexes.index(state, wait=self.build_wait)
         if index is None:
             decision, served = await self._lookup_database(principal, req, state, category, qvec, turns, cvec)
             via = "database"
