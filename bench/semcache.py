@@ -413,6 +413,7 @@ async def service_run(h: Harness, pairs: Sequence[Pair]) -> tuple[Run, Run, list
     outcomes: list[tuple[Pair, bool, bool, float]] = [None] * len(pairs)  # type: ignore[list-item]
     reasons: dict[str, int] = {}
     next_pair = iter(range(len(pairs)))
+    done = [0]
 
     async def worker() -> None:
         plain_cube = await h.cube("plain", PLAIN_CONFIG)
@@ -443,6 +444,9 @@ async def service_run(h: Harness, pairs: Sequence[Pair]) -> tuple[Run, Run, list
                     reasons[key] = reasons.get(key, 0) + 1
                 await h.app.state.memories.delete(h.principal, stored.id, None)
             outcomes[i] = (pair, hits[0], hits[1], similarity)
+            done[0] += 1
+            if done[0] % 2000 == 0:
+                print(f"  ... {done[0]} of {len(pairs)} pairs", file=sys.stderr, flush=True)
 
     await asyncio.gather(*(worker() for _ in range(WORKERS)))
     sims = []

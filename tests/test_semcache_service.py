@@ -704,3 +704,37 @@ def test_cache_settings_come_from_the_environment() -> None:
     ):
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: value})
+
+
+def test_cube_index_adds_replaces_removes_and_counts() -> None:
+    """The in-memory index alone: nearest first, replaced entries found by their new vector, removals gone."""
+    import numpy as np
+
+    from memos.semcache.index import CubeIndex, Entry, turns_from
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((50, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [uuid.uuid4() for _ in range(50)]
+
+    def entry(i: int, category: str | None = None, version: int = 1) -> Entry:
+        return Entry(ids[i], version, f"query {i}", category, None, None, 0.0, None, None)
+
+    index = CubeIndex(384)
+    index.add_many([entry(i, "a" if i < 10 else None) for i in range(50)], vectors)
+    assert (len(index), index.count("a"), index.count(None)) == (50, 10, 40)
+    (best, similarity), *_ = index.search(vectors[7], 5)
+    assert best.id == ids[7] and similarity == pytest.approx(1.0, abs=1e-3)
+    index.upsert(entry(7, "a", version=2), vectors[8])  # a PATCH moved its query
+    assert index.get(ids[7]).version == 2
+    assert {e.id for e, _ in index.search(vectors[8], 2)} == {ids[7], ids[8]}
+    assert index.remove(ids[8]) and not index.remove(ids[8])
+    assert ids[8] not in {e.id for e, _ in index.search(vectors[8], 50)}
+    assert (len(index), index.count("a"), index.removed) == (49, 9, 2)
+
+    # Plain-string contexts alternate, the newest turn being the assistant's.
+    turns = turns_from(["hi", "hello, how can I help?", "my order is late", "Sorry! Order number?"])
+    assert turns is not None and [t.role for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert turns_from(None) is None
+    with pytest.raises(ValueError, match="context"):
+        turns_from([3])

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 Vector = npt.NDArray[np.float32]
 
+COMPACT_AFTER = 10_000
+"""Removed keys an index may carry (at least, and at least twice its live entries) before it is rebuilt."""
+
 SYNC_MARGIN = timedelta(seconds=10)
 """A catch-up re-reads this far back: a writer's ``updated_at`` is its statement's start, before its commit."""
 
@@ -412,8 +415,16 @@ class CacheIndexes:
             return
         if state.index is not None:
             note(state.index)
+            self._maybe_compact(state)
         elif state.building is not None:
             state.pending.append(note)
+
+    def _maybe_compact(self, state: CubeState) -> None:
+        """HNSW keeps removed nodes in its graph: after many removals, rebuild from Postgres (pgvector meanwhile)."""
+        index = state.index
+        if index is not None and index.removed > max(COMPACT_AFTER, 2 * len(index)) and state.building is None:
+            state.index = None
+            state.building = self._spawn(self._build(state))
 
     def _upsert_rows(self, index: CubeIndex, rows: Iterable[Any]) -> None:
         for row in rows:
