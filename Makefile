@@ -41,7 +41,7 @@ bench: install
 	$(PY) -m bench.api_latency
 	$(PY) -m bench.locomo
 	$(PY) -m bench.search_scale
-	$(PY) -m bench.semcache_eval
+	$(PY) -m bench.semcache
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

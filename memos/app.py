@@ -35,6 +35,9 @@ from memos.search.controller import SearchController
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
 from memos.search.service import SearchService
+from memos.semcache.controller import CacheController
+from memos.semcache.index import CacheIndexes, VectorLRU
+from memos.semcache.service import SemCacheService
 from memos.settings import Settings
 from memos.store.db import Database
 
@@ -175,20 +178,31 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             await db.start()
             embedding = EmbeddingService(worker, settings.embed_wait_seconds)
             graphs = CubeGraphs(db)
+            indexes = CacheIndexes(
+                db,
+                VectorLRU(embedding, settings.cache_query_lru),
+                max_cubes=settings.cache_indexes,
+                sync_seconds=settings.cache_sync_seconds,
+            )
             app.state.db = db
             app.state.embed_worker = worker
             app.state.identity = IdentityService(db, load_operator_key(settings))
-            app.state.cubes = CubeService(db, graphs)
-            app.state.memories = MemoryService(db, embedding, graphs)
+            app.state.cubes = CubeService(db, graphs, listeners=[indexes])
+            app.state.memories = MemoryService(db, embedding, graphs, listeners=[indexes])
             app.state.search = SearchService(db, embedding, graphs, settings.search_pool)
+            semcache = SemCacheService(db, app.state.memories, indexes, flush_seconds=settings.cache_flush_seconds)
+            semcache.start()
+            app.state.semcache = semcache
             yield
         finally:
+            if (semcache_service := getattr(app.state, "semcache", None)) is not None:
+                await semcache_service.close()
             await worker.close()
             await db.stop()
 
     v1 = Router(
         path="/",
-        route_handlers=[IdentityController, CubeController, MemoryController, SearchController],
+        route_handlers=[IdentityController, CubeController, MemoryController, SearchController, CacheController],
         guards=[require_api_key],
         security=[{"BearerAuth": []}],
         dependencies=dependencies(),

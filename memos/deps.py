@@ -18,12 +18,14 @@ from memos.identity.principal import Principal
 from memos.identity.service import IdentityService
 from memos.memories.service import MemoryService
 from memos.search.service import SearchService
+from memos.semcache.service import SemCacheService
 
 CurrentPrincipal = NamedDependency[Principal]
 Identity = NamedDependency[IdentityService]
 Cubes = NamedDependency[CubeService]
 Memories = NamedDependency[MemoryService]
 Search = NamedDependency[SearchService]
+SemCache = NamedDependency[SemCacheService]
 
 
 def _principal(request: Request[Any, Any, Any]) -> Principal:
@@ -50,6 +52,11 @@ def _search(state: State) -> SearchService:
     return service
 
 
+def _semcache(state: State) -> SemCacheService:
+    service: SemCacheService = state.semcache
+    return service
+
+
 def dependencies() -> dict[str, Provide]:
     return {
         "principal": Provide(_principal, sync_to_thread=False),
@@ -57,4 +64,5 @@ def dependencies() -> dict[str, Provide]:
         "cubes": Provide(_cubes, sync_to_thread=False),
         "memories": Provide(_memories, sync_to_thread=False),
         "search": Provide(_search, sync_to_thread=False),
+        "semcache": Provide(_semcache, sync_to_thread=False),
     }

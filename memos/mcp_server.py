@@ -1,8 +1,9 @@
-"""``memos mcp``: an MCP server that gives an agent four memory tools on one cube.
+"""``memos mcp``: an MCP server that gives an agent memory and cache tools on one cube.
 
 The server is bound at start to one memos URL, one API key and one cube; every tool call goes to
 the memos REST API through the SDK (``memos_client.AsyncMemosClient``), never to the database.
-Tools: ``remember`` (add), ``recall`` (search), ``forget`` (soft delete), ``history`` (versions).
+Tools: ``remember`` (add), ``recall`` (search), ``forget`` (soft delete), ``history`` (versions),
+``cache_lookup`` and ``cache_store`` (the semantic cache: reuse an answer a model gave before).
 An API problem comes back as an MCP tool error (``is_error``) carrying the problem's status, title
 and detail, never a traceback.
 
@@ -32,6 +33,8 @@ Transport = Literal["stdio", "http"]
 INSTRUCTIONS = (
     "Long-term memory backed by memos. Use `remember` to store a fact worth keeping, `recall` to find "
     "what was stored (best first), `history` to see how a memory changed, and `forget` to delete one. "
+    "Before asking a model a question, `cache_lookup` may return an answer given before to the same question "
+    "(in a compatible conversation); after getting a new answer worth reusing, `cache_store` keeps it. "
     "Everything happens in one memory cube chosen when this server was started."
 )
 
@@ -78,6 +81,21 @@ class VersionEntry(BaseModel):
 class History(BaseModel):
     id: str
     versions: list[VersionEntry] = Field(description="Every version, oldest first.")
+
+
+class CacheAnswer(BaseModel):
+    hit: bool = Field(description="True when a cached answer to the same question was found and may be used.")
+    response: str | None = Field(description="The cached answer (null on a miss).")
+    memory_id: str | None = Field(description="The cached entry's memory id (null on a miss).")
+    similarity: float | None = Field(description="Similarity of the cached question to this one.")
+    threshold: float = Field(description="The similarity the entry had to reach.")
+    reason: str = Field(description="Why it hit or missed.")
+
+
+class Cached(BaseModel):
+    id: str = Field(description="The cached entry's memory id.")
+    version: int
+    cube_id: str
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -175,6 +193,41 @@ def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos"
             ]
 
         return History(id=memory_id, versions=await _call(versions))
+
+    @server.tool()
+    async def cache_lookup(query: str, context: list[str] | None = None, category: str | None = None) -> CacheAnswer:
+        """Look for an answer given before to the same question; use `response` when `hit` is true.
+
+        `context`: the conversation turns before the question, oldest first, alternating and ending with the
+        assistant's (needed when the question refers back to them, like "cancel it"). `category`: a cache
+        category configured for the cube (default: the cube's default).
+        """
+        found = await _call(lambda: client.cache.lookup(cube_id, query, category=category, context=context))
+        return CacheAnswer(
+            hit=found.hit,
+            response=found.response,
+            memory_id=found.memory_id,
+            similarity=found.similarity,
+            threshold=found.threshold,
+            reason=found.reason,
+        )
+
+    @server.tool()
+    async def cache_store(
+        query: str,
+        response: str,
+        context: list[str] | None = None,
+        category: str | None = None,
+        ttl_seconds: int | None = None,
+    ) -> Cached:
+        """Keep `response` as the answer to `query` (asked after `context`), so the same question is answered
+        from the cache next time. `ttl_seconds`: forget it after this long (answers that go stale)."""
+        memory = await _call(
+            lambda: client.cache.store(
+                cube_id, query, response, category=category, context=context, ttl_seconds=ttl_seconds
+            )
+        )
+        return Cached(id=memory.id, version=memory.version, cube_id=memory.cube_id)
 
     return server
 

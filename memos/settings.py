@@ -57,6 +57,18 @@ class Settings:
     embed_wait_seconds: float = 30.0
     """How long a request waits for the embedding model to finish loading before it gets 503."""
 
+    cache_indexes: int = 32
+    """Cubes whose semantic-cache index this process keeps in memory (least recently used dropped first)."""
+
+    cache_query_lru: int = 10_000
+    """Query and context embeddings the semantic cache remembers, so exact repeats are not embedded again."""
+
+    cache_sync_seconds: float = 2.0
+    """How often a cube's cache index catches up with writes made by other memos processes."""
+
+    cache_flush_seconds: float = 5.0
+    """How often the cache's hit and miss counters are added to Postgres."""
+
     @property
     def embedded(self) -> bool:
         """True when memos runs its own PostgreSQL."""
@@ -98,6 +110,15 @@ class Settings:
             except ValueError:
                 raise SettingsError(f"MEMOS_EMBED_WAIT_SECONDS must be a number, got {v!r}") from None
 
+        if (v := raw("CACHE_INDEXES")) is not None:
+            values["cache_indexes"] = _parse_int("MEMOS_CACHE_INDEXES", v)
+        if (v := raw("CACHE_QUERY_LRU")) is not None:
+            values["cache_query_lru"] = _parse_int("MEMOS_CACHE_QUERY_LRU", v)
+        if (v := raw("CACHE_SYNC_SECONDS")) is not None:
+            values["cache_sync_seconds"] = _parse_float("MEMOS_CACHE_SYNC_SECONDS", v)
+        if (v := raw("CACHE_FLUSH_SECONDS")) is not None:
+            values["cache_flush_seconds"] = _parse_float("MEMOS_CACHE_FLUSH_SECONDS", v)
+
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         settings.validate()
@@ -117,12 +138,34 @@ class Settings:
             raise SettingsError(f"MEMOS_SEARCH_POOL must be between 1 and 2000, got {self.search_pool}")
         if self.embed_wait_seconds < 0:
             raise SettingsError(f"MEMOS_EMBED_WAIT_SECONDS must be >= 0, got {self.embed_wait_seconds}")
+        if self.cache_indexes < 1:
+            raise SettingsError(f"MEMOS_CACHE_INDEXES must be at least 1, got {self.cache_indexes}")
+        if self.cache_query_lru < 0:
+            raise SettingsError(f"MEMOS_CACHE_QUERY_LRU must be >= 0, got {self.cache_query_lru}")
+        if not 0.05 <= self.cache_sync_seconds <= 3600:
+            raise SettingsError(
+                f"MEMOS_CACHE_SYNC_SECONDS must be between 0.05 and 3600, got {self.cache_sync_seconds}"
+            )
+        if not 0.05 <= self.cache_flush_seconds <= 3600:
+            raise SettingsError(
+                f"MEMOS_CACHE_FLUSH_SECONDS must be between 0.05 and 3600, got {self.cache_flush_seconds}"
+            )
         if self.embed_model is not None and not Path(self.embed_model).expanduser().is_dir():
             raise SettingsError(f"MEMOS_EMBED_MODEL must be a local model directory, got {self.embed_model!r}")
         if self.database_url is not None and not self.database_url.startswith(("postgresql", "postgres")):
             raise SettingsError("MEMOS_DATABASE_URL must be a postgresql:// URL")
         if self.operator_key is not None and len(self.operator_key) < 32:
             raise SettingsError("MEMOS_OPERATOR_KEY must be at least 32 characters")
+
+
+def _parse_float(name: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise SettingsError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 def _parse_int(name: str, value: str) -> int:

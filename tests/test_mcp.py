@@ -87,7 +87,7 @@ async def test_tools_round_trip(async_app: Litestar, agent_key_and_cube: tuple[s
     key, cube_id = agent_key_and_cube
     async with connect(async_app, key) as sdk, Client(create_server(sdk, cube_id), mode="legacy") as mcp:
         tools = {t.name: t for t in (await mcp.list_tools()).tools}
-        assert set(tools) == {"remember", "recall", "forget", "history"}
+        assert set(tools) == {"remember", "recall", "forget", "history", "cache_lookup", "cache_store"}
         assert set(tools["remember"].input_schema["properties"]) == {"content", "tags", "metadata"}
         assert tools["remember"].input_schema["required"] == ["content"]
         assert set(tools["recall"].input_schema["properties"]) == {"query", "k", "mode"}
@@ -128,6 +128,45 @@ async def test_tools_round_trip(async_app: Litestar, agent_key_and_cube: tuple[s
 
         versions = structured(await mcp.call_tool("history", {"memory_id": memory_id}))["versions"]
         assert [(v["version"], v["op"]) for v in versions] == [(1, "create"), (2, "delete")]
+
+
+async def test_cache_tools(async_app: Litestar, agent_key_and_cube: tuple[str, str]) -> None:
+    key, cube_id = agent_key_and_cube
+    async with connect(async_app, key) as sdk, Client(create_server(sdk, cube_id), mode="legacy") as mcp:
+        tools = {t.name: t for t in (await mcp.list_tools()).tools}
+        assert tools["cache_lookup"].input_schema["required"] == ["query"]
+        assert tools["cache_store"].input_schema["required"] == ["query", "response"]
+
+        miss = structured(await mcp.call_tool("cache_lookup", {"query": "How long do I boil an egg?"}))
+        assert (miss["hit"], miss["response"]) == (False, None)
+        assert miss["reason"].startswith("miss:")
+
+        saved = structured(
+            await mcp.call_tool("cache_store", {"query": "How long do I boil an egg?", "response": "Seven minutes."})
+        )
+        assert (saved["version"], saved["cube_id"]) == (1, cube_id)
+        hit = structured(await mcp.call_tool("cache_lookup", {"query": "How long should I boil an egg?"}))
+        assert (hit["hit"], hit["response"], hit["memory_id"]) == (True, "Seven minutes.", saved["id"])
+        assert hit["similarity"] >= hit["threshold"]
+
+        history = ["I'm booking the Riverside hotel for May.", "The Riverside has a double at £140 or a suite at £260."]
+        structured(
+            await mcp.call_tool(
+                "cache_store", {"query": "book the cheaper one", "response": "Double booked.", "context": history}
+            )
+        )
+        same = structured(await mcp.call_tool("cache_lookup", {"query": "Book the cheaper one", "context": history}))
+        assert same["hit"] is True
+        elsewhere = ["I need a rental car in May.", "A Fiat 500 is £30 a day, a Golf £45. Which one?"]
+        other = structured(await mcp.call_tool("cache_lookup", {"query": "Book the cheaper one", "context": elsewhere}))
+        assert other["hit"] is False
+
+        result = await mcp.call_tool("cache_store", {"query": "Anything?", "response": ""})
+        assert result.is_error
+        assert "response" in text(result)
+        result = await mcp.call_tool("cache_lookup", {"query": "x", "category": "nowhere"})
+        assert result.is_error
+        assert "category" in text(result)
 
 
 async def test_api_problems_are_tool_errors(async_app: Litestar, agent_key_and_cube: tuple[str, str]) -> None:

@@ -56,6 +56,7 @@ from memos_client import (
     Timeout,
     TooLarge,
     TransportError,
+    Turn,
     Unauthorized,
     Unavailable,
 )
@@ -182,7 +183,12 @@ PUBLIC_NAMES = {
     "ProvenanceEdge",
     "SearchResponse",
     "SearchResult",
+    "CacheLookup",
+    "CacheStats",
+    "CacheCategoryStats",
+    "CacheConfig",
     # inputs
+    "Turn",
     "MemoryIn",
     "Provenance",
     "DerivedFrom",
@@ -451,6 +457,81 @@ async def test_full_flow_async(async_app: Litestar) -> None:
 
 
 # --- pagination ---------------------------------------------------------------------------------
+
+
+def test_cache_sync(connect: Callable[[str], MemosClient], factory: Factory) -> None:
+    tenant = factory.tenant()
+    sdk = connect(tenant.admin_key)
+    cube = sdk.cubes.create(unique("cache"))
+    config = sdk.cache.configure(cube.id, {"faq": {"threshold": 0.8, "max_entries": 10}})
+    assert (config.categories["faq"]["threshold"], config.categories["faq"]["max_entries"]) == (0.8, 10)
+    assert config.configured == {"categories": {"faq": {"threshold": 0.8, "max_entries": 10}}}
+    assert sdk.cache.config(cube.id) == config
+
+    memory = sdk.cache.store(cube.id, "How do I renew my library card?", "At the front desk.", category="faq")
+    assert (memory.kind, memory.content, memory.metadata["query"]) == (
+        "response",
+        "At the front desk.",
+        "How do I renew my library card?",
+    )
+    found = sdk.cache.lookup(cube.id, "How can I renew my library card?", category="faq")
+    assert (found.hit, found.memory_id, found.response, found.category) == (
+        True,
+        memory.id,
+        "At the front desk.",
+        "faq",
+    )
+    assert found.similarity is not None and found.similarity >= found.threshold
+    assert not sdk.cache.lookup(cube.id, "How can I renew my library card?").hit  # the default category
+
+    history = [
+        Turn(role="user", content="My Glimmer phone plan is too dear."),
+        Turn(role="assistant", content="Glimmer Max is £30 a month. Cancel or downgrade?"),
+    ]
+    bound = sdk.cache.store(cube.id, "cancel it", "Cancelled.", context=history, ttl_seconds=600)
+    assert bound.metadata["context"] == [
+        {"role": "user", "content": "My Glimmer phone plan is too dear."},
+        {"role": "assistant", "content": "Glimmer Max is £30 a month. Cancel or downgrade?"},
+    ]
+    assert bound.expires_at is not None
+    as_strings = [t.content for t in history]  # plain strings alternate, the newest being the assistant's
+    assert sdk.cache.lookup(cube.id, "Cancel it", context=as_strings).memory_id == bound.id
+    assert not sdk.cache.lookup(cube.id, "Cancel it").hit
+
+    sdk.cache.feedback(memory.id, "How can I renew my library card?", correct=False)
+    stats = sdk.cache.stats(cube.id)
+    faq = next(c for c in stats.categories if c.category == "faq")
+    assert (faq.entries, faq.false_hits, faq.hits) == (1, 1, 1)
+    assert faq.threshold is not None and faq.threshold > 0.8
+    assert stats.entries == 2
+
+    assert sdk.cache.invalidate(cube.id, category="faq") == 1
+    assert sdk.cache.invalidate(cube.id, older_than=3600) == 0
+    assert not sdk.cache.lookup(cube.id, "How do I renew my library card?", category="faq").hit
+
+    with pytest.raises(Invalid) as bad:
+        sdk.cache.configure(cube.id, {"faq": {"threshold": 2}})
+    assert bad.value.field_errors[0].field == "categories.faq.threshold"
+    with pytest.raises(Invalid):
+        sdk.cache.lookup(cube.id, "   ")
+    with pytest.raises(TypeError):
+        sdk.cache.lookup(cube.id, "q", context="a string, not turns")
+    with pytest.raises(NotFound):
+        connect(factory.tenant().admin_key).cache.lookup(cube.id, "How do I renew my library card?")
+
+
+async def test_cache_async(async_app: Litestar, factory: Factory) -> None:
+    tenant = factory.tenant()
+    async with async_connect(async_app, tenant.admin_key) as sdk:
+        cube = await sdk.cubes.create(unique("cache"))
+        memory = await sdk.cache.store(cube.id, "What time does the pool open?", "7 am.")
+        found = await sdk.cache.lookup(cube.id, "When does the pool open?")
+        assert (found.hit, found.memory_id) == (True, memory.id)
+        await sdk.cache.feedback(memory.id, "When does the pool open?", correct=True)
+        assert (await sdk.cache.stats(cube.id)).categories[0].category == "chat"
+        assert (await sdk.cache.config(cube.id)).default == "default"
+        assert (await sdk.cache.configure(cube.id, {}, default="chat")).default == "chat"
+        assert await sdk.cache.invalidate(cube.id) == 1
 
 
 def test_pagers_follow_cursors_lazily(connect: Callable[[str], MemosClient], factory: Factory) -> None:

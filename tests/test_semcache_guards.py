@@ -102,6 +102,8 @@ QUERY_VEC = unit(1.0, 0.0, 0.0)
             "direction",
         ),
         ("How do I reset my password?", "How do I reset your password?", "person"),
+        # quantity: "any" asks for at least one, "all" for every one
+        ("Do all the cabins have a sea view?", "Do any of the cabins have a sea view?", "scope"),
         ("Why did my payment fail?", "How did my payment fail?", "question"),
         # wording: near-identical sentences with one content word swapped or added
         ("What's the baggage allowance in economy?", "What's the baggage allowance in business class?", "wording"),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import msgspec
 from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
@@ -32,10 +33,17 @@ def _count(kind_is_activation: bool) -> Any:
     )
 
 
+class CubeListener(Protocol):
+    """Something holding per-cube state in memory (the semantic cache's index), told when a cube goes."""
+
+    def drop(self, cube_id: uuid.UUID) -> None: ...
+
+
 class CubeService:
-    def __init__(self, db: Database, graphs: CubeGraphs) -> None:
+    def __init__(self, db: Database, graphs: CubeGraphs, listeners: Sequence[CubeListener] = ()) -> None:
         self.db = db
         self.graphs = graphs
+        self.listeners = list(listeners)
 
     def _select(self, principal: Principal) -> Any:
         _, agent_id = principal.tenant_member()
@@ -136,6 +144,8 @@ class CubeService:
             count = await tombstone_cube_memories(conn, cube_id, principal)
             await record(conn, principal, "cube.delete", "cube", cube_id, detail={"memories": count})
         self.graphs.drop(cube_id)
+        for listener in self.listeners:
+            listener.drop(cube_id)
 
     async def grant(
         self, principal: Principal, cube_id: uuid.UUID, agent_id: uuid.UUID, body: schemas.GrantIn

@@ -8,12 +8,13 @@ read does not exist for it (404).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
+import numpy as np
 from sqlalchemy import Row, and_, delete, func, insert, literal, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -29,7 +30,7 @@ from memos.search.graphs import CubeGraphs
 from memos.search.indexing import embedding_text, event_time
 from memos.store.audit import record
 from memos.store.db import Database
-from memos.store.models import cube_grants, cubes, memories, memory_links, memory_versions
+from memos.store.models import cache_entries, cube_grants, cubes, memories, memory_links, memory_versions
 from memos.validation import reject_nul
 
 PROVENANCE_LINK = "derived_from"
@@ -61,6 +62,21 @@ _KNN_SQL = text(
     """
 )
 MAX_PROVENANCE_NODES = 500
+
+
+class MemoryListener(Protocol):
+    """Something kept in step with memories after each committed write (the semantic cache's index).
+
+    Called after the transaction commits, in the writing task, with the rows as written.
+    """
+
+    def memories_written(self, cube_id: uuid.UUID, rows: Iterable[Row[Any]]) -> None: ...
+
+    def memories_removed(self, cube_id: uuid.UUID, ids: Iterable[uuid.UUID]) -> None: ...
+
+
+InTransaction = Callable[[AsyncConnection, list[Row[Any]]], Awaitable[None]]
+"""Extra work a caller adds to a create's transaction, given the inserted rows (the cache's own row, its quota)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,15 +153,47 @@ def _not_expired() -> Any:
 
 
 class MemoryService:
-    def __init__(self, db: Database, embedder: EmbeddingService, graphs: CubeGraphs) -> None:
+    def __init__(
+        self,
+        db: Database,
+        embedder: EmbeddingService,
+        graphs: CubeGraphs,
+        listeners: Sequence[MemoryListener] = (),
+    ) -> None:
         self.db = db
         self.embedder = embedder
         self.graphs = graphs
+        self.listeners = list(listeners)
+
+    def notify_written(self, cube_id: uuid.UUID, rows: Sequence[Row[Any]]) -> None:
+        """Tell the graphs and the listeners about committed new or changed memories."""
+        self.graphs.memories_written(cube_id, rows)
+        for listener in self.listeners:
+            listener.memories_written(cube_id, rows)
+
+    def notify_removed(self, cube_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> None:
+        """Tell the graphs and the listeners about committed deletions."""
+        self.graphs.memories_removed(cube_id, ids)
+        for listener in self.listeners:
+            listener.memories_removed(cube_id, ids)
 
     # ------------------------------------------------------------------ create
 
-    async def create(self, principal: Principal, cube_id: uuid.UUID, body: schemas.MemoryIn) -> schemas.Memory:
-        (memory,) = await self._create(principal, cube_id, [body], single=True)
+    async def create(
+        self,
+        principal: Principal,
+        cube_id: uuid.UUID,
+        body: schemas.MemoryIn,
+        *,
+        vector: np.ndarray | None = None,
+        in_transaction: InTransaction | None = None,
+    ) -> schemas.Memory:
+        """Add one memory. ``vector``: its embedding when the caller already has it (the cache embeds
+        queries itself); ``in_transaction``: more writes that must commit or fail with this one."""
+        vectors = None if vector is None else np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        (memory,) = await self._create(
+            principal, cube_id, [body], single=True, vectors=vectors, in_transaction=in_transaction
+        )
         return memory
 
     async def create_batch(
@@ -154,7 +202,14 @@ class MemoryService:
         return await self._create(principal, cube_id, body.items, single=False)
 
     async def _create(
-        self, principal: Principal, cube_id: uuid.UUID, items: Sequence[schemas.MemoryIn], *, single: bool
+        self,
+        principal: Principal,
+        cube_id: uuid.UUID,
+        items: Sequence[schemas.MemoryIn],
+        *,
+        single: bool,
+        vectors: np.ndarray | None = None,
+        in_transaction: InTransaction | None = None,
     ) -> list[schemas.Memory]:
         tenant_id, agent_id = principal.tenant_member()
         times = []
@@ -163,7 +218,8 @@ class MemoryService:
             _check_kind(item, where)
             times.append(event_time(item.metadata, f"{where}metadata.time"))
         # Embedding runs before the transaction: no connection is held while the model works.
-        vectors = await self.embedder.embed([embedding_text(i.kind, i.content, i.metadata) for i in items])
+        if vectors is None:
+            vectors = await self.embedder.embed([embedding_text(i.kind, i.content, i.metadata) for i in items])
         async with self.db.transaction() as conn:
             await cube_access(conn, principal, cube_id, "write")
             versions = await self._resolve_references(conn, principal, items, single)
@@ -193,6 +249,8 @@ class MemoryService:
                     }
                 )
             inserted = await insert_new(conn, rows)
+            if in_transaction is not None:
+                await in_transaction(conn, inserted)
             links = [
                 {"from_id": row["id"], "to_id": link.to, "type": link.type, "weight": link.weight}
                 for row, item in zip(rows, items, strict=True)
@@ -219,7 +277,7 @@ class MemoryService:
                 rows[0]["id"] if single else cube_id,
                 detail={} if single else {"count": len(rows)},
             )
-        self.graphs.memories_written(cube_id, inserted)
+        self.notify_written(cube_id, inserted)
         self.graphs.links_written(cube_id, [(x["from_id"], x["to_id"], x["type"], x["weight"]) for x in links])
         self.graphs.links_written(cube_id, knn)
         return [to_dto(r) for r in inserted]
@@ -485,7 +543,7 @@ class MemoryService:
                 memory_id,
                 detail={"version": row.version, "fields": sorted(values)},
             )
-        self.graphs.memories_written(row.cube_id, [row])
+        self.notify_written(row.cube_id, [row])
         self.graphs.links_removed(row.cube_id, [(memory_id, d, PROVENANCE_LINK) for d in dropped])
         self.graphs.links_written(row.cube_id, [(x["from_id"], x["to_id"], x["type"], x["weight"]) for x in new_links])
         if knn is not None:
@@ -524,8 +582,10 @@ class MemoryService:
                 await conn.execute(
                     update(memories).where(memories.c.id == memory_id).values(**erased, purged_at=func.now())
                 )
+                # A cached answer's context embedding is derived from its text: it goes too.
+                await conn.execute(delete(cache_entries).where(cache_entries.c.memory_id == memory_id))
             await record(conn, principal, "memory.purge" if purge else "memory.delete", "memory", memory_id)
-        self.graphs.memories_removed(current.cube_id, [memory_id])
+        self.notify_removed(current.cube_id, [memory_id])
 
     async def restore(
         self, principal: Principal, memory_id: uuid.UUID, version: int, if_match: int | None
@@ -569,7 +629,7 @@ class MemoryService:
                 memory_id,
                 detail={"from": version, "version": row.version},
             )
-        self.graphs.memories_written(row.cube_id, [row])
+        self.notify_written(row.cube_id, [row])
         self.graphs.links_removed(row.cube_id, [(memory_id, other, KNN_LINK) for other in knn[0]])
         self.graphs.links_written(row.cube_id, edges)
         return to_dto(row)

@@ -96,9 +96,17 @@ async def write_version(
 
 async def tombstone_cube_memories(conn: AsyncConnection, cube_id: uuid.UUID, actor: Actor) -> int:
     """Give every live memory of a cube a ``delete`` version, in one statement (no race window)."""
+    return len(await tombstone_where(conn, actor, memories.c.cube_id == cube_id))
+
+
+async def tombstone_where(conn: AsyncConnection, actor: Actor, *conditions: Any) -> list[uuid.UUID]:
+    """Give every not-yet-deleted memory matching ``conditions`` a ``delete`` version, in one statement.
+
+    Returns the ids it deleted. Used for a cube's deletion and for the cache's invalidation and eviction.
+    """
     bumped = (
         update(memories)
-        .where(memories.c.cube_id == cube_id, memories.c.state != "deleted")
+        .where(*conditions, memories.c.state != "deleted")
         .values(state="deleted", version=memories.c.version + 1, updated_at=_statement_time())
         .returning(memories.c.id, memories.c.version, memories.c.updated_at, *[memories.c[c] for c in _SNAPSHOT])
         .cte("bumped")
@@ -113,8 +121,10 @@ async def tombstone_cube_memories(conn: AsyncConnection, cube_id: uuid.UUID, act
         literal(actor_id, memory_versions.c.created_by.type),
         *[bumped.c[c] for c in _SNAPSHOT],
     )
-    result = await conn.execute(insert(memory_versions).from_select(columns, source))
-    return int(result.rowcount)
+    result = await conn.execute(
+        insert(memory_versions).from_select(columns, source).returning(memory_versions.c.memory_id)
+    )
+    return [r.memory_id for r in result]
 
 
 def _statement_time() -> Any:

@@ -32,6 +32,7 @@ from memos.semcache.policy import (
     ContextPolicy,
     PolicyError,
     apply_feedback,
+    category_json,
     parse_category,
     parse_policy,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "analyze",
     "apply_feedback",
     "as_turns",
+    "category_json",
     "check",
     "check_all",
     "compare_contexts",

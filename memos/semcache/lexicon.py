@@ -245,7 +245,7 @@ SYNONYMS: dict[str, int] = {
 SCOPE_POLES: dict[str, dict[str, frozenset[str]]] = {
     "quantity": {
         "all": words("all every each both entire whole everything everyone everybody always"),
-        "some": words("some single several few partial sometimes either"),
+        "some": words("some any single several few partial sometimes either"),
         "none": words("none nothing nobody neither"),
     },
     "order": {

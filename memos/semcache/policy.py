@@ -27,6 +27,7 @@ __all__ = [
     "ContextPolicy",
     "PolicyError",
     "apply_feedback",
+    "category_json",
     "parse_category",
     "parse_policy",
 ]
@@ -60,6 +61,10 @@ class PolicyError(ValueError):
         self.message = message
 
 
+DEFAULT_MAX_ENTRIES = 100_000
+"""Default quota per category and cube: the size issue 4's latency target is stated for."""
+MAX_ENTRIES_LIMIT = 10_000_000
+
 # Bounds every threshold stays within, whatever the configuration or the feedback says. Below 0.5
 # all-MiniLM-L6-v2 rates unrelated questions alike; at 1.0 nothing but the same text would hit.
 THRESHOLD_FLOOR = 0.5
@@ -86,6 +91,11 @@ class CategoryPolicy:
     """Guards this category does not run (names from :data:`memos.semcache.guards.GUARD_NAMES`)."""
     false_hit_floor: float = 0.0
     """Highest similarity of a reported false hit (plus the margin): correct hits never lower the threshold below it."""
+    max_entries: int | None = DEFAULT_MAX_ENTRIES
+    """Quota: live entries a cube keeps in this category; storing past it evicts the least valuable ones.
+
+    ``None`` lifts the quota (the service still bounds what it keeps in memory).
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +135,16 @@ DEFAULT_POLICY = CachePolicy(
 # -- parsing and validation ----------------------------------------------------------------------
 
 _FIELDS = frozenset(
-    {"threshold", "ttl_seconds", "context", "context_threshold", "min_threshold", "max_threshold", "disabled_guards"}
+    {
+        "threshold",
+        "ttl_seconds",
+        "context",
+        "context_threshold",
+        "min_threshold",
+        "max_threshold",
+        "disabled_guards",
+        "max_entries",
+    }
 )
 
 
@@ -176,6 +195,13 @@ def parse_category(
             if ttl > 10 * 365 * 24 * 3600:
                 raise PolicyError(f"{prefix}.ttl_seconds", "must be at most ten years")
         changes["ttl_seconds"] = ttl
+    if "max_entries" in data:
+        quota = data["max_entries"]
+        if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota <= 0):
+            raise PolicyError(f"{prefix}.max_entries", f"must be a positive integer or null, not {quota!r}")
+        if quota is not None and quota > MAX_ENTRIES_LIMIT:
+            raise PolicyError(f"{prefix}.max_entries", f"must be at most {MAX_ENTRIES_LIMIT}")
+        changes["max_entries"] = quota
     if "context" in data:
         try:
             changes["context"] = ContextPolicy(data["context"])
@@ -228,6 +254,20 @@ def parse_policy(data: Mapping[str, Any] | None, *, base: CachePolicy = DEFAULT_
     if not isinstance(default, str) or default not in categories:
         raise PolicyError("default", f"must name a configured category, not {default!r}")
     return CachePolicy(categories, default)
+
+
+def category_json(policy: CategoryPolicy) -> dict[str, Any]:
+    """A category's settings as :func:`parse_category` reads them (what a cube's configuration stores)."""
+    return {
+        "threshold": policy.threshold,
+        "ttl_seconds": policy.ttl_seconds,
+        "context": policy.context.value,
+        "context_threshold": policy.context_threshold,
+        "min_threshold": policy.min_threshold,
+        "max_threshold": policy.max_threshold,
+        "disabled_guards": sorted(policy.disabled_guards),
+        "max_entries": policy.max_entries,
+    }
 
 
 # -- feedback ------------------------------------------------------------------------------------

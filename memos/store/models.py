@@ -154,6 +154,8 @@ memories = Table(
     ),
     Index("ix_memories_tsv", "tsv", postgresql_using="gin"),
     Index("ix_memories_cube_id_event_time", "cube_id", "event_time"),
+    # The semantic cache reads a cube's response memories through this (migration 0003).
+    Index("ix_memories_response_cube", "cube_id", "updated_at", postgresql_where=text("kind = 'response'")),
 )
 
 memory_versions = Table(
@@ -193,6 +195,51 @@ memory_links = Table(
     Column("created_by", UUID(as_uuid=True), nullable=False),
     UniqueConstraint("from_id", "to_id", "type"),
     Index(None, "to_id"),
+)
+
+# -- the semantic cache (migration 0003): what the cache adds to its ``response`` memories ----------------
+
+cache_configs = Table(
+    "cache_configs",
+    metadata,
+    # A cube's category configuration as the owner wrote it; the defaults fill in the rest.
+    Column("cube_id", UUID(as_uuid=True), ForeignKey("cubes.id", ondelete="CASCADE"), primary_key=True),
+    Column("config", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_by", UUID(as_uuid=True), nullable=False),
+)
+
+cache_categories = Table(
+    "cache_categories",
+    metadata,
+    Column("cube_id", UUID(as_uuid=True), ForeignKey("cubes.id", ondelete="CASCADE"), nullable=False),
+    Column("category", Text, nullable=False),
+    # Where feedback moved the threshold (NULL: the configured one), and the highest reported false hit.
+    Column("threshold", Float),
+    Column("false_hit_floor", Float, nullable=False, server_default=text("0")),
+    Column("hits", BigInteger, nullable=False, server_default=text("0")),
+    Column("misses", BigInteger, nullable=False, server_default=text("0")),
+    Column("false_hits", BigInteger, nullable=False, server_default=text("0")),
+    Column("correct_hits", BigInteger, nullable=False, server_default=text("0")),
+    Column("evicted", BigInteger, nullable=False, server_default=text("0")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("cube_id", "category"),
+)
+
+cache_entries = Table(
+    "cache_entries",
+    metadata,
+    Column("memory_id", UUID(as_uuid=True), ForeignKey("memories.id", ondelete="CASCADE"), primary_key=True),
+    Column("cube_id", UUID(as_uuid=True), ForeignKey("cubes.id", ondelete="CASCADE"), nullable=False),
+    # The context's embedding counts only while the memory's context text still hashes to context_sha256.
+    Column("context_sha256", Text),
+    Column("context_embedding", Vector(EMBEDDING_DIMS)),
+    Column("threshold", Float),
+    Column("hits", BigInteger, nullable=False, server_default=text("0")),
+    Column("false_hits", BigInteger, nullable=False, server_default=text("0")),
+    Column("last_hit_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index(None, "cube_id"),
 )
 
 audit_log = Table(

@@ -1,7 +1,7 @@
 """memos-client: the Python SDK for memos, the memory service for AI agents.
 
-``MemosClient`` (sync) and ``AsyncMemosClient`` (asyncio) cover identity, cubes, memories and
-search; errors are raised as the exceptions below, one per problem type the server answers with.
+``MemosClient`` (sync) and ``AsyncMemosClient`` (asyncio) cover identity, cubes, memories, search
+and the semantic cache; errors are raised as the exceptions below, one per problem type the server answers with.
 """
 
 from memos_client._base import DEFAULT_BASE_URL, DEFAULT_TIMEOUT, RetryPolicy, __version__
@@ -28,6 +28,10 @@ from memos_client._errors import (
 from memos_client._models import (
     Agent,
     AgentCreated,
+    CacheCategoryStats,
+    CacheConfig,
+    CacheLookup,
+    CacheStats,
     Cube,
     CubeStats,
     DerivedFrom,
@@ -46,6 +50,7 @@ from memos_client._models import (
     SearchResponse,
     SearchResult,
     TenantCreated,
+    Turn,
     Version,
 )
 from memos_client._pagination import AsyncPager, Pager
@@ -58,6 +63,10 @@ __all__ = [
     "AsyncMemosClient",
     "AsyncPager",
     "BadRequest",
+    "CacheCategoryStats",
+    "CacheConfig",
+    "CacheLookup",
+    "CacheStats",
     "Conflict",
     "Cube",
     "CubeStats",
@@ -93,6 +102,7 @@ __all__ = [
     "Timeout",
     "TooLarge",
     "TransportError",
+    "Turn",
     "Unauthorized",
     "Unavailable",
     "Version",

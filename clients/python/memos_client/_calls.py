@@ -15,6 +15,9 @@ from memos_client._base import Call, Id, any_json, compact, decoder, no_content,
 from memos_client._models import (
     Agent,
     AgentCreated,
+    CacheConfig,
+    CacheLookup,
+    CacheStats,
     Cube,
     Grant,
     KeyCreated,
@@ -28,6 +31,7 @@ from memos_client._models import (
     ProvenanceGraph,
     SearchResponse,
     TenantCreated,
+    Turn,
     Version,
 )
 
@@ -47,6 +51,16 @@ _VERSION_PAGE = decoder(Page[Version])
 _PROVENANCE = decoder(ProvenanceGraph)
 _LINK = decoder(Link)
 _SEARCH = decoder(SearchResponse)
+_CACHE_LOOKUP = decoder(CacheLookup)
+_CACHE_STATS = decoder(CacheStats)
+_CACHE_CONFIG = decoder(CacheConfig)
+
+
+class _Invalidated(msgspec.Struct):
+    invalidated: int
+
+
+_INVALIDATED = decoder(_Invalidated)
 
 
 class _Items(msgspec.Struct):
@@ -290,6 +304,67 @@ def search(
     )
     # Search only reads: retrying it on 429/503 is as safe as retrying a GET.
     return Call("POST", path("search"), _SEARCH, body=body, idempotent=True)
+
+
+# --- semantic cache -----------------------------------------------------------------------------
+
+
+def _context(value: Iterable[str | Turn | Mapping[str, Any]] | None) -> list[Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise TypeError("context must be a list of turns (strings or Turn), not a string")
+    return [v if isinstance(v, str | Turn) else dict(v) for v in value]
+
+
+def cache_lookup(
+    cube_id: Id, query_text: str, category: str | None, context: Iterable[str | Turn | Mapping[str, Any]] | None
+) -> Call[CacheLookup]:
+    body = compact(cube_id=str(cube_id), query=query_text, category=category, context=_context(context))
+    # A lookup writes nothing but counters: retrying it on 429/503 is safe.
+    return Call("POST", path("cache", "lookup"), _CACHE_LOOKUP, body=body, idempotent=True)
+
+
+def cache_store(
+    cube_id: Id,
+    query_text: str,
+    response: str,
+    category: str | None,
+    context: Iterable[str | Turn | Mapping[str, Any]] | None,
+    ttl_seconds: int | None,
+) -> Call[Memory]:
+    body = compact(
+        cube_id=str(cube_id),
+        query=query_text,
+        response=response,
+        category=category,
+        context=_context(context),
+        ttl_seconds=ttl_seconds,
+    )
+    return Call("POST", path("cache"), _MEMORY, body=body)
+
+
+def cache_feedback(memory_id: Id, query_text: str, correct: bool, scope: str | None) -> Call[None]:
+    body = compact(memory_id=str(memory_id), query=query_text, correct=correct, scope=scope)
+    return Call("POST", path("cache", "feedback"), no_content, body=body)
+
+
+def cache_invalidate(cube_id: Id, category: str | None, older_than: int | None) -> Call[_Invalidated]:
+    params = query(cube_id=str(cube_id), category=category, older_than=older_than)
+    return Call("DELETE", path("cache"), _INVALIDATED, params=params)
+
+
+def cache_stats(cube_id: Id) -> Call[CacheStats]:
+    return Call("GET", path("cache", "stats"), _CACHE_STATS, params=query(cube_id=str(cube_id)))
+
+
+def cache_config(cube_id: Id) -> Call[CacheConfig]:
+    return Call("GET", path("cache", "config"), _CACHE_CONFIG, params=query(cube_id=str(cube_id)))
+
+
+def cache_configure(cube_id: Id, categories: Mapping[str, Any], default: str | None) -> Call[CacheConfig]:
+    body = compact(cube_id=str(cube_id), categories=dict(categories), default=default)
+    return Call("PUT", path("cache", "config"), _CACHE_CONFIG, body=body)
 
 
 # --- anything else ------------------------------------------------------------------------------

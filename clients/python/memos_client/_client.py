@@ -17,9 +17,11 @@ from memos_client._models import Mode, SearchResponse, State
 from memos_client._resources import (
     Agents,
     AsyncAgents,
+    AsyncCache,
     AsyncCubes,
     AsyncMemories,
     AsyncTenants,
+    Cache,
     Cubes,
     Memories,
     Tenants,
@@ -63,6 +65,7 @@ class MemosClient(BaseClient):
         self.agents = Agents(self)
         self.cubes = Cubes(self)
         self.memories = Memories(self)
+        self.cache = Cache(self)
 
     def search(
         self,
@@ -166,6 +169,7 @@ class AsyncMemosClient(BaseClient):
         self.agents = AsyncAgents(self)
         self.cubes = AsyncCubes(self)
         self.memories = AsyncMemories(self)
+        self.cache = AsyncCache(self)
 
     async def search(
         self,

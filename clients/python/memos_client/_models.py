@@ -214,3 +214,65 @@ class MemoryIn(msgspec.Struct, frozen=True, kw_only=True):
     provenance: Provenance | dict[str, Any] | None = None
     links: list[LinkIn | dict[str, Any]] | None = None
     ttl_seconds: int | None = None
+
+
+# --- semantic cache -----------------------------------------------------------------------------
+
+
+class Turn(msgspec.Struct, frozen=True):
+    """One earlier turn of a conversation, for a cache ``context`` (plain strings work too)."""
+
+    role: Literal["user", "assistant", "system"]
+    content: str
+
+
+class CacheLookup(msgspec.Struct, frozen=True):
+    """The answer to ``cache.lookup``: a cached response, or a miss, and why."""
+
+    hit: bool
+    threshold: float
+    took_ms: float
+    reason: str
+    """Why it hit or missed: the threshold, the guard or the context check that decided."""
+    category: str
+    via: str
+    """``index`` (in-memory) or ``database`` (while the cube's index is being built)."""
+    memory_id: str | None = None
+    response: str | None = None
+    similarity: float | None = None
+    version: int | None = None
+
+
+class CacheCategoryStats(msgspec.Struct, frozen=True):
+    category: str
+    entries: int
+    hits: int
+    misses: int
+    hit_rate: float | None
+    false_hits: int
+    correct_hits: int
+    evicted: int
+    threshold: float | None
+    """The threshold in force now (feedback moves it)."""
+    configured_threshold: float | None
+    ttl_seconds: int | None
+    max_entries: int | None
+    context: str | None
+
+
+class CacheStats(msgspec.Struct, frozen=True):
+    cube_id: str
+    default: str
+    entries: int
+    categories: list[CacheCategoryStats]
+    index: str
+
+
+class CacheConfig(msgspec.Struct, frozen=True):
+    cube_id: str
+    default: str
+    categories: dict[str, dict[str, Any]]
+    """Every category in effect, with all its settings."""
+    configured: dict[str, Any]
+    """The configuration as last written (``{}``: the built-in defaults)."""
+    updated_at: datetime | None

@@ -1,4 +1,4 @@
-"""``client.tenants``, ``client.agents``, ``client.cubes`` and ``client.memories``, sync and async.
+"""``client.tenants``, ``client.agents``, ``client.cubes``, ``client.memories`` and ``client.cache``, sync and async.
 
 Each method describes its call with ``_calls`` and hands it to the client; the sync and async
 classes differ only in ``await``.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -18,6 +18,9 @@ from memos_client._models import (
     Access,
     Agent,
     AgentCreated,
+    CacheConfig,
+    CacheLookup,
+    CacheStats,
     Cube,
     Grant,
     KeyCreated,
@@ -33,6 +36,7 @@ from memos_client._models import (
     Role,
     State,
     TenantCreated,
+    Turn,
     Version,
 )
 from memos_client._pagination import AsyncPager, Pager
@@ -269,6 +273,60 @@ class Memories:
         return self._client._send(_calls.link(memory_id, to, type, weight))
 
 
+Context = Iterable[str | Turn | Mapping[str, Any]]
+CacheScope = Literal["category", "entry"]
+
+
+class Cache:
+    """The semantic cache: answers stored as ``response`` memories, served for queries that mean the same."""
+
+    def __init__(self, client: _Sender) -> None:
+        self._client = client
+
+    def lookup(
+        self, cube_id: Id, query: str, *, category: str | None = None, context: Context | None = None
+    ) -> CacheLookup:
+        """A cached answer for ``query`` (``hit``, ``response``), or a miss; ``reason`` says why either way.
+
+        ``context``: the turns before the query, oldest first (strings, taken to alternate and end with
+        the assistant's, or ``Turn`` values).
+        """
+        return self._client._send(_calls.cache_lookup(cube_id, query, category, context))
+
+    def store(
+        self,
+        cube_id: Id,
+        query: str,
+        response: str,
+        *,
+        category: str | None = None,
+        context: Context | None = None,
+        ttl_seconds: int | None = None,
+    ) -> Memory:
+        """Cache ``response`` as the answer to ``query`` (asked after ``context``): a new response memory."""
+        return self._client._send(_calls.cache_store(cube_id, query, response, category, context, ttl_seconds))
+
+    def feedback(self, memory_id: Id, query: str, *, correct: bool, scope: CacheScope | None = None) -> None:
+        """Report an answer served for ``query`` as right or wrong; a wrong one raises the thresholds."""
+        self._client._send(_calls.cache_feedback(memory_id, query, correct, scope))
+
+    def invalidate(self, cube_id: Id, *, category: str | None = None, older_than: int | None = None) -> int:
+        """Delete cached answers of a cube (of one category, or stored at least ``older_than`` seconds ago)."""
+        return self._client._send(_calls.cache_invalidate(cube_id, category, older_than)).invalidated
+
+    def stats(self, cube_id: Id) -> CacheStats:
+        """Per category: entries, hits, misses, reported false hits, the threshold in force, the TTL."""
+        return self._client._send(_calls.cache_stats(cube_id))
+
+    def config(self, cube_id: Id) -> CacheConfig:
+        """The cube's categories and their settings."""
+        return self._client._send(_calls.cache_config(cube_id))
+
+    def configure(self, cube_id: Id, categories: Mapping[str, Any], *, default: str | None = None) -> CacheConfig:
+        """Replace the cube's category configuration (owner or tenant admin); bad settings are ``Invalid``."""
+        return self._client._send(_calls.cache_configure(cube_id, categories, default))
+
+
 # --- async --------------------------------------------------------------------------------------
 
 
@@ -470,3 +528,49 @@ class AsyncMemories:
     async def link(self, memory_id: Id, *, to: Id, type: str, weight: float | None = None) -> Link:
         """Add a typed, weighted edge from this memory to another."""
         return await self._client._send(_calls.link(memory_id, to, type, weight))
+
+
+class AsyncCache:
+    """The semantic cache: answers stored as ``response`` memories, served for queries that mean the same."""
+
+    def __init__(self, client: _AsyncSender) -> None:
+        self._client = client
+
+    async def lookup(
+        self, cube_id: Id, query: str, *, category: str | None = None, context: Context | None = None
+    ) -> CacheLookup:
+        """A cached answer for ``query`` (``hit``, ``response``), or a miss; ``reason`` says why either way."""
+        return await self._client._send(_calls.cache_lookup(cube_id, query, category, context))
+
+    async def store(
+        self,
+        cube_id: Id,
+        query: str,
+        response: str,
+        *,
+        category: str | None = None,
+        context: Context | None = None,
+        ttl_seconds: int | None = None,
+    ) -> Memory:
+        """Cache ``response`` as the answer to ``query`` (asked after ``context``): a new response memory."""
+        return await self._client._send(_calls.cache_store(cube_id, query, response, category, context, ttl_seconds))
+
+    async def feedback(self, memory_id: Id, query: str, *, correct: bool, scope: CacheScope | None = None) -> None:
+        """Report an answer served for ``query`` as right or wrong; a wrong one raises the thresholds."""
+        await self._client._send(_calls.cache_feedback(memory_id, query, correct, scope))
+
+    async def invalidate(self, cube_id: Id, *, category: str | None = None, older_than: int | None = None) -> int:
+        """Delete cached answers of a cube (of one category, or stored at least ``older_than`` seconds ago)."""
+        return (await self._client._send(_calls.cache_invalidate(cube_id, category, older_than))).invalidated
+
+    async def stats(self, cube_id: Id) -> CacheStats:
+        """Per category: entries, hits, misses, reported false hits, the threshold in force, the TTL."""
+        return await self._client._send(_calls.cache_stats(cube_id))
+
+    async def config(self, cube_id: Id) -> CacheConfig:
+        """The cube's categories and their settings."""
+        return await self._client._send(_calls.cache_config(cube_id))
+
+    async def configure(self, cube_id: Id, categories: Mapping[str, Any], *, default: str | None = None) -> CacheConfig:
+        """Replace the cube's category configuration (owner or tenant admin); bad settings are ``Invalid``."""
+        return await self._client._send(_calls.cache_configure(cube_id, categories, default))

@@ -1,0 +1,129 @@
+"""Request and response bodies of the cache endpoints (API.md "Semantic cache")."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from memos.memories.schemas import Ttl
+
+MAX_CONTEXT_TURNS = 50
+MAX_CONTEXT_BYTES = 64 * 1024
+
+Query = Annotated[str, msgspec.Meta(min_length=1, max_length=8000)]
+Answer = Annotated[str, msgspec.Meta(min_length=1)]
+Category = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class TurnIn(msgspec.Struct, forbid_unknown_fields=True):
+    """One earlier turn of the conversation, with its speaker."""
+
+    role: Literal["user", "assistant", "system"]
+    content: str
+
+
+Context = list[str | TurnIn]
+"""The turns before the query, oldest first: plain strings (taken to alternate, the newest being the
+assistant's) or ``{role, content}`` objects."""
+
+
+class LookupIn(msgspec.Struct, forbid_unknown_fields=True):
+    cube_id: uuid.UUID
+    query: Query
+    category: Category | None = None
+    """Default: the cube's default category."""
+    context: Context | None = None
+
+
+class LookupOut(msgspec.Struct):
+    hit: bool
+    threshold: float
+    """The similarity threshold that applied (to the served entry, or to the nearest one on a miss)."""
+    took_ms: float
+    reason: str
+    """Why it hit or missed: the threshold, the guard or the context check that decided."""
+    category: str
+    via: str
+    """``index`` (the in-memory ANN index) or ``database`` (pgvector, while the cube's index is being built)."""
+    memory_id: uuid.UUID | None = None
+    response: str | None = None
+    similarity: float | None = None
+    """On a hit, the served entry's; on a miss, the nearest examined entry's (when there was one)."""
+    version: int | None = None
+
+
+class StoreIn(msgspec.Struct, forbid_unknown_fields=True):
+    cube_id: uuid.UUID
+    query: Query
+    response: Answer
+    category: Category | None = None
+    context: Context | None = None
+    ttl_seconds: Ttl | None = None
+    """The entry expires after this long, whatever its category's TTL says (the shorter applies)."""
+
+
+class FeedbackIn(msgspec.Struct, forbid_unknown_fields=True):
+    memory_id: uuid.UUID
+    query: Query
+    """The query the entry was served for."""
+    correct: bool
+    scope: Literal["category", "entry"] = "category"
+    """``category``: a wrong hit raises the category's threshold and the entry's own; ``entry``: the entry's only."""
+
+
+class Invalidated(msgspec.Struct):
+    invalidated: int
+
+
+class ConfigIn(msgspec.Struct, forbid_unknown_fields=True):
+    cube_id: uuid.UUID
+    default: Category | None = None
+    """The category of requests that name none (default: ``default``)."""
+    categories: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Per category: ``threshold``, ``ttl_seconds``, ``context`` (auto|strict|ignore), ``context_threshold``,
+    ``min_threshold``, ``max_threshold``, ``disabled_guards``, ``max_entries``. Left out: the built-in defaults.
+    Checked field by field; a bad one is a 422 naming it (``categories.code.threshold``)."""
+
+
+class ConfigOut(msgspec.Struct):
+    cube_id: uuid.UUID
+    default: str
+    categories: dict[str, dict[str, Any]]
+    """Every category in effect, with all its settings (configured values over the built-in defaults)."""
+    configured: dict[str, Any]
+    """The configuration as it was last written (``{}``: the built-in defaults)."""
+    updated_at: datetime | None
+
+
+class CategoryStats(msgspec.Struct):
+    category: str
+    entries: int
+    """Live entries (active, not expired by their own ``ttl_seconds``)."""
+    hits: int
+    misses: int
+    hit_rate: float | None
+    false_hits: int
+    """Wrong hits reported through feedback."""
+    correct_hits: int
+    """Correct hits reported through feedback."""
+    evicted: int
+    """Entries the quota evicted."""
+    threshold: float | None
+    """The threshold in force now (feedback moves it within [min_threshold, max_threshold]); null for a
+    category that entries name (written through the memories API) but the cube does not configure."""
+    configured_threshold: float | None
+    ttl_seconds: int | None
+    max_entries: int | None
+    context: str | None
+
+
+class StatsOut(msgspec.Struct):
+    cube_id: uuid.UUID
+    default: str
+    entries: int
+    categories: list[CategoryStats]
+    index: str
+    """``ready``, ``building`` or ``cold`` (not loaded in this process)."""

@@ -1,0 +1,635 @@
+"""The semantic cache's use cases: lookup, store, feedback, invalidate, stats and configuration.
+
+Cached answers are ``response`` memories written through the memories service (validation,
+versions, audit, the cube's write access), with the cache's own row beside each one (its context
+embedding, its own threshold, its hit count). A lookup embeds the query (an LRU remembers exact
+repeats), asks the cube's in-memory index for the nearest cached queries, lets
+:func:`memos.semcache.decide.decide` verify them, and confirms the chosen entry against Postgres in
+the same round trip as the access check. Hit and miss counts are kept in memory and added to
+Postgres every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import numpy as np
+from sqlalchemy import Row, and_, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from memos.cubes.access import access_of, cube_access, require
+from memos.errors import FieldError, Invalid, NotFound
+from memos.identity.principal import Principal
+from memos.memories import schemas as memory_schemas
+from memos.memories.service import MemoryService
+from memos.memories.versioning import tombstone_where
+from memos.semcache import schemas, store
+from memos.semcache.context import Turn, context_text
+from memos.semcache.decide import Decision, decide
+from memos.semcache.index import CacheIndexes, CubeState, Entry, context_sha256, entry_from_row, turns_from
+from memos.semcache.policy import (
+    FALSE_HIT_MARGIN,
+    THRESHOLD_CEILING,
+    CachePolicy,
+    CategoryPolicy,
+    PolicyError,
+    apply_feedback,
+    category_json,
+    parse_policy,
+)
+from memos.store.audit import record
+from memos.store.db import Database
+from memos.store.models import cache_categories, cache_configs, cache_entries, cube_grants, cubes, memories
+from memos.validation import reject_nul
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = 16
+"""Nearest cached queries a lookup examines; one refused by a guard falls through to the next."""
+VERIFY_ATTEMPTS = 3
+"""A candidate Postgres no longer confirms is dropped and the lookup decided again, at most this often."""
+BUILD_WAIT_SECONDS = 0.05
+"""How long a lookup waits for a cube's index build before answering from pgvector instead."""
+
+
+def _now() -> float:
+    return time.time()
+
+
+class SemCacheService:
+    def __init__(
+        self,
+        db: Database,
+        memories_service: MemoryService,
+        indexes: CacheIndexes,
+        *,
+        flush_seconds: float = 5.0,
+        build_wait: float = BUILD_WAIT_SECONDS,
+    ) -> None:
+        self.db = db
+        self.build_wait = build_wait
+        self.memories = memories_service
+        self.indexes = indexes
+        self.vectors = indexes.vectors
+        self.flush_seconds = flush_seconds
+        # Counters not yet in Postgres: (cube, category) -> [hits, misses]; entry -> (cube, hits, last hit).
+        self._category_counts: dict[tuple[uuid.UUID, str], list[int]] = {}
+        self._entry_counts: dict[uuid.UUID, tuple[uuid.UUID, int, datetime]] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("the cache's last counter flush failed")
+        await self.indexes.close()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_seconds)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("flushing cache counters failed; they are kept for the next try")
+
+    async def flush(self, cube_id: uuid.UUID | None = None) -> None:
+        """Add the counters gathered in memory to Postgres (all cubes, or one)."""
+        cats = {k: v for k, v in self._category_counts.items() if cube_id is None or k[0] == cube_id}
+        ents = {k: v for k, v in self._entry_counts.items() if cube_id is None or v[0] == cube_id}
+        if not cats and not ents:
+            return
+        for cat_key in cats:
+            del self._category_counts[cat_key]
+        for memory_id in ents:
+            del self._entry_counts[memory_id]
+        try:
+            async with self.db.transaction() as conn:
+                await store.flush_counters(conn, {k: (v[0], v[1]) for k, v in cats.items()}, ents)
+        except Exception:
+            # Put them back: counts must not be lost to a transient database error.
+            for key, (hits, misses) in cats.items():
+                counts = self._category_counts.setdefault(key, [0, 0])
+                counts[0] += hits
+                counts[1] += misses
+            for memory_id, (cube, hits, at) in ents.items():
+                _, more, last = self._entry_counts.get(memory_id, (cube, 0, at))
+                self._entry_counts[memory_id] = (cube, hits + more, max(at, last))
+            raise
+
+    def _count(self, cube_id: uuid.UUID, category: str, hit: bool, memory_id: uuid.UUID | None) -> None:
+        counts = self._category_counts.setdefault((cube_id, category), [0, 0])
+        counts[0 if hit else 1] += 1
+        if hit and memory_id is not None:
+            _, hits, _ = self._entry_counts.get(memory_id, (cube_id, 0, datetime.now(UTC)))
+            self._entry_counts[memory_id] = (cube_id, hits + 1, datetime.now(UTC))
+
+    # -- shared checks ------------------------------------------------------------------------------
+
+    async def _state(self, principal: Principal, cube_id: uuid.UUID, needed: str = "read") -> CubeState:
+        """The cube's cache state; on first use in this process, only after checking the caller's access."""
+        state = self.indexes.peek(cube_id)
+        if state is None:
+            async with self.db.read() as conn:
+                await cube_access(conn, principal, cube_id, "read" if needed == "read" else "write")
+            state = await self.indexes.state(cube_id)
+        return state
+
+    async def _category(self, principal: Principal, cube_id: uuid.UUID, policy: CachePolicy, name: str | None) -> str:
+        """The category a request names (or the cube's default); an unknown one is a 422 listing the known ones.
+
+        The list is only shown to a caller who may read the cube.
+        """
+        if name is None:
+            return policy.default
+        if name in policy.categories:
+            return name
+        async with self.db.read() as conn:
+            await cube_access(conn, principal, cube_id, "read")
+        known = ", ".join(sorted(policy.categories))
+        raise Invalid.field("category", f"no category {name!r} in this cube (configured: {known})")
+
+    # -- lookup -------------------------------------------------------------------------------------
+
+    async def lookup(self, principal: Principal, req: schemas.LookupIn) -> schemas.LookupOut:
+        started = time.perf_counter()
+        principal.tenant_member()
+        _check_query(req.query, "query")
+        turns = _check_context(req.context)
+        state = await self._state(principal, req.cube_id)
+        category = await self._category(principal, req.cube_id, state.policy, req.category)
+        texts = [req.query] + ([context_text(turns)] if turns else [])
+        vectors = await self.vectors.embed(texts)
+        qvec, cvec = vectors[0], (vectors[1] if turns else None)
+        index = await self.indexes.index(state, wait=self.build_wait)
+        if index is None:
+            decision, served = await self._lookup_database(principal, req, state, category, qvec, turns, cvec)
+            via = "database"
+        else:
+            decision, served = await self._lookup_index(principal, req, state, category, qvec, turns, cvec)
+            via = "index"
+        hit = served is not None
+        memory_id = uuid.UUID(decision.candidate_id) if hit and decision.candidate_id else None
+        self._count(req.cube_id, category, hit, memory_id)
+        threshold = decision.threshold if decision.threshold is not None else state.policy.category(category).threshold
+        return schemas.LookupOut(
+            hit=hit,
+            threshold=round(threshold, 6),
+            took_ms=round((time.perf_counter() - started) * 1000, 3),
+            reason=decision.reason,
+            category=category,
+            via=via,
+            memory_id=memory_id,
+            response=served[0] if served is not None else None,
+            similarity=None if decision.similarity is None else round(decision.similarity, 6),
+            version=served[1] if served is not None else None,
+        )
+
+    async def _lookup_index(
+        self,
+        principal: Principal,
+        req: schemas.LookupIn,
+        state: CubeState,
+        category: str,
+        qvec: np.ndarray,
+        turns: tuple[Turn, ...] | None,
+        cvec: np.ndarray | None,
+    ) -> tuple[Decision, tuple[str, int] | None]:
+        for _ in range(VERIFY_ATTEMPTS):
+            index = state.index
+            if index is None:  # dropped meanwhile (the cube was deleted, or evicted from memory)
+                break
+            found = index.search(qvec, CANDIDATES)
+            entries = {str(e.id): e for e, _ in found}
+            decision = decide(
+                req.query,
+                qvec,
+                [e.candidate(sim) for e, sim in found],
+                state.policy,
+                category=category,
+                context=turns,
+                context_vec=cvec,
+                now=_now(),
+            )
+            chosen = entries.get(decision.candidate_id or "") if decision.hit else None
+            async with self.db.read() as conn:
+                row = await store.check_and_fetch(conn, principal, req.cube_id, None if chosen is None else chosen.id)
+            _require_read(principal, row)
+            assert row is not None
+            if chosen is None:
+                return decision, None
+            if _confirmed(row, chosen):
+                return decision, (row.content, row.version)
+            # Postgres says otherwise (another process changed or removed it): drop it, catch up, decide again.
+            index.remove(chosen.id)
+            self.indexes.request_sync(state)
+        # The index went away (the cube was deleted) or kept disagreeing with Postgres: a miss, if the caller
+        # may still read the cube at all.
+        async with self.db.read() as conn:
+            _require_read(principal, await store.check_and_fetch(conn, principal, req.cube_id, None))
+        miss = decide(req.query, qvec, [], state.policy, category=category)
+        return replace(miss, reason="miss: the nearest entries changed while being checked"), None
+
+    async def _lookup_database(
+        self,
+        principal: Principal,
+        req: schemas.LookupIn,
+        state: CubeState,
+        category: str,
+        qvec: np.ndarray,
+        turns: tuple[Turn, ...] | None,
+        cvec: np.ndarray | None,
+    ) -> tuple[Decision, tuple[str, int] | None]:
+        """The path while the cube's index is being built: pgvector finds the candidates, already current."""
+        async with self.db.transaction() as conn:
+            row = await store.check_and_fetch(conn, principal, req.cube_id, None)
+            _require_read(principal, row)
+            rows = await store.nearest_entries(conn, req.cube_id, qvec, CANDIDATES)
+        entries: list[tuple[Entry, float, Row[Any]]] = []
+        for r in rows:
+            entry = entry_from_row(r, self.vectors.get)
+            if entry is not None:
+                entries.append((entry, float(r.similarity), r))
+        decision = decide(
+            req.query,
+            qvec,
+            [e.candidate(sim) for e, sim, _ in entries],
+            state.policy,
+            category=category,
+            context=turns,
+            context_vec=cvec,
+            now=_now(),
+        )
+        if not decision.hit:
+            return decision, None
+        served = next(r for e, _, r in entries if str(e.id) == decision.candidate_id)
+        return decision, (served.content, served.version)
+
+    # -- store --------------------------------------------------------------------------------------
+
+    async def store(self, principal: Principal, req: schemas.StoreIn) -> memory_schemas.Memory:
+        principal.tenant_member()
+        _check_query(req.query, "query")
+        if not req.response.strip():
+            raise Invalid.field("response", "the answer to cache must not be blank")
+        reject_nul(req.response, "response")
+        turns = _check_context(req.context)
+        state = await self._state(principal, req.cube_id, "write")
+        category = await self._category(principal, req.cube_id, state.policy, req.category)
+        policy = state.policy.category(category)
+        ctx_text = context_text(turns) if turns else None
+        vectors = await self.vectors.embed([req.query] + ([ctx_text] if ctx_text else []))
+        qvec, cvec = vectors[0], (vectors[1] if ctx_text else None)
+        metadata: dict[str, Any] = {"query": req.query, "category": category}
+        if req.context:
+            metadata["context"] = msgspec.to_builtins(req.context)
+        body = memory_schemas.MemoryIn(
+            kind="response", content=req.response, metadata=metadata, ttl_seconds=req.ttl_seconds
+        )
+        quota = policy.max_entries
+        index = state.index
+        # The index's count is exact for this process's writes; only a cube near its quota pays for a count.
+        near_quota = quota is not None and (index is None or index.count(category) + 1 >= quota)
+        if near_quota:
+            await self.flush(req.cube_id)  # eviction ranks by hits: let it see the recent ones
+        evicted: list[uuid.UUID] = []
+
+        async def in_transaction(conn: AsyncConnection, rows: list[Row[Any]]) -> None:
+            (row,) = rows
+            await conn.execute(
+                pg_insert(cache_entries).values(
+                    memory_id=row.id,
+                    cube_id=req.cube_id,
+                    context_sha256=None if ctx_text is None else context_sha256(ctx_text),
+                    context_embedding=cvec,
+                )
+            )
+            if near_quota and quota is not None:
+                evicted.extend(await self._enforce_quota(conn, principal, req.cube_id, state, policy, quota, row.id))
+
+        memory = await self.memories.create(principal, req.cube_id, body, vector=qvec, in_transaction=in_transaction)
+        if evicted:
+            self.memories.notify_removed(req.cube_id, evicted)
+        return memory
+
+    async def _enforce_quota(
+        self,
+        conn: AsyncConnection,
+        principal: Principal,
+        cube_id: uuid.UUID,
+        state: CubeState,
+        policy: CategoryPolicy,
+        quota: int,
+        new_id: uuid.UUID,
+    ) -> list[uuid.UUID]:
+        live = await store.count_live(conn, cube_id, policy.name, state.policy.default)
+        if live <= quota:
+            return []
+        victims = await store.least_valuable(
+            conn, cube_id, policy.name, state.policy.default, policy.ttl_seconds, live - quota, new_id
+        )
+        if not victims:
+            return []
+        gone = await tombstone_where(conn, principal, memories.c.id.in_(victims))
+        await store.add_evicted(conn, cube_id, policy.name, len(gone))
+        await record(
+            conn, principal, "cache.evict", "cube", cube_id, detail={"category": policy.name, "count": len(gone)}
+        )
+        return gone
+
+    # -- feedback -----------------------------------------------------------------------------------
+
+    async def feedback(self, principal: Principal, req: schemas.FeedbackIn) -> None:
+        """A served answer was right or wrong: move the category's threshold (and the entry's) accordingly."""
+        tenant_id, agent_id = principal.tenant_member()
+        _check_query(req.query, "query")
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(
+                        memories.c.cube_id,
+                        memories.c.kind,
+                        memories.c.metadata,
+                        func.vector_send(memories.c.embedding).label("vec"),
+                        cubes.c.owner_agent_id,
+                        cube_grants.c.access.label("grant"),
+                    )
+                    .select_from(memories)
+                    .join(cubes, cubes.c.id == memories.c.cube_id)
+                    .outerjoin(
+                        cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id)
+                    )
+                    .where(
+                        memories.c.id == req.memory_id,
+                        memories.c.tenant_id == tenant_id,
+                        cubes.c.deleted_at.is_(None),
+                    )
+                )
+            ).first()
+        access = None if row is None else access_of(principal, row.owner_agent_id, row.grant)
+        if row is None or access is None or row.kind != "response":
+            raise NotFound(
+                "memory_id: no such cached answer", errors=[FieldError("memory_id", "no such cached answer")]
+            )
+        require(access, "write", "cached answer's cube")
+        cached = store.decode_vector(row.vec)
+        if cached is None:
+            raise Invalid.field("memory_id", "this cached answer was purged; there is nothing to compare with")
+        (qvec,) = await self.vectors.embed([req.query])
+        similarity = max(-1.0, min(1.0, float(np.dot(cached, qvec))))
+        state = await self.indexes.state(row.cube_id)
+        named = row.metadata.get("category")
+        category = state.policy.category(named if isinstance(named, str) else None)
+        async with self.db.transaction() as conn:
+            await cube_access(conn, principal, row.cube_id, "write")
+            current = (
+                await conn.execute(
+                    select(cache_categories.c.threshold, cache_categories.c.false_hit_floor)
+                    .where(cache_categories.c.cube_id == row.cube_id, cache_categories.c.category == category.name)
+                    .with_for_update()
+                )
+            ).first()
+            if current is not None and current.threshold is not None:
+                category = replace(category, threshold=float(current.threshold))
+            if current is not None:
+                category = replace(category, false_hit_floor=float(current.false_hit_floor))
+            moved = apply_feedback(category, similarity, correct=req.correct) if req.scope == "category" else category
+            counter = cache_categories.c.correct_hits if req.correct else cache_categories.c.false_hits
+            values: dict[str, Any] = {"updated_at": func.now(), counter.name: counter + 1}
+            if moved != category:
+                values.update(threshold=moved.threshold, false_hit_floor=moved.false_hit_floor)
+            stmt = pg_insert(cache_categories).values(
+                cube_id=row.cube_id,
+                category=category.name,
+                **{counter.name: 1},
+                **(
+                    {"threshold": moved.threshold, "false_hit_floor": moved.false_hit_floor}
+                    if moved != category
+                    else {}
+                ),
+            )
+            await conn.execute(stmt.on_conflict_do_update(index_elements=["cube_id", "category"], set_=values))
+            entry_threshold = None
+            if not req.correct:
+                # This pair must stop hitting even where the category's ceiling stops below its similarity. The
+                # entry's own question still gets its answer: wrong for that too, the entry is to be invalidated.
+                entry_threshold = min(similarity + FALSE_HIT_MARGIN, THRESHOLD_CEILING)
+                stmt = pg_insert(cache_entries).values(
+                    memory_id=req.memory_id, cube_id=row.cube_id, threshold=entry_threshold, false_hits=1
+                )
+                result = await conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["memory_id"],
+                        set_={
+                            "threshold": func.greatest(func.coalesce(cache_entries.c.threshold, 0), entry_threshold),
+                            "false_hits": cache_entries.c.false_hits + 1,
+                            "updated_at": func.now(),
+                        },
+                    ).returning(cache_entries.c.threshold)
+                )
+                entry_threshold = float(result.scalar_one())
+            await record(
+                conn,
+                principal,
+                "cache.feedback",
+                "memory",
+                req.memory_id,
+                detail={"correct": req.correct, "similarity": round(similarity, 4), "threshold": moved.threshold},
+            )
+        await self.indexes.reload_policy(row.cube_id)
+        if entry_threshold is not None:
+            self.indexes.set_threshold(row.cube_id, req.memory_id, entry_threshold)
+
+    # -- invalidate ---------------------------------------------------------------------------------
+
+    async def invalidate(
+        self, principal: Principal, cube_id: uuid.UUID, category: str | None, older_than: int | None
+    ) -> int:
+        """Delete (soft, a ``delete`` version each) a cube's cached answers, of one category or older than an age."""
+        principal.tenant_member()
+        if category is not None:
+            reject_nul(category, "category")
+        async with self.db.transaction() as conn:
+            await cube_access(conn, principal, cube_id, "write")
+            default = (await self.indexes.state(cube_id)).policy.default
+            conditions = [memories.c.cube_id == cube_id, memories.c.kind == "response"]
+            if category is not None:
+                conditions.append(store.category_is(category, default))
+            if older_than is not None:
+                conditions.append(memories.c.created_at <= func.now() - timedelta(seconds=older_than))
+            gone = await tombstone_where(conn, principal, *conditions)
+            await record(
+                conn,
+                principal,
+                "cache.invalidate",
+                "cube",
+                cube_id,
+                detail={"category": category, "older_than": older_than, "count": len(gone)},
+            )
+        if gone:
+            self.memories.notify_removed(cube_id, gone)
+        return len(gone)
+
+    # -- configuration ------------------------------------------------------------------------------
+
+    async def get_config(self, principal: Principal, cube_id: uuid.UUID) -> schemas.ConfigOut:
+        principal.tenant_member()
+        async with self.db.read() as conn:
+            await cube_access(conn, principal, cube_id, "read")
+            record_ = await store.load_policy(conn, cube_id)
+        return _config_out(cube_id, parse_policy(record_.configured or None), record_.configured, record_.updated_at)
+
+    async def put_config(self, principal: Principal, req: schemas.ConfigIn) -> schemas.ConfigOut:
+        """Replace a cube's category configuration (manage access). Adapted thresholds of categories whose
+        threshold bounds changed start again from the new settings."""
+        _, agent_id = principal.tenant_member()
+        configured: dict[str, Any] = {"categories": req.categories}
+        if req.default is not None:
+            configured["default"] = req.default
+        reject_nul(configured, "body")
+        try:
+            policy = parse_policy(configured)
+        except PolicyError as exc:
+            raise Invalid.field(exc.field, exc.message) from None
+        async with self.db.transaction() as conn:
+            await cube_access(conn, principal, req.cube_id, "manage")
+            before = await store.load_policy(conn, req.cube_id)
+            old = parse_policy(before.configured or None)
+            stmt = pg_insert(cache_configs).values(cube_id=req.cube_id, config=configured, updated_by=agent_id)
+            result = await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["cube_id"],
+                    set_={"config": configured, "updated_by": agent_id, "updated_at": func.now()},
+                ).returning(cache_configs.c.updated_at)
+            )
+            updated_at = result.scalar_one()
+            changed = [
+                name
+                for name, cat in policy.categories.items()
+                if name not in old.categories or _bounds(old.categories[name]) != _bounds(cat)
+            ]
+            await store.reset_adapted(conn, req.cube_id, changed)
+            await record(conn, principal, "cache.configure", "cube", req.cube_id, detail={"reset": changed})
+        await self.indexes.reload_policy(req.cube_id)
+        return _config_out(req.cube_id, policy, configured, updated_at)
+
+    # -- stats --------------------------------------------------------------------------------------
+
+    async def stats(self, principal: Principal, cube_id: uuid.UUID) -> schemas.StatsOut:
+        principal.tenant_member()
+        async with self.db.read() as conn:
+            await cube_access(conn, principal, cube_id, "read")
+            record_ = await store.load_policy(conn, cube_id)
+            policy = record_.policy
+            counts = await store.category_counts(conn, cube_id, policy.default)
+            counters = await store.category_counters(conn, cube_id)
+        configured = parse_policy(record_.configured or None)
+        names = sorted(set(policy.categories) | set(counts) | set(counters))
+        out = []
+        for name in names:
+            cat = policy.category(name) if name in policy.categories else None
+            row = counters.get(name)
+            pending = self._category_counts.get((cube_id, name), [0, 0])
+            hits = (row.hits if row is not None else 0) + pending[0]
+            misses = (row.misses if row is not None else 0) + pending[1]
+            base = configured.category(name) if name in configured.categories else None
+            out.append(
+                schemas.CategoryStats(
+                    category=name,
+                    entries=counts.get(name, 0),
+                    hits=hits,
+                    misses=misses,
+                    hit_rate=round(hits / (hits + misses), 6) if hits + misses else None,
+                    false_hits=row.false_hits if row is not None else 0,
+                    correct_hits=row.correct_hits if row is not None else 0,
+                    evicted=row.evicted if row is not None else 0,
+                    threshold=cat.threshold if cat is not None else None,
+                    configured_threshold=base.threshold if base is not None else None,
+                    ttl_seconds=cat.ttl_seconds if cat is not None else None,
+                    max_entries=cat.max_entries if cat is not None else None,
+                    context=cat.context.value if cat is not None else None,
+                )
+            )
+        state = self.indexes.peek(cube_id)
+        return schemas.StatsOut(
+            cube_id=cube_id,
+            default=policy.default,
+            entries=sum(counts.values()),
+            categories=out,
+            index="cold" if state is None else state.index_state,
+        )
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def _bounds(policy: CategoryPolicy) -> tuple[float, float, float]:
+    return (policy.threshold, policy.min_threshold, policy.max_threshold)
+
+
+def _config_out(
+    cube_id: uuid.UUID, policy: CachePolicy, configured: dict[str, Any], updated_at: datetime | None
+) -> schemas.ConfigOut:
+    return schemas.ConfigOut(
+        cube_id=cube_id,
+        default=policy.default,
+        categories={name: category_json(c) for name, c in sorted(policy.categories.items())},
+        configured=configured,
+        updated_at=updated_at,
+    )
+
+
+def _check_query(query: str, field: str) -> None:
+    if not query.strip():
+        raise Invalid.field(field, "must not be blank")
+    reject_nul(query, field)
+
+
+def _check_context(context: Sequence[str | schemas.TurnIn] | None) -> tuple[Turn, ...] | None:
+    """The turns of a request's context; more than 50 turns or 64 KiB of text is a 422 naming ``context``."""
+    if context is None:
+        return None
+    if len(context) > schemas.MAX_CONTEXT_TURNS:
+        raise Invalid.field("context", f"at most {schemas.MAX_CONTEXT_TURNS} turns, not {len(context)}")
+    size = 0
+    for i, turn in enumerate(context):
+        content = turn if isinstance(turn, str) else turn.content
+        reject_nul(content, f"context[{i}]")
+        size += len(content.encode())
+    if size > schemas.MAX_CONTEXT_BYTES:
+        raise Invalid.field("context", f"at most {schemas.MAX_CONTEXT_BYTES} bytes of text, not {size}")
+    return turns_from(list(context))
+
+
+def _require_read(principal: Principal, row: Row[Any] | None) -> None:
+    if row is None or access_of(principal, row.owner_agent_id, row.grant) is None:
+        raise NotFound("no such cube")
+
+
+def _confirmed(row: Row[Any], entry: Entry) -> bool:
+    """Postgres still holds this entry as the index saw it: active, not expired, same version."""
+    return (
+        row.kind == "response"
+        and row.state == "active"
+        and bool(row.fresh)
+        and row.version == entry.version
+        and row.content is not None
+    )

@@ -1,0 +1,354 @@
+"""The cache's SQL: reading its response memories, its configuration and counters, quotas and eviction.
+
+Everything here takes a connection from the caller, so the service decides what shares a transaction.
+Embeddings travel as pgvector's binary form (``vector_send``): decoding 100k of them is a ``frombuffer``
+per row, not a text parse.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import Row, and_, func, literal, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from memos.identity.principal import Principal
+from memos.semcache.policy import DEFAULT_POLICY, CachePolicy, PolicyError, parse_policy
+from memos.store.models import cache_categories, cache_configs, cache_entries, cube_grants, cubes, memories
+
+log = logging.getLogger(__name__)
+
+Vector = npt.NDArray[np.float32]
+
+EVICTION_HALF_LIFE_SECONDS = 24 * 3600
+"""An entry's value is its hits + 1, halved for every day since it was last used (stored or hit)."""
+
+ENTRY_COLUMNS = (
+    memories.c.id,
+    memories.c.version,
+    memories.c.state,
+    memories.c.kind,
+    memories.c.metadata,
+    memories.c.created_at,
+    memories.c.expires_at,
+    func.vector_send(memories.c.embedding).label("vec"),
+    cache_entries.c.context_sha256,
+    func.vector_send(cache_entries.c.context_embedding).label("cvec"),
+    cache_entries.c.threshold,
+)
+_ENTRY_FROM = memories.outerjoin(cache_entries, cache_entries.c.memory_id == memories.c.id)
+
+
+def decode_vector(raw: bytes | None) -> Vector | None:
+    """pgvector's binary form: int16 dimensions, int16 unused, then big-endian float32s."""
+    if raw is None:
+        return None
+    return np.frombuffer(raw, dtype=">f4", offset=4).astype(np.float32)
+
+
+def _live() -> Any:
+    return and_(
+        memories.c.kind == "response",
+        memories.c.state == "active",
+        memories.c.embedding.is_not(None),
+        or_(memories.c.expires_at.is_(None), memories.c.expires_at > func.now()),
+    )
+
+
+def category_is(category: str, default: str) -> Any:
+    """Entries of ``category``; entries that name no category belong to the cube's default one."""
+    named = memories.c.metadata["category"].astext
+    if category == default:
+        return or_(named == category, named.is_(None))
+    return named == category
+
+
+# -- policy ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRecord:
+    policy: CachePolicy
+    configured: dict[str, Any]
+    updated_at: datetime | None
+    """The configuration's last write."""
+    stamp: datetime | None
+    """The newest change to the configuration or to an adapted threshold: the cue to reload."""
+
+
+def build_policy(configured: Mapping[str, Any] | None, adapted: Iterable[Any]) -> CachePolicy:
+    """The configured policy with the thresholds feedback moved (kept within each category's bounds)."""
+    try:
+        policy = parse_policy(configured or None)
+    except PolicyError as exc:  # written valid; only a later code change could make it invalid
+        log.error("a stored cache configuration no longer parses; using the defaults", extra={"error": str(exc)})
+        policy = DEFAULT_POLICY
+    for row in adapted:
+        current = policy.categories.get(row.category)
+        if current is None:
+            continue
+        threshold = current.threshold
+        if row.threshold is not None:
+            threshold = min(max(float(row.threshold), current.min_threshold), current.max_threshold)
+        policy = policy.with_category(replace(current, threshold=threshold, false_hit_floor=float(row.false_hit_floor)))
+    return policy
+
+
+async def load_policy(conn: AsyncConnection, cube_id: uuid.UUID) -> PolicyRecord:
+    config = (
+        await conn.execute(
+            select(cache_configs.c.config, cache_configs.c.updated_at).where(cache_configs.c.cube_id == cube_id)
+        )
+    ).first()
+    adapted = (
+        await conn.execute(
+            select(
+                cache_categories.c.category,
+                cache_categories.c.threshold,
+                cache_categories.c.false_hit_floor,
+                cache_categories.c.updated_at,
+            ).where(cache_categories.c.cube_id == cube_id)
+        )
+    ).all()
+    configured: dict[str, Any] = dict(config.config) if config is not None else {}
+    stamps = [r.updated_at for r in adapted] + ([config.updated_at] if config is not None else [])
+    return PolicyRecord(
+        policy=build_policy(configured, adapted),
+        configured=configured,
+        updated_at=None if config is None else config.updated_at,
+        stamp=max(stamps) if stamps else None,
+    )
+
+
+async def policy_stamp(conn: AsyncConnection, cube_id: uuid.UUID) -> datetime | None:
+    row = (
+        await conn.execute(
+            select(
+                func.greatest(
+                    select(func.max(cache_configs.c.updated_at))
+                    .where(cache_configs.c.cube_id == cube_id)
+                    .scalar_subquery(),
+                    select(func.max(cache_categories.c.updated_at))
+                    .where(cache_categories.c.cube_id == cube_id)
+                    .scalar_subquery(),
+                )
+            )
+        )
+    ).first()
+    return None if row is None else row[0]
+
+
+# -- entries -----------------------------------------------------------------------------------------
+
+
+async def db_now(conn: AsyncConnection) -> datetime:
+    value: datetime = (await conn.execute(select(func.now()))).scalar_one()
+    return value
+
+
+async def live_entries(conn: AsyncConnection, cube_id: uuid.UUID, batch: int = 5000) -> list[Any]:
+    """Every servable entry of a cube, streamed in batches so a big cube does not stall the event loop."""
+    result = await conn.stream(
+        select(*ENTRY_COLUMNS).select_from(_ENTRY_FROM).where(memories.c.cube_id == cube_id, _live())
+    )
+    rows: list[Any] = []
+    async for part in result.partitions(batch):
+        rows.extend(part)
+    return rows
+
+
+async def changed_entries(conn: AsyncConnection, cube_id: uuid.UUID, since: datetime) -> list[Any]:
+    """Response memories of a cube written since ``since``, whatever their state (the catch-up of an index)."""
+    query = (
+        select(*ENTRY_COLUMNS)
+        .select_from(_ENTRY_FROM)
+        .where(memories.c.cube_id == cube_id, memories.c.kind == "response", memories.c.updated_at > since)
+    )
+    return list((await conn.execute(query)).all())
+
+
+async def entry_row(conn: AsyncConnection, memory_id: uuid.UUID) -> Any:
+    query = select(*ENTRY_COLUMNS).select_from(_ENTRY_FROM).where(memories.c.id == memory_id)
+    return (await conn.execute(query)).first()
+
+
+_HNSW = text(
+    "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', '64', true)"
+)
+
+
+async def nearest_entries(conn: AsyncConnection, cube_id: uuid.UUID, vector: Vector, k: int) -> list[Any]:
+    """The ``k`` servable entries nearest ``vector`` by pgvector (the path while a cube's index is built).
+
+    Needs a transaction: the HNSW settings are transaction-local.
+    """
+    await conn.execute(_HNSW)
+    distance = memories.c.embedding.cosine_distance(vector)
+    query = (
+        select(*ENTRY_COLUMNS, memories.c.content, (1 - distance).label("similarity"))
+        .select_from(_ENTRY_FROM)
+        .where(memories.c.cube_id == cube_id, _live())
+        .order_by(distance)
+        .limit(k)
+    )
+    return list((await conn.execute(query)).all())
+
+
+async def check_and_fetch(
+    conn: AsyncConnection, principal: Principal, cube_id: uuid.UUID, memory_id: uuid.UUID | None
+) -> Row[Any] | None:
+    """One round trip: the caller's standing in the cube and, when given, the entry's current state and answer.
+
+    ``None`` when the cube is not the caller's tenant's or is deleted. The entry columns are NULL when
+    it is not in that cube.
+    """
+    tenant_id, agent_id = principal.tenant_member()
+    entry = memories.alias("m")
+    query = (
+        select(
+            cubes.c.owner_agent_id,
+            cube_grants.c.access.label("grant"),
+            entry.c.version,
+            entry.c.state,
+            entry.c.kind,
+            entry.c.content,
+            or_(entry.c.expires_at.is_(None), entry.c.expires_at > func.now()).label("fresh"),
+        )
+        .select_from(cubes)
+        .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id))
+        .outerjoin(
+            entry,
+            and_(entry.c.id == (memory_id if memory_id is not None else literal(None)), entry.c.cube_id == cubes.c.id),
+        )
+        .where(cubes.c.id == cube_id, cubes.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
+    )
+    return (await conn.execute(query)).first()
+
+
+# -- quotas ------------------------------------------------------------------------------------------
+
+
+async def count_live(conn: AsyncConnection, cube_id: uuid.UUID, category: str, default: str) -> int:
+    query = select(func.count()).where(memories.c.cube_id == cube_id, _live(), category_is(category, default))
+    return int((await conn.execute(query)).scalar_one())
+
+
+async def least_valuable(
+    conn: AsyncConnection,
+    cube_id: uuid.UUID,
+    category: str,
+    default: str,
+    ttl_seconds: int | None,
+    count: int,
+    keep: uuid.UUID,
+) -> list[uuid.UUID]:
+    """The ``count`` entries of a category worth least: expired ones first, then cold and old ones.
+
+    Value = (hits + 1) x 0.5 ^ (days since last use), last use being the last hit or else the store.
+    """
+    last_use = func.coalesce(cache_entries.c.last_hit_at, memories.c.created_at)
+    age = func.extract("epoch", func.now() - last_use)
+    value = (func.coalesce(cache_entries.c.hits, 0) + 1) * func.power(0.5, age / EVICTION_HALF_LIFE_SECONDS)
+    expired = or_(memories.c.expires_at <= func.now(), literal(False))
+    if ttl_seconds is not None:
+        expired = or_(expired, memories.c.created_at <= func.now() - func.make_interval(0, 0, 0, 0, 0, 0, ttl_seconds))
+    query = (
+        select(memories.c.id)
+        .select_from(_ENTRY_FROM)
+        .where(
+            memories.c.cube_id == cube_id,
+            memories.c.kind == "response",
+            memories.c.state == "active",
+            memories.c.id != keep,
+            category_is(category, default),
+        )
+        .order_by(func.coalesce(expired, False).desc(), value, memories.c.created_at, memories.c.id)
+        .limit(count)
+    )
+    return [r.id for r in await conn.execute(query)]
+
+
+async def category_counts(conn: AsyncConnection, cube_id: uuid.UUID, default: str) -> dict[str, int]:
+    name = func.coalesce(memories.c.metadata["category"].astext, default)
+    rows = await conn.execute(
+        select(name.label("category"), func.count()).where(memories.c.cube_id == cube_id, _live()).group_by(name)
+    )
+    return {r.category: int(r[1]) for r in rows}
+
+
+async def category_counters(conn: AsyncConnection, cube_id: uuid.UUID) -> dict[str, Row[Any]]:
+    rows = await conn.execute(select(cache_categories).where(cache_categories.c.cube_id == cube_id))
+    return {r.category: r for r in rows}
+
+
+async def add_evicted(conn: AsyncConnection, cube_id: uuid.UUID, category: str, count: int) -> None:
+    stmt = pg_insert(cache_categories).values(cube_id=cube_id, category=category, evicted=count)
+    await conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["cube_id", "category"], set_={"evicted": cache_categories.c.evicted + count}
+        )
+    )
+
+
+# -- counters ----------------------------------------------------------------------------------------
+
+
+async def flush_counters(
+    conn: AsyncConnection,
+    categories: Mapping[tuple[uuid.UUID, str], tuple[int, int]],
+    entries: Mapping[uuid.UUID, tuple[uuid.UUID, int, datetime]],
+) -> None:
+    """Add hit and miss counts to the category rows and hit counts and last-hit times to the entry rows."""
+    if categories:
+        stmt = pg_insert(cache_categories)
+        await conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["cube_id", "category"],
+                set_={
+                    "hits": cache_categories.c.hits + stmt.excluded.hits,
+                    "misses": cache_categories.c.misses + stmt.excluded.misses,
+                },
+            ),
+            [
+                {"cube_id": cube, "category": category, "hits": hits, "misses": misses}
+                for (cube, category), (hits, misses) in categories.items()
+            ],
+        )
+    if entries:
+        # Entries of memories since removed (a whole cube purged with its tenant) are skipped, not an error.
+        alive = {r.id for r in await conn.execute(select(memories.c.id).where(memories.c.id.in_(list(entries))))}
+        values = [
+            {"memory_id": memory_id, "cube_id": cube, "hits": hits, "last_hit_at": at}
+            for memory_id, (cube, hits, at) in entries.items()
+            if memory_id in alive
+        ]
+        if values:
+            stmt = pg_insert(cache_entries)
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["memory_id"],
+                    set_={
+                        "hits": cache_entries.c.hits + stmt.excluded.hits,
+                        "last_hit_at": func.greatest(cache_entries.c.last_hit_at, stmt.excluded.last_hit_at),
+                    },
+                ),
+                values,
+            )
+
+
+async def reset_adapted(conn: AsyncConnection, cube_id: uuid.UUID, categories: Iterable[str]) -> None:
+    names = list(categories)
+    if names:
+        await conn.execute(
+            update(cache_categories)
+            .where(cache_categories.c.cube_id == cube_id, cache_categories.c.category.in_(names))
+            .values(threshold=None, false_hit_floor=0.0, updated_at=func.now())
+        )
