@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -220,8 +221,18 @@ def test_public_names_are_exactly_all() -> None:
     assert len(memos_client.__all__) == len(PUBLIC_NAMES)
     for name in memos_client.__all__:
         assert getattr(memos_client, name) is not None
-    public_attrs = {n for n in vars(memos_client) if not n.startswith("_")} | {"__version__"}
+    # Submodules imported explicitly (memos_client.compat.*, memos_client.kv) appear as attributes once loaded.
+    public_attrs = {
+        n for n, v in vars(memos_client).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)
+    } | {"__version__"}
     assert public_attrs == PUBLIC_NAMES, "a public attribute of memos_client is missing from __all__"
+
+
+def test_adapter_public_names() -> None:
+    from memos_client.compat import langgraph, mem0
+
+    assert langgraph.__all__ == ["MemosStore"]
+    assert mem0.__all__ == ["Memory"]
 
 
 def test_exception_tree_mirrors_the_server_problems() -> None:
