@@ -12,6 +12,7 @@ from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 
+from memos.activations.service import ActivationService
 from memos.cubes.service import CubeService
 from memos.identity.auth import current_principal
 from memos.identity.principal import Principal
@@ -24,6 +25,7 @@ Identity = NamedDependency[IdentityService]
 Cubes = NamedDependency[CubeService]
 Memories = NamedDependency[MemoryService]
 Search = NamedDependency[SearchService]
+Activations = NamedDependency[ActivationService]
 
 
 def _principal(request: Request[Any, Any, Any]) -> Principal:
@@ -50,6 +52,11 @@ def _search(state: State) -> SearchService:
     return service
 
 
+def _activations(state: State) -> ActivationService:
+    service: ActivationService = state.activations
+    return service
+
+
 def dependencies() -> dict[str, Provide]:
     return {
         "principal": Provide(_principal, sync_to_thread=False),
@@ -57,4 +64,5 @@ def dependencies() -> dict[str, Provide]:
         "cubes": Provide(_cubes, sync_to_thread=False),
         "memories": Provide(_memories, sync_to_thread=False),
         "search": Provide(_search, sync_to_thread=False),
+        "activations": Provide(_activations, sync_to_thread=False),
     }
