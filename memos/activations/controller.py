@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
-from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from memos.activations import schemas
 from memos.deps import Activations, CurrentPrincipal
+from memos.errors import Invalid
 from memos.http import Cursor, Limit, parse_id
 from memos.pagination import DEFAULT_LIMIT, Page
 
@@ -99,9 +100,13 @@ class ActivationImportController(Controller):
         request: Request[Any, Any, Any],
         principal: CurrentPrincipal,
         activations: Activations,
-        memory_id: Annotated[str, QueryParameter(description="The memory the KV is of")],
-        model: FromQuery[str],
+        memory_id: Annotated[str | None, QueryParameter(description="The memory the KV is of (required)")] = None,
+        model: Annotated[str | None, QueryParameter(description="A configured model name (required)")] = None,
     ) -> Response[schemas.Activation]:
+        if memory_id is None:
+            raise Invalid.field("memory_id", "required: the memory this KV is of")
+        if model is None:
+            raise Invalid.field("model", "required: the configured model the KV was built with")
         body = await request.body()
         activation, created = await activations.import_file(principal, parse_id(memory_id, "memory"), model, body)
         return Response(activation, status_code=201 if created else 200)
