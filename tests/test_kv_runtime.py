@@ -483,3 +483,43 @@ def test_generate_checks_its_inputs(models: dict[str, LoadedModel]) -> None:
         generate(lm, [2000], max_new_tokens=0)
     with pytest.raises(KVInputError, match="prefix_token_ids"):
         generate(lm, [2000], prefix=chunk, prefix_token_ids=[1, 2, 3])
+
+
+# --- sliding-window attention ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sliding_model(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """The sharp qwen2 model with every layer attending to a window of 8 tokens."""
+    directory = tmp_path_factory.mktemp("sliding") / "model"
+    shutil.copytree(model_dirs["qwen2-sharp"], directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    config.pop("layer_types")
+    (directory / "config.json").write_text(json.dumps(config))
+    return load_model(ModelSpec(name="sliding", path=directory))
+
+
+def test_sliding_window_models_keep_whole_memories_and_compose_exactly(sliding_model: LoadedModel) -> None:
+    lm = sliding_model
+    assert set(lm.config.layer_types) == {"sliding_attention"}
+    rng = random.Random(3)
+    parts = [random_ids(rng, 20, 20) for _ in range(3)]
+    prompt = random_ids(rng, 3, 3)
+    chunks = [prefill(lm, ids) for ids in parts]
+    # The model's own cache would keep only the last window of each layer; a stored memory keeps all of it.
+    assert chunks[0].keys[1].shape == (2, 20, 16)
+    everything = [t for ids in parts for t in ids] + prompt
+    with torch.no_grad():
+        plain = lm.model(input_ids=torch.tensor([everything])).logits[0, -1]
+    full = next_token_logits(lm, prompt, prefix_token_ids=everything[: -len(prompt)], use_prefix_kv=False)
+    assert float((full - plain).abs().max()) <= TOL
+    injected = next_token_logits(lm, prompt, prefix=chunks[0])
+    assert (
+        float((injected - next_token_logits(lm, prompt, prefix_token_ids=parts[0], use_prefix_kv=False)).abs().max())
+        <= TOL
+    )
+    # Selective recompute masks to the window too: recomputing everything is the full prefill.
+    composed = compose(lm, chunks, recompute_ratio=1.0)
+    assert max_kv_diff(composed, prefill(lm, composed.token_ids.tolist())) <= TOL
+    assert float((next_token_logits(lm, prompt, prefix=composed) - full).abs().max()) <= TOL

@@ -201,9 +201,20 @@ def prefill(lm: LoadedModel, token_ids: Sequence[int], *, start: int = 0) -> KVC
     device = torch.device(lm.device)
     input_ids = torch.tensor([ids], dtype=torch.int64, device=device)
     positions = torch.arange(start, start + len(ids), dtype=torch.int64, device=device)
+    from transformers import DynamicCache
+
     with torch.no_grad():
-        # logits_to_keep=1: the full [tokens, vocab] logits would cost more memory than the KV itself.
-        out = lm.model(input_ids=input_ids, position_ids=positions[None], use_cache=True, logits_to_keep=1)
+        # A cache without the config keeps every token in every layer: the model's own default would crop
+        # sliding-window layers to the window, and a memory's KV must be whole to be composed anywhere.
+        # The model still masks those layers to the window. logits_to_keep=1: the full [tokens, vocab]
+        # logits would cost more memory than the KV itself.
+        out = lm.model(
+            input_ids=input_ids,
+            position_ids=positions[None],
+            past_key_values=DynamicCache(),
+            use_cache=True,
+            logits_to_keep=1,
+        )
     return KVChunk.from_cache(out.past_key_values, token_ids=input_ids[0], positions=positions)
 
 
@@ -392,7 +403,8 @@ def _at_zero(lm: LoadedModel, prefix: KVChunk) -> KVChunk:
 
 
 def _prefix_cache(lm: LoadedModel, prefix: KVChunk) -> Any:
-    return _at_zero(lm, prefix).to_cache(lm.config)
+    # No config: every layer keeps all its tokens, as prefill stored them (see prefill).
+    return _at_zero(lm, prefix).to_cache()
 
 
 def _forward_first(
@@ -403,6 +415,8 @@ def _forward_first(
     use_prefix_kv: bool,
 ) -> tuple[Any, int, int, int]:
     """The first forward pass: (model output, next position, prefill tokens, reused tokens)."""
+    from transformers import DynamicCache
+
     prompt = _ids(prompt_ids, "the prompt")
     prefix_ids = [int(i) for i in prefix_token_ids]
     if prefix is not None:
@@ -415,7 +429,7 @@ def _forward_first(
         cache = _prefix_cache(lm, prefix)
         start, run, reused = prefix.tokens, prompt, prefix.tokens
     else:
-        cache, start, run, reused = None, 0, prefix_ids + prompt, 0
+        cache, start, run, reused = DynamicCache(), 0, prefix_ids + prompt, 0
     if start + len(run) > lm.max_positions:
         raise KVInputError(f"{start + len(run)} tokens exceed the model's {lm.max_positions} positions")
     input_ids = torch.tensor([run], dtype=torch.int64, device=device)
