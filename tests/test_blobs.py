@@ -91,3 +91,15 @@ def test_other_write_errors_also_clean_up(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="I/O error"):
         Broken(tmp_path).put(b"z" * 100)
     assert files_under(tmp_path) == []
+
+
+def test_put_replaces_a_damaged_copy(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    data = b"q" * 5000
+    key = store.put(data)
+    (path,) = files_under(tmp_path)
+    path.write_bytes(b"q" * 4999 + b"Q")
+    with pytest.raises(BlobCorrupt):
+        store.read(key)
+    assert store.put(data) == key
+    assert store.read(key) == data

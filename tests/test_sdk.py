@@ -182,6 +182,9 @@ PUBLIC_NAMES = {
     "ProvenanceEdge",
     "SearchResponse",
     "SearchResult",
+    "Model",
+    "Activation",
+    "Generation",
     # inputs
     "MemoryIn",
     "Provenance",

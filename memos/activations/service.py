@@ -346,20 +346,23 @@ class ActivationService:
     async def _repair(self, principal: Principal, row: Row[Any], problem: Exception) -> tuple[bytes, Row[Any]]:
         """Rebuild the KV behind ``row`` after its file failed; KVCorrupt (409) when that cannot be done."""
         await self._mark_corrupt(row.sha256, problem)
-        why = self._unrepairable(row)
-        lm = None if why else await self.models.get(row.model)
-        if lm is not None and lm.fingerprint != row.fingerprint:
-            why = "the configured model is no longer the one this KV was built with"
         source = None
-        if not why:
-            async with self.db.read() as conn:
-                source = (await conn.execute(select(memories).where(memories.c.id == row.memory_id))).first()
-            if source is None or source.content is None or source.version != row.source_version:
-                why = "its source memory has changed since it was built"
+        async with self.db.read() as conn:
+            source = (await conn.execute(select(memories).where(memories.c.id == row.memory_id))).first()
+        source_changed = (
+            _is_stale(row) or source is None or source.content is None or source.version != row.source_version
+        )
+        lm = None
+        if source_changed:
+            why = "its source memory has changed since it was built"
+            async with self.db.transaction() as conn:
+                await conn.execute(update(activations).where(activations.c.id == row.id).values(stale=True))
+        elif row.model not in self.models.specs:
+            why = f"model {row.model!r} is no longer configured"
+        else:
+            lm = await self.models.get(row.model)
+            why = "" if lm.fingerprint == row.fingerprint else "the configured model is not the one it was built with"
         if why or lm is None or source is None:
-            if "source memory" in why:
-                async with self.db.transaction() as conn:
-                    await conn.execute(update(activations).where(activations.c.id == row.id).values(stale=True))
             raise KVCorrupt(
                 f"the stored KV of activation {row.id} failed its checksum and cannot be rebuilt: {why}; "
                 f"build a new one with POST /v1/memories/{row.memory_id}/activations",
@@ -373,6 +376,9 @@ class ActivationService:
                 extra={"activation_id": str(row.id), "sha256": row.sha256},
             )
         data, chunk = await self.worker.run(_prefill_file, lm, ids, _meta(lm, row.memory_id, row.source_version))
+        # The bad file goes first: the rebuilt bytes may hash the same (same KV, same second), and a damaged
+        # copy under that name must not be taken for the new one.
+        await asyncio.to_thread(self.blobs.delete, row.sha256)
         key = await self._put(data)
         async with self.db.transaction() as conn:
             # Every activation that shared the bad file shares the good one (same fingerprint, same tokens).
@@ -390,18 +396,9 @@ class ActivationService:
                 detail={"bad_sha256": row.sha256, "sha256": key},
             )
             fixed = await self._row(conn, row.id)
-        if key != row.sha256:
-            await asyncio.to_thread(self.blobs.delete, row.sha256)
         self.host.put(key, chunk, chunk.nbytes, _resident_tier(lm))
         log.warning("activation rebuilt after a failed checksum", extra={"activation": str(row.id), "sha256": key})
         return data, fixed
-
-    def _unrepairable(self, row: Row[Any]) -> str:
-        if _is_stale(row):
-            return "its source memory has changed since it was built"
-        if row.model not in self.models.specs:
-            return f"model {row.model!r} is no longer configured"
-        return ""
 
     async def _mark_corrupt(self, key: str, problem: Exception) -> None:
         log.error("KV blob failed its check; not served", extra={"sha256": key, "error": str(problem)})

@@ -54,7 +54,8 @@ class BlobStore(abc.ABC):
 
     @abc.abstractmethod
     def put(self, data: bytes) -> str:
-        """Store ``data`` (a no-op when it is there already) and return its sha256. Never leaves a partial blob."""
+        """Store ``data`` and return its sha256. A no-op when a sound copy is there already; never leaves a
+        partial blob."""
 
     @abc.abstractmethod
     def read(self, key: str, *, verify: bool = True) -> bytes:
@@ -86,8 +87,9 @@ class LocalBlobStore(BlobStore):
     def put(self, data: bytes) -> str:
         key = hashlib.sha256(data).hexdigest()
         final = self._path(key)
-        if final.exists():
+        if final.exists() and self._sound(final, key):
             return key
+        # Absent, or present but damaged: (re)write it, atomically replacing a damaged copy.
         self._tmp.mkdir(parents=True, exist_ok=True)
         tmp = self._tmp / f"{key}.{secrets.token_hex(6)}.part"
         try:
@@ -116,6 +118,17 @@ class LocalBlobStore(BlobStore):
         view = memoryview(data)
         for start in range(0, len(view), _CHUNK):
             fh.write(view[start : start + _CHUNK])
+
+    @staticmethod
+    def _sound(path: Path, key: str) -> bool:
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as fh:
+                while block := fh.read(_CHUNK):
+                    digest.update(block)
+        except OSError:
+            return False
+        return digest.hexdigest() == key
 
     def read(self, key: str, *, verify: bool = True) -> bytes:
         try:

@@ -1,7 +1,8 @@
 """memos-client: the Python SDK for memos, the memory service for AI agents.
 
-``MemosClient`` (sync) and ``AsyncMemosClient`` (asyncio) cover identity, cubes, memories and
-search; errors are raised as the exceptions below, one per problem type the server answers with.
+``MemosClient`` (sync) and ``AsyncMemosClient`` (asyncio) cover identity, cubes, memories,
+search, KV activations and generation; errors are raised as the exceptions below, one per
+problem type the server answers with.
 """
 
 from memos_client._base import DEFAULT_BASE_URL, DEFAULT_TIMEOUT, RetryPolicy, __version__
@@ -26,11 +27,13 @@ from memos_client._errors import (
     Unavailable,
 )
 from memos_client._models import (
+    Activation,
     Agent,
     AgentCreated,
     Cube,
     CubeStats,
     DerivedFrom,
+    Generation,
     Grant,
     KeyCreated,
     Link,
@@ -38,6 +41,7 @@ from memos_client._models import (
     Me,
     Memory,
     MemoryIn,
+    Model,
     Page,
     Provenance,
     ProvenanceEdge,
@@ -53,6 +57,7 @@ from memos_client._pagination import AsyncPager, Pager
 __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_TIMEOUT",
+    "Activation",
     "Agent",
     "AgentCreated",
     "AsyncMemosClient",
@@ -64,6 +69,7 @@ __all__ = [
     "DerivedFrom",
     "FieldError",
     "Forbidden",
+    "Generation",
     "Grant",
     "Invalid",
     "InvalidResponse",
@@ -75,6 +81,7 @@ __all__ = [
     "MemoryIn",
     "MemosClient",
     "MemosError",
+    "Model",
     "NotFound",
     "Page",
     "Pager",
