@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, Qwen2Config
 
 from memos.cli.main import main as cli_main
 from memos.kv.codec import KVChunk, KVMeta, decode, encode
-from memos.kv.errors import KVFormatError, KVInputError, NotShiftable
+from memos.kv.errors import KVFormatError, KVInputError, ModelLoadError, NotShiftable
 from memos.kv.fingerprint import fingerprint_fields
 from memos.kv.maker import VOCAB_SIZE, make_model, preset_config
 from memos.kv.rope import rerotate, rope_params
@@ -523,3 +523,21 @@ def test_sliding_window_models_keep_whole_memories_and_compose_exactly(sliding_m
     composed = compose(lm, chunks, recompute_ratio=1.0)
     assert max_kv_diff(composed, prefill(lm, composed.token_ids.tolist())) <= TOL
     assert float((next_token_logits(lm, prompt, prefix=composed) - full).abs().max()) <= TOL
+
+
+# --- loading failures ----------------------------------------------------------------------------------
+
+
+def test_directories_that_do_not_load_are_model_load_errors(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
+        load_model(ModelSpec(name="none", path=tmp_path / "missing"))
+    damaged = _copy(model_dirs["llama"], tmp_path / "damaged")
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="damaged"):
+        load_model(ModelSpec(name="damaged", path=damaged))
+    # Only safetensors weights are read: a directory with a pickled checkpoint instead is refused.
+    pickled = _copy(model_dirs["llama"], tmp_path / "pickled")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError):
+        load_model(ModelSpec(name="pickled", path=pickled))

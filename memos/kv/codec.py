@@ -218,7 +218,7 @@ def _metadata(header: Mapping[str, Any]) -> dict[str, str]:
         raise KVFormatError(f"metadata dtype {meta['dtype']!r} is not one of {', '.join(KV_DTYPES)}")
     if not _SHA256.match(meta["payload_sha256"]):
         raise KVFormatError("payload_sha256 is not 64 lowercase hex digits")
-    if not meta["version"].isdigit():
+    if not (meta["version"].isascii() and meta["version"].isdigit()):
         raise KVFormatError(f"version {meta['version']!r} is not a non-negative integer")
     return dict(meta)
 

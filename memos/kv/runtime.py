@@ -93,6 +93,7 @@ def _resolve_device(device: str) -> str:
 
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load ``spec.path`` with ``AutoModelForCausalLM``/``AutoTokenizer`` from local files only (safetensors only)."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -109,7 +110,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         model: Any = AutoModelForCausalLM.from_pretrained(
             str(path), config=config, local_files_only=True, use_safetensors=True, dtype=KV_DTYPES[spec.dtype]
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError, SafetensorError) as exc:
+        # A directory an operator named that does not load (bad config, damaged weights, an architecture this
+        # transformers lacks) is a configuration problem to report, not a crash.
         raise ModelLoadError(f"model {spec.name!r}: cannot load {path}: {exc}") from exc
     finally:
         if bars_were_on:
@@ -321,6 +324,7 @@ def _layer_rows(
     all_v = cache.values[layer_index].repeat_interleave(groups, dim=0)
     key_pos = cache.positions
     window = getattr(attn, "sliding_window", None)
+    keys_t = all_k.float().transpose(1, 2)  # [heads, hd, N]
     out = torch.empty_like(q)
     for begin in range(0, len(rows), _QUERY_BLOCK):
         block = slice(begin, begin + _QUERY_BLOCK)
@@ -328,7 +332,7 @@ def _layer_rows(
         allowed = key_pos[None, :] <= query_pos[:, None]  # [B, N] causal
         if window:
             allowed &= key_pos[None, :] > query_pos[:, None] - int(window)
-        scores = torch.matmul(q[:, block].float(), all_k.float().transpose(1, 2)) * float(attn.scaling)
+        scores = torch.matmul(q[:, block].float(), keys_t) * float(attn.scaling)  # [heads, B, N]
         scores = scores.masked_fill(~allowed[None], float("-inf"))
         weights = torch.softmax(scores, dim=-1).to(q.dtype)
         out[:, block] = torch.matmul(weights, all_v)
@@ -356,6 +360,7 @@ def selective_recompute(lm: LoadedModel, cache: KVChunk, candidates: torch.Tenso
         cos, sin = base.rotary_emb(hidden, cache.positions.to(device)[None])  # [1, N, hd] each
         cos, sin = cos[0], sin[0]
         hidden = _layer_rows(lm, 0, hidden[0], everything, cos, sin, cache)  # [N, hidden]
+        count = min(count, len(candidates))
         if lm.layers == 1 or count <= 0:
             return candidates[:0]
         # Layer-1 KV of the candidates as a full prefill would have it, against the stored KV.
