@@ -141,6 +141,11 @@ def _log_load_failure(task: asyncio.Task[None]) -> None:
         log.error("the embedding model failed to load; writes and searches answer 503", exc_info=exc)
 
 
+async def _settled(task: asyncio.Task[None]) -> None:
+    """Wait until ``task`` has finished, however it finished (its own callback reports a failure)."""
+    await asyncio.wait({task})
+
+
 @get("/healthz", summary="200 while the process runs", tags=["operations"])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -192,7 +197,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             activations = ActivationService(
                 db,
                 LocalBlobStore(settings.blob_root),
-                ModelRegistry(settings.models, kv_worker),
+                ModelRegistry(settings.models, kv_worker, before_load=lambda: _settled(loading)),
                 HostTier(settings.kv_host_bytes),
                 memory_service,
                 search,

@@ -414,6 +414,19 @@ def test_restore_and_tag_changes_also_make_stale_and_rebuilding_reuses_the_bytes
     assert client.get(f"/v1/activations/{again['id']}", headers=bearer(key)).json()["stale"] is True
 
 
+def test_an_archived_memory_can_have_fresh_activations(client, factory, tenant, cube) -> None:
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "Ivy's old address was 12 Elm Street.")
+    first = built(client, key, m["id"])
+    patch(client, key, m["id"], {"state": "archived"}, 1)
+    assert client.get(f"/v1/activations/{first['id']}", headers=bearer(key)).json()["stale"] is True
+    r = build(client, key, m["id"])
+    assert r.status_code == 201 and r.json()["stale"] is False and r.json()["source_version"] == 2
+    assert build(client, key, m["id"]).json()["id"] == r.json()["id"]  # built once, not on every call
+    out = generated(client, key, prompt="Address?", memory_ids=[m["id"]])
+    assert out["activations_used"] == [r.json()["id"]]
+
+
 def test_deleting_the_source_makes_its_activations_stale(client, factory, tenant, cube) -> None:
     key = tenant.admin_key
     m = factory.memory(key, cube["id"], "Gina's train leaves from platform 9.")
@@ -648,3 +661,34 @@ def test_without_models_kv_endpoints_say_how_to_configure_one(bare_client, facto
     # What was stored stays readable and downloadable.
     assert bare_client.get(f"/v1/activations/{act['id']}", headers=bearer(key)).status_code == 200
     download(bare_client, key, act["id"])
+
+
+# ---------------------------------------------------------------------- model loading
+
+
+async def test_models_load_only_after_the_embedder_has(tmp_path: Path) -> None:
+    """transformers patches class attributes during from_pretrained: two loads at once can break weight tying."""
+    import asyncio
+
+    from memos.activations.models import KVWorker, ModelRegistry
+    from memos.errors import Unavailable
+
+    gate = asyncio.Event()
+    calls: list[str] = []
+
+    async def embedder_loaded() -> None:
+        calls.append("waited")
+        await gate.wait()
+
+    worker = KVWorker()
+    registry = ModelRegistry({"x": ModelSpec(name="x", path=tmp_path)}, worker, before_load=embedder_loaded)
+    try:
+        task = asyncio.create_task(registry.get("x"))
+        await asyncio.sleep(0.05)
+        assert calls == ["waited"] and not task.done()  # held back while the embedder loads
+        gate.set()
+        # The directory holds no model: a configuration problem, 503, never a 500.
+        with pytest.raises(Unavailable, match="could not be loaded"):
+            await task
+    finally:
+        worker.close()

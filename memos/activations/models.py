@@ -12,11 +12,10 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from memos.errors import Conflict, FieldError, Invalid, Unavailable
-from memos.kv.errors import KVError
 from memos.kv.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -73,9 +72,18 @@ class KVWorker:
 class ModelRegistry:
     """The models of ``MEMOS_MODELS`` by name; each is loaded once, on first use, in the KV worker."""
 
-    def __init__(self, specs: dict[str, ModelSpec], worker: KVWorker) -> None:
+    def __init__(
+        self,
+        specs: dict[str, ModelSpec],
+        worker: KVWorker,
+        before_load: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.specs = dict(specs)
         self.worker = worker
+        # transformers patches class attributes while ``from_pretrained`` runs (weight tying among them), so two
+        # loads in two threads at once can leave a tied model's lm_head unloaded. The app passes a wait for the
+        # embedder's own load here, so a causal LM never loads at the same time.
+        self.before_load = before_load
         self._loaded: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -108,11 +116,15 @@ class ModelRegistry:
         async with lock:
             if (lm := self._loaded.get(name)) is not None:
                 return lm
+            if self.before_load is not None:
+                await self.before_load()
             try:
                 lm = await self.worker.run(_load, spec)
-            except (KVError, OSError, ValueError) as exc:
+            except KVBusy:
+                raise
+            except Exception as exc:  # whatever a model directory does wrong, it is the server's configuration
                 log.error("model failed to load", extra={"model": name, "error": str(exc)}, exc_info=exc)
-                raise Unavailable(f"model {name!r} could not be loaded: {exc}") from None
+                raise Unavailable(f"model {name!r} could not be loaded: {exc}", headers={"Retry-After": "30"}) from None
             self._loaded[name] = lm
             log.info("model loaded", extra={"model": name, "fingerprint": lm.fingerprint, "device": str(lm.device)})
             return lm

@@ -628,11 +628,12 @@ def _select() -> Any:
 
 
 def _is_stale(row: Row[Any]) -> bool:
+    # Archived memories stay usable (archiving hides, it does not retire); deleted ones do not.
     return bool(
         row.stale
         or row.source_current_version != row.source_version
-        or row.source_state != "active"
-        or row.activation_state != "active"
+        or row.source_state == "deleted"
+        or row.activation_state == "deleted"
     )
 
 
