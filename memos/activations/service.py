@@ -23,7 +23,7 @@ from sqlalchemy import Row, and_, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.activations import schemas
-from memos.activations.models import ModelRegistry
+from memos.activations.models import KVWorker, ModelRegistry
 from memos.activations.tiers import HostTier
 from memos.cubes.access import cube_access, readable_cube_ids
 from memos.errors import Conflict, FieldError, Invalid, NotFound, Unavailable
@@ -120,7 +120,7 @@ class ActivationService:
         self.search = search
 
     @property
-    def worker(self) -> Any:
+    def worker(self) -> KVWorker:
         return self.models.worker
 
     # ------------------------------------------------------------------ models
