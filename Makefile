@@ -42,6 +42,7 @@ bench: install
 	$(PY) -m bench.locomo
 	$(PY) -m bench.search_scale
 	$(PY) -m bench.semcache
+	$(PY) -m bench.kv_ttft
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -18,6 +18,10 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from sqlalchemy.exc import DataError, IntegrityError
 
 from memos import __version__
+from memos.activations.controller import ActivationController, ActivationImportController
+from memos.activations.models import KVWorker, ModelRegistry
+from memos.activations.service import ActivationService
+from memos.activations.tiers import HostTier
 from memos.cubes.controller import CubeController
 from memos.cubes.service import CubeService
 from memos.deps import dependencies
@@ -39,6 +43,7 @@ from memos.semcache.controller import CacheController
 from memos.semcache.index import CacheIndexes, VectorLRU
 from memos.semcache.service import SemCacheService
 from memos.settings import Settings
+from memos.store.blobs import LocalBlobStore
 from memos.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -139,6 +144,11 @@ def _log_load_failure(task: asyncio.Task[None]) -> None:
         log.error("the embedding model failed to load; writes and searches answer 503", exc_info=exc)
 
 
+async def _settled(task: asyncio.Task[None]) -> None:
+    """Wait until ``task`` has finished, however it finished (its own callback reports a failure)."""
+    await asyncio.wait({task})
+
+
 @get("/healthz", summary="200 while the process runs", tags=["operations"])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -171,6 +181,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         worker = EmbedWorker(factory)
+        kv_worker = KVWorker()
         # Loading torch and the model takes seconds: serve meanwhile (writes and searches wait, bounded, or get 503).
         loading = asyncio.create_task(worker.start())
         loading.add_done_callback(_log_load_failure)
@@ -188,21 +199,47 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             app.state.embed_worker = worker
             app.state.identity = IdentityService(db, load_operator_key(settings))
             app.state.cubes = CubeService(db, graphs, listeners=[indexes])
-            app.state.memories = MemoryService(db, embedding, graphs, listeners=[indexes])
-            app.state.search = SearchService(db, embedding, graphs, settings.search_pool)
-            semcache = SemCacheService(db, app.state.memories, indexes, flush_seconds=settings.cache_flush_seconds)
+            search = SearchService(db, embedding, graphs, settings.search_pool)
+            memory_service = MemoryService(db, embedding, graphs, listeners=[indexes])
+            app.state.memories = memory_service
+            app.state.search = search
+            semcache = SemCacheService(db, memory_service, indexes, flush_seconds=settings.cache_flush_seconds)
             semcache.start()
             app.state.semcache = semcache
+            activations = ActivationService(
+                db,
+                LocalBlobStore(settings.blob_root),
+                ModelRegistry(settings.models, kv_worker, before_load=lambda: _settled(loading)),
+                HostTier(settings.kv_host_bytes),
+                memory_service,
+                search,
+            )
+            # A purge erases the KV derived from the text too; the blobs go once nothing else uses them.
+            memory_service.release_blobs = activations.release_blobs
+            app.state.activations = activations
             yield
         finally:
             if (semcache_service := getattr(app.state, "semcache", None)) is not None:
                 await semcache_service.close()
+            kv_worker.close()
             await worker.close()
             await db.stop()
 
+    # KV uploads are large and binary: their own router carries their own body limit.
+    kv_uploads = Router(
+        path="/", route_handlers=[ActivationImportController], request_max_body_size=settings.max_kv_bytes
+    )
     v1 = Router(
         path="/",
-        route_handlers=[IdentityController, CubeController, MemoryController, SearchController, CacheController],
+        route_handlers=[
+            IdentityController,
+            CubeController,
+            MemoryController,
+            SearchController,
+            CacheController,
+            ActivationController,
+            kv_uploads,
+        ],
         guards=[require_api_key],
         security=[{"BearerAuth": []}],
         dependencies=dependencies(),

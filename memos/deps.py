@@ -12,6 +12,7 @@ from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 
+from memos.activations.service import ActivationService
 from memos.cubes.service import CubeService
 from memos.identity.auth import current_principal
 from memos.identity.principal import Principal
@@ -26,6 +27,7 @@ Cubes = NamedDependency[CubeService]
 Memories = NamedDependency[MemoryService]
 Search = NamedDependency[SearchService]
 SemCache = NamedDependency[SemCacheService]
+Activations = NamedDependency[ActivationService]
 
 
 def _principal(request: Request[Any, Any, Any]) -> Principal:
@@ -57,6 +59,11 @@ def _semcache(state: State) -> SemCacheService:
     return service
 
 
+def _activations(state: State) -> ActivationService:
+    service: ActivationService = state.activations
+    return service
+
+
 def dependencies() -> dict[str, Provide]:
     return {
         "principal": Provide(_principal, sync_to_thread=False),
@@ -65,4 +72,5 @@ def dependencies() -> dict[str, Provide]:
         "memories": Provide(_memories, sync_to_thread=False),
         "search": Provide(_search, sync_to_thread=False),
         "semcache": Provide(_semcache, sync_to_thread=False),
+        "activations": Provide(_activations, sync_to_thread=False),
     }

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from memos.kv.spec import ModelSpec, parse_models
+
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -69,6 +71,23 @@ class Settings:
     cache_flush_seconds: float = 5.0
     """How often the cache's hit and miss counters are added to Postgres."""
 
+    models: dict[str, ModelSpec] = dataclasses.field(default_factory=dict)
+    """Causal LMs for KV activations (``MEMOS_MODELS`` JSON). Empty: KV endpoints answer 409 with how to set it."""
+
+    blob_dir: Path | None = None
+    """Where KV activation files live. Unset: ``data_dir/blobs``."""
+
+    kv_host_bytes: int = 1024**3
+    """Budget of the host-RAM tier: decoded KV kept in memory for reuse (least recently used leaves first)."""
+
+    max_kv_bytes: int = 1024**3
+    """Largest accepted KV import body (``POST /v1/activations/import``); larger bodies get 413."""
+
+    @property
+    def blob_root(self) -> Path:
+        """The blob store's directory."""
+        return self.blob_dir if self.blob_dir is not None else self.data_dir / "blobs"
+
     @property
     def embedded(self) -> bool:
         """True when memos runs its own PostgreSQL."""
@@ -118,6 +137,17 @@ class Settings:
             values["cache_sync_seconds"] = _parse_float("MEMOS_CACHE_SYNC_SECONDS", v)
         if (v := raw("CACHE_FLUSH_SECONDS")) is not None:
             values["cache_flush_seconds"] = _parse_float("MEMOS_CACHE_FLUSH_SECONDS", v)
+        if (v := raw("MODELS")) is not None:
+            try:
+                values["models"] = parse_models(v)
+            except ValueError as exc:
+                raise SettingsError(f"MEMOS_MODELS: {exc}") from None
+        if (v := raw("BLOB_DIR")) is not None:
+            values["blob_dir"] = Path(v)
+        if (v := raw("KV_HOST_BYTES")) is not None:
+            values["kv_host_bytes"] = _parse_int("MEMOS_KV_HOST_BYTES", v)
+        if (v := raw("MAX_KV_BYTES")) is not None:
+            values["max_kv_bytes"] = _parse_int("MEMOS_MAX_KV_BYTES", v)
 
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -154,6 +184,13 @@ class Settings:
             raise SettingsError(f"MEMOS_EMBED_MODEL must be a local model directory, got {self.embed_model!r}")
         if self.database_url is not None and not self.database_url.startswith(("postgresql", "postgres")):
             raise SettingsError("MEMOS_DATABASE_URL must be a postgresql:// URL")
+        if self.kv_host_bytes < 0:
+            raise SettingsError(f"MEMOS_KV_HOST_BYTES must be >= 0, got {self.kv_host_bytes}")
+        if self.max_kv_bytes < 1024:
+            raise SettingsError(f"MEMOS_MAX_KV_BYTES must be at least 1024, got {self.max_kv_bytes}")
+        for name, spec in self.models.items():
+            if not spec.path.is_dir():
+                raise SettingsError(f"MEMOS_MODELS: models.{name}.path: not a local directory: {str(spec.path)!r}")
         if self.operator_key is not None and len(self.operator_key) < 32:
             raise SettingsError("MEMOS_OPERATOR_KEY must be at least 32 characters")
 

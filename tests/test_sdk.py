@@ -188,6 +188,9 @@ PUBLIC_NAMES = {
     "CacheStats",
     "CacheCategoryStats",
     "CacheConfig",
+    "Model",
+    "Activation",
+    "Generation",
     # inputs
     "Turn",
     "MemoryIn",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from memos.settings import Settings, SettingsError
 
@@ -67,6 +68,14 @@ def _mcp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_model(args: argparse.Namespace) -> int:
+    from memos.kv.maker import make_model
+
+    out = make_model(Path(args.out_dir), arch=args.arch, preset=args.preset, seed=args.seed)
+    print(f"wrote a random {args.arch} model ({args.preset}, seed {args.seed}) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memos", description="memos: a memory operating system for AI agents")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
     migrate.add_argument("--down", action="store_true", help="downgrade to the revision instead")
     migrate.set_defaults(func=_migrate)
+
+    dev = sub.add_parser("dev", help="tools for tests, benches and demos")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
+    make = dev_sub.add_parser(
+        "make-model", help="write a randomly initialised causal LM with a real tokenizer (loads like a real model)"
+    )
+    make.add_argument("out_dir", metavar="OUT_DIR", help="directory to write config, safetensors weights, tokenizer")
+    make.add_argument("--arch", choices=["qwen2", "llama"], required=True, help="model architecture")
+    make.add_argument(
+        "--preset", choices=["tiny", "small", "qwen2.5-0.5b"], required=True, help="shape: tiny, small or qwen2.5-0.5b"
+    )
+    make.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    make.set_defaults(func=_make_model)
     return parser
 
 

@@ -30,7 +30,15 @@ from memos.search.graphs import CubeGraphs
 from memos.search.indexing import embedding_text, event_time
 from memos.store.audit import record
 from memos.store.db import Database
-from memos.store.models import cache_entries, cube_grants, cubes, memories, memory_links, memory_versions
+from memos.store.models import (
+    activations,
+    cache_entries,
+    cube_grants,
+    cubes,
+    memories,
+    memory_links,
+    memory_versions,
+)
 from memos.validation import reject_nul
 
 PROVENANCE_LINK = "derived_from"
@@ -152,6 +160,10 @@ def _not_expired() -> Any:
     return or_(memories.c.expires_at.is_(None), memories.c.expires_at > func.now())
 
 
+BlobReleaser = Callable[[Sequence[str]], Awaitable[None]]
+"""Called after a purge commits with the blob keys its KV activations used (the activations domain frees them)."""
+
+
 class MemoryService:
     def __init__(
         self,
@@ -159,11 +171,13 @@ class MemoryService:
         embedder: EmbeddingService,
         graphs: CubeGraphs,
         listeners: Sequence[MemoryListener] = (),
+        release_blobs: BlobReleaser | None = None,
     ) -> None:
         self.db = db
         self.embedder = embedder
         self.graphs = graphs
         self.listeners = list(listeners)
+        self.release_blobs = release_blobs
 
     def notify_written(self, cube_id: uuid.UUID, rows: Sequence[Row[Any]]) -> None:
         """Tell the graphs and the listeners about committed new or changed memories."""
@@ -393,6 +407,13 @@ class MemoryService:
         require(access, needed, "memory's cube")
         return row
 
+    async def load_row(
+        self, conn: AsyncConnection, principal: Principal, memory_id: uuid.UUID, needed: Access, *, lock: bool = False
+    ) -> Row[Any]:
+        """For other domains: the memory's current row in ``conn``, checked like every memory endpoint
+        (404 if the caller cannot read it, 403 below ``needed``); ``lock`` holds the row until commit."""
+        return await self._load(conn, principal, memory_id, needed, lock=lock)
+
     async def get(self, principal: Principal, memory_id: uuid.UUID, include_expired: bool = False) -> schemas.Memory:
         async with self.db.read() as conn:
             return to_dto(await self._load(conn, principal, memory_id, "read", include_expired=include_expired))
@@ -521,6 +542,7 @@ class MemoryService:
             row = await write_version(conn, memory_id, current.version, "update", principal, values)
             if row is None:
                 raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
+            await _stale_activations(conn, memory_id)
             if dropped:
                 # The provenance graph follows the memory's current provenance.
                 await conn.execute(
@@ -565,7 +587,11 @@ class MemoryService:
                 row = await write_version(conn, memory_id, current.version, "delete", principal, {"state": "deleted"})
                 if row is None:
                     raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
+                await _stale_activations(conn, memory_id)
+            derived: list[uuid.UUID] = []
+            blob_keys: list[str] = []
             if purge:
+                derived, blob_keys = await _drop_activations(conn, memory_id)
                 erased: dict[str, Any] = {
                     "content": None,
                     "content_sha256": None,
@@ -584,8 +610,17 @@ class MemoryService:
                 )
                 # A cached answer's context embedding is derived from its text: it goes too.
                 await conn.execute(delete(cache_entries).where(cache_entries.c.memory_id == memory_id))
-            await record(conn, principal, "memory.purge" if purge else "memory.delete", "memory", memory_id)
-        self.notify_removed(current.cube_id, [memory_id])
+            await record(
+                conn,
+                principal,
+                "memory.purge" if purge else "memory.delete",
+                "memory",
+                memory_id,
+                detail={"activations_erased": len(derived)} if derived else None,
+            )
+        self.notify_removed(current.cube_id, [memory_id, *derived])
+        if blob_keys and self.release_blobs is not None:
+            await self.release_blobs(blob_keys)
 
     async def restore(
         self, principal: Principal, memory_id: uuid.UUID, version: int, if_match: int | None
@@ -618,6 +653,7 @@ class MemoryService:
             row = await write_version(conn, memory_id, current.version, "restore", principal, values)
             if row is None:
                 raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
+            await _stale_activations(conn, memory_id)
             knn = await self._relink_neighbours(conn, principal, memory_id)
             # Deleting took the memory's edges out of the in-memory graph; its links are still in Postgres.
             edges = await _edges_of(conn, memory_id)
@@ -633,6 +669,70 @@ class MemoryService:
         self.graphs.links_removed(row.cube_id, [(memory_id, other, KNN_LINK) for other in knn[0]])
         self.graphs.links_written(row.cube_id, edges)
         return to_dto(row)
+
+    async def insert_derived(
+        self,
+        conn: AsyncConnection,
+        principal: Principal,
+        source: Row[Any],
+        *,
+        kind: str,
+        content: str,
+        metadata: dict[str, Any],
+        model: str | None = None,
+    ) -> Row[Any]:
+        """Write a memory memos derives from ``source`` (its current version), in the caller's transaction.
+
+        Used for KV activations: version 1 with provenance ``derived_from`` the source version and the
+        provenance edge, no embedding (derived memories are found through their source, not by meaning).
+        Call ``derived_written`` after the commit to bring the cube's graph up to date.
+        """
+        tenant_id, agent_id = principal.tenant_member()
+        provenance: dict[str, Any] = {"derived_from": [{"memory_id": str(source.id), "version": source.version}]}
+        if model is not None:
+            provenance["model"] = model
+        (row,) = await insert_new(
+            conn,
+            [
+                {
+                    "id": uuid.uuid4(),
+                    "tenant_id": tenant_id,
+                    "cube_id": source.cube_id,
+                    "kind": kind,
+                    "state": "active",
+                    "version": 1,
+                    "content": content,
+                    "metadata": metadata,
+                    "tags": [],
+                    "provenance": provenance,
+                    "content_sha256": content_sha256(content),
+                    "expires_at": None,
+                    "created_by": agent_id,
+                    "embedding": None,
+                    "embedding_model": None,
+                    "event_time": None,
+                }
+            ],
+        )
+        await self._insert_links(
+            conn,
+            principal,
+            [
+                {
+                    "from_id": row.id,
+                    "to_id": source.id,
+                    "type": PROVENANCE_LINK,
+                    "weight": 1.0,
+                    "to_version": source.version,
+                }
+            ],
+        )
+        return row
+
+    def derived_written(self, row: Row[Any], source_id: uuid.UUID) -> None:
+        """After the commit of ``insert_derived``: the new memory and its provenance edge join the graph."""
+        self.notify_written(row.cube_id, [row])
+        self.graphs.links_written(row.cube_id, [(row.id, source_id, PROVENANCE_LINK, 1.0)])
 
     async def link(self, principal: Principal, memory_id: uuid.UUID, body: schemas.LinkIn) -> schemas.Link:
         if body.type in RESERVED_LINKS:
@@ -696,6 +796,32 @@ class MemoryService:
                 seen.add(key)
                 out_edges.append(schemas.ProvenanceEdge(from_id=e.from_id, to_id=e.to_id, to_version=e.to_version))
         return schemas.ProvenanceGraph(nodes=nodes, edges=out_edges)
+
+
+async def _stale_activations(conn: AsyncConnection, memory_id: uuid.UUID) -> None:
+    """A new version of a memory makes the KV built from its older text stale (never injected again)."""
+    await conn.execute(
+        update(activations)
+        .where(activations.c.memory_id == memory_id, activations.c.stale.is_(False))
+        .values(stale=True)
+    )
+
+
+async def _drop_activations(conn: AsyncConnection, memory_id: uuid.UUID) -> tuple[list[uuid.UUID], list[str]]:
+    """A purge erases what was derived from the text too: the activation memories go, rows and all.
+
+    KV files hold the token ids, i.e. the text. Returns the erased memory ids and the blob keys they used;
+    the caller frees the blobs once the purge has committed (blobs are shared, so only unreferenced ones go).
+    """
+    rows = (
+        await conn.execute(select(activations.c.id, activations.c.sha256).where(activations.c.memory_id == memory_id))
+    ).all()
+    if not rows:
+        return [], []
+    ids = [r.id for r in rows]
+    # ON DELETE CASCADE takes their versions, links and activation rows with them.
+    await conn.execute(delete(memories).where(memories.c.id.in_(ids)))
+    return ids, sorted({r.sha256 for r in rows})
 
 
 def _check_match(current_version: int, if_match: int | None) -> None:

@@ -116,7 +116,7 @@ class CachePolicy:
         return CachePolicy({**self.categories, policy.name: policy}, self.default)
 
 
-# Defaults chosen on the dev sets (bench/semcache_eval.py), in the middle of flat regions rather than
+# Defaults chosen on the dev sets (bench/semcache.py), in the middle of flat regions rather than
 # at a measured optimum: with the guards, traps-dev precision stays at 0.97 from 0.70 to 0.75 while
 # recall falls from 0.72 to 0.67, and 0.80 drops recall under 0.60; the context threshold gives the
 # same context-dev result anywhere from 0.50 to 0.65. Code answers are brittle to small wording

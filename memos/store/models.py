@@ -12,6 +12,7 @@ from typing import Any
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Computed,
     DateTime,
@@ -240,6 +241,40 @@ cache_entries = Table(
     Column("last_hit_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index(None, "cube_id"),
+)
+
+# -- KV activations (migration 0004) ----------------------------------------------------------------------
+
+activations = Table(
+    "activations",
+    metadata,
+    # The id of the memory of kind ``activation`` that represents this KV cache.
+    Column("id", UUID(as_uuid=True), ForeignKey("memories.id", ondelete="CASCADE"), primary_key=True),
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("cube_id", UUID(as_uuid=True), ForeignKey("cubes.id", ondelete="CASCADE"), nullable=False),
+    # The source memory and the version whose text was prefilled.
+    Column("memory_id", UUID(as_uuid=True), ForeignKey("memories.id", ondelete="CASCADE"), nullable=False),
+    Column("source_version", Integer, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("fingerprint", Text, nullable=False),
+    # sha256 of the int64 token ids: with the fingerprint it names identical KV, whoever built it.
+    Column("token_ids_sha256", Text, nullable=False),
+    Column("tokens", Integer, nullable=False),
+    Column("dtype", Text, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    # sha256 of the whole memos-kv/1 file: its key in the blob store.
+    Column("sha256", Text, nullable=False),
+    Column("tier", Text, nullable=False, server_default="store"),
+    Column("stale", Boolean, nullable=False, server_default=text("false")),
+    # When the blob last failed its checksum; NULL while it is sound.
+    Column("corrupt_at", DateTime(timezone=True)),
+    Column("hits", BigInteger, nullable=False, server_default=text("0")),
+    created_at(),
+    Column("last_used_at", DateTime(timezone=True)),
+    Column("created_by", UUID(as_uuid=True), nullable=False),
+    Index(None, "memory_id", "model", "source_version"),
+    Index(None, "tenant_id", "fingerprint", "token_ids_sha256"),
+    Index(None, "sha256"),
 )
 
 audit_log = Table(

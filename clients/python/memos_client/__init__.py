@@ -1,7 +1,8 @@
 """memos-client: the Python SDK for memos, the memory service for AI agents.
 
-``MemosClient`` (sync) and ``AsyncMemosClient`` (asyncio) cover identity, cubes, memories, search
-and the semantic cache; errors are raised as the exceptions below, one per problem type the server answers with.
+``MemosClient`` (sync) and ``AsyncMemosClient`` (asyncio) cover identity, cubes, memories,
+search, the semantic cache, KV activations and generation; errors are raised as the exceptions
+below, one per problem type the server answers with.
 """
 
 from memos_client._base import DEFAULT_BASE_URL, DEFAULT_TIMEOUT, RetryPolicy, __version__
@@ -26,6 +27,7 @@ from memos_client._errors import (
     Unavailable,
 )
 from memos_client._models import (
+    Activation,
     Agent,
     AgentCreated,
     CacheCategoryStats,
@@ -35,6 +37,7 @@ from memos_client._models import (
     Cube,
     CubeStats,
     DerivedFrom,
+    Generation,
     Grant,
     KeyCreated,
     Link,
@@ -42,6 +45,7 @@ from memos_client._models import (
     Me,
     Memory,
     MemoryIn,
+    Model,
     Page,
     Provenance,
     ProvenanceEdge,
@@ -58,6 +62,7 @@ from memos_client._pagination import AsyncPager, Pager
 __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_TIMEOUT",
+    "Activation",
     "Agent",
     "AgentCreated",
     "AsyncMemosClient",
@@ -73,6 +78,7 @@ __all__ = [
     "DerivedFrom",
     "FieldError",
     "Forbidden",
+    "Generation",
     "Grant",
     "Invalid",
     "InvalidResponse",
@@ -84,6 +90,7 @@ __all__ = [
     "MemoryIn",
     "MemosClient",
     "MemosError",
+    "Model",
     "NotFound",
     "Page",
     "Pager",

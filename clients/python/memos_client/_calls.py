@@ -13,12 +13,14 @@ import msgspec
 
 from memos_client._base import Call, Id, any_json, compact, decoder, no_content, path, query, time_param
 from memos_client._models import (
+    Activation,
     Agent,
     AgentCreated,
     CacheConfig,
     CacheLookup,
     CacheStats,
     Cube,
+    Generation,
     Grant,
     KeyCreated,
     Link,
@@ -26,6 +28,7 @@ from memos_client._models import (
     Me,
     Memory,
     MemoryIn,
+    Model,
     Page,
     Provenance,
     ProvenanceGraph,
@@ -61,6 +64,10 @@ class _Invalidated(msgspec.Struct):
 
 
 _INVALIDATED = decoder(_Invalidated)
+_MODEL_PAGE = decoder(Page[Model])
+_ACTIVATION = decoder(Activation)
+_ACTIVATION_PAGE = decoder(Page[Activation])
+_GENERATION = decoder(Generation)
 
 
 class _Items(msgspec.Struct):
@@ -365,6 +372,70 @@ def cache_config(cube_id: Id) -> Call[CacheConfig]:
 def cache_configure(cube_id: Id, categories: Mapping[str, Any], default: str | None) -> Call[CacheConfig]:
     body = compact(cube_id=str(cube_id), categories=dict(categories), default=default)
     return Call("PUT", path("cache", "config"), _CACHE_CONFIG, body=body)
+
+
+# --- KV activations and generation --------------------------------------------------------------
+
+
+def _raw_bytes(content: bytes) -> bytes:
+    return content
+
+
+def list_models() -> Call[Page[Model]]:
+    return Call("GET", path("models"), _MODEL_PAGE)
+
+
+def build_activation(memory_id: Id, model: str) -> Call[Activation]:
+    return Call("POST", path("memories", memory_id, "activations"), _ACTIVATION, body={"model": model})
+
+
+def list_activations(memory_id: Id, cursor: str | None, page_size: int | None) -> Call[Page[Activation]]:
+    params = query(limit=page_size, cursor=cursor)
+    return Call("GET", path("memories", memory_id, "activations"), _ACTIVATION_PAGE, params=params)
+
+
+def get_activation(activation_id: Id) -> Call[Activation]:
+    return Call("GET", path("activations", activation_id), _ACTIVATION)
+
+
+def download_kv(activation_id: Id) -> Call[bytes]:
+    headers = {"Accept": "application/octet-stream"}
+    return Call("GET", path("activations", activation_id, "kv"), _raw_bytes, headers=headers)
+
+
+def import_kv(memory_id: Id, model: str, data: bytes) -> Call[Activation]:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"data must be the bytes of a memos-kv/1 file, not {type(data).__name__}")
+    return Call(
+        "POST",
+        path("activations", "import"),
+        _ACTIVATION,
+        params=query(memory_id=str(memory_id), model=model),
+        content=bytes(data),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+
+
+def generate(
+    model: str,
+    prompt: str,
+    *,
+    memory_ids: Iterable[Id] | None,
+    search: Mapping[str, Any] | None,
+    max_new_tokens: int | None,
+    use_activations: bool | None,
+    recompute_ratio: float | None,
+) -> Call[Generation]:
+    body = compact(
+        model=model,
+        prompt=prompt,
+        memory_ids=None if memory_ids is None else [str(m) for m in memory_ids],
+        search=_dict(search),
+        max_new_tokens=max_new_tokens,
+        use_activations=use_activations,
+        recompute_ratio=recompute_ratio,
+    )
+    return Call("POST", path("generate"), _GENERATION, body=body)
 
 
 # --- anything else ------------------------------------------------------------------------------

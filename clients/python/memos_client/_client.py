@@ -13,9 +13,11 @@ import httpx
 
 from memos_client import _calls
 from memos_client._base import DEFAULT_TIMEOUT, BaseClient, Call, Id, RetryPolicy
-from memos_client._models import Mode, SearchResponse, State
+from memos_client._models import Generation, Mode, Model, SearchResponse, State
 from memos_client._resources import (
+    Activations,
     Agents,
+    AsyncActivations,
     AsyncAgents,
     AsyncCache,
     AsyncCubes,
@@ -66,6 +68,39 @@ class MemosClient(BaseClient):
         self.cubes = Cubes(self)
         self.memories = Memories(self)
         self.cache = Cache(self)
+        self.activations = Activations(self)
+
+    def models(self) -> list[Model]:
+        """The causal LMs the server is configured with (empty: KV endpoints answer ``Conflict``)."""
+        return self._send(_calls.list_models()).items
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        model: str,
+        memory_ids: Iterable[Id] | None = None,
+        search: Mapping[str, Any] | None = None,
+        max_new_tokens: int | None = None,
+        use_activations: bool | None = None,
+        recompute_ratio: float | None = None,
+    ) -> Generation:
+        """Generate after the given memories (or a search's results), reusing their stored KV when fresh.
+
+        ``search`` is a search request body (``{"query": ..., "cube_ids": [...], "k": 3}``).
+        ``use_activations=False`` prefills every token, for comparison.
+        """
+        return self._send(
+            _calls.generate(
+                model,
+                prompt,
+                memory_ids=memory_ids,
+                search=search,
+                max_new_tokens=max_new_tokens,
+                use_activations=use_activations,
+                recompute_ratio=recompute_ratio,
+            )
+        )
 
     def search(
         self,
@@ -170,6 +205,35 @@ class AsyncMemosClient(BaseClient):
         self.cubes = AsyncCubes(self)
         self.memories = AsyncMemories(self)
         self.cache = AsyncCache(self)
+        self.activations = AsyncActivations(self)
+
+    async def models(self) -> list[Model]:
+        """The causal LMs the server is configured with (empty: KV endpoints answer ``Conflict``)."""
+        return (await self._send(_calls.list_models())).items
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        model: str,
+        memory_ids: Iterable[Id] | None = None,
+        search: Mapping[str, Any] | None = None,
+        max_new_tokens: int | None = None,
+        use_activations: bool | None = None,
+        recompute_ratio: float | None = None,
+    ) -> Generation:
+        """Generate after the given memories (or a search's results), reusing their stored KV when fresh."""
+        return await self._send(
+            _calls.generate(
+                model,
+                prompt,
+                memory_ids=memory_ids,
+                search=search,
+                max_new_tokens=max_new_tokens,
+                use_activations=use_activations,
+                recompute_ratio=recompute_ratio,
+            )
+        )
 
     async def search(
         self,

@@ -176,6 +176,60 @@ class SearchResponse(msgspec.Struct, frozen=True):
     took_ms: float
 
 
+# --- KV activations and generation --------------------------------------------------------------
+
+
+class Model(msgspec.Struct, frozen=True):
+    """A causal LM the server is configured with (``MEMOS_MODELS``)."""
+
+    name: str
+    fingerprint: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    device: str
+    kv_bytes_per_token: int
+    rope_shiftable: bool
+
+
+class Activation(msgspec.Struct, frozen=True):
+    """A memory's KV cache for one model, stored as a ``memos-kv/1`` file."""
+
+    id: str
+    """The id of the memory of kind ``activation`` that stands for it."""
+    memory_id: str
+    source_version: int
+    model: str
+    fingerprint: str
+    tokens: int
+    dtype: str
+    bytes: int
+    sha256: str
+    tier: str
+    """``device``, ``host`` or ``store``: where the server keeps it now."""
+    stale: bool
+    """The source memory changed since: this KV is not injected any more."""
+    corrupt: bool
+    hits: int
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+class Generation(msgspec.Struct, frozen=True):
+    """An answer generated on top of memories, and what it cost."""
+
+    text: str
+    ttft_ms: float
+    total_ms: float
+    prefill_tokens: int
+    reused_tokens: int
+    activations_used: list[str]
+    token_ids: list[int]
+    memory_ids: list[str]
+    fallback: str | None = None
+
+
 # --- inputs -------------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from memos_client import _calls
 from memos_client._base import Call, Id, compact
 from memos_client._models import (
     Access,
+    Activation,
     Agent,
     AgentCreated,
     CacheConfig,
@@ -327,6 +328,32 @@ class Cache:
         return self._client._send(_calls.cache_configure(cube_id, categories, default))
 
 
+class Activations:
+    """KV activations: a memory's KV cache for a model, built, listed, downloaded and imported."""
+
+    def __init__(self, client: _Sender) -> None:
+        self._client = client
+
+    def build(self, memory_id: Id, *, model: str) -> Activation:
+        """Build the memory's KV for ``model`` now, or get the fresh one that exists for its current version."""
+        return self._client._send(_calls.build_activation(memory_id, model))
+
+    def list(self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None) -> Pager[Activation]:
+        """The memory's activations, oldest first (stale ones included, with ``stale=True``)."""
+        return Pager(lambda c: self._client._send(_calls.list_activations(memory_id, c, page_size)), cursor)
+
+    def get(self, activation_id: Id) -> Activation:
+        return self._client._send(_calls.get_activation(activation_id))
+
+    def download(self, activation_id: Id) -> bytes:
+        """The ``memos-kv/1`` file (safetensors bytes), checksum-verified by the server before sending."""
+        return self._client._send(_calls.download_kv(activation_id))
+
+    def import_(self, memory_id: Id, data: bytes, *, model: str) -> Activation:
+        """Store a ``memos-kv/1`` file as the memory's activation for ``model`` (checked before it is accepted)."""
+        return self._client._send(_calls.import_kv(memory_id, model, data))
+
+
 # --- async --------------------------------------------------------------------------------------
 
 
@@ -574,3 +601,29 @@ class AsyncCache:
     async def configure(self, cube_id: Id, categories: Mapping[str, Any], *, default: str | None = None) -> CacheConfig:
         """Replace the cube's category configuration (owner or tenant admin); bad settings are ``Invalid``."""
         return await self._client._send(_calls.cache_configure(cube_id, categories, default))
+
+
+class AsyncActivations:
+    """KV activations: a memory's KV cache for a model, built, listed, downloaded and imported."""
+
+    def __init__(self, client: _AsyncSender) -> None:
+        self._client = client
+
+    async def build(self, memory_id: Id, *, model: str) -> Activation:
+        """Build the memory's KV for ``model`` now, or get the fresh one that exists for its current version."""
+        return await self._client._send(_calls.build_activation(memory_id, model))
+
+    def list(self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None) -> AsyncPager[Activation]:
+        """The memory's activations, oldest first (stale ones included, with ``stale=True``)."""
+        return AsyncPager(lambda c: self._client._send(_calls.list_activations(memory_id, c, page_size)), cursor)
+
+    async def get(self, activation_id: Id) -> Activation:
+        return await self._client._send(_calls.get_activation(activation_id))
+
+    async def download(self, activation_id: Id) -> bytes:
+        """The ``memos-kv/1`` file (safetensors bytes), checksum-verified by the server before sending."""
+        return await self._client._send(_calls.download_kv(activation_id))
+
+    async def import_(self, memory_id: Id, data: bytes, *, model: str) -> Activation:
+        """Store a ``memos-kv/1`` file as the memory's activation for ``model`` (checked before it is accepted)."""
+        return await self._client._send(_calls.import_kv(memory_id, model, data))

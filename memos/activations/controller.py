@@ -1,0 +1,112 @@
+"""HTTP endpoints for models, KV activations (build, list, export, import) and generation."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.params import FromPath, JSONBody, QueryParameter
+
+from memos.activations import schemas
+from memos.deps import Activations, CurrentPrincipal
+from memos.errors import Invalid
+from memos.http import Cursor, Limit, parse_id
+from memos.pagination import DEFAULT_LIMIT, Page
+
+KV_MEDIA_TYPE = "application/octet-stream"
+
+
+def _kv_headers(activation: schemas.Activation) -> dict[str, str]:
+    return {
+        "X-Memos-Fingerprint": activation.fingerprint,
+        "X-Memos-SHA256": activation.sha256,
+        "X-Memos-Activation": str(activation.id),
+        "ETag": f'"{activation.sha256}"',
+    }
+
+
+class ActivationController(Controller):
+    path = "/v1"
+    tags = ["activations"]
+
+    @get("/models", summary="Configured causal LMs for KV activations (loads each once to learn its fingerprint)")
+    async def list_models(self, principal: CurrentPrincipal, activations: Activations) -> Page[schemas.Model]:
+        return Page(items=await activations.list_models(), next_cursor=None)
+
+    @post(
+        "/memories/{memory_id:str}/activations",
+        summary="Build the memory's KV for a model now (201), or return the fresh one that exists (200)",
+    )
+    async def build_activation(
+        self,
+        memory_id: FromPath[str],
+        data: JSONBody[schemas.BuildIn],
+        principal: CurrentPrincipal,
+        activations: Activations,
+    ) -> Response[schemas.Activation]:
+        activation, created = await activations.build(principal, parse_id(memory_id, "memory"), data)
+        return Response(activation, status_code=201 if created else 200)
+
+    @get("/memories/{memory_id:str}/activations", summary="A memory's activations, oldest first")
+    async def list_activations(
+        self,
+        memory_id: FromPath[str],
+        principal: CurrentPrincipal,
+        activations: Activations,
+        limit: Limit = DEFAULT_LIMIT,
+        cursor: Cursor = None,
+    ) -> Page[schemas.Activation]:
+        return await activations.list_for_memory(principal, parse_id(memory_id, "memory"), limit, cursor)
+
+    @get("/activations/{activation_id:str}", summary="One activation")
+    async def get_activation(
+        self, activation_id: FromPath[str], principal: CurrentPrincipal, activations: Activations
+    ) -> schemas.Activation:
+        return await activations.get(principal, parse_id(activation_id, "activation"))
+
+    @get(
+        "/activations/{activation_id:str}/kv",
+        summary="The activation's memos-kv/1 file (safetensors), checksum-verified before it is sent",
+        media_type=KV_MEDIA_TYPE,
+    )
+    async def download_kv(
+        self, activation_id: FromPath[str], principal: CurrentPrincipal, activations: Activations
+    ) -> Response[bytes]:
+        data, activation, repaired = await activations.kv_file(principal, parse_id(activation_id, "activation"))
+        headers = _kv_headers(activation)
+        if repaired:
+            headers["X-Memos-Repaired"] = "rebuilt after the stored file failed its checksum"
+        return Response(data, media_type=KV_MEDIA_TYPE, headers=headers)
+
+    @post("/generate", status_code=200, summary="Generate on top of memories, reusing their stored KV")
+    async def generate(
+        self, data: JSONBody[schemas.GenerateIn], principal: CurrentPrincipal, activations: Activations
+    ) -> schemas.Generation:
+        return await activations.generate(principal, data)
+
+
+class ActivationImportController(Controller):
+    """Mounted on its own router: its body limit is ``MEMOS_MAX_KV_BYTES``, not the JSON one."""
+
+    path = "/v1/activations/import"
+    tags = ["activations"]
+
+    @post(
+        "/",
+        summary="Import a memos-kv/1 file for a memory (format, checksum, fingerprint, shapes and tokens checked)",
+    )
+    async def import_kv(
+        self,
+        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
+        activations: Activations,
+        memory_id: Annotated[str | None, QueryParameter(description="The memory the KV is of (required)")] = None,
+        model: Annotated[str | None, QueryParameter(description="A configured model name (required)")] = None,
+    ) -> Response[schemas.Activation]:
+        if memory_id is None:
+            raise Invalid.field("memory_id", "required: the memory this KV is of")
+        if model is None:
+            raise Invalid.field("model", "required: the configured model the KV was built with")
+        body = await request.body()
+        activation, created = await activations.import_file(principal, parse_id(memory_id, "memory"), model, body)
+        return Response(activation, status_code=201 if created else 200)

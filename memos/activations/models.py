@@ -1,0 +1,136 @@
+"""The configured causal LMs, loaded lazily, and the one thread that runs every KV computation.
+
+torch is imported only when a model is first needed (inside the worker thread), so the API starts
+without it. Prefill, compose and generation all block for a long time: they run one at a time in a
+single worker thread (torch already uses every core inside one call) behind a bounded queue, so the
+event loop stays free and an overloaded service answers 503 instead of piling up work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from memos.errors import Conflict, FieldError, Invalid, Unavailable
+from memos.kv.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from memos.kv.runtime import LoadedModel
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+EXAMPLE_MODELS = json.dumps({"my-model": {"path": "/models/qwen2.5-0.5b", "dtype": "float32", "device": "auto"}})
+HOW_TO_CONFIGURE = (
+    "no causal LM is configured for KV activations: set MEMOS_MODELS to a JSON object naming local Hugging Face "
+    f"model directories, e.g. MEMOS_MODELS='{EXAMPLE_MODELS}', and restart memos "
+    "(`memos dev make-model DIR` writes a small random model to try it with)"
+)
+
+
+class NoModelConfigured(Conflict):
+    slug = "no-model"
+    title = "No model configured"
+
+
+class KVBusy(Unavailable):
+    slug = "kv-busy"
+    title = "KV worker busy"
+
+
+class KVWorker:
+    """One thread for all KV compute, with at most ``max_pending`` calls queued or running."""
+
+    def __init__(self, max_pending: int = 32) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memos-kv")
+        self._max_pending = max_pending
+        self._pending = 0
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._pending >= self._max_pending:
+            raise KVBusy("the KV worker has too much queued work; retry shortly", headers={"Retry-After": "2"})
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        finally:
+            self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class ModelRegistry:
+    """The models of ``MEMOS_MODELS`` by name; each is loaded once, on first use, in the KV worker."""
+
+    def __init__(
+        self,
+        specs: dict[str, ModelSpec],
+        worker: KVWorker,
+        before_load: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.specs = dict(specs)
+        self.worker = worker
+        # transformers patches class attributes while ``from_pretrained`` runs (weight tying among them), so two
+        # loads in two threads at once can leave a tied model's lm_head unloaded. The app passes a wait for the
+        # embedder's own load here, so a causal LM never loads at the same time.
+        self.before_load = before_load
+        self._loaded: dict[str, LoadedModel] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.specs)
+
+    def require_configured(self) -> None:
+        if not self.specs:
+            raise NoModelConfigured(HOW_TO_CONFIGURE)
+
+    def spec(self, name: str, field: str = "model") -> ModelSpec:
+        """The spec named ``name``: 409 when none is configured at all, 422 on ``field`` for an unknown name."""
+        self.require_configured()
+        spec = self.specs.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self.specs))
+            message = f"no model named {name!r} is configured (configured: {known})"
+            raise Invalid(f"{field}: {message}", errors=[FieldError(field, message)])
+        return spec
+
+    def loaded(self, name: str) -> LoadedModel | None:
+        return self._loaded.get(name)
+
+    async def get(self, name: str, field: str = "model") -> LoadedModel:
+        spec = self.spec(name, field)
+        if (lm := self._loaded.get(name)) is not None:
+            return lm
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if (lm := self._loaded.get(name)) is not None:
+                return lm
+            if self.before_load is not None:
+                await self.before_load()
+            try:
+                lm = await self.worker.run(_load, spec)
+            except KVBusy:
+                raise
+            except Exception as exc:  # whatever a model directory does wrong, it is the server's configuration
+                log.error("model failed to load", extra={"model": name, "error": str(exc)}, exc_info=exc)
+                raise Unavailable(f"model {name!r} could not be loaded: {exc}", headers={"Retry-After": "30"}) from None
+            self._loaded[name] = lm
+            log.info("model loaded", extra={"model": name, "fingerprint": lm.fingerprint, "device": str(lm.device)})
+            return lm
+
+
+def _load(spec: ModelSpec) -> LoadedModel:
+    from memos.kv.runtime import load_model
+
+    return load_model(spec)

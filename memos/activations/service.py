@@ -1,0 +1,785 @@
+"""KV activations: build, list, export, import, repair, and generation on top of stored KV.
+
+An activation is a memory of kind ``activation`` (provenance ``derived_from`` the source version) plus
+a row in ``activations`` that points at a ``memos-kv/1`` file in the blob store. Identical KV (same
+model fingerprint, same token ids) is stored once per tenant and shared by every activation that
+needs it. All tensor work runs in the KV worker thread; torch is imported there, never at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from sqlalchemy import Row, and_, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from memos.activations import schemas
+from memos.activations.models import KVWorker, ModelRegistry
+from memos.activations.tiers import HostTier
+from memos.cubes.access import cube_access, readable_cube_ids
+from memos.errors import Conflict, FieldError, Invalid, NotFound, Unavailable
+from memos.identity.principal import Principal
+from memos.kv.errors import FingerprintMismatch, KVChecksumError, KVError, KVFormatError, NotShiftable
+from memos.memories.service import MemoryService
+from memos.pagination import Page, decode_keyset, encode_keyset
+from memos.search.service import SearchService
+from memos.store.audit import record
+from memos.store.blobs import BlobCorrupt, BlobNotFound, BlobStore, BlobStoreFull
+from memos.store.db import Database
+from memos.store.models import activations, memories
+
+if TYPE_CHECKING:
+    from memos.kv.codec import KVChunk
+    from memos.kv.runtime import LoadedModel
+
+log = logging.getLogger(__name__)
+
+ACTIVATION_KIND = "activation"
+DEFAULT_COMPOSE_RECOMPUTE = 0.15
+"""Share of tokens recomputed when several chunks are composed (CacheBlend-style), unless the request says."""
+
+
+class FingerprintConflict(Conflict):
+    slug = "fingerprint-mismatch"
+    title = "KV built for another model"
+
+
+class TokenMismatch(Conflict):
+    slug = "token-mismatch"
+    title = "KV of other text"
+
+
+class KVCorrupt(Conflict):
+    slug = "kv-corrupt"
+    title = "Stored KV is corrupt"
+
+
+class StorageFull(Unavailable):
+    slug = "storage-full"
+    title = "Blob store full"
+
+
+def token_ids_sha256(ids: Sequence[int]) -> str:
+    """sha256 of the ids as little-endian int64: the key, with the fingerprint, of identical KV."""
+    return hashlib.sha256(b"".join(int(i).to_bytes(8, "little", signed=True) for i in ids)).hexdigest()
+
+
+@dataclass(slots=True)
+class _Blob:
+    sha256: str
+    nbytes: int
+    tokens: int
+    dtype: str
+
+
+@dataclass(slots=True)
+class _Part:
+    """One memory placed before the prompt: its text, and its stored KV when a fresh activation exists."""
+
+    memory_id: uuid.UUID
+    content: str
+    chunk: KVChunk | None = None
+    activation_id: uuid.UUID | None = None
+
+
+@dataclass(slots=True)
+class _Outcome:
+    text: str
+    token_ids: list[int]
+    ttft_ms: float
+    prefill_tokens: int
+    reused_tokens: int
+    used: list[uuid.UUID] = field(default_factory=list)
+    fallback: str | None = None
+
+
+class ActivationService:
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        models: ModelRegistry,
+        host: HostTier,
+        memories: MemoryService,
+        search: SearchService,
+    ) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.models = models
+        self.host = host
+        self.memories = memories
+        self.search = search
+
+    @property
+    def worker(self) -> KVWorker:
+        return self.models.worker
+
+    # ------------------------------------------------------------------ models
+
+    async def list_models(self) -> list[schemas.Model]:
+        out = []
+        for name in sorted(self.models.specs):
+            lm = await self.models.get(name)
+            out.append(_model_dto(lm))
+        return out
+
+    # ------------------------------------------------------------------ build
+
+    async def build(
+        self, principal: Principal, memory_id: uuid.UUID, body: schemas.BuildIn
+    ) -> tuple[schemas.Activation, bool]:
+        """The memory's KV for ``body.model``: built now (True), or the fresh one that exists already (False)."""
+        self.models.spec(body.model)
+        async with self.db.read() as conn:
+            source = await self.memories.load_row(conn, principal, memory_id, "write")
+        _check_source(source)
+        lm = await self.models.get(body.model)
+        async with self.db.read() as conn:
+            existing = await self._fresh_for(conn, memory_id, lm, source.version)
+        if existing is not None:
+            return self._dto(existing), False
+        ids: list[int] = await self.worker.run(_memory_ids, lm, source.content)
+        if not ids:
+            raise Invalid.field("memory_id", "the memory's text has no tokens for this model")
+        blob = await self._reusable_blob(principal, lm.fingerprint, token_ids_sha256(ids))
+        if blob is None:
+            meta = _meta(lm, source.id, source.version)
+            data, chunk = await self.worker.run(_prefill_file, lm, ids, meta)
+            key = await self._put(data)
+            blob = _Blob(sha256=key, nbytes=len(data), tokens=len(ids), dtype=_dtype_name(lm))
+            # Just computed, so likely to be used soon: keep it hot.
+            self.host.put(key, chunk, chunk.nbytes, _resident_tier(lm))
+        return await self._insert(principal, source, lm, token_ids_sha256(ids), blob, "activation.build")
+
+    async def _insert(
+        self, principal: Principal, source: Row[Any], lm: LoadedModel, ids_sha: str, blob: _Blob, action: str
+    ) -> tuple[schemas.Activation, bool]:
+        async with self.db.transaction() as conn:
+            current = await self.memories.load_row(conn, principal, source.id, "write", lock=True)
+            await cube_access(conn, principal, current.cube_id, "write")  # share-locks the cube against deletion
+            if current.version != source.version:
+                raise Conflict("the memory changed while its KV was being built; retry")
+            # A concurrent build of the same KV may have won while this one computed: answer with its result.
+            if (existing := await self._fresh_for(conn, source.id, lm, source.version)) is not None:
+                return self._dto(existing), False
+            memory = await self.memories.insert_derived(
+                conn,
+                principal,
+                current,
+                kind=ACTIVATION_KIND,
+                content=(
+                    f"KV activation of memory {source.id} version {source.version} "
+                    f"for model {lm.name}: {blob.tokens} tokens, {blob.dtype}"
+                ),
+                metadata={
+                    "model": lm.name,
+                    "fingerprint": lm.fingerprint,
+                    "tokens": blob.tokens,
+                    "source_memory_id": str(source.id),
+                    "source_version": source.version,
+                },
+                model=lm.name,
+            )
+            await conn.execute(
+                insert(activations).values(
+                    id=memory.id,
+                    tenant_id=memory.tenant_id,
+                    cube_id=memory.cube_id,
+                    memory_id=source.id,
+                    source_version=source.version,
+                    model=lm.name,
+                    fingerprint=lm.fingerprint,
+                    token_ids_sha256=ids_sha,
+                    tokens=blob.tokens,
+                    dtype=blob.dtype,
+                    bytes=blob.nbytes,
+                    sha256=blob.sha256,
+                    created_by=memory.created_by,
+                )
+            )
+            await record(
+                conn,
+                principal,
+                action,
+                "memory",
+                memory.id,
+                detail={"source": str(source.id), "version": source.version, "model": lm.name, "sha256": blob.sha256},
+            )
+            row = await self._row(conn, memory.id)
+        self.memories.derived_written(memory, source.id)
+        return self._dto(row), True
+
+    async def _reusable_blob(self, principal: Principal, fingerprint: str, ids_sha: str) -> _Blob | None:
+        """A sound stored file with exactly this KV, built by anyone in the caller's tenant."""
+        async with self.db.read() as conn:
+            found = (
+                await conn.execute(
+                    select(activations.c.sha256, activations.c.bytes, activations.c.tokens, activations.c.dtype)
+                    .where(
+                        activations.c.tenant_id == principal.tenant_id,
+                        activations.c.fingerprint == fingerprint,
+                        activations.c.token_ids_sha256 == ids_sha,
+                        activations.c.corrupt_at.is_(None),
+                    )
+                    .order_by(activations.c.created_at.desc())
+                    .limit(1)
+                )
+            ).first()
+        if found is None or not await asyncio.to_thread(self.blobs.exists, found.sha256):
+            return None
+        return _Blob(sha256=found.sha256, nbytes=found.bytes, tokens=found.tokens, dtype=found.dtype)
+
+    async def _put(self, data: bytes) -> str:
+        try:
+            return await asyncio.to_thread(self.blobs.put, data)
+        except BlobStoreFull as exc:
+            log.error("blob store full", extra={"error": str(exc)})
+            raise StorageFull(f"the KV could not be stored: {exc}", headers={"Retry-After": "60"}) from None
+
+    # ------------------------------------------------------------------ read
+
+    async def list_for_memory(
+        self, principal: Principal, memory_id: uuid.UUID, limit: int, cursor: str | None
+    ) -> Page[schemas.Activation]:
+        after = decode_keyset(cursor)
+        async with self.db.read() as conn:
+            await self.memories.load_row(conn, principal, memory_id, "read")
+            query = _select().where(activations.c.memory_id == memory_id)
+            if after is not None:
+                query = query.where(func.row(activations.c.created_at, activations.c.id) > func.row(*after))
+            rows = (
+                await conn.execute(query.order_by(activations.c.created_at, activations.c.id).limit(limit + 1))
+            ).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(
+            items=[self._dto(r) for r in rows],
+            next_cursor=encode_keyset(rows[-1].created_at, rows[-1].id) if more else None,
+        )
+
+    async def get(self, principal: Principal, activation_id: uuid.UUID) -> schemas.Activation:
+        async with self.db.read() as conn:
+            return self._dto(await self._visible(conn, principal, activation_id))
+
+    async def _visible(self, conn: AsyncConnection, principal: Principal, activation_id: uuid.UUID) -> Row[Any]:
+        """The activation's row if the caller may read its cube; 404 otherwise (other tenants included)."""
+        row = (
+            await conn.execute(
+                _select().where(
+                    activations.c.id == activation_id,
+                    activations.c.tenant_id == principal.tenant_id,
+                    activations.c.cube_id.in_(readable_cube_ids(principal)),
+                )
+            )
+        ).first()
+        if row is None:
+            raise NotFound("no such activation")
+        return row
+
+    async def _row(self, conn: AsyncConnection, activation_id: uuid.UUID) -> Row[Any]:
+        row = (await conn.execute(_select().where(activations.c.id == activation_id))).first()
+        assert row is not None
+        return row
+
+    async def _fresh_for(
+        self, conn: AsyncConnection, memory_id: uuid.UUID, lm: LoadedModel, version: int
+    ) -> Row[Any] | None:
+        row = (
+            await conn.execute(
+                _select()
+                .where(
+                    activations.c.memory_id == memory_id,
+                    activations.c.model == lm.name,
+                    activations.c.fingerprint == lm.fingerprint,
+                    activations.c.source_version == version,
+                )
+                .order_by(activations.c.created_at.desc())
+            )
+        ).all()
+        return next((r for r in row if _is_fresh(r)), None)
+
+    def _dto(self, row: Row[Any]) -> schemas.Activation:
+        return schemas.Activation(
+            id=row.id,
+            memory_id=row.memory_id,
+            source_version=row.source_version,
+            model=row.model,
+            fingerprint=row.fingerprint,
+            tokens=row.tokens,
+            dtype=row.dtype,
+            bytes=row.bytes,
+            sha256=row.sha256,
+            tier=self.host.tier_of(row.sha256) or "store",
+            stale=_is_stale(row),
+            corrupt=row.corrupt_at is not None,
+            hits=row.hits,
+            created_at=row.created_at,
+            last_used_at=row.last_used_at,
+        )
+
+    # ------------------------------------------------------------------ export
+
+    async def kv_file(self, principal: Principal, activation_id: uuid.UUID) -> tuple[bytes, schemas.Activation, bool]:
+        """The activation's memos-kv/1 bytes, checked against their sha256; (bytes, activation, repaired).
+
+        A file that fails its checksum is never served: it is reported (logged, the row marked), and
+        rebuilt from the source memory when that is still the version it was built from.
+        """
+        async with self.db.read() as conn:
+            row = await self._visible(conn, principal, activation_id)
+        try:
+            data = await asyncio.to_thread(self.blobs.read, row.sha256)
+        except (BlobCorrupt, BlobNotFound) as exc:
+            data, row = await self._repair(principal, row, exc)
+            return data, self._dto(row), True
+        return data, self._dto(row), False
+
+    async def _repair(self, principal: Principal, row: Row[Any], problem: Exception) -> tuple[bytes, Row[Any]]:
+        """Rebuild the KV behind ``row`` after its file failed; KVCorrupt (409) when that cannot be done."""
+        await self._mark_corrupt(row.sha256, problem)
+        source = None
+        async with self.db.read() as conn:
+            source = (await conn.execute(select(memories).where(memories.c.id == row.memory_id))).first()
+        source_changed = (
+            _is_stale(row) or source is None or source.content is None or source.version != row.source_version
+        )
+        lm = None
+        if source_changed:
+            why = "its source memory has changed since it was built"
+            async with self.db.transaction() as conn:
+                await conn.execute(update(activations).where(activations.c.id == row.id).values(stale=True))
+        elif row.model not in self.models.specs:
+            why = f"model {row.model!r} is no longer configured"
+        else:
+            lm = await self.models.get(row.model)
+            why = "" if lm.fingerprint == row.fingerprint else "the configured model is not the one it was built with"
+        if why or lm is None or source is None:
+            raise KVCorrupt(
+                f"the stored KV of activation {row.id} failed its checksum and cannot be rebuilt: {why}; "
+                f"build a new one with POST /v1/memories/{row.memory_id}/activations",
+                extra={"activation_id": str(row.id), "sha256": row.sha256},
+            )
+        ids = await self.worker.run(_memory_ids, lm, source.content)
+        if token_ids_sha256(ids) != row.token_ids_sha256:
+            raise KVCorrupt(
+                f"the stored KV of activation {row.id} failed its checksum and the model now tokenizes its text "
+                "differently; build a new one",
+                extra={"activation_id": str(row.id), "sha256": row.sha256},
+            )
+        data, chunk = await self.worker.run(_prefill_file, lm, ids, _meta(lm, row.memory_id, row.source_version))
+        # The bad file goes first: the rebuilt bytes may hash the same (same KV, same second), and a damaged
+        # copy under that name must not be taken for the new one.
+        await asyncio.to_thread(self.blobs.delete, row.sha256)
+        key = await self._put(data)
+        async with self.db.transaction() as conn:
+            # Every activation that shared the bad file shares the good one (same fingerprint, same tokens).
+            await conn.execute(
+                update(activations)
+                .where(activations.c.sha256 == row.sha256, activations.c.token_ids_sha256 == row.token_ids_sha256)
+                .values(sha256=key, bytes=len(data), corrupt_at=None)
+            )
+            await record(
+                conn,
+                principal,
+                "activation.repair",
+                "memory",
+                row.id,
+                detail={"bad_sha256": row.sha256, "sha256": key},
+            )
+            fixed = await self._row(conn, row.id)
+        self.host.put(key, chunk, chunk.nbytes, _resident_tier(lm))
+        log.warning("activation rebuilt after a failed checksum", extra={"activation": str(row.id), "sha256": key})
+        return data, fixed
+
+    async def _mark_corrupt(self, key: str, problem: Exception) -> None:
+        log.error("KV blob failed its check; not served", extra={"sha256": key, "error": str(problem)})
+        self.host.discard(key)
+        async with self.db.transaction() as conn:
+            await conn.execute(update(activations).where(activations.c.sha256 == key).values(corrupt_at=func.now()))
+
+    # ------------------------------------------------------------------ import
+
+    async def import_file(
+        self, principal: Principal, memory_id: uuid.UUID, model: str, data: bytes
+    ) -> tuple[schemas.Activation, bool]:
+        """Accept a memos-kv/1 file for a memory after checking format, checksum, model and tokens."""
+        self.models.spec(model)
+        if not data:
+            raise Invalid.field("body", "the body is empty; send a memos-kv/1 (safetensors) file")
+        async with self.db.read() as conn:
+            source = await self.memories.load_row(conn, principal, memory_id, "write")
+        _check_source(source, field="memory_id")
+        lm = await self.models.get(model)
+        chunk = await self._verified_chunk(lm, data)
+        ids: list[int] = await self.worker.run(_memory_ids, lm, source.content)
+        if chunk.token_ids.tolist() != ids:
+            raise TokenMismatch(
+                f"the file holds KV of {chunk.tokens} tokens that are not the memory's current text "
+                f"({len(ids)} tokens at version {source.version}); build it from this memory instead",
+                extra={"file_tokens": chunk.tokens, "memory_tokens": len(ids), "memory_version": source.version},
+            )
+        ids_sha = token_ids_sha256(ids)
+        async with self.db.read() as conn:
+            existing = await self._fresh_for(conn, memory_id, lm, source.version)
+        if existing is not None:
+            return self._dto(existing), False
+        blob = await self._reusable_blob(principal, lm.fingerprint, ids_sha)
+        if blob is None:
+            key = await self._put(data)
+            blob = _Blob(sha256=key, nbytes=len(data), tokens=chunk.tokens, dtype=_dtype_name(lm))
+        return await self._insert(principal, source, lm, ids_sha, blob, "activation.import")
+
+    async def _verified_chunk(self, lm: LoadedModel, data: bytes) -> KVChunk:
+        try:
+            chunk, meta = await asyncio.to_thread(_decode, data, lm.fingerprint, True)
+        except FingerprintMismatch as exc:
+            raise FingerprintConflict(
+                f"this KV was built for model fingerprint {exc.actual}; model {lm.name!r} has fingerprint "
+                f"{exc.expected}. KV is never loaded into another model",
+                extra={"expected_fingerprint": exc.expected, "actual_fingerprint": exc.actual},
+            ) from None
+        except KVChecksumError as exc:
+            raise Invalid.field("body", f"checksum mismatch: {exc}") from None
+        except KVFormatError as exc:
+            raise Invalid.field("body", f"not a valid memos-kv/1 file: {exc}") from None
+        want = (lm.layers, lm.kv_heads, lm.head_dim)
+        got = (chunk.layers, chunk.kv_heads, chunk.head_dim)
+        if got != want:
+            raise Invalid.field(
+                "body", f"KV shape (layers, kv_heads, head_dim) {got} does not fit model {lm.name!r} {want}"
+            )
+        if meta.dtype != _dtype_name(lm):
+            raise Invalid.field("body", f"KV dtype {meta.dtype} is not model {lm.name!r}'s {_dtype_name(lm)}")
+        if chunk.positions.tolist() != list(range(chunk.tokens)):
+            raise Invalid.field("body", "positions must be 0..tokens-1 (KV as built from the start of a prompt)")
+        return chunk
+
+    # ------------------------------------------------------------------ blobs
+
+    async def release_blobs(self, keys: Sequence[str]) -> None:
+        """Delete the blobs no activation refers to any more (after a purge, say)."""
+        if not keys:
+            return
+        async with self.db.read() as conn:
+            used = {
+                r.sha256
+                for r in await conn.execute(
+                    select(activations.c.sha256).where(activations.c.sha256.in_(list(keys))).distinct()
+                )
+            }
+        for key in keys:
+            if key not in used:
+                self.host.discard(key)
+                await asyncio.to_thread(self.blobs.delete, key)
+
+    # ------------------------------------------------------------------ generate
+
+    async def generate(self, principal: Principal, body: schemas.GenerateIn) -> schemas.Generation:
+        if body.memory_ids is not None and body.search is not None:
+            raise Invalid.field("search", "send memory_ids or search, not both")
+        self.models.spec(body.model)
+        lm = await self.models.get(body.model)
+        started = time.perf_counter()
+        parts = await self._parts(principal, body)
+        if body.use_activations and parts:
+            await self._attach_kv(lm, parts)
+        outcome: _Outcome = await self.worker.run(
+            _generate_job,
+            lm,
+            parts,
+            body.prompt,
+            body.max_new_tokens,
+            body.use_activations,
+            body.recompute_ratio,
+            started,
+        )
+        waited_ms = (time.perf_counter() - started) * 1000.0
+        if outcome.used:
+            async with self.db.transaction() as conn:
+                await conn.execute(
+                    update(activations)
+                    .where(activations.c.id.in_(outcome.used))
+                    .values(hits=activations.c.hits + 1, last_used_at=func.now())
+                )
+        return schemas.Generation(
+            text=outcome.text,
+            ttft_ms=round(outcome.ttft_ms, 3),
+            total_ms=round(waited_ms, 3),
+            prefill_tokens=outcome.prefill_tokens,
+            reused_tokens=outcome.reused_tokens,
+            activations_used=outcome.used,
+            token_ids=outcome.token_ids,
+            memory_ids=[p.memory_id for p in parts],
+            fallback=outcome.fallback,
+        )
+
+    async def _parts(self, principal: Principal, body: schemas.GenerateIn) -> list[_Part]:
+        """The memories to put before the prompt, in order, each one the caller may read."""
+        if body.search is not None:
+            request = body.search
+            if request.kinds is None:
+                request = msgspec.structs.replace(request, kinds=["plaintext"])
+            found = await self.search.search(principal, request)
+            return [
+                _Part(memory_id=r.memory.id, content=r.memory.content)
+                for r in found.results
+                if r.memory.kind != ACTIVATION_KIND and r.memory.content
+            ]
+        ids = body.memory_ids or []
+        if not ids:
+            return []
+        async with self.db.read() as conn:
+            rows = {
+                r.id: r
+                for r in await conn.execute(
+                    select(memories.c.id, memories.c.kind, memories.c.state, memories.c.content).where(
+                        memories.c.id.in_(ids),
+                        memories.c.tenant_id == principal.tenant_id,
+                        memories.c.cube_id.in_(readable_cube_ids(principal)),
+                    )
+                )
+            }
+        parts = []
+        for i, memory_id in enumerate(ids):
+            where = f"memory_ids[{i}]"
+            row = rows.get(memory_id)
+            if row is None:
+                raise NotFound(f"{where}: no such memory", errors=[FieldError(where, "no such memory")])
+            if row.kind == ACTIVATION_KIND:
+                raise Invalid.field(where, "an activation memory is KV, not text; name its source memory")
+            if row.state == "deleted" or row.content is None:
+                raise Invalid.field(where, "this memory is deleted")
+            parts.append(_Part(memory_id=memory_id, content=row.content))
+        return parts
+
+    async def _attach_kv(self, lm: LoadedModel, parts: list[_Part]) -> None:
+        """Give each part the KV of a fresh activation of it, from the host tier or the blob store."""
+        wanted = list({p.memory_id for p in parts})
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    _select()
+                    .where(
+                        activations.c.memory_id.in_(wanted),
+                        activations.c.model == lm.name,
+                        activations.c.fingerprint == lm.fingerprint,
+                    )
+                    .order_by(activations.c.created_at.desc())
+                )
+            ).all()
+        best: dict[uuid.UUID, Row[Any]] = {}
+        for candidate in rows:
+            if _is_fresh(candidate):
+                best.setdefault(candidate.memory_id, candidate)
+        loaded: dict[str, KVChunk | None] = {}
+        for part in parts:
+            row = best.get(part.memory_id)
+            if row is None:
+                continue
+            if row.sha256 not in loaded:
+                loaded[row.sha256] = await self._load_chunk(lm, row)
+            chunk = loaded[row.sha256]
+            if chunk is not None:
+                part.chunk, part.activation_id = chunk, row.id
+
+    async def _load_chunk(self, lm: LoadedModel, row: Row[Any]) -> KVChunk | None:
+        cached: KVChunk | None = self.host.get(row.sha256)
+        if cached is not None:
+            return cached
+        try:
+            data = await asyncio.to_thread(self.blobs.read, row.sha256)
+            # The blob store has just checked the whole file's sha256, so the codec need not hash it again.
+            chunk, _ = await asyncio.to_thread(_decode, data, lm.fingerprint, False, lm.device)
+        except (BlobCorrupt, BlobNotFound, KVError) as exc:
+            # Reported and marked; this request prefills the memory's text instead.
+            await self._mark_corrupt(row.sha256, exc)
+            return None
+        self.host.put(row.sha256, chunk, chunk.nbytes, _resident_tier(lm))
+        return chunk
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _select() -> Any:
+    """Activation rows with what decides their freshness: the source's current version and state."""
+    source = memories.alias("source")
+    derived = memories.alias("derived")
+    return (
+        select(
+            activations,
+            source.c.version.label("source_current_version"),
+            source.c.state.label("source_state"),
+            derived.c.state.label("activation_state"),
+        )
+        .select_from(activations)
+        .join(source, source.c.id == activations.c.memory_id)
+        .join(derived, and_(derived.c.id == activations.c.id))
+    )
+
+
+def _is_stale(row: Row[Any]) -> bool:
+    # Archived memories stay usable (archiving hides, it does not retire); deleted ones do not.
+    return bool(
+        row.stale
+        or row.source_current_version != row.source_version
+        or row.source_state == "deleted"
+        or row.activation_state == "deleted"
+    )
+
+
+def _is_fresh(row: Row[Any]) -> bool:
+    return not _is_stale(row) and row.corrupt_at is None
+
+
+def _check_source(source: Row[Any], field: str = "memory_id") -> None:
+    if source.kind == ACTIVATION_KIND:
+        raise Invalid.field(field, "this memory is an activation already; build from its source memory")
+    if source.kind != "plaintext":
+        raise Invalid.field(field, f"KV is built from plaintext memories, this one is {source.kind}")
+    if source.state == "deleted" or source.content is None:
+        raise Conflict("this memory is deleted; restore a version of it first")
+
+
+def _model_dto(lm: LoadedModel) -> schemas.Model:
+    dtype = _dtype_name(lm)
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    return schemas.Model(
+        name=lm.name,
+        fingerprint=lm.fingerprint,
+        layers=lm.layers,
+        kv_heads=lm.kv_heads,
+        head_dim=lm.head_dim,
+        dtype=dtype,
+        device=str(lm.device),
+        kv_bytes_per_token=2 * lm.layers * lm.kv_heads * lm.head_dim * size,
+        rope_shiftable=lm.rope_unshiftable_reason is None,
+    )
+
+
+def _dtype_name(lm: LoadedModel) -> str:
+    return str(lm.dtype).removeprefix("torch.")
+
+
+def _resident_tier(lm: LoadedModel) -> Any:
+    return "device" if str(lm.device).startswith("cuda") else "host"
+
+
+def _meta(lm: LoadedModel, memory_id: uuid.UUID, version: int) -> Any:
+    from memos.kv.codec import KVMeta
+
+    return KVMeta(
+        fingerprint=lm.fingerprint,
+        model=lm.name,
+        memory_id=str(memory_id),
+        version=version,
+        dtype=_dtype_name(lm),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    )
+
+
+# ---------------------------------------------------------------------- worker-thread jobs (torch lives here)
+
+
+def _memory_ids(lm: LoadedModel, text: str) -> list[int]:
+    return [int(i) for i in lm.memory_token_ids(text)]
+
+
+def _prefill_file(lm: LoadedModel, ids: list[int], meta: Any) -> tuple[bytes, KVChunk]:
+    from memos.kv.codec import encode
+    from memos.kv.runtime import prefill
+
+    chunk = prefill(lm, ids)
+    return encode(chunk, meta), chunk
+
+
+def _decode(data: bytes, fingerprint: str, verify: bool, device: Any = None) -> tuple[KVChunk, Any]:
+    from memos.kv.codec import decode
+
+    chunk, meta = decode(data, expect_fingerprint=fingerprint, verify=verify)
+    if device is not None:
+        chunk = chunk.to(device)
+    return chunk, meta
+
+
+def _generate_job(
+    lm: LoadedModel,
+    parts: list[_Part],
+    prompt: str,
+    max_new_tokens: int,
+    use_activations: bool,
+    recompute_ratio: float | None,
+    started: float,
+) -> _Outcome:
+    """Tokenize, assemble the prefix and generate.
+
+    ``ttft_ms`` counts from ``started`` (when the request's KV work began, a ``perf_counter`` value): loading
+    activations from the blob store, waiting for the worker and composing are all part of the price.
+    """
+    from memos.kv.runtime import compose, generate, prefill
+
+    prompt_ids = [int(i) for i in lm.prompt_token_ids(prompt)]
+    last = max((i for i, p in enumerate(parts) if p.chunk is not None), default=-1) if use_activations else -1
+    fallback: str | None = None
+    if last >= 0:
+        head, tail = parts[: last + 1], parts[last + 1 :]
+        chunks: list[KVChunk] = []
+        fresh_tokens = 0
+        for part in head:
+            if part.chunk is not None:
+                chunks.append(part.chunk)
+            else:
+                # No activation: its KV is computed now, on its own, and composed like the stored ones.
+                ids = _memory_ids(lm, part.content)
+                chunks.append(prefill(lm, ids))
+                fresh_tokens += len(ids)
+        try:
+            if len(chunks) == 1:
+                prefix = chunks[0]
+            else:
+                ratio = DEFAULT_COMPOSE_RECOMPUTE if recompute_ratio is None else recompute_ratio
+                prefix = compose(lm, chunks, recompute_ratio=ratio)
+        except NotShiftable as exc:
+            fallback = f"not_shiftable: {exc.reason}; every token was prefilled instead"
+        else:
+            tail_ids = [i for p in tail for i in _memory_ids(lm, p.content)]
+            before_generate = time.perf_counter()
+            gen = generate(
+                lm,
+                tail_ids + prompt_ids,
+                prefix=prefix,
+                prefix_token_ids=prefix.token_ids.tolist(),
+                use_prefix_kv=True,
+                max_new_tokens=max_new_tokens,
+            )
+            used = list(dict.fromkeys(p.activation_id for p in head if p.activation_id is not None))
+            return _Outcome(
+                text=gen.text,
+                token_ids=list(gen.token_ids),
+                ttft_ms=(before_generate - started) * 1000.0 + gen.ttft_ms,
+                prefill_tokens=gen.prefill_tokens + fresh_tokens,
+                reused_tokens=gen.reused_tokens,
+                used=used,
+            )
+    all_ids = [i for p in parts for i in _memory_ids(lm, p.content)]
+    before_generate = time.perf_counter()
+    gen = generate(
+        lm, prompt_ids, prefix=None, prefix_token_ids=all_ids, use_prefix_kv=False, max_new_tokens=max_new_tokens
+    )
+    return _Outcome(
+        text=gen.text,
+        token_ids=list(gen.token_ids),
+        ttft_ms=(before_generate - started) * 1000.0 + gen.ttft_ms,
+        prefill_tokens=gen.prefill_tokens,
+        reused_tokens=0,
+        fallback=fallback,
+    )

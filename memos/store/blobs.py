@@ -1,0 +1,167 @@
+"""Content-addressed blob storage for KV activation files.
+
+A blob's key is the sha256 of its bytes, so identical files are stored once and
+any copy can be checked against its name. ``BlobStore`` speaks keys and bytes
+only (no paths), so an object store can stand in for ``LocalBlobStore``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import BinaryIO
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+
+
+class BlobError(Exception):
+    """A blob store operation failed (base class)."""
+
+
+class BlobNotFound(BlobError):
+    """No blob has this key."""
+
+
+class BlobCorrupt(BlobError):
+    """The stored bytes no longer hash to their key: the blob must not be used."""
+
+    def __init__(self, key: str, actual: str) -> None:
+        super().__init__(f"blob {key} is corrupt: its bytes hash to {actual}")
+        self.key = key
+        self.actual = actual
+
+
+class BlobStoreFull(BlobError):
+    """The store has no room for a new blob (nothing was written)."""
+
+
+def check_key(key: str) -> str:
+    """A key is a lowercase hex sha256; anything else could escape the store's directory."""
+    if not _SHA256.match(key):
+        raise ValueError(f"not a sha256 blob key: {key!r}")
+    return key
+
+
+class BlobStore(abc.ABC):
+    """Immutable blobs named by the sha256 of their bytes."""
+
+    @abc.abstractmethod
+    def put(self, data: bytes) -> str:
+        """Store ``data`` and return its sha256. A no-op when a sound copy is there already; never leaves a
+        partial blob."""
+
+    @abc.abstractmethod
+    def read(self, key: str, *, verify: bool = True) -> bytes:
+        """The blob's bytes; ``BlobNotFound``, or ``BlobCorrupt`` when ``verify`` and they do not hash to ``key``."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int:
+        """The blob's length in bytes (``BlobNotFound`` if absent)."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove the blob; False if there was none."""
+
+
+class LocalBlobStore(BlobStore):
+    """Blobs as files under ``root/ab/cd/<sha256>``, written atomically (temp file, fsync, rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._tmp = self.root / "tmp"
+
+    def _path(self, key: str) -> Path:
+        check_key(key)
+        return self.root / key[:2] / key[2:4] / key
+
+    def put(self, data: bytes) -> str:
+        key = hashlib.sha256(data).hexdigest()
+        final = self._path(key)
+        if final.exists() and self._sound(final, key):
+            return key
+        # Absent, or present but damaged: (re)write it, atomically replacing a damaged copy.
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp / f"{key}.{secrets.token_hex(6)}.part"
+        try:
+            with open(tmp, "wb") as fh:
+                self._write(fh, data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # rename is atomic within one filesystem: readers see no file or the whole file.
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise BlobStoreFull(f"no space left in the blob store at {self.root}") from exc
+            raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return key
+
+    def _write(self, fh: BinaryIO, data: bytes) -> None:
+        """Write in 1 MiB slices (a hook for tests that need a write to fail half way)."""
+        view = memoryview(data)
+        for start in range(0, len(view), _CHUNK):
+            fh.write(view[start : start + _CHUNK])
+
+    @staticmethod
+    def _sound(path: Path, key: str) -> bool:
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as fh:
+                while block := fh.read(_CHUNK):
+                    digest.update(block)
+        except OSError:
+            return False
+        return digest.hexdigest() == key
+
+    def read(self, key: str, *, verify: bool = True) -> bytes:
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFound(f"no blob {key}") from None
+        if verify:
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != key:
+                raise BlobCorrupt(key, actual)
+        return data
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise BlobNotFound(f"no blob {key}") from None
+
+    def delete(self, key: str) -> bool:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the rename itself durable (POSIX needs the directory fsynced too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,694 @@
+"""KV activations through real HTTP, with small random transformers models built in the test.
+
+Build, list, export, import (and every way an import can be refused), staleness, sharing, corruption
+and repair, isolation, and generation on top of stored KV compared with a full prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import OPERATOR_KEY, Factory, Tenant, bearer
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from memos.app import create_app
+from memos.kv.spec import ModelSpec
+from memos.settings import Settings
+
+MODEL = "tiny"
+OTHER = "tiny-other"
+"""Same shape as MODEL, other weights: another fingerprint."""
+DYNAMIC = "tiny-dynamic"
+"""MODEL with dynamic NTK RoPE: its keys cannot be moved, so chunks cannot be composed."""
+JSON_LIMIT = 64 * 1024
+KV_LIMIT = 512 * 1024
+
+FACTS = [
+    "Alice keeps her grandmother's recipe for plum cake in a blue tin on the top shelf of the pantry.",
+    "The lighthouse on Gull Island was automated in 1987 and its keeper moved to the village of Port Ellen.",
+    "Bob trains for the autumn marathon by running along the canal every morning before work.",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from memos.kv.maker import make_model
+
+    base = tmp_path_factory.mktemp("models")
+    tiny = make_model(base / MODEL, "qwen2", "tiny", seed=0)
+    other = make_model(base / OTHER, "qwen2", "tiny", seed=1)
+    dynamic = base / DYNAMIC
+    shutil.copytree(tiny, dynamic)
+    config = json.loads((dynamic / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    (dynamic / "config.json").write_text(json.dumps(config))
+    return {MODEL: tiny, OTHER: other, DYNAMIC: dynamic}
+
+
+@pytest.fixture(scope="module")
+def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, Path]) -> Settings:
+    return Settings(
+        database_url=database_url,
+        data_dir=tmp_path_factory.mktemp("memos-data"),
+        operator_key=OPERATOR_KEY,
+        log_level="WARNING",
+        max_body_bytes=JSON_LIMIT,
+        max_kv_bytes=KV_LIMIT,
+        models={name: ModelSpec(name=name, path=path) for name, path in model_dirs.items()},
+    )
+
+
+@pytest.fixture(scope="module")
+def tenant(factory: Factory) -> Tenant:
+    return factory.tenant()
+
+
+@pytest.fixture(scope="module")
+def cube(factory: Factory, tenant: Tenant) -> dict[str, Any]:
+    return factory.cube(tenant.admin_key)
+
+
+def build(client: TestClient[Litestar], key: str, memory_id: str, model: str = MODEL) -> Any:
+    return client.post(f"/v1/memories/{memory_id}/activations", json={"model": model}, headers=bearer(key))
+
+
+def built(client: TestClient[Litestar], key: str, memory_id: str, model: str = MODEL) -> dict[str, Any]:
+    r = build(client, key, memory_id, model)
+    assert r.status_code in (200, 201), r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def generate(client: TestClient[Litestar], key: str, **body: Any) -> Any:
+    return client.post("/v1/generate", json={"model": MODEL, "max_new_tokens": 6, **body}, headers=bearer(key))
+
+
+def generated(client: TestClient[Litestar], key: str, **body: Any) -> dict[str, Any]:
+    r = generate(client, key, **body)
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def download(client: TestClient[Litestar], key: str, activation_id: str) -> bytes:
+    r = client.get(f"/v1/activations/{activation_id}/kv", headers=bearer(key))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-memos-sha256"] == hashlib.sha256(r.content).hexdigest()
+    return r.content
+
+
+def import_kv(client: TestClient[Litestar], key: str, memory_id: str, data: bytes, model: str = MODEL) -> Any:
+    return client.post(
+        "/v1/activations/import",
+        params={"memory_id": memory_id, "model": model},
+        content=data,
+        headers={**bearer(key), "Content-Type": "application/octet-stream"},
+    )
+
+
+def blob_files(settings: Settings) -> list[Path]:
+    return sorted(p for p in settings.blob_root.rglob("*") if p.is_file())
+
+
+def blob_path(settings: Settings, sha256: str) -> Path:
+    return settings.blob_root / sha256[:2] / sha256[2:4] / sha256
+
+
+def problem(r: Any, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = r.json()
+    return body
+
+
+# ---------------------------------------------------------------------- models, build, list, get
+
+
+def test_models_lists_configured_models_with_their_fingerprints(client, tenant) -> None:
+    r = client.get("/v1/models", headers=bearer(tenant.admin_key))
+    assert r.status_code == 200, r.text
+    models = {m["name"]: m for m in r.json()["items"]}
+    assert set(models) == {MODEL, OTHER, DYNAMIC}
+    tiny = models[MODEL]
+    assert (tiny["layers"], tiny["kv_heads"], tiny["head_dim"], tiny["dtype"], tiny["device"]) == (
+        2,
+        2,
+        16,
+        "float32",
+        "cpu",
+    )
+    assert tiny["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert len(tiny["fingerprint"]) == 64
+    assert tiny["fingerprint"] != models[OTHER]["fingerprint"]
+    assert tiny["rope_shiftable"] is True and models[DYNAMIC]["rope_shiftable"] is False
+
+
+def test_build_list_get(client, factory, tenant, cube, settings) -> None:
+    m = factory.memory(tenant.admin_key, cube["id"], FACTS[0])
+    r = build(client, tenant.admin_key, m["id"])
+    assert r.status_code == 201, r.text
+    act = r.json()
+    assert act["memory_id"] == m["id"] and act["source_version"] == 1 and act["model"] == MODEL
+    assert act["stale"] is False and act["corrupt"] is False and act["hits"] == 0
+    assert act["dtype"] == "float32" and act["tier"] == "host"
+    assert act["tokens"] > 10
+    assert act["bytes"] > act["tokens"] * 2 * 2 * 2 * 16 * 4  # the KV plus a header and token ids
+    assert blob_path(settings, act["sha256"]).is_file()
+    # The same memory, version and model: the existing activation, not a second one.
+    again = build(client, tenant.admin_key, m["id"])
+    assert again.status_code == 200 and again.json()["id"] == act["id"]
+    listed = client.get(f"/v1/memories/{m['id']}/activations", headers=bearer(tenant.admin_key)).json()
+    assert [a["id"] for a in listed["items"]] == [act["id"]] and listed["next_cursor"] is None
+    one = client.get(f"/v1/activations/{act['id']}", headers=bearer(tenant.admin_key))
+    assert one.status_code == 200 and one.json() == act
+    # The activation is a memory of kind activation, derived from the source version.
+    memory = client.get(f"/v1/memories/{act['id']}", headers=bearer(tenant.admin_key)).json()
+    assert memory["kind"] == "activation"
+    assert memory["provenance"]["derived_from"] == [{"memory_id": m["id"], "version": 1}]
+    graph = client.get(f"/v1/memories/{m['id']}/provenance", headers=bearer(tenant.admin_key)).json()
+    assert {"from_id": act["id"], "to_id": m["id"], "to_version": 1} in graph["edges"]
+    cube_now = client.get(f"/v1/cubes/{cube['id']}", headers=bearer(tenant.admin_key)).json()
+    assert cube_now["stats"]["activations"] >= 1
+
+
+def test_shared_text_is_stored_once_whoever_builds_it(client, factory, tenant, cube, settings) -> None:
+    other_cube = factory.cube(tenant.admin_key)
+    agent = factory.agent(tenant)
+    agents_cube = factory.cube(agent.key)
+    text = "Shared fact: the staff meeting moved to Thursdays at ten."
+    a = factory.memory(tenant.admin_key, cube["id"], text)
+    b = factory.memory(tenant.admin_key, other_cube["id"], text)
+    c = factory.memory(agent.key, agents_cube["id"], text)
+    before = len(blob_files(settings))
+    first = built(client, tenant.admin_key, a["id"])
+    second = built(client, tenant.admin_key, b["id"])
+    third = built(client, agent.key, c["id"])
+    assert first["id"] != second["id"] != third["id"]
+    assert first["sha256"] == second["sha256"] == third["sha256"]
+    assert len(blob_files(settings)) == before + 1
+
+
+def test_read_only_grant_cannot_build_but_can_read(client, factory, tenant, cube) -> None:
+    reader = factory.agent(tenant)
+    r = client.put(
+        f"/v1/cubes/{cube['id']}/grants/{reader.id}", json={"access": "read"}, headers=bearer(tenant.admin_key)
+    )
+    assert r.status_code == 200, r.text
+    m = factory.memory(tenant.admin_key, cube["id"], FACTS[1])
+    problem(build(client, reader.key, m["id"]), 403)
+    act = built(client, tenant.admin_key, m["id"])
+    assert client.get(f"/v1/activations/{act['id']}", headers=bearer(reader.key)).status_code == 200
+    download(client, reader.key, act["id"])
+    out = generated(client, reader.key, prompt="Who keeps the light?", memory_ids=[m["id"]])
+    assert out["activations_used"] == [act["id"]]
+
+
+def test_only_plaintext_memories_get_activations(client, factory, tenant, cube) -> None:
+    answer = client.post(
+        f"/v1/cubes/{cube['id']}/memories",
+        json={"kind": "response", "content": "42", "metadata": {"query": "the answer?"}},
+        headers=bearer(tenant.admin_key),
+    ).json()
+    body = problem(build(client, tenant.admin_key, answer["id"]), 422)
+    assert body["errors"][0]["field"] == "memory_id"
+    m = factory.memory(tenant.admin_key, cube["id"], "Carol's flight lands at 6pm.")
+    act = built(client, tenant.admin_key, m["id"])
+    body = problem(build(client, tenant.admin_key, act["id"]), 422)
+    assert "source memory" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "model"),
+        ({"model": 5}, "model"),
+        ({"model": ""}, "model"),
+        ({"model": "no-such-model"}, "model"),
+        ({"model": MODEL, "extra": 1}, "extra"),
+    ],
+)
+def test_bad_build_bodies_name_the_field(client, factory, tenant, cube, body, field) -> None:
+    m = factory.memory(tenant.admin_key, cube["id"], "Dana's bike is green.")
+    r = client.post(f"/v1/memories/{m['id']}/activations", json=body, headers=bearer(tenant.admin_key))
+    assert problem(r, 422)["errors"][0]["field"] == field
+
+
+# ---------------------------------------------------------------------- export and import
+
+
+@pytest.fixture(scope="module")
+def exported(client, factory, tenant, cube) -> dict[str, Any]:
+    """A memory with an activation, and its KV file as downloaded."""
+    m = factory.memory(tenant.admin_key, cube["id"], FACTS[2])
+    act = built(client, tenant.admin_key, m["id"])
+    r = client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(tenant.admin_key))
+    assert r.status_code == 200, r.text
+    return {"memory": m, "activation": act, "data": r.content, "headers": r.headers}
+
+
+def test_export_streams_the_verified_file_with_its_identity(exported) -> None:
+    act, data, headers = exported["activation"], exported["data"], exported["headers"]
+    assert headers["content-type"] == "application/octet-stream"
+    assert headers["x-memos-fingerprint"] == act["fingerprint"]
+    assert headers["x-memos-sha256"] == act["sha256"] == hashlib.sha256(data).hexdigest()
+    assert len(data) == act["bytes"]
+    from memos.kv.codec import decode
+
+    chunk, meta = decode(data, expect_fingerprint=act["fingerprint"])
+    assert (meta.memory_id, meta.version, meta.model) == (exported["memory"]["id"], 1, MODEL)
+    assert chunk.tokens == act["tokens"]
+
+
+def test_export_import_inject_round_trip_gives_identical_logits(client, factory, exported, model_dirs) -> None:
+    # Another tenant has a memory with the same text; it imports the file instead of building.
+    other = factory.tenant()
+    cube = factory.cube(other.admin_key)
+    m = factory.memory(other.admin_key, cube["id"], exported["memory"]["content"])
+    r = import_kv(client, other.admin_key, m["id"], exported["data"])
+    assert r.status_code == 201, r.text
+    imported = r.json()
+    assert imported["memory_id"] == m["id"] and imported["sha256"] == exported["activation"]["sha256"]
+    assert import_kv(client, other.admin_key, m["id"], exported["data"]).json()["id"] == imported["id"]
+    prompt = "Where does Bob run?"
+    with_kv = generated(client, other.admin_key, prompt=prompt, memory_ids=[m["id"]])
+    assert with_kv["activations_used"] == [imported["id"]]
+    assert with_kv["reused_tokens"] == imported["tokens"] and with_kv["fallback"] is None
+    full = generated(client, other.admin_key, prompt=prompt, memory_ids=[m["id"]], use_activations=False)
+    assert full["activations_used"] == [] and full["reused_tokens"] == 0
+    assert full["prefill_tokens"] == with_kv["prefill_tokens"] + imported["tokens"]
+    assert with_kv["token_ids"] == full["token_ids"] and with_kv["text"] == full["text"]
+    # The logits themselves: the imported bytes as a prefix against a full prefill of the same tokens.
+    from memos.kv.codec import decode
+    from memos.kv.runtime import load_model, next_token_logits
+
+    lm = load_model(ModelSpec(name=MODEL, path=model_dirs[MODEL]))
+    chunk, _ = decode(download(client, other.admin_key, imported["id"]), expect_fingerprint=lm.fingerprint)
+    prompt_ids = lm.prompt_token_ids(prompt)
+    reused = next_token_logits(lm, prompt_ids, prefix=chunk)
+    prefilled = next_token_logits(lm, prompt_ids, prefix=chunk, use_prefix_kv=False)
+    assert float((reused - prefilled).abs().max()) <= 1e-4
+
+
+def test_tampered_truncated_and_foreign_files_are_refused(client, factory, tenant, cube, exported) -> None:
+    m = exported["memory"]
+    data: bytes = exported["data"]
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    tampered = bytearray(data)
+    tampered[header_end + 100] ^= 0x40
+    body = problem(import_kv(client, tenant.admin_key, m["id"], bytes(tampered)), 422)
+    assert body["errors"][0]["field"] == "body" and "checksum" in body["detail"]
+    for cut in (len(data) - 1, header_end + 3, header_end - 5, 5):
+        body = problem(import_kv(client, tenant.admin_key, m["id"], data[:cut]), 422)
+        assert body["errors"][0]["field"] == "body"
+    problem(import_kv(client, tenant.admin_key, m["id"], b"\x00" * 64), 422)
+    problem(import_kv(client, tenant.admin_key, m["id"], b"not safetensors at all"), 422)
+    assert "empty" in problem(import_kv(client, tenant.admin_key, m["id"], b""), 422)["detail"]
+    # A header edited to claim another model: the fingerprint check refuses it before anything else.
+    fingerprint = exported["activation"]["fingerprint"].encode()
+    forged = data.replace(fingerprint, b"f" * len(fingerprint), 1)
+    body = problem(import_kv(client, tenant.admin_key, m["id"], forged), 409)
+    assert body["extra"] == {"expected_fingerprint": fingerprint.decode(), "actual_fingerprint": "f" * 64}
+
+
+def test_kv_of_another_model_is_409_with_both_fingerprints(client, factory, tenant, cube, exported) -> None:
+    m = factory.memory(tenant.admin_key, cube["id"], exported["memory"]["content"] + " Also on Sundays.")
+    foreign = built(client, tenant.admin_key, m["id"], model=OTHER)
+    data = download(client, tenant.admin_key, foreign["id"])
+    r = import_kv(client, tenant.admin_key, m["id"], data, model=MODEL)
+    body = problem(r, 409)
+    assert body["extra"]["actual_fingerprint"] == foreign["fingerprint"]
+    assert body["extra"]["expected_fingerprint"] == exported["activation"]["fingerprint"]
+    assert foreign["fingerprint"] in body["detail"] and exported["activation"]["fingerprint"] in body["detail"]
+
+
+def test_kv_of_other_text_is_409(client, factory, tenant, cube, exported) -> None:
+    m = factory.memory(tenant.admin_key, cube["id"], "Something else entirely.")
+    body = problem(import_kv(client, tenant.admin_key, m["id"], exported["data"]), 409)
+    assert body["type"].endswith("token-mismatch")
+
+
+def test_import_has_its_own_size_limit(client, tenant, exported) -> None:
+    m = exported["memory"]
+    # Larger than the JSON limit, within the KV limit: not refused for its size.
+    padded = b"x" * (JSON_LIMIT * 2)
+    assert problem(import_kv(client, tenant.admin_key, m["id"], padded), 422)["errors"][0]["field"] == "body"
+    problem(import_kv(client, tenant.admin_key, m["id"], b"x" * (KV_LIMIT + 1)), 413)
+    # The JSON endpoints keep the small limit.
+    r = client.post(
+        "/v1/generate", json={"model": MODEL, "prompt": "y" * (JSON_LIMIT + 10)}, headers=bearer(tenant.admin_key)
+    )
+    problem(r, 413)
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "field"),
+    [
+        ({"model": MODEL}, 422, "memory_id"),
+        ({"memory_id": "MEMORY"}, 422, "model"),
+        ({"memory_id": "not-a-uuid", "model": MODEL}, 404, None),
+        ({"memory_id": "00000000-0000-0000-0000-000000000000", "model": MODEL}, 404, None),
+        ({"memory_id": "MEMORY", "model": "no-such-model"}, 422, "model"),
+    ],
+)
+def test_bad_import_parameters(client, tenant, exported, params, status, field) -> None:
+    params = {k: exported["memory"]["id"] if v == "MEMORY" else v for k, v in params.items()}
+    r = client.post("/v1/activations/import", params=params, content=exported["data"], headers=bearer(tenant.admin_key))
+    body = problem(r, status)
+    if field is not None:
+        assert body["errors"][0]["field"] == field
+
+
+# ---------------------------------------------------------------------- staleness
+
+
+def patch(client, key: str, memory_id: str, body: dict[str, Any], version: int) -> Any:
+    r = client.patch(f"/v1/memories/{memory_id}", json=body, headers={**bearer(key), "If-Match": f'"{version}"'})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_new_version_makes_activations_stale_and_they_are_never_injected(client, factory, tenant, cube) -> None:
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "Erin's locker code is 4471.")
+    act = built(client, key, m["id"])
+    assert generated(client, key, prompt="Locker?", memory_ids=[m["id"]])["activations_used"] == [act["id"]]
+    patch(client, key, m["id"], {"content": "Erin's locker code is 9012."}, 1)
+    stale = client.get(f"/v1/activations/{act['id']}", headers=bearer(key)).json()
+    assert stale["stale"] is True
+    out = generated(client, key, prompt="Locker?", memory_ids=[m["id"]])
+    assert out["activations_used"] == [] and out["reused_tokens"] == 0
+    full = generated(client, key, prompt="Locker?", memory_ids=[m["id"]], use_activations=False)
+    assert out["token_ids"] == full["token_ids"]
+    # Rebuilding gives a fresh activation of version 2; the stale one stays listed, marked.
+    fresh = build(client, key, m["id"])
+    assert fresh.status_code == 201 and fresh.json()["source_version"] == 2
+    assert fresh.json()["sha256"] != act["sha256"]
+    listed = client.get(f"/v1/memories/{m['id']}/activations", headers=bearer(key)).json()["items"]
+    assert [(a["id"], a["stale"]) for a in listed] == [(act["id"], True), (fresh.json()["id"], False)]
+    assert generated(client, key, prompt="Locker?", memory_ids=[m["id"]])["activations_used"] == [fresh.json()["id"]]
+
+
+def test_restore_and_tag_changes_also_make_stale_and_rebuilding_reuses_the_bytes(
+    client, factory, tenant, cube, settings
+) -> None:
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "Frank waters the ferns on Fridays.")
+    act = built(client, key, m["id"])
+    patch(client, key, m["id"], {"tags": ["plants"]}, 1)
+    assert client.get(f"/v1/activations/{act['id']}", headers=bearer(key)).json()["stale"] is True
+    files = len(blob_files(settings))
+    again = built(client, key, m["id"])
+    # The text did not change: same tokens, same KV, the same stored file.
+    assert again["source_version"] == 2 and again["sha256"] == act["sha256"]
+    assert len(blob_files(settings)) == files
+    r = client.post(f"/v1/memories/{m['id']}/restore", json={"version": 1}, headers={**bearer(key), "If-Match": '"2"'})
+    assert r.status_code == 200, r.text
+    assert client.get(f"/v1/activations/{again['id']}", headers=bearer(key)).json()["stale"] is True
+
+
+def test_an_archived_memory_can_have_fresh_activations(client, factory, tenant, cube) -> None:
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "Ivy's old address was 12 Elm Street.")
+    first = built(client, key, m["id"])
+    patch(client, key, m["id"], {"state": "archived"}, 1)
+    assert client.get(f"/v1/activations/{first['id']}", headers=bearer(key)).json()["stale"] is True
+    r = build(client, key, m["id"])
+    assert r.status_code == 201 and r.json()["stale"] is False and r.json()["source_version"] == 2
+    assert build(client, key, m["id"]).json()["id"] == r.json()["id"]  # built once, not on every call
+    out = generated(client, key, prompt="Address?", memory_ids=[m["id"]])
+    assert out["activations_used"] == [r.json()["id"]]
+
+
+def test_deleting_the_source_makes_its_activations_stale(client, factory, tenant, cube) -> None:
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "Gina's train leaves from platform 9.")
+    act = built(client, key, m["id"])
+    assert client.delete(f"/v1/memories/{m['id']}", headers=bearer(key)).status_code == 204
+    assert client.get(f"/v1/activations/{act['id']}", headers=bearer(key)).json()["stale"] is True
+    assert problem(build(client, key, m["id"]), 409)["detail"].startswith("this memory is deleted")
+    body = problem(generate(client, key, prompt="Platform?", memory_ids=[m["id"]]), 422)
+    assert body["errors"][0]["field"] == "memory_ids[0]"
+
+
+def test_purging_the_source_erases_its_activations_and_unshared_blobs(client, factory, tenant, cube, settings) -> None:
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "Hugo's passport number is X1234567.")
+    act = built(client, key, m["id"])
+    path = blob_path(settings, act["sha256"])
+    assert path.is_file()
+    assert client.delete(f"/v1/memories/{m['id']}", params={"purge": "true"}, headers=bearer(key)).status_code == 204
+    problem(client.get(f"/v1/activations/{act['id']}", headers=bearer(key)), 404)
+    problem(client.get(f"/v1/memories/{act['id']}", headers=bearer(key)), 404)
+    assert client.get(f"/v1/memories/{m['id']}/activations", headers=bearer(key)).json()["items"] == []
+    assert not path.exists()
+
+
+def test_purge_keeps_a_blob_another_activation_shares(client, factory, tenant, cube, settings) -> None:
+    key = tenant.admin_key
+    text = "Iris' cat is called Pepper."
+    a = factory.memory(key, cube["id"], text)
+    b = factory.memory(key, cube["id"], text)
+    first, second = built(client, key, a["id"]), built(client, key, b["id"])
+    assert first["sha256"] == second["sha256"]
+    assert client.delete(f"/v1/memories/{a['id']}", params={"purge": "true"}, headers=bearer(key)).status_code == 204
+    assert blob_path(settings, second["sha256"]).is_file()
+    download(client, key, second["id"])
+
+
+# ---------------------------------------------------------------------- corruption
+
+
+def corrupt(settings: Settings, sha256: str) -> None:
+    path = blob_path(settings, sha256)
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_a_corrupted_blob_is_never_served_and_is_rebuilt(client, app, factory, tenant, cube, settings) -> None:
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "Jack parks in bay 14 of the north garage.")
+    act = built(client, key, m["id"])
+    original = download(client, key, act["id"])
+    corrupt(settings, act["sha256"])
+    r = client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(key))
+    assert r.status_code == 200, r.text
+    assert "x-memos-repaired" in r.headers
+    assert r.headers["x-memos-sha256"] == hashlib.sha256(r.content).hexdigest() != act["sha256"]
+    assert not blob_path(settings, act["sha256"]).exists()
+    from memos.kv.codec import decode
+
+    rebuilt, _ = decode(r.content, expect_fingerprint=act["fingerprint"])
+    before, _ = decode(original)
+    assert rebuilt.token_ids.tolist() == before.token_ids.tolist()
+    assert all(float((x - y).abs().max()) <= 1e-5 for x, y in zip(rebuilt.keys, before.keys, strict=True))
+    now = client.get(f"/v1/activations/{act['id']}", headers=bearer(key)).json()
+    assert now["sha256"] == r.headers["x-memos-sha256"] and now["corrupt"] is False
+
+
+def test_a_corrupted_blob_is_not_injected(client, app, factory, tenant, cube, settings) -> None:
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "Kim's spare key is under the third flowerpot.")
+    act = built(client, key, m["id"])
+    corrupt(settings, act["sha256"])
+    app.state.activations.host.clear()  # cold: the KV must come from the blob store
+    out = generated(client, key, prompt="Key?", memory_ids=[m["id"]])
+    assert out["activations_used"] == [] and out["reused_tokens"] == 0
+    assert client.get(f"/v1/activations/{act['id']}", headers=bearer(key)).json()["corrupt"] is True
+    full = generated(client, key, prompt="Key?", memory_ids=[m["id"]], use_activations=False)
+    assert out["token_ids"] == full["token_ids"]
+
+
+def test_a_corrupted_blob_of_a_changed_memory_is_409(client, factory, tenant, cube, settings) -> None:
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "Leo's dentist appointment is on the 3rd.")
+    act = built(client, key, m["id"])
+    patch(client, key, m["id"], {"content": "Leo's dentist appointment is on the 5th."}, 1)
+    corrupt(settings, act["sha256"])
+    body = problem(client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(key)), 409)
+    assert body["type"].endswith("kv-corrupt") and "POST /v1/memories/" in body["detail"]
+    now = client.get(f"/v1/activations/{act['id']}", headers=bearer(key)).json()
+    assert now["corrupt"] is True and now["stale"] is True
+
+
+# ---------------------------------------------------------------------- generation
+
+
+def test_generate_composes_several_memories(client, factory, tenant, cube) -> None:
+    key = tenant.admin_key
+    ms = [factory.memory(key, cube["id"], f"{fact} (note {i})") for i, fact in enumerate(FACTS)]
+    acts = [built(client, key, m["id"]) for m in ms[:2]]
+    ids = [m["id"] for m in ms]
+    out = generated(client, key, prompt="What do we know?", memory_ids=ids)
+    # The first two come from their activations; the last has none and is prefilled with the prompt.
+    assert out["activations_used"] == [a["id"] for a in acts]
+    assert out["reused_tokens"] == acts[0]["tokens"] + acts[1]["tokens"]
+    assert out["memory_ids"] == ids and out["fallback"] is None
+    assert len(out["token_ids"]) <= 6 and out["ttft_ms"] > 0 and out["total_ms"] >= out["ttft_ms"]
+    full = generated(client, key, prompt="What do we know?", memory_ids=ids, use_activations=False)
+    assert full["prefill_tokens"] == out["prefill_tokens"] + out["reused_tokens"]
+    hits = client.get(f"/v1/activations/{acts[0]['id']}", headers=bearer(key)).json()
+    assert hits["hits"] >= 1 and hits["last_used_at"] is not None
+
+
+def test_generate_falls_back_to_full_prefill_when_rope_cannot_shift(client, factory, tenant, cube) -> None:
+    key = tenant.admin_key
+    ms = [factory.memory(key, cube["id"], f"{fact} (dyn {i})") for i, fact in enumerate(FACTS[:2])]
+    for m in ms:
+        built(client, key, m["id"], model=DYNAMIC)
+    ids = [m["id"] for m in ms]
+    out = generated(client, key, model=DYNAMIC, prompt="Tell me.", memory_ids=ids)
+    assert out["fallback"].startswith("not_shiftable") and out["activations_used"] == []
+    full = generated(client, key, model=DYNAMIC, prompt="Tell me.", memory_ids=ids, use_activations=False)
+    assert out["token_ids"] == full["token_ids"] and out["reused_tokens"] == 0
+    # One memory needs no move: its KV is used as is even for this model.
+    single = generated(client, key, model=DYNAMIC, prompt="Tell me.", memory_ids=ids[:1])
+    assert single["fallback"] is None and len(single["activations_used"]) == 1
+
+
+def test_generate_from_a_search(client, factory, tenant) -> None:
+    key = tenant.admin_key
+    cube = factory.cube(key)
+    lighthouse = factory.memory(key, cube["id"], "The old lighthouse keeper retired to Port Ellen.")
+    factory.memory(key, cube["id"], "Quarterly taxes are due in April.")
+    act = built(client, key, lighthouse["id"])
+    out = generated(
+        client, key, prompt="Who retired?", search={"query": "lighthouse keeper", "cube_ids": [cube["id"]], "k": 1}
+    )
+    assert out["memory_ids"] == [lighthouse["id"]]
+    assert out["activations_used"] == [act["id"]]
+
+
+def test_generate_with_no_memories_is_just_the_prompt(client, tenant) -> None:
+    out = generated(client, tenant.admin_key, prompt="Hello there")
+    assert out["memory_ids"] == [] and out["reused_tokens"] == 0 and out["prefill_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"model": MODEL}, "prompt"),
+        ({"prompt": "hi"}, "model"),
+        ({"model": MODEL, "prompt": ""}, "prompt"),
+        ({"model": MODEL, "prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"model": MODEL, "prompt": "hi", "max_new_tokens": 100000}, "max_new_tokens"),
+        ({"model": MODEL, "prompt": "hi", "recompute_ratio": 1.5}, "recompute_ratio"),
+        ({"model": MODEL, "prompt": "hi", "memory_ids": ["nope"]}, "memory_ids[0]"),
+        ({"model": MODEL, "prompt": "hi", "memory_ids": [], "search": {"query": "x"}}, "search"),
+        ({"model": MODEL, "prompt": "hi", "search": {"query": ""}}, "search.query"),
+        ({"model": "unknown", "prompt": "hi"}, "model"),
+        ({"model": MODEL, "prompt": "hi", "stream": True}, "stream"),
+    ],
+)
+def test_bad_generate_bodies_name_the_field(client, tenant, body, field) -> None:
+    r = client.post("/v1/generate", json=body, headers=bearer(tenant.admin_key))
+    assert problem(r, 422)["errors"][0]["field"] == field
+
+
+def test_unreadable_memories_in_generate_are_404(client, factory, tenant, cube) -> None:
+    agent = factory.agent(tenant)  # no grant on the admin's cube
+    m = factory.memory(tenant.admin_key, cube["id"], "Secret: the vault code is 0000.")
+    body = problem(generate(client, agent.key, prompt="Code?", memory_ids=[m["id"]]), 404)
+    assert body["errors"][0]["field"] == "memory_ids[0]"
+    missing = "00000000-0000-0000-0000-000000000001"
+    body = problem(generate(client, tenant.admin_key, prompt="?", memory_ids=[m["id"], missing]), 404)
+    assert body["errors"][0]["field"] == "memory_ids[1]"
+
+
+# ---------------------------------------------------------------------- isolation
+
+
+def test_other_tenants_get_404_on_every_activation_endpoint(client, factory, tenant, cube, exported) -> None:
+    stranger = factory.tenant()
+    key = stranger.admin_key
+    m, act = exported["memory"], exported["activation"]
+    problem(build(client, key, m["id"]), 404)
+    problem(client.get(f"/v1/memories/{m['id']}/activations", headers=bearer(key)), 404)
+    problem(client.get(f"/v1/activations/{act['id']}", headers=bearer(key)), 404)
+    problem(client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(key)), 404)
+    problem(import_kv(client, key, m["id"], exported["data"]), 404)
+    problem(generate(client, key, prompt="?", memory_ids=[m["id"]]), 404)
+    out = generated(client, key, prompt="?", search={"query": m["content"]})
+    assert out["memory_ids"] == []
+    # An agent of the same tenant without a grant sees nothing either.
+    outsider = factory.agent(tenant)
+    problem(client.get(f"/v1/activations/{act['id']}", headers=bearer(outsider.key)), 404)
+    problem(client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(outsider.key)), 404)
+
+
+def test_activation_endpoints_need_a_key(client, exported) -> None:
+    act = exported["activation"]
+    for r in (
+        client.get("/v1/models"),
+        client.get(f"/v1/activations/{act['id']}"),
+        client.get(f"/v1/activations/{act['id']}/kv"),
+        client.post("/v1/generate", json={"model": MODEL, "prompt": "x"}),
+        client.post("/v1/activations/import", content=b"x"),
+    ):
+        problem(r, 401)
+
+
+# ---------------------------------------------------------------------- no model configured
+
+
+@pytest.fixture(scope="module")
+def bare_client(settings: Settings, embedder: Any) -> Iterator[TestClient[Litestar]]:
+    bare = dataclasses.replace(settings, models={})
+    with TestClient(create_app(bare, embedder_factory=lambda: embedder)) as c:
+        yield c
+
+
+def test_without_models_kv_endpoints_say_how_to_configure_one(bare_client, factory, tenant, cube, exported) -> None:
+    key = tenant.admin_key
+    m, act = exported["memory"], exported["activation"]
+    r = bare_client.get("/v1/models", headers=bearer(key))
+    assert r.status_code == 200 and r.json()["items"] == []
+    for r in (
+        build(bare_client, key, m["id"]),
+        generate(bare_client, key, prompt="?"),
+        import_kv(bare_client, key, m["id"], exported["data"]),
+    ):
+        body = problem(r, 409)
+        assert body["type"].endswith("no-model") and "MEMOS_MODELS" in body["detail"]
+    # What was stored stays readable and downloadable.
+    assert bare_client.get(f"/v1/activations/{act['id']}", headers=bearer(key)).status_code == 200
+    download(bare_client, key, act["id"])
+
+
+# ---------------------------------------------------------------------- model loading
+
+
+async def test_models_load_only_after_the_embedder_has(tmp_path: Path) -> None:
+    """transformers patches class attributes during from_pretrained: two loads at once can break weight tying."""
+    import asyncio
+
+    from memos.activations.models import KVWorker, ModelRegistry
+    from memos.errors import Unavailable
+
+    gate = asyncio.Event()
+    calls: list[str] = []
+
+    async def embedder_loaded() -> None:
+        calls.append("waited")
+        await gate.wait()
+
+    worker = KVWorker()
+    registry = ModelRegistry({"x": ModelSpec(name="x", path=tmp_path)}, worker, before_load=embedder_loaded)
+    try:
+        task = asyncio.create_task(registry.get("x"))
+        await asyncio.sleep(0.05)
+        assert calls == ["waited"] and not task.done()  # held back while the embedder loads
+        gate.set()
+        # The directory holds no model: a configuration problem, 503, never a 500.
+        with pytest.raises(Unavailable, match="could not be loaded"):
+            await task
+    finally:
+        worker.close()

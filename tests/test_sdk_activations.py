@@ -1,0 +1,143 @@
+"""The SDK's KV calls (models, activations, generate) against the real app with a small random model."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python"))
+
+import httpx
+import pytest
+from conftest import OPERATOR_KEY, Factory
+from litestar import Litestar
+from litestar.testing import TestClient
+from litestar.testing import transport as litestar_transport
+from memos_client import Activation, AsyncMemosClient, Conflict, Generation, Invalid, MemosClient, NotFound
+
+from memos.app import create_app
+from memos.embed.base import Embedder
+from memos.kv.spec import ModelSpec
+from memos.settings import Settings
+
+MODEL = "tiny"
+BASE = "http://memos.test"
+
+
+class InProcess(httpx.BaseTransport):
+    def __init__(self, client: TestClient[Litestar]) -> None:
+        self._inner = litestar_transport.TestClientTransport(client=client)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self._inner.handle_request(request)
+
+
+@pytest.fixture(scope="module")
+def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    from memos.kv.maker import make_model
+
+    path = make_model(tmp_path_factory.mktemp("models") / MODEL, "llama", "tiny", seed=3)
+    return Settings(
+        database_url=database_url,
+        data_dir=tmp_path_factory.mktemp("memos-data"),
+        operator_key=OPERATOR_KEY,
+        log_level="WARNING",
+        models={MODEL: ModelSpec(name=MODEL, path=path)},
+    )
+
+
+@pytest.fixture(scope="module")
+async def async_app(settings: Settings, embedder: Embedder) -> AsyncIterator[Litestar]:
+    """An app whose lifespan runs in the test's event loop (ASGITransport sends no lifespan events)."""
+    app = create_app(settings, embedder_factory=lambda: embedder)
+    started, stop = asyncio.Event(), asyncio.Event()
+
+    async def serve() -> None:
+        async with app.lifespan():
+            started.set()
+            await stop.wait()
+
+    task = asyncio.create_task(serve())
+    waiting = asyncio.create_task(started.wait())
+    await asyncio.wait({task, waiting}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if task.done():
+        task.result()
+    assert started.is_set(), "the app did not start"
+    yield app
+    stop.set()
+    await task
+
+
+@pytest.fixture
+def sdk(client: TestClient[Litestar], factory: Factory) -> Iterator[MemosClient]:
+    tenant = factory.tenant()
+    with MemosClient(BASE, api_key=tenant.admin_key, transport=InProcess(client)) as c:
+        yield c
+
+
+def test_models_build_list_get_download_import_generate(sdk: MemosClient, factory: Factory) -> None:
+    (model,) = sdk.models()
+    assert (model.name, model.layers, model.kv_heads, model.head_dim) == (MODEL, 2, 2, 16)
+    cube = sdk.cubes.create("kv")
+    memory = sdk.memories.add(cube.id, content="The spare tyre is under the boot floor.")
+    act = sdk.activations.build(memory.id, model=MODEL)
+    assert isinstance(act, Activation) and act.memory_id == memory.id and not act.stale
+    assert sdk.activations.build(memory.id, model=MODEL).id == act.id
+    assert [a.id for a in sdk.activations.list(memory.id)] == [act.id]
+    assert sdk.activations.get(act.id) == act
+    data = sdk.activations.download(act.id)
+    assert hashlib.sha256(data).hexdigest() == act.sha256
+    # The same text elsewhere: the downloaded file imports for it.
+    twin = sdk.memories.add(cube.id, content=memory.content)
+    imported = sdk.activations.import_(twin.id, data, model=MODEL)
+    assert imported.memory_id == twin.id and imported.sha256 == act.sha256
+    out = sdk.generate("Where is the tyre?", model=MODEL, memory_ids=[memory.id], max_new_tokens=4)
+    assert isinstance(out, Generation) and out.activations_used == [act.id]
+    full = sdk.generate(
+        "Where is the tyre?", model=MODEL, memory_ids=[memory.id], max_new_tokens=4, use_activations=False
+    )
+    assert full.token_ids == out.token_ids and full.reused_tokens == 0
+    found = sdk.generate("Tyre?", model=MODEL, search={"query": "spare tyre", "cube_ids": [cube.id], "k": 1})
+    assert len(found.memory_ids) == 1
+
+
+def test_kv_errors_are_typed(sdk: MemosClient) -> None:
+    cube = sdk.cubes.create("kv-errors")
+    memory = sdk.memories.add(cube.id, content="Another fact entirely.")
+    with pytest.raises(Invalid) as caught:
+        sdk.activations.build(memory.id, model="nope")
+    assert caught.value.field_errors[0].field == "model"
+    with pytest.raises(Invalid):
+        sdk.activations.import_(memory.id, b"garbage", model=MODEL)
+    with pytest.raises(NotFound):
+        sdk.activations.get("00000000-0000-0000-0000-000000000000")
+    other = sdk.memories.add(cube.id, content="A different text.")
+    act = sdk.activations.build(other.id, model=MODEL)
+    with pytest.raises(Conflict):  # KV of other text
+        sdk.activations.import_(memory.id, sdk.activations.download(act.id), model=MODEL)
+    with pytest.raises(TypeError):
+        sdk.activations.import_(memory.id, "not bytes", model=MODEL)  # type: ignore[arg-type]
+
+
+async def test_async_client(client: TestClient[Litestar], factory: Factory, async_app: Litestar) -> None:
+    tenant = factory.tenant()
+    sync = MemosClient(BASE, api_key=tenant.admin_key, transport=InProcess(client))
+    cube = sync.cubes.create("kv-async")
+    memory = sync.memories.add(cube.id, content="The gate code is 2468.")
+    sync.close()
+    transport: Any = httpx.ASGITransport(app=async_app)  # type: ignore[arg-type]
+    async with AsyncMemosClient(BASE, api_key=tenant.admin_key, transport=transport) as a:
+        assert [m.name for m in await a.models()] == [MODEL]
+        act = await a.activations.build(memory.id, model=MODEL)
+        assert [x.id async for x in a.activations.list(memory.id)] == [act.id]
+        assert (await a.activations.get(act.id)).id == act.id
+        data = await a.activations.download(act.id)
+        assert hashlib.sha256(data).hexdigest() == act.sha256
+        assert (await a.activations.import_(memory.id, data, model=MODEL)).id == act.id
+        out = await a.generate("Code?", model=MODEL, memory_ids=[memory.id], max_new_tokens=3)
+        assert out.activations_used == [act.id]
