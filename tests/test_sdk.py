@@ -11,6 +11,8 @@ drop a connection on demand.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import re
 import socket
 import sys
@@ -64,11 +66,13 @@ from memos_client import (
 
 from memos.app import create_app
 from memos.embed.base import Embedder
+from memos.kv.spec import ModelSpec
 from memos.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "http://memos.test"
 MISSING = "00000000-0000-0000-0000-000000000000"
+DOC_MODEL = "tiny"
 
 
 def unique(prefix: str) -> str:
@@ -101,6 +105,15 @@ def connect(client: TestClient[Litestar]) -> Iterator[Callable[[str], MemosClien
     yield make
     for sdk in made:
         sdk.close()
+
+
+@pytest.fixture(scope="module")
+def settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The shared settings plus a tiny random causal LM, so the docs' KV and generation snippets run."""
+    from memos.kv.maker import make_model
+
+    path = make_model(tmp_path_factory.mktemp("models") / DOC_MODEL, "llama", "tiny", seed=5)
+    return dataclasses.replace(settings, models={DOC_MODEL: ModelSpec(name=DOC_MODEL, path=path)})
 
 
 @pytest.fixture(scope="module")
@@ -884,9 +897,9 @@ def python_blocks(markdown: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", markdown.read_text(), flags=re.S | re.M)
 
 
-@pytest.mark.parametrize("doc", ["docs/sdk.md", "clients/python/README.md"])
+@pytest.mark.parametrize("doc", ["docs/sdk.md", "docs/quickstart.md", "clients/python/README.md"])
 def test_documentation_snippets_run(
-    doc: str, live_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    doc: str, live_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Every ```python block of the page, in order, in one namespace, against the live server."""
     with MemosClient(live_url, api_key=OPERATOR_KEY) as operator:
@@ -894,13 +907,25 @@ def test_documentation_snippets_run(
     monkeypatch.setenv("MEMOS_URL", live_url)
     monkeypatch.setenv("MEMOS_API_KEY", tenant.admin_key)
     monkeypatch.setenv("MEMOS_OPERATOR_KEY", OPERATOR_KEY)
+    spec = settings.models[DOC_MODEL]
+    monkeypatch.setenv("MEMOS_MODELS", json.dumps({DOC_MODEL: {"path": str(spec.path)}}))
     blocks = python_blocks(REPO / doc)
     assert blocks, f"no python blocks in {doc}"
     namespace: dict[str, Any] = {"__name__": "__doc_snippet__"}
     for i, block in enumerate(blocks):
         exec(compile(block, f"{doc}[block {i}]", "exec"), namespace)  # noqa: S102 -- running our own docs
     out = capsys.readouterr().out
+    print(out)  # shown when an assertion below fails
     assert "jasmine" in out or "green tea" in out
+    if doc == "docs/quickstart.md":
+        assert "agent key issued: True" in out
+        assert "memories: 4" in out
+        assert re.search(r"^[0-9.]+ \S+ +Ada prefers jasmine tea$", out, flags=re.M)
+        assert "graph: Ada flies to Lisbon on 3 June" in out
+        assert "hit: True Jasmine tea." in out
+        assert re.search(r"^hit: False - miss: .*negation", out, flags=re.M)
+        assert "cache hits so far: 1" in out
+        assert "reused the stored KV: True" in out
     if doc == "docs/sdk.md":
         assert "agent True" in out
         assert "Grace takes her coffee black" in out
@@ -911,3 +936,4 @@ def test_documentation_snippets_run(
         assert "422 ['content']" in out
         assert "404 no such cube" in out
         assert "MemosClient(base_url='http://127.0.0.1:8000')" in out
+        assert re.search(r"^cached tokens: (\d+) \1$", out, flags=re.M)

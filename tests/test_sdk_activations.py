@@ -141,3 +141,48 @@ async def test_async_client(client: TestClient[Litestar], factory: Factory, asyn
         assert (await a.activations.import_(memory.id, data, model=MODEL)).id == act.id
         out = await a.generate("Code?", model=MODEL, memory_ids=[memory.id], max_new_tokens=3)
         assert out.activations_used == [act.id]
+
+
+def test_load_dynamic_cache_in_another_process_model(
+    sdk: MemosClient, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A downloaded activation becomes a DynamicCache for a locally loaded copy of the model, checked first."""
+    import torch
+    from memos_client.kv import KVError, KVMismatch, load_dynamic_cache, model_fingerprint, read_kv
+    from transformers import AutoModelForCausalLM
+
+    from memos.kv.maker import make_model
+
+    model_dir = Path(settings.models[MODEL].path)
+    (served,) = sdk.models()
+    assert model_fingerprint(model_dir, "float32") == served.fingerprint
+    cube = sdk.cubes.create("kv-local")
+    memory = sdk.memories.add(cube.id, content="The boiler pressure should read 1.5 bar when cold.")
+    act = sdk.activations.build(memory.id, model=MODEL)
+    data = sdk.activations.download(act.id)
+
+    local = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True)
+    local.eval()
+    cache = load_dynamic_cache(data, local)
+    assert cache.get_seq_length() == act.tokens
+    # The reused KV gives the same next-token logits as prefilling the memory and the prompt together.
+    memory_ids = read_kv(data).token_ids.unsqueeze(0)
+    prompt = torch.tensor([[101, 2054, 2003, 1996, 3778, 102]])
+    with torch.no_grad():
+        positions = torch.arange(act.tokens, act.tokens + prompt.shape[1]).unsqueeze(0)
+        reused = local(input_ids=prompt, past_key_values=cache, position_ids=positions).logits[0, -1]
+        full = local(input_ids=torch.cat([memory_ids, prompt], dim=1)).logits[0, -1]
+    torch.testing.assert_close(reused, full, rtol=1e-4, atol=1e-4)
+    # The stored file is never changed by use: loading it again gives the same cache length.
+    assert load_dynamic_cache(data, model_dir).get_seq_length() == act.tokens
+
+    other = make_model(tmp_path_factory.mktemp("other") / "tiny", "llama", "tiny", seed=4)
+    with pytest.raises(KVMismatch) as caught:
+        load_dynamic_cache(data, other)
+    assert caught.value.actual == served.fingerprint
+    damaged = bytearray(data)
+    damaged[-1] ^= 0xFF
+    with pytest.raises(KVError, match="payload_sha256"):
+        load_dynamic_cache(bytes(damaged), model_dir)
+    with pytest.raises(KVError, match=r"not a memos-kv/1 file|truncated"):
+        read_kv(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
