@@ -24,13 +24,24 @@ from memos.deps import dependencies
 from memos.embed.base import Embedder
 from memos.embed.registry import load_embedder
 from memos.embed.worker import EmbedWorker
-from memos.errors import PROBLEM_BASE, BadRequest, Conflict, FieldError, Invalid, MemosError, Problem, TooLarge
+from memos.errors import (
+    PROBLEM_BASE,
+    BadRequest,
+    Conflict,
+    FieldError,
+    Invalid,
+    MemosError,
+    Problem,
+    TooLarge,
+    Unavailable,
+)
 from memos.identity.auth import require_api_key
 from memos.identity.controller import IdentityController
 from memos.identity.service import IdentityService, load_operator_key
 from memos.memories.controller import MemoryController
 from memos.memories.service import MemoryService
 from memos.observability import request_id_middleware, request_id_var
+from memos.openapi import StrictStructSchemaPlugin, complete, errors
 from memos.search.controller import SearchController
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
@@ -145,13 +156,14 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     summary="200 when the database answers and its schema is current, else 503",
     tags=["operations"],
+    responses=errors(503),
 )
 async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
     db: Database = request.app.state.db
     if await db.ready():
         worker: EmbedWorker = request.app.state.embed_worker
         return Response({"status": "ready", "schema": db.head, "embedder": str(worker.state)})
-    return Response({"status": "not ready"}, status_code=503, headers={"Retry-After": "1"})
+    raise Unavailable("the database is not answering or its schema is not current", headers={"Retry-After": "1"})
 
 
 def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[], Embedder] | None = None) -> Litestar:
@@ -194,7 +206,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
         dependencies=dependencies(),
     )
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[healthz, readyz, v1],
         lifespan=[lifespan],
         middleware=[request_id_middleware],
@@ -215,7 +227,10 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
                 security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer", description="API key")}
             ),
         ),
+        plugins=[StrictStructSchemaPlugin()],
         # memos configures logging itself (JSON lines with request ids); Litestar must not replace it.
         logging_config=None,
         debug=False,
     )
+    complete(app.openapi_schema)
+    return app
