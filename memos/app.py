@@ -37,6 +37,7 @@ from memos.errors import (
 )
 from memos.identity.auth import require_api_key
 from memos.identity.controller import IdentityController
+from memos.identity.ratelimit import RateLimiter
 from memos.identity.service import IdentityService, load_operator_key
 from memos.memories.controller import MemoryController
 from memos.memories.service import MemoryService
@@ -193,6 +194,13 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             app.state.cubes = CubeService(db, graphs)
             app.state.memories = MemoryService(db, embedding, graphs)
             app.state.search = SearchService(db, embedding, graphs, settings.search_pool)
+            app.state.rate_limiter = None
+            if settings.rate_limit > 0:
+                app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.rate_limit_bucket)
+                log.info(
+                    "rate limiting each API key (per process)",
+                    extra={"per_second": settings.rate_limit, "burst": settings.rate_limit_bucket},
+                )
             yield
         finally:
             await worker.close()
