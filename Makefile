@@ -46,7 +46,7 @@ bench: install
 
 # Fault injection alone (kill -9 mid-ingest, Postgres stopped under load); make test runs these too.
 faults: install
-	$(PY) -m pytest -m faults -v -rA
+	$(PY) -m pytest -m faults -v -s -rA
 
 # Mixed traffic from many clients against a real service, then every acknowledged write checked.
 # SOAK_ARGS="--clients 50 --seconds 60" (the defaults); figures go to docs/benchmarks.md by hand.
