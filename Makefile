@@ -4,9 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-SRC    := $(wildcard memos tests migrations bench clients)
+SRC    := $(wildcard memos tests migrations bench clients scripts)
 
-.PHONY: install run test lint bench format clean
+.PHONY: install run test lint bench faults soak format clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or set PYTHON=...)"; exit 1; }
@@ -31,6 +31,7 @@ lint: install
 	$(VENV)/bin/ruff format --check $(SRC)
 	$(VENV)/bin/mypy memos
 	$(VENV)/bin/mypy --strict clients/python/memos_client
+	$(PY) scripts/audit_deps.py
 
 format: install
 	$(VENV)/bin/ruff format $(SRC)
@@ -43,6 +44,15 @@ bench: install
 	$(PY) -m bench.search_scale
 	$(PY) -m bench.semcache
 	$(PY) -m bench.kv_ttft
+
+# Fault injection alone (kill -9 mid-ingest, Postgres stopped under load); make test runs these too.
+faults: install
+	$(PY) -m pytest -m faults -v -s -rA
+
+# Mixed traffic from many clients against a real service, then every acknowledged write checked.
+# SOAK_ARGS="--clients 50 --seconds 60" (the defaults); figures go to docs/benchmarks.md by hand.
+soak: install
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -28,13 +28,25 @@ from memos.deps import dependencies
 from memos.embed.base import Embedder
 from memos.embed.registry import load_embedder
 from memos.embed.worker import EmbedWorker
-from memos.errors import PROBLEM_BASE, BadRequest, Conflict, FieldError, Invalid, MemosError, Problem, TooLarge
+from memos.errors import (
+    PROBLEM_BASE,
+    BadRequest,
+    Conflict,
+    FieldError,
+    Invalid,
+    MemosError,
+    Problem,
+    TooLarge,
+    Unavailable,
+)
 from memos.identity.auth import require_api_key
 from memos.identity.controller import IdentityController
+from memos.identity.ratelimit import RateLimiter
 from memos.identity.service import IdentityService, load_operator_key
 from memos.memories.controller import MemoryController
 from memos.memories.service import MemoryService
 from memos.observability import request_id_middleware, request_id_var
+from memos.openapi import StrictStructSchemaPlugin, complete, errors
 from memos.search.controller import SearchController
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
@@ -77,6 +89,9 @@ def _field_of(key: str, message: str) -> str:
     return path or "body"
 
 
+_MISSING_PARAMETER = re.compile(r"Missing required (query|header|cookie) parameter '([^']+)'")
+
+
 def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
     """Litestar's parse errors: malformed JSON is 400, a well-formed body that breaks the schema is 422."""
     messages = exc.extra if isinstance(exc.extra, list) else []
@@ -89,6 +104,10 @@ def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Respo
             return _problem_response(BadRequest(f"the request body is not valid JSON: {text}"))
         errors.append(FieldError(field=_field_of(str(m.get("key") or ""), text), message=text))
     if not errors:
+        missing = _MISSING_PARAMETER.match(str(exc.detail))
+        if missing is not None:
+            # A required parameter left out is a field of the request like any other: 422 naming it.
+            return _problem_response(Invalid.field(missing.group(2), f"required {missing.group(1)} parameter"))
         return _problem_response(BadRequest(str(exc.detail)))
     detail = "; ".join(f"{e.field}: {e.message}" for e in errors)
     return _problem_response(Invalid(detail, errors=errors))
@@ -158,13 +177,14 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     summary="200 when the database answers and its schema is current, else 503",
     tags=["operations"],
+    responses=errors(503),
 )
 async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
     db: Database = request.app.state.db
     if await db.ready():
         worker: EmbedWorker = request.app.state.embed_worker
         return Response({"status": "ready", "schema": db.head, "embedder": str(worker.state)})
-    return Response({"status": "not ready"}, status_code=503, headers={"Retry-After": "1"})
+    raise Unavailable("the database is not answering or its schema is not current", headers={"Retry-After": "1"})
 
 
 def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[], Embedder] | None = None) -> Litestar:
@@ -217,6 +237,13 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             # A purge erases the KV derived from the text too; the blobs go once nothing else uses them.
             memory_service.release_blobs = activations.release_blobs
             app.state.activations = activations
+            app.state.rate_limiter = None
+            if settings.rate_limit > 0:
+                app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.rate_limit_bucket)
+                log.info(
+                    "rate limiting each API key (per process)",
+                    extra={"per_second": settings.rate_limit, "burst": settings.rate_limit_bucket},
+                )
             yield
         finally:
             if (semcache_service := getattr(app.state, "semcache", None)) is not None:
@@ -245,7 +272,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
         dependencies=dependencies(),
     )
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[healthz, readyz, v1],
         lifespan=[lifespan],
         middleware=[request_id_middleware],
@@ -266,7 +293,10 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
                 security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer", description="API key")}
             ),
         ),
+        plugins=[StrictStructSchemaPlugin()],
         # memos configures logging itself (JSON lines with request ids); Litestar must not replace it.
         logging_config=None,
         debug=False,
     )
+    complete(app.openapi_schema)
+    return app

@@ -122,6 +122,12 @@ class Invalid(MemosError):
         return cls(f"{field}: {message}", errors=[FieldError(field, message)])
 
 
+class TooManyRequests(MemosError):
+    status = 429
+    slug = "too-many-requests"
+    title = "Too many requests"
+
+
 class Unavailable(MemosError):
     status = 503
     slug = "unavailable"

@@ -12,7 +12,11 @@ from memos.pagination import DEFAULT_LIMIT, MAX_LIMIT
 
 Limit = Annotated[int, QueryParameter(ge=1, le=MAX_LIMIT, description=f"page size (default {DEFAULT_LIMIT})")]
 Cursor = Annotated[str | None, QueryParameter(max_length=512, description="next_cursor of the previous page")]
-IfMatch = Annotated[str | None, HeaderParameter(name="If-Match", description='The version you read, as its ETag ("3")')]
+_IF_MATCH = 'The version you read, as its ETag ("3"), or * for any'
+IfMatch = Annotated[str | None, HeaderParameter(name="If-Match", description=_IF_MATCH)]
+# Documented as required, yet optional to Litestar: a missing one reaches the handler, which answers 428
+# (RFC 6585) instead of Litestar's generic validation error.
+RequiredIfMatch = Annotated[str | None, HeaderParameter(name="If-Match", description=_IF_MATCH, required=True)]
 
 
 def parse_id(value: str, what: str) -> uuid.UUID:

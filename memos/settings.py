@@ -8,6 +8,7 @@ names the variable.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,6 +89,20 @@ class Settings:
         """The blob store's directory."""
         return self.blob_dir if self.blob_dir is not None else self.data_dir / "blobs"
 
+    rate_limit: float = 0.0
+    """Requests per second each API key may send (token bucket, per process); 0 turns limiting off.
+    The operator key is never limited."""
+
+    rate_limit_burst: int | None = None
+    """Requests a key may send at once before ``rate_limit`` applies. Unset: twice the rate (at least 1)."""
+
+    @property
+    def rate_limit_bucket(self) -> int:
+        """The bucket size in force."""
+        if self.rate_limit_burst is not None:
+            return self.rate_limit_burst
+        return max(1, math.ceil(2 * self.rate_limit))
+
     @property
     def embedded(self) -> bool:
         """True when memos runs its own PostgreSQL."""
@@ -124,10 +139,11 @@ class Settings:
         if (v := raw("SEARCH_POOL")) is not None:
             values["search_pool"] = _parse_int("MEMOS_SEARCH_POOL", v)
         if (v := raw("EMBED_WAIT_SECONDS")) is not None:
-            try:
-                values["embed_wait_seconds"] = float(v)
-            except ValueError:
-                raise SettingsError(f"MEMOS_EMBED_WAIT_SECONDS must be a number, got {v!r}") from None
+            values["embed_wait_seconds"] = _parse_float("MEMOS_EMBED_WAIT_SECONDS", v)
+        if (v := raw("RATE_LIMIT")) is not None:
+            values["rate_limit"] = _parse_float("MEMOS_RATE_LIMIT", v)
+        if (v := raw("RATE_LIMIT_BURST")) is not None:
+            values["rate_limit_burst"] = _parse_int("MEMOS_RATE_LIMIT_BURST", v)
 
         if (v := raw("CACHE_INDEXES")) is not None:
             values["cache_indexes"] = _parse_int("MEMOS_CACHE_INDEXES", v)
@@ -180,6 +196,10 @@ class Settings:
             raise SettingsError(
                 f"MEMOS_CACHE_FLUSH_SECONDS must be between 0.05 and 3600, got {self.cache_flush_seconds}"
             )
+        if not (math.isfinite(self.rate_limit) and self.rate_limit >= 0):
+            raise SettingsError(f"MEMOS_RATE_LIMIT must be a number >= 0 (0 = off), got {self.rate_limit}")
+        if self.rate_limit_burst is not None and self.rate_limit_burst < 1:
+            raise SettingsError(f"MEMOS_RATE_LIMIT_BURST must be at least 1, got {self.rate_limit_burst}")
         if self.embed_model is not None and not Path(self.embed_model).expanduser().is_dir():
             raise SettingsError(f"MEMOS_EMBED_MODEL must be a local model directory, got {self.embed_model!r}")
         if self.database_url is not None and not self.database_url.startswith(("postgresql", "postgres")):

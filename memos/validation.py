@@ -8,6 +8,11 @@ import msgspec
 
 from memos.errors import Invalid
 
+NON_BLANK = r"[^\s\x1c-\x1f\x85\ufeff]"
+"""A schema pattern for "has a character that is not whitespace", meaning the same in Python and in
+JSON Schema's ECMA-262 regex: Python's ``\\s`` also covers U+001C..U+001F and U+0085, ECMA's covers
+U+FEFF. With ``\\S`` alone, "\u0085" passed the published schema and was refused by the server."""
+
 
 def reject_nul(value: Any, field: str) -> None:
     """Postgres stores no NUL character in text or JSON: refuse it up front, naming where it is."""

@@ -7,6 +7,10 @@ cube. The answer must be the same as for an id that does not exist at all (no
 existence oracle): 404, except where the endpoint is refused to the caller's role
 whatever the id (purge, key rotation: 403 for a non-admin). Afterwards A's cube,
 memories, versions, grants and keys are exactly as they were.
+
+The table covers the semantic cache (A's cube and A's cached answer, by id in bodies and query
+strings) and KV activations (A's memory and activation in paths, query strings and generation
+requests); the app runs a tiny random causal LM so those requests reach past "no model configured".
 """
 
 from __future__ import annotations
@@ -21,9 +25,21 @@ from httpx import Response
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from memos.kv.spec import ModelSpec
+from memos.settings import Settings
 from tests.conftest import Agent, Factory, Tenant, bearer
 
 Client = TestClient[Litestar]
+MODEL = "tiny"
+A_QUESTION = "What is the code of A's vault?"
+
+
+@pytest.fixture(scope="module")
+def settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    from memos.kv.maker import make_model
+
+    path = make_model(tmp_path_factory.mktemp("models") / MODEL, "llama", "tiny", seed=7)
+    return dataclasses.replace(settings, models={MODEL: ModelSpec(name=MODEL, path=path)})
 
 
 @dataclasses.dataclass
@@ -39,6 +55,8 @@ class World:
     b_agent: Agent  # owns B's cube
     b_cube: dict[str, Any]
     b_mem: dict[str, Any]
+    a_entry: dict[str, Any]  # a cached answer in A's cube
+    a_act: dict[str, Any]  # the KV activation of a_mem
 
     def key_of(self, caller: str) -> tuple[str, str, bool]:
         """(key, agent id, is admin) of a caller name."""
@@ -77,7 +95,18 @@ def world(client: Client, factory: Factory) -> World:
     b_agent = factory.agent(b)
     b_cube = factory.cube(b_agent.key)
     b_mem = factory.memory(b_agent.key, b_cube["id"], "B's fact")
-    return World(a, a_owner, a_reader, a_outsider, a_cube, a_mem, a_child, b, b_agent, b_cube, b_mem)
+    owner = bearer(a_owner.key)
+    r = client.post(
+        "/v1/cache",
+        json={"cube_id": a_cube["id"], "query": A_QUESTION, "response": "A's vault code is 4711"},
+        headers=owner,
+    )
+    assert r.status_code == 201, r.text
+    a_entry = r.json()
+    r = client.post(f"/v1/memories/{a_mem['id']}/activations", json={"model": MODEL}, headers=owner)
+    assert r.status_code == 201, r.text
+    a_act = r.json()
+    return World(a, a_owner, a_reader, a_outsider, a_cube, a_mem, a_child, b, b_agent, b_cube, b_mem, a_entry, a_act)
 
 
 def fill(template: Any, values: dict[str, str]) -> Any:
@@ -128,6 +157,11 @@ def snapshot(client: Client, w: World) -> dict[str, Any]:
         "owner_key": client.get("/v1/agents/me", headers=owner).status_code,
         "b_mem_version": client.get(f"/v1/memories/{w.b_mem['id']}", headers=bearer(w.b_agent.key)).json()["version"],
         "b_cube_stats": client.get(f"/v1/cubes/{w.b_cube['id']}", headers=bearer(w.b_agent.key)).json()["stats"],
+        "cache_stats": get(f"/v1/cache/stats?cube_id={w.a_cube['id']}"),
+        "cache_config": get(f"/v1/cache/config?cube_id={w.a_cube['id']}"),
+        "entry": get(f"/v1/memories/{w.a_entry['id']}"),
+        "activation": get(f"/v1/activations/{w.a_act['id']}"),
+        "activations": get(f"/v1/memories/{w.a_mem['id']}/activations"),
     }
     assert state["mem"]["version"] == 2
     assert state["reader_sees_cube"] == 200
@@ -153,12 +187,14 @@ def placeholders(w: World, caller_id: str) -> dict[str, str]:
         "a_admin_key": w.a.admin_key.split("_")[1],
         "b_cube": w.b_cube["id"],
         "b_mem": w.b_mem["id"],
+        "entry": w.a_entry["id"],
+        "act": w.a_act["id"],
         "me": caller_id,
     }
 
 
 # A's ids replaced by ids that name nothing: what a caller sees when there is nothing to find.
-_GHOSTED = ("cube", "mem", "child", "a_agent", "a_reader", "a_admin")
+_GHOSTED = ("cube", "mem", "child", "a_agent", "a_reader", "a_admin", "entry", "act")
 
 MEMORY_IN = {"kind": "plaintext", "content": "planted by a stranger"}
 IF_MATCH_CURRENT = {"If-Match": '"2"'}
@@ -247,6 +283,70 @@ ROWS: list[tuple[str, str, str, Any, dict[str, str], bool]] = [
         {"If-Match": "*"},
         False,
     ),
+    # the semantic cache: A's cube in bodies and query strings, A's cached answer by id
+    ("cache-lookup", "POST", "/v1/cache/lookup", {"cube_id": "{cube}", "query": A_QUESTION}, {}, False),
+    (
+        "cache-store",
+        "POST",
+        "/v1/cache",
+        {"cube_id": "{cube}", "query": A_QUESTION, "response": "planted by a stranger"},
+        {},
+        False,
+    ),
+    (
+        "cache-feedback",
+        "POST",
+        "/v1/cache/feedback",
+        {"memory_id": "{entry}", "query": A_QUESTION, "correct": False},
+        {},
+        False,
+    ),
+    ("cache-invalidate", "DELETE", "/v1/cache?cube_id={cube}", None, {}, False),
+    ("cache-invalidate-old", "DELETE", "/v1/cache?cube_id={cube}&category=default&older_than=0", None, {}, False),
+    ("cache-stats", "GET", "/v1/cache/stats?cube_id={cube}", None, {}, False),
+    ("cache-config", "GET", "/v1/cache/config?cube_id={cube}", None, {}, False),
+    (
+        "cache-configure",
+        "PUT",
+        "/v1/cache/config",
+        {"cube_id": "{cube}", "categories": {"chat": {"threshold": 0.9}}},
+        {},
+        False,
+    ),
+    ("entry-as-memory", "GET", "/v1/memories/{entry}", None, {}, False),
+    ("delete-entry", "DELETE", "/v1/memories/{entry}", None, {}, False),
+    # KV activations and generation
+    ("build-activation", "POST", "/v1/memories/{mem}/activations", {"model": MODEL}, {}, False),
+    ("list-activations", "GET", "/v1/memories/{mem}/activations", None, {}, False),
+    ("get-activation", "GET", "/v1/activations/{act}", None, {}, False),
+    ("download-kv", "GET", "/v1/activations/{act}/kv", None, {}, False),
+    ("activation-as-memory", "GET", "/v1/memories/{act}", None, {}, False),
+    ("import-kv", "POST", "/v1/activations/import?memory_id={mem}&model=" + MODEL, {}, {}, False),
+    (
+        "generate-with-a-memory",
+        "POST",
+        "/v1/generate",
+        {"model": MODEL, "prompt": "Tell me.", "memory_ids": ["{mem}"], "max_new_tokens": 1},
+        {},
+        False,
+    ),
+    (
+        "generate-searching-a-cube",
+        "POST",
+        "/v1/generate",
+        {"model": MODEL, "prompt": "Tell me.", "search": {"query": "fact", "cube_ids": ["{cube}"]}},
+        {},
+        False,
+    ),
+    ("search-a-cube", "POST", "/v1/search", {"query": "fact", "cube_ids": ["{cube}"]}, {}, False),
+    (
+        "search-a-cube-graph",
+        "POST",
+        "/v1/search",
+        {"query": "fact", "cube_ids": ["{cube}"], "mode": "graph"},
+        {},
+        False,
+    ),
     # agents and keys
     ("rotate-a-key", "POST", "/v1/agents/{a_agent}/keys", None, {}, True),
     ("rotate-a-admin-key", "POST", "/v1/agents/{a_admin}/keys", None, {}, True),
@@ -329,7 +429,15 @@ def test_the_setup_is_what_the_table_assumes(client: Client, world: World) -> No
         for headers in (owner, reader, bearer(world.a.admin_key)):
             assert client.get(path, headers=headers).status_code == 200, path
     graph = client.get(f"/v1/memories/{world.a_mem['id']}/provenance", headers=owner).json()
-    assert {n["memory_id"] for n in graph["nodes"]} == {world.a_mem["id"], world.a_child["id"]}
+    # The child and the KV activation are both derived from A's memory.
+    assert {n["memory_id"] for n in graph["nodes"]} == {world.a_mem["id"], world.a_child["id"], world.a_act["id"]}
+    for path in (
+        f"/v1/activations/{world.a_act['id']}",
+        f"/v1/memories/{world.a_mem['id']}/activations",
+        f"/v1/cache/stats?cube_id={world.a_cube['id']}",
+        f"/v1/memories/{world.a_entry['id']}",
+    ):
+        assert client.get(path, headers=reader).status_code == 200, path
     # B reaches its own.
     assert client.get(f"/v1/memories/{world.b_mem['id']}", headers=bearer(world.b_agent.key)).status_code == 200
     assert client.get(f"/v1/memories/{world.b_mem['id']}", headers=bearer(world.b.admin_key)).status_code == 200
@@ -445,3 +553,33 @@ def test_foreign_memory_ids_in_bodies_are_404(
     assert (snapshot(client, world), _links_touching_a(database_url, world)) == baseline
     b_view = client.get(f"/v1/memories/{world.b_mem['id']}", headers=bearer(world.b_agent.key))
     assert b_view.json()["version"] == 1
+
+
+@pytest.mark.parametrize("caller", ["b_admin", "b_agent", "a_outsider"])
+def test_nothing_of_a_leaks_into_search_cache_or_generation(client: Client, world: World, caller: str) -> None:
+    """Requests that name no foreign id at all (whole-scope search, a lookup of A's exact question in one's
+    own cube, generation from a search) never bring back A's memories, answers or KV."""
+    key, _, _ = world.key_of(caller)
+    headers = bearer(key)
+    own = client.post("/v1/cubes", json={"name": f"own-{uuid.uuid4().hex[:8]}"}, headers=headers)
+    assert own.status_code == 201, own.text
+    cube_id = own.json()["id"]
+    a_ids = {world.a_mem["id"], world.a_child["id"], world.a_entry["id"], world.a_act["id"]}
+    for mode in ("vector", "text", "hybrid", "graph"):
+        for query in ("A's fact, revised", A_QUESTION, "vault code 4711"):
+            r = client.post("/v1/search", json={"query": query, "mode": mode, "k": 50}, headers=headers)
+            assert r.status_code == 200, r.text
+            assert not a_ids & {hit["memory"]["id"] for hit in r.json()["results"]}, (mode, query)
+            assert "A's" not in r.text
+    r = client.post("/v1/cache/lookup", json={"cube_id": cube_id, "query": A_QUESTION}, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["hit"] is False and "4711" not in r.text
+    r = client.post(
+        "/v1/generate",
+        json={"model": MODEL, "prompt": "Tell me.", "search": {"query": "A's fact"}, "max_new_tokens": 1},
+        headers=headers,
+    )
+    assert r.status_code == 200, r.text
+    assert not a_ids & set(r.json()["memory_ids"]) and not r.json()["activations_used"]
+    stats = client.get(f"/v1/cache/stats?cube_id={cube_id}", headers=headers).json()
+    assert stats["entries"] == 0

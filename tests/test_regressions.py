@@ -226,3 +226,96 @@ def test_a_response_query_must_be_text_on_update_too(client, factory: Factory) -
     )
     assert r.status_code == 422
     assert r.json()["errors"][0]["field"] == "metadata.query"
+
+
+# ---- found by the schemathesis fuzz run (tests/test_fuzz.py) ----
+
+
+def test_version_numbers_past_the_column_range_are_404_or_422_naming_the_field(client, factory: Factory) -> None:
+    """They reached Postgres and came back as a DataError: 422 'out of range' naming no field."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    m = factory.memory(tenant.admin_key, cube["id"], "versioned")
+    auth = bearer(tenant.admin_key)
+    for n in (2**31, 2**63 + 5, -(2**70), 0):
+        r = client.get(f"/v1/memories/{m['id']}/versions/{n}", headers=auth)
+        assert r.status_code == 404, (n, r.text)
+    r = client.post(f"/v1/memories/{m['id']}/restore", json={"version": 2**40}, headers=auth)
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "version"
+    body = {
+        "kind": "plaintext",
+        "content": "x",
+        "provenance": {"derived_from": [{"memory_id": m["id"], "version": 2**31}]},
+    }
+    r = client.post(f"/v1/cubes/{cube['id']}/memories", json=body, headers=auth)
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "provenance.derived_from[0].version"
+
+
+def _operations(spec: dict) -> list[tuple[str, str, dict]]:
+    return [
+        (method, path, op)
+        for path, item in spec["paths"].items()
+        for method, op in item.items()
+        if method in ("get", "put", "post", "delete", "patch")
+    ]
+
+
+def test_openapi_documents_every_error_as_problem_json(client) -> None:
+    """Litestar documented a 400 body memos never sends, and none of 401/403/404/409/412/413/422/428/503."""
+    spec = client.get("/schema/openapi.json").json()
+    assert {"type", "title", "status", "detail"} <= set(spec["components"]["schemas"]["Problem"]["required"])
+    for method, path, op in _operations(spec):
+        codes = {int(c) for c in op["responses"]}
+        for code in codes:
+            if code >= 400:
+                content = op["responses"][str(code)]["content"]
+                assert list(content) == ["application/problem+json"], (method, path, code)
+        if path.startswith("/v1/"):
+            assert {401, 403, 429, 503} <= codes, (method, path)
+        if "requestBody" in op:
+            assert {400, 413, 422} <= codes, (method, path)
+        if "{" in path:
+            assert 404 in codes, (method, path)
+    patch = spec["paths"]["/v1/memories/{memory_id}"]["patch"]
+    assert {"412", "428"} <= set(patch["responses"])
+    assert "ETag" in patch["responses"]["200"]["headers"]
+    if_match = next(p for p in patch["parameters"] if p["name"] == "If-Match")
+    assert if_match["required"] is True
+    assert if_match["schema"] == {"type": "string", "description": if_match["description"]}
+    assert "Retry-After" in patch["responses"]["429"]["headers"]
+
+
+def test_openapi_states_the_rules_msgspec_enforces(client) -> None:
+    """Request bodies refuse unknown fields, and tags must be 1..128 characters: the document said neither."""
+    schemas = client.get("/schema/openapi.json").json()["components"]["schemas"]
+    for name in ("MemoryIn", "MemoryPatch", "BatchIn", "CubeIn", "CubePatch", "SearchRequest", "RestoreIn", "LinkIn"):
+        assert schemas[name]["additionalProperties"] is False, name
+    assert "additionalProperties" not in schemas["Memory"]
+    assert schemas["MemoryIn"]["properties"]["tags"]["items"] == {"type": "string", "minLength": 1, "maxLength": 128}
+    assert schemas["RestoreIn"]["properties"]["version"]["maximum"] == 2**31 - 1
+
+
+def test_blank_text_means_the_same_to_the_published_schema_and_the_server(client, factory: Factory) -> None:
+    """Found by the fuzz suite: "\\u0085" is whitespace to Python's regex but not to JSON Schema's, so it
+    passed the document's ``\\S`` pattern and got 422 from the server (a schema-valid request refused)."""
+    import jsonschema_rs
+
+    tenant = factory.tenant()
+    document = client.get("/schema/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    patterns = {
+        json.dumps(p)
+        for schema in schemas.values()
+        for p in [prop.get("pattern") for prop in schema.get("properties", {}).values()]
+        if p is not None and "s" in p and p.startswith("[^")
+    }
+    assert patterns, "no non-blank pattern found in the served document"
+    for blank in ("\u0085\u0085", "\ufeff", " \x1c\x1f ", "\u3000"):
+        for pattern in patterns:
+            assert not jsonschema_rs.is_valid({"type": "string", "pattern": json.loads(pattern)}, blank)
+        r = client.post("/v1/search", json={"query": blank}, headers=bearer(tenant.admin_key))
+        assert r.status_code == 422, r.text
+        r = client.post("/v1/cubes", json={"name": blank}, headers=bearer(tenant.admin_key))
+        assert r.status_code == 422, r.text

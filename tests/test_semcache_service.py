@@ -7,6 +7,8 @@ isolation and bad input. Examples are written for this file, not taken from the 
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -334,6 +336,17 @@ def test_while_the_index_builds_lookups_use_pgvector(
     key = tenant.admin_key
     service = other_process.app.state.semcache
     service.build_wait = 0.0  # answer at once instead of waiting for the build
+    # Hold every build until the end of the test: under load a two-entry build could otherwise finish
+    # between lookups, and the test would not be about the building phase any more.
+    indexes = service.indexes
+    real_build = indexes._build
+    released = threading.Event()
+
+    async def held_build(state: Any) -> None:
+        await asyncio.to_thread(released.wait, 60)  # set from the test's thread
+        await real_build(state)
+
+    indexes._build = held_build
     try:
         kept = store(other_process, key, cube, "Which platform does the Oxford train leave from?", "Platform 4.")
         gone = store(other_process, key, cube, "Which platform does the Bath train leave from?", "Platform 9.")
@@ -354,6 +367,8 @@ def test_while_the_index_builds_lookups_use_pgvector(
         )
         assert r.status_code == 404
     finally:
+        released.set()
+        indexes._build = real_build
         service.build_wait = 0.05
     assert indexed_lookup(other_process, key, cube, "What platform does the Oxford train leave from?")["hit"] is True
 

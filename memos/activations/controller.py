@@ -9,8 +9,8 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from memos.activations import schemas
 from memos.deps import Activations, CurrentPrincipal
-from memos.errors import Invalid
 from memos.http import Cursor, Limit, parse_id
+from memos.openapi import errors
 from memos.pagination import DEFAULT_LIMIT, Page
 
 KV_MEDIA_TYPE = "application/octet-stream"
@@ -36,6 +36,7 @@ class ActivationController(Controller):
     @post(
         "/memories/{memory_id:str}/activations",
         summary="Build the memory's KV for a model now (201), or return the fresh one that exists (200)",
+        responses=errors(409),
     )
     async def build_activation(
         self,
@@ -68,6 +69,7 @@ class ActivationController(Controller):
         "/activations/{activation_id:str}/kv",
         summary="The activation's memos-kv/1 file (safetensors), checksum-verified before it is sent",
         media_type=KV_MEDIA_TYPE,
+        responses=errors(409),
     )
     async def download_kv(
         self, activation_id: FromPath[str], principal: CurrentPrincipal, activations: Activations
@@ -78,7 +80,12 @@ class ActivationController(Controller):
             headers["X-Memos-Repaired"] = "rebuilt after the stored file failed its checksum"
         return Response(data, media_type=KV_MEDIA_TYPE, headers=headers)
 
-    @post("/generate", status_code=200, summary="Generate on top of memories, reusing their stored KV")
+    @post(
+        "/generate",
+        status_code=200,
+        summary="Generate on top of memories, reusing their stored KV",
+        responses=errors(404, 409),
+    )
     async def generate(
         self, data: JSONBody[schemas.GenerateIn], principal: CurrentPrincipal, activations: Activations
     ) -> schemas.Generation:
@@ -94,19 +101,16 @@ class ActivationImportController(Controller):
     @post(
         "/",
         summary="Import a memos-kv/1 file for a memory (format, checksum, fingerprint, shapes and tokens checked)",
+        responses=errors(404, 409),
     )
     async def import_kv(
         self,
         request: Request[Any, Any, Any],
         principal: CurrentPrincipal,
         activations: Activations,
-        memory_id: Annotated[str | None, QueryParameter(description="The memory the KV is of (required)")] = None,
-        model: Annotated[str | None, QueryParameter(description="A configured model name (required)")] = None,
+        memory_id: Annotated[str, QueryParameter(description="The memory the KV is of")],
+        model: Annotated[str, QueryParameter(description="A configured model name")],
     ) -> Response[schemas.Activation]:
-        if memory_id is None:
-            raise Invalid.field("memory_id", "required: the memory this KV is of")
-        if model is None:
-            raise Invalid.field("model", "required: the configured model the KV was built with")
         body = await request.body()
         activation, created = await activations.import_file(principal, parse_id(memory_id, "memory"), model, body)
         return Response(activation, status_code=201 if created else 200)

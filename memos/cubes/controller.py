@@ -8,6 +8,7 @@ from litestar.params import FromPath, JSONBody
 from memos.cubes import schemas
 from memos.deps import Cubes, CurrentPrincipal
 from memos.http import Cursor, Limit, parse_id
+from memos.openapi import errors
 from memos.pagination import DEFAULT_LIMIT, Page
 
 
@@ -15,7 +16,7 @@ class CubeController(Controller):
     path = "/v1/cubes"
     tags = ["cubes"]
 
-    @post("/", summary="Create a cube owned by the caller")
+    @post("/", summary="Create a cube owned by the caller", responses=errors(409))
     async def create_cube(
         self, data: JSONBody[schemas.CubeIn], principal: CurrentPrincipal, cubes: Cubes
     ) -> schemas.Cube:
@@ -35,7 +36,7 @@ class CubeController(Controller):
     async def get_cube(self, cube_id: FromPath[str], principal: CurrentPrincipal, cubes: Cubes) -> schemas.Cube:
         return await cubes.get(principal, parse_id(cube_id, "cube"))
 
-    @patch("/{cube_id:str}", summary="Rename or describe a cube (owner or tenant admin)")
+    @patch("/{cube_id:str}", summary="Rename or describe a cube (owner or tenant admin)", responses=errors(409))
     async def update_cube(
         self,
         cube_id: FromPath[str],

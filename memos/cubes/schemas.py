@@ -8,7 +8,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"\S")]
+from memos.validation import NON_BLANK
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NON_BLANK)]
 Description = Annotated[str, msgspec.Meta(max_length=10_000)]
 
 

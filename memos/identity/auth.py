@@ -1,4 +1,4 @@
-"""Bearer-key authentication for every ``/v1`` route, as a router guard.
+"""Bearer-key authentication (and the per-key rate limit) for every ``/v1`` route, as a router guard.
 
 A guard rather than a middleware: guards run inside Litestar's handler error mapping, so a 401 is
 answered like every other error (problem+json, ``X-Request-ID``, the right status in the access log).
@@ -13,6 +13,7 @@ from litestar.handlers.base import BaseRouteHandler
 
 from memos.errors import Unauthorized
 from memos.identity.principal import Principal
+from memos.identity.ratelimit import RateLimiter
 from memos.identity.service import IdentityService
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="memos"'}
@@ -28,6 +29,9 @@ async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], _: Bas
     principal = await identity.authenticate(token.strip())
     if principal is None:
         raise Unauthorized("the API key is not valid (unknown or revoked)", headers=_CHALLENGE)
+    limiter: RateLimiter | None = connection.app.state.rate_limiter
+    if limiter is not None:
+        limiter.check(principal)
     connection.state.principal = principal
 
 

@@ -9,6 +9,7 @@ from memos.deps import CurrentPrincipal, Identity
 from memos.errors import Forbidden
 from memos.http import Cursor, Limit, parse_id
 from memos.identity import schemas
+from memos.openapi import errors
 from memos.pagination import DEFAULT_LIMIT, Page
 
 
@@ -16,7 +17,7 @@ class IdentityController(Controller):
     path = "/v1"
     tags = ["identity"]
 
-    @post("/tenants", summary="Create a tenant (operator key only); returns its admin key once")
+    @post("/tenants", summary="Create a tenant (operator key only); returns its admin key once", responses=errors(409))
     async def create_tenant(
         self, data: JSONBody[schemas.TenantIn], principal: CurrentPrincipal, identity: Identity
     ) -> schemas.TenantCreated:
@@ -24,7 +25,11 @@ class IdentityController(Controller):
             raise Forbidden("only the operator key creates tenants")
         return await identity.create_tenant(principal, data)
 
-    @post("/agents", summary="Create an agent or admin of the caller's tenant; returns its key once")
+    @post(
+        "/agents",
+        summary="Create an agent or admin of the caller's tenant; returns its key once",
+        responses=errors(409),
+    )
     async def create_agent(
         self, data: JSONBody[schemas.AgentIn], principal: CurrentPrincipal, identity: Identity
     ) -> schemas.AgentCreated:

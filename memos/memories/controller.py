@@ -10,9 +10,10 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from memos.deps import CurrentPrincipal, Memories
 from memos.errors import PreconditionRequired
-from memos.http import Cursor, IfMatch, Limit, etag, parse_id, parse_if_match
+from memos.http import Cursor, IfMatch, Limit, RequiredIfMatch, etag, parse_id, parse_if_match
 from memos.memories import schemas
 from memos.memories.service import ListFilters
+from memos.openapi import ETAG, errors
 from memos.pagination import DEFAULT_LIMIT, Page
 
 KindFilter = Literal["plaintext", "response", "activation"]
@@ -27,7 +28,7 @@ class MemoryController(Controller):
     path = "/v1"
     tags = ["memories"]
 
-    @post("/cubes/{cube_id:str}/memories", summary="Add a memory to a cube (version 1)")
+    @post("/cubes/{cube_id:str}/memories", summary="Add a memory to a cube (version 1)", response_headers=[ETAG])
     async def create_memory(
         self,
         cube_id: FromPath[str],
@@ -68,7 +69,7 @@ class MemoryController(Controller):
         )
         return await memories.list(principal, parse_id(cube_id, "cube"), filters, limit, cursor)
 
-    @get("/memories/{memory_id:str}", summary="Read a memory's current version")
+    @get("/memories/{memory_id:str}", summary="Read a memory's current version", response_headers=[ETAG])
     async def get_memory(
         self,
         memory_id: FromPath[str],
@@ -78,21 +79,30 @@ class MemoryController(Controller):
     ) -> Response[schemas.Memory]:
         return _with_etag(await memories.get(principal, parse_id(memory_id, "memory"), include_expired))
 
-    @patch("/memories/{memory_id:str}", summary="Change a memory: a new version (If-Match required)")
+    @patch(
+        "/memories/{memory_id:str}",
+        summary="Change a memory: a new version (If-Match required)",
+        response_headers=[ETAG],
+        responses=errors(412, 428),
+    )
     async def update_memory(
         self,
         memory_id: FromPath[str],
         data: JSONBody[schemas.MemoryPatch],
         principal: CurrentPrincipal,
         memories: Memories,
-        if_match: IfMatch = None,
+        if_match: RequiredIfMatch = None,
     ) -> Response[schemas.Memory]:
         if if_match is None:
             raise PreconditionRequired('send If-Match with the ETag of the version you read, e.g. If-Match: "3"')
         memory = await memories.update(principal, parse_id(memory_id, "memory"), data, parse_if_match(if_match))
         return _with_etag(memory)
 
-    @delete("/memories/{memory_id:str}", summary="Soft-delete a memory; ?purge=true (tenant admin) erases it")
+    @delete(
+        "/memories/{memory_id:str}",
+        summary="Soft-delete a memory; ?purge=true (tenant admin) erases it",
+        responses=errors(412),
+    )
     async def delete_memory(
         self,
         memory_id: FromPath[str],
@@ -120,7 +130,13 @@ class MemoryController(Controller):
     ) -> schemas.Version:
         return await memories.version(principal, parse_id(memory_id, "memory"), n)
 
-    @post("/memories/{memory_id:str}/restore", status_code=200, summary="A new version equal to an old one")
+    @post(
+        "/memories/{memory_id:str}/restore",
+        status_code=200,
+        summary="A new version equal to an old one",
+        response_headers=[ETAG],
+        responses=errors(412),
+    )
     async def restore(
         self,
         memory_id: FromPath[str],

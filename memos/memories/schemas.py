@@ -10,6 +10,8 @@ import msgspec
 
 MAX_BATCH = 1000
 MAX_TAGS = 64
+MAX_VERSION = 2**31 - 1
+"""Versions are a Postgres ``integer``; a larger number names no version (and must not reach the database)."""
 
 Content = Annotated[str, msgspec.Meta(min_length=1)]
 Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -17,6 +19,7 @@ Tags = Annotated[list[Tag], msgspec.Meta(max_length=MAX_TAGS)]
 LinkType = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_.:-]*$")]
 Ttl = Annotated[int, msgspec.Meta(ge=1, le=10 * 365 * 24 * 3600)]
 ShortText = Annotated[str, msgspec.Meta(max_length=2000)]
+VersionNumber = Annotated[int, msgspec.Meta(ge=1, le=MAX_VERSION)]
 
 Kind = Literal["plaintext", "response"]
 State = Literal["active", "archived", "deleted"]
@@ -24,7 +27,7 @@ State = Literal["active", "archived", "deleted"]
 
 class DerivedFrom(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     memory_id: uuid.UUID
-    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    version: VersionNumber | None = None
     """Defaults to the source's current version at write time."""
 
 
@@ -68,7 +71,7 @@ class MemoryPatch(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RestoreIn(msgspec.Struct, forbid_unknown_fields=True):
-    version: Annotated[int, msgspec.Meta(ge=1)]
+    version: VersionNumber
 
 
 class Memory(msgspec.Struct):

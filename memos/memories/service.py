@@ -471,6 +471,9 @@ class MemoryService:
     async def version(self, principal: Principal, memory_id: uuid.UUID, n: int) -> schemas.Version:
         async with self.db.read() as conn:
             await self._load(conn, principal, memory_id, "read")
+            if not 1 <= n <= schemas.MAX_VERSION:
+                # Found by fuzzing: a number past the column's range was a DataError (422), not "no such version".
+                raise NotFound(f"this memory has no version {n}")
             row = (
                 await conn.execute(
                     select(memory_versions).where(

@@ -6,6 +6,7 @@ from litestar import Controller, post
 from litestar.params import JSONBody
 
 from memos.deps import CurrentPrincipal, Search
+from memos.openapi import errors
 from memos.search import schemas
 
 
@@ -13,7 +14,12 @@ class SearchController(Controller):
     path = "/v1/search"
     tags = ["search"]
 
-    @post("/", status_code=200, summary="Find memories: vector, text, hybrid (default) or graph-augmented")
+    @post(
+        "/",
+        status_code=200,
+        summary="Find memories: vector, text, hybrid (default) or graph-augmented",
+        responses=errors(404),  # a cube_ids entry the caller cannot read
+    )
     async def search(
         self, data: JSONBody[schemas.SearchRequest], principal: CurrentPrincipal, search: Search
     ) -> schemas.SearchResponse:

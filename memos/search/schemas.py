@@ -9,11 +9,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from memos.memories.schemas import Memory
+from memos.validation import NON_BLANK
 
 MAX_K = 200
 
 Mode = Literal["vector", "text", "hybrid", "graph"]
-Query = Annotated[str, msgspec.Meta(min_length=1, max_length=4000, pattern=r"\S")]
+Query = Annotated[str, msgspec.Meta(min_length=1, max_length=4000, pattern=NON_BLANK)]
 
 
 class SearchRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -10,12 +10,16 @@ from litestar.params import JSONBody, QueryParameter
 from memos.deps import CurrentPrincipal, SemCache
 from memos.http import etag, parse_id
 from memos.memories import schemas as memory_schemas
+from memos.openapi import errors
 from memos.semcache import schemas
 
 CubeId = Annotated[str, QueryParameter(description="The cube's id")]
+# An int defaulting to 0 ("any age"), not an optional one: Litestar documents no lower bound of 0 on an optional.
 OlderThan = Annotated[
-    int | None,
-    QueryParameter(ge=0, le=10 * 365 * 24 * 3600, description="Only entries stored at least this many seconds ago"),
+    int,
+    QueryParameter(
+        ge=0, le=10 * 365 * 24 * 3600, description="Only entries stored at least this many seconds ago (0: any age)"
+    ),
 ]
 
 
@@ -23,46 +27,67 @@ class CacheController(Controller):
     path = "/v1/cache"
     tags = ["cache"]
 
-    @post("/lookup", status_code=200, summary="Serve a cached answer for a query, or miss; says why")
+    @post(
+        "/lookup",
+        status_code=200,
+        responses=errors(404),
+        summary="Serve a cached answer for a query, or miss; says why",
+    )
     async def lookup(
         self, data: JSONBody[schemas.LookupIn], principal: CurrentPrincipal, semcache: SemCache
     ) -> schemas.LookupOut:
         return await semcache.lookup(principal, data)
 
-    @post("/", summary="Cache an answer: a response memory (version 1)")
+    @post("/", responses=errors(404), summary="Cache an answer: a response memory (version 1)")
     async def store(
         self, data: JSONBody[schemas.StoreIn], principal: CurrentPrincipal, semcache: SemCache
     ) -> Response[memory_schemas.Memory]:
         memory = await semcache.store(principal, data)
         return Response(memory, status_code=201, headers={"ETag": etag(memory.version)})
 
-    @post("/feedback", status_code=204, summary="Report a served answer as right or wrong (adapts thresholds)")
+    @post(
+        "/feedback",
+        status_code=204,
+        responses=errors(404),
+        summary="Report a served answer as right or wrong (adapts thresholds)",
+    )
     async def feedback(
         self, data: JSONBody[schemas.FeedbackIn], principal: CurrentPrincipal, semcache: SemCache
     ) -> None:
         await semcache.feedback(principal, data)
 
-    @delete("/", status_code=200, summary="Invalidate a cube's cached answers (all, one category, or by age)")
+    @delete(
+        "/",
+        status_code=200,
+        responses=errors(404),
+        summary="Invalidate a cube's cached answers (all, one category, or by age)",
+    )
     async def invalidate(
         self,
         cube_id: CubeId,
         principal: CurrentPrincipal,
         semcache: SemCache,
         category: Annotated[str | None, QueryParameter(min_length=1, max_length=64)] = None,
-        older_than: OlderThan = None,
+        older_than: OlderThan = 0,
     ) -> schemas.Invalidated:
-        count = await semcache.invalidate(principal, parse_id(cube_id, "cube"), category, older_than)
+        count = await semcache.invalidate(principal, parse_id(cube_id, "cube"), category, older_than or None)
         return schemas.Invalidated(invalidated=count)
 
-    @get("/stats", summary="Per category: entries, hits, misses, reported false hits, threshold, TTL")
+    @get(
+        "/stats",
+        responses=errors(404),
+        summary="Per category: entries, hits, misses, reported false hits, threshold, TTL",
+    )
     async def stats(self, cube_id: CubeId, principal: CurrentPrincipal, semcache: SemCache) -> schemas.StatsOut:
         return await semcache.stats(principal, parse_id(cube_id, "cube"))
 
-    @get("/config", summary="A cube's cache categories: thresholds, TTLs, context policy, quotas")
+    @get(
+        "/config", responses=errors(404), summary="A cube's cache categories: thresholds, TTLs, context policy, quotas"
+    )
     async def get_config(self, cube_id: CubeId, principal: CurrentPrincipal, semcache: SemCache) -> schemas.ConfigOut:
         return await semcache.get_config(principal, parse_id(cube_id, "cube"))
 
-    @put("/config", summary="Replace a cube's cache categories (owner or tenant admin)")
+    @put("/config", responses=errors(404), summary="Replace a cube's cache categories (owner or tenant admin)")
     async def put_config(
         self, data: JSONBody[schemas.ConfigIn], principal: CurrentPrincipal, semcache: SemCache
     ) -> schemas.ConfigOut:

@@ -145,13 +145,15 @@ class SemCacheService:
     # -- shared checks ------------------------------------------------------------------------------
 
     async def _state(self, principal: Principal, cube_id: uuid.UUID, needed: str = "read") -> CubeState:
-        """The cube's cache state; on first use in this process, only after checking the caller's access."""
-        state = self.indexes.peek(cube_id)
-        if state is None:
-            async with self.db.read() as conn:
-                await cube_access(conn, principal, cube_id, "read" if needed == "read" else "write")
-            state = await self.indexes.state(cube_id)
-        return state
+        """The cube's cache state, after checking the caller's access, every time.
+
+        The check comes before anything else the request would cause (embedding the query, building or
+        searching the cube's index): a caller without access must get the 404 of an id that names
+        nothing, as fast, and must not warm another tenant's index. It costs one indexed read.
+        """
+        async with self.db.read() as conn:
+            await cube_access(conn, principal, cube_id, "read" if needed == "read" else "write")
+        return await self.indexes.state(cube_id)
 
     async def _category(self, principal: Principal, cube_id: uuid.UUID, policy: CachePolicy, name: str | None) -> str:
         """The category a request names (or the cube's default); an unknown one is a 422 listing the known ones.

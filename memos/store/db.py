@@ -25,6 +25,31 @@ from memos.store.urls import sqlalchemy_url
 log = logging.getLogger(__name__)
 
 
+CONNECT_TIMEOUT_S = 5
+"""How long opening a connection may take: a server that accepts and never answers is a 503, not a hang."""
+
+POOL_TIMEOUT_S = 10
+"""How long a request waits for a pooled connection before 503."""
+
+
+def create_engine(url: str, pool_size: int) -> AsyncEngine:
+    return create_async_engine(
+        sqlalchemy_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_timeout=POOL_TIMEOUT_S,
+        # A pooled connection is checked (one round trip) before use: after Postgres restarts while the
+        # service is idle, every pooled connection is dead, and without this the first request after
+        # the restart got a 503 (found by tests/test_faults.py).
+        pool_pre_ping=True,
+        connect_args={
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            # Timestamps leave Postgres in UTC, whatever the server's default zone.
+            "options": "-c TimeZone=UTC",
+        },
+    )
+
+
 class SchemaOutOfDate(RuntimeError):
     """The external database's schema is not the one this code knows."""
 
@@ -57,14 +82,7 @@ class Database:
                     f"database schema is at {current or 'nothing'}, this memos needs {self.head}: "
                     "run `memos admin migrate` first"
                 )
-        self._engine = create_async_engine(
-            sqlalchemy_url(self.url),
-            pool_size=self.settings.db_pool_size,
-            max_overflow=self.settings.db_pool_size,
-            pool_timeout=10,
-            # Timestamps leave Postgres in UTC, whatever the server's default zone.
-            connect_args={"options": "-c TimeZone=UTC"},
-        )
+        self._engine = create_engine(self.url, self.settings.db_pool_size)
 
     def _upgrade_if_needed(self, url: str) -> None:
         if migrations.current_revision(url) != self.head:
