@@ -7,13 +7,15 @@ and repair, isolation, and generation on top of stored KV compared with a full p
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import psycopg
 import pytest
 from conftest import OPERATOR_KEY, Factory, Tenant, bearer
 from litestar import Litestar
@@ -22,6 +24,7 @@ from litestar.testing import TestClient
 from memos.app import create_app
 from memos.kv.spec import ModelSpec
 from memos.settings import Settings
+from memos.store.blobs import LocalBlobStore
 
 MODEL = "tiny"
 OTHER = "tiny-other"
@@ -492,6 +495,71 @@ def test_a_corrupted_blob_is_never_served_and_is_rebuilt(client, app, factory, t
     assert all(float((x - y).abs().max()) <= 1e-5 for x, y in zip(rebuilt.keys, before.keys, strict=True))
     now = client.get(f"/v1/activations/{act['id']}", headers=bearer(key)).json()
     assert now["sha256"] == r.headers["x-memos-sha256"] and now["corrupt"] is False
+
+
+@pytest.mark.faults
+def test_a_deleted_blob_is_reported_and_rebuilt(client, app, factory, tenant, cube, settings) -> None:
+    """Fault run 3: the KV file removed behind memos' back is detected on read, never served, and rebuilt."""
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "The storm shutters are in the shed behind the mower.")
+    act = built(client, key, m["id"])
+    original = download(client, key, act["id"])
+    blob_path(settings, act["sha256"]).unlink()
+    app.state.activations.host.clear()
+    r = client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(key))
+    assert r.status_code == 200, r.text
+    assert "x-memos-repaired" in r.headers
+    assert r.headers["x-memos-sha256"] == hashlib.sha256(r.content).hexdigest()
+    assert blob_path(settings, r.headers["x-memos-sha256"]).exists()
+    assert len(r.content) == len(original)
+    print(f"\nfault run: deleted blob detected and rebuilt ({len(r.content)} bytes)")
+
+
+class _FullDisk(LocalBlobStore):
+    """A blob store whose disk fills up after half of a file has been written."""
+
+    def _write(self, fh: BinaryIO, data: bytes) -> None:
+        fh.write(data[: len(data) // 2])
+        fh.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.faults
+def test_a_full_blob_store_is_503_and_leaves_nothing_half_written(
+    client, app, factory, tenant, cube, settings, database_url
+) -> None:
+    """Fault run 4: a full disk during a build is a clear 503 storage-full; no file, no row, no memory left."""
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "The generator runs for nine hours on a full tank.")
+    service = app.state.activations
+    real = service.blobs
+    files_before = blob_files(settings)
+    derived_before = _activation_memories(database_url, cube["id"])
+    service.blobs = _FullDisk(settings.blob_root)
+    try:
+        body = problem(build(client, key, m["id"]), 503)
+    finally:
+        service.blobs = real
+    assert body["type"].endswith("storage-full") and "no space" in body["detail"].lower()
+    assert blob_files(settings) == files_before
+    assert client.get(f"/v1/memories/{m['id']}/activations", headers=bearer(key)).json()["items"] == []
+    assert _activation_memories(database_url, cube["id"]) == derived_before
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT count(*) FROM activations WHERE memory_id = %s", (m["id"],)).fetchone()
+    assert rows == (0,)
+    # Once there is room again the same request succeeds.
+    act = built(client, key, m["id"])
+    assert blob_path(settings, act["sha256"]).exists()
+    print("\nfault run: full blob store -> 503 storage-full; no file, no activation row or memory left")
+
+
+def _activation_memories(database_url: str, cube_id: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM memories WHERE kind = 'activation' AND cube_id = %s", (cube_id,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def test_a_corrupted_blob_is_not_injected(client, app, factory, tenant, cube, settings) -> None:
