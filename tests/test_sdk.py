@@ -937,3 +937,39 @@ def test_documentation_snippets_run(
         assert "404 no such cube" in out
         assert "MemosClient(base_url='http://127.0.0.1:8000')" in out
         assert re.search(r"^cached tokens: (\d+) \1$", out, flags=re.M)
+
+
+def test_the_sdk_installs_and_imports_alone(tmp_path: Path) -> None:
+    """``pip install ./clients/python`` in a bare virtual environment: no server, no torch, and it works."""
+    import subprocess
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "-c",
+            str(REPO / "constraints.txt"),
+            str(REPO / "clients" / "python"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    probe = (
+        "import sys, memos_client\n"
+        "from memos_client import MemosClient, NotFound\n"
+        "assert not [m for m in sys.modules if m == 'memos' or m.startswith(('memos.', 'torch', 'transformers'))]\n"
+        "print(memos_client.__version__, MemosClient('http://127.0.0.1:1', api_key='k'))\n"
+    )
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "MemosClient(base_url='http://127.0.0.1:1')" in out.stdout
+    listed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
+    assert "torch" not in listed and "memos==" not in listed, listed
