@@ -420,7 +420,14 @@ def cpu_seconds(server: Server) -> dict[str, float]:
     pid_file = server.data_dir / "pg" / "postmaster.pid"
     try:
         postmaster = psutil.Process(int(pid_file.read_text().split()[0]))
-        out["postgres"] = total(postmaster) + sum(total(c) for c in postmaster.children(recursive=True))
+        # Backends come and go: a finished one's time moves into the postmaster's children_* once reaped,
+        # so live backends plus the postmaster's own and reaped children's time never goes backwards.
+        reaped = postmaster.cpu_times()
+        out["postgres"] = (
+            total(postmaster)
+            + float(reaped.children_user + reaped.children_system)
+            + sum(total(c) for c in postmaster.children(recursive=True))
+        )
     except (OSError, ValueError, IndexError, psutil.Error):
         pass
     return out
