@@ -941,8 +941,15 @@ def test_documentation_snippets_run(
 
 def test_the_sdk_installs_and_imports_alone(tmp_path: Path) -> None:
     """``pip install ./clients/python`` in a bare virtual environment: no server, no torch, and it works."""
+    import shutil
     import subprocess
 
+    # A copy: building the package writes build/ next to its sources, and the checkout stays clean.
+    source = shutil.copytree(
+        REPO / "clients" / "python",
+        tmp_path / "src",
+        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"),
+    )
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
@@ -955,7 +962,7 @@ def test_the_sdk_installs_and_imports_alone(tmp_path: Path) -> None:
             "--quiet",
             "-c",
             str(REPO / "constraints.txt"),
-            str(REPO / "clients" / "python"),
+            str(source),
         ],
         capture_output=True,
         text=True,
