@@ -72,6 +72,15 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
     )
 
 
+def with_tiny_model(settings: Settings, tmp_path_factory: pytest.TempPathFactory, name: str, seed: int) -> Settings:
+    """``settings`` plus a tiny random llama (``memos dev make-model``) configured as ``name``, for the KV paths."""
+    from memos.kv.maker import make_model
+    from memos.kv.spec import ModelSpec
+
+    path = make_model(tmp_path_factory.mktemp("models") / name, "llama", "tiny", seed=seed)
+    return dataclasses.replace(settings, models={name: ModelSpec(name=name, path=path)})
+
+
 @pytest.fixture(scope="session")
 def embedder() -> Embedder:
     """The real default embedder (all-MiniLM-L6-v2 from its wheel), loaded once and shared by every app."""

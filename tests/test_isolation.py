@@ -25,9 +25,8 @@ from httpx import Response
 from litestar import Litestar
 from litestar.testing import TestClient
 
-from memos.kv.spec import ModelSpec
 from memos.settings import Settings
-from tests.conftest import Agent, Factory, Tenant, bearer
+from tests.conftest import Agent, Factory, Tenant, bearer, with_tiny_model
 
 Client = TestClient[Litestar]
 MODEL = "tiny"
@@ -36,10 +35,7 @@ A_QUESTION = "What is the code of A's vault?"
 
 @pytest.fixture(scope="module")
 def settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    from memos.kv.maker import make_model
-
-    path = make_model(tmp_path_factory.mktemp("models") / MODEL, "llama", "tiny", seed=7)
-    return dataclasses.replace(settings, models={MODEL: ModelSpec(name=MODEL, path=path)})
+    return with_tiny_model(settings, tmp_path_factory, MODEL, seed=7)
 
 
 @dataclasses.dataclass

@@ -11,7 +11,6 @@ drop a connection on demand.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import re
 import socket
@@ -33,7 +32,7 @@ import memos_client
 import msgspec
 import pytest
 import uvicorn
-from conftest import OPERATOR_KEY, Factory
+from conftest import OPERATOR_KEY, Factory, with_tiny_model
 from litestar import Litestar
 from litestar.testing import TestClient
 from litestar.testing import transport as litestar_transport
@@ -66,7 +65,6 @@ from memos_client import (
 
 from memos.app import create_app
 from memos.embed.base import Embedder
-from memos.kv.spec import ModelSpec
 from memos.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,10 +108,7 @@ def connect(client: TestClient[Litestar]) -> Iterator[Callable[[str], MemosClien
 @pytest.fixture(scope="module")
 def settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """The shared settings plus a tiny random causal LM, so the docs' KV and generation snippets run."""
-    from memos.kv.maker import make_model
-
-    path = make_model(tmp_path_factory.mktemp("models") / DOC_MODEL, "llama", "tiny", seed=5)
-    return dataclasses.replace(settings, models={DOC_MODEL: ModelSpec(name=DOC_MODEL, path=path)})
+    return with_tiny_model(settings, tmp_path_factory, DOC_MODEL, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python
 
 import httpx
 import pytest
-from conftest import OPERATOR_KEY, Factory
+from conftest import Factory, with_tiny_model
 from litestar import Litestar
 from litestar.testing import TestClient
 from litestar.testing import transport as litestar_transport
@@ -21,7 +21,6 @@ from memos_client import Activation, AsyncMemosClient, Conflict, Generation, Inv
 
 from memos.app import create_app
 from memos.embed.base import Embedder
-from memos.kv.spec import ModelSpec
 from memos.settings import Settings
 
 MODEL = "tiny"
@@ -37,17 +36,8 @@ class InProcess(httpx.BaseTransport):
 
 
 @pytest.fixture(scope="module")
-def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    from memos.kv.maker import make_model
-
-    path = make_model(tmp_path_factory.mktemp("models") / MODEL, "llama", "tiny", seed=3)
-    return Settings(
-        database_url=database_url,
-        data_dir=tmp_path_factory.mktemp("memos-data"),
-        operator_key=OPERATOR_KEY,
-        log_level="WARNING",
-        models={MODEL: ModelSpec(name=MODEL, path=path)},
-    )
+def settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return with_tiny_model(settings, tmp_path_factory, MODEL, seed=3)
 
 
 @pytest.fixture(scope="module")
