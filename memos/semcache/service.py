@@ -155,17 +155,16 @@ class SemCacheService:
             await cube_access(conn, principal, cube_id, "read" if needed == "read" else "write")
         return await self.indexes.state(cube_id)
 
-    async def _category(self, principal: Principal, cube_id: uuid.UUID, policy: CachePolicy, name: str | None) -> str:
+    @staticmethod
+    def _category(policy: CachePolicy, name: str | None) -> str:
         """The category a request names (or the cube's default); an unknown one is a 422 listing the known ones.
 
-        The list is only shown to a caller who may read the cube.
+        Called after ``_state``, so the list is only shown to a caller who may read the cube.
         """
         if name is None:
             return policy.default
         if name in policy.categories:
             return name
-        async with self.db.read() as conn:
-            await cube_access(conn, principal, cube_id, "read")
         known = ", ".join(sorted(policy.categories))
         raise Invalid.field("category", f"no category {name!r} in this cube (configured: {known})")
 
@@ -177,7 +176,7 @@ class SemCacheService:
         _check_query(req.query, "query")
         turns = _check_context(req.context)
         state = await self._state(principal, req.cube_id)
-        category = await self._category(principal, req.cube_id, state.policy, req.category)
+        category = self._category(state.policy, req.category)
         texts = [req.query] + ([context_text(turns)] if turns else [])
         vectors = await self.vectors.embed(texts)
         qvec, cvec = vectors[0], (vectors[1] if turns else None)
@@ -295,7 +294,7 @@ class SemCacheService:
         reject_nul(req.response, "response")
         turns = _check_context(req.context)
         state = await self._state(principal, req.cube_id, "write")
-        category = await self._category(principal, req.cube_id, state.policy, req.category)
+        category = self._category(state.policy, req.category)
         policy = state.policy.category(category)
         ctx_text = context_text(turns) if turns else None
         vectors = await self.vectors.embed([req.query] + ([ctx_text] if ctx_text else []))
