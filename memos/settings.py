@@ -220,7 +220,7 @@ def _parse_float(name: str, value: str) -> float:
         number = float(value)
     except ValueError:
         raise SettingsError(f"{name} must be a number, got {value!r}") from None
-    if number != number or number in (float("inf"), float("-inf")):
+    if not math.isfinite(number):
         raise SettingsError(f"{name} must be a finite number, got {value!r}")
     return number
 

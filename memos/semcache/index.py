@@ -270,8 +270,6 @@ class CubeState:
 
     cube_id: uuid.UUID
     policy: CachePolicy
-    configured: dict[str, Any]
-    configured_at: datetime | None
     policy_stamp: datetime | None
     index: CubeIndex | None = None
     building: asyncio.Task[None] | None = None
@@ -331,7 +329,7 @@ class CacheIndexes:
         state = self.peek(cube_id)  # another task may have loaded it meanwhile
         if state is not None:
             return state
-        state = CubeState(cube_id, record.policy, record.configured, record.updated_at, record.stamp)
+        state = CubeState(cube_id, record.policy, record.stamp)
         self._states[cube_id] = state
         while len(self._states) > self.max_cubes:
             _, old = self._states.popitem(last=False)
@@ -345,8 +343,7 @@ class CacheIndexes:
             return
         async with self.db.read() as conn:
             record = await store.load_policy(conn, cube_id)
-        state.policy, state.configured = record.policy, record.configured
-        state.configured_at, state.policy_stamp = record.updated_at, record.stamp
+        state.policy, state.policy_stamp = record.policy, record.stamp
 
     def _forget(self, state: CubeState) -> None:
         state.dropped = True

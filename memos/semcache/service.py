@@ -27,7 +27,7 @@ from sqlalchemy import Row, and_, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from memos.cubes.access import access_of, cube_access, require
+from memos.cubes.access import Access, access_of, cube_access, require
 from memos.errors import FieldError, Invalid, NotFound
 from memos.identity.principal import Principal
 from memos.memories import schemas as memory_schemas
@@ -144,7 +144,7 @@ class SemCacheService:
 
     # -- shared checks ------------------------------------------------------------------------------
 
-    async def _state(self, principal: Principal, cube_id: uuid.UUID, needed: str = "read") -> CubeState:
+    async def _state(self, principal: Principal, cube_id: uuid.UUID, needed: Access = "read") -> CubeState:
         """The cube's cache state, after checking the caller's access, every time.
 
         The check comes before anything else the request would cause (embedding the query, building or
@@ -152,7 +152,7 @@ class SemCacheService:
         nothing, as fast, and must not warm another tenant's index. It costs one indexed read.
         """
         async with self.db.read() as conn:
-            await cube_access(conn, principal, cube_id, "read" if needed == "read" else "write")
+            await cube_access(conn, principal, cube_id, needed)
         return await self.indexes.state(cube_id)
 
     @staticmethod
@@ -231,12 +231,13 @@ class SemCacheService:
                 now=_now(),
             )
             chosen = entries.get(decision.candidate_id or "") if decision.hit else None
+            if chosen is None:  # a miss serves nothing: _state has checked access already
+                return decision, None
             async with self.db.read() as conn:
-                row = await store.check_and_fetch(conn, principal, req.cube_id, None if chosen is None else chosen.id)
+                # Confirms the entry and re-checks access (a grant revoked since _state) in one read.
+                row = await store.check_and_fetch(conn, principal, req.cube_id, chosen.id)
             _require_read(principal, row)
             assert row is not None
-            if chosen is None:
-                return decision, None
             if _confirmed(row, chosen):
                 return decision, (row.content, row.version)
             # Postgres says otherwise (another process changed or removed it): drop it, catch up, decide again.
