@@ -61,10 +61,6 @@ class KVWorker:
         finally:
             self._pending -= 1
 
-    @property
-    def pending(self) -> int:
-        return self._pending
-
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -86,10 +82,6 @@ class ModelRegistry:
         self.before_load = before_load
         self._loaded: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-
-    @property
-    def configured(self) -> bool:
-        return bool(self.specs)
 
     def require_configured(self) -> None:
         if not self.specs:

@@ -150,15 +150,16 @@ class ActivationService:
         ids: list[int] = await self.worker.run(_memory_ids, lm, source.content)
         if not ids:
             raise Invalid.field("memory_id", "the memory's text has no tokens for this model")
-        blob = await self._reusable_blob(principal, lm.fingerprint, token_ids_sha256(ids))
+        ids_sha = token_ids_sha256(ids)
+        blob = await self._reusable_blob(principal, lm.fingerprint, ids_sha)
         if blob is None:
             meta = _meta(lm, source.id, source.version)
             data, chunk = await self.worker.run(_prefill_file, lm, ids, meta)
             key = await self._put(data)
-            blob = _Blob(sha256=key, nbytes=len(data), tokens=len(ids), dtype=_dtype_name(lm))
+            blob = _Blob(sha256=key, nbytes=len(data), tokens=len(ids), dtype=lm.dtype)
             # Just computed, so likely to be used soon: keep it hot.
             self.host.put(key, chunk, chunk.nbytes, _resident_tier(lm))
-        return await self._insert(principal, source, lm, token_ids_sha256(ids), blob, "activation.build")
+        return await self._insert(principal, source, lm, ids_sha, blob, "activation.build")
 
     async def _insert(
         self, principal: Principal, source: Row[Any], lm: LoadedModel, ids_sha: str, blob: _Blob, action: str
@@ -346,7 +347,6 @@ class ActivationService:
     async def _repair(self, principal: Principal, row: Row[Any], problem: Exception) -> tuple[bytes, Row[Any]]:
         """Rebuild the KV behind ``row`` after its file failed; KVCorrupt (409) when that cannot be done."""
         await self._mark_corrupt(row.sha256, problem)
-        source = None
         async with self.db.read() as conn:
             source = (await conn.execute(select(memories).where(memories.c.id == row.memory_id))).first()
         source_changed = (
@@ -435,7 +435,7 @@ class ActivationService:
         blob = await self._reusable_blob(principal, lm.fingerprint, ids_sha)
         if blob is None:
             key = await self._put(data)
-            blob = _Blob(sha256=key, nbytes=len(data), tokens=chunk.tokens, dtype=_dtype_name(lm))
+            blob = _Blob(sha256=key, nbytes=len(data), tokens=chunk.tokens, dtype=lm.dtype)
         return await self._insert(principal, source, lm, ids_sha, blob, "activation.import")
 
     async def _verified_chunk(self, lm: LoadedModel, data: bytes) -> KVChunk:
@@ -457,8 +457,8 @@ class ActivationService:
             raise Invalid.field(
                 "body", f"KV shape (layers, kv_heads, head_dim) {got} does not fit model {lm.name!r} {want}"
             )
-        if meta.dtype != _dtype_name(lm):
-            raise Invalid.field("body", f"KV dtype {meta.dtype} is not model {lm.name!r}'s {_dtype_name(lm)}")
+        if meta.dtype != lm.dtype:
+            raise Invalid.field("body", f"KV dtype {meta.dtype} is not model {lm.name!r}'s {lm.dtype}")
         if chunk.positions.tolist() != list(range(chunk.tokens)):
             raise Invalid.field("body", "positions must be 0..tokens-1 (KV as built from the start of a prompt)")
         return chunk
@@ -486,7 +486,6 @@ class ActivationService:
     async def generate(self, principal: Principal, body: schemas.GenerateIn) -> schemas.Generation:
         if body.memory_ids is not None and body.search is not None:
             raise Invalid.field("search", "send memory_ids or search, not both")
-        self.models.spec(body.model)
         lm = await self.models.get(body.model)
         started = time.perf_counter()
         parts = await self._parts(principal, body)
@@ -651,23 +650,17 @@ def _check_source(source: Row[Any], field: str = "memory_id") -> None:
 
 
 def _model_dto(lm: LoadedModel) -> schemas.Model:
-    dtype = _dtype_name(lm)
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     return schemas.Model(
         name=lm.name,
         fingerprint=lm.fingerprint,
         layers=lm.layers,
         kv_heads=lm.kv_heads,
         head_dim=lm.head_dim,
-        dtype=dtype,
+        dtype=lm.dtype,
         device=str(lm.device),
-        kv_bytes_per_token=2 * lm.layers * lm.kv_heads * lm.head_dim * size,
+        kv_bytes_per_token=lm.kv_bytes_per_token,
         rope_shiftable=lm.rope_unshiftable_reason is None,
     )
-
-
-def _dtype_name(lm: LoadedModel) -> str:
-    return str(lm.dtype).removeprefix("torch.")
 
 
 def _resident_tier(lm: LoadedModel) -> Any:
@@ -682,7 +675,7 @@ def _meta(lm: LoadedModel, memory_id: uuid.UUID, version: int) -> Any:
         model=lm.name,
         memory_id=str(memory_id),
         version=version,
-        dtype=_dtype_name(lm),
+        dtype=lm.dtype,
         created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
     )
 

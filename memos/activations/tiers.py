@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Literal
 
 ResidentTier = Literal["device", "host"]
-
-
-@dataclass(slots=True)
-class TierStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
 
 
 class HostTier:
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
-        self.stats = TierStats()
         self._items: OrderedDict[str, tuple[Any, int, ResidentTier]] = OrderedDict()
         # Touched from the event loop and from worker threads.
         self._lock = threading.Lock()
@@ -35,10 +26,8 @@ class HostTier:
         with self._lock:
             item = self._items.get(key)
             if item is None:
-                self.stats.misses += 1
                 return None
             self._items.move_to_end(key)
-            self.stats.hits += 1
             return item[0]
 
     def put(self, key: str, chunk: Any, nbytes: int, tier: ResidentTier) -> bool:
@@ -54,7 +43,6 @@ class HostTier:
             while self.used_bytes > self.budget_bytes:
                 _, (_, size, _) = self._items.popitem(last=False)
                 self.used_bytes -= size
-                self.stats.evictions += 1
             return True
 
     def tier_of(self, key: str) -> ResidentTier | None:

@@ -104,7 +104,7 @@ def rope_params(config: Any) -> RopeParams:
     return RopeParams(inv_freq=inv_freq, rope_type=rope_type, theta=theta)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -139,6 +139,6 @@ def rerotate(
     cos_from, sin_from = _cos_sin(from_positions.to(device), inv_freq)
     cos_to, sin_to = _cos_sin(to_positions.to(device), inv_freq)
     # The inverse of a rotation by angle a is the rotation by -a: k * cos(a) - rotate_half(k) * sin(a).
-    unrotated = k * cos_from - _rotate_half(k) * sin_from
-    rotated = unrotated * cos_to + _rotate_half(unrotated) * sin_to
+    unrotated = k * cos_from - rotate_half(k) * sin_from
+    rotated = unrotated * cos_to + rotate_half(unrotated) * sin_to
     return rotated.to(keys.dtype)

@@ -18,7 +18,7 @@ import torch
 from memos.kv.codec import KV_DTYPES, KVChunk
 from memos.kv.errors import KVFormatError, KVInputError, ModelLoadError, NotShiftable
 from memos.kv.fingerprint import model_fingerprint
-from memos.kv.rope import RopeParams, rerotate, rope_params
+from memos.kv.rope import RopeParams, rerotate, rope_params, rotate_half
 from memos.kv.spec import ModelSpec
 
 MEMORY_SEPARATOR = "\n\n"
@@ -282,11 +282,6 @@ def _decoder(lm: LoadedModel) -> Any:
     return base
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _layer_rows(
     lm: LoadedModel,
     layer_index: int,
@@ -315,8 +310,8 @@ def _layer_rows(
     q = q.transpose(0, 1)  # [heads, R, hd]
     k = k.transpose(0, 1)
     v = v.transpose(0, 1)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
     cache.keys[layer_index][:, rows] = k
     cache.values[layer_index][:, rows] = v
     groups = q.shape[0] // lm.kv_heads
@@ -373,7 +368,7 @@ def selective_recompute(lm: LoadedModel, cache: KVChunk, candidates: torch.Tenso
             k = attn.k_norm(k)
         k = k.transpose(0, 1)
         v = v.transpose(0, 1)
-        k = k * cos[candidates] + _rotate_half(k) * sin[candidates]
+        k = k * cos[candidates] + rotate_half(k) * sin[candidates]
         deviation = (k.float() - cache.keys[1][:, candidates].float()).pow(2).sum(dim=(0, 2)) + (
             v.float() - cache.values[1][:, candidates].float()
         ).pow(2).sum(dim=(0, 2))

@@ -98,7 +98,7 @@ def read_kv(source: bytes | bytearray | memoryview | str | PathLike[str]) -> KVF
         raise KVError(f"metadata lacks {', '.join(missing)}")
     if meta["dtype"] not in _DTYPES:
         raise KVError(f"metadata dtype {meta['dtype']!r} is not one of {', '.join(_DTYPES)}")
-    if hashlib.sha256(data[8 + size :]).hexdigest() != meta["payload_sha256"]:
+    if hashlib.sha256(memoryview(data)[8 + size :]).hexdigest() != meta["payload_sha256"]:
         raise KVError("the tensor bytes do not match payload_sha256: the file was altered, damaged or truncated")
 
     from safetensors import SafetensorError
