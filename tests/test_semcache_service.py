@@ -8,10 +8,12 @@ isolation and bad input. Examples are written for this file, not taken from the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -753,3 +755,26 @@ def test_cube_index_adds_replaces_removes_and_counts() -> None:
     assert turns_from(None) is None
     with pytest.raises(ValueError, match="context"):
         turns_from([3])
+
+
+def test_concurrent_invalidations_of_cold_cubes_do_not_drain_the_pool(
+    settings: Settings, embedder: Embedder, factory: Factory, tenant: Tenant
+) -> None:
+    """Each invalidation holds one pooled connection for its transaction and must not need a second one.
+
+    With a pool of one (two connections with the overflow) and concurrent invalidations of cubes this
+    process has never looked up, each used to hold its connection while waiting for another to load the
+    cube's policy: all waited out the pool timeout and answered 503. Threads, because the async test
+    client runs one request at a time.
+    """
+    cubes = [factory.cube(tenant.admin_key)["id"] for _ in range(4)]
+    app = create_app(dataclasses.replace(settings, db_pool_size=1), embedder_factory=lambda: embedder)
+    with TestClient(app) as small, ThreadPoolExecutor(len(cubes)) as pool:
+        started = time.monotonic()
+        results = list(
+            pool.map(
+                lambda c: small.delete("/v1/cache", params={"cube_id": c}, headers=bearer(tenant.admin_key)), cubes
+            )
+        )
+        assert [r.status_code for r in results] == [200] * len(cubes), [r.text for r in results]
+        assert time.monotonic() - started < 5  # the pool timeout is 10 s: nobody waited it out

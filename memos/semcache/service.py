@@ -471,7 +471,12 @@ class SemCacheService:
             reject_nul(category, "category")
         async with self.db.transaction() as conn:
             await cube_access(conn, principal, cube_id, "write")
-            default = (await self.indexes.state(cube_id)).policy.default
+            # Read the policy on this connection when the cube has no loaded state: asking the index for it
+            # would take a second pooled connection while this one is held, and enough concurrent
+            # invalidations of cold cubes would then wait on each other until the pool times out.
+            loaded = self.indexes.peek(cube_id)
+            policy = loaded.policy if loaded is not None else (await store.load_policy(conn, cube_id)).policy
+            default = policy.default
             conditions = [memories.c.cube_id == cube_id, memories.c.kind == "response"]
             if category is not None:
                 conditions.append(store.category_is(category, default))
