@@ -175,10 +175,15 @@ class SemCacheService:
         principal.tenant_member()
         _check_query(req.query, "query")
         turns = _check_context(req.context)
+        texts = [req.query] + ([context_text(turns)] if turns else [])
+        # The caller's own texts embed while the access read runs: the two overlap instead of adding up. The
+        # embedding depends on nothing but the request, so a caller without access learns nothing from it, and
+        # the cube's index is still neither built nor searched before the check has passed.
+        embedding = asyncio.ensure_future(self.vectors.embed(texts))
+        embedding.add_done_callback(_retrieve)
         state = await self._state(principal, req.cube_id)
         category = self._category(state.policy, req.category)
-        texts = [req.query] + ([context_text(turns)] if turns else [])
-        vectors = await self.vectors.embed(texts)
+        vectors = await embedding
         qvec, cvec = vectors[0], (vectors[1] if turns else None)
         index = await self.indexes.index(state, wait=self.build_wait)
         if index is None:
@@ -602,6 +607,12 @@ def _config_out(
         configured=configured,
         updated_at=updated_at,
     )
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a background task's outcome as seen: a request that failed its access check never awaits it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _check_query(query: str, field: str) -> None:
