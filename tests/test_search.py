@@ -11,6 +11,7 @@ from conftest import Factory, Tenant, bearer
 from litestar.testing import TestClient
 
 from memos.app import create_app
+from memos.search.lexical import POSTINGS_BUDGET, discriminating
 
 FACTS = [
     ("Alice drinks a double espresso every morning before work.", ["food"], {"speaker": "Alice"}),
@@ -208,3 +209,24 @@ def test_search_while_the_model_loads_is_503_with_retry_after(settings, embedder
             assert r.status_code == 200
     finally:
         gate.set()
+
+
+def test_a_bigger_pool_gives_the_same_head(client, world) -> None:
+    """k over 10 takes the vector leg's other path (a transaction with a bigger ef_search): same ranking."""
+    small = search(client, world["tenant"].admin_key, query="what does Alice eat or drink", k=3)
+    big = search(client, world["tenant"].admin_key, query="what does Alice eat or drink", k=25)
+    assert [r["memory"]["id"] for r in big["results"][:3]] == [r["memory"]["id"] for r in small["results"]]
+    assert len(big["results"]) == len(FACTS)
+
+
+def test_candidate_words_stay_within_the_postings_budget() -> None:
+    """The rarest word always selects candidates; a second one only while the postings fit the budget."""
+    docs = 100 * POSTINGS_BUDGET
+    # Two words of a big cube whose memories together exceed the budget: only the rarest selects.
+    assert discriminating({"research": 0.004, "carolin": 0.008}, docs=docs) == ["research"]
+    # A rarest word over the budget by itself still selects (its matches are capped when ranked).
+    assert discriminating({"carolin": 0.1, "said": 0.2}, docs=docs) == ["carolin"]
+    # Within the budget, the two rarest are kept even when one is common; more only if rare.
+    assert discriminating({"research": 0.003, "carolin": 0.004}, docs=docs) == ["research", "carolin"]
+    assert discriminating({"dolomit": 0.002, "bob": 0.5, "hike": 0.003}, docs=600) == ["dolomit", "hike"]
+    assert discriminating({"dolomit": 0.002, "bob": 0.5}, docs=600) == ["dolomit", "bob"]

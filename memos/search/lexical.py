@@ -36,6 +36,11 @@ def parse_tsvector(value: str) -> dict[str, int]:
     return out
 
 
+def parse_lexemes(value: str | None) -> list[str]:
+    """The lexemes of a tsvector's text, in its order."""
+    return list(parse_tsvector(value or ""))
+
+
 def tsquery_literal(lexeme: str) -> str:
     """A single already-normalized lexeme as tsquery text (sent as a bound parameter, cast in SQL)."""
     return "'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "'"
@@ -61,10 +66,12 @@ class LexicalStats:
         self.max_cubes = max_cubes
         self._cubes: OrderedDict[uuid.UUID, _CubeStats] = OrderedDict()
 
-    async def query_lexemes(self, conn: AsyncConnection, query: str) -> list[str]:
-        """The query's words as Postgres's English configuration normalizes them (stemmed, stopwords gone)."""
-        value = await conn.scalar(select(cast(func.to_tsvector(text("'english'::regconfig"), query), Text)))
-        return list(parse_tsvector(str(value or "")))
+    @staticmethod
+    def lexemes_of(query: str) -> Any:
+        """SQL for the query's words as Postgres's English configuration normalizes them (stemmed, stopwords
+        gone), as tsvector text: read it with ``parse_lexemes``. An expression, so a caller can fetch it
+        in the same round trip as something else."""
+        return cast(func.to_tsvector(text("'english'::regconfig"), query), Text)
 
     async def idf(
         self, conn: AsyncConnection, cubes: Sequence[uuid.UUID], lexemes: Iterable[str]
@@ -135,7 +142,7 @@ def bm25(tf: dict[str, int], idf: dict[str, float], avg_length: float, length: i
 COMMON_SHARE = 0.1
 """Words in more than this share of a cube's memories do not generate text candidates (they still score)."""
 
-POSTINGS_BUDGET = 2000
+POSTINGS_BUDGET = 1000
 """Text candidates are looked up by the rarest words first, until their memories add up to about this many."""
 
 
@@ -151,7 +158,11 @@ def discriminating(share: dict[str, float], docs: int, keep_at_least: int = 2) -
     chosen: list[str] = []
     postings = 0.0
     for s, w in ranked:
-        if len(chosen) >= keep_at_least and (s > COMMON_SHARE or postings + s * docs > POSTINGS_BUDGET):
+        # The budget binds even below ``keep_at_least`` (only the rarest word is always taken): in a big
+        # cube, a second, common word would add thousands of memories to rank.
+        if chosen and postings + s * docs > POSTINGS_BUDGET:
+            break
+        if len(chosen) >= keep_at_least and s > COMMON_SHARE:
             break
         chosen.append(w)
         postings += s * docs

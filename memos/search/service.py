@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, cast, func, literal, or_, select, text
+from sqlalchemy import ColumnElement, cast, func, literal, or_, select, text, union_all
 from sqlalchemy.dialects.postgresql import TSQUERY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -29,7 +29,15 @@ from memos.search import schemas
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
 from memos.search.indexing import embedding_text
-from memos.search.lexical import LexicalStats, bm25, discriminating, term_counts, tsquery_literal
+from memos.search.lexical import (
+    POSTINGS_BUDGET,
+    LexicalStats,
+    bm25,
+    discriminating,
+    parse_lexemes,
+    term_counts,
+    tsquery_literal,
+)
 from memos.store.db import Database
 from memos.store.models import memories
 from memos.validation import reject_nul
@@ -46,9 +54,9 @@ GRAPH_SEEDS = 30
 EDGE_WEIGHTS = {"link": 1.0, "derived_from": 1.0, "sequence": 1.0, "knn": 0.0, "entity": 0.5}
 """How far each kind of edge carries a score (entity edges are also scaled by the entity's rarity)."""
 
-_HNSW_SETTINGS = text(
-    "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', :ef, true)"
-)
+_HNSW_EF = text("SELECT set_config('hnsw.ef_search', :ef, true)")
+HNSW_DEFAULT_EF = 40
+"""pgvector's default ``hnsw.ef_search``: a pool this small needs no setting of its own."""
 
 # Every column a result needs, but not the search columns (a 384-float vector per row is not free).
 _RESULT_COLUMNS = [c for c in memories.c if c.name not in ("embedding", "tsv")]
@@ -85,50 +93,45 @@ class SearchService:
         reject_nul(req.filters, "filters")
         reject_nul(req.tags, "tags")
         pool = self.pool or (req.k if req.mode == "vector" else min(max(req.k * 4, 40), 400))
-        # The query embeds in the worker thread while the scope and word statistics come from Postgres.
+        # The query embeds in the worker thread while the scope, the word statistics and the text leg's
+        # candidates come from Postgres: none of them needs the query vector.
         embedding = (
             asyncio.ensure_future(self.embedder.embed_query(embedding_text("plaintext", req.query, {})))
             if req.mode != "text"
             else None
         )
+        found: dict[uuid.UUID, Candidate] = {}
         try:
+            # One connection for the whole search (a checkout is a round trip: the pool pings it).
             async with self.db.read() as conn:
-                cubes = await self._scope(conn, principal, req.cube_ids)
-                lexemes = await self.lexical.query_lexemes(conn, req.query) if req.mode != "vector" else []
+                cubes, lexemes = await self._scope_and_lexemes(conn, principal, req)
+                where = self._filters(req, cubes)
                 if lexemes:
                     idf, avg_length, share, docs = await self.lexical.idf(conn, cubes, lexemes)
-            query_vector = await embedding if embedding is not None else None
+                    await self._text(conn, where, discriminating(share, docs=docs), lexemes, pool, found)
+                query_vector = await embedding if embedding is not None else None
+                if query_vector is not None:
+                    await self._vector(conn, where, query_vector, pool, found, lexemes)
+                if lexemes:
+                    for cand in found.values():
+                        cand.lexical = bm25(cand.lexical_tf, idf, avg_length, cand.length)
+                ranked = self._rank(req, list(found.values()))
+                if req.mode != "graph":
+                    top = ranked[: req.k]
+                    rows = await self._rows(conn, [c.id for c in top])
         finally:
             if embedding is not None and not embedding.done():
                 embedding.cancel()
-        where = self._filters(req, cubes)
-        found: dict[uuid.UUID, Candidate] = {}
-        # The two legs run at once, each on its own connection: Postgres works on both cores.
-        legs = []
-        if query_vector is not None:
-            legs.append(self._vector(where, query_vector, pool, found, lexemes))
-        if lexemes:
-            legs.append(self._text(where, discriminating(share, docs=docs), lexemes, query_vector, pool, found))
-        await asyncio.gather(*legs)
-        if lexemes:
-            for cand in found.values():
-                cand.lexical = bm25(cand.lexical_tf, idf, avg_length, cand.length)
-        ranked = self._rank(req, list(found.values()))
-        graphs: dict[uuid.UUID, MemoryGraph] = {}
         if req.mode == "graph":
-            # Built (or fetched) before a connection is taken: a cold cube's build can take a while.
+            # Built (or fetched) without holding a connection: a cold cube's build can take a while.
+            graphs: dict[uuid.UUID, MemoryGraph] = {}
             seeds = ranked[: max(req.k * 3, GRAPH_SEEDS)]
             for cube_id in dict.fromkeys(c.cube_id for c in seeds):
                 graphs[cube_id] = await self.graphs.get(cube_id)
-        async with self.db.read() as conn:
-            if req.mode == "graph":
+            async with self.db.read() as conn:
                 ranked = await self._graph(conn, req, where, ranked, graphs)
-            top = ranked[: req.k]
-            # Only the winners' full rows leave the database.
-            rows = {
-                r.id: r
-                for r in await conn.execute(select(*_RESULT_COLUMNS).where(memories.c.id.in_([c.id for c in top])))
-            }
+                top = ranked[: req.k]
+                rows = await self._rows(conn, [c.id for c in top])
         results = [
             schemas.SearchResult(memory=to_dto(rows[c.id]), score=round(c.score, 6), via="+".join(sorted(c.via)))
             for c in top
@@ -138,17 +141,24 @@ class SearchService:
 
     # -- scope -----------------------------------------------------------------------------------------
 
-    async def _scope(
-        self, conn: AsyncConnection, principal: Principal, cube_ids: Sequence[uuid.UUID] | None
-    ) -> list[uuid.UUID]:
-        readable: list[uuid.UUID] = [r[0] for r in await conn.execute(readable_cube_ids(principal))]
-        if cube_ids is None:
-            return readable
-        allowed = set(readable)
-        for i, cube_id in enumerate(cube_ids):
+    async def _scope_and_lexemes(
+        self, conn: AsyncConnection, principal: Principal, req: schemas.SearchRequest
+    ) -> tuple[list[uuid.UUID], list[str]]:
+        """The cubes the search covers and the query's lexemes, read in one round trip."""
+        readable = func.array(readable_cube_ids(principal).scalar_subquery())
+        if req.mode == "vector":
+            readable_ids = await conn.scalar(select(readable))
+            lexemes: list[str] = []
+        else:
+            row = (await conn.execute(select(readable, self.lexical.lexemes_of(req.query)))).one()
+            readable_ids, lexemes = row[0], parse_lexemes(row[1])
+        allowed: list[uuid.UUID] = list(readable_ids or [])
+        if req.cube_ids is None:
+            return allowed, lexemes
+        for i, cube_id in enumerate(req.cube_ids):
             if cube_id not in allowed:
                 raise NotFound(f"cube_ids[{i}]: no such cube", errors=[FieldError(f"cube_ids[{i}]", "no such cube")])
-        return list(dict.fromkeys(cube_ids))
+        return list(dict.fromkeys(req.cube_ids)), lexemes
 
     def _filters(self, req: schemas.SearchRequest, cubes: list[uuid.UUID]) -> list[ColumnElement[bool]]:
         states = req.states or ["active"]
@@ -172,69 +182,101 @@ class SearchService:
 
     # -- the two legs: each returns both signals, so fusion compares like with like -------------------------
 
+    async def _text(
+        self,
+        conn: AsyncConnection,
+        where: list[ColumnElement[bool]],
+        lookup: list[str],
+        lexemes: list[str],
+        limit: int,
+        found: dict[uuid.UUID, Candidate],
+    ) -> None:
+        """Memories with any of the ``lookup`` words are candidates; BM25 then scores them on all ``lexemes``,
+        exactly like the vector leg's candidates. Their cosine comes with the vector leg (it runs before the
+        query vector exists)."""
+        if not lookup:
+            return
+        any_word = cast(" | ".join(tsquery_literal(w) for w in lookup), TSQUERY)
+        # At most POSTINGS_BUDGET matching memories are ranked: ranking reads each one's tsvector, and a
+        # query whose rarest word is in thousands of memories would otherwise rank all of them.
+        matched = (
+            select(memories.c.id, memories.c.tsv)
+            .where(*where, memories.c.tsv.bool_op("@@")(any_word))
+            .limit(POSTINGS_BUDGET)
+            .subquery("matched")
+        )
+        # Rank and cut in a subquery first: Postgres computes a select list before ORDER BY ... LIMIT, and the
+        # term counts are worth computing for the kept rows only, not every memory that matched.
+        top = (
+            select(matched.c.id)
+            .order_by(func.ts_rank_cd(matched.c.tsv, any_word, 1).desc(), matched.c.id)
+            .limit(limit)
+            .subquery("top")
+        )
+        rows = await conn.execute(
+            select(memories.c.id, memories.c.cube_id, literal(None).label("distance"), *_lexical_columns(lexemes))
+            .select_from(memories)
+            .join(top, top.c.id == memories.c.id)
+        )
+        for r in rows:
+            found.setdefault(r.id, _candidate(r)).via.add("text")
+
     async def _vector(
         self,
+        conn: AsyncConnection,
         where: list[ColumnElement[bool]],
         vector: np.ndarray,
         limit: int,
         found: dict[uuid.UUID, Candidate],
         lexemes: list[str],
     ) -> None:
+        """HNSW top ``limit``, plus the cosine of the text leg's candidates, in one statement."""
         distance = memories.c.embedding.cosine_distance(vector)
-        # A transaction, not a read: the HNSW settings are transaction-local.
-        async with self.db.transaction() as conn:
-            # Filtered HNSW: keep scanning the index until enough rows pass the filters (pgvector >= 0.8).
-            await conn.execute(_HNSW_SETTINGS, {"ef": str(max(40, min(1000, limit)))})
-            rows = (
-                await conn.execute(
-                    select(memories.c.id, memories.c.cube_id, distance.label("distance"), *_lexical_columns(lexemes))
-                    .where(*where, memories.c.embedding.is_not(None))
-                    .order_by(distance)
-                    .limit(limit)
-                )
-            ).all()
-        for r in rows:
-            cand = found.setdefault(r.id, _candidate(r))
-            cand.dense = 1.0 - float(r.distance)
-            cand.via.add("vector")
-
-    async def _text(
-        self,
-        where: list[ColumnElement[bool]],
-        lookup: list[str],
-        lexemes: list[str],
-        vector: np.ndarray | None,
-        limit: int,
-        found: dict[uuid.UUID, Candidate],
-    ) -> None:
-        # Memories with any of the ``lookup`` words are candidates; BM25 then scores them on all ``lexemes``,
-        # exactly like the vector leg's candidates.
-        if not lookup:
-            return
-        any_word = cast(" | ".join(tsquery_literal(w) for w in lookup), TSQUERY)
-        # Rank and cut in a subquery first: Postgres computes a select list before ORDER BY ... LIMIT, and the
-        # cosine and term counts are worth computing for the kept rows only, not every memory that matched.
-        top = (
-            select(memories.c.id)
-            .where(*where, memories.c.tsv.bool_op("@@")(any_word))
-            .order_by(func.ts_rank_cd(memories.c.tsv, any_word, 1).desc(), memories.c.id)
+        nearest = (
+            select(
+                memories.c.id,
+                memories.c.cube_id,
+                distance.label("distance"),
+                *_lexical_columns(lexemes),
+                literal(True).label("hit"),
+            )
+            .where(*where, memories.c.embedding.is_not(None))
+            .order_by(distance)
             .limit(limit)
-            .subquery("top")
+            .subquery("nearest")
         )
-        distance = memories.c.embedding.cosine_distance(vector) if vector is not None else literal(1.0)
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(memories.c.id, memories.c.cube_id, distance.label("distance"), *_lexical_columns(lexemes))
-                    .select_from(memories)
-                    .join(top, top.c.id == memories.c.id)
-                )
-            ).all()
+        query: Any = select(nearest)
+        if found:
+            # Text candidates already have their term counts; they need their cosine only.
+            others = select(
+                memories.c.id,
+                memories.c.cube_id,
+                distance.label("distance"),
+                literal(None).label("tf"),
+                literal(1).label("doc_length"),
+                literal(False).label("hit"),
+            ).where(memories.c.id.in_(list(found)), memories.c.embedding.is_not(None))
+            query = union_all(select(nearest), others)
+        ef = max(HNSW_DEFAULT_EF, min(1000, limit))
+        if ef == HNSW_DEFAULT_EF:
+            # The connection's own settings do (iterative scans are on for every connection: store/db.py).
+            rows = (await conn.execute(query)).all()
+        else:
+            # A bigger pool needs a bigger ef_search, which is local to a transaction, on its own connection.
+            async with self.db.transaction() as own:
+                await own.execute(_HNSW_EF, {"ef": str(ef)})
+                rows = (await own.execute(query)).all()
         for r in rows:
-            cand = found.setdefault(r.id, _candidate(r))
-            if vector is not None and r.distance is not None:
-                cand.dense = 1.0 - float(r.distance)
-            cand.via.add("text")
+            cand = found.get(r.id)
+            if cand is None:
+                cand = found[r.id] = _candidate(r)
+            cand.dense = 1.0 - float(r.distance)
+            if r.hit:
+                cand.via.add("vector")
+
+    async def _rows(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
+        """The winners' full rows: only they leave the database whole."""
+        return {r.id: r for r in await conn.execute(select(*_RESULT_COLUMNS).where(memories.c.id.in_(ids)))}
 
     # -- ranking ---------------------------------------------------------------------------------------
 
