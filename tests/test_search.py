@@ -230,3 +230,25 @@ def test_candidate_words_stay_within_the_postings_budget() -> None:
     assert discriminating({"research": 0.003, "carolin": 0.004}, docs=docs) == ["research", "carolin"]
     assert discriminating({"dolomit": 0.002, "bob": 0.5, "hike": 0.003}, docs=600) == ["dolomit", "hike"]
     assert discriminating({"dolomit": 0.002, "bob": 0.5}, docs=600) == ["dolomit", "bob"]
+
+
+def test_embeddings_stay_in_the_row(client, factory: Factory, database_url: str) -> None:
+    """A memory's vector is not moved to TOAST (migration 0005): every exact distance would fetch it from there."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    with psycopg.connect(database_url) as conn:
+        toast = conn.execute("SELECT reltoastrelid::regclass::text FROM pg_class WHERE relname = 'memories'").fetchone()
+        assert toast is not None
+
+        def chunks() -> int:
+            row = conn.execute(f"SELECT count(*) FROM {toast[0]}").fetchone()  # a catalog name, not user input
+            assert row is not None
+            return int(row[0])
+
+        before = chunks()
+        # A row well over the 2 kB TOAST threshold with its 1.5 kB vector, well under a page.
+        text = "Caroline talked about the adoption agency and her painting class. " * 12
+        m = factory.memory(tenant.admin_key, cube["id"], text, metadata={"speaker": "Caroline", "session": 3})
+        assert chunks() == before
+        size = conn.execute("SELECT pg_column_size(m.*) FROM memories m WHERE id = %s", (m["id"],)).fetchone()
+    assert size is not None and size[0] > 2100

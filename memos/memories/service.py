@@ -282,6 +282,7 @@ class MemoryService:
             ]
             if links:
                 await self._insert_links(conn, principal, links)
+            # One statement finds every new memory's neighbours (a lateral kNN per memory).
             knn = await self._link_neighbours(conn, principal, [r["id"] for r in rows])
             await record(
                 conn,
@@ -353,9 +354,7 @@ class MemoryService:
         self, conn: AsyncConnection, principal: Principal, ids: list[uuid.UUID]
     ) -> list[tuple[uuid.UUID, uuid.UUID, str, float]]:
         """Write ``knn`` links from each memory to its nearest neighbours in its cube (pgvector, one statement)."""
-        await conn.execute(
-            text("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)"),
-        )
+        # Iterative HNSW scans are on for every connection (store/db.py): no setting to make here.
         rows = await conn.execute(
             _KNN_SQL, {"ids": ids, "actor": principal.agent_id, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR}
         )

@@ -42,20 +42,17 @@ def content_sha256(content: str | None) -> str | None:
 async def insert_new(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> list[Row[Any]]:
     """Insert brand-new memories (version 1) and their ``create`` version rows."""
     inserted = (await conn.execute(insert(memories).returning(memories), list(rows))).all()
-    await conn.execute(
-        insert(memory_versions),
-        [
-            {
-                "memory_id": r.id,
-                "version": 1,
-                "op": "create",
-                "created_at": r.created_at,
-                "created_by": r.created_by,
-                **{c: getattr(r, c) for c in _SNAPSHOT},
-            }
-            for r in inserted
-        ],
-    )
+    # The version rows are copied inside Postgres: the vectors do not travel back as text a second time.
+    columns = ["memory_id", "version", "op", "created_at", "created_by", *_SNAPSHOT]
+    source = select(
+        memories.c.id,
+        literal(1),
+        literal("create"),
+        memories.c.created_at,
+        memories.c.created_by,
+        *[memories.c[c] for c in _SNAPSHOT],
+    ).where(memories.c.id.in_([r.id for r in inserted]))
+    await conn.execute(insert(memory_versions).from_select(columns, source))
     # RETURNING comes back in insert order for a single multi-row INSERT.
     return list(inserted)
 
