@@ -219,7 +219,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             app.state.embed_worker = worker
             app.state.identity = IdentityService(db, load_operator_key(settings))
             app.state.cubes = CubeService(db, graphs, listeners=[indexes])
-            search = SearchService(db, embedding, graphs, settings.search_pool)
+            search = SearchService(db, embedding, graphs, settings.search_pool, settings.graph_wait_seconds)
             memory_service = MemoryService(db, embedding, graphs, listeners=[indexes])
             app.state.memories = memory_service
             app.state.search = search

@@ -60,6 +60,9 @@ class Settings:
     embed_wait_seconds: float = 30.0
     """How long a request waits for the embedding model to finish loading before it gets 503."""
 
+    graph_wait_seconds: float = 1.0
+    """How long a graph search waits for a cube's graph to build; past that it answers in hybrid meanwhile."""
+
     cache_indexes: int = 32
     """Cubes whose semantic-cache index this process keeps in memory (least recently used dropped first)."""
 
@@ -140,6 +143,8 @@ class Settings:
             values["search_pool"] = _parse_int("MEMOS_SEARCH_POOL", v)
         if (v := raw("EMBED_WAIT_SECONDS")) is not None:
             values["embed_wait_seconds"] = _parse_float("MEMOS_EMBED_WAIT_SECONDS", v)
+        if (v := raw("GRAPH_WAIT_SECONDS")) is not None:
+            values["graph_wait_seconds"] = _parse_float("MEMOS_GRAPH_WAIT_SECONDS", v)
         if (v := raw("RATE_LIMIT")) is not None:
             values["rate_limit"] = _parse_float("MEMOS_RATE_LIMIT", v)
         if (v := raw("RATE_LIMIT_BURST")) is not None:
@@ -184,6 +189,8 @@ class Settings:
             raise SettingsError(f"MEMOS_SEARCH_POOL must be between 1 and 2000, got {self.search_pool}")
         if self.embed_wait_seconds < 0:
             raise SettingsError(f"MEMOS_EMBED_WAIT_SECONDS must be >= 0, got {self.embed_wait_seconds}")
+        if not 0 <= self.graph_wait_seconds <= 3600:
+            raise SettingsError(f"MEMOS_GRAPH_WAIT_SECONDS must be between 0 and 3600, got {self.graph_wait_seconds}")
         if self.cache_indexes < 1:
             raise SettingsError(f"MEMOS_CACHE_INDEXES must be at least 1, got {self.cache_indexes}")
         if self.cache_query_lru < 0:

@@ -176,3 +176,25 @@ def test_a_restored_memory_returns_to_the_graph(client, factory: Factory, world)
     assert r.status_code == 200
     via = {r["memory"]["id"]: r["via"] for r in search(client, key, query=query, k=12, mode="graph")}
     assert via.get(late["id"]) == f"graph:link<-{world['hit']['id']}"
+
+
+def test_a_graph_still_building_answers_in_hybrid_and_says_so(settings, embedder, factory: Factory) -> None:
+    """A cube whose graph is not ready within the wait gets hybrid's ranking (via says so); the build goes on."""
+    app = create_app(dataclasses.replace(settings, graph_wait_seconds=0.0), embedder_factory=lambda: embedder)
+    with TestClient(app) as client:
+        tenant = factory.tenant()
+        cube = factory.cube(tenant.admin_key)
+        for text in FILLERS[:4]:
+            factory.memory(tenant.admin_key, cube["id"], text)
+        body = {"query": "painting", "mode": "graph", "k": 4, "cube_ids": [cube["id"]]}
+        hybrid = client.post("/v1/search", json={**body, "mode": "hybrid"}, headers=bearer(tenant.admin_key)).json()
+        first = client.post("/v1/search", json=body, headers=bearer(tenant.admin_key)).json()
+        assert [r["via"] for r in first["results"]] == [f"graph-building:{r['via']}" for r in hybrid["results"]]
+        assert [r["memory"]["id"] for r in first["results"]] == [r["memory"]["id"] for r in hybrid["results"]]
+        for _ in range(200):  # the build finishes in the background; no query waits for it
+            later = client.post("/v1/search", json=body, headers=bearer(tenant.admin_key)).json()
+            if not any(r["via"].startswith("graph-building:") for r in later["results"]):
+                break
+        else:
+            raise AssertionError("the graph never became ready")
+        assert later["results"]

@@ -47,6 +47,35 @@ class CubeGraphs:
         self._building: dict[uuid.UUID, asyncio.Future[MemoryGraph]] = {}
         self._pending: dict[uuid.UUID, list[Note]] = {}
         self._stale: set[uuid.UUID] = set()
+        self._background: dict[uuid.UUID, asyncio.Task[MemoryGraph]] = {}
+
+    async def get_within(self, cube_id: uuid.UUID, seconds: float) -> MemoryGraph | None:
+        """The cube's graph if it is loaded or builds within ``seconds``; else None, and it goes on building.
+
+        A big cube's first build takes a while (entity extraction over 100k memories: about 20 s on two
+        cores); a query should not wait that long. The build carries on in a task of its own, and a later
+        query finds the graph ready.
+        """
+        graph = self._graphs.get(cube_id)
+        if graph is not None:
+            self._graphs.move_to_end(cube_id)
+            return graph
+        task = self._background.get(cube_id)
+        if task is None:
+            task = asyncio.ensure_future(self.get(cube_id))
+            self._background[cube_id] = task
+            task.add_done_callback(lambda done: self._built(cube_id, done))
+        try:
+            # Shielded: this query giving up must not cancel the build.
+            return await asyncio.wait_for(asyncio.shield(task), timeout=seconds)
+        except TimeoutError:
+            return None
+
+    def _built(self, cube_id: uuid.UUID, task: asyncio.Task[MemoryGraph]) -> None:
+        if self._background.get(cube_id) is task:
+            del self._background[cube_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed build is retried by the next query, not logged as unretrieved
 
     async def get(self, cube_id: uuid.UUID) -> MemoryGraph:
         graph = self._graphs.get(cube_id)

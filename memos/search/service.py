@@ -51,6 +51,9 @@ NEIGHBOUR_SHARE = 0.3
 GRAPH_SEEDS = 30
 """Graph mode spreads scores from this many of the best hybrid candidates (3 x k when that is more)."""
 
+GRAPH_BUILDING = "graph-building:"
+"""Graph mode's ``via`` prefix while a searched cube's graph is still building: the result is hybrid's."""
+
 EDGE_WEIGHTS = {"link": 1.0, "derived_from": 1.0, "sequence": 1.0, "knn": 0.0, "entity": 0.5}
 """How far each kind of edge carries a score (entity edges are also scaled by the entity's rarity)."""
 
@@ -78,11 +81,17 @@ class Candidate:
 
 class SearchService:
     def __init__(
-        self, db: Database, embedder: EmbeddingService, graphs: CubeGraphs | None = None, pool: int | None = None
+        self,
+        db: Database,
+        embedder: EmbeddingService,
+        graphs: CubeGraphs | None = None,
+        pool: int | None = None,
+        graph_wait: float = 1.0,
     ) -> None:
         self.db = db
         self.embedder = embedder
         self.pool = pool
+        self.graph_wait = graph_wait
         self.graphs = graphs or CubeGraphs(db)
         self.lexical = LexicalStats()
 
@@ -127,9 +136,16 @@ class SearchService:
             graphs: dict[uuid.UUID, MemoryGraph] = {}
             seeds = ranked[: max(req.k * 3, GRAPH_SEEDS)]
             for cube_id in dict.fromkeys(c.cube_id for c in seeds):
-                graphs[cube_id] = await self.graphs.get(cube_id)
+                graph = await self.graphs.get_within(cube_id, self.graph_wait)
+                if graph is not None:
+                    graphs[cube_id] = graph
             async with self.db.read() as conn:
-                ranked = await self._graph(conn, req, where, ranked, graphs)
+                if len(graphs) < len({c.cube_id for c in seeds}):
+                    # A graph is still building: the hybrid ranking answers meanwhile, and says so.
+                    for cand in ranked:
+                        cand.via = {GRAPH_BUILDING + "+".join(sorted(cand.via))}
+                else:
+                    ranked = await self._graph(conn, req, where, ranked, graphs)
                 top = ranked[: req.k]
                 rows = await self._rows(conn, [c.id for c in top])
         results = [
