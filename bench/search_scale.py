@@ -153,9 +153,15 @@ def run(memories: int, queries: int, modes: list[str], out: Path | None) -> dict
             for mode in modes:
                 body = {"query": questions[0], "cube_ids": [cube["id"]], "k": 10, "mode": mode}
                 first = time.perf_counter()
-                r = http.post("/v1/search", json=body, headers=auth)  # warms caches (and builds the graph)
+                r = http.post("/v1/search", json=body, headers=auth)  # warms caches (and starts the graph build)
                 assert r.status_code == 200, r.text
                 warm_ms = (time.perf_counter() - first) * 1000
+                # Graph mode answers in hybrid while the cube's graph builds in the background: measure it
+                # only once the graph answers (and report how long that took).
+                while any(x["via"].startswith("graph-building:") for x in r.json()["results"]):
+                    time.sleep(0.5)
+                    r = http.post("/v1/search", json=body, headers=auth)
+                ready_s = time.perf_counter() - first
                 for _ in range(10):
                     http.post("/v1/search", json=body, headers=auth)
                 took: list[float] = []
@@ -169,6 +175,7 @@ def run(memories: int, queries: int, modes: list[str], out: Path | None) -> dict
                     server.append(r.json()["took_ms"])
                 result["modes"][mode] = {
                     "first_query_ms": round(warm_ms, 1),
+                    "graph_ready_s": round(ready_s, 1),
                     "p50": round(statistics.median(took), 2),
                     "p95": round(pct(took, 0.95), 2),
                     "p99": round(pct(took, 0.99), 2),
@@ -198,10 +205,11 @@ def print_table(result: dict[str, Any]) -> None:
     print(
         f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}, {m['date']}; fill {result['fill_seconds']} s"
     )
-    print(f"{'mode':<8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'server p50':>12}{'first query':>13}")
+    print(f"{'mode':<8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'server p50':>12}{'first query':>13}{'ready s':>9}")
     for mode, row in result["modes"].items():
         print(
             f"{mode:<8}{row['p50']:>9}{row['p95']:>9}{row['p99']:>9}{row['server_p50']:>12}{row['first_query_ms']:>13}"
+            f"{row['graph_ready_s']:>9}"
         )
 
 
