@@ -344,3 +344,39 @@ async def test_worker_linger_merges_requests_that_arrive_together() -> None:
         results = await asyncio.gather(*(worker.embed([f"text {i}"]) for i in range(10)))
         assert [r.shape for r in results] == [(1, 8)] * 10
         assert worker.stats.batches == 1
+
+
+def test_warm_up_changes_nothing_and_runs_once(minilm: TransformersEncoder) -> None:
+    query = "What did Caroline research?"
+    before = minilm.embed([query])
+    batch_before = minilm.embed([query, "a longer text " * 20])
+    minilm.warm_up()
+    minilm.warm_up()  # the second call does nothing
+    assert np.allclose(minilm.embed([query]), before, atol=1e-6)
+    assert np.allclose(minilm.embed([query, "a longer text " * 20]), batch_before, atol=1e-6)
+
+
+async def test_worker_warms_the_embedder_up_before_it_is_ready() -> None:
+    class Warming(HashingEmbedder):
+        warmed_in: str | None = None
+
+        def warm_up(self) -> None:
+            self.warmed_in = threading.current_thread().name
+
+    embedder = Warming(8)
+    worker = EmbedWorker.for_embedder(embedder, thread_name="warm-test")
+    await worker.start()
+    assert embedder.warmed_in == "warm-test"
+    await worker.close()
+
+
+async def test_a_failing_warm_up_does_not_stop_the_worker() -> None:
+    class Failing(HashingEmbedder):
+        def warm_up(self) -> None:
+            raise RuntimeError("no kernels today")
+
+    worker = EmbedWorker.for_embedder(Failing(8))
+    await worker.start()
+    assert worker.ready
+    assert (await worker.embed(["still works"])).shape == (1, 8)
+    await worker.close()

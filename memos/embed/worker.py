@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import logging
 import threading
 import time
 from collections import deque
@@ -21,6 +22,8 @@ from typing import Any
 
 from memos.embed.base import Embedder, Vectors, check_texts, empty
 from memos.embed.errors import EmbedderBusy, EmbedderClosed, EmbedderLoadError, EmbedderLoading
+
+log = logging.getLogger(__name__)
 
 
 class WorkerState(StrEnum):
@@ -247,6 +250,13 @@ class EmbedWorker:
                 error.__cause__ = exc
             self._loaded.set_exception(error)
             return
+        warm_up = getattr(embedder, "warm_up", None)
+        if callable(warm_up):
+            # Before READY, in this thread: the first searches then pay no per-shape kernel preparation.
+            try:
+                warm_up()
+            except Exception as exc:  # an optimisation only: the model itself loaded, so serve anyway
+                log.warning("embedder warm-up failed", extra={"error": repr(exc)})
         self._embedder = embedder
         if not self._closing:
             self._state = WorkerState.READY
