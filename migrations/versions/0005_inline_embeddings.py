@@ -24,13 +24,11 @@ down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-TOAST_TUPLE_TARGET = 8160
-"""The largest value Postgres accepts (a page less its header): rows that fit a page stay whole."""
-
 
 def upgrade() -> None:
     op.execute("ALTER TABLE memories ALTER COLUMN embedding SET STORAGE MAIN")
-    op.execute(f"ALTER TABLE memories SET (toast_tuple_target = {TOAST_TUPLE_TARGET})")
+    # 8160: the largest value Postgres accepts (a page less its header): rows that fit a page stay whole.
+    op.execute("ALTER TABLE memories SET (toast_tuple_target = 8160)")
 
 
 def downgrade() -> None:
