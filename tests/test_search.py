@@ -9,6 +9,7 @@ import psycopg
 import pytest
 from conftest import Factory, Tenant, bearer
 from litestar.testing import TestClient
+from psycopg import sql
 
 from memos.app import create_app
 from memos.search.lexical import POSTINGS_BUDGET, discriminating
@@ -237,11 +238,14 @@ def test_embeddings_stay_in_the_row(client, factory: Factory, database_url: str)
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)
     with psycopg.connect(database_url) as conn:
-        toast = conn.execute("SELECT reltoastrelid::regclass::text FROM pg_class WHERE relname = 'memories'").fetchone()
+        toast = conn.execute(
+            "SELECT t.relname FROM pg_class m JOIN pg_class t ON t.oid = m.reltoastrelid WHERE m.relname = 'memories'"
+        ).fetchone()
         assert toast is not None
+        count_chunks = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("pg_toast", toast[0]))
 
         def chunks() -> int:
-            row = conn.execute(f"SELECT count(*) FROM {toast[0]}").fetchone()  # a catalog name, not user input
+            row = conn.execute(count_chunks).fetchone()
             assert row is not None
             return int(row[0])
 
