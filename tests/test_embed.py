@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -356,24 +356,37 @@ def test_warm_up_changes_nothing_and_runs_once(minilm: TransformersEncoder) -> N
     assert np.allclose(minilm.embed([query, "a longer text " * 20]), batch_before, atol=1e-6)
 
 
-async def test_worker_warms_the_embedder_up_before_it_is_ready() -> None:
-    class Warming(HashingEmbedder):
-        warmed_in: str | None = None
+async def test_worker_warms_up_while_idle_and_serves_at_once() -> None:
+    """Warm-up steps run in the worker thread when no request waits; a request is served between two steps."""
+    gate = threading.Event()
 
-        def warm_up(self) -> None:
-            self.warmed_in = threading.current_thread().name
+    class Warming(HashingEmbedder):
+        steps_done = 0
+        thread: str | None = None
+
+        def warm_up_steps(self) -> Iterator[None]:
+            for _ in range(3):
+                assert gate.wait(10)
+                self.thread = threading.current_thread().name
+                self.steps_done += 1
+                yield
 
     embedder = Warming(8)
     worker = EmbedWorker.for_embedder(embedder, thread_name="warm-test")
     await worker.start()
-    assert embedder.warmed_in == "warm-test"
+    assert worker.ready  # ready before any warm-up step has run
+    gate.set()
+    assert (await worker.embed(["served while warming"])).shape == (1, 8)
+    await wait_until(lambda: embedder.steps_done == 3)
+    assert embedder.thread == "warm-test"
     await worker.close()
 
 
 async def test_a_failing_warm_up_does_not_stop_the_worker() -> None:
     class Failing(HashingEmbedder):
-        def warm_up(self) -> None:
+        def warm_up_steps(self) -> Iterator[None]:
             raise RuntimeError("no kernels today")
+            yield
 
     worker = EmbedWorker.for_embedder(Failing(8))
     await worker.start()

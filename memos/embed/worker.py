@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from enum import StrEnum
 from types import TracebackType
 from typing import Any
@@ -250,19 +250,32 @@ class EmbedWorker:
                 error.__cause__ = exc
             self._loaded.set_exception(error)
             return
-        warm_up = getattr(embedder, "warm_up", None)
-        if callable(warm_up):
-            # Before READY, in this thread: the first searches then pay no per-shape kernel preparation.
-            try:
-                warm_up()
-            except Exception as exc:  # an optimisation only: the model itself loaded, so serve anyway
-                log.warning("embedder warm-up failed", extra={"error": repr(exc)})
         self._embedder = embedder
         if not self._closing:
             self._state = WorkerState.READY
         self._loaded.set_result(None)
-        while (batch := self._take_batch()) is not None:
+        # Kernels for query lengths are prepared while no request waits, one length at a time: the service
+        # is ready at once, and a request that arrives meanwhile waits for one step at most (about 20 ms).
+        steps = getattr(embedder, "warm_up_steps", None)
+        warming: Iterator[object] | None = iter(steps()) if callable(steps) else None
+        while True:
+            if warming is not None and not self._has_work():
+                try:
+                    next(warming)
+                except StopIteration:
+                    warming = None
+                except Exception as exc:  # an optimisation only: serve without it
+                    log.warning("embedder warm-up failed", extra={"error": repr(exc)})
+                    warming = None
+                continue
+            batch = self._take_batch()
+            if batch is None:
+                break
             self._run_batch(embedder, batch)
+
+    def _has_work(self) -> bool:
+        with self._cond:
+            return bool(self._jobs) or self._closing
 
     def _take_batch(self) -> list[_Job] | None:
         """Block for the next request, then merge the ones queued behind it; ``None`` once closing."""
