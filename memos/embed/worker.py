@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import inspect
 import logging
 import threading
 import time
@@ -18,9 +19,9 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from enum import StrEnum
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
-from memos.embed.base import Embedder, Vectors, check_texts, empty
+from memos.embed.base import Embedder, ThreadLimited, Vectors, check_texts, empty
 from memos.embed.errors import EmbedderBusy, EmbedderClosed, EmbedderLoadError, EmbedderLoading
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class _Job:
     texts: list[str]
     future: asyncio.Future[Vectors]
     loop: asyncio.AbstractEventLoop
+    threads: int | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -190,8 +192,12 @@ class EmbedWorker:
 
     # -- requests --------------------------------------------------------------------------
 
-    async def embed(self, texts: Sequence[str]) -> Vectors:
+    async def embed(self, texts: Sequence[str], threads: int | None = None) -> Vectors:
         """Embed ``texts`` in the worker thread: ``[len(texts), dims]`` float32, rows L2-normalized.
+
+        ``threads``: at most this many CPU threads, for a caller that keeps another core busy meanwhile (an
+        embedder that takes no ``threads`` argument ignores it; requests coalesced into one pass get the
+        smallest count any of them asked for).
 
         Raises ``EmbedderLoading`` before the model is ready, ``EmbedderBusy`` when the queue is full,
         ``EmbedderLoadError`` if loading failed and ``EmbedderClosed`` after ``close()``.
@@ -212,7 +218,7 @@ class EmbedWorker:
                     f"the embedding queue is full ({len(self._jobs)} requests, {self._pending_texts} texts waiting)",
                     retry_after=self._retry_after,
                 )
-            self._jobs.append(_Job(items, future, loop))
+            self._jobs.append(_Job(items, future, loop, threads))
             self._pending_texts += len(items)
             self.stats.requests += 1
             self._cond.notify()
@@ -307,9 +313,13 @@ class EmbedWorker:
         if not jobs:
             return
         texts = [text for job in jobs for text in job.texts]
+        asked = [job.threads for job in jobs if job.threads is not None]
         started = time.perf_counter()
         try:
-            vectors = embedder.embed(texts)
+            if asked and _takes_threads(embedder):
+                vectors = cast(ThreadLimited, embedder).embed(texts, threads=min(asked))
+            else:
+                vectors = embedder.embed(texts)
         except Exception as exc:
             for job in jobs:
                 self._deliver(job, None, exc)
@@ -329,3 +339,11 @@ class EmbedWorker:
         # A closed loop raises RuntimeError: its caller is gone and nobody waits for the result.
         with contextlib.suppress(RuntimeError):
             job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+
+
+def _takes_threads(embedder: Embedder) -> bool:
+    """Whether ``embedder.embed`` accepts a ``threads`` limit (optional: the protocol asks only for texts)."""
+    try:
+        return "threads" in inspect.signature(embedder.embed).parameters
+    except (TypeError, ValueError):
+        return False

@@ -21,8 +21,10 @@ class EmbeddingService:
     def model(self) -> str:
         return self.worker.name
 
-    async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 [n, dims], L2-normalized. 503 with Retry-After when the embedder cannot take work."""
+    async def embed(self, texts: Sequence[str], threads: int | None = None) -> np.ndarray:
+        """float32 [n, dims], L2-normalized. 503 with Retry-After when the embedder cannot take work.
+
+        ``threads``: at most this many CPU threads (see ``EmbedWorker.embed``)."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         if not self.worker.ready:
@@ -35,12 +37,12 @@ class EmbeddingService:
             except EmbedError as exc:
                 raise _unavailable(exc) from None
         try:
-            return await self.worker.embed(texts)
+            return await self.worker.embed(texts, threads=threads)
         except EmbedError as exc:
             raise _unavailable(exc) from None
 
-    async def embed_query(self, text: str) -> np.ndarray:
-        vectors = await self.embed([text])
+    async def embed_query(self, text: str, threads: int | None = None) -> np.ndarray:
+        vectors = await self.embed([text], threads=threads)
         row: np.ndarray = vectors[0]
         return row
 

@@ -103,9 +103,14 @@ class SearchService:
         reject_nul(req.tags, "tags")
         pool = self.pool or (req.k if req.mode == "vector" else min(max(req.k * 4, 40), 400))
         # The query embeds in the worker thread while the scope, the word statistics and the text leg's
-        # candidates come from Postgres: none of them needs the query vector.
+        # candidates come from Postgres: none of them needs the query vector. With a text leg Postgres keeps
+        # a core busy meanwhile, so the query embeds on one thread (two would wait for each other's core).
         embedding = (
-            asyncio.ensure_future(self.embedder.embed_query(embedding_text("plaintext", req.query, {})))
+            asyncio.ensure_future(
+                self.embedder.embed_query(
+                    embedding_text("plaintext", req.query, {}), threads=None if req.mode == "vector" else 1
+                )
+            )
             if req.mode != "text"
             else None
         )
