@@ -89,23 +89,7 @@ SELECT
 FROM new
 """
 
-_COLUMNS = (
-    "id",
-    "tenant_id",
-    "cube_id",
-    "kind",
-    "state",
-    "version",
-    "content",
-    "metadata",
-    "tags",
-    "provenance",
-    "content_sha256",
-    "expires_at",
-    "created_by",
-    "embedding_model",
-    "event_time",
-)
+_COLUMNS = ("id", "tenant_id", "cube_id", "kind", "version", "created_by", *(c for c in _SNAPSHOT if c != "embedding"))
 """The values a new row is given (plus its ``embedding``); the rest come from column defaults."""
 
 
