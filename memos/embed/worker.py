@@ -264,6 +264,7 @@ class EmbedWorker:
         # is ready at once, and a request that arrives meanwhile waits for one step at most (about 20 ms).
         steps = getattr(embedder, "warm_up_steps", None)
         warming: Iterator[object] | None = iter(steps()) if callable(steps) else None
+        takes_threads = _takes_threads(embedder)  # once: the embedder does not change
         while True:
             if warming is not None and not self._has_work():
                 try:
@@ -277,7 +278,7 @@ class EmbedWorker:
             batch = self._take_batch()
             if batch is None:
                 break
-            self._run_batch(embedder, batch)
+            self._run_batch(embedder, batch, takes_threads)
 
     def _has_work(self) -> bool:
         with self._cond:
@@ -308,7 +309,7 @@ class EmbedWorker:
             self._pending_texts -= count
             return batch
 
-    def _run_batch(self, embedder: Embedder, batch: list[_Job]) -> None:
+    def _run_batch(self, embedder: Embedder, batch: list[_Job], takes_threads: bool) -> None:
         jobs = [job for job in batch if not job.future.done()]
         if not jobs:
             return
@@ -316,7 +317,7 @@ class EmbedWorker:
         asked = [job.threads for job in jobs if job.threads is not None]
         started = time.perf_counter()
         try:
-            if asked and _takes_threads(embedder):
+            if asked and takes_threads:
                 vectors = cast(ThreadLimited, embedder).embed(texts, threads=min(asked))
             else:
                 vectors = embedder.embed(texts)
