@@ -17,8 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from memos.embed.base import Embedder
 from memos.memories.versioning import _COLUMNS, _INSERT_NEW, insert_new
 from memos.search.indexing import embedding_text
-from memos.semcache.store import decode_vector
-from memos.store.arrays import Float4Array
+from memos.store.arrays import Float4Array, decode_vector
 from memos.store.models import memories, memory_versions
 from memos.store.urls import sqlalchemy_url
 from tests.conftest import Factory, bearer

@@ -7,9 +7,10 @@ write/read: agents holding a grant. Anyone else does not see the cube (404).
 from __future__ import annotations
 
 import uuid
+from functools import cache
 from typing import Any, Literal
 
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import Select, Uuid, and_, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.errors import Forbidden, NotFound
@@ -64,8 +65,22 @@ async def cube_access(conn: AsyncConnection, principal: Principal, cube_id: uuid
 def readable_cube_ids(principal: Principal) -> Select[Any]:
     """A subquery of the ids of every live cube the caller may read."""
     tenant_id, agent_id = principal.tenant_member()
-    query = select(cubes.c.id).where(cubes.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
-    if principal.is_admin:
+    return _readable(tenant_id, agent_id, principal.is_admin)
+
+
+@cache
+def readable_cube_ids_sql(admin: bool) -> str:
+    """``readable_cube_ids`` as SQL text, for statements written out as text: the same rule, with
+    ``%(tenant)s`` and ``%(agent)s`` placeholders (pass ``Principal.tenant_member()``)."""
+    from sqlalchemy.dialects.postgresql.psycopg import dialect
+
+    query = _readable(bindparam("tenant", type_=Uuid()), bindparam("agent", type_=Uuid()), admin)
+    return str(query.compile(dialect=dialect()))  # type: ignore[no-untyped-call]
+
+
+def _readable(tenant: Any, agent: Any, admin: bool) -> Select[Any]:
+    query = select(cubes.c.id).where(cubes.c.tenant_id == tenant, cubes.c.deleted_at.is_(None))
+    if admin:
         return query
-    granted = select(cube_grants.c.cube_id).where(cube_grants.c.agent_id == agent_id)
-    return query.where(or_(cubes.c.owner_agent_id == agent_id, cubes.c.id.in_(granted)))
+    granted = select(cube_grants.c.cube_id).where(cube_grants.c.agent_id == agent)
+    return query.where(or_(cubes.c.owner_agent_id == agent, cubes.c.id.in_(granted)))

@@ -98,7 +98,7 @@ async def insert_new(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> l
 
     Each row gives ``_COLUMNS`` and ``embedding`` (a vector or None). Returns the rows as written, in the
     order given, with every column but ``embedding`` and ``tsv``, and ``vec``: the embedding in pgvector's
-    binary form (``memos.semcache.store.decode_vector`` reads it), None without one.
+    binary form (``memos.store.arrays.decode_vector`` reads it), None without one.
     """
     params: dict[str, Any] = {name: [row[name] for row in rows] for name in _COLUMNS}
     for name in ("metadata", "provenance", "tags"):

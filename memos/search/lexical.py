@@ -15,9 +15,8 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Text, cast, func, select, text, true
+from sqlalchemy import func, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.store.models import memories
@@ -66,13 +65,6 @@ class LexicalStats:
         self.max_cubes = max_cubes
         self._cubes: OrderedDict[uuid.UUID, _CubeStats] = OrderedDict()
 
-    @staticmethod
-    def lexemes_of(query: str) -> Any:
-        """SQL for the query's words as Postgres's English configuration normalizes them (stemmed, stopwords
-        gone), as tsvector text: read it with ``parse_lexemes``. An expression, so a caller can fetch it
-        in the same round trip as something else."""
-        return cast(func.to_tsvector(text("'english'::regconfig"), query), Text)
-
     async def idf(
         self, conn: AsyncConnection, cubes: Sequence[uuid.UUID], lexemes: Iterable[str]
     ) -> tuple[dict[str, float], float, dict[str, float], int]:
@@ -118,19 +110,6 @@ class LexicalStats:
         )
         self._cubes[cube_id] = stats
         return stats
-
-
-def term_counts(lexemes: Sequence[str]) -> Any:
-    """Per memory row: ``{lexeme: occurrences}`` for the query's lexemes only, computed by Postgres.
-
-    Shipping whole tsvectors to parse them here cost more than the search itself on big pools.
-    """
-    terms = func.unnest(memories.c.tsv).table_valued("lexeme", "positions", "weights").render_derived("u")
-    return (
-        select(func.jsonb_object_agg(terms.c.lexeme, func.coalesce(func.array_length(terms.c.positions, 1), 1)))
-        .where(terms.c.lexeme.in_(list(lexemes)))
-        .scalar_subquery()
-    )
 
 
 def bm25(tf: dict[str, int], idf: dict[str, float], avg_length: float, length: int) -> float:

@@ -15,17 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, cast, func, literal, or_, select, text, union_all
-from sqlalchemy.dialects.postgresql import TSQUERY
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from memos.cubes.access import readable_cube_ids
+from memos.cubes.access import readable_cube_ids_sql
 from memos.errors import FieldError, NotFound
 from memos.graph.memgraph import MemoryGraph
 from memos.graph.select import mmr
 from memos.identity.principal import Principal
 from memos.memories.service import to_dto
-from memos.search import schemas
+from memos.search import schemas, statements
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
 from memos.search.indexing import embedding_text
@@ -35,11 +34,10 @@ from memos.search.lexical import (
     bm25,
     discriminating,
     parse_lexemes,
-    term_counts,
     tsquery_literal,
 )
+from memos.store.arrays import Float4Array, decode_vector
 from memos.store.db import Database
-from memos.store.models import memories
 from memos.validation import reject_nul
 
 DENSE_WEIGHT = 0.5
@@ -60,9 +58,6 @@ EDGE_WEIGHTS = {"link": 1.0, "derived_from": 1.0, "sequence": 1.0, "knn": 0.0, "
 _HNSW_EF = text("SELECT set_config('hnsw.ef_search', :ef, true)")
 HNSW_DEFAULT_EF = 40
 """pgvector's default ``hnsw.ef_search``: a pool this small needs no setting of its own."""
-
-# Every column a result needs, but not the search columns (a 384-float vector per row is not free).
-_RESULT_COLUMNS = [c for c in memories.c if c.name not in ("embedding", "tsv")]
 
 
 @dataclass
@@ -166,13 +161,11 @@ class SearchService:
         self, conn: AsyncConnection, principal: Principal, req: schemas.SearchRequest
     ) -> tuple[list[uuid.UUID], list[str]]:
         """The cubes the search covers and the query's lexemes, read in one round trip."""
-        readable = func.array(readable_cube_ids(principal).scalar_subquery())
-        if req.mode == "vector":
-            readable_ids = await conn.scalar(select(readable))
-            lexemes: list[str] = []
-        else:
-            row = (await conn.execute(select(readable, self.lexical.lexemes_of(req.query)))).one()
-            readable_ids, lexemes = row[0], parse_lexemes(row[1])
+        tenant_id, agent_id = principal.tenant_member()
+        lexemes_sql = "NULL" if req.mode == "vector" else "to_tsvector('english'::regconfig, %(query)s)::text"
+        sql = f"SELECT array({readable_cube_ids_sql(principal.is_admin)}) AS cubes, {lexemes_sql} AS lexemes"
+        row = (await conn.exec_driver_sql(sql, {"tenant": tenant_id, "agent": agent_id, "query": req.query})).one()
+        readable_ids, lexemes = row.cubes, parse_lexemes(row.lexemes)
         allowed: list[uuid.UUID] = list(readable_ids or [])
         if req.cube_ids is None:
             return allowed, lexemes
@@ -181,32 +174,17 @@ class SearchService:
                 raise NotFound(f"cube_ids[{i}]: no such cube", errors=[FieldError(f"cube_ids[{i}]", "no such cube")])
         return list(dict.fromkeys(req.cube_ids)), lexemes
 
-    def _filters(self, req: schemas.SearchRequest, cubes: list[uuid.UUID]) -> list[ColumnElement[bool]]:
-        states = req.states or ["active"]
-        where: list[ColumnElement[bool]] = [
-            memories.c.cube_id.in_(cubes),
-            memories.c.state.in_(states),
-            or_(memories.c.expires_at.is_(None), memories.c.expires_at > func.now()),
-        ]
-        if req.kinds:
-            where.append(memories.c.kind.in_(req.kinds))
-        if req.tags:
-            where.append(memories.c.tags.contains(req.tags))
-        if req.filters:
-            where.append(memories.c.metadata.contains(req.filters))
-        when = func.coalesce(memories.c.event_time, memories.c.created_at)
-        if req.since is not None:
-            where.append(when >= req.since)
-        if req.until is not None:
-            where.append(when < req.until)
-        return where
+    def _filters(self, req: schemas.SearchRequest, cubes: list[uuid.UUID]) -> statements.Scope:
+        return statements.Scope.of(
+            cubes, list(req.states or ["active"]), req.kinds, req.tags, req.filters, req.since, req.until
+        )
 
     # -- the two legs: each returns both signals, so fusion compares like with like -------------------------
 
     async def _text(
         self,
         conn: AsyncConnection,
-        where: list[ColumnElement[bool]],
+        where: statements.Scope,
         lookup: list[str],
         lexemes: list[str],
         limit: int,
@@ -217,76 +195,40 @@ class SearchService:
         query vector exists)."""
         if not lookup:
             return
-        any_word = cast(" | ".join(tsquery_literal(w) for w in lookup), TSQUERY)
         # At most POSTINGS_BUDGET matching memories are ranked: ranking reads each one's tsvector, and a
         # query whose rarest word is in thousands of memories would otherwise rank all of them.
-        matched = (
-            select(memories.c.id, memories.c.tsv)
-            .where(*where, memories.c.tsv.bool_op("@@")(any_word))
-            .limit(POSTINGS_BUDGET)
-            .subquery("matched")
-        )
-        # Rank and cut in a subquery first: Postgres computes a select list before ORDER BY ... LIMIT, and the
-        # term counts are worth computing for the kept rows only, not every memory that matched.
-        top = (
-            select(matched.c.id)
-            .order_by(func.ts_rank_cd(matched.c.tsv, any_word, 1).desc(), matched.c.id)
-            .limit(limit)
-            .subquery("top")
-        )
-        rows = await conn.execute(
-            select(memories.c.id, memories.c.cube_id, literal(None).label("distance"), *_lexical_columns(lexemes))
-            .select_from(memories)
-            .join(top, top.c.id == memories.c.id)
-        )
-        for r in rows:
+        params = {
+            **where.params,
+            "words": " | ".join(tsquery_literal(w) for w in lookup),
+            "lexemes": lexemes,
+            "budget": POSTINGS_BUDGET,
+            "limit": limit,
+        }
+        for r in await conn.exec_driver_sql(statements.text_leg(where.shape), params):
             found.setdefault(r.id, _candidate(r)).via.add("text")
 
     async def _vector(
         self,
         conn: AsyncConnection,
-        where: list[ColumnElement[bool]],
+        where: statements.Scope,
         vector: np.ndarray,
         limit: int,
         found: dict[uuid.UUID, Candidate],
         lexemes: list[str],
     ) -> None:
-        """HNSW top ``limit``, plus the cosine of the text leg's candidates, in one statement."""
-        distance = memories.c.embedding.cosine_distance(vector)
-        nearest = (
-            select(
-                memories.c.id,
-                memories.c.cube_id,
-                distance.label("distance"),
-                *_lexical_columns(lexemes),
-                literal(True).label("hit"),
-            )
-            .where(*where, memories.c.embedding.is_not(None))
-            .order_by(distance)
-            .limit(limit)
-            .subquery("nearest")
-        )
-        query: Any = select(nearest)
-        if found:
-            # Text candidates already have their term counts; they need their cosine only.
-            others = select(
-                memories.c.id,
-                memories.c.cube_id,
-                distance.label("distance"),
-                literal(None).label("tf"),
-                literal(1).label("doc_length"),
-                literal(False).label("hit"),
-            ).where(memories.c.id.in_(list(found)), memories.c.embedding.is_not(None))
-            query = union_all(select(nearest), others)
+        """HNSW top ``limit``, plus the cosine of the text leg's candidates (which already have their term
+        counts), in one statement."""
+        sql = statements.vector_leg(where.shape, lexical=bool(lexemes))
+        params = {**where.params, "vec": Float4Array(vector), "lexemes": lexemes, "limit": limit, "others": list(found)}
         ef = max(HNSW_DEFAULT_EF, min(1000, limit))
         if ef == HNSW_DEFAULT_EF:
             # The connection's own settings do (iterative scans are on for every connection: store/db.py).
-            rows = (await conn.execute(query)).all()
+            rows = (await conn.exec_driver_sql(sql, params)).all()
         else:
             # A bigger pool needs a bigger ef_search, which is local to a transaction, on its own connection.
             async with self.db.transaction() as own:
                 await own.execute(_HNSW_EF, {"ef": str(ef)})
-                rows = (await own.execute(query)).all()
+                rows = (await own.exec_driver_sql(sql, params)).all()
         for r in rows:
             cand = found.get(r.id)
             if cand is None:
@@ -297,7 +239,7 @@ class SearchService:
 
     async def _rows(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
         """The winners' full rows: only they leave the database whole."""
-        return {r.id: r for r in await conn.execute(select(*_RESULT_COLUMNS).where(memories.c.id.in_(ids)))}
+        return {r.id: r for r in await conn.exec_driver_sql(statements.ROWS, {"ids": ids})}
 
     # -- ranking ---------------------------------------------------------------------------------------
 
@@ -318,7 +260,7 @@ class SearchService:
         self,
         conn: AsyncConnection,
         req: schemas.SearchRequest,
-        where: list[ColumnElement[bool]],
+        where: statements.Scope,
         ranked: list[Candidate],
         graphs: dict[uuid.UUID, MemoryGraph],
     ) -> list[Candidate]:
@@ -349,9 +291,7 @@ class SearchService:
                     reached[other] = (share, f"graph:{label}<-{memory_id}")
         # Memories found only through the graph still have to pass the request's filters.
         if reached:
-            rows = await conn.execute(
-                select(memories.c.id, memories.c.cube_id).where(*where, memories.c.id.in_(list(reached)))
-            )
+            rows = await conn.exec_driver_sql(statements.within(where.shape), {**where.params, "ids": list(reached)})
             for r in rows:
                 by_id[r.id] = Candidate(id=r.id, cube_id=r.cube_id, via={reached[r.id][1]})
         for memory_id, cand in by_id.items():
@@ -365,16 +305,8 @@ class SearchService:
         return [by_id[typing.cast(uuid.UUID, memory_id)] for memory_id, _ in picked]
 
     async def _vectors(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[Any, np.ndarray]:
-        rows = await conn.execute(
-            select(memories.c.id, memories.c.embedding).where(memories.c.id.in_(ids), memories.c.embedding.is_not(None))
-        )
-        return {r.id: np.asarray(r.embedding, dtype=np.float32) for r in rows}
-
-
-def _lexical_columns(lexemes: list[str]) -> list[Any]:
-    if not lexemes:
-        return [literal(None).label("tf"), literal(1).label("doc_length")]
-    return [term_counts(lexemes).label("tf"), func.length(memories.c.tsv).label("doc_length")]
+        rows = await conn.exec_driver_sql(statements.VECTORS, {"ids": ids})
+        return {r.id: vector for r in rows if (vector := decode_vector(r.vec)) is not None}
 
 
 def _candidate(row: Any) -> Candidate:

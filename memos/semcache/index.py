@@ -31,6 +31,7 @@ from memos.semcache import store
 from memos.semcache.context import Turn, as_turns, context_text
 from memos.semcache.decide import Candidate
 from memos.semcache.policy import CachePolicy
+from memos.store.arrays import decode_vector
 from memos.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def entry_from_row(row: Any, context_vectors: Callable[[str], Vector | None] | N
     if turns:
         text = context_text(turns)
         if getattr(row, "cvec", None) is not None and getattr(row, "context_sha256", None) == context_sha256(text):
-            context_vec = store.decode_vector(row.cvec)
+            context_vec = decode_vector(row.cvec)
         elif context_vectors is not None:
             context_vec = context_vectors(text)
     return Entry(
@@ -398,7 +399,7 @@ class CacheIndexes:
         vectors: list[Vector] = []
         for row in rows:
             entry = entry_from_row(row)
-            vector = store.decode_vector(row.vec)
+            vector = decode_vector(row.vec)
             if entry is not None and vector is not None:
                 entries.append(entry)
                 vectors.append(vector)
@@ -431,7 +432,7 @@ class CacheIndexes:
             if old is not None and old.version >= row.version:
                 continue
             vector = getattr(row, "vec", None)
-            decoded = store.decode_vector(vector) if isinstance(vector, bytes) else None
+            decoded = decode_vector(vector) if isinstance(vector, bytes) else None
             if decoded is None and getattr(row, "embedding", None) is not None:
                 decoded = np.asarray(row.embedding, dtype=np.float32)
             live = row.state == "active" and (row.expires_at is None or row.expires_at.timestamp() > time.time())

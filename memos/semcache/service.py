@@ -47,6 +47,7 @@ from memos.semcache.policy import (
     category_json,
     parse_policy,
 )
+from memos.store.arrays import decode_vector
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import cache_categories, cache_configs, cache_entries, cube_grants, cubes, memories
@@ -397,7 +398,7 @@ class SemCacheService:
                 "memory_id: no such cached answer", errors=[FieldError("memory_id", "no such cached answer")]
             )
         require(access, "write", "cached answer's cube")
-        cached = store.decode_vector(row.vec)
+        cached = decode_vector(row.vec)
         if cached is None:
             raise Invalid.field("memory_id", "this cached answer was purged; there is nothing to compare with")
         (qvec,) = await self.vectors.embed([req.query])

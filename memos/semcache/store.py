@@ -47,13 +47,6 @@ ENTRY_COLUMNS = (
 _ENTRY_FROM = memories.outerjoin(cache_entries, cache_entries.c.memory_id == memories.c.id)
 
 
-def decode_vector(raw: bytes | None) -> Vector | None:
-    """pgvector's binary form: int16 dimensions, int16 unused, then big-endian float32s."""
-    if raw is None:
-        return None
-    return np.frombuffer(raw, dtype=">f4", offset=4).astype(np.float32)
-
-
 def _live() -> Any:
     return and_(
         memories.c.kind == "response",

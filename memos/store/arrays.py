@@ -1,4 +1,4 @@
-"""Sending many vectors to Postgres as one binary ``float4[]`` parameter.
+"""Vectors to and from Postgres in binary: many as one ``float4[]`` parameter, one back from ``vector_send``.
 
 pgvector's own adapters write each vector as decimal text (384 ``str(float)`` a row) or need a
 per-connection type lookup for the binary form. A ``real[]`` has a fixed type oid, so its binary
@@ -19,6 +19,13 @@ from psycopg.pq import Format
 FLOAT4_OID = 700
 FLOAT4_ARRAY_OID = 1021
 """Built-in type oids (``real`` and ``real[]``): the same in every PostgreSQL database."""
+
+
+def decode_vector(raw: bytes | None) -> npt.NDArray[np.float32] | None:
+    """pgvector's binary form (``vector_send``): int16 dimensions, int16 unused, then big-endian float32s."""
+    if raw is None:
+        return None
+    return np.frombuffer(raw, dtype=">f4", offset=4).astype(np.float32)
 
 
 class Float4Array:
