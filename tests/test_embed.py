@@ -346,14 +346,37 @@ async def test_worker_linger_merges_requests_that_arrive_together() -> None:
         assert worker.stats.batches == 1
 
 
-def test_warm_up_changes_nothing_and_runs_once(minilm: TransformersEncoder) -> None:
-    query = "What did Caroline research?"
-    before = minilm.embed([query])
-    batch_before = minilm.embed([query, "a longer text " * 20])
-    minilm.warm_up()
-    minilm.warm_up()  # the second call does nothing
-    assert np.allclose(minilm.embed([query]), before, atol=1e-6)
-    assert np.allclose(minilm.embed([query, "a longer text " * 20]), batch_before, atol=1e-6)
+def test_warm_up_traces_single_texts_and_keeps_every_vector() -> None:
+    """After warm-up one text goes through the traced float32 encoder: same vectors as the eager model's to
+    within bfloat16's rounding, for query and document lengths; batches are untouched."""
+    encoder = TransformersEncoder()
+    singles = [[text] for text in SENTENCES]
+    before = [encoder.embed(one) for one in singles]
+    batch_before = encoder.embed(SENTENCES)
+    assert not encoder.traced
+    encoder.warm_up()
+    encoder.warm_up()  # the second call does nothing
+    assert encoder.traced
+    for one, was in zip(singles, before, strict=True):
+        now = encoder.embed(one)
+        assert now.dtype == np.float32 and now.shape == (1, encoder.dims)
+        assert abs(float(np.linalg.norm(now[0])) - 1.0) < 1e-5
+        assert cosine(now[0], was[0]) >= SAME_TEXT
+    assert np.allclose(encoder.embed(SENTENCES), batch_before, atol=1e-6)
+
+
+def test_an_encoder_that_cannot_be_traced_stays_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no tracing here")
+
+    encoder = TransformersEncoder()
+    before = encoder.embed(SENTENCES[:1])
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    encoder.warm_up()
+    assert not encoder.traced
+    assert np.allclose(encoder.embed(SENTENCES[:1]), before, atol=1e-6)
 
 
 async def test_worker_warms_up_while_idle_and_serves_at_once() -> None:
