@@ -22,7 +22,7 @@ from memos.app import create_app
 from memos.settings import Settings, SettingsError
 from memos.store import migrations
 from memos.store.db import Database, SchemaOutOfDate
-from memos.store.embedded import drop_database, ensure_database
+from memos.store.embedded import EmbeddedPostgres, drop_database, ensure_database, shared_buffers_mb
 from memos.store.models import metadata
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,3 +265,30 @@ def test_app_factory_uses_given_settings(settings: Settings, embedder) -> None:
     app = create_app(settings, embedder_factory=lambda: embedder)
     with TestClient(app) as c:
         assert c.get("/v1/agents/me", headers=bearer(OPERATOR_KEY)).status_code == 403
+
+
+def _shared_buffers_mb(url: str) -> int:
+    from memos.store.urls import libpq_url
+
+    with psycopg.connect(libpq_url(url)) as conn:
+        row = conn.execute("SELECT setting::bigint * 8192 / 1048576 FROM pg_settings WHERE name = 'shared_buffers'")
+        return int(row.fetchone()[0])  # type: ignore[index]
+
+
+def test_embedded_postgres_sizes_its_page_cache_once_and_keeps_an_operators_choice(tmp_path: Path) -> None:
+    server = EmbeddedPostgres(tmp_path)
+    url = server.start()
+    try:
+        assert _shared_buffers_mb(url) == shared_buffers_mb() >= 128
+        from memos.store.urls import libpq_url
+
+        with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET shared_buffers = '136MB'")  # an operator's choice
+    finally:
+        server.stop()
+    server = EmbeddedPostgres(tmp_path)
+    url = server.start()
+    try:
+        assert _shared_buffers_mb(url) == 136
+    finally:
+        server.stop()
