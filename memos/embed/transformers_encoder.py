@@ -217,7 +217,7 @@ class TransformersEncoder:
     def warm_up_steps(self) -> Iterator[None]:
         """``warm_up`` one step at a time (about 20 ms each after the first), so a caller can stop between steps.
 
-        The first step traces the single-text encoder (``_trace_single``, about a second). Then each query
+        The first step traces the single-text encoder (``_trace_single``, about half a second). Then each query
         length and thread count runs once: the CPU kernels are prepared per input shape on first use, and
         without this each new query length cost its first query about twice the time (12 ms instead of 6 at
         p50 over the first LoCoMo questions).
