@@ -24,6 +24,7 @@ from memos.store import migrations
 from memos.store.db import Database, SchemaOutOfDate
 from memos.store.embedded import EmbeddedPostgres, drop_database, ensure_database, shared_buffers_mb
 from memos.store.models import metadata
+from memos.store.urls import libpq_url
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -268,8 +269,6 @@ def test_app_factory_uses_given_settings(settings: Settings, embedder) -> None:
 
 
 def _shared_buffers_mb(url: str) -> int:
-    from memos.store.urls import libpq_url
-
     with psycopg.connect(libpq_url(url)) as conn:
         row = conn.execute("SELECT setting::bigint * 8192 / 1048576 FROM pg_settings WHERE name = 'shared_buffers'")
         return int(row.fetchone()[0])  # type: ignore[index]
@@ -280,8 +279,6 @@ def test_embedded_postgres_sizes_its_page_cache_once_and_keeps_an_operators_choi
     url = server.start()
     try:
         assert _shared_buffers_mb(url) == shared_buffers_mb() >= 128
-        from memos.store.urls import libpq_url
-
         with psycopg.connect(libpq_url(url), autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET shared_buffers = '136MB'")  # an operator's choice
     finally:

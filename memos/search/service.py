@@ -18,7 +18,6 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from memos.cubes.access import readable_cube_ids_sql
 from memos.errors import FieldError, NotFound
 from memos.graph.memgraph import MemoryGraph
 from memos.graph.select import mmr
@@ -162,8 +161,7 @@ class SearchService:
     ) -> tuple[list[uuid.UUID], list[str]]:
         """The cubes the search covers and the query's lexemes, read in one round trip."""
         tenant_id, agent_id = principal.tenant_member()
-        lexemes_sql = "NULL" if req.mode == "vector" else "to_tsvector('english'::regconfig, %(query)s)::text"
-        sql = f"SELECT array({readable_cube_ids_sql(principal.is_admin)}) AS cubes, {lexemes_sql} AS lexemes"
+        sql = statements.scope_and_lexemes(principal.is_admin, lexemes=req.mode != "vector")
         row = (await conn.exec_driver_sql(sql, {"tenant": tenant_id, "agent": agent_id, "query": req.query})).one()
         readable_ids, lexemes = row.cubes, parse_lexemes(row.lexemes)
         allowed: list[uuid.UUID] = list(readable_ids or [])

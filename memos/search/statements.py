@@ -19,6 +19,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from memos.cubes.access import readable_cube_ids_sql
 from memos.store.models import memories
 
 RESULT_COLUMNS = ", ".join(f"m.{c.name}" for c in memories.c if c.name not in ("embedding", "tsv"))
@@ -33,13 +34,28 @@ _TERM_COUNTS = """(
 )"""
 
 
+_OPTIONAL = {
+    "kinds": "m.kind = ANY(%(kinds)s::text[])",
+    "tags": "m.tags @> %(tags)s::text[]",
+    "filters": "m.metadata @> %(filters)s::jsonb",
+    "since": "coalesce(m.event_time, m.created_at) >= %(since)s::timestamptz",
+    "until": "coalesce(m.event_time, m.created_at) < %(until)s::timestamptz",
+}
+"""The request's optional filters, by parameter name: a statement carries the ones the request sets."""
+
+Shape = tuple[str, ...]
+"""The optional filters a request sets, in ``_OPTIONAL``'s order: what a statement's text depends on."""
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
     """The WHERE clause every leg shares (tenant scope via the cube list, then the request's filters)."""
 
-    shape: tuple[bool, bool, bool, bool, bool]
-    """Which optional filters are on: kinds, tags, metadata, since, until."""
     params: dict[str, Any]
+
+    @property
+    def shape(self) -> Shape:
+        return tuple(name for name in _OPTIONAL if name in self.params)
 
     @staticmethod
     def of(
@@ -51,44 +67,37 @@ class Scope:
         since: datetime | None,
         until: datetime | None,
     ) -> Scope:
-        params: dict[str, Any] = {"cubes": cubes, "states": states}
-        if kinds:
-            params["kinds"] = list(kinds)
-        if tags:
-            params["tags"] = list(tags)
-        if filters:
-            params["filters"] = Jsonb(filters)
-        if since is not None:
-            params["since"] = since
-        if until is not None:
-            params["until"] = until
-        shape = (bool(kinds), bool(tags), bool(filters), since is not None, until is not None)
-        return Scope(shape=shape, params=params)
+        optional = {
+            "kinds": list(kinds) if kinds else None,
+            "tags": list(tags) if tags else None,
+            "filters": Jsonb(filters) if filters else None,
+            "since": since,
+            "until": until,
+        }
+        params = {"cubes": cubes, "states": states}
+        return Scope(params=params | {name: value for name, value in optional.items() if value is not None})
 
 
 @cache
-def _where(shape: tuple[bool, bool, bool, bool, bool]) -> str:
-    kinds, tags, filters, since, until = shape
+def _where(shape: Shape) -> str:
     parts = [
         "m.cube_id = ANY(%(cubes)s::uuid[])",
         "m.state = ANY(%(states)s::text[])",
         "(m.expires_at IS NULL OR m.expires_at > now())",
     ]
-    if kinds:
-        parts.append("m.kind = ANY(%(kinds)s::text[])")
-    if tags:
-        parts.append("m.tags @> %(tags)s::text[]")
-    if filters:
-        parts.append("m.metadata @> %(filters)s::jsonb")
-    if since:
-        parts.append("coalesce(m.event_time, m.created_at) >= %(since)s::timestamptz")
-    if until:
-        parts.append("coalesce(m.event_time, m.created_at) < %(until)s::timestamptz")
-    return " AND ".join(parts)
+    return " AND ".join(parts + [_OPTIONAL[name] for name in shape])
 
 
 @cache
-def text_leg(shape: tuple[bool, bool, bool, bool, bool]) -> str:
+def scope_and_lexemes(admin: bool, lexemes: bool) -> str:
+    """The cubes the caller may read (``tenant``, ``agent``) and, with ``lexemes``, the ``query``'s lexemes
+    as tsvector text, in one round trip."""
+    words = "to_tsvector('english'::regconfig, %(query)s)::text" if lexemes else "NULL"
+    return f"SELECT array({readable_cube_ids_sql(admin)}) AS cubes, {words} AS lexemes"
+
+
+@cache
+def text_leg(shape: Shape) -> str:
     """Memories with any of the lookup words (``words``, a tsquery), at most ``budget`` of them ranked by
     ``ts_rank_cd``, the best ``limit`` kept, with their term counts.
 
@@ -111,7 +120,7 @@ JOIN (
 
 
 @cache
-def vector_leg(shape: tuple[bool, bool, bool, bool, bool], lexical: bool) -> str:
+def vector_leg(shape: Shape, lexical: bool) -> str:
     """HNSW's nearest ``limit`` (``hit``), plus the cosine distance of the text leg's candidates (``others``),
     in one statement; with ``lexical``, the nearest ones' term counts too."""
     tf = f"{_TERM_COUNTS} AS tf, length(m.tsv) AS doc_length" if lexical else "NULL::jsonb AS tf, 1 AS doc_length"
@@ -141,6 +150,6 @@ VECTORS = (
 
 
 @cache
-def within(shape: tuple[bool, bool, bool, bool, bool]) -> str:
+def within(shape: Shape) -> str:
     """Which of ``ids`` pass the scope and filters (memories reached through the graph)."""
     return f"SELECT m.id, m.cube_id FROM memories m WHERE {_where(shape)} AND m.id = ANY(%(ids)s::uuid[])"  # noqa: S608
