@@ -289,3 +289,49 @@ def test_embedded_postgres_sizes_its_page_cache_once_and_keeps_an_operators_choi
         assert _shared_buffers_mb(url) == 136
     finally:
         server.stop()
+
+
+async def test_pooled_connections_the_server_ended_are_replaced_without_a_ping_per_checkout(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection Postgres terminated while it sat in the pool is never handed out; a live one costs no ping."""
+    from sqlalchemy import text
+
+    from memos.store import db as store_db
+
+    pings: list[object] = []
+    engine = store_db.create_engine(database_url, pool_size=1)
+    real_ping = engine.dialect.do_ping
+
+    def counted_ping(dbapi_connection: object) -> bool:
+        pings.append(dbapi_connection)
+        return real_ping(dbapi_connection)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.dialect, "do_ping", counted_ping)
+
+    async def backend_pid() -> int:
+        async with engine.connect() as conn:
+            return int((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+
+    def terminate(pid: int) -> None:
+        with psycopg.connect(libpq_url(database_url), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.2)  # the backend's goodbye reaches the pooled socket
+
+    try:
+        first = await backend_pid()
+        assert await backend_pid() == first, "a live pooled connection is reused"
+        assert pings == [], "and reusing it costs no round trip"
+
+        terminate(first)
+        second = await backend_pid()
+        assert second != first and pings == []
+
+        # A peer that vanishes says nothing: only the ping of a long-idle connection finds out.
+        monkeypatch.setattr(store_db, "_server_has_spoken", lambda _connection: False)
+        monkeypatch.setattr(store_db, "PING_AFTER_IDLE_S", 0.0)
+        terminate(second)
+        third = await backend_pid()
+        assert third not in (first, second) and len(pings) == 1
+    finally:
+        await engine.dispose()
