@@ -347,8 +347,8 @@ async def test_worker_linger_merges_requests_that_arrive_together() -> None:
 
 
 def test_warm_up_traces_single_texts_and_keeps_every_vector() -> None:
-    """After warm-up one text goes through the traced float32 encoder: same vectors as the eager model's to
-    within bfloat16's rounding, for query and document lengths; batches are untouched."""
+    """After warm-up one text goes through the traced encoder (in the weights' precision): same vectors as
+    the eager model's for query and document lengths; batches are untouched."""
     encoder = TransformersEncoder()
     singles = [[text] for text in SENTENCES]
     before = [encoder.embed(one) for one in singles]
