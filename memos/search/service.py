@@ -87,7 +87,7 @@ class SearchService:
         self.pool = pool
         self.graph_wait = graph_wait
         self.graphs = graphs or CubeGraphs(db)
-        self.lexical = LexicalStats()
+        self.lexical = LexicalStats(connect=db.read)
 
     async def search(self, principal: Principal, req: schemas.SearchRequest) -> schemas.SearchResponse:
         started = time.perf_counter()
