@@ -248,6 +248,8 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
         finally:
             if (semcache_service := getattr(app.state, "semcache", None)) is not None:
                 await semcache_service.close()
+            if (search_service := getattr(app.state, "search", None)) is not None:
+                await search_service.close()
             kv_worker.close()
             await worker.close()
             await db.stop()

@@ -260,6 +260,7 @@ def test_embeddings_stay_in_the_row(client, factory: Factory, database_url: str)
 
 def test_stale_word_counts_keep_serving_while_a_background_task_counts_again(client, app, factory: Factory) -> None:
     """Only a cube's first count runs in the search; later ones run beside it (0.5-0.9 s at 100k memories)."""
+    import asyncio
     import contextlib
 
     from memos.search.lexical import LexicalStats
@@ -296,3 +297,15 @@ def test_stale_word_counts_keep_serving_while_a_background_task_counts_again(cli
     assert counts(broken) == (1, 1.0)
     client.blocking_portal.call(broken.refreshed)
     assert counts(broken) == (1, 1.0), "a failed recount leaves the stale counts serving"
+
+    @contextlib.asynccontextmanager
+    async def never_answers():
+        await asyncio.Event().wait()
+        yield
+
+    hung = LexicalStats(ttl=0.0, connect=never_answers)
+    counts(hung)
+    counts(hung)  # stale: a recount starts, and waits forever for its connection
+    assert len(hung._refreshing) == 1
+    client.blocking_portal.call(hung.close)
+    assert hung._refreshing == {}, "shutdown stops it"

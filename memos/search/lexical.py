@@ -127,9 +127,15 @@ class LexicalStats:
             log.warning("cannot refresh a cube's word statistics", extra={"cube_id": str(cube_id), "error": repr(exc)})
 
     async def refreshed(self) -> None:
-        """Wait for the background counts under way (tests, shutdown)."""
+        """Wait for the background counts under way."""
         while self._refreshing:
             await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stop the background counts under way (at shutdown, before the database goes)."""
+        for task in list(self._refreshing.values()):
+            task.cancel()
+        await self.refreshed()
 
     async def _load(self, conn: AsyncConnection, cube_id: uuid.UUID, now: float) -> _CubeStats:
         live = (memories.c.cube_id == cube_id, memories.c.state == "active")

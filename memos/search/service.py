@@ -89,6 +89,9 @@ class SearchService:
         self.graphs = graphs or CubeGraphs(db)
         self.lexical = LexicalStats(connect=db.read)
 
+    async def close(self) -> None:
+        await self.lexical.close()
+
     async def search(self, principal: Principal, req: schemas.SearchRequest) -> schemas.SearchResponse:
         started = time.perf_counter()
         principal.tenant_member()
