@@ -29,7 +29,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check $(SRC)
 	$(VENV)/bin/ruff format --check $(SRC)
-	$(VENV)/bin/mypy memos
+	$(VENV)/bin/mypy memos bench
 	$(VENV)/bin/mypy --strict clients/python/memos_client
 	$(PY) scripts/audit_deps.py
 

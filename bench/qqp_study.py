@@ -141,8 +141,8 @@ def features(pairs: list[Any], vectors: VectorCache) -> Floats:
 
 
 def boosted_out_of_fold(x: Floats, labels: npt.NDArray[np.bool_]) -> Floats:
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.ensemble import HistGradientBoostingClassifier  # type: ignore[import-untyped]
+    from sklearn.model_selection import StratifiedKFold  # type: ignore[import-untyped]
 
     scores = np.zeros(len(labels))
     for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(x, labels):
@@ -171,7 +171,8 @@ def cross_encoder_second_half(pairs: list[Any]) -> Floats:
             self.scale = alpha / rank
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.base(x) + (x @ self.down.T @ self.up.T) * self.scale
+            out: torch.Tensor = self.base(x) + (x @ self.down.T @ self.up.T) * self.scale
+            return out
 
     for param in model.parameters():
         param.requires_grad = False
@@ -212,7 +213,7 @@ def cross_encoder_second_half(pairs: list[Any]) -> Floats:
         target = torch.tensor([y for *_, y in batch])
         loss = torch.nn.functional.binary_cross_entropy_with_logits(score([(a, b) for a, b, _ in batch]), target)
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         schedule.step()
         if (step + 1) % 100 == 0:

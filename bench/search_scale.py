@@ -86,7 +86,9 @@ def fill(conninfo: str, cube_id: str, tenant_id: str, agent_id: str, n: int, tur
             for i in range(n):
                 turn = turns[i % len(turns)]
                 replica = i // len(turns)
-                vector = vectors[i % len(turns)] + rng.normal(0, NOISE, vectors.shape[1]).astype(np.float32)
+                vector = vectors[i % len(turns)] + np.asarray(
+                    rng.normal(0, NOISE, size=vectors.shape[1]), dtype=np.float32
+                )
                 vector /= np.linalg.norm(vector)
                 metadata = {
                     "speaker": turn["speaker"],

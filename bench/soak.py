@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 from bench.api_latency import RESULTS_DIR, WORDS, Server, machine_info, percentile, source_info
 
@@ -270,7 +270,7 @@ def setup(server: Server, tenants: int, seed_per_tenant: int, hot: int) -> list[
 
 async def verify(base_url: str, tenants: list[Tenant], acks: list[Ack], concurrency: int = 8) -> list[str]:
     """Read every acknowledged write back; the ones that are not there as acknowledged."""
-    key_of = {}
+    key_of: dict[str, str] = {}
     lost: list[str] = []
     latest: dict[str, int] = {}
     for ack in acks:
