@@ -309,3 +309,32 @@ def test_stale_word_counts_keep_serving_while_a_background_task_counts_again(cli
     assert len(hung._refreshing) == 1
     client.blocking_portal.call(hung.close)
     assert hung._refreshing == {}, "shutdown stops it"
+
+
+def test_shutdown_stops_a_graph_build_in_flight(client, app, factory: Factory) -> None:
+    """A big cube's graph builds in the background after the query that asked gave up on it; shutdown ends it."""
+    import asyncio
+    import contextlib
+    from types import SimpleNamespace
+
+    from memos.search.graphs import CubeGraphs
+
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key, name="graphs")
+    factory.memory(tenant.admin_key, cube["id"], "Melanie painted a lake at sunrise.")
+    cube_id = uuid.UUID(cube["id"])
+    graphs = CubeGraphs(app.state.db)
+    graph = client.blocking_portal.call(graphs.get_within, cube_id, 30.0)
+    assert graph is not None and graph.graph.number_of_nodes() == 1
+    client.blocking_portal.call(graphs.close)  # nothing under way: nothing to stop
+
+    @contextlib.asynccontextmanager
+    async def never_answers():
+        await asyncio.Event().wait()
+        yield
+
+    hung = CubeGraphs(SimpleNamespace(read=never_answers))  # type: ignore[arg-type]
+    assert client.blocking_portal.call(hung.get_within, cube_id, 0.01) is None, "the query does not wait"
+    (task,) = hung._background.values()
+    client.blocking_portal.call(hung.close)
+    assert task.cancelled() and hung._background == {} and hung._building == {}, "shutdown stops it"

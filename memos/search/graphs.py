@@ -71,6 +71,17 @@ class CubeGraphs:
         except TimeoutError:
             return None
 
+    async def close(self) -> None:
+        """Stop the background builds under way (at shutdown, before the database goes).
+
+        A build already in its worker thread runs to its end there (a thread cannot be interrupted);
+        nothing waits for it or keeps its graph.
+        """
+        tasks = list(self._background.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _built(self, cube_id: uuid.UUID, task: asyncio.Task[MemoryGraph]) -> None:
         if self._background.get(cube_id) is task:
             del self._background[cube_id]

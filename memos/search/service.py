@@ -91,6 +91,7 @@ class SearchService:
 
     async def close(self) -> None:
         await self.lexical.close()
+        await self.graphs.close()
 
     async def search(self, principal: Principal, req: schemas.SearchRequest) -> schemas.SearchResponse:
         started = time.perf_counter()
