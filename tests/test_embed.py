@@ -340,7 +340,7 @@ async def test_worker_embedding_errors_reach_the_caller() -> None:
 
 
 async def test_worker_linger_merges_requests_that_arrive_together() -> None:
-    async with EmbedWorker.for_embedder(HashingEmbedder(8), linger=0.05) as worker:
+    async with EmbedWorker.for_embedder(HashingEmbedder(8), linger=0.5) as worker:
         results = await asyncio.gather(*(worker.embed([f"text {i}"]) for i in range(10)))
         assert [r.shape for r in results] == [(1, 8)] * 10
         assert worker.stats.batches == 1
@@ -429,7 +429,7 @@ async def test_worker_passes_the_smallest_thread_limit_of_a_coalesced_pass() -> 
             return super().embed(texts)
 
     embedder = Limited(8)
-    async with EmbedWorker.for_embedder(embedder, linger=0.05) as worker:
+    async with EmbedWorker.for_embedder(embedder, linger=0.5) as worker:
         await worker.embed(["alone"])
         await worker.embed(["alone, one thread"], threads=1)
         await asyncio.gather(worker.embed(["a"], threads=2), worker.embed(["b"]), worker.embed(["c"], threads=1))
@@ -443,5 +443,8 @@ async def test_worker_ignores_a_thread_limit_the_embedder_cannot_take() -> None:
 
 def test_thread_limit_changes_no_vector(minilm: TransformersEncoder) -> None:
     texts = ["What did Caroline research?", "a longer text " * 20]
-    assert np.allclose(minilm.embed(texts, threads=1), minilm.embed(texts), atol=1e-5)
-    assert np.allclose(minilm.embed(texts[:1], threads=1), minilm.embed(texts[:1], threads=8), atol=1e-5)
+    # In bfloat16 the split of a matmul across threads changes the rounding: up to 4e-4 apart with 4 or
+    # 8 threads (none with 2). float32 agrees to about 1e-7.
+    atol = 1e-5 if minilm.dtype == "float32" else 2e-3
+    assert np.allclose(minilm.embed(texts, threads=1), minilm.embed(texts), atol=atol)
+    assert np.allclose(minilm.embed(texts[:1], threads=1), minilm.embed(texts[:1], threads=8), atol=atol)

@@ -81,8 +81,10 @@ def start_service(database_url: str, data_dir: Path, port: int, *, log_name: str
 
 
 def _ready(service: Service) -> bool:
+    """Ready to take writes: /readyz is 200 once the database answers, the model may still be loading."""
     try:
-        return httpx.get(service.url + "/readyz", timeout=2).status_code == 200
+        r = httpx.get(service.url + "/readyz", timeout=2)
+        return r.status_code == 200 and r.json().get("embedder") == "ready"
     except httpx.TransportError:
         return False
 

@@ -224,6 +224,7 @@ def test_memos_serve_runs_embedded_postgres_end_to_end(tmp_path: Path) -> None:
             url + f"/v1/cubes/{cube['id']}/memories",
             json={"kind": "plaintext", "content": "durable"},
             headers=bearer(admin_key),
+            timeout=60,  # /readyz is 200 once the database answers; this write may wait for the model to load
         )
         assert r.status_code == 201
         memory_id = r.json()["id"]
@@ -315,8 +316,10 @@ async def test_pooled_connections_the_server_ended_are_replaced_without_a_ping_p
 
     def terminate(pid: int) -> None:
         with psycopg.connect(libpq_url(database_url), autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        time.sleep(0.2)  # the backend's goodbye reaches the pooled socket
+            # With a timeout it waits until the backend has exited, so its goodbye is on the pooled socket
+            # (a fixed sleep raced the backend's exit on a busy runner).
+            (gone,) = admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone() or (False,)
+            assert gone, "the backend exited"
 
     try:
         first = await backend_pid()
