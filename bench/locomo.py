@@ -294,8 +294,7 @@ def print_table(result: dict[str, Any], ks: tuple[int, ...] = KS) -> None:
     print(
         f"\ningest: {ing['api_texts_per_s']} memories/s through the API vs {ing['raw_embedder_texts_per_s']} "
         f"texts/s raw embedder: ratio {ing['ratio']} (both warm, taking turns batch by batch; the raw embedder's "
-        f"cold first pass: "
-        f"{ing['raw_embedder_cold_texts_per_s']} texts/s)"
+        f"cold first pass: {ing['raw_embedder_cold_texts_per_s']} texts/s)"
     )
     two = ing["two_in_flight"]
     print(
