@@ -84,14 +84,28 @@ def session_items(n: int, when: str, turns: list[dict[str, Any]]) -> list[dict[s
     ]
 
 
+def embed_side_by_side(embedder: Any, batches: list[list[str]], lanes: int) -> None:
+    """Embed ``batches`` in ``lanes`` threads at once, each call on its share of the embedder's threads."""
+    share = max(1, int(getattr(embedder, "threads", lanes)) // lanes)
+
+    def run(part: list[list[str]]) -> None:
+        for texts in part:
+            embedder.embed(texts, threads=share)
+
+    with ThreadPoolExecutor(lanes) as pool:
+        list(pool.map(run, [batches[i::lanes] for i in range(lanes)]))
+
+
 def ingest_in_flight(
     client: TestClient[Litestar], embedder: Any, data: list[dict[str, Any]], auth: dict[str, str], in_flight: int
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """Seconds to batch-create every session with ``in_flight`` requests at a time, and the raw embedder's
-    seconds on the same batches one after another (its best: two threads on one batch are as fast as two
-    one-thread batches side by side on this box). Paired per conversation, into throwaway cubes.
+    seconds on the same batches two ways: one after another on all its threads, and ``in_flight`` calls
+    side by side on a share of them each (faster on the 2-core box: a team of two threads waits for the
+    slower one at every barrier). The ratio takes the raw embedder's better figure. Paired per conversation,
+    into throwaway cubes.
     """
-    api_s = raw_s = 0.0
+    api_s = raw_s = side_s = 0.0
     with ThreadPoolExecutor(in_flight) as pool:
         for conv in data:
             cube = client.post("/v1/cubes", json={"name": f"{conv['sample_id']}-in-flight"}, headers=auth).json()
@@ -110,7 +124,10 @@ def ingest_in_flight(
             for _, texts in batches:
                 embedder.embed(texts)
             raw_s += time.perf_counter() - started
-    return api_s, raw_s
+            started = time.perf_counter()
+            embed_side_by_side(embedder, [texts for _, texts in batches], in_flight)
+            side_s += time.perf_counter() - started
+    return api_s, raw_s, side_s
 
 
 def machine() -> dict[str, Any]:
@@ -169,6 +186,10 @@ def _run(
         for _, _, turns in sessions(conv["conversation"]):
             embedder.embed(indexed_texts(turns))
     cold_embed_s = time.perf_counter() - started
+    # The same for the share of threads a pass gets beside another (the two-in-flight pass below).
+    embed_side_by_side(
+        embedder, [indexed_texts(turns) for conv in data for _, _, turns in sessions(conv["conversation"])], 2
+    )
     ingest_s = raw_embed_s = 0.0
     texts_all: list[str] = []
     cubes: dict[str, dict[str, Any]] = {}
@@ -239,7 +260,8 @@ def _run(
 
     # ---- ingest again with two batches in flight, as a bulk loader would send them (after the questions:
     # the extra cubes share the table and its HNSW index, and must not change what the recall figures saw).
-    in_flight_s, in_flight_raw_s = ingest_in_flight(client, embedder, data, auth, in_flight=2)
+    in_flight_s, in_flight_raw_s, side_by_side_s = ingest_in_flight(client, embedder, data, auth, in_flight=2)
+    best_raw_s = min(in_flight_raw_s, side_by_side_s)
 
     def pct(values: list[float]) -> float:
         return round(100 * statistics.fmean(values), 1) if values else float("nan")
@@ -263,7 +285,8 @@ def _run(
             "two_in_flight": {
                 "api_texts_per_s": round(len(texts_all) / in_flight_s, 1),
                 "raw_embedder_texts_per_s": round(len(texts_all) / in_flight_raw_s, 1),
-                "ratio": round(in_flight_raw_s / in_flight_s, 3),
+                "raw_embedder_side_by_side_texts_per_s": round(len(texts_all) / side_by_side_s, 1),
+                "ratio": round(best_raw_s / in_flight_s, 3),
             },
         },
     }
@@ -298,8 +321,10 @@ def print_table(result: dict[str, Any], ks: tuple[int, ...] = KS) -> None:
     )
     two = ing["two_in_flight"]
     print(
-        f"ingest, two batches in flight: {two['api_texts_per_s']} memories/s vs {two['raw_embedder_texts_per_s']} "
-        f"texts/s raw embedder (paired per conversation): ratio {two['ratio']}"
+        f"ingest, two batches in flight: {two['api_texts_per_s']} memories/s vs the raw embedder's best of "
+        f"{two['raw_embedder_texts_per_s']} texts/s one batch after another and "
+        f"{two['raw_embedder_side_by_side_texts_per_s']} two side by side (paired per conversation): "
+        f"ratio {two['ratio']}"
     )
 
 

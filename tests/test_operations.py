@@ -90,6 +90,8 @@ async def test_external_database_with_old_schema_refuses_to_start(pg_server: PgS
         ({"MEMOS_DATABASE_URL": "mysql://x"}, "MEMOS_DATABASE_URL"),
         ({"MEMOS_OPERATOR_KEY": "short"}, "MEMOS_OPERATOR_KEY"),
         ({"MEMOS_DB_POOL_SIZE": "0"}, "MEMOS_DB_POOL_SIZE"),
+        ({"MEMOS_EMBED_LANES": "0"}, "MEMOS_EMBED_LANES"),
+        ({"MEMOS_EMBED_LANES": "two"}, "MEMOS_EMBED_LANES"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -100,6 +102,14 @@ def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> N
 def test_settings_defaults_and_overrides() -> None:
     s = Settings.from_env({"MEMOS_PORT": "9001", "MEMOS_LOG_LEVEL": "debug"}, host="0.0.0.0")
     assert (s.port, s.log_level, s.host, s.max_body_bytes, s.embedded) == (9001, "DEBUG", "0.0.0.0", 1048576, True)
+
+
+def test_embed_lanes_default_to_two_where_two_cpus_can_run_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert Settings.from_env({}).embed_lanes == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert Settings.from_env({}).embed_lanes == 1
+    assert Settings.from_env({"MEMOS_EMBED_LANES": "3"}).embed_lanes == 3
 
 
 def test_health_ready_and_openapi(client: TestClient) -> None:  # type: ignore[type-arg]

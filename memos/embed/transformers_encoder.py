@@ -163,6 +163,11 @@ class TransformersEncoder:
         return self._dims
 
     @property
+    def threads(self) -> int:
+        """CPU threads a call uses unless it asks for fewer (the embed worker divides them among its lanes)."""
+        return self._threads
+
+    @property
     def max_length(self) -> int:
         """Texts are truncated to this many tokens (special tokens included)."""
         return self._max_length
