@@ -33,6 +33,7 @@ from psycopg.types.json import Jsonb
 
 from bench.locomo import DATA, machine, sessions, turn_text
 from memos.embed.registry import load_embedder
+from memos.memories.ann import EXACT_CUBE_MAX
 
 OPERATOR_KEY = "bench-operator-" + "y" * 32
 NOISE = 0.02
@@ -79,10 +80,13 @@ def fill(conninfo: str, cube_id: str, tenant_id: str, agent_id: str, n: int, tur
         # Bulk load without the HNSW index, then build it once: far faster than 100k incremental inserts.
         conn.execute("DROP INDEX IF EXISTS ix_memories_embedding_hnsw")
         columns = (
-            "id, tenant_id, cube_id, kind, state, version, content, metadata, created_by, embedding, embedding_model"
+            "id, tenant_id, cube_id, kind, state, version, content, metadata, created_by, embedding, embedding_model,"
+            " ann"
         )
         with conn.cursor().copy(f"COPY memories ({columns}) FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["uuid", "uuid", "uuid", "text", "text", "int4", "text", "jsonb", "uuid", "vector", "text"])
+            copy.set_types(
+                ["uuid", "uuid", "uuid", "text", "text", "int4", "text", "jsonb", "uuid", "vector", "text", "bool"]
+            )
             for i in range(n):
                 turn = turns[i % len(turns)]
                 replica = i // len(turns)
@@ -108,9 +112,13 @@ def fill(conninfo: str, cube_id: str, tenant_id: str, agent_id: str, n: int, tur
                         agent,
                         vector,
                         embedder.name,
+                        # Past memos.memories.ann.EXACT_CUBE_MAX: the cube's memories are in the HNSW index.
+                        n >= EXACT_CUBE_MAX,
                     ]
                 )
-        conn.execute("CREATE INDEX ix_memories_embedding_hnsw ON memories USING hnsw (embedding vector_cosine_ops)")
+        conn.execute(
+            "CREATE INDEX ix_memories_embedding_hnsw ON memories USING hnsw (embedding vector_cosine_ops) WHERE ann"
+        )
         conn.execute("ANALYZE memories")
     return time.perf_counter() - started
 

@@ -250,6 +250,8 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
                 await semcache_service.close()
             if (search_service := getattr(app.state, "search", None)) is not None:
                 await search_service.close()
+            if (memories_service := getattr(app.state, "memories", None)) is not None:
+                await memories_service.close()
             kv_worker.close()
             await worker.close()
             await db.stop()

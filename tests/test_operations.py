@@ -51,6 +51,47 @@ def test_migrations_upgrade_downgrade_upgrade(pg_server: PgServer) -> None:
         drop_database(pg_server.admin_url, name)
 
 
+def test_migration_0006_puts_only_big_cubes_in_the_hnsw_index(pg_server: PgServer) -> None:
+    """Upgrading to 0006 marks the memories of cubes with 2000+ embeddings as indexed; the index is partial."""
+    name = fresh_database(pg_server, "ann0006")
+    url = pg_server.url(name)
+    try:
+        migrations.downgrade(url, "0005")
+        with psycopg.connect(url) as conn:
+            conn.execute(
+                """
+                WITH t AS (INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), 'acme') RETURNING id),
+                a AS (INSERT INTO agents (id, tenant_id, name, role)
+                      SELECT gen_random_uuid(), t.id, 'root', 'admin' FROM t RETURNING id, tenant_id)
+                INSERT INTO cubes (id, tenant_id, name, owner_agent_id)
+                SELECT gen_random_uuid(), a.tenant_id, c.name, a.id FROM a, (VALUES ('big'), ('small')) AS c(name)
+                """
+            )
+            conn.execute(
+                """
+                INSERT INTO memories (id, tenant_id, cube_id, kind, state, version, content, created_by, embedding)
+                SELECT gen_random_uuid(), c.tenant_id, c.id, 'plaintext', 'active', 1, 'fact ' || i, c.owner_agent_id,
+                       array_fill(((i % 7) + 1)::real, ARRAY[384])::vector
+                FROM cubes c, generate_series(1, CASE c.name WHEN 'big' THEN 2000 ELSE 1999 END) AS i
+                """
+            )
+        migrations.upgrade(url)
+        with psycopg.connect(url) as conn:
+            marked = dict(
+                conn.execute(
+                    "SELECT c.name, array_agg(DISTINCT m.ann) FROM memories m JOIN cubes c ON c.id = m.cube_id"
+                    " GROUP BY c.name"
+                ).fetchall()
+            )
+            index = conn.execute(
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_memories_embedding_hnsw'"
+            ).fetchone()
+        assert marked == {"big": [True], "small": [False]}
+        assert index is not None and "hnsw" in index[0] and index[0].endswith("WHERE ann")
+    finally:
+        drop_database(pg_server.admin_url, name)
+
+
 def test_models_match_the_migrated_schema(pg_server: PgServer) -> None:
     """The Core tables the code queries and the schema alembic builds must agree, column for column."""
     name = fresh_database(pg_server, "schemacheck")

@@ -338,3 +338,83 @@ def test_shutdown_stops_a_graph_build_in_flight(client, app, factory: Factory) -
     (task,) = hung._background.values()
     client.blocking_portal.call(hung.close)
     assert task.cancelled() and hung._background == {} and hung._building == {}, "shutdown stops it"
+
+
+# -- which memories sit in the HNSW index (memos/memories/ann.py) -------------------------------------------
+
+
+def _indexed(database_url: str, cube_id: str) -> dict[str, bool]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT id::text, ann FROM memories WHERE cube_id = %s", (cube_id,)).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def _vector_ids(client, key: str, cube_id: str, query: str, k: int = 20) -> list[str]:
+    r = client.post(
+        "/v1/search", json={"query": query, "mode": "vector", "k": k, "cube_ids": [cube_id]}, headers=bearer(key)
+    )
+    assert r.status_code == 200, r.text
+    return [hit["memory"]["id"] for hit in r.json()["results"]]
+
+
+def test_a_small_cube_stays_out_of_the_hnsw_index_and_is_searched_exactly(
+    client, factory: Factory, database_url: str
+) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    texts = [
+        "Caroline went to the LGBTQ support group",
+        "Melanie painted a sunrise",
+        "Caroline went to the LGBTQ support group again on Friday",
+    ]
+    ids = [factory.memory(tenant.admin_key, cube["id"], t)["id"] for t in texts]
+    assert _indexed(database_url, cube["id"]) == dict.fromkeys(ids, False)
+    assert _vector_ids(client, tenant.admin_key, cube["id"], "Who painted a sunrise?")[0] == ids[1]
+    assert set(_vector_ids(client, tenant.admin_key, cube["id"], "anything")) == set(ids)
+    with psycopg.connect(database_url) as conn:
+        knn = conn.execute("SELECT to_id::text FROM memory_links WHERE type = 'knn' AND from_id = %s", (ids[2],))
+        assert ids[0] in {r[0] for r in knn}  # its exact nearest neighbour was linked at write
+
+
+def test_a_cube_past_the_size_moves_into_the_hnsw_index_and_every_memory_is_still_found(
+    client, factory: Factory, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("memos.memories.ann.EXACT_CUBE_MAX", 5)
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    small = factory.cube(tenant.admin_key)
+    factory.memory(tenant.admin_key, small["id"], "Caroline's small cube stays exact")
+    items = [
+        {"kind": "plaintext", "content": f"Caroline's note number {i} about the adoption agency"} for i in range(6)
+    ]
+    r = client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=bearer(tenant.admin_key))
+    assert r.status_code == 201, r.text
+    first = [m["id"] for m in r.json()["items"]]
+    client.blocking_portal.call(client.app.state.memories.index_mover.wait)
+    assert set(_indexed(database_url, cube["id"]).values()) == {True}
+    assert set(_indexed(database_url, small["id"]).values()) == {False}
+    # Past the size, a new memory is written into the index at once.
+    later = factory.memory(tenant.admin_key, cube["id"], "Melanie signed up for a pottery class")["id"]
+    assert _indexed(database_url, cube["id"])[later] is True
+    # A memory left outside (a write that raced the move) is still found, beside the indexed ones.
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE memories SET ann = false WHERE id = %s", (first[0],))
+    found = _vector_ids(client, tenant.admin_key, cube["id"], "Caroline adoption agency note")
+    assert set(found) == {*first, later}
+    # A search over both cubes reads the indexed and the exact one.
+    r = client.post(
+        "/v1/search",
+        json={"query": "Caroline", "mode": "vector", "k": 20, "cube_ids": [cube["id"], small["id"]]},
+        headers=bearer(tenant.admin_key),
+    )
+    assert len(r.json()["results"]) == 8
+    # The cube's next write moves the straggler in; links to neighbours come from both sets meanwhile.
+    newest = factory.memory(tenant.admin_key, cube["id"], "Caroline's note number 0 about the adoption agency!")["id"]
+    with psycopg.connect(database_url) as conn:
+        linked = {
+            r[0]
+            for r in conn.execute("SELECT to_id::text FROM memory_links WHERE type = 'knn' AND from_id = %s", (newest,))
+        }
+    assert first[0] in linked  # its nearest, outside the index, beside the indexed ones
+    client.blocking_portal.call(client.app.state.memories.index_mover.wait)
+    assert set(_indexed(database_url, cube["id"]).values()) == {True}

@@ -32,7 +32,7 @@ def test_the_statement_names_every_column_of_the_tables() -> None:
     inserted = _listed(re.search(r"INSERT INTO memories \((.*?)\)", _INSERT_NEW, re.S).group(1))  # type: ignore[union-attr]
     defaults = {"created_at", "updated_at", "heat", "purged_at", "tsv"}
     assert sorted(inserted) == sorted(c.name for c in memories.columns if c.name not in defaults)
-    assert sorted(inserted) == sorted([*_COLUMNS, "embedding"])
+    assert sorted(inserted) == sorted([*_COLUMNS, "embedding", "ann"])
     versioned = _listed(re.search(r"INSERT INTO memory_versions \((.*?)\)", _INSERT_NEW, re.S).group(1))  # type: ignore[union-attr]
     assert sorted(versioned) == sorted(c.name for c in memory_versions.columns)
     returned = _listed(re.search(r"\)\nSELECT(.*?)FROM new\n$", _INSERT_NEW, re.S).group(1))  # type: ignore[union-attr]

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import msgspec
 import numpy as np
-from sqlalchemy import Row, and_, delete, func, insert, literal, or_, select, text, update
+from sqlalchemy import Row, TextClause, and_, delete, func, insert, literal, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -23,6 +23,7 @@ from memos.cubes.access import Access, access_of, cube_access, readable_cube_ids
 from memos.errors import Conflict, FieldError, Forbidden, Invalid, NotFound, PreconditionFailed
 from memos.identity.principal import Principal
 from memos.memories import schemas
+from memos.memories.ann import IndexMover, cube_indexing
 from memos.memories.versioning import content_sha256, insert_new, write_version
 from memos.pagination import Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset
 from memos.search.embedding import EmbeddingService
@@ -52,23 +53,37 @@ KNN_NEIGHBOURS = 5
 KNN_FLOOR = 0.5
 """Cosine similarity below which two memories are not neighbours (all-MiniLM: unrelated texts sit near 0.1)."""
 
-_KNN_SQL = text(
-    """
+
+def _knn_sql(indexed: bool) -> TextClause:
+    """Write ``knn`` links from each of ``ids`` to its nearest neighbours in its cube: an exact scan of the
+    cube's memories outside the HNSW index and, if the cube is ``indexed`` (``memos.memories.ann``), HNSW
+    over those in it."""
+    near = """
+            SELECT m.id, m.embedding <=> n.embedding AS distance FROM memories m
+            WHERE m.cube_id = n.cube_id AND m.id <> n.id AND m.state = 'active' AND m.embedding IS NOT NULL
+                AND {where}
+            ORDER BY m.embedding <=> n.embedding LIMIT :k"""
+    sets = near.format(where="NOT m.ann")
+    if indexed:
+        sets = f"({sets}\n        ) UNION ALL ({near.format(where='m.ann')}\n        )"
+    # Constant fragments only (which sets to read); every value is a bound parameter.
+    sql = f"""
     INSERT INTO memory_links (id, tenant_id, from_id, to_id, type, weight, created_by)
-    SELECT gen_random_uuid(), n.tenant_id, n.id, nb.id, 'knn', nb.similarity, :actor
+    SELECT gen_random_uuid(), n.tenant_id, n.id, nb.id, 'knn', 1 - nb.distance, :actor
     FROM memories n
     CROSS JOIN LATERAL (
-        SELECT m.id, 1 - (m.embedding <=> n.embedding) AS similarity
-        FROM memories m
-        WHERE m.cube_id = n.cube_id AND m.id <> n.id AND m.state = 'active' AND m.embedding IS NOT NULL
-        ORDER BY m.embedding <=> n.embedding
-        LIMIT :k
+        SELECT id, distance FROM ({sets}
+        ) AS found
+        ORDER BY distance LIMIT :k
     ) nb
-    WHERE n.id = ANY(:ids) AND n.embedding IS NOT NULL AND nb.similarity >= :floor
+    WHERE n.id = ANY(:ids) AND n.embedding IS NOT NULL AND 1 - nb.distance >= :floor
     ON CONFLICT (from_id, to_id, type) DO UPDATE SET weight = EXCLUDED.weight
     RETURNING from_id, to_id, weight
-    """
-)
+    """  # noqa: S608
+    return text(sql)
+
+
+_KNN_SQL = {indexed: _knn_sql(indexed) for indexed in (False, True)}
 MAX_PROVENANCE_NODES = 500
 
 
@@ -178,6 +193,11 @@ class MemoryService:
         self.graphs = graphs
         self.listeners = list(listeners)
         self.release_blobs = release_blobs
+        self.index_mover = IndexMover(db)
+
+    async def close(self) -> None:
+        """Stop moving memories into the HNSW index (a move resumes on the cube's next write)."""
+        await self.index_mover.close()
 
     def notify_written(self, cube_id: uuid.UUID, rows: Sequence[Row[Any]]) -> None:
         """Tell the graphs and the listeners about committed new or changed memories."""
@@ -236,6 +256,7 @@ class MemoryService:
             vectors = await self.embedder.embed([embedding_text(i.kind, i.content, i.metadata) for i in items])
         async with self.db.transaction() as conn:
             await cube_access(conn, principal, cube_id, "write")
+            indexing = await cube_indexing(conn, cube_id)
             versions = await self._resolve_references(conn, principal, items, single)
             rows: list[dict[str, Any]] = []
             for item, vector, when in zip(items, vectors, times, strict=True):
@@ -262,7 +283,7 @@ class MemoryService:
                         "event_time": when,
                     }
                 )
-            inserted = await insert_new(conn, rows)
+            inserted = await insert_new(conn, rows, indexed=indexing.indexed)
             if in_transaction is not None:
                 await in_transaction(conn, inserted)
             links = [
@@ -283,7 +304,7 @@ class MemoryService:
             if links:
                 await self._insert_links(conn, principal, links)
             # One statement finds every new memory's neighbours (a lateral kNN per memory).
-            knn = await self._link_neighbours(conn, principal, [r["id"] for r in rows])
+            knn = await self._link_neighbours(conn, principal, [r["id"] for r in rows], indexing.indexed)
             await record(
                 conn,
                 principal,
@@ -295,6 +316,8 @@ class MemoryService:
         self.notify_written(cube_id, inserted)
         self.graphs.links_written(cube_id, [(x["from_id"], x["to_id"], x["type"], x["weight"]) for x in links])
         self.graphs.links_written(cube_id, knn)
+        if indexing.move_after(0 if indexing.indexed else sum(r["embedding"] is not None for r in rows)):
+            self.index_mover.schedule(cube_id)
         return [to_dto(r) for r in inserted]
 
     async def _resolve_references(
@@ -351,17 +374,19 @@ class MemoryService:
             raise Conflict("a link of this type between these memories already exists") from None
 
     async def _link_neighbours(
-        self, conn: AsyncConnection, principal: Principal, ids: list[uuid.UUID]
+        self, conn: AsyncConnection, principal: Principal, ids: list[uuid.UUID], indexed: bool
     ) -> list[tuple[uuid.UUID, uuid.UUID, str, float]]:
-        """Write ``knn`` links from each memory to its nearest neighbours in its cube (pgvector, one statement)."""
+        """Write ``knn`` links from each memory to its nearest neighbours in its cube (pgvector, one statement).
+
+        ``indexed``: the cube has memories in the HNSW index (``memos.memories.ann``)."""
         # Iterative HNSW scans are on for every connection (store/db.py): no setting to make here.
         rows = await conn.execute(
-            _KNN_SQL, {"ids": ids, "actor": principal.agent_id, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR}
+            _KNN_SQL[indexed], {"ids": ids, "actor": principal.agent_id, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR}
         )
         return [(r.from_id, r.to_id, KNN_LINK, float(r.weight)) for r in rows]
 
     async def _relink_neighbours(
-        self, conn: AsyncConnection, principal: Principal, memory_id: uuid.UUID
+        self, conn: AsyncConnection, principal: Principal, memory_id: uuid.UUID, cube_id: uuid.UUID
     ) -> tuple[list[uuid.UUID], list[tuple[uuid.UUID, uuid.UUID, str, float]]]:
         """The memory's embedding changed: replace its knn links. Returns (old neighbours, new links)."""
         old = await conn.execute(
@@ -369,7 +394,8 @@ class MemoryService:
             .where(memory_links.c.from_id == memory_id, memory_links.c.type == KNN_LINK)
             .returning(memory_links.c.to_id)
         )
-        return [r.to_id for r in old], await self._link_neighbours(conn, principal, [memory_id])
+        indexed = (await cube_indexing(conn, cube_id)).indexed
+        return [r.to_id for r in old], await self._link_neighbours(conn, principal, [memory_id], indexed)
 
     # ------------------------------------------------------------------ read
 
@@ -556,7 +582,11 @@ class MemoryService:
                 )
             if new_links:
                 await self._insert_links(conn, principal, new_links)
-            knn = await self._relink_neighbours(conn, principal, memory_id) if "embedding" in values else None
+            knn = (
+                await self._relink_neighbours(conn, principal, memory_id, current.cube_id)
+                if "embedding" in values
+                else None
+            )
             # Archiving took the memory's edges out of the in-memory graph; making it active brings them back.
             revived = await _edges_of(conn, memory_id) if values.get("state") == "active" else []
             await record(
@@ -656,7 +686,7 @@ class MemoryService:
             if row is None:
                 raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
             await _stale_activations(conn, memory_id)
-            knn = await self._relink_neighbours(conn, principal, memory_id)
+            knn = await self._relink_neighbours(conn, principal, memory_id, current.cube_id)
             # Deleting took the memory's edges out of the in-memory graph; its links are still in Postgres.
             edges = await _edges_of(conn, memory_id)
             await record(

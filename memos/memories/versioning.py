@@ -52,7 +52,7 @@ _INSERT_NEW = """
 WITH new AS (
     INSERT INTO memories (
         id, tenant_id, cube_id, kind, state, version, content, metadata, tags, provenance,
-        content_sha256, expires_at, created_by, embedding, embedding_model, event_time
+        content_sha256, expires_at, created_by, embedding, embedding_model, event_time, ann
     )
     SELECT
         u.id, u.tenant_id, u.cube_id, u.kind, u.state, u.version, u.content, u.metadata,
@@ -60,7 +60,7 @@ WITH new AS (
         u.created_by,
         CASE WHEN u.slot IS NULL THEN NULL
              ELSE (%(vectors)s::float4[])[(u.slot - 1) * %(dims)s + 1 : u.slot * %(dims)s]::vector END,
-        u.embedding_model, u.event_time
+        u.embedding_model, u.event_time, %(ann)s::bool AND u.slot IS NOT NULL
     FROM unnest(
         %(id)s::uuid[], %(tenant_id)s::uuid[], %(cube_id)s::uuid[], %(kind)s::text[], %(state)s::text[],
         %(version)s::int4[], %(content)s::text[], %(metadata)s::jsonb[], %(tags)s::jsonb[],
@@ -84,7 +84,7 @@ WITH new AS (
 )
 SELECT
     id, tenant_id, cube_id, kind, state, version, content, metadata, tags, provenance, content_sha256,
-    created_at, updated_at, expires_at, created_by, heat, purged_at, embedding_model, event_time,
+    created_at, updated_at, expires_at, created_by, heat, purged_at, embedding_model, event_time, ann,
     vector_send(embedding) AS vec
 FROM new
 """
@@ -93,12 +93,14 @@ _COLUMNS = ("id", "tenant_id", "cube_id", "kind", "version", "created_by", *(c f
 """The values a new row is given (plus its ``embedding``); the rest come from column defaults."""
 
 
-async def insert_new(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> list[Row[Any]]:
+async def insert_new(conn: AsyncConnection, rows: Sequence[dict[str, Any]], *, indexed: bool = False) -> list[Row[Any]]:
     """Insert brand-new memories (version 1) and their ``create`` version rows, in one statement.
 
-    Each row gives ``_COLUMNS`` and ``embedding`` (a vector or None). Returns the rows as written, in the
-    order given, with every column but ``embedding`` and ``tsv``, and ``vec``: the embedding in pgvector's
-    binary form (``memos.store.arrays.decode_vector`` reads it), None without one.
+    Each row gives ``_COLUMNS`` and ``embedding`` (a vector or None). ``indexed``: the rows with an
+    embedding go into the HNSW index (their cube is past ``memos.memories.ann.EXACT_CUBE_MAX``).
+    Returns the rows as written, in the order given, with every column but ``embedding`` and ``tsv``, and
+    ``vec``: the embedding in pgvector's binary form (``memos.store.arrays.decode_vector`` reads it), None
+    without one.
     """
     params: dict[str, Any] = {name: [row[name] for row in rows] for name in _COLUMNS}
     for name in ("metadata", "provenance", "tags"):
@@ -109,7 +111,7 @@ async def insert_new(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> l
         slots.append(None if row["embedding"] is None else next_slot)
         next_slot += row["embedding"] is not None
     matrix = np.asarray(vectors, dtype=np.float32) if vectors else np.zeros((0, 0), dtype=np.float32)
-    params.update(slot=slots, vectors=Float4Array(matrix), dims=int(matrix.shape[1]))
+    params.update(slot=slots, vectors=Float4Array(matrix), dims=int(matrix.shape[1]), ann=indexed)
     result = await conn.exec_driver_sql(_INSERT_NEW, params)
     by_id = {r.id: r for r in result}
     # RETURNING's order is not promised: put the rows back in the order given.

@@ -116,8 +116,8 @@ class SearchService:
         try:
             # One connection for the whole search (a checkout is a round trip: the pool pings it).
             async with self.db.read() as conn:
-                cubes, lexemes = await self._scope_and_lexemes(conn, principal, req)
-                where = self._filters(req, cubes)
+                cubes, indexed, lexemes = await self._scope_and_lexemes(conn, principal, req)
+                where = self._filters(req, cubes, indexed)
                 if lexemes:
                     idf, avg_length, share, docs = await self.lexical.idf(conn, cubes, lexemes)
                     await self._text(conn, where, discriminating(share, docs=docs), lexemes, pool, found)
@@ -162,23 +162,28 @@ class SearchService:
 
     async def _scope_and_lexemes(
         self, conn: AsyncConnection, principal: Principal, req: schemas.SearchRequest
-    ) -> tuple[list[uuid.UUID], list[str]]:
-        """The cubes the search covers and the query's lexemes, read in one round trip."""
+    ) -> tuple[list[uuid.UUID], list[uuid.UUID], list[str]]:
+        """The cubes the search covers, those of them with memories in the HNSW index, and the query's
+        lexemes, read in one round trip."""
         tenant_id, agent_id = principal.tenant_member()
         sql = statements.scope_and_lexemes(principal.is_admin, lexemes=req.mode != "vector")
         row = (await conn.exec_driver_sql(sql, {"tenant": tenant_id, "agent": agent_id, "query": req.query})).one()
         readable_ids, lexemes = row.cubes, parse_lexemes(row.lexemes)
         allowed: list[uuid.UUID] = list(readable_ids or [])
+        indexed: list[uuid.UUID] = list(row.indexed or [])
         if req.cube_ids is None:
-            return allowed, lexemes
+            return allowed, indexed, lexemes
         for i, cube_id in enumerate(req.cube_ids):
             if cube_id not in allowed:
                 raise NotFound(f"cube_ids[{i}]: no such cube", errors=[FieldError(f"cube_ids[{i}]", "no such cube")])
-        return list(dict.fromkeys(req.cube_ids)), lexemes
+        cubes = list(dict.fromkeys(req.cube_ids))
+        return cubes, [c for c in indexed if c in cubes], lexemes
 
-    def _filters(self, req: schemas.SearchRequest, cubes: list[uuid.UUID]) -> statements.Scope:
+    def _filters(
+        self, req: schemas.SearchRequest, cubes: list[uuid.UUID], indexed: list[uuid.UUID]
+    ) -> statements.Scope:
         return statements.Scope.of(
-            cubes, list(req.states or ["active"]), req.kinds, req.tags, req.filters, req.since, req.until
+            cubes, indexed, list(req.states or ["active"]), req.kinds, req.tags, req.filters, req.since, req.until
         )
 
     # -- the two legs: each returns both signals, so fusion compares like with like -------------------------
@@ -220,7 +225,7 @@ class SearchService:
     ) -> None:
         """HNSW top ``limit``, plus the cosine of the text leg's candidates (which already have their term
         counts), in one statement."""
-        sql = statements.vector_leg(where.shape, lexical=bool(lexemes))
+        sql = statements.vector_leg(where.shape, lexical=bool(lexemes), indexed=where.indexed)
         params = {**where.params, "vec": Float4Array(vector), "lexemes": lexemes, "limit": limit, "others": list(found)}
         ef = max(HNSW_DEFAULT_EF, min(1000, limit))
         if ef == HNSW_DEFAULT_EF:

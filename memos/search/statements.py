@@ -49,9 +49,14 @@ Shape = tuple[str, ...]
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """The WHERE clause every leg shares (tenant scope via the cube list, then the request's filters)."""
+    """The WHERE clause every leg shares (tenant scope via the cube list, then the request's filters), and
+    which of the cubes have memories in the HNSW index (``indexed``)."""
 
     params: dict[str, Any]
+
+    @property
+    def indexed(self) -> bool:
+        return bool(self.params["indexed"])
 
     @property
     def shape(self) -> Shape:
@@ -60,6 +65,7 @@ class Scope:
     @staticmethod
     def of(
         cubes: list[uuid.UUID],
+        indexed: list[uuid.UUID],
         states: list[str],
         kinds: Sequence[str] | None,
         tags: Sequence[str] | None,
@@ -74,7 +80,7 @@ class Scope:
             "since": since,
             "until": until,
         }
-        params = {"cubes": cubes, "states": states}
+        params = {"cubes": cubes, "states": states, "indexed": indexed}
         return Scope(params=params | {name: value for name, value in optional.items() if value is not None})
 
 
@@ -90,10 +96,17 @@ def _where(shape: Shape) -> str:
 
 @cache
 def scope_and_lexemes(admin: bool, lexemes: bool) -> str:
-    """The cubes the caller may read (``tenant``, ``agent``) and, with ``lexemes``, the ``query``'s lexemes
+    """The cubes the caller may read (``tenant``, ``agent``), those of them whose memories are in the HNSW
+    index (``memos.memories.ann``: one index probe a cube) and, with ``lexemes``, the ``query``'s lexemes
     as tsvector text, in one round trip."""
     words = "to_tsvector('english'::regconfig, %(query)s)::text" if lexemes else "NULL"
-    return f"SELECT array({readable_cube_ids_sql(admin)}) AS cubes, {words} AS lexemes"
+    return f"""
+WITH readable AS ({readable_cube_ids_sql(admin)})
+SELECT array(SELECT id FROM readable) AS cubes,
+       array(SELECT r.id FROM readable r WHERE EXISTS (SELECT 1 FROM memories x WHERE x.cube_id = r.id AND x.ann))
+           AS indexed,
+       {words} AS lexemes
+"""  # noqa: S608
 
 
 @cache
@@ -120,18 +133,34 @@ JOIN (
 
 
 @cache
-def vector_leg(shape: Shape, lexical: bool) -> str:
-    """HNSW's nearest ``limit`` (``hit``), plus the cosine distance of the text leg's candidates (``others``),
-    in one statement; with ``lexical``, the nearest ones' term counts too."""
+def vector_leg(shape: Shape, lexical: bool, indexed: bool) -> str:
+    """The nearest ``limit`` (``hit``), plus the cosine distance of the text leg's candidates (``others``),
+    in one statement; with ``lexical``, the nearest ones' term counts too.
+
+    The nearest come from an exact scan of the memories outside the HNSW index and, with ``indexed`` (some
+    cubes of the scope are past the size, ``memos.memories.ann``), from HNSW over those cubes' memories in
+    it. Without ``indexed`` the statement has no HNSW part: an index scan filtered to cubes that have no
+    memory in the index would walk the whole graph finding nothing.
+    """
     tf = f"{_TERM_COUNTS} AS tf, length(m.tsv) AS doc_length" if lexical else "NULL::jsonb AS tf, 1 AS doc_length"
+    distance = "m.embedding <=> %(vec)s::real[]::vector"
+    exact = f"""
+        SELECT m.id, {distance} AS distance FROM memories m
+        WHERE {_where(shape)} AND NOT m.ann AND m.embedding IS NOT NULL
+        ORDER BY {distance} LIMIT %(limit)s"""  # noqa: S608 (constant fragments; values are bound parameters)
+    ann = f"""
+        SELECT m.id, {distance} AS distance FROM memories m
+        WHERE {_where(shape)} AND m.cube_id = ANY(%(indexed)s::uuid[]) AND m.ann AND m.embedding IS NOT NULL
+        ORDER BY {distance} LIMIT %(limit)s"""  # noqa: S608 (constant fragments; values are bound parameters)
+    both = f"({exact}\n    ) UNION ALL ({ann}\n    )" if indexed else exact
     return f"""
-SELECT * FROM (
-    SELECT m.id, m.cube_id, m.embedding <=> %(vec)s::real[]::vector AS distance, {tf}, true AS hit
-    FROM memories m
-    WHERE {_where(shape)} AND m.embedding IS NOT NULL
-    ORDER BY m.embedding <=> %(vec)s::real[]::vector
-    LIMIT %(limit)s
+SELECT m.id, m.cube_id, nearest.distance, {tf}, true AS hit
+FROM (
+    SELECT id, distance FROM ({both}
+    ) AS found
+    ORDER BY distance LIMIT %(limit)s
 ) AS nearest
+JOIN memories m ON m.id = nearest.id
 UNION ALL
 SELECT m.id, m.cube_id, m.embedding <=> %(vec)s::real[]::vector, NULL::jsonb, 1, false
 FROM memories m
