@@ -6,10 +6,10 @@ service can answer 503 with ``Retry-After`` instead of letting latency pile up.
 
 With more than one lane, passes run side by side and split the embedder's CPU threads between them:
 a pass alone gets all of them, two passes beside each other half each. On the 2-core box two one-thread
-passes side by side embed LoCoMo sessions 10-20 % faster than the same passes one after another on two
-threads (an OpenMP team of two waits at every barrier for its slower thread, and the slower one is
-the one sharing its core with Postgres), so concurrent writes gain throughput and a lone request
-keeps the latency of all threads.
+passes side by side embedded LoCoMo sessions 5-36 % faster than the same passes one after another on
+two threads, with nothing else running (a team of two OpenMP threads meets at a barrier after each of
+a pass's many small ops; beside Postgres the team also waits for whichever thread shares its core).
+So concurrent writes gain throughput, and a lone request keeps the latency of all threads.
 """
 
 from __future__ import annotations
