@@ -418,3 +418,12 @@ def test_a_cube_past_the_size_moves_into_the_hnsw_index_and_every_memory_is_stil
     assert first[0] in linked  # its nearest, outside the index, beside the indexed ones
     client.blocking_portal.call(client.app.state.memories.index_mover.wait)
     assert set(_indexed(database_url, cube["id"]).values()) == {True}
+    # A memory re-embedded by a PATCH stays in the index and is found by its new text.
+    r = client.patch(
+        f"/v1/memories/{later}",
+        json={"content": "Melanie adopted a grey kitten named Oscar"},
+        headers={**bearer(tenant.admin_key), "If-Match": '"1"'},
+    )
+    assert r.status_code == 200, r.text
+    assert _indexed(database_url, cube["id"])[later] is True
+    assert _vector_ids(client, tenant.admin_key, cube["id"], "Who adopted a kitten?")[0] == later
