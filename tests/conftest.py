@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,3 +157,25 @@ class Factory:
 @pytest.fixture(scope="module")
 def factory(client: TestClient[Litestar]) -> Factory:
     return Factory(client)
+
+
+def free_port() -> int:
+    """A port for a server a test starts: below the kernel's ephemeral range, and bindable just now.
+
+    ``bind(0)`` hands out a port from the ephemeral range, where outgoing connections (to Postgres, say)
+    get their local ports too: between closing that probe and the server's own bind, one of them could
+    take it. A port below the range is taken only by an explicit bind.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = 20000 + secrets.randbelow(max(1, low - 20000))
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")

@@ -33,7 +33,7 @@ import pytest
 
 from memos.store import migrations
 from memos.store.embedded import EmbeddedPostgres
-from tests.conftest import OPERATOR_KEY, PgServer, bearer, fresh_database
+from tests.conftest import OPERATOR_KEY, PgServer, bearer, free_port, fresh_database
 
 pytestmark = pytest.mark.faults
 
@@ -42,12 +42,6 @@ CLIENT_TIMEOUT_S = 15.0
 
 
 # ---------------------------------------------------------------- a real service process
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclasses.dataclass
@@ -304,7 +298,7 @@ def fault_db(pg_server: PgServer) -> Iterator[str]:
 
 
 def test_kill_9_mid_ingest_loses_no_acknowledged_write(fault_db: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     service = start_service(fault_db, tmp_path / "data", port)
     try:
         key, cube_id = setup_tenant(service.url)
@@ -351,7 +345,7 @@ def test_postgres_restart_under_load_recovers_without_a_service_restart(tmp_path
     database_url = embedded.start()
     try:
         migrations.upgrade(database_url)
-        service = start_service(database_url, tmp_path / "data", _free_port())
+        service = start_service(database_url, tmp_path / "data", free_port())
         try:
             key = _restart_postgres_under_load(embedded, database_url, service)
             _restart_postgres_while_idle(embedded, service, key)

@@ -21,7 +21,6 @@ still fails. 412 (a stale If-Match) depends on state, not on the input, like 404
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid
@@ -46,7 +45,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from memos.app import create_app
 from memos.embed.base import Embedder
 from memos.settings import Settings
-from tests.conftest import OPERATOR_KEY
+from tests.conftest import OPERATOR_KEY, free_port
 
 EXAMPLES = int(os.environ.get("MEMOS_FUZZ_EXAMPLES", "20"))
 
@@ -54,17 +53,11 @@ EXAMPLES = int(os.environ.get("MEMOS_FUZZ_EXAMPLES", "20"))
 SEMANTIC_FIELDS = {"cursor", "metadata.query"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def base_url(settings: Settings, embedder: Embedder) -> Iterator[str]:
     """The app served by uvicorn in a thread, until the module ends."""
     app = create_app(settings, embedder_factory=lambda: embedder)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
     )

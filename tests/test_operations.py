@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from conftest import OPERATOR_KEY, PgServer, bearer, fresh_database
+from conftest import OPERATOR_KEY, PgServer, bearer, free_port, fresh_database
 from litestar.testing import TestClient
 
 from memos.app import create_app
@@ -212,10 +211,13 @@ def test_no_pickle_or_torch_load_in_the_code() -> None:
     assert offenders == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def test_test_servers_get_ports_outside_the_ephemeral_range() -> None:
+    """Outgoing connections take their local ports from the ephemeral range: a server port picked there with
+    bind(0) could be taken between the probe and the server's bind (a rare flake of the serve tests)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= p < low for p in ports)
+    assert len(ports) > 1
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> float:
@@ -255,7 +257,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def test_memos_serve_runs_embedded_postgres_end_to_end(tmp_path: Path) -> None:
     """`memos serve` with no database URL: starts Postgres, migrates, writes the operator key, serves, stops."""
     data_dir = tmp_path / "data"
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMOS_")}
     env.update(MEMOS_DATA_DIR=str(data_dir), MEMOS_LOG_LEVEL="INFO")
     cmd = [str(Path(sys.executable).parent / "memos"), "serve", "--port", str(port)]
