@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
+from bench.bulk import copy_memories
 from bench.locomo import DATA, machine, sessions, turn_text
 from memos.embed.registry import load_embedder
 from memos.memories.ann import EXACT_CUBE_MAX
@@ -73,53 +75,34 @@ def fill(conninfo: str, cube_id: str, tenant_id: str, agent_id: str, n: int, tur
     embedder = load_embedder(None)
     vectors = embedder.embed([f"{t['speaker']}: {t['text']}" for t in turns])
     rng = np.random.default_rng(7)
+
+    def rows() -> Iterator[list[Any]]:
+        for i in range(n):
+            turn = turns[i % len(turns)]
+            replica = i // len(turns)
+            vector = vectors[i % len(turns)] + np.asarray(rng.normal(0, NOISE, size=vectors.shape[1]), dtype=np.float32)
+            vector /= np.linalg.norm(vector)
+            metadata = Jsonb(
+                {"speaker": turn["speaker"], "session": replica * 1000 + turn["session"], "turn": turn["turn"]}
+            )
+            yield [
+                uuid.uuid4(),
+                tenant,
+                cube,
+                "plaintext",
+                "active",
+                1,
+                turn["text"],
+                metadata,
+                agent,
+                vector,
+                embedder.name,
+            ]
+
     started = time.perf_counter()
     with psycopg.connect(conninfo, autocommit=True) as conn:
         register_vector(conn)
-        conn.execute("SET maintenance_work_mem = '1GB'")
-        # Bulk load without the HNSW index, then build it once: far faster than 100k incremental inserts.
-        conn.execute("DROP INDEX IF EXISTS ix_memories_embedding_hnsw")
-        columns = (
-            "id, tenant_id, cube_id, kind, state, version, content, metadata, created_by, embedding, embedding_model,"
-            " ann"
-        )
-        with conn.cursor().copy(f"COPY memories ({columns}) FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(
-                ["uuid", "uuid", "uuid", "text", "text", "int4", "text", "jsonb", "uuid", "vector", "text", "bool"]
-            )
-            for i in range(n):
-                turn = turns[i % len(turns)]
-                replica = i // len(turns)
-                vector = vectors[i % len(turns)] + np.asarray(
-                    rng.normal(0, NOISE, size=vectors.shape[1]), dtype=np.float32
-                )
-                vector /= np.linalg.norm(vector)
-                metadata = {
-                    "speaker": turn["speaker"],
-                    "session": replica * 1000 + turn["session"],
-                    "turn": turn["turn"],
-                }
-                copy.write_row(
-                    [
-                        uuid.uuid4(),
-                        tenant,
-                        cube,
-                        "plaintext",
-                        "active",
-                        1,
-                        turn["text"],
-                        Jsonb(metadata),
-                        agent,
-                        vector,
-                        embedder.name,
-                        # Past memos.memories.ann.EXACT_CUBE_MAX: the cube's memories are in the HNSW index.
-                        n >= EXACT_CUBE_MAX,
-                    ]
-                )
-        conn.execute(
-            "CREATE INDEX ix_memories_embedding_hnsw ON memories USING hnsw (embedding vector_cosine_ops) WHERE ann"
-        )
-        conn.execute("ANALYZE memories")
+        copy_memories(conn, rows(), indexed=n >= EXACT_CUBE_MAX)
     return time.perf_counter() - started
 
 
