@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ import psycopg
 import pytest
 from conftest import OPERATOR_KEY, PgServer, bearer, free_port, fresh_database
 from litestar.testing import TestClient
+from psycopg.types.json import Jsonb
 
 from memos.app import create_app
 from memos.settings import Settings, SettingsError
@@ -87,6 +89,43 @@ def test_migration_0006_puts_only_big_cubes_in_the_hnsw_index(pg_server: PgServe
             ).fetchone()
         assert marked == {"big": [True], "small": [False]}
         assert index is not None and "hnsw" in index[0] and index[0].endswith("WHERE ann")
+    finally:
+        drop_database(pg_server.admin_url, name)
+
+
+def test_the_benches_bulk_loader_keeps_the_schemas_partial_hnsw_index(pg_server: PgServer) -> None:
+    """bench/bulk.py rebuilds the HNSW index after its COPY: it must be the schema's (``WHERE ann``), not a full one."""
+    from pgvector.psycopg import register_vector
+
+    from bench.bulk import copy_memories
+
+    name = fresh_database(pg_server, "bulk")
+    try:
+        with psycopg.connect(pg_server.url(name), autocommit=True) as conn:
+            register_vector(conn)
+            ids = conn.execute(
+                """
+                WITH t AS (INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), 'acme') RETURNING id),
+                a AS (INSERT INTO agents (id, tenant_id, name, role)
+                      SELECT gen_random_uuid(), t.id, 'root', 'admin' FROM t RETURNING id, tenant_id)
+                INSERT INTO cubes (id, tenant_id, name, owner_agent_id)
+                SELECT gen_random_uuid(), a.tenant_id, 'big', a.id FROM a RETURNING tenant_id, id, owner_agent_id
+                """
+            ).fetchone()
+            assert ids is not None
+            tenant, cube, agent = ids
+            unit = [1.0] + [0.0] * 383
+            rows = [
+                [uuid.uuid4(), tenant, cube, "plaintext", "active", 1, f"fact {i}", Jsonb({}), agent, unit, "m"]
+                for i in range(3)
+            ]
+            copy_memories(conn, rows, indexed=True)
+            index = conn.execute(
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_memories_embedding_hnsw'"
+            ).fetchone()
+            marked = conn.execute("SELECT array_agg(DISTINCT ann) FROM memories").fetchone()
+        assert index is not None and index[0].endswith("WHERE ann")
+        assert marked == ([True],)
     finally:
         drop_database(pg_server.admin_url, name)
 
