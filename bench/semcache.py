@@ -510,15 +510,15 @@ def fill(url: str, h: Harness, cube_id: uuid.UUID, texts: list[str], vectors: Ve
 
     rng = np.random.default_rng(7)
 
+    agent, model = h.principal.agent_id, "sentence-transformers/all-MiniLM-L6-v2"
+
     def rows() -> Iterator[list[Any]]:
         for i in range(n):
             text = texts[i % len(texts)]
             vector = vectors[text] + rng.normal(0, NOISE, size=vectors[text].shape).astype(np.float32)
             vector /= np.linalg.norm(vector)
             metadata = Jsonb({"query": text, "category": "default"})
-            model = "sentence-transformers/all-MiniLM-L6-v2"
             answer = f"cached answer {i}"
-            agent = h.principal.agent_id
             yield [uuid.uuid4(), h.tenant_id, cube_id, "response", "active", 1, answer, metadata, agent, vector, model]
 
     started = time.perf_counter()

@@ -30,14 +30,22 @@ EXACT_CUBE_MAX = 2000
 MOVE_CHUNK = 500
 """Memories moved into the index per transaction: each one is an HNSW insert, about 1 ms."""
 
-_STATE = text(
-    """
-    SELECT EXISTS (SELECT 1 FROM memories WHERE cube_id = :cube AND ann) AS indexed,
+
+def indexed_sql(cube: str) -> str:
+    """SQL for "cube ``cube`` (an SQL expression) has memories in the HNSW index": one probe of a partial index."""
+    return f"EXISTS (SELECT 1 FROM memories x WHERE x.cube_id = {cube} AND x.ann)"  # noqa: S608
+
+
+# Constant fragments only; the cube is a bound parameter.
+_INDEXED_SQL = f"SELECT {indexed_sql(':cube')} AS indexed"
+_STATE_SQL = f"""
+    SELECT {indexed_sql(":cube")} AS indexed,
            (SELECT count(*) FROM (
                 SELECT 1 FROM memories WHERE cube_id = :cube AND NOT ann AND embedding IS NOT NULL LIMIT :most
             ) AS outside) AS outside
-    """
-)
+    """  # noqa: S608
+_INDEXED = text(_INDEXED_SQL)
+_STATE = text(_STATE_SQL)
 
 _MOVE = text(
     """
@@ -57,15 +65,22 @@ class CubeIndexing:
     """Its embedded memories outside the index, counted up to ``EXACT_CUBE_MAX``."""
 
     def move_after(self, written: int) -> bool:
-        """Whether the cube's memories should move into the index once ``written`` more have committed outside."""
+        """Whether the cube's memories should move into the index once ``written`` embedded memories, written
+        as this state said (inside the index if ``indexed``), have committed."""
         if self.indexed:
-            return self.outside + written > 0
+            return self.outside > 0
         return self.outside + written >= EXACT_CUBE_MAX
 
 
 async def cube_indexing(conn: AsyncConnection, cube_id: uuid.UUID) -> CubeIndexing:
+    """Whether the cube is past the size, and how many of its memories are outside the index (for a write)."""
     row = (await conn.execute(_STATE, {"cube": cube_id, "most": EXACT_CUBE_MAX})).one()
     return CubeIndexing(indexed=bool(row.indexed), outside=int(row.outside))
+
+
+async def cube_indexed(conn: AsyncConnection, cube_id: uuid.UUID) -> bool:
+    """Whether the cube is past the size (the knn links of a re-embedded memory), without counting."""
+    return bool((await conn.execute(_INDEXED, {"cube": cube_id})).scalar_one())
 
 
 class IndexMover:
@@ -83,7 +98,7 @@ class IndexMover:
         task.add_done_callback(lambda _: self._tasks.pop(cube_id, None))
 
     async def wait(self) -> None:
-        """Until every move scheduled so far has finished (tests, the bench)."""
+        """Until every move scheduled so far has finished (tests)."""
         while self._tasks:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 

@@ -23,7 +23,7 @@ from memos.cubes.access import Access, access_of, cube_access, readable_cube_ids
 from memos.errors import Conflict, FieldError, Forbidden, Invalid, NotFound, PreconditionFailed
 from memos.identity.principal import Principal
 from memos.memories import schemas
-from memos.memories.ann import IndexMover, cube_indexing
+from memos.memories.ann import IndexMover, cube_indexed, cube_indexing
 from memos.memories.versioning import content_sha256, insert_new, write_version
 from memos.pagination import Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset
 from memos.search.embedding import EmbeddingService
@@ -316,7 +316,7 @@ class MemoryService:
         self.notify_written(cube_id, inserted)
         self.graphs.links_written(cube_id, [(x["from_id"], x["to_id"], x["type"], x["weight"]) for x in links])
         self.graphs.links_written(cube_id, knn)
-        if indexing.move_after(0 if indexing.indexed else sum(r["embedding"] is not None for r in rows)):
+        if indexing.move_after(len(rows)):  # every new memory here has an embedding
             self.index_mover.schedule(cube_id)
         return [to_dto(r) for r in inserted]
 
@@ -394,7 +394,7 @@ class MemoryService:
             .where(memory_links.c.from_id == memory_id, memory_links.c.type == KNN_LINK)
             .returning(memory_links.c.to_id)
         )
-        indexed = (await cube_indexing(conn, cube_id)).indexed
+        indexed = await cube_indexed(conn, cube_id)
         return [r.to_id for r in old], await self._link_neighbours(conn, principal, [memory_id], indexed)
 
     # ------------------------------------------------------------------ read

@@ -20,6 +20,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from memos.cubes.access import readable_cube_ids_sql
+from memos.memories.ann import indexed_sql
 from memos.store.models import memories
 
 RESULT_COLUMNS = ", ".join(f"m.{c.name}" for c in memories.c if c.name not in ("embedding", "tsv"))
@@ -103,8 +104,7 @@ def scope_and_lexemes(admin: bool, lexemes: bool) -> str:
     return f"""
 WITH readable AS ({readable_cube_ids_sql(admin)})
 SELECT array(SELECT id FROM readable) AS cubes,
-       array(SELECT r.id FROM readable r WHERE EXISTS (SELECT 1 FROM memories x WHERE x.cube_id = r.id AND x.ann))
-           AS indexed,
+       array(SELECT r.id FROM readable r WHERE {indexed_sql("r.id")}) AS indexed,
        {words} AS lexemes
 """  # noqa: S608
 
