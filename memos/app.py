@@ -22,6 +22,7 @@ from memos.activations.controller import ActivationController, ActivationImportC
 from memos.activations.models import KVWorker, ModelRegistry
 from memos.activations.service import ActivationService
 from memos.activations.tiers import HostTier
+from memos.blas import one_blas_thread
 from memos.cubes.controller import CubeController
 from memos.cubes.service import CubeService
 from memos.deps import dependencies
@@ -200,6 +201,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        one_blas_thread()
         worker = EmbedWorker(factory, lanes=settings.embed_lanes)
         kv_worker = KVWorker()
         # Loading torch and the model takes seconds: serve meanwhile (writes and searches wait, bounded, or get 503).

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import msgspec
 import numpy as np
-from sqlalchemy import Row, TextClause, and_, delete, func, insert, literal, or_, select, text, update
+from sqlalchemy import Row, and_, delete, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -24,6 +24,7 @@ from memos.errors import Conflict, FieldError, Forbidden, Invalid, NotFound, Pre
 from memos.identity.principal import Principal
 from memos.memories import schemas
 from memos.memories.ann import IndexMover, cube_indexed, cube_indexing
+from memos.memories.neighbours import KNN_LINK, LinkEdge, link_neighbours
 from memos.memories.versioning import content_sha256, insert_new, write_version
 from memos.pagination import Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset
 from memos.search.embedding import EmbeddingService
@@ -43,47 +44,10 @@ from memos.store.models import (
 from memos.validation import reject_nul
 
 PROVENANCE_LINK = "derived_from"
-KNN_LINK = "knn"
-"""System links to a memory's semantic nearest neighbours in its cube, written by memos itself."""
 RESERVED_LINKS = {
     PROVENANCE_LINK: "use provenance.derived_from for provenance",
     KNN_LINK: "memos writes knn links itself",
 }
-KNN_NEIGHBOURS = 5
-KNN_FLOOR = 0.5
-"""Cosine similarity below which two memories are not neighbours (all-MiniLM: unrelated texts sit near 0.1)."""
-
-
-def _knn_sql(indexed: bool) -> TextClause:
-    """Write ``knn`` links from each of ``ids`` to its nearest neighbours in its cube: an exact scan of the
-    cube's memories outside the HNSW index and, if the cube is ``indexed`` (``memos.memories.ann``), HNSW
-    over those in it."""
-    near = """
-            SELECT m.id, m.embedding <=> n.embedding AS distance FROM memories m
-            WHERE m.cube_id = n.cube_id AND m.id <> n.id AND m.state = 'active' AND m.embedding IS NOT NULL
-                AND {where}
-            ORDER BY m.embedding <=> n.embedding LIMIT :k"""
-    sets = near.format(where="NOT m.ann")
-    if indexed:
-        sets = f"({sets}\n        ) UNION ALL ({near.format(where='m.ann')}\n        )"
-    # Constant fragments only (which sets to read); every value is a bound parameter.
-    sql = f"""
-    INSERT INTO memory_links (id, tenant_id, from_id, to_id, type, weight, created_by)
-    SELECT gen_random_uuid(), n.tenant_id, n.id, nb.id, 'knn', 1 - nb.distance, :actor
-    FROM memories n
-    CROSS JOIN LATERAL (
-        SELECT id, distance FROM ({sets}
-        ) AS found
-        ORDER BY distance LIMIT :k
-    ) nb
-    WHERE n.id = ANY(:ids) AND n.embedding IS NOT NULL AND 1 - nb.distance >= :floor
-    ON CONFLICT (from_id, to_id, type) DO UPDATE SET weight = EXCLUDED.weight
-    RETURNING from_id, to_id, weight
-    """  # noqa: S608
-    return text(sql)
-
-
-_KNN_SQL = {indexed: _knn_sql(indexed) for indexed in (False, True)}
 MAX_PROVENANCE_NODES = 500
 
 
@@ -303,8 +267,9 @@ class MemoryService:
             ]
             if links:
                 await self._insert_links(conn, principal, links)
-            # One statement finds every new memory's neighbours (a lateral kNN per memory).
-            knn = await self._link_neighbours(conn, principal, [r["id"] for r in rows], indexing.indexed)
+            knn = await link_neighbours(
+                conn, tenant_id, agent_id, cube_id, [r["id"] for r in rows], indexed=indexing.indexed
+            )
             await record(
                 conn,
                 principal,
@@ -373,21 +338,9 @@ class MemoryService:
         except IntegrityError:
             raise Conflict("a link of this type between these memories already exists") from None
 
-    async def _link_neighbours(
-        self, conn: AsyncConnection, principal: Principal, ids: list[uuid.UUID], indexed: bool
-    ) -> list[tuple[uuid.UUID, uuid.UUID, str, float]]:
-        """Write ``knn`` links from each memory to its nearest neighbours in its cube (pgvector, one statement).
-
-        ``indexed``: the cube has memories in the HNSW index (``memos.memories.ann``)."""
-        # Iterative HNSW scans are on for every connection (store/db.py): no setting to make here.
-        rows = await conn.execute(
-            _KNN_SQL[indexed], {"ids": ids, "actor": principal.agent_id, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR}
-        )
-        return [(r.from_id, r.to_id, KNN_LINK, float(r.weight)) for r in rows]
-
     async def _relink_neighbours(
         self, conn: AsyncConnection, principal: Principal, memory_id: uuid.UUID, cube_id: uuid.UUID
-    ) -> tuple[list[uuid.UUID], list[tuple[uuid.UUID, uuid.UUID, str, float]]]:
+    ) -> tuple[list[uuid.UUID], list[LinkEdge]]:
         """The memory's embedding changed: replace its knn links. Returns (old neighbours, new links)."""
         old = await conn.execute(
             delete(memory_links)
@@ -395,7 +348,10 @@ class MemoryService:
             .returning(memory_links.c.to_id)
         )
         indexed = await cube_indexed(conn, cube_id)
-        return [r.to_id for r in old], await self._link_neighbours(conn, principal, [memory_id], indexed)
+        tenant_id, agent_id = principal.tenant_member()
+        return [r.to_id for r in old], await link_neighbours(
+            conn, tenant_id, agent_id, cube_id, [memory_id], indexed=indexed
+        )
 
     # ------------------------------------------------------------------ read
 

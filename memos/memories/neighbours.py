@@ -1,0 +1,158 @@
+"""``knn`` links: at write time each new or re-embedded memory is linked to its nearest neighbours in its cube.
+
+Two ways to find them, with the same answer. Postgres (``_KNN_SQL``): a lateral scan per memory, exact over
+the cube's memories outside the HNSW index and, in an indexed cube, HNSW over those in it. Each memory
+costs a pass over the cube, so a batch of ``n`` into a cube of ``c`` costs ``n x c`` distances: a
+520-memory LoCoMo conversation sent as one batch into an empty cube spent 168 ms in that statement on the
+2-core box. In Python (``_exact_in_python``), for a batch of ``BATCH_IN_PYTHON`` or more into a cube that is
+not indexed (at most ``EXACT_CUBE_MAX`` embedded memories): one statement returns the cube's ids and
+vectors as one binary value (about 4 ms), numpy finds every new memory's neighbours in one matrix product,
+and one statement writes the links (the same conversation: 4 + 54 ms, most of it the links' own inserts).
+For a session-sized batch (about 20 memories into a few hundred) the two cost the same, so the lateral scan
+stays where it is the well-trodden path.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+from sqlalchemy import TextClause, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+KNN_LINK = "knn"
+"""System links to a memory's semantic nearest neighbours in its cube, written by memos itself."""
+KNN_NEIGHBOURS = 5
+KNN_FLOOR = 0.5
+"""Cosine similarity below which two memories are not neighbours (all-MiniLM: unrelated texts sit near 0.1)."""
+BATCH_IN_PYTHON = 64
+"""New memories in one write from which, in a cube outside the index, their neighbours are found in Python."""
+
+LinkEdge = tuple[uuid.UUID, uuid.UUID, str, float]
+"""(from, to, type, weight), as the cube's graph takes it."""
+
+
+def _knn_sql(indexed: bool) -> TextClause:
+    """Write ``knn`` links from each of ``ids`` to its nearest neighbours in its cube: an exact scan of the
+    cube's memories outside the HNSW index and, if the cube is ``indexed`` (``memos.memories.ann``), HNSW
+    over those in it."""
+    near = """
+            SELECT m.id, m.embedding <=> n.embedding AS distance FROM memories m
+            WHERE m.cube_id = n.cube_id AND m.id <> n.id AND m.state = 'active' AND m.embedding IS NOT NULL
+                AND {where}
+            ORDER BY m.embedding <=> n.embedding LIMIT :k"""
+    sets = near.format(where="NOT m.ann")
+    if indexed:
+        sets = f"({sets}\n        ) UNION ALL ({near.format(where='m.ann')}\n        )"
+    # Constant fragments only (which sets to read); every value is a bound parameter.
+    sql = f"""
+    INSERT INTO memory_links (id, tenant_id, from_id, to_id, type, weight, created_by)
+    SELECT gen_random_uuid(), n.tenant_id, n.id, nb.id, 'knn', 1 - nb.distance, :actor
+    FROM memories n
+    CROSS JOIN LATERAL (
+        SELECT id, distance FROM ({sets}
+        ) AS found
+        ORDER BY distance LIMIT :k
+    ) nb
+    WHERE n.id = ANY(:ids) AND n.embedding IS NOT NULL AND 1 - nb.distance >= :floor
+    ON CONFLICT (from_id, to_id, type) DO UPDATE SET weight = EXCLUDED.weight
+    RETURNING from_id, to_id, weight
+    """  # noqa: S608
+    return text(sql)
+
+
+_KNN_SQL = {indexed: _knn_sql(indexed) for indexed in (False, True)}
+
+# The set the lateral scan reads in a cube outside the index, as one value: each memory's id (16 bytes) and
+# its vector's binary form (``vector_send``: int16 dimensions, int16 unused, big-endian float32s), end to end.
+_CUBE_VECTORS = text(
+    """
+    SELECT string_agg(uuid_send(id) || vector_send(embedding), ''::bytea) AS packed
+    FROM memories
+    WHERE cube_id = :cube AND state = 'active' AND embedding IS NOT NULL AND NOT ann
+    """
+)
+_WRITE_LINKS = text(
+    """
+    INSERT INTO memory_links (id, tenant_id, from_id, to_id, type, weight, created_by)
+    SELECT gen_random_uuid(), :tenant, u.from_id, u.to_id, 'knn', u.weight, :actor
+    FROM unnest(CAST(:from_ids AS uuid[]), CAST(:to_ids AS uuid[]), CAST(:weights AS float8[]))
+        AS u(from_id, to_id, weight)
+    ON CONFLICT (from_id, to_id, type) DO UPDATE SET weight = EXCLUDED.weight
+    """
+)
+
+
+async def link_neighbours(
+    conn: AsyncConnection,
+    tenant_id: uuid.UUID,
+    actor: uuid.UUID,
+    cube_id: uuid.UUID,
+    ids: Sequence[uuid.UUID],
+    *,
+    indexed: bool,
+) -> list[LinkEdge]:
+    """Write ``knn`` links from each of ``ids`` (memories of ``cube_id``) to its nearest neighbours; the links.
+
+    ``indexed``: the cube has memories in the HNSW index (``memos.memories.ann``)."""
+    if not indexed and len(ids) >= BATCH_IN_PYTHON:
+        return await _exact_in_python(conn, tenant_id, actor, cube_id, ids)
+    # Iterative HNSW scans are on for every connection (store/db.py): no setting to make here.
+    rows = await conn.execute(
+        _KNN_SQL[indexed], {"ids": list(ids), "actor": actor, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR}
+    )
+    return [(r.from_id, r.to_id, KNN_LINK, float(r.weight)) for r in rows]
+
+
+async def _exact_in_python(
+    conn: AsyncConnection, tenant_id: uuid.UUID, actor: uuid.UUID, cube_id: uuid.UUID, ids: Sequence[uuid.UUID]
+) -> list[LinkEdge]:
+    packed = (await conn.execute(_CUBE_VECTORS, {"cube": cube_id})).scalar_one()
+    found = [] if packed is None else nearest(packed, ids)
+    if found:
+        await conn.execute(
+            _WRITE_LINKS,
+            {
+                "tenant": tenant_id,
+                "actor": actor,
+                "from_ids": [link[0] for link in found],
+                "to_ids": [link[1] for link in found],
+                "weights": [link[3] for link in found],
+            },
+        )
+    return found
+
+
+def nearest(
+    packed: bytes, ids: Sequence[uuid.UUID], k: int = KNN_NEIGHBOURS, floor: float = KNN_FLOOR
+) -> list[LinkEdge]:
+    """Each of ``ids``' ``k`` nearest others by cosine similarity among the memories in ``packed``, those at
+    ``floor`` or above, best first.
+
+    ``packed``: each memory's id as 16 bytes, then its vector in pgvector's binary form, end to end (all of
+    one width). An id that is not in ``packed`` (no embedding) gets no links, as in the lateral scan."""
+    dims = int.from_bytes(packed[16:18], "big")
+    layout = np.dtype([("id", "V16"), ("dims", ">i2"), ("unused", ">i2"), ("values", ">f4", (dims,))])
+    records = np.frombuffer(packed, dtype=layout)
+    keys: list[bytes] = records["id"].tolist()
+    position = {key: i for i, key in enumerate(keys)}
+    sources = [memory_id for memory_id in ids if memory_id.bytes in position]
+    if not sources or len(keys) < 2:
+        return []
+    matrix = records["values"].astype(np.float32)  # [cube, dims]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # A zero vector has no direction: its similarities are NaN and fail the floor (pgvector's <=> gives NaN).
+        unit = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    rows = np.array([position[memory_id.bytes] for memory_id in sources], dtype=np.intp)
+    similarity = unit[rows] @ unit.T  # [sources, cube]: a small product (BLAS runs on one thread, memos/blas.py)
+    similarity[np.arange(len(rows)), rows] = -np.inf  # not its own neighbour
+    take = min(k, len(keys) - 1)
+    best = np.argpartition(-similarity, take - 1, axis=1)[:, :take]
+    links: list[LinkEdge] = []
+    for source, row, candidates in zip(sources, similarity, best, strict=True):
+        for j in candidates[np.argsort(-row[candidates], kind="stable")]:
+            weight = float(row[j])
+            if weight >= floor:  # NaN fails too
+                links.append((source, uuid.UUID(bytes=keys[j]), KNN_LINK, weight))
+    return links

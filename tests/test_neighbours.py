@@ -1,0 +1,137 @@
+"""Write-time kNN links (memos/memories/neighbours.py): a big batch finds them in Python, a small one in
+Postgres, and both give the same links."""
+
+from __future__ import annotations
+
+import struct
+import uuid
+
+import psycopg
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from memos.memories import neighbours
+from memos.memories.neighbours import _CUBE_VECTORS, _KNN_SQL, BATCH_IN_PYTHON, KNN_FLOOR, KNN_NEIGHBOURS, nearest
+from memos.store.urls import sqlalchemy_url
+from tests.conftest import Factory, bearer
+
+
+def _packed(ids: list[uuid.UUID], rows: list[list[float]]) -> bytes:
+    """Each id's 16 bytes and its row in pgvector's binary form (``vector_send``), end to end."""
+    return b"".join(i.bytes + struct.pack(f">hh{len(r)}f", len(r), 0, *r) for i, r in zip(ids, rows, strict=True))
+
+
+def test_nearest_takes_the_k_most_similar_others_above_the_floor() -> None:
+    ids = [uuid.UUID(int=i) for i in range(6)]
+    vectors = [
+        [1.0, 0.0, 0.0],
+        [0.9, 0.1, 0.0],  # close to 0
+        [0.0, 1.0, 0.0],  # far from 0
+        [2.0, 0.0, 0.1],  # close to 0, not unit length: cosine, not dot product
+        [0.0, 0.0, 0.0],  # no direction: no neighbours, nobody's neighbour
+        [1.0, 0.0, 0.0],  # the same as 0
+    ]
+    found = nearest(_packed(ids, vectors), [ids[0], ids[4], uuid.UUID(int=99)], k=3, floor=0.5)
+    # ids 4 (zero vector) and 99 (not in the cube) get none; 0 gets its three nearest others, best first.
+    assert [(a, b) for a, b, _, _ in found] == [(ids[0], ids[5]), (ids[0], ids[3]), (ids[0], ids[1])]
+    assert [kind for _, _, kind, _ in found] == ["knn"] * 3
+    weights = [w for *_, w in found]
+    assert weights == sorted(weights, reverse=True) and weights[0] == pytest.approx(1.0)
+    assert nearest(_packed(ids, vectors), [ids[2]], k=3, floor=0.5) == [], "nothing else is near it"
+    assert nearest(_packed(ids[:1], vectors[:1]), ids[:1]) == [], "a cube of one has no neighbours"
+
+
+def test_a_batch_gets_the_links_the_lateral_scan_finds(
+    client: TestClient[Litestar], factory: Factory, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's links (found in Python) are the ones Postgres's exact lateral scan finds for the same memories,
+    over the same set: active memories of the cube, earlier ones included, a deleted one left out."""
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube = factory.cube(key)["id"]
+    earlier = factory.memory(key, cube, "Note 99: something about the ferry timetable to the island, take 0.")
+    gone = factory.memory(key, cube, "Note 98: something about the ferry timetable to the island, take 0.")
+    assert client.delete(f"/v1/memories/{gone['id']}", headers=bearer(key)).status_code == 204
+    topics = ["ferry timetable to the island", "my cat sleeps on the sofa", "tax return deadline in April"]
+    items = [
+        {"kind": "plaintext", "content": f"Note {i}: something about the {topics[i % 3]}, take {i // 3}."}
+        for i in range(BATCH_IN_PYTHON + 2)
+    ]
+    found_in_python: list[int] = []
+
+    def counted(packed: bytes, ids: list[uuid.UUID]) -> list[neighbours.LinkEdge]:
+        found_in_python.append(len(ids))
+        return nearest(packed, ids)
+
+    monkeypatch.setattr(neighbours, "nearest", counted)
+    r = client.post(f"/v1/cubes/{cube}/memories/batch", json={"items": items}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    assert found_in_python == [len(items)], "a batch this size reads the cube once"
+    new = [uuid.UUID(m["id"]) for m in r.json()["items"]]
+    actor = uuid.UUID(r.json()["items"][0]["created_by"])
+
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT from_id, to_id, weight FROM memory_links WHERE type = 'knn' AND from_id = ANY(%s)", (new,)
+        ).fetchall()
+    written = {(a, b): w for a, b, w in rows}
+    assert len(written) == KNN_NEIGHBOURS * len(new), "every note has five near others of its topic"
+    assert all(w >= KNN_FLOOR for w in written.values())
+    assert uuid.UUID(gone["id"]) not in {b for a, b in written}
+    assert uuid.UUID(earlier["id"]) in {b for a, b in written}
+
+    async def lateral() -> dict[tuple[uuid.UUID, uuid.UUID], float]:
+        engine = create_async_engine(sqlalchemy_url(database_url))
+        try:
+            async with engine.connect() as conn, conn.begin() as transaction:
+                await conn.exec_driver_sql(
+                    "DELETE FROM memory_links WHERE type = 'knn' AND from_id = ANY(%(ids)s)", {"ids": new}
+                )
+                found = await conn.execute(
+                    _KNN_SQL[False], {"ids": new, "actor": actor, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR}
+                )
+                result = {(row.from_id, row.to_id): float(row.weight) for row in found}
+                packed = (await conn.execute(_CUBE_VECTORS, {"cube": uuid.UUID(cube)})).scalar_one()
+                assert len(packed) == (1 + len(new)) * (16 + 4 + 4 * 384), "the set read: the earlier one and the batch"
+                await transaction.rollback()
+                return result
+        finally:
+            await engine.dispose()
+
+    expected = client.blocking_portal.call(lateral)
+    assert written.keys() == expected.keys()
+    for pair, weight in expected.items():
+        assert written[pair] == pytest.approx(weight, abs=1e-5)
+
+
+def test_a_small_batch_into_an_empty_cube_links_within_itself_and_one_memory_gets_none(
+    client: TestClient[Litestar], factory: Factory, database_url: str
+) -> None:
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube = factory.cube(key)["id"]
+    items = [
+        {"kind": "plaintext", "content": "My kitten naps on the couch every afternoon."},
+        {"kind": "plaintext", "content": "Our cat sleeps on the sofa all afternoon."},
+    ]
+    r = client.post(f"/v1/cubes/{cube}/memories/batch", json={"items": items}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    a, b = (uuid.UUID(m["id"]) for m in r.json()["items"])
+    lone = factory.cube(key)["id"]
+    only = uuid.UUID(factory.memory(key, lone, "A memory on its own.")["id"])
+    with psycopg.connect(database_url) as conn:
+        pairs = conn.execute(
+            "SELECT from_id, to_id FROM memory_links WHERE type = 'knn' AND from_id = ANY(%s)", ([a, b, only],)
+        ).fetchall()
+    assert sorted(pairs) == sorted([(a, b), (b, a)])
+
+
+def test_the_service_runs_blas_on_one_thread(client: TestClient[Litestar]) -> None:
+    """OpenBLAS's idle helper threads spin on the cores the embedder and Postgres need (memos/blas.py)."""
+    from threadpoolctl import threadpool_info
+
+    blas = [info for info in threadpool_info() if info["user_api"] == "blas"]
+    assert blas, "numpy brings a BLAS"
+    assert {info["num_threads"] for info in blas} == {1}
