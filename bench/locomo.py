@@ -227,6 +227,8 @@ def _run(
     per_cat: dict[str, dict[int, dict[int, list[float]]]] = {
         m: defaultdict(lambda: defaultdict(list)) for m in ("dense-baseline", *MODES)
     }
+    # recall@10 per conversation: how far apart the conversations are (the project is judged on others too).
+    per_conv: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in ("dense-baseline", *MODES)}
     latency: dict[str, list[float]] = defaultdict(list)
     questions = 0
     for conv in data:
@@ -246,6 +248,7 @@ def _run(
                 value = recall_at(baseline, gold, k)
                 hits["dense-baseline"][k].append(value)
                 per_cat["dense-baseline"][qa["category"]][k].append(value)
+            per_conv["dense-baseline"][conv["sample_id"]].append(recall_at(baseline, gold, 10))
             for mode in MODES:
                 body = {"query": qa["question"], "cube_ids": [info["cube"]["id"]], "k": max(ks), "mode": mode}
                 started = time.perf_counter()
@@ -257,6 +260,7 @@ def _run(
                     value = recall_at(ranked, gold, k)
                     hits[mode][k].append(value)
                     per_cat[mode][qa["category"]][k].append(value)
+                per_conv[mode][conv["sample_id"]].append(recall_at(ranked, gold, 10))
 
     # ---- ingest again with two batches in flight, as a bulk loader would send them (after the questions:
     # the extra cubes share the table and its HNSW index, and must not change what the recall figures saw).
@@ -276,6 +280,7 @@ def _run(
             m: {CATEGORIES[c]: {f"@{k}": pct(per_cat[m][c][k]) for k in ks} for c in sorted(per_cat[m])}
             for m in per_cat
         },
+        "recall_at_10_by_conversation": {m: {c: pct(v) for c, v in per_conv[m].items()} for m in per_conv},
         "search_ms_p50": {m: round(statistics.median(v), 2) for m, v in latency.items()},
         "ingest": {
             "api_texts_per_s": round(len(texts_all) / ingest_s, 1),
@@ -313,6 +318,13 @@ def print_table(result: dict[str, Any], ks: tuple[int, ...] = KS) -> None:
     print(f"{'mode':<16}" + "".join(f"{c:>13}" for c in cats))
     for mode, per in result["recall_by_category"].items():
         print(f"{mode:<16}" + "".join(f"{per.get(c, {}).get('@10', float('nan')):>13}" for c in cats))
+    by_conv = result["recall_at_10_by_conversation"]
+    convs = list(next(iter(by_conv.values())))
+    print("\nrecall@10 by conversation")
+    print(f"{'mode':<16}" + "".join(f"{c:>9}" for c in convs) + f"{'min':>8}{'max':>8}")
+    for mode, per_c in by_conv.items():
+        values = [per_c[c] for c in convs]
+        print(f"{mode:<16}" + "".join(f"{v:>9}" for v in values) + f"{min(values):>8}{max(values):>8}")
     ing = result["ingest"]
     print(
         f"\ningest: {ing['api_texts_per_s']} memories/s through the API vs {ing['raw_embedder_texts_per_s']} "
