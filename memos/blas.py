@@ -1,7 +1,8 @@
 """numpy's BLAS runs on one thread in the service.
 
-memos' matrix products are small (a batch's new memories against their cube for the kNN links, a graph
-search's candidates for diversity): one thread does each in well under a millisecond. OpenBLAS, which
+memos' matrix products are small (a big batch's new memories against their cube for the kNN links, a
+graph search's candidates for diversity): one thread does most in well under a millisecond and the
+largest, a 1000-memory batch into a 2,000-memory cube, in tens. OpenBLAS, which
 numpy ships, would split them across every core and then keep its helper threads spinning for a while
 after each one, on the cores the embedder and Postgres need: with every LoCoMo session batch's kNN
 links ranked in numpy, a serial ingest on the 2-core box took 27.8 s of CPU with OpenBLAS's default
@@ -15,5 +16,7 @@ from threadpoolctl import threadpool_limits
 
 
 def one_blas_thread() -> None:
-    """Limit every BLAS library loaded in this process (OpenBLAS, MKL) to one thread, for good."""
+    """Limit the BLAS libraries loaded in this process so far (numpy's, loaded with it) to one thread, for good.
+
+    torch's own MKL is linked into torch and its OpenMP threads are not BLAS: neither is touched."""
     threadpool_limits(limits=1, user_api="blas")

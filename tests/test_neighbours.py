@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import uuid
 
+import numpy as np
 import psycopg
 import pytest
 from litestar import Litestar
@@ -41,6 +42,42 @@ def test_nearest_takes_the_k_most_similar_others_above_the_floor() -> None:
     assert weights == sorted(weights, reverse=True) and weights[0] == pytest.approx(1.0)
     assert nearest(_packed(ids, vectors), [ids[2]], k=3, floor=0.5) == [], "nothing else is near it"
     assert nearest(_packed(ids[:1], vectors[:1]), ids[:1]) == [], "a cube of one has no neighbours"
+
+
+def test_a_weight_is_a_cosine_never_above_one() -> None:
+    """float32 puts a text and its copy at 1.0000002 apart; the link's weight is a similarity, at most 1."""
+    rng = np.random.default_rng(3)
+    ids = [uuid.UUID(int=1), uuid.UUID(int=2)]
+    weights = []
+    for _ in range(50):
+        vector = rng.normal(size=384).tolist()
+        weights += [w for *_, w in nearest(_packed(ids, [vector, [3 * x for x in vector]]), ids[:1])]
+    assert len(weights) == 50
+    assert max(weights) == 1.0
+
+
+def test_a_memory_with_a_zero_vector_is_nobodys_neighbour(
+    client: TestClient[Litestar], factory: Factory, database_url: str
+) -> None:
+    """A zero vector has no direction: pgvector's cosine distance to it is NaN, which Postgres sorts above every
+    number, so the lateral scan once let it pass the floor with a NaN weight. Neither way links it."""
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube = factory.cube(key)["id"]
+    blank = factory.memory(key, cube, "A memory whose vector we blank out.")
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE memories SET embedding = array_fill(0, ARRAY[384])::vector WHERE id = %s", (blank["id"],))
+    factory.memory(key, cube, "One more memory, linked by the lateral scan.")
+    items = [{"kind": "plaintext", "content": f"Memory {i} of a big batch."} for i in range(BATCH_IN_PYTHON)]
+    r = client.post(f"/v1/cubes/{cube}/memories/batch", json={"items": items}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT from_id, weight FROM memory_links m JOIN memories x ON x.id = m.from_id "
+            "WHERE m.type = 'knn' AND x.cube_id = %s AND (m.to_id = %s OR m.weight = 'NaN')",
+            (cube, blank["id"]),
+        ).fetchall()
+    assert rows == [], "no link to the zero vector, and no NaN weight"
 
 
 def test_a_batch_gets_the_links_the_lateral_scan_finds(

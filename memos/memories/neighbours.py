@@ -14,6 +14,7 @@ stays where it is the well-trodden path.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 
@@ -45,7 +46,8 @@ def _knn_sql(indexed: bool) -> TextClause:
     sets = near.format(where="NOT m.ann")
     if indexed:
         sets = f"({sets}\n        ) UNION ALL ({near.format(where='m.ann')}\n        )"
-    # Constant fragments only (which sets to read); every value is a bound parameter.
+    # Constant fragments only (which sets to read); every value is a bound parameter. A zero vector's cosine
+    # distance is NaN, which Postgres sorts above every number: it would pass the floor, so it is ruled out.
     sql = f"""
     INSERT INTO memory_links (id, tenant_id, from_id, to_id, type, weight, created_by)
     SELECT gen_random_uuid(), n.tenant_id, n.id, nb.id, 'knn', 1 - nb.distance, :actor
@@ -55,7 +57,7 @@ def _knn_sql(indexed: bool) -> TextClause:
         ) AS found
         ORDER BY distance LIMIT :k
     ) nb
-    WHERE n.id = ANY(:ids) AND n.embedding IS NOT NULL AND 1 - nb.distance >= :floor
+    WHERE n.id = ANY(:ids) AND n.embedding IS NOT NULL AND nb.distance <> 'NaN' AND 1 - nb.distance >= :floor
     ON CONFLICT (from_id, to_id, type) DO UPDATE SET weight = EXCLUDED.weight
     RETURNING from_id, to_id, weight
     """  # noqa: S608
@@ -109,7 +111,9 @@ async def _exact_in_python(
     conn: AsyncConnection, tenant_id: uuid.UUID, actor: uuid.UUID, cube_id: uuid.UUID, ids: Sequence[uuid.UUID]
 ) -> list[LinkEdge]:
     packed = (await conn.execute(_CUBE_VECTORS, {"cube": cube_id})).scalar_one()
-    found = [] if packed is None else nearest(packed, ids)
+    # Off the event loop: a 1000-memory batch into a cube near EXACT_CUBE_MAX is a product of 1000 x 3000
+    # vectors (tens of ms); numpy releases the GIL for it.
+    found = [] if packed is None else await asyncio.to_thread(nearest, packed, ids)
     if found:
         await conn.execute(
             _WRITE_LINKS,
@@ -154,5 +158,6 @@ def nearest(
         for j in candidates[np.argsort(-row[candidates], kind="stable")]:
             weight = float(row[j])
             if weight >= floor:  # NaN fails too
-                links.append((source, uuid.UUID(bytes=keys[j]), KNN_LINK, weight))
+                # float32 rounding can put identical texts at 1.0000002; pgvector's cosine stops at 1.
+                links.append((source, uuid.UUID(bytes=keys[j]), KNN_LINK, min(weight, 1.0)))
     return links
