@@ -8,8 +8,8 @@ costs a pass over the cube, so a batch of ``n`` into a cube of ``c`` costs ``n x
 not indexed (at most ``EXACT_CUBE_MAX`` embedded memories): one statement returns the cube's ids and
 vectors as one binary value (about 4 ms), numpy finds every new memory's neighbours in one matrix product,
 and one statement writes the links (the same conversation: 4 + 54 ms, most of it the links' own inserts).
-For a session-sized batch (about 20 memories into a few hundred) the two cost the same, so the lateral scan
-stays where it is the well-trodden path.
+For a session-sized batch (about 20 memories into a few hundred) the lateral scan is a little cheaper (through
+the API, ranking every LoCoMo session batch in numpy was 7 % slower), so it stays there.
 """
 
 from __future__ import annotations
