@@ -118,9 +118,9 @@ class IndexMover:
                 moved += count
                 if count < MOVE_CHUNK:
                     break
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # search still finds them outside; the cube's next write tries again
+        # Not a cancel (CancelledError is a BaseException): search still finds them outside; the cube's next
+        # write tries again.
+        except Exception as exc:
             log.warning(
                 "moving a cube's memories into the HNSW index failed",
                 extra={"cube_id": str(cube_id), "error": repr(exc)},

@@ -22,6 +22,8 @@ import numpy as np
 from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from memos.store.arrays import decode_id_vectors
+
 KNN_LINK = "knn"
 """System links to a memory's semantic nearest neighbours in its cube, written by memos itself."""
 KNN_NEIGHBOURS = 5
@@ -136,15 +138,11 @@ def nearest(
 
     ``packed``: each memory's id as 16 bytes, then its vector in pgvector's binary form, end to end (all of
     one width). An id that is not in ``packed`` (no embedding) gets no links, as in the lateral scan."""
-    dims = int.from_bytes(packed[16:18], "big")
-    layout = np.dtype([("id", "V16"), ("dims", ">i2"), ("unused", ">i2"), ("values", ">f4", (dims,))])
-    records = np.frombuffer(packed, dtype=layout)
-    keys: list[bytes] = records["id"].tolist()
+    keys, matrix = decode_id_vectors(packed)  # matrix: [cube, dims]
     position = {key: i for i, key in enumerate(keys)}
     sources = [memory_id for memory_id in ids if memory_id.bytes in position]
     if not sources or len(keys) < 2:
         return []
-    matrix = records["values"].astype(np.float32)  # [cube, dims]
     with np.errstate(divide="ignore", invalid="ignore"):
         # A zero vector has no direction: its similarities are NaN and fail the floor (pgvector's <=> gives NaN).
         unit = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)

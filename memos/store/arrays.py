@@ -28,6 +28,15 @@ def decode_vector(raw: bytes | None) -> npt.NDArray[np.float32] | None:
     return np.frombuffer(raw, dtype=">f4", offset=4).astype(np.float32)
 
 
+def decode_id_vectors(packed: bytes) -> tuple[list[bytes], npt.NDArray[np.float32]]:
+    """Rows of an id's 16 bytes (``uuid_send``) and a vector's binary form (``vector_send``), end to end, all
+    vectors of one width: the ids' bytes and the vectors as a ``[rows, dims]`` matrix."""
+    dims = int.from_bytes(packed[16:18], "big")
+    layout = np.dtype([("id", "V16"), ("dims", ">i2"), ("unused", ">i2"), ("values", ">f4", (dims,))])
+    records = np.frombuffer(packed, dtype=layout)
+    return records["id"].tolist(), records["values"].astype(np.float32)
+
+
 class Float4Array:
     """A float32 matrix sent as one flat ``real[]`` of ``rows x dims`` values, row after row."""
 
