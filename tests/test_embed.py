@@ -140,6 +140,30 @@ def test_order_is_kept_across_length_buckets(minilm: TransformersEncoder) -> Non
     assert len(set(minilm.token_lengths(texts))) > 10
 
 
+def test_batches_are_padded_to_a_multiple_of_tokens_and_vectors_do_not_change() -> None:
+    """A batch's width is rounded up to ``pad_multiple`` (fewer distinct shapes); one text keeps its own
+    length; the padding is masked, so every vector matches the unpadded pass."""
+    encoder = TransformersEncoder()  # not warmed up: the eager model, whose inputs a hook can see
+    widths: list[tuple[int, int]] = []
+    encoder._model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    lengths = encoder.token_lengths(SENTENCES)
+    padded = encoder.embed(SENTENCES)
+    assert widths and all(width % 16 == 0 for _, width in widths)
+    widths.clear()
+    encoder.embed(SENTENCES[:1])
+    assert widths == [(1, lengths[0])]
+    encoder.pad_multiple = 1
+    widths.clear()
+    exact = encoder.embed(SENTENCES)
+    assert max(width for _, width in widths) == max(lengths)
+    for a, b in zip(padded, exact, strict=True):
+        assert cosine(a, b) >= SAME_TEXT
+    with pytest.raises(ValueError, match="pad_multiple"):
+        TransformersEncoder(pad_multiple=0)
+
+
 def test_long_text_is_truncated(minilm: TransformersEncoder) -> None:
     long_text = "word " * 5000
     assert minilm.token_lengths([long_text]) == [256]
@@ -403,9 +427,9 @@ async def test_worker_linger_merges_requests_that_arrive_together() -> None:
         assert worker.stats.batches == 1
 
 
-def test_warm_up_traces_single_texts_and_keeps_every_vector() -> None:
-    """After warm-up one text goes through the traced encoder (in the weights' precision): same vectors as
-    the eager model's for query and document lengths; batches are untouched."""
+def test_warm_up_traces_the_encoder_and_keeps_every_vector() -> None:
+    """After warm-up single texts and padded batches go through the traced encoder (in the weights'
+    precision): the same vectors as the eager model's, for query and document lengths, in input order."""
     encoder = TransformersEncoder()
     singles = [[text] for text in SENTENCES]
     before = [encoder.embed(one) for one in singles]
@@ -419,7 +443,14 @@ def test_warm_up_traces_single_texts_and_keeps_every_vector() -> None:
         assert now.dtype == np.float32 and now.shape == (1, encoder.dims)
         assert abs(float(np.linalg.norm(now[0])) - 1.0) < 1e-5
         assert cosine(now[0], was[0]) >= SAME_TEXT
-    assert np.allclose(encoder.embed(SENTENCES), batch_before, atol=1e-6)
+    batch_now = encoder.embed(SENTENCES)
+    assert batch_now.shape == batch_before.shape
+    for now_row, was_row in zip(batch_now, batch_before, strict=True):
+        assert cosine(now_row, was_row) >= SAME_TEXT
+    # One bucket of texts of very different lengths: the padding must not leak into the short ones.
+    encoder.batch_size = len(SENTENCES)
+    for row, one in zip(encoder.embed(SENTENCES), singles, strict=True):
+        assert cosine(row, encoder.embed(one)[0]) >= SAME_TEXT
 
 
 def test_an_encoder_that_cannot_be_traced_stays_eager(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -434,6 +465,17 @@ def test_an_encoder_that_cannot_be_traced_stays_eager(monkeypatch: pytest.Monkey
     encoder.warm_up()
     assert not encoder.traced
     assert np.allclose(encoder.embed(SENTENCES[:1]), before, atol=1e-6)
+
+
+def test_a_trace_that_disagrees_with_the_eager_model_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    from memos.embed import transformers_encoder
+
+    encoder = TransformersEncoder()
+    before = encoder.embed(SENTENCES)
+    monkeypatch.setattr(transformers_encoder, "TRACE_AGREEMENT", 1.01)  # no trace can agree this well
+    encoder.warm_up()
+    assert not encoder.traced
+    assert np.allclose(encoder.embed(SENTENCES), before, atol=1e-6)
 
 
 async def test_worker_warms_up_while_idle_and_serves_at_once() -> None:

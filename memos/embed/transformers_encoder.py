@@ -99,6 +99,7 @@ class TransformersEncoder:
         max_length: int = 256,
         batch_size: int = 64,
         max_batch_tokens: int = 16_384,
+        pad_multiple: int = 16,
         threads: int | None = None,
         device: str = "cpu",
         dtype: Literal["auto", "float32", "bfloat16"] = "auto",
@@ -113,8 +114,10 @@ class TransformersEncoder:
         the throughput of float32 there, with cosine >= 0.9999 to the float32 vectors) and float32
         elsewhere; pooling and normalization always run in float32.
         """
-        if max_length < 2 or batch_size < 1 or max_batch_tokens < max_length:
-            raise ValueError("need max_length >= 2, batch_size >= 1 and max_batch_tokens >= max_length")
+        if max_length < 2 or batch_size < 1 or max_batch_tokens < max_length or pad_multiple < 1:
+            raise ValueError(
+                "need max_length >= 2, batch_size >= 1, max_batch_tokens >= max_length and pad_multiple >= 1"
+            )
         self.dtype = _pick_dtype(dtype, device)
         """The weights' precision actually used: ``"float32"`` or ``"bfloat16"``."""
         path = bundled_model_dir() if model_dir is None else Path(model_dir)
@@ -142,6 +145,12 @@ class TransformersEncoder:
         """Most texts per forward pass (may be changed between calls)."""
         self.max_batch_tokens = max_batch_tokens
         """Most ``texts x padded length`` per forward pass (may be changed between calls)."""
+        self.pad_multiple = pad_multiple
+        """A batch of two or more texts is padded to a multiple of this many tokens (may be changed between
+        calls). The CPU kernels and the memory allocator work per tensor shape: with every width distinct, a
+        long-running process embedding varied batches grew to 4 GB resident (freed activations of odd sizes
+        that the allocator kept) and paid first-use costs for each new shape; padding widths to 16 tokens
+        kept it near 1.6 GB and embedded faster, for up to 15 pad tokens a batch (measured 2026-12-06)."""
         pad_id = tokenizer.pad_token_id
         self._pad_id = int(pad_id) if pad_id is not None else 0
         self._wants_token_types = "token_type_ids" in tokenizer.model_input_names
@@ -150,9 +159,9 @@ class TransformersEncoder:
         self.path = path
         self._warmed = 1
         """Query lengths (in tokens) whose kernels are prepared: 1 needs none worth preparing."""
-        self._single: Any = None
-        """The encoder traced and frozen (TorchScript) in ``dtype`` for one text at a time; built by the first
-        ``warm_up_steps`` step, None until then or where it cannot be built (then the eager model serves)."""
+        self._traced: Any = None
+        """The encoder traced and frozen (TorchScript) in ``dtype``; built by the first ``warm_up_steps`` step,
+        None until then or where it cannot be built (then the eager model serves)."""
 
     @property
     def name(self) -> str:
@@ -201,17 +210,14 @@ class TransformersEncoder:
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         with torch.inference_mode():
-            if len(ids) == 1 and self._single is not None:
-                out[0] = self._encode_single(ids[0])
-            else:
-                for batch in self._buckets([len(row) for row in ids]):
-                    out[batch] = self._encode([ids[i] for i in batch])
+            for batch in self._buckets([len(row) for row in ids]):
+                out[batch] = self._encode([ids[i] for i in batch])
         return out
 
     @property
     def traced(self) -> bool:
-        """Whether single texts go through the traced encoder (see ``warm_up_steps``)."""
-        return self._single is not None
+        """Whether texts go through the traced encoder (see ``warm_up_steps``)."""
+        return self._traced is not None
 
     def warm_up(self) -> None:
         """Encode one input of every query length (up to ``SINGLE_THREAD_TOKENS`` tokens) with each thread count
@@ -222,15 +228,15 @@ class TransformersEncoder:
     def warm_up_steps(self) -> Iterator[None]:
         """``warm_up`` one step at a time (about 20 ms each after the first), so a caller can stop between steps.
 
-        The first step traces the single-text encoder (``_trace_single``, about half a second). Then each query
+        The first step traces the encoder (``_trace``, about half a second). Then each query
         length and thread count runs once: the CPU kernels are prepared per input shape on first use, and
         without this each new query length cost its first query about twice the time (12 ms instead of 6 at
         p50 over the first LoCoMo questions).
         """
         import torch
 
-        if self._warmed == 1 and self._single is None:
-            self._single = self._trace_single()
+        if self._warmed == 1 and self._traced is None:
+            self._traced = self._trace()
             yield
         filler = self._pad_id + 1
         while self._warmed < min(SINGLE_THREAD_TOKENS, self._max_length):
@@ -240,30 +246,28 @@ class TransformersEncoder:
                 if torch.get_num_threads() != threads:
                     torch.set_num_threads(threads)
                 with torch.inference_mode():
-                    if self._single is not None:
-                        self._encode_single([filler] * length)
-                    else:
-                        self._encode([[filler] * length])
+                    self._encode([[filler] * length])
                 if threads == counts[-1]:
                     self._warmed = length
                 yield
 
-    def _trace_single(self) -> Any:
-        """The loaded encoder traced with TorchScript and frozen, for one text at a time; None if that fails.
+    def _trace(self) -> Any:
+        """The loaded encoder traced with TorchScript and frozen; None if that fails.
 
-        A query is one short text: eager transformers spends most of its time in Python between ~800 small
-        ops, holding the GIL. That made a query 2-3x slower while the event loop thread was busy (an asyncio
-        loop doing round trips to Postgres took a LoCoMo question from 6 to 12-20 ms) and cost 2-3 ms even
-        alone. The frozen trace runs the whole pass in C++ (4.4 -> 2.5-2.9 ms on two threads alone, 5.9 instead
-        of 12.5 beside a busy event loop, on the 2-core Intel box). Batches stay eager, where throughput wins
-        (332 texts/s in bfloat16 against 120 traced in float32 on LoCoMo sessions).
+        Eager transformers spends much of a pass in Python between ~800 small ops, holding the GIL. That made a
+        query 2-3x slower while the event loop thread was busy (an asyncio loop doing round trips to Postgres
+        took a LoCoMo question from 6 to 12-20 ms) and cost 2-3 ms even alone. The frozen trace runs the whole
+        pass in C++ (4.4 -> 2.5-2.9 ms on two threads alone, 5.9 instead of 12.5 beside a busy event loop, on
+        the 2-core Intel box). Batches go through it too: alone it embeds LoCoMo sessions as fast as the eager
+        model (455-483 texts/s against 459-482 on two one-thread lanes), but beside a thread that runs Python
+        half the time it kept 445-449 texts/s where the eager model fell to 335-345 (2026-12-06).
 
         The trace keeps the weights' precision: in bfloat16 (a CPU with native bfloat16) a LoCoMo question
         takes 5.0 ms on one thread against 6.1 for a float32 trace, at cosine >= 0.99994 to the float32
         vectors (300 questions, one process, 2026-12-05), and no second copy of the weights is loaded.
         The trace is made on a padded batch of two, so the attention-mask path is recorded, then checked
-        against the eager model on probes of other lengths; below ``TRACE_AGREEMENT`` it is not used.
-        Only on the CPU: elsewhere the eager model serves single texts too.
+        against the eager model on single texts of other lengths and on a padded batch (``_trace_probes``);
+        below ``TRACE_AGREEMENT`` it is not used. Only on the CPU: elsewhere the eager model serves.
         """
         import torch
 
@@ -280,27 +284,17 @@ class TransformersEncoder:
                 warnings.simplefilter("ignore")
                 traced: Any = torch.jit.trace(forward, (ids, mask), check_trace=False)  # type: ignore[no-untyped-call]
                 frozen: Any = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
-                for length in (3, 17, min(61, self._max_length)):
-                    probe = torch.arange(length, dtype=torch.long).unsqueeze(0) % 1000 + filler
-                    ones = torch.ones_like(probe)
-                    want = _pool(forward(probe, ones), ones)
-                    got = _pool(frozen(probe, ones), ones)
+                for probe, probe_mask in _trace_probes(filler, self._pad_id, self._max_length):
+                    want = _pool(forward(probe, probe_mask), probe_mask)
+                    got = _pool(frozen(probe, probe_mask), probe_mask)
                     agreement = float(torch.nn.functional.cosine_similarity(want, got).min())
                     if agreement < TRACE_AGREEMENT:
-                        log.warning("traced encoder disagrees; single texts stay eager", extra={"cosine": agreement})
+                        log.warning("traced encoder disagrees; the eager model serves", extra={"cosine": agreement})
                         return None
             return frozen
         except Exception as exc:  # an optimisation only: the eager model still serves
-            log.warning("cannot trace the encoder; single texts stay eager", extra={"error": repr(exc)})
+            log.warning("cannot trace the encoder; the eager model serves", extra={"error": repr(exc)})
             return None
-
-    def _encode_single(self, row: list[int]) -> Vectors:
-        import torch
-
-        ids = torch.tensor([row], dtype=torch.long)
-        mask = torch.ones_like(ids)
-        result: Vectors = _pool(self._single(ids, mask), mask).numpy().astype(np.float32, copy=False)
-        return result
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         encoded = self._tokenizer(
@@ -334,19 +328,25 @@ class TransformersEncoder:
         import torch
 
         width = max(len(row) for row in rows)
+        if len(rows) > 1:
+            # Fewer distinct shapes: see ``pad_multiple``. One text (a query) keeps its own length, the cheapest.
+            width = min(-(-width // self.pad_multiple) * self.pad_multiple, self._max_length)
         input_ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)  # [batch, tokens]
         mask = np.zeros((len(rows), width), dtype=np.int64)
         for i, row in enumerate(rows):
             input_ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
-        inputs: dict[str, torch.Tensor] = {
-            "input_ids": torch.from_numpy(input_ids).to(self._device),
-            "attention_mask": torch.from_numpy(mask).to(self._device),
-        }
-        if self._wants_token_types:
-            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
-        hidden: torch.Tensor = self._model(**inputs).last_hidden_state  # [batch, tokens, dims]
-        result: Vectors = _pool(hidden, inputs["attention_mask"]).cpu().numpy().astype(np.float32, copy=False)
+        ids_t = torch.from_numpy(input_ids).to(self._device)
+        mask_t = torch.from_numpy(mask).to(self._device)
+        hidden: torch.Tensor  # [batch, tokens, dims]
+        if self._traced is not None:
+            hidden = self._traced(ids_t, mask_t)
+        else:
+            inputs = {"input_ids": ids_t, "attention_mask": mask_t}
+            if self._wants_token_types:
+                inputs["token_type_ids"] = torch.zeros_like(ids_t)
+            hidden = self._model(**inputs).last_hidden_state
+        result: Vectors = _pool(hidden, mask_t).cpu().numpy().astype(np.float32, copy=False)
         return result
 
 
@@ -374,6 +374,21 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars_were_on:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def _trace_probes(filler: int, pad_id: int, max_length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Inputs the trace must agree on with the eager model: single texts of query and document lengths, and
+    a padded batch of three lengths (the shape a bucket of documents takes)."""
+    import torch
+
+    for length in (3, 17, min(61, max_length)):
+        probe = torch.arange(length, dtype=torch.long).unsqueeze(0) % 1000 + filler
+        yield probe, torch.ones_like(probe)
+    lengths = torch.tensor([[min(40, max_length)], [9], [2]])
+    width = int(lengths.max())
+    mask = (torch.arange(width) < lengths).long()
+    probe = torch.where(mask.bool(), torch.arange(width).expand(3, width) % 1000 + filler, pad_id)
+    yield probe, mask
 
 
 def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
