@@ -154,6 +154,8 @@ class TransformersEncoder:
         pad_id = tokenizer.pad_token_id
         self._pad_id = int(pad_id) if pad_id is not None else 0
         self._wants_token_types = "token_type_ids" in tokenizer.model_input_names
+        self._forward = _forward_module(self._model, self._wants_token_types)
+        """The eager model as (input ids, attention mask) -> last hidden states: what ``_trace`` traces."""
         self._dims = int(model.config.hidden_size)
         self._name = name or (DEFAULT_MODEL if model_dir is None else str(model_dir))
         self.path = path
@@ -274,7 +276,7 @@ class TransformersEncoder:
         if self._device.type != "cpu":
             return None
         try:
-            forward = _forward_module(self._model, self._wants_token_types)
+            forward = self._forward
             filler = self._pad_id + 1
             ids = torch.full((2, 6), filler, dtype=torch.long)
             ids[1, 4:] = self._pad_id
@@ -338,14 +340,8 @@ class TransformersEncoder:
             mask[i, : len(row)] = 1
         ids_t = torch.from_numpy(input_ids).to(self._device)
         mask_t = torch.from_numpy(mask).to(self._device)
-        hidden: torch.Tensor  # [batch, tokens, dims]
-        if self._traced is not None:
-            hidden = self._traced(ids_t, mask_t)
-        else:
-            inputs = {"input_ids": ids_t, "attention_mask": mask_t}
-            if self._wants_token_types:
-                inputs["token_type_ids"] = torch.zeros_like(ids_t)
-            hidden = self._model(**inputs).last_hidden_state
+        encoder = self._traced if self._traced is not None else self._forward
+        hidden: torch.Tensor = encoder(ids_t, mask_t)  # [batch, tokens, dims]
         result: Vectors = _pool(hidden, mask_t).cpu().numpy().astype(np.float32, copy=False)
         return result
 
