@@ -19,6 +19,12 @@ from memos.store.urls import sqlalchemy_url
 from tests.conftest import Factory, bearer
 
 
+def _new_cube(factory: Factory) -> tuple[str, str]:
+    """A new tenant's admin key and a cube of its own."""
+    key = factory.tenant().admin_key
+    return key, factory.cube(key)["id"]
+
+
 def _packed(ids: list[uuid.UUID], rows: list[list[float]]) -> bytes:
     """Each id's 16 bytes and its row in pgvector's binary form (``vector_send``), end to end."""
     return b"".join(i.bytes + struct.pack(f">hh{len(r)}f", len(r), 0, *r) for i, r in zip(ids, rows, strict=True))
@@ -61,9 +67,7 @@ def test_a_memory_with_a_zero_vector_is_nobodys_neighbour(
 ) -> None:
     """A zero vector has no direction: pgvector's cosine distance to it is NaN, which Postgres sorts above every
     number, so the lateral scan once let it pass the floor with a NaN weight. Neither way links it."""
-    tenant = factory.tenant()
-    key = tenant.admin_key
-    cube = factory.cube(key)["id"]
+    key, cube = _new_cube(factory)
     blank = factory.memory(key, cube, "A memory whose vector we blank out.")
     with psycopg.connect(database_url) as conn:
         conn.execute("UPDATE memories SET embedding = array_fill(0, ARRAY[384])::vector WHERE id = %s", (blank["id"],))
@@ -80,14 +84,40 @@ def test_a_memory_with_a_zero_vector_is_nobodys_neighbour(
     assert rows == [], "no link to the zero vector, and no NaN weight"
 
 
+def test_a_memory_embedded_by_another_model_is_nobodys_neighbour(
+    client: TestClient[Litestar], factory: Factory, database_url: str
+) -> None:
+    """After a model change, stored vectors are in another space: neither way compares them with new ones."""
+    key, cube = _new_cube(factory)
+    text = "The ferry to the island leaves at nine on Saturdays."
+    old = factory.memory(key, cube, text)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE memories SET embedding_model = 'an/older-model' WHERE id = %s", (old["id"],))
+    one = factory.memory(key, cube, text)  # the lateral scan
+    topics = ["my cat sleeps on the sofa", "the tax return is due in April", "we planted tomatoes"]
+    items = [{"kind": "plaintext", "content": f"Note {i}: {topics[i % 3]}."} for i in range(BATCH_IN_PYTHON)]
+    items.append({"kind": "plaintext", "content": text})  # the batch's links are found in Python
+    r = client.post(f"/v1/cubes/{cube}/memories/batch", json={"items": items}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    copy = r.json()["items"][-1]["id"]
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT from_id, to_id FROM memory_links WHERE type = 'knn' AND (to_id = %s OR from_id = %s)",
+            (old["id"], old["id"]),
+        ).fetchall()
+        linked = conn.execute(
+            "SELECT to_id::text FROM memory_links WHERE type = 'knn' AND from_id = %s", (copy,)
+        ).fetchall()
+    assert rows == [], "the same text under another model: no link either way"
+    assert (one["id"],) in linked, "the same text under the same model is linked"
+
+
 def test_a_batch_gets_the_links_the_lateral_scan_finds(
     client: TestClient[Litestar], factory: Factory, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch's links (found in Python) are the ones Postgres's exact lateral scan finds for the same memories,
     over the same set: active memories of the cube, earlier ones included, a deleted one left out."""
-    tenant = factory.tenant()
-    key = tenant.admin_key
-    cube = factory.cube(key)["id"]
+    key, cube = _new_cube(factory)
     earlier = factory.memory(key, cube, "Note 99: something about the ferry timetable to the island, take 0.")
     gone = factory.memory(key, cube, "Note 98: something about the ferry timetable to the island, take 0.")
     assert client.delete(f"/v1/memories/{gone['id']}", headers=bearer(key)).status_code == 204
@@ -130,7 +160,7 @@ def test_a_batch_gets_the_links_the_lateral_scan_finds(
                     _KNN_SQL[False], {"ids": new, "actor": actor, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR}
                 )
                 result = {(row.from_id, row.to_id): float(row.weight) for row in found}
-                packed = (await conn.execute(_CUBE_VECTORS, {"cube": uuid.UUID(cube)})).scalar_one()
+                packed = (await conn.execute(_CUBE_VECTORS, {"cube": uuid.UUID(cube), "ids": new})).scalar_one()
                 assert len(packed) == (1 + len(new)) * (16 + 4 + 4 * 384), "the set read: the earlier one and the batch"
                 await transaction.rollback()
                 return result
@@ -146,9 +176,7 @@ def test_a_batch_gets_the_links_the_lateral_scan_finds(
 def test_a_small_batch_into_an_empty_cube_links_within_itself_and_one_memory_gets_none(
     client: TestClient[Litestar], factory: Factory, database_url: str
 ) -> None:
-    tenant = factory.tenant()
-    key = tenant.admin_key
-    cube = factory.cube(key)["id"]
+    key, cube = _new_cube(factory)
     items = [
         {"kind": "plaintext", "content": "My kitten naps on the couch every afternoon."},
         {"kind": "plaintext", "content": "Our cat sleeps on the sofa all afternoon."},

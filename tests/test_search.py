@@ -427,3 +427,26 @@ def test_a_cube_past_the_size_moves_into_the_hnsw_index_and_every_memory_is_stil
     assert r.status_code == 200, r.text
     assert _indexed(database_url, cube["id"])[later] is True
     assert _vector_ids(client, tenant.admin_key, cube["id"], "Who adopted a kitten?")[0] == later
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["exact", "hnsw"])
+def test_vectors_of_another_model_are_not_compared_with_the_query(
+    client, factory: Factory, database_url: str, monkeypatch: pytest.MonkeyPatch, indexed: bool
+) -> None:
+    """A memory embedded by an earlier model (MEMOS_EMBED_MODEL changed since) is in another vector space: the
+    vector leg neither ranks it nor scores it; the text leg still finds it."""
+    if indexed:
+        monkeypatch.setattr("memos.memories.ann.EXACT_CUBE_MAX", 2)
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    texts = ["Melanie repaints the old lighthouse every spring.", "Caroline keeps bees behind the barn.", "ok"]
+    ids = [factory.memory(tenant.admin_key, cube["id"], t)["id"] for t in texts]
+    if indexed:
+        client.blocking_portal.call(client.app.state.memories.index_mover.wait)
+        assert set(_indexed(database_url, cube["id"]).values()) == {True}
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE memories SET embedding_model = 'an/older-model' WHERE id = %s", (ids[0],))
+    found = _vector_ids(client, tenant.admin_key, cube["id"], "Melanie repaints the old lighthouse every spring.")
+    assert ids[0] not in found and ids[1] in found
+    hybrid = search(client, tenant.admin_key, query="lighthouse", cube_ids=[cube["id"]], k=5)
+    assert (ids[0], "text") in [(r["memory"]["id"], r["via"]) for r in hybrid["results"]]

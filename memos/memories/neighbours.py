@@ -43,7 +43,7 @@ def _knn_sql(indexed: bool) -> TextClause:
     near = """
             SELECT m.id, m.embedding <=> n.embedding AS distance FROM memories m
             WHERE m.cube_id = n.cube_id AND m.id <> n.id AND m.state = 'active' AND m.embedding IS NOT NULL
-                AND {where}
+                AND m.embedding_model = n.embedding_model AND {where}
             ORDER BY m.embedding <=> n.embedding LIMIT :k"""
     sets = near.format(where="NOT m.ann")
     if indexed:
@@ -75,6 +75,7 @@ _CUBE_VECTORS = text(
     SELECT string_agg(uuid_send(id) || vector_send(embedding), ''::bytea) AS packed
     FROM memories
     WHERE cube_id = :cube AND state = 'active' AND embedding IS NOT NULL AND NOT ann
+        AND embedding_model IN (SELECT embedding_model FROM memories WHERE id = ANY(:ids))
     """
 )
 _WRITE_LINKS = text(
@@ -112,7 +113,8 @@ async def link_neighbours(
 async def _exact_in_python(
     conn: AsyncConnection, tenant_id: uuid.UUID, actor: uuid.UUID, cube_id: uuid.UUID, ids: Sequence[uuid.UUID]
 ) -> list[LinkEdge]:
-    packed = (await conn.execute(_CUBE_VECTORS, {"cube": cube_id})).scalar_one()
+    # Only vectors of the new memories' model (one model: a batch is embedded in one call).
+    packed = (await conn.execute(_CUBE_VECTORS, {"cube": cube_id, "ids": list(ids)})).scalar_one()
     # Off the event loop: a 1000-memory batch into a cube near EXACT_CUBE_MAX is a product of 1000 x 3000
     # vectors (tens of ms); numpy releases the GIL for it.
     found = [] if packed is None else await asyncio.to_thread(nearest, packed, ids)

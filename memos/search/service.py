@@ -226,7 +226,14 @@ class SearchService:
         """HNSW top ``limit``, plus the cosine of the text leg's candidates (which already have their term
         counts), in one statement."""
         sql = statements.vector_leg(where.shape, lexical=bool(lexemes), indexed=where.indexed)
-        params = {**where.params, "vec": Float4Array(vector), "lexemes": lexemes, "limit": limit, "others": list(found)}
+        params = {
+            **where.params,
+            "vec": Float4Array(vector),
+            "model": self.embedder.model,
+            "lexemes": lexemes,
+            "limit": limit,
+            "others": list(found),
+        }
         ef = max(HNSW_DEFAULT_EF, min(1000, limit))
         if ef == HNSW_DEFAULT_EF:
             # The connection's own settings do (iterative scans are on for every connection: store/db.py).

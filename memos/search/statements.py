@@ -139,18 +139,20 @@ def vector_leg(shape: Shape, lexical: bool, indexed: bool) -> str:
 
     The nearest come from an exact scan of the memories outside the HNSW index and, with ``indexed`` (some
     cubes of the scope are past the size, ``memos.memories.ann``), from HNSW over those cubes' memories in
-    it. Without ``indexed`` the statement has no HNSW part: an index scan filtered to cubes that have no
+    it. Only vectors of the query's ``model`` are compared: another model's are in another space. Without
+    ``indexed`` the statement has no HNSW part: an index scan filtered to cubes that have no
     memory in the index would walk the whole graph finding nothing.
     """
     tf = f"{_TERM_COUNTS} AS tf, length(m.tsv) AS doc_length" if lexical else "NULL::jsonb AS tf, 1 AS doc_length"
     distance = "m.embedding <=> %(vec)s::real[]::vector"
     exact = f"""
         SELECT m.id, {distance} AS distance FROM memories m
-        WHERE {_where(shape)} AND NOT m.ann AND m.embedding IS NOT NULL
+        WHERE {_where(shape)} AND NOT m.ann AND m.embedding IS NOT NULL AND m.embedding_model = %(model)s
         ORDER BY {distance} LIMIT %(limit)s"""  # noqa: S608 (constant fragments; values are bound parameters)
     ann = f"""
         SELECT m.id, {distance} AS distance FROM memories m
         WHERE {_where(shape)} AND m.cube_id = ANY(%(indexed)s::uuid[]) AND m.ann AND m.embedding IS NOT NULL
+            AND m.embedding_model = %(model)s
         ORDER BY {distance} LIMIT %(limit)s"""  # noqa: S608 (constant fragments; values are bound parameters)
     both = f"({exact}\n    ) UNION ALL ({ann}\n    )" if indexed else exact
     return f"""
@@ -164,7 +166,7 @@ JOIN memories m ON m.id = nearest.id
 UNION ALL
 SELECT m.id, m.cube_id, m.embedding <=> %(vec)s::real[]::vector, NULL::jsonb, 1, false
 FROM memories m
-WHERE m.id = ANY(%(others)s::uuid[]) AND m.embedding IS NOT NULL
+WHERE m.id = ANY(%(others)s::uuid[]) AND m.embedding IS NOT NULL AND m.embedding_model = %(model)s
 """  # noqa: S608
 
 
