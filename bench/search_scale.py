@@ -159,6 +159,7 @@ def run(memories: int, queries: int, modes: list[str], out: Path | None) -> dict
                     http.post("/v1/search", json=body, headers=auth)
                 took: list[float] = []
                 server: list[float] = []
+                sizes: list[int] = []  # results per query: a fast empty answer must show up here
                 for _ in range(queries):
                     body["query"] = rng.choice(questions)
                     started = time.perf_counter()
@@ -166,6 +167,7 @@ def run(memories: int, queries: int, modes: list[str], out: Path | None) -> dict
                     took.append((time.perf_counter() - started) * 1000)
                     assert r.status_code == 200, r.text
                     server.append(r.json()["took_ms"])
+                    sizes.append(len(r.json()["results"]))
                 result["modes"][mode] = {
                     "first_query_ms": round(warm_ms, 1),
                     "graph_ready_s": round(ready_s, 1),
@@ -173,6 +175,8 @@ def run(memories: int, queries: int, modes: list[str], out: Path | None) -> dict
                     "p95": round(pct(took, 0.95), 2),
                     "p99": round(pct(took, 0.99), 2),
                     "server_p50": round(statistics.median(server), 2),
+                    "results_min": min(sizes),
+                    "results_mean": round(statistics.fmean(sizes), 2),
                 }
     finally:
         proc.send_signal(signal.SIGINT)
@@ -198,11 +202,14 @@ def print_table(result: dict[str, Any]) -> None:
     print(
         f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}, {m['date']}; fill {result['fill_seconds']} s"
     )
-    print(f"{'mode':<8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'server p50':>12}{'first query':>13}{'ready s':>9}")
+    print(
+        f"{'mode':<8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'server p50':>12}{'first query':>13}{'ready s':>9}"
+        f"{'results min/mean':>18}"
+    )
     for mode, row in result["modes"].items():
         print(
             f"{mode:<8}{row['p50']:>9}{row['p95']:>9}{row['p99']:>9}{row['server_p50']:>12}{row['first_query_ms']:>13}"
-            f"{row['graph_ready_s']:>9}"
+            f"{row['graph_ready_s']:>9}{row['results_min']:>11} / {row['results_mean']:<5}"
         )
 
 
