@@ -59,6 +59,7 @@ from bench.bulk import copy_memories
 from bench.locomo import machine
 from memos.app import create_app
 from memos.cubes.schemas import CubeIn
+from memos.embed import DEFAULT_MODEL
 from memos.identity.principal import OPERATOR, Principal
 from memos.identity.schemas import TenantIn
 from memos.memories.ann import EXACT_CUBE_MAX
@@ -510,7 +511,8 @@ def fill(url: str, h: Harness, cube_id: uuid.UUID, texts: list[str], vectors: Ve
 
     rng = np.random.default_rng(7)
 
-    agent, model = h.principal.agent_id, "sentence-transformers/all-MiniLM-L6-v2"
+    # The vectors come from the bundled model (VectorCache); lookups compare only vectors of the same model.
+    agent, model = h.principal.agent_id, DEFAULT_MODEL
 
     def rows() -> Iterator[list[Any]]:
         for i in range(n):

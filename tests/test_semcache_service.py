@@ -779,3 +779,39 @@ def test_concurrent_invalidations_of_cold_cubes_do_not_drain_the_pool(
         )
         assert [r.status_code for r in results] == [200] * len(cubes), [r.text for r in results]
         assert time.monotonic() - started < 5  # the pool timeout is 10 s: nobody waited it out
+
+
+def test_an_entry_embedded_by_another_model_is_never_served(
+    client: TestClient[Litestar], tenant: Tenant, cube: str, database_url: str
+) -> None:
+    """After MEMOS_EMBED_MODEL changes, vectors of the old model are in another space: neither the index (told
+    of a write, or rebuilt) nor the pgvector path serves such an entry, even for its query word for word."""
+    key = tenant.admin_key
+    question = "What time does the swimming pool open on Sundays?"
+    entry = store(client, key, cube, question, "At 10 am.")
+    kept = store(client, key, cube, "Is there a sauna at the swimming pool?", "Yes, next to the gym.")
+    # Version 1 was embedded by an earlier model (history says so); version 2 changes only the answer.
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE memory_versions SET embedding_model = 'an/older-model' WHERE memory_id = %s AND version = 1",
+            (entry["id"],),
+        )
+    r = client.patch(
+        f"/v1/memories/{entry['id']}", json={"content": "At 9 am."}, headers={**bearer(key), "If-Match": '"1"'}
+    )
+    assert r.status_code == 200, r.text
+    assert indexed_lookup(client, key, cube, question)["response"] == "At 9 am."
+    # Restoring version 1 brings back its vector and its model: this process's index hears of the write.
+    r = client.post(f"/v1/memories/{entry['id']}/restore", json={"version": 1}, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    body = indexed_lookup(client, key, cube, question)
+    assert body["hit"] is False, body
+    service = client.app.state.semcache
+    service.indexes.drop(uuid.UUID(cube))  # as after a restart
+    service.build_wait = 0.0  # the first lookups answer from pgvector while the index builds
+    try:
+        assert lookup(client, key, cube, question)["hit"] is False
+    finally:
+        service.build_wait = 0.05
+    assert indexed_lookup(client, key, cube, question)["hit"] is False  # the rebuilt index leaves it out
+    assert indexed_lookup(client, key, cube, "Is there a sauna at the swimming pool?")["memory_id"] == kept["id"]

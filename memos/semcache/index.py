@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from memos.embed.errors import EmbedError
 from memos.search.embedding import EmbeddingService
 from memos.semcache import store
 from memos.semcache.context import Turn, as_turns, context_text
@@ -377,7 +378,7 @@ class CacheIndexes:
         try:
             async with self.db.transaction() as conn:  # streaming needs a transaction (a server-side cursor)
                 synced_at = await store.db_now(conn)
-                rows = await store.live_entries(conn, state.cube_id)
+                rows = await store.live_entries(conn, state.cube_id, self.vectors.embedder.model)
             index = await asyncio.to_thread(self._build_index, rows)
             if state.dropped:
                 return
@@ -425,6 +426,10 @@ class CacheIndexes:
             state.building = self._spawn(self._build(state))
 
     def _upsert_rows(self, index: CubeIndex, rows: Iterable[Any]) -> None:
+        try:
+            model: str | None = self.vectors.embedder.model
+        except EmbedError:  # not loaded (an index exists only after a lookup, so not expected): keep the rows
+            model = None
         for row in rows:
             if row.kind != "response":
                 continue
@@ -435,7 +440,12 @@ class CacheIndexes:
             decoded = decode_vector(vector) if isinstance(vector, bytes) else None
             if decoded is None and getattr(row, "embedding", None) is not None:
                 decoded = np.asarray(row.embedding, dtype=np.float32)
-            live = row.state == "active" and (row.expires_at is None or row.expires_at.timestamp() > time.time())
+            live = (
+                row.state == "active"
+                and (row.expires_at is None or row.expires_at.timestamp() > time.time())
+                # Embedded by another model (MEMOS_EMBED_MODEL changed): another vector space, not servable.
+                and (model is None or getattr(row, "embedding_model", model) == model)
+            )
             entry = entry_from_row(row, self.vectors.get) if live else None
             if entry is None or decoded is None:
                 index.remove(row.id)

@@ -270,7 +270,7 @@ class SemCacheService:
         async with self.db.transaction() as conn:
             row = await store.check_and_fetch(conn, principal, req.cube_id, None)
             _require_read(principal, row)
-            rows = await store.nearest_entries(conn, req.cube_id, qvec, CANDIDATES)
+            rows = await store.nearest_entries(conn, req.cube_id, qvec, CANDIDATES, self.vectors.embedder.model)
         entries: list[tuple[Entry, float, Row[Any]]] = []
         for r in rows:
             entry = entry_from_row(r, self.vectors.get)

@@ -40,6 +40,7 @@ ENTRY_COLUMNS = (
     memories.c.created_at,
     memories.c.expires_at,
     func.vector_send(memories.c.embedding).label("vec"),
+    memories.c.embedding_model,
     cache_entries.c.context_sha256,
     func.vector_send(cache_entries.c.context_embedding).label("cvec"),
     cache_entries.c.threshold,
@@ -147,10 +148,13 @@ async def db_now(conn: AsyncConnection) -> datetime:
     return value
 
 
-async def live_entries(conn: AsyncConnection, cube_id: uuid.UUID, batch: int = 5000) -> list[Any]:
-    """Every servable entry of a cube, streamed in batches so a big cube does not stall the event loop."""
+async def live_entries(conn: AsyncConnection, cube_id: uuid.UUID, model: str, batch: int = 5000) -> list[Any]:
+    """Every servable entry of a cube whose query ``model`` embedded, streamed in batches so a big cube does not
+    stall the event loop. Another model's vectors are in another space: compared with a query, they mean nothing."""
     result = await conn.stream(
-        select(*ENTRY_COLUMNS).select_from(_ENTRY_FROM).where(memories.c.cube_id == cube_id, _live())
+        select(*ENTRY_COLUMNS)
+        .select_from(_ENTRY_FROM)
+        .where(memories.c.cube_id == cube_id, _live(), memories.c.embedding_model == model)
     )
     rows: list[Any] = []
     async for part in result.partitions(batch):
@@ -178,8 +182,9 @@ _HNSW = text(
 )
 
 
-async def nearest_entries(conn: AsyncConnection, cube_id: uuid.UUID, vector: Vector, k: int) -> list[Any]:
-    """The ``k`` servable entries nearest ``vector`` by pgvector (the path while a cube's index is built).
+async def nearest_entries(conn: AsyncConnection, cube_id: uuid.UUID, vector: Vector, k: int, model: str) -> list[Any]:
+    """The ``k`` servable entries nearest ``vector`` (embedded by ``model``) by pgvector, among those ``model``
+    embedded (the path while a cube's index is built).
 
     Needs a transaction: the HNSW settings are transaction-local.
     """
@@ -188,7 +193,7 @@ async def nearest_entries(conn: AsyncConnection, cube_id: uuid.UUID, vector: Vec
     query = (
         select(*ENTRY_COLUMNS, memories.c.content, (1 - distance).label("similarity"))
         .select_from(_ENTRY_FROM)
-        .where(memories.c.cube_id == cube_id, _live())
+        .where(memories.c.cube_id == cube_id, _live(), memories.c.embedding_model == model)
         .order_by(distance)
         .limit(k)
     )
