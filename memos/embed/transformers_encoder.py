@@ -276,7 +276,6 @@ class TransformersEncoder:
         if self._device.type != "cpu":
             return None
         try:
-            forward = self._forward
             filler = self._pad_id + 1
             ids = torch.full((2, 6), filler, dtype=torch.long)
             ids[1, 4:] = self._pad_id
@@ -284,10 +283,10 @@ class TransformersEncoder:
             with torch.inference_mode(), warnings.catch_warnings(), _quiet_transformers():
                 # TorchScript is deprecated in favour of torch.compile, which needs a C++ toolchain at run time.
                 warnings.simplefilter("ignore")
-                traced: Any = torch.jit.trace(forward, (ids, mask), check_trace=False)  # type: ignore[no-untyped-call]
+                traced: Any = torch.jit.trace(self._forward, (ids, mask), check_trace=False)  # type: ignore[no-untyped-call]
                 frozen: Any = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
                 for probe, probe_mask in _trace_probes(filler, self._pad_id, self._max_length):
-                    want = _pool(forward(probe, probe_mask), probe_mask)
+                    want = _pool(self._forward(probe, probe_mask), probe_mask)
                     got = _pool(frozen(probe, probe_mask), probe_mask)
                     agreement = float(torch.nn.functional.cosine_similarity(want, got).min())
                     if agreement < TRACE_AGREEMENT:

@@ -57,6 +57,12 @@ def _live() -> Any:
     )
 
 
+def _servable(model: str) -> Any:
+    """Live, and embedded by the ``model`` that embeds the queries: another model's vectors are in another
+    space, and compared with a query they mean nothing."""
+    return and_(_live(), memories.c.embedding_model == model)
+
+
 def category_is(category: str, default: str) -> Any:
     """Entries of ``category``; entries that name no category belong to the cube's default one."""
     named = memories.c.metadata["category"].astext
@@ -149,12 +155,10 @@ async def db_now(conn: AsyncConnection) -> datetime:
 
 
 async def live_entries(conn: AsyncConnection, cube_id: uuid.UUID, model: str, batch: int = 5000) -> list[Any]:
-    """Every servable entry of a cube whose query ``model`` embedded, streamed in batches so a big cube does not
-    stall the event loop. Another model's vectors are in another space: compared with a query, they mean nothing."""
+    """Every servable entry of a cube (``_servable``: live, embedded by ``model``), streamed in batches so a big
+    cube does not stall the event loop."""
     result = await conn.stream(
-        select(*ENTRY_COLUMNS)
-        .select_from(_ENTRY_FROM)
-        .where(memories.c.cube_id == cube_id, _live(), memories.c.embedding_model == model)
+        select(*ENTRY_COLUMNS).select_from(_ENTRY_FROM).where(memories.c.cube_id == cube_id, _servable(model))
     )
     rows: list[Any] = []
     async for part in result.partitions(batch):
@@ -193,7 +197,7 @@ async def nearest_entries(conn: AsyncConnection, cube_id: uuid.UUID, vector: Vec
     query = (
         select(*ENTRY_COLUMNS, memories.c.content, (1 - distance).label("similarity"))
         .select_from(_ENTRY_FROM)
-        .where(memories.c.cube_id == cube_id, _live(), memories.c.embedding_model == model)
+        .where(memories.c.cube_id == cube_id, _servable(model))
         .order_by(distance)
         .limit(k)
     )
