@@ -127,6 +127,27 @@ def test_diversity_prefers_unlike_results(client, factory: Factory) -> None:
     assert any("bees" in r["memory"]["content"] for r in diverse)
 
 
+def test_diversity_compares_only_vectors_of_the_query_model(client, factory: Factory, database_url: str) -> None:
+    """A finalist embedded by an earlier model has its vector in another space: diversity must not compare it.
+
+    Two memories with the same text have the same vector; marked as another model's, the copy's vector says
+    nothing about the query model's space, so the copy is not redundant by vector and is picked on relevance."""
+    import psycopg
+
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    key = tenant.admin_key
+    same = "Alice loves strong espresso in the morning."
+    first = factory.memory(key, cube["id"], same)
+    copy = factory.memory(key, cube["id"], same)
+    factory.memory(key, cube["id"], "Alice keeps bees on her allotment.")
+    body = {"query": "strong espresso in the morning", "k": 2, "mode": "graph", "diversity": 0.9}
+    assert {r["memory"]["id"] for r in search(client, key, **body)} != {first["id"], copy["id"]}
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE memories SET embedding_model = 'an/older-model' WHERE id = %s", (copy["id"],))
+    assert {r["memory"]["id"] for r in search(client, key, **body)} == {first["id"], copy["id"]}
+
+
 def test_knn_links_are_written_at_create_and_refreshed_on_change(client, factory: Factory, database_url: str) -> None:
     import psycopg
 

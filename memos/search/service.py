@@ -319,7 +319,7 @@ class SearchService:
         return [by_id[typing.cast(uuid.UUID, memory_id)] for memory_id, _ in picked]
 
     async def _vectors(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[Any, np.ndarray]:
-        rows = await conn.exec_driver_sql(statements.VECTORS, {"ids": ids})
+        rows = await conn.exec_driver_sql(statements.VECTORS, {"ids": ids, "model": self.embedder.model})
         return {r.id: vector for r in rows if (vector := decode_vector(r.vec)) is not None}
 
 

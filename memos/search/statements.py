@@ -175,9 +175,10 @@ ROWS = f"SELECT {RESULT_COLUMNS} FROM memories m WHERE m.id = ANY(%(ids)s::uuid[
 
 VECTORS = (
     "SELECT m.id, vector_send(m.embedding) AS vec FROM memories m"
-    " WHERE m.id = ANY(%(ids)s::uuid[]) AND m.embedding IS NOT NULL"
+    " WHERE m.id = ANY(%(ids)s::uuid[]) AND m.embedding IS NOT NULL AND m.embedding_model = %(model)s"
 )
-"""Embeddings in pgvector's binary form (``decode_vector``): for diversity among the finalists."""
+"""Embeddings in pgvector's binary form (``decode_vector``): for diversity among the finalists. Only the
+query's ``model``: another model's vectors are in another space (such a finalist counts as unlike the rest)."""
 
 
 @cache
