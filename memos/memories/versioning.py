@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import Row, func, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from memos.store.arrays import Float4Array
+from memos.store.arrays import Float4Array, vector_at
 from memos.store.audit import Actor
 from memos.store.models import memories, memory_versions
 
@@ -48,7 +48,7 @@ def content_sha256(content: str | None) -> str | None:
 # (not 384 decimal strings a row), the version rows are copied inside Postgres, and only the embedding's
 # binary form comes back (``vec``), not its text. Column lists are written out: tests/test_versioning.py
 # checks them against the table.
-_INSERT_NEW = """
+_INSERT_NEW = f"""
 WITH new AS (
     INSERT INTO memories (
         id, tenant_id, cube_id, kind, state, version, content, metadata, tags, provenance,
@@ -59,7 +59,7 @@ WITH new AS (
         ARRAY(SELECT jsonb_array_elements_text(u.tags)), u.provenance, u.content_sha256, u.expires_at,
         u.created_by,
         CASE WHEN u.slot IS NULL THEN NULL
-             ELSE (%(vectors)s::float4[])[(u.slot - 1) * %(dims)s + 1 : u.slot * %(dims)s]::vector END,
+             ELSE {vector_at("u.slot")} END,
         u.embedding_model, u.event_time, %(ann)s::bool AND u.slot IS NOT NULL
     FROM unnest(
         %(id)s::uuid[], %(tenant_id)s::uuid[], %(cube_id)s::uuid[], %(kind)s::text[], %(state)s::text[],
@@ -87,7 +87,7 @@ SELECT
     created_at, updated_at, expires_at, created_by, heat, purged_at, embedding_model, event_time, ann,
     vector_send(embedding) AS vec
 FROM new
-"""
+"""  # noqa: S608 (a constant fragment from store/arrays.py is formatted in)
 
 _COLUMNS = ("id", "tenant_id", "cube_id", "kind", "version", "created_by", *(c for c in _SNAPSHOT if c != "embedding"))
 """The values a new row is given (plus its ``embedding``); the rest come from column defaults."""
@@ -116,6 +116,48 @@ async def insert_new(conn: AsyncConnection, rows: Sequence[dict[str, Any]], *, i
     by_id = {r.id: r for r in result}
     # RETURNING's order is not promised: put the rows back in the order given.
     return [by_id[row["id"]] for row in rows]
+
+
+# A new embedding for each of many memories, as one new version each (op ``update``: the stored value
+# changed, nothing a client wrote did), claimed with the same compare-and-set as write_version. The vectors
+# travel as one binary float4[] as in _INSERT_NEW; the version rows are copied from the updated rows, their
+# author is the memory's creator (the operator has no agent id: the audit log names the operator).
+_NEW_EMBEDDINGS = f"""
+WITH u AS (
+    SELECT * FROM unnest(%(id)s::uuid[], %(version)s::int4[]) WITH ORDINALITY AS u(id, version, slot)
+), bumped AS (
+    UPDATE memories m SET
+        embedding = {vector_at("u.slot")},
+        embedding_model = %(model)s, version = m.version + 1, updated_at = statement_timestamp()
+    FROM u
+    WHERE m.id = u.id AND m.version = u.version
+    RETURNING m.id, m.version, m.updated_at, m.created_by, {", ".join(f"m.{c}" for c in _SNAPSHOT)}
+), versions AS (
+    INSERT INTO memory_versions (memory_id, version, op, created_at, created_by, {", ".join(_SNAPSHOT)})
+    SELECT id, version, 'update', updated_at, created_by, {", ".join(_SNAPSHOT)} FROM bumped
+)
+SELECT id FROM bumped
+"""  # noqa: S608 (only column names from _SNAPSHOT are formatted in)
+
+
+async def write_embeddings(
+    conn: AsyncConnection, expected: Sequence[tuple[uuid.UUID, int]], vectors: np.ndarray, model: str
+) -> set[uuid.UUID]:
+    """Give each ``(memory id, expected version)`` its row of ``vectors`` (embedded by ``model``) as a new version.
+
+    Returns the ids written; a memory whose version moved on is left as it is (not in the result).
+    """
+    if not expected:
+        return set()
+    matrix = np.asarray(vectors, dtype=np.float32)
+    params = {
+        "id": [memory_id for memory_id, _ in expected],
+        "version": [version for _, version in expected],
+        "vectors": Float4Array(matrix),
+        "dims": int(matrix.shape[1]),
+        "model": model,
+    }
+    return {row.id for row in await conn.exec_driver_sql(_NEW_EMBEDDINGS, params)}
 
 
 async def write_version(

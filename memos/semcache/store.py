@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.identity.principal import Principal
 from memos.semcache.policy import DEFAULT_POLICY, CachePolicy, PolicyError, parse_policy
+from memos.store.arrays import Float4Array, vector_at
 from memos.store.models import cache_categories, cache_configs, cache_entries, cube_grants, cubes, memories
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,23 @@ ENTRY_COLUMNS = (
     cache_entries.c.threshold,
 )
 _ENTRY_FROM = memories.outerjoin(cache_entries, cache_entries.c.memory_id == memories.c.id)
+
+
+_CONTEXT_EMBEDDINGS = f"""
+UPDATE cache_entries c
+SET context_embedding = {vector_at("u.slot")}, updated_at = now()
+FROM unnest(%(id)s::uuid[]) WITH ORDINALITY AS u(id, slot)
+WHERE c.memory_id = u.id
+"""  # noqa: S608 (a constant fragment from store/arrays.py is formatted in)
+
+
+async def write_context_embeddings(conn: AsyncConnection, vectors: Mapping[uuid.UUID, Vector]) -> None:
+    """Replace the context embedding of each entry (by memory id) with the one given (a re-embedding)."""
+    if not vectors:
+        return
+    matrix = np.stack([np.asarray(v, dtype=np.float32) for v in vectors.values()])
+    params = {"id": list(vectors), "vectors": Float4Array(matrix), "dims": int(matrix.shape[1])}
+    await conn.exec_driver_sql(_CONTEXT_EMBEDDINGS, params)
 
 
 def _live() -> Any:

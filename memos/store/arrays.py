@@ -37,6 +37,12 @@ def decode_id_vectors(packed: bytes) -> tuple[list[bytes], npt.NDArray[np.float3
     return records["id"].tolist(), records["values"].astype(np.float32)
 
 
+def vector_at(slot: str) -> str:
+    """SQL for row ``slot`` (a 1-based SQL expression) of a :class:`Float4Array` sent as ``%(vectors)s`` with
+    ``%(dims)s`` values a row, as a pgvector ``vector``: many rows' vectors travel as one parameter."""
+    return f"(%(vectors)s::float4[])[({slot} - 1) * %(dims)s + 1 : {slot} * %(dims)s]::vector"
+
+
 class Float4Array:
     """A float32 matrix sent as one flat ``real[]`` of ``rows x dims`` values, row after row."""
 

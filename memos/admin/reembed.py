@@ -1,0 +1,182 @@
+"""``memos admin reembed``: give every memory that another model embedded a vector of the current model.
+
+After ``MEMOS_EMBED_MODEL`` names another encoder of the same dimensions, the memories the old one
+embedded are in another vector space: search's vector leg, write-time knn links, graph mode's diversity
+and the semantic cache leave them out (decisions 72) until they are re-embedded. This walks them in id
+order, a batch at a time. A batch is embedded first, outside any transaction, then written in one
+transaction: a new version of each memory (op ``update``, the only op the API has for a changed stored
+value; the audit log names it ``memory.reembed``) with a compare-and-set on the version that was read,
+so a memory a client changed meanwhile is skipped, not overwritten (a content change embedded it anew
+anyway; a re-run picks up whatever still needs it). A cached answer's context embedding is derived from
+its stored context turns: it is recomputed in the same transaction, or the cache would compare a new
+lookup's context with an old model's vector.
+
+What stays: knn links (they were ranked within one model's space, so they still say "similar"), deleted
+memories (a restore copies the vector of the version it restores; re-run the tool after restoring old
+versions) and memories that have no embedding by design (derived ones, activations).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import Row, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from memos.embed.base import Embedder
+from memos.identity.principal import OPERATOR
+from memos.memories.versioning import write_embeddings
+from memos.search.indexing import embedding_text
+from memos.semcache.context import context_text
+from memos.semcache.index import turns_from
+from memos.semcache.store import write_context_embeddings
+from memos.store.audit import record
+from memos.store.db import Database
+from memos.store.models import EMBEDDING_DIMS, cache_entries, memories
+
+DEFAULT_BATCH = 256
+
+
+@dataclasses.dataclass(slots=True)
+class Report:
+    model: str
+    pending: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Memories that needed it when the run started, by the model that embedded them."""
+    reembedded: int = 0
+    contexts: int = 0
+    """Cached answers whose context embedding was recomputed too."""
+    skipped: int = 0
+    """Changed by someone else between the read and the write; a re-run picks them up if still needed."""
+    unreadable: int = 0
+    """Cached answers whose stored context could not be read back: left as they were (not served)."""
+    batches: int = 0
+
+
+def misfit(embedder: Embedder) -> str | None:
+    """Why ``embedder``'s vectors cannot be stored, or None: the column has fixed dimensions."""
+    if embedder.dims == EMBEDDING_DIMS:
+        return None
+    return (
+        f"{embedder.name} gives {embedder.dims}-dimension vectors; the embedding column holds {EMBEDDING_DIMS} "
+        "(another size needs a migration)"
+    )
+
+
+def _needs_it(model: str, cube_ids: Sequence[uuid.UUID] | None) -> list[Any]:
+    conditions = [
+        memories.c.embedding.is_not(None),
+        memories.c.embedding_model.is_distinct_from(model),
+        memories.c.state != "deleted",
+        memories.c.purged_at.is_(None),
+    ]
+    if cube_ids:
+        conditions.append(memories.c.cube_id.in_(list(cube_ids)))
+    return conditions
+
+
+async def pending(conn: AsyncConnection, model: str, cube_ids: Sequence[uuid.UUID] | None = None) -> dict[str, int]:
+    """How many memories another model embedded, by that model (``--dry-run`` prints this)."""
+    rows = await conn.execute(
+        select(memories.c.embedding_model, func.count())
+        .where(*_needs_it(model, cube_ids))
+        .group_by(memories.c.embedding_model)
+        .order_by(memories.c.embedding_model)
+    )
+    return {str(name): int(count) for name, count in rows}
+
+
+async def reembed(
+    db: Database,
+    embedder: Embedder,
+    *,
+    cube_ids: Sequence[uuid.UUID] | None = None,
+    batch: int = DEFAULT_BATCH,
+    progress: Callable[[Report], None] | None = None,
+) -> Report:
+    """Re-embed, with ``embedder``, every live memory of ``cube_ids`` (all cubes if None) another model embedded."""
+    if batch < 1:
+        raise ValueError("batch must be >= 1")
+    if (why := misfit(embedder)) is not None:
+        raise ValueError(why)
+    report = Report(model=embedder.name)
+    async with db.read() as conn:
+        report.pending = await pending(conn, embedder.name, cube_ids)
+    after: uuid.UUID | None = None
+    while True:
+        async with db.read() as conn:
+            query = (
+                select(
+                    memories.c.id,
+                    memories.c.tenant_id,
+                    memories.c.cube_id,
+                    memories.c.kind,
+                    memories.c.version,
+                    memories.c.content,
+                    memories.c.metadata,
+                    memories.c.embedding_model,
+                    cache_entries.c.context_embedding.is_not(None).label("has_context"),
+                )
+                .outerjoin(cache_entries, cache_entries.c.memory_id == memories.c.id)
+                .where(*_needs_it(embedder.name, cube_ids))
+                .order_by(memories.c.id)
+                .limit(batch)
+            )
+            if after is not None:
+                query = query.where(memories.c.id > after)
+            rows = list(await conn.execute(query))
+        if not rows:
+            return report
+        after = rows[-1].id
+        await _write_batch(db, embedder, rows, report)
+        report.batches += 1
+        if progress is not None:
+            progress(report)
+
+
+async def _write_batch(db: Database, embedder: Embedder, rows: list[Row[Any]], report: Report) -> None:
+    contexts: dict[uuid.UUID, str] = {}
+    for row in rows:
+        if row.has_context:
+            try:
+                turns = turns_from(row.metadata.get("context"))
+            except ValueError:
+                turns = None
+            if turns:
+                contexts[row.id] = context_text(turns)
+    texts = [embedding_text(row.kind, row.content, row.metadata) for row in rows]
+    # Embedding takes most of the time: it runs before the transaction, so no lock waits on the model.
+    vectors = await asyncio.to_thread(embedder.embed, texts + list(contexts.values()))
+    context_vectors = dict(zip(contexts, vectors[len(texts) :], strict=True))
+    # A cached answer whose context cannot be read back keeps the old model's vectors (it is not served).
+    writable = [(i, row) for i, row in enumerate(rows) if not row.has_context or row.id in context_vectors]
+    changed: dict[tuple[uuid.UUID, uuid.UUID], list[Row[Any]]] = {}
+    async with db.transaction() as conn:
+        written = await write_embeddings(
+            conn, [(row.id, row.version) for _, row in writable], vectors[[i for i, _ in writable]], embedder.name
+        )
+        await write_context_embeddings(conn, {k: v for k, v in context_vectors.items() if k in written})
+        for _, row in writable:
+            if row.id in written:
+                changed.setdefault((row.tenant_id, row.cube_id), []).append(row)
+        for (tenant_id, cube_id), done in changed.items():
+            await record(
+                conn,
+                OPERATOR,
+                "memory.reembed",
+                "cube",
+                cube_id,
+                tenant_id=tenant_id,
+                detail={
+                    "model": embedder.name,
+                    "memories": len(done),
+                    "from": sorted({str(r.embedding_model) for r in done}),
+                },
+            )
+    report.reembedded += len(written)
+    report.contexts += sum(k in written for k in context_vectors)
+    report.skipped += len(writable) - len(written)
+    report.unreadable += len(rows) - len(writable)

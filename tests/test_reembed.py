@@ -1,0 +1,295 @@
+"""`memos admin reembed` after MEMOS_EMBED_MODEL names another encoder of the same dimensions.
+
+Memories are written through the API with the bundled all-MiniLM-L6-v2; the tool then re-embeds them with a
+tiny random 384-dimension BERT (a real transformers model from a config, saved and loaded from a directory),
+and a second app running on that model finds them by vector and serves the cached answer again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from conftest import Factory, Tenant, bearer, make_encoder_dir
+from litestar.testing import TestClient
+
+from memos.admin.reembed import Report, reembed
+from memos.app import create_app
+from memos.cli.main import main as cli_main
+from memos.embed.base import Embedder
+from memos.embed.registry import load_embedder
+from memos.search.indexing import embedding_text
+from memos.semcache.context import context_text
+from memos.semcache.index import turns_from
+from memos.settings import Settings
+from memos.store.arrays import decode_vector
+from memos.store.db import Database
+
+CONTEXT = ["Which trip are we planning?", "The Lisbon trip in May."]
+
+
+@pytest.fixture(scope="module")
+def other_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_encoder_dir(tmp_path_factory.mktemp("other-encoder"), hidden_size=384, layers=1, heads=6, seed=7)
+
+
+@pytest.fixture(scope="module")
+def other(other_dir: Path) -> Embedder:
+    return load_embedder(str(other_dir))
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, settings: Settings, other_dir: Path) -> None:
+    """What an operator sets before running the tool: the database and the new model."""
+    assert settings.database_url is not None
+    monkeypatch.setenv("MEMOS_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("MEMOS_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("MEMOS_EMBED_MODEL", str(other_dir))
+
+
+@pytest.fixture(scope="module")
+def world(factory: Factory, client: TestClient) -> dict[str, Any]:  # type: ignore[type-arg]
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube, second = factory.cube(key), factory.cube(key)
+    said = factory.memory(key, cube["id"], "I repainted the lighthouse last spring.", metadata={"speaker": "Melanie"})
+    plain = factory.memory(key, cube["id"], "Caroline keeps bees behind the barn.")
+    archived = factory.memory(key, cube["id"], "The ferry to the island leaves at noon.")
+    headers = {**bearer(key), "If-Match": f'"{archived["version"]}"'}
+    r = client.patch(f"/v1/memories/{archived['id']}", json={"state": "archived"}, headers=headers)
+    assert r.status_code == 200, r.text
+    deleted = factory.memory(key, cube["id"], "This one was deleted before the switch.")
+    assert client.delete(f"/v1/memories/{deleted['id']}", headers=bearer(key)).status_code == 204
+    cached = _store(client, key, cube["id"], "How long is the flight to Lisbon?", "About two hours.", CONTEXT)
+    bare = _store(client, key, cube["id"], "What is the capital of Portugal?", "Lisbon.", None)
+    elsewhere = factory.memory(key, second["id"], "The second cube holds one memory.")
+    return {
+        "tenant": tenant,
+        "cube": cube,
+        "second": second,
+        "said": said,
+        "plain": plain,
+        "archived": archived,
+        "deleted": deleted,
+        "cached": cached,
+        "bare": bare,
+        "elsewhere": elsewhere,
+    }
+
+
+def _store(client: TestClient, key: str, cube_id: str, query: str, answer: str, context: list[str] | None) -> dict:  # type: ignore[type-arg]
+    body: dict[str, Any] = {"cube_id": cube_id, "query": query, "response": answer}
+    if context is not None:
+        body["context"] = context
+    r = client.post("/v1/cache", json=body, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+@pytest.fixture(scope="module")
+def client_on_other(settings: Settings, other: Embedder) -> Iterator[TestClient]:  # type: ignore[type-arg]
+    """A second memos process on the same database, started with the new model."""
+    app = create_app(dataclasses.replace(settings, cache_sync_seconds=0.05), embedder_factory=lambda: other)
+    with TestClient(app) as c:
+        yield c
+
+
+def _current(database_url: str, memory_id: str) -> tuple[int, str, tuple[float, ...], str]:
+    """(version, embedding_model, embedding, state) of a memory now."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT version, embedding_model, vector_send(embedding), state FROM memories WHERE id = %s",
+            (memory_id,),
+        ).fetchone()
+    assert row is not None
+    vector = decode_vector(row[2])
+    assert vector is not None
+    return row[0], row[1], tuple(vector.tolist()), row[3]
+
+
+def _vector_ids(client: TestClient, tenant: Tenant, cube_id: str, query: str) -> list[str]:  # type: ignore[type-arg]
+    body = {"query": query, "cube_ids": [cube_id], "mode": "vector", "k": 3, "states": ["active", "archived"]}
+    r = client.post("/v1/search", json=body, headers=bearer(tenant.admin_key))
+    assert r.status_code == 200, r.text
+    return [x["memory"]["id"] for x in r.json()["results"]]
+
+
+def _lookup(client: TestClient, tenant: Tenant, cube_id: str, query: str, context: list[str] | None) -> dict:  # type: ignore[type-arg]
+    body: dict[str, Any] = {"cube_id": cube_id, "query": query}
+    if context is not None:
+        body["context"] = context
+    r = client.post("/v1/cache/lookup", json=body, headers=bearer(tenant.admin_key))
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def test_before_reembedding_the_new_model_leaves_the_old_vectors_out(world, client_on_other, embedder) -> None:
+    tenant, cube = world["tenant"], world["cube"]
+    said = embedding_text("plaintext", world["said"]["content"], world["said"]["metadata"])
+    assert _vector_ids(client_on_other, tenant, cube["id"], said) == []
+    assert not _lookup(client_on_other, tenant, cube["id"], "How long is the flight to Lisbon?", CONTEXT)["hit"]
+
+
+def test_dry_run_counts_by_model_and_writes_nothing(world, env, embedder, database_url, capsys) -> None:
+    before = _current(database_url, world["said"]["id"])
+    assert cli_main(["admin", "reembed", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # said, plain, archived, two cached answers, elsewhere; not the deleted one
+    assert f"6 memories embedded by {embedder.name}" in out
+    assert "dry run: nothing written" in out
+    assert _current(database_url, world["said"]["id"]) == before
+
+
+def test_bad_arguments_are_refused(env, tmp_path, monkeypatch, capsys) -> None:
+    assert cli_main(["admin", "reembed", "--cube", "not-a-cube-id"]) == 2
+    assert "--cube takes a cube id" in capsys.readouterr().err
+    assert cli_main(["admin", "reembed", "--batch-size", "0"]) == 2
+    monkeypatch.setenv("MEMOS_EMBED_MODEL", str(make_encoder_dir(tmp_path, hidden_size=32)))
+    assert cli_main(["admin", "reembed"]) == 2
+    assert "32-dimension vectors; the embedding column holds 384" in capsys.readouterr().err
+
+
+def test_one_cube_only(world, env, other, database_url, capsys) -> None:
+    assert cli_main(["admin", "reembed", "--cube", world["second"]["id"]]) == 0
+    assert "re-embedded 1 memories" in capsys.readouterr().out
+    assert _current(database_url, world["elsewhere"]["id"])[1] == other.name
+    assert _current(database_url, world["said"]["id"])[1] != other.name
+
+
+def test_reembeds_each_live_memory_as_a_new_version(world, env, other, embedder, database_url, capsys) -> None:
+    names = ("said", "plain", "archived", "cached", "bare")
+    before = {n: _current(database_url, world[n]["id"]) for n in (*names, "deleted")}
+    assert cli_main(["admin", "reembed", "--batch-size", "2"]) == 0
+    assert "re-embedded 5 memories" in capsys.readouterr().out
+    for name in names:
+        memory = world[name]
+        version, model, vector, state = _current(database_url, memory["id"])
+        assert (version, model, state) == (before[name][0] + 1, other.name, before[name][3])
+        expected = other.embed([embedding_text(memory["kind"], memory["content"], memory["metadata"])])[0]
+        assert float(np.asarray(vector) @ expected) > 0.999
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute(
+                "SELECT version, op, embedding_model, content FROM memory_versions WHERE memory_id = %s"
+                " ORDER BY version DESC LIMIT 2",
+                (memory["id"],),
+            ).fetchall()
+        # The new version changes only the embedding; the one before keeps the old model's.
+        assert [(r[0], r[1], r[2]) for r in rows] == [
+            (version, "update", other.name),
+            (version - 1, rows[1][1], embedder.name),
+        ]
+        assert rows[0][3] == rows[1][3] == memory["content"]
+    assert _current(database_url, world["deleted"]["id"]) == before["deleted"]
+    with psycopg.connect(database_url) as conn:
+        context = conn.execute(
+            "SELECT vector_send(context_embedding) FROM cache_entries WHERE memory_id = %s", (world["cached"]["id"],)
+        ).fetchone()
+        audit = conn.execute(
+            "SELECT actor, detail FROM audit_log WHERE action = 'memory.reembed' AND target_id = %s",
+            (world["cube"]["id"],),
+        ).fetchall()
+    turns = turns_from(world["cached"]["metadata"]["context"])
+    assert turns
+    context_vector = decode_vector(context[0])
+    assert context_vector is not None
+    assert float(context_vector @ other.embed([context_text(turns)])[0]) > 0.999
+    assert {a[0] for a in audit} == {"operator"}
+    assert sum(a[1]["memories"] for a in audit) == 5
+    assert all(a[1]["model"] == other.name and a[1]["from"] == [embedder.name] for a in audit)
+    # Nothing is left: a second run writes nothing.
+    assert cli_main(["admin", "reembed"]) == 0
+    assert "re-embedded 0 memories" in capsys.readouterr().out
+
+
+def test_after_reembedding_the_new_model_finds_them(world, client_on_other) -> None:
+    tenant, cube = world["tenant"], world["cube"]
+    said = embedding_text("plaintext", world["said"]["content"], world["said"]["metadata"])
+    assert _vector_ids(client_on_other, tenant, cube["id"], said)[0] == world["said"]["id"]
+    archived = world["archived"]["content"]
+    assert _vector_ids(client_on_other, tenant, cube["id"], archived)[0] == world["archived"]["id"]
+    # The other process's cache index catches up with writes it did not make within cache_sync_seconds.
+    deadline = time.monotonic() + 10
+    while not (hit := _lookup(client_on_other, tenant, cube["id"], "How long is the flight to Lisbon?", CONTEXT))[
+        "hit"
+    ]:
+        assert time.monotonic() < deadline, hit
+        time.sleep(0.05)
+    assert hit["memory_id"] == world["cached"]["id"] and hit["similarity"] > 0.999
+    # The context is compared in the new model's space too: another conversation's context does not match.
+    other_context = ["Should I bring a coat to the office?", "Yes, it is cold today."]
+    assert not _lookup(client_on_other, tenant, cube["id"], "How long is the flight to Lisbon?", other_context)["hit"]
+
+
+def _run(settings: Settings, embedder: Any, cube_id: str) -> Report:
+    """The tool's own function on one cube, as `memos admin reembed --cube` calls it."""
+
+    async def run() -> Report:
+        db = Database(settings)
+        await db.start()
+        try:
+            return await reembed(db, embedder, cube_ids=[uuid.UUID(cube_id)])
+        finally:
+            await db.stop()
+
+    return asyncio.run(run())
+
+
+class _Interrupted:
+    """The new model, but a client changes one memory while the tool embeds its batch."""
+
+    def __init__(self, inner: Embedder, change: Any) -> None:
+        self.inner, self.change = inner, change
+        self.name, self.dims = inner.name, inner.dims
+
+    def embed(self, texts: Any) -> np.ndarray:
+        if self.change is not None:
+            self.change()
+            self.change = None
+        return self.inner.embed(texts)
+
+
+def test_a_memory_changed_meanwhile_is_skipped_not_overwritten(
+    world, factory: Factory, client, other, embedder, settings: Settings, database_url
+) -> None:
+    tenant, cube = world["tenant"], world["cube"]
+    late = [factory.memory(tenant.admin_key, cube["id"], f"Written after the switch, number {i}.") for i in range(2)]
+
+    def patch() -> None:
+        headers = {**bearer(tenant.admin_key), "If-Match": f'"{late[0]["version"]}"'}
+        r = client.patch(f"/v1/memories/{late[0]['id']}", json={"content": "Changed meanwhile."}, headers=headers)
+        assert r.status_code == 200, r.text
+
+    report = _run(settings, _Interrupted(other, patch), cube["id"])
+    assert (report.reembedded, report.skipped) == (1, 1)
+    version, model, _, _ = _current(database_url, late[0]["id"])
+    assert model == embedder.name  # the client's change stands, embedded by the app's model
+    assert _current(database_url, late[1]["id"])[1] == other.name
+    again = _run(settings, other, cube["id"])
+    assert (again.reembedded, again.skipped) == (1, 0)
+    assert _current(database_url, late[0]["id"])[:2] == (version + 1, other.name)
+
+
+def test_a_cached_answer_whose_context_cannot_be_read_is_left_alone(
+    factory: Factory, client, other, embedder, settings: Settings, database_url
+) -> None:
+    """Its context embedding cannot be recomputed: re-embedding only its query would pair two models' vectors."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    entry = _store(client, tenant.admin_key, cube["id"], "When does the museum open?", "At nine.", CONTEXT)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE memories SET metadata = jsonb_set(metadata, '{context}', '\"not a list\"') WHERE id = %s",
+            (entry["id"],),
+        )
+    before = _current(database_url, entry["id"])
+    report = _run(settings, other, cube["id"])
+    assert (report.reembedded, report.unreadable) == (0, 1)
+    assert _current(database_url, entry["id"]) == before
