@@ -14,12 +14,14 @@ from memos.graph import (
     EdgeWeights,
     EntityKind,
     MemoryGraph,
+    combine,
     coverage,
     entity_keys,
     extract_entities,
     format_event_time,
     mmr,
     parse_event_time,
+    scale_seeds,
 )
 
 # -- entities -------------------------------------------------------------------------------
@@ -195,6 +197,40 @@ def test_a_strongly_connected_memory_outranks_a_weak_seed() -> None:
     # with all the weight on the seed scores, the graph only appends
     ranked = [r.id for r in graph.expand({"top": 1.0, "second": 0.9, "weak": 0.2}, k=4, seed_weight=1.0)]
     assert ranked[:3] == ["top", "second", "weak"]
+
+
+def test_graphs_spread_apart_rank_on_one_scale() -> None:
+    """Seeds in two cubes: each cube's graph spreads its own seeds, times its share of their mass. The scores
+    equal those of one PageRank over both graphs at once, so a memory linked to weak seeds in one cube does
+    not rank with one linked to strong seeds in another (scaled cube by cube, both would top their cube)."""
+    edges = {"one": [("s1", "x1"), ("s2", "x1")], "two": [("t1", "x2"), ("t2", "x2"), ("w", "t2")]}
+    seeds = {"s1": 1.0, "s2": 0.8, "t1": 0.35, "t2": 0.3, "w": 0.0}
+    graphs = {name: MemoryGraph() for name in edges}
+    union = MemoryGraph()
+    for name, pairs in edges.items():
+        for a, b in pairs:
+            for graph in (graphs[name], union):
+                graph.add_memory(a)
+                graph.add_memory(b)
+                graph.add_edge(a, b, EdgeKind.LINK)
+    scaled = scale_seeds(seeds)
+    total = sum(scaled.values())
+    parts = []
+    for name, graph in graphs.items():
+        mine = {m: v for m, v in scaled.items() if m in {n for pair in edges[name] for n in pair}}
+        parts.append(graph.spread(mine, mass=sum(mine.values()) / total))
+    apart = {e.id: e.score for e in combine(parts)}
+    together = {e.id: e.score for e in union.expand(seeds, k=10)}
+    assert apart.keys() == together.keys()
+    for memory_id, score in together.items():
+        assert apart[memory_id] == pytest.approx(score, abs=1e-4)
+    assert apart["x1"] > 2 * apart["x2"] > 0
+    # Each graph alone gives its own linked memory the whole inflow scale: x2 would tie with x1.
+    alone = [
+        {e.id: e.score for e in graph.expand(dict(p.seeds), k=10)}
+        for graph, p in zip(graphs.values(), parts, strict=True)
+    ]
+    assert alone[0]["x1"] == pytest.approx(alone[1]["x2"], abs=0.05)
 
 
 def test_seeds_unknown_to_the_graph_keep_their_score() -> None:

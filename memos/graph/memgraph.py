@@ -335,34 +335,49 @@ class MemoryGraph:
         suits fused ranks and cosine scores alike; ``"max"`` divides by the best score. The defaults
         (alpha 0.85, seed_weight 0.6, minmax, knn weight 0.3) were the best of a small grid over dense
         MiniLM seeds on the LoCoMo dev conversations (recall@10 40.6 -> 43.1 over the seeds alone).
+        Several graphs (a search over several cubes): :meth:`spread` each, then :func:`combine`.
         """
         if k <= 0 or not seeds:
             return []
-        if not 0 <= alpha < 1 or not 0 <= seed_weight <= 1:
-            raise ValueError("need 0 <= alpha < 1 and 0 <= seed_weight <= 1")
-        ranked = sorted(seeds.items(), key=lambda item: -item[1])
-        scaled = _scale([score for _, score in ranked], seed_scaling)
-        seed_norm = {sid: scaled[i] for i, (sid, _) in enumerate(ranked)}
+        part = self.spread(
+            scale_seeds(seeds, seed_scaling),
+            hops,
+            max_nodes,
+            alpha=alpha,
+            fanout=fanout,
+            tol=tol,
+            max_iter=max_iter,
+        )
+        return combine([part], seed_weight)[:k]
 
+    def spread(
+        self,
+        seeds: Mapping[MemoryId, float],
+        hops: int = 2,
+        max_nodes: int = 2000,
+        *,
+        mass: float = 1.0,
+        alpha: float = 0.85,
+        fanout: int = 32,
+        tol: float = 1e-6,
+        max_iter: int = 50,
+    ) -> Spread:
+        """This graph's part of an expansion from ``seeds`` (id -> score already scaled to [0, 1]).
+
+        ``mass``: this graph's share of all the seeds' scores when seeds lie in several graphs (cubes). The
+        graphs share no edge, so personalized PageRank over all of them at once is each one's own, run with
+        its seeds' restart, times its share: the inflow of every part is then on one scale for
+        :func:`combine`. See :meth:`expand` for the other parameters.
+        """
+        if not 0 <= alpha < 1:
+            raise ValueError("need 0 <= alpha < 1")
+        ranked = sorted(seeds.items(), key=lambda item: -item[1])
         kind_weight = self.weights.by_kind()
         reached = self._neighbourhood(
             [sid for sid, _ in ranked if sid in self._seq], hops, max_nodes, fanout, kind_weight
         )
-        inflow = self._inflow(list(reached), seed_norm, alpha, tol, max_iter, kind_weight)
-
-        scored: list[tuple[float, int, Expansion]] = []
-        for position, (sid, _) in enumerate(ranked):
-            score = seed_weight * seed_norm[sid] + (1 - seed_weight) * inflow.get(sid, 0.0)
-            scored.append((score, position, Expansion(sid, score, "seed")))
-        position = len(scored)
-        for node, via in reached.items():
-            if via is None or isinstance(node, EntityHub):
-                continue
-            score = (1 - seed_weight) * inflow.get(node, 0.0)
-            scored.append((score, position, Expansion(node, score, via)))
-            position += 1
-        best = heapq.nsmallest(k, scored, key=lambda item: (-item[0], item[1]))
-        return [item[2] for item in best]
+        inflow = self._inflow(list(reached), dict(ranked), alpha, tol, max_iter, kind_weight)
+        return Spread(seeds=dict(ranked), reached=reached, inflow={node: mass * v for node, v in inflow.items()})
 
     def _neighbourhood(
         self, seeds: list[MemoryId], hops: int, max_nodes: int, fanout: int, kind_weight: dict[str, float]
@@ -427,7 +442,8 @@ class MemoryGraph:
         max_iter: int,
         kind_weight: dict[str, float],
     ) -> dict[Hashable, float]:
-        """Personalized PageRank on the subgraph induced by ``nodes``: each memory's inflow, scaled to [0, 1].
+        """Personalized PageRank on the subgraph induced by ``nodes``: each memory's inflow (the rank that
+        reached it over edges; the restart vector sums to 1).
 
         Power iteration with numpy over an edge list: the subgraph is small (``max_nodes``), so this
         beats building a networkx subgraph and a sparse matrix for every query.
@@ -485,10 +501,7 @@ class MemoryGraph:
                 break
         inflow = rank - (1 - alpha) * restart
         is_memory = np.fromiter((not isinstance(node, EntityHub) for node in nodes), dtype=bool, count=n)
-        top = float(inflow[is_memory].max())
-        if top <= 0:
-            return {}
-        return {nodes[i]: float(inflow[i]) / top for i in np.flatnonzero(is_memory & (inflow > 0))}
+        return {nodes[i]: float(inflow[i]) for i in np.flatnonzero(is_memory & (inflow > 0))}
 
     # -- internals -------------------------------------------------------------------------
 
@@ -570,14 +583,60 @@ class _KnownEntities:
         return key in self._hubs
 
 
-def _scale(scores: list[float], how: str) -> list[float]:
-    """Seed scores onto [0, 1] (descending input); all equal (or one seed) -> all 1."""
-    high, low = scores[0], scores[-1]
+@dataclasses.dataclass(slots=True)
+class Spread:
+    """One graph's part of an expansion (:meth:`MemoryGraph.spread`)."""
+
+    seeds: dict[MemoryId, float]
+    """The seeds given to it, scaled, best first (unknown ones too: they keep their seed score)."""
+    reached: dict[Hashable, str | None]
+    """Every node of the neighbourhood, with how it was reached (None for a seed); entity hubs included."""
+    inflow: dict[Hashable, float]
+    """The PageRank inflow of each memory that got any, times the graph's share of the seed mass."""
+
+
+def scale_seeds(seeds: Mapping[MemoryId, float], how: Literal["minmax", "max"] = "minmax") -> dict[MemoryId, float]:
+    """Seed scores onto [0, 1]: ``minmax`` (the weakest gets 0) or ``max`` (divided by the best); all equal
+    (or one seed) -> all 1."""
+    if not seeds:
+        return {}
+    high, low = max(seeds.values()), min(seeds.values())
     if how == "max":
-        return [max(score, 0.0) / high if high > 0 else 1.0 for score in scores]
+        return {sid: max(score, 0.0) / high if high > 0 else 1.0 for sid, score in seeds.items()}
     if high - low <= 1e-12:
-        return [1.0] * len(scores)
-    return [(score - low) / (high - low) for score in scores]
+        return dict.fromkeys(seeds, 1.0)
+    return {sid: (score - low) / (high - low) for sid, score in seeds.items()}
+
+
+def combine(parts: Iterable[Spread], seed_weight: float = 0.6) -> list[Expansion]:
+    """Every seed and reached memory of ``parts`` (one per graph), best first.
+
+    A memory scores ``seed_weight * seed score + (1 - seed_weight) * inflow``, the inflow divided by the
+    largest of all parts (one scale, see :meth:`MemoryGraph.spread`). Ties keep the seeds' order, then
+    the order in which memories were reached.
+    """
+    if not 0 <= seed_weight <= 1:
+        raise ValueError("need 0 <= seed_weight <= 1")
+    parts = list(parts)
+    top = max((value for part in parts for value in part.inflow.values()), default=0.0)
+    inflow: dict[Hashable, float] = {}
+    if top > 0:
+        inflow = {node: value / top for part in parts for node, value in part.inflow.items()}
+    seeds = sorted(((score, sid) for part in parts for sid, score in part.seeds.items()), key=lambda item: -item[0])
+    scored: list[tuple[float, int, Expansion]] = []
+    for position, (seed_score, sid) in enumerate(seeds):
+        score = seed_weight * seed_score + (1 - seed_weight) * inflow.get(sid, 0.0)
+        scored.append((score, position, Expansion(sid, score, "seed")))
+    position = len(scored)
+    for part in parts:
+        for node, via in part.reached.items():
+            if via is None or isinstance(node, EntityHub):
+                continue
+            score = (1 - seed_weight) * inflow.get(node, 0.0)
+            scored.append((score, position, Expansion(node, score, via)))
+            position += 1
+    scored.sort(key=lambda item: (-item[0], item[1]))
+    return [item[2] for item in scored]
 
 
 def _explain(data: Mapping[str, float]) -> str:

@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.errors import FieldError, NotFound
-from memos.graph.memgraph import MemoryGraph
+from memos.graph.memgraph import MemoryGraph, combine, scale_seeds
 from memos.graph.select import mmr
 from memos.identity.principal import Principal
 from memos.memories.service import to_dto
@@ -42,17 +42,16 @@ from memos.validation import reject_nul
 DENSE_WEIGHT = 0.5
 """Hybrid score = DENSE_WEIGHT * scaled cosine + (1 - DENSE_WEIGHT) * scaled BM25: equal say, no tuning."""
 
-NEIGHBOUR_SHARE = 0.3
-"""Graph mode: a memory receives this share of each graph neighbour's hybrid score (times the edge weight)."""
-
 GRAPH_SEEDS = 30
-"""Graph mode spreads scores from this many of the best hybrid candidates (3 x k when that is more)."""
+"""Graph mode starts PageRank from this many of the best hybrid candidates (3 x k when that is more)."""
+GRAPH_HOPS = 2
+GRAPH_MAX_NODES = 2000
+"""The neighbourhood PageRank runs over: memory hops from the seeds, and at most this many nodes in all."""
+GRAPH_SEED_WEIGHT = 0.6
+"""A memory's graph score = this x its scaled seed score + the rest x the PageRank inflow it received."""
 
 GRAPH_BUILDING = "graph-building:"
 """Graph mode's ``via`` prefix while a searched cube's graph is still building: the result is hybrid's."""
-
-EDGE_WEIGHTS = {"link": 1.0, "derived_from": 1.0, "sequence": 1.0, "knn": 0.0, "entity": 0.5}
-"""How far each kind of edge carries a score (entity edges are also scaled by the entity's rarity)."""
 
 _HNSW_EF = text("SELECT set_config('hnsw.ef_search', :ef, true)")
 HNSW_DEFAULT_EF = 40
@@ -278,39 +277,34 @@ class SearchService:
         ranked: list[Candidate],
         graphs: dict[uuid.UUID, MemoryGraph],
     ) -> list[Candidate]:
-        """Spread each candidate's score to its graph neighbours, then pick the top k with MMR."""
+        """Personalized PageRank from the best candidates over their graph neighbourhood, then MMR.
+
+        The seeds' fused scores, scaled once over all of them, weigh their restarts; each cube's graph
+        spreads its own seeds, times its share of their mass, so one scale ranks memories of every cube
+        (the graphs share no edge: this is PageRank over all of them at once).
+        """
         by_id = {c.id: c for c in ranked}
-        base = {c.id: c.score for c in ranked}
-        # Scores spread from the best candidates only: the tail of the pool would add little but cost much.
-        seeds = dict(list(base.items())[: max(req.k * 3, GRAPH_SEEDS)])
-        boost: dict[uuid.UUID, float] = {}
-        reached: dict[uuid.UUID, tuple[float, str]] = {}
-        cube_of = {c.id: c.cube_id for c in ranked}
-        for memory_id, score in seeds.items():
-            graph = graphs[cube_of[memory_id]]
-            if memory_id not in graph:
-                continue
-            # A pair joined by several kinds of edge (a link between adjacent turns) counts once, by its strongest.
-            strongest: dict[uuid.UUID, tuple[float, str]] = {}
-            steps = [(n, kind, kind, w) for n, kind, w in graph.edges(memory_id)]
-            steps += [(n, "entity", f"entity({key})", w) for n, key, w in graph.entity_neighbours(memory_id)]
-            for neighbour, kind, label, weight in steps:
-                other = typing.cast(uuid.UUID, neighbour)
-                share = NEIGHBOUR_SHARE * EDGE_WEIGHTS.get(kind, 0.0) * min(weight, 1.0) * score
-                if share > strongest.get(other, (0.0, ""))[0]:
-                    strongest[other] = (share, label)
-            for other, (share, label) in strongest.items():
-                boost[other] = boost.get(other, 0.0) + share
-                if other not in base and share > reached.get(other, (0.0, ""))[0]:
-                    reached[other] = (share, f"graph:{label}<-{memory_id}")
+        seeds = scale_seeds({c.id: c.score for c in ranked[: max(req.k * 3, GRAPH_SEEDS)]})
+        total = sum(seeds.values())
+        parts = []
+        for cube_id, graph in graphs.items():
+            mine = {m: s for m, s in seeds.items() if by_id[typing.cast(uuid.UUID, m)].cube_id == cube_id}
+            if mine:
+                mass = sum(mine.values()) / total if total > 0 else 1 / len(graphs)
+                parts.append(graph.spread(mine, GRAPH_HOPS, GRAPH_MAX_NODES, mass=mass))
+        expansions = combine(parts, GRAPH_SEED_WEIGHT)
         # Memories found only through the graph still have to pass the request's filters.
+        reached = {e.id: e.via for e in expansions if e.id not in by_id}
         if reached:
             rows = await conn.exec_driver_sql(statements.within(where.shape), {**where.params, "ids": list(reached)})
             for r in rows:
-                by_id[r.id] = Candidate(id=r.id, cube_id=r.cube_id, via={reached[r.id][1]})
-        for memory_id, cand in by_id.items():
-            cand.score = base.get(memory_id, 0.0) + boost.get(memory_id, 0.0)
-        ordered = sorted(by_id.values(), key=lambda c: (-c.score, str(c.id)))
+                by_id[r.id] = Candidate(id=r.id, cube_id=r.cube_id, via={reached[r.id]})
+        ordered = []
+        for e in expansions:
+            cand = by_id.get(typing.cast(uuid.UUID, e.id))
+            if cand is not None:
+                cand.score = e.score
+                ordered.append(cand)
         if req.diversity <= 0:
             return ordered
         head = ordered[: max(req.k * 3, 30)]
