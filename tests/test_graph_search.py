@@ -110,6 +110,28 @@ def test_graph_results_respect_filters_and_isolation(client, factory: Factory, w
     assert {r["memory"]["cube_id"] for r in theirs} == {other_cube["id"]}
 
 
+def test_graph_over_two_cubes_ranks_on_one_scale(client, factory: Factory) -> None:
+    """PageRank runs per cube, each cube weighted by its share of the seeds' scores: the memory linked to a
+    strong match in one cube outranks the one linked to a weak match in another (scaled cube by cube, the
+    two would score alike)."""
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    strong, weak = factory.cube(key), factory.cube(key)
+    hit = factory.memory(key, strong["id"], "Melanie painted a sunrise over the beach in Zanzibar.")
+    near = factory.memory(key, strong["id"], "Qwertz flumbo 4471 grelt.", links=[{"to": hit["id"], "type": "about"}])
+    faint = factory.memory(key, weak["id"], "The kids made finger paintings at school.")
+    far = factory.memory(key, weak["id"], "Blorp snazz 9. Vindu klep.", links=[{"to": faint["id"], "type": "about"}])
+    for text in FILLERS[:3]:
+        factory.memory(key, weak["id"], text)
+    results = search(
+        client, key, query="Melanie sunrise painting", k=10, mode="graph", cube_ids=[strong["id"], weak["id"]]
+    )
+    score = {r["memory"]["id"]: r["score"] for r in results}
+    assert results[0]["memory"]["id"] == hit["id"]
+    assert score[near["id"]] > 2 * score.get(far["id"], 0.0)
+    assert score[near["id"]] > score[faint["id"]]
+
+
 def test_diversity_prefers_unlike_results(client, factory: Factory) -> None:
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)
