@@ -200,34 +200,35 @@ def test_a_strongly_connected_memory_outranks_a_weak_seed() -> None:
 
 
 def test_graphs_spread_apart_rank_on_one_scale() -> None:
-    """Seeds in two cubes: each cube's graph spreads its own seeds, times its share of their mass. The scores
-    equal those of one PageRank over both graphs at once, so a memory linked to weak seeds in one cube does
-    not rank with one linked to strong seeds in another (scaled cube by cube, both would top their cube)."""
+    """Seeds in two cubes: each cube's graph gathers its own seeds' neighbourhood, and PageRank runs over
+    both at once. The scores equal those of one graph holding both cubes (with an isolated seed, whose rank
+    restarts at every seed, and a seed its graph does not hold), so a memory linked to weak seeds in one
+    cube does not rank with one linked to strong seeds in another (cube by cube, both would top their own)."""
     edges = {"one": [("s1", "x1"), ("s2", "x1")], "two": [("t1", "x2"), ("t2", "x2"), ("w", "t2")]}
-    seeds = {"s1": 1.0, "s2": 0.8, "t1": 0.35, "t2": 0.3, "w": 0.0}
+    alone_in = {"one": ["iso"], "two": []}
+    seeds = {"s1": 1.0, "s2": 0.8, "iso": 0.9, "t1": 0.35, "t2": 0.3, "w": 0.0, "gone": 0.95}
     graphs = {name: MemoryGraph() for name in edges}
     union = MemoryGraph()
     for name, pairs in edges.items():
-        for a, b in pairs:
-            for graph in (graphs[name], union):
+        for graph in (graphs[name], union):
+            for memory_id in alone_in[name]:
+                graph.add_memory(memory_id)
+            for a, b in pairs:
                 graph.add_memory(a)
                 graph.add_memory(b)
                 graph.add_edge(a, b, EdgeKind.LINK)
     scaled = scale_seeds(seeds)
-    total = sum(scaled.values())
-    parts = []
-    for name, graph in graphs.items():
-        mine = {m: v for m, v in scaled.items() if m in {n for pair in edges[name] for n in pair}}
-        parts.append(graph.spread(mine, mass=sum(mine.values()) / total))
+    home = {m: name for name, pairs in edges.items() for pair in pairs for m in pair} | {"iso": "one", "gone": "one"}
+    parts = [graph.spread({m: v for m, v in scaled.items() if home[m] == name}) for name, graph in graphs.items()]
     apart = {e.id: e.score for e in combine(parts)}
-    together = {e.id: e.score for e in union.expand(seeds, k=10)}
+    together = {e.id: e.score for e in union.expand(seeds, k=20)}
     assert apart.keys() == together.keys()
     for memory_id, score in together.items():
         assert apart[memory_id] == pytest.approx(score, abs=1e-4)
     assert apart["x1"] > 2 * apart["x2"] > 0
     # Each graph alone gives its own linked memory the whole inflow scale: x2 would tie with x1.
     alone = [
-        {e.id: e.score for e in graph.expand(dict(p.seeds), k=10)}
+        {e.id: e.score for e in graph.expand(dict(p.seeds), k=20)}
         for graph, p in zip(graphs.values(), parts, strict=True)
     ]
     assert alone[0]["x1"] == pytest.approx(alone[1]["x2"], abs=0.05)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-from conftest import Factory, Tenant, bearer, make_encoder_dir
+from conftest import Factory, Tenant, bearer, make_encoder_dir, with_tiny_model
 from litestar.testing import TestClient
 
 from memos.admin.reembed import Report, reembed
@@ -34,6 +34,13 @@ from memos.store.arrays import decode_vector
 from memos.store.db import Database
 
 CONTEXT = ["Which trip are we planning?", "The Lisbon trip in May."]
+KV_MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A KV model too: the KV built from a memory must stay current when only its embedding changes."""
+    return with_tiny_model(settings, tmp_path_factory, KV_MODEL, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +78,10 @@ def world(factory: Factory, client: TestClient) -> dict[str, Any]:  # type: igno
     cached = _store(client, key, cube["id"], "How long is the flight to Lisbon?", "About two hours.", CONTEXT)
     bare = _store(client, key, cube["id"], "What is the capital of Portugal?", "Lisbon.", None)
     elsewhere = factory.memory(key, second["id"], "The second cube holds one memory.")
+    r = client.post(f"/v1/memories/{plain['id']}/activations", json={"model": KV_MODEL}, headers=bearer(key))
+    assert r.status_code == 201, r.text
     return {
+        "activation": r.json(),
         "tenant": tenant,
         "cube": cube,
         "second": second,
@@ -164,7 +174,7 @@ def test_one_cube_only(world, env, other, database_url, capsys) -> None:
     assert _current(database_url, world["said"]["id"])[1] != other.name
 
 
-def test_reembeds_each_live_memory_as_a_new_version(world, env, other, embedder, database_url, capsys) -> None:
+def test_reembeds_each_live_memory_as_a_new_version(world, env, other, embedder, database_url, capsys, client) -> None:
     names = ("said", "plain", "archived", "cached", "bare")
     before = {n: _current(database_url, world[n]["id"]) for n in (*names, "deleted")}
     assert cli_main(["admin", "reembed", "--batch-size", "2"]) == 0
@@ -204,6 +214,10 @@ def test_reembeds_each_live_memory_as_a_new_version(world, env, other, embedder,
     assert {a[0] for a in audit} == {"operator"}
     assert sum(a[1]["memories"] for a in audit) == 5
     assert all(a[1]["model"] == other.name and a[1]["from"] == [embedder.name] for a in audit)
+    # The KV built from "plain" was built from the text it still has: it stays current.
+    r = client.get(f"/v1/activations/{world['activation']['id']}", headers=bearer(world["tenant"].admin_key))
+    assert r.status_code == 200, r.text
+    assert r.json()["stale"] is False
     # Nothing is left: a second run writes nothing.
     assert cli_main(["admin", "reembed"]) == 0
     assert "re-embedded 0 memories" in capsys.readouterr().out
@@ -260,36 +274,86 @@ def test_a_memory_changed_meanwhile_is_skipped_not_overwritten(
     world, factory: Factory, client, other, embedder, settings: Settings, database_url
 ) -> None:
     tenant, cube = world["tenant"], world["cube"]
-    late = [factory.memory(tenant.admin_key, cube["id"], f"Written after the switch, number {i}.") for i in range(2)]
+    key = tenant.admin_key
+    late = [factory.memory(key, cube["id"], f"Written after the switch, number {i}.") for i in range(2)]
+    answer = _store(client, key, cube["id"], "Which gate does the ferry leave from?", "Gate four.", CONTEXT)
+    context_before = _context_vector(database_url, answer["id"])
 
     def patch() -> None:
-        headers = {**bearer(tenant.admin_key), "If-Match": f'"{late[0]["version"]}"'}
-        r = client.patch(f"/v1/memories/{late[0]['id']}", json={"content": "Changed meanwhile."}, headers=headers)
-        assert r.status_code == 200, r.text
+        for memory, body in ((late[0], {"content": "Changed meanwhile."}), (answer, {"content": "Gate five."})):
+            headers = {**bearer(key), "If-Match": f'"{memory["version"]}"'}
+            r = client.patch(f"/v1/memories/{memory['id']}", json=body, headers=headers)
+            assert r.status_code == 200, r.text
 
     report = _run(settings, _Interrupted(other, patch), cube["id"])
-    assert (report.reembedded, report.skipped) == (1, 1)
+    assert (report.reembedded, report.skipped) == (1, 2)
     version, model, _, _ = _current(database_url, late[0]["id"])
     assert model == embedder.name  # the client's change stands, embedded by the app's model
     assert _current(database_url, late[1]["id"])[1] == other.name
+    # The skipped answer keeps its query and its context in one model's space.
+    assert _current(database_url, answer["id"])[1] == embedder.name
+    assert _context_vector(database_url, answer["id"]) == context_before
     again = _run(settings, other, cube["id"])
-    assert (again.reembedded, again.skipped) == (1, 0)
+    assert (again.reembedded, again.skipped) == (2, 0)
     assert _current(database_url, late[0]["id"])[:2] == (version + 1, other.name)
+    assert _context_vector(database_url, answer["id"]) != context_before
 
 
-def test_a_cached_answer_whose_context_cannot_be_read_is_left_alone(
+def _context_vector(database_url: str, memory_id: str) -> bytes:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT vector_send(context_embedding) FROM cache_entries WHERE memory_id = %s", (memory_id,)
+        ).fetchone()
+    assert row is not None and row[0] is not None
+    return bytes(row[0])
+
+
+def test_a_cached_answer_whose_context_cannot_be_recovered_is_left_alone(
     factory: Factory, client, other, embedder, settings: Settings, database_url
 ) -> None:
-    """Its context embedding cannot be recomputed: re-embedding only its query would pair two models' vectors."""
+    """Its context embedding cannot be recomputed (the turns in its metadata are unreadable, or a PATCH
+    changed them since the cache stored its context): re-embedding only its query would pair two models'
+    vectors, and embedding the new turns would give the cache a context it was not stored with."""
     tenant = factory.tenant()
-    cube = factory.cube(tenant.admin_key)
-    entry = _store(client, tenant.admin_key, cube["id"], "When does the museum open?", "At nine.", CONTEXT)
+    key = tenant.admin_key
+    cube = factory.cube(key)
+    broken = _store(client, key, cube["id"], "When does the museum open?", "At nine.", CONTEXT)
     with psycopg.connect(database_url) as conn:
         conn.execute(
             "UPDATE memories SET metadata = jsonb_set(metadata, '{context}', '\"not a list\"') WHERE id = %s",
-            (entry["id"],),
+            (broken["id"],),
         )
-    before = _current(database_url, entry["id"])
+    changed = _store(client, key, cube["id"], "Is the cafe open late?", "Until ten.", CONTEXT)
+    metadata = {**changed["metadata"], "context": ["Another conversation altogether.", "Indeed."]}
+    headers = {**bearer(key), "If-Match": f'"{changed["version"]}"'}
+    r = client.patch(f"/v1/memories/{changed['id']}", json={"metadata": metadata}, headers=headers)
+    assert r.status_code == 200, r.text
+    before = {m["id"]: _current(database_url, m["id"]) for m in (broken, changed)}
     report = _run(settings, other, cube["id"])
-    assert (report.reembedded, report.unreadable) == (0, 1)
-    assert _current(database_url, entry["id"]) == before
+    assert (report.reembedded, report.unreadable) == (0, 2)
+    assert {m: _current(database_url, m) for m in before} == before
+
+
+def test_a_batch_the_database_aborted_is_written_again(
+    factory: Factory, other, settings: Settings, database_url, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deadlock with a concurrent write (or a dropped connection) rolls a batch back: it is tried again,
+    safely, since each memory's write is a compare-and-set on the version read."""
+    import memos.admin.reembed as tool
+    from memos.errors import Unavailable
+
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    memory = factory.memory(tenant.admin_key, cube["id"], "Aborted once, written the second time.")
+    real, failures = tool.write_embeddings, [Unavailable("deadlock detected")]
+
+    async def flaky(*args: Any, **kwargs: Any) -> set[uuid.UUID]:
+        written = await real(*args, **kwargs)  # written, then rolled back with the transaction
+        if failures:
+            raise failures.pop()
+        return written
+
+    monkeypatch.setattr(tool, "write_embeddings", flaky)
+    report = _run(settings, other, cube["id"])
+    assert (report.reembedded, report.retries, report.skipped) == (1, 1, 0)
+    assert _current(database_url, memory["id"])[:2] == (memory["version"] + 1, other.name)

@@ -9,7 +9,8 @@ value; the audit log names it ``memory.reembed``) with a compare-and-set on the 
 so a memory a client changed meanwhile is skipped, not overwritten (a content change embedded it anew
 anyway; a re-run picks up whatever still needs it). A cached answer's context embedding is derived from
 its stored context turns: it is recomputed in the same transaction, or the cache would compare a new
-lookup's context with an old model's vector.
+lookup's context with an old model's vector. The KV activations built from a re-embedded memory stay
+current: their text did not change, so their source version moves with the memory's.
 
 What stays: knn links (they were ranked within one model's space, so they still say "similar"), deleted
 memories (a restore copies the vector of the version it restores; re-run the tool after restoring old
@@ -24,21 +25,23 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Row, func, select
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.embed.base import Embedder
+from memos.errors import Unavailable
 from memos.identity.principal import OPERATOR
 from memos.memories.versioning import write_embeddings
 from memos.search.indexing import embedding_text
 from memos.semcache.context import context_text
-from memos.semcache.index import turns_from
+from memos.semcache.index import context_sha256, turns_from
 from memos.semcache.store import write_context_embeddings
 from memos.store.audit import record
 from memos.store.db import Database
-from memos.store.models import EMBEDDING_DIMS, cache_entries, memories
+from memos.store.models import EMBEDDING_DIMS, activations, cache_entries, memories
 
 DEFAULT_BATCH = 256
+WRITE_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(slots=True)
@@ -52,7 +55,10 @@ class Report:
     skipped: int = 0
     """Changed by someone else between the read and the write; a re-run picks them up if still needed."""
     unreadable: int = 0
-    """Cached answers whose stored context could not be read back: left as they were (not served)."""
+    """Cached answers whose context turns in metadata cannot be read back or no longer hash to the context the
+    cache holds (a PATCH changed them): left as they were, so not served; delete and store them again."""
+    retries: int = 0
+    """Batches written again after the database aborted them (a deadlock with a concurrent write)."""
     batches: int = 0
 
 
@@ -119,6 +125,7 @@ async def reembed(
                     memories.c.metadata,
                     memories.c.embedding_model,
                     cache_entries.c.context_embedding.is_not(None).label("has_context"),
+                    cache_entries.c.context_sha256,
                 )
                 .outerjoin(cache_entries, cache_entries.c.memory_id == memories.c.id)
                 .where(*_needs_it(embedder.name, cube_ids))
@@ -131,7 +138,16 @@ async def reembed(
         if not rows:
             return report
         after = rows[-1].id
-        await _write_batch(db, embedder, rows, report)
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                await _write_batch(db, embedder, rows, report)
+                break
+            except Unavailable:
+                # A deadlock or a lost connection rolled the batch back; its compare-and-set makes a retry safe.
+                if attempt == WRITE_ATTEMPTS:
+                    raise
+                report.retries += 1
+                await asyncio.sleep(0.5 * attempt)
         report.batches += 1
         if progress is not None:
             progress(report)
@@ -145,8 +161,10 @@ async def _write_batch(db: Database, embedder: Embedder, rows: list[Row[Any]], r
                 turns = turns_from(row.metadata.get("context"))
             except ValueError:
                 turns = None
-            if turns:
-                contexts[row.id] = context_text(turns)
+            text = context_text(turns) if turns else None
+            # Only the text the cache's context was made from: the metadata may have been changed since.
+            if text is not None and context_sha256(text) == row.context_sha256:
+                contexts[row.id] = text
     texts = [embedding_text(row.kind, row.content, row.metadata) for row in rows]
     # Embedding takes most of the time: it runs before the transaction, so no lock waits on the model.
     vectors = await asyncio.to_thread(embedder.embed, texts + list(contexts.values()))
@@ -162,6 +180,7 @@ async def _write_batch(db: Database, embedder: Embedder, rows: list[Row[Any]], r
         for _, row in writable:
             if row.id in written:
                 changed.setdefault((row.tenant_id, row.cube_id), []).append(row)
+        await _carry_activations(conn, written)
         for (tenant_id, cube_id), done in changed.items():
             await record(
                 conn,
@@ -180,3 +199,17 @@ async def _write_batch(db: Database, embedder: Embedder, rows: list[Row[Any]], r
     report.contexts += sum(k in written for k in context_vectors)
     report.skipped += len(writable) - len(written)
     report.unreadable += len(rows) - len(writable)
+
+
+async def _carry_activations(conn: AsyncConnection, written: set[uuid.UUID]) -> None:
+    """KV built from a re-embedded memory's current version is built from its current text still."""
+    if written:
+        await conn.execute(
+            update(activations)
+            .where(
+                activations.c.memory_id == memories.c.id,
+                memories.c.id.in_(list(written)),
+                activations.c.source_version == memories.c.version - 1,
+            )
+            .values(source_version=memories.c.version)
+        )

@@ -58,6 +58,7 @@ def _reembed(args: argparse.Namespace) -> int:
     from memos.admin.reembed import Report, misfit, pending, reembed
     from memos.embed.errors import EmbedderLoadError
     from memos.embed.registry import load_embedder
+    from memos.errors import Unavailable
     from memos.store.db import Database
 
     try:
@@ -99,11 +100,16 @@ def _reembed(args: argparse.Namespace) -> int:
         print(
             f"re-embedded {report.reembedded} memories with {report.model} "
             f"({report.contexts} cached-answer contexts); skipped {report.skipped} changed meanwhile, "
-            f"{report.unreadable} with an unreadable context"
+            f"{report.unreadable} cached answers whose context no longer matches (delete and store them again)"
         )
         return 0
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except Unavailable as exc:
+        # Batches already written stay written: a re-run goes on with what still needs it.
+        print(f"memos admin reembed: {exc.detail}", file=sys.stderr)
+        return 1
 
 
 def _mcp(args: argparse.Namespace) -> int:

@@ -339,45 +339,19 @@ class MemoryGraph:
         """
         if k <= 0 or not seeds:
             return []
-        part = self.spread(
-            scale_seeds(seeds, seed_scaling),
-            hops,
-            max_nodes,
-            alpha=alpha,
-            fanout=fanout,
-            tol=tol,
-            max_iter=max_iter,
-        )
-        return combine([part], seed_weight)[:k]
+        part = self.spread(scale_seeds(seeds, seed_scaling), hops, max_nodes, fanout=fanout)
+        return combine([part], seed_weight, alpha=alpha, tol=tol, max_iter=max_iter)[:k]
 
     def spread(
-        self,
-        seeds: Mapping[MemoryId, float],
-        hops: int = 2,
-        max_nodes: int = 2000,
-        *,
-        mass: float = 1.0,
-        alpha: float = 0.85,
-        fanout: int = 32,
-        tol: float = 1e-6,
-        max_iter: int = 50,
+        self, seeds: Mapping[MemoryId, float], hops: int = 2, max_nodes: int = 2000, *, fanout: int = 32
     ) -> Spread:
-        """This graph's part of an expansion from ``seeds`` (id -> score already scaled to [0, 1]).
-
-        ``mass``: this graph's share of all the seeds' scores when seeds lie in several graphs (cubes). The
-        graphs share no edge, so personalized PageRank over all of them at once is each one's own, run with
-        its seeds' restart, times its share: the inflow of every part is then on one scale for
-        :func:`combine`. See :meth:`expand` for the other parameters.
-        """
-        if not 0 <= alpha < 1:
-            raise ValueError("need 0 <= alpha < 1")
-        ranked = sorted(seeds.items(), key=lambda item: -item[1])
+        """This graph's part of an expansion from ``seeds`` (id -> score already scaled to [0, 1]): the
+        seeds' neighbourhood and its weighted edges. :func:`combine` runs PageRank over one or several parts
+        (several graphs: a search over several cubes). See :meth:`expand` for the parameters."""
+        ranked = dict(sorted(seeds.items(), key=lambda item: -item[1]))
         kind_weight = self.weights.by_kind()
-        reached = self._neighbourhood(
-            [sid for sid, _ in ranked if sid in self._seq], hops, max_nodes, fanout, kind_weight
-        )
-        inflow = self._inflow(list(reached), dict(ranked), alpha, tol, max_iter, kind_weight)
-        return Spread(seeds=dict(ranked), reached=reached, inflow={node: mass * v for node, v in inflow.items()})
+        reached = self._neighbourhood([sid for sid in ranked if sid in self._seq], hops, max_nodes, fanout, kind_weight)
+        return Spread(seeds=ranked, reached=reached, edges=self._edges(list(reached), kind_weight))
 
     def _neighbourhood(
         self, seeds: list[MemoryId], hops: int, max_nodes: int, fanout: int, kind_weight: dict[str, float]
@@ -433,24 +407,9 @@ class MemoryGraph:
                 if member not in reached:
                     yield member, via
 
-    def _inflow(
-        self,
-        nodes: list[Hashable],
-        seed_norm: Mapping[MemoryId, float],
-        alpha: float,
-        tol: float,
-        max_iter: int,
-        kind_weight: dict[str, float],
-    ) -> dict[Hashable, float]:
-        """Personalized PageRank on the subgraph induced by ``nodes``: each memory's inflow (the rank that
-        reached it over edges; the restart vector sums to 1).
-
-        Power iteration with numpy over an edge list: the subgraph is small (``max_nodes``), so this
-        beats building a networkx subgraph and a sparse matrix for every query.
-        """
-        n = len(nodes)
-        if n == 0:
-            return {}
+    def _edges(self, nodes: list[Hashable], kind_weight: dict[str, float]) -> tuple[list[int], list[int], list[float]]:
+        """The edges among ``nodes`` as (source, target, weight) lists of positions in ``nodes``, each
+        undirected edge once."""
         adj = self._adj
         index = {node: i for i, node in enumerate(nodes)}
         src: list[int] = []
@@ -472,36 +431,7 @@ class MemoryGraph:
                 src.append(i)
                 dst.append(j)
                 weight.append(w)
-        if not src:
-            return {}
-
-        restart = np.zeros(n)
-        for node, score in seed_norm.items():
-            i_seed = index.get(node)
-            if i_seed is not None:
-                restart[i_seed] = score
-        if restart.sum() <= 0:
-            restart[[index[node] for node in seed_norm if node in index]] = 1.0
-        restart /= restart.sum()
-
-        s_idx = np.asarray(src + dst, dtype=np.int64)  # each undirected edge, both directions
-        d_idx = np.asarray(dst + src, dtype=np.int64)
-        w_arr = np.asarray(weight + weight, dtype=np.float64)
-        out_weight = np.bincount(s_idx, weights=w_arr, minlength=n)
-        dangling = out_weight == 0
-        share = w_arr / out_weight[s_idx]  # transition probability along each directed edge
-        rank = restart.copy()
-        for _ in range(max_iter):
-            spread = np.bincount(d_idx, weights=rank[s_idx] * share, minlength=n)
-            # Rank stuck on a node without edges goes back to the seeds, as a restart would.
-            new = alpha * (spread + rank[dangling].sum() * restart) + (1 - alpha) * restart
-            delta = float(np.abs(new - rank).sum())
-            rank = new
-            if delta < tol:
-                break
-        inflow = rank - (1 - alpha) * restart
-        is_memory = np.fromiter((not isinstance(node, EntityHub) for node in nodes), dtype=bool, count=n)
-        return {nodes[i]: float(inflow[i]) for i in np.flatnonzero(is_memory & (inflow > 0))}
+        return src, dst, weight
 
     # -- internals -------------------------------------------------------------------------
 
@@ -591,8 +521,8 @@ class Spread:
     """The seeds given to it, scaled, best first (unknown ones too: they keep their seed score)."""
     reached: dict[Hashable, str | None]
     """Every node of the neighbourhood, with how it was reached (None for a seed); entity hubs included."""
-    inflow: dict[Hashable, float]
-    """The PageRank inflow of each memory that got any, times the graph's share of the seed mass."""
+    edges: tuple[list[int], list[int], list[float]]
+    """(source, target, weight) of each edge among ``reached``, by position in it."""
 
 
 def scale_seeds(seeds: Mapping[MemoryId, float], how: Literal["minmax", "max"] = "minmax") -> dict[MemoryId, float]:
@@ -608,35 +538,105 @@ def scale_seeds(seeds: Mapping[MemoryId, float], how: Literal["minmax", "max"] =
     return {sid: (score - low) / (high - low) for sid, score in seeds.items()}
 
 
-def combine(parts: Iterable[Spread], seed_weight: float = 0.6) -> list[Expansion]:
-    """Every seed and reached memory of ``parts`` (one per graph), best first.
+def combine(
+    parts: Iterable[Spread],
+    seed_weight: float = 0.6,
+    *,
+    alpha: float = 0.85,
+    tol: float = 1e-6,
+    max_iter: int = 50,
+) -> list[Expansion]:
+    """Personalized PageRank over the neighbourhoods of ``parts`` at once; every seed and reached memory,
+    best first.
 
-    A memory scores ``seed_weight * seed score + (1 - seed_weight) * inflow``, the inflow divided by the
-    largest of all parts (one scale, see :meth:`MemoryGraph.spread`). Ties keep the seeds' order, then
-    the order in which memories were reached.
+    The parts' graphs share no edge (they are different cubes'): put side by side, they are one graph, and
+    one power iteration ranks all of their memories on one scale, with restarts at every part's seeds in
+    proportion to their scores. A memory scores ``seed_weight * seed score + (1 - seed_weight) * inflow``,
+    the inflow (the rank that reached it over edges) divided by the largest. Ties keep the seeds' order,
+    then the order in which memories were reached. See :meth:`MemoryGraph.expand` for the parameters.
     """
     if not 0 <= seed_weight <= 1:
         raise ValueError("need 0 <= seed_weight <= 1")
+    if not 0 <= alpha < 1:
+        raise ValueError("need 0 <= alpha < 1")
     parts = list(parts)
-    top = max((value for part in parts for value in part.inflow.values()), default=0.0)
-    inflow: dict[Hashable, float] = {}
-    if top > 0:
-        inflow = {node: value / top for part in parts for node, value in part.inflow.items()}
-    seeds = sorted(((score, sid) for part in parts for sid, score in part.seeds.items()), key=lambda item: -item[0])
+    nodes: list[Hashable] = []
+    src: list[int] = []
+    dst: list[int] = []
+    weight: list[float] = []
+    for part in parts:
+        offset = len(nodes)
+        nodes.extend(part.reached)
+        src.extend(i + offset for i in part.edges[0])
+        dst.extend(j + offset for j in part.edges[1])
+        weight.extend(part.edges[2])
+    seeds = dict(sorted(((sid, score) for part in parts for sid, score in part.seeds.items()), key=lambda i: -i[1]))
+    inflow = _inflow(nodes, src, dst, weight, seeds, alpha, tol, max_iter)
+    top = max(inflow.values(), default=0.0)
+    scale = 1 / top if top > 0 else 0.0
     scored: list[tuple[float, int, Expansion]] = []
-    for position, (seed_score, sid) in enumerate(seeds):
-        score = seed_weight * seed_score + (1 - seed_weight) * inflow.get(sid, 0.0)
+    for position, (sid, seed_score) in enumerate(seeds.items()):
+        score = seed_weight * seed_score + (1 - seed_weight) * inflow.get(sid, 0.0) * scale
         scored.append((score, position, Expansion(sid, score, "seed")))
     position = len(scored)
     for part in parts:
         for node, via in part.reached.items():
             if via is None or isinstance(node, EntityHub):
                 continue
-            score = (1 - seed_weight) * inflow.get(node, 0.0)
+            score = (1 - seed_weight) * inflow.get(node, 0.0) * scale
             scored.append((score, position, Expansion(node, score, via)))
             position += 1
     scored.sort(key=lambda item: (-item[0], item[1]))
     return [item[2] for item in scored]
+
+
+def _inflow(
+    nodes: list[Hashable],
+    src: list[int],
+    dst: list[int],
+    weight: list[float],
+    seeds: Mapping[MemoryId, float],
+    alpha: float,
+    tol: float,
+    max_iter: int,
+) -> dict[Hashable, float]:
+    """Personalized PageRank on ``nodes`` joined by the (``src``, ``dst``, ``weight``) edges: each memory's
+    inflow, the rank that reached it over edges (restarts go to the ``seeds`` among ``nodes``).
+
+    Power iteration with numpy over an edge list: the neighbourhood is small (``max_nodes``), so this
+    beats building a networkx subgraph and a sparse matrix for every query.
+    """
+    n = len(nodes)
+    if n == 0 or not src:
+        return {}
+    index = {node: i for i, node in enumerate(nodes)}
+    restart = np.zeros(n)
+    for node, score in seeds.items():
+        i_seed = index.get(node)
+        if i_seed is not None:
+            restart[i_seed] = score
+    if restart.sum() <= 0:
+        restart[[index[node] for node in seeds if node in index]] = 1.0
+    restart /= restart.sum()
+
+    s_idx = np.asarray(src + dst, dtype=np.int64)  # each undirected edge, both directions
+    d_idx = np.asarray(dst + src, dtype=np.int64)
+    w_arr = np.asarray(weight + weight, dtype=np.float64)
+    out_weight = np.bincount(s_idx, weights=w_arr, minlength=n)
+    dangling = out_weight == 0
+    share = w_arr / out_weight[s_idx]  # transition probability along each directed edge
+    rank = restart.copy()
+    for _ in range(max_iter):
+        spread = np.bincount(d_idx, weights=rank[s_idx] * share, minlength=n)
+        # Rank stuck on a node without edges goes back to the seeds, as a restart would.
+        new = alpha * (spread + rank[dangling].sum() * restart) + (1 - alpha) * restart
+        delta = float(np.abs(new - rank).sum())
+        rank = new
+        if delta < tol:
+            break
+    inflow = rank - (1 - alpha) * restart
+    is_memory = np.fromiter((not isinstance(node, EntityHub) for node in nodes), dtype=bool, count=n)
+    return {nodes[i]: float(inflow[i]) for i in np.flatnonzero(is_memory & (inflow > 0))}
 
 
 def _explain(data: Mapping[str, float]) -> str:

@@ -279,19 +279,18 @@ class SearchService:
     ) -> list[Candidate]:
         """Personalized PageRank from the best candidates over their graph neighbourhood, then MMR.
 
-        The seeds' fused scores, scaled once over all of them, weigh their restarts; each cube's graph
-        spreads its own seeds, times its share of their mass, so one scale ranks memories of every cube
-        (the graphs share no edge: this is PageRank over all of them at once).
+        The seeds' fused scores, scaled once over all of them, weigh their restarts. Each cube's graph
+        gathers its own seeds' neighbourhood; PageRank then runs over all of them at once (the graphs share
+        no edge), so one scale ranks the memories of every cube. It runs on the event loop: the graphs
+        change there too, and a neighbourhood is bounded (``GRAPH_MAX_NODES`` a cube).
         """
         by_id = {c.id: c for c in ranked}
         seeds = scale_seeds({c.id: c.score for c in ranked[: max(req.k * 3, GRAPH_SEEDS)]})
-        total = sum(seeds.values())
         parts = []
         for cube_id, graph in graphs.items():
             mine = {m: s for m, s in seeds.items() if by_id[typing.cast(uuid.UUID, m)].cube_id == cube_id}
             if mine:
-                mass = sum(mine.values()) / total if total > 0 else 1 / len(graphs)
-                parts.append(graph.spread(mine, GRAPH_HOPS, GRAPH_MAX_NODES, mass=mass))
+                parts.append(graph.spread(mine, GRAPH_HOPS, GRAPH_MAX_NODES))
         expansions = combine(parts, GRAPH_SEED_WEIGHT)
         # Memories found only through the graph still have to pass the request's filters.
         reached = {e.id: e.via for e in expansions if e.id not in by_id}
