@@ -567,8 +567,8 @@ def combine(
     for part in parts:
         offset = len(nodes)
         nodes.extend(part.reached)
-        src.extend(i + offset for i in part.edges[0])
-        dst.extend(j + offset for j in part.edges[1])
+        src.extend(part.edges[0] if offset == 0 else [i + offset for i in part.edges[0]])
+        dst.extend(part.edges[1] if offset == 0 else [j + offset for j in part.edges[1]])
         weight.extend(part.edges[2])
     seeds = dict(sorted(((sid, score) for part in parts for sid, score in part.seeds.items()), key=lambda i: -i[1]))
     inflow = _inflow(nodes, src, dst, weight, seeds, alpha, tol, max_iter)
