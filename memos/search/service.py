@@ -292,18 +292,24 @@ class SearchService:
             if mine:
                 parts.append(graph.spread(mine, GRAPH_HOPS, GRAPH_MAX_NODES))
         expansions = combine(parts, GRAPH_SEED_WEIGHT)
-        # Memories found only through the graph still have to pass the request's filters.
-        reached = {e.id: e.via for e in expansions if e.id not in by_id}
-        if reached:
-            rows = await conn.exec_driver_sql(statements.within(where.shape), {**where.params, "ids": list(reached)})
-            for r in rows:
-                by_id[r.id] = Candidate(id=r.id, cube_id=r.cube_id, via={reached[r.id]})
-        ordered = []
-        for e in expansions:
-            cand = by_id.get(typing.cast(uuid.UUID, e.id))
-            if cand is not None:
-                cand.score = e.score
-                ordered.append(cand)
+        # Enough for the k results and MMR's finalists. Memories found only through the graph still have to
+        # pass the request's filters: checked best first, a chunk at a time, not the whole neighbourhood.
+        want = max(req.k * 3, 30)
+        ordered: list[Candidate] = []
+        done = 0
+        while len(ordered) < want and done < len(expansions):
+            chunk = expansions[done : done + 2 * want]
+            done += len(chunk)
+            reached = {e.id: e.via for e in chunk if e.id not in by_id}
+            if reached:
+                params = {**where.params, "ids": list(reached)}
+                for r in await conn.exec_driver_sql(statements.within(where.shape), params):
+                    by_id[r.id] = Candidate(id=r.id, cube_id=r.cube_id, via={reached[r.id]})
+            for e in chunk:
+                cand = by_id.get(typing.cast(uuid.UUID, e.id))
+                if cand is not None:
+                    cand.score = e.score
+                    ordered.append(cand)
         if req.diversity <= 0:
             return ordered
         head = ordered[: max(req.k * 3, 30)]
