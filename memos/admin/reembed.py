@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from memos.embed.base import Embedder
+from memos.embed.base import Embedder, Vectors
 from memos.errors import Unavailable
 from memos.identity.principal import OPERATOR
 from memos.memories.versioning import write_embeddings
@@ -111,49 +111,73 @@ async def reembed(
     report = Report(model=embedder.name)
     async with db.read() as conn:
         report.pending = await pending(conn, embedder.name, cube_ids)
-    after: uuid.UUID | None = None
-    while True:
-        async with db.read() as conn:
-            query = (
-                select(
-                    memories.c.id,
-                    memories.c.tenant_id,
-                    memories.c.cube_id,
-                    memories.c.kind,
-                    memories.c.version,
-                    memories.c.content,
-                    memories.c.metadata,
-                    memories.c.embedding_model,
-                    cache_entries.c.context_embedding.is_not(None).label("has_context"),
-                    cache_entries.c.context_sha256,
-                )
-                .outerjoin(cache_entries, cache_entries.c.memory_id == memories.c.id)
-                .where(*_needs_it(embedder.name, cube_ids))
-                .order_by(memories.c.id)
-                .limit(batch)
-            )
-            if after is not None:
-                query = query.where(memories.c.id > after)
-            rows = list(await conn.execute(query))
-        if not rows:
-            return report
-        after = rows[-1].id
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
-            try:
-                await _write_batch(db, embedder, rows, report)
-                break
-            except Unavailable:
-                # A deadlock or a lost connection rolled the batch back; its compare-and-set makes a retry safe.
-                if attempt == WRITE_ATTEMPTS:
-                    raise
-                report.retries += 1
-                await asyncio.sleep(0.5 * attempt)
-        report.batches += 1
-        if progress is not None:
-            progress(report)
+    rows = await _read(db, embedder.name, cube_ids, None, batch)
+    embedding = asyncio.ensure_future(_embed(embedder, rows)) if rows else None
+    try:
+        while embedding is not None:
+            ready = await embedding
+            following = await _read(db, embedder.name, cube_ids, ready.rows[-1].id, batch)
+            # The next batch embeds (in a worker thread) while this one is written: the two overlap.
+            embedding = asyncio.ensure_future(_embed(embedder, following)) if following else None
+            for attempt in range(1, WRITE_ATTEMPTS + 1):
+                try:
+                    await _write(db, embedder.name, ready, report)
+                    break
+                except Unavailable:
+                    # A deadlock or a lost connection rolled the batch back; its compare-and-set makes a retry safe.
+                    if attempt == WRITE_ATTEMPTS:
+                        raise
+                    report.retries += 1
+                    await asyncio.sleep(0.5 * attempt)
+            report.batches += 1
+            if progress is not None:
+                progress(report)
+    finally:
+        if embedding is not None and not embedding.done():
+            embedding.cancel()
+    return report
 
 
-async def _write_batch(db: Database, embedder: Embedder, rows: list[Row[Any]], report: Report) -> None:
+async def _read(
+    db: Database, model: str, cube_ids: Sequence[uuid.UUID] | None, after: uuid.UUID | None, batch: int
+) -> list[Row[Any]]:
+    """The next ``batch`` memories (by id, after ``after``) that another model embedded."""
+    query = (
+        select(
+            memories.c.id,
+            memories.c.tenant_id,
+            memories.c.cube_id,
+            memories.c.kind,
+            memories.c.version,
+            memories.c.content,
+            memories.c.metadata,
+            memories.c.embedding_model,
+            cache_entries.c.context_embedding.is_not(None).label("has_context"),
+            cache_entries.c.context_sha256,
+        )
+        .outerjoin(cache_entries, cache_entries.c.memory_id == memories.c.id)
+        .where(*_needs_it(model, cube_ids))
+        .order_by(memories.c.id)
+        .limit(batch)
+    )
+    if after is not None:
+        query = query.where(memories.c.id > after)
+    async with db.read() as conn:
+        return list(await conn.execute(query))
+
+
+@dataclasses.dataclass(slots=True)
+class _Embedded:
+    rows: list[Row[Any]]
+    writable: list[Row[Any]]
+    """The rows to write: all but cached answers whose context cannot be recovered (they keep the old model)."""
+    vectors: Vectors
+    """One per writable row."""
+    contexts: dict[uuid.UUID, Vectors]
+    """The context embedding of each writable cached answer that has a context."""
+
+
+async def _embed(embedder: Embedder, rows: list[Row[Any]]) -> _Embedded:
     contexts: dict[uuid.UUID, str] = {}
     for row in rows:
         if row.has_context:
@@ -168,16 +192,21 @@ async def _write_batch(db: Database, embedder: Embedder, rows: list[Row[Any]], r
     texts = [embedding_text(row.kind, row.content, row.metadata) for row in rows]
     # Embedding takes most of the time: it runs before the transaction, so no lock waits on the model.
     vectors = await asyncio.to_thread(embedder.embed, texts + list(contexts.values()))
-    context_vectors = dict(zip(contexts, vectors[len(texts) :], strict=True))
-    # A cached answer whose context cannot be read back keeps the old model's vectors (it is not served).
-    writable = [(i, row) for i, row in enumerate(rows) if not row.has_context or row.id in context_vectors]
+    keep = [i for i, row in enumerate(rows) if not row.has_context or row.id in contexts]
+    return _Embedded(
+        rows=rows,
+        writable=[rows[i] for i in keep],
+        vectors=vectors[keep],
+        contexts=dict(zip(contexts, vectors[len(texts) :], strict=True)),
+    )
+
+
+async def _write(db: Database, model: str, batch: _Embedded, report: Report) -> None:
     changed: dict[tuple[uuid.UUID, uuid.UUID], list[Row[Any]]] = {}
     async with db.transaction() as conn:
-        written = await write_embeddings(
-            conn, [(row.id, row.version) for _, row in writable], vectors[[i for i, _ in writable]], embedder.name
-        )
-        await write_context_embeddings(conn, {k: v for k, v in context_vectors.items() if k in written})
-        for _, row in writable:
+        written = await write_embeddings(conn, [(row.id, row.version) for row in batch.writable], batch.vectors, model)
+        await write_context_embeddings(conn, {k: v for k, v in batch.contexts.items() if k in written})
+        for row in batch.writable:
             if row.id in written:
                 changed.setdefault((row.tenant_id, row.cube_id), []).append(row)
         await _carry_activations(conn, written)
@@ -189,16 +218,12 @@ async def _write_batch(db: Database, embedder: Embedder, rows: list[Row[Any]], r
                 "cube",
                 cube_id,
                 tenant_id=tenant_id,
-                detail={
-                    "model": embedder.name,
-                    "memories": len(done),
-                    "from": sorted({str(r.embedding_model) for r in done}),
-                },
+                detail={"model": model, "memories": len(done), "from": sorted({str(r.embedding_model) for r in done})},
             )
     report.reembedded += len(written)
-    report.contexts += sum(k in written for k in context_vectors)
-    report.skipped += len(writable) - len(written)
-    report.unreadable += len(rows) - len(writable)
+    report.contexts += sum(k in written for k in batch.contexts)
+    report.skipped += len(batch.writable) - len(written)
+    report.unreadable += len(batch.rows) - len(batch.writable)
 
 
 async def _carry_activations(conn: AsyncConnection, written: set[uuid.UUID]) -> None:
