@@ -132,6 +132,28 @@ def test_graph_over_two_cubes_ranks_on_one_scale(client, factory: Factory) -> No
     assert score[near["id"]] > score[faint["id"]]
 
 
+def test_graph_checks_the_filters_of_reached_memories_until_enough_pass(
+    client, factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Graph-reached memories pass the request's filters in chunks, best first: when a whole chunk fails
+    them, the next chunk is checked, so a weaker memory that passes still makes the results."""
+    monkeypatch.setattr("memos.search.service.GRAPH_FINALISTS", 1)  # k = 2: 6 finalists, a first chunk of 12
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube = factory.cube(key)
+    hit = factory.memory(key, cube["id"], "Melanie painted a sunrise over the beach in Zanzibar.", tags=["keep"])
+    for i in range(14):
+        factory.memory(key, cube["id"], f"Qwertz flumbo {i} grelt.", links=[{"to": hit["id"], "type": "about"}])
+    weak = factory.memory(key, cube["id"], "Tom bought an easel at the flea market.", tags=["keep"])
+    body = {"query": "Melanie sunrise painting", "k": 2, "mode": "graph", "cube_ids": [cube["id"]]}
+    everything = search(client, key, **{**body, "k": 20})
+    # Unfiltered, the 14 linked memories rank between the two tagged ones.
+    ranks = [r["memory"]["id"] for r in everything]
+    assert ranks[0] == hit["id"] and ranks.index(weak["id"]) > 12
+    filtered = search(client, key, **body, tags=["keep"])
+    assert [r["memory"]["id"] for r in filtered] == [hit["id"], weak["id"]]
+
+
 def test_diversity_prefers_unlike_results(client, factory: Factory) -> None:
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)

@@ -308,12 +308,13 @@ def _context_vector(database_url: str, memory_id: str) -> bytes:
     return bytes(row[0])
 
 
-def test_a_cached_answer_whose_context_cannot_be_recovered_is_left_alone(
-    factory: Factory, client, other, embedder, settings: Settings, database_url
+def test_a_cached_answer_is_reembedded_with_the_context_its_metadata_holds(
+    factory: Factory, client, client_on_other, other, settings: Settings, database_url
 ) -> None:
-    """Its context embedding cannot be recomputed (the turns in its metadata are unreadable, or a PATCH
-    changed them since the cache stored its context): re-embedding only its query would pair two models'
-    vectors, and embedding the new turns would give the cache a context it was not stored with."""
+    """The cache compares a lookup's context with the turns an answer's metadata holds now (a PATCH may have
+    changed them since it was stored): the tool embeds those, and records their hash with the vector. An
+    answer whose turns cannot be read back is never served (semcache/index.py); it is re-embedded all the
+    same, and its context vector left as it was."""
     tenant = factory.tenant()
     key = tenant.admin_key
     cube = factory.cube(key)
@@ -324,14 +325,25 @@ def test_a_cached_answer_whose_context_cannot_be_recovered_is_left_alone(
             (broken["id"],),
         )
     changed = _store(client, key, cube["id"], "Is the cafe open late?", "Until ten.", CONTEXT)
-    metadata = {**changed["metadata"], "context": ["Another conversation altogether.", "Indeed."]}
+    now = ["Are we meeting at the harbour cafe?", "Yes, the one by the pier."]
     headers = {**bearer(key), "If-Match": f'"{changed["version"]}"'}
-    r = client.patch(f"/v1/memories/{changed['id']}", json={"metadata": metadata}, headers=headers)
+    r = client.patch(
+        f"/v1/memories/{changed['id']}", json={"metadata": {**changed["metadata"], "context": now}}, headers=headers
+    )
     assert r.status_code == 200, r.text
-    before = {m["id"]: _current(database_url, m["id"]) for m in (broken, changed)}
+    broken_context = _context_vector(database_url, broken["id"])
     report = _run(settings, other, cube["id"])
-    assert (report.reembedded, report.unreadable) == (0, 2)
-    assert {m: _current(database_url, m) for m in before} == before
+    assert (report.reembedded, report.contexts, report.skipped) == (2, 1, 0)
+    assert _current(database_url, broken["id"])[1] == other.name
+    assert _context_vector(database_url, broken["id"]) == broken_context
+    stored = np.frombuffer(_context_vector(database_url, changed["id"])[4:], dtype=">f4")
+    assert float(stored @ other.embed([context_text(turns_from(now) or ())])[0]) > 0.999
+    # The app on the new model serves it for the conversation its metadata holds now.
+    deadline = time.monotonic() + 10
+    while not (hit := _lookup(client_on_other, tenant, cube["id"], "Is the cafe open late?", now))["hit"]:
+        assert time.monotonic() < deadline, hit
+        time.sleep(0.05)
+    assert hit["memory_id"] == changed["id"]
 
 
 def test_a_batch_the_database_aborted_is_written_again(
@@ -357,3 +369,34 @@ def test_a_batch_the_database_aborted_is_written_again(
     report = _run(settings, other, cube["id"])
     assert (report.reembedded, report.retries, report.skipped) == (1, 1, 0)
     assert _current(database_url, memory["id"])[:2] == (memory["version"] + 1, other.name)
+
+
+def test_only_the_kv_of_the_version_before_moves(
+    factory: Factory, client, other, settings: Settings, database_url
+) -> None:
+    """KV built from the version the tool re-embeds is current still; KV of an older text stays stale."""
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube = factory.cube(key)
+    memory = factory.memory(key, cube["id"], "The first text of this memory.")
+
+    def build() -> str:
+        r = client.post(f"/v1/memories/{memory['id']}/activations", json={"model": KV_MODEL}, headers=bearer(key))
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    old = build()
+    headers = {**bearer(key), "If-Match": f'"{memory["version"]}"'}
+    r = client.patch(f"/v1/memories/{memory['id']}", json={"content": "Its second text."}, headers=headers)
+    assert r.status_code == 200, r.text
+    new = build()
+    assert _run(settings, other, cube["id"]).reembedded == 1
+    with psycopg.connect(database_url) as conn:
+        versions = dict(
+            conn.execute(
+                "SELECT id::text, source_version FROM activations WHERE memory_id = %s", (memory["id"],)
+            ).fetchall()
+        )
+    assert versions == {old: 1, new: 3}
+    stale = {a: client.get(f"/v1/activations/{a}", headers=bearer(key)).json()["stale"] for a in (old, new)}
+    assert stale == {old: True, new: False}

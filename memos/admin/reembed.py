@@ -8,8 +8,9 @@ transaction: a new version of each memory (op ``update``, the only op the API ha
 value; the audit log names it ``memory.reembed``) with a compare-and-set on the version that was read,
 so a memory a client changed meanwhile is skipped, not overwritten (a content change embedded it anew
 anyway; a re-run picks up whatever still needs it). A cached answer's context embedding is derived from
-its stored context turns: it is recomputed in the same transaction, or the cache would compare a new
-lookup's context with an old model's vector. The KV activations built from a re-embedded memory stay
+the context turns in its metadata (the ones the cache compares): it is recomputed from them, with their
+hash, in the same transaction, or the cache would compare a new lookup's context with an old model's
+vector. The KV activations built from a re-embedded memory stay
 current: their text did not change, so their source version moves with the memory's.
 
 What stays: knn links (they were ranked within one model's space, so they still say "similar"), deleted
@@ -21,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -34,14 +36,15 @@ from memos.identity.principal import OPERATOR
 from memos.memories.versioning import write_embeddings
 from memos.search.indexing import embedding_text
 from memos.semcache.context import context_text
-from memos.semcache.index import context_sha256, turns_from
+from memos.semcache.index import turns_from
 from memos.semcache.store import write_context_embeddings
 from memos.store.audit import record
 from memos.store.db import Database
-from memos.store.models import EMBEDDING_DIMS, activations, cache_entries, memories
+from memos.store.models import EMBEDDING_DIMS, activations, memories
 
 DEFAULT_BATCH = 256
-WRITE_ATTEMPTS = 3
+ATTEMPTS = 3
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(slots=True)
@@ -54,11 +57,8 @@ class Report:
     """Cached answers whose context embedding was recomputed too."""
     skipped: int = 0
     """Changed by someone else between the read and the write; a re-run picks them up if still needed."""
-    unreadable: int = 0
-    """Cached answers whose context turns in metadata cannot be read back or no longer hash to the context the
-    cache holds (a PATCH changed them): left as they were, so not served; delete and store them again."""
     retries: int = 0
-    """Batches written again after the database aborted them (a deadlock with a concurrent write)."""
+    """Reads or writes tried again after the database aborted them (a deadlock with a concurrent write)."""
     batches: int = 0
 
 
@@ -111,31 +111,41 @@ async def reembed(
     report = Report(model=embedder.name)
     async with db.read() as conn:
         report.pending = await pending(conn, embedder.name, cube_ids)
-    rows = await _read(db, embedder.name, cube_ids, None, batch)
+    rows = await _again(report, functools.partial(_read, db, embedder.name, cube_ids, None, batch))
     embedding = asyncio.ensure_future(_embed(embedder, rows)) if rows else None
     try:
         while embedding is not None:
             ready = await embedding
-            following = await _read(db, embedder.name, cube_ids, ready.rows[-1].id, batch)
+            following = await _again(
+                report, functools.partial(_read, db, embedder.name, cube_ids, ready.rows[-1].id, batch)
+            )
             # The next batch embeds (in a worker thread) while this one is written: the two overlap.
             embedding = asyncio.ensure_future(_embed(embedder, following)) if following else None
-            for attempt in range(1, WRITE_ATTEMPTS + 1):
-                try:
-                    await _write(db, embedder.name, ready, report)
-                    break
-                except Unavailable:
-                    # A deadlock or a lost connection rolled the batch back; its compare-and-set makes a retry safe.
-                    if attempt == WRITE_ATTEMPTS:
-                        raise
-                    report.retries += 1
-                    await asyncio.sleep(0.5 * attempt)
+            await _again(report, functools.partial(_write, db, embedder.name, ready, report))
             report.batches += 1
             if progress is not None:
                 progress(report)
     finally:
-        if embedding is not None and not embedding.done():
-            embedding.cancel()
+        if embedding is not None:
+            if not embedding.done():
+                embedding.cancel()
+            elif not embedding.cancelled():
+                embedding.exception()  # retrieved: the error that ended the run is the one raised
     return report
+
+
+async def _again(report: Report, step: Callable[[], Awaitable[T]]) -> T:
+    """``step``, tried up to ``ATTEMPTS`` times while the database aborts it (a deadlock with a concurrent
+    write, a lost connection): a read changes nothing, and a write's compare-and-set makes a retry safe."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return await step()
+        except Unavailable:
+            if attempt == ATTEMPTS:
+                raise
+            report.retries += 1
+            await asyncio.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
 
 
 async def _read(
@@ -152,10 +162,7 @@ async def _read(
             memories.c.content,
             memories.c.metadata,
             memories.c.embedding_model,
-            cache_entries.c.context_embedding.is_not(None).label("has_context"),
-            cache_entries.c.context_sha256,
         )
-        .outerjoin(cache_entries, cache_entries.c.memory_id == memories.c.id)
         .where(*_needs_it(model, cube_ids))
         .order_by(memories.c.id)
         .limit(batch)
@@ -169,44 +176,39 @@ async def _read(
 @dataclasses.dataclass(slots=True)
 class _Embedded:
     rows: list[Row[Any]]
-    writable: list[Row[Any]]
-    """The rows to write: all but cached answers whose context cannot be recovered (they keep the old model)."""
     vectors: Vectors
-    """One per writable row."""
-    contexts: dict[uuid.UUID, Vectors]
-    """The context embedding of each writable cached answer that has a context."""
+    """One per row."""
+    contexts: dict[uuid.UUID, tuple[str, Vectors]]
+    """Cached answers' context texts (from their metadata) and their embeddings."""
 
 
 async def _embed(embedder: Embedder, rows: list[Row[Any]]) -> _Embedded:
     contexts: dict[uuid.UUID, str] = {}
     for row in rows:
-        if row.has_context:
-            try:
-                turns = turns_from(row.metadata.get("context"))
-            except ValueError:
-                turns = None
-            text = context_text(turns) if turns else None
-            # Only the text the cache's context was made from: the metadata may have been changed since.
-            if text is not None and context_sha256(text) == row.context_sha256:
-                contexts[row.id] = text
+        if row.kind != "response":
+            continue
+        try:
+            turns = turns_from(row.metadata.get("context"))
+        except ValueError:
+            continue  # the cache cannot read it either: it does not serve this answer (semcache/index.py)
+        if turns:
+            contexts[row.id] = context_text(turns)
     texts = [embedding_text(row.kind, row.content, row.metadata) for row in rows]
     # Embedding takes most of the time: it runs before the transaction, so no lock waits on the model.
     vectors = await asyncio.to_thread(embedder.embed, texts + list(contexts.values()))
-    keep = [i for i, row in enumerate(rows) if not row.has_context or row.id in contexts]
     return _Embedded(
         rows=rows,
-        writable=[rows[i] for i in keep],
-        vectors=vectors[keep],
-        contexts=dict(zip(contexts, vectors[len(texts) :], strict=True)),
+        vectors=vectors[: len(texts)],
+        contexts={mid: (text, vectors[len(texts) + i]) for i, (mid, text) in enumerate(contexts.items())},
     )
 
 
 async def _write(db: Database, model: str, batch: _Embedded, report: Report) -> None:
     changed: dict[tuple[uuid.UUID, uuid.UUID], list[Row[Any]]] = {}
     async with db.transaction() as conn:
-        written = await write_embeddings(conn, [(row.id, row.version) for row in batch.writable], batch.vectors, model)
+        written = await write_embeddings(conn, [(row.id, row.version) for row in batch.rows], batch.vectors, model)
         await write_context_embeddings(conn, {k: v for k, v in batch.contexts.items() if k in written})
-        for row in batch.writable:
+        for row in batch.rows:
             if row.id in written:
                 changed.setdefault((row.tenant_id, row.cube_id), []).append(row)
         await _carry_activations(conn, written)
@@ -222,8 +224,7 @@ async def _write(db: Database, model: str, batch: _Embedded, report: Report) -> 
             )
     report.reembedded += len(written)
     report.contexts += sum(k in written for k in batch.contexts)
-    report.skipped += len(batch.writable) - len(written)
-    report.unreadable += len(batch.rows) - len(batch.writable)
+    report.skipped += len(batch.rows) - len(written)
 
 
 async def _carry_activations(conn: AsyncConnection, written: set[uuid.UUID]) -> None:

@@ -81,7 +81,7 @@ def _reembed(args: argparse.Namespace) -> int:
 
     def progress(report: Report) -> None:
         total = sum(report.pending.values())
-        print(f"  {report.reembedded + report.skipped + report.unreadable} of {total}", file=sys.stderr)
+        print(f"  {report.reembedded + report.skipped} of {total}", file=sys.stderr)
 
     async def run() -> int:
         db = Database(settings)
@@ -99,8 +99,7 @@ def _reembed(args: argparse.Namespace) -> int:
             await db.stop()
         print(
             f"re-embedded {report.reembedded} memories with {report.model} "
-            f"({report.contexts} cached-answer contexts); skipped {report.skipped} changed meanwhile, "
-            f"{report.unreadable} cached answers whose context no longer matches (delete and store them again)"
+            f"({report.contexts} cached-answer contexts); skipped {report.skipped} changed meanwhile"
         )
         return 0
 

@@ -44,6 +44,8 @@ DENSE_WEIGHT = 0.5
 
 GRAPH_SEEDS = 30
 """Graph mode starts PageRank from this many of the best hybrid candidates (3 x k when that is more)."""
+GRAPH_FINALISTS = 30
+"""Graph mode ranks at least this many memories (3 x k when that is more): MMR picks the k among them."""
 GRAPH_HOPS = 2
 GRAPH_MAX_NODES = 2000
 """The neighbourhood PageRank runs over: memory hops from the seeds, and at most this many nodes in all."""
@@ -293,13 +295,14 @@ class SearchService:
                 parts.append(graph.spread(mine, GRAPH_HOPS, GRAPH_MAX_NODES))
         expansions = combine(parts, GRAPH_SEED_WEIGHT)
         # Enough for the k results and MMR's finalists. Memories found only through the graph still have to
-        # pass the request's filters: checked best first, a chunk at a time, not the whole neighbourhood.
-        want = max(req.k * 3, 30)
+        # pass the request's filters: checked best first, a chunk at a time (each twice the last, so a filter
+        # that few pass costs a few round trips), not the whole neighbourhood at once.
+        want = max(req.k * 3, GRAPH_FINALISTS)
         ordered: list[Candidate] = []
-        done = 0
+        done, size = 0, 2 * want
         while len(ordered) < want and done < len(expansions):
-            chunk = expansions[done : done + 2 * want]
-            done += len(chunk)
+            chunk = expansions[done : done + size]
+            done, size = done + len(chunk), 2 * size
             reached = {e.id: e.via for e in chunk if e.id not in by_id}
             if reached:
                 params = {**where.params, "ids": list(reached)}
@@ -312,7 +315,7 @@ class SearchService:
                     ordered.append(cand)
         if req.diversity <= 0:
             return ordered
-        head = ordered[: max(req.k * 3, 30)]
+        head = ordered[:want]
         vectors = await self._vectors(conn, [c.id for c in head])
         picked = mmr([(c.id, c.score) for c in head], vectors, req.k, req.diversity)
         return [by_id[typing.cast(uuid.UUID, memory_id)] for memory_id, _ in picked]

@@ -16,6 +16,7 @@ module decides whether the two contexts are compatible, deterministically and wi
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,11 @@ def context_text(turns: Sequence[Turn], *, max_chars: int = CONTEXT_WINDOW_CHARS
         kept.append(text[-max_chars:] if not kept else text)
         size += len(text) + 1
     return "\n".join(reversed(kept))
+
+
+def context_sha256(text: str) -> str:
+    """The hash a cached answer's context embedding is stored with: the embedding counts only for this text."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def context_facts(turns: Sequence[Turn]) -> QueryFacts:

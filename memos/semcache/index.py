@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -29,7 +28,7 @@ import numpy.typing as npt
 from memos.embed.errors import EmbedError
 from memos.search.embedding import EmbeddingService
 from memos.semcache import store
-from memos.semcache.context import Turn, as_turns, context_text
+from memos.semcache.context import Turn, as_turns, context_sha256, context_text
 from memos.semcache.decide import Candidate
 from memos.semcache.policy import CachePolicy
 from memos.store.arrays import decode_vector
@@ -90,10 +89,6 @@ class VectorLRU:
             assert resolved is not None
             out.append(resolved)
         return out
-
-
-def context_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def turns_from(raw: Any) -> tuple[Turn, ...] | None:

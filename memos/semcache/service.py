@@ -34,9 +34,9 @@ from memos.memories import schemas as memory_schemas
 from memos.memories.service import MemoryService
 from memos.memories.versioning import tombstone_where
 from memos.semcache import schemas, store
-from memos.semcache.context import Turn, context_text
+from memos.semcache.context import Turn, context_sha256, context_text
 from memos.semcache.decide import Decision, decide
-from memos.semcache.index import CacheIndexes, CubeState, Entry, context_sha256, entry_from_row, turns_from
+from memos.semcache.index import CacheIndexes, CubeState, Entry, entry_from_row, turns_from
 from memos.semcache.policy import (
     FALSE_HIT_MARGIN,
     THRESHOLD_CEILING,

@@ -21,6 +21,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.identity.principal import Principal
+from memos.semcache.context import context_sha256
 from memos.semcache.policy import DEFAULT_POLICY, CachePolicy, PolicyError, parse_policy
 from memos.store.arrays import Float4Array, vector_at
 from memos.store.models import cache_categories, cache_configs, cache_entries, cube_grants, cubes, memories
@@ -51,18 +52,23 @@ _ENTRY_FROM = memories.outerjoin(cache_entries, cache_entries.c.memory_id == mem
 
 _CONTEXT_EMBEDDINGS = f"""
 UPDATE cache_entries c
-SET context_embedding = {vector_at("u.slot")}, updated_at = now()
-FROM unnest(%(id)s::uuid[]) WITH ORDINALITY AS u(id, slot)
+SET context_embedding = {vector_at("u.slot")}, context_sha256 = u.sha, updated_at = now()
+FROM unnest(%(id)s::uuid[], %(sha)s::text[]) WITH ORDINALITY AS u(id, sha, slot)
 WHERE c.memory_id = u.id
 """  # noqa: S608 (a constant fragment from store/arrays.py is formatted in)
 
 
-async def write_context_embeddings(conn: AsyncConnection, vectors: Mapping[uuid.UUID, Vector]) -> None:
-    """Replace the context embedding of each entry (by memory id) with the one given (a re-embedding)."""
-    if not vectors:
+async def write_context_embeddings(conn: AsyncConnection, contexts: Mapping[uuid.UUID, tuple[str, Vector]]) -> None:
+    """Give each entry (by memory id) the embedding of its context text, and that text's hash (a re-embedding)."""
+    if not contexts:
         return
-    matrix = np.stack([np.asarray(v, dtype=np.float32) for v in vectors.values()])
-    params = {"id": list(vectors), "vectors": Float4Array(matrix), "dims": int(matrix.shape[1])}
+    matrix = np.stack([np.asarray(vector, dtype=np.float32) for _, vector in contexts.values()])
+    params = {
+        "id": list(contexts),
+        "sha": [context_sha256(text) for text, _ in contexts.values()],
+        "vectors": Float4Array(matrix),
+        "dims": int(matrix.shape[1]),
+    }
     await conn.exec_driver_sql(_CONTEXT_EMBEDDINGS, params)
 
 
