@@ -182,24 +182,6 @@ class MemoryGraph:
             for kind, weight in data.items()
         ]
 
-    def entity_neighbours(self, memory_id: MemoryId, per_entity: int = 8) -> list[tuple[MemoryId, str, float]]:
-        """``(other memory, entity key, weight)`` for memories sharing a traversable entity with ``memory_id``.
-
-        At most ``per_entity`` memories per entity (nearest in insertion order); the weight is
-        ``1 / log2(1 + mentions)``, so a rare entity binds more than a common one.
-        """
-        self._require(memory_id)
-        seq = self._seq[memory_id]
-        out: list[tuple[MemoryId, str, float]] = []
-        for node in self._adj[memory_id]:
-            if not isinstance(node, EntityHub) or not self._traversable(node):
-                continue
-            weight = 1.0 / math.log2(1 + len(node.members))
-            for other_seq in _nearest(node.members, seq, per_entity + 1):
-                if other_seq != seq:
-                    out.append((self._by_seq[other_seq], node.key, weight))
-        return out
-
     # -- writes ----------------------------------------------------------------------------
 
     def add_memory(
