@@ -336,11 +336,13 @@ class SharedThreads(GatedEmbedder):
     def __init__(self) -> None:
         super().__init__()
         self.asked: list[int | None] = []
+        self.lanes: list[str] = []
         self.inside = 0
         self.most_inside = 0
 
     def embed(self, texts: Sequence[str], threads: int | None = None) -> Vectors:
         self.asked.append(threads)
+        self.lanes.append(threading.current_thread().name)
         self.inside += 1
         self.most_inside = max(self.most_inside, self.inside)
         try:
@@ -350,7 +352,8 @@ class SharedThreads(GatedEmbedder):
 
 
 async def test_worker_lanes_run_passes_side_by_side_on_a_share_of_the_threads() -> None:
-    """Two lanes: a pass alone gets every thread, a pass beside another half of them; all lanes stop on close."""
+    """Two lanes: a pass alone gets every thread on the primary lane, a pass beside it one thread on the spare
+    (only one thread ever runs passes on several threads: see memos/embed/worker.py); all lanes stop on close."""
     embedder = SharedThreads()
     worker = EmbedWorker.for_embedder(embedder, lanes=2, thread_name="lanes-test")
     await worker.start()
@@ -362,12 +365,57 @@ async def test_worker_lanes_run_passes_side_by_side_on_a_share_of_the_threads() 
     await asyncio.gather(first, second)
     third = await worker.embed(["third, alone again"])
     assert third.shape == (1, 16)
-    assert embedder.asked == [None, 2, None]
+    assert embedder.asked == [None, 1, None]
+    assert embedder.lanes == ["lanes-test", "lanes-test-1", "lanes-test"]
     assert worker.stats.beside == 1
     lanes = [t for t in threading.enumerate() if t.name.startswith("lanes-test")]
     assert len(lanes) == 2
     await worker.close()
     assert not any(t.is_alive() for t in lanes)
+
+
+class GatePerText(SharedThreads):
+    """``SharedThreads`` whose pass on texts ``[t]`` waits for ``gates[t]`` (when there is one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate.set()
+        self.gates: dict[str, threading.Event] = {}
+
+    def embed(self, texts: Sequence[str], threads: int | None = None) -> Vectors:
+        self.asked.append(threads)
+        self.lanes.append(threading.current_thread().name)
+        self.inside += 1
+        try:
+            gate = self.gates.get(texts[0])
+            assert gate is None or gate.wait(10), "test never opened the gate"
+            return self.inner.embed(texts)
+        finally:
+            self.inside -= 1
+
+
+async def test_only_the_primary_lane_runs_passes_on_several_threads() -> None:
+    """A lone request goes to the primary lane, whichever lane is free; a spare runs one thread; the primary
+    beside spares gets the threads they leave."""
+    embedder = GatePerText()
+    async with EmbedWorker.for_embedder(embedder, lanes=3, thread_name="spares-test") as worker:
+        for _ in range(3):
+            await worker.embed(["alone"])
+        tasks = []
+        for i, text in enumerate("ABC"):
+            embedder.gates[text] = threading.Event()
+            tasks.append(asyncio.create_task(worker.embed([text])))
+            await wait_until(lambda i=i: embedder.inside == i + 1)
+        embedder.gates["A"].set()  # the primary's pass ends; the spares still run B and C
+        await tasks[0]
+        tasks.append(asyncio.create_task(worker.embed(["D"])))
+        await wait_until(lambda: len(embedder.asked) == 7)
+        for gate in embedder.gates.values():
+            gate.set()
+        await asyncio.gather(*tasks)
+    assert embedder.asked == [None, None, None, None, 1, 1, 2]
+    several = {lane for lane, asked in zip(embedder.lanes, embedder.asked, strict=True) if asked != 1}
+    assert several == {"spares-test"}
 
 
 async def test_one_lane_runs_one_pass_at_a_time() -> None:

@@ -4,12 +4,21 @@ Concurrent requests that wait in the queue together are embedded as one batch. A
 fast with ``EmbedderBusy`` and a request before the model has loaded with ``EmbedderLoading``, so the
 service can answer 503 with ``Retry-After`` instead of letting latency pile up.
 
-With more than one lane, passes run side by side and split the embedder's CPU threads between them:
-a pass alone gets all of them, two passes beside each other half each. On the 2-core box two one-thread
-passes side by side embedded LoCoMo sessions 5-36 % faster than the same passes one after another on
-two threads, with nothing else running (a team of two OpenMP threads meets at a barrier after each of
-a pass's many small ops; beside Postgres the team also waits for whichever thread shares its core).
-So concurrent writes gain throughput, and a lone request keeps the latency of all threads.
+With more than one lane, passes run side by side. The first lane (the primary) takes every request
+it can; the others (spares) take one only while the primary is running a pass, and run it on one CPU
+thread, while the primary gets the threads they leave. On the 2-core box two one-thread passes side by
+side embedded LoCoMo sessions 5-36 % faster than the same passes one after another on two threads, with
+nothing else running (a team of two OpenMP threads meets at a barrier after each of a pass's many small
+ops; beside Postgres the team also waits for whichever thread shares its core). So concurrent writes
+gain throughput, and a lone request keeps the latency of all threads.
+
+Only the primary lane ever runs a pass on more than one thread: OpenMP (libgomp) keeps a team of helper
+threads per thread that starts a parallel region, and once the process holds more of them than it has
+CPUs, every team stops spinning at its barriers and sleeps instead, on every one of a pass's many ops.
+On the 2-core AMD box a LoCoMo question took 10 ms on two threads in a worker thread beside a second
+team (one made by loading the model in another thread, or by a second lane) against 5-6 ms with one
+team (2026-12-06). Anything else in the process that runs torch on several threads (the KV runtime)
+adds a team too.
 """
 
 from __future__ import annotations
@@ -108,6 +117,7 @@ class EmbedWorker:
         self._thread_name = thread_name
         self._lanes = lanes
         self._running = 0  # lanes inside a pass, guarded by _cond
+        self._primary_busy = False  # the primary lane is inside a pass, guarded by _cond
         self._cond = threading.Condition()
         self._jobs: deque[_Job] = deque()
         self._pending_texts = 0
@@ -236,7 +246,8 @@ class EmbedWorker:
             self._jobs.append(_Job(items, future, loop, threads))
             self._pending_texts += len(items)
             self.stats.requests += 1
-            self._cond.notify()
+            # Every lane looks: a spare waiting for the primary to be busy must not take the wakeup it needs.
+            self._cond.notify_all()
         return await future
 
     def _check_usable(self) -> None:
@@ -286,16 +297,24 @@ class EmbedWorker:
         with self._cond:
             for lane in range(1, self._lanes):
                 if not self._closing:
-                    self._start_thread(self._serve, f"{self._thread_name}-{lane}", embedder, takes_threads, share)
+                    self._start_thread(
+                        self._serve, f"{self._thread_name}-{lane}", embedder, takes_threads, share, False
+                    )
         # Kernels for query lengths are prepared while the worker is idle, one length at a time: the service
         # is ready at once, and a request that arrives meanwhile waits for one step at most (about 20 ms).
         steps = getattr(embedder, "warm_up_steps", None)
-        self._serve(embedder, takes_threads, share, iter(steps()) if callable(steps) else None)
+        self._serve(embedder, takes_threads, share, True, iter(steps()) if callable(steps) else None)
 
     def _serve(
-        self, embedder: Embedder, takes_threads: bool, share: int | None, warming: Iterator[object] | None = None
+        self,
+        embedder: Embedder,
+        takes_threads: bool,
+        share: int | None,
+        primary: bool,
+        warming: Iterator[object] | None = None,
     ) -> None:
-        """One lane: take the next batch and embed it, until closing. ``share``: the embedder's threads."""
+        """One lane: take the next batch and embed it, until closing. ``share``: the embedder's threads;
+        ``primary``: the lane that takes work first and the only one that runs passes on several threads."""
         while True:
             if warming is not None and not self._has_work():
                 try:
@@ -306,22 +325,23 @@ class EmbedWorker:
                     log.warning("embedder warm-up failed", extra={"error": repr(exc)})
                     warming = None
                 continue
-            batch = self._take_batch(warming is not None)
+            batch = self._take_batch(primary, warming is not None)
             if batch is None:
                 break
             if batch:
-                self._run_batch(embedder, batch, takes_threads, share)
+                self._run_batch(embedder, batch, takes_threads, share, primary)
 
     def _has_work(self) -> bool:
         with self._cond:
             return bool(self._jobs) or self._running > 0 or self._closing
 
-    def _take_batch(self, until_idle: bool = False) -> list[_Job] | None:
+    def _take_batch(self, primary: bool, until_idle: bool = False) -> list[_Job] | None:
         """Block for the next request, then merge the ones queued behind it; ``None`` once closing.
 
+        A spare lane (not ``primary``) takes a request only while the primary runs a pass.
         ``until_idle``: return ``[]`` instead once no request waits and no lane runs (time to warm up)."""
         with self._cond:
-            while not self._jobs and not self._closing:
+            while not (self._jobs and (primary or self._primary_busy)) and not self._closing:
                 if until_idle and self._running == 0:
                     return []
                 self._cond.wait()
@@ -345,7 +365,9 @@ class EmbedWorker:
             self._pending_texts -= count
             return batch
 
-    def _run_batch(self, embedder: Embedder, batch: list[_Job], takes_threads: bool, share: int | None) -> None:
+    def _run_batch(
+        self, embedder: Embedder, batch: list[_Job], takes_threads: bool, share: int | None, primary: bool
+    ) -> None:
         jobs = [job for job in batch if not job.future.done()]
         if not jobs:
             return
@@ -355,8 +377,14 @@ class EmbedWorker:
             self._running += 1
             running = self._running
             self.stats.beside += running > 1
-        if share is not None and running > 1:
-            asked.append(max(1, share // running))
+            if primary:
+                self._primary_busy = True
+                if self._jobs:  # a spare may take what waits behind this pass
+                    self._cond.notify_all()
+        if share is not None and not primary:
+            asked.append(1)
+        elif share is not None and running > 1:
+            asked.append(max(1, share - (running - 1)))  # the spares beside it run one thread each
         started = time.perf_counter()
         try:
             if asked and takes_threads:
@@ -370,6 +398,8 @@ class EmbedWorker:
         finally:
             with self._cond:
                 self._running -= 1
+                if primary:
+                    self._primary_busy = False
                 self.stats.batches += 1
                 self.stats.texts += len(texts)
                 self.stats.busy_seconds += time.perf_counter() - started
