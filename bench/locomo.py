@@ -28,8 +28,8 @@ import numpy as np
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from bench.rawembed import RawEmbedder
 from memos.app import create_app
-from memos.embed.registry import load_embedder
 from memos.search.indexing import embedding_text
 from memos.settings import Settings
 
@@ -84,20 +84,8 @@ def session_items(n: int, when: str, turns: list[dict[str, Any]]) -> list[dict[s
     ]
 
 
-def embed_side_by_side(embedder: Any, batches: list[list[str]], lanes: int) -> None:
-    """Embed ``batches`` in ``lanes`` threads at once, each call on its share of the embedder's threads."""
-    share = max(1, int(getattr(embedder, "threads", lanes)) // lanes)
-
-    def run(part: list[list[str]]) -> None:
-        for texts in part:
-            embedder.embed(texts, threads=share)
-
-    with ThreadPoolExecutor(lanes) as pool:
-        list(pool.map(run, [batches[i::lanes] for i in range(lanes)]))
-
-
 def ingest_in_flight(
-    client: TestClient[Litestar], embedder: Any, data: list[dict[str, Any]], auth: dict[str, str], in_flight: int
+    client: TestClient[Litestar], raw: RawEmbedder, data: list[dict[str, Any]], auth: dict[str, str], in_flight: int
 ) -> tuple[float, float, float]:
     """Seconds to batch-create every session with ``in_flight`` requests at a time, and the raw embedder's
     seconds on the same batches two ways: one after another on all its threads, and ``in_flight`` calls
@@ -120,13 +108,8 @@ def ingest_in_flight(
             )
             api_s += time.perf_counter() - started
             assert set(codes) == {201}, codes
-            started = time.perf_counter()
-            for _, texts in batches:
-                embedder.embed(texts)
-            raw_s += time.perf_counter() - started
-            started = time.perf_counter()
-            embed_side_by_side(embedder, [texts for _, texts in batches], in_flight)
-            side_s += time.perf_counter() - started
+            raw_s += sum(raw.seconds(texts) for _, texts in batches)
+            side_s += raw.side_by_side([texts for _, texts in batches], in_flight)
     return api_s, raw_s, side_s
 
 
@@ -158,17 +141,18 @@ def run(
     # Ask with k, as a caller would, and score only the cut-offs it covers (the candidate pool depends on k).
     ks = KS if k is None else (tuple(x for x in KS if x <= k) or (k,))
     data = json.loads(DATA.read_text())[:limit_conversations]
-    embedder = load_embedder(None)
-    with tempfile.TemporaryDirectory(prefix="memos-locomo-") as tmp:
+    with RawEmbedder() as raw, tempfile.TemporaryDirectory(prefix="memos-locomo-") as tmp:
         # --data-dir keeps the ingested service data for later inspection; by default it is thrown away.
         settings = Settings(data_dir=data_dir or Path(tmp), operator_key=OPERATOR_KEY, log_level="WARNING")
-        app = create_app(settings, embedder_factory=lambda: embedder)
+        # The service loads its own encoder, in its embed worker (the raw embedder runs in another process:
+        # bench/rawembed.py says why).
+        app = create_app(settings)
         with TestClient(app, timeout=120) as client:
-            return _run(client, embedder, data, out, ks)
+            return _run(client, raw, data, out, ks)
 
 
 def _run(
-    client: TestClient[Litestar], embedder: Any, data: list[dict[str, Any]], out: Path | None, ks: tuple[int, ...]
+    client: TestClient[Litestar], raw: RawEmbedder, data: list[dict[str, Any]], out: Path | None, ks: tuple[int, ...]
 ) -> dict[str, Any]:
     op = {"Authorization": f"Bearer {OPERATOR_KEY}"}
     tenant = client.post("/v1/tenants", json={"name": "locomo"}, headers=op).json()
@@ -181,15 +165,10 @@ def _run(
     # Each API batch is followed by the raw embedder on the same texts (one batch per session, as sent),
     # so both see the same machine: this box's speed drifts up to 2x within minutes, and timing all of
     # one, then all of the other, moved the ratio by more than any change to the write path did.
-    started = time.perf_counter()
-    for conv in data:
-        for _, _, turns in sessions(conv["conversation"]):
-            embedder.embed(indexed_texts(turns))
-    cold_embed_s = time.perf_counter() - started
+    all_batches = [indexed_texts(turns) for conv in data for _, _, turns in sessions(conv["conversation"])]
+    cold_embed_s = sum(raw.seconds(texts) for texts in all_batches)
     # The same for the share of threads a pass gets beside another (the two-in-flight pass below).
-    embed_side_by_side(
-        embedder, [indexed_texts(turns) for conv in data for _, _, turns in sessions(conv["conversation"])], 2
-    )
+    raw.side_by_side(all_batches, 2)
     ingest_s = raw_embed_s = 0.0
     texts_all: list[str] = []
     cubes: dict[str, dict[str, Any]] = {}
@@ -205,9 +184,7 @@ def _run(
             r = client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=auth)
             ingest_s += time.perf_counter() - started
             assert r.status_code == 201, r.text
-            started = time.perf_counter()
-            embedder.embed(indexed_texts(turns))
-            raw_embed_s += time.perf_counter() - started
+            raw_embed_s += raw.seconds(indexed_texts(turns))
             made = r.json()["items"]
             for t, m in zip(turns, made, strict=True):
                 by_dia[t["dia_id"]] = m["id"]
@@ -233,15 +210,12 @@ def _run(
     questions = 0
     for conv in data:
         info = cubes[conv["sample_id"]]
-        raw_vectors = embedder.embed(info["raw_texts"])
-        for qa in conv["qa"]:
-            if qa.get("category") not in CATEGORIES:
-                continue
+        raw_vectors = raw.vectors(info["raw_texts"])
+        asked = [qa for qa in conv["qa"] if qa.get("category") in CATEGORIES and evidence_ids(qa.get("evidence", []))]
+        query_vectors = raw.vectors([qa["question"] for qa in asked], each=True)
+        for qa, q in zip(asked, query_vectors, strict=True):
             gold = evidence_ids(qa.get("evidence", []))
-            if not gold:
-                continue
             questions += 1
-            q = embedder.embed([qa["question"]])[0]
             order = np.argsort(-(raw_vectors @ q))[: max(ks)]
             baseline = [info["raw_ids"][i] for i in order]
             for k in ks:
@@ -264,7 +238,7 @@ def _run(
 
     # ---- ingest again with two batches in flight, as a bulk loader would send them (after the questions:
     # the extra cubes share the table and its HNSW index, and must not change what the recall figures saw).
-    in_flight_s, in_flight_raw_s, side_by_side_s = ingest_in_flight(client, embedder, data, auth, in_flight=2)
+    in_flight_s, in_flight_raw_s, side_by_side_s = ingest_in_flight(client, raw, data, auth, in_flight=2)
     best_raw_s = min(in_flight_raw_s, side_by_side_s)
 
     def pct(values: list[float]) -> float:
