@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import struct
 import threading
 import uuid
 
+import numpy as np
 import psycopg
 import pytest
 from conftest import Factory, Tenant, bearer
@@ -13,6 +15,7 @@ from psycopg import sql
 
 from memos.app import create_app
 from memos.search.lexical import POSTINGS_BUDGET, discriminating
+from memos.search.service import Candidate, cosines
 
 FACTS = [
     ("Alice drinks a double espresso every morning before work.", ["food"], {"speaker": "Alice"}),
@@ -450,3 +453,24 @@ def test_vectors_of_another_model_are_not_compared_with_the_query(
     assert ids[0] not in found and ids[1] in found
     hybrid = search(client, tenant.admin_key, query="lighthouse", cube_ids=[cube["id"]], k=5)
     assert (ids[0], "text") in [(r["memory"]["id"], r["via"]) for r in hybrid["results"]]
+
+
+def _send(vector: list[float]) -> bytes:
+    """A vector in pgvector's binary form (``vector_send``): dimensions, an unused int16, big-endian floats."""
+    return struct.pack(">hh", len(vector), 0) + np.asarray(vector, dtype=">f4").tobytes()
+
+
+def test_text_leg_candidates_get_their_cosine_for_the_query_model_only() -> None:
+    """The text leg brings its candidates' embeddings (it runs while the query embeds); their cosine is taken
+    once the query vector exists, only where the query's model made them, and a zero vector scores 0."""
+
+    query = np.asarray([0.6, 0.8, 0.0], dtype=np.float32)
+    same = Candidate(uuid.uuid4(), uuid.uuid4(), vec=_send([3.0, 4.0, 0.0]), model="query-model")
+    tilted = Candidate(uuid.uuid4(), uuid.uuid4(), vec=_send([0.0, 1.0, 0.0]), model="query-model")
+    other = Candidate(uuid.uuid4(), uuid.uuid4(), vec=_send([0.6, 0.8, 0.0]), model="another-model")
+    zero = Candidate(uuid.uuid4(), uuid.uuid4(), vec=_send([0.0, 0.0, 0.0]), model="query-model")
+    none = Candidate(uuid.uuid4(), uuid.uuid4())
+    cosines(query, "query-model", [same, tilted, other, zero, none])
+    assert same.dense == pytest.approx(1.0)
+    assert tilted.dense == pytest.approx(0.8)
+    assert (other.dense, zero.dense, none.dense) == (0.0, 0.0, 0.0)

@@ -10,7 +10,7 @@ import asyncio
 import time
 import typing
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,10 @@ class Candidate:
     """How often each query lexeme occurs in the memory, for BM25."""
     length: int = 1
     """The memory's number of distinct lexemes."""
+    vec: bytes | None = None
+    """From the text leg: the memory's embedding (pgvector's binary form), for its cosine to the query."""
+    model: str | None = None
+    """The model that made ``vec``."""
 
 
 class SearchService:
@@ -121,9 +125,11 @@ class SearchService:
                 where = self._filters(req, cubes, indexed)
                 if lexemes:
                     idf, avg_length, share, docs = await self.lexical.idf(conn, cubes, lexemes)
-                    await self._text(conn, where, discriminating(share, docs=docs), lexemes, pool, found)
+                    lookup = discriminating(share, docs=docs)
+                    await self._text(conn, where, lookup, lexemes, pool, found, vectors=embedding is not None)
                 query_vector = await embedding if embedding is not None else None
                 if query_vector is not None:
+                    cosines(query_vector, self.embedder.model, found.values())
                     await self._vector(conn, where, query_vector, pool, found, lexemes)
                 if lexemes:
                     for cand in found.values():
@@ -197,10 +203,11 @@ class SearchService:
         lexemes: list[str],
         limit: int,
         found: dict[uuid.UUID, Candidate],
+        vectors: bool,
     ) -> None:
         """Memories with any of the ``lookup`` words are candidates; BM25 then scores them on all ``lexemes``,
-        exactly like the vector leg's candidates. Their cosine comes with the vector leg (it runs before the
-        query vector exists)."""
+        exactly like the vector leg's candidates. With ``vectors`` their embeddings come too, for their cosine
+        once the query vector exists (``cosines``: the leg runs before it does)."""
         if not lookup:
             return
         # At most POSTINGS_BUDGET matching memories are ranked: ranking reads each one's tsvector, and a
@@ -212,8 +219,10 @@ class SearchService:
             "budget": POSTINGS_BUDGET,
             "limit": limit,
         }
-        for r in await conn.exec_driver_sql(statements.text_leg(where.shape), params):
-            found.setdefault(r.id, _candidate(r)).via.add("text")
+        for r in await conn.exec_driver_sql(statements.text_leg(where.shape, vectors), params):
+            cand = found.setdefault(r.id, _candidate(r))
+            cand.via.add("text")
+            cand.vec, cand.model = r.vec, r.embedding_model
 
     async def _vector(
         self,
@@ -224,8 +233,7 @@ class SearchService:
         found: dict[uuid.UUID, Candidate],
         lexemes: list[str],
     ) -> None:
-        """HNSW top ``limit``, plus the cosine of the text leg's candidates (which already have their term
-        counts), in one statement."""
+        """HNSW top ``limit`` with their cosine and, with ``lexemes``, their term counts."""
         sql = statements.vector_leg(where.shape, lexical=bool(lexemes), indexed=where.indexed)
         params = {
             **where.params,
@@ -233,7 +241,6 @@ class SearchService:
             "model": self.embedder.model,
             "lexemes": lexemes,
             "limit": limit,
-            "others": list(found),
         }
         ef = max(HNSW_DEFAULT_EF, min(1000, limit))
         if ef == HNSW_DEFAULT_EF:
@@ -249,8 +256,7 @@ class SearchService:
             if cand is None:
                 cand = found[r.id] = _candidate(r)
             cand.dense = 1.0 - float(r.distance)
-            if r.hit:
-                cand.via.add("vector")
+            cand.via.add("vector")
 
     async def _rows(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
         """The winners' full rows: only they leave the database whole."""
@@ -323,6 +329,17 @@ class SearchService:
     async def _vectors(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[Any, np.ndarray]:
         rows = await conn.exec_driver_sql(statements.VECTORS, {"ids": ids, "model": self.embedder.model})
         return {r.id: vector for r in rows if (vector := decode_vector(r.vec)) is not None}
+
+
+def cosines(query: np.ndarray, model: str, cands: Iterable[Candidate]) -> None:
+    """The text leg's candidates' cosine to the ``query`` vector, for those ``model`` (the query's) embedded;
+    another model's vectors are in another space: they keep 0, as the vector leg never finds them."""
+    for cand in cands:
+        vector = decode_vector(cand.vec) if cand.model == model else None
+        if vector is not None:
+            norm = float(np.linalg.norm(vector)) * float(np.linalg.norm(query))
+            # A zero vector has no direction: no similarity (pgvector's cosine would be NaN).
+            cand.dense = float(np.dot(vector, query)) / norm if norm > 0 else 0.0
 
 
 def _candidate(row: Any) -> Candidate:

@@ -110,15 +110,18 @@ SELECT array(SELECT id FROM readable) AS cubes,
 
 
 @cache
-def text_leg(shape: Shape) -> str:
+def text_leg(shape: Shape, vectors: bool) -> str:
     """Memories with any of the lookup words (``words``, a tsquery), at most ``budget`` of them ranked by
-    ``ts_rank_cd``, the best ``limit`` kept, with their term counts.
+    ``ts_rank_cd``, the best ``limit`` kept, with their term counts and, with ``vectors``, their embedding
+    (binary, ``vec``) and its model: the leg runs while the query embeds, and their cosine is then taken
+    in numpy (for the query's model only) instead of in a second lookup once the query vector exists.
 
     Ranked and cut in a subquery first: Postgres computes a select list before ORDER BY ... LIMIT, and
     the term counts are worth computing for the kept rows only, not every memory that matched.
     """
+    vec, model = ("vector_send(m.embedding)", "m.embedding_model") if vectors else ("NULL::bytea", "NULL::text")
     return f"""
-SELECT m.id, m.cube_id, NULL::float8 AS distance, {_TERM_COUNTS} AS tf, length(m.tsv) AS doc_length
+SELECT m.id, m.cube_id, {_TERM_COUNTS} AS tf, length(m.tsv) AS doc_length, {vec} AS vec, {model} AS embedding_model
 FROM memories m
 JOIN (
     SELECT hit.id FROM (
@@ -134,8 +137,7 @@ JOIN (
 
 @cache
 def vector_leg(shape: Shape, lexical: bool, indexed: bool) -> str:
-    """The nearest ``limit`` (``hit``), plus the cosine distance of the text leg's candidates (``others``),
-    in one statement; with ``lexical``, the nearest ones' term counts too.
+    """The nearest ``limit``, with their cosine distance and, with ``lexical``, their term counts.
 
     The nearest come from an exact scan of the memories outside the HNSW index and, with ``indexed`` (some
     cubes of the scope are past the size, ``memos.memories.ann``), from HNSW over those cubes' memories in
@@ -156,17 +158,13 @@ def vector_leg(shape: Shape, lexical: bool, indexed: bool) -> str:
         ORDER BY {distance} LIMIT %(limit)s"""  # noqa: S608 (constant fragments; values are bound parameters)
     both = f"({exact}\n    ) UNION ALL ({ann}\n    )" if indexed else exact
     return f"""
-SELECT m.id, m.cube_id, nearest.distance, {tf}, true AS hit
+SELECT m.id, m.cube_id, nearest.distance, {tf}
 FROM (
     SELECT id, distance FROM ({both}
     ) AS found
     ORDER BY distance LIMIT %(limit)s
 ) AS nearest
 JOIN memories m ON m.id = nearest.id
-UNION ALL
-SELECT m.id, m.cube_id, m.embedding <=> %(vec)s::real[]::vector, NULL::jsonb, 1, false
-FROM memories m
-WHERE m.id = ANY(%(others)s::uuid[]) AND m.embedding IS NOT NULL AND m.embedding_model = %(model)s
 """  # noqa: S608
 
 
