@@ -43,11 +43,14 @@ class RawEmbedder:
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self._proc.stdin is not None
         assert self._proc.stdout is not None
-        self._proc.stdin.write(json.dumps(request) + "\n")
-        self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
+        try:
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
+        except OSError as exc:
+            raise RuntimeError(f"the raw embedder process ended (exit code {self._proc.poll()})") from exc
         if not line:
-            raise RuntimeError("the raw embedder process ended")
+            raise RuntimeError(f"the raw embedder process ended (exit code {self._proc.poll()})")
         answer: dict[str, Any] = json.loads(line)
         return answer
 
@@ -67,10 +70,17 @@ class RawEmbedder:
         return vectors
 
     def close(self) -> None:
-        if self._proc.stdin is not None:
-            self._proc.stdin.close()
-        self._proc.wait(timeout=60)
-        self._dir.cleanup()
+        try:
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+            self._proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self._proc.kill()
+            self._proc.wait()
+        finally:
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+            self._dir.cleanup()
 
     def __enter__(self) -> RawEmbedder:
         return self
@@ -81,6 +91,7 @@ class RawEmbedder:
 
 def _serve() -> None:
     embedder: Any = load_embedder(None)
+    embedder.warm_up()  # traced, as the service's embed worker makes it before it serves
     share_of = {lanes: max(1, int(embedder.threads) // lanes) for lanes in (1, 2, 4)}
     for line in sys.stdin:
         request = json.loads(line)
@@ -107,7 +118,10 @@ def _serve() -> None:
                 answer = {"seconds": time.perf_counter() - started}
         elif op == "vectors":
             texts = request["texts"]
-            vectors = np.concatenate([embedder.embed([t]) for t in texts]) if request["each"] else embedder.embed(texts)
+            if request["each"] and texts:
+                vectors = np.concatenate([embedder.embed([t]) for t in texts])
+            else:
+                vectors = embedder.embed(texts)
             np.save(request["out"], vectors, allow_pickle=False)
             answer = {"rows": len(vectors)}
         else:

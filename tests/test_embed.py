@@ -586,3 +586,34 @@ def test_thread_limit_changes_no_vector(minilm: TransformersEncoder) -> None:
     atol = 1e-5 if minilm.dtype == "float32" else 2e-3
     assert np.allclose(minilm.embed(texts, threads=1), minilm.embed(texts), atol=atol)
     assert np.allclose(minilm.embed(texts[:1], threads=1), minilm.embed(texts[:1], threads=8), atol=atol)
+
+
+async def test_lanes_that_linger_never_take_from_an_empty_queue() -> None:
+    """Two lanes lingering for the same request: the one that loses it waits again (it took from an empty
+    queue and its thread died, so later requests hung)."""
+    embedder = GatePerText()
+    async with EmbedWorker.for_embedder(embedder, lanes=2, linger=0.05, thread_name="linger-test") as worker:
+        embedder.gates["A"] = threading.Event()
+        first = asyncio.create_task(worker.embed(["A"]))
+        await wait_until(lambda: embedder.inside == 1)
+        second = asyncio.create_task(worker.embed(["B"]))  # the spare starts lingering for it
+        embedder.gates["A"].set()  # the primary ends its pass and lingers for it too
+        await asyncio.gather(first, second)
+        for i in range(3):
+            assert (await asyncio.wait_for(worker.embed([f"later {i}"]), 5)).shape == (1, 16)
+        assert all(t.is_alive() for t in threading.enumerate() if t.name.startswith("linger-test"))
+
+
+async def test_the_primary_lets_a_spare_take_what_waits_behind_its_pass() -> None:
+    """Requests queued before the primary starts (more than one pass holds) go to a spare beside it."""
+    embedder = GatePerText()
+    worker = EmbedWorker.for_embedder(embedder, lanes=2, max_coalesce=1, thread_name="behind-test")
+    await worker.start()
+    embedder.gates["A"] = threading.Event()
+    embedder.gates["B"] = threading.Event()
+    tasks = [asyncio.create_task(worker.embed([t])) for t in "AB"]
+    await wait_until(lambda: embedder.inside == 2)
+    for gate in embedder.gates.values():
+        gate.set()
+    await asyncio.gather(*tasks)
+    await worker.close()

@@ -341,21 +341,25 @@ class EmbedWorker:
         A spare lane (not ``primary``) takes a request only while the primary runs a pass.
         ``until_idle``: return ``[]`` instead once no request waits and no lane runs (time to warm up)."""
         with self._cond:
-            while not (self._jobs and (primary or self._primary_busy)) and not self._closing:
-                if until_idle and self._running == 0:
-                    return []
-                self._cond.wait()
-            if self._closing:
-                return None
-            if self._linger > 0 and self._pending_texts < self._max_coalesce:
-                deadline = time.monotonic() + self._linger
-                while not self._closing and self._pending_texts < self._max_coalesce:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
+            while True:
+                while not (self._jobs and (primary or self._primary_busy)) and not self._closing:
+                    if until_idle and self._running == 0:
+                        return []
+                    self._cond.wait()
                 if self._closing:
                     return None
+                if self._linger > 0 and self._pending_texts < self._max_coalesce:
+                    deadline = time.monotonic() + self._linger
+                    while not self._closing and self._pending_texts < self._max_coalesce:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    if self._closing:
+                        return None
+                # While this lane lingered another may have taken the queue, or (a spare) the primary gone idle.
+                if self._jobs and (primary or self._primary_busy):
+                    break
             batch = [self._jobs.popleft()]
             count = len(batch[0].texts)
             while self._jobs and count + len(self._jobs[0].texts) <= self._max_coalesce:
