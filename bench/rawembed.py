@@ -92,7 +92,6 @@ class RawEmbedder:
 def _serve() -> None:
     embedder: Any = load_embedder(None)
     embedder.warm_up()  # traced, as the service's embed worker makes it before it serves
-    share_of = {lanes: max(1, int(embedder.threads) // lanes) for lanes in (1, 2, 4)}
     for line in sys.stdin:
         request = json.loads(line)
         op = request["op"]
@@ -105,7 +104,7 @@ def _serve() -> None:
             answer = {"seconds": time.perf_counter() - started}
         elif op == "side":
             lanes = int(request["lanes"])
-            share = share_of.get(lanes, 1)
+            share = max(1, int(embedder.threads) // lanes)
             parts = [request["batches"][i::lanes] for i in range(lanes)]
 
             def run(part: list[list[str]], share: int = share) -> None:

@@ -335,6 +335,10 @@ class EmbedWorker:
         with self._cond:
             return bool(self._jobs) or self._running > 0 or self._closing
 
+    def _may_take(self, primary: bool) -> bool:
+        """A request waits and this lane may take it (a spare only beside the primary); hold ``_cond``."""
+        return bool(self._jobs) and (primary or self._primary_busy)
+
     def _take_batch(self, primary: bool, until_idle: bool = False) -> list[_Job] | None:
         """Block for the next request, then merge the ones queued behind it; ``None`` once closing.
 
@@ -342,7 +346,7 @@ class EmbedWorker:
         ``until_idle``: return ``[]`` instead once no request waits and no lane runs (time to warm up)."""
         with self._cond:
             while True:
-                while not (self._jobs and (primary or self._primary_busy)) and not self._closing:
+                while not self._may_take(primary) and not self._closing:
                     if until_idle and self._running == 0:
                         return []
                     self._cond.wait()
@@ -358,7 +362,7 @@ class EmbedWorker:
                     if self._closing:
                         return None
                 # While this lane lingered another may have taken the queue, or (a spare) the primary gone idle.
-                if self._jobs and (primary or self._primary_busy):
+                if self._may_take(primary):
                     break
             batch = [self._jobs.popleft()]
             count = len(batch[0].texts)
