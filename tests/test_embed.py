@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
 import sys
 import threading
@@ -145,6 +146,7 @@ def test_batches_are_padded_to_a_multiple_of_tokens_and_vectors_do_not_change() 
     """A batch's width is rounded up to ``pad_multiple`` (fewer distinct shapes); one text keeps its own
     length; the padding is masked, so every vector matches the unpadded pass."""
     encoder = TransformersEncoder()  # not warmed up: the eager model, whose inputs a hook can see
+    encoder.pass_cost = 10**6  # one pass for all five texts: this test is about its width
     widths: list[tuple[int, int]] = []
     encoder._model.register_forward_pre_hook(
         lambda module, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
@@ -163,6 +165,82 @@ def test_batches_are_padded_to_a_multiple_of_tokens_and_vectors_do_not_change() 
         assert cosine(a, b) >= SAME_TEXT
     with pytest.raises(ValueError, match="pad_multiple"):
         TransformersEncoder(pad_multiple=0)
+
+
+def _padded(encoder: TransformersEncoder, lengths: list[int], run: list[int]) -> int:
+    """Tokens a pass over ``run`` computes: rows x width (a lone text unpadded, else up to ``pad_multiple``)."""
+    longest = max(lengths[i] for i in run)
+    if len(run) == 1:
+        return longest
+    return len(run) * min(-(-longest // encoder.pad_multiple) * encoder.pad_multiple, encoder.max_length)
+
+
+def _grouping_cost(encoder: TransformersEncoder, lengths: list[int], runs: list[list[int]]) -> int:
+    """What ``runs`` cost by the encoder's own account: ``pass_cost`` a pass, plus its padded tokens."""
+    return sum(encoder.pass_cost + _padded(encoder, lengths, run) for run in runs)
+
+
+def _fits(encoder: TransformersEncoder, lengths: list[int], run: list[int]) -> bool:
+    return len(run) == 1 or (
+        len(run) <= encoder.batch_size and _padded(encoder, lengths, run) <= encoder.max_batch_tokens
+    )
+
+
+@pytest.fixture
+def planner(minilm: TransformersEncoder) -> Iterator[TransformersEncoder]:
+    """The shared encoder with its grouping settings put back after the test."""
+    saved = (minilm.batch_size, minilm.max_batch_tokens, minilm.pass_cost, minilm.pad_multiple)
+    yield minilm
+    minilm.batch_size, minilm.max_batch_tokens, minilm.pass_cost, minilm.pad_multiple = saved
+
+
+def test_texts_are_grouped_into_the_cheapest_passes(planner: TransformersEncoder) -> None:
+    """Against every way of cutting the length-sorted texts into runs (brute force, up to 9 texts): the
+    grouping chosen costs least, takes every text once and keeps to the batch and token bounds."""
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        n = int(rng.integers(1, 10))
+        lengths = [int(x) for x in rng.integers(1, 120, size=n)]
+        planner.batch_size = int(rng.integers(1, 6))
+        planner.max_batch_tokens = int(rng.choice([256, 400, 16_384]))
+        planner.pass_cost = int(rng.choice([0, 8, 32, 200]))
+        planner.pad_multiple = int(rng.choice([1, 16]))
+        runs = planner._buckets(lengths)
+        assert sorted(i for run in runs for i in run) == list(range(n))
+        order = sorted(range(n), key=lengths.__getitem__)
+        best = None
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            candidate: list[list[int]] = [[order[0]]]
+            for cut, index in zip(cuts, order[1:], strict=True):
+                if cut:
+                    candidate.append([index])
+                else:
+                    candidate[-1].append(index)
+            fits = all(_fits(planner, lengths, run) for run in candidate)
+            if fits:
+                cost = _grouping_cost(planner, lengths, candidate)
+                best = cost if best is None else min(best, cost)
+        assert all(_fits(planner, lengths, run) for run in runs)
+        assert _grouping_cost(planner, lengths, runs) == best, (lengths, runs)
+
+
+def test_a_long_text_does_not_pad_the_short_ones(planner: TransformersEncoder) -> None:
+    # A conversation's turns: many short, one long. One pass would pad twenty 12-token turns to 200 tokens.
+    lengths = [12] * 20 + [200]
+    runs = planner._buckets(lengths)
+    assert [20] in runs
+    with pytest.raises(ValueError, match="pass_cost"):
+        TransformersEncoder(pass_cost=-1)
+    assert _grouping_cost(planner, lengths, runs) < _grouping_cost(planner, lengths, [list(range(21))])
+
+
+def test_warm_up_prices_a_pass_on_this_machine_unless_told() -> None:
+    measured = TransformersEncoder()
+    list(measured._measure_pass_cost())
+    assert measured.pass_cost in {2**k for k in range(3, 10)}
+    told = TransformersEncoder(pass_cost=100)
+    told.warm_up()
+    assert told.pass_cost == 100
 
 
 def test_long_text_is_truncated(minilm: TransformersEncoder) -> None:
@@ -509,7 +587,7 @@ def test_an_encoder_that_cannot_be_traced_stays_eager(monkeypatch: pytest.Monkey
 def test_a_trace_that_disagrees_with_the_eager_model_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
     from memos.embed import transformers_encoder
 
-    encoder = TransformersEncoder()
+    encoder = TransformersEncoder(pass_cost=32)  # the same passes before and after warm_up
     before = encoder.embed(SENTENCES)
     monkeypatch.setattr(transformers_encoder, "TRACE_AGREEMENT", 1.01)  # no trace can agree this well
     encoder.warm_up()

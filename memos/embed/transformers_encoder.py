@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import logging
+import math
 import os
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +30,8 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 """Name recorded for vectors made by the bundled model (the upstream Hugging Face id)."""
 
 SINGLE_THREAD_TOKENS = 64
+PASS_COST = 32
+"""``TransformersEncoder.pass_cost`` until ``warm_up`` has measured this machine's (padded tokens)."""
 """Query-sized inputs: the kernels for each length up to this are prepared at load (``warm_up``)."""
 
 TRACE_AGREEMENT = 0.9999
@@ -100,6 +104,7 @@ class TransformersEncoder:
         batch_size: int = 64,
         max_batch_tokens: int = 16_384,
         pad_multiple: int = 16,
+        pass_cost: int | None = None,
         threads: int | None = None,
         device: str = "cpu",
         dtype: Literal["auto", "float32", "bfloat16"] = "auto",
@@ -114,9 +119,11 @@ class TransformersEncoder:
         the throughput of float32 there, with cosine >= 0.9999 to the float32 vectors) and float32
         elsewhere; pooling and normalization always run in float32.
         """
-        if max_length < 2 or batch_size < 1 or max_batch_tokens < max_length or pad_multiple < 1:
+        bad_cost = pass_cost is not None and pass_cost < 0
+        if max_length < 2 or batch_size < 1 or max_batch_tokens < max_length or pad_multiple < 1 or bad_cost:
             raise ValueError(
-                "need max_length >= 2, batch_size >= 1, max_batch_tokens >= max_length and pad_multiple >= 1"
+                "need max_length >= 2, batch_size >= 1, max_batch_tokens >= max_length, pad_multiple >= 1 "
+                "and pass_cost >= 0"
             )
         self.dtype = _pick_dtype(dtype, device)
         """The weights' precision actually used: ``"float32"`` or ``"bfloat16"``."""
@@ -151,6 +158,13 @@ class TransformersEncoder:
         long-running process embedding varied batches grew to 4 GB resident (freed activations of odd sizes
         that the allocator kept) and paid first-use costs for each new shape; padding widths to 16 tokens
         kept it near 1.6 GB and embedded faster, for up to 15 pad tokens a batch (measured 2026-12-06)."""
+        self.pass_cost = PASS_COST if pass_cost is None else pass_cost
+        """What one forward pass costs beyond its tokens, in padded tokens: texts are grouped into passes to
+        spend least (``_buckets``). ``None`` (the default) has ``warm_up`` measure it on this machine
+        (``_measure_pass_cost``). On the 2-core AMD box a pass of all-MiniLM-L6-v2 cost about 3.5-4.5 ms plus
+        90-135 us per padded token (two threads / one; 2026-12-06), about 32 tokens; before, a LoCoMo session
+        went as one pass padded to its longest turn, and embedding sessions was 35-40 % slower."""
+        self._measure = pass_cost is None
         pad_id = tokenizer.pad_token_id
         self._pad_id = int(pad_id) if pad_id is not None else 0
         self._wants_token_types = "token_type_ids" in tokenizer.model_input_names
@@ -252,6 +266,32 @@ class TransformersEncoder:
                 if threads == counts[-1]:
                     self._warmed = length
                 yield
+        if self._measure:
+            yield from self._measure_pass_cost()
+            self._measure = False
+
+    def _measure_pass_cost(self) -> Iterator[None]:
+        """Set ``pass_cost`` from this machine: the best of five passes of 2 and of 8 texts of 32 tokens on all
+        threads. The difference prices a token, the rest of the smaller pass is the pass's own cost; rounded
+        to a power of two (8-512) so that timing noise rarely changes the grouping. One step a pass (<= 25 ms)."""
+        import torch
+
+        if torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)
+        filler = [self._pad_id + 1] * 32
+        seconds: dict[int, float] = {}
+        for rows in (2, 8):
+            for _ in range(6):  # the first run prepares the shape's kernels
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    self._encode([filler] * rows)
+                took = time.perf_counter() - started
+                seconds[rows] = min(seconds.get(rows, took), took)
+                yield
+        per_token = (seconds[8] - seconds[2]) / (6 * 32)
+        if per_token > 0:
+            tokens = max(seconds[2] / per_token - 2 * 32, 1.0)
+            self.pass_cost = int(min(512, max(8, 2 ** round(math.log2(tokens)))))
 
     def _trace(self) -> Any:
         """The loaded encoder traced with TorchScript and frozen; None if that fails.
@@ -308,22 +348,41 @@ class TransformersEncoder:
         )
         return [list(row) for row in encoded["input_ids"]]
 
+    def _width(self, rows: int, longest: int) -> int:
+        """The padded width of a pass of ``rows`` texts whose longest has ``longest`` tokens (as ``_encode``)."""
+        if rows == 1:
+            return longest
+        return min(-(-longest // self.pad_multiple) * self.pad_multiple, self._max_length)
+
     def _buckets(self, lengths: list[int]) -> list[list[int]]:
-        """Indices grouped into batches of similar length, bounded by count and padded tokens."""
+        """Indices grouped into passes of similar length, the grouping that costs least by ``pass_cost``.
+
+        Sorted by length, the texts are cut into runs; a run costs ``pass_cost`` plus its padded tokens
+        (rows x its longest text's width), at most ``batch_size`` rows and ``max_batch_tokens`` tokens. The
+        cheapest cuts are found exactly, by dynamic programming over the sorted order (a run ends at each
+        text: O(texts x batch_size)).
+        """
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        batches: list[list[int]] = []
-        current: list[int] = []
-        for index in order:
-            # Sorted ascending, so this text is the longest of the batch it would join.
-            if current and (
-                len(current) >= self.batch_size or (len(current) + 1) * lengths[index] > self.max_batch_tokens
-            ):
-                batches.append(current)
-                current = []
-            current.append(index)
-        if current:
-            batches.append(current)
-        return batches
+        n = len(order)
+        best = [0.0] * (n + 1)  # best[j]: least cost of the first j sorted texts
+        cut = [0] * (n + 1)  # cut[j]: where the last run of that best grouping starts
+        for j in range(1, n + 1):
+            longest = lengths[order[j - 1]]  # sorted ascending: the last text of a run is its longest
+            best[j] = float("inf")
+            for i in range(j - 1, max(0, j - self.batch_size) - 1, -1):
+                tokens = (j - i) * self._width(j - i, longest)
+                if tokens > self.max_batch_tokens and j - i > 1:
+                    break
+                cost = best[i] + self.pass_cost + tokens
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        runs: list[list[int]] = []
+        j = n
+        while j > 0:
+            runs.append(order[cut[j] : j])
+            j = cut[j]
+        runs.reverse()
+        return runs
 
     def _encode(self, rows: list[list[int]]) -> Vectors:
         import torch
