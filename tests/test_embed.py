@@ -29,7 +29,7 @@ from memos.embed import (
     bundled_model_dir,
     load_embedder,
 )
-from memos.embed.base import Embedder
+from memos.embed.base import Embedder, Threads
 
 SENTENCES = [
     "Caroline went to the LGBTQ support group on 7 May 2023.",
@@ -418,8 +418,8 @@ class SharedThreads(GatedEmbedder):
         self.inside = 0
         self.most_inside = 0
 
-    def embed(self, texts: Sequence[str], threads: int | None = None) -> Vectors:
-        self.asked.append(threads)
+    def embed(self, texts: Sequence[str], threads: Threads = None) -> Vectors:
+        self.asked.append(threads() if callable(threads) else threads)
         self.lanes.append(threading.current_thread().name)
         self.inside += 1
         self.most_inside = max(self.most_inside, self.inside)
@@ -443,7 +443,7 @@ async def test_worker_lanes_run_passes_side_by_side_on_a_share_of_the_threads() 
     await asyncio.gather(first, second)
     third = await worker.embed(["third, alone again"])
     assert third.shape == (1, 16)
-    assert embedder.asked == [None, 1, None]
+    assert embedder.asked == [4, 1, 4]
     assert embedder.lanes == ["lanes-test", "lanes-test-1", "lanes-test"]
     assert worker.stats.beside == 1
     lanes = [t for t in threading.enumerate() if t.name.startswith("lanes-test")]
@@ -460,8 +460,8 @@ class GatePerText(SharedThreads):
         self.gate.set()
         self.gates: dict[str, threading.Event] = {}
 
-    def embed(self, texts: Sequence[str], threads: int | None = None) -> Vectors:
-        self.asked.append(threads)
+    def embed(self, texts: Sequence[str], threads: Threads = None) -> Vectors:
+        self.asked.append(threads() if callable(threads) else threads)
         self.lanes.append(threading.current_thread().name)
         self.inside += 1
         try:
@@ -491,9 +491,49 @@ async def test_only_the_primary_lane_runs_passes_on_several_threads() -> None:
         for gate in embedder.gates.values():
             gate.set()
         await asyncio.gather(*tasks)
-    assert embedder.asked == [None, None, None, None, 1, 1, 2]
+    assert embedder.asked == [4, 4, 4, 4, 1, 1, 2]
     several = {lane for lane, asked in zip(embedder.lanes, embedder.asked, strict=True) if asked != 1}
     assert several == {"spares-test"}
+
+
+async def test_the_primary_gives_up_threads_between_its_passes_while_a_spare_runs() -> None:
+    """A long call is several forward passes: the primary's limit is asked before each, so a spare that
+    starts or ends in the middle changes the threads of the passes that follow."""
+
+    class PassByPass(GatePerText):
+        def __init__(self) -> None:
+            super().__init__()
+            self.limits: list[int] = []
+            self.between = [threading.Event(), threading.Event()]
+
+        def embed(self, texts: Sequence[str], threads: Threads = None) -> Vectors:
+            if texts[0] != "long":
+                return super().embed(texts, threads)
+            assert callable(threads)
+            self.inside += 1
+            try:
+                for event in [*self.between, None]:
+                    self.limits.append(threads())
+                    assert event is None or event.wait(10), "test never opened the gate"
+                return self.inner.embed(texts)
+            finally:
+                self.inside -= 1
+
+    embedder = PassByPass()
+    async with EmbedWorker.for_embedder(embedder, lanes=2, thread_name="passes-test") as worker:
+        long = asyncio.create_task(worker.embed(["long"]))
+        await wait_until(lambda: embedder.limits == [4])
+        embedder.gates["short"] = threading.Event()
+        short = asyncio.create_task(worker.embed(["short"]))
+        await wait_until(lambda: embedder.inside == 2)  # the spare runs beside the long call
+        embedder.between[0].set()
+        await wait_until(lambda: len(embedder.limits) == 2)
+        embedder.gates["short"].set()
+        await short
+        embedder.between[1].set()
+        await long
+    assert embedder.limits == [4, 3, 4]
+    assert embedder.asked == [1]
 
 
 async def test_one_lane_runs_one_pass_at_a_time() -> None:
@@ -506,7 +546,7 @@ async def test_one_lane_runs_one_pass_at_a_time() -> None:
         embedder.gate.set()
         await asyncio.gather(first, second)
     assert embedder.most_inside == 1
-    assert embedder.asked == [None, None]
+    assert embedder.asked == [4, 4]
     assert worker.stats.beside == 0
 
 
@@ -655,6 +695,16 @@ async def test_worker_passes_the_smallest_thread_limit_of_a_coalesced_pass() -> 
 async def test_worker_ignores_a_thread_limit_the_embedder_cannot_take() -> None:
     async with EmbedWorker.for_embedder(HashingEmbedder(8)) as worker:
         assert (await worker.embed(["x"], threads=1)).shape == (1, 8)
+
+
+def test_a_thread_limit_function_is_asked_before_each_pass(planner: TransformersEncoder) -> None:
+    texts = ["short"] * 3 + ["a much longer text that goes in a pass of its own " * 8]
+    planner.pass_cost = 32  # the short texts share a pass, the long one gets its own
+    asked: list[int] = []
+    by_pass = planner.embed(texts, threads=lambda: asked.append(len(asked)) or 1 + len(asked) % 2)
+    assert len(asked) == len(planner._buckets(planner.token_lengths(texts))) == 2
+    for a, b in zip(by_pass, planner.embed(texts, threads=1), strict=True):
+        assert cosine(a, b) >= SAME_TEXT
 
 
 def test_thread_limit_changes_no_vector(minilm: TransformersEncoder) -> None:

@@ -5,7 +5,7 @@ An embedder turns texts into L2-normalized float32 rows, so a dot product is a c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -38,10 +38,15 @@ class Embedder(Protocol):
         ...
 
 
+Threads = int | Callable[[], int] | None
+"""A most-CPU-threads limit for one ``embed`` call: a count, a function asked again before each forward pass
+of the call (a limit that changes while a long call runs), or None for all the embedder's threads."""
+
+
 class ThreadLimited(Protocol):
     """An embedder whose ``embed`` also takes a most-CPU-threads limit for one call (the transformers encoder)."""
 
-    def embed(self, texts: Sequence[str], threads: int | None = None) -> Vectors: ...
+    def embed(self, texts: Sequence[str], threads: Threads = None) -> Vectors: ...
 
 
 def empty(dims: int) -> Vectors:

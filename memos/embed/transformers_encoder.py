@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from memos.embed.base import Vectors, check_texts, empty
+from memos.embed.base import Threads, Vectors, check_texts, empty
 from memos.embed.errors import EmbedderLoadError
 
 if TYPE_CHECKING:
@@ -206,8 +206,10 @@ class TransformersEncoder:
         """Token count of each text after truncation (what a text costs to embed)."""
         return [len(ids) for ids in self._tokenize(check_texts(texts))]
 
-    def embed(self, texts: Sequence[str], threads: int | None = None) -> Vectors:
-        """``threads``: at most this many CPU threads for this call (default: all the encoder's).
+    def embed(self, texts: Sequence[str], threads: Threads = None) -> Vectors:
+        """``threads``: at most this many CPU threads for this call (default: all the encoder's), or a function
+        that says how many before each forward pass (the embed worker's primary lane, whose share changes as
+        other lanes start and finish).
 
         A caller that keeps Postgres busy on another core meanwhile (a search's text leg) asks for one: a
         second thread that has to wait for a core Postgres is using stalls the whole pass (7-11 ms for a
@@ -222,11 +224,12 @@ class TransformersEncoder:
             return empty(self._dims)
         ids = self._tokenize(items)
         out = np.empty((len(items), self._dims), dtype=np.float32)
-        threads = self._threads if threads is None else max(1, min(threads, self._threads))
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
         with torch.inference_mode():
             for batch in self._buckets([len(row) for row in ids]):
+                want = self._threads if threads is None else threads() if callable(threads) else threads
+                count = max(1, min(want, self._threads))
+                if count != torch.get_num_threads():
+                    torch.set_num_threads(count)
                 out[batch] = self._encode([ids[i] for i in batch])
         return out
 
