@@ -166,11 +166,18 @@ def _run(
     # so both see the same machine: this box's speed drifts up to 2x within minutes, and timing all of
     # one, then all of the other, moved the ratio by more than any change to the write path did.
     all_batches = [indexed_texts(turns) for conv in data for _, _, turns in sessions(conv["conversation"])]
+    worker = client.app.state.embed_worker
+    portal = client.blocking_portal
+    portal.call(worker.wait_ready)
+    deadline = time.monotonic() + 60  # the worker warms up while idle, after it is ready
+    while not getattr(worker.embedder, "warmed_up", True) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pass_cost = int(getattr(worker.embedder, "pass_cost", 0))
+    if pass_cost:
+        raw.same_passes_as(pass_cost)
     cold_embed_s = sum(raw.seconds(texts) for texts in all_batches)
     # The service's encoder, in its own process, on the same batches: through its embed worker, untimed,
     # nothing written (its warm-up prepared query lengths only).
-    worker = client.app.state.embed_worker
-    portal = client.blocking_portal
     for texts in all_batches:
         portal.call(worker.embed, texts)
     # The same for the share of threads a pass gets beside another (the two-in-flight pass below).
@@ -267,6 +274,7 @@ def _run(
             "raw_embedder_texts_per_s": round(len(texts_all) / raw_embed_s, 1),
             "ratio": round(raw_embed_s / ingest_s, 3),
             "raw_embedder_cold_texts_per_s": round(len(texts_all) / cold_embed_s, 1),
+            "pass_cost_tokens": pass_cost,
             "two_in_flight": {
                 "api_texts_per_s": round(len(texts_all) / in_flight_s, 1),
                 "raw_embedder_texts_per_s": round(len(texts_all) / in_flight_raw_s, 1),

@@ -54,6 +54,11 @@ class RawEmbedder:
         answer: dict[str, Any] = json.loads(line)
         return answer
 
+    def same_passes_as(self, pass_cost: int) -> None:
+        """Group texts into forward passes as an encoder with this ``pass_cost`` does (each warm-up measures its
+        own, and two measurements may differ by a power of two: the ratio compares the same passes)."""
+        self._ask({"op": "pass_cost", "pass_cost": pass_cost})
+
     def seconds(self, texts: list[str]) -> float:
         """Seconds for one ``embed`` call on ``texts`` with all the encoder's threads."""
         return float(self._ask({"op": "time", "texts": texts})["seconds"])
@@ -98,6 +103,9 @@ def _serve() -> None:
         answer: dict[str, Any]
         if op == "threads":
             answer = {"threads": embedder.threads}
+        elif op == "pass_cost":
+            embedder.pass_cost = int(request["pass_cost"])
+            answer = {"pass_cost": embedder.pass_cost}
         elif op == "time":
             started = time.perf_counter()
             embedder.embed(request["texts"])

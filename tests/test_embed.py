@@ -239,8 +239,10 @@ def test_warm_up_prices_a_pass_on_this_machine_unless_told() -> None:
     list(measured._measure_pass_cost())
     assert measured.pass_cost in {2**k for k in range(3, 10)}
     told = TransformersEncoder(pass_cost=100)
+    assert not told.warmed_up
     told.warm_up()
     assert told.pass_cost == 100
+    assert told.warmed_up
 
 
 def test_long_text_is_truncated(minilm: TransformersEncoder) -> None:

@@ -238,6 +238,11 @@ class TransformersEncoder:
         """Whether texts go through the traced encoder (see ``warm_up_steps``)."""
         return self._traced is not None
 
+    @property
+    def warmed_up(self) -> bool:
+        """Whether ``warm_up`` has finished (every query length run, ``pass_cost`` measured when asked)."""
+        return self._warmed >= min(SINGLE_THREAD_TOKENS, self._max_length) and not self._measure
+
     def warm_up(self) -> None:
         """Encode one input of every query length (up to ``SINGLE_THREAD_TOKENS`` tokens) with each thread count
         a query may ask for (one, all); later calls do nothing."""
