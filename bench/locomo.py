@@ -170,11 +170,13 @@ def _run(
     portal = client.blocking_portal
     portal.call(worker.wait_ready)
     deadline = time.monotonic() + 60  # the worker warms up while idle, after it is ready
-    while not getattr(worker.embedder, "warmed_up", True) and time.monotonic() < deadline:
+    while not getattr(worker.embedder, "warmed_up", True):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the service's encoder did not finish warming up in 60 s (see its log)")
         time.sleep(0.1)
-    pass_cost = int(getattr(worker.embedder, "pass_cost", 0))
-    if pass_cost:
-        raw.same_passes_as(pass_cost)
+    pass_cost = getattr(worker.embedder, "pass_cost", None)
+    if pass_cost is not None:
+        raw.same_passes_as(int(pass_cost))
     cold_embed_s = sum(raw.seconds(texts) for texts in all_batches)
     # The service's encoder, in its own process, on the same batches: through its embed worker, untimed,
     # nothing written (its warm-up prepared query lengths only).

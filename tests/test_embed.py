@@ -163,6 +163,14 @@ def test_batches_are_padded_to_a_multiple_of_tokens_and_vectors_do_not_change() 
     assert max(width for _, width in widths) == max(lengths)
     for a, b in zip(padded, exact, strict=True):
         assert cosine(a, b) >= SAME_TEXT
+    # The passes run are the ones planned: the shapes the model sees match _buckets and _width.
+    encoder.pass_cost, encoder.pad_multiple = 32, 16
+    texts = SENTENCES * 3 + ["word " * 200]
+    widths.clear()
+    encoder.embed(texts)
+    lengths = encoder.token_lengths(texts)
+    planned = [(len(run), encoder._width(len(run), max(lengths[i] for i in run))) for run in encoder._buckets(lengths)]
+    assert sorted(widths) == sorted(planned) and len(planned) > 1
     with pytest.raises(ValueError, match="pad_multiple"):
         TransformersEncoder(pad_multiple=0)
 
@@ -200,11 +208,11 @@ def test_texts_are_grouped_into_the_cheapest_passes(planner: TransformersEncoder
     rng = np.random.default_rng(11)
     for _ in range(300):
         n = int(rng.integers(1, 10))
-        lengths = [int(x) for x in rng.integers(1, 120, size=n)]
+        lengths = [int(x) for x in rng.integers(1, planner.max_length + 1, size=n)]
         planner.batch_size = int(rng.integers(1, 6))
-        planner.max_batch_tokens = int(rng.choice([256, 400, 16_384]))
+        planner.max_batch_tokens = int(rng.choice([256, 600, 16_384]))
         planner.pass_cost = int(rng.choice([0, 8, 32, 200]))
-        planner.pad_multiple = int(rng.choice([1, 16]))
+        planner.pad_multiple = int(rng.choice([1, 16, 100]))
         runs = planner._buckets(lengths)
         assert sorted(i for run in runs for i in run) == list(range(n))
         order = sorted(range(n), key=lengths.__getitem__)
@@ -234,10 +242,48 @@ def test_a_long_text_does_not_pad_the_short_ones(planner: TransformersEncoder) -
     assert _grouping_cost(planner, lengths, runs) < _grouping_cost(planner, lengths, [list(range(21))])
 
 
-def test_warm_up_prices_a_pass_on_this_machine_unless_told() -> None:
-    measured = TransformersEncoder()
-    list(measured._measure_pass_cost())
-    assert measured.pass_cost in {2**k for k in range(3, 10)}
+@pytest.mark.parametrize(
+    ("fixed_ms", "token_ms", "expected"),
+    [(3.5, 0.1, 32), (10.0, 0.1, 128), (0.1, 1.0, 8), (5.0, 0.0, 32)],
+)
+def test_warm_up_prices_a_pass_from_its_timings(
+    planner: TransformersEncoder, monkeypatch: pytest.MonkeyPatch, fixed_ms: float, token_ms: float, expected: int
+) -> None:
+    """A pass timed at ``fixed + rows x 32 x per token`` is priced at about fixed / per token tokens (a power of
+    two, 8-512); with no measurable cost per token the default stays."""
+    from memos.embed import transformers_encoder
+
+    clock = [0.0]
+
+    def encode(rows: list[list[int]]) -> Vectors:
+        clock[0] += (fixed_ms + token_ms * len(rows) * len(rows[0])) / 1000
+        return np.zeros((len(rows), planner.dims), dtype=np.float32)
+
+    monkeypatch.setattr(planner, "_encode", encode)
+    monkeypatch.setattr(transformers_encoder.time, "perf_counter", lambda: clock[0])
+    planner.pass_cost = transformers_encoder.PASS_COST
+    list(planner._measure_pass_cost())
+    assert planner.pass_cost == expected
+
+
+def test_pass_cost_is_timed_on_all_threads_whatever_ran_between_steps(
+    planner: TransformersEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    seen: list[int] = []
+
+    def encode(rows: list[list[int]]) -> Vectors:
+        seen.append(torch.get_num_threads())
+        return np.zeros((len(rows), planner.dims), dtype=np.float32)
+
+    monkeypatch.setattr(planner, "_encode", encode)
+    for _ in planner._measure_pass_cost():
+        torch.set_num_threads(1)  # a one-thread query served between two steps
+    assert seen and set(seen) == {planner.threads}
+
+
+def test_warm_up_measures_the_pass_cost_unless_told() -> None:
     told = TransformersEncoder(pass_cost=100)
     assert not told.warmed_up
     told.warm_up()

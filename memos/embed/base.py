@@ -44,7 +44,10 @@ of the call (a limit that changes while a long call runs), or None for all the e
 
 
 class ThreadLimited(Protocol):
-    """An embedder whose ``embed`` also takes a most-CPU-threads limit for one call (the transformers encoder)."""
+    """An embedder whose ``embed`` also takes a most-CPU-threads limit for one call (the transformers encoder).
+
+    The embed worker's primary lane passes a function (``Threads``) when the embedder has a ``threads`` count
+    above one: an embedder that takes a ``threads`` argument must accept that form too."""
 
     def embed(self, texts: Sequence[str], threads: Threads = None) -> Vectors: ...
 

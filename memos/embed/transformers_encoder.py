@@ -30,9 +30,10 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 """Name recorded for vectors made by the bundled model (the upstream Hugging Face id)."""
 
 SINGLE_THREAD_TOKENS = 64
+"""Query-sized inputs: the kernels for each length up to this are prepared at load (``warm_up``)."""
+
 PASS_COST = 32
 """``TransformersEncoder.pass_cost`` until ``warm_up`` has measured this machine's (padded tokens)."""
-"""Query-sized inputs: the kernels for each length up to this are prepared at load (``warm_up``)."""
 
 TRACE_AGREEMENT = 0.9999
 """Least cosine between the traced single-text encoder's vectors and the eager model's on the probes."""
@@ -280,21 +281,24 @@ class TransformersEncoder:
 
     def _measure_pass_cost(self) -> Iterator[None]:
         """Set ``pass_cost`` from this machine: the best of five passes of 2 and of 8 texts of 32 tokens on all
-        threads. The difference prices a token, the rest of the smaller pass is the pass's own cost; rounded
-        to a power of two (8-512) so that timing noise rarely changes the grouping. One step a pass (<= 25 ms)."""
+        threads, taken in turn (the box's speed drifts). The difference prices a token, the rest of the smaller
+        pass is the pass's own cost; rounded to a power of two (8-512) so that timing noise rarely changes the
+        grouping. One step a pass (<= 25 ms): requests are served between steps."""
         import torch
 
-        if torch.get_num_threads() != self._threads:
-            torch.set_num_threads(self._threads)
         filler = [self._pad_id + 1] * 32
         seconds: dict[int, float] = {}
-        for rows in (2, 8):
-            for _ in range(6):  # the first run prepares the shape's kernels
+        for turn in range(6):
+            for rows in (2, 8):
+                # Set every time: a request served between two steps may have left another count.
+                if torch.get_num_threads() != self._threads:
+                    torch.set_num_threads(self._threads)
                 started = time.perf_counter()
                 with torch.inference_mode():
                     self._encode([filler] * rows)
                 took = time.perf_counter() - started
-                seconds[rows] = min(seconds.get(rows, took), took)
+                if turn > 0:  # the first pass of a shape prepares its kernels
+                    seconds[rows] = min(seconds.get(rows, took), took)
                 yield
         per_token = (seconds[8] - seconds[2]) / (6 * 32)
         if per_token > 0:
