@@ -157,7 +157,8 @@ def test_a_batch_gets_the_links_the_lateral_scan_finds(
                     "DELETE FROM memory_links WHERE type = 'knn' AND from_id = ANY(%(ids)s)", {"ids": new}
                 )
                 found = await conn.execute(
-                    _KNN_SQL[False], {"ids": new, "actor": actor, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR}
+                    _KNN_SQL[False],
+                    {"ids": new, "cube": cube, "actor": actor, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR},
                 )
                 result = {(row.from_id, row.to_id): float(row.weight) for row in found}
                 packed = (await conn.execute(_CUBE_VECTORS, {"cube": uuid.UUID(cube), "ids": new})).scalar_one()
