@@ -174,6 +174,62 @@ def test_a_batch_gets_the_links_the_lateral_scan_finds(
         assert written[pair] == pytest.approx(weight, abs=1e-5)
 
 
+def test_in_a_cube_partly_in_the_hnsw_index_the_links_are_the_exact_nearest(
+    client: TestClient[Litestar], factory: Factory, database_url: str
+) -> None:
+    """The indexed form of the statement (the memories outside the index read once, HNSW over those in it)
+    finds what ranking every active memory of the cube in numpy finds: nothing missed, nothing counted twice,
+    a deleted memory left out, new memories of the same transaction included."""
+    key, cube = _new_cube(factory)
+    topics = ["ferry timetable to the island", "my cat sleeps on the sofa", "tax return deadline in April"]
+    items = [
+        {"kind": "plaintext", "content": f"Note {i}: something about the {topics[i % 3]}, take {i // 3}."}
+        for i in range(48)
+    ]
+    r = client.post(f"/v1/cubes/{cube}/memories/batch", json={"items": items[:40]}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    old = [uuid.UUID(m["id"]) for m in r.json()["items"]]
+    assert client.delete(f"/v1/memories/{old[0]}", headers=bearer(key)).status_code == 204
+    actor = uuid.UUID(r.json()["items"][0]["created_by"])
+    with psycopg.connect(database_url) as conn:  # half of the cube "moved" into the index (memos/memories/ann.py)
+        conn.execute("UPDATE memories SET ann = true WHERE id = ANY(%s)", (old[1:20],))
+    r = client.post(f"/v1/cubes/{cube}/memories/batch", json={"items": items[40:]}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    new = [uuid.UUID(m["id"]) for m in r.json()["items"]]
+
+    async def indexed() -> tuple[dict[tuple[uuid.UUID, uuid.UUID], float], list[neighbours.LinkEdge]]:
+        engine = create_async_engine(sqlalchemy_url(database_url))
+        try:
+            async with engine.connect() as conn, conn.begin() as transaction:
+                await conn.exec_driver_sql(
+                    "DELETE FROM memory_links WHERE type = 'knn' AND from_id = ANY(%(ids)s)", {"ids": new}
+                )
+                await conn.exec_driver_sql("UPDATE memories SET ann = true WHERE id = ANY(%(ids)s)", {"ids": new[:4]})
+                found = await conn.execute(
+                    _KNN_SQL[True],
+                    {"ids": new, "cube": uuid.UUID(cube), "actor": actor, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR},
+                )
+                result = {(row.from_id, row.to_id): float(row.weight) for row in found}
+                packed = (
+                    await conn.exec_driver_sql(
+                        "SELECT string_agg(uuid_send(id) || vector_send(embedding), ''::bytea) FROM memories "
+                        "WHERE cube_id = %(cube)s AND state = 'active'",
+                        {"cube": uuid.UUID(cube)},
+                    )
+                ).scalar_one()
+                await transaction.rollback()
+                return result, nearest(packed, new)
+        finally:
+            await engine.dispose()
+
+    found, exact = client.blocking_portal.call(indexed)
+    assert len(found) == len(exact) == KNN_NEIGHBOURS * len(new)
+    assert found.keys() == {(a, b) for a, b, _, _ in exact}
+    assert old[0] not in {b for _, b in found}
+    for a, b, _, weight in exact:
+        assert found[(a, b)] == pytest.approx(weight, abs=1e-5)
+
+
 def test_a_small_batch_into_an_empty_cube_links_within_itself_and_one_memory_gets_none(
     client: TestClient[Litestar], factory: Factory, database_url: str
 ) -> None:
