@@ -165,9 +165,6 @@ def _log_load_failure(task: asyncio.Task[None]) -> None:
         log.error("the embedding model failed to load; writes and searches answer 503", exc_info=exc)
 
 
-_startup_frozen = False
-
-
 def _freeze_after_load(task: asyncio.Task[None]) -> None:
     """Once the embedding model has loaded, take every object alive (torch, transformers, the model, the app:
     about half a million) out of the garbage collector's passes, once per process.
@@ -176,10 +173,8 @@ def _freeze_after_load(task: asyncio.Task[None]) -> None:
     loaded it took 276-288 ms, and a 20-client soak on the 2-core AMD box ran two of them in its first 30 s,
     each a stall of the event loop (2026-12-06). Frozen objects are never freed, so the garbage of loading is
     collected first (one such pause, at start)."""
-    global _startup_frozen
-    if _startup_frozen or task.cancelled() or task.exception() is not None:
-        return
-    _startup_frozen = True
+    if gc.get_freeze_count() > 0 or task.cancelled() or task.exception() is not None:
+        return  # already frozen (another app of this process), or nothing loaded
     gc.collect()
     gc.freeze()
 

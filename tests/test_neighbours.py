@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import numpy as np
 import psycopg
 import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from memos.memories import neighbours
 from memos.memories.neighbours import _CUBE_VECTORS, _KNN_SQL, BATCH_IN_PYTHON, KNN_FLOOR, KNN_NEIGHBOURS, nearest
 from memos.store.urls import sqlalchemy_url
 from tests.conftest import Factory, bearer
+
+T = TypeVar("T")
 
 
 def _new_cube(factory: Factory) -> tuple[str, str]:
@@ -112,6 +116,18 @@ def test_a_memory_embedded_by_another_model_is_nobodys_neighbour(
     assert (one["id"],) in linked, "the same text under the same model is linked"
 
 
+async def _rolled_back(database_url: str, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """``work`` on a connection of its own, in a transaction that is rolled back."""
+    engine = create_async_engine(sqlalchemy_url(database_url))
+    try:
+        async with engine.connect() as conn, conn.begin() as transaction:
+            result = await work(conn)
+            await transaction.rollback()
+            return result
+    finally:
+        await engine.dispose()
+
+
 def test_a_batch_gets_the_links_the_lateral_scan_finds(
     client: TestClient[Litestar], factory: Factory, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -149,26 +165,19 @@ def test_a_batch_gets_the_links_the_lateral_scan_finds(
     assert uuid.UUID(gone["id"]) not in {b for a, b in written}
     assert uuid.UUID(earlier["id"]) in {b for a, b in written}
 
-    async def lateral() -> dict[tuple[uuid.UUID, uuid.UUID], float]:
-        engine = create_async_engine(sqlalchemy_url(database_url))
-        try:
-            async with engine.connect() as conn, conn.begin() as transaction:
-                await conn.exec_driver_sql(
-                    "DELETE FROM memory_links WHERE type = 'knn' AND from_id = ANY(%(ids)s)", {"ids": new}
-                )
-                found = await conn.execute(
-                    _KNN_SQL[False],
-                    {"ids": new, "cube": cube, "actor": actor, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR},
-                )
-                result = {(row.from_id, row.to_id): float(row.weight) for row in found}
-                packed = (await conn.execute(_CUBE_VECTORS, {"cube": uuid.UUID(cube), "ids": new})).scalar_one()
-                assert len(packed) == (1 + len(new)) * (16 + 4 + 4 * 384), "the set read: the earlier one and the batch"
-                await transaction.rollback()
-                return result
-        finally:
-            await engine.dispose()
+    async def lateral(conn: AsyncConnection) -> dict[tuple[uuid.UUID, uuid.UUID], float]:
+        await conn.exec_driver_sql(
+            "DELETE FROM memory_links WHERE type = 'knn' AND from_id = ANY(%(ids)s)", {"ids": new}
+        )
+        found = await conn.execute(
+            _KNN_SQL[False], {"ids": new, "cube": cube, "actor": actor, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR}
+        )
+        result = {(row.from_id, row.to_id): float(row.weight) for row in found}
+        packed = (await conn.execute(_CUBE_VECTORS, {"cube": uuid.UUID(cube), "ids": new})).scalar_one()
+        assert len(packed) == (1 + len(new)) * (16 + 4 + 4 * 384), "the set read: the earlier one and the batch"
+        return result
 
-    expected = client.blocking_portal.call(lateral)
+    expected = client.blocking_portal.call(_rolled_back, database_url, lateral)
     assert written.keys() == expected.keys()
     for pair, weight in expected.items():
         assert written[pair] == pytest.approx(weight, abs=1e-5)
@@ -197,32 +206,26 @@ def test_in_a_cube_partly_in_the_hnsw_index_the_links_are_the_exact_nearest(
     assert r.status_code == 201, r.text
     new = [uuid.UUID(m["id"]) for m in r.json()["items"]]
 
-    async def indexed() -> tuple[dict[tuple[uuid.UUID, uuid.UUID], float], list[neighbours.LinkEdge]]:
-        engine = create_async_engine(sqlalchemy_url(database_url))
-        try:
-            async with engine.connect() as conn, conn.begin() as transaction:
-                await conn.exec_driver_sql(
-                    "DELETE FROM memory_links WHERE type = 'knn' AND from_id = ANY(%(ids)s)", {"ids": new}
-                )
-                await conn.exec_driver_sql("UPDATE memories SET ann = true WHERE id = ANY(%(ids)s)", {"ids": new[:4]})
-                found = await conn.execute(
-                    _KNN_SQL[True],
-                    {"ids": new, "cube": uuid.UUID(cube), "actor": actor, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR},
-                )
-                result = {(row.from_id, row.to_id): float(row.weight) for row in found}
-                packed = (
-                    await conn.exec_driver_sql(
-                        "SELECT string_agg(uuid_send(id) || vector_send(embedding), ''::bytea) FROM memories "
-                        "WHERE cube_id = %(cube)s AND state = 'active'",
-                        {"cube": uuid.UUID(cube)},
-                    )
-                ).scalar_one()
-                await transaction.rollback()
-                return result, nearest(packed, new)
-        finally:
-            await engine.dispose()
+    async def indexed(conn: AsyncConnection) -> tuple[dict[tuple[uuid.UUID, uuid.UUID], float], bytes]:
+        await conn.exec_driver_sql(
+            "DELETE FROM memory_links WHERE type = 'knn' AND from_id = ANY(%(ids)s)", {"ids": new}
+        )
+        await conn.exec_driver_sql("UPDATE memories SET ann = true WHERE id = ANY(%(ids)s)", {"ids": new[:4]})
+        found = await conn.execute(
+            _KNN_SQL[True],
+            {"ids": new, "cube": uuid.UUID(cube), "actor": actor, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR},
+        )
+        packed = (
+            await conn.exec_driver_sql(
+                "SELECT string_agg(uuid_send(id) || vector_send(embedding), ''::bytea) FROM memories "
+                "WHERE cube_id = %(cube)s AND state = 'active'",
+                {"cube": uuid.UUID(cube)},
+            )
+        ).scalar_one()
+        return {(row.from_id, row.to_id): float(row.weight) for row in found}, packed
 
-    found, exact = client.blocking_portal.call(indexed)
+    found, packed = client.blocking_portal.call(_rolled_back, database_url, indexed)
+    exact = nearest(packed, new)
     assert len(found) == len(exact) == KNN_NEIGHBOURS * len(new)
     assert found.keys() == {(a, b) for a, b, _, _ in exact}
     assert old[0] not in {b for _, b in found}

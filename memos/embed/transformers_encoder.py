@@ -228,9 +228,7 @@ class TransformersEncoder:
         with torch.inference_mode():
             for batch in self._buckets([len(row) for row in ids]):
                 want = self._threads if threads is None else threads() if callable(threads) else threads
-                count = max(1, min(want, self._threads))
-                if count != torch.get_num_threads():
-                    torch.set_num_threads(count)
+                _use_threads(max(1, min(want, self._threads)))
                 out[batch] = self._encode([ids[i] for i in batch])
         return out
 
@@ -268,8 +266,7 @@ class TransformersEncoder:
             length = self._warmed + 1
             counts = sorted({1, self._threads})
             for threads in counts:
-                if torch.get_num_threads() != threads:
-                    torch.set_num_threads(threads)
+                _use_threads(threads)
                 with torch.inference_mode():
                     self._encode([[filler] * length])
                 if threads == counts[-1]:
@@ -291,8 +288,7 @@ class TransformersEncoder:
         for turn in range(6):
             for rows in (2, 8):
                 # Set every time: a request served between two steps may have left another count.
-                if torch.get_num_threads() != self._threads:
-                    torch.set_num_threads(self._threads)
+                _use_threads(self._threads)
                 started = time.perf_counter()
                 with torch.inference_mode():
                     self._encode([filler] * rows)
@@ -361,9 +357,10 @@ class TransformersEncoder:
         return [list(row) for row in encoded["input_ids"]]
 
     def _width(self, rows: int, longest: int) -> int:
-        """The padded width of a pass of ``rows`` texts whose longest has ``longest`` tokens (as ``_encode``)."""
-        if rows == 1:
+        """The padded width of a pass of ``rows`` texts whose longest has ``longest`` tokens."""
+        if rows == 1:  # one text (a query) keeps its own length, the cheapest
             return longest
+        # Fewer distinct shapes: see ``pad_multiple``.
         return min(-(-longest // self.pad_multiple) * self.pad_multiple, self._max_length)
 
     def _buckets(self, lengths: list[int]) -> list[list[int]]:
@@ -399,10 +396,7 @@ class TransformersEncoder:
     def _encode(self, rows: list[list[int]]) -> Vectors:
         import torch
 
-        width = max(len(row) for row in rows)
-        if len(rows) > 1:
-            # Fewer distinct shapes: see ``pad_multiple``. One text (a query) keeps its own length, the cheapest.
-            width = min(-(-width // self.pad_multiple) * self.pad_multiple, self._max_length)
+        width = self._width(len(rows), max(len(row) for row in rows))
         input_ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)  # [batch, tokens]
         mask = np.zeros((len(rows), width), dtype=np.int64)
         for i, row in enumerate(rows):
@@ -414,6 +408,14 @@ class TransformersEncoder:
         hidden: torch.Tensor = encoder(ids_t, mask_t)  # [batch, tokens, dims]
         result: Vectors = _pool(hidden, mask_t).cpu().numpy().astype(np.float32, copy=False)
         return result
+
+
+def _use_threads(count: int) -> None:
+    """Run this thread's torch ops on ``count`` threads (OpenMP's count is per calling thread)."""
+    import torch
+
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
 
 
 def _load_model(path: Path) -> Any:
