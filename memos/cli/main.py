@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from memos.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from memos.admin.bundle import BundleReport
+    from memos.store.db import Database
+
+T = TypeVar("T")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -111,6 +120,113 @@ def _reembed(args: argparse.Namespace) -> int:
         return 1
 
 
+def _export(args: argparse.Namespace) -> int:
+    import uuid
+
+    from memos.admin.bundle import export_cube
+
+    try:
+        cube_id = uuid.UUID(args.cube)
+    except ValueError as exc:
+        print(f"memos admin export: --cube takes a cube id: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        print(f"memos admin export: {out} exists (--force replaces it)", file=sys.stderr)
+        return 2
+
+    async def run() -> BundleReport:
+        async with _database() as db:
+            return await export_cube(db, cube_id, out)
+
+    report = _run_tool("export", run)
+    if report is None:
+        return 1
+    print(
+        f"exported cube {report.name!r} ({report.cube_id}) to {out}: {report.memories} memories, "
+        f"{report.versions} versions, {report.links} links, {report.cache_entries} cache entries"
+    )
+    _print_left_out(report)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    import uuid
+
+    from memos.admin.bundle import BundleError, import_bundle, read_bundle
+    from memos.embed.registry import model_name
+
+    try:
+        owner = uuid.UUID(args.owner)
+    except ValueError as exc:
+        print(f"memos admin import: --owner takes an agent id: {exc}", file=sys.stderr)
+        return 2
+    try:
+        bundle = read_bundle(Path(args.bundle))
+    except BundleError as exc:
+        print(f"memos admin import: {exc}", file=sys.stderr)
+        return 1
+
+    async def run() -> BundleReport:
+        async with _database() as db:
+            return await import_bundle(
+                db, bundle, owner=owner, name=args.name, new_ids=args.new_ids, dry_run=args.dry_run
+            )
+
+    report = _run_tool("import", run)
+    if report is None:
+        return 1
+    verb = "would import (dry run: nothing written)" if args.dry_run else "imported"
+    print(
+        f"{verb} cube {report.name!r} as {report.cube_id}: {report.memories} memories, {report.versions} versions, "
+        f"{report.links} links, {report.cache_entries} cache entries"
+    )
+    _print_left_out(report)
+    current = model_name(Settings.from_env().embed_model)
+    others = {model: n for model, n in report.models.items() if model != current}
+    for model, n in others.items():
+        print(
+            f"{n} memories were embedded by {model}, not {current}: run `memos admin reembed --cube {report.cube_id}`"
+        )
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _database() -> AsyncIterator[Database]:
+    """The deployment's database (``MEMOS_DATABASE_URL``, or the embedded server in ``MEMOS_DATA_DIR``)."""
+    from memos.store.db import Database
+
+    db = Database(Settings.from_env())
+    await db.start()
+    try:
+        yield db
+    finally:
+        await db.stop()
+
+
+def _run_tool(tool: str, run: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
+    """Run an admin tool's coroutine; None, with its reason on stderr, when it fails in a way the operator can
+    act on (a bad bundle or target, the database down, the schema out of date)."""
+    from memos.admin.bundle import BundleError
+    from memos.errors import Unavailable
+    from memos.store.db import SchemaOutOfDate
+
+    try:
+        return asyncio.run(run())
+    except (BundleError, Unavailable, SchemaOutOfDate) as exc:
+        print(f"memos admin {tool}: {getattr(exc, 'detail', None) or exc}", file=sys.stderr)
+        return None
+
+
+def _print_left_out(report: BundleReport) -> None:
+    activations = report.left_out.get("activations", 0)
+    outside = report.left_out.get("links_outside", 0)
+    if activations:
+        print(f"left out: {activations} KV activations (rebuild them with POST /v1/activations)")
+    if outside:
+        print(f"left out: {outside} links to memories outside the cube")
+
+
 def _mcp(args: argparse.Namespace) -> int:
     import anyio
 
@@ -154,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--port", type=int, default=8765, help="port for --transport http (default 8765)")
     mcp.set_defaults(func=_mcp)
 
-    admin = sub.add_parser("admin", help="operations: migrations, re-embedding")
+    admin = sub.add_parser("admin", help="operations: migrations, re-embedding, export and import")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
     migrate = admin_sub.add_parser("migrate", help="upgrade the database schema (or --down to a revision)")
     migrate.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
@@ -167,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     reembed.add_argument("--batch-size", type=int, default=256, help="memories per transaction (default 256)")
     reembed.add_argument("--dry-run", action="store_true", help="count what needs it, by model; write nothing")
     reembed.set_defaults(func=_reembed)
+    export = admin_sub.add_parser("export", help="write a cube, with its history, links and cache, to a bundle file")
+    export.add_argument("--cube", required=True, metavar="CUBE_ID", help="the cube to export")
+    export.add_argument("--out", required=True, metavar="FILE", help="the bundle to write (memos-bundle/1, a zip)")
+    export.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    export.set_defaults(func=_export)
+    imp = admin_sub.add_parser("import", help="write a bundle as a new cube, in one transaction")
+    imp.add_argument("bundle", metavar="FILE", help="a bundle written by `memos admin export`")
+    imp.add_argument("--owner", required=True, metavar="AGENT_ID", help="the agent that owns the cube (its tenant)")
+    imp.add_argument("--name", default=None, help="the cube's name (default: the exported cube's)")
+    imp.add_argument("--new-ids", action="store_true", help="fresh ids for the cube, memories and links (a copy)")
+    imp.add_argument("--dry-run", action="store_true", help="check the bundle and the target; write nothing")
+    imp.set_defaults(func=_import)
 
     dev = sub.add_parser("dev", help="tools for tests, benches and demos")
     dev_sub = dev.add_subparsers(dest="dev_command", required=True)

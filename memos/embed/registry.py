@@ -12,6 +12,15 @@ DEFAULT_ALIASES = frozenset({"default", "minilm", "all-minilm-l6-v2", "sentence-
 """Names (case-insensitive) that mean the bundled all-MiniLM-L6-v2, like ``None`` does."""
 
 
+def model_name(model: str | None = None) -> str:
+    """The name the embedder that ``load_embedder(model)`` builds records on the memories it embeds (without
+    loading it)."""
+    from memos.embed.transformers_encoder import DEFAULT_MODEL
+
+    spec = (model or "").strip()
+    return DEFAULT_MODEL if not spec or spec.lower() in DEFAULT_ALIASES else spec
+
+
 def load_embedder(model: str | None = None, **options: Any) -> Embedder:
     """Build the embedder named by ``model``.
 
@@ -33,4 +42,4 @@ def load_embedder(model: str | None = None, **options: Any) -> Embedder:
             f"embedding model {spec!r} is not a local directory; name a directory with a Hugging Face encoder "
             "(config.json, tokenizer and weights) or leave it unset for the bundled all-MiniLM-L6-v2"
         )
-    return TransformersEncoder(path, name=options.pop("name", spec), **options)
+    return TransformersEncoder(path, name=options.pop("name", model_name(spec)), **options)

@@ -1,0 +1,780 @@
+"""``memos admin export`` / ``import``: a cube as one file (``memos-bundle/1``), to back it up, move it to
+another deployment or copy it within one.
+
+A bundle is a zip archive of fixed members, read by name and never extracted:
+
+- ``manifest.json``: the format, the cube (id, name, description, metadata), the vectors' width, counts, what
+  was left out, and each other member's size and SHA-256.
+- ``memories.jsonl``: a line per memory, its current state as the ``memories`` table holds it.
+- ``versions.jsonl``: a line per version, every version of every memory (history and provenance).
+- ``links.jsonl``: links whose two ends are both in the bundle (explicit, provenance, ``next``, ``knn``, ...).
+- ``cache.json`` and ``cache_entries.jsonl``: the semantic cache's configuration, learned per-category
+  thresholds and counters, and its per-entry state (context hash, threshold, hit counts).
+- ``vectors.safetensors``: float32 tensors ``memories``, ``versions`` and ``contexts``; a line's ``vector``
+  is its row there (null: no embedding). safetensors, never pickle: a bundle is data, not code.
+
+Left out, and counted in the manifest: KV activations (memories of kind ``activation``: model-bound caches
+of another memory's text, rebuilt with ``POST /v1/activations`` from the imported memories), links to
+memories outside the cube, grants and API keys (agents belong to a deployment), and the audit log (the
+export and the import each write a row of their own).
+
+An import reads and checks the whole bundle before it writes anything (checksums, every line against its
+schema, the references between lines, the vectors' width), then writes the cube in one transaction:
+everything lands or nothing does. Ids are kept by default, so clients that know them keep working after a
+move; ``new_ids`` gives the cube, its memories and links fresh ids (a copy beside the original), with
+``derived_from`` references inside the bundle rewritten to match. Who wrote each version (``created_by``)
+is kept as the bundle says: provenance is history, even where the agent does not exist in this
+deployment. Memories keep the embedding model that embedded them; when it is not this deployment's,
+``memos admin reembed`` re-embeds them (search leaves them out until then, decisions 72).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import uuid
+import zipfile
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import numpy as np
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+from sqlalchemy import Row, any_, bindparam, insert, select, text
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from memos.identity.principal import OPERATOR
+from memos.memories.ann import EXACT_CUBE_MAX
+from memos.memories.versioning import content_sha256
+from memos.store.audit import record
+from memos.store.db import Database
+from memos.store.models import (
+    EMBEDDING_DIMS,
+    agents,
+    cache_categories,
+    cache_configs,
+    cache_entries,
+    cubes,
+    memories,
+    memory_links,
+    memory_versions,
+)
+
+FORMAT = "memos-bundle/1"
+MANIFEST = "manifest.json"
+MEMBERS = (
+    "memories.jsonl",
+    "versions.jsonl",
+    "links.jsonl",
+    "cache.json",
+    "cache_entries.jsonl",
+    "vectors.safetensors",
+)
+MAX_MEMBER_BYTES = 8 * 2**30
+"""A member larger than this (uncompressed) is refused before it is read: the bundle is read into memory."""
+CHUNK = 1000
+"""Rows per insert statement (all in the import's one transaction)."""
+
+Op = Literal["create", "update", "restore", "delete"]
+StoredKind = Literal["plaintext", "response"]
+State = Literal["active", "archived", "deleted"]
+
+
+L = TypeVar("L", bound=msgspec.Struct)
+
+
+class BundleError(Exception):
+    """A bundle that cannot be read or imported (or a cube that cannot be exported): what, and where."""
+
+
+# -- the lines of the bundle's members ---------------------------------------------------------------------
+
+
+class MemoryLine(msgspec.Struct, forbid_unknown_fields=True):
+    id: uuid.UUID
+    kind: StoredKind
+    state: State
+    version: int
+    content: str | None
+    metadata: dict[str, Any]
+    tags: list[str]
+    provenance: dict[str, Any]
+    content_sha256: str | None
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None
+    created_by: uuid.UUID
+    heat: float
+    purged_at: datetime | None
+    embedding_model: str | None
+    event_time: datetime | None
+    vector: int | None
+
+
+class VersionLine(msgspec.Struct, forbid_unknown_fields=True):
+    memory_id: uuid.UUID
+    version: int
+    op: Op
+    state: State
+    content: str | None
+    metadata: dict[str, Any]
+    tags: list[str]
+    provenance: dict[str, Any]
+    content_sha256: str | None
+    expires_at: datetime | None
+    created_at: datetime
+    created_by: uuid.UUID
+    embedding_model: str | None
+    event_time: datetime | None
+    vector: int | None
+
+
+class LinkLine(msgspec.Struct, forbid_unknown_fields=True):
+    id: uuid.UUID
+    from_id: uuid.UUID
+    to_id: uuid.UUID
+    type: str
+    weight: float
+    to_version: int | None
+    created_at: datetime
+    created_by: uuid.UUID
+
+
+class CacheEntryLine(msgspec.Struct, forbid_unknown_fields=True):
+    memory_id: uuid.UUID
+    context_sha256: str | None
+    vector: int | None
+    threshold: float | None
+    hits: int
+    false_hits: int
+    last_hit_at: datetime | None
+    updated_at: datetime
+
+
+class CacheCategory(msgspec.Struct, forbid_unknown_fields=True):
+    category: str
+    threshold: float | None
+    false_hit_floor: float
+    hits: int
+    misses: int
+    false_hits: int
+    correct_hits: int
+    evicted: int
+    updated_at: datetime
+
+
+class CacheState(msgspec.Struct, forbid_unknown_fields=True):
+    config: dict[str, Any] | None
+    """The cube's cache configuration as its owner wrote it; None: the defaults."""
+    categories: list[CacheCategory]
+
+
+class CubeInfo(msgspec.Struct, forbid_unknown_fields=True):
+    id: uuid.UUID
+    name: str
+    description: str
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+class MemberInfo(msgspec.Struct, forbid_unknown_fields=True):
+    bytes: int
+    sha256: str
+
+
+class Manifest(msgspec.Struct, forbid_unknown_fields=True):
+    format: str
+    exported_at: datetime
+    cube: CubeInfo
+    dims: int
+    counts: dict[str, int]
+    left_out: dict[str, int]
+    """What the export did not carry (``activations``, ``links_outside``), so an operator knows."""
+    members: dict[str, MemberInfo]
+
+
+@dataclasses.dataclass(slots=True)
+class Bundle:
+    """A bundle read and checked: ready to import."""
+
+    manifest: Manifest
+    memories: list[MemoryLine]
+    versions: list[VersionLine]
+    links: list[LinkLine]
+    cache: CacheState
+    cache_entries: list[CacheEntryLine]
+    vectors: dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(slots=True)
+class BundleReport:
+    cube_id: uuid.UUID
+    name: str
+    memories: int
+    versions: int
+    links: int
+    cache_entries: int
+    left_out: dict[str, int]
+    models: dict[str, int]
+    """Embedded memories by the model that embedded them."""
+
+
+# -- export --------------------------------------------------------------------------------------------------
+
+
+async def export_cube(db: Database, cube_id: uuid.UUID, out: Path) -> BundleReport:
+    """Write cube ``cube_id`` (any tenant's: this is the operator's tool) to ``out`` as a bundle.
+
+    The rows are read in one REPEATABLE READ transaction, so the bundle is one consistent moment of the cube
+    even while clients write to it. The file is written beside ``out`` and renamed into place at the end."""
+    async with db.transaction() as conn:
+        await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+        cube = (
+            await conn.execute(select(cubes).where(cubes.c.id == cube_id, cubes.c.deleted_at.is_(None)))
+        ).one_or_none()
+        if cube is None:
+            raise BundleError(f"no such cube: {cube_id}")
+        rows = (
+            await conn.execute(
+                select(memories).where(memories.c.cube_id == cube_id).order_by(memories.c.created_at, memories.c.id)
+            )
+        ).all()
+        kept = [r for r in rows if r.kind != "activation"]
+        ids = [r.id for r in kept]
+        exported = select(memories.c.id).where(memories.c.cube_id == cube_id, memories.c.kind != "activation")
+        version_rows = (
+            await conn.execute(
+                select(memory_versions)
+                .where(memory_versions.c.memory_id.in_(exported))
+                .order_by(memory_versions.c.memory_id, memory_versions.c.version)
+            )
+        ).all()
+        # Every link that touches the cube: those with an end elsewhere (or on an activation) are counted.
+        link_rows = (
+            await conn.execute(
+                select(memory_links)
+                .where(
+                    memory_links.c.from_id.in_(select(memories.c.id).where(memories.c.cube_id == cube_id))
+                    | memory_links.c.to_id.in_(select(memories.c.id).where(memories.c.cube_id == cube_id))
+                )
+                .order_by(memory_links.c.created_at, memory_links.c.id)
+            )
+        ).all()
+        config = (
+            await conn.execute(select(cache_configs.c.config).where(cache_configs.c.cube_id == cube_id))
+        ).scalar_one_or_none()
+        category_rows = (
+            await conn.execute(
+                select(cache_categories)
+                .where(cache_categories.c.cube_id == cube_id)
+                .order_by(cache_categories.c.category)
+            )
+        ).all()
+        entry_rows = (
+            await conn.execute(
+                select(cache_entries).where(cache_entries.c.memory_id.in_(exported)).order_by(cache_entries.c.memory_id)
+            )
+        ).all()
+
+    inside = set(ids)
+    links = [r for r in link_rows if r.from_id in inside and r.to_id in inside]
+    memory_vectors = _Vectors()
+    version_vectors = _Vectors()
+    context_vectors = _Vectors()
+    memory_lines = [_line(MemoryLine, r, vector=memory_vectors.add(r.embedding)) for r in kept]
+    version_lines = [_line(VersionLine, r, vector=version_vectors.add(r.embedding)) for r in version_rows]
+    link_lines = [_line(LinkLine, r) for r in links]
+    entry_lines = [_line(CacheEntryLine, r, vector=context_vectors.add(r.context_embedding)) for r in entry_rows]
+    cache = CacheState(config=config, categories=[_line(CacheCategory, r) for r in category_rows])
+    blobs = {
+        "memories.jsonl": _jsonl(memory_lines),
+        "versions.jsonl": _jsonl(version_lines),
+        "links.jsonl": _jsonl(link_lines),
+        "cache.json": msgspec.json.encode(cache),
+        "cache_entries.jsonl": _jsonl(entry_lines),
+        "vectors.safetensors": save_tensors(
+            {
+                "memories": memory_vectors.matrix(),
+                "versions": version_vectors.matrix(),
+                "contexts": context_vectors.matrix(),
+            }
+        ),
+    }
+    left_out = {"activations": len(rows) - len(kept), "links_outside": len(link_rows) - len(links)}
+    manifest = Manifest(
+        format=FORMAT,
+        exported_at=datetime.now(UTC),
+        cube=CubeInfo(
+            id=cube.id,
+            name=cube.name,
+            description=cube.description,
+            metadata=cube.metadata,
+            created_at=cube.created_at,
+        ),
+        dims=EMBEDDING_DIMS,
+        counts={
+            "memories": len(memory_lines),
+            "versions": len(version_lines),
+            "links": len(link_lines),
+            "cache_entries": len(entry_lines),
+        },
+        left_out=left_out,
+        members={
+            name: MemberInfo(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest()) for name, blob in blobs.items()
+        },
+    )
+    partial = out.with_name(out.name + ".partial")
+    try:
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(MANIFEST, msgspec.json.format(msgspec.json.encode(manifest)))
+            for name, blob in blobs.items():
+                archive.writestr(name, blob)
+        partial.replace(out)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise BundleError(f"cannot write {out}: {exc}") from None
+    async with db.transaction() as conn:
+        await record(
+            conn,
+            OPERATOR,
+            "cube.export",
+            "cube",
+            cube_id,
+            tenant_id=cube.tenant_id,
+            detail={**manifest.counts, "left_out": left_out},
+        )
+    return BundleReport(
+        cube_id=cube_id,
+        name=cube.name,
+        memories=len(memory_lines),
+        versions=len(version_lines),
+        links=len(link_lines),
+        cache_entries=len(entry_lines),
+        left_out=left_out,
+        models=_models(memory_lines),
+    )
+
+
+def _line(kind: type[L], row: Row[Any], **given: Any) -> L:
+    """A line of ``kind`` from a table row: each field from the column of its name, unless ``given``."""
+    return kind(**{name: given[name] if name in given else getattr(row, name) for name in kind.__struct_fields__})
+
+
+def _values(line: msgspec.Struct, **given: Any) -> dict[str, Any]:
+    """A line's fields as column values (``vector`` is a row of a tensor, not a column), with ``given`` over them."""
+    values = {name: getattr(line, name) for name in line.__struct_fields__ if name != "vector"}
+    return {**values, **given}
+
+
+class _Vectors:
+    """Collects the vectors of one tensor; ``add`` gives a vector's row (None for no vector)."""
+
+    def __init__(self) -> None:
+        self._rows: list[np.ndarray] = []
+
+    def add(self, vector: Any) -> int | None:
+        if vector is None:
+            return None
+        self._rows.append(np.asarray(vector, dtype=np.float32))
+        return len(self._rows) - 1
+
+    def matrix(self) -> np.ndarray:
+        if not self._rows:
+            return np.zeros((0, EMBEDDING_DIMS), dtype=np.float32)
+        return np.stack(self._rows)
+
+
+def _jsonl(lines: Iterable[msgspec.Struct]) -> bytes:
+    encoder = msgspec.json.Encoder()
+    buffer = bytearray()
+    for line in lines:
+        encoder.encode_into(line, buffer, -1)
+        buffer += b"\n"
+    return bytes(buffer)
+
+
+def _models(lines: Iterable[MemoryLine]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for line in lines:
+        if line.vector is not None and line.embedding_model is not None:
+            counts[line.embedding_model] += 1
+    return dict(counts)
+
+
+# -- reading and checking a bundle ---------------------------------------------------------------------------
+
+
+def read_bundle(path: Path) -> Bundle:
+    """Read ``path`` and check it whole (see the module docstring); ``BundleError`` says what is wrong."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"{path}: not a readable memos bundle (zip): {exc}") from None
+    with archive:
+        manifest = _decode(Manifest, _member(archive, MANIFEST), MANIFEST)
+        if manifest.format != FORMAT:
+            raise BundleError(f"{MANIFEST}: format {manifest.format!r}; this memos reads {FORMAT!r}")
+        if manifest.dims != EMBEDDING_DIMS:
+            raise BundleError(
+                f"{MANIFEST}: vectors of {manifest.dims} dimensions; this deployment stores {EMBEDDING_DIMS}"
+            )
+        blobs: dict[str, bytes] = {}
+        for name in MEMBERS:
+            info = manifest.members.get(name)
+            if info is None:
+                raise BundleError(f"{MANIFEST}: no entry for member {name}")
+            blob = _member(archive, name)
+            if len(blob) != info.bytes or hashlib.sha256(blob).hexdigest() != info.sha256:
+                raise BundleError(f"{name}: does not match its size and SHA-256 in the manifest (damaged or edited)")
+            blobs[name] = blob
+    try:
+        vectors = load_tensors(blobs["vectors.safetensors"])
+    except Exception as exc:  # safetensors raises its own error types for a malformed header
+        raise BundleError(f"vectors.safetensors: not readable: {exc}") from None
+    bundle = Bundle(
+        manifest=manifest,
+        memories=_lines(MemoryLine, blobs["memories.jsonl"], "memories.jsonl"),
+        versions=_lines(VersionLine, blobs["versions.jsonl"], "versions.jsonl"),
+        links=_lines(LinkLine, blobs["links.jsonl"], "links.jsonl"),
+        cache=_decode(CacheState, blobs["cache.json"], "cache.json"),
+        cache_entries=_lines(CacheEntryLine, blobs["cache_entries.jsonl"], "cache_entries.jsonl"),
+        vectors=vectors,
+    )
+    _check(bundle)
+    return bundle
+
+
+def _member(archive: zipfile.ZipFile, name: str) -> bytes:
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise BundleError(f"the bundle has no {name}") from None
+    if info.file_size > MAX_MEMBER_BYTES:
+        raise BundleError(f"{name}: {info.file_size} bytes, over the {MAX_MEMBER_BYTES} this tool reads")
+    try:
+        with archive.open(info) as stream:
+            # One byte more than declared: a member that inflates past its header's size is refused.
+            blob = stream.read(info.file_size + 1)
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise BundleError(f"{name}: cannot be read: {exc}") from None
+    if len(blob) != info.file_size:
+        raise BundleError(f"{name}: its size does not match the archive's header")
+    return blob
+
+
+def _decode(kind: type[L], blob: bytes, where: str) -> L:
+    try:
+        return msgspec.json.decode(blob, type=kind)
+    except msgspec.ValidationError as exc:
+        raise BundleError(f"{where}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BundleError(f"{where}: not JSON: {exc}") from None
+
+
+def _lines(kind: type[L], blob: bytes, where: str) -> list[L]:
+    decoder = msgspec.json.Decoder(kind)
+    out: list[L] = []
+    for number, line in enumerate(io.BytesIO(blob), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(decoder.decode(line))
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise BundleError(f"{where} line {number}: {exc}") from None
+    return out
+
+
+def _check(bundle: Bundle) -> None:
+    """The references between the members: whatever an import would trip over, found before it writes."""
+    m = bundle.manifest
+    got = {
+        "memories": len(bundle.memories),
+        "versions": len(bundle.versions),
+        "links": len(bundle.links),
+        "cache_entries": len(bundle.cache_entries),
+    }
+    for name, count in got.items():
+        if m.counts.get(name) != count:
+            raise BundleError(f"{MANIFEST}: counts.{name} is {m.counts.get(name)}, the bundle holds {count}")
+    for name in ("memories", "versions", "contexts"):
+        matrix = bundle.vectors.get(name)
+        if matrix is None:
+            raise BundleError(f"vectors.safetensors: no tensor {name!r}")
+        if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.shape[1] != m.dims:
+            raise BundleError(
+                f"vectors.safetensors: {name} is {matrix.dtype} {matrix.shape}, not float32 [n, {m.dims}]"
+            )
+        if not np.isfinite(matrix).all():
+            raise BundleError(f"vectors.safetensors: {name} holds a value that is not a finite number")
+
+    def row(where: str, index: int | None, tensor: str) -> None:
+        if index is not None and not 0 <= index < len(bundle.vectors[tensor]):
+            raise BundleError(f"{where}: vector {index} is not a row of {tensor} ({len(bundle.vectors[tensor])} rows)")
+
+    versions: dict[uuid.UUID, list[int]] = defaultdict(list)
+    for i, v in enumerate(bundle.versions, start=1):
+        where = f"versions.jsonl line {i}"
+        row(where, v.vector, "versions")
+        _check_hash(where, v.content, v.content_sha256)
+        versions[v.memory_id].append(v.version)
+    ids: set[uuid.UUID] = set()
+    for i, mem in enumerate(bundle.memories, start=1):
+        where = f"memories.jsonl line {i}"
+        if mem.id in ids:
+            raise BundleError(f"{where}: memory {mem.id} appears twice")
+        ids.add(mem.id)
+        row(where, mem.vector, "memories")
+        _check_hash(where, mem.content, mem.content_sha256)
+        if sorted(versions.get(mem.id, [])) != list(range(1, mem.version + 1)):
+            raise BundleError(
+                f"{where}: memory {mem.id} is at version {mem.version} but its versions are not 1..{mem.version}"
+            )
+    strays = versions.keys() - ids
+    if strays:
+        raise BundleError(
+            f"versions.jsonl: versions of {len(strays)} memories the bundle does not hold, e.g. {min(strays)}"
+        )
+    seen_links: set[tuple[uuid.UUID, uuid.UUID, str]] = set()
+    for i, link in enumerate(bundle.links, start=1):
+        where = f"links.jsonl line {i}"
+        for end in (link.from_id, link.to_id):
+            if end not in ids:
+                raise BundleError(f"{where}: links memory {end}, which the bundle does not hold")
+        key = (link.from_id, link.to_id, link.type)
+        if key in seen_links:
+            raise BundleError(f"{where}: a second {link.type!r} link from {link.from_id} to {link.to_id}")
+        seen_links.add(key)
+    entries: set[uuid.UUID] = set()
+    kinds = {mem.id: mem.kind for mem in bundle.memories}
+    for i, entry in enumerate(bundle.cache_entries, start=1):
+        where = f"cache_entries.jsonl line {i}"
+        if kinds.get(entry.memory_id) != "response":
+            raise BundleError(f"{where}: memory {entry.memory_id} is not a cached answer (kind response) of the bundle")
+        if entry.memory_id in entries:
+            raise BundleError(f"{where}: a second entry for memory {entry.memory_id}")
+        entries.add(entry.memory_id)
+        row(where, entry.vector, "contexts")
+
+
+def _check_hash(where: str, content: str | None, digest: str | None) -> None:
+    if content is not None and digest != content_sha256(content):
+        raise BundleError(f"{where}: content_sha256 does not match the content")
+
+
+# -- import --------------------------------------------------------------------------------------------------
+
+
+async def import_bundle(
+    db: Database,
+    bundle: Bundle,
+    *,
+    owner: uuid.UUID,
+    name: str | None = None,
+    new_ids: bool = False,
+    dry_run: bool = False,
+) -> BundleReport:
+    """Write ``bundle`` (from ``read_bundle``) as a cube owned by agent ``owner``, in its tenant, in one
+    transaction. ``name`` replaces the bundle's cube name; ``new_ids``: fresh ids (a copy); ``dry_run``: check
+    everything, including what the database already holds, then roll back."""
+    ids = _id_map(bundle, new_ids)
+    cube_id = ids[bundle.manifest.cube.id]
+    cube_name = name if name is not None else bundle.manifest.cube.name
+    report = BundleReport(
+        cube_id=cube_id,
+        name=cube_name,
+        memories=len(bundle.memories),
+        versions=len(bundle.versions),
+        links=len(bundle.links),
+        cache_entries=len(bundle.cache_entries),
+        left_out=dict(bundle.manifest.left_out),
+        models=_models(bundle.memories),
+    )
+    try:
+        async with db.transaction() as conn:
+            tenant_id = await _owner_tenant(conn, owner)
+            await _check_free(conn, tenant_id, cube_name, ids, bundle)
+            await _write(conn, bundle, ids, tenant_id=tenant_id, owner=owner, cube_id=cube_id, cube_name=cube_name)
+            await record(
+                conn,
+                OPERATOR,
+                "cube.import",
+                "cube",
+                cube_id,
+                tenant_id=tenant_id,
+                detail={
+                    "from_cube": str(bundle.manifest.cube.id),
+                    "exported_at": bundle.manifest.exported_at.isoformat(),
+                    "new_ids": new_ids,
+                    "memories": report.memories,
+                    "versions": report.versions,
+                    "links": report.links,
+                },
+            )
+            if dry_run:
+                await conn.rollback()
+    except IntegrityError as exc:
+        # _check_free looked first; this is a writer that took a name or id since (or a bundle edge case).
+        raise BundleError(f"the database refused the import, nothing was written: {exc.orig}") from None
+    return report
+
+
+def _id_map(bundle: Bundle, new_ids: bool) -> dict[uuid.UUID, uuid.UUID]:
+    """Every id of the bundle (cube, memories, links) to the id it is written with."""
+    old = [bundle.manifest.cube.id, *(m.id for m in bundle.memories), *(link.id for link in bundle.links)]
+    return {i: (uuid.uuid4() if new_ids else i) for i in old}
+
+
+async def _owner_tenant(conn: AsyncConnection, owner: uuid.UUID) -> uuid.UUID:
+    tenant_id: uuid.UUID | None = (
+        await conn.execute(select(agents.c.tenant_id).where(agents.c.id == owner))
+    ).scalar_one_or_none()
+    if tenant_id is None:
+        raise BundleError(f"no such agent: {owner} (--owner names the agent that will own the cube)")
+    return tenant_id
+
+
+async def _check_free(
+    conn: AsyncConnection, tenant_id: uuid.UUID, name: str, ids: dict[uuid.UUID, uuid.UUID], bundle: Bundle
+) -> None:
+    taken = (
+        await conn.execute(
+            select(cubes.c.id).where(cubes.c.tenant_id == tenant_id, cubes.c.name == name, cubes.c.deleted_at.is_(None))
+        )
+    ).first()
+    if taken is not None:
+        raise BundleError(f"the tenant already has a cube named {name!r} (give another with --name)")
+    cube_id = ids[bundle.manifest.cube.id]
+    if (await conn.execute(select(cubes.c.id).where(cubes.c.id == cube_id))).first() is not None:
+        raise BundleError(f"cube {cube_id} exists in this deployment (import a copy with --new-ids)")
+    memory_ids = [ids[m.id] for m in bundle.memories]
+    present = (
+        await conn.execute(select(memories.c.id).where(memories.c.id == _any(memory_ids)).limit(1))
+    ).scalar_one_or_none()
+    if present is not None:
+        raise BundleError(f"memory {present} exists in this deployment (import a copy with --new-ids)")
+    link_ids = [ids[link.id] for link in bundle.links]
+    present = (
+        await conn.execute(select(memory_links.c.id).where(memory_links.c.id == _any(link_ids)).limit(1))
+    ).scalar_one_or_none()
+    if present is not None:
+        raise BundleError(f"link {present} exists in this deployment (import a copy with --new-ids)")
+
+
+def _any(values: Sequence[uuid.UUID]) -> Any:
+    return any_(bindparam("ids", list(values), type_=ARRAY(UUID(as_uuid=True))))
+
+
+async def _write(
+    conn: AsyncConnection,
+    bundle: Bundle,
+    ids: dict[uuid.UUID, uuid.UUID],
+    *,
+    tenant_id: uuid.UUID,
+    owner: uuid.UUID,
+    cube_id: uuid.UUID,
+    cube_name: str,
+) -> None:
+    info = bundle.manifest.cube
+    await conn.execute(
+        insert(cubes).values(
+            id=cube_id,
+            tenant_id=tenant_id,
+            name=cube_name,
+            description=info.description,
+            metadata=info.metadata,
+            owner_agent_id=owner,
+            created_at=info.created_at,
+        )
+    )
+    vectors = bundle.vectors
+    # A cube past the size has its embedded memories in the HNSW index (memos.memories.ann), as a write would.
+    ann = sum(m.vector is not None for m in bundle.memories) >= EXACT_CUBE_MAX
+
+    def vector(tensor: str, index: int | None) -> np.ndarray | None:
+        return None if index is None else vectors[tensor][index]
+
+    await _insert(
+        conn,
+        memories,
+        (
+            _values(
+                m,
+                id=ids[m.id],
+                tenant_id=tenant_id,
+                cube_id=cube_id,
+                provenance=_remap_provenance(m.provenance, ids),
+                embedding=vector("memories", m.vector),
+                ann=ann and m.vector is not None,
+            )
+            for m in bundle.memories
+        ),
+    )
+    await _insert(
+        conn,
+        memory_versions,
+        (
+            _values(
+                v,
+                memory_id=ids[v.memory_id],
+                provenance=_remap_provenance(v.provenance, ids),
+                embedding=vector("versions", v.vector),
+            )
+            for v in bundle.versions
+        ),
+    )
+    await _insert(
+        conn,
+        memory_links,
+        (
+            _values(link, id=ids[link.id], tenant_id=tenant_id, from_id=ids[link.from_id], to_id=ids[link.to_id])
+            for link in bundle.links
+        ),
+    )
+    if bundle.cache.config is not None:
+        await conn.execute(insert(cache_configs).values(cube_id=cube_id, config=bundle.cache.config, updated_by=owner))
+    await _insert(conn, cache_categories, (_values(c, cube_id=cube_id) for c in bundle.cache.categories))
+    await _insert(
+        conn,
+        cache_entries,
+        (
+            _values(e, memory_id=ids[e.memory_id], cube_id=cube_id, context_embedding=vector("contexts", e.vector))
+            for e in bundle.cache_entries
+        ),
+    )
+
+
+async def _insert(conn: AsyncConnection, table: Any, rows: Iterable[dict[str, Any]]) -> None:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == CHUNK:
+            await conn.execute(insert(table), chunk)
+            chunk = []
+    if chunk:
+        await conn.execute(insert(table), chunk)
+
+
+def _remap_provenance(provenance: dict[str, Any], ids: dict[uuid.UUID, uuid.UUID]) -> dict[str, Any]:
+    """``derived_from`` references to memories of the bundle, rewritten to their new ids (others kept: they
+    name memories outside the cube, as history)."""
+    refs = provenance.get("derived_from")
+    if not isinstance(refs, list) or not refs:
+        return provenance
+    out = []
+    for ref in refs:
+        if isinstance(ref, dict) and isinstance(ref.get("memory_id"), str):
+            try:
+                old = uuid.UUID(ref["memory_id"])
+            except ValueError:
+                old = None
+            if old is not None and old in ids:
+                ref = {**ref, "memory_id": str(ids[old])}
+        out.append(ref)
+    return {**provenance, "derived_from": out}

@@ -1,0 +1,375 @@
+"""`memos admin export` / `import`: a cube written to a bundle and back, into another deployment (a second
+database on the same server, with its own app) and as a copy beside the original; damaged bundles refused
+with nothing written."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Factory, PgServer, Tenant, bearer, fresh_database, with_tiny_model
+from litestar.testing import TestClient
+
+from memos.admin import bundle as bundles
+from memos.app import create_app
+from memos.cli.main import main as cli_main
+from memos.embed.base import Embedder
+from memos.settings import Settings
+from memos.store.embedded import drop_database
+
+KV_MODEL = "tiny"
+CONTEXT = ["Which trip are we planning?", "The Lisbon trip in May."]
+
+
+@pytest.fixture(scope="module")
+def settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A KV model too: activations are left out of a bundle, with the links that reach them."""
+    return with_tiny_model(settings, tmp_path_factory, KV_MODEL, seed=0)
+
+
+@pytest.fixture(scope="module")
+def world(factory: Factory, client: TestClient) -> dict[str, Any]:  # type: ignore[type-arg]
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube = factory.cube(key, description="trip notes", metadata={"team": "blue"})
+    other = factory.cube(key)
+    source = factory.memory(
+        key, cube["id"], "Melanie repainted the lighthouse on 8 May, 2023.", metadata={"speaker": "Melanie"}
+    )
+    changed = factory.memory(key, cube["id"], "The ferry leaves at noon.", tags=["ferry"])
+    r = client.patch(
+        f"/v1/memories/{changed['id']}",
+        json={"content": "The ferry leaves at one."},
+        headers={**bearer(key), "If-Match": '"1"'},
+    )
+    assert r.status_code == 200, r.text
+    summary = factory.memory(
+        key,
+        cube["id"],
+        "Melanie likes painting lighthouses.",
+        provenance={"derived_from": [{"memory_id": source["id"]}], "model": "a-summarizer"},
+    )
+    gone = factory.memory(key, cube["id"], "This one was deleted.")
+    assert client.delete(f"/v1/memories/{gone['id']}", headers=bearer(key)).status_code == 204
+    erased = factory.memory(key, cube["id"], "A secret that was purged.")
+    assert client.delete(f"/v1/memories/{erased['id']}?purge=true", headers=bearer(key)).status_code == 204
+    outside = factory.memory(key, other["id"], "A memory in another cube.")
+    for frm, to in ((changed, source), (changed, outside)):
+        r = client.post(
+            f"/v1/memories/{frm['id']}/links", json={"to": to["id"], "type": "mentions"}, headers=bearer(key)
+        )
+        assert r.status_code == 201, r.text
+    body = {"cube_id": cube["id"], "query": "How long is the flight to Lisbon?", "response": "About two hours."}
+    r = client.post("/v1/cache", json={**body, "context": CONTEXT}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    cached = r.json()
+    r = client.post(f"/v1/memories/{source['id']}/activations", json={"model": KV_MODEL}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    return {
+        "tenant": tenant,
+        "cube": cube,
+        "other": other,
+        "source": source,
+        "changed": changed,
+        "summary": summary,
+        "gone": gone,
+        "erased": erased,
+        "cached": cached,
+    }
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    assert settings.database_url is not None
+    monkeypatch.setenv("MEMOS_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("MEMOS_DATA_DIR", str(settings.data_dir))
+
+
+@pytest.fixture(scope="module")
+def export_run(world: dict[str, Any], settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The bundle of the world's cube, and what the export printed."""
+    out = tmp_path_factory.mktemp("bundles") / "cube.memos"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        assert settings.database_url is not None
+        mp.setenv("MEMOS_DATABASE_URL", settings.database_url)
+        mp.setenv("MEMOS_DATA_DIR", str(settings.data_dir))
+        assert cli_main(["admin", "export", "--cube", world["cube"]["id"], "--out", str(out)]) == 0
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exported(export_run: tuple[Path, str]) -> Path:
+    return export_run[0]
+
+
+@pytest.fixture(scope="module")
+def elsewhere(
+    pg_server: PgServer, settings: Settings, embedder: Embedder, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, TestClient]]:  # type: ignore[type-arg]
+    """Another deployment: its own database and its own app."""
+    name = fresh_database(pg_server, "bundle_elsewhere")
+    url = pg_server.url(name)
+    other = dataclasses.replace(settings, database_url=url, data_dir=tmp_path_factory.mktemp("elsewhere"))
+    with TestClient(create_app(other, embedder_factory=lambda: embedder)) as c:
+        yield url, c
+    drop_database(pg_server.admin_url, name)
+
+
+def _tenant(client: TestClient) -> Tenant:  # type: ignore[type-arg]
+    return Factory(client).tenant()
+
+
+def _rows(url: str, cube_id: str) -> dict[str, list[tuple[Any, ...]]]:
+    """The cube's rows as the tables hold them, without the columns an import may change (tenant, cube)."""
+    with psycopg.connect(url) as conn:
+        memory_rows = conn.execute(
+            "SELECT id, kind, state, version, content, metadata, tags, provenance, content_sha256, created_at,"
+            " updated_at, expires_at, created_by, heat, purged_at, embedding::text, embedding_model, event_time,"
+            " tsv::text FROM memories WHERE cube_id = %s AND kind <> 'activation' ORDER BY created_at, id",
+            (cube_id,),
+        ).fetchall()
+        ids = [r[0] for r in memory_rows]
+        versions = conn.execute(
+            "SELECT memory_id, version, op, state, content, metadata, tags, provenance, content_sha256, expires_at,"
+            " created_at, created_by, embedding::text, embedding_model, event_time FROM memory_versions"
+            " WHERE memory_id = ANY(%s) ORDER BY memory_id, version",
+            (ids,),
+        ).fetchall()
+        links = conn.execute(
+            "SELECT id, from_id, to_id, type, weight, to_version, created_at, created_by FROM memory_links"
+            " WHERE from_id = ANY(%s) AND to_id = ANY(%s) ORDER BY id",
+            (ids, ids),
+        ).fetchall()
+        entries = conn.execute(
+            "SELECT memory_id, context_sha256, context_embedding::text, threshold, hits, false_hits FROM cache_entries"
+            " WHERE memory_id = ANY(%s) ORDER BY memory_id",
+            (ids,),
+        ).fetchall()
+    return {"memories": memory_rows, "versions": versions, "links": links, "entries": entries}
+
+
+def test_export_writes_a_bundle_and_says_what_it_left_out(world, export_run, settings) -> None:
+    exported, out = export_run
+    # versions: 1 + 2 (changed) + 1 + 2 (deleted) + 2 (purged) + 1 (the cached answer)
+    assert "6 memories, 9 versions, 3 links, 1 cache entries" in out, out
+    assert "left out: 1 KV activations" in out
+    # the link to the other cube's memory, and the activation's provenance edge to its source
+    assert "left out: 2 links" in out
+    with zipfile.ZipFile(exported) as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+        assert sorted(archive.namelist()) == sorted(["manifest.json", *bundles.MEMBERS])
+    assert manifest["format"] == "memos-bundle/1"
+    assert manifest["counts"] == {"memories": 6, "versions": 9, "links": 3, "cache_entries": 1}
+    assert manifest["left_out"] == {"activations": 1, "links_outside": 2}
+    assert manifest["cube"]["name"] == world["cube"]["name"]
+    with psycopg.connect(settings.database_url) as conn:
+        action = conn.execute(
+            "SELECT action, detail->>'memories' FROM audit_log WHERE target_id = %s ORDER BY id DESC LIMIT 1",
+            (world["cube"]["id"],),
+        ).fetchone()
+    assert action == ("cube.export", "6")
+
+
+def test_import_into_another_deployment_keeps_every_row_and_id(
+    world, exported, elsewhere, settings, env, capsys
+) -> None:
+    url, client = elsewhere
+    tenant = _tenant(client)
+    args = ["admin", "import", str(exported), "--owner", tenant.admin_id]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEMOS_DATABASE_URL", url)
+        assert cli_main([*args, "--dry-run"]) == 0
+        assert "dry run: nothing written" in capsys.readouterr().out
+        assert client.get(f"/v1/cubes/{world['cube']['id']}", headers=bearer(tenant.admin_key)).status_code == 404
+        assert cli_main(args) == 0
+    assert f"as {world['cube']['id']}" in capsys.readouterr().out
+    assert _rows(url, world["cube"]["id"]) == _rows(settings.database_url, world["cube"]["id"])
+
+    key = bearer(tenant.admin_key)
+    cube = client.get(f"/v1/cubes/{world['cube']['id']}", headers=key).json()
+    assert (cube["name"], cube["description"], cube["metadata"]) == (
+        world["cube"]["name"],
+        "trip notes",
+        {"team": "blue"},
+    )
+    assert cube["owner_agent_id"] == tenant.admin_id
+    history = client.get(f"/v1/memories/{world['changed']['id']}/versions", headers=key).json()["items"]
+    assert [(v["version"], v["content"]) for v in history] == [
+        (1, "The ferry leaves at noon."),
+        (2, "The ferry leaves at one."),
+    ]
+    graph = client.get(f"/v1/memories/{world['summary']['id']}/provenance", headers=key).json()
+    assert {n["memory_id"] for n in graph["nodes"]} == {world["summary"]["id"], world["source"]["id"]}
+    for mode in ("vector", "text", "hybrid", "graph"):
+        body = {"query": "who repainted the lighthouse", "cube_ids": [cube["id"]], "mode": mode, "k": 3}
+        r = client.post("/v1/search", json=body, headers=key)
+        assert r.status_code == 200, r.text
+        assert world["source"]["id"] in [x["memory"]["id"] for x in r.json()["results"]], mode
+    lookup = {"cube_id": cube["id"], "query": "How long is the flight to Lisbon?", "context": CONTEXT}
+    r = client.post("/v1/cache/lookup", json=lookup, headers=key)
+    assert r.status_code == 200 and r.json()["hit"] and r.json()["memory_id"] == world["cached"]["id"], r.text
+    # A second import of the same bundle would reuse the ids: refused, nothing written.
+    other = _tenant(client)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEMOS_DATABASE_URL", url)
+        assert cli_main(["admin", "import", str(exported), "--owner", other.admin_id]) == 1
+    assert "exists in this deployment (import a copy with --new-ids)" in capsys.readouterr().err
+    assert client.get("/v1/cubes", headers=bearer(other.admin_key)).json()["items"] == []
+
+
+def test_a_copy_with_new_ids_sits_beside_the_original(
+    world, exported, client, factory, settings, env, capsys, monkeypatch, tmp_path, embedder
+) -> None:
+    tenant = factory.tenant()
+    before = _rows(settings.database_url, world["cube"]["id"])
+    # This deployment is set to another model: the import names the re-embedding that the memories need.
+    monkeypatch.setenv("MEMOS_EMBED_MODEL", str(tmp_path))
+    assert cli_main(["admin", "import", str(exported), "--owner", tenant.admin_id, "--new-ids", "--name", "copy"]) == 0
+    out = capsys.readouterr().out
+    # all but the purged one, whose embedding was erased with its content
+    assert f"5 memories were embedded by {embedder.name}, not {tmp_path}: run `memos admin reembed --cube" in out, out
+    key = bearer(tenant.admin_key)
+    (cube,) = client.get("/v1/cubes", headers=key).json()["items"]
+    assert cube["name"] == "copy" and cube["id"] != world["cube"]["id"]
+    copy = _rows(settings.database_url, cube["id"])
+    assert _rows(settings.database_url, world["cube"]["id"]) == before
+    old_ids = {r[0] for r in before["memories"]}
+    assert not old_ids & {r[0] for r in copy["memories"]}
+    # Everything but the ids is the same, and the references follow the ids.
+    new_of = {old[0]: new[0] for old, new in zip(before["memories"], copy["memories"], strict=True)}
+    assert [r[1:5] for r in copy["memories"]] == [r[1:5] for r in before["memories"]]
+    summary = client.get(f"/v1/memories/{new_of[uuid.UUID(world['summary']['id'])]}", headers=key).json()
+    assert summary["provenance"]["derived_from"][0]["memory_id"] == str(new_of[uuid.UUID(world["source"]["id"])])
+    assert sorted((new_of[r[1]], new_of[r[2]], r[3]) for r in before["links"]) == sorted(
+        (r[1], r[2], r[3]) for r in copy["links"]
+    )
+    # The original's tenant does not see the copy.
+    owner = world["tenant"].admin_key
+    assert client.get(f"/v1/cubes/{cube['id']}", headers=bearer(owner)).status_code == 404
+
+
+def _rewrite(src: Path, dst: Path, change: dict[str, bytes], *, fix_manifest: bool, manifest: Any = None) -> Path:
+    """``src`` with members replaced; ``fix_manifest``: with their sizes and hashes updated to match."""
+    with zipfile.ZipFile(src) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    members.update(change)
+    meta = json.loads(members["manifest.json"]) if manifest is None else manifest
+    if fix_manifest:
+        for name, blob in change.items():
+            if name != "manifest.json":
+                meta["members"][name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    members["manifest.json"] = json.dumps(meta).encode()
+    with zipfile.ZipFile(dst, "w") as archive:
+        for name, blob in members.items():
+            archive.writestr(name, blob)
+    return dst
+
+
+def _lines(path: Path, member: str) -> list[dict[str, Any]]:
+    with zipfile.ZipFile(path) as archive:
+        return [json.loads(x) for x in archive.read(member).splitlines()]
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+
+
+def test_damaged_bundles_are_refused_before_anything_is_written(
+    exported, tmp_path, factory, client, env, capsys
+) -> None:
+    tenant = factory.tenant()
+    memories = _lines(exported, "memories.jsonl")
+    versions = _lines(exported, "versions.jsonl")
+    manifest = json.loads(zipfile.ZipFile(exported).read("manifest.json"))
+    edited = [dict(memories[0], content="tampered"), *memories[1:]]
+    no_version = versions[1:]
+    link = _lines(exported, "links.jsonl")[0]
+    cases = {
+        "edited.memos": (
+            {"memories.jsonl": _jsonl(edited)},
+            False,
+            None,
+            "memories.jsonl: does not match its size and SHA-256",
+        ),
+        "hash.memos": ({"memories.jsonl": _jsonl(edited)}, True, None, "line 1: content_sha256 does not match"),
+        "schema.memos": (
+            {"memories.jsonl": _jsonl([dict(memories[0], kind="activation"), *memories[1:]])},
+            True,
+            None,
+            "memories.jsonl line 1: Invalid enum value 'activation' - at `$.kind`",
+        ),
+        "gap.memos": (
+            {"versions.jsonl": _jsonl(no_version)},
+            True,
+            dict(manifest, counts=dict(manifest["counts"], versions=len(no_version))),
+            "its versions are not 1..",
+        ),
+        "dangling.memos": (
+            {"links.jsonl": _jsonl([dict(link, to_id=str(uuid.uuid4())), *_lines(exported, "links.jsonl")[1:]])},
+            True,
+            None,
+            "which the bundle does not hold",
+        ),
+        "format.memos": ({}, False, dict(manifest, format="memos-bundle/9"), "this memos reads 'memos-bundle/1'"),
+        "dims.memos": ({}, False, dict(manifest, dims=768), "vectors of 768 dimensions"),
+        "vectors.memos": ({"vectors.safetensors": b"\x00" * 16}, True, None, "vectors.safetensors: not readable"),
+    }
+    for name, (change, fix, meta, message) in cases.items():
+        path = _rewrite(exported, tmp_path / name, change, fix_manifest=fix, manifest=meta)
+        assert cli_main(["admin", "import", str(path), "--owner", tenant.admin_id, "--new-ids"]) == 1, name
+        err = capsys.readouterr().err
+        assert message in err, (name, err)
+    (tmp_path / "junk.memos").write_bytes(b"not a zip")
+    assert cli_main(["admin", "import", str(tmp_path / "junk.memos"), "--owner", tenant.admin_id]) == 1
+    assert "not a readable memos bundle" in capsys.readouterr().err
+    assert client.get("/v1/cubes", headers=bearer(tenant.admin_key)).json()["items"] == []
+
+
+def test_bad_arguments_and_targets_are_refused(world, exported, tmp_path, factory, client, env, capsys) -> None:
+    assert cli_main(["admin", "export", "--cube", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "--cube takes a cube id" in capsys.readouterr().err
+    assert cli_main(["admin", "export", "--cube", str(uuid.uuid4()), "--out", str(tmp_path / "x")]) == 1
+    assert "no such cube" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+    assert cli_main(["admin", "export", "--cube", world["cube"]["id"], "--out", str(exported)]) == 2
+    assert "exists (--force replaces it)" in capsys.readouterr().err
+    assert cli_main(["admin", "import", str(exported), "--owner", str(uuid.uuid4()), "--new-ids"]) == 1
+    assert "no such agent" in capsys.readouterr().err
+    # The exporting tenant already has a live cube of that name.
+    owner = world["tenant"].admin_id
+    assert cli_main(["admin", "import", str(exported), "--owner", owner, "--new-ids"]) == 1
+    assert "already has a cube named" in capsys.readouterr().err
+
+
+async def test_a_write_that_fails_midway_leaves_nothing(
+    world, exported, factory, client, settings, monkeypatch
+) -> None:
+    """One transaction: with the pre-checks skipped, the memories' ids collide after the cube row is written."""
+    tenant = factory.tenant()
+    bundle = bundles.read_bundle(exported)
+
+    async def no_checks(*args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(bundles, "_check_free", no_checks)
+    from memos.store.db import Database
+
+    db = Database(settings)
+    await db.start()
+    try:
+        with pytest.raises(bundles.BundleError, match="refused the import, nothing was written"):
+            await bundles.import_bundle(db, bundle, owner=uuid.UUID(tenant.admin_id), name="half")
+    finally:
+        await db.stop()
+    assert client.get("/v1/cubes", headers=bearer(tenant.admin_key)).json()["items"] == []
