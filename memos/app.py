@@ -22,7 +22,7 @@ from memos import __version__
 from memos.activations.controller import ActivationController, ActivationImportController
 from memos.activations.models import KVWorker, ModelRegistry
 from memos.activations.service import ActivationService
-from memos.activations.tiers import HostTier
+from memos.activations.tiers import KVTiers
 from memos.blas import one_blas_thread
 from memos.cubes.controller import CubeController
 from memos.cubes.service import CubeService
@@ -49,6 +49,9 @@ from memos.memories.controller import MemoryController
 from memos.memories.service import MemoryService
 from memos.observability import request_id_middleware, request_id_var
 from memos.openapi import StrictStructSchemaPlugin, complete, errors
+from memos.scheduler.controller import SchedulerController
+from memos.scheduler.heat import HeatTable
+from memos.scheduler.service import Scheduler
 from memos.search.controller import SearchController
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
@@ -248,13 +251,23 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
                 db,
                 LocalBlobStore(settings.blob_root),
                 ModelRegistry(settings.models, kv_worker, before_load=lambda: _settled(loading)),
-                HostTier(settings.kv_host_bytes),
+                KVTiers(settings.kv_device_bytes, settings.kv_host_bytes),
                 memory_service,
                 search,
             )
             # A purge erases the KV derived from the text too; the blobs go once nothing else uses them.
             memory_service.release_blobs = activations.release_blobs
             app.state.activations = activations
+            scheduler = Scheduler(
+                db,
+                activations,
+                HeatTable(settings.heat_half_life_seconds),
+                interval=settings.scheduler_seconds,
+                build_heat=settings.build_heat,
+            )
+            memory_service.on_access = search.on_access = activations.on_access = scheduler.touch
+            scheduler.start()
+            app.state.scheduler = scheduler
             app.state.rate_limiter = None
             if settings.rate_limit > 0:
                 app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.rate_limit_bucket)
@@ -264,6 +277,8 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
                 )
             yield
         finally:
+            if (scheduler_service := getattr(app.state, "scheduler", None)) is not None:
+                await scheduler_service.close()
             if (semcache_service := getattr(app.state, "semcache", None)) is not None:
                 await semcache_service.close()
             if (search_service := getattr(app.state, "search", None)) is not None:
@@ -287,6 +302,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             SearchController,
             CacheController,
             ActivationController,
+            SchedulerController,
             kv_uploads,
         ],
         guards=[require_api_key],

@@ -18,6 +18,7 @@ from memos.identity.auth import current_principal
 from memos.identity.principal import Principal
 from memos.identity.service import IdentityService
 from memos.memories.service import MemoryService
+from memos.scheduler.service import Scheduler
 from memos.search.service import SearchService
 from memos.semcache.service import SemCacheService
 
@@ -28,6 +29,7 @@ Memories = NamedDependency[MemoryService]
 Search = NamedDependency[SearchService]
 SemCache = NamedDependency[SemCacheService]
 Activations = NamedDependency[ActivationService]
+SchedulerDep = NamedDependency[Scheduler]
 
 
 def _principal(request: Request[Any, Any, Any]) -> Principal:
@@ -64,6 +66,11 @@ def _activations(state: State) -> ActivationService:
     return service
 
 
+def _scheduler(state: State) -> Scheduler:
+    service: Scheduler = state.scheduler
+    return service
+
+
 def dependencies() -> dict[str, Provide]:
     return {
         "principal": Provide(_principal, sync_to_thread=False),
@@ -73,4 +80,5 @@ def dependencies() -> dict[str, Provide]:
         "search": Provide(_search, sync_to_thread=False),
         "semcache": Provide(_semcache, sync_to_thread=False),
         "activations": Provide(_activations, sync_to_thread=False),
+        "scheduler": Provide(_scheduler, sync_to_thread=False),
     }

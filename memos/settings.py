@@ -93,6 +93,21 @@ class Settings:
     kv_host_bytes: int = 1024**3
     """Budget of the host-RAM tier: decoded KV kept in memory for reuse (least recently used leaves first)."""
 
+    kv_device_bytes: int = 512 * 1024**2
+    """Budget of the device tier: decoded KV on its model's device (GPU memory with a GPU, else the CPU's
+    RAM), where the scheduler keeps the hottest memories' KV."""
+
+    scheduler_seconds: float = 2.0
+    """How often the scheduler writes heat and moves KV between tiers; 0 turns its loop off (heat is still
+    counted, and pins still apply)."""
+
+    heat_half_life_seconds: float = 3600.0
+    """Heat halves in this long without accesses."""
+
+    build_heat: float = 0.0
+    """Heat from which the scheduler builds a missing KV activation of a memory (for each model loaded); 0:
+    it never builds one itself (the default: a build is a prefill, paid in the worker the requests use)."""
+
     max_kv_bytes: int = 1024**3
     """Largest accepted KV import body (``POST /v1/activations/import``); larger bodies get 413."""
 
@@ -178,6 +193,14 @@ class Settings:
             values["blob_dir"] = Path(v)
         if (v := raw("KV_HOST_BYTES")) is not None:
             values["kv_host_bytes"] = _parse_int("MEMOS_KV_HOST_BYTES", v)
+        if (v := raw("KV_DEVICE_BYTES")) is not None:
+            values["kv_device_bytes"] = _parse_int("MEMOS_KV_DEVICE_BYTES", v)
+        if (v := raw("SCHEDULER_SECONDS")) is not None:
+            values["scheduler_seconds"] = _parse_float("MEMOS_SCHEDULER_SECONDS", v)
+        if (v := raw("HEAT_HALF_LIFE_SECONDS")) is not None:
+            values["heat_half_life_seconds"] = _parse_float("MEMOS_HEAT_HALF_LIFE_SECONDS", v)
+        if (v := raw("BUILD_HEAT")) is not None:
+            values["build_heat"] = _parse_float("MEMOS_BUILD_HEAT", v)
         if (v := raw("MAX_KV_BYTES")) is not None:
             values["max_kv_bytes"] = _parse_int("MEMOS_MAX_KV_BYTES", v)
 
@@ -226,6 +249,16 @@ class Settings:
             raise SettingsError("MEMOS_DATABASE_URL must be a postgresql:// URL")
         if self.kv_host_bytes < 0:
             raise SettingsError(f"MEMOS_KV_HOST_BYTES must be >= 0, got {self.kv_host_bytes}")
+        if self.kv_device_bytes < 0:
+            raise SettingsError(f"MEMOS_KV_DEVICE_BYTES must be >= 0, got {self.kv_device_bytes}")
+        if not (math.isfinite(self.scheduler_seconds) and 0 <= self.scheduler_seconds <= 3600):
+            raise SettingsError(
+                f"MEMOS_SCHEDULER_SECONDS must be between 0 (off) and 3600, got {self.scheduler_seconds}"
+            )
+        if not (math.isfinite(self.heat_half_life_seconds) and self.heat_half_life_seconds > 0):
+            raise SettingsError(f"MEMOS_HEAT_HALF_LIFE_SECONDS must be > 0, got {self.heat_half_life_seconds}")
+        if not (math.isfinite(self.build_heat) and self.build_heat >= 0):
+            raise SettingsError(f"MEMOS_BUILD_HEAT must be a number >= 0 (0 = never), got {self.build_heat}")
         if self.max_kv_bytes < 1024:
             raise SettingsError(f"MEMOS_MAX_KV_BYTES must be at least 1024, got {self.max_kv_bytes}")
         for name, spec in self.models.items():

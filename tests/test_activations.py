@@ -505,7 +505,7 @@ def test_a_deleted_blob_is_reported_and_rebuilt(client, app, factory, tenant, cu
     act = built(client, key, m["id"])
     original = download(client, key, act["id"])
     blob_path(settings, act["sha256"]).unlink()
-    app.state.activations.host.clear()
+    app.state.activations.tiers.clear()
     r = client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(key))
     assert r.status_code == 200, r.text
     assert "x-memos-repaired" in r.headers
@@ -567,7 +567,7 @@ def test_a_corrupted_blob_is_not_injected(client, app, factory, tenant, cube, se
     m = factory.memory(key, cube["id"], "Kim's spare key is under the third flowerpot.")
     act = built(client, key, m["id"])
     corrupt(settings, act["sha256"])
-    app.state.activations.host.clear()  # cold: the KV must come from the blob store
+    app.state.activations.tiers.clear()  # cold: the KV must come from the blob store
     out = generated(client, key, prompt="Key?", memory_ids=[m["id"]])
     assert out["activations_used"] == [] and out["reused_tokens"] == 0
     assert client.get(f"/v1/activations/{act['id']}", headers=bearer(key)).json()["corrupt"] is True

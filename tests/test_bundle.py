@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from conftest import Factory, PgServer, Tenant, bearer, fresh_database, with_tiny_model
 from litestar.testing import TestClient
+from sqlalchemy import text
 
 from memos.admin import bundle as bundles
 from memos.app import create_app
@@ -26,6 +27,7 @@ from memos.cli.main import main as cli_main
 from memos.embed.base import Embedder
 from memos.settings import Settings
 from memos.store.embedded import drop_database
+from memos.store.models import memory_links
 
 KV_MODEL = "tiny"
 CONTEXT = ["Which trip are we planning?", "The Lisbon trip in May."]
@@ -73,6 +75,13 @@ def world(factory: Factory, client: TestClient) -> dict[str, Any]:  # type: igno
     r = client.post("/v1/cache", json={**body, "context": CONTEXT}, headers=bearer(key))
     assert r.status_code == 201, r.text
     cached = r.json()
+    config = {"cube_id": cube["id"], "categories": {"default": {"threshold": 0.93}}}
+    r = client.put("/v1/cache/config", json=config, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    lookup = {"cube_id": cube["id"], "query": body["query"], "context": CONTEXT}
+    r = client.post("/v1/cache/lookup", json=lookup, headers=bearer(key))
+    assert r.status_code == 200 and r.json()["hit"], r.text
+    client.blocking_portal.call(client.app.state.semcache.flush)  # the hit counters reach cache_categories
     r = client.post(f"/v1/memories/{source['id']}/activations", json={"model": KV_MODEL}, headers=bearer(key))
     assert r.status_code == 201, r.text
     return {
@@ -156,7 +165,20 @@ def _rows(url: str, cube_id: str) -> dict[str, list[tuple[Any, ...]]]:
             " WHERE memory_id = ANY(%s) ORDER BY memory_id",
             (ids,),
         ).fetchall()
-    return {"memories": memory_rows, "versions": versions, "links": links, "entries": entries}
+        config = conn.execute("SELECT config FROM cache_configs WHERE cube_id = %s", (cube_id,)).fetchall()
+        categories = conn.execute(
+            "SELECT category, threshold, false_hit_floor, hits, misses, false_hits, correct_hits, evicted"
+            " FROM cache_categories WHERE cube_id = %s ORDER BY category",
+            (cube_id,),
+        ).fetchall()
+    return {
+        "memories": memory_rows,
+        "versions": versions,
+        "links": links,
+        "entries": entries,
+        "config": config,
+        "categories": categories,
+    }
 
 
 def test_export_writes_a_bundle_and_says_what_it_left_out(world, export_run, settings) -> None:
@@ -270,7 +292,7 @@ def _rewrite(src: Path, dst: Path, change: dict[str, bytes], *, fix_manifest: bo
             if name != "manifest.json":
                 meta["members"][name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
     members["manifest.json"] = json.dumps(meta).encode()
-    with zipfile.ZipFile(dst, "w") as archive:
+    with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, blob in members.items():
             archive.writestr(name, blob)
     return dst
@@ -293,15 +315,67 @@ def test_damaged_bundles_are_refused_before_anything_is_written(
     versions = _lines(exported, "versions.jsonl")
     manifest = json.loads(zipfile.ZipFile(exported).read("manifest.json"))
     edited = [dict(memories[0], content="tampered"), *memories[1:]]
+    raw = zipfile.ZipFile(exported).read("memories.jsonl")
     no_version = versions[1:]
     link = _lines(exported, "links.jsonl")[0]
     cases = {
-        "edited.memos": (
-            {"memories.jsonl": _jsonl(edited)},
+        "edited.memos": ({"memories.jsonl": _jsonl(edited)}, False, None, "memories.jsonl: 3"),
+        "flipped.memos": (
+            {"memories.jsonl": raw.replace(b"lighthouse", b"lighthousE", 1)},
             False,
             None,
             "memories.jsonl: does not match its size and SHA-256",
         ),
+        "provenance.memos": (
+            {"memories.jsonl": _jsonl([dict(memories[0], provenance={"derived_from": [{"nope": 1}]}), *memories[1:]])},
+            True,
+            None,
+            "memories.jsonl line 1: provenance: Object contains unknown field `nope`",
+        ),
+        "current.memos": (
+            {"memories.jsonl": _jsonl([dict(memories[0], state="deleted"), *memories[1:]])},
+            True,
+            None,
+            "memories.jsonl line 1: state differs from the memory's version 1",
+        ),
+        "version0.memos": (
+            {"memories.jsonl": _jsonl([dict(memories[0], version=0), *memories[1:]])},
+            True,
+            None,
+            "memories.jsonl line 1: Expected `int` >= 1 - at `$.version`",
+        ),
+        "nul.memos": (
+            {"memories.jsonl": _jsonl([dict(memories[0], metadata={"speaker": "Mel\u0000anie"}), *memories[1:]])},
+            True,
+            None,
+            "memories.jsonl line 1: text may not contain the NUL character",
+        ),
+        "naive.memos": (
+            {"memories.jsonl": _jsonl([dict(memories[0], created_at="2026-01-01T00:00:00"), *memories[1:]])},
+            True,
+            None,
+            "memories.jsonl line 1: Expected `datetime` with a timezone component",
+        ),
+        "selflink.memos": (
+            {"links.jsonl": _jsonl([dict(link, to_id=link["from_id"]), *_lines(exported, "links.jsonl")[1:]])},
+            True,
+            None,
+            "links.jsonl line 1: memory",
+        ),
+        "linktype.memos": (
+            {"links.jsonl": _jsonl([dict(link, type=""), *_lines(exported, "links.jsonl")[1:]])},
+            True,
+            None,
+            "links.jsonl line 1: Expected `str` of length >= 1 - at `$.type`",
+        ),
+        "weight.memos": (
+            {"links.jsonl": _jsonl([dict(link, weight=1e308), *_lines(exported, "links.jsonl")[1:]])},
+            True,
+            None,
+            "links.jsonl line 1: Expected `float` <= 1000.0 - at `$.weight`",
+        ),
+        "bomb.memos": ({"links.jsonl": b" " * 20_000_000}, True, None, "links.jsonl: inflates 20000000 bytes"),
+        "manifest.memos": ({}, False, dict(manifest, pad="x" * 2**20), "manifest.json: 10"),
         "hash.memos": ({"memories.jsonl": _jsonl(edited)}, True, None, "line 1: content_sha256 does not match"),
         "schema.memos": (
             {"memories.jsonl": _jsonl([dict(memories[0], kind="activation"), *memories[1:]])},
@@ -350,26 +424,35 @@ def test_bad_arguments_and_targets_are_refused(world, exported, tmp_path, factor
     owner = world["tenant"].admin_id
     assert cli_main(["admin", "import", str(exported), "--owner", owner, "--new-ids"]) == 1
     assert "already has a cube named" in capsys.readouterr().err
+    assert cli_main(["admin", "import", str(exported), "--owner", owner, "--new-ids", "--name", " "]) == 1
+    assert "--name: ' ' is not a cube name" in capsys.readouterr().err
 
 
 async def test_a_write_that_fails_midway_leaves_nothing(
     world, exported, factory, client, settings, monkeypatch
 ) -> None:
-    """One transaction: with the pre-checks skipped, the memories' ids collide after the cube row is written."""
+    """One transaction: a database error after the cube, its memories and versions are written (a division by
+    zero where the links go) leaves none of them."""
     tenant = factory.tenant()
     bundle = bundles.read_bundle(exported)
+    insert = bundles._insert
 
-    async def no_checks(*args: Any) -> None:
-        return None
+    async def failing(conn: Any, table: Any, rows: Any) -> None:
+        if table is memory_links:
+            await conn.execute(text("SELECT 1 / 0"))
+        await insert(conn, table, rows)
 
-    monkeypatch.setattr(bundles, "_check_free", no_checks)
+    monkeypatch.setattr(bundles, "_insert", failing)
     from memos.store.db import Database
 
     db = Database(settings)
     await db.start()
     try:
-        with pytest.raises(bundles.BundleError, match="refused the import, nothing was written"):
-            await bundles.import_bundle(db, bundle, owner=uuid.UUID(tenant.admin_id), name="half")
+        with pytest.raises(bundles.BundleError, match="refused the import, nothing was written: division by zero"):
+            await bundles.import_bundle(db, bundle, owner=uuid.UUID(tenant.admin_id), name="half", new_ids=True)
     finally:
         await db.stop()
     assert client.get("/v1/cubes", headers=bearer(tenant.admin_key)).json()["items"] == []
+    with psycopg.connect(settings.database_url) as conn:
+        row = conn.execute("SELECT count(*) FROM memories WHERE tenant_id = %s", (tenant.id,)).fetchone()
+    assert row == (0,)

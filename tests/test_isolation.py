@@ -124,7 +124,8 @@ def send(client: Client, method: str, path: str, body: Any, headers: dict[str, s
 
 
 def snapshot(client: Client, w: World) -> dict[str, Any]:
-    """Everything a foreign caller might have changed, as A's owner sees it (heat left out: reads may warm it)."""
+    """Everything a foreign caller might have changed, as A's owner sees it (heat and KV tiers left out: these
+    reads warm A's memories, and the scheduler moves their KV between tiers; the test checks heat itself)."""
     owner = bearer(w.a_owner.key)
 
     def get(path: str) -> Any:
@@ -133,9 +134,11 @@ def snapshot(client: Client, w: World) -> dict[str, Any]:
         body = r.json()
         if isinstance(body, dict):
             body.pop("heat", None)
+            body.pop("tier", None)
             for item in body.get("items", []):
                 if isinstance(item, dict):
                     item.pop("heat", None)
+                    item.pop("tier", None)
         return body
 
     state = {
@@ -318,6 +321,7 @@ ROWS: list[tuple[str, str, str, Any, dict[str, str], bool]] = [
     ("download-kv", "GET", "/v1/activations/{act}/kv", None, {}, False),
     ("activation-as-memory", "GET", "/v1/memories/{act}", None, {}, False),
     ("import-kv", "POST", "/v1/activations/import?memory_id={mem}&model=" + MODEL, {}, {}, False),
+    ("pin-kv", "POST", "/v1/scheduler/pin", {"memory_id": "{mem}", "model": MODEL, "tier": "host"}, {}, False),
     (
         "generate-with-a-memory",
         "POST",
@@ -380,7 +384,14 @@ def test_foreign_ids_are_404_and_untouched(
     headers = {**bearer(key), **extra}
 
     values = placeholders(world, caller_id)
+    heat = client.app.state.scheduler.heat
+    warm = {
+        m: heat.value(uuid.UUID(world_id))
+        for m, world_id in (("mem", world.a_mem["id"]), ("child", world.a_child["id"]))
+    }
     r = send(client, method, fill(path, values), fill(body, values), headers)
+    # A foreign caller does not warm A's memories either (heat only cools meanwhile).
+    assert all(heat.value(uuid.UUID(getattr(world, f"a_{m}")["id"])) <= h for m, h in warm.items())
 
     expected = 403 if role_gated and not is_admin else 404
     assert r.status_code == expected, f"{method} {path} as {caller}: {r.status_code} {r.text}"

@@ -199,6 +199,8 @@ PUBLIC_NAMES = {
     "Model",
     "Activation",
     "Generation",
+    "SchedulerState",
+    "Pin",
     # inputs
     "Turn",
     "MemoryIn",

@@ -17,7 +17,17 @@ from conftest import Factory, with_tiny_model
 from litestar import Litestar
 from litestar.testing import TestClient
 from litestar.testing import transport as litestar_transport
-from memos_client import Activation, AsyncMemosClient, Conflict, Generation, Invalid, MemosClient, NotFound
+from memos_client import (
+    Activation,
+    AsyncMemosClient,
+    Conflict,
+    Generation,
+    Invalid,
+    MemosClient,
+    NotFound,
+    Pin,
+    SchedulerState,
+)
 
 from memos.app import create_app
 from memos.embed.base import Embedder
@@ -96,6 +106,22 @@ def test_models_build_list_get_download_import_generate(sdk: MemosClient, factor
     assert len(found.memory_ids) == 1
 
 
+def test_scheduler_state_and_pins(sdk: MemosClient) -> None:
+    cube = sdk.cubes.create("scheduler")
+    memory = sdk.memories.add(cube.id, content="Keep this one close: the boat leaves at dawn.")
+    sdk.memories.get(memory.id)  # a read warms it
+    state = sdk.scheduler()
+    assert isinstance(state, SchedulerState) and [t.name for t in state.tiers] == ["device", "host", "store"]
+    assert [h.memory_id for h in state.hot] == [memory.id] and state.hot[0].tier is None
+    pin = sdk.pin(memory.id, model=MODEL, tier="host")
+    assert isinstance(pin, Pin) and (pin.tier, pin.memory_id) == ("host", memory.id)
+    assert sdk.activations.get(pin.activation_id).tier == "host"
+    assert sdk.scheduler().hot[0].tier == "host"
+    assert sdk.pin(memory.id, model=MODEL, tier="store").tier == "store"
+    with pytest.raises(Invalid):
+        sdk.pin(memory.id, model=MODEL, tier="gpu")
+
+
 def test_kv_errors_are_typed(sdk: MemosClient) -> None:
     cube = sdk.cubes.create("kv-errors")
     memory = sdk.memories.add(cube.id, content="Another fact entirely.")
@@ -131,6 +157,8 @@ async def test_async_client(client: TestClient[Litestar], factory: Factory, asyn
         assert (await a.activations.import_(memory.id, data, model=MODEL)).id == act.id
         out = await a.generate("Code?", model=MODEL, memory_ids=[memory.id], max_new_tokens=3)
         assert out.activations_used == [act.id]
+        assert (await a.pin(memory.id, model=MODEL, tier="device")).activation_id == act.id
+        assert memory.id in [h.memory_id for h in (await a.scheduler()).hot]
 
 
 def test_load_dynamic_cache_in_another_process_model(

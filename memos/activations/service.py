@@ -24,12 +24,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.activations import schemas
 from memos.activations.models import KVWorker, ModelRegistry
-from memos.activations.tiers import HostTier
+from memos.activations.tiers import KVTiers, ResidentTier
 from memos.cubes.access import cube_access, readable_cube_ids
 from memos.errors import Conflict, FieldError, Invalid, NotFound, Unavailable
 from memos.identity.principal import Principal
 from memos.kv.errors import FingerprintMismatch, KVChecksumError, KVError, KVFormatError, NotShiftable
-from memos.memories.service import MemoryService
+from memos.memories.service import Accesses, MemoryService
 from memos.pagination import Page, decode_keyset, encode_keyset
 from memos.search.service import SearchService
 from memos.store.audit import record
@@ -108,16 +108,18 @@ class ActivationService:
         db: Database,
         blobs: BlobStore,
         models: ModelRegistry,
-        host: HostTier,
+        tiers: KVTiers,
         memories: MemoryService,
         search: SearchService,
     ) -> None:
         self.db = db
         self.blobs = blobs
         self.models = models
-        self.host = host
+        self.tiers = tiers
         self.memories = memories
         self.search = search
+        self.on_access: Accesses | None = None
+        """Told which memories a generation placed before its prompt (the scheduler's heat)."""
 
     @property
     def worker(self) -> KVWorker:
@@ -157,8 +159,8 @@ class ActivationService:
             data, chunk = await self.worker.run(_prefill_file, lm, ids, meta)
             key = await self._put(data)
             blob = _Blob(sha256=key, nbytes=len(data), tokens=len(ids), dtype=lm.dtype)
-            # Just computed, so likely to be used soon: keep it hot.
-            self.host.put(key, chunk, chunk.nbytes, _resident_tier(lm))
+            # Just computed, so likely to be used soon: keep it in memory.
+            self.tiers.put(key, chunk, chunk.nbytes, lm.device)
         return await self._insert(principal, source, lm, ids_sha, blob, "activation.build")
 
     async def _insert(
@@ -319,7 +321,7 @@ class ActivationService:
             dtype=row.dtype,
             bytes=row.bytes,
             sha256=row.sha256,
-            tier=self.host.tier_of(row.sha256) or "store",
+            tier=self.tiers.tier_of(row.sha256) or "store",
             stale=_is_stale(row),
             corrupt=row.corrupt_at is not None,
             hits=row.hits,
@@ -396,13 +398,13 @@ class ActivationService:
                 detail={"bad_sha256": row.sha256, "sha256": key},
             )
             fixed = await self._row(conn, row.id)
-        self.host.put(key, chunk, chunk.nbytes, _resident_tier(lm))
+        self.tiers.put(key, chunk, chunk.nbytes, lm.device)
         log.warning("activation rebuilt after a failed checksum", extra={"activation": str(row.id), "sha256": key})
         return data, fixed
 
     async def _mark_corrupt(self, key: str, problem: Exception) -> None:
         log.error("KV blob failed its check; not served", extra={"sha256": key, "error": str(problem)})
-        self.host.discard(key)
+        self.tiers.discard(key)
         async with self.db.transaction() as conn:
             await conn.execute(update(activations).where(activations.c.sha256 == key).values(corrupt_at=func.now()))
 
@@ -478,7 +480,7 @@ class ActivationService:
             }
         for key in keys:
             if key not in used:
-                self.host.discard(key)
+                self.tiers.discard(key)
                 await asyncio.to_thread(self.blobs.delete, key)
 
     # ------------------------------------------------------------------ generate
@@ -489,6 +491,8 @@ class ActivationService:
         lm = await self.models.get(body.model)
         started = time.perf_counter()
         parts = await self._parts(principal, body)
+        if self.on_access is not None and parts:
+            self.on_access([(p.memory_id, 1.0) for p in parts])
         if body.use_activations and parts:
             await self._attach_kv(lm, parts)
         outcome: _Outcome = await self.worker.run(
@@ -561,24 +565,8 @@ class ActivationService:
         return parts
 
     async def _attach_kv(self, lm: LoadedModel, parts: list[_Part]) -> None:
-        """Give each part the KV of a fresh activation of it, from the host tier or the blob store."""
-        wanted = list({p.memory_id for p in parts})
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    _select()
-                    .where(
-                        activations.c.memory_id.in_(wanted),
-                        activations.c.model == lm.name,
-                        activations.c.fingerprint == lm.fingerprint,
-                    )
-                    .order_by(activations.c.created_at.desc())
-                )
-            ).all()
-        best: dict[uuid.UUID, Row[Any]] = {}
-        for candidate in rows:
-            if _is_fresh(candidate):
-                best.setdefault(candidate.memory_id, candidate)
+        """Give each part the KV of a fresh activation of it, from a memory tier or the blob store."""
+        best = await self.fresh_for_memories(list({p.memory_id for p in parts}), lm)
         loaded: dict[str, KVChunk | None] = {}
         for part in parts:
             row = best.get(part.memory_id)
@@ -591,9 +579,13 @@ class ActivationService:
                 part.chunk, part.activation_id = chunk, row.id
 
     async def _load_chunk(self, lm: LoadedModel, row: Row[Any]) -> KVChunk | None:
-        cached: KVChunk | None = self.host.get(row.sha256)
+        cached: KVChunk | None = self.tiers.get(row.sha256)
         if cached is not None:
             return cached
+        return await self._from_store(lm, row)
+
+    async def _from_store(self, lm: LoadedModel, row: Row[Any]) -> KVChunk | None:
+        """Read, check and decode the activation's file, and keep the chunk in memory; None if it is bad."""
         try:
             data = await asyncio.to_thread(self.blobs.read, row.sha256)
             # The blob store has just checked the whole file's sha256, so the codec need not hash it again.
@@ -602,8 +594,65 @@ class ActivationService:
             # Reported and marked; this request prefills the memory's text instead.
             await self._mark_corrupt(row.sha256, exc)
             return None
-        self.host.put(row.sha256, chunk, chunk.nbytes, _resident_tier(lm))
+        self.tiers.store_hit()
+        self.tiers.put(row.sha256, chunk, chunk.nbytes, lm.device)
         return chunk
+
+    # ------------------------------------------------------------------ the scheduler's hands
+
+    async def fresh_for_memories(self, memory_ids: Sequence[uuid.UUID], lm: LoadedModel) -> dict[uuid.UUID, Row[Any]]:
+        """Each memory's newest fresh activation for ``lm`` (memories without one are absent)."""
+        if not memory_ids:
+            return {}
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    _select()
+                    .where(
+                        activations.c.memory_id.in_(list(memory_ids)),
+                        activations.c.model == lm.name,
+                        activations.c.fingerprint == lm.fingerprint,
+                    )
+                    .order_by(activations.c.created_at.desc())
+                )
+            ).all()
+        best: dict[uuid.UUID, Row[Any]] = {}
+        for row in rows:
+            if _is_fresh(row):
+                best.setdefault(row.memory_id, row)
+        return best
+
+    async def pinned(self, lm: LoadedModel) -> list[Row[Any]]:
+        """The fresh activations for ``lm`` pinned to a tier in memory (``activations.tier``)."""
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    _select().where(
+                        activations.c.model == lm.name,
+                        activations.c.fingerprint == lm.fingerprint,
+                        activations.c.tier.in_(["device", "host"]),
+                    )
+                )
+            ).all()
+        return [r for r in rows if _is_fresh(r)]
+
+    async def hold(self, lm: LoadedModel, row: Row[Any], tier: ResidentTier | None = None) -> bool:
+        """Make sure the activation's chunk is in a memory tier (read from the store into ``tier`` if not), without
+        counting a lookup: the scheduler's loads are not requests. False when its file is bad or it does not fit."""
+        if self.tiers.tier_of(row.sha256) is not None:
+            return True
+        try:
+            data = await asyncio.to_thread(self.blobs.read, row.sha256)
+            chunk, _ = await asyncio.to_thread(_decode, data, lm.fingerprint, False, lm.device)
+        except (BlobCorrupt, BlobNotFound, KVError) as exc:
+            await self._mark_corrupt(row.sha256, exc)
+            return False
+        return self.tiers.put(row.sha256, chunk, chunk.nbytes, lm.device, tier)
+
+    async def set_pin(self, activation_id: uuid.UUID, tier: str) -> None:
+        """Record where the activation is pinned (``store``: not pinned), so a restart pins it again."""
+        async with self.db.transaction() as conn:
+            await conn.execute(update(activations).where(activations.c.id == activation_id).values(tier=tier))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -661,10 +710,6 @@ def _model_dto(lm: LoadedModel) -> schemas.Model:
         kv_bytes_per_token=lm.kv_bytes_per_token,
         rope_shiftable=lm.rope_unshiftable_reason is None,
     )
-
-
-def _resident_tier(lm: LoadedModel) -> Any:
-    return "device" if str(lm.device).startswith("cuda") else "host"
 
 
 def _meta(lm: LoadedModel, memory_id: uuid.UUID, version: int) -> Any:

@@ -13,10 +13,10 @@ A bundle is a zip archive of fixed members, read by name and never extracted:
 - ``vectors.safetensors``: float32 tensors ``memories``, ``versions`` and ``contexts``; a line's ``vector``
   is its row there (null: no embedding). safetensors, never pickle: a bundle is data, not code.
 
-Left out, and counted in the manifest: KV activations (memories of kind ``activation``: model-bound caches
-of another memory's text, rebuilt with ``POST /v1/activations`` from the imported memories), links to
-memories outside the cube, grants and API keys (agents belong to a deployment), and the audit log (the
-export and the import each write a row of their own).
+Left out: KV activations (memories of kind ``activation``: model-bound caches of another memory's text,
+rebuilt with ``POST /v1/memories/{id}/activations`` from the imported memories) and links with an end
+outside the cube or on an activation, both counted in the manifest; grants and API keys (agents belong to a
+deployment) and the audit log (the export and the import each write a row of their own).
 
 An import reads and checks the whole bundle before it writes anything (checksums, every line against its
 schema, the references between lines, the vectors' width), then writes the cube in one transaction:
@@ -35,11 +35,12 @@ import hashlib
 import io
 import uuid
 import zipfile
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import numpy as np
@@ -47,12 +48,16 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 from sqlalchemy import Row, any_, bindparam, insert, select, text
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from memos.cubes.schemas import Description, Name
+from memos.errors import Invalid
 from memos.identity.principal import OPERATOR
 from memos.memories.ann import EXACT_CUBE_MAX
-from memos.memories.versioning import content_sha256
+from memos.memories.schemas import MAX_VERSION, LinkType, Provenance, Tags
+from memos.memories.versioning import SNAPSHOT, content_sha256
+from memos.semcache.policy import PolicyError, parse_policy
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import (
@@ -66,6 +71,7 @@ from memos.store.models import (
     memory_links,
     memory_versions,
 )
+from memos.validation import reject_nul
 
 FORMAT = "memos-bundle/1"
 MANIFEST = "manifest.json"
@@ -85,6 +91,16 @@ CHUNK = 1000
 Op = Literal["create", "update", "restore", "delete"]
 StoredKind = Literal["plaintext", "response"]
 State = Literal["active", "archived", "deleted"]
+# The values a line may hold are those the API and the columns accept: a bundle is checked as strictly as a
+# request (anyone can recompute its hashes, so they show damage, not intent).
+When = Annotated[datetime, msgspec.Meta(tz=True)]
+Version = Annotated[int, msgspec.Meta(ge=1, le=MAX_VERSION)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Number = Annotated[float, msgspec.Meta(ge=-1e12, le=1e12)]
+Row_ = Annotated[int, msgspec.Meta(ge=0)]
+MAX_MANIFEST_BYTES = 2**20
+MAX_RATIO = 200
+"""A member that inflates more than this many times its compressed size is refused unread (a zip bomb)."""
 
 
 L = TypeVar("L", bound=msgspec.Struct)
@@ -101,73 +117,73 @@ class MemoryLine(msgspec.Struct, forbid_unknown_fields=True):
     id: uuid.UUID
     kind: StoredKind
     state: State
-    version: int
+    version: Version
     content: str | None
     metadata: dict[str, Any]
-    tags: list[str]
+    tags: Tags
     provenance: dict[str, Any]
     content_sha256: str | None
-    created_at: datetime
-    updated_at: datetime
-    expires_at: datetime | None
+    created_at: When
+    updated_at: When
+    expires_at: When | None
     created_by: uuid.UUID
-    heat: float
-    purged_at: datetime | None
+    heat: Annotated[float, msgspec.Meta(ge=0, le=1e12)]
+    purged_at: When | None
     embedding_model: str | None
-    event_time: datetime | None
-    vector: int | None
+    event_time: When | None
+    vector: Row_ | None
 
 
 class VersionLine(msgspec.Struct, forbid_unknown_fields=True):
     memory_id: uuid.UUID
-    version: int
+    version: Version
     op: Op
     state: State
     content: str | None
     metadata: dict[str, Any]
-    tags: list[str]
+    tags: Tags
     provenance: dict[str, Any]
     content_sha256: str | None
-    expires_at: datetime | None
-    created_at: datetime
+    expires_at: When | None
+    created_at: When
     created_by: uuid.UUID
     embedding_model: str | None
-    event_time: datetime | None
-    vector: int | None
+    event_time: When | None
+    vector: Row_ | None
 
 
 class LinkLine(msgspec.Struct, forbid_unknown_fields=True):
     id: uuid.UUID
     from_id: uuid.UUID
     to_id: uuid.UUID
-    type: str
-    weight: float
-    to_version: int | None
-    created_at: datetime
+    type: LinkType
+    weight: Annotated[float, msgspec.Meta(ge=0, le=1000)]
+    to_version: Version | None
+    created_at: When
     created_by: uuid.UUID
 
 
 class CacheEntryLine(msgspec.Struct, forbid_unknown_fields=True):
     memory_id: uuid.UUID
     context_sha256: str | None
-    vector: int | None
-    threshold: float | None
-    hits: int
-    false_hits: int
-    last_hit_at: datetime | None
-    updated_at: datetime
+    vector: Row_ | None
+    threshold: Number | None
+    hits: Count
+    false_hits: Count
+    last_hit_at: When | None
+    updated_at: When
 
 
 class CacheCategory(msgspec.Struct, forbid_unknown_fields=True):
-    category: str
-    threshold: float | None
-    false_hit_floor: float
-    hits: int
-    misses: int
-    false_hits: int
-    correct_hits: int
-    evicted: int
-    updated_at: datetime
+    category: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    threshold: Number | None
+    false_hit_floor: Number
+    hits: Count
+    misses: Count
+    false_hits: Count
+    correct_hits: Count
+    evicted: Count
+    updated_at: When
 
 
 class CacheState(msgspec.Struct, forbid_unknown_fields=True):
@@ -178,20 +194,20 @@ class CacheState(msgspec.Struct, forbid_unknown_fields=True):
 
 class CubeInfo(msgspec.Struct, forbid_unknown_fields=True):
     id: uuid.UUID
-    name: str
-    description: str
+    name: Name
+    description: Description
     metadata: dict[str, Any]
-    created_at: datetime
+    created_at: When
 
 
 class MemberInfo(msgspec.Struct, forbid_unknown_fields=True):
-    bytes: int
+    bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_MEMBER_BYTES)]
     sha256: str
 
 
 class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     format: str
-    exported_at: datetime
+    exported_at: When
     cube: CubeInfo
     dims: int
     counts: dict[str, int]
@@ -418,7 +434,7 @@ def read_bundle(path: Path) -> Bundle:
     except (OSError, zipfile.BadZipFile) as exc:
         raise BundleError(f"{path}: not a readable memos bundle (zip): {exc}") from None
     with archive:
-        manifest = _decode(Manifest, _member(archive, MANIFEST), MANIFEST)
+        manifest = _decode(Manifest, _member(archive, MANIFEST, MAX_MANIFEST_BYTES), MANIFEST)
         if manifest.format != FORMAT:
             raise BundleError(f"{MANIFEST}: format {manifest.format!r}; this memos reads {FORMAT!r}")
         if manifest.dims != EMBEDDING_DIMS:
@@ -430,7 +446,8 @@ def read_bundle(path: Path) -> Bundle:
             info = manifest.members.get(name)
             if info is None:
                 raise BundleError(f"{MANIFEST}: no entry for member {name}")
-            blob = _member(archive, name)
+            # The manifest's size bounds the read: a member is never inflated past what the export wrote.
+            blob = _member(archive, name, info.bytes)
             if len(blob) != info.bytes or hashlib.sha256(blob).hexdigest() != info.sha256:
                 raise BundleError(f"{name}: does not match its size and SHA-256 in the manifest (damaged or edited)")
             blobs[name] = blob
@@ -451,18 +468,22 @@ def read_bundle(path: Path) -> Bundle:
     return bundle
 
 
-def _member(archive: zipfile.ZipFile, name: str) -> bytes:
+def _member(archive: zipfile.ZipFile, name: str, most: int) -> bytes:
+    """The member's bytes, if its header says at most ``most`` and it inflates no more than ``MAX_RATIO`` times."""
     try:
         info = archive.getinfo(name)
     except KeyError:
         raise BundleError(f"the bundle has no {name}") from None
-    if info.file_size > MAX_MEMBER_BYTES:
-        raise BundleError(f"{name}: {info.file_size} bytes, over the {MAX_MEMBER_BYTES} this tool reads")
+    if info.file_size > most:
+        raise BundleError(f"{name}: {info.file_size} bytes, over the {most} expected (damaged or edited)")
+    if info.file_size > MAX_RATIO * info.compress_size + 2**16:
+        raise BundleError(f"{name}: inflates {info.file_size} bytes from {info.compress_size}: refused unread")
     try:
         with archive.open(info) as stream:
             # One byte more than declared: a member that inflates past its header's size is refused.
             blob = stream.read(info.file_size + 1)
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, RuntimeError, NotImplementedError) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: a compression zipfile lacks.
         raise BundleError(f"{name}: cannot be read: {exc}") from None
     if len(blob) != info.file_size:
         raise BundleError(f"{name}: its size does not match the archive's header")
@@ -470,25 +491,33 @@ def _member(archive: zipfile.ZipFile, name: str) -> bytes:
 
 
 def _decode(kind: type[L], blob: bytes, where: str) -> L:
-    try:
-        return msgspec.json.decode(blob, type=kind)
-    except msgspec.ValidationError as exc:
-        raise BundleError(f"{where}: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise BundleError(f"{where}: not JSON: {exc}") from None
+    return _parsed(msgspec.json.Decoder(kind), blob, where)
 
 
 def _lines(kind: type[L], blob: bytes, where: str) -> list[L]:
     decoder = msgspec.json.Decoder(kind)
-    out: list[L] = []
-    for number, line in enumerate(io.BytesIO(blob), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append(decoder.decode(line))
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise BundleError(f"{where} line {number}: {exc}") from None
-    return out
+    return [
+        _parsed(decoder, line, f"{where} line {number}")
+        for number, line in enumerate(io.BytesIO(blob), start=1)
+        if line.strip()
+    ]
+
+
+def _parsed(decoder: msgspec.json.Decoder[L], data: bytes, where: str) -> L:
+    """One JSON value of the decoder's type, or ``BundleError`` naming ``where``; no NUL in any text (Postgres
+    stores none, and the API refuses it)."""
+    try:
+        value = decoder.decode(data)
+        reject_nul(msgspec.to_builtins(value), "")
+    except msgspec.ValidationError as exc:
+        raise BundleError(f"{where}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BundleError(f"{where}: not JSON: {exc}") from None
+    except RecursionError:
+        raise BundleError(f"{where}: nested too deep") from None
+    except Invalid:
+        raise BundleError(f"{where}: text may not contain the NUL character (\\u0000)") from None
+    return value
 
 
 def _check(bundle: Bundle) -> None:
@@ -518,12 +547,17 @@ def _check(bundle: Bundle) -> None:
         if index is not None and not 0 <= index < len(bundle.vectors[tensor]):
             raise BundleError(f"{where}: vector {index} is not a row of {tensor} ({len(bundle.vectors[tensor])} rows)")
 
-    versions: dict[uuid.UUID, list[int]] = defaultdict(list)
+    versions: dict[uuid.UUID, dict[int, VersionLine]] = defaultdict(dict)
     for i, v in enumerate(bundle.versions, start=1):
         where = f"versions.jsonl line {i}"
         row(where, v.vector, "versions")
         _check_hash(where, v.content, v.content_sha256)
-        versions[v.memory_id].append(v.version)
+        _check_provenance(where, v.provenance)
+        if v.version in versions[v.memory_id]:
+            raise BundleError(f"{where}: version {v.version} of memory {v.memory_id} appears twice")
+        if (v.version == 1) != (v.op == "create"):
+            raise BundleError(f"{where}: version {v.version} has op {v.op!r}: a memory's first version, only, creates")
+        versions[v.memory_id][v.version] = v
     ids: set[uuid.UUID] = set()
     for i, mem in enumerate(bundle.memories, start=1):
         where = f"memories.jsonl line {i}"
@@ -532,10 +566,13 @@ def _check(bundle: Bundle) -> None:
         ids.add(mem.id)
         row(where, mem.vector, "memories")
         _check_hash(where, mem.content, mem.content_sha256)
-        if sorted(versions.get(mem.id, [])) != list(range(1, mem.version + 1)):
+        _check_provenance(where, mem.provenance)
+        history = versions.get(mem.id, {})
+        if sorted(history) != list(range(1, mem.version + 1)):
             raise BundleError(
                 f"{where}: memory {mem.id} is at version {mem.version} but its versions are not 1..{mem.version}"
             )
+        _check_current(where, mem, history[mem.version], bundle.vectors)
     strays = versions.keys() - ids
     if strays:
         raise BundleError(
@@ -547,6 +584,8 @@ def _check(bundle: Bundle) -> None:
         for end in (link.from_id, link.to_id):
             if end not in ids:
                 raise BundleError(f"{where}: links memory {end}, which the bundle does not hold")
+        if link.from_id == link.to_id:
+            raise BundleError(f"{where}: memory {link.from_id} links to itself")
         key = (link.from_id, link.to_id, link.type)
         if key in seen_links:
             raise BundleError(f"{where}: a second {link.type!r} link from {link.from_id} to {link.to_id}")
@@ -561,10 +600,41 @@ def _check(bundle: Bundle) -> None:
             raise BundleError(f"{where}: a second entry for memory {entry.memory_id}")
         entries.add(entry.memory_id)
         row(where, entry.vector, "contexts")
+    if len({c.category for c in bundle.cache.categories}) != len(bundle.cache.categories):
+        raise BundleError("cache.json: a category appears twice")
+    if bundle.cache.config is not None:
+        try:
+            parse_policy(bundle.cache.config)
+        except PolicyError as exc:
+            raise BundleError(f"cache.json: config.{exc.field}: {exc.message}") from None
 
 
-def _check_hash(where: str, content: str | None, digest: str | None) -> None:
-    if content is not None and digest != content_sha256(content):
+def _check_provenance(where: str, provenance: dict[str, Any]) -> None:
+    """Provenance as the API writes it: code that reads it back (a later PATCH, say) relies on its shape."""
+    try:
+        msgspec.convert(provenance, Provenance)
+    except msgspec.ValidationError as exc:
+        raise BundleError(f"{where}: provenance: {exc}") from None
+
+
+_CURRENT = tuple(c for c in SNAPSHOT if c != "embedding")
+"""What a memory's row holds of its newest version: they must agree (the API keeps them equal)."""
+
+
+def _check_current(where: str, mem: MemoryLine, newest: VersionLine, vectors: dict[str, np.ndarray]) -> None:
+    for name in _CURRENT:
+        if getattr(mem, name) != getattr(newest, name):
+            raise BundleError(f"{where}: {name} differs from the memory's version {mem.version}")
+    if mem.vector is None or newest.vector is None:
+        same = mem.vector is None and newest.vector is None
+    else:
+        same = bool(np.array_equal(vectors["memories"][mem.vector], vectors["versions"][newest.vector]))
+    if not same:
+        raise BundleError(f"{where}: embedding differs from the memory's version {mem.version}")
+
+
+def _check_hash(where: str, content: str | None, stated: str | None) -> None:
+    if content is not None and stated != content_sha256(content):
         raise BundleError(f"{where}: content_sha256 does not match the content")
 
 
@@ -586,6 +656,11 @@ async def import_bundle(
     ids = _id_map(bundle, new_ids)
     cube_id = ids[bundle.manifest.cube.id]
     cube_name = name if name is not None else bundle.manifest.cube.name
+    try:
+        msgspec.convert(cube_name, Name)
+        reject_nul(cube_name, "name")
+    except (msgspec.ValidationError, Invalid) as exc:
+        raise BundleError(f"--name: {cube_name!r} is not a cube name: {exc}") from None
     report = BundleReport(
         cube_id=cube_id,
         name=cube_name,
@@ -619,8 +694,9 @@ async def import_bundle(
             )
             if dry_run:
                 await conn.rollback()
-    except IntegrityError as exc:
-        # _check_free looked first; this is a writer that took a name or id since (or a bundle edge case).
+    except DBAPIError as exc:
+        # _check_free looked first; this is a writer that took a name or id since, or a value the checks let
+        # through that a column refuses. (A lost connection is Unavailable, raised by the transaction.)
         raise BundleError(f"the database refused the import, nothing was written: {exc.orig}") from None
     return report
 

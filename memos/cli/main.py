@@ -222,7 +222,7 @@ def _print_left_out(report: BundleReport) -> None:
     activations = report.left_out.get("activations", 0)
     outside = report.left_out.get("links_outside", 0)
     if activations:
-        print(f"left out: {activations} KV activations (rebuild them with POST /v1/activations)")
+        print(f"left out: {activations} KV activations (rebuild them with POST /v1/memories/{id}/activations)")
     if outside:
         print(f"left out: {outside} links to memories outside the cube")
 

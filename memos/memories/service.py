@@ -139,6 +139,9 @@ def _not_expired() -> Any:
     return or_(memories.c.expires_at.is_(None), memories.c.expires_at > func.now())
 
 
+Accesses = Callable[[list[tuple[uuid.UUID, float]]], None]
+"""Told of reads that count as uses of memories: (memory id, weight) pairs (the scheduler's heat)."""
+
 BlobReleaser = Callable[[Sequence[str]], Awaitable[None]]
 """Called after a purge commits with the blob keys its KV activations used (the activations domain frees them)."""
 
@@ -158,6 +161,8 @@ class MemoryService:
         self.listeners = list(listeners)
         self.release_blobs = release_blobs
         self.index_mover = IndexMover(db)
+        self.on_access: Accesses | None = None
+        """Told of each memory read by id (the scheduler's heat)."""
 
     async def close(self) -> None:
         """Stop moving memories into the HNSW index (a move resumes on the cube's next write)."""
@@ -397,7 +402,10 @@ class MemoryService:
 
     async def get(self, principal: Principal, memory_id: uuid.UUID, include_expired: bool = False) -> schemas.Memory:
         async with self.db.read() as conn:
-            return to_dto(await self._load(conn, principal, memory_id, "read", include_expired=include_expired))
+            memory = to_dto(await self._load(conn, principal, memory_id, "read", include_expired=include_expired))
+        if self.on_access is not None:
+            self.on_access([(memory_id, 1.0)])
+        return memory
 
     async def list(
         self, principal: Principal, cube_id: uuid.UUID, filters: ListFilters, limit: int, cursor: str | None

@@ -23,8 +23,8 @@ from memos.store.arrays import Float4Array, vector_at
 from memos.store.audit import Actor
 from memos.store.models import memories, memory_versions
 
-# The columns a version row copies from the current state.
-_SNAPSHOT = (
+# The columns a version row copies from the current state (memos/admin/bundle.py checks a bundle by them too).
+SNAPSHOT = (
     "state",
     "content",
     "metadata",
@@ -89,7 +89,7 @@ SELECT
 FROM new
 """  # noqa: S608 (a constant fragment from store/arrays.py is formatted in)
 
-_COLUMNS = ("id", "tenant_id", "cube_id", "kind", "version", "created_by", *(c for c in _SNAPSHOT if c != "embedding"))
+_COLUMNS = ("id", "tenant_id", "cube_id", "kind", "version", "created_by", *(c for c in SNAPSHOT if c != "embedding"))
 """The values a new row is given (plus its ``embedding``); the rest come from column defaults."""
 
 
@@ -131,13 +131,13 @@ WITH u AS (
         embedding_model = %(model)s, version = m.version + 1, updated_at = statement_timestamp()
     FROM u
     WHERE m.id = u.id AND m.version = u.version
-    RETURNING m.id, m.version, m.updated_at, m.created_by, {", ".join(f"m.{c}" for c in _SNAPSHOT)}
+    RETURNING m.id, m.version, m.updated_at, m.created_by, {", ".join(f"m.{c}" for c in SNAPSHOT)}
 ), versions AS (
-    INSERT INTO memory_versions (memory_id, version, op, created_at, created_by, {", ".join(_SNAPSHOT)})
-    SELECT id, version, 'update', updated_at, created_by, {", ".join(_SNAPSHOT)} FROM bumped
+    INSERT INTO memory_versions (memory_id, version, op, created_at, created_by, {", ".join(SNAPSHOT)})
+    SELECT id, version, 'update', updated_at, created_by, {", ".join(SNAPSHOT)} FROM bumped
 )
 SELECT id FROM bumped
-"""  # noqa: S608 (only column names from _SNAPSHOT are formatted in)
+"""  # noqa: S608 (only column names from SNAPSHOT are formatted in)
 
 
 async def write_embeddings(
@@ -188,7 +188,7 @@ async def write_version(
             op=op,
             created_at=row.updated_at,
             created_by=_actor_uuid(actor, row.created_by),
-            **{c: getattr(row, c) for c in _SNAPSHOT},
+            **{c: getattr(row, c) for c in SNAPSHOT},
         )
     )
     return row
@@ -208,18 +208,18 @@ async def tombstone_where(conn: AsyncConnection, actor: Actor, *conditions: Any)
         update(memories)
         .where(*conditions, memories.c.state != "deleted")
         .values(state="deleted", version=memories.c.version + 1, updated_at=_statement_time())
-        .returning(memories.c.id, memories.c.version, memories.c.updated_at, *[memories.c[c] for c in _SNAPSHOT])
+        .returning(memories.c.id, memories.c.version, memories.c.updated_at, *[memories.c[c] for c in SNAPSHOT])
         .cte("bumped")
     )
     actor_id = _actor_uuid(actor, None)
-    columns = ["memory_id", "version", "op", "created_at", "created_by", *_SNAPSHOT]
+    columns = ["memory_id", "version", "op", "created_at", "created_by", *SNAPSHOT]
     source = select(
         bumped.c.id,
         bumped.c.version,
         literal("delete"),
         bumped.c.updated_at,
         literal(actor_id, memory_versions.c.created_by.type),
-        *[bumped.c[c] for c in _SNAPSHOT],
+        *[bumped.c[c] for c in SNAPSHOT],
     )
     result = await conn.execute(
         insert(memory_versions).from_select(columns, source).returning(memory_versions.c.memory_id)

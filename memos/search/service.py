@@ -22,7 +22,7 @@ from memos.errors import FieldError, NotFound
 from memos.graph.memgraph import MemoryGraph, combine, scale_seeds
 from memos.graph.select import mmr
 from memos.identity.principal import Principal
-from memos.memories.service import to_dto
+from memos.memories.service import Accesses, to_dto
 from memos.search import schemas, statements
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
@@ -93,6 +93,8 @@ class SearchService:
         self.graph_wait = graph_wait
         self.graphs = graphs or CubeGraphs(db)
         self.lexical = LexicalStats(connect=db.read)
+        self.on_access: Accesses | None = None
+        """Told which memories a search returned, the first weighing most (the scheduler's heat)."""
 
     async def close(self) -> None:
         await self.lexical.close()
@@ -163,6 +165,8 @@ class SearchService:
             for c in top
             if c.id in rows
         ]
+        if self.on_access is not None and results:
+            self.on_access([(r.memory.id, 1.0 / (rank + 1)) for rank, r in enumerate(results)])
         return schemas.SearchResponse(results=results, took_ms=round((time.perf_counter() - started) * 1000, 3))
 
     # -- scope -----------------------------------------------------------------------------------------

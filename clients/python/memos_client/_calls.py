@@ -30,8 +30,10 @@ from memos_client._models import (
     MemoryIn,
     Model,
     Page,
+    Pin,
     Provenance,
     ProvenanceGraph,
+    SchedulerState,
     SearchResponse,
     TenantCreated,
     Turn,
@@ -68,6 +70,8 @@ _MODEL_PAGE = decoder(Page[Model])
 _ACTIVATION = decoder(Activation)
 _ACTIVATION_PAGE = decoder(Page[Activation])
 _GENERATION = decoder(Generation)
+_SCHEDULER = decoder(SchedulerState)
+_PIN = decoder(Pin)
 
 
 class _Items(msgspec.Struct):
@@ -436,6 +440,16 @@ def generate(
         recompute_ratio=recompute_ratio,
     )
     return Call("POST", path("generate"), _GENERATION, body=body)
+
+
+def scheduler_state() -> Call[SchedulerState]:
+    return Call("GET", path("scheduler"), _SCHEDULER)
+
+
+def pin(memory_id: Id, model: str, tier: str) -> Call[Pin]:
+    return Call(
+        "POST", path("scheduler", "pin"), _PIN, body={"memory_id": str(memory_id), "model": model, "tier": tier}
+    )
 
 
 # --- anything else ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import httpx
 
 from memos_client import _calls
 from memos_client._base import DEFAULT_TIMEOUT, BaseClient, Call, Id, RetryPolicy
-from memos_client._models import Generation, Mode, Model, SearchResponse, State
+from memos_client._models import Generation, Mode, Model, Pin, SchedulerState, SearchResponse, State
 from memos_client._resources import (
     Activations,
     Agents,
@@ -73,6 +73,15 @@ class MemosClient(BaseClient):
     def models(self) -> list[Model]:
         """The causal LMs the server is configured with (empty: KV endpoints answer ``Conflict``)."""
         return self._send(_calls.list_models()).items
+
+    def scheduler(self) -> SchedulerState:
+        """The KV tiers (budget, use, hit rate), the build queue and the hottest memories the caller can read."""
+        return self._send(_calls.scheduler_state())
+
+    def pin(self, memory_id: Id, *, model: str, tier: str) -> Pin:
+        """Keep the memory's KV for ``model`` in ``tier`` (``device``/``host``), building it if needed; ``store``
+        lifts the pin."""
+        return self._send(_calls.pin(memory_id, model, tier))
 
     def generate(
         self,
@@ -210,6 +219,15 @@ class AsyncMemosClient(BaseClient):
     async def models(self) -> list[Model]:
         """The causal LMs the server is configured with (empty: KV endpoints answer ``Conflict``)."""
         return (await self._send(_calls.list_models())).items
+
+    async def scheduler(self) -> SchedulerState:
+        """The KV tiers (budget, use, hit rate), the build queue and the hottest memories the caller can read."""
+        return await self._send(_calls.scheduler_state())
+
+    async def pin(self, memory_id: Id, *, model: str, tier: str) -> Pin:
+        """Keep the memory's KV for ``model`` in ``tier`` (``device``/``host``), building it if needed; ``store``
+        lifts the pin."""
+        return await self._send(_calls.pin(memory_id, model, tier))
 
     async def generate(
         self,

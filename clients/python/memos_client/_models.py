@@ -230,6 +230,41 @@ class Generation(msgspec.Struct, frozen=True):
     fallback: str | None = None
 
 
+class TierState(msgspec.Struct, frozen=True):
+    """A KV tier: ``device``, ``host`` or ``store`` (the blob store, no budget of its own)."""
+
+    name: str
+    budget_bytes: int | None
+    used_bytes: int
+    items: int
+    hit_rate: float | None
+
+
+class HotMemory(msgspec.Struct, frozen=True):
+    memory_id: str
+    heat: float
+    tier: str | None
+    """The nearest tier holding the memory's KV; None without an activation."""
+
+
+class SchedulerState(msgspec.Struct, frozen=True):
+    """What ``GET /v1/scheduler`` shows: tiers, the build queue, the hottest memories the caller can read."""
+
+    tiers: list[TierState]
+    queue: int
+    hot: list[HotMemory]
+
+
+class Pin(msgspec.Struct, frozen=True):
+    """A memory's KV for a model held in a tier (``store``: the pin lifted)."""
+
+    memory_id: str
+    model: str
+    tier: str
+    activation_id: str
+    bytes: int
+
+
 # --- inputs -------------------------------------------------------------------------------------
 
 

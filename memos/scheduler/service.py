@@ -1,0 +1,346 @@
+"""The scheduler: heat per memory, and the KV tiers kept in step with it.
+
+Every read that uses a memory warms it (``HeatTable``): a read by id or a place in a generation's prompt
+counts 1, a search result 1 / (rank + 1). A background task (``run``, every ``MEMOS_SCHEDULER_SECONDS``)
+then, for each causal LM the service has loaded:
+
+1. pins: the activations pinned to a tier (``POST /v1/scheduler/pin``, kept in ``activations.tier``) are
+   held there, reloaded from the store after a restart;
+2. promotion: the hottest memories' fresh activations, hottest first, are loaded (store -> host) and moved
+   to the device tier while they fit its budget; chunks there that are no longer among them go down to
+   host (demotion), where the least recently used leave memory first when it is full;
+3. building (only with ``MEMOS_BUILD_HEAT`` > 0): a hot plaintext memory with no fresh activation gets one
+   built, on behalf of its cube's owner, a few per pass (the ``queue`` counts those still waiting).
+
+and writes heat to ``memories.heat`` where it moved (what ``GET /v1/memories/{id}`` shows). Everything here
+runs off the request path; requests only read the tiers. KV is keyed by its bytes, so all agents that share
+a cube share the chunks the scheduler keeps: one agent's use warms the KV the next one reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Row, func, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from memos.activations.schemas import BuildIn
+from memos.activations.service import ActivationService
+from memos.activations.tiers import KVTiers
+from memos.cubes.access import readable_cube_ids
+from memos.errors import Conflict, MemosError
+from memos.identity.principal import Principal
+from memos.scheduler import schemas
+from memos.scheduler.heat import HeatTable
+from memos.store.db import Database
+from memos.store.models import activations, cubes, memories
+
+if TYPE_CHECKING:
+    from memos.kv.runtime import LoadedModel
+
+log = logging.getLogger(__name__)
+
+HOT = 256
+"""Memories the scheduler looks at per pass, hottest first."""
+SHOWN = 20
+"""Hot memories ``GET /v1/scheduler`` lists (of those the caller can read)."""
+BUILDS_PER_PASS = 2
+PIN_SHARE = 0.5
+"""Pinned KV may take at most this share of a tier's budget: the rest stays for what is hot now."""
+
+_WRITE_HEAT = text(
+    """
+    UPDATE memories m SET heat = u.heat
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:heats AS float8[])) AS u(id, heat)
+    WHERE m.id = u.id AND m.heat IS DISTINCT FROM u.heat
+    """
+)
+
+
+@dataclasses.dataclass(slots=True)
+class PassReport:
+    """What one pass did (tests and the log)."""
+
+    heat_written: int = 0
+    pinned: int = 0
+    promoted: int = 0
+    demoted: int = 0
+    built: int = 0
+    queued: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        db: Database,
+        kv: ActivationService,
+        heat: HeatTable,
+        *,
+        interval: float,
+        build_heat: float = 0.0,
+    ) -> None:
+        self.db = db
+        self.kv = kv
+        self.heat = heat
+        self.interval = interval
+        self.build_heat = build_heat
+        self.queue = 0
+        self._task: asyncio.Task[None] | None = None
+        self._pass_lock = asyncio.Lock()
+
+    @property
+    def tiers(self) -> KVTiers:
+        return self.kv.tiers
+
+    def touch(self, accesses: list[tuple[uuid.UUID, float]]) -> None:
+        self.heat.touch(accesses)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.interval > 0 and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="memos-scheduler")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        # What moved since the last pass still reaches the database.
+        with contextlib.suppress(Exception):
+            await self.write_heat()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.run_pass()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next pass tries again; requests never depend on it
+                log.warning("scheduler pass failed", extra={"error": repr(exc)})
+
+    async def run_pass(self) -> PassReport:
+        """One pass: heat to the database, then pins, promotion and builds over every loaded model's KV."""
+        async with self._pass_lock:
+            report = PassReport(heat_written=await self.write_heat())
+            loaded = [lm for name in sorted(self.kv.models.specs) if (lm := self.kv.models.loaded(name)) is not None]
+            if loaded:
+                hot = self.heat.hottest(HOT)
+                pinned = await self._pins(loaded, report)
+                fresh = {lm.name: await self.kv.fresh_for_memories([m for m, _ in hot], lm) for lm in loaded}
+                await self._promote(loaded, hot, fresh, pinned, report)
+                if self.build_heat > 0:
+                    for lm in loaded:
+                        candidates = [m for m, h in hot if h >= self.build_heat and m not in fresh[lm.name]]
+                        await self._build(lm, candidates, report)
+            self.queue = report.queued
+            return report
+
+    async def write_heat(self) -> int:
+        changes = self.heat.changes()
+        if not changes:
+            return 0
+        async with self.db.transaction() as conn:
+            await conn.execute(_WRITE_HEAT, {"ids": list(changes), "heats": list(changes.values())})
+        return len(changes)
+
+    async def _pins(self, loaded: list[LoadedModel], report: PassReport) -> set[str]:
+        """Hold every pinned activation in its tier; lift the pins no activation asks for any more (unpinned,
+        or gone stale). The pinned keys."""
+        pinned: set[str] = set()
+        for lm in loaded:
+            for row in await self.kv.pinned(lm):
+                if await self.kv.hold(lm, row, row.tier) and self.tiers.move(row.sha256, row.tier, pinned=True):
+                    pinned.add(row.sha256)
+                    report.pinned += 1
+        for tier in ("device", "host"):
+            for key in self.tiers.keys(tier):
+                if key not in pinned:
+                    self.tiers.unpin(key)
+        return pinned
+
+    async def _promote(
+        self,
+        loaded: list[LoadedModel],
+        hot: list[tuple[uuid.UUID, float]],
+        fresh: dict[str, dict[uuid.UUID, Row[Any]]],
+        pinned: set[str],
+        report: PassReport,
+    ) -> None:
+        """The device tier gets the hottest memories' KV (any loaded model) that fits beside the pins."""
+        room = self.tiers.budgets["device"] - self.tiers.pinned_bytes("device")
+        wanted: dict[str, tuple[LoadedModel, Row[Any]]] = {}
+        for memory_id, _ in hot:
+            for lm in loaded:
+                row = fresh[lm.name].get(memory_id)
+                if row is None or row.sha256 in wanted or row.sha256 in pinned:
+                    continue
+                if _chunk_bytes(lm, row) > room:
+                    continue  # too big for what is left; a smaller, cooler one may still fit
+                wanted[row.sha256] = (lm, row)
+                room -= _chunk_bytes(lm, row)
+        # Down first, so the hot chunks find their room.
+        for key in self.tiers.keys("device"):
+            if key not in wanted and key not in pinned and self.tiers.move(key, "host"):
+                report.demoted += 1
+        for key, (lm, row) in wanted.items():
+            if self.tiers.tier_of(key) == "device":
+                continue
+            if await self.kv.hold(lm, row, "device") and self.tiers.move(key, "device"):
+                report.promoted += 1
+
+    async def _build(self, lm: LoadedModel, candidates: list[uuid.UUID], report: PassReport) -> None:
+        if not candidates:
+            return
+        async with self.db.read() as conn:
+            owners = await _buildable(conn, candidates)
+        for memory_id in candidates:
+            owner = owners.get(memory_id)
+            if owner is None:
+                continue
+            if report.built >= BUILDS_PER_PASS:
+                report.queued += 1
+                continue
+            tenant_id, agent_id = owner
+            principal = Principal(role="admin", tenant_id=tenant_id, agent_id=agent_id)
+            try:
+                await self.kv.build(principal, memory_id, BuildIn(model=lm.name))
+            except MemosError as exc:  # changed or deleted meanwhile, store full...: not this pass's problem
+                log.info("scheduler build skipped", extra={"memory_id": str(memory_id), "error": exc.detail})
+                continue
+            report.built += 1
+
+    # -- the API -------------------------------------------------------------------------------
+
+    async def state(self, principal: Principal) -> schemas.SchedulerState:
+        principal.tenant_member()
+        hot = self.heat.hottest(HOT)
+        async with self.db.read() as conn:
+            readable = await _readable(conn, principal, [m for m, _ in hot])
+            # Each stored file once, however many activations share it.
+            blobs = (
+                select(activations.c.sha256, func.max(activations.c.bytes).label("bytes"))
+                .group_by(activations.c.sha256)
+                .subquery()
+            )
+            store_items, store_bytes = (
+                await conn.execute(select(func.count(), func.coalesce(func.sum(blobs.c.bytes), 0)))
+            ).one()
+            shown = [(m, h) for m, h in hot if m in readable][:SHOWN]
+            keys = await _keys(conn, [m for m, _ in shown])
+        tiers = [
+            schemas.TierState(
+                name=t.name, budget_bytes=t.budget_bytes, used_bytes=t.used_bytes, items=t.items, hit_rate=t.hit_rate
+            )
+            for t in self.tiers.stats()
+        ]
+        tiers.append(
+            schemas.TierState(
+                name="store",
+                budget_bytes=None,
+                used_bytes=int(store_bytes),
+                items=int(store_items),
+                hit_rate=self.tiers.store_hit_rate(),
+            )
+        )
+        return schemas.SchedulerState(
+            tiers=tiers,
+            queue=self.queue,
+            hot=[
+                schemas.HotMemory(memory_id=m, heat=round(h, 4), tier=_best_tier(self.tiers, keys.get(m, [])))
+                for m, h in shown
+            ],
+        )
+
+    async def pin(self, principal: Principal, body: schemas.PinIn) -> schemas.Pin:
+        """Keep the memory's KV for ``body.model`` in ``body.tier`` (``store``: lift the pin), building it first
+        if there is none. 409 when the tier's share for pins is full."""
+        activation, _ = await self.kv.build(principal, body.memory_id, BuildIn(model=body.model))
+        lm = await self.kv.models.get(body.model)
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(activations).where(activations.c.id == activation.id))).one()
+        size = _chunk_bytes(lm, row)
+        if body.tier == "store":
+            self.tiers.unpin(row.sha256)
+        else:
+            limit = int(self.tiers.budgets[body.tier] * PIN_SHARE)
+            already = self.tiers.pinned_bytes(body.tier)
+            if self.tiers.is_pinned(row.sha256) and self.tiers.tier_of(row.sha256) == body.tier:
+                already -= size  # pinned there already: pinning again takes nothing more
+            if already + size > limit:
+                raise Conflict(
+                    f"the {body.tier} tier has room for {limit} bytes of pinned KV and {already} are pinned; "
+                    f"this KV is {size} bytes",
+                    extra={"tier": body.tier, "pinned_bytes": already, "pin_limit_bytes": limit, "bytes": size},
+                )
+            if not await self.kv.hold(lm, row, body.tier):
+                raise Conflict(
+                    "the stored KV failed its checksum; build it again", extra={"activation_id": str(row.id)}
+                )
+            if not self.tiers.move(row.sha256, body.tier, pinned=True):
+                raise Conflict(f"the KV does not fit the {body.tier} tier", extra={"bytes": size})
+        await self.kv.set_pin(row.id, body.tier)
+        return schemas.Pin(memory_id=body.memory_id, model=body.model, tier=body.tier, activation_id=row.id, bytes=size)
+
+
+def _chunk_bytes(lm: LoadedModel, row: Row[Any]) -> int:
+    """What the activation's KV takes in a memory tier (decoded: no file header, no token ids)."""
+    return int(row.tokens) * lm.kv_bytes_per_token
+
+
+def _best_tier(tiers: KVTiers, keys: list[str]) -> schemas.Tier | None:
+    """The nearest tier holding any of a memory's KV: device, host, store; None without an activation."""
+    found = {tiers.tier_of(k) for k in keys}
+    for tier in ("device", "host"):
+        if tier in found:
+            return tier
+    return "store" if keys else None
+
+
+async def _readable(conn: AsyncConnection, principal: Principal, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    if not ids:
+        return set()
+    rows = await conn.execute(
+        select(memories.c.id).where(
+            memories.c.id.in_(ids),
+            memories.c.tenant_id == principal.tenant_id,
+            memories.c.cube_id.in_(readable_cube_ids(principal)),
+            memories.c.state != "deleted",
+        )
+    )
+    return {r.id for r in rows}
+
+
+async def _keys(conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[uuid.UUID, list[str]]:
+    """The blob keys of each memory's activations (any model; stale ones too: they show where KV sits)."""
+    if not ids:
+        return {}
+    out: dict[uuid.UUID, list[str]] = {}
+    for r in await conn.execute(
+        select(activations.c.memory_id, activations.c.sha256).where(activations.c.memory_id.in_(ids))
+    ):
+        out.setdefault(r.memory_id, []).append(r.sha256)
+    return out
+
+
+async def _buildable(conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID]]:
+    """Of ``ids``, the live plaintext memories, with (tenant, owner of their cube): who a build acts for."""
+    rows = await conn.execute(
+        select(memories.c.id, memories.c.tenant_id, cubes.c.owner_agent_id)
+        .join(cubes, cubes.c.id == memories.c.cube_id)
+        .where(
+            memories.c.id.in_(ids),
+            memories.c.kind == "plaintext",
+            memories.c.state == "active",
+            memories.c.content.is_not(None),
+            cubes.c.deleted_at.is_(None),
+        )
+    )
+    return {r.id: (r.tenant_id, r.owner_agent_id) for r in rows}

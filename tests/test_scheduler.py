@@ -1,0 +1,438 @@
+"""The scheduler: heat, the KV tiers, promotion and demotion by heat, building by heat, pins, and
+``/v1/scheduler`` through real HTTP with a tiny random causal LM (its passes are run by the tests, not by a
+timer, so every step is deterministic)."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Factory, Tenant, bearer, with_tiny_model
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from memos.activations.tiers import KVTiers
+from memos.app import create_app
+from memos.embed.base import Embedder
+from memos.scheduler.heat import HeatTable
+from memos.scheduler.service import PassReport, Scheduler
+from memos.settings import Settings
+
+MODEL = "tiny"
+
+
+# -- heat ------------------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_heat_adds_accesses_and_halves_every_half_life() -> None:
+    clock = Clock()
+    heat = HeatTable(10.0, clock=clock)
+    a, b = uuid.uuid4(), uuid.uuid4()
+    heat.touch([(a, 1.0), (b, 0.5)])
+    clock.t += 10
+    assert heat.value(a) == pytest.approx(0.5) and heat.value(b) == pytest.approx(0.25)
+    heat.touch([(a, 1.0), (b, 0.0), (b, -3.0)])  # weights <= 0 change nothing
+    assert heat.value(a) == pytest.approx(1.5) and heat.value(b) == pytest.approx(0.25)
+    assert heat.hottest(5) == [(a, pytest.approx(1.5)), (b, pytest.approx(0.25))]
+    assert heat.hottest(1) == [(a, pytest.approx(1.5))]
+    assert heat.hottest(5, minimum=0.3) == [(a, pytest.approx(1.5))]
+    heat.forget([a])
+    assert heat.value(a) == 0.0 and [m for m, _ in heat.hottest(5)] == [b]
+
+
+def test_heat_changes_report_what_moved_and_what_went_cold() -> None:
+    clock = Clock()
+    heat = HeatTable(10.0, clock=clock)
+    a, b = uuid.uuid4(), uuid.uuid4()
+    heat.touch([(a, 4.0), (b, 1.0)])
+    assert heat.changes() == {a: 4.0, b: 1.0}
+    assert heat.changes() == {}  # nothing moved
+    clock.t += 1  # 4 -> 3.73, 1 -> 0.93: both under 10 %
+    assert heat.changes() == {}
+    clock.t += 9  # a: 2.0, b: 0.5: half
+    assert heat.changes() == {a: pytest.approx(2.0), b: pytest.approx(0.5)}
+    clock.t += 100  # both far below the floor: written as 0 and dropped
+    assert heat.changes() == {a: 0.0, b: 0.0}
+    assert len(heat) == 0 and heat.changes() == {}
+
+
+def test_heat_table_is_bounded_and_keeps_the_hottest() -> None:
+    clock = Clock()
+    heat = HeatTable(10.0, max_entries=10, clock=clock)
+    ids = [uuid.uuid4() for _ in range(11)]
+    heat.touch([(m, float(i + 1)) for i, m in enumerate(ids)])
+    assert len(heat) == 5
+    assert {m for m, _ in heat.hottest(10)} == set(ids[-5:])
+    written = heat.changes()
+    heat.touch([(uuid.uuid4(), 100.0) for _ in range(10)])  # pushes every earlier one out
+    # The database's copy of those that fell out of the table goes to 0.
+    assert {m: h for m, h in heat.changes().items() if m in written} == dict.fromkeys(written, 0.0)
+
+
+# -- tiers -----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Chunk:
+    """Stands for a KV chunk: what the tiers use of one is ``to(device)``."""
+
+    name: str
+    device: str = "cpu"
+    moves: list[str] = dataclasses.field(default_factory=list)
+
+    def to(self, device: str) -> Chunk:
+        return Chunk(self.name, str(device), [*self.moves, str(device)])
+
+
+def test_tiers_keep_within_budgets_and_demote_instead_of_dropping() -> None:
+    tiers = KVTiers(device_budget=200, host_budget=250)
+    for name in "abc":
+        assert tiers.put(name, Chunk(name), 100, "cpu")
+    # host holds 250: the least recently used (a) left memory
+    assert tiers.keys("host") == ["b", "c"] and tiers.tier_of("a") is None
+    assert tiers.move("b", "device") and tiers.move("c", "device")
+    assert tiers.keys("device") == ["b", "c"] and tiers.keys("host") == []
+    assert tiers.put("d", Chunk("d"), 100, "cpu") and tiers.move("d", "device")
+    # the device's least recently used (b) went down to host, not out of memory
+    assert tiers.keys("device") == ["c", "d"] and tiers.keys("host") == ["b"]
+    assert not tiers.put("huge", Chunk("huge"), 300, "cpu")
+    assert not tiers.move("missing", "device")
+    stats = {s.name: s for s in tiers.stats()}
+    assert (stats["device"].used_bytes, stats["device"].items, stats["host"].used_bytes) == (200, 2, 100)
+    assert stats["device"].hit_rate is None  # no lookup yet
+    tiers.discard("c")
+    assert tiers.tier_of("c") is None and {s.name: s.used_bytes for s in tiers.stats()}["device"] == 100
+
+
+def test_tiers_count_hits_per_tier() -> None:
+    tiers = KVTiers(device_budget=100, host_budget=100)
+    tiers.put("h", Chunk("h"), 50, "cpu")
+    tiers.put("d", Chunk("d"), 50, "cpu", "device")
+    assert tiers.get("d").name == "d" and tiers.get("h").name == "h" and tiers.get("x") is None
+    tiers.store_hit()  # the miss was then read from the store
+    assert {s.name: s.hit_rate for s in tiers.stats()} == {"device": 0.3333, "host": 0.3333}
+    assert tiers.store_hit_rate() == 0.3333
+
+
+def test_pinned_chunks_stay_and_take_their_room() -> None:
+    tiers = KVTiers(device_budget=200, host_budget=200)
+    for name in "abc":
+        tiers.put(name, Chunk(name), 100, "cpu", "device")
+    assert tiers.keys("device") == ["b", "c"]
+    assert tiers.move("b", "device", pinned=True) and tiers.is_pinned("b")
+    tiers.put("d", Chunk("d"), 100, "cpu", "device")
+    assert tiers.keys("device") == ["b", "d"]  # c went down; the pinned b, older, stayed
+    assert tiers.move("c", "device", pinned=True)  # room beside b: d goes down
+    assert tiers.pinned_bytes("device") == 200 and tiers.keys("device") == ["b", "c"]
+    assert not tiers.move("d", "device")  # nothing left that may make room
+    assert not tiers.put("e", Chunk("e"), 100, "cpu", "device")
+    tiers.unpin("b")
+    assert tiers.move("d", "device") and tiers.keys("device") == ["c", "d"]
+
+
+def test_a_gpu_model_s_chunks_are_copied_between_the_gpu_and_host_ram() -> None:
+    tiers = KVTiers(device_budget=100, host_budget=100)
+    assert tiers.put("a", Chunk("a", "cuda:0"), 100, "cuda:0")
+    assert tiers.tier_of("a") == "device"  # loaded onto the GPU: kept there
+    assert tiers.move("a", "host")
+    assert tiers.get("a").moves == ["cpu"]
+    assert tiers.move("a", "device")
+    assert tiers.get("a").moves == ["cpu", "cuda:0"]
+    cpu = KVTiers(device_budget=100, host_budget=100)
+    cpu.put("b", Chunk("b"), 100, "cpu")
+    assert cpu.move("b", "device") and cpu.get("b").moves == []  # a CPU model: the same memory, no copy
+
+
+# -- the service ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    # No timer: the tests run each pass themselves.
+    return dataclasses.replace(with_tiny_model(settings, tmp_path_factory, MODEL, seed=0), scheduler_seconds=0)
+
+
+@pytest.fixture(scope="module")
+def app(settings: Settings, embedder: Embedder) -> Litestar:
+    return create_app(settings, embedder_factory=lambda: embedder)
+
+
+@pytest.fixture(scope="module")
+def client(app: Litestar) -> Iterator[TestClient[Litestar]]:
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def scheduler(client: TestClient[Litestar]) -> Scheduler:
+    found: Scheduler = client.app.state.scheduler
+    return found
+
+
+@pytest.fixture
+def fresh(scheduler: Scheduler) -> Iterator[Scheduler]:
+    """Each test starts with no heat and cold tiers, and gets back the defaults it changed."""
+    scheduler.heat.forget([m for m, _ in scheduler.heat.hottest(10_000)])
+    scheduler.tiers.clear()
+    budgets, build_heat = dict(scheduler.tiers.budgets), scheduler.build_heat
+    yield scheduler
+    scheduler.tiers.budgets.update(budgets)
+    scheduler.build_heat = build_heat
+
+
+def run_pass(client: TestClient[Litestar], scheduler: Scheduler) -> PassReport:
+    report: PassReport = client.blocking_portal.call(scheduler.run_pass)
+    return report
+
+
+def built(client: TestClient[Litestar], key: str, memory_id: str) -> dict[str, Any]:
+    r = client.post(f"/v1/memories/{memory_id}/activations", json={"model": MODEL}, headers=bearer(key))
+    assert r.status_code in (200, 201), r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def generate(client: TestClient[Litestar], key: str, ids: list[str]) -> dict[str, Any]:
+    body = {"model": MODEL, "prompt": "Tell me.", "memory_ids": ids, "max_new_tokens": 2}
+    r = client.post("/v1/generate", json=body, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def state(client: TestClient[Litestar], key: str) -> dict[str, Any]:
+    r = client.get("/v1/scheduler", headers=bearer(key))
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+@pytest.fixture(scope="module")
+def tenant(factory: Factory) -> Tenant:
+    return factory.tenant()
+
+
+@pytest.fixture(scope="module")
+def cube(factory: Factory, tenant: Tenant) -> dict[str, Any]:
+    return factory.cube(tenant.admin_key)
+
+
+def test_state_lists_the_three_tiers(client, tenant, settings, fresh) -> None:
+    body = state(client, tenant.admin_key)
+    assert [t["name"] for t in body["tiers"]] == ["device", "host", "store"]
+    device, host, store = body["tiers"]
+    assert device["budget_bytes"] == settings.kv_device_bytes and host["budget_bytes"] == settings.kv_host_bytes
+    assert store["budget_bytes"] is None and body["queue"] == 0 and body["hot"] == []
+
+
+def test_reads_warm_memories_and_heat_reaches_the_memory(client, factory, tenant, cube, scheduler, fresh) -> None:
+    key = tenant.admin_key
+    read, found, used = (
+        factory.memory(key, cube["id"], text)["id"] for text in ("Ada keeps bees.", "Otters nap.", "Rain.")
+    )
+    assert client.get(f"/v1/memories/{read}", headers=bearer(key)).status_code == 200
+    client.get(f"/v1/memories/{read}", headers=bearer(key))
+    r = client.post(
+        "/v1/search", json={"query": "otters napping", "cube_ids": [cube["id"]], "k": 1}, headers=bearer(key)
+    )
+    assert [x["memory"]["id"] for x in r.json()["results"]] == [found]
+    generate(client, key, [used])
+    heats = dict(scheduler.heat.hottest(10))
+    assert heats == {
+        uuid.UUID(read): pytest.approx(2.0, rel=1e-3),
+        uuid.UUID(found): pytest.approx(1.0, rel=1e-3),
+        uuid.UUID(used): pytest.approx(1.0, rel=1e-3),
+    }
+    assert run_pass(client, scheduler).heat_written == 3
+    assert client.get(f"/v1/memories/{read}", headers=bearer(key)).json()["heat"] == pytest.approx(2.0, rel=1e-3)
+    hot = state(client, key)["hot"]
+    assert [h["memory_id"] for h in hot][:1] == [read] and {h["memory_id"] for h in hot} == {read, found, used}
+    assert all(h["tier"] is None for h in hot)  # no KV built for them
+
+
+def test_the_hot_list_shows_only_what_the_caller_can_read(client, factory, tenant, cube, scheduler, fresh) -> None:
+    key = tenant.admin_key
+    secret = factory.memory(key, cube["id"], "A private note.")["id"]
+    client.get(f"/v1/memories/{secret}", headers=bearer(key))
+    other = factory.tenant()
+    assert state(client, other.admin_key)["hot"] == []
+    stranger = factory.agent(tenant)  # same tenant, no grant on the cube
+    assert state(client, stranger.key)["hot"] == []
+    assert [h["memory_id"] for h in state(client, key)["hot"]] == [secret]
+
+
+def test_the_hottest_kv_goes_to_the_device_and_the_cooler_down_to_host(
+    client, factory, tenant, cube, scheduler, fresh
+) -> None:
+    key = tenant.admin_key
+    hot, warm = (factory.memory(key, cube["id"], f"Fact number {i} about the lighthouse.")["id"] for i in (1, 2))
+    acts = {m: built(client, key, m) for m in (hot, warm)}
+    scheduler.tiers.clear()
+    chunk = max(a["bytes"] for a in acts.values())
+    scheduler.tiers.budgets["device"] = chunk + chunk // 2  # room for one of them
+    for _ in range(3):
+        generate(client, key, [hot])
+    generate(client, key, [warm])  # both now in host (loaded from the store by use)
+    assert {scheduler.tiers.tier_of(a["sha256"]) for a in acts.values()} == {"host"}
+    report = run_pass(client, scheduler)
+    assert report.promoted == 1 and report.demoted == 0
+    assert scheduler.tiers.tier_of(acts[hot]["sha256"]) == "device"
+    assert scheduler.tiers.tier_of(acts[warm]["sha256"]) == "host"
+    assert client.get(f"/v1/activations/{acts[hot]['id']}", headers=bearer(key)).json()["tier"] == "device"
+    listed = {h["memory_id"]: h["tier"] for h in state(client, key)["hot"]}
+    assert listed == {hot: "device", warm: "host"}
+    # The other one gets hotter: they change places.
+    for _ in range(6):
+        generate(client, key, [warm])
+    report = run_pass(client, scheduler)
+    assert (report.promoted, report.demoted) == (1, 1)
+    assert scheduler.tiers.tier_of(acts[warm]["sha256"]) == "device"
+    assert scheduler.tiers.tier_of(acts[hot]["sha256"]) == "host"
+
+
+def test_agents_sharing_a_cube_share_the_kv_the_scheduler_keeps(
+    client, factory, tenant, cube, scheduler, fresh
+) -> None:
+    key = tenant.admin_key
+    memory = factory.memory(key, cube["id"], "The shared itinerary: Lisbon, then Porto.")["id"]
+    act = built(client, key, memory)
+    reader = factory.agent(tenant)
+    r = client.put(f"/v1/cubes/{cube['id']}/grants/{reader.id}", json={"access": "read"}, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    scheduler.tiers.clear()
+    generate(client, key, [memory])  # the owner's use: from the store, then kept
+    run_pass(client, scheduler)
+    assert scheduler.tiers.tier_of(act["sha256"]) == "device"
+    before = {s.name: s.hit_rate for s in scheduler.tiers.stats()}
+    lookups_before = scheduler.tiers.stats()
+    out = generate(client, reader.key, [memory])  # another agent: the same chunk, from the device tier
+    assert out["activations_used"] == [act["id"]]
+    after = {s.name: s.hit_rate for s in scheduler.tiers.stats()}
+    assert after["device"] > (before["device"] or 0.0), (lookups_before, after)
+    assert [h["memory_id"] for h in state(client, reader.key)["hot"]] == [memory]
+
+
+def test_hot_memories_get_their_kv_built_for_the_cube_owner(
+    client, factory, tenant, cube, scheduler, fresh, settings
+) -> None:
+    key = tenant.admin_key
+    writer = factory.agent(tenant)
+    r = client.put(f"/v1/cubes/{cube['id']}/grants/{writer.id}", json={"access": "write"}, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    ids = [factory.memory(writer.key, cube["id"], f"Hot fact {i}: the ferry leaves at {i} pm.")["id"] for i in range(3)]
+    cold = factory.memory(writer.key, cube["id"], "A cold fact.")["id"]
+    scheduler.build_heat = 1.5
+    for memory_id in ids:
+        for _ in range(2):
+            client.get(f"/v1/memories/{memory_id}", headers=bearer(writer.key))
+    client.get(f"/v1/memories/{cold}", headers=bearer(writer.key))
+    report = run_pass(client, scheduler)
+    assert (report.built, report.queued) == (2, 1)
+    assert state(client, key)["queue"] == 1
+    report = run_pass(client, scheduler)
+    assert (report.built, report.queued) == (1, 0)
+    for memory_id in ids:
+        acts = client.get(f"/v1/memories/{memory_id}/activations", headers=bearer(key)).json()["items"]
+        assert len(acts) == 1 and not acts[0]["stale"]
+    assert client.get(f"/v1/memories/{cold}/activations", headers=bearer(key)).json()["items"] == []
+    with psycopg.connect(settings.database_url) as conn:
+        creators = conn.execute(
+            "SELECT DISTINCT m.created_by FROM activations a JOIN memories m ON m.id = a.id WHERE a.memory_id = ANY(%s)",
+            ([uuid.UUID(i) for i in ids],),
+        ).fetchall()
+    assert creators == [(uuid.UUID(tenant.admin_id),)]  # the cube's owner, not the agent that warmed them
+    assert run_pass(client, scheduler).built == 0  # nothing left to build
+
+
+def test_pins_hold_a_memory_s_kv_in_a_tier_and_survive_a_restart(
+    client, factory, tenant, cube, scheduler, fresh, settings
+) -> None:
+    key = tenant.admin_key
+    memory = factory.memory(key, cube["id"], "Pinned: the safe's code is in the blue book.")["id"]
+    r = client.post(
+        "/v1/scheduler/pin", json={"memory_id": memory, "model": MODEL, "tier": "device"}, headers=bearer(key)
+    )
+    assert r.status_code == 200, r.text
+    pin = r.json()
+    assert pin["tier"] == "device" and pin["memory_id"] == memory and pin["bytes"] > 0
+    act = client.get(f"/v1/activations/{pin['activation_id']}", headers=bearer(key)).json()  # built by the pin
+    assert act["tier"] == "device" and scheduler.tiers.is_pinned(act["sha256"])
+    # Hotter memories do not push it out.
+    other = factory.memory(key, cube["id"], "Something used a lot.")["id"]
+    built(client, key, other)
+    for _ in range(5):
+        generate(client, key, [other])
+    scheduler.tiers.budgets["device"] = pin["bytes"] * 3
+    run_pass(client, scheduler)
+    assert scheduler.tiers.tier_of(act["sha256"]) == "device"
+    # A restart: the tiers start empty, and the next pass pins it again from the database.
+    scheduler.tiers.clear()
+    assert run_pass(client, scheduler).pinned == 1
+    assert scheduler.tiers.tier_of(act["sha256"]) == "device" and scheduler.tiers.is_pinned(act["sha256"])
+    with psycopg.connect(settings.database_url) as conn:
+        assert conn.execute("SELECT tier FROM activations WHERE id = %s", (pin["activation_id"],)).fetchone() == (
+            "device",
+        )
+    r = client.post(
+        "/v1/scheduler/pin", json={"memory_id": memory, "model": MODEL, "tier": "store"}, headers=bearer(key)
+    )
+    assert r.status_code == 200 and r.json()["tier"] == "store"
+    assert not scheduler.tiers.is_pinned(act["sha256"])
+    with psycopg.connect(settings.database_url) as conn:
+        assert conn.execute("SELECT tier FROM activations WHERE id = %s", (pin["activation_id"],)).fetchone() == (
+            "store",
+        )
+
+
+def test_pins_may_take_half_a_tier(client, factory, tenant, cube, scheduler, fresh) -> None:
+    key = tenant.admin_key
+    first, second = (factory.memory(key, cube["id"], f"Pin me, number {i}.")["id"] for i in (1, 2))
+    (model,) = client.get("/v1/models", headers=bearer(key)).json()["items"]
+    # What either one's KV takes in a tier, decoded (the two texts have the same number of tokens).
+    (size,) = {built(client, key, m)["tokens"] * model["kv_bytes_per_token"] for m in (first, second)}
+    scheduler.tiers.budgets["host"] = size * 3  # pins may take 1.5 chunks: one
+    body = {"memory_id": first, "model": MODEL, "tier": "host"}
+    r = client.post("/v1/scheduler/pin", json=body, headers=bearer(key))
+    assert r.status_code == 200 and r.json()["bytes"] == size, r.text
+    assert (
+        client.post("/v1/scheduler/pin", json=body, headers=bearer(key)).status_code == 200
+    )  # again: no more room taken
+    r = client.post("/v1/scheduler/pin", json={**body, "memory_id": second}, headers=bearer(key))
+    assert r.status_code == 409, r.text
+    assert r.json()["extra"]["pinned_bytes"] == size and "room for" in r.json()["detail"]
+    client.post("/v1/scheduler/pin", json={**body, "tier": "store"}, headers=bearer(key))
+    assert client.post("/v1/scheduler/pin", json={**body, "memory_id": second}, headers=bearer(key)).status_code == 200
+    client.post("/v1/scheduler/pin", json={**body, "memory_id": second, "tier": "store"}, headers=bearer(key))
+
+
+def test_bad_pins_get_clear_answers(client, factory, tenant, cube, fresh) -> None:
+    key = tenant.admin_key
+    memory = factory.memory(key, cube["id"], "Something to pin.")["id"]
+
+    def pin(body: dict[str, Any], who: str = key) -> Any:
+        return client.post("/v1/scheduler/pin", json=body, headers=bearer(who))
+
+    ok = {"memory_id": memory, "model": MODEL, "tier": "host"}
+    r = pin({**ok, "model": "nope"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "model"
+    r = pin({**ok, "tier": "gpu"})
+    assert r.status_code == 422 and "tier" in r.text
+    assert pin({"model": MODEL, "tier": "host"}).status_code == 422
+    assert pin({**ok, "memory_id": str(uuid.uuid4())}).status_code == 404
+    assert pin(ok, factory.tenant().admin_key).status_code == 404  # another tenant's memory
+    reader = factory.agent(tenant)
+    client.put(f"/v1/cubes/{cube['id']}/grants/{reader.id}", json={"access": "read"}, headers=bearer(key))
+    assert pin(ok, reader.key).status_code == 403  # pinning spends the server's memory: write access
+    assert client.get("/v1/scheduler", headers=bearer("nope" * 10)).status_code == 401
