@@ -45,6 +45,7 @@ bench: install
 	$(PY) -m bench.semcache
 	$(PY) -m bench.kv_ttft
 	$(PY) -m bench.reembed
+	$(PY) -m bench.scheduler
 
 # Fault injection alone (kill -9 mid-ingest, Postgres stopped under load); make test runs these too.
 faults: install
