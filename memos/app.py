@@ -266,6 +266,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
                 build_heat=settings.build_heat,
             )
             memory_service.on_access = search.on_access = activations.on_access = scheduler.touch
+            memory_service.listeners.append(scheduler)  # deleted memories leave the heat table
             scheduler.start()
             app.state.scheduler = scheduler
             app.state.rate_limiter = None

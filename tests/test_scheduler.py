@@ -15,6 +15,7 @@ from conftest import Factory, Tenant, bearer, with_tiny_model
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from memos.activations.models import KVBusy
 from memos.activations.tiers import KVTiers
 from memos.app import create_app
 from memos.embed.base import Embedder
@@ -52,20 +53,61 @@ def test_heat_adds_accesses_and_halves_every_half_life() -> None:
     assert heat.value(a) == 0.0 and [m for m, _ in heat.hottest(5)] == [b]
 
 
-def test_heat_changes_report_what_moved_and_what_went_cold() -> None:
+def _write(heat: HeatTable, **options: Any) -> dict[uuid.UUID, float]:
+    """``changes``, then marked as written (what a committed write does)."""
+    out = heat.changes(**options)
+    heat.written(out)
+    return out
+
+
+def test_heat_changes_report_reads_halvings_and_cold() -> None:
     clock = Clock()
     heat = HeatTable(10.0, clock=clock)
     a, b = uuid.uuid4(), uuid.uuid4()
     heat.touch([(a, 4.0), (b, 1.0)])
-    assert heat.changes() == {a: 4.0, b: 1.0}
-    assert heat.changes() == {}  # nothing moved
-    clock.t += 1  # 4 -> 3.73, 1 -> 0.93: both under 10 %
+    assert _write(heat) == {a: 4.0, b: 1.0}
+    assert heat.changes() == {}  # nothing read, nothing halved
+    clock.t += 9  # a: 2.14, b: 0.54: cooling alone is not written until it halves
     assert heat.changes() == {}
-    clock.t += 9  # a: 2.0, b: 0.5: half
-    assert heat.changes() == {a: pytest.approx(2.0), b: pytest.approx(0.5)}
+    clock.t += 1  # half
+    assert _write(heat) == {a: pytest.approx(2.0), b: pytest.approx(0.5)}
+    heat.touch([(a, 1.0)])  # a read is written at the next pass, however small the move
+    assert _write(heat) == {a: pytest.approx(3.0)}
     clock.t += 100  # both far below the floor: written as 0 and dropped
-    assert heat.changes() == {a: 0.0, b: 0.0}
+    assert _write(heat) == {a: 0.0, b: 0.0}
     assert len(heat) == 0 and heat.changes() == {}
+    # Below ``minimum``, a memory is not written until it gets there.
+    c = uuid.uuid4()
+    heat.touch([(c, 0.5)])
+    assert _write(heat, minimum=1.0) == {}
+    heat.touch([(c, 0.5)])
+    assert _write(heat, minimum=1.0) == {c: 1.0}
+    clock.t += 10  # 0.5 now: halved, and written, as it was written before
+    assert _write(heat, minimum=1.0) == {c: 0.5}
+
+
+def test_a_heat_write_that_failed_is_tried_again_and_writes_are_bounded() -> None:
+    clock = Clock()
+    heat = HeatTable(10.0, clock=clock)
+    ids = [uuid.uuid4() for _ in range(5)]
+    heat.touch([(m, 2.0) for m in ids])
+    first = heat.changes(most=3)
+    assert list(first) == sorted(ids, key=lambda m: m.int)[:3]  # in id order, three at most
+    # The write failed (written() was not called): the same ones come again, then the rest.
+    assert heat.changes(most=3) == first
+    heat.written(first)
+    assert set(_write(heat, most=3)) == set(ids) - set(first)
+    assert heat.changes() == {}
+
+
+def test_heat_seeded_from_the_database_after_a_restart() -> None:
+    clock = Clock()
+    heat = HeatTable(10.0, clock=clock)
+    a = uuid.uuid4()
+    heat.seed([(a, 4.0)])
+    assert heat.value(a) == pytest.approx(4.0) and heat.changes() == {}  # the database holds it already
+    clock.t += 10
+    assert _write(heat) == {a: pytest.approx(2.0)}
 
 
 def test_heat_table_is_bounded_and_keeps_the_hottest() -> None:
@@ -73,10 +115,13 @@ def test_heat_table_is_bounded_and_keeps_the_hottest() -> None:
     heat = HeatTable(10.0, max_entries=10, clock=clock)
     ids = [uuid.uuid4() for _ in range(11)]
     heat.touch([(m, float(i + 1)) for i, m in enumerate(ids)])
+    assert len(heat) == 11  # a request never pays for the shrink: the pass does it
+    heat.shrink()
     assert len(heat) == 5
     assert {m for m, _ in heat.hottest(10)} == set(ids[-5:])
-    written = heat.changes()
-    heat.touch([(uuid.uuid4(), 100.0) for _ in range(10)])  # pushes every earlier one out
+    written = _write(heat)
+    heat.touch([(uuid.uuid4(), 100.0) for _ in range(10)])
+    heat.shrink()  # pushes every earlier one out
     # The database's copy of those that fell out of the table goes to 0.
     assert {m: h for m, h in heat.changes().items() if m in written} == dict.fromkeys(written, 0.0)
 
@@ -436,3 +481,49 @@ def test_bad_pins_get_clear_answers(client, factory, tenant, cube, fresh) -> Non
     client.put(f"/v1/cubes/{cube['id']}/grants/{reader.id}", json={"access": "read"}, headers=bearer(key))
     assert pin(ok, reader.key).status_code == 403  # pinning spends the server's memory: write access
     assert client.get("/v1/scheduler", headers=bearer("nope" * 10)).status_code == 401
+
+
+def test_search_ranks_weigh_and_deleted_memories_leave(client, factory, tenant, scheduler, fresh) -> None:
+    key = tenant.admin_key
+    cube = factory.cube(key)
+    ids = [factory.memory(key, cube["id"], f"Otters nap in the river, note {i}.")["id"] for i in range(3)]
+    body = {"query": "otters napping in the river", "cube_ids": [cube["id"]], "k": 3, "mode": "vector"}
+    found = [x["memory"]["id"] for x in client.post("/v1/search", json=body, headers=bearer(key)).json()["results"]]
+    assert sorted(found) == sorted(ids)
+    heats = [scheduler.heat.value(uuid.UUID(m)) for m in found]
+    assert heats == [pytest.approx(1.0, rel=1e-3), pytest.approx(0.5, rel=1e-3), pytest.approx(1 / 3, rel=1e-3)]
+    assert client.delete(f"/v1/memories/{found[0]}", headers=bearer(key)).status_code == 204
+    assert scheduler.heat.value(uuid.UUID(found[0])) == 0.0
+    assert found[0] not in [h["memory_id"] for h in state(client, key)["hot"]]
+
+
+def test_a_generation_that_fails_warms_nothing(client, factory, tenant, cube, scheduler, fresh, monkeypatch) -> None:
+    key = tenant.admin_key
+    memory = factory.memory(key, cube["id"], "The key is under the mat.")["id"]
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise KVBusy("the KV worker is busy", headers={"Retry-After": "2"})
+
+    monkeypatch.setattr(client.app.state.activations.worker, "run", broken)
+    body = {"model": MODEL, "prompt": "Where?", "memory_ids": [memory], "max_new_tokens": 1}
+    assert client.post("/v1/generate", json=body, headers=bearer(key)).status_code == 503
+    assert scheduler.heat.value(uuid.UUID(memory)) == 0.0
+
+
+def test_unpinning_builds_nothing_and_a_pass_lifts_pins_lifted_elsewhere(
+    client, factory, tenant, cube, scheduler, fresh, settings
+) -> None:
+    key = tenant.admin_key
+    bare = factory.memory(key, cube["id"], "No KV for this one.")["id"]
+    r = client.post("/v1/scheduler/pin", json={"memory_id": bare, "model": MODEL, "tier": "store"}, headers=bearer(key))
+    assert r.status_code == 200 and r.json()["activation_id"] is None, r.text
+    assert client.get(f"/v1/memories/{bare}/activations", headers=bearer(key)).json()["items"] == []
+    memory = factory.memory(key, cube["id"], "Pinned, then unpinned by another process.")["id"]
+    body = {"memory_id": memory, "model": MODEL, "tier": "host"}
+    pin = client.post("/v1/scheduler/pin", json=body, headers=bearer(key)).json()
+    act = client.get(f"/v1/activations/{pin['activation_id']}", headers=bearer(key)).json()
+    assert scheduler.tiers.is_pinned(act["sha256"])
+    with psycopg.connect(settings.database_url) as conn:
+        conn.execute("UPDATE activations SET tier = 'store' WHERE id = %s", (pin["activation_id"],))
+    run_pass(client, scheduler)
+    assert not scheduler.tiers.is_pinned(act["sha256"])

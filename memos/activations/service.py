@@ -491,8 +491,6 @@ class ActivationService:
         lm = await self.models.get(body.model)
         started = time.perf_counter()
         parts = await self._parts(principal, body)
-        if self.on_access is not None and parts:
-            self.on_access([(p.memory_id, 1.0) for p in parts])
         if body.use_activations and parts:
             await self._attach_kv(lm, parts)
         outcome: _Outcome = await self.worker.run(
@@ -506,6 +504,9 @@ class ActivationService:
             started,
         )
         waited_ms = (time.perf_counter() - started) * 1000.0
+        # Only a generation that ran warms its memories, and those a search found were warmed by the search.
+        if self.on_access is not None and parts and body.search is None:
+            self.on_access([(p.memory_id, 1.0) for p in parts])
         if outcome.used:
             async with self.db.transaction() as conn:
                 await conn.execute(
@@ -648,6 +649,27 @@ class ActivationService:
             await self._mark_corrupt(row.sha256, exc)
             return False
         return self.tiers.put(row.sha256, chunk, chunk.nbytes, lm.device, tier)
+
+    async def unpin(self, principal: Principal, memory_id: uuid.UUID, model: str) -> list[Any]:
+        """Lift the pins of the memory's activations for ``model`` (write access, like a pin); its activations
+        for that model, newest first (none: nothing was pinned)."""
+        async with self.db.transaction() as conn:
+            await self.memories.load_row(conn, principal, memory_id, "write")
+            rows = (
+                await conn.execute(
+                    select(activations.c.id, activations.c.sha256)
+                    .where(activations.c.memory_id == memory_id, activations.c.model == model)
+                    .order_by(activations.c.created_at.desc())
+                )
+            ).all()
+            await conn.execute(
+                update(activations)
+                .where(
+                    activations.c.memory_id == memory_id, activations.c.model == model, activations.c.tier != "store"
+                )
+                .values(tier="store")
+            )
+        return list(rows)
 
     async def set_pin(self, activation_id: uuid.UUID, tier: str) -> None:
         """Record where the activation is pinned (``store``: not pinned), so a restart pins it again."""

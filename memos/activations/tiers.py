@@ -110,16 +110,19 @@ class KVTiers:
             if holder is None:
                 return False
             entry = self._items[holder][key]
-            if pinned is not None:
-                entry.pinned = pinned
             if holder == tier:
                 self._items[tier].move_to_end(key)
+                if pinned is not None:
+                    entry.pinned = pinned
                 return True
             if entry.nbytes > self._room(tier):
-                return False
+                return False  # nothing changed, its pin neither
             del self._items[holder][key]
             self._used[holder] -= entry.nbytes
-            return self._place(tier, key, dataclasses.replace(entry, chunk=_on(entry, tier)))
+            moved = dataclasses.replace(entry, chunk=_on(entry, tier))
+            if pinned is not None:
+                moved.pinned = pinned
+            return self._place(tier, key, moved)
 
     def unpin(self, key: str) -> None:
         with self._lock:

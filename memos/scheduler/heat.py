@@ -2,7 +2,7 @@
 
 A memory's heat is kept as (value, when) and decayed on read: h(t) = value x 2^-((t - when) / half_life),
 so nothing has to touch every entry as time passes. The table is bounded: past ``max_entries`` the
-coldest fall out (a memory that has cooled that far is as good as never used).
+coldest fall out at the scheduler's next pass (a memory that has cooled that far is as good as never used).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ class HeatTable:
         self._clock = clock
         self._heat: dict[uuid.UUID, tuple[float, float]] = {}
         self._written: dict[uuid.UUID, float] = {}
-        """The heat last handed out by ``changes`` (what the database holds), per memory."""
+        """What the database holds, per memory whose heat was written and not yet written back to 0."""
+        self._read: set[uuid.UUID] = set()
+        """Memories read since their heat was last written."""
         # Touched from request handlers on the event loop and read by the scheduler's task; a lock keeps the
         # bounded eviction and the change scan consistent if a caller ever runs in a thread.
         self._lock = threading.Lock()
@@ -50,8 +52,7 @@ class HeatTable:
                 old = self._heat.get(memory_id)
                 value = weight if old is None else self._decayed(*old, at) + weight
                 self._heat[memory_id] = (value, at)
-            if len(self._heat) > self.max_entries:
-                self._shrink(at)
+                self._read.add(memory_id)
 
     def value(self, memory_id: uuid.UUID, now: float | None = None) -> float:
         at = self._clock() if now is None else now
@@ -67,43 +68,75 @@ class HeatTable:
             best = heapq.nlargest(n, ((h, m) for h, m in current if h >= minimum), key=lambda x: (x[0], x[1].int))
         return [(memory_id, heat) for heat, memory_id in best]
 
-    def changes(self, now: float | None = None, tolerance: float = 0.1) -> dict[uuid.UUID, float]:
-        """The memories whose heat moved by more than ``tolerance`` (relative) since the last call, with their
-        heat now (0 for one that went cold: it also leaves the table), for the database's copy."""
+    def changes(self, now: float | None = None, minimum: float = 0.0, most: int = 1000) -> dict[uuid.UUID, float]:
+        """What the database's copy of heat should be told, at most ``most`` memories, by id: each memory read
+        since its heat was last written (at ``minimum`` heat or more, for one not written yet: a write per
+        memory that one wide search touched once would cost more than it tells), each one that has cooled to
+        half of what was written, and 0 for each one that went cold or left the table. Nothing is marked as
+        written here: call ``written`` once the write has committed, so a failed write is tried again."""
         at = self._clock() if now is None else now
         out: dict[uuid.UUID, float] = {}
         with self._lock:
-            for memory_id, (v, w) in list(self._heat.items()):
-                heat = self._decayed(v, w, at)
+            for memory_id, last in self._written.items():
+                entry = self._heat.get(memory_id)
+                heat = 0.0 if entry is None else self._decayed(*entry, at)
                 if heat < FLOOR:
-                    del self._heat[memory_id]
-                    heat = 0.0
-                last = self._written.get(memory_id, 0.0)
-                if abs(heat - last) > tolerance * max(last, FLOOR):
+                    out[memory_id] = 0.0
+                elif memory_id in self._read or heat <= last / 2:
                     out[memory_id] = round(heat, 4)
-            for memory_id, heat in out.items():
+            for memory_id in self._read:
+                if memory_id not in self._written and (entry := self._heat.get(memory_id)) is not None:
+                    heat = self._decayed(*entry, at)
+                    if heat >= minimum and heat >= FLOOR:
+                        out[memory_id] = round(heat, 4)
+        # By id: concurrent writers of the same rows take their locks in one order.
+        return {m: out[m] for m in sorted(out, key=lambda m: m.int)[:most]}
+
+    def written(self, heats: dict[uuid.UUID, float]) -> None:
+        """The database now holds ``heats`` (from ``changes``)."""
+        at = self._clock()
+        with self._lock:
+            for memory_id, heat in heats.items():
+                self._read.discard(memory_id)
                 if heat == 0.0:
                     self._written.pop(memory_id, None)
+                    entry = self._heat.get(memory_id)
+                    if entry is not None and self._decayed(*entry, at) < FLOOR:  # cold: out of the table too
+                        del self._heat[memory_id]
                 else:
                     self._written[memory_id] = heat
-            # A memory dropped by _shrink still has a heat in the database: it is written as 0 here.
-            for memory_id in [m for m in self._written if m not in self._heat]:
-                out[memory_id] = 0.0
-                del self._written[memory_id]
-        return out
+
+    def seed(self, heats: Iterable[tuple[uuid.UUID, float]], now: float | None = None) -> None:
+        """Start from heats the database holds (after a restart): as if each were written just now."""
+        at = self._clock() if now is None else now
+        with self._lock:
+            for memory_id, heat in heats:
+                if heat > 0 and memory_id not in self._heat:
+                    self._heat[memory_id] = (heat, at)
+                    self._written[memory_id] = heat
+
+    def shrink(self, now: float | None = None) -> None:
+        """Past ``max_entries``, keep the hottest half (``touch`` never does it: it runs inside requests)."""
+        at = self._clock() if now is None else now
+        with self._lock:
+            if len(self._heat) > self.max_entries:
+                self._shrink(at)
 
     def forget(self, ids: Iterable[uuid.UUID]) -> None:
-        """Drop memories (deleted, purged): they are not hot any more, whatever their accesses."""
+        """Drop memories (deleted, purged): they are not hot any more, whatever their accesses. (Their rows keep
+        the heat last written: it is not shown for a deleted memory's ranking.)"""
         with self._lock:
             for memory_id in ids:
                 self._heat.pop(memory_id, None)
                 self._written.pop(memory_id, None)
+                self._read.discard(memory_id)
 
     def __len__(self) -> int:
         return len(self._heat)
 
     def _shrink(self, at: float) -> None:
-        """Keep the hottest half of ``max_entries``: shrinking once per half a table's worth of new memories."""
+        """Keep the hottest half of ``max_entries`` (a written memory that falls out is written as 0 later)."""
         keep = max(1, self.max_entries // 2)
         ranked = heapq.nlargest(keep, self._heat.items(), key=lambda item: self._decayed(item[1][0], item[1][1], at))
         self._heat = dict(ranked)
+        self._read &= self._heat.keys()

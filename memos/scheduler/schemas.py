@@ -47,5 +47,7 @@ class Pin(msgspec.Struct):
     memory_id: uuid.UUID
     model: str
     tier: Tier
-    activation_id: uuid.UUID
+    activation_id: uuid.UUID | None
+    """The activation held (for ``store``: the newest of the memory's for the model; null when it has none)."""
     bytes: int
+    """Of decoded KV in the tier (0 for ``store``)."""

@@ -50,6 +50,12 @@ HOT = 256
 SHOWN = 20
 """Hot memories ``GET /v1/scheduler`` lists (of those the caller can read)."""
 BUILDS_PER_PASS = 2
+WRITE_BATCH = 1000
+"""Heat rows written per pass at most (the rest wait for the next)."""
+WRITE_FROM = 0.75
+"""Heat from which a memory's heat is first written to the database: about one read by id or one first search
+result (a little decayed), not the tail of one wide search. The update of a wide row is not free (a row whose
+page is full moves, with an entry in each of its indexes)."""
 PIN_SHARE = 0.5
 """Pinned KV may take at most this share of a tier's budget: the rest stays for what is hot now."""
 
@@ -92,6 +98,10 @@ class Scheduler:
         self.queue = 0
         self._task: asyncio.Task[None] | None = None
         self._pass_lock = asyncio.Lock()
+        """Held by a pass and by a pin: a pin never lands between a pass's reading of the pins and its sweep."""
+        self._seeded = False
+        self._store: tuple[int, int] | None = None
+        """The blob store's (files, bytes) as of the last pass: ``GET /v1/scheduler`` does not scan for it."""
 
     @property
     def tiers(self) -> KVTiers:
@@ -112,9 +122,11 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        # What moved since the last pass still reaches the database.
-        with contextlib.suppress(Exception):
+        # What moved since the last pass still reaches the database (a failure is logged, not raised: closing).
+        try:
             await self.write_heat()
+        except Exception as exc:
+            log.warning("writing heat at shutdown failed", extra={"error": repr(exc)})
 
     async def _run(self) -> None:
         while True:
@@ -129,10 +141,19 @@ class Scheduler:
     async def run_pass(self) -> PassReport:
         """One pass: heat to the database, then pins, promotion and builds over every loaded model's KV."""
         async with self._pass_lock:
-            report = PassReport(heat_written=await self.write_heat())
+            if not self._seeded:
+                await self._seed()
+            report = PassReport()
+            try:
+                report.heat_written = await self.write_heat()
+            except MemosError as exc:  # the database is down: the KV in memory can still be arranged
+                log.warning("writing heat failed; retried next pass", extra={"error": exc.detail})
+            # Scans of the whole table (up to 100k memories): off the event loop.
+            await asyncio.to_thread(self.heat.shrink)
+            self._store = await self._store_totals()
             loaded = [lm for name in sorted(self.kv.models.specs) if (lm := self.kv.models.loaded(name)) is not None]
             if loaded:
-                hot = self.heat.hottest(HOT)
+                hot = await asyncio.to_thread(self.heat.hottest, HOT)
                 pinned = await self._pins(loaded, report)
                 fresh = {lm.name: await self.kv.fresh_for_memories([m for m, _ in hot], lm) for lm in loaded}
                 await self._promote(loaded, hot, fresh, pinned, report)
@@ -144,12 +165,49 @@ class Scheduler:
             return report
 
     async def write_heat(self) -> int:
-        changes = self.heat.changes()
+        """Write what ``HeatTable.changes`` says to ``memories.heat`` (at most ``WRITE_BATCH`` rows a pass, in id
+        order); they count as written only once committed, so a failed write is tried again next pass."""
+        changes = await asyncio.to_thread(self.heat.changes, None, WRITE_FROM, WRITE_BATCH)
         if not changes:
             return 0
         async with self.db.transaction() as conn:
             await conn.execute(_WRITE_HEAT, {"ids": list(changes), "heats": list(changes.values())})
+        self.heat.written(changes)
         return len(changes)
+
+    async def _seed(self) -> None:
+        """After a start, the heat the database holds (the hottest memories) seeds the table, so the hot set
+        survives a restart and those rows are written again as they cool."""
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(memories.c.id, memories.c.heat)
+                    .where(memories.c.heat > 0, memories.c.state != "deleted")
+                    .order_by(memories.c.heat.desc())
+                    .limit(self.heat.max_entries // 2)
+                )
+            ).all()
+        self.heat.seed((r.id, float(r.heat)) for r in rows)
+        self._seeded = True
+
+    async def _store_totals(self) -> tuple[int, int]:
+        """(files, bytes) in the blob store, each stored file once however many activations share it."""
+        blobs = (
+            select(activations.c.sha256, func.max(activations.c.bytes).label("bytes"))
+            .group_by(activations.c.sha256)
+            .subquery()
+        )
+        async with self.db.read() as conn:
+            items, size = (await conn.execute(select(func.count(), func.coalesce(func.sum(blobs.c.bytes), 0)))).one()
+        return int(items), int(size)
+
+    # -- a listener of memory writes (deleted memories leave the heat table) ------------------------
+
+    def memories_written(self, cube_id: uuid.UUID, rows: Any) -> None:
+        return None
+
+    def memories_removed(self, cube_id: uuid.UUID, ids: Any) -> None:
+        self.heat.forget(ids)
 
     async def _pins(self, loaded: list[LoadedModel], report: PassReport) -> set[str]:
         """Hold every pinned activation in its tier; lift the pins no activation asks for any more (unpinned,
@@ -221,20 +279,14 @@ class Scheduler:
 
     async def state(self, principal: Principal) -> schemas.SchedulerState:
         principal.tenant_member()
-        hot = self.heat.hottest(HOT)
+        hot = await asyncio.to_thread(self.heat.hottest, HOT)
         async with self.db.read() as conn:
             readable = await _readable(conn, principal, [m for m, _ in hot])
-            # Each stored file once, however many activations share it.
-            blobs = (
-                select(activations.c.sha256, func.max(activations.c.bytes).label("bytes"))
-                .group_by(activations.c.sha256)
-                .subquery()
-            )
-            store_items, store_bytes = (
-                await conn.execute(select(func.count(), func.coalesce(func.sum(blobs.c.bytes), 0)))
-            ).one()
             shown = [(m, h) for m, h in hot if m in readable][:SHOWN]
             keys = await _keys(conn, [m for m, _ in shown])
+        if self._store is None:
+            self._store = await self._store_totals()
+        store_items, store_bytes = self._store
         tiers = [
             schemas.TierState(
                 name=t.name, budget_bytes=t.budget_bytes, used_bytes=t.used_bytes, items=t.items, hit_rate=t.hit_rate
@@ -245,8 +297,8 @@ class Scheduler:
             schemas.TierState(
                 name="store",
                 budget_bytes=None,
-                used_bytes=int(store_bytes),
-                items=int(store_items),
+                used_bytes=store_bytes,
+                items=store_items,
                 hit_rate=self.tiers.store_hit_rate(),
             )
         )
@@ -260,16 +312,18 @@ class Scheduler:
         )
 
     async def pin(self, principal: Principal, body: schemas.PinIn) -> schemas.Pin:
-        """Keep the memory's KV for ``body.model`` in ``body.tier`` (``store``: lift the pin), building it first
-        if there is none. 409 when the tier's share for pins is full."""
+        """Keep the memory's KV for ``body.model`` in ``body.tier``, building it first if there is none; ``store``
+        lifts the memory's pins for that model (and builds nothing). 409 when the tier's share for pins is full.
+        Under the pass lock: the limit check, the load and the pin happen as one step, and a pass never sweeps
+        a pin that is landing."""
+        if body.tier == "store":
+            return await self._unpin(principal, body)
         activation, _ = await self.kv.build(principal, body.memory_id, BuildIn(model=body.model))
         lm = await self.kv.models.get(body.model)
-        async with self.db.read() as conn:
-            row = (await conn.execute(select(activations).where(activations.c.id == activation.id))).one()
-        size = _chunk_bytes(lm, row)
-        if body.tier == "store":
-            self.tiers.unpin(row.sha256)
-        else:
+        async with self._pass_lock:
+            async with self.db.read() as conn:
+                row = (await conn.execute(select(activations).where(activations.c.id == activation.id))).one()
+            size = _chunk_bytes(lm, row)
             limit = int(self.tiers.budgets[body.tier] * PIN_SHARE)
             already = self.tiers.pinned_bytes(body.tier)
             if self.tiers.is_pinned(row.sha256) and self.tiers.tier_of(row.sha256) == body.tier:
@@ -280,14 +334,29 @@ class Scheduler:
                     f"this KV is {size} bytes",
                     extra={"tier": body.tier, "pinned_bytes": already, "pin_limit_bytes": limit, "bytes": size},
                 )
-            if not await self.kv.hold(lm, row, body.tier):
+            if not await self.kv.hold(lm, row, body.tier) or not self.tiers.move(row.sha256, body.tier, pinned=True):
                 raise Conflict(
-                    "the stored KV failed its checksum; build it again", extra={"activation_id": str(row.id)}
+                    f"the KV could not be held in the {body.tier} tier (its stored file failed its check, or the "
+                    "tier has no room beside what is pinned there)",
+                    extra={"tier": body.tier, "bytes": size},
                 )
-            if not self.tiers.move(row.sha256, body.tier, pinned=True):
-                raise Conflict(f"the KV does not fit the {body.tier} tier", extra={"bytes": size})
-        await self.kv.set_pin(row.id, body.tier)
+            await self.kv.set_pin(row.id, body.tier)
         return schemas.Pin(memory_id=body.memory_id, model=body.model, tier=body.tier, activation_id=row.id, bytes=size)
+
+    async def _unpin(self, principal: Principal, body: schemas.PinIn) -> schemas.Pin:
+        self.kv.models.spec(body.model)
+        async with self._pass_lock:
+            rows = await self.kv.unpin(principal, body.memory_id, body.model)
+            for row in rows:
+                self.tiers.unpin(row.sha256)
+        newest = rows[0] if rows else None
+        return schemas.Pin(
+            memory_id=body.memory_id,
+            model=body.model,
+            tier="store",
+            activation_id=None if newest is None else newest.id,
+            bytes=0,
+        )
 
 
 def _chunk_bytes(lm: LoadedModel, row: Row[Any]) -> int:

@@ -261,7 +261,7 @@ class Pin(msgspec.Struct, frozen=True):
     memory_id: str
     model: str
     tier: str
-    activation_id: str
+    activation_id: str | None
     bytes: int
 
 
