@@ -98,7 +98,8 @@ class Settings:
     RAM), where the scheduler keeps the hottest memories' KV."""
 
     scheduler_seconds: float = 2.0
-    """How often the scheduler writes heat and moves KV between tiers; 0 turns its loop off (heat is still
+    """How often the scheduler moves KV between tiers (heat rows are written at most every 30 s); 0 turns its
+    loop off (heat is still
     counted and written at shutdown; a pin holds its KV until the process ends, and is not held again after a
     restart until a pass runs)."""
 

@@ -232,6 +232,7 @@ def fresh(scheduler: Scheduler) -> Iterator[Scheduler]:
     scheduler.heat.forget([m for m, _ in scheduler.heat.hottest(10_000)])
     scheduler.tiers.clear()
     budgets, build_heat = dict(scheduler.tiers.budgets), scheduler.build_heat
+    scheduler.heat_every = 0  # heat written at every pass
     yield scheduler
     scheduler.tiers.budgets.update(budgets)
     scheduler.build_heat = build_heat
@@ -527,3 +528,17 @@ def test_unpinning_builds_nothing_and_a_pass_lifts_pins_lifted_elsewhere(
         conn.execute("UPDATE activations SET tier = 'store' WHERE id = %s", (pin["activation_id"],))
     run_pass(client, scheduler)
     assert not scheduler.tiers.is_pinned(act["sha256"])
+
+
+def test_heat_rows_are_written_at_most_every_heat_every_seconds(
+    client, factory, tenant, cube, scheduler, fresh
+) -> None:
+    key = tenant.admin_key
+    memory = factory.memory(key, cube["id"], "Read often, written seldom.")["id"]
+    run_pass(client, scheduler)  # whatever earlier tests left
+    scheduler.heat_every = 3600
+    client.get(f"/v1/memories/{memory}", headers=bearer(key))
+    assert run_pass(client, scheduler).heat_written == 0
+    assert client.get(f"/v1/memories/{memory}", headers=bearer(key)).json()["heat"] == 0.0
+    scheduler.heat_every = 0
+    assert run_pass(client, scheduler).heat_written == 1
