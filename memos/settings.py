@@ -99,9 +99,8 @@ class Settings:
 
     scheduler_seconds: float = 2.0
     """How often the scheduler moves KV between tiers (heat rows are written at most every 30 s); 0 turns its
-    loop off (heat is still
-    counted and written at shutdown; a pin holds its KV until the process ends, and is not held again after a
-    restart until a pass runs)."""
+    loop off (heat is still counted and written at shutdown; a pin holds its KV until the process ends, and is
+    not held again after a restart until a pass runs)."""
 
     heat_half_life_seconds: float = 3600.0
     """Heat halves in this long without accesses."""
