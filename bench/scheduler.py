@@ -46,8 +46,6 @@ ZIPF_S = 1.1
 
 @contextmanager
 def service(model_dir: Path, workdir: Path) -> Iterator[Any]:
-    import dataclasses
-
     from litestar.testing import TestClient
 
     from memos.app import create_app
@@ -59,9 +57,9 @@ def service(model_dir: Path, workdir: Path) -> Iterator[Any]:
         operator_key=OPERATOR_KEY,
         log_level="WARNING",
         models={MODEL: ModelSpec(name=MODEL, path=model_dir)},
+        scheduler_seconds=0,  # the bench runs the passes itself
     )
-    # The bench runs the passes itself.
-    app = create_app(dataclasses.replace(settings, scheduler_seconds=0))
+    app = create_app(settings)
     with TestClient(app, timeout=600) as client:
         yield client
 

@@ -586,17 +586,23 @@ class ActivationService:
         return await self._from_store(lm, row)
 
     async def _from_store(self, lm: LoadedModel, row: Row[Any]) -> KVChunk | None:
-        """Read, check and decode the activation's file, and keep the chunk in memory; None if it is bad."""
+        """A request's miss: the activation's chunk from the blob store, kept in memory; None if its file is bad
+        (reported and marked; the request prefills the memory's text instead)."""
+        chunk = await self._read_chunk(lm, row.sha256)
+        if chunk is not None:
+            self.tiers.store_hit()
+            self.tiers.put(row.sha256, chunk, chunk.nbytes, lm.device)
+        return chunk
+
+    async def _read_chunk(self, lm: LoadedModel, key: str) -> KVChunk | None:
+        """Read, check and decode a stored file onto ``lm``'s device; None (and the file marked) if it is bad."""
         try:
-            data = await asyncio.to_thread(self.blobs.read, row.sha256)
+            data = await asyncio.to_thread(self.blobs.read, key)
             # The blob store has just checked the whole file's sha256, so the codec need not hash it again.
             chunk, _ = await asyncio.to_thread(_decode, data, lm.fingerprint, False, lm.device)
         except (BlobCorrupt, BlobNotFound, KVError) as exc:
-            # Reported and marked; this request prefills the memory's text instead.
-            await self._mark_corrupt(row.sha256, exc)
+            await self._mark_corrupt(key, exc)
             return None
-        self.tiers.store_hit()
-        self.tiers.put(row.sha256, chunk, chunk.nbytes, lm.device)
         return chunk
 
     # ------------------------------------------------------------------ the scheduler's hands
@@ -637,18 +643,14 @@ class ActivationService:
             ).all()
         return [r for r in rows if _is_fresh(r)]
 
-    async def hold(self, lm: LoadedModel, row: Row[Any], tier: ResidentTier | None = None) -> bool:
-        """Make sure the activation's chunk is in a memory tier (read from the store into ``tier`` if not), without
-        counting a lookup: the scheduler's loads are not requests. False when its file is bad or it does not fit."""
-        if self.tiers.tier_of(row.sha256) is not None:
+    async def hold(self, lm: LoadedModel, key: str, tier: ResidentTier | None = None) -> bool:
+        """Make sure the chunk of stored file ``key`` is in a memory tier (read from the store into ``tier`` if
+        not), without counting a lookup: the scheduler's loads are not requests. False when the file is bad or
+        the chunk does not fit."""
+        if self.tiers.tier_of(key) is not None:
             return True
-        try:
-            data = await asyncio.to_thread(self.blobs.read, row.sha256)
-            chunk, _ = await asyncio.to_thread(_decode, data, lm.fingerprint, False, lm.device)
-        except (BlobCorrupt, BlobNotFound, KVError) as exc:
-            await self._mark_corrupt(row.sha256, exc)
-            return False
-        return self.tiers.put(row.sha256, chunk, chunk.nbytes, lm.device, tier)
+        chunk = await self._read_chunk(lm, key)
+        return chunk is not None and self.tiers.put(key, chunk, chunk.nbytes, lm.device, tier)
 
     async def unpin(self, principal: Principal, memory_id: uuid.UUID, model: str) -> list[Any]:
         """Lift the pins of the memory's activations for ``model`` (write access, like a pin); its activations

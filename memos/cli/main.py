@@ -61,14 +61,12 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _reembed(args: argparse.Namespace) -> int:
-    import asyncio
     import uuid
 
     from memos.admin.reembed import Report, misfit, pending, reembed
     from memos.embed.errors import EmbedderLoadError
     from memos.embed.registry import load_embedder
     from memos.errors import Unavailable
-    from memos.store.db import Database
 
     try:
         cube_ids = [uuid.UUID(c) for c in args.cube]
@@ -93,9 +91,7 @@ def _reembed(args: argparse.Namespace) -> int:
         print(f"  {report.reembedded + report.skipped} of {total}", file=sys.stderr)
 
     async def run() -> int:
-        db = Database(settings)
-        await db.start()
-        try:
+        async with _database() as db:
             if args.dry_run:
                 async with db.read() as conn:
                     counts = await pending(conn, embedder.name, cube_ids)
@@ -104,8 +100,6 @@ def _reembed(args: argparse.Namespace) -> int:
                 print(f"{sum(counts.values())} to re-embed with {embedder.name} (dry run: nothing written)")
                 return 0
             report = await reembed(db, embedder, cube_ids=cube_ids, batch=args.batch_size, progress=progress)
-        finally:
-            await db.stop()
         print(
             f"re-embedded {report.reembedded} memories with {report.model} "
             f"({report.contexts} cached-answer contexts); skipped {report.skipped} changed meanwhile"

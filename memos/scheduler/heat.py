@@ -36,9 +36,6 @@ class HeatTable:
         # bounded eviction and the change scan consistent if a caller ever runs in a thread.
         self._lock = threading.Lock()
 
-    def now(self) -> float:
-        return self._clock()
-
     def _decayed(self, value: float, when: float, now: float) -> float:
         return value * math.pow(2.0, -(now - when) / self.half_life)
 

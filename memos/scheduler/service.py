@@ -56,6 +56,8 @@ HEAT_EVERY = 30.0
 """Seconds between writes of heat to the database (every pass moves KV; heat rows are written less often:
 under a stream of searches, writing every two seconds cost graph search about 10 % at the median on the
 2-core box, the Postgres work of the row updates beside the queries)."""
+STORE_SECONDS = 30.0
+"""How long ``GET /v1/scheduler`` reuses the blob store's totals."""
 WRITE_BATCH = 1000
 """Heat rows written per pass at most (the rest wait for the next)."""
 WRITE_FROM = 0.75
@@ -108,8 +110,8 @@ class Scheduler:
         self._seeded = False
         self.heat_every = HEAT_EVERY
         self._heat_written_at = -math.inf
-        self._store: tuple[int, int] | None = None
-        """The blob store's (files, bytes) as of the last pass: ``GET /v1/scheduler`` does not scan for it."""
+        self._store: tuple[float, tuple[int, int]] | None = None
+        """When the blob store's (files, bytes) were last counted, and what they were."""
 
     @property
     def tiers(self) -> KVTiers:
@@ -160,7 +162,6 @@ class Scheduler:
                     log.warning("writing heat failed; retried next pass", extra={"error": exc.detail})
             # Scans of the whole table (up to 100k memories): off the event loop.
             await asyncio.to_thread(self.heat.shrink)
-            self._store = await self._store_totals()
             loaded = [lm for name in sorted(self.kv.models.specs) if (lm := self.kv.models.loaded(name)) is not None]
             if loaded:
                 hot = await asyncio.to_thread(self.heat.hottest, HOT)
@@ -201,7 +202,10 @@ class Scheduler:
         self._seeded = True
 
     async def _store_totals(self) -> tuple[int, int]:
-        """(files, bytes) in the blob store, each stored file once however many activations share it."""
+        """(files, bytes) in the blob store, each stored file once however many activations share it: a scan of
+        ``activations``, so counted at most every ``STORE_SECONDS`` (for ``GET /v1/scheduler``), never per pass."""
+        if self._store is not None and time.monotonic() - self._store[0] < STORE_SECONDS:
+            return self._store[1]
         blobs = (
             select(activations.c.sha256, func.max(activations.c.bytes).label("bytes"))
             .group_by(activations.c.sha256)
@@ -209,7 +213,8 @@ class Scheduler:
         )
         async with self.db.read() as conn:
             items, size = (await conn.execute(select(func.count(), func.coalesce(func.sum(blobs.c.bytes), 0)))).one()
-        return int(items), int(size)
+        self._store = (time.monotonic(), (int(items), int(size)))
+        return self._store[1]
 
     # -- a listener of memory writes (deleted memories leave the heat table) ------------------------
 
@@ -225,7 +230,7 @@ class Scheduler:
         pinned: set[str] = set()
         for lm in loaded:
             for row in await self.kv.pinned(lm):
-                if await self.kv.hold(lm, row, row.tier) and self.tiers.move(row.sha256, row.tier, pinned=True):
+                if await self.kv.hold(lm, row.sha256, row.tier) and self.tiers.move(row.sha256, row.tier, pinned=True):
                     pinned.add(row.sha256)
                     report.pinned += 1
         for tier in ("device", "host"):
@@ -250,10 +255,10 @@ class Scheduler:
                 row = fresh[lm.name].get(memory_id)
                 if row is None or row.sha256 in wanted or row.sha256 in pinned:
                     continue
-                if _chunk_bytes(lm, row) > room:
+                if _chunk_bytes(lm, row.tokens) > room:
                     continue  # too big for what is left; a smaller, cooler one may still fit
                 wanted[row.sha256] = (lm, row)
-                room -= _chunk_bytes(lm, row)
+                room -= _chunk_bytes(lm, row.tokens)
         # Down first, so the hot chunks find their room.
         for key in self.tiers.keys("device"):
             if key not in wanted and key not in pinned and self.tiers.move(key, "host"):
@@ -261,7 +266,7 @@ class Scheduler:
         for key, (lm, row) in wanted.items():
             if self.tiers.tier_of(key) == "device":
                 continue
-            if await self.kv.hold(lm, row, "device") and self.tiers.move(key, "device"):
+            if await self.kv.hold(lm, row.sha256, "device") and self.tiers.move(key, "device"):
                 report.promoted += 1
 
     async def _build(self, lm: LoadedModel, candidates: list[uuid.UUID], report: PassReport) -> None:
@@ -294,9 +299,7 @@ class Scheduler:
             readable = await _readable(conn, principal, [m for m, _ in hot])
             shown = [(m, h) for m, h in hot if m in readable][:SHOWN]
             keys = await _keys(conn, [m for m, _ in shown])
-        if self._store is None:
-            self._store = await self._store_totals()
-        store_items, store_bytes = self._store
+        store_items, store_bytes = await self._store_totals()
         tiers = [
             schemas.TierState(
                 name=t.name, budget_bytes=t.budget_bytes, used_bytes=t.used_bytes, items=t.items, hit_rate=t.hit_rate
@@ -330,13 +333,12 @@ class Scheduler:
             return await self._unpin(principal, body)
         activation, _ = await self.kv.build(principal, body.memory_id, BuildIn(model=body.model))
         lm = await self.kv.models.get(body.model)
+        key = activation.sha256
         async with self._pass_lock:
-            async with self.db.read() as conn:
-                row = (await conn.execute(select(activations).where(activations.c.id == activation.id))).one()
-            size = _chunk_bytes(lm, row)
+            size = _chunk_bytes(lm, activation.tokens)
             limit = int(self.tiers.budgets[body.tier] * PIN_SHARE)
             already = self.tiers.pinned_bytes(body.tier)
-            if self.tiers.is_pinned(row.sha256) and self.tiers.tier_of(row.sha256) == body.tier:
+            if self.tiers.is_pinned(key) and self.tiers.tier_of(key) == body.tier:
                 already -= size  # pinned there already: pinning again takes nothing more
             if already + size > limit:
                 raise Conflict(
@@ -344,14 +346,16 @@ class Scheduler:
                     f"this KV is {size} bytes",
                     extra={"tier": body.tier, "pinned_bytes": already, "pin_limit_bytes": limit, "bytes": size},
                 )
-            if not await self.kv.hold(lm, row, body.tier) or not self.tiers.move(row.sha256, body.tier, pinned=True):
+            if not await self.kv.hold(lm, key, body.tier) or not self.tiers.move(key, body.tier, pinned=True):
                 raise Conflict(
                     f"the KV could not be held in the {body.tier} tier (its stored file failed its check, or the "
                     "tier has no room beside what is pinned there)",
                     extra={"tier": body.tier, "bytes": size},
                 )
-            await self.kv.set_pin(row.id, body.tier)
-        return schemas.Pin(memory_id=body.memory_id, model=body.model, tier=body.tier, activation_id=row.id, bytes=size)
+            await self.kv.set_pin(activation.id, body.tier)
+        return schemas.Pin(
+            memory_id=body.memory_id, model=body.model, tier=body.tier, activation_id=activation.id, bytes=size
+        )
 
     async def _unpin(self, principal: Principal, body: schemas.PinIn) -> schemas.Pin:
         self.kv.models.spec(body.model)
@@ -369,9 +373,9 @@ class Scheduler:
         )
 
 
-def _chunk_bytes(lm: LoadedModel, row: Row[Any]) -> int:
-    """What the activation's KV takes in a memory tier (decoded: no file header, no token ids)."""
-    return int(row.tokens) * lm.kv_bytes_per_token
+def _chunk_bytes(lm: LoadedModel, tokens: int) -> int:
+    """What an activation of ``tokens`` tokens takes in a memory tier (decoded: no file header, no token ids)."""
+    return int(tokens) * lm.kv_bytes_per_token
 
 
 def _best_tier(tiers: KVTiers, keys: list[str]) -> schemas.Tier | None:
