@@ -175,6 +175,13 @@ class Factory:
         result: dict[str, Any] = r.json()
         return result
 
+    def activation(self, key: str, memory_id: str, model: str) -> dict[str, Any]:
+        """The memory's KV activation for ``model``, built (or the fresh one it already has)."""
+        r = self.client.post(f"/v1/memories/{memory_id}/activations", json={"model": model}, headers=bearer(key))
+        assert r.status_code in (200, 201), r.text
+        result: dict[str, Any] = r.json()
+        return result
+
 
 @pytest.fixture(scope="module")
 def factory(client: TestClient[Litestar]) -> Factory:

@@ -131,18 +131,25 @@ def test_the_benches_bulk_loader_keeps_the_schemas_partial_hnsw_index(pg_server:
 
 
 def test_models_match_the_migrated_schema(pg_server: PgServer) -> None:
-    """The Core tables the code queries and the schema alembic builds must agree, column for column."""
+    """The Core tables the code queries and the schema alembic builds must agree, column for column, and on
+    the indexes the code's statements are written for (the partial ones above all: a query only uses one
+    whose condition it repeats)."""
     name = fresh_database(pg_server, "schemacheck")
     try:
         with psycopg.connect(pg_server.url(name)) as conn:
             rows = conn.execute(
                 "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public'"
             ).fetchall()
+            indexes = conn.execute("SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public'").fetchall()
         in_db: dict[str, set[str]] = {}
         for table, column in rows:
             in_db.setdefault(table, set()).add(column)
+        indexed: dict[str, set[str]] = {}
+        for table, index in indexes:
+            indexed.setdefault(table, set()).add(index)
         for table in metadata.sorted_tables:
             assert {c.name for c in table.columns} == in_db[table.name], table.name
+            assert {str(i.name) for i in table.indexes} <= indexed.get(table.name, set()), table.name
     finally:
         drop_database(pg_server.admin_url, name)
 

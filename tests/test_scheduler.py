@@ -244,10 +244,7 @@ def run_pass(client: TestClient[Litestar], scheduler: Scheduler) -> PassReport:
 
 
 def built(client: TestClient[Litestar], key: str, memory_id: str) -> dict[str, Any]:
-    r = client.post(f"/v1/memories/{memory_id}/activations", json={"model": MODEL}, headers=bearer(key))
-    assert r.status_code in (200, 201), r.text
-    body: dict[str, Any] = r.json()
-    return body
+    return Factory(client).activation(key, memory_id, MODEL)
 
 
 def generate(client: TestClient[Litestar], key: str, ids: list[str]) -> dict[str, Any]:

@@ -19,10 +19,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from sqlalchemy import Row, and_, func, insert, select, update
+from sqlalchemy import Row, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.activations import schemas
+from memos.activations.freshness import is_fresh, is_stale, unreferenced_blobs, with_freshness
 from memos.activations.models import KVWorker, ModelRegistry
 from memos.activations.tiers import KVTiers, ResidentTier
 from memos.cubes.access import cube_access, readable_cube_ids
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ACTIVATION_KIND = "activation"
+PINNED = text("activations.tier IN ('device', 'host')")
+"""Pinned to a memory tier: written out (not bound) so that it matches the partial index of migration 0007."""
 DEFAULT_COMPOSE_RECOMPUTE = 0.15
 """Share of tokens recomputed when several chunks are composed (CacheBlend-style), unless the request says."""
 
@@ -256,7 +259,7 @@ class ActivationService:
         after = decode_keyset(cursor)
         async with self.db.read() as conn:
             await self.memories.load_row(conn, principal, memory_id, "read")
-            query = _select().where(activations.c.memory_id == memory_id)
+            query = with_freshness().where(activations.c.memory_id == memory_id)
             if after is not None:
                 query = query.where(func.row(activations.c.created_at, activations.c.id) > func.row(*after))
             rows = (
@@ -277,7 +280,7 @@ class ActivationService:
         """The activation's row if the caller may read its cube; 404 otherwise (other tenants included)."""
         row = (
             await conn.execute(
-                _select().where(
+                with_freshness().where(
                     activations.c.id == activation_id,
                     activations.c.tenant_id == principal.tenant_id,
                     activations.c.cube_id.in_(readable_cube_ids(principal)),
@@ -289,7 +292,7 @@ class ActivationService:
         return row
 
     async def _row(self, conn: AsyncConnection, activation_id: uuid.UUID) -> Row[Any]:
-        row = (await conn.execute(_select().where(activations.c.id == activation_id))).first()
+        row = (await conn.execute(with_freshness().where(activations.c.id == activation_id))).first()
         assert row is not None
         return row
 
@@ -298,7 +301,7 @@ class ActivationService:
     ) -> Row[Any] | None:
         row = (
             await conn.execute(
-                _select()
+                with_freshness()
                 .where(
                     activations.c.memory_id == memory_id,
                     activations.c.model == lm.name,
@@ -308,7 +311,7 @@ class ActivationService:
                 .order_by(activations.c.created_at.desc())
             )
         ).all()
-        return next((r for r in row if _is_fresh(r)), None)
+        return next((r for r in row if is_fresh(r)), None)
 
     def _dto(self, row: Row[Any]) -> schemas.Activation:
         return schemas.Activation(
@@ -322,7 +325,7 @@ class ActivationService:
             bytes=row.bytes,
             sha256=row.sha256,
             tier=self.tiers.tier_of(row.sha256) or "store",
-            stale=_is_stale(row),
+            stale=is_stale(row),
             corrupt=row.corrupt_at is not None,
             hits=row.hits,
             created_at=row.created_at,
@@ -352,7 +355,7 @@ class ActivationService:
         async with self.db.read() as conn:
             source = (await conn.execute(select(memories).where(memories.c.id == row.memory_id))).first()
         source_changed = (
-            _is_stale(row) or source is None or source.content is None or source.version != row.source_version
+            is_stale(row) or source is None or source.content is None or source.version != row.source_version
         )
         lm = None
         if source_changed:
@@ -472,16 +475,10 @@ class ActivationService:
         if not keys:
             return
         async with self.db.read() as conn:
-            used = {
-                r.sha256
-                for r in await conn.execute(
-                    select(activations.c.sha256).where(activations.c.sha256.in_(list(keys))).distinct()
-                )
-            }
-        for key in keys:
-            if key not in used:
-                self.tiers.discard(key)
-                await asyncio.to_thread(self.blobs.delete, key)
+            free = await unreferenced_blobs(conn, keys)
+        for key in free:
+            self.tiers.discard(key)
+            await asyncio.to_thread(self.blobs.delete, key)
 
     # ------------------------------------------------------------------ generate
 
@@ -614,7 +611,7 @@ class ActivationService:
         async with self.db.read() as conn:
             rows = (
                 await conn.execute(
-                    _select()
+                    with_freshness()
                     .where(
                         activations.c.memory_id.in_(list(memory_ids)),
                         activations.c.model == lm.name,
@@ -625,7 +622,7 @@ class ActivationService:
             ).all()
         best: dict[uuid.UUID, Row[Any]] = {}
         for row in rows:
-            if _is_fresh(row):
+            if is_fresh(row):
                 best.setdefault(row.memory_id, row)
         return best
 
@@ -634,14 +631,14 @@ class ActivationService:
         async with self.db.read() as conn:
             rows = (
                 await conn.execute(
-                    _select().where(
+                    with_freshness().where(
                         activations.c.model == lm.name,
                         activations.c.fingerprint == lm.fingerprint,
-                        activations.c.tier.in_(["device", "host"]),
+                        PINNED,
                     )
                 )
             ).all()
-        return [r for r in rows if _is_fresh(r)]
+        return [r for r in rows if is_fresh(r)]
 
     async def hold(self, lm: LoadedModel, key: str, tier: ResidentTier | None = None) -> bool:
         """Make sure the chunk of stored file ``key`` is in a memory tier (read from the store into ``tier`` if
@@ -680,37 +677,6 @@ class ActivationService:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _select() -> Any:
-    """Activation rows with what decides their freshness: the source's current version and state."""
-    source = memories.alias("source")
-    derived = memories.alias("derived")
-    return (
-        select(
-            activations,
-            source.c.version.label("source_current_version"),
-            source.c.state.label("source_state"),
-            derived.c.state.label("activation_state"),
-        )
-        .select_from(activations)
-        .join(source, source.c.id == activations.c.memory_id)
-        .join(derived, and_(derived.c.id == activations.c.id))
-    )
-
-
-def _is_stale(row: Row[Any]) -> bool:
-    # Archived memories stay usable (archiving hides, it does not retire); deleted ones do not.
-    return bool(
-        row.stale
-        or row.source_current_version != row.source_version
-        or row.source_state == "deleted"
-        or row.activation_state == "deleted"
-    )
-
-
-def _is_fresh(row: Row[Any]) -> bool:
-    return not _is_stale(row) and row.corrupt_at is None
 
 
 def _check_source(source: Row[Any], field: str = "memory_id") -> None:

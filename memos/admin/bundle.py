@@ -46,11 +46,12 @@ import msgspec
 import numpy as np
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
-from sqlalchemy import Row, any_, bindparam, insert, select, text
+from sqlalchemy import Row, any_, bindparam, insert, select
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from memos.admin import AdminError
 from memos.cubes.schemas import Description, Name
 from memos.errors import Invalid
 from memos.identity.principal import OPERATOR
@@ -106,7 +107,7 @@ MAX_RATIO = 200
 L = TypeVar("L", bound=msgspec.Struct)
 
 
-class BundleError(Exception):
+class BundleError(AdminError):
     """A bundle that cannot be read or imported (or a cube that cannot be exported): what, and where."""
 
 
@@ -250,8 +251,7 @@ async def export_cube(db: Database, cube_id: uuid.UUID, out: Path) -> BundleRepo
 
     The rows are read in one REPEATABLE READ transaction, so the bundle is one consistent moment of the cube
     even while clients write to it. The file is written beside ``out`` and renamed into place at the end."""
-    async with db.transaction() as conn:
-        await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+    async with db.snapshot() as conn:
         cube = (
             await conn.execute(select(cubes).where(cubes.c.id == cube_id, cubes.c.deleted_at.is_(None)))
         ).one_or_none()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import json
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -14,6 +17,10 @@ from memos.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from memos.admin.bundle import BundleReport
+    from memos.admin.gc import Collected
+    from memos.admin.kv import Dropped, ModelKV
+    from memos.admin.verify import Verified
+    from memos.store.blobs import BlobStore
     from memos.store.db import Database
 
 T = TypeVar("T")
@@ -198,16 +205,193 @@ async def _database() -> AsyncIterator[Database]:
         await db.stop()
 
 
+def _blob_store() -> BlobStore:
+    from memos.store.blobs import LocalBlobStore
+
+    return LocalBlobStore(Settings.from_env().blob_root)
+
+
+def _cube_ids(tool: str, given: Sequence[str]) -> list[uuid.UUID] | None:
+    """``--cube`` values as ids; None (with the reason on stderr) when one is not an id."""
+    try:
+        return [uuid.UUID(c) for c in given]
+    except ValueError as exc:
+        print(f"memos admin {tool}: --cube takes a cube id: {exc}", file=sys.stderr)
+        return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from memos.admin.verify import verify
+
+    cube_ids = _cube_ids("verify", args.cube)
+    if cube_ids is None:
+        return 2
+
+    async def run() -> Verified:
+        async with _database() as db:
+            return await verify(db, _blob_store(), cube_ids=cube_ids, blob_bytes=args.blobs)
+
+    report = _run_tool("verify", run)
+    if report is None:
+        return 1
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report) | {"ok": report.ok}, indent=2))
+        return 0 if report.ok else 1
+    checked = report.checked
+    hashed = f", {checked['files_hashed']} hashed" if args.blobs else " (lengths only; --blobs hashes them)"
+    print(
+        f"checked {checked['memories']} memories, {checked['versions']} versions, {checked['activations']} "
+        f"activations, {checked['files']} KV files{hashed}"
+    )
+    for problem in report.problems:
+        print(f"  {problem.check}: {problem.target}: {problem.detail}")
+    for check, count in report.counts.items():
+        if count > sum(p.check == check for p in report.problems):
+            print(f"  {check}: {count} in all (the first {sum(p.check == check for p in report.problems)} shown)")
+    for model, n in report.models.items():
+        print(f"{n} memories embedded by {model}")
+    if report.orphan_files:
+        print(f"{report.orphan_files} KV files ({_mib(report.orphan_bytes)}) nothing refers to: `memos admin gc`")
+    total = sum(report.counts.values())
+    print("no problems found" if report.ok else f"{total} problems found")
+    return 0 if report.ok else 1
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from memos.admin.gc import collect
+
+    if args.grace < 0:
+        print("memos admin gc: --grace must be >= 0", file=sys.stderr)
+        return 2
+
+    async def run() -> Collected:
+        async with _database() as db:
+            return await collect(
+                db, _blob_store(), grace_s=args.grace, stale_kv=not args.keep_stale_kv, dry_run=args.dry_run
+            )
+
+    report = _run_tool("gc", run)
+    if report is None:
+        return 1
+    would = "would free (dry run: nothing removed)" if args.dry_run else "freed"
+    kv = report.stale_kv
+    print(
+        f"{would}: {kv.activations} stale KV activations ({kv.blobs_freed} files, {_mib(kv.bytes_freed)}); "
+        f"{report.orphans} KV files nothing refers to ({_mib(report.orphan_bytes)}); "
+        f"{report.partial} unfinished writes"
+    )
+    if report.young_orphans:
+        print(f"left: {report.young_orphans} unreferenced files younger than {args.grace:g} s (--grace)")
+    return 0
+
+
+def _kv(args: argparse.Namespace) -> int:
+    from memos.admin.kv import drop, summary
+
+    cube_ids = _cube_ids("kv", args.cube)
+    if cube_ids is None:
+        return 2
+    if args.kv_command == "list":
+
+        async def listed() -> list[ModelKV]:
+            async with _database() as db, db.read() as conn:
+                return await summary(conn, cube_ids)
+
+        models = _run_tool("kv", listed)
+        if models is None:
+            return 1
+        if not models:
+            print("no KV activations")
+        for kv in models:
+            print(
+                f"{kv.model}: {kv.activations} activations ({kv.fresh} fresh, {kv.stale} stale, {kv.corrupt} "
+                f"corrupt, {kv.pinned} pinned), {kv.blobs} files, {_mib(kv.blob_bytes)}"
+            )
+        return 0
+    if args.model is None and not args.stale:
+        print("memos admin kv drop: name a --model, or --stale (the stale KV of every model)", file=sys.stderr)
+        return 2
+
+    async def dropped() -> Dropped:
+        async with _database() as db:
+            return await drop(
+                db, _blob_store(), model=args.model, stale_only=args.stale, cube_ids=cube_ids, dry_run=args.dry_run
+            )
+
+    report = _run_tool("kv", dropped)
+    if report is None:
+        return 1
+    verb = "would drop (dry run: nothing removed)" if args.dry_run else "dropped"
+    counted = ", ".join(f"{n} of {m}" for m, n in sorted(report.by_model.items())) or "none"
+    print(
+        f"{verb} {report.activations} KV activations ({counted}); {report.blobs_freed} files, "
+        f"{_mib(report.bytes_freed)} freed"
+    )
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from memos.admin import keys
+
+    if args.keys_command == "list":
+
+        async def listed() -> list[keys.KeyInfo]:
+            async with _database() as db:
+                return await keys.list_keys(db, args.tenant, revoked=args.revoked)
+
+        found = _run_tool("keys", listed)
+        if found is None:
+            return 1
+        for k in found:
+            state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "live"
+            made = f"{k.created_at:%Y-%m-%d %H:%M}"
+            print(f"{k.prefix}  {k.tenant}/{k.agent} ({k.role}, {k.agent_id})  created {made}  {state}")
+        if not found:
+            print("no keys")
+        return 0
+    if args.keys_command == "issue":
+        try:
+            agent_id = uuid.UUID(args.agent)
+        except ValueError as exc:
+            print(f"memos admin keys issue: --agent takes an agent id: {exc}", file=sys.stderr)
+            return 2
+
+        async def issued() -> keys.Issued:
+            async with _database() as db:
+                return await keys.issue(db, agent_id)
+
+        new = _run_tool("keys", issued)
+        if new is None:
+            return 1
+        print(f"new key for {new.tenant}/{new.agent} (prefix {new.prefix}; shown once, only its hash is kept):")
+        print(new.key)
+        return 0
+
+    async def revoked() -> keys.KeyInfo:
+        async with _database() as db:
+            return await keys.revoke(db, args.prefix)
+
+    info = _run_tool("keys", revoked)
+    if info is None:
+        return 1
+    print(f"revoked {info.prefix} of {info.tenant}/{info.agent}: it is refused from the next request on")
+    return 0
+
+
 def _run_tool(tool: str, run: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
     """Run an admin tool's coroutine; None, with its reason on stderr, when it fails in a way the operator can
     act on (a bad bundle or target, the database down, the schema out of date)."""
-    from memos.admin.bundle import BundleError
+    from memos.admin import AdminError
     from memos.errors import Unavailable
     from memos.store.db import SchemaOutOfDate
 
     try:
         return asyncio.run(run())
-    except (BundleError, Unavailable, SchemaOutOfDate) as exc:
+    except (AdminError, Unavailable, SchemaOutOfDate) as exc:
         print(f"memos admin {tool}: {getattr(exc, 'detail', None) or exc}", file=sys.stderr)
         return None
 
@@ -264,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--port", type=int, default=8765, help="port for --transport http (default 8765)")
     mcp.set_defaults(func=_mcp)
 
-    admin = sub.add_parser("admin", help="operations: migrations, re-embedding, export and import")
+    admin = sub.add_parser("admin", help="operations: migrations, re-embedding, export/import, verify, gc, kv, keys")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
     migrate = admin_sub.add_parser("migrate", help="upgrade the database schema (or --down to a revision)")
     migrate.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
@@ -289,6 +473,43 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--new-ids", action="store_true", help="fresh ids for the cube, memories and links (a copy)")
     imp.add_argument("--dry-run", action="store_true", help="check the bundle and the target; write nothing")
     imp.set_defaults(func=_import)
+    check = admin_sub.add_parser("verify", help="check stored rows and KV files against each other; writes nothing")
+    check.add_argument("--cube", action="append", default=[], metavar="CUBE_ID", help="only this cube (repeatable)")
+    check.add_argument("--blobs", action="store_true", help="read and hash every KV file too (slow)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(func=_verify)
+    gc = admin_sub.add_parser("gc", help="free stale KV activations, KV files nothing refers to, unfinished writes")
+    gc.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="leave unreferenced files younger than this (default 3600)",
+    )
+    gc.add_argument("--keep-stale-kv", action="store_true", help="keep the KV built from older versions")
+    gc.add_argument("--dry-run", action="store_true", help="count what would go; remove nothing")
+    gc.set_defaults(func=_gc)
+    kv = admin_sub.add_parser("kv", help="the stored KV activations: list them by model, drop a model's")
+    kv_sub = kv.add_subparsers(dest="kv_command", required=True)
+    kv_list = kv_sub.add_parser("list", help="activations, their state and bytes, by model")
+    kv_drop = kv_sub.add_parser("drop", help="delete a model's activations (or the stale ones) and free their files")
+    for p in (kv_list, kv_drop):
+        p.add_argument("--cube", action="append", default=[], metavar="CUBE_ID", help="only this cube (repeatable)")
+        p.set_defaults(func=_kv)
+    kv_drop.add_argument("--model", default=None, help="the model whose KV goes (a MEMOS_MODELS name, past or present)")
+    kv_drop.add_argument("--stale", action="store_true", help="only KV built from older versions")
+    kv_drop.add_argument("--dry-run", action="store_true", help="count what would go; remove nothing")
+    keys = admin_sub.add_parser("keys", help="API keys of every tenant: list, issue, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_list = keys_sub.add_parser("list", help="live keys by tenant and agent (prefixes only)")
+    keys_list.add_argument("--tenant", default=None, help="only this tenant (its id or name)")
+    keys_list.add_argument("--revoked", action="store_true", help="revoked keys too")
+    keys_issue = keys_sub.add_parser("issue", help="a new key for an agent (a tenant that lost its admin key)")
+    keys_issue.add_argument("--agent", required=True, metavar="AGENT_ID", help="the agent the key stands for")
+    keys_revoke = keys_sub.add_parser("revoke", help="revoke a key of any tenant at once")
+    keys_revoke.add_argument("prefix", metavar="PREFIX", help="the key's prefix (as `keys list` shows)")
+    for p in (keys_list, keys_issue, keys_revoke):
+        p.set_defaults(func=_keys)
 
     dev = sub.add_parser("dev", help="tools for tests, benches and demos")
     dev_sub = dev.add_subparsers(dest="dev_command", required=True)

@@ -73,7 +73,7 @@ class IdentityService:
             async with self.db.transaction() as conn:
                 await conn.execute(insert(tenants).values(id=tenant_id, name=body.name))
                 await conn.execute(insert(agents).values(id=admin_id, tenant_id=tenant_id, name="admin", role="admin"))
-                key = await self._issue_key(conn, admin_id)
+                key = await issue_key(conn, admin_id)
                 await record(conn, principal, "tenant.create", "tenant", tenant_id, tenant_id=tenant_id)
         except IntegrityError:
             raise Conflict(f"a tenant named {body.name!r} already exists") from None
@@ -87,7 +87,7 @@ class IdentityService:
                 await conn.execute(
                     insert(agents).values(id=agent_id, tenant_id=tenant_id, name=body.name, role=body.role)
                 )
-                key = await self._issue_key(conn, agent_id)
+                key = await issue_key(conn, agent_id)
                 await record(conn, principal, "agent.create", "agent", agent_id, detail={"role": body.role})
         except IntegrityError:
             raise Conflict(f"an agent named {body.name!r} already exists in this tenant") from None
@@ -126,7 +126,7 @@ class IdentityService:
             )
             if found is None:
                 raise NotFound("no such agent")
-            key = await self._issue_key(conn, agent_id)
+            key = await issue_key(conn, agent_id)
             prefix = key_prefix(key)
             assert prefix is not None
             await record(conn, principal, "key.create", "api_key", prefix, detail={"agent_id": str(agent_id)})
@@ -153,7 +153,9 @@ class IdentityService:
                 raise NotFound("no such key")
             await record(conn, principal, "key.revoke", "api_key", prefix)
 
-    async def _issue_key(self, conn: AsyncConnection, agent_id: uuid.UUID) -> str:
-        key, prefix = generate_key()
-        await conn.execute(insert(api_keys).values(prefix=prefix, agent_id=agent_id, key_hash=hash_key(key)))
-        return key
+
+async def issue_key(conn: AsyncConnection, agent_id: uuid.UUID) -> str:
+    """A new key for the agent (only its hash is stored); the caller shows it once."""
+    key, prefix = generate_key()
+    await conn.execute(insert(api_keys).values(prefix=prefix, agent_id=agent_id, key_hash=hash_key(key)))
+    return key

@@ -14,6 +14,9 @@ import hashlib
 import os
 import re
 import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,6 +52,15 @@ def check_key(key: str) -> str:
     return key
 
 
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    """A blob as listed by ``BlobStore.blobs``: its key, length and seconds since it was last put."""
+
+    key: str
+    nbytes: int
+    age_s: float
+
+
 class BlobStore(abc.ABC):
     """Immutable blobs named by the sha256 of their bytes."""
 
@@ -72,6 +84,15 @@ class BlobStore(abc.ABC):
     def delete(self, key: str) -> bool:
         """Remove the blob; False if there was none."""
 
+    @abc.abstractmethod
+    def blobs(self) -> Iterator[StoredBlob]:
+        """Every stored blob (for ``memos admin gc`` and ``verify``; not on a request path)."""
+
+    @abc.abstractmethod
+    def sweep_partial(self, older_than_s: float) -> int:
+        """Remove writes left unfinished (a crash between write and rename) older than ``older_than_s``;
+        how many went."""
+
 
 class LocalBlobStore(BlobStore):
     """Blobs as files under ``root/ab/cd/<sha256>``, written atomically (temp file, fsync, rename)."""
@@ -88,6 +109,10 @@ class LocalBlobStore(BlobStore):
         key = hashlib.sha256(data).hexdigest()
         final = self._path(key)
         if final.exists() and self._sound(final, key):
+            # A put is a claim on the blob: its age restarts, so `memos admin gc`, which frees unreferenced
+            # blobs only past a grace period, does not take a file that a build is about to refer to.
+            with contextlib.suppress(OSError):
+                os.utime(final)
             return key
         # Absent, or present but damaged: (re)write it, atomically replacing a damaged copy.
         self._tmp.mkdir(parents=True, exist_ok=True)
@@ -156,6 +181,30 @@ class LocalBlobStore(BlobStore):
         except FileNotFoundError:
             return False
         return True
+
+    def blobs(self) -> Iterator[StoredBlob]:
+        now = time.time()
+        for first in sorted(self.root.glob("[0-9a-f][0-9a-f]")):
+            for path in sorted(first.glob("[0-9a-f][0-9a-f]/*")):
+                name = path.name
+                # Only files where their name puts them: anything else is not this store's.
+                if not (_SHA256.match(name) and name[:2] == first.name and name[2:4] == path.parent.name):
+                    continue
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                yield StoredBlob(key=name, nbytes=stat.st_size, age_s=max(0.0, now - stat.st_mtime))
+
+    def sweep_partial(self, older_than_s: float) -> int:
+        removed = 0
+        now = time.time()
+        for path in self._tmp.glob("*.part") if self._tmp.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):
+                if now - path.stat().st_mtime >= older_than_s:
+                    path.unlink()
+                    removed += 1
+        return removed
 
 
 def _fsync_dir(path: Path) -> None:

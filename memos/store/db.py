@@ -165,6 +165,14 @@ class Database:
                 yield conn
 
     @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only REPEATABLE READ transaction: every statement sees one moment, while others write (the
+        admin tools that read a whole cube or database: export, verify)."""
+        async with self.transaction() as conn:
+            await conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield conn
+
+    @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A connection for reads, in autocommit: no BEGIN/COMMIT round trips.
 

@@ -280,6 +280,8 @@ activations = Table(
     Index(None, "memory_id", "model", "source_version"),
     Index(None, "tenant_id", "fingerprint", "token_ids_sha256"),
     Index(None, "sha256"),
+    # The scheduler's read of the pinned activations, every pass (migration 0007).
+    Index("ix_activations_model_pinned", "model", postgresql_where=text("tier IN ('device', 'host')")),
 )
 
 audit_log = Table(

@@ -1,0 +1,142 @@
+"""``memos admin kv``: what the stored KV activations are, by model, and dropping them (a model retired
+from ``MEMOS_MODELS``, or KV that can never be injected again).
+
+An activation is a memory of kind ``activation`` plus its ``activations`` row; dropping one deletes that
+memory (its versions, links and row go with it by cascade) in one transaction, then frees the stored
+files no activation refers to any more, as a purge does. A file freed while a running server was about
+to reuse it is rebuilt on its next read (``ActivationService._repair``): a drop never serves wrong KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from memos.activations.freshness import is_fresh, is_stale, unreferenced_blobs, with_freshness
+from memos.identity.principal import OPERATOR
+from memos.store.audit import record
+from memos.store.blobs import BlobStore
+from memos.store.db import Database
+from memos.store.models import activations, memories
+
+
+@dataclasses.dataclass
+class ModelKV:
+    """One model's stored activations (``bytes`` counts each activation; ``blob_bytes`` each file once)."""
+
+    model: str
+    activations: int = 0
+    fresh: int = 0
+    stale: int = 0
+    corrupt: int = 0
+    pinned: int = 0
+    bytes: int = 0
+    blobs: int = 0
+    blob_bytes: int = 0
+
+
+@dataclasses.dataclass
+class Dropped:
+    activations: int = 0
+    blobs_freed: int = 0
+    bytes_freed: int = 0
+    by_model: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _scoped(query: Any, cube_ids: Sequence[uuid.UUID]) -> Any:
+    return query.where(activations.c.cube_id.in_(list(cube_ids))) if cube_ids else query
+
+
+async def summary(conn: AsyncConnection, cube_ids: Sequence[uuid.UUID] = ()) -> list[ModelKV]:
+    """Per model, in name order: counts by state and the bytes they take."""
+    rows = (await conn.execute(_scoped(with_freshness(), cube_ids))).all()
+    out: dict[str, ModelKV] = {}
+    files: dict[str, dict[str, int]] = defaultdict(dict)
+    for row in rows:
+        kv = out.setdefault(row.model, ModelKV(model=row.model))
+        kv.activations += 1
+        kv.fresh += is_fresh(row)
+        kv.stale += is_stale(row)
+        kv.corrupt += row.corrupt_at is not None
+        kv.pinned += row.tier != "store"
+        kv.bytes += row.bytes
+        files[row.model][row.sha256] = row.bytes
+    for model, sizes in files.items():
+        out[model].blobs = len(sizes)
+        out[model].blob_bytes = sum(sizes.values())
+    return [out[name] for name in sorted(out)]
+
+
+async def drop(
+    db: Database,
+    store: BlobStore,
+    *,
+    model: str | None = None,
+    stale_only: bool = False,
+    cube_ids: Sequence[uuid.UUID] = (),
+    dry_run: bool = False,
+) -> Dropped:
+    """Delete the activations of ``model`` (every model: None), only the stale ones with ``stale_only``, then
+    free their files once nothing refers to them. One transaction, with an audit row per tenant."""
+    query = _scoped(with_freshness(), cube_ids)
+    if model is not None:
+        query = query.where(activations.c.model == model)
+    report = Dropped()
+    async with db.transaction() as conn:
+        # Locked, so that a pin or a repair landing meanwhile waits for the drop, not the other way round.
+        rows = list((await conn.execute(query.with_for_update(of=activations))).all())
+        if stale_only:
+            rows = [r for r in rows if is_stale(r)]
+        report.activations = len(rows)
+        report.by_model = dict(Counter(r.model for r in rows))
+        if not rows or dry_run:
+            if dry_run:
+                report.blobs_freed, report.bytes_freed = await _would_free(conn, rows)
+            return report
+        await conn.execute(delete(memories).where(memories.c.id.in_([r.id for r in rows])))
+        per_tenant: dict[uuid.UUID, list[Any]] = defaultdict(list)
+        for row in rows:
+            per_tenant[row.tenant_id].append(row)
+        for tenant_id, dropped in per_tenant.items():
+            await record(
+                conn,
+                OPERATOR,
+                "kv.drop_stale" if stale_only else "kv.drop",
+                "activations",
+                model or "*",
+                tenant_id=tenant_id,
+                detail={"activations": len(dropped), "models": dict(Counter(r.model for r in dropped))},
+            )
+    sizes = {r.sha256: r.bytes for r in rows}
+    async with db.read() as conn:
+        free = await unreferenced_blobs(conn, list(sizes))
+    for key in free:
+        if await asyncio.to_thread(store.delete, key):
+            report.blobs_freed += 1
+            report.bytes_freed += sizes[key]
+    return report
+
+
+async def _would_free(conn: AsyncConnection, rows: Sequence[Any]) -> tuple[int, int]:
+    """Files that dropping ``rows`` would free: those no other activation refers to."""
+    sizes = {r.sha256: r.bytes for r in rows}
+    if not sizes:
+        return 0, 0
+    ids = [r.id for r in rows]
+    kept = {
+        r.sha256
+        for r in await conn.execute(
+            select(activations.c.sha256)
+            .where(activations.c.sha256.in_(list(sizes)), activations.c.id.not_in(ids))
+            .distinct()
+        )
+    }
+    free = [key for key in sizes if key not in kept]
+    return len(free), sum(sizes[key] for key in free)

@@ -1,0 +1,341 @@
+"""`memos admin verify`, `gc`, `kv` and `keys`, run as the operator runs them (the CLI, against the database
+and blob store a live service is using), on what the service wrote through HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Factory, Tenant, bearer, with_tiny_model
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from memos.cli.main import main as cli_main
+from memos.settings import Settings
+from memos.store.blobs import LocalBlobStore
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return with_tiny_model(settings, tmp_path_factory, MODEL, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    assert settings.database_url is not None
+    monkeypatch.setenv("MEMOS_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("MEMOS_DATA_DIR", str(settings.data_dir))
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    """``memos admin ARGS``: exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(["admin", *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def verified(*args: str) -> tuple[int, dict[str, Any]]:
+    code, out, err = run("verify", "--json", *args)
+    assert not err, err
+    report: dict[str, Any] = json.loads(out)
+    return code, report
+
+
+@contextlib.contextmanager
+def sql(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
+    """A direct connection, to do what no write path does (the damage verify is there to find)."""
+    assert settings.database_url is not None
+    url = settings.database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as conn:
+        yield conn
+
+
+def build(client: TestClient[Litestar], key: str, memory_id: str) -> dict[str, Any]:
+    return Factory(client).activation(key, memory_id, MODEL)
+
+
+def patch(client: TestClient[Litestar], key: str, memory: dict[str, Any], content: str) -> dict[str, Any]:
+    r = client.patch(
+        f"/v1/memories/{memory['id']}",
+        json={"content": content},
+        headers={**bearer(key), "If-Match": f'"{memory["version"]}"'},
+    )
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def blob_path(settings: Settings, key: str) -> Path:
+    return settings.blob_root / key[:2] / key[2:4] / key
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+@pytest.fixture(scope="module")
+def tenant(factory: Factory) -> Tenant:
+    return factory.tenant()
+
+
+# ---------------------------------------------------------------------- verify
+
+
+def test_verify_finds_nothing_wrong_in_what_the_service_wrote(client, factory, tenant) -> None:
+    cube = factory.cube(tenant.admin_key)
+    first = factory.memory(tenant.admin_key, cube["id"], "Caroline moved to Lisbon in May.")
+    second = factory.memory(tenant.admin_key, cube["id"], "Melanie paints lighthouses.")
+    patch(client, tenant.admin_key, first, "Caroline moved to Porto in June.")
+    r = client.post(
+        f"/v1/memories/{first['id']}/links",
+        json={"to": second["id"], "type": "related"},
+        headers=bearer(tenant.admin_key),
+    )
+    assert r.status_code == 201, r.text
+    build(client, tenant.admin_key, second["id"])
+    r = client.delete(f"/v1/memories/{second['id']}?purge=true", headers=bearer(tenant.admin_key))
+    assert r.status_code == 204, r.text
+    factory.memory(tenant.admin_key, cube["id"], "Jon opened a dance studio.")
+    kept = factory.memory(tenant.admin_key, cube["id"], "Gina sells clothes online.")
+    build(client, tenant.admin_key, kept["id"])
+
+    # Scoped to the cube: other tests in this module damage their own cubes on purpose.
+    code, report = verified("--blobs", "--cube", cube["id"])
+    assert code == 0 and report["ok"], report["problems"]
+    assert (
+        report["checked"]["files_hashed"] == 1 and report["checked"]["memories"] == 5
+    )  # one activation (the purge took the other)
+    code, out, _ = run("verify", "--cube", cube["id"])
+    assert code == 0 and "no problems found" in out and "all-MiniLM-L6-v2" in out
+
+
+DAMAGE = {
+    "content_hash": "UPDATE memories SET content = 'edited behind its hash' WHERE id = %(id)s",
+    "version_hash": "UPDATE memory_versions SET content = 'edited' WHERE memory_id = %(id)s AND version = 1",
+    "version_chain": "DELETE FROM memory_versions WHERE memory_id = %(id)s AND version = 1",
+    "embedding": "UPDATE memories SET embedding_model = NULL WHERE id = %(id)s",
+}
+
+
+@pytest.mark.parametrize("check", [*DAMAGE, "head", "tenancy", "no_vector", "purge"])
+def test_verify_names_each_kind_of_damage(client, factory, tenant, settings, check) -> None:
+    cube = factory.cube(tenant.admin_key)
+    memory = factory.memory(tenant.admin_key, cube["id"], f"a fact about {check}")
+    memory = patch(client, tenant.admin_key, memory, f"a newer fact about {check}")
+    other = factory.tenant()
+    statement = (
+        DAMAGE.get(check)
+        or {
+            "head": "UPDATE memories SET state = 'archived' WHERE id = %(id)s",
+            "tenancy": "UPDATE memories SET tenant_id = %(other)s WHERE id = %(id)s",
+            "no_vector": "UPDATE memories SET embedding = NULL, embedding_model = NULL WHERE id = %(id)s",
+            # A purge that left the old version's text behind.
+            "purge": "UPDATE memories SET content = NULL, content_sha256 = NULL, embedding = NULL, purged_at = now()"
+            " WHERE id = %(id)s; UPDATE memory_versions SET content = NULL, content_sha256 = NULL, embedding = NULL"
+            " WHERE memory_id = %(id)s AND version = 2",
+        }[check]
+    )
+    with sql(settings) as conn:
+        for one in statement.split("; "):
+            conn.execute(one, {"id": memory["id"], "other": other.id})
+    code, report = verified("--cube", cube["id"])
+    assert code == 1 and not report["ok"]
+    expected = {"head": "version_chain", "no_vector": "embedding"}.get(check, check)
+    assert report["counts"] == {expected: 1}, report["problems"]
+    (problem,) = report["problems"]
+    assert memory["id"] in problem["target"]
+    # Another cube is not what was asked about, and is sound.
+    code, _ = verified("--cube", factory.cube(tenant.admin_key)["id"])
+    assert code == 0
+    code, out, _ = run("verify", "--cube", cube["id"])
+    assert code == 1 and f"{expected}: {memory['id']}" in out and "1 problems found" in out
+
+
+def test_verify_checks_kv_files_by_length_and_with_blobs_by_hash(client, factory, tenant, settings) -> None:
+    cube = factory.cube(tenant.admin_key)
+    memory = factory.memory(tenant.admin_key, cube["id"], "Tim collects fantasy novels and maps of Narnia.")
+    act = build(client, tenant.admin_key, memory["id"])
+    path = blob_path(settings, act["sha256"])
+    sound = path.read_bytes()
+    try:
+        damaged = bytearray(sound)
+        damaged[-1] ^= 0x01
+        path.write_bytes(bytes(damaged))
+        assert verified("--cube", cube["id"])[0] == 0  # same length: only hashing finds it
+        code, report = verified("--cube", cube["id"], "--blobs")
+        assert code == 1 and report["counts"] == {"kv_file": 1}
+        assert act["id"] in report["problems"][0]["target"] and "hash to" in report["problems"][0]["detail"]
+        path.write_bytes(sound[:-10])
+        code, report = verified("--cube", cube["id"])
+        assert code == 1 and "bytes stored" in report["problems"][0]["detail"]
+        path.unlink()
+        code, report = verified("--cube", cube["id"])
+        assert code == 1 and "missing" in report["problems"][0]["detail"]
+    finally:
+        path.write_bytes(sound)
+    assert verified("--cube", cube["id"], "--blobs")[0] == 0
+
+
+def test_verify_refuses_a_bad_cube_id() -> None:
+    code, _, err = run("verify", "--cube", "nope")
+    assert code == 2 and "--cube takes a cube id" in err
+
+
+# ---------------------------------------------------------------------- gc
+
+
+def test_gc_frees_stale_kv_and_old_unreferenced_files_only(client, factory, tenant, settings) -> None:
+    cube = factory.cube(tenant.admin_key)
+    changed = factory.memory(tenant.admin_key, cube["id"], "Andrew adopted a beagle named Toby.")
+    stale = build(client, tenant.admin_key, changed["id"])
+    patch(client, tenant.admin_key, changed, "Andrew adopted two beagles, Toby and Buddy.")
+    fresh = build(client, tenant.admin_key, changed["id"])
+    # The same text in another memory shares the stale activation's file: the file must stay for it.
+    text = "Audrey walks her four dogs every morning."
+    twin_a = factory.memory(tenant.admin_key, cube["id"], text)
+    twin_b = factory.memory(tenant.admin_key, cube["id"], text)
+    shared = build(client, tenant.admin_key, twin_a["id"])
+    build(client, tenant.admin_key, twin_b["id"])
+    patch(client, tenant.admin_key, twin_a, "Audrey walks her dogs at night now.")
+    assert client.get(f"/v1/activations/{shared['id']}", headers=bearer(tenant.admin_key)).json()["stale"]
+
+    store = LocalBlobStore(settings.blob_root)
+    old_orphan = store.put(b"left by a build that failed " + uuid.uuid4().bytes)
+    age(blob_path(settings, old_orphan), 7200)
+    young_orphan = store.put(b"a build about to refer to it " + uuid.uuid4().bytes)
+    (settings.blob_root / "tmp").mkdir(exist_ok=True)
+    partial = settings.blob_root / "tmp" / f"{'0' * 64}.abc.part"
+    partial.write_bytes(b"half a file")
+    age(partial, 7200)
+
+    code, out, _ = run("gc", "--dry-run")
+    assert code == 0 and "dry run" in out
+    assert store.exists(old_orphan) and partial.exists()
+    assert client.get(f"/v1/activations/{stale['id']}", headers=bearer(tenant.admin_key)).status_code == 200
+
+    code, out, _ = run("gc")
+    assert code == 0, out
+    assert "unreferenced files younger than 3600 s" in out
+    for gone in (stale, shared):
+        r = client.get(f"/v1/activations/{gone['id']}", headers=bearer(tenant.admin_key))
+        assert r.status_code == 404, r.text
+    assert not blob_path(settings, stale["sha256"]).exists()
+    assert blob_path(settings, shared["sha256"]).exists()  # twin_b's fresh activation uses it
+    assert blob_path(settings, fresh["sha256"]).exists()
+    assert not store.exists(old_orphan) and store.exists(young_orphan) and not partial.exists()
+    # What is left is sound and still injected.
+    r = client.post(
+        "/v1/generate",
+        json={"model": MODEL, "memory_ids": [changed["id"]], "prompt": "Who is Toby?", "max_new_tokens": 2},
+        headers=bearer(tenant.admin_key),
+    )
+    assert r.status_code == 200 and r.json()["activations_used"] == [fresh["id"]], r.text
+    code, report = verified("--blobs", "--cube", cube["id"])
+    assert code == 0, report["problems"]
+    # The young file is counted (checked across the whole store: other tests here damage rows on purpose).
+    assert verified()[1]["orphan_files"] >= 1
+    with sql(settings) as conn:
+        rows = conn.execute(
+            "SELECT actor, detail FROM audit_log WHERE action = 'kv.drop_stale' AND tenant_id = %s", [tenant.id]
+        ).fetchall()
+    assert rows and rows[-1][0] == "operator" and rows[-1][1]["activations"] >= 2
+
+
+def test_a_put_of_a_stored_file_restarts_its_age(tmp_path: Path) -> None:
+    """Else gc could take a file a build has just claimed (written again, row not yet committed)."""
+    store = LocalBlobStore(tmp_path)
+    key = store.put(b"kv")
+    age(blob_path_in(tmp_path, key), 7200)
+    assert next(b.age_s for b in store.blobs()) > 7000
+    store.put(b"kv")
+    (blob,) = store.blobs()
+    assert blob.key == key and blob.age_s < 60 and blob.nbytes == 2
+
+
+def blob_path_in(root: Path, key: str) -> Path:
+    return root / key[:2] / key[2:4] / key
+
+
+def test_gc_refuses_a_negative_grace() -> None:
+    assert run("gc", "--grace", "-1")[0] == 2
+
+
+# ---------------------------------------------------------------------- kv
+
+
+def test_kv_list_and_drop_a_models_kv(client, factory, settings) -> None:
+    owner = factory.tenant()
+    cube, other = factory.cube(owner.admin_key), factory.cube(owner.admin_key)
+    here = build(client, owner.admin_key, factory.memory(owner.admin_key, cube["id"], "Nate plays chess.")["id"])
+    there = build(client, owner.admin_key, factory.memory(owner.admin_key, other["id"], "Joanna writes.")["id"])
+
+    code, out, _ = run("kv", "list", "--cube", cube["id"])
+    assert code == 0 and out.startswith(f"{MODEL}: 1 activations (1 fresh, 0 stale, 0 corrupt, 0 pinned), 1 files")
+    assert run("kv", "drop")[0] == 2  # neither a model nor --stale: nothing is dropped by accident
+    code, out, _ = run("kv", "drop", "--model", MODEL, "--cube", cube["id"], "--dry-run")
+    assert code == 0 and f"would drop (dry run: nothing removed) 1 KV activations (1 of {MODEL}); 1 files" in out
+    assert client.get(f"/v1/activations/{here['id']}", headers=bearer(owner.admin_key)).status_code == 200
+
+    code, out, _ = run("kv", "drop", "--model", MODEL, "--cube", cube["id"])
+    assert code == 0 and f"dropped 1 KV activations (1 of {MODEL}); 1 files" in out
+    assert client.get(f"/v1/activations/{here['id']}", headers=bearer(owner.admin_key)).status_code == 404
+    assert not blob_path(settings, here["sha256"]).exists()
+    assert client.get(f"/v1/activations/{there['id']}", headers=bearer(owner.admin_key)).status_code == 200
+    assert run("kv", "list", "--cube", cube["id"])[1].strip() == "no KV activations"
+    code, out, _ = run("kv", "drop", "--model", "never-configured")
+    assert code == 0 and "dropped 0 KV activations (none)" in out
+
+
+# ---------------------------------------------------------------------- keys
+
+
+def test_keys_issue_list_and_revoke_from_the_operators_machine(client, factory, settings) -> None:
+    lost = factory.tenant()  # a tenant whose admin key is lost
+    code, out, _ = run("keys", "list", "--tenant", lost.id)
+    assert code == 0 and len(out.splitlines()) == 1 and "(admin," in out
+    old_prefix = out.split()[0]
+
+    code, out, _ = run("keys", "issue", "--agent", lost.admin_id)
+    assert code == 0, out
+    new_key = out.splitlines()[-1]
+    new_prefix = new_key.split("_")[1]
+    me = client.get("/v1/agents/me", headers=bearer(new_key))
+    assert me.status_code == 200 and me.json()["id"] == lost.admin_id
+
+    code, out, _ = run("keys", "revoke", old_prefix)
+    assert code == 0 and f"revoked {old_prefix}" in out
+    assert client.get("/v1/agents/me", headers=bearer(lost.admin_key)).status_code == 401
+    assert client.get("/v1/agents/me", headers=bearer(new_key)).status_code == 200
+
+    listed = run("keys", "list", "--tenant", lost.id)[1]
+    assert new_prefix in listed and old_prefix not in listed
+    assert old_prefix in run("keys", "list", "--tenant", lost.id, "--revoked")[1]
+    with sql(settings) as conn:
+        rows = conn.execute(
+            "SELECT action, actor FROM audit_log WHERE tenant_id = %s AND target_id IN (%s, %s) ORDER BY id",
+            [lost.id, old_prefix, new_prefix],
+        ).fetchall()
+    assert [tuple(r) for r in rows] == [("key.create", "operator"), ("key.revoke", "operator")]
+
+    for args, why in [
+        (("revoke", old_prefix), "no live key"),
+        (("revoke", "../etc"), "not a key prefix"),
+        (("issue", "--agent", str(uuid.uuid4())), "no agent"),
+        (("list", "--tenant", "no-such-tenant"), "no tenant"),
+    ]:
+        code, _, err = run("keys", *args)
+        assert code == 1 and why in err, (args, err)
+    assert run("keys", "issue", "--agent", "nope")[0] == 2
