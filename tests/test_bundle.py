@@ -271,8 +271,12 @@ def test_a_copy_with_new_ids_sits_beside_the_original(
     # Everything but the ids is the same, and the references follow the ids.
     new_of = {old[0]: new[0] for old, new in zip(before["memories"], copy["memories"], strict=True)}
     assert [r[1:5] for r in copy["memories"]] == [r[1:5] for r in before["memories"]]
-    summary = client.get(f"/v1/memories/{new_of[uuid.UUID(world['summary']['id'])]}", headers=key).json()
-    assert summary["provenance"]["derived_from"][0]["memory_id"] == str(new_of[uuid.UUID(world["source"]["id"])])
+    new_summary, new_source = new_of[uuid.UUID(world["summary"]["id"])], new_of[uuid.UUID(world["source"]["id"])]
+    summary = client.get(f"/v1/memories/{new_summary}", headers=key).json()
+    assert summary["provenance"]["derived_from"][0]["memory_id"] == str(new_source)
+    # The history's provenance follows the ids too (it is what a restore would bring back).
+    versions = client.get(f"/v1/memories/{new_summary}/versions", headers=key).json()["items"]
+    assert [v["provenance"]["derived_from"][0]["memory_id"] for v in versions] == [str(new_source)]
     assert sorted((new_of[r[1]], new_of[r[2]], r[3]) for r in before["links"]) == sorted(
         (r[1], r[2], r[3]) for r in copy["links"]
     )
@@ -456,3 +460,63 @@ async def test_a_write_that_fails_midway_leaves_nothing(
     with psycopg.connect(settings.database_url) as conn:
         row = conn.execute("SELECT count(*) FROM memories WHERE tenant_id = %s", (tenant.id,)).fetchone()
     assert row == (0,)
+
+
+def test_a_cube_past_the_exact_size_is_imported_into_the_hnsw_index(
+    client, factory, settings, env, embedder, tmp_path, capsys
+) -> None:
+    """With EXACT_CUBE_MAX embedded memories or more, imported memories go straight into the HNSW index (as
+    the service's own writes would put them), and search finds them through it."""
+    from memos.memories.ann import EXACT_CUBE_MAX
+
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    needle = factory.memory(tenant.admin_key, cube["id"], "Caroline's lighthouse painting won first prize.")
+    assert settings.database_url is not None
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        # Filler written straight into the tables (a version row each, as the service writes them), with
+        # random vectors: the API would take minutes to embed this many.
+        conn.execute(
+            """INSERT INTO memories (id, tenant_id, cube_id, kind, state, version, content, content_sha256,
+                                     created_by, embedding, embedding_model)
+               SELECT gen_random_uuid(), %(tenant)s, %(cube)s, 'plaintext', 'active', 1, 'filler ' || i,
+                      encode(sha256(convert_to('filler ' || i, 'UTF8')), 'hex'), %(agent)s,
+                      (SELECT array_agg(random() - 0.5)::vector FROM generate_series(1, 384) g WHERE g > -i), %(model)s
+               FROM generate_series(1, %(n)s) AS i""",
+            {
+                "tenant": tenant.id,
+                "cube": cube["id"],
+                "agent": tenant.admin_id,
+                "model": embedder.name,
+                "n": EXACT_CUBE_MAX,
+            },
+        )
+        conn.execute(
+            """INSERT INTO memory_versions (memory_id, version, op, state, content, content_sha256, created_at,
+                                            created_by, embedding, embedding_model)
+               SELECT id, 1, 'create', state, content, content_sha256, created_at, created_by, embedding,
+                      embedding_model
+               FROM memories WHERE cube_id = %(cube)s AND content LIKE 'filler %%'""",
+            {"cube": cube["id"]},
+        )
+    out = tmp_path / "big.memos"
+    assert cli_main(["admin", "export", "--cube", cube["id"], "--out", str(out)]) == 0
+    assert cli_main(["admin", "import", str(out), "--owner", tenant.admin_id, "--new-ids", "--name", "big"]) == 0
+    assert f"{EXACT_CUBE_MAX + 1} memories" in capsys.readouterr().out
+    copy = next(
+        c for c in client.get("/v1/cubes", headers=bearer(tenant.admin_key)).json()["items"] if c["name"] == "big"
+    )
+    with psycopg.connect(settings.database_url) as conn:
+        ann, total = conn.execute(
+            "SELECT count(*) FILTER (WHERE ann), count(*) FROM memories WHERE cube_id = %s", [copy["id"]]
+        ).fetchone()  # type: ignore[misc]
+    assert ann == total == EXACT_CUBE_MAX + 1
+    for mode in ("vector", "hybrid"):
+        r = client.post(
+            "/v1/search",
+            json={"query": needle["content"], "cube_ids": [copy["id"]], "mode": mode, "k": 3},
+            headers=bearer(tenant.admin_key),
+        )
+        assert r.status_code == 200, r.text
+        top = r.json()["results"][0]["memory"]
+        assert top["content"] == needle["content"] and top["id"] != needle["id"] and top["cube_id"] == copy["id"]
