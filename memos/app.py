@@ -14,7 +14,7 @@ import msgspec
 from litestar import Litestar, Request, Response, Router, get
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.spec import Components, Schema, SecurityScheme
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from sqlalchemy.exc import DataError, IntegrityError
 
@@ -41,12 +41,14 @@ from memos.errors import (
     TooLarge,
     Unavailable,
 )
-from memos.identity.auth import require_api_key
+from memos.identity.auth import require_api_key, require_operator_key
 from memos.identity.controller import IdentityController
 from memos.identity.ratelimit import RateLimiter
 from memos.identity.service import IdentityService, load_operator_key
 from memos.memories.controller import MemoryController
 from memos.memories.service import MemoryService
+from memos.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from memos.metrics import Metrics
 from memos.observability import request_id_middleware, request_id_var
 from memos.openapi import StrictStructSchemaPlugin, complete, errors
 from memos.scheduler.controller import SchedulerController
@@ -58,6 +60,7 @@ from memos.search.graphs import CubeGraphs
 from memos.search.service import SearchService
 from memos.semcache.controller import CacheController
 from memos.semcache.index import CacheIndexes, VectorLRU
+from memos.semcache.schemas import categories_schema
 from memos.semcache.service import SemCacheService
 from memos.settings import Settings
 from memos.store.blobs import LocalBlobStore
@@ -206,6 +209,18 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
     raise Unavailable("the database is not answering or its schema is not current", headers={"Retry-After": "1"})
 
 
+@get(
+    "/metrics",
+    summary="The server's figures in the Prometheus text format (the operator key, unless MEMOS_METRICS_PUBLIC)",
+    tags=["operations"],
+    responses=errors(401, 403),
+    media_type=METRICS_CONTENT_TYPE,
+)
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    figures: Metrics = request.app.state.metrics
+    return Response(figures.render(), media_type=METRICS_CONTENT_TYPE)
+
+
 def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[], Embedder] | None = None) -> Litestar:
     """Build the application; the database starts (embedded or external) when the app starts.
 
@@ -311,10 +326,16 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
         dependencies=dependencies(),
     )
 
+    scraped = Router(
+        path="/",
+        route_handlers=[metrics],
+        guards=[] if settings.metrics_public else [require_operator_key],
+        security=[] if settings.metrics_public else [{"BearerAuth": []}],
+    )
+
     app = Litestar(
-        route_handlers=[healthz, readyz, v1],
+        route_handlers=[healthz, readyz, scraped, v1],
         lifespan=[lifespan],
-        middleware=[request_id_middleware],
         exception_handlers={
             MemosError: _on_memos_error,
             ValidationException: _on_validation,
@@ -337,5 +358,13 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
         logging_config=None,
         debug=False,
     )
+    # Around the whole app, not per route: a request no route matches gets its id, log line and count too.
+    app.asgi_handler = request_id_middleware(app.asgi_handler)
+    app.state.metrics = Metrics()
+    app.state.metrics.watch(app.state)
     complete(app.openapi_schema)
+    config_in = app.openapi_schema.components.schemas["ConfigIn"]
+    assert isinstance(config_in, Schema)
+    assert config_in.properties is not None
+    config_in.properties["categories"] = categories_schema()
     return app

@@ -1,4 +1,5 @@
-"""JSON logs, and a request id on every request (echoed as ``X-Request-ID`` and in every log line)."""
+"""JSON logs, and a request id on every request (echoed as ``X-Request-ID`` and in every log line); each
+request is counted in ``/metrics`` (``memos.metrics``) on its way out."""
 
 from __future__ import annotations
 
@@ -76,6 +77,10 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - started
+            metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+            if metrics is not None:
+                metrics.observe(scope.get("method", ""), scope.get("path_template"), status, seconds)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(
                     "request",
@@ -83,7 +88,7 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
                         "method": scope.get("method"),
                         "path": scope["path"],
                         "status": status,
-                        "ms": round((time.perf_counter() - started) * 1000, 2),
+                        "ms": round(seconds * 1000, 2),
                     },
                 )
             request_id_var.reset(token)

@@ -112,6 +112,9 @@ class Settings:
     max_kv_bytes: int = 1024**3
     """Largest accepted KV import body (``POST /v1/activations/import``); larger bodies get 413."""
 
+    metrics_public: bool = False
+    """``GET /metrics`` without a key (for a scraper on a private network); by default it needs the operator key."""
+
     @property
     def blob_root(self) -> Path:
         """The blob store's directory."""
@@ -204,6 +207,8 @@ class Settings:
             values["build_heat"] = _parse_float("MEMOS_BUILD_HEAT", v)
         if (v := raw("MAX_KV_BYTES")) is not None:
             values["max_kv_bytes"] = _parse_int("MEMOS_MAX_KV_BYTES", v)
+        if (v := raw("METRICS_PUBLIC")) is not None:
+            values["metrics_public"] = _parse_bool("MEMOS_METRICS_PUBLIC", v)
 
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -267,6 +272,15 @@ class Settings:
                 raise SettingsError(f"MEMOS_MODELS: models.{name}.path: not a local directory: {str(spec.path)!r}")
         if self.operator_key is not None and len(self.operator_key) < 32:
             raise SettingsError("MEMOS_OPERATOR_KEY must be at least 32 characters")
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false (1/0, yes/no, on/off), got {value!r}")
 
 
 def _parse_float(name: str, value: str) -> float:

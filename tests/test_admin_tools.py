@@ -3,6 +3,7 @@ and blob store a live service is using), on what the service wrote through HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -122,46 +123,117 @@ def test_verify_finds_nothing_wrong_in_what_the_service_wrote(client, factory, t
     assert code == 0 and "no problems found" in out and "all-MiniLM-L6-v2" in out
 
 
-DAMAGE = {
-    "content_hash": "UPDATE memories SET content = 'edited behind its hash' WHERE id = %(id)s",
-    "version_hash": "UPDATE memory_versions SET content = 'edited' WHERE memory_id = %(id)s AND version = 1",
-    "version_chain": "DELETE FROM memory_versions WHERE memory_id = %(id)s AND version = 1",
-    "embedding": "UPDATE memories SET embedding_model = NULL WHERE id = %(id)s",
+# case: (statements, the check that must name it, what its target holds). The statements do what no write
+# path does; %(...)s are the world's ids (see the test).
+DAMAGE: dict[str, tuple[str, str, str]] = {
+    "content_hash": ("UPDATE memories SET content = 'edited behind its hash' WHERE id = %(m)s", "content_hash", "m"),
+    "version_hash": (
+        "UPDATE memory_versions SET content = 'edited' WHERE memory_id = %(m)s AND version = 1",
+        "version_hash",
+        "m",
+    ),
+    "gap": ("DELETE FROM memory_versions WHERE memory_id = %(m)s AND version = 1", "version_chain", "m"),
+    "head_state": ("UPDATE memories SET state = 'archived' WHERE id = %(m)s", "version_chain", "m"),
+    "head_tags": ("UPDATE memories SET tags = '{edited}' WHERE id = %(m)s", "version_chain", "m"),
+    "two_creates": (
+        "UPDATE memory_versions SET op = 'create' WHERE memory_id = %(m)s AND version = 2",
+        "version_chain",
+        "m",
+    ),
+    "tenant_memory": ("UPDATE memories SET tenant_id = %(other)s WHERE id = %(lone)s", "tenancy", "lone"),
+    "tenant_link": ("UPDATE memory_links SET tenant_id = %(other)s WHERE id = %(link)s", "tenancy", "link"),
+    "tenant_owner": ("UPDATE cubes SET owner_agent_id = %(other_admin)s WHERE id = %(cube)s", "tenancy", "cube"),
+    "tenant_grant": (
+        "INSERT INTO cube_grants (cube_id, agent_id, access) VALUES (%(cube)s, %(other_admin)s, 'read')",
+        "tenancy",
+        "cube",
+    ),
+    "tenant_kv": ("UPDATE activations SET tenant_id = %(other)s WHERE id = %(act)s", "tenancy", "act"),
+    "model_missing": ("UPDATE memories SET embedding_model = NULL WHERE id = %(m)s", "embedding", "m"),
+    "no_vector": (
+        "UPDATE memories SET embedding = NULL, embedding_model = NULL WHERE id = %(m)s",
+        "embedding",
+        "m",
+    ),
+    # A purge that left the first version's text behind.
+    "purge_versions": (
+        "UPDATE memories SET content = NULL, content_sha256 = NULL, embedding = NULL, metadata = '{}', tags = '{}',"
+        " provenance = '{}', purged_at = now() WHERE id = %(m)s;"
+        " UPDATE memory_versions SET content = NULL, content_sha256 = NULL, embedding = NULL"
+        " WHERE memory_id = %(m)s AND version = 2",
+        "purge",
+        "m",
+    ),
+    "purge_metadata": ("purge m; UPDATE memories SET metadata = '{\"kept\": 1}' WHERE id = %(m)s", "purge", "m"),
+    "cache_entry": ("INSERT INTO cache_entries (memory_id, cube_id) VALUES (%(m)s, %(cube)s)", "cache_entry", "m"),
+    "kv_corrupt": ("UPDATE activations SET corrupt_at = now() WHERE id = %(act)s", "kv_corrupt", "act"),
+    "kv_row": ("DELETE FROM activations WHERE id = %(act)s", "kv_row", "act"),
+    "kv_length": ("UPDATE activations SET bytes = bytes + 1 WHERE id = %(act)s", "kv_file", "sha"),
 }
 
 
-@pytest.mark.parametrize("check", [*DAMAGE, "head", "tenancy", "no_vector", "purge"])
-def test_verify_names_each_kind_of_damage(client, factory, tenant, settings, check) -> None:
+@pytest.fixture(scope="module")
+def sound_cube(client, factory, tenant) -> dict[str, Any]:
+    """A cube with history, a link and KV, that no test damages."""
+    return _world(client, factory, tenant, "sound")["cube_row"]
+
+
+def _world(client: TestClient[Litestar], factory: Factory, tenant: Tenant, label: str) -> dict[str, Any]:
     cube = factory.cube(tenant.admin_key)
-    memory = factory.memory(tenant.admin_key, cube["id"], f"a fact about {check}")
-    memory = patch(client, tenant.admin_key, memory, f"a newer fact about {check}")
-    other = factory.tenant()
-    statement = (
-        DAMAGE.get(check)
-        or {
-            "head": "UPDATE memories SET state = 'archived' WHERE id = %(id)s",
-            "tenancy": "UPDATE memories SET tenant_id = %(other)s WHERE id = %(id)s",
-            "no_vector": "UPDATE memories SET embedding = NULL, embedding_model = NULL WHERE id = %(id)s",
-            # A purge that left the old version's text behind.
-            "purge": "UPDATE memories SET content = NULL, content_sha256 = NULL, embedding = NULL, purged_at = now()"
-            " WHERE id = %(id)s; UPDATE memory_versions SET content = NULL, content_sha256 = NULL, embedding = NULL"
-            " WHERE memory_id = %(id)s AND version = 2",
-        }[check]
+    m = patch(
+        client,
+        tenant.admin_key,
+        factory.memory(tenant.admin_key, cube["id"], f"a fact about {label}"),
+        f"a newer fact about {label}",
     )
+    n = factory.memory(tenant.admin_key, cube["id"], f"Nate keeps turtles ({label}).")
+    twin = factory.memory(tenant.admin_key, cube["id"], n["content"])
+    r = client.post(
+        f"/v1/memories/{m['id']}/links", json={"to": n["id"], "type": "related"}, headers=bearer(tenant.admin_key)
+    )
+    assert r.status_code == 201, r.text
+    act = build(client, tenant.admin_key, n["id"])
+    build(client, tenant.admin_key, twin["id"])  # shares act's file
+    lone = factory.memory(tenant.admin_key, cube["id"], f"Nothing links here ({label}).")
+    return {
+        "lone": lone["id"],
+        "cube_row": cube,
+        "cube": cube["id"],
+        "m": m["id"],
+        "n": n["id"],
+        "link": r.json()["id"],
+        "act": act["id"],
+        "sha": act["sha256"],
+    }
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_verify_names_each_kind_of_damage(client, factory, tenant, settings, sound_cube, case) -> None:
+    statements, check, target = DAMAGE[case]
+    world = _world(client, factory, tenant, case)
+    other = factory.tenant()
+    ids = {**world, "other": other.id, "other_admin": other.admin_id}
+    assert verified("--cube", world["cube"], "--blobs")[0] == 0
     with sql(settings) as conn:
-        for one in statement.split("; "):
-            conn.execute(one, {"id": memory["id"], "other": other.id})
-    code, report = verified("--cube", cube["id"])
+        for statement in statements.split("; "):
+            if statement == "purge m":
+                r = client.delete(f"/v1/memories/{world['m']}?purge=true", headers=bearer(tenant.admin_key))
+                assert r.status_code == 204, r.text
+                assert verified("--cube", world["cube"])[0] == 0  # a purge as the service does it is sound
+            else:
+                conn.execute(statement, ids)
+    code, report = verified("--cube", world["cube"])
     assert code == 1 and not report["ok"]
-    expected = {"head": "version_chain", "no_vector": "embedding"}.get(check, check)
-    assert report["counts"] == {expected: 1}, report["problems"]
-    (problem,) = report["problems"]
-    assert memory["id"] in problem["target"]
-    # Another cube is not what was asked about, and is sound.
-    code, _ = verified("--cube", factory.cube(tenant.admin_key)["id"])
-    assert code == 0
-    code, out, _ = run("verify", "--cube", cube["id"])
-    assert code == 1 and f"{expected}: {memory['id']}" in out and "1 problems found" in out
+    # Named by its check. Another check may see the same damage (an edited text also differs from its version;
+    # a memory moved to another tenant takes the links the service wrote for it along), none other.
+    assert any(p["check"] == check and world[target] in p["target"] for p in report["problems"]), report
+    assert set(report["counts"]) <= {check, "version_chain"}, report["problems"]
+    if case == "head_tags":
+        assert report["problems"][0]["detail"].endswith("in: tags")
+    # Another cube, with history, a link and KV of its own, is not what was asked about, and is sound.
+    assert verified("--cube", sound_cube["id"], "--blobs")[0] == 0
+    code, out, _ = run("verify", "--cube", world["cube"])
+    assert code == 1 and f"{check}: " in out and "problems found" in out
 
 
 def test_verify_checks_kv_files_by_length_and_with_blobs_by_hash(client, factory, tenant, settings) -> None:
@@ -339,3 +411,68 @@ def test_keys_issue_list_and_revoke_from_the_operators_machine(client, factory, 
         code, _, err = run("keys", *args)
         assert code == 1 and why in err, (args, err)
     assert run("keys", "issue", "--agent", "nope")[0] == 2
+
+
+def test_a_build_reusing_a_file_that_gc_frees_meanwhile_builds_it_again(
+    client, factory, tenant, settings, app, monkeypatch
+) -> None:
+    """gc (another process) drops the stale activation whose file a build has just chosen to reuse, before the
+    build's row lands: the build sees the file gone under its lock and writes it again."""
+    cube = factory.cube(tenant.admin_key)
+    text = "Deborah teaches yoga by the lake on Sundays."
+    first = factory.memory(tenant.admin_key, cube["id"], text)
+    stale = build(client, tenant.admin_key, first["id"])
+    patch(client, tenant.admin_key, first, "Deborah teaches yoga in the park now.")
+    second = factory.memory(tenant.admin_key, cube["id"], text)  # the same KV as the stale activation
+    service = app.state.activations
+    choose = service._reusable_blob
+    raced: list[int] = []
+
+    async def racing(*args: Any, **kwargs: Any) -> Any:
+        blob = await choose(*args, **kwargs)
+        if blob is not None and blob.sha256 == stale["sha256"]:
+            raced.append(await asyncio.to_thread(cli_main, ["admin", "gc"]))
+        return blob
+
+    monkeypatch.setattr(service, "_reusable_blob", racing)
+    act = build(client, tenant.admin_key, second["id"])
+    assert raced == [0]  # gc ran in between, and freed the file (nothing referred to it)
+    assert act["sha256"] != stale["sha256"] and not act["stale"]  # built again: a file of its own
+    assert blob_path(settings, act["sha256"]).exists()
+    assert client.get(f"/v1/activations/{stale['id']}", headers=bearer(tenant.admin_key)).status_code == 404
+    assert verified("--cube", cube["id"], "--blobs")[0] == 0
+
+
+def test_unfinished_writes_are_kept_while_they_may_be_in_progress(settings) -> None:
+    tmp = settings.blob_root / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    young = tmp / f"{'1' * 64}.young.part"
+    young.write_bytes(b"being written")
+    age(young, 300)  # older than --grace 0, younger than gc.PARTIAL_MIN_S
+    assert run("gc", "--grace", "0", "--keep-stale-kv")[0] == 0
+    assert young.exists()
+    age(young, 700)
+    assert run("gc", "--grace", "0", "--keep-stale-kv")[0] == 0
+    assert not young.exists()
+
+
+def test_operator_mistakes_get_a_message_not_a_traceback(factory, monkeypatch) -> None:
+    nowhere = str(uuid.uuid4())
+    code, out, err = run("verify", "--cube", nowhere)
+    assert code == 3 and f"no cube {nowhere}" in err and not out  # not checked: not "no problems"
+    for args in (("kv", "list", "--cube", nowhere), ("kv", "drop", "--model", MODEL, "--cube", nowhere)):
+        code, _, err = run(*args)
+        assert code == 1 and f"no cube {nowhere}" in err, (args, err)
+    # A whole key revokes it; a wrong one is refused without being repeated (it may be a secret).
+    tenant = factory.tenant()
+    code, out, _ = run("keys", "revoke", tenant.admin_key)
+    assert code == 0 and f"revoked {tenant.admin_key.split('_')[1]}" in out
+    secret = "memos_" + "z" * 40
+    code, _, err = run("keys", "revoke", secret)
+    assert code == 1 and "z" * 10 not in err
+    # The database down: said in a line, exit 3 for verify, 1 for the others.
+    monkeypatch.setenv("MEMOS_DATABASE_URL", "postgresql://memos@127.0.0.1:9/memos")
+    for args, expected in ((("verify",), 3), (("gc", "--dry-run"), 1), (("keys", "list"), 1)):
+        code, _, err = run(*args)
+        assert code == expected and "database" in err and "Traceback" not in err, (args, err)
+        assert len(err.splitlines()) <= 3, err

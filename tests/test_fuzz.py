@@ -50,7 +50,9 @@ from tests.conftest import OPERATOR_KEY, free_port
 EXAMPLES = int(os.environ.get("MEMOS_FUZZ_EXAMPLES", "20"))
 
 # Request fields whose validity depends on more than their JSON schema (see the module docstring).
-SEMANTIC_FIELDS = {"cursor", "metadata.query"}
+SEMANTIC_FIELDS = {"cursor", "metadata.query", "default", "threshold", "min_threshold"}
+"""``default`` must name a category of the body; ``min_threshold`` <= ``threshold`` <= ``max_threshold``
+(cache configuration: rules between fields, which the schema cannot state)."""
 
 
 @pytest.fixture(scope="module")

@@ -178,6 +178,7 @@ async def test_external_database_with_old_schema_refuses_to_start(pg_server: PgS
         ({"MEMOS_DB_POOL_SIZE": "0"}, "MEMOS_DB_POOL_SIZE"),
         ({"MEMOS_EMBED_LANES": "0"}, "MEMOS_EMBED_LANES"),
         ({"MEMOS_EMBED_LANES": "two"}, "MEMOS_EMBED_LANES"),
+        ({"MEMOS_METRICS_PUBLIC": "maybe"}, "MEMOS_METRICS_PUBLIC"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:

@@ -224,6 +224,15 @@ def test_parse_policy_overrides_only_the_named_fields() -> None:
     assert parse_policy(None) is DEFAULT_POLICY
 
 
+def test_whole_numbers_written_with_a_fraction_are_integers() -> None:
+    """JSON's 60.0 is the integer 60 (as JSON Schema, and the published schema, count it): found by the fuzzer."""
+    code = parse_policy({"categories": {"code": {"ttl_seconds": 60.0, "max_entries": 5.0}}}).category("code")
+    assert (code.ttl_seconds, code.max_entries) == (60, 5)
+    assert isinstance(code.ttl_seconds, int) and isinstance(code.max_entries, int)
+    with pytest.raises(PolicyError, match="ttl_seconds"):
+        parse_policy({"categories": {"code": {"ttl_seconds": 60.5}}})
+
+
 @pytest.mark.parametrize(
     ("data", "field"),
     [

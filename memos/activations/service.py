@@ -22,8 +22,8 @@ import msgspec
 from sqlalchemy import Row, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from memos.activations import schemas
-from memos.activations.freshness import is_fresh, is_stale, unreferenced_blobs, with_freshness
+from memos.activations import files, schemas
+from memos.activations.freshness import is_fresh, is_stale, with_freshness
 from memos.activations.models import KVWorker, ModelRegistry
 from memos.activations.tiers import KVTiers, ResidentTier
 from memos.cubes.access import cube_access, readable_cube_ids
@@ -82,6 +82,10 @@ class _Blob:
     nbytes: int
     tokens: int
     dtype: str
+
+
+class _FileFreed(Exception):
+    """The stored file chosen for an activation was freed before its row could refer to it (``files``)."""
 
 
 @dataclass(slots=True)
@@ -157,14 +161,41 @@ class ActivationService:
             raise Invalid.field("memory_id", "the memory's text has no tokens for this model")
         ids_sha = token_ids_sha256(ids)
         blob = await self._reusable_blob(principal, lm.fingerprint, ids_sha)
-        if blob is None:
-            meta = _meta(lm, source.id, source.version)
-            data, chunk = await self.worker.run(_prefill_file, lm, ids, meta)
-            key = await self._put(data)
-            blob = _Blob(sha256=key, nbytes=len(data), tokens=len(ids), dtype=lm.dtype)
-            # Just computed, so likely to be used soon: keep it in memory.
-            self.tiers.put(key, chunk, chunk.nbytes, lm.device)
-        return await self._insert(principal, source, lm, ids_sha, blob, "activation.build")
+        if blob is not None:
+            try:
+                return await self._insert(principal, source, lm, ids_sha, blob, "activation.build")
+            except _FileFreed:
+                pass  # a drop or gc freed it meanwhile: build it after all
+        meta = _meta(lm, source.id, source.version)
+        data, chunk = await self.worker.run(_prefill_file, lm, ids, meta)
+        key = await self._put(data)
+        blob = _Blob(sha256=key, nbytes=len(data), tokens=len(ids), dtype=lm.dtype)
+        # Just computed, so likely to be used soon: keep it in memory.
+        self.tiers.put(key, chunk, chunk.nbytes, lm.device)
+        return await self._insert_written(principal, source, lm, ids_sha, blob, data, "activation.build")
+
+    async def _insert_written(
+        self,
+        principal: Principal,
+        source: Row[Any],
+        lm: LoadedModel,
+        ids_sha: str,
+        blob: _Blob,
+        data: bytes,
+        action: str,
+    ) -> tuple[schemas.Activation, bool]:
+        """``_insert`` for a file this request wrote: freed before its row landed (a drop's sweep between the two),
+        it is written again, once."""
+        try:
+            return await self._insert(principal, source, lm, ids_sha, blob, action)
+        except _FileFreed:
+            await self._put(data)
+        try:
+            return await self._insert(principal, source, lm, ids_sha, blob, action)
+        except _FileFreed:
+            raise Unavailable(
+                "the KV file was removed while it was being stored; retry", headers={"Retry-After": "1"}
+            ) from None
 
     async def _insert(
         self, principal: Principal, source: Row[Any], lm: LoadedModel, ids_sha: str, blob: _Blob, action: str
@@ -177,6 +208,9 @@ class ActivationService:
             # A concurrent build of the same KV may have won while this one computed: answer with its result.
             if (existing := await self._fresh_for(conn, source.id, lm, source.version)) is not None:
                 return self._dto(existing), False
+            # The file must still be there, and stays until this commits (memos/activations/files.py).
+            if not await files.claim(conn, self.blobs, blob.sha256):
+                raise _FileFreed(blob.sha256)
             memory = await self.memories.insert_derived(
                 conn,
                 principal,
@@ -438,10 +472,14 @@ class ActivationService:
         if existing is not None:
             return self._dto(existing), False
         blob = await self._reusable_blob(principal, lm.fingerprint, ids_sha)
-        if blob is None:
-            key = await self._put(data)
-            blob = _Blob(sha256=key, nbytes=len(data), tokens=chunk.tokens, dtype=lm.dtype)
-        return await self._insert(principal, source, lm, ids_sha, blob, "activation.import")
+        if blob is not None:
+            try:
+                return await self._insert(principal, source, lm, ids_sha, blob, "activation.import")
+            except _FileFreed:
+                pass  # freed meanwhile: store the uploaded file instead
+        key = await self._put(data)
+        blob = _Blob(sha256=key, nbytes=len(data), tokens=chunk.tokens, dtype=lm.dtype)
+        return await self._insert_written(principal, source, lm, ids_sha, blob, data, "activation.import")
 
     async def _verified_chunk(self, lm: LoadedModel, data: bytes) -> KVChunk:
         try:
@@ -472,13 +510,8 @@ class ActivationService:
 
     async def release_blobs(self, keys: Sequence[str]) -> None:
         """Delete the blobs no activation refers to any more (after a purge, say)."""
-        if not keys:
-            return
-        async with self.db.read() as conn:
-            free = await unreferenced_blobs(conn, keys)
-        for key in free:
+        for key in await files.free(self.db, self.blobs, keys):
             self.tiers.discard(key)
-            await asyncio.to_thread(self.blobs.delete, key)
 
     # ------------------------------------------------------------------ generate
 

@@ -162,6 +162,12 @@ class KVTiers:
         with self._lock:
             self._store_hits += 1
 
+    def counters(self) -> tuple[int, dict[str, int]]:
+        """Lookups since the start, and how many each tier answered (``store``: read from the blob store)."""
+        with self._lock:
+            hits: dict[str, int] = {tier: self._hits[tier] for tier in TIERS}
+            return self._lookups, hits | {"store": self._store_hits}
+
     def store_hit_rate(self) -> float | None:
         with self._lock:
             return None if self._lookups == 0 else round(self._store_hits / self._lookups, 4)

@@ -18,6 +18,7 @@ import dataclasses
 
 from sqlalchemy import select
 
+from memos.activations import files
 from memos.admin.kv import Dropped, drop
 from memos.store.blobs import BlobStore
 from memos.store.db import Database
@@ -25,6 +26,9 @@ from memos.store.models import activations
 
 DEFAULT_GRACE_S = 3600.0
 """Unreferenced files younger than this are left alone: an hour is far longer than any build takes."""
+
+PARTIAL_MIN_S = 600.0
+"""Unfinished writes are left at least this long whatever ``--grace`` says: one may be a write in progress."""
 
 
 @dataclasses.dataclass
@@ -49,15 +53,15 @@ async def collect(
     # Read after the drop: the files it freed are gone already, the rest it left are referenced.
     async with db.read() as conn:
         referenced = set((await conn.scalars(select(activations.c.sha256).distinct())).all())
-    for blob in await asyncio.to_thread(lambda: list(store.blobs())):
-        if blob.key in referenced:
-            continue
-        if blob.age_s < grace_s:
-            report.young_orphans += 1
-            continue
-        if dry_run or await asyncio.to_thread(store.delete, blob.key):
-            report.orphans += 1
-            report.orphan_bytes += blob.nbytes
-    if not dry_run:
-        report.partial = await asyncio.to_thread(store.sweep_partial, grace_s)
+    candidates = [b for b in await asyncio.to_thread(lambda: list(store.blobs())) if b.key not in referenced]
+    old = [b for b in candidates if b.age_s >= grace_s]
+    report.young_orphans = len(candidates) - len(old)
+    if dry_run:
+        report.orphans, report.orphan_bytes = len(old), sum(b.nbytes for b in old)
+        return report
+    # Each checked again under its lock, age included (a put meanwhile makes it young again).
+    freed = set(await files.free(db, store, [b.key for b in old], older_than_s=grace_s))
+    report.orphans = len(freed)
+    report.orphan_bytes = sum(b.nbytes for b in old if b.key in freed)
+    report.partial = await asyncio.to_thread(store.sweep_partial, max(grace_s, PARTIAL_MIN_S))
     return report

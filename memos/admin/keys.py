@@ -107,9 +107,11 @@ async def issue(db: Database, agent_id: uuid.UUID) -> Issued:
 
 
 async def revoke(db: Database, prefix: str) -> KeyInfo:
-    """Revoke the live key with this prefix (any tenant's); the revoked key."""
+    """Revoke the live key with this prefix, or this whole key (any tenant's); the revoked key."""
+    # A whole key works too (its prefix is taken); what was typed is never repeated: it may be a secret.
+    prefix = key_prefix(prefix) or prefix
     if len(prefix) != 2 * PREFIX_BYTES or not all(c in "0123456789abcdef" for c in prefix):
-        raise KeyToolError(f"{prefix!r} is not a key prefix ({2 * PREFIX_BYTES} hex digits, as `keys list` shows)")
+        raise KeyToolError(f"not a key prefix ({2 * PREFIX_BYTES} hex digits, as `keys list` shows) nor a key")
     async with db.transaction() as conn:
         revoked = (
             await conn.execute(

@@ -3,13 +3,12 @@ from ``MEMOS_MODELS``, or KV that can never be injected again).
 
 An activation is a memory of kind ``activation`` plus its ``activations`` row; dropping one deletes that
 memory (its versions, links and row go with it by cascade) in one transaction, then frees the stored
-files no activation refers to any more, as a purge does. A file freed while a running server was about
-to reuse it is rebuilt on its next read (``ActivationService._repair``): a drop never serves wrong KV.
+files no activation refers to any more, as a purge does, under the locks of ``memos.activations.files``:
+a build that chose one of those files to reuse, beside a drop, either keeps it or builds it again.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from collections import Counter, defaultdict
@@ -19,7 +18,9 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from memos.activations.freshness import is_fresh, is_stale, unreferenced_blobs, with_freshness
+from memos.activations import files
+from memos.activations.freshness import STALE, is_fresh, is_stale, with_freshness
+from memos.admin import require_cubes
 from memos.identity.principal import OPERATOR
 from memos.store.audit import record
 from memos.store.blobs import BlobStore
@@ -56,6 +57,7 @@ def _scoped(query: Any, cube_ids: Sequence[uuid.UUID]) -> Any:
 
 async def summary(conn: AsyncConnection, cube_ids: Sequence[uuid.UUID] = ()) -> list[ModelKV]:
     """Per model, in name order: counts by state and the bytes they take."""
+    await require_cubes(conn, cube_ids)
     rows = (await conn.execute(_scoped(with_freshness(), cube_ids))).all()
     out: dict[str, ModelKV] = {}
     files: dict[str, dict[str, int]] = defaultdict(dict)
@@ -85,20 +87,23 @@ async def drop(
 ) -> Dropped:
     """Delete the activations of ``model`` (every model: None), only the stale ones with ``stale_only``, then
     free their files once nothing refers to them. One transaction, with an audit row per tenant."""
-    query = _scoped(with_freshness(), cube_ids)
+    query = _scoped(with_freshness(), cube_ids).order_by(activations.c.id)
     if model is not None:
         query = query.where(activations.c.model == model)
+    if stale_only:
+        query = query.where(STALE)
     report = Dropped()
     async with db.transaction() as conn:
-        # Locked, so that a pin or a repair landing meanwhile waits for the drop, not the other way round.
-        rows = list((await conn.execute(query.with_for_update(of=activations))).all())
-        if stale_only:
-            rows = [r for r in rows if is_stale(r)]
+        await require_cubes(conn, cube_ids)
+        # The rows to drop, locked in id order (a pin, a hit count or a repair of one of them waits for the
+        # drop; every other row is left alone). A dry run locks nothing.
+        rows = list((await conn.execute(query if dry_run else query.with_for_update(of=activations))).all())
         report.activations = len(rows)
         report.by_model = dict(Counter(r.model for r in rows))
-        if not rows or dry_run:
-            if dry_run:
-                report.blobs_freed, report.bytes_freed = await _would_free(conn, rows)
+        if dry_run:
+            report.blobs_freed, report.bytes_freed = await _would_free(conn, rows)
+            return report
+        if not rows:
             return report
         await conn.execute(delete(memories).where(memories.c.id.in_([r.id for r in rows])))
         per_tenant: dict[uuid.UUID, list[Any]] = defaultdict(list)
@@ -115,12 +120,9 @@ async def drop(
                 detail={"activations": len(dropped), "models": dict(Counter(r.model for r in dropped))},
             )
     sizes = {r.sha256: r.bytes for r in rows}
-    async with db.read() as conn:
-        free = await unreferenced_blobs(conn, list(sizes))
-    for key in free:
-        if await asyncio.to_thread(store.delete, key):
-            report.blobs_freed += 1
-            report.bytes_freed += sizes[key]
+    for key in await files.free(db, store, list(sizes)):
+        report.blobs_freed += 1
+        report.bytes_freed += sizes[key]
     return report
 
 

@@ -7,7 +7,7 @@ manual edit, a restored backup of one table, a disk fault) or a bug:
 
 - ``content_hash``, ``version_hash``: a text no longer hashes to its recorded ``content_sha256``;
 - ``version_chain``: a memory's versions are not exactly 1..n, the first a ``create``, or the memory row
-  is not its newest version (version, state, content);
+  is not its newest version (in every column a version copies: ``SNAPSHOT``);
 - ``tenancy``: a memory, link, grant, cube owner, cache entry or activation that crosses tenants;
 - ``embedding``: a vector without the model that made it, or the reverse, or a live plaintext memory
   with neither (search would never find it by meaning);
@@ -30,11 +30,40 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from memos.admin import require_cubes
+from memos.memories.versioning import SNAPSHOT
 from memos.store.blobs import BlobCorrupt, BlobNotFound, BlobStore
 from memos.store.db import Database
 
 SHOWN = 20
 """Offending rows shown per check (the total is counted)."""
+
+# The columns a version copies from the memory (constant names from the code, never input): the memory row
+# must equal its newest version in each.
+_DIFFERS = " OR ".join(f"v.{c} IS DISTINCT FROM m.{c}" for c in SNAPSHOT)
+_WHICH = ", ".join(f"CASE WHEN v.{c} IS DISTINCT FROM m.{c} THEN '{c}' END" for c in SNAPSHOT)
+
+_CHAIN_HEAD = """WITH chain AS (
+                SELECT memory_id, count(*) AS n, min(version) AS first, max(version) AS last,
+                       bool_or(version = 1 AND op = 'create') AS created,
+                       count(*) FILTER (WHERE op = 'create') AS creates
+                FROM memory_versions GROUP BY memory_id)
+            SELECT m.id::text AS target,
+                CASE WHEN c.memory_id IS NULL THEN 'no version rows'
+                     WHEN c.first <> 1 OR c.n <> c.last THEN 'versions ' || c.first || '..' || c.last
+                          || ' in ' || c.n || ' rows (a gap or a missing first version)'
+                     WHEN NOT c.created OR c.creates <> 1 THEN 'the first version is not the only create'
+                     WHEN c.last <> m.version THEN 'the memory says version ' || m.version
+                          || ', its newest version row is ' || c.last
+                     ELSE 'the memory row differs from its newest version in: ' || concat_ws(', ', """
+_CHAIN_TAIL = """) END AS detail
+            FROM memories m
+            LEFT JOIN chain c ON c.memory_id = m.id
+            LEFT JOIN memory_versions v ON v.memory_id = m.id AND v.version = m.version
+            WHERE (CAST(:cubes AS uuid[]) IS NULL OR m.cube_id = ANY(:cubes))
+              AND (c.memory_id IS NULL OR c.first <> 1 OR c.n <> c.last OR NOT c.created OR c.creates <> 1
+                   OR c.last <> m.version OR """
+_CHAIN_SQL = _CHAIN_HEAD + _WHICH + _CHAIN_TAIL + _DIFFERS + ")"
 
 # Each: (check, SQL returning (target, detail) for the rows that break the rule). `:cubes` is NULL for
 # every cube, else an array of cube ids. Constant SQL only; every value is a bound parameter.
@@ -58,29 +87,7 @@ _CHECKS: list[tuple[str, str]] = [
               AND v.content_sha256 IS DISTINCT FROM encode(sha256(convert_to(v.content, 'UTF8')), 'hex')
               AND (CAST(:cubes AS uuid[]) IS NULL OR m.cube_id = ANY(:cubes))""",
     ),
-    (
-        "version_chain",
-        """WITH chain AS (
-                SELECT memory_id, count(*) AS n, min(version) AS first, max(version) AS last,
-                       bool_or(version = 1 AND op = 'create') AS created,
-                       count(*) FILTER (WHERE op = 'create') AS creates
-                FROM memory_versions GROUP BY memory_id)
-            SELECT m.id::text AS target,
-                CASE WHEN c.memory_id IS NULL THEN 'no version rows'
-                     WHEN c.first <> 1 OR c.n <> c.last THEN 'versions ' || c.first || '..' || c.last
-                          || ' in ' || c.n || ' rows (a gap or a missing first version)'
-                     WHEN NOT c.created OR c.creates <> 1 THEN 'the first version is not the only create'
-                     WHEN c.last <> m.version THEN 'the memory says version ' || m.version
-                          || ', its newest version row is ' || c.last
-                     ELSE 'the memory row differs from its newest version (state or content)' END AS detail
-            FROM memories m
-            LEFT JOIN chain c ON c.memory_id = m.id
-            LEFT JOIN memory_versions v ON v.memory_id = m.id AND v.version = m.version
-            WHERE (CAST(:cubes AS uuid[]) IS NULL OR m.cube_id = ANY(:cubes))
-              AND (c.memory_id IS NULL OR c.first <> 1 OR c.n <> c.last OR NOT c.created OR c.creates <> 1
-                   OR c.last <> m.version OR v.state IS DISTINCT FROM m.state
-                   OR v.content_sha256 IS DISTINCT FROM m.content_sha256)""",
-    ),
+    ("version_chain", _CHAIN_SQL),
     (
         "tenancy",
         """SELECT m.id::text AS target, 'memory of tenant ' || m.tenant_id || ' in a cube of tenant '
@@ -127,14 +134,30 @@ _CHECKS: list[tuple[str, str]] = [
     (
         "purge",
         """SELECT m.id::text AS target, 'purged, but ' || CASE
-                     WHEN m.content IS NOT NULL OR m.embedding IS NOT NULL
-                          THEN 'the memory row keeps its text or vector'
-                     ELSE 'version rows keep their text or vector' END AS detail
+                     WHEN m.content IS NOT NULL OR m.embedding IS NOT NULL OR m.event_time IS NOT NULL
+                          OR m.metadata <> '{}' OR m.tags <> '{}' OR m.provenance <> '{}'
+                          THEN 'the memory row keeps its text, vector, metadata, tags or provenance'
+                     WHEN EXISTS (SELECT 1 FROM activations a WHERE a.memory_id = m.id)
+                          THEN 'KV activations of its text are kept'
+                     WHEN EXISTS (SELECT 1 FROM cache_entries e WHERE e.memory_id = m.id)
+                          THEN 'its cache entry (a context embedding) is kept'
+                     ELSE 'version rows keep their text, vector, metadata, tags or provenance' END AS detail
             FROM memories m
             WHERE m.purged_at IS NOT NULL AND (CAST(:cubes AS uuid[]) IS NULL OR m.cube_id = ANY(:cubes))
-              AND (m.content IS NOT NULL OR m.embedding IS NOT NULL
+              AND (m.content IS NOT NULL OR m.embedding IS NOT NULL OR m.event_time IS NOT NULL
+                   OR m.metadata <> '{}' OR m.tags <> '{}' OR m.provenance <> '{}'
+                   OR EXISTS (SELECT 1 FROM activations a WHERE a.memory_id = m.id)
+                   OR EXISTS (SELECT 1 FROM cache_entries e WHERE e.memory_id = m.id)
                    OR EXISTS (SELECT 1 FROM memory_versions v WHERE v.memory_id = m.id
-                              AND (v.content IS NOT NULL OR v.embedding IS NOT NULL)))""",
+                              AND (v.content IS NOT NULL OR v.embedding IS NOT NULL OR v.event_time IS NOT NULL
+                                   OR v.metadata <> '{}' OR v.tags <> '{}' OR v.provenance <> '{}')))""",
+    ),
+    (
+        "kv_row",
+        """SELECT m.id::text AS target, 'a memory of kind activation with no activations row' AS detail
+            FROM memories m
+            WHERE m.kind = 'activation' AND NOT EXISTS (SELECT 1 FROM activations a WHERE a.id = m.id)
+              AND (CAST(:cubes AS uuid[]) IS NULL OR m.cube_id = ANY(:cubes))""",
     ),
     (
         "cache_entry",
@@ -158,6 +181,11 @@ _FILES = """
 SELECT sha256, max(bytes) AS bytes, min(bytes) AS least, array_agg(id::text ORDER BY id) AS ids
 FROM activations WHERE CAST(:cubes AS uuid[]) IS NULL OR cube_id = ANY(:cubes)
 GROUP BY sha256 ORDER BY sha256
+"""
+
+_FILES_OF = """
+SELECT sha256, max(bytes) AS bytes, min(bytes) AS least, array_agg(id::text ORDER BY id) AS ids
+FROM activations WHERE sha256 = ANY(:keys) GROUP BY sha256 ORDER BY sha256
 """
 
 _MODELS = """
@@ -202,13 +230,23 @@ async def verify(
     cubes = [str(c) for c in cube_ids] or None
     report = Verified()
     async with db.snapshot() as conn:
+        await require_cubes(conn, cube_ids)
         for check, sql in _CHECKS:
             for target, detail in await conn.execute(text(sql), {"cubes": cubes}):
                 report.add(check, target, detail)
         report.checked = await _sizes(conn, cubes)
         report.models = {r.model: r.n for r in await conn.execute(text(_MODELS), {"cubes": cubes})}
         files = (await conn.execute(text(_FILES), {"cubes": cubes})).all()
-    await asyncio.to_thread(_check_files, store, files, report, blob_bytes)
+    report.checked["files"] = len(files)
+    report.checked["files_hashed"] = len(files) if blob_bytes else 0
+    suspects = await asyncio.to_thread(_check_files, store, files, blob_bytes)
+    if suspects:
+        # The files are looked at after the snapshot: a purge, drop or repair that committed meanwhile can make
+        # a sound store look wrong. What the rows say now decides (a file still referenced, still wrong).
+        async with db.read() as conn:
+            now = (await conn.execute(text(_FILES_OF), {"keys": sorted(suspects)})).all()
+        for target, detail in (await asyncio.to_thread(_check_files, store, now, blob_bytes)).values():
+            report.add("kv_file", target, detail)
     if cubes is None:
         referenced = {f.sha256 for f in files}
         for blob in await asyncio.to_thread(lambda: list(store.blobs())):
@@ -234,28 +272,23 @@ async def _sizes(conn: AsyncConnection, cubes: list[str] | None) -> dict[str, in
     return {"memories": row.memories, "versions": row.versions, "activations": row.activations}
 
 
-def _check_files(store: BlobStore, files: Sequence[Any], report: Verified, blob_bytes: bool) -> None:
-    """Each referenced file: there, of the recorded length, and (``blob_bytes``) hashing to its key."""
-    report.checked["files"] = len(files)
-    report.checked["files_hashed"] = 0
+def _check_files(store: BlobStore, files: Sequence[Any], blob_bytes: bool) -> dict[str, tuple[str, str]]:
+    """Each referenced file: there, of the recorded length, and (``blob_bytes``) hashing to its key. The bad
+    ones: key -> (target, what is wrong)."""
+    bad: dict[str, tuple[str, str]] = {}
     for f in files:
         target = f"{f.sha256} (activation {', '.join(f.ids[:3])}{', ...' if len(f.ids) > 3 else ''})"
         if f.bytes != f.least:
-            report.add("kv_file", target, f"activations disagree on its length ({f.least} and {f.bytes} bytes)")
+            bad[f.sha256] = (target, f"activations disagree on its length ({f.least} and {f.bytes} bytes)")
             continue
         try:
             size = store.size(f.sha256)
-        except BlobNotFound:
-            report.add("kv_file", target, "missing from the blob store")
-            continue
-        if size != f.bytes:
-            report.add("kv_file", target, f"{size} bytes stored, {f.bytes} recorded")
-            continue
-        if blob_bytes:
-            report.checked["files_hashed"] += 1
-            try:
+            if size != f.bytes:
+                bad[f.sha256] = (target, f"{size} bytes stored, {f.bytes} recorded")
+            elif blob_bytes:
                 store.read(f.sha256, verify=True)
-            except BlobCorrupt as exc:
-                report.add("kv_file", target, f"its bytes hash to {exc.actual}")
-            except BlobNotFound:
-                report.add("kv_file", target, "missing from the blob store")
+        except BlobCorrupt as exc:
+            bad[f.sha256] = (target, f"its bytes hash to {exc.actual}")
+        except BlobNotFound:
+            bad[f.sha256] = (target, "missing from the blob store")
+    return bad

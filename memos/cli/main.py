@@ -237,7 +237,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     report = _run_tool("verify", run)
     if report is None:
-        return 1
+        return 3  # not checked: not the same as "problems found" (1), for a cron job to tell apart
     if args.json:
         print(json.dumps(dataclasses.asdict(report) | {"ok": report.ok}, indent=2))
         return 0 if report.ok else 1
@@ -385,6 +385,8 @@ def _keys(args: argparse.Namespace) -> int:
 def _run_tool(tool: str, run: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
     """Run an admin tool's coroutine; None, with its reason on stderr, when it fails in a way the operator can
     act on (a bad bundle or target, the database down, the schema out of date)."""
+    from sqlalchemy.exc import DBAPIError
+
     from memos.admin import AdminError
     from memos.errors import Unavailable
     from memos.store.db import SchemaOutOfDate
@@ -393,6 +395,9 @@ def _run_tool(tool: str, run: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
         return asyncio.run(run())
     except (AdminError, Unavailable, SchemaOutOfDate) as exc:
         print(f"memos admin {tool}: {getattr(exc, 'detail', None) or exc}", file=sys.stderr)
+        return None
+    except DBAPIError as exc:  # the database refused or is not there (raised before any request-level mapping)
+        print(f"memos admin {tool}: the database failed: {str(exc.orig or exc).strip()}", file=sys.stderr)
         return None
 
 
@@ -473,7 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--new-ids", action="store_true", help="fresh ids for the cube, memories and links (a copy)")
     imp.add_argument("--dry-run", action="store_true", help="check the bundle and the target; write nothing")
     imp.set_defaults(func=_import)
-    check = admin_sub.add_parser("verify", help="check stored rows and KV files against each other; writes nothing")
+    check = admin_sub.add_parser(
+        "verify",
+        help="check stored rows and KV files against each other; writes nothing (exit 1: problems; 3: not checked)",
+    )
     check.add_argument("--cube", action="append", default=[], metavar="CUBE_ID", help="only this cube (repeatable)")
     check.add_argument("--blobs", action="store_true", help="read and hash every KV file too (slow)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -11,7 +11,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from memos.errors import Unauthorized
+from memos.errors import Forbidden, Unauthorized
 from memos.identity.principal import Principal
 from memos.identity.ratelimit import RateLimiter
 from memos.identity.service import IdentityService
@@ -33,6 +33,13 @@ async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], _: Bas
     if limiter is not None:
         limiter.check(principal)
     connection.state.principal = principal
+
+
+async def require_operator_key(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """The operator key, and nothing else (``/metrics``: figures of the whole server, not of a tenant)."""
+    await require_api_key(connection, handler)
+    if current_principal(connection).role != "operator":
+        raise Forbidden("this needs the operator key (or MEMOS_METRICS_PUBLIC=1 for a scraper without one)")
 
 
 def current_principal(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:

@@ -104,6 +104,11 @@ class Scheduler:
         self.interval = interval
         self.build_heat = build_heat
         self.queue = 0
+        self.passes = 0
+        self.failed_passes = 0
+        self.pass_seconds = 0.0
+        self._totals = PassReport()
+        """What every pass so far did, summed (``/metrics``)."""
         self._task: asyncio.Task[None] | None = None
         self._pass_lock = asyncio.Lock()
         """Held by a pass and by a pin: a pin never lands between a pass's reading of the pins and its sweep."""
@@ -146,11 +151,13 @@ class Scheduler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the next pass tries again; requests never depend on it
+                self.failed_passes += 1
                 log.warning("scheduler pass failed", extra={"error": repr(exc)})
 
     async def run_pass(self) -> PassReport:
         """One pass: heat to the database, then pins, promotion and builds over every loaded model's KV."""
         async with self._pass_lock:
+            started = time.perf_counter()
             if not self._seeded:
                 await self._seed()
             report = PassReport()
@@ -173,7 +180,17 @@ class Scheduler:
                         candidates = [m for m, h in hot if h >= self.build_heat and m not in fresh[lm.name]]
                         await self._build(lm, candidates, report)
             self.queue = report.queued
+            self.passes += 1
+            self.pass_seconds += time.perf_counter() - started
+            for move in dataclasses.fields(report):
+                setattr(self._totals, move.name, getattr(self._totals, move.name) + getattr(report, move.name))
             return report
+
+    def moves(self) -> dict[str, int]:
+        """What the passes so far did, summed: heat rows written, pins held, promotions, demotions, builds."""
+        totals = dataclasses.asdict(self._totals)
+        del totals["queued"]  # a level (``queue``), not a count of moves
+        return totals
 
     async def write_heat(self) -> int:
         """Write what ``HeatTable.changes`` says to ``memories.heat`` (at most ``WRITE_BATCH`` rows a pass, in id

@@ -49,6 +49,11 @@ class CubeGraphs:
         self._stale: set[uuid.UUID] = set()
         self._background: dict[uuid.UUID, asyncio.Task[MemoryGraph]] = {}
 
+    def sizes(self) -> tuple[int, int]:
+        """Graphs held, and their nodes (for ``/metrics``)."""
+        graphs = list(self._graphs.values())
+        return len(graphs), sum(len(g) for g in graphs)
+
     async def get_within(self, cube_id: uuid.UUID, seconds: float) -> MemoryGraph | None:
         """The cube's graph if it is loaded or builds within ``seconds``; else None, and it goes on building.
 

@@ -310,6 +310,11 @@ class CacheIndexes:
 
     # -- states -------------------------------------------------------------------------------------
 
+    def sizes(self) -> tuple[int, int]:
+        """Cube states held, and the entries of their built indexes (for ``/metrics``)."""
+        states = list(self._states.values())
+        return len(states), sum(len(s.index) for s in states if s.index is not None)
+
     def peek(self, cube_id: uuid.UUID) -> CubeState | None:
         state = self._states.get(cube_id)
         if state is not None:

@@ -64,6 +64,7 @@ class PolicyError(ValueError):
 DEFAULT_MAX_ENTRIES = 100_000
 """Default quota per category and cube: the size issue 4's latency target is stated for."""
 MAX_ENTRIES_LIMIT = 10_000_000
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 
 # Bounds every threshold stays within, whatever the configuration or the feedback says. Below 0.5
 # all-MiniLM-L6-v2 rates unrelated questions alike; at 1.0 nothing but the same text would hit.
@@ -154,6 +155,11 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
+def _whole(value: Any) -> Any:
+    """JSON's ``5.0`` is the integer 5 (as JSON Schema counts it); anything else is left for the checks."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _similarity(value: Any, where: str) -> float:
     number = _number(value, where)
     if not THRESHOLD_FLOOR <= number <= THRESHOLD_CEILING:
@@ -188,15 +194,15 @@ def parse_category(
     if "max_threshold" in data:
         changes["max_threshold"] = _similarity(data["max_threshold"], f"{prefix}.max_threshold")
     if "ttl_seconds" in data:
-        ttl = data["ttl_seconds"]
+        ttl = _whole(data["ttl_seconds"])
         if ttl is not None:
             if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
                 raise PolicyError(f"{prefix}.ttl_seconds", f"must be a positive integer or null, not {ttl!r}")
-            if ttl > 10 * 365 * 24 * 3600:
+            if ttl > MAX_TTL_SECONDS:
                 raise PolicyError(f"{prefix}.ttl_seconds", "must be at most ten years")
         changes["ttl_seconds"] = ttl
     if "max_entries" in data:
-        quota = data["max_entries"]
+        quota = _whole(data["max_entries"])
         if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota <= 0):
             raise PolicyError(f"{prefix}.max_entries", f"must be a positive integer or null, not {quota!r}")
         if quota is not None and quota > MAX_ENTRIES_LIMIT:

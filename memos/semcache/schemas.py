@@ -7,8 +7,11 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
+from litestar.openapi.spec import OpenAPIType, Schema
 
 from memos.memories.schemas import Ttl
+from memos.semcache.guards import GUARD_NAMES
+from memos.semcache.policy import MAX_ENTRIES_LIMIT, MAX_TTL_SECONDS, THRESHOLD_CEILING, THRESHOLD_FLOOR, ContextPolicy
 
 MAX_CONTEXT_TURNS = 50
 MAX_CONTEXT_BYTES = 64 * 1024
@@ -127,3 +130,45 @@ class StatsOut(msgspec.Struct):
     categories: list[CategoryStats]
     index: str
     """``ready``, ``building`` or ``cold`` (not loaded in this process)."""
+
+
+def categories_schema() -> Schema:
+    """What ``ConfigIn.categories`` accepts, for the OpenAPI document (the type above says only "an object"):
+    names of 1-64 characters with one that is not a space, each category's known fields with their ranges.
+    Two rules stay outside any schema, since they relate fields: ``min_threshold`` <= ``threshold`` <=
+    ``max_threshold``, and ``default`` naming a category."""
+    similarity = Schema(type=OpenAPIType.NUMBER, minimum=THRESHOLD_FLOOR, maximum=THRESHOLD_CEILING)
+    category = Schema(
+        type=OpenAPIType.OBJECT,
+        additional_properties=False,
+        properties={
+            "threshold": similarity,
+            "context_threshold": similarity,
+            "min_threshold": similarity,
+            "max_threshold": similarity,
+            "ttl_seconds": Schema(
+                one_of=[
+                    Schema(type=OpenAPIType.INTEGER, minimum=1, maximum=MAX_TTL_SECONDS),
+                    Schema(type=OpenAPIType.NULL),
+                ]
+            ),
+            "max_entries": Schema(
+                one_of=[
+                    Schema(type=OpenAPIType.INTEGER, minimum=1, maximum=MAX_ENTRIES_LIMIT),
+                    Schema(type=OpenAPIType.NULL),
+                ]
+            ),
+            "context": Schema(type=OpenAPIType.STRING, enum=[p.value for p in ContextPolicy]),
+            "disabled_guards": Schema(
+                type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.STRING, enum=sorted(GUARD_NAMES))
+            ),
+        },
+    )
+    return Schema(
+        type=OpenAPIType.OBJECT,
+        # No NUL anywhere (Postgres text cannot hold it), and not only spaces.
+        property_names=Schema(
+            type=OpenAPIType.STRING, min_length=1, max_length=64, pattern=r"^[^\x00]*[^\s\x00][^\x00]*$"
+        ),
+        additional_properties=category,
+    )

@@ -85,6 +85,10 @@ class BlobStore(abc.ABC):
         """Remove the blob; False if there was none."""
 
     @abc.abstractmethod
+    def age(self, key: str) -> float:
+        """Seconds since the blob was last put (``BlobNotFound`` if absent)."""
+
+    @abc.abstractmethod
     def blobs(self) -> Iterator[StoredBlob]:
         """Every stored blob (for ``memos admin gc`` and ``verify``; not on a request path)."""
 
@@ -181,6 +185,12 @@ class LocalBlobStore(BlobStore):
         except FileNotFoundError:
             return False
         return True
+
+    def age(self, key: str) -> float:
+        try:
+            return max(0.0, time.time() - self._path(key).stat().st_mtime)
+        except FileNotFoundError:
+            raise BlobNotFound(f"no blob {key}") from None
 
     def blobs(self) -> Iterator[StoredBlob]:
         now = time.time()
