@@ -476,3 +476,12 @@ def test_operator_mistakes_get_a_message_not_a_traceback(factory, monkeypatch) -
         code, _, err = run(*args)
         assert code == expected and "database" in err and "Traceback" not in err, (args, err)
         assert len(err.splitlines()) <= 3, err
+
+
+def test_freeing_a_file_another_sweep_took_first_is_not_an_error(client, app, settings) -> None:
+    from memos.activations import files
+
+    store = LocalBlobStore(settings.blob_root)
+    gone = "ab" * 32
+    freed = client.blocking_portal.call(lambda: files.free(app.state.db, store, [gone], older_than_s=10))
+    assert freed == []

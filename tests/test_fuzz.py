@@ -50,9 +50,10 @@ from tests.conftest import OPERATOR_KEY, free_port
 EXAMPLES = int(os.environ.get("MEMOS_FUZZ_EXAMPLES", "20"))
 
 # Request fields whose validity depends on more than their JSON schema (see the module docstring).
-SEMANTIC_FIELDS = {"cursor", "metadata.query", "default", "threshold", "min_threshold"}
-"""``default`` must name a category of the body; ``min_threshold`` <= ``threshold`` <= ``max_threshold``
-(cache configuration: rules between fields, which the schema cannot state)."""
+SEMANTIC_FIELDS = {"cursor", "metadata.query", "default", "threshold", "min_threshold", "categories"}
+"""The cache configuration's rules between fields, which a schema cannot state: ``default`` names a category
+of the body; ``min_threshold`` <= ``threshold`` <= ``max_threshold``; ``categories``: at most 64 with the
+built-in ones."""
 
 
 @pytest.fixture(scope="module")

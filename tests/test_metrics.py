@@ -70,14 +70,15 @@ def test_the_services_figures_are_read_at_scrape_time(client: TestClient[Litesta
     figures = scrape(client)
     assert value(figures, "memos_embedder_ready") == 1
     assert value(figures, "memos_embedder_queued_texts") == 0
-    assert value(figures, "memos_db_pool_size") == settings.db_pool_size
+    assert value(figures, "memos_db_pool_max_connections") == 2 * settings.db_pool_size
     assert value(figures, "memos_db_pool_connections", state="in_use") >= 0
     assert value(figures, "memos_kv_tier_budget_bytes", tier="device") == settings.kv_device_bytes
     assert value(figures, "memos_kv_tier_budget_bytes", tier="host") == settings.kv_host_bytes
     assert value(figures, "memos_kv_lookups_total") >= 0 and "memos_kv_hits" in figures
-    assert "memos_scheduler_passes" in figures and "memos_scheduler_moves" in figures
+    assert "memos_scheduler_passes" in figures and "memos_scheduler_queued_memories" in figures
     assert "memos_graph_cubes" in figures and "memos_cache_index_entries" in figures
     assert value(figures, "process_cpu_seconds_total") > 0  # the process collectors are there
+    assert "_created" not in figures["text"]  # no creation-time sample beside every series
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +106,27 @@ def test_a_path_no_route_matches_is_counted_without_its_path(client: TestClient[
     assert (
         value(after, "memos_http_requests_total", **labels) - value(before, "memos_http_requests_total", **labels) == 1
     )
+
+
+def test_a_method_a_client_made_up_is_not_a_label(client: TestClient[Litestar]) -> None:
+    """Some HTTP parsers pass any token as the method: it must not make a series of its own."""
+    before = scrape(client)
+    for method in ("BREW", "PROPFIND", "X-ANYTHING"):
+        client.request(method, "/v1/cubes")
+    after = scrape(client)
+    assert "BREW" not in after["text"] and "PROPFIND" not in after["text"]
+    labels = {"method": "other", "route": "unmatched", "status": "405"}
+    grew = value(after, "memos_http_requests_total", **labels) - value(before, "memos_http_requests_total", **labels)
+    assert grew == 3
+
+
+def test_a_scrape_while_the_database_is_stopped_still_answers(settings: Settings, embedder: Embedder) -> None:
+    app = create_app(settings, embedder_factory=lambda: embedder)
+    with TestClient(app) as c:
+        db = app.state.db
+        c.blocking_portal.call(db.stop)
+        try:
+            figures = scrape(c)  # the pool's figures are left out, the rest is there
+            assert "memos_db_pool_connections" not in figures and "memos_kv_tier_budget_bytes" in figures
+        finally:
+            c.blocking_portal.call(db.start)

@@ -523,3 +523,24 @@ def test_candidates_need_a_vector_or_a_similarity() -> None:
     assert decide("Where's my parcel?", None, [given], DEFAULT_POLICY).hit
     with pytest.raises(ValueError, match="neither a similarity nor a vector"):
         decide("Where's my parcel?", QUERY_VEC, [Candidate("e2", "Where is my parcel?")], DEFAULT_POLICY)
+
+
+def test_category_names_and_guard_lists_refuse_what_the_schema_refuses() -> None:
+    """The published pattern and the service agree on what a blank name is; a non-string guard is a 422, not a
+    500 (a {} in the list was unhashable: found in review)."""
+    import re
+
+    from memos.semcache.schemas import categories_schema
+
+    pattern = re.compile(str(categories_schema().property_names.pattern))  # type: ignore[union-attr]
+    for name in ("code", " a ", "\x1c", "\u3000", "\ufeff", "\u2028", "a\x00b", "", "\t"):
+        published = bool(pattern.search(name))
+        try:
+            parse_policy({"categories": {name: {}}})
+            accepted = True
+        except PolicyError:
+            accepted = False
+        assert published == accepted, repr(name)
+    for guards in ([{}], [1], [None]):
+        with pytest.raises(PolicyError, match="disabled_guards"):
+            parse_policy({"categories": {"code": {"disabled_guards": guards}}})

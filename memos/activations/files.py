@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from memos.store.blobs import BlobStore
+from memos.store.blobs import BlobNotFound, BlobStore
 from memos.store.db import Database
 from memos.store.models import activations
 
@@ -31,6 +31,11 @@ from memos.store.models import activations
 def lock_key(sha256: str) -> int:
     """The advisory lock of a file: its first 60 bits (a positive bigint; a clash only serializes two files)."""
     return int(sha256[:15], 16)
+
+
+async def hold_exclusive(conn: AsyncConnection, sha256: str) -> None:
+    """In a transaction that deletes or replaces file ``sha256``: no build can claim it until that commits."""
+    await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(k)s)", {"k": lock_key(sha256)})
 
 
 async def claim(conn: AsyncConnection, store: BlobStore, sha256: str) -> bool:
@@ -56,10 +61,13 @@ async def free(db: Database, store: BlobStore, keys: Sequence[str], *, older_tha
     freed: list[str] = []
     for key in dict.fromkeys(keys):
         async with db.transaction() as conn:
-            await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(k)s)", {"k": lock_key(key)})
+            await hold_exclusive(conn, key)
             if not await unreferenced(conn, [key]):
                 continue
-            if older_than_s is not None and (await asyncio.to_thread(store.age, key)) < older_than_s:
+            try:
+                if older_than_s is not None and (await asyncio.to_thread(store.age, key)) < older_than_s:
+                    continue
+            except BlobNotFound:  # gone already (another sweep, a purge)
                 continue
             if await asyncio.to_thread(store.delete, key):
                 freed.append(key)

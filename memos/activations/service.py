@@ -415,11 +415,13 @@ class ActivationService:
                 extra={"activation_id": str(row.id), "sha256": row.sha256},
             )
         data, chunk = await self.worker.run(_prefill_file, lm, ids, _meta(lm, row.memory_id, row.source_version))
-        # The bad file goes first: the rebuilt bytes may hash the same (same KV, same second), and a damaged
-        # copy under that name must not be taken for the new one.
-        await asyncio.to_thread(self.blobs.delete, row.sha256)
-        key = await self._put(data)
         async with self.db.transaction() as conn:
+            # Under the bad file's lock (memos/activations/files.py): a build cannot claim it between its
+            # deletion and the rows moving to the new file. The bad file goes first: the rebuilt bytes may hash
+            # the same (same KV, same second), and a damaged copy under that name must not be taken for the new one.
+            await files.hold_exclusive(conn, row.sha256)
+            await asyncio.to_thread(self.blobs.delete, row.sha256)
+            key = await self._put(data)
             # Every activation that shared the bad file shares the good one (same fingerprint, same tokens).
             await conn.execute(
                 update(activations)

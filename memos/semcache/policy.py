@@ -64,6 +64,15 @@ class PolicyError(ValueError):
 DEFAULT_MAX_ENTRIES = 100_000
 """Default quota per category and cube: the size issue 4's latency target is stated for."""
 MAX_ENTRIES_LIMIT = 10_000_000
+MAX_CATEGORIES = 64
+"""Categories per cube, the built-in ones included."""
+
+NAME_SPACE = (
+    " \t\n\x0b\x0c\r\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+"""What does not count as a category name's character: JSON Schema's (ECMAScript's) ``\\s``, written out, so the
+published pattern (``memos.semcache.schemas``) and this check agree whatever regex engine reads the pattern."""
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 
 # Bounds every threshold stays within, whatever the configuration or the feedback says. Below 0.5
@@ -175,7 +184,7 @@ def parse_category(
     Raises :class:`PolicyError` naming the field, e.g. ``categories.code.threshold``.
     """
     prefix = where or f"categories.{name}"
-    if not isinstance(name, str) or not name.strip() or len(name) > 64:
+    if not isinstance(name, str) or not name.strip(NAME_SPACE) or "\x00" in name or len(name) > 64:
         raise PolicyError(prefix, "a category name must be a non-empty string of at most 64 characters")
     if not isinstance(data, Mapping):
         raise PolicyError(prefix, f"must be an object, not {type(data).__name__}")
@@ -218,7 +227,10 @@ def parse_category(
         guards = data["disabled_guards"]
         if isinstance(guards, str) or not isinstance(guards, list | tuple | frozenset | set):
             raise PolicyError(f"{prefix}.disabled_guards", "must be a list of guard names")
-        bad = sorted(str(g) for g in guards if g not in GUARD_NAMES)
+        # Anything but a known name is refused, non-strings too (a {} in the list was a 500: unhashable).
+        bad = sorted(
+            g if isinstance(g, str) else repr(g) for g in guards if not isinstance(g, str) or g not in GUARD_NAMES
+        )
         if bad:
             raise PolicyError(
                 f"{prefix}.disabled_guards", f"unknown guard {bad[0]!r} (known: {', '.join(sorted(GUARD_NAMES))})"
@@ -252,8 +264,8 @@ def parse_policy(data: Mapping[str, Any] | None, *, base: CachePolicy = DEFAULT_
     raw = data.get("categories", {})
     if not isinstance(raw, Mapping):
         raise PolicyError("categories", f"must be an object, not {type(raw).__name__}")
-    if len(categories) + len(set(raw) - set(categories)) > 64:
-        raise PolicyError("categories", "at most 64 categories")
+    if len(categories) + len(set(raw) - set(categories)) > MAX_CATEGORIES:
+        raise PolicyError("categories", f"at most {MAX_CATEGORIES} categories (the built-in ones count)")
     for name, settings in raw.items():
         categories[name] = parse_category(name, settings, base=categories.get(name))
     default = data.get("default", base.default)

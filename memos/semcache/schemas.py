@@ -11,7 +11,15 @@ from litestar.openapi.spec import OpenAPIType, Schema
 
 from memos.memories.schemas import Ttl
 from memos.semcache.guards import GUARD_NAMES
-from memos.semcache.policy import MAX_ENTRIES_LIMIT, MAX_TTL_SECONDS, THRESHOLD_CEILING, THRESHOLD_FLOOR, ContextPolicy
+from memos.semcache.policy import (
+    MAX_CATEGORIES,
+    MAX_ENTRIES_LIMIT,
+    MAX_TTL_SECONDS,
+    NAME_SPACE,
+    THRESHOLD_CEILING,
+    THRESHOLD_FLOOR,
+    ContextPolicy,
+)
 
 MAX_CONTEXT_TURNS = 50
 MAX_CONTEXT_BYTES = 64 * 1024
@@ -132,11 +140,18 @@ class StatsOut(msgspec.Struct):
     """``ready``, ``building`` or ``cold`` (not loaded in this process)."""
 
 
+# A category name: no NUL (Postgres text cannot hold it), and something besides NAME_SPACE (the same class
+# in any regex engine: written out, not \s).
+_NOT_NAME = "".join(f"\\u{ord(c):04x}" for c in "\x00" + NAME_SPACE)
+_NAME_PATTERN = f"^[^\\u0000]*[^{_NOT_NAME}][^\\u0000]*$"
+
+
 def categories_schema() -> Schema:
     """What ``ConfigIn.categories`` accepts, for the OpenAPI document (the type above says only "an object"):
     names of 1-64 characters with one that is not a space, each category's known fields with their ranges.
-    Two rules stay outside any schema, since they relate fields: ``min_threshold`` <= ``threshold`` <=
-    ``max_threshold``, and ``default`` naming a category."""
+    Three rules stay outside any schema, since they relate fields or the cube's state: ``min_threshold`` <=
+    ``threshold`` <= ``max_threshold``, ``default`` naming a category, and at most ``MAX_CATEGORIES`` with the
+    built-in ones."""
     similarity = Schema(type=OpenAPIType.NUMBER, minimum=THRESHOLD_FLOOR, maximum=THRESHOLD_CEILING)
     category = Schema(
         type=OpenAPIType.OBJECT,
@@ -167,8 +182,7 @@ def categories_schema() -> Schema:
     return Schema(
         type=OpenAPIType.OBJECT,
         # No NUL anywhere (Postgres text cannot hold it), and not only spaces.
-        property_names=Schema(
-            type=OpenAPIType.STRING, min_length=1, max_length=64, pattern=r"^[^\x00]*[^\s\x00][^\x00]*$"
-        ),
+        max_properties=MAX_CATEGORIES,
+        property_names=Schema(type=OpenAPIType.STRING, min_length=1, max_length=64, pattern=_NAME_PATTERN),
         additional_properties=category,
     )

@@ -120,6 +120,15 @@ class Database:
         assert self._engine is not None, "Database.start() has not run"
         return self._engine
 
+    def pool_state(self) -> tuple[int, int, int] | None:
+        """(connections in use, idle, the most the pool opens), or None while not connected (``/metrics``)."""
+        engine = self._engine
+        if engine is None:
+            return None
+        pool: Any = engine.sync_engine.pool
+        # create_engine lets the pool open as many again as its size when busy (max_overflow = pool_size).
+        return pool.checkedout(), pool.checkedin(), 2 * self.settings.db_pool_size
+
     async def start(self) -> None:
         """Start the embedded server and migrate it, or check an external server's schema; then connect."""
         if self.url is None:
