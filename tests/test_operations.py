@@ -93,6 +93,38 @@ def test_migration_0006_puts_only_big_cubes_in_the_hnsw_index(pg_server: PgServe
         drop_database(pg_server.admin_url, name)
 
 
+def test_migration_0008_moves_heat_to_its_own_table_and_back(pg_server: PgServer) -> None:
+    name = fresh_database(pg_server, "heat0008")
+    url = pg_server.url(name)
+    try:
+        migrations.downgrade(url, "0007")
+        with psycopg.connect(url) as conn:
+            conn.execute(
+                """
+                WITH t AS (INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), 'acme') RETURNING id),
+                a AS (INSERT INTO agents (id, tenant_id, name, role)
+                      SELECT gen_random_uuid(), t.id, 'root', 'admin' FROM t RETURNING id, tenant_id),
+                c AS (INSERT INTO cubes (id, tenant_id, name, owner_agent_id)
+                      SELECT gen_random_uuid(), a.tenant_id, 'c', a.id FROM a RETURNING id, tenant_id, owner_agent_id)
+                INSERT INTO memories (id, tenant_id, cube_id, kind, state, version, content, created_by, heat)
+                SELECT gen_random_uuid(), c.tenant_id, c.id, 'plaintext', 'active', 1, 'fact ' || i, c.owner_agent_id,
+                       CASE WHEN i <= 2 THEN i * 1.5 ELSE 0 END
+                FROM c, generate_series(1, 4) AS i
+                """
+            )
+        migrations.upgrade(url)
+        with psycopg.connect(url) as conn:
+            moved = sorted(r[0] for r in conn.execute("SELECT heat FROM memory_heat").fetchall())
+            left = conn.execute("SELECT count(*) FROM memories WHERE heat <> 0").fetchone()
+        assert moved == [1.5, 3.0] and left == (0,)
+        migrations.downgrade(url, "0007")
+        with psycopg.connect(url) as conn:
+            back = sorted(r[0] for r in conn.execute("SELECT heat FROM memories").fetchall())
+        assert back == [0, 0, 1.5, 3.0]
+    finally:
+        drop_database(pg_server.admin_url, name)
+
+
 def test_the_benches_bulk_loader_keeps_the_schemas_partial_hnsw_index(pg_server: PgServer) -> None:
     """bench/bulk.py rebuilds the HNSW index after its COPY: it must be the schema's (``WHERE ann``), not a full one."""
     from pgvector.psycopg import register_vector

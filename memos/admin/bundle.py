@@ -63,6 +63,7 @@ from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import (
     EMBEDDING_DIMS,
+    MEMORY_ROW,
     agents,
     cache_categories,
     cache_configs,
@@ -259,7 +260,7 @@ async def export_cube(db: Database, cube_id: uuid.UUID, out: Path) -> BundleRepo
             raise BundleError(f"no such cube: {cube_id}")
         rows = (
             await conn.execute(
-                select(memories).where(memories.c.cube_id == cube_id).order_by(memories.c.created_at, memories.c.id)
+                select(*MEMORY_ROW).where(memories.c.cube_id == cube_id).order_by(memories.c.created_at, memories.c.id)
             )
         ).all()
         kept = [r for r in rows if r.kind != "activation"]

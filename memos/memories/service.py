@@ -33,6 +33,8 @@ from memos.search.indexing import embedding_text, event_time
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import (
+    HEAT,
+    MEMORY_ROW,
     activations,
     cache_entries,
     cube_grants,
@@ -77,23 +79,25 @@ class ListFilters:
 
 
 DTO_COLUMNS = [
-    memories.c[name]
-    for name in (
-        "id",
-        "cube_id",
-        "kind",
-        "state",
-        "version",
-        "content",
-        "metadata",
-        "tags",
-        "provenance",
-        "created_at",
-        "updated_at",
-        "expires_at",
-        "created_by",
-        "heat",
-    )
+    *(
+        memories.c[name]
+        for name in (
+            "id",
+            "cube_id",
+            "kind",
+            "state",
+            "version",
+            "content",
+            "metadata",
+            "tags",
+            "provenance",
+            "created_at",
+            "updated_at",
+            "expires_at",
+            "created_by",
+        )
+    ),
+    HEAT,
 ]
 """What ``to_dto`` reads: reads that only answer with memories select these, not the vector (384 floats to
 parse, about 0.35 ms a row here) nor the tsvector."""
@@ -392,7 +396,7 @@ class MemoryService:
         *,
         include_expired: bool = True,
         lock: bool = False,
-        columns: Sequence[Any] = (memories,),
+        columns: Sequence[Any] = MEMORY_ROW,
     ) -> Row[Any]:
         """The memory's current row (``columns`` of it: all by default), if the caller has ``needed`` access to its
         cube (404 if it cannot read it)."""

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.store.arrays import Float4Array, vector_at
 from memos.store.audit import Actor
-from memos.store.models import memories, memory_versions
+from memos.store.models import MEMORY_ROW, memories, memory_versions
 
 # The columns a version row copies from the current state (memos/admin/bundle.py checks a bundle by them too).
 SNAPSHOT = (
@@ -176,7 +176,7 @@ async def write_version(
             update(memories)
             .where(memories.c.id == memory_id, memories.c.version == expected_version)
             .values(**values, version=memories.c.version + 1, updated_at=_statement_time())
-            .returning(memories)
+            .returning(*MEMORY_ROW)
         )
     ).first()
     if row is None:

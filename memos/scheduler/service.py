@@ -12,7 +12,7 @@ then, for each causal LM the service has loaded:
 3. building (only with ``MEMOS_BUILD_HEAT`` > 0): a hot plaintext memory with no fresh activation gets one
    built, on behalf of its cube's owner, a few per pass (the ``queue`` counts those still waiting).
 
-and writes heat to ``memories.heat`` where it moved (what ``GET /v1/memories/{id}`` shows). Everything here
+and writes heat to ``memory_heat`` where it moved (what ``GET /v1/memories/{id}`` shows). Everything here
 runs off the request path; requests only read the tiers. KV is keyed by its bytes, so all agents that share
 a cube share the chunks the scheduler keeps: one agent's use warms the KV the next one reads.
 """
@@ -69,9 +69,25 @@ PIN_SHARE = 0.5
 
 _WRITE_HEAT = text(
     """
-    UPDATE memories m SET heat = u.heat
+    INSERT INTO memory_heat (memory_id, heat)
+    SELECT u.id, u.heat
     FROM unnest(CAST(:ids AS uuid[]), CAST(:heats AS float8[])) AS u(id, heat)
-    WHERE m.id = u.id AND m.heat IS DISTINCT FROM u.heat
+    JOIN memories m ON m.id = u.id
+    ON CONFLICT (memory_id) DO UPDATE SET heat = EXCLUDED.heat
+    WHERE memory_heat.heat IS DISTINCT FROM EXCLUDED.heat
+    """
+)
+"""Heat into its narrow table (migration 0008; cold ones as 0, so an older ``memories.heat`` never shows again).
+The join skips a memory deleted since it was read (its heat is forgotten as well)."""
+
+_SEED = text(
+    """
+    SELECT h.memory_id AS id, h.heat FROM memory_heat h JOIN memories m ON m.id = h.memory_id
+    WHERE h.heat > 0 AND m.state <> 'deleted'
+    UNION ALL
+    SELECT m.id, m.heat FROM memories m
+    WHERE m.heat > 0 AND m.state <> 'deleted' AND NOT EXISTS (SELECT 1 FROM memory_heat h WHERE h.memory_id = m.id)
+    ORDER BY heat DESC LIMIT :n
     """
 )
 
@@ -193,7 +209,7 @@ class Scheduler:
         return totals
 
     async def write_heat(self) -> int:
-        """Write what ``HeatTable.changes`` says to ``memories.heat`` (at most ``WRITE_BATCH`` rows a pass, in id
+        """Write what ``HeatTable.changes`` says to ``memory_heat`` (at most ``WRITE_BATCH`` rows a pass, in id
         order); they count as written only once committed, so a failed write is tried again next pass."""
         changes = await asyncio.to_thread(self.heat.changes, None, WRITE_FROM, WRITE_BATCH)
         if not changes:
@@ -207,14 +223,7 @@ class Scheduler:
         """After a start, the heat the database holds (the hottest memories) seeds the table, so the hot set
         survives a restart and those rows are written again as they cool."""
         async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(memories.c.id, memories.c.heat)
-                    .where(memories.c.heat > 0, memories.c.state != "deleted")
-                    .order_by(memories.c.heat.desc())
-                    .limit(self.heat.max_entries // 2)
-                )
-            ).all()
+            rows = (await conn.execute(_SEED, {"n": self.heat.max_entries // 2})).all()
         self.heat.seed((r.id, float(r.heat)) for r in rows)
         self._seeded = True
 

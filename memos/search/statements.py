@@ -21,9 +21,11 @@ from psycopg.types.json import Jsonb
 
 from memos.cubes.access import readable_cube_ids_sql
 from memos.memories.ann import indexed_sql
-from memos.store.models import memories
+from memos.store.models import HEAT_SQL, memories
 
-RESULT_COLUMNS = ", ".join(f"m.{c.name}" for c in memories.c if c.name not in ("embedding", "tsv"))
+RESULT_COLUMNS = ", ".join(
+    [*(f"m.{c.name}" for c in memories.c if c.name not in ("embedding", "tsv", "heat")), f"{HEAT_SQL} AS heat"]
+)
 """Every column a result needs, but not the search columns (a 384-float vector per row is not free)."""
 
 # Per memory: how often each of the query's lexemes occurs in it (BM25's term frequencies), computed in

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TSVECTOR, UUID
@@ -137,6 +138,7 @@ memories = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("expires_at", DateTime(timezone=True)),
     Column("created_by", UUID(as_uuid=True), nullable=False),
+    # Heat as written before migration 0008 (or imported); the scheduler writes ``memory_heat`` instead.
     Column("heat", Float, nullable=False, server_default=text("0")),
     Column("purged_at", DateTime(timezone=True)),
     Column("embedding", Vector(EMBEDDING_DIMS)),
@@ -163,6 +165,26 @@ memories = Table(
     # The semantic cache reads a cube's response memories through this (migration 0003).
     Index("ix_memories_response_cube", "cube_id", "updated_at", postgresql_where=text("kind = 'response'")),
 )
+
+memory_heat = Table(
+    "memory_heat",
+    metadata,
+    # The scheduler's heat per memory (migration 0008): narrow, so its writes do not rewrite memory rows.
+    Column("memory_id", UUID(as_uuid=True), ForeignKey("memories.id", ondelete="CASCADE"), primary_key=True),
+    Column("heat", Float, nullable=False),
+)
+
+HEAT = func.coalesce(
+    select(memory_heat.c.heat).where(memory_heat.c.memory_id == memories.c.id).correlate(memories).scalar_subquery(),
+    memories.c.heat,
+).label("heat")
+"""A memory's heat: its ``memory_heat`` row, else the ``memories.heat`` written before migration 0008."""
+
+MEMORY_ROW = [*(c for c in memories.c if c.name != "heat"), HEAT]
+"""Every column of a memory, its heat as ``HEAT``: what reads that answer with a memory select."""
+
+HEAT_SQL = "coalesce((SELECT h.heat FROM memory_heat h WHERE h.memory_id = m.id), m.heat)"
+"""``HEAT`` for written-out SQL over ``memories m``."""
 
 memory_versions = Table(
     "memory_versions",
