@@ -27,7 +27,7 @@ from memos.cli.main import main as cli_main
 from memos.embed.base import Embedder
 from memos.settings import Settings
 from memos.store.embedded import drop_database
-from memos.store.models import memory_links
+from memos.store.models import HEAT_SQL, memory_links
 
 KV_MODEL = "tiny"
 CONTEXT = ["Which trip are we planning?", "The Lisbon trip in May."]
@@ -139,13 +139,18 @@ def _tenant(client: TestClient) -> Tenant:  # type: ignore[type-arg]
     return Factory(client).tenant()
 
 
+_MEMORY_ROWS = (
+    "SELECT id, kind, state, version, content, metadata, tags, provenance, content_sha256, created_at,"  # noqa: S608
+    " updated_at, expires_at, created_by, " + HEAT_SQL + " AS heat, purged_at, embedding::text, embedding_model,"
+    " event_time, tsv::text FROM memories m WHERE cube_id = %s AND kind <> 'activation' ORDER BY created_at, id"
+)
+
+
 def _rows(url: str, cube_id: str) -> dict[str, list[tuple[Any, ...]]]:
     """The cube's rows as the tables hold them, without the columns an import may change (tenant, cube)."""
     with psycopg.connect(url) as conn:
         memory_rows = conn.execute(
-            "SELECT id, kind, state, version, content, metadata, tags, provenance, content_sha256, created_at,"
-            " updated_at, expires_at, created_by, heat, purged_at, embedding::text, embedding_model, event_time,"
-            " tsv::text FROM memories WHERE cube_id = %s AND kind <> 'activation' ORDER BY created_at, id",
+            _MEMORY_ROWS,
             (cube_id,),
         ).fetchall()
         ids = [r[0] for r in memory_rows]

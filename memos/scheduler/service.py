@@ -29,6 +29,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Row, func, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.activations.schemas import BuildIn
@@ -73,12 +74,16 @@ _WRITE_HEAT = text(
     SELECT u.id, u.heat
     FROM unnest(CAST(:ids AS uuid[]), CAST(:heats AS float8[])) AS u(id, heat)
     JOIN memories m ON m.id = u.id
+    ORDER BY u.id
+    FOR KEY SHARE OF m
     ON CONFLICT (memory_id) DO UPDATE SET heat = EXCLUDED.heat
     WHERE memory_heat.heat IS DISTINCT FROM EXCLUDED.heat
     """
 )
 """Heat into its narrow table (migration 0008; cold ones as 0, so an older ``memories.heat`` never shows again).
-The join skips a memory deleted since it was read (its heat is forgotten as well)."""
+The join skips a memory deleted since it was read. Its rows are locked (key share, in id order) first: a memory
+whose deletion is in flight is then skipped once it commits, instead of failing the whole write on the foreign
+key (found in review: the join's snapshot still saw the row)."""
 
 _SEED = text(
     """
@@ -183,6 +188,8 @@ class Scheduler:
                     self._heat_written_at = time.monotonic()
                 except MemosError as exc:  # the database is down: the KV in memory can still be arranged
                     log.warning("writing heat failed; retried next pass", extra={"error": exc.detail})
+                except DBAPIError as exc:  # any other refusal: the same, the KV work of this pass still runs
+                    log.warning("writing heat failed; retried next pass", extra={"error": type(exc.orig).__name__})
             # Scans of the whole table (up to 100k memories): off the event loop.
             await asyncio.to_thread(self.heat.shrink)
             loaded = [lm for name in sorted(self.kv.models.specs) if (lm := self.kv.models.loaded(name)) is not None]
