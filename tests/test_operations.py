@@ -94,25 +94,27 @@ def test_migration_0006_puts_only_big_cubes_in_the_hnsw_index(pg_server: PgServe
         drop_database(pg_server.admin_url, name)
 
 
+_ONE_CUBE = """
+WITH t AS (INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), 'acme') RETURNING id),
+a AS (INSERT INTO agents (id, tenant_id, name, role)
+      SELECT gen_random_uuid(), t.id, 'root', 'admin' FROM t RETURNING id, tenant_id),
+c AS (INSERT INTO cubes (id, tenant_id, name, owner_agent_id)
+      SELECT gen_random_uuid(), a.tenant_id, 'c', a.id FROM a RETURNING id, tenant_id, owner_agent_id)
+INSERT INTO memories (id, tenant_id, cube_id, kind, state, version, content, created_by, heat)
+SELECT gen_random_uuid(), c.tenant_id, c.id, 'plaintext', 'active', 1, 'fact ' || i, c.owner_agent_id,
+       (%(heats)s::float8[])[i]
+FROM c, generate_series(1, cardinality(%(heats)s::float8[])) AS i
+"""
+"""A tenant, its admin and one cube with a memory per value of ``heats`` (their ``memories.heat``)."""
+
+
 def test_migration_0008_moves_heat_to_its_own_table_and_back(pg_server: PgServer) -> None:
     name = fresh_database(pg_server, "heat0008")
     url = pg_server.url(name)
     try:
         migrations.downgrade(url, "0007")
         with psycopg.connect(url) as conn:
-            conn.execute(
-                """
-                WITH t AS (INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), 'acme') RETURNING id),
-                a AS (INSERT INTO agents (id, tenant_id, name, role)
-                      SELECT gen_random_uuid(), t.id, 'root', 'admin' FROM t RETURNING id, tenant_id),
-                c AS (INSERT INTO cubes (id, tenant_id, name, owner_agent_id)
-                      SELECT gen_random_uuid(), a.tenant_id, 'c', a.id FROM a RETURNING id, tenant_id, owner_agent_id)
-                INSERT INTO memories (id, tenant_id, cube_id, kind, state, version, content, created_by, heat)
-                SELECT gen_random_uuid(), c.tenant_id, c.id, 'plaintext', 'active', 1, 'fact ' || i, c.owner_agent_id,
-                       CASE WHEN i <= 2 THEN i * 1.5 ELSE 0 END
-                FROM c, generate_series(1, 4) AS i
-                """
-            )
+            conn.execute(_ONE_CUBE, {"heats": [1.5, 3.0, 0.0, 0.0]})
         migrations.upgrade(url)
         with psycopg.connect(url) as conn:
             moved = sorted(r[0] for r in conn.execute("SELECT heat FROM memory_heat").fetchall())
@@ -136,18 +138,7 @@ def test_a_heat_write_skips_a_memory_deleted_while_it_runs(pg_server: PgServer) 
     write = str(_WRITE_HEAT).replace(":ids", "%(ids)s").replace(":heats", "%(heats)s")
     try:
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(
-                """
-                WITH t AS (INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), 'acme') RETURNING id),
-                a AS (INSERT INTO agents (id, tenant_id, name, role)
-                      SELECT gen_random_uuid(), t.id, 'root', 'admin' FROM t RETURNING id, tenant_id),
-                c AS (INSERT INTO cubes (id, tenant_id, name, owner_agent_id)
-                      SELECT gen_random_uuid(), a.tenant_id, 'c', a.id FROM a RETURNING id, tenant_id, owner_agent_id)
-                INSERT INTO memories (id, tenant_id, cube_id, kind, state, version, content, created_by)
-                SELECT gen_random_uuid(), c.tenant_id, c.id, 'plaintext', 'active', 1, 'fact ' || i, c.owner_agent_id
-                FROM c, generate_series(1, 3) AS i
-                """
-            )
+            conn.execute(_ONE_CUBE, {"heats": [0.0, 0.0, 0.0]})
             ids = [r[0] for r in conn.execute("SELECT id FROM memories ORDER BY id").fetchall()]
         failed: list[BaseException] = []
 
