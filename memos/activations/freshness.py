@@ -29,13 +29,7 @@ memories stay usable (archiving hides, it does not retire); deleted ones do not.
 def with_freshness() -> Any:
     """Activation rows with what decides their freshness (``is_stale``: ``STALE``, computed by Postgres)."""
     return (
-        select(
-            activations,
-            _source.c.version.label("source_current_version"),
-            _source.c.state.label("source_state"),
-            _derived.c.state.label("activation_state"),
-            STALE.label("is_stale"),
-        )
+        select(activations, STALE.label("is_stale"))
         .select_from(activations)
         .join(_source, _source.c.id == activations.c.memory_id)
         .join(_derived, _derived.c.id == activations.c.id)

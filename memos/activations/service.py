@@ -259,7 +259,8 @@ class ActivationService:
         return self._dto(row), True
 
     async def _reusable_blob(self, principal: Principal, fingerprint: str, ids_sha: str) -> _Blob | None:
-        """A sound stored file with exactly this KV, built by anyone in the caller's tenant."""
+        """A stored file with exactly this KV, built by anyone in the caller's tenant (``_insert`` claims it, and
+        finds it if it is gone)."""
         async with self.db.read() as conn:
             found = (
                 await conn.execute(
@@ -274,7 +275,7 @@ class ActivationService:
                     .limit(1)
                 )
             ).first()
-        if found is None or not await asyncio.to_thread(self.blobs.exists, found.sha256):
+        if found is None:
             return None
         return _Blob(sha256=found.sha256, nbytes=found.bytes, tokens=found.tokens, dtype=found.dtype)
 

@@ -46,22 +46,26 @@ class Issued:
     tenant: str
 
 
+_KEYS = (
+    select(
+        api_keys.c.prefix,
+        tenants.c.name.label("tenant"),
+        agents.c.id.label("agent_id"),
+        agents.c.name.label("agent"),
+        agents.c.role,
+        api_keys.c.created_at,
+        api_keys.c.revoked_at,
+    )
+    .select_from(api_keys.join(agents, agents.c.id == api_keys.c.agent_id))
+    .join(tenants, tenants.c.id == agents.c.tenant_id)
+    .order_by(tenants.c.name, agents.c.name, api_keys.c.created_at)
+)
+"""Every key as ``KeyInfo`` reads it (``list_keys`` and ``revoke`` filter it)."""
+
+
 async def list_keys(db: Database, tenant: str | None = None, *, revoked: bool = False) -> list[KeyInfo]:
     """Keys by tenant, agent and age; ``tenant`` is a tenant's id or name; revoked keys only with ``revoked``."""
-    query = (
-        select(
-            api_keys.c.prefix,
-            tenants.c.name.label("tenant"),
-            agents.c.id.label("agent_id"),
-            agents.c.name.label("agent"),
-            agents.c.role,
-            api_keys.c.created_at,
-            api_keys.c.revoked_at,
-        )
-        .select_from(api_keys.join(agents, agents.c.id == api_keys.c.agent_id))
-        .join(tenants, tenants.c.id == agents.c.tenant_id)
-        .order_by(tenants.c.name, agents.c.name, api_keys.c.created_at)
-    )
+    query = _KEYS
     if tenant is not None:
         query = query.where(_tenant_is(tenant))
     if not revoked:
@@ -133,5 +137,4 @@ async def revoke(db: Database, prefix: str) -> KeyInfo:
             tenant_id=tenant_id,
             detail={"agent_id": str(revoked.agent_id), "by": "memos admin keys revoke"},
         )
-    (info,) = [k for k in await list_keys(db, str(tenant_id), revoked=True) if k.prefix == prefix]
-    return info
+        return KeyInfo(**(await conn.execute(_KEYS.where(api_keys.c.prefix == prefix))).one()._mapping)

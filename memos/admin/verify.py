@@ -179,14 +179,12 @@ _CHECKS: list[tuple[str, str]] = [
 
 _FILES = """
 SELECT sha256, max(bytes) AS bytes, min(bytes) AS least, array_agg(id::text ORDER BY id) AS ids
-FROM activations WHERE CAST(:cubes AS uuid[]) IS NULL OR cube_id = ANY(:cubes)
+FROM activations
+WHERE (CAST(:cubes AS uuid[]) IS NULL OR cube_id = ANY(:cubes))
+  AND (CAST(:keys AS text[]) IS NULL OR sha256 = ANY(:keys))
 GROUP BY sha256 ORDER BY sha256
 """
-
-_FILES_OF = """
-SELECT sha256, max(bytes) AS bytes, min(bytes) AS least, array_agg(id::text ORDER BY id) AS ids
-FROM activations WHERE sha256 = ANY(:keys) GROUP BY sha256 ORDER BY sha256
-"""
+"""The files the activations of ``:cubes`` refer to (NULL: every cube), or only ``:keys`` (NULL: all)."""
 
 _MODELS = """
 SELECT embedding_model AS model, count(*) AS n FROM memories
@@ -236,7 +234,7 @@ async def verify(
                 report.add(check, target, detail)
         report.checked = await _sizes(conn, cubes)
         report.models = {r.model: r.n for r in await conn.execute(text(_MODELS), {"cubes": cubes})}
-        files = (await conn.execute(text(_FILES), {"cubes": cubes})).all()
+        files = (await conn.execute(text(_FILES), {"cubes": cubes, "keys": None})).all()
     report.checked["files"] = len(files)
     report.checked["files_hashed"] = len(files) if blob_bytes else 0
     suspects = await asyncio.to_thread(_check_files, store, files, blob_bytes)
@@ -244,7 +242,7 @@ async def verify(
         # The files are looked at after the snapshot: a purge, drop or repair that committed meanwhile can make
         # a sound store look wrong. What the rows say now decides (a file still referenced, still wrong).
         async with db.read() as conn:
-            now = (await conn.execute(text(_FILES_OF), {"keys": sorted(suspects)})).all()
+            now = (await conn.execute(text(_FILES), {"cubes": None, "keys": sorted(suspects)})).all()
         for target, detail in (await asyncio.to_thread(_check_files, store, now, blob_bytes)).values():
             report.add("kv_file", target, detail)
     if cubes is None:

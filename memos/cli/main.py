@@ -9,6 +9,7 @@ import dataclasses
 import json
 import sys
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -249,9 +250,10 @@ def _verify(args: argparse.Namespace) -> int:
     )
     for problem in report.problems:
         print(f"  {problem.check}: {problem.target}: {problem.detail}")
+    shown = Counter(p.check for p in report.problems)
     for check, count in report.counts.items():
-        if count > sum(p.check == check for p in report.problems):
-            print(f"  {check}: {count} in all (the first {sum(p.check == check for p in report.problems)} shown)")
+        if count > shown[check]:
+            print(f"  {check}: {count} in all (the first {shown[check]} shown)")
     for model, n in report.models.items():
         print(f"{n} memories embedded by {model}")
     if report.orphan_files:

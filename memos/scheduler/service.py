@@ -63,8 +63,7 @@ WRITE_BATCH = 1000
 """Heat rows written per pass at most (the rest wait for the next)."""
 WRITE_FROM = 0.75
 """Heat from which a memory's heat is first written to the database: about one read by id or one first search
-result (a little decayed), not the tail of one wide search. The update of a wide row is not free (a row whose
-page is full moves, with an entry in each of its indexes)."""
+result (a little decayed), not the tail of one wide search."""
 PIN_SHARE = 0.5
 """Pinned KV may take at most this share of a tier's budget: the rest stays for what is hot now."""
 
