@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-SRC    := $(wildcard memos tests migrations bench clients scripts)
+SRC    := $(wildcard memos tests bench clients scripts)
 
 .PHONY: install run test lint bench faults soak format clean
 

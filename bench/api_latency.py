@@ -339,7 +339,7 @@ def source_info(source: Path | None) -> dict[str, Any]:
     try:
         commit = git("rev-parse", "--short", "HEAD")
         # Untracked files count too: a new migration or module changes what is served.
-        dirty = bool(git("status", "--porcelain", "--", "memos", "migrations", "pyproject.toml"))
+        dirty = bool(git("status", "--porcelain", "--", "memos", "pyproject.toml"))
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
     return {"source": str(REPO_ROOT), "git_commit": commit, "service_files_dirty": dirty}
@@ -403,7 +403,7 @@ def print_report(report: dict[str, Any]) -> None:
     code = report["code"]
     served = code["git_commit"] or code["source"]
     if code["service_files_dirty"]:
-        served += " + uncommitted changes to memos/ or migrations/"
+        served += " + uncommitted changes to memos/"
     print(f"code: {served}, schema {code['schema']}" + (f" ({code['label']})" if code["label"] else ""))
     print()
     header = f"{'operation':<24}{'n':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'max ms':>9}{'req/s':>8}"

@@ -35,7 +35,7 @@ from memos.settings import Settings
 from tests.conftest import OPERATOR_KEY, Factory, bearer
 
 REPO = Path(__file__).resolve().parents[1]
-SCANNED = ["memos", "clients", "scripts", "migrations"]
+SCANNED = ["memos", "clients", "scripts"]
 
 Client = TestClient[Litestar]
 

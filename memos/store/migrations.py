@@ -12,13 +12,14 @@ from sqlalchemy import create_engine
 
 from memos.store.urls import sqlalchemy_url
 
-# migrations/ sits beside the package in the source tree (installed with `pip install -e`).
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# Inside the package (memos/migrations/), so a wheel ships them as package data (pyproject.toml) and an
+# installed memos can migrate its database as an editable checkout can.
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 
 
 def alembic_config(url: str) -> Config:
     if not (MIGRATIONS_DIR / "env.py").exists():
-        raise RuntimeError(f"alembic migrations not found at {MIGRATIONS_DIR}; install memos with `pip install -e .`")
+        raise RuntimeError(f"alembic migrations not found at {MIGRATIONS_DIR}: this install of memos is incomplete")
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     # '%' must be doubled in alembic's ini-style options.

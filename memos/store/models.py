@@ -1,6 +1,6 @@
 """The relational schema, as SQLAlchemy Core tables.
 
-Alembic (``migrations/``) owns the schema in the database; these tables mirror
+Alembic (``memos/migrations/``) owns the schema in the database; these tables mirror
 it for queries, and a test checks they agree. Services query through these
 objects, so every value travels as a bound parameter.
 """
