@@ -22,8 +22,9 @@ STALE = or_(
     _source.c.state == "deleted",
     _derived.c.state == "deleted",
 )
-"""Built from a text that is no longer the source's (never injected again), or deleted either side. Archived
-memories stay usable (archiving hides, it does not retire); deleted ones do not. Valid in ``with_freshness``."""
+"""Built from a version that is no longer the source's (never injected again), or deleted either side. Every new
+version counts, archiving and tag changes too (decisions 44): a rebuild of unchanged text finds the same tokens
+and reuses the file. Valid in ``with_freshness``."""
 
 
 def with_freshness() -> Any:
