@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import json
 import os
 import signal
@@ -21,6 +24,7 @@ from litestar.testing import TestClient
 from psycopg.types.json import Jsonb
 
 from memos.app import create_app
+from memos.cli.main import main as cli_main
 from memos.settings import Settings, SettingsError
 from memos.store import migrations
 from memos.store.db import Database, SchemaOutOfDate
@@ -51,6 +55,65 @@ def test_migrations_upgrade_downgrade_upgrade(pg_server: PgServer) -> None:
         assert migrations.current_revision(url) == migrations.head_revision()
     finally:
         drop_database(pg_server.admin_url, name)
+
+
+@pytest.mark.parametrize(
+    ("server", "pgvector", "installed", "problem"),
+    [
+        (180006, "0.8.6", True, None),
+        (140000, "0.8.0", False, None),
+        (170002, "0.10.1", True, None),  # compared as numbers, not as text
+        (170002, "0.8", True, None),
+        (130011, "0.8.0", True, "PostgreSQL 13 is too old"),
+        (160004, "0.7.4", True, "pgvector 0.7.4 is installed, memos needs 0.8.0 or newer"),
+        (160004, "0.5.1", False, "this server offers pgvector 0.5.1"),
+        (160004, None, False, "the pgvector extension is not available"),
+    ],
+)
+def test_server_problem_names_what_is_too_old(
+    server: int, pgvector: str | None, installed: bool, problem: str | None
+) -> None:
+    found = migrations.server_problem(server, pgvector, installed=installed)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+
+
+def test_an_unsupported_server_is_refused_before_anything_is_written(
+    pg_server: PgServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The versions are read from the server itself: offered (an empty database) or installed (a migrated one)."""
+    empty = f"t_versions_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(libpq_url(pg_server.admin_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{empty}"')  # no extension: pgvector is only offered
+    migrated = fresh_database(pg_server, "versions")
+    try:
+        migrations.check_server(pg_server.url(empty))
+        migrations.check_server(pg_server.url(migrated))
+        monkeypatch.setattr(migrations, "MIN_PGVECTOR", (99, 0, 0))
+        with pytest.raises(migrations.UnsupportedServer, match=r"this server offers pgvector 0\.8"):
+            migrations.upgrade(pg_server.url(empty))
+        assert migrations.current_revision(pg_server.url(empty)) is None  # nothing was created
+        with psycopg.connect(libpq_url(pg_server.url(empty))) as conn:
+            assert conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone() is None
+        with pytest.raises(migrations.UnsupportedServer, match=r"pgvector 0\.8\.\d+ is installed"):
+            migrations.check_server(pg_server.url(migrated))
+        # memos admin migrate says why in one line
+        monkeypatch.setenv("MEMOS_DATABASE_URL", pg_server.url(empty))
+        monkeypatch.setenv("MEMOS_DATA_DIR", str(tmp_path))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert cli_main(["admin", "migrate"]) == 1
+        assert err.getvalue().startswith("memos admin migrate: this server offers pgvector 0.8")
+        assert err.getvalue().count("\n") == 1
+        # memos serve on that URL stops before connecting
+        database = Database(Settings(database_url=pg_server.url(migrated), data_dir=tmp_path))
+        with pytest.raises(migrations.UnsupportedServer):
+            asyncio.run(database.start())
+    finally:
+        drop_database(pg_server.admin_url, empty)
+        drop_database(pg_server.admin_url, migrated)
 
 
 def test_migration_0006_puts_only_big_cubes_in_the_hnsw_index(pg_server: PgServer) -> None:

@@ -59,7 +59,11 @@ def _migrate(args: argparse.Namespace) -> int:
         if args.revision.startswith("-") or args.down:
             migrations.downgrade(url, args.revision)
         else:
-            migrations.upgrade(url, args.revision)
+            try:
+                migrations.upgrade(url, args.revision)
+            except migrations.UnsupportedServer as exc:
+                print(f"memos admin migrate: {exc}", file=sys.stderr)
+                return 1
         after = migrations.current_revision(url)
         print(f"schema: {before or 'empty'} -> {after or 'empty'}")
     finally:
@@ -392,10 +396,11 @@ def _run_tool(tool: str, run: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
     from memos.admin import AdminError
     from memos.errors import Unavailable
     from memos.store.db import SchemaOutOfDate
+    from memos.store.migrations import UnsupportedServer
 
     try:
         return asyncio.run(run())
-    except (AdminError, Unavailable, SchemaOutOfDate) as exc:
+    except (AdminError, Unavailable, SchemaOutOfDate, UnsupportedServer) as exc:
         print(f"memos admin {tool}: {getattr(exc, 'detail', None) or exc}", file=sys.stderr)
         return None
     except DBAPIError as exc:  # the database refused or is not there (raised before any request-level mapping)

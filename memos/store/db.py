@@ -136,6 +136,7 @@ class Database:
             self.url = await asyncio.to_thread(self._embedded.start)
             await asyncio.to_thread(self._upgrade_if_needed, self.url)
         else:
+            await asyncio.to_thread(migrations.check_server, self.url)
             current = await asyncio.to_thread(migrations.current_revision, self.url)
             if current != self.head:
                 raise SchemaOutOfDate(
