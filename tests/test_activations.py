@@ -22,6 +22,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from memos.app import create_app
+from memos.kv.codec import read_meta
 from memos.kv.spec import ModelSpec
 from memos.settings import Settings
 from memos.store.blobs import LocalBlobStore
@@ -197,6 +198,17 @@ def test_shared_text_is_stored_once_whoever_builds_it(client, factory, tenant, c
     assert first["id"] != second["id"] != third["id"]
     assert first["sha256"] == second["sha256"] == third["sha256"]
     assert len(blob_files(settings)) == before + 1
+    # The agent cannot read the cube of the memory the file was first built for: the file it downloads names
+    # its own memory, never that one (found in review: the shared file's header leaked a's id).
+    assert client.get(f"/v1/memories/{a['id']}", headers=bearer(agent.key)).status_code == 404
+    for key, memory, act in ((tenant.admin_key, a, first), (tenant.admin_key, b, second), (agent.key, c, third)):
+        data = download(client, key, act["id"])  # X-Memos-SHA256 is the body's
+        meta = read_meta(data)
+        assert (meta["memory_id"], meta["version"]) == (memory["id"], "1")
+        assert a["id"].encode() not in data or memory is a
+        # still a sound file: its tensors, their checksum and token ids are those of the stored one
+        assert data[-1000:] == blob_path(settings, first["sha256"]).read_bytes()[-1000:]
+        assert import_kv(client, key, memory["id"], data).status_code in (200, 201)
 
 
 def test_read_only_grant_cannot_build_but_can_read(client, factory, tenant, cube) -> None:

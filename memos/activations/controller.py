@@ -16,12 +16,12 @@ from memos.pagination import DEFAULT_LIMIT, Page
 KV_MEDIA_TYPE = "application/octet-stream"
 
 
-def _kv_headers(activation: schemas.Activation) -> dict[str, str]:
+def _kv_headers(activation: schemas.Activation, sha256: str) -> dict[str, str]:
     return {
         "X-Memos-Fingerprint": activation.fingerprint,
-        "X-Memos-SHA256": activation.sha256,
+        "X-Memos-SHA256": sha256,
         "X-Memos-Activation": str(activation.id),
-        "ETag": f'"{activation.sha256}"',
+        "ETag": f'"{sha256}"',
     }
 
 
@@ -74,8 +74,8 @@ class ActivationController(Controller):
     async def download_kv(
         self, activation_id: FromPath[str], principal: CurrentPrincipal, activations: Activations
     ) -> Response[bytes]:
-        data, activation, repaired = await activations.kv_file(principal, parse_id(activation_id, "activation"))
-        headers = _kv_headers(activation)
+        data, sha256, activation, repaired = await activations.kv_file(principal, parse_id(activation_id, "activation"))
+        headers = _kv_headers(activation, sha256)
         if repaired:
             headers["X-Memos-Repaired"] = "rebuilt after the stored file failed its checksum"
         return Response(data, media_type=KV_MEDIA_TYPE, headers=headers)

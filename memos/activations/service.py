@@ -369,8 +369,12 @@ class ActivationService:
 
     # ------------------------------------------------------------------ export
 
-    async def kv_file(self, principal: Principal, activation_id: uuid.UUID) -> tuple[bytes, schemas.Activation, bool]:
-        """The activation's memos-kv/1 bytes, checked against their sha256; (bytes, activation, repaired).
+    async def kv_file(
+        self, principal: Principal, activation_id: uuid.UUID
+    ) -> tuple[bytes, str, schemas.Activation, bool]:
+        """The activation's memos-kv/1 bytes, checked against their sha256; (bytes, their sha256, activation,
+        repaired). The header names this activation's memory and version (a shared file's names the memory it
+        was first built for, maybe in a cube the caller cannot read).
 
         A file that fails its checksum is never served: it is reported (logged, the row marked), and
         rebuilt from the source memory when that is still the version it was built from.
@@ -379,10 +383,14 @@ class ActivationService:
             row = await self._visible(conn, principal, activation_id)
         try:
             data = await asyncio.to_thread(self.blobs.read, row.sha256)
+            repaired = False
         except (BlobCorrupt, BlobNotFound) as exc:
             data, row = await self._repair(principal, row, exc)
-            return data, self._dto(row), True
-        return data, self._dto(row), False
+            repaired = True
+        sent = _own_header(data, row)
+        # The body's sha256: the stored file's, unless the header was rewritten for this activation.
+        sha256 = row.sha256 if sent is data else await asyncio.to_thread(lambda: hashlib.sha256(sent).hexdigest())
+        return sent, sha256, self._dto(row), repaired
 
     async def _repair(self, principal: Principal, row: Row[Any], problem: Exception) -> tuple[bytes, Row[Any]]:
         """Rebuild the KV behind ``row`` after its file failed; KVCorrupt (409) when that cannot be done."""
@@ -736,6 +744,14 @@ def _model_dto(lm: LoadedModel) -> schemas.Model:
         kv_bytes_per_token=lm.kv_bytes_per_token,
         rope_shiftable=lm.rope_unshiftable_reason is None,
     )
+
+
+def _own_header(data: bytes, row: Row[Any]) -> bytes:
+    """The file as this activation's own: a shared file's header names the memory it was first built for, which
+    may sit in a cube the caller cannot read (``codec.relabel``)."""
+    from memos.kv.codec import relabel
+
+    return relabel(data, str(row.memory_id), row.source_version)
 
 
 def _meta(lm: LoadedModel, memory_id: uuid.UUID, version: int) -> Any:

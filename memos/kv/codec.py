@@ -273,6 +273,22 @@ def encode(chunk: KVChunk, meta: KVMeta) -> bytes:
     return bytes(draft)
 
 
+def relabel(data: bytes, memory_id: str, version: int) -> bytes:
+    """``data`` with its header naming ``memory_id`` at ``version``; the tensor bytes and their checksum unchanged.
+
+    One stored file serves every activation of its tenant with the same KV (api.md, "Stored once"), but its
+    header names the memory it was first built for: served as stored, it would show that memory's id to a
+    reader of another cube. The header is not covered by ``payload_sha256``, so only it is written again."""
+    header, start = _split(data)
+    meta = _metadata(header)
+    if meta["memory_id"] == memory_id and meta["version"] == str(version):
+        return data
+    header["__metadata__"] = {**meta, "memory_id": memory_id, "version": str(version)}
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # as safetensors pads it: the tensor bytes start 8-aligned
+    return len(text).to_bytes(8, "little") + text + data[start:]
+
+
 def read_meta(data: bytes | bytearray | memoryview) -> dict[str, str]:
     """The ``__metadata__`` of a ``memos-kv/1`` file, validated, without touching the tensor bytes."""
     header, _ = _split(data)
