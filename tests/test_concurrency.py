@@ -66,3 +66,45 @@ async def test_concurrent_creates_in_one_cube_all_land(settings, embedder, facto
         assert all(r.status_code == 201 for r in results)
         page = await client.get(f"/v1/cubes/{cube['id']}/memories?limit=100", headers=bearer(tenant.admin_key))
     assert sorted(x["content"] for x in page.json()["items"]) == sorted(f"c{i}" for i in range(40))
+
+
+async def test_a_purge_that_lands_during_a_restore_wins(
+    settings, embedder, factory: Factory, database_url: str, monkeypatch
+) -> None:
+    """A restore reads the deleted memory, then a purge commits, then the restore writes: the purge must win.
+
+    Purging a memory that is already deleted writes no version, so the restore's compare-and-set on the
+    version alone let it write the purged text back as a new version (found in review)."""
+    from memos.memories import service as memory_service
+
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    secret = "The vault code is 4417."
+    memory = factory.memory(tenant.admin_key, cube["id"], secret)
+    auth = bearer(tenant.admin_key)
+    app: Litestar = create_app(settings, embedder_factory=lambda: embedder)
+    async with AsyncTestClient(app) as client:
+        assert (await client.delete(f"/v1/memories/{memory['id']}", headers=auth)).status_code == 204
+        real_write_version = memory_service.write_version
+
+        async def purge_first(conn, memory_id, expected_version, op, actor, values):  # type: ignore[no-untyped-def]
+            if op == "restore":  # the same admin purges, in a transaction of its own, and it commits first
+                await app.state.memories.delete(actor, memory_id, None, purge=True)
+            return await real_write_version(conn, memory_id, expected_version, op, actor, values)
+
+        monkeypatch.setattr(memory_service, "write_version", purge_first)
+        restored = await client.post(f"/v1/memories/{memory['id']}/restore", json={"version": 1}, headers=auth)
+        assert restored.status_code == 412, restored.text
+        monkeypatch.undo()
+        again = await client.post(f"/v1/memories/{memory['id']}/restore", json={"version": 1}, headers=auth)
+        assert again.status_code == 409  # purged: nothing to restore
+        found = await client.post("/v1/search", json={"query": "vault code", "mode": "text"}, headers=auth)
+        assert found.json()["results"] == []
+
+    with psycopg.connect(database_url) as conn:
+        texts = conn.execute(
+            "SELECT count(*) FROM memory_versions WHERE memory_id = %s AND content IS NOT NULL", (memory["id"],)
+        ).fetchone()
+        row = conn.execute("SELECT content, state FROM memories WHERE id = %s", (memory["id"],)).fetchone()
+    assert texts == (0,)
+    assert row == (None, "deleted")

@@ -168,13 +168,15 @@ async def write_version(
     actor: Actor,
     values: dict[str, Any],
 ) -> Row[Any] | None:
-    """Make version ``expected_version + 1`` with ``values`` applied; None if the version moved on."""
+    """Make version ``expected_version + 1`` with ``values`` applied; None if the version moved on or the memory
+    was purged meanwhile (a purge of a deleted memory writes no version: without the second condition a restore
+    that read the row before the purge committed wrote the purged text back, found in review)."""
     if "content" in values:
         values = {**values, "content_sha256": content_sha256(values["content"])}
     row: Row[Any] | None = (
         await conn.execute(
             update(memories)
-            .where(memories.c.id == memory_id, memories.c.version == expected_version)
+            .where(memories.c.id == memory_id, memories.c.version == expected_version, memories.c.purged_at.is_(None))
             .values(**values, version=memories.c.version + 1, updated_at=_statement_time())
             .returning(*MEMORY_ROW)
         )
