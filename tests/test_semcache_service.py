@@ -222,6 +222,35 @@ def test_entries_expire_by_their_ttl_and_by_their_category_ttl(
     assert "expired" in by_category["reason"]
 
 
+def test_an_entry_of_a_category_that_is_not_configured_is_never_served(
+    client: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """Found in review: such an entry was read as the default category's, and served to default lookups with no
+    TTL: one stored under a category since removed, and one written through the memories API under a name never
+    configured."""
+    key = tenant.admin_key
+    config = {"cube_id": cube, "categories": {"prices": {"ttl_seconds": 60, "threshold": 0.9}}}
+    assert client.put("/v1/cache/config", json=config, headers=bearer(key)).status_code == 200
+    store(client, key, cube, "How much is a litre of diesel at the depot?", "£1.52", category="prices")
+    r = client.post(
+        f"/v1/cubes/{cube}/memories",
+        json={
+            "kind": "response",
+            "content": "Canberra.",
+            "metadata": {"query": "What is the capital of Australia?", "category": "geo-unconfigured"},
+        },
+        headers=bearer(key),
+    )
+    assert r.status_code == 201, r.text
+    assert indexed_lookup(client, key, cube, "How much is a litre of diesel at the depot?", category="prices")["hit"]
+    config["categories"] = {}
+    assert client.put("/v1/cache/config", json=config, headers=bearer(key)).status_code == 200
+    for query in ("How much is a litre of diesel at the depot?", "What is the capital of Australia?"):
+        body = indexed_lookup(client, key, cube, query)
+        assert body["hit"] is False, body
+        assert "not configured" in body["reason"]
+
+
 # -- invalidation ------------------------------------------------------------------------------------------
 
 

@@ -123,7 +123,8 @@ def decide(
     """Serve the first acceptable candidate, nearest first, or miss; explain either way.
 
     ``category`` is the lookup's category: candidates stored under another category are not served
-    (an answer cached as volatile data must not leak into a lookup that expects a stable one). The
+    (an answer cached as volatile data must not leak into a lookup that expects a stable one), nor are
+    candidates of a category the policy does not have. The
     category's threshold, TTL and context policy apply. ``context`` is the conversation before
     ``query`` (oldest first) and ``context_vec`` the embedding of its
     :func:`~memos.semcache.context.context_text`. ``now`` (seconds since the epoch) is required for TTLs
@@ -142,7 +143,22 @@ def decide(
     for similarity, candidate in scored[:max_candidates]:
         if not math.isfinite(similarity):
             continue
-        cand_policy = policy.category(candidate.category)
+        stored_under = candidate.category or policy.default
+        if stored_under not in policy.categories:
+            # Its category was removed from the config (or it was written through the memories API under a
+            # name never configured): its TTL and threshold are unknown, so it is served to no lookup. Read as
+            # the default category, it was served to default lookups with no TTL (found in review).
+            rejections.append(
+                Rejection(
+                    candidate.id,
+                    similarity,
+                    max(lookup_policy.threshold, candidate.threshold or 0.0),
+                    "category",
+                    f"stored under category {stored_under!r}, which is not configured",
+                )
+            )
+            continue
+        cand_policy = policy.categories[stored_under]
         threshold = max(cand_policy.threshold, candidate.threshold or 0.0)
         if cand_policy.name != lookup_policy.name:
             rejections.append(
