@@ -113,6 +113,15 @@ QUERY_VEC = unit(1.0, 0.0, 0.0)
             "What are the side effects of the vaccine in toddlers?",
             "wording",
         ),
+        # order: the same numbers or names, swapped (found in review: the set-based guards let these through)
+        ("What happened on 2024-05-01?", "What happened on 2024-01-05?", "order"),
+        ("What is 12 divided by 4?", "What is 4 divided by 12?", "order"),
+        ("Is 5 greater than 3?", "Is 3 greater than 5?", "order"),
+        ("What is 2 to the power of 10?", "What is 10 to the power of 2?", "order"),
+        ("Does Alice owe Bob money?", "Does Bob owe Alice money?", "order"),
+        ("Is Python faster than Java?", "Is Java faster than Python?", "order"),
+        ("What is 2+2?", "What is 2*2?", "order"),
+        ("Translate English to German", "Translate German to English", "order"),
     ],
 )
 def test_guards_refuse(cached: str, query: str, guard: str) -> None:
@@ -146,6 +155,9 @@ def test_guards_refuse(cached: str, query: str, guard: str) -> None:
         ("WHERE IS MY PARCEL?", "Where is my parcel?"),
         ("Do you sell gift cards in store?", "In store, do you sell gift cards?"),
         ("Do you have Wi-Fi in the rooms?", "Do you have wifi in the rooms?"),
+        ("What is 2+2?", "What's 2 plus 2?"),
+        ("Flights from Paris to London on 5 May", "flights from Paris to London on May 5"),
+        ("Total of 1,000 and 2.50", "total of 1000 and 2.5"),
     ],
 )
 def test_guards_accept_rewordings(cached: str, query: str) -> None:

@@ -517,6 +517,14 @@ class QueryFacts:
     """(verb stem, particle) for phrasal verbs: ("turn", "off"), ("opt", "in")."""
     possessed: frozenset[tuple[str, str]]
     """(noun stem, person) after a possessive determiner: ("password", "1"), ("name", "2")."""
+    number_order: tuple[str, ...]
+    """Every number written in digits, in order ("2024-05-01" -> 2024, 5, 1): what swapping operands changes."""
+    name_order: tuple[str, ...]
+    """The names, in the order of their first mention."""
+    operators: tuple[str, ...]
+    """Arithmetic operators, in order, symbols and words alike ("2+2" -> +; "12 divided by 4" -> /)."""
+    to_pairs: frozenset[tuple[str, str]]
+    """(stem before, stem after) of "to"/"into" between two content words: ("english", "german")."""
     sources: frozenset[str]
     """Content stems after "from"."""
     targets: frozenset[str]
@@ -637,6 +645,14 @@ def analyze(text: str) -> QueryFacts:
         names.update(m.group().lower() for m in _MARKED_NAME.finditer(cased) if m.group().lower() not in _NAME_NOISE)
 
     return QueryFacts(
+        number_order=tuple(_number_key(m.group()) for m in _DIGITS.finditer(lowered)),
+        name_order=tuple(sorted(names, key=lambda name: (lowered.find(name), name))),
+        operators=tuple(_OPERATOR_WORDS.get(m.group().strip(), m.group().strip()) for m in _OPERATOR.finditer(lowered)),
+        to_pairs=frozenset(
+            (stem(before), stem(after))
+            for before, word, after in zip(rest_tokens, rest_tokens[1:], rest_tokens[2:], strict=False)
+            if word in ("to", "into") and _content_word(before) and _content_word(after)
+        ),
         text=text,
         tokens=tokens,
         stems=frozenset(stems_all),
@@ -657,6 +673,36 @@ def analyze(text: str) -> QueryFacts:
         targets=targets,
         asks_reason=bool(REASON_MARKERS.search(lowered)),
     )
+
+
+_DIGITS = re.compile(r"\d+(?:[.,]\d+)*")
+_OPERATOR_WORDS = {
+    "plus": "+",
+    "minus": "-",
+    "times": "*",
+    "multiplied by": "*",
+    "x": "*",
+    "\u00d7": "*",
+    "divided by": "/",
+    "\u00f7": "/",
+    "to the power of": "^",
+}
+# A symbol between two numbers ("7-5", "2 * 3"), or an operator word anywhere.
+_OPERATOR = re.compile(
+    r"(?<=\d)\s*[-+*/^x\u00d7\u00f7](?=\s*\d)|\b(?:plus|minus|times|multiplied by|divided by|to the power of)\b"
+)
+
+
+def _content_word(token: str) -> bool:
+    return token not in STOPWORDS and token not in FILLERS and not token.isdigit() and len(token) > 1
+
+
+def _number_key(raw: str) -> str:
+    """ "05" and "5", "1,000" and "1000", "2.50" and "2.5" are one number."""
+    text = raw.replace(",", "")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text.lstrip("0") or "0"
 
 
 _TO = frozenset({"to"})
@@ -835,6 +881,29 @@ def direction_guard(a: QueryFacts, b: QueryFacts) -> str | None:
     return None
 
 
+def order_guard(a: QueryFacts, b: QueryFacts) -> str | None:
+    """The same numbers or names in another order, or other operators between them: "2024-05-01" /
+    "2024-01-05", "12 divided by 4" / "4 divided by 12", "Does Alice owe Bob" / "Does Bob owe Alice", "2+2" /
+    "2*2". The number and entity guards compare sets, which such pairs pass (found in review). A paraphrase
+    that only reorders ("in 2020, 3 kids" / "3 kids in 2020") is refused too: a miss, never a wrong answer."""
+    if a.number_order != b.number_order and sorted(a.number_order) == sorted(b.number_order):
+        return f"numbers in another order: {', '.join(a.number_order)} vs {', '.join(b.number_order)}"
+    shared = set(a.name_order) & set(b.name_order)
+    if len(shared) >= 2:
+        order_a = [name for name in a.name_order if name in shared]
+        order_b = [name for name in b.name_order if name in shared]
+        if order_a != order_b:
+            return f"names in another order: {', '.join(order_a)} vs {', '.join(order_b)}"
+    if a.operators and b.operators and a.operators != b.operators:
+        return f"operators differ: {' '.join(a.operators)} vs {' '.join(b.operators)}"
+    # "English to German" / "German to English" (the direction guard needs a "from")
+    swapped = {(x, y) for x, y in a.to_pairs if (y, x) in b.to_pairs and (x, y) not in b.to_pairs}
+    if swapped:
+        x, y = min(swapped)
+        return f"direction reversed: '{x} to {y}' vs '{y} to {x}'"
+    return None
+
+
 def person_guard(a: QueryFacts, b: QueryFacts) -> str | None:
     """Whose thing it is: "my name" vs "your name"."""
     owners_a: dict[str, set[str]] = {}
@@ -913,6 +982,7 @@ GUARDS: tuple[tuple[str, Guard], ...] = (
     ("entity", entity_guard),
     ("scope", scope_guard),
     ("direction", direction_guard),
+    ("order", order_guard),
     ("person", person_guard),
     ("question", question_guard),
     ("wording", wording_guard),
