@@ -645,7 +645,7 @@ def analyze(text: str) -> QueryFacts:
         names.update(m.group().lower() for m in _MARKED_NAME.finditer(cased) if m.group().lower() not in _NAME_NOISE)
 
     return QueryFacts(
-        number_order=tuple(_number_key(m.group()) for m in _DIGITS.finditer(lowered)),
+        number_order=tuple(_number_key(m.group()) for m in _NUMERAL.finditer(lowered)),
         name_order=tuple(sorted(names, key=lambda name: (lowered.find(name), name))),
         operators=tuple(_OPERATOR_WORDS.get(m.group().strip(), m.group().strip()) for m in _OPERATOR.finditer(lowered)),
         to_pairs=frozenset(
@@ -675,7 +675,7 @@ def analyze(text: str) -> QueryFacts:
     )
 
 
-_DIGITS = re.compile(r"\d+(?:[.,]\d+)*")
+_NUMERAL = re.compile(r"\d+(?:[.,]\d+)*")
 _OPERATOR_WORDS = {
     "plus": "+",
     "minus": "-",
