@@ -457,6 +457,43 @@ def test_entry_scoped_feedback_leaves_the_category_alone(
     assert lookup(client, key, cube, query)["hit"] is False
 
 
+def test_feedback_and_policy_changes_hold_at_once_in_every_process_and_after_archiving(
+    client: TestClient[Litestar], other_process: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """Found in review: a reported false hit was served again by another process (its threshold reached it only
+    through an index rebuild) and in this one once the entry came back from an archive; a policy changed in
+    another process was ignored by the first lookup after an idle spell (the catch-up starts at a lookup)."""
+    key = tenant.admin_key
+    entry = store(client, key, cube, "What is the wifi password downstairs?", "tulip17")
+    other = store(client, key, cube, "How do I renew my parking permit?", "Online, at the council's site.")
+    query = "What's the downstairs wifi password?"
+    assert indexed_lookup(other_process, key, cube, query)["hit"] is True
+    assert indexed_lookup(client, key, cube, query)["hit"] is True
+    r = client.post(
+        "/v1/cache/feedback",
+        json={"memory_id": entry["id"], "query": query, "correct": False, "scope": "entry"},
+        headers=bearer(key),
+    )
+    assert r.status_code == 204
+    elsewhere = lookup(other_process, key, cube, query)  # well within its catch-up interval
+    assert elsewhere["hit"] is False and "threshold" in elsewhere["reason"], elsewhere
+    for version, state in ((1, "archived"), (2, "active")):
+        r = client.patch(
+            f"/v1/memories/{entry['id']}", json={"state": state}, headers={**bearer(key), "If-Match": f'"{version}"'}
+        )
+        assert r.status_code == 200, r.text
+    back = lookup(client, key, cube, query)
+    assert back["hit"] is False and "threshold" in back["reason"], back
+
+    reworded = "How can I renew my parking permit?"
+    hit = indexed_lookup(other_process, key, cube, reworded)
+    assert hit["hit"] is True and hit["memory_id"] == other["id"], hit
+    config = {"cube_id": cube, "categories": {"default": {"threshold": 0.995, "max_threshold": 0.999}}}
+    assert client.put("/v1/cache/config", json=config, headers=bearer(key)).status_code == 200
+    stale = lookup(other_process, key, cube, reworded)
+    assert stale["hit"] is False and stale["threshold"] == 0.995, stale
+
+
 def test_feedback_access_and_bad_ids(client: TestClient[Litestar], factory: Factory, tenant: Tenant, cube: str) -> None:
     key = tenant.admin_key
     entry = store(client, key, cube, "Who feeds the fish on Fridays?", "Priya.")

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 CANDIDATES = 16
 """Nearest cached queries a lookup examines; one refused by a guard falls through to the next."""
-VERIFY_ATTEMPTS = 3
+VERIFY_ATTEMPTS = 4
 """A candidate Postgres no longer confirms is dropped and the lookup decided again, at most this often."""
 BUILD_WAIT_SECONDS = 0.05
 """How long a lookup waits for a cube's index build before answering from pgvector instead."""
@@ -244,6 +244,16 @@ class SemCacheService:
                 row = await store.check_and_fetch(conn, principal, req.cube_id, chosen.id)
             _require_read(principal, row)
             assert row is not None
+            if row.policy_stamp is not None and (state.policy_stamp is None or row.policy_stamp > state.policy_stamp):
+                # The policy changed in another process since this one read it (the catch-up runs only every
+                # few seconds, and only once a lookup comes): decide again under the current one.
+                await self.indexes.reload_policy(req.cube_id)
+                continue
+            if _confirmed(row, chosen) and row.entry_threshold != chosen.threshold:
+                # Feedback raised the entry's threshold elsewhere (another process, or before the entry left the
+                # index and came back through an archive or a restore): decide again with it.
+                chosen.threshold = row.entry_threshold
+                continue
             if _confirmed(row, chosen):
                 return decision, (row.content, row.version)
             # Postgres says otherwise (another process changed or removed it): drop it, catch up, decide again.

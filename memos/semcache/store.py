@@ -152,21 +152,16 @@ async def load_policy(conn: AsyncConnection, cube_id: uuid.UUID) -> PolicyRecord
     )
 
 
+def _policy_stamp(cube_id: Any) -> Any:
+    """When the cube's cache policy last changed (configuration or feedback); NULL when it never did."""
+    return func.greatest(
+        select(func.max(cache_configs.c.updated_at)).where(cache_configs.c.cube_id == cube_id).scalar_subquery(),
+        select(func.max(cache_categories.c.updated_at)).where(cache_categories.c.cube_id == cube_id).scalar_subquery(),
+    )
+
+
 async def policy_stamp(conn: AsyncConnection, cube_id: uuid.UUID) -> datetime | None:
-    row = (
-        await conn.execute(
-            select(
-                func.greatest(
-                    select(func.max(cache_configs.c.updated_at))
-                    .where(cache_configs.c.cube_id == cube_id)
-                    .scalar_subquery(),
-                    select(func.max(cache_categories.c.updated_at))
-                    .where(cache_categories.c.cube_id == cube_id)
-                    .scalar_subquery(),
-                )
-            )
-        )
-    ).first()
+    row = (await conn.execute(select(_policy_stamp(cube_id)))).first()
     return None if row is None else row[0]
 
 
@@ -247,6 +242,10 @@ async def check_and_fetch(
             entry.c.kind,
             entry.c.content,
             or_(entry.c.expires_at.is_(None), entry.c.expires_at > func.now()).label("fresh"),
+            # What a hit is decided with besides the entry: its feedback threshold and the cube's policy, both
+            # of which another process (or a re-added entry) may hold older than Postgres.
+            cache_entries.c.threshold.label("entry_threshold"),
+            _policy_stamp(cubes.c.id).label("policy_stamp"),
         )
         .select_from(cubes)
         .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id))
@@ -254,6 +253,7 @@ async def check_and_fetch(
             entry,
             and_(entry.c.id == (memory_id if memory_id is not None else literal(None)), entry.c.cube_id == cubes.c.id),
         )
+        .outerjoin(cache_entries, cache_entries.c.memory_id == entry.c.id)
         .where(cubes.c.id == cube_id, cubes.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
     )
     return (await conn.execute(query)).first()
