@@ -13,6 +13,7 @@ Only ``memos mcp`` imports this module: ``import memos.app`` must not pull in ``
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, Literal, TypeVar
@@ -122,15 +123,28 @@ async def _call(op: Callable[[], Awaitable[T]]) -> T:
 # --- the server ---------------------------------------------------------------------------------
 
 
+NOT_FOUND = "404 Not found: no such memory"
+"""What the API answers (through the SDK) for a memory id that names nothing."""
+
+
+def _canonical_id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return value  # not an id at all: the start-up check (``serve``) names the problem
+
+
 def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos") -> MCPServer:
     """An MCP server whose tools act on ``cube_id`` through ``client``; the caller owns the client's lifecycle."""
     server: MCPServer = MCPServer(name=name, instructions=INSTRUCTIONS, log_level="WARNING")
+    cube_id = _canonical_id(cube_id)  # the API writes ids in lower case: "ABC..." must still match them
 
     async def _in_cube(memory_id: str) -> None:
-        """A memory of another cube is reported as not found: this server sees only its own cube."""
+        """A memory of another cube is reported exactly as a memory that does not exist: this server sees only
+        its own cube, and must not tell the model that the id names something elsewhere."""
         memory = await _call(lambda: client.memories.get(memory_id))
         if memory.cube_id != cube_id:
-            raise ToolError(f"404 Not Found: memory {memory_id} is not in this server's cube")
+            raise ToolError(NOT_FOUND)
 
     @server.tool()
     async def remember(

@@ -27,7 +27,7 @@ from memos_client import AsyncMemosClient
 
 from memos.app import create_app
 from memos.embed.base import Embedder
-from memos.mcp_server import ConfigError, create_server, resolve
+from memos.mcp_server import NOT_FOUND, ConfigError, create_server, resolve
 from memos.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,8 +203,14 @@ async def test_other_cubes_are_out_of_reach(async_app: Litestar, agent_key_and_c
             for tool in ("forget", "history"):
                 result = await mcp.call_tool(tool, {"memory_id": elsewhere.id})
                 assert result.is_error
-                assert "404" in text(result)
+                # word for word what an id that names nothing gets (found in review: it said "not in this cube")
+                assert text(result) == text(await mcp.call_tool(tool, {"memory_id": MISSING}))
+                assert text(result).endswith(NOT_FOUND)
         assert (await sdk.memories.get(elsewhere.id)).state == "active"
+        # the server's cube given in upper case is still its own cube (found in review: every id was "elsewhere")
+        mine = await sdk.memories.add(cube_id, content="The boiler is serviced every October")
+        async with Client(create_server(sdk, cube_id.upper())) as mcp:
+            assert structured(await mcp.call_tool("history", {"memory_id": mine.id}))
 
 
 def test_options_and_environment() -> None:
