@@ -71,6 +71,24 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 
 
+class _Request(Request[Any, Any, Any]):
+    """Litestar's request, with the JSON body errors its ``decode_json`` lets through answered as 400.
+
+    It maps only ``msgspec.DecodeError``; msgspec raises ``UnicodeDecodeError`` for a string that is not
+    UTF-8 (a raw 0xff, latin-1 "café") and ``RecursionError`` for arrays nested past the stack. Both were 500s
+    for a body the client got wrong."""
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except UnicodeDecodeError as exc:
+            raise BadRequest(
+                f"the request body is not UTF-8 JSON: it holds bytes that are not UTF-8 ({exc.reason})"
+            ) from None
+        except RecursionError:
+            raise BadRequest("the request body is nested too deeply to parse") from None
+
+
 def _problem_response(error: MemosError) -> Response[bytes]:
     return Response(
         msgspec.json.encode(error.problem()),
@@ -345,6 +363,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             Exception: _on_unexpected,
         },
         request_max_body_size=settings.max_body_bytes,
+        request_class=_Request,
         openapi_config=OpenAPIConfig(
             title="memos",
             version=__version__,

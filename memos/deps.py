@@ -77,7 +77,9 @@ def dependencies() -> dict[str, Provide]:
         "identity": Provide(_identity, sync_to_thread=False),
         "cubes": Provide(_cubes, sync_to_thread=False),
         "memories": Provide(_memories, sync_to_thread=False),
-        "search": Provide(_search, sync_to_thread=False),
+        # Not "search": GenerateIn has a body field of that name, and Litestar takes a validation error whose key
+        # is a dependency's name for a failed dependency (a bare 500) instead of the 422 on ``search`` it is.
+        "search_service": Provide(_search, sync_to_thread=False),
         "semcache": Provide(_semcache, sync_to_thread=False),
         "activations": Provide(_activations, sync_to_thread=False),
         "scheduler": Provide(_scheduler, sync_to_thread=False),

@@ -38,7 +38,14 @@ def parse_if_match(header: str | None) -> int | None:
     value = header.strip()
     if value == "*":
         return None
-    value = value.removeprefix("W/").strip('"')
+    # The forms api.md lists are "3", W/"3" and a bare 3: quotes come in a pair (strip('"') took the
+    # unbalanced '"1' for version 1), and a weak ETag is always quoted.
+    weak = value.startswith("W/")
+    value = value.removeprefix("W/")
+    if len(value) >= 2 and value.startswith('"') and value.endswith('"'):
+        value = value[1:-1]
+    elif weak:
+        raise PreconditionFailed('If-Match must be an ETag this server sent, like "3"')
     # isascii(): str.isdigit() also accepts digits like "²" that int() refuses.
     if not (value.isascii() and value.isdigit()):
         raise PreconditionFailed('If-Match must be an ETag this server sent, like "3"')

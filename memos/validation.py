@@ -14,17 +14,38 @@ JSON Schema's ECMA-262 regex: Python's ``\\s`` also covers U+001C..U+001F and U+
 U+FEFF. With ``\\S`` alone, "\u0085" passed the published schema and was refused by the server."""
 
 
-def reject_nul(value: Any, field: str) -> None:
-    """Postgres stores no NUL character in text or JSON: refuse it up front, naming where it is."""
+MAX_JSON_DEPTH = 32
+"""How deep free-form JSON (memory and cube metadata, search filters, cache categories) may nest objects and
+arrays, the value itself counting as one level. Far past any real use: metadata ~960 deep parsed, then
+exhausted Python's stack while it was encoded for Postgres (a 500 inside the write's transaction)."""
+
+
+def reject_nul(value: Any, field: str, *, limit_depth: bool = True) -> None:
+    """Refuse, naming where it is, what memos does not store: the NUL character (Postgres stores none in text
+    or JSON), and objects or arrays nested more than ``MAX_JSON_DEPTH`` levels deep (unless not
+    ``limit_depth``). One walk does both, and it stops at the limit, so a value too deep for the walk itself
+    is refused too."""
+    _walk(value, field, MAX_JSON_DEPTH if limit_depth else None)
+
+
+def _walk(value: Any, field: str, levels_left: int | None) -> None:
     if isinstance(value, str):
         if "\x00" in value:
             raise Invalid.field(field, "text may not contain the NUL character (\\u0000)")
-    elif isinstance(value, dict):
+        return
+    if isinstance(value, msgspec.Struct):
+        _walk(msgspec.to_builtins(value), field, levels_left)
+        return
+    if not isinstance(value, dict | list | tuple):
+        return
+    if levels_left is not None:
+        if levels_left < 1:
+            raise Invalid.field(field, f"nested deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
+        levels_left -= 1
+    if isinstance(value, dict):
         for key, item in value.items():
-            reject_nul(key, field)
-            reject_nul(item, f"{field}.{key}")
-    elif isinstance(value, list | tuple):
+            _walk(key, field, None)
+            _walk(item, f"{field}.{key}", levels_left)
+    else:
         for i, item in enumerate(value):
-            reject_nul(item, f"{field}[{i}]")
-    elif isinstance(value, msgspec.Struct):
-        reject_nul(msgspec.to_builtins(value), field)
+            _walk(item, f"{field}[{i}]", levels_left)

@@ -188,6 +188,18 @@ def factory(client: TestClient[Litestar]) -> Factory:
     return Factory(client)
 
 
+@pytest.fixture(scope="module")
+def tenant(factory: Factory) -> Tenant:
+    """A tenant of the module's own (a module may override it, as test_semcache_service does per test)."""
+    return factory.tenant()
+
+
+@pytest.fixture(scope="module")
+def cube(factory: Factory, tenant: Tenant) -> dict[str, Any]:
+    """A cube of ``tenant``'s admin."""
+    return factory.cube(tenant.admin_key)
+
+
 def free_port() -> int:
     """A port for a server a test starts: below the kernel's ephemeral range, and bindable just now.
 

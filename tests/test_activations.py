@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 import psycopg
 import pytest
-from conftest import OPERATOR_KEY, Factory, Tenant, bearer
+from conftest import OPERATOR_KEY, bearer
 from litestar import Litestar
 from litestar.testing import TestClient
 
@@ -68,16 +68,6 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory, model_
         max_kv_bytes=KV_LIMIT,
         models={name: ModelSpec(name=name, path=path) for name, path in model_dirs.items()},
     )
-
-
-@pytest.fixture(scope="module")
-def tenant(factory: Factory) -> Tenant:
-    return factory.tenant()
-
-
-@pytest.fixture(scope="module")
-def cube(factory: Factory, tenant: Tenant) -> dict[str, Any]:
-    return factory.cube(tenant.admin_key)
 
 
 def build(client: TestClient[Litestar], key: str, memory_id: str, model: str = MODEL) -> Any:

@@ -87,11 +87,6 @@ def age(path: Path, seconds: float) -> None:
     os.utime(path, (then, then))
 
 
-@pytest.fixture(scope="module")
-def tenant(factory: Factory) -> Tenant:
-    return factory.tenant()
-
-
 # ---------------------------------------------------------------------- verify
 
 

@@ -8,17 +8,7 @@ import uuid
 
 import psycopg
 import pytest
-from conftest import Factory, Tenant, bearer
-
-
-@pytest.fixture(scope="module")
-def tenant(factory: Factory) -> Tenant:
-    return factory.tenant()
-
-
-@pytest.fixture(scope="module")
-def cube(factory: Factory, tenant: Tenant) -> dict:
-    return factory.cube(tenant.admin_key)
+from conftest import bearer
 
 
 def patch(client, key: str, memory_id: str, body: dict, version: int | str | None):

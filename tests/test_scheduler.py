@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Factory, Tenant, bearer, with_tiny_model
+from conftest import Factory, bearer, with_tiny_model
 from litestar import Litestar
 from litestar.testing import TestClient
 
@@ -260,16 +260,6 @@ def state(client: TestClient[Litestar], key: str) -> dict[str, Any]:
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body
-
-
-@pytest.fixture(scope="module")
-def tenant(factory: Factory) -> Tenant:
-    return factory.tenant()
-
-
-@pytest.fixture(scope="module")
-def cube(factory: Factory, tenant: Tenant) -> dict[str, Any]:
-    return factory.cube(tenant.admin_key)
 
 
 def test_state_lists_the_three_tiers(client, tenant, settings, fresh) -> None:

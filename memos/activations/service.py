@@ -29,7 +29,7 @@ from memos.activations.tiers import KVTiers, ResidentTier
 from memos.cubes.access import cube_access, readable_cube_ids
 from memos.errors import Conflict, FieldError, Invalid, NotFound, Unavailable
 from memos.identity.principal import Principal
-from memos.kv.errors import FingerprintMismatch, KVChecksumError, KVError, KVFormatError, NotShiftable
+from memos.kv.errors import FingerprintMismatch, KVChecksumError, KVError, KVFormatError, KVInputError, NotShiftable
 from memos.memories.service import Accesses, MemoryService
 from memos.pagination import Page, decode_keyset, encode_keyset
 from memos.search.service import SearchService
@@ -159,6 +159,13 @@ class ActivationService:
         ids: list[int] = await self.worker.run(_memory_ids, lm, source.content)
         if not ids:
             raise Invalid.field("memory_id", "the memory's text has no tokens for this model")
+        if len(ids) > lm.max_positions:
+            # The prefill would refuse it with a KVInputError from the worker, which no handler maps (a 500):
+            # a memory too long for the model is the caller's to fix. Pinning builds through here too.
+            raise Invalid.field(
+                "memory_id",
+                f"the memory's text is {len(ids)} tokens; model {lm.name!r} has {lm.max_positions} positions",
+            )
         ids_sha = token_ids_sha256(ids)
         blob = await self._reusable_blob(principal, lm.fingerprint, ids_sha)
         if blob is not None:
@@ -534,16 +541,21 @@ class ActivationService:
         parts = await self._parts(principal, body)
         if body.use_activations and parts:
             await self._attach_kv(lm, parts)
-        outcome: _Outcome = await self.worker.run(
-            _generate_job,
-            lm,
-            parts,
-            body.prompt,
-            body.max_new_tokens,
-            body.use_activations,
-            body.recompute_ratio,
-            started,
-        )
+        try:
+            outcome: _Outcome = await self.worker.run(
+                _generate_job,
+                lm,
+                parts,
+                body.prompt,
+                body.max_new_tokens,
+                body.use_activations,
+                body.recompute_ratio,
+                started,
+            )
+        except KVInputError as exc:
+            # _generate_job checks the prompt on its own first, so what the KV library still refuses is the
+            # memories (with the prompt after them) not fitting the model's positions: the caller's input.
+            raise Invalid.field("search" if body.search is not None else "memory_ids", str(exc)) from None
         waited_ms = (time.perf_counter() - started) * 1000.0
         # Only a generation that ran warms its memories, and those a search found were warmed by the search.
         if self.on_access is not None and parts and body.search is None:
@@ -808,6 +820,13 @@ def _generate_job(
     from memos.kv.runtime import compose, generate, prefill
 
     prompt_ids = [int(i) for i in lm.prompt_token_ids(prompt)]
+    # Refused here, naming the prompt, rather than as a KVInputError deep in the KV library (a 500 before).
+    if not prompt_ids:
+        raise Invalid.field("prompt", f"the prompt has no tokens for model {lm.name!r}")
+    if len(prompt_ids) > lm.max_positions:
+        raise Invalid.field(
+            "prompt", f"the prompt is {len(prompt_ids)} tokens; model {lm.name!r} has {lm.max_positions} positions"
+        )
     last = max((i for i, p in enumerate(parts) if p.chunk is not None), default=-1) if use_activations else -1
     fallback: str | None = None
     if last >= 0:

@@ -509,7 +509,8 @@ def _parsed(decoder: msgspec.json.Decoder[L], data: bytes, where: str) -> L:
     stores none, and the API refuses it)."""
     try:
         value = decoder.decode(data)
-        reject_nul(msgspec.to_builtins(value), "")
+        # No depth limit: a bundle's records wrap the metadata the API let in (a RecursionError is caught below).
+        reject_nul(msgspec.to_builtins(value), "", limit_depth=False)
     except msgspec.ValidationError as exc:
         raise BundleError(f"{where}: {exc}") from None
     except msgspec.DecodeError as exc:

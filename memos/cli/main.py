@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from memos.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
+    from sqlalchemy.exc import DBAPIError
+
     from memos.admin.bundle import BundleReport
     from memos.admin.gc import Collected
     from memos.admin.kv import Dropped, ModelKV
@@ -47,6 +49,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    from alembic.util import CommandError
+    from sqlalchemy.exc import DBAPIError
+
     from memos.store import migrations
     from memos.store.embedded import EmbeddedPostgres
 
@@ -59,13 +64,17 @@ def _migrate(args: argparse.Namespace) -> int:
         if args.revision.startswith("-") or args.down:
             migrations.downgrade(url, args.revision)
         else:
-            try:
-                migrations.upgrade(url, args.revision)
-            except migrations.UnsupportedServer as exc:
-                print(f"memos admin migrate: {exc}", file=sys.stderr)
-                return 1
+            migrations.upgrade(url, args.revision)
         after = migrations.current_revision(url)
         print(f"schema: {before or 'empty'} -> {after or 'empty'}")
+    # One line each, like _run_tool: a revision alembic cannot locate (a typo) and a database that is down or
+    # refuses printed full tracebacks before.
+    except (CommandError, migrations.UnsupportedServer) as exc:
+        print(f"memos admin migrate: {exc}", file=sys.stderr)
+        return 1
+    except DBAPIError as exc:
+        print(f"memos admin migrate: {_database_failed(exc)}", file=sys.stderr)
+        return 1
     finally:
         if embedded is not None:
             embedded.stop()
@@ -78,7 +87,6 @@ def _reembed(args: argparse.Namespace) -> int:
     from memos.admin.reembed import Report, misfit, pending, reembed
     from memos.embed.errors import EmbedderLoadError
     from memos.embed.registry import load_embedder
-    from memos.errors import Unavailable
 
     try:
         cube_ids = [uuid.UUID(c) for c in args.cube]
@@ -118,12 +126,10 @@ def _reembed(args: argparse.Namespace) -> int:
         )
         return 0
 
-    try:
-        return asyncio.run(run())
-    except Unavailable as exc:
-        # Batches already written stay written: a re-run goes on with what still needs it.
-        print(f"memos admin reembed: {exc.detail}", file=sys.stderr)
-        return 1
+    # Through _run_tool: a database that is down was a full traceback. On Unavailable (the model failed
+    # mid-way), batches already written stay written: a re-run goes on with what still needs it.
+    result = _run_tool("reembed", run)
+    return 1 if result is None else result
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -404,8 +410,13 @@ def _run_tool(tool: str, run: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
         print(f"memos admin {tool}: {getattr(exc, 'detail', None) or exc}", file=sys.stderr)
         return None
     except DBAPIError as exc:  # the database refused or is not there (raised before any request-level mapping)
-        print(f"memos admin {tool}: the database failed: {str(exc.orig or exc).strip()}", file=sys.stderr)
+        print(f"memos admin {tool}: {_database_failed(exc)}", file=sys.stderr)
         return None
+
+
+def _database_failed(exc: DBAPIError) -> str:
+    """The driver's reason on one line (libpq adds "Is the server running...?" on a line of its own)."""
+    return "the database failed: " + " ".join(str(exc.orig or exc).split())
 
 
 def _print_left_out(report: BundleReport) -> None:

@@ -51,7 +51,10 @@ def parse_event_time(value: str, *, assume: tzinfo = UTC) -> datetime | None:
     zone: tzinfo = assume
     tz_match = _TZ_SUFFIX.search(lowered)
     if tz_match and tz_match.start() > 0:
-        zone = _zone(tz_match)
+        parsed_zone = _zone(tz_match)
+        if parsed_zone is None:
+            return None
+        zone = parsed_zone
         lowered = lowered[: tz_match.start()].rstrip()
 
     clock: time | None = None
@@ -97,10 +100,15 @@ def _to_utc(moment: datetime, assume: tzinfo) -> datetime | None:
         return None
 
 
-def _zone(match: re.Match[str]) -> tzinfo:
+def _zone(match: re.Match[str]) -> tzinfo | None:
+    """The zone a suffix names; None for an offset no clock has ("+99:00", "+9999"), which timezone()
+    refuses with a ValueError (an offset must be under 24 hours) that surfaced as a 500."""
     if match.group("utc"):
         return UTC
-    offset = timedelta(hours=int(match.group("hh")), minutes=int(match.group("mm")))
+    hours, minutes = int(match.group("hh")), int(match.group("mm"))
+    if hours > 23 or minutes > 59:
+        return None
+    offset = timedelta(hours=hours, minutes=minutes)
     return timezone(-offset if match.group("sign") == "-" else offset)
 
 

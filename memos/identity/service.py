@@ -21,6 +21,7 @@ from memos.settings import Settings
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import agents, api_keys, tenants
+from memos.validation import reject_nul
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class IdentityService:
         return Principal(role=row.role, agent_id=row.id, tenant_id=row.tenant_id, key_prefix=prefix)
 
     async def create_tenant(self, principal: Principal, body: schemas.TenantIn) -> schemas.TenantCreated:
+        reject_nul(body.name, "name")  # else Postgres refuses it: a 422 that named no field
         tenant_id, admin_id = uuid.uuid4(), uuid.uuid4()
         try:
             async with self.db.transaction() as conn:
@@ -81,6 +83,7 @@ class IdentityService:
 
     async def create_agent(self, principal: Principal, body: schemas.AgentIn) -> schemas.AgentCreated:
         tenant_id, _ = principal.require_admin()
+        reject_nul(body.name, "name")  # else Postgres refuses it: a 422 that named no field
         agent_id = uuid.uuid4()
         try:
             async with self.db.transaction() as conn:
@@ -135,6 +138,9 @@ class IdentityService:
     async def revoke_key(self, principal: Principal, prefix: str) -> None:
         """A tenant admin revokes any key of its tenant; an agent may revoke its own keys."""
         tenant_id, agent_id = principal.tenant_member()
+        if "\x00" in prefix:
+            # No key has a NUL in its prefix, and Postgres refuses one in a query (a DataError, answered 422).
+            raise NotFound("no such key")
         owner_filter = agents.c.tenant_id == tenant_id if principal.is_admin else agents.c.id == agent_id
         async with self.db.transaction() as conn:
             owned = select(agents.c.id).where(owner_filter)

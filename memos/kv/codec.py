@@ -39,6 +39,8 @@ METADATA_KEYS = ("format", "fingerprint", "model", "memory_id", "version", "dtyp
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """safetensors' own cap on the JSON header; a larger length prefix is a corrupt or hostile file."""
 
+_MAX_VERSION_DIGITS = 18  # fits int64; memory versions stop at 2**31 - 1
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _LAYER_NAME = re.compile(r"^([kv])\.(0|[1-9][0-9]*)$")
 
@@ -199,6 +201,9 @@ def _split(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], int]:
         header = json.loads(bytes(view[8 : 8 + size]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise KVFormatError(f"the header is not JSON: {exc}") from None
+    except RecursionError:
+        # A header of arrays nested thousands deep exhausts the parser's stack: the file's fault, not a 500.
+        raise KVFormatError("the header's JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise KVFormatError("the header is not a JSON object")
     return header, 8 + size
@@ -220,6 +225,9 @@ def _metadata(header: Mapping[str, Any]) -> dict[str, str]:
         raise KVFormatError("payload_sha256 is not 64 lowercase hex digits")
     if not (meta["version"].isascii() and meta["version"].isdigit()):
         raise KVFormatError(f"version {meta['version']!r} is not a non-negative integer")
+    if len(meta["version"]) > _MAX_VERSION_DIGITS:
+        # int() refuses over 4300 digits with a ValueError (a 500), and no memory version comes near 18.
+        raise KVFormatError(f"version has {len(meta['version'])} digits; at most {_MAX_VERSION_DIGITS}")
     return dict(meta)
 
 

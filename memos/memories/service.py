@@ -443,6 +443,7 @@ class MemoryService:
         self, principal: Principal, cube_id: uuid.UUID, filters: ListFilters, limit: int, cursor: str | None
     ) -> Page[schemas.Memory]:
         after = decode_keyset(cursor)
+        reject_nul(list(filters.tags), "tag")  # ?tag=%00: Postgres' DataError named no parameter
         query = select(*DTO_COLUMNS).where(memories.c.cube_id == cube_id, memories.c.state == filters.state)
         if filters.kind is not None:
             query = query.where(memories.c.kind == filters.kind)
@@ -471,7 +472,13 @@ class MemoryService:
         self, principal: Principal, memory_id: uuid.UUID, limit: int, cursor: str | None
     ) -> Page[schemas.Version]:
         after = decode_cursor(cursor, 1)
-        start = int(after[0]) if after is not None and isinstance(after[0], int) else 0
+        start = 0
+        if after is not None:
+            # Only a version number this server could have handed out: a forged ["x"], [1.5] or [true] was
+            # read as "from the start", and [2**70] reached Postgres as a DataError that named no field.
+            if type(after[0]) is not int or not 1 <= after[0] <= schemas.MAX_VERSION:
+                raise Invalid.field("cursor", "not a cursor this server handed out")
+            start = after[0]
         async with self.db.read() as conn:
             await self._load(conn, principal, memory_id, "read")
             rows = (

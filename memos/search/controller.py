@@ -21,6 +21,6 @@ class SearchController(Controller):
         responses=errors(404),  # a cube_ids entry the caller cannot read
     )
     async def search(
-        self, data: JSONBody[schemas.SearchRequest], principal: CurrentPrincipal, search: Search
+        self, data: JSONBody[schemas.SearchRequest], principal: CurrentPrincipal, search_service: Search
     ) -> schemas.SearchResponse:
-        return await search.search(principal, data)
+        return await search_service.search(principal, data)
