@@ -319,3 +319,25 @@ def test_blank_text_means_the_same_to_the_published_schema_and_the_server(client
         assert r.status_code == 422, r.text
         r = client.post("/v1/cubes", json={"name": blank}, headers=bearer(tenant.admin_key))
         assert r.status_code == 422, r.text
+
+
+def test_a_restore_brings_back_the_provenance_edges_of_the_version_it_restores(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    auth = bearer(tenant.admin_key)
+    first = factory.memory(tenant.admin_key, cube["id"], "first source")
+    second = factory.memory(tenant.admin_key, cube["id"], "second source")
+    derived = factory.memory(
+        tenant.admin_key, cube["id"], "derived", provenance={"derived_from": [{"memory_id": first["id"]}]}
+    )
+    r = client.patch(
+        f"/v1/memories/{derived['id']}",
+        json={"provenance": {"derived_from": [{"memory_id": second["id"]}]}},
+        headers={**auth, "If-Match": '"1"'},
+    )
+    assert r.status_code == 200
+    r = client.post(f"/v1/memories/{derived['id']}/restore", json={"version": 1}, headers=auth)
+    assert r.status_code == 200
+    assert r.json()["provenance"]["derived_from"] == [{"memory_id": first["id"], "version": 1}]
+    graph = client.get(f"/v1/memories/{derived['id']}/provenance", headers=auth).json()
+    assert [(e["to_id"], e["to_version"]) for e in graph["edges"]] == [(first["id"], 1)]

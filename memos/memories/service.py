@@ -370,6 +370,26 @@ class MemoryService:
         except IntegrityError:
             raise Conflict("a link of this type between these memories already exists") from None
 
+    async def _move_provenance_links(
+        self,
+        conn: AsyncConnection,
+        principal: Principal,
+        memory_id: uuid.UUID,
+        new_links: list[dict[str, Any]],
+        dropped: list[uuid.UUID],
+    ) -> None:
+        """The provenance graph follows the memory's current provenance (``_provenance_link_changes``)."""
+        if dropped:
+            await conn.execute(
+                delete(memory_links).where(
+                    memory_links.c.from_id == memory_id,
+                    memory_links.c.type == PROVENANCE_LINK,
+                    memory_links.c.to_id.in_(dropped),
+                )
+            )
+        if new_links:
+            await self._insert_links(conn, principal, new_links)
+
     async def _relink_neighbours(
         self, conn: AsyncConnection, principal: Principal, memory_id: uuid.UUID, cube_id: uuid.UUID
     ) -> tuple[list[uuid.UUID], list[LinkEdge]]:
@@ -574,17 +594,7 @@ class MemoryService:
             if row is None:
                 raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
             await _stale_activations(conn, memory_id)
-            if dropped:
-                # The provenance graph follows the memory's current provenance.
-                await conn.execute(
-                    delete(memory_links).where(
-                        memory_links.c.from_id == memory_id,
-                        memory_links.c.type == PROVENANCE_LINK,
-                        memory_links.c.to_id.in_(dropped),
-                    )
-                )
-            if new_links:
-                await self._insert_links(conn, principal, new_links)
+            await self._move_provenance_links(conn, principal, memory_id, new_links, dropped)
             knn = (
                 await self._relink_neighbours(conn, principal, memory_id, current.cube_id)
                 if "embedding" in values
@@ -689,6 +699,10 @@ class MemoryService:
             if row is None:
                 raise PreconditionFailed("the memory changed since you read it; fetch it and retry")
             await _stale_activations(conn, memory_id)
+            # The restored provenance brings its edges back, as a PATCH of provenance would (found in review:
+            # /provenance kept showing the edges of the provenance the restore replaced).
+            new_links, dropped = _provenance_link_changes(memory_id, current.provenance, old.provenance)
+            await self._move_provenance_links(conn, principal, memory_id, new_links, dropped)
             knn = await self._relink_neighbours(conn, principal, memory_id, current.cube_id)
             # Deleting took the memory's edges out of the in-memory graph; its links are still in Postgres.
             edges = await _edges_of(conn, memory_id)
@@ -701,6 +715,7 @@ class MemoryService:
                 detail={"from": version, "version": row.version},
             )
         self.notify_written(row.cube_id, [row])
+        self.graphs.links_removed(row.cube_id, [(memory_id, d, PROVENANCE_LINK) for d in dropped])
         self.graphs.links_removed(row.cube_id, [(memory_id, other, KNN_LINK) for other in knn[0]])
         self.graphs.links_written(row.cube_id, edges)
         return to_dto(row)
