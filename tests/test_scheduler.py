@@ -20,7 +20,7 @@ from memos.activations.tiers import KVTiers
 from memos.app import create_app
 from memos.embed.base import Embedder
 from memos.scheduler.heat import HeatTable
-from memos.scheduler.service import PassReport, Scheduler
+from memos.scheduler.service import HOT, SHOWN, PassReport, Scheduler
 from memos.settings import Settings
 
 MODEL = "tiny"
@@ -104,7 +104,7 @@ def test_heat_seeded_from_the_database_after_a_restart() -> None:
     clock = Clock()
     heat = HeatTable(10.0, clock=clock)
     a = uuid.uuid4()
-    heat.seed([(a, 4.0)])
+    heat.seed([(a, 4.0, None)])
     assert heat.value(a) == pytest.approx(4.0) and heat.changes() == {}  # the database holds it already
     clock.t += 10
     assert _write(heat) == {a: pytest.approx(2.0)}
@@ -321,6 +321,22 @@ def test_the_hot_list_shows_only_what_the_caller_can_read(client, factory, tenan
     stranger = factory.agent(tenant)  # same tenant, no grant on the cube
     assert state(client, stranger.key)["hot"] == []
     assert [h["memory_id"] for h in state(client, key)["hot"]] == [secret]
+
+
+def test_another_tenants_reads_do_not_empty_the_hot_list(client, factory, tenant, cube, scheduler, fresh) -> None:
+    """Found in review: the list was the server's top 256 filtered to the caller's, so a busy tenant emptied it."""
+    mine = factory.memory(tenant.admin_key, cube["id"], "The greenhouse key is under the pot.")["id"]
+    client.get(f"/v1/memories/{mine}", headers=bearer(tenant.admin_key))
+    busy = factory.tenant()
+    theirs = factory.cube(busy.admin_key)["id"]
+    rows = [{"kind": "plaintext", "content": f"Busy fact {i}."} for i in range(HOT + 4)]
+    r = client.post(f"/v1/cubes/{theirs}/memories/batch", json={"items": rows}, headers=bearer(busy.admin_key))
+    assert r.status_code == 201, r.text
+    # twice each: all hotter than the one read of ``mine`` (the restart seed path tags tenants the same way)
+    scheduler.touch(uuid.UUID(busy.id), [(uuid.UUID(m["id"]), 2.0) for m in r.json()["items"]])
+    assert len(scheduler.heat.hottest(HOT)) == HOT and uuid.UUID(mine) not in dict(scheduler.heat.hottest(HOT))
+    assert [h["memory_id"] for h in state(client, tenant.admin_key)["hot"]] == [mine]
+    assert len(state(client, busy.admin_key)["hot"]) == SHOWN
 
 
 def test_the_hottest_kv_goes_to_the_device_and_the_cooler_down_to_host(

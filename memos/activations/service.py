@@ -559,7 +559,7 @@ class ActivationService:
         waited_ms = (time.perf_counter() - started) * 1000.0
         # Only a generation that ran warms its memories, and those a search found were warmed by the search.
         if self.on_access is not None and parts and body.search is None:
-            self.on_access([(p.memory_id, 1.0) for p in parts])
+            self.on_access(principal.tenant_id, [(p.memory_id, 1.0) for p in parts])
         if outcome.used:
             async with self.db.transaction() as conn:
                 await conn.execute(

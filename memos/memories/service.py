@@ -166,7 +166,8 @@ def _not_expired() -> Any:
     return or_(memories.c.expires_at.is_(None), memories.c.expires_at > func.now())
 
 
-Accesses = Callable[[list[tuple[uuid.UUID, float]]], None]
+Accesses = Callable[[uuid.UUID | None, list[tuple[uuid.UUID, float]]], None]
+"""Told of reads: (the reader's tenant, [(memory id, weight)]), all of them that tenant's memories."""
 """Told of reads that count as uses of memories: (memory id, weight) pairs (the scheduler's heat)."""
 
 BlobReleaser = Callable[[Sequence[str]], Awaitable[None]]
@@ -456,7 +457,7 @@ class MemoryService:
             )
             memory = to_dto(row)
         if self.on_access is not None:
-            self.on_access([(memory_id, 1.0)])
+            self.on_access(principal.tenant_id, [(memory_id, 1.0)])
         return memory
 
     async def list(

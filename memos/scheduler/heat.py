@@ -28,6 +28,8 @@ class HeatTable:
         self.max_entries = max_entries
         self._clock = clock
         self._heat: dict[uuid.UUID, tuple[float, float]] = {}
+        self._tenant: dict[uuid.UUID, uuid.UUID] = {}
+        """Whose memory each is, when known: a tenant's hottest are its own, whatever other tenants read."""
         self._written: dict[uuid.UUID, float] = {}
         """What the database holds, per memory whose heat was written and not yet written back to 0."""
         self._read: set[uuid.UUID] = set()
@@ -39,8 +41,11 @@ class HeatTable:
     def _decayed(self, value: float, when: float, now: float) -> float:
         return value * math.pow(2.0, -(now - when) / self.half_life)
 
-    def touch(self, accesses: Iterable[tuple[uuid.UUID, float]], now: float | None = None) -> None:
-        """Record accesses: each (memory id, weight) adds its weight to the memory's heat."""
+    def touch(
+        self, accesses: Iterable[tuple[uuid.UUID, float]], now: float | None = None, *, tenant: uuid.UUID | None = None
+    ) -> None:
+        """Record accesses: each (memory id, weight) adds its weight to the memory's heat. ``tenant``: whose
+        memories they are (every access of a request is to its tenant's memories)."""
         at = self._clock() if now is None else now
         with self._lock:
             for memory_id, weight in accesses:
@@ -50,6 +55,8 @@ class HeatTable:
                 value = weight if old is None else self._decayed(*old, at) + weight
                 self._heat[memory_id] = (value, at)
                 self._read.add(memory_id)
+                if tenant is not None:
+                    self._tenant[memory_id] = tenant
 
     def value(self, memory_id: uuid.UUID, now: float | None = None) -> float:
         at = self._clock() if now is None else now
@@ -57,11 +64,18 @@ class HeatTable:
             entry = self._heat.get(memory_id)
             return 0.0 if entry is None else self._decayed(*entry, at)
 
-    def hottest(self, n: int, now: float | None = None, minimum: float = FLOOR) -> list[tuple[uuid.UUID, float]]:
-        """The ``n`` hottest memories at ``minimum`` heat or more, hottest first (ties by id, for a stable order)."""
+    def hottest(
+        self, n: int, now: float | None = None, minimum: float = FLOOR, *, tenant: uuid.UUID | None = None
+    ) -> list[tuple[uuid.UUID, float]]:
+        """The ``n`` hottest memories at ``minimum`` heat or more, hottest first (ties by id, for a stable order);
+        with ``tenant``, that tenant's only."""
         at = self._clock() if now is None else now
         with self._lock:
-            current = ((self._decayed(v, w, at), memory_id) for memory_id, (v, w) in self._heat.items())
+            current = (
+                (self._decayed(v, w, at), memory_id)
+                for memory_id, (v, w) in self._heat.items()
+                if tenant is None or self._tenant.get(memory_id) == tenant
+            )
             best = heapq.nlargest(n, ((h, m) for h, m in current if h >= minimum), key=lambda x: (x[0], x[1].int))
         return [(memory_id, heat) for heat, memory_id in best]
 
@@ -100,17 +114,21 @@ class HeatTable:
                     entry = self._heat.get(memory_id)
                     if entry is not None and self._decayed(*entry, at) < FLOOR:  # cold: out of the table too
                         del self._heat[memory_id]
+                        self._tenant.pop(memory_id, None)
                 else:
                     self._written[memory_id] = heat
 
-    def seed(self, heats: Iterable[tuple[uuid.UUID, float]], now: float | None = None) -> None:
-        """Start from heats the database holds (after a restart): as if each were written just now."""
+    def seed(self, heats: Iterable[tuple[uuid.UUID, float, uuid.UUID | None]], now: float | None = None) -> None:
+        """Start from heats the database holds (after a restart), (memory, heat, tenant): as if each were written
+        just now."""
         at = self._clock() if now is None else now
         with self._lock:
-            for memory_id, heat in heats:
+            for memory_id, heat, tenant in heats:
                 if heat > 0 and memory_id not in self._heat:
                     self._heat[memory_id] = (heat, at)
                     self._written[memory_id] = heat
+                    if tenant is not None:
+                        self._tenant[memory_id] = tenant
 
     def shrink(self, now: float | None = None) -> None:
         """Past ``max_entries``, keep the hottest half (``touch`` never does it: it runs inside requests)."""
@@ -125,6 +143,7 @@ class HeatTable:
         with self._lock:
             for memory_id in ids:
                 self._heat.pop(memory_id, None)
+                self._tenant.pop(memory_id, None)
                 self._written.pop(memory_id, None)
                 self._read.discard(memory_id)
 
@@ -136,4 +155,5 @@ class HeatTable:
         keep = max(1, self.max_entries // 2)
         ranked = heapq.nlargest(keep, self._heat.items(), key=lambda item: self._decayed(item[1][0], item[1][1], at))
         self._heat = dict(ranked)
+        self._tenant = {m: t for m, t in self._tenant.items() if m in self._heat}
         self._read &= self._heat.keys()

@@ -86,10 +86,10 @@ key (found in review: the join's snapshot still saw the row)."""
 
 _SEED = text(
     """
-    SELECT h.memory_id AS id, h.heat FROM memory_heat h JOIN memories m ON m.id = h.memory_id
+    SELECT h.memory_id AS id, h.heat, m.tenant_id FROM memory_heat h JOIN memories m ON m.id = h.memory_id
     WHERE h.heat > 0 AND m.state <> 'deleted'
     UNION ALL
-    SELECT m.id, m.heat FROM memories m
+    SELECT m.id, m.heat, m.tenant_id FROM memories m
     WHERE m.heat > 0 AND m.state <> 'deleted' AND NOT EXISTS (SELECT 1 FROM memory_heat h WHERE h.memory_id = m.id)
     ORDER BY heat DESC LIMIT :n
     """
@@ -142,8 +142,8 @@ class Scheduler:
     def tiers(self) -> KVTiers:
         return self.kv.tiers
 
-    def touch(self, accesses: list[tuple[uuid.UUID, float]]) -> None:
-        self.heat.touch(accesses)
+    def touch(self, tenant: uuid.UUID | None, accesses: list[tuple[uuid.UUID, float]]) -> None:
+        self.heat.touch(accesses, tenant=tenant)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -230,7 +230,7 @@ class Scheduler:
         survives a restart and those rows are written again as they cool."""
         async with self.db.read() as conn:
             rows = (await conn.execute(_SEED, {"n": self.heat.max_entries // 2})).all()
-        self.heat.seed((r.id, float(r.heat)) for r in rows)
+        self.heat.seed((r.id, float(r.heat), r.tenant_id) for r in rows)
         self._seeded = True
 
     async def _store_totals(self) -> tuple[int, int]:
@@ -325,8 +325,10 @@ class Scheduler:
     # -- the API -------------------------------------------------------------------------------
 
     async def state(self, principal: Principal) -> schemas.SchedulerState:
-        principal.tenant_member()
-        hot = await asyncio.to_thread(self.heat.hottest, HOT)
+        tenant_id, _ = principal.tenant_member()
+        # The caller's tenant's hottest only: filtered after a server-wide top, another tenant's reads could push
+        # every one of them out of it and empty this list (found in review).
+        hot = await asyncio.to_thread(lambda: self.heat.hottest(HOT, tenant=tenant_id))
         async with self.db.read() as conn:
             readable = await _readable(conn, principal, [m for m, _ in hot])
             shown = [(m, h) for m, h in hot if m in readable][:SHOWN]

@@ -166,7 +166,7 @@ class SearchService:
             if c.id in rows
         ]
         if self.on_access is not None and results:
-            self.on_access([(r.memory.id, 1.0 / (rank + 1)) for rank, r in enumerate(results)])
+            self.on_access(principal.tenant_id, [(r.memory.id, 1.0 / (rank + 1)) for rank, r in enumerate(results)])
         return schemas.SearchResponse(results=results, took_ms=round((time.perf_counter() - started) * 1000, 3))
 
     # -- scope -----------------------------------------------------------------------------------------
