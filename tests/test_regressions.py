@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import numpy as np
 from conftest import Factory, bearer
 
+from memos.memories.versioning import write_embeddings
 from memos.store.embedded import HOLDERS_FILE, forget_dead_holders
 
 
@@ -341,3 +344,24 @@ def test_a_restore_brings_back_the_provenance_edges_of_the_version_it_restores(c
     assert r.json()["provenance"]["derived_from"] == [{"memory_id": first["id"], "version": 1}]
     graph = client.get(f"/v1/memories/{derived['id']}/provenance", headers=auth).json()
     assert [(e["to_id"], e["to_version"]) for e in graph["edges"]] == [(first["id"], 1)]
+
+
+def test_re_embedding_skips_a_memory_purged_since_it_was_read(client, factory: Factory) -> None:
+    """A purge of a deleted memory writes no version, so the re-embedding's compare-and-set on the version alone
+    would store a vector of the purged text (found in review, the same hole as a restore racing a purge)."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    auth = bearer(tenant.admin_key)
+    memory = factory.memory(tenant.admin_key, cube["id"], "The alarm code is 9921.")
+    assert client.delete(f"/v1/memories/{memory['id']}", headers=auth).status_code == 204
+    read_at = 2  # the version a re-embedding read: the delete's
+    assert client.delete(f"/v1/memories/{memory['id']}", params={"purge": "true"}, headers=auth).status_code == 204
+    db = client.app.state.memories.db
+
+    async def write() -> set[object]:
+        async with db.transaction() as conn:
+            return await write_embeddings(conn, [(uuid.UUID(memory["id"]), read_at)], np.ones((1, 384)), "m")
+
+    assert client.blocking_portal.call(write) == set()
+    versions = client.get(f"/v1/memories/{memory['id']}/versions", headers=auth).json()["items"]
+    assert [v["version"] for v in versions] == [1, 2]

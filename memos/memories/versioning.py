@@ -130,7 +130,8 @@ WITH u AS (
         embedding = {vector_at("u.slot")},
         embedding_model = %(model)s, version = m.version + 1, updated_at = statement_timestamp()
     FROM u
-    WHERE m.id = u.id AND m.version = u.version
+    -- purged: a purge of a deleted memory writes no version, and its text must not come back as a vector
+    WHERE m.id = u.id AND m.version = u.version AND m.purged_at IS NULL
     RETURNING m.id, m.version, m.updated_at, m.created_by, {", ".join(f"m.{c}" for c in SNAPSHOT)}
 ), versions AS (
     INSERT INTO memory_versions (memory_id, version, op, created_at, created_by, {", ".join(SNAPSHOT)})
@@ -145,7 +146,8 @@ async def write_embeddings(
 ) -> set[uuid.UUID]:
     """Give each ``(memory id, expected version)`` its row of ``vectors`` (embedded by ``model``) as a new version.
 
-    Returns the ids written; a memory whose version moved on is left as it is (not in the result).
+    Returns the ids written; a memory whose version moved on, or that was purged meanwhile, is left as it is (not
+    in the result).
     """
     if not expected:
         return set()
