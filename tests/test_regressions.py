@@ -365,3 +365,31 @@ def test_re_embedding_skips_a_memory_purged_since_it_was_read(client, factory: F
     assert client.blocking_portal.call(write) == set()
     versions = client.get(f"/v1/memories/{memory['id']}/versions", headers=auth).json()["items"]
     assert [v["version"] for v in versions] == [1, 2]
+
+
+def test_the_provenance_graph_stops_at_a_memory_the_caller_cannot_read(client, factory: Factory) -> None:
+    """m3 derives from m2 (a cube the reader cannot read), which derives from m1. The reader of m1 was shown m3 at
+    depth 2 with no edge: a hidden step in between (found in review)."""
+    tenant = factory.tenant()
+    shared = factory.cube(tenant.admin_key)
+    hidden = factory.cube(tenant.admin_key)
+    reader = factory.agent(tenant)
+    grant = client.put(
+        f"/v1/cubes/{shared['id']}/grants/{reader.id}", json={"access": "read"}, headers=bearer(tenant.admin_key)
+    )
+    assert grant.status_code == 200
+    m1 = factory.memory(tenant.admin_key, shared["id"], "the original note")
+    m2 = factory.memory(
+        tenant.admin_key, hidden["id"], "a private summary", provenance={"derived_from": [{"memory_id": m1["id"]}]}
+    )
+    m3 = factory.memory(
+        tenant.admin_key, shared["id"], "a public digest", provenance={"derived_from": [{"memory_id": m2["id"]}]}
+    )
+    admin = client.get(f"/v1/memories/{m1['id']}/provenance", headers=bearer(tenant.admin_key)).json()
+    assert [(n["memory_id"], n["depth"]) for n in admin["nodes"]] == [(m1["id"], 0), (m2["id"], 1), (m3["id"], 2)]
+    seen = client.get(f"/v1/memories/{m1['id']}/provenance", headers=bearer(reader.key)).json()
+    assert [n["memory_id"] for n in seen["nodes"]] == [m1["id"]] and seen["edges"] == []
+    up = client.get(f"/v1/memories/{m3['id']}/provenance", headers=bearer(reader.key)).json()
+    assert [n["memory_id"] for n in up["nodes"]] == [m3["id"]] and up["edges"] == []
+    full = client.get(f"/v1/memories/{m3['id']}/provenance", headers=bearer(tenant.admin_key)).json()
+    assert [(n["memory_id"], n["depth"]) for n in full["nodes"]] == [(m1["id"], -2), (m2["id"], -1), (m3["id"], 0)]

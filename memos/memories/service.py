@@ -834,16 +834,41 @@ class MemoryService:
                     )
                 )
             }
+        # Only what can be reached through memories the caller reads: a memory beyond an unreadable one would
+        # show, by its depth and its missing edges, that a hidden step lies between (found in review).
+        around: dict[uuid.UUID, set[uuid.UUID]] = {}
+        for e in edges:
+            if e.from_id in visible and e.to_id in visible:
+                around.setdefault(e.from_id, set()).add(e.to_id)
+                around.setdefault(e.to_id, set()).add(e.from_id)
+        reached = {memory_id: 0}
+        frontier = [memory_id]
+        while frontier:
+            step = []
+            for node in frontier:
+                for other in around.get(node, ()):
+                    if other not in reached:
+                        reached[other] = reached[node] + 1
+                        step.append(other)
+            frontier = step
         nodes = [
-            schemas.ProvenanceNode(memory_id=i, kind=r.kind, state=r.state, version=r.version, depth=depth[i])
+            schemas.ProvenanceNode(
+                # ancestors negative, descendants positive, as the walk found them
+                memory_id=i,
+                kind=r.kind,
+                state=r.state,
+                version=r.version,
+                depth=reached[i] * (-1 if depth[i] < 0 else 1),
+            )
             for i, r in visible.items()
+            if i in reached
         ]
         nodes.sort(key=lambda n: (n.depth, str(n.memory_id)))
         seen: set[tuple[uuid.UUID, uuid.UUID]] = set()
         out_edges = []
         for e in edges:
             key = (e.from_id, e.to_id)
-            if e.from_id in visible and e.to_id in visible and key not in seen:
+            if e.from_id in reached and e.to_id in reached and key not in seen:
                 seen.add(key)
                 out_edges.append(schemas.ProvenanceEdge(from_id=e.from_id, to_id=e.to_id, to_version=e.to_version))
         return schemas.ProvenanceGraph(nodes=nodes, edges=out_edges)
