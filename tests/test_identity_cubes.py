@@ -195,6 +195,7 @@ def test_operator_key_is_refused_on_tenant_endpoints(client: Client) -> None:
     assert_problem(client.post("/v1/cubes", json={"name": unique("c")}, headers=op), 403)
     assert_problem(client.post("/v1/agents", json={"name": unique("a")}, headers=op), 403)
     assert_problem(client.get("/v1/agents", headers=op), 403)
+    assert_problem(client.get("/v1/models", headers=op), 403)  # was 200 (found in review)
 
 
 def test_me_without_key_is_401(client: Client) -> None:

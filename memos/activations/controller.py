@@ -31,7 +31,7 @@ class ActivationController(Controller):
 
     @get("/models", summary="Configured causal LMs for KV activations (loads each once to learn its fingerprint)")
     async def list_models(self, principal: CurrentPrincipal, activations: Activations) -> Page[schemas.Model]:
-        return Page(items=await activations.list_models(), next_cursor=None)
+        return Page(items=await activations.list_models(principal), next_cursor=None)
 
     @post(
         "/memories/{memory_id:str}/activations",

@@ -134,7 +134,8 @@ class ActivationService:
 
     # ------------------------------------------------------------------ models
 
-    async def list_models(self) -> list[schemas.Model]:
+    async def list_models(self, principal: Principal) -> list[schemas.Model]:
+        principal.tenant_member()  # the operator key's only job is creating tenants (403, as everywhere in /v1)
         out = []
         for name in sorted(self.models.specs):
             lm = await self.models.get(name)
