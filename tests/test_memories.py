@@ -323,6 +323,8 @@ def test_response_memories_need_their_query(client, factory, tenant, cube) -> No
     ("body", "field"),
     [
         ({"kind": "plaintext", "content": ""}, "content"),
+        ({"kind": "plaintext", "content": "   \n\t"}, "content"),  # stored until review found it
+        ({"kind": "plaintext", "content": "\u0085\ufeff"}, "content"),
         ({"kind": "plaintext", "content": 5}, "content"),
         ({"kind": "plaintext", "content": "x", "surprise": 1}, "surprise"),
         ({"kind": "activation", "content": "x"}, "kind"),

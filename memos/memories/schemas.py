@@ -8,12 +8,15 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from memos.validation import NON_BLANK
+
 MAX_BATCH = 1000
 MAX_TAGS = 64
 MAX_VERSION = 2**31 - 1
 """Versions are a Postgres ``integer``; a larger number names no version (and must not reach the database)."""
 
-Content = Annotated[str, msgspec.Meta(min_length=1)]
+# A memory of spaces has nothing to embed or find, and api.md's errors table promised a 422 for it (found in review).
+Content = Annotated[str, msgspec.Meta(min_length=1, pattern=NON_BLANK)]
 Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Tags = Annotated[list[Tag], msgspec.Meta(max_length=MAX_TAGS)]
 LinkType = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_.:-]*$")]
