@@ -393,3 +393,19 @@ def test_the_provenance_graph_stops_at_a_memory_the_caller_cannot_read(client, f
     assert [n["memory_id"] for n in up["nodes"]] == [m3["id"]] and up["edges"] == []
     full = client.get(f"/v1/memories/{m3['id']}/provenance", headers=bearer(tenant.admin_key)).json()
     assert [(n["memory_id"], n["depth"]) for n in full["nodes"]] == [(m1["id"], -2), (m2["id"], -1), (m3["id"], 0)]
+
+
+def test_a_memory_cannot_be_derived_from_itself(client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    memory = factory.memory(tenant.admin_key, cube["id"], "a note")
+    r = client.patch(
+        f"/v1/memories/{memory['id']}",
+        json={"provenance": {"derived_from": [{"memory_id": memory["id"]}]}},
+        headers={**bearer(tenant.admin_key), "If-Match": '"1"'},
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "provenance.derived_from[0].memory_id"
+    graph = client.get(f"/v1/memories/{memory['id']}/provenance", headers=bearer(tenant.admin_key)).json()
+    assert graph["edges"] == []
+    assert client.get(f"/v1/memories/{memory['id']}", headers=bearer(tenant.admin_key)).json()["version"] == 1

@@ -570,6 +570,10 @@ class MemoryService:
             dropped: list[uuid.UUID] = []
             if patch.provenance is not msgspec.UNSET:
                 provenance = _provenance_json(patch.provenance)
+                for j, ref in enumerate(patch.provenance.derived_from):
+                    if ref.memory_id == memory_id:  # as a link to itself is (found in review: a self-loop edge)
+                        field = f"provenance.derived_from[{j}].memory_id"
+                        raise Invalid.field(field, "a memory cannot be derived from itself")
                 if patch.provenance.derived_from:
                     item = schemas.MemoryIn(kind="plaintext", content="-", provenance=patch.provenance)
                     found = await self._resolve_references(conn, principal, [item], single=True)
