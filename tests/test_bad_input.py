@@ -304,3 +304,80 @@ def test_a_forged_versions_cursor_is_422_on_cursor(
     cursor = base64.urlsafe_b64encode(json.dumps(keys).encode()).decode().rstrip("=")
     r = client.get(f"/v1/memories/{m['id']}/versions", params={"cursor": cursor}, headers=bearer(tenant.admin_key))
     assert field_of(r) == "cursor"
+
+
+# ---------------------------------------------------------------- JSON types taken as they are written
+# Litestar converted bodies leniently: "5" was 5, 1 and "true" were true, 5 was a Unix time; 1e2 was a page size.
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"k": "5"}, "k"), ({"mode": "graph", "diversity": "0.5"}, "diversity"), ({"since": 5}, "since")],
+)
+def test_a_search_field_of_the_wrong_json_type_is_422_naming_it(
+    client: Client, tenant: Tenant, body: dict[str, Any], field: str
+) -> None:
+    r = client.post("/v1/search", json={"query": "tea", **body}, headers=bearer(tenant.admin_key))
+    assert field_of(r) == field
+
+
+def test_a_memory_ttl_written_as_a_string_is_422_and_writes_nothing(
+    client: Client, tenant: Tenant, cube: dict[str, Any]
+) -> None:
+    before = count(client, tenant.admin_key, cube["id"])
+    body = {"kind": "plaintext", "content": "x", "ttl_seconds": "100"}
+    r = client.post(f"/v1/cubes/{cube['id']}/memories", json=body, headers=bearer(tenant.admin_key))
+    assert field_of(r) == "ttl_seconds"
+    assert count(client, tenant.admin_key, cube["id"]) == before
+
+
+def test_a_restore_version_written_as_a_string_is_422_and_restores_nothing(
+    client: Client, factory: Factory, tenant: Tenant, cube: dict[str, Any]
+) -> None:
+    key = bearer(tenant.admin_key)
+    m = factory.memory(tenant.admin_key, cube["id"], f"restore {uuid.uuid4()}")
+    r = client.post(f"/v1/memories/{m['id']}/restore", json={"version": "1"}, headers=key)
+    assert field_of(r) == "version"
+    assert client.get(f"/v1/memories/{m['id']}", headers=key).json()["version"] == 1
+
+
+@pytest.mark.parametrize("correct", [1, "true"])
+def test_cache_feedback_that_is_not_a_json_boolean_is_422_on_correct(
+    client: Client, tenant: Tenant, cube: dict[str, Any], correct: Any
+) -> None:
+    key = bearer(tenant.admin_key)
+    query = f"what is the answer {uuid.uuid4()}"
+    entry = client.post("/v1/cache", json={"cube_id": cube["id"], "query": query, "response": "42"}, headers=key)
+    assert entry.status_code == 201, entry.text
+    body = {"memory_id": entry.json()["id"], "query": query, "correct": correct}
+    assert field_of(client.post("/v1/cache/feedback", json=body, headers=key)) == "correct"
+
+
+@pytest.mark.parametrize(("query", "field"), [("limit=1e2", "limit"), ("limit=100.0", "limit"), ("since=5", "since")])
+def test_a_query_integer_or_time_not_written_as_one_is_422_naming_it(
+    client: Client, tenant: Tenant, cube: dict[str, Any], query: str, field: str
+) -> None:
+    r = client.get(f"/v1/cubes/{cube['id']}/memories?{query}", headers=bearer(tenant.admin_key))
+    assert field_of(r) == field
+
+
+def test_whole_floats_are_still_integers_and_times_still_rfc3339(
+    client: Client, tenant: Tenant, cube: dict[str, Any]
+) -> None:
+    """What strict decoding must keep: JSON Schema's integer 5.0, RFC 3339 times, floats in free-form metadata."""
+    key = bearer(tenant.admin_key)
+    search = {"query": "tea", "k": 5.0, "since": "2020-01-01T00:00:00Z", "until": "2999-01-01T00:00:00+02:00"}
+    assert client.post("/v1/search", json=search, headers=key).status_code == 200
+    items = [
+        {"kind": "plaintext", "content": f"whole {i}", "ttl_seconds": 100.0, "metadata": {"x": 1.0}} for i in (1, 2)
+    ]
+    r = client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=key)
+    assert r.status_code == 201, r.text
+    created = client.get(f"/v1/memories/{r.json()['items'][0]['id']}", headers=key).json()
+    assert created["metadata"] == {"x": 1.0} and isinstance(created["metadata"]["x"], float)
+    # A fraction, or a whole float where an integer does not go, is still refused.
+    assert field_of(client.post("/v1/search", json={"query": "tea", "k": 5.5}, headers=key)) == "k"
+    assert field_of(client.post("/v1/search", json={"query": 5.0}, headers=key)) == "query"
+    params = {"since": "2020-01-01T00:00:00Z", "limit": "7"}
+    r = client.get(f"/v1/cubes/{cube['id']}/memories", params=params, headers=key)
+    assert r.status_code == 200, r.text
