@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import psycopg
 from conftest import Factory, bearer
@@ -10,6 +11,8 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from memos.app import create_app
+from memos.errors import Conflict
+from memos.store.db import Database
 
 
 async def test_racing_patches_one_wins_the_rest_get_412(
@@ -108,3 +111,53 @@ async def test_a_purge_that_lands_during_a_restore_wins(
         row = conn.execute("SELECT content, state FROM memories WHERE id = %s", (memory["id"],)).fetchone()
     assert texts == (0,)
     assert row == (None, "deleted")
+
+
+def test_a_memory_delete_waiting_on_its_cubes_deletion_is_404(client, factory: Factory, database_url: str) -> None:
+    """The cube's deletion holds its row; a memory delete that comes meanwhile must wait for it and then find the
+    memory gone with its cube. It locked only the memory row and answered 204 (found in review)."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    memory = factory.memory(tenant.admin_key, cube["id"], "a note in a cube about to go")
+    answers: list[int] = []
+    with psycopg.connect(database_url) as deleting:
+        deleting.execute("UPDATE cubes SET deleted_at = now() WHERE id = %s", (cube["id"],))  # uncommitted
+        worker = threading.Thread(
+            target=lambda: answers.append(
+                client.delete(f"/v1/memories/{memory['id']}", headers=bearer(tenant.admin_key)).status_code
+            )
+        )
+        worker.start()
+        worker.join(timeout=1.0)
+        assert answers == []  # it waits for the cube
+        deleting.commit()
+    worker.join(timeout=30)
+    assert answers == [404]
+
+
+async def test_crossed_writes_are_a_409_to_retry_not_a_503(settings, embedder, factory: Factory) -> None:
+    """A deadlock is an OperationalError, like a lost connection, and was answered 503 'the database is not
+    answering' (found in review); the database answered: it is a conflict to retry."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    a, b = (factory.memory(tenant.admin_key, cube["id"], text)["id"] for text in ("first", "second"))
+    db = Database(settings)
+    await db.start()
+    try:
+        first_locked, second_locked = asyncio.Event(), asyncio.Event()
+
+        async def lock(mine: str, theirs: str, locked: asyncio.Event, other: asyncio.Event) -> None:
+            async with db.transaction() as conn:
+                await conn.exec_driver_sql("SELECT 1 FROM memories WHERE id = %(id)s FOR UPDATE", {"id": mine})
+                locked.set()
+                await other.wait()
+                await conn.exec_driver_sql("SELECT 1 FROM memories WHERE id = %(id)s FOR UPDATE", {"id": theirs})
+
+        outcomes = await asyncio.gather(
+            lock(a, b, first_locked, second_locked), lock(b, a, second_locked, first_locked), return_exceptions=True
+        )
+    finally:
+        await db.stop()
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(failed) == 1 and isinstance(failed[0], Conflict), outcomes
+    assert failed[0].status == 409 and "retry" in failed[0].detail

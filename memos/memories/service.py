@@ -422,6 +422,17 @@ class MemoryService:
         """The memory's current row (``columns`` of it: all by default), if the caller has ``needed`` access to its
         cube (404 if it cannot read it)."""
         tenant_id, agent_id = principal.tenant_member()
+        if lock:
+            # The cube first, shared, then the memory: the order a cube's deletion takes them in (the cube, then
+            # its memories). Locking the memory first deadlocked with it (a KV build, found in review), and
+            # locking it alone let a delete of the memory answer 204 in a cube deleted meanwhile.
+            await conn.execute(
+                select(cubes.c.id)
+                .select_from(memories)
+                .join(cubes, cubes.c.id == memories.c.cube_id)
+                .where(memories.c.id == memory_id, memories.c.tenant_id == tenant_id)
+                .with_for_update(read=True, of=cubes)
+            )
         query: Any = (
             select(*columns, cubes.c.owner_agent_id, cube_grants.c.access.label("grant"))
             .select_from(memories)

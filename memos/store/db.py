@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from memos.errors import Unavailable
+from memos.errors import Conflict, Unavailable
 from memos.settings import Settings
 from memos.store import migrations
 from memos.store.embedded import EmbeddedPostgres
@@ -195,11 +195,25 @@ class Database:
                 yield conn
 
 
+_CONCURRENT_WRITES = {"40P01", "40001"}
+"""SQLSTATEs of a deadlock and a serialization failure: two writers' transactions crossed, nothing is down."""
+
+
 @contextmanager
 def _unavailable_when_disconnected() -> Iterator[None]:
-    """A lost or exhausted connection is the service's problem, not the caller's: 503, retry shortly."""
+    """A lost or exhausted connection is the service's problem, not the caller's: 503, retry shortly. A deadlock
+    (an OperationalError too) is a 409 naming it: the database answered, and a retry of the request succeeds."""
     try:
         yield
-    except (OperationalError, InterfaceError, PoolTimeout) as exc:
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) in _CONCURRENT_WRITES:
+            log.warning("concurrent writes crossed", extra={"error": type(exc.orig).__name__})
+            raise Conflict(
+                "a concurrent write to the same data crossed this one and it was rolled back; retry",
+                headers={"Retry-After": "0"},
+            ) from exc
+        log.warning("database unavailable", extra={"error": type(exc).__name__})
+        raise Unavailable("the database is not answering; retry shortly", headers={"Retry-After": "1"}) from exc
+    except (InterfaceError, PoolTimeout) as exc:
         log.warning("database unavailable", extra={"error": type(exc).__name__})
         raise Unavailable("the database is not answering; retry shortly", headers={"Retry-After": "1"}) from exc
