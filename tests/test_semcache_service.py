@@ -543,6 +543,35 @@ def test_a_full_category_evicts_its_coldest_oldest_entry(
     assert category_stats(client, key, cube)["entries"] == 1
 
 
+@pytest.mark.parametrize("stored_before", [3, 5])
+def test_concurrent_stores_never_leave_a_category_past_its_quota(
+    client: TestClient[Litestar], tenant: Tenant, cube: str, database_url: str, stored_before: int
+) -> None:
+    """Found in review: six stores at once into a category of 5 left 8 or 9 live entries (each saw room in the
+    index, or two evicted the same victim)."""
+    key = tenant.admin_key
+    config = {"cube_id": cube, "categories": {"faq": {"max_entries": 5}}}
+    assert client.put("/v1/cache/config", json=config, headers=bearer(key)).status_code == 200
+    for i in range(stored_before):
+        store(client, key, cube, f"Question number {i} about the library?", f"Answer {i}.", category="faq")
+    indexed_lookup(client, key, cube, "Question number 0 about the library?", category="faq")  # the index is built
+
+    def one(i: int) -> int:
+        body = {"cube_id": cube, "query": f"Burst question {i} about parking?", "response": f"B{i}.", "category": "faq"}
+        return client.post("/v1/cache", json=body, headers=bearer(key)).status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        assert sorted(pool.map(one, range(6))) == [201] * 6
+    with psycopg.connect(database_url) as conn:
+        (live,) = conn.execute(  # type: ignore[misc]
+            "SELECT count(*) FROM memories WHERE cube_id = %s AND kind = 'response' AND state = 'active'"
+            " AND metadata->>'category' = 'faq'",
+            (cube,),
+        ).fetchone()
+    assert live == 5
+    assert category_stats(client, key, cube, "faq")["evicted"] == stored_before + 6 - 5
+
+
 # -- stats, configuration, restarts ------------------------------------------------------------------------
 
 

@@ -67,6 +67,12 @@ def _now() -> float:
     return time.time()
 
 
+def quota_margin(quota: int) -> int:
+    """How far below its quota a category starts counting in Postgres at each store: 1 %, at least 1 (other
+    processes' stores under way are not in this process's index yet)."""
+    return max(1, quota // 100)
+
+
 class SemCacheService:
     def __init__(
         self,
@@ -85,6 +91,9 @@ class SemCacheService:
         self.flush_seconds = flush_seconds
         # Counters not yet in Postgres: (cube, category) -> [hits, misses]; entry -> (cube, hits, last hit).
         self._category_counts: dict[tuple[uuid.UUID, str], list[int]] = {}
+        # Stores under way per (cube, category): the index counts committed entries only, and a burst of stores
+        # that each saw room left went past the quota together (found in review).
+        self._storing: dict[tuple[uuid.UUID, str], int] = {}
         self._entry_counts: dict[uuid.UUID, tuple[uuid.UUID, int, datetime]] = {}
         self._flusher: asyncio.Task[None] | None = None
 
@@ -324,26 +333,40 @@ class SemCacheService:
         )
         quota = policy.max_entries
         index = state.index
-        # The index's count is exact for this process's writes; only a cube near its quota pays for a count.
-        near_quota = quota is not None and (index is None or index.count(category) + 1 >= quota)
-        if near_quota:
-            await self.flush(req.cube_id)  # eviction ranks by hits: let it see the recent ones
-        evicted: list[uuid.UUID] = []
-
-        async def in_transaction(conn: AsyncConnection, rows: list[Row[Any]]) -> None:
-            (row,) = rows
-            await conn.execute(
-                pg_insert(cache_entries).values(
-                    memory_id=row.id,
-                    cube_id=req.cube_id,
-                    context_sha256=None if ctx_text is None else context_sha256(ctx_text),
-                    context_embedding=cvec,
-                )
+        storing = (req.cube_id, category)
+        self._storing[storing] = self._storing.get(storing, 0) + 1
+        try:
+            # Only a cube near its quota pays for a count: the index's count of committed entries, plus this
+            # process's stores under way, plus a margin for other processes' (their stores reach this index later).
+            near_quota = quota is not None and (
+                index is None or index.count(category) + self._storing[storing] >= quota - quota_margin(quota)
             )
-            if near_quota and quota is not None:
-                evicted.extend(await self._enforce_quota(conn, principal, req.cube_id, state, policy, quota, row.id))
+            if near_quota:
+                await self.flush(req.cube_id)  # eviction ranks by hits: let it see the recent ones
+            evicted: list[uuid.UUID] = []
 
-        memory = await self.memories.create(principal, req.cube_id, body, vector=qvec, in_transaction=in_transaction)
+            async def in_transaction(conn: AsyncConnection, rows: list[Row[Any]]) -> None:
+                (row,) = rows
+                await conn.execute(
+                    pg_insert(cache_entries).values(
+                        memory_id=row.id,
+                        cube_id=req.cube_id,
+                        context_sha256=None if ctx_text is None else context_sha256(ctx_text),
+                        context_embedding=cvec,
+                    )
+                )
+                if near_quota and quota is not None:
+                    evicted.extend(
+                        await self._enforce_quota(conn, principal, req.cube_id, state, policy, quota, row.id)
+                    )
+
+            memory = await self.memories.create(
+                principal, req.cube_id, body, vector=qvec, in_transaction=in_transaction
+            )
+        finally:
+            self._storing[storing] -= 1
+            if not self._storing[storing]:
+                del self._storing[storing]
         if evicted:
             self.memories.notify_removed(req.cube_id, evicted)
         return memory
@@ -358,6 +381,9 @@ class SemCacheService:
         quota: int,
         new_id: uuid.UUID,
     ) -> list[uuid.UUID]:
+        # One store at a time per category past this point (until commit): two that counted the same entries
+        # would pick the same victim, the second evicting nothing, and both stay (found in review).
+        await store.lock_category(conn, cube_id, policy.name)
         live = await store.count_live(conn, cube_id, policy.name, state.policy.default)
         if live <= quota:
             return []

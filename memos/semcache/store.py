@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Row, and_, func, literal, or_, select, text, update
+from sqlalchemy import Row, Text, and_, cast, func, literal, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -260,6 +260,12 @@ async def check_and_fetch(
 
 
 # -- quotas ------------------------------------------------------------------------------------------
+
+
+async def lock_category(conn: AsyncConnection, cube_id: uuid.UUID, category: str) -> None:
+    """Hold the (cube, category) quota lock until the transaction ends: a transaction-scoped advisory lock."""
+    key = func.hashtextextended(func.concat(cast(cube_id, Text), ":", category), 0)
+    await conn.execute(select(func.pg_advisory_xact_lock(key)))
 
 
 async def count_live(conn: AsyncConnection, cube_id: uuid.UUID, category: str, default: str) -> int:
