@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import uuid
 
 import psycopg
 from conftest import Factory, bearer
@@ -161,3 +163,26 @@ async def test_crossed_writes_are_a_409_to_retry_not_a_503(settings, embedder, f
     failed = [o for o in outcomes if isinstance(o, BaseException)]
     assert len(failed) == 1 and isinstance(failed[0], Conflict), outcomes
     assert failed[0].status == 409 and "retry" in failed[0].detail
+
+
+def test_the_index_move_waits_for_a_cube_deletion_and_then_moves_nothing(
+    client, factory: Factory, database_url: str
+) -> None:
+    """The background move into the HNSW index locked its memories alone, in its own order, while a cube's deletion
+    locks the cube and then all its memories: the two could deadlock (a suspicion from review). It now takes the
+    cube's row first, like every other writer of memories."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    for text in ("first", "second", "third"):
+        factory.memory(tenant.admin_key, cube["id"], text)
+    mover = client.app.state.memories.index_mover
+    with psycopg.connect(database_url) as deleting:
+        deleting.execute("UPDATE cubes SET deleted_at = now() WHERE id = %s", (cube["id"],))  # uncommitted
+        moving = client.blocking_portal.start_task_soon(mover._move, uuid.UUID(cube["id"]))
+        time.sleep(1.0)
+        assert not moving.done()  # waiting for the cube, holding no memory row
+        deleting.commit()
+    moving.result(timeout=30)
+    with psycopg.connect(database_url) as conn:
+        moved = conn.execute("SELECT count(*) FROM memories WHERE cube_id = %s AND ann", (cube["id"],)).fetchone()
+    assert moved == (0,)

@@ -47,6 +47,7 @@ _STATE_SQL = f"""
 _INDEXED = text(_INDEXED_SQL)
 _STATE = text(_STATE_SQL)
 
+_CUBE_LIVE = text("SELECT 1 FROM cubes WHERE id = :cube AND deleted_at IS NULL FOR SHARE")
 _MOVE = text(
     """
     UPDATE memories SET ann = true
@@ -114,6 +115,11 @@ class IndexMover:
             while True:
                 # A transaction per chunk: row locks are short, and a failure keeps what already moved.
                 async with self._db.transaction() as conn:
+                    # The cube's row first, shared, as every write that locks memories takes it: a cube's deletion
+                    # (the cube, then all its memories) would otherwise cross this chunk's row locks. A deleted
+                    # cube has nothing left to move.
+                    if (await conn.execute(_CUBE_LIVE, {"cube": cube_id})).first() is None:
+                        break
                     count = (await conn.execute(_MOVE, {"cube": cube_id, "chunk": MOVE_CHUNK})).rowcount
                 moved += count
                 if count < MOVE_CHUNK:
