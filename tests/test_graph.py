@@ -100,6 +100,16 @@ def test_extraction_is_deterministic_and_cheap_on_long_text() -> None:
         ("2023-05-08 13:56", datetime(2023, 5, 8, 13, 56, tzinfo=UTC)),
         ("2023/5/8", datetime(2023, 5, 8, tzinfo=UTC)),
         ("May 2023", datetime(2023, 5, 1, tzinfo=UTC)),
+        # an ISO date or date-time with a zone word after it, and abbreviated leading weekdays
+        ("2023-05-08 UTC", datetime(2023, 5, 8, tzinfo=UTC)),
+        ("2023-05-08 13:56 UTC", datetime(2023, 5, 8, 13, 56, tzinfo=UTC)),
+        ("2023-05-08T13:56:00 GMT", datetime(2023, 5, 8, 13, 56, tzinfo=UTC)),
+        ("2023-05-08 13:56 +02:00", datetime(2023, 5, 8, 11, 56, tzinfo=UTC)),
+        ("Mon, 8 May 2023", datetime(2023, 5, 8, tzinfo=UTC)),
+        ("Tue. 9 May 2023", datetime(2023, 5, 9, tzinfo=UTC)),
+        ("Thurs May 11, 2023 at 9:00", datetime(2023, 5, 11, 9, 0, tzinfo=UTC)),
+        ("2023-05-08T13:56:00+02:00 UTC", None),  # two zones
+        ("2023-05/08", None),
         ("", None),
         ("yesterday", None),
         ("8 May", None),
@@ -320,6 +330,73 @@ def test_edge_api_validates() -> None:
     assert graph.edges("a") == [("b", "link", 1.0)]
     assert graph.remove_edge("a", "b")
     assert not graph.remove_edge("a", "b")
+
+
+def test_links_each_way_are_kept_apart_as_a_rebuild_has_them() -> None:
+    """A knn link from each of two memories to the other is one edge weighing the larger, whatever the order
+    they came in; removing one memory's links (it was re-embedded) leaves the other's link to it, as a graph
+    built afresh from the stored links has it."""
+
+    def fresh() -> MemoryGraph:
+        graph = MemoryGraph()
+        for name in ("a", "b", "c"):
+            graph.add_memory(name, entities=[])
+        return graph
+
+    incremental = fresh()
+    incremental.add_edge("b", "a", EdgeKind.KNN, 0.82)
+    incremental.add_edge("a", "b", EdgeKind.KNN, 0.875)
+    incremental.add_edge("a", "c", EdgeKind.KNN, 0.6)
+    backwards = fresh()
+    backwards.add_edge("a", "c", EdgeKind.KNN, 0.6)
+    backwards.add_edge("a", "b", EdgeKind.KNN, 0.875)
+    backwards.add_edge("b", "a", EdgeKind.KNN, 0.82)
+    assert sorted(incremental.edges("a")) == sorted(backwards.edges("a")) == [("b", "knn", 0.875), ("c", "knn", 0.6)]
+
+    # "a" is re-embedded: its own knn links go; "b"'s link to it stays (in Postgres and so in a rebuild).
+    assert incremental.remove_edge("a", "b", EdgeKind.KNN)
+    assert incremental.remove_edge("a", "c", EdgeKind.KNN)
+    rebuilt = fresh()
+    rebuilt.add_edge("b", "a", EdgeKind.KNN, 0.82)
+    assert incremental.edges("a") == rebuilt.edges("a") == [("b", "knn", 0.82)]
+    seeds = {"c": 1.0, "b": 0.5}
+    assert incremental.expand(seeds, k=3) == rebuilt.expand(seeds, k=3)
+    # A direction never written is not there to remove.
+    assert not rebuilt.remove_edge("a", "b", EdgeKind.KNN)
+    assert rebuilt.edges("a") == [("b", "knn", 0.82)]
+
+    # A memory that leaves takes its links with it: back again, it has none of their weight.
+    incremental.remove_memory("b")
+    incremental.add_memory("b", entities=[])
+    incremental.add_edge("a", "b", EdgeKind.KNN, 0.7)
+    assert incremental.edges("a") == [("b", "knn", 0.7)]
+    assert incremental.remove_edge("a", "b", EdgeKind.KNN)
+    assert incremental.edges("a") == []
+
+
+def test_spread_passes_only_through_admitted_memories() -> None:
+    """With ``admit``, an edge to a memory outside it (or, with ``now``, to an expired one) leads nowhere: what lies behind it is not reached
+    through it, and no ``via`` names it."""
+    graph = MemoryGraph()
+    for name in ("seed", "blocked", "behind", "open", "beyond"):
+        graph.add_memory(name, entities=[])
+    graph.add_edge("seed", "blocked", EdgeKind.LINK)
+    graph.add_edge("blocked", "behind", EdgeKind.LINK)
+    graph.add_edge("seed", "open", EdgeKind.LINK)
+    graph.add_edge("open", "beyond", EdgeKind.LINK)
+    everything = graph.spread({"seed": 1.0})
+    assert everything.reached["behind"] == "graph:link<-blocked"
+    admitted = graph.spread({"seed": 1.0}, admit={"behind", "open", "beyond"})
+    assert admitted.memories() == ["open", "beyond"]
+    assert admitted.reached["beyond"] == "graph:link<-open"
+    assert [e.id for e in combine([admitted])] == ["seed", "open", "beyond"]
+    # An expired memory is not visited either, from the moment it expires; a new expiry (a PATCH) counts.
+    graph.add_memory("blocked", entities=[], expires_at=100.0)
+    assert graph.spread({"seed": 1.0}, now=99.0).reached["behind"] == "graph:link<-blocked"
+    assert "blocked" not in graph.spread({"seed": 1.0}, now=100.0).reached
+    assert graph.spread({"seed": 1.0}, now=100.0).memories() == ["open", "beyond"]
+    graph.add_memory("blocked", entities=[], expires_at=None)
+    assert graph.spread({"seed": 1.0}, now=200.0).reached["behind"] == "graph:link<-blocked"
 
 
 def test_edge_weights_are_applied_at_query_time() -> None:

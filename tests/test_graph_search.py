@@ -1,14 +1,17 @@
 """Graph mode through real HTTP: memories reached only over a link or a shared entity, kept current by writes.
 
-The app here fetches only 4 candidates per retrieval leg, so a memory that neither leg finds can only
-enter the results through the graph.
+The app here fetches only 4 candidates per retrieval leg, or k when that is more: the cubes hold enough
+painting-themed fillers that a memory unlike the query ("Qwertz flumbo") is never among a leg's nearest,
+so it can only enter the results through the graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 from conftest import Factory, bearer
 from litestar import Litestar
@@ -28,6 +31,7 @@ FILLERS = [
     "Tom bought an easel at the flea market.",
     "Colour theory explains why blue and orange contrast.",
 ]
+CLASS = [f"The painting class finished canvas number {i} today." for i in range(12)]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def world(factory: Factory, client) -> dict:
     entity = factory.memory(key, cube["id"], "Our ferry tickets for Zanzibar are booked.")
     r = client.post(
         f"/v1/cubes/{cube['id']}/memories/batch",
-        json={"items": [{"kind": "plaintext", "content": c} for c in FILLERS]},
+        json={"items": [{"kind": "plaintext", "content": c} for c in FILLERS + CLASS]},
         headers=bearer(key),
     )
     assert r.status_code == 201
@@ -123,8 +127,9 @@ def test_graph_over_two_cubes_ranks_on_one_scale(client, factory: Factory) -> No
     far = factory.memory(key, weak["id"], "Blorp snazz 9. Vindu klep.", links=[{"to": faint["id"], "type": "about"}])
     for text in FILLERS[:3]:
         factory.memory(key, weak["id"], text)
+    # k = 4, the app's pool: neither leg reaches the two unlike memories, only the graph does.
     results = search(
-        client, key, query="Melanie sunrise painting", k=10, mode="graph", cube_ids=[strong["id"], weak["id"]]
+        client, key, query="Melanie sunrise painting", k=4, mode="graph", cube_ids=[strong["id"], weak["id"]]
     )
     score = {r["memory"]["id"]: r["score"] for r in results}
     assert results[0]["memory"]["id"] == hit["id"]
@@ -154,6 +159,63 @@ def test_graph_checks_the_filters_of_reached_memories_until_enough_pass(
     assert [r["memory"]["id"] for r in filtered] == [hit["id"], weak["id"]]
 
 
+def test_the_graph_walks_only_through_memories_that_could_be_results(client, factory: Factory) -> None:
+    """An edge to a filtered-out or expired memory leads nowhere: the memory behind it is not reached over
+    it, and no ``via`` names a memory the caller could not get as a result."""
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube = factory.cube(key)
+    items = [{"kind": "plaintext", "content": text, "tags": ["t"]} for text in FILLERS + CLASS]
+    r = client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=bearer(key))
+    assert r.status_code == 201
+    behind = factory.memory(key, cube["id"], "Blorptastic vunderkrumb 9931.", tags=["t"])
+    expires = time.monotonic() + 4
+    between = factory.memory(
+        key,
+        cube["id"],
+        "Frobnicate wibble 5512.",
+        tags=["other"],
+        ttl_seconds=4,
+        links=[{"to": behind["id"], "type": "x"}],
+    )
+    factory.memory(
+        key,
+        cube["id"],
+        "Melanie painted a sunrise over the beach in Zanzibar.",
+        tags=["t"],
+        links=[{"to": between["id"], "type": "x"}],
+    )
+    body = {"query": "Melanie sunrise painting", "k": 10, "mode": "graph", "cube_ids": [cube["id"]]}
+    # Unfiltered and unexpired, the memory behind is reached over the one between (neither leg finds it).
+    via = {r["memory"]["id"]: r["via"] for r in search(client, key, **body)}
+    assert via[behind["id"]] == f"graph:link<-{between['id']}"
+
+    filtered = search(client, key, **body, tags=["t"])
+    assert between["id"] not in {r["memory"]["id"] for r in filtered}
+    assert not [r["via"] for r in filtered if between["id"] in r["via"]]
+    assert behind["id"] not in {r["memory"]["id"] for r in filtered}
+
+    time.sleep(max(0.0, expires - time.monotonic()) + 0.5)
+    expired = search(client, key, **body)
+    assert between["id"] not in {r["memory"]["id"] for r in expired}
+    assert not [r["via"] for r in expired if between["id"] in r["via"]]
+    assert behind["id"] not in {r["memory"]["id"] for r in expired}
+
+
+def test_a_pool_below_k_does_not_cut_the_results(client, factory: Factory) -> None:
+    """This app's pool is 4: a search for k = 10 still gets 10 results when 11 memories match, in every mode."""
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube = factory.cube(key)
+    items = [{"kind": "plaintext", "content": f"Painting lesson {i}: {text}"} for i, text in enumerate(FILLERS)]
+    items.append({"kind": "plaintext", "content": "Painting lesson 10: mixing a warm grey."})
+    r = client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=bearer(key))
+    assert r.status_code == 201
+    for mode in ("vector", "text", "hybrid", "graph"):
+        results = search(client, key, query="painting lesson", k=10, mode=mode, cube_ids=[cube["id"]])
+        assert len(results) == 10, mode
+
+
 def test_diversity_prefers_unlike_results(client, factory: Factory) -> None:
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)
@@ -176,7 +238,6 @@ def test_diversity_compares_only_vectors_of_the_query_model(client, factory: Fac
 
     Two memories with the same text have the same vector; marked as another model's, the copy's vector says
     nothing about the query model's space, so the copy is not redundant by vector and is picked on relevance."""
-    import psycopg
 
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)
@@ -193,7 +254,6 @@ def test_diversity_compares_only_vectors_of_the_query_model(client, factory: Fac
 
 
 def test_knn_links_are_written_at_create_and_refreshed_on_change(client, factory: Factory, database_url: str) -> None:
-    import psycopg
 
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)

@@ -236,6 +236,21 @@ def test_candidate_words_stay_within_the_postings_budget() -> None:
     assert discriminating({"dolomit": 0.002, "bob": 0.5}, docs=600) == ["dolomit", "bob"]
 
 
+def test_words_no_memory_has_do_not_crowd_out_the_words_that_find_candidates(client, factory: Factory) -> None:
+    """Two query words no memory contains are the rarest of all: they must not fill the lookup in place of
+    a common word that does find memories."""
+    assert discriminating({"zebra": 0.75, "unicorn": 0.0, "dragon": 0.0}, docs=20)[0] == "zebra"
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    items = [{"kind": "plaintext", "content": f"zebra sighting number {i} near the river"} for i in range(15)]
+    items += [{"kind": "plaintext", "content": f"unrelated note {i} about groceries"} for i in range(5)]
+    r = client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=bearer(tenant.admin_key))
+    assert r.status_code == 201
+    alone = search(client, tenant.admin_key, query="zebra", mode="text", k=5, cube_ids=[cube["id"]])
+    padded = search(client, tenant.admin_key, query="zebra unicorn dragon", mode="text", k=5, cube_ids=[cube["id"]])
+    assert len(alone["results"]) == len(padded["results"]) == 5
+
+
 def test_embeddings_stay_in_the_row(client, factory: Factory, database_url: str) -> None:
     """A memory's vector is not moved to TOAST (migration 0005): every exact distance would fetch it from there."""
     tenant = factory.tenant()

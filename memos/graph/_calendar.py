@@ -57,3 +57,7 @@ MONTH_PATTERN = (
 
 WEEKDAY_PATTERN = r"(?:mon|tues|wednes|thurs|fri|satur|sun)day"
 """Regex (use with IGNORECASE) for a weekday name."""
+
+WEEKDAY_ABBREVIATED_PATTERN = r"(?:mon|tue(?:s)?|wed(?:nes)?|thu(?:r(?:s)?)?|fri|sat(?:ur)?|sun)(?:day)?"
+"""Regex (use with IGNORECASE) for a weekday name or its abbreviation ("mon", "tues", "thurs"): for
+leading weekdays in event times, where a date follows; free text keeps to ``WEEKDAY_PATTERN``."""

@@ -10,7 +10,7 @@ import bisect
 import dataclasses
 import heapq
 import math
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Container, Hashable, Iterable, Iterator, Mapping
 from enum import StrEnum
 from typing import Any, Literal, NamedTuple, TypeAlias
 
@@ -83,6 +83,11 @@ class Expansion(NamedTuple):
     """``"seed"``, or the edge it was reached over: ``"graph:link<-ID"``, ``"graph:entity(NAME)<-ID"``, …"""
 
 
+# Kinds that stand for links stored in one direction (``from -> to``): the graph's edge is undirected, so
+# it keeps each direction's weight apart (a link in each direction makes one edge, weighing the larger)
+# and removing one direction leaves the other. Sequence edges are the graph's own and have no direction.
+_DIRECTED = frozenset({EdgeKind.LINK.value, EdgeKind.DERIVED_FROM.value, EdgeKind.KNN.value})
+
 # Which kind explains an edge that has several (a link beats a coincidental knn edge).
 _KIND_PRIORITY = (EdgeKind.LINK.value, EdgeKind.DERIVED_FROM.value, EdgeKind.SEQUENCE.value, EdgeKind.KNN.value)
 
@@ -99,7 +104,10 @@ class MemoryGraph:
     """The memories of one cube as a graph, updated incrementally and bounded to ``max_nodes`` memories.
 
     Memory nodes are keyed by the caller's ids; entities are :class:`EntityHub` nodes. A memory-to-memory
-    edge keeps one weight per :class:`EdgeKind` (its networkx attribute dict maps kind -> weight). When
+    edge keeps one weight per :class:`EdgeKind` (its networkx attribute dict maps kind -> weight). Links
+    (``link``, ``derived_from``, ``knn``) have a direction: ``add_edge(a, b)`` and ``add_edge(b, a)`` of
+    one kind make one edge weighing the larger of the two weights, and removing one direction leaves the
+    other, so the graph depends only on which links exist, not on the order they came in. When
     full, adding a memory evicts the oldest (by first insertion). Not thread-safe: the owner serializes
     access (and runs ``expand`` on big graphs off the event loop).
     """
@@ -131,6 +139,10 @@ class MemoryGraph:
         self._hubs: dict[str, EntityHub] = {}
         self._places: dict[MemoryId, _Place] = {}
         self._sessions: dict[str, list[tuple[float, int]]] = {}  # session -> sorted (turn, insertion number)
+        self._links: dict[tuple[MemoryId, MemoryId, str], float] = {}  # (from, to, directed kind) -> weight
+        self._expiry: dict[MemoryId, float] = {}  # memory -> expires_at, for the memories that expire
+        self._expiring: list[tuple[float, int, MemoryId]] = []  # heap of (expires_at, insertion number, memory)
+        self._expired: set[MemoryId] = set()
 
     @property
     def _adj(self) -> _Adjacency:
@@ -192,14 +204,17 @@ class MemoryGraph:
         text: str | None = None,
         session: str | None = None,
         turn: float | None = None,
+        expires_at: float | None = None,
         **attrs: Any,
     ) -> list[MemoryId]:
         """Add a memory, or update one already present; returns the memories evicted to make room.
 
+        ``expires_at`` (seconds since the epoch): from then on :meth:`spread` does not visit the memory.
+
         ``entities`` are entity keys; given ``text`` instead, they are extracted from it. A ``session``
         puts the memory in that session's chain of ``sequence`` edges, ordered by ``turn`` (insertion
-        order when absent). An update replaces entities (when given) and the session place, and merges
-        ``attrs``; it keeps the memory's age.
+        order when absent). An update replaces entities (when given), the session place and the expiry,
+        and merges ``attrs``; it keeps the memory's age.
         """
         if isinstance(memory_id, EntityHub):
             raise TypeError("an EntityHub is not a memory id")
@@ -215,6 +230,7 @@ class MemoryGraph:
                 self._join_session(memory_id, session, turn)
             if keys is not None:
                 self._set_entities(memory_id, keys)
+            self._set_expiry(memory_id, expires_at)
             return []
 
         seq = self._next_seq
@@ -225,6 +241,7 @@ class MemoryGraph:
         self._join_session(memory_id, session, turn)
         if keys:
             self._set_entities(memory_id, keys)
+        self._set_expiry(memory_id, expires_at)
         evicted: list[MemoryId] = []
         while len(self._seq) > self.max_nodes:
             oldest = next(iter(self._seq))
@@ -238,6 +255,9 @@ class MemoryGraph:
             return False
         self._leave_session(memory_id)
         self._set_entities(memory_id, set())
+        for other, data in self._adj[memory_id].items():
+            self._forget_links(memory_id, other, data)
+        self._set_expiry(memory_id, None)
         del self._by_seq[self._seq.pop(memory_id)]
         self.graph.remove_node(memory_id)
         return True
@@ -248,7 +268,11 @@ class MemoryGraph:
         self._set_entities(memory_id, set(entities))
 
     def add_edge(self, a: MemoryId, b: MemoryId, kind: EdgeKind | str, weight: float = 1.0) -> bool:
-        """Add (or reweigh) an edge of ``kind`` between two memories; False when either is absent or a == b."""
+        """Add (or reweigh) an edge of ``kind`` from ``a`` to ``b``; False when either is absent or a == b.
+
+        The edge is undirected for PageRank. For a link kind (``link``, ``derived_from``, ``knn``) the
+        weight is the larger of ``a -> b``'s and ``b -> a``'s, whichever came first.
+        """
         kind = EdgeKind(kind)
         if kind is EdgeKind.ENTITY:
             raise ValueError("entity edges come from add_memory(entities=...) or set_entities()")
@@ -256,25 +280,40 @@ class MemoryGraph:
             raise ValueError("edge weights must be positive")
         if a == b or a not in self._seq or b not in self._seq:
             return False
+        value = float(weight)
+        if kind.value in _DIRECTED:
+            self._links[(a, b, kind.value)] = value
+            value = max(value, self._links.get((b, a, kind.value), 0.0))
         data = self._adj[a].get(b)
         if data is None:
-            self.graph.add_edge(a, b, **{kind.value: float(weight)})
+            self.graph.add_edge(a, b, **{kind.value: value})
         else:
-            data[kind.value] = float(weight)  # the attribute dict is shared by both directions
+            data[kind.value] = value  # the attribute dict is shared by both directions
         return True
 
     def remove_edge(self, a: MemoryId, b: MemoryId, kind: EdgeKind | str | None = None) -> bool:
-        """Remove one kind of edge between two memories (every kind when ``kind`` is None); False if none."""
+        """Remove the edge of ``kind`` from ``a`` to ``b`` (every kind, both directions, when ``kind`` is
+        None); False if none. A link kind's edge from ``b`` to ``a`` stays, with its own weight."""
         if a not in self._seq or b not in self._seq:
             return False
         data = self._adj[a].get(b)
         if data is None:
             return False
         if kind is not None:
-            if data.pop(EdgeKind(kind).value, None) is None:
+            name = EdgeKind(kind).value
+            if name in _DIRECTED:
+                if self._links.pop((a, b, name), None) is None:
+                    return False
+                back = self._links.get((b, a, name))
+                if back is not None:
+                    data[name] = back
+                    return True
+            if data.pop(name, None) is None:
                 return False
             if data:
                 return True
+        else:
+            self._forget_links(a, b, data)
         self.graph.remove_edge(a, b)
         return True
 
@@ -325,18 +364,39 @@ class MemoryGraph:
         return combine([part], seed_weight, alpha=alpha, tol=tol, max_iter=max_iter)[:k]
 
     def spread(
-        self, seeds: Mapping[MemoryId, float], hops: int = 2, max_nodes: int = 2000, *, fanout: int = 32
+        self,
+        seeds: Mapping[MemoryId, float],
+        hops: int = 2,
+        max_nodes: int = 2000,
+        *,
+        fanout: int = 32,
+        admit: Container[Hashable] | None = None,
+        now: float | None = None,
     ) -> Spread:
         """This graph's part of an expansion from ``seeds`` (id -> score already scaled to [0, 1]): the
         seeds' neighbourhood and its weighted edges. :func:`combine` runs PageRank over one or several parts
-        (several graphs: a search over several cubes). See :meth:`expand` for the parameters."""
+        (several graphs: a search over several cubes). See :meth:`expand` for the parameters.
+
+        With ``admit``, only the seeds and the memories in it are visited: an edge to any other memory
+        leads nowhere, so neither the walk nor PageRank passes through it (a search admits the memories
+        that pass its scope and filters, :meth:`Spread.memories` tells which to check). With ``now``
+        (seconds since the epoch), nor are the memories expired by then."""
         ranked = dict(sorted(seeds.items(), key=lambda item: -item[1]))
         kind_weight = self.weights.by_kind()
-        reached = self._neighbourhood([sid for sid in ranked if sid in self._seq], hops, max_nodes, fanout, kind_weight)
+        start = [sid for sid in ranked if sid in self._seq]
+        expired = self.expired(now) if now is not None else set()
+        reached = self._neighbourhood(start, hops, max_nodes, fanout, kind_weight, admit, expired)
         return Spread(seeds=ranked, reached=reached, edges=self._edges(list(reached), kind_weight))
 
     def _neighbourhood(
-        self, seeds: list[MemoryId], hops: int, max_nodes: int, fanout: int, kind_weight: dict[str, float]
+        self,
+        seeds: list[MemoryId],
+        hops: int,
+        max_nodes: int,
+        fanout: int,
+        kind_weight: dict[str, float],
+        admit: Container[Hashable] | None,
+        expired: set[MemoryId],
     ) -> dict[Hashable, str | None]:
         """Node -> how it was reached (None for a seed), breadth-first within hops, fanout and max_nodes."""
         adj = self._adj
@@ -347,7 +407,7 @@ class MemoryGraph:
             for node in frontier:
                 if len(reached) >= max_nodes:
                     break
-                for other, via in self._steps(node, adj[node], fanout, reached, kind_weight):
+                for other, via in self._steps(node, adj[node], fanout, reached, kind_weight, admit, expired):
                     reached[other] = via
                     if not isinstance(other, EntityHub):
                         found.append(other)
@@ -365,14 +425,17 @@ class MemoryGraph:
         fanout: int,
         reached: Mapping[Hashable, str | None],
         kind_weight: dict[str, float],
+        admit: Container[Hashable] | None,
+        expired: set[MemoryId],
     ) -> Iterator[tuple[Hashable, str]]:
-        """Unvisited neighbours of a memory worth visiting, with the edge each is reached over."""
+        """Unvisited, unexpired (and, with ``admit``, admitted) neighbours of a memory worth visiting, with
+        the edge each is reached over."""
         memories: list[tuple[float, Hashable, dict[str, float]]] = []
         hubs: list[EntityHub] = []
         for other, data in neighbours.items():
             if isinstance(other, EntityHub):
                 hubs.append(other)  # even when reached from another memory: its members near this one differ
-            elif other not in reached:
+            elif other not in reached and other not in expired and (admit is None or other in admit):
                 memories.append((sum(kind_weight[kind] * w for kind, w in data.items()), other, data))
         for _, other, data in heapq.nlargest(fanout, memories, key=lambda item: item[0]):
             yield other, f"graph:{_explain(data)}<-{node}"
@@ -386,7 +449,7 @@ class MemoryGraph:
                 yield hub, via
             for seq in _nearest(hub.members, self._seq[node], fanout):
                 member = self._by_seq[seq]
-                if member not in reached:
+                if member not in reached and member not in expired and (admit is None or member in admit):
                     yield member, via
 
     def _edges(self, nodes: list[Hashable], kind_weight: dict[str, float]) -> tuple[list[int], list[int], list[float]]:
@@ -416,6 +479,29 @@ class MemoryGraph:
         return src, dst, weight
 
     # -- internals -------------------------------------------------------------------------
+
+    def expired(self, now: float) -> set[MemoryId]:
+        """The memories whose ``expires_at`` is ``now`` or before (kept as they expire: a heap pops them)."""
+        while self._expiring and self._expiring[0][0] <= now:
+            moment, _, memory_id = heapq.heappop(self._expiring)
+            if self._expiry.get(memory_id) == moment:
+                self._expired.add(memory_id)
+        return self._expired
+
+    def _set_expiry(self, memory_id: MemoryId, expires_at: float | None) -> None:
+        self._expired.discard(memory_id)
+        if expires_at is None:
+            self._expiry.pop(memory_id, None)
+            return
+        self._expiry[memory_id] = expires_at
+        heapq.heappush(self._expiring, (expires_at, self._seq[memory_id], memory_id))
+
+    def _forget_links(self, a: Hashable, b: Hashable, data: Mapping[str, float]) -> None:
+        """Drop the directed link weights behind the edge between ``a`` and ``b`` (it is going away)."""
+        for name in data:
+            if name in _DIRECTED:
+                self._links.pop((a, b, name), None)
+                self._links.pop((b, a, name), None)
 
     def _require(self, memory_id: MemoryId) -> None:
         if memory_id not in self._seq:
@@ -505,6 +591,10 @@ class Spread:
     """Every node of the neighbourhood, with how it was reached (None for a seed); entity hubs included."""
     edges: tuple[list[int], list[int], list[float]]
     """(source, target, weight) of each edge among ``reached``, by position in it."""
+
+    def memories(self) -> list[MemoryId]:
+        """The memories reached over an edge (not the seeds), in the order they were reached."""
+        return [node for node, via in self.reached.items() if via is not None and not isinstance(node, EntityHub)]
 
 
 def scale_seeds(seeds: Mapping[MemoryId, float], how: Literal["minmax", "max"] = "minmax") -> dict[MemoryId, float]:

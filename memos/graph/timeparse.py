@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 
-from memos.graph._calendar import MONTH_NAMES, MONTH_PATTERN, MONTHS, WEEKDAY_PATTERN, WEEKDAYS
+from memos.graph._calendar import MONTH_NAMES, MONTH_PATTERN, MONTHS, WEEKDAY_ABBREVIATED_PATTERN, WEEKDAYS
 
 _MAX_LEN = 120  # longer strings are prose, not a time; refusing them keeps the regexes cheap
 
@@ -22,11 +22,12 @@ _DATES = [
     re.compile(rf"^{_DAY}\s+(?:of\s+)?{_MONTH}\s+{_YEAR}$"),  # 8 May 2023
     re.compile(rf"^{_MONTH}\s+{_DAY}\s+{_YEAR}$"),  # May 8 2023
     re.compile(rf"^{_YEAR}\s+{_MONTH}\s+{_DAY}$"),  # 2023 May 8
-    re.compile(r"^(?P<year>\d{4})[/.](?P<mnum>\d{1,2})[/.](?P<day>\d{1,2})$"),  # 2023/05/08
+    # 2023/05/08, and 2023-05-08 when a zone suffix kept the ISO parse from reading it ("2023-05-08 UTC")
+    re.compile(r"^(?P<year>\d{4})(?P<sep>[/.-])(?P<mnum>\d{1,2})(?P=sep)(?P<day>\d{1,2})$"),
     re.compile(rf"^{_MONTH}\s+{_YEAR}$"),  # May 2023 -> the 1st
     re.compile(r"^(?P<year>\d{4})-(?P<mnum>\d{2})$"),  # 2023-05 -> the 1st
 ]
-_WEEKDAY_PREFIX = re.compile(rf"^{WEEKDAY_PATTERN}\s+(?:the\s+)?", re.IGNORECASE)
+_WEEKDAY_PREFIX = re.compile(rf"^{WEEKDAY_ABBREVIATED_PATTERN}\.?\s+(?:the\s+)?", re.IGNORECASE)
 _TZ_SUFFIX = re.compile(r"\s*(?:(?P<utc>utc|gmt|z)|(?P<sign>[+-])(?P<hh>\d{2}):?(?P<mm>\d{2}))$")
 
 
@@ -56,6 +57,11 @@ def parse_event_time(value: str, *, assume: tzinfo = UTC) -> datetime | None:
             return None
         zone = parsed_zone
         lowered = lowered[: tz_match.start()].rstrip()
+        # An ISO date-time with a zone word after it ("2023-05-08T13:56:00 UTC"); one carrying an offset
+        # of its own as well names two zones, and is refused.
+        iso = _parse_iso(lowered)
+        if iso is not None:
+            return _to_utc(iso, zone) if iso.tzinfo is None else None
 
     clock: time | None = None
     for pattern in (_TIME_FIRST, _TIME_LAST):

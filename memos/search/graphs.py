@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -26,8 +27,9 @@ _LINK_KIND = {"derived_from": EdgeKind.DERIVED_FROM, "knn": EdgeKind.KNN}
 Note = Callable[[MemoryGraph], None]
 
 
-def node_fields(content: str | None, metadata: dict[str, Any]) -> dict[str, Any]:
-    """What the graph needs to know about a memory: its text (for entities) and its place in a session."""
+def node_fields(content: str | None, metadata: dict[str, Any], expires_at: datetime | None = None) -> dict[str, Any]:
+    """What the graph needs to know about a memory: its text (for entities), its place in a session and
+    when it expires (graph mode does not walk through an expired memory)."""
     speaker = metadata.get("speaker")
     session = metadata.get("session", metadata.get("thread"))
     turn = metadata.get("turn")
@@ -35,6 +37,7 @@ def node_fields(content: str | None, metadata: dict[str, Any]) -> dict[str, Any]
         "text": f"{speaker}: {content}" if isinstance(speaker, str) and content else content or "",
         "session": None if session is None else str(session),
         "turn": float(turn) if isinstance(turn, int | float) and not isinstance(turn, bool) else None,
+        "expires_at": None if expires_at is None else expires_at.timestamp(),
     }
 
 
@@ -130,7 +133,7 @@ class CubeGraphs:
     async def _load(self, conn: AsyncConnection, cube_id: uuid.UUID) -> tuple[list[Any], list[Any]]:
         rows = (
             await conn.execute(
-                select(memories.c.id, memories.c.content, memories.c.metadata)
+                select(memories.c.id, memories.c.content, memories.c.metadata, memories.c.expires_at)
                 .where(memories.c.cube_id == cube_id, memories.c.state == "active")
                 .order_by(memories.c.created_at, memories.c.id)
                 .limit(self.max_nodes)
@@ -148,7 +151,7 @@ class CubeGraphs:
     def _build(self, rows: Iterable[Any], links: Iterable[Any]) -> MemoryGraph:
         graph = MemoryGraph(max_nodes=self.max_nodes)
         for row in rows:
-            graph.add_memory(row.id, **node_fields(row.content, row.metadata))
+            graph.add_memory(row.id, **node_fields(row.content, row.metadata, row.expires_at))
         for link in links:
             graph.add_edge(link.from_id, link.to_id, _LINK_KIND.get(link.type, EdgeKind.LINK), max(link.weight, 1e-6))
         return graph
@@ -163,13 +166,13 @@ class CubeGraphs:
             self._pending[cube_id].append(note)
 
     def memories_written(self, cube_id: uuid.UUID, rows: Iterable[Any]) -> None:
-        """New or changed memories (rows with id, state, content, metadata)."""
-        snapshot = [(r.id, r.state, r.content, r.metadata) for r in rows]
+        """New or changed memories (rows with id, state, content, metadata, expires_at)."""
+        snapshot = [(r.id, r.state, r.content, r.metadata, getattr(r, "expires_at", None)) for r in rows]
 
         def note(graph: MemoryGraph) -> None:
-            for memory_id, state, content, metadata in snapshot:
+            for memory_id, state, content, metadata, expires_at in snapshot:
                 if state == "active":
-                    graph.add_memory(memory_id, **node_fields(content, metadata))
+                    graph.add_memory(memory_id, **node_fields(content, metadata, expires_at))
                 else:
                     graph.remove_memory(memory_id)
 

@@ -180,12 +180,17 @@ def discriminating(share: dict[str, float], docs: int, keep_at_least: int = 2) -
     An OR over common words would make Postgres rank a large part of the cube; BM25 gives such words
     little weight anyway, so candidates come from the words that tell memories apart. The budget keeps
     the ranking work bounded in big cubes, where even a word in 1 % of memories has thousands of them.
-    A word no active memory has counts as rare too: archived or deleted memories may still have it.
+
+    A word no active memory has comes last, after every word that some have: it finds no active memory,
+    so taken first it would fill the lookup's places and leave out the words that do find candidates
+    ("zebra unicorn dragon" finding nothing where "zebra" alone finds plenty). It is still looked up
+    when a place is left (archived or deleted memories may have it, for a search over those states):
+    it adds nothing to the postings counted against the budget.
     """
-    ranked = sorted((s, w) for w, s in share.items())
+    ranked = sorted((s == 0, s, w) for w, s in share.items())
     chosen: list[str] = []
     postings = 0.0
-    for s, w in ranked:
+    for _, s, w in ranked:
         # The budget binds even below ``keep_at_least`` (only the rarest word is always taken): in a big
         # cube, a second, common word would add thousands of memories to rank.
         if chosen and postings + s * docs > POSTINGS_BUDGET:

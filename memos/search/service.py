@@ -106,7 +106,8 @@ class SearchService:
         reject_nul(req.query, "query")
         reject_nul(req.filters, "filters")
         reject_nul(req.tags, "tags")
-        pool = self.pool or (req.k if req.mode == "vector" else min(max(req.k * 4, 40), 400))
+        # Never under k: a smaller pool would cut the results short of k while more memories match.
+        pool = max(req.k, self.pool or (req.k if req.mode == "vector" else min(max(req.k * 4, 40), 400)))
         # The query embeds in the worker thread while the scope, the word statistics and the text leg's
         # candidates come from Postgres: none of them needs the query vector. With a text leg Postgres keeps
         # a core busy meanwhile, so the query embeds on one thread (two would wait for each other's core).
@@ -294,35 +295,67 @@ class SearchService:
         The seeds' fused scores, scaled once over all of them, weigh their restarts. Each cube's graph
         gathers its own seeds' neighbourhood; PageRank then runs over all of them at once (the graphs share
         no edge), so one scale ranks the memories of every cube. It runs on the event loop: the graphs
-        change there too, and a neighbourhood is bounded (``GRAPH_MAX_NODES`` a cube).
+        change there too, and a neighbourhood is bounded (``GRAPH_MAX_NODES`` a cube). The walk and PageRank
+        pass only through memories that could be results themselves (scope, filters, expiry).
         """
         by_id = {c.id: c for c in ranked}
         seeds = scale_seeds({c.id: c.score for c in ranked[: max(req.k * 3, GRAPH_SEEDS)]})
-        parts = []
-        for cube_id, graph in graphs.items():
+        starts: dict[uuid.UUID, dict[Any, float]] = {}
+        for cube_id in graphs:
             mine = {m: s for m, s in seeds.items() if by_id[typing.cast(uuid.UUID, m)].cube_id == cube_id}
             if mine:
-                parts.append(graph.spread(mine, GRAPH_HOPS, GRAPH_MAX_NODES))
-        expansions = combine(parts, GRAPH_SEED_WEIGHT)
-        # Enough for the k results and MMR's finalists. Memories found only through the graph still have to
-        # pass the request's filters: checked best first, a chunk at a time (each twice the last, so a filter
-        # that few pass costs a few round trips), not the whole neighbourhood at once.
+                starts[cube_id] = mine
+        # The walk and PageRank pass only through memories that could be results themselves. The graphs
+        # know which memories have expired (and hold active memories only), so a request without filters
+        # needs no query for that. With filters, one statement checks every memory the neighbourhood
+        # reached (the candidates passed them already); when some fail, the neighbourhood is gathered
+        # again without them, so no rank flows through them and no ``via`` names them. Memories the graph
+        # gained meanwhile (writes while the statement ran) were not checked: that second walk leaves them
+        # out too.
+        now = time.time()
+        parts = {
+            cube_id: graphs[cube_id].spread(mine, GRAPH_HOPS, GRAPH_MAX_NODES, now=now)
+            for cube_id, mine in starts.items()
+        }
+        filtered = bool(where.shape) or "active" not in where.params["states"]
+        passed: dict[Any, uuid.UUID] = {}
+        if filtered:
+            unchecked = list(dict.fromkeys(m for part in parts.values() for m in part.memories() if m not in by_id))
+            if unchecked:
+                params = {**where.params, "ids": unchecked}
+                passed = {r.id: r.cube_id for r in await conn.exec_driver_sql(statements.within(where.shape), params)}
+            if len(passed) < len(unchecked):
+                admit = set(by_id).union(passed)
+                parts = {
+                    cube_id: graphs[cube_id].spread(mine, GRAPH_HOPS, GRAPH_MAX_NODES, admit=admit, now=now)
+                    for cube_id, mine in starts.items()
+                }
+        expansions = combine(parts.values(), GRAPH_SEED_WEIGHT)
+        # Enough for the k results and MMR's finalists. Without filters, the memories found only through the
+        # graph are still checked in SQL before they can be results (a graph misses writes made by other
+        # processes): best first, a chunk at a time (each twice the last), not the whole neighbourhood.
         want = max(req.k * 3, GRAPH_FINALISTS)
         ordered: list[Candidate] = []
         done, size = 0, 2 * want
         while len(ordered) < want and done < len(expansions):
             chunk = expansions[done : done + size]
             done, size = done + len(chunk), 2 * size
-            reached = {e.id: e.via for e in chunk if e.id not in by_id}
-            if reached:
-                params = {**where.params, "ids": list(reached)}
-                for r in await conn.exec_driver_sql(statements.within(where.shape), params):
-                    by_id[r.id] = Candidate(id=r.id, cube_id=r.cube_id, via={reached[r.id]})
+            if not filtered:
+                reached = [e.id for e in chunk if e.id not in by_id]
+                if reached:
+                    params = {**where.params, "ids": reached}
+                    for r in await conn.exec_driver_sql(statements.within(where.shape), params):
+                        passed[r.id] = r.cube_id
             for e in chunk:
-                cand = by_id.get(typing.cast(uuid.UUID, e.id))
-                if cand is not None:
-                    cand.score = e.score
-                    ordered.append(cand)
+                memory_id = typing.cast(uuid.UUID, e.id)
+                cand = by_id.get(memory_id)
+                if cand is None:
+                    home = passed.get(memory_id)
+                    if home is None:
+                        continue  # failed the check, or (filtered) not checked and so not reached: no result
+                    cand = by_id[memory_id] = Candidate(id=memory_id, cube_id=home, via={e.via})
+                cand.score = e.score
+                ordered.append(cand)
         if req.diversity <= 0:
             return ordered
         head = ordered[:want]
