@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from memos.memories.schemas import Memory
+from memos.memories.schemas import Memory, Tags
 from memos.validation import NON_BLANK
 
 MAX_K = 200
@@ -24,7 +24,7 @@ class SearchRequest(msgspec.Struct, forbid_unknown_fields=True):
     k: Annotated[int, msgspec.Meta(ge=1, le=MAX_K)] = 10
     mode: Mode = "hybrid"
     kinds: list[Literal["plaintext", "response", "activation"]] | None = None
-    tags: Annotated[list[str], msgspec.Meta(max_length=64)] | None = None
+    tags: Tags | None = None  # as a memory's: an empty tag matches nothing (it was accepted)
     """Every listed tag must be present."""
     filters: dict[str, Any] | None = None
     """Metadata that must match exactly (JSON containment)."""
