@@ -26,7 +26,7 @@ from memos.activations import files, schemas
 from memos.activations.freshness import is_fresh, is_stale, with_freshness
 from memos.activations.models import KVWorker, ModelRegistry
 from memos.activations.tiers import KVTiers, ResidentTier
-from memos.cubes.access import cube_access, readable_cube_ids
+from memos.cubes.access import readable_cube_ids
 from memos.errors import Conflict, FieldError, Invalid, NotFound, Unavailable
 from memos.identity.principal import Principal
 from memos.kv.errors import FingerprintMismatch, KVChecksumError, KVError, KVFormatError, KVInputError, NotShiftable
@@ -168,12 +168,8 @@ class ActivationService:
                 f"the memory's text is {len(ids)} tokens; model {lm.name!r} has {lm.max_positions} positions",
             )
         ids_sha = token_ids_sha256(ids)
-        blob = await self._reusable_blob(principal, lm.fingerprint, ids_sha)
-        if blob is not None:
-            try:
-                return await self._insert(principal, source, lm, ids_sha, blob, "activation.build")
-            except _FileFreed:
-                pass  # a drop or gc freed it meanwhile: build it after all
+        if (reused := await self._reuse(principal, source, lm, ids_sha, "activation.build")) is not None:
+            return reused
         meta = _meta(lm, source.id, source.version)
         data, chunk = await self.worker.run(_prefill_file, lm, ids, meta)
         key = await self._put(data)
@@ -209,8 +205,8 @@ class ActivationService:
         self, principal: Principal, source: Row[Any], lm: LoadedModel, ids_sha: str, blob: _Blob, action: str
     ) -> tuple[schemas.Activation, bool]:
         async with self.db.transaction() as conn:
+            # Checks write access and holds the cube (shared, against deletion), then the memory, till commit.
             current = await self.memories.load_row(conn, principal, source.id, "write", lock=True)
-            await cube_access(conn, principal, current.cube_id, "write")  # share-locks the cube against deletion
             if current.version != source.version:
                 raise Conflict("the memory changed while its KV was being built; retry")
             # A concurrent build of the same KV may have won while this one computed: answer with its result.
@@ -265,6 +261,19 @@ class ActivationService:
             row = await self._row(conn, memory.id)
         self.memories.derived_written(memory, source.id)
         return self._dto(row), True
+
+    async def _reuse(
+        self, principal: Principal, source: Row[Any], lm: LoadedModel, ids_sha: str, action: str
+    ) -> tuple[schemas.Activation, bool] | None:
+        """The activation made from a stored file with this KV; None when there is none, or when a drop or gc
+        freed it meanwhile (the caller then writes one)."""
+        blob = await self._reusable_blob(principal, lm.fingerprint, ids_sha)
+        if blob is None:
+            return None
+        try:
+            return await self._insert(principal, source, lm, ids_sha, blob, action)
+        except _FileFreed:
+            return None
 
     async def _reusable_blob(self, principal: Principal, fingerprint: str, ids_sha: str) -> _Blob | None:
         """A stored file with exactly this KV, built by anyone in the caller's tenant (``_insert`` claims it, and
@@ -490,12 +499,8 @@ class ActivationService:
             existing = await self._fresh_for(conn, memory_id, lm, source.version)
         if existing is not None:
             return self._dto(existing), False
-        blob = await self._reusable_blob(principal, lm.fingerprint, ids_sha)
-        if blob is not None:
-            try:
-                return await self._insert(principal, source, lm, ids_sha, blob, "activation.import")
-            except _FileFreed:
-                pass  # freed meanwhile: store the uploaded file instead
+        if (reused := await self._reuse(principal, source, lm, ids_sha, "activation.import")) is not None:
+            return reused  # the tenant already stores this KV: the upload is dropped
         key = await self._put(data)
         blob = _Blob(sha256=key, nbytes=len(data), tokens=chunk.tokens, dtype=lm.dtype)
         return await self._insert_written(principal, source, lm, ids_sha, blob, data, "activation.import")
