@@ -404,9 +404,7 @@ class ActivationService:
         except (BlobCorrupt, BlobNotFound) as exc:
             data, row = await self._repair(principal, row, exc)
             repaired = True
-        sent = _own_header(data, row)
-        # The body's sha256: the stored file's, unless the header was rewritten for this activation.
-        sha256 = row.sha256 if sent is data else await asyncio.to_thread(lambda: hashlib.sha256(sent).hexdigest())
+        sent, sha256 = await asyncio.to_thread(_own_header, data, row)  # a file of megabytes: off the event loop
         return sent, sha256, self._dto(row), repaired
 
     async def _repair(self, principal: Principal, row: Row[Any], problem: Exception) -> tuple[bytes, Row[Any]]:
@@ -764,12 +762,14 @@ def _model_dto(lm: LoadedModel) -> schemas.Model:
     )
 
 
-def _own_header(data: bytes, row: Row[Any]) -> bytes:
-    """The file as this activation's own: a shared file's header names the memory it was first built for, which
-    may sit in a cube the caller cannot read (``codec.relabel``)."""
+def _own_header(data: bytes, row: Row[Any]) -> tuple[bytes, str]:
+    """The file as this activation's own, and its sha256: a shared file's header names the memory it was first
+    built for, which may sit in a cube the caller cannot read (``codec.relabel``). Unchanged, it is the stored
+    file, whose sha256 is its key."""
     from memos.kv.codec import relabel
 
-    return relabel(data, str(row.memory_id), row.source_version)
+    sent = relabel(data, str(row.memory_id), row.source_version)
+    return sent, row.sha256 if sent is data else hashlib.sha256(sent).hexdigest()
 
 
 def _meta(lm: LoadedModel, memory_id: uuid.UUID, version: int) -> Any:

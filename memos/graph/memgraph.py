@@ -489,6 +489,8 @@ class MemoryGraph:
         return self._expired
 
     def _set_expiry(self, memory_id: MemoryId, expires_at: float | None) -> None:
+        if self._expiry.get(memory_id) == expires_at:
+            return  # unchanged (most writes): no second heap entry, and an expired memory stays expired
         self._expired.discard(memory_id)
         if expires_at is None:
             self._expiry.pop(memory_id, None)

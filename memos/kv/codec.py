@@ -294,7 +294,7 @@ def relabel(data: bytes, memory_id: str, version: int) -> bytes:
     header["__metadata__"] = {**meta, "memory_id": memory_id, "version": str(version)}
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # as safetensors pads it: the tensor bytes start 8-aligned
-    return len(text).to_bytes(8, "little") + text + data[start:]
+    return b"".join((len(text).to_bytes(8, "little"), text, memoryview(data)[start:]))  # one copy of the tensors
 
 
 def read_meta(data: bytes | bytearray | memoryview) -> dict[str, str]:

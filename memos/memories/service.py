@@ -167,8 +167,8 @@ def _not_expired() -> Any:
 
 
 Accesses = Callable[[uuid.UUID | None, list[tuple[uuid.UUID, float]]], None]
-"""Told of reads: (the reader's tenant, [(memory id, weight)]), all of them that tenant's memories."""
-"""Told of reads that count as uses of memories: (memory id, weight) pairs (the scheduler's heat)."""
+"""Told of reads that count as uses of memories (the scheduler's heat): (the reader's tenant, [(memory id,
+weight)]), all of them that tenant's memories."""
 
 BlobReleaser = Callable[[Sequence[str]], Awaitable[None]]
 """Called after a purge commits with the blob keys its KV activations used (the activations domain frees them)."""

@@ -41,7 +41,7 @@ from memos.identity.principal import Principal
 from memos.scheduler import schemas
 from memos.scheduler.heat import HeatTable
 from memos.store.db import Database
-from memos.store.models import activations, cubes, memories
+from memos.store.models import HEAT_SQL, activations, cubes, memories
 
 if TYPE_CHECKING:
     from memos.kv.runtime import LoadedModel
@@ -85,14 +85,12 @@ whose deletion is in flight is then skipped once it commits, instead of failing 
 key (found in review: the join's snapshot still saw the row)."""
 
 _SEED = text(
-    """
-    SELECT h.memory_id AS id, h.heat, m.tenant_id FROM memory_heat h JOIN memories m ON m.id = h.memory_id
-    WHERE h.heat > 0 AND m.state <> 'deleted'
-    UNION ALL
-    SELECT m.id, m.heat, m.tenant_id FROM memories m
-    WHERE m.heat > 0 AND m.state <> 'deleted' AND NOT EXISTS (SELECT 1 FROM memory_heat h WHERE h.memory_id = m.id)
-    ORDER BY heat DESC LIMIT :n
-    """
+    f"""
+    SELECT id, heat, tenant_id FROM (
+        SELECT m.id, {HEAT_SQL} AS heat, m.tenant_id FROM memories m WHERE m.state <> 'deleted'
+    ) AS known
+    WHERE heat > 0 ORDER BY heat DESC LIMIT :n
+    """  # noqa: S608 (HEAT_SQL is a constant)
 )
 
 
@@ -328,7 +326,7 @@ class Scheduler:
         tenant_id, _ = principal.tenant_member()
         # The caller's tenant's hottest only: filtered after a server-wide top, another tenant's reads could push
         # every one of them out of it and empty this list (found in review).
-        hot = await asyncio.to_thread(lambda: self.heat.hottest(HOT, tenant=tenant_id))
+        hot = await asyncio.to_thread(self.heat.hottest, HOT, tenant=tenant_id)
         async with self.db.read() as conn:
             readable = await _readable(conn, principal, [m for m, _ in hot])
             shown = [(m, h) for m, h in hot if m in readable][:SHOWN]

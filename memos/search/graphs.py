@@ -167,7 +167,7 @@ class CubeGraphs:
 
     def memories_written(self, cube_id: uuid.UUID, rows: Iterable[Any]) -> None:
         """New or changed memories (rows with id, state, content, metadata, expires_at)."""
-        snapshot = [(r.id, r.state, r.content, r.metadata, getattr(r, "expires_at", None)) for r in rows]
+        snapshot = [(r.id, r.state, r.content, r.metadata, r.expires_at) for r in rows]
 
         def note(graph: MemoryGraph) -> None:
             for memory_id, state, content, metadata, expires_at in snapshot:

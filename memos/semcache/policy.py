@@ -66,6 +66,8 @@ DEFAULT_MAX_ENTRIES = 100_000
 MAX_ENTRIES_LIMIT = 10_000_000
 MAX_CATEGORIES = 64
 """Categories per cube, the built-in ones included."""
+MAX_CATEGORY_NAME = 64
+"""Characters in a category's name."""
 
 NAME_SPACE = (
     " \t\n\x0b\x0c\r\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
@@ -184,8 +186,10 @@ def parse_category(
     Raises :class:`PolicyError` naming the field, e.g. ``categories.code.threshold``.
     """
     prefix = where or f"categories.{name}"
-    if not isinstance(name, str) or not name.strip(NAME_SPACE) or "\x00" in name or len(name) > 64:
-        raise PolicyError(prefix, "a category name must be a non-empty string of at most 64 characters")
+    if not isinstance(name, str) or not name.strip(NAME_SPACE) or "\x00" in name or len(name) > MAX_CATEGORY_NAME:
+        raise PolicyError(
+            prefix, f"a category name must be a non-empty string of at most {MAX_CATEGORY_NAME} characters"
+        )
     if not isinstance(data, Mapping):
         raise PolicyError(prefix, f"must be an object, not {type(data).__name__}")
     unknown = sorted(set(data) - _FIELDS)

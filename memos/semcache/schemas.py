@@ -13,6 +13,7 @@ from memos.memories.schemas import Ttl
 from memos.semcache.guards import GUARD_NAMES
 from memos.semcache.policy import (
     MAX_CATEGORIES,
+    MAX_CATEGORY_NAME,
     MAX_ENTRIES_LIMIT,
     MAX_TTL_SECONDS,
     NAME_SPACE,
@@ -26,7 +27,7 @@ MAX_CONTEXT_BYTES = 64 * 1024
 
 Query = Annotated[str, msgspec.Meta(min_length=1, max_length=8000)]
 Answer = Annotated[str, msgspec.Meta(min_length=1)]
-Category = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Category = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CATEGORY_NAME)]
 
 
 class TurnIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -183,6 +184,8 @@ def categories_schema() -> Schema:
         type=OpenAPIType.OBJECT,
         # No NUL anywhere (Postgres text cannot hold it), and not only spaces.
         max_properties=MAX_CATEGORIES,
-        property_names=Schema(type=OpenAPIType.STRING, min_length=1, max_length=64, pattern=_NAME_PATTERN),
+        property_names=Schema(
+            type=OpenAPIType.STRING, min_length=1, max_length=MAX_CATEGORY_NAME, pattern=_NAME_PATTERN
+        ),
         additional_properties=category,
     )

@@ -258,12 +258,12 @@ class SemCacheService:
                 # few seconds, and only once a lookup comes): decide again under the current one.
                 await self.indexes.reload_policy(req.cube_id)
                 continue
-            if _confirmed(row, chosen) and row.entry_threshold != chosen.threshold:
-                # Feedback raised the entry's threshold elsewhere (another process, or before the entry left the
-                # index and came back through an archive or a restore): decide again with it.
-                chosen.threshold = row.entry_threshold
-                continue
             if _confirmed(row, chosen):
+                if row.entry_threshold != chosen.threshold:
+                    # Feedback raised the entry's threshold elsewhere (another process, or before the entry left
+                    # the index and came back through an archive or a restore): decide again with it.
+                    chosen.threshold = row.entry_threshold
+                    continue
                 return decision, (row.content, row.version)
             # Postgres says otherwise (another process changed or removed it): drop it, catch up, decide again.
             index.remove(chosen.id)

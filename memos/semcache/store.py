@@ -226,36 +226,36 @@ async def nearest_entries(conn: AsyncConnection, cube_id: uuid.UUID, vector: Vec
 async def check_and_fetch(
     conn: AsyncConnection, principal: Principal, cube_id: uuid.UUID, memory_id: uuid.UUID | None
 ) -> Row[Any] | None:
-    """One round trip: the caller's standing in the cube and, when given, the entry's current state and answer.
+    """One round trip: the caller's standing in the cube and, when given, the entry's current state, answer and
+    threshold, and the cube's policy stamp.
 
     ``None`` when the cube is not the caller's tenant's or is deleted. The entry columns are NULL when
     it is not in that cube.
     """
     tenant_id, agent_id = principal.tenant_member()
-    entry = memories.alias("m")
-    query = (
-        select(
-            cubes.c.owner_agent_id,
-            cube_grants.c.access.label("grant"),
-            entry.c.version,
-            entry.c.state,
-            entry.c.kind,
-            entry.c.content,
-            or_(entry.c.expires_at.is_(None), entry.c.expires_at > func.now()).label("fresh"),
-            # What a hit is decided with besides the entry: its feedback threshold and the cube's policy, both
-            # of which another process (or a re-added entry) may hold older than Postgres.
-            cache_entries.c.threshold.label("entry_threshold"),
-            _policy_stamp(cubes.c.id).label("policy_stamp"),
-        )
+    query: Any = (
+        select(cubes.c.owner_agent_id, cube_grants.c.access.label("grant"))
         .select_from(cubes)
         .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id))
-        .outerjoin(
-            entry,
-            and_(entry.c.id == (memory_id if memory_id is not None else literal(None)), entry.c.cube_id == cubes.c.id),
-        )
-        .outerjoin(cache_entries, cache_entries.c.memory_id == entry.c.id)
         .where(cubes.c.id == cube_id, cubes.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
     )
+    if memory_id is not None:
+        entry = memories.alias("m")
+        query = (
+            query.add_columns(
+                entry.c.version,
+                entry.c.state,
+                entry.c.kind,
+                entry.c.content,
+                or_(entry.c.expires_at.is_(None), entry.c.expires_at > func.now()).label("fresh"),
+                # What a hit is decided with besides the entry: its feedback threshold and the cube's policy,
+                # both of which another process (or a re-added entry) may hold older than Postgres.
+                cache_entries.c.threshold.label("entry_threshold"),
+                _policy_stamp(cubes.c.id).label("policy_stamp"),
+            )
+            .outerjoin(entry, and_(entry.c.id == memory_id, entry.c.cube_id == cubes.c.id))
+            .outerjoin(cache_entries, cache_entries.c.memory_id == entry.c.id)
+        )
     return (await conn.execute(query)).first()
 
 

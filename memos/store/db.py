@@ -38,11 +38,16 @@ PING_AFTER_IDLE_S = 30.0
 """A pooled connection idle longer than this is pinged (one round trip) before use."""
 
 
+def pool_most(pool_size: int) -> int:
+    """The most connections the pool opens: ``pool_size``, and as many again when busy (its overflow)."""
+    return 2 * pool_size
+
+
 def create_engine(url: str, pool_size: int) -> AsyncEngine:
     engine = create_async_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_most(pool_size) - pool_size,
         pool_timeout=POOL_TIMEOUT_S,
         connect_args={
             "connect_timeout": CONNECT_TIMEOUT_S,
@@ -126,8 +131,7 @@ class Database:
         if engine is None:
             return None
         pool: Any = engine.sync_engine.pool
-        # create_engine lets the pool open as many again as its size when busy (max_overflow = pool_size).
-        return pool.checkedout(), pool.checkedin(), 2 * self.settings.db_pool_size
+        return pool.checkedout(), pool.checkedin(), pool_most(self.settings.db_pool_size)
 
     async def start(self) -> None:
         """Start the embedded server and migrate it, or check an external server's schema; then connect."""
@@ -205,15 +209,12 @@ def _unavailable_when_disconnected() -> Iterator[None]:
     (an OperationalError too) is a 409 naming it: the database answered, and a retry of the request succeeds."""
     try:
         yield
-    except OperationalError as exc:
-        if getattr(exc.orig, "sqlstate", None) in _CONCURRENT_WRITES:
+    except (OperationalError, InterfaceError, PoolTimeout) as exc:
+        if isinstance(exc, OperationalError) and getattr(exc.orig, "sqlstate", None) in _CONCURRENT_WRITES:
             log.warning("concurrent writes crossed", extra={"error": type(exc.orig).__name__})
             raise Conflict(
                 "a concurrent write to the same data crossed this one and it was rolled back; retry",
                 headers={"Retry-After": "0"},
             ) from exc
-        log.warning("database unavailable", extra={"error": type(exc).__name__})
-        raise Unavailable("the database is not answering; retry shortly", headers={"Retry-After": "1"}) from exc
-    except (InterfaceError, PoolTimeout) as exc:
         log.warning("database unavailable", extra={"error": type(exc).__name__})
         raise Unavailable("the database is not answering; retry shortly", headers={"Retry-After": "1"}) from exc
