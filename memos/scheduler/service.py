@@ -84,14 +84,14 @@ The join skips a memory deleted since it was read. Its rows are locked (key shar
 whose deletion is in flight is then skipped once it commits, instead of failing the whole write on the foreign
 key (found in review: the join's snapshot still saw the row)."""
 
-_SEED = text(
-    f"""
+# A constant fragment (HEAT_SQL) only; the limit is a bound parameter.
+_SEED_SQL = f"""
     SELECT id, heat, tenant_id FROM (
         SELECT m.id, {HEAT_SQL} AS heat, m.tenant_id FROM memories m WHERE m.state <> 'deleted'
     ) AS known
     WHERE heat > 0 ORDER BY heat DESC LIMIT :n
-    """  # noqa: S608 (HEAT_SQL is a constant)
-)
+    """  # noqa: S608
+_SEED = text(_SEED_SQL)
 
 
 @dataclasses.dataclass(slots=True)
