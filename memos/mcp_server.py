@@ -16,7 +16,7 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -157,7 +157,8 @@ def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos"
         return Remembered(id=memory.id, version=memory.version, cube_id=memory.cube_id)
 
     @server.tool()
-    async def recall(query: str, k: int = 10, mode: Mode = "hybrid") -> Recalled:
+    # k: the search API's own bounds (MAX_K), published in the tool's schema so a model sees them.
+    async def recall(query: str, k: Annotated[int, Field(ge=1, le=200)] = 10, mode: Mode = "hybrid") -> Recalled:
         """Search the memories for `query`; return up to `k` of them, best first.
 
         `mode`: hybrid (default: text and vector together), vector (by meaning), text (by words) or graph
@@ -232,7 +233,7 @@ def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos"
         response: str,
         context: list[str] | None = None,
         category: str | None = None,
-        ttl_seconds: int | None = None,
+        ttl_seconds: Annotated[int, Field(ge=1)] | None = None,
     ) -> Cached:
         """Keep `response` as the answer to `query` (asked after `context`), so the same question is answered
         from the cache next time. `ttl_seconds`: forget it after this long (answers that go stale)."""

@@ -17,7 +17,7 @@ from conftest import Factory
 from langgraph.store.base import BaseStore, InvalidNamespaceError, Item, SearchItem
 from litestar import Litestar
 from litestar.testing import TestClient
-from memos_client import MemosClient, NotFound
+from memos_client import Conflict, MemosClient, NotFound
 from memos_client.compat.langgraph import MemosStore
 from memos_client.compat.mem0 import Memory
 from test_sdk import BASE, InProcess
@@ -241,3 +241,21 @@ def test_mem0_bad_input(mem0: Memory) -> None:
     with pytest.raises(NotFound):
         mem0.update("00000000-0000-0000-0000-000000000000", "x")
     assert mem0.get("00000000-0000-0000-0000-000000000000") is None
+
+
+def test_a_cube_name_another_agent_holds_is_a_clear_error(
+    factory: Factory, connect: Callable[[str], MemosClient]
+) -> None:
+    """Cube names are unique per tenant: the second agent's default cube cannot be created, nor seen."""
+    tenant = factory.tenant()
+    first, second = factory.agent(tenant), factory.agent(tenant)
+    Memory(connect(first.key)).add("I like dark roast coffee", user_id="alice")
+    with pytest.raises(Conflict, match="this key cannot read it") as mem0_error:
+        Memory(connect(second.key)).add("I like green tea", user_id="bob")
+    assert "cube=" in str(mem0_error.value)
+    assert Memory(connect(second.key), cube="mem0-bob").add("I like green tea", user_id="bob")["results"]
+
+    MemosStore(connect(first.key)).put(("notes",), "k", {"text": "first"})
+    with pytest.raises(Conflict, match="this key cannot read it") as store_error:
+        MemosStore(connect(second.key)).put(("notes",), "k", {"text": "second"})
+    assert "cube_prefix=" in str(store_error.value)

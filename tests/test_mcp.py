@@ -91,6 +91,11 @@ async def test_tools_round_trip(async_app: Litestar, agent_key_and_cube: tuple[s
         assert set(tools["remember"].input_schema["properties"]) == {"content", "tags", "metadata"}
         assert tools["remember"].input_schema["required"] == ["content"]
         assert set(tools["recall"].input_schema["properties"]) == {"query", "k", "mode"}
+        # The bounds a model must respect are in the schema it reads, not only in the errors it gets back.
+        k = tools["recall"].input_schema["properties"]["k"]
+        assert (k["minimum"], k["maximum"], k["default"]) == (1, 200, 10)
+        over = await mcp.call_tool("recall", {"query": "tea", "k": 201})
+        assert over.is_error and "200" in over.content[0].text
 
         saved = structured(
             await mcp.call_tool(
@@ -136,6 +141,8 @@ async def test_cache_tools(async_app: Litestar, agent_key_and_cube: tuple[str, s
         tools = {t.name: t for t in (await mcp.list_tools()).tools}
         assert tools["cache_lookup"].input_schema["required"] == ["query"]
         assert tools["cache_store"].input_schema["required"] == ["query", "response"]
+        ttl = tools["cache_store"].input_schema["properties"]["ttl_seconds"]
+        assert {"type": "integer", "minimum": 1} in ttl["anyOf"]
 
         miss = structured(await mcp.call_tool("cache_lookup", {"query": "How long do I boil an egg?"}))
         assert (miss["hit"], miss["response"]) == (False, None)

@@ -11,7 +11,9 @@ drop a connection on demand.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import re
 import socket
 import sys
@@ -790,6 +792,18 @@ def test_writes_are_retried_only_when_nothing_was_sent() -> None:
     assert len(script.requests) == 1
     assert lost.value.status is None
     assert isinstance(lost.value.__cause__, httpx.ReadError)
+    # A DELETE whose connection broke after sending: not repeated either. A delete writes a version, so a
+    # repeat of one that landed answers 404 (or 412 under If-Match) for a delete that happened.
+    for delete in (lambda sdk: sdk.memories.delete(MISSING), lambda sdk: sdk.cubes.delete(MISSING)):
+        script = Script(httpx.ReadError, httpx.Response(204))
+        with scripted(script) as sdk, pytest.raises(TransportError):
+            delete(sdk)
+        assert len(script.requests) == 1
+    # ... but one that was never sent is.
+    script = Script(httpx.ConnectError, httpx.Response(204))
+    with scripted(script) as sdk:
+        sdk.memories.delete(MISSING)
+    assert len(script.requests) == 2
     # search is a POST that only reads: retried like a GET.
     script = Script(503, httpx.RemoteProtocolError, httpx.Response(200, json={"results": [], "took_ms": 1.0}))
     with scripted(script) as sdk:
@@ -819,6 +833,45 @@ def test_reads_retry_lost_connections_but_not_timeouts_or_500() -> None:
         sdk.agents.me()
     assert len(script.requests) == 1
     assert type(failed.value) is ServerError
+
+
+def test_a_downloaded_kv_file_is_checked_against_its_digest() -> None:
+    body = b"memos-kv bytes"
+    good = {"X-Memos-SHA256": hashlib.sha256(body).hexdigest(), "Content-Type": "application/octet-stream"}
+    with scripted(Script(httpx.Response(200, content=body, headers=good))) as sdk:
+        assert sdk.activations.download(MISSING) == body
+    damaged = httpx.Response(200, content=body[:-1] + b"X", headers=good)
+    with scripted(Script(damaged)) as sdk, pytest.raises(InvalidResponse, match="SHA-256"):
+        sdk.activations.download(MISSING)
+    unsigned = httpx.Response(200, content=body, headers={"Content-Type": "application/octet-stream"})
+    with scripted(Script(unsigned)) as sdk, pytest.raises(InvalidResponse):
+        sdk.activations.download(MISSING)
+
+
+def test_an_id_cannot_change_the_route() -> None:
+    """quote() leaves "." alone and httpx resolves dot segments: "grants/.." would have been the cube itself."""
+    for hostile in ("..", "."):
+        script = Script(404)
+        with scripted(script) as sdk, pytest.raises(NotFound):
+            sdk.cubes.revoke(MISSING, hostile)
+        assert script.requests[0].method == "DELETE"
+        assert script.requests[0].url.raw_path.decode().startswith(f"/v1/cubes/{MISSING}/grants/%2E")
+    with scripted(Script(404)) as sdk, pytest.raises(ValueError, match="empty"):
+        sdk.memories.delete("")
+
+
+def test_one_string_where_a_list_belongs_is_refused() -> None:
+    """Iterating "prefs" gives its letters: the search would quietly have looked for tags p, r, e, f and s."""
+    with scripted(Script(500)) as sdk:
+        for call in (
+            lambda: sdk.search("x", tags="prefs"),
+            lambda: sdk.search("x", kinds="plaintext"),
+            lambda: sdk.search("x", states="active"),
+            lambda: sdk.search("x", cube_ids=MISSING),
+            lambda: sdk.memories.add(MISSING, content="x", tags="prefs"),
+        ):
+            with pytest.raises(TypeError, match="must be a list"):
+                call()
 
 
 def test_unexpected_bodies_are_sdk_errors_not_decoder_errors() -> None:
@@ -934,6 +987,47 @@ def test_documentation_snippets_run(
         assert "404 no such cube" in out
         assert "MemosClient(base_url='http://127.0.0.1:8000')" in out
         assert re.search(r"^cached tokens: (\d+) \1$", out, flags=re.M)
+
+
+def test_mcp_documentation_runs(
+    live_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/mcp.md's blocks as written: make a cube with the agent's key, then talk to `memos mcp --transport http`."""
+    import subprocess
+
+    blocks = python_blocks(REPO / "docs/mcp.md")
+    assert len(blocks) == 2, "docs/mcp.md's python blocks changed: update this test"
+    with MemosClient(live_url, api_key=OPERATOR_KEY) as operator:
+        tenant = operator.tenants.create(unique("mcp-docs"))
+    with MemosClient(live_url, api_key=tenant.admin_key) as admin:
+        agent = admin.agents.create("assistant")
+    monkeypatch.setenv("MEMOS_URL", live_url)
+    namespace: dict[str, Any] = {"__name__": "__doc_snippet__"}
+    exec(compile(blocks[0].replace("memos_...", agent.api_key), "docs/mcp.md[block 0]", "exec"), namespace)  # noqa: S102
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "memos.cli.main", "mcp", "--transport", "http", "--port", str(port)]
+    env = {"MEMOS_API_KEY": agent.api_key, "MEMOS_CUBE_ID": str(namespace["cube"].id)}
+    log = tmp_path / "mcp.log"
+    with log.open("wb") as stderr:
+        server = subprocess.Popen(command, env={**os.environ, **env}, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "memos mcp did not start listening"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        block = blocks[1].replace("8765", str(port))
+        exec(compile(block, "docs/mcp.md[block 1]", "exec"), {"__name__": "__doc_snippet__"})  # noqa: S102
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert capsys.readouterr().out.splitlines()[-1] == "Ada prefers jasmine tea"
 
 
 def test_the_sdk_installs_and_imports_alone(tmp_path: Path) -> None:

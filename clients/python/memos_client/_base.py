@@ -7,6 +7,8 @@ The clients differ only in how they send a request and how they wait; everything
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import logging
 import os
 import random
@@ -35,7 +37,9 @@ Id = str | uuid.UUID
 """An id as a UUID string or a ``uuid.UUID``."""
 
 RETRY_STATUSES = frozenset({429, 503})
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# Not DELETE: memos writes a new version on a delete, so a repeat of one that landed answers 404
+# (or 412 under If-Match) and would report a failure for a delete that happened.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT"})
 # The request never left this machine: safe to send again whatever it does.
 _NOT_SENT: tuple[type[httpx.TransportError], ...] = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 # The connection broke; the server may have acted: only an idempotent request may be sent again.
@@ -46,8 +50,8 @@ _CONNECTION_LOST: tuple[type[httpx.TransportError], ...] = (httpx.NetworkError, 
 class RetryPolicy:
     """When and how long to wait before sending a request again.
 
-    Retried: a 429 or 503 answer, or a lost connection, for idempotent requests (GET, PUT, DELETE,
-    and ``search``, a POST that only reads); for other POSTs and for PATCH only a connection that
+    Retried: a 429 or 503 answer, or a lost connection, for idempotent requests (GET, PUT, and
+    ``search``, a POST that only reads); for other POSTs, PATCH and DELETE only a connection that
     failed before the request was sent (connect error, connect or pool timeout). Nothing else is
     retried: not 500, not a read timeout, not a 4xx.
 
@@ -109,6 +113,8 @@ class Call(Generic[T]):
     headers: Mapping[str, str] | None = None
     idempotent: bool | None = None
     """``None``: decided by the method. ``True`` for a POST that only reads (search)."""
+    digest_header: str | None = None
+    """A response header carrying the body's SHA-256 (hex): the body is checked against it."""
 
     @property
     def repeatable(self) -> bool:
@@ -118,7 +124,31 @@ class Call(Generic[T]):
 
 def path(*segments: object) -> str:
     """``/v1/...`` with every segment percent-encoded, so an id can never change the route."""
-    return "/v1/" + "/".join(quote(str(s), safe="") for s in segments)
+    return "/v1/" + "/".join(_segment(str(s)) for s in segments)
+
+
+def _segment(value: str) -> str:
+    if not value:
+        raise ValueError("an id must not be empty")
+    # quote() leaves "." alone, and an HTTP client resolves "." and ".." segments: "grants/.." would
+    # become the cube itself. Escaped, they reach the server as the ids they are (and are not found).
+    if value in (".", ".."):
+        return "%2E" * len(value)
+    return quote(value, safe="")
+
+
+def _check_digest(call: Call[Any], response: httpx.Response) -> None:
+    """A body that is not the one the server hashed (cut short or altered on the way) is an error, not data."""
+    assert call.digest_header is not None
+    expected = response.headers.get(call.digest_header)
+    actual = hashlib.sha256(response.content).hexdigest()
+    if expected is None or not hmac.compare_digest(expected.strip().lower(), actual):
+        raise InvalidResponse(
+            f"{call.method} {call.path}: the body's SHA-256 is {actual}, {call.digest_header} says {expected}",
+            status=response.status_code,
+            request_id=response.headers.get("X-Request-ID"),
+            headers=response.headers,
+        )
 
 
 def time_param(name: str, value: datetime | str) -> str:
@@ -223,6 +253,8 @@ class BaseClient:
     def _result(call: Call[T], response: httpx.Response) -> T:
         if not response.is_success:
             raise error_for(response)
+        if call.digest_header is not None:
+            _check_digest(call, response)
         try:
             return call.decode(response.content)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:

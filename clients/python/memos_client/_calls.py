@@ -168,6 +168,20 @@ def _links(value: Iterable[LinkIn | Mapping[str, Any]] | None) -> list[LinkIn | 
     return [v if isinstance(v, LinkIn) else dict(v) for v in value]
 
 
+def _list(name: str, values: Iterable[Any] | None) -> list[Any] | None:
+    """The values as a list; one string is refused, since iterating it gives its characters."""
+    if values is None:
+        return None
+    if isinstance(values, str | bytes):
+        raise TypeError(f"{name} must be a list, not a single {type(values).__name__}: wrap it in [...]")
+    return list(values)
+
+
+def _ids(name: str, values: Iterable[Id] | None) -> list[str] | None:
+    listed = _list(name, values)
+    return None if listed is None else [str(v) for v in listed]
+
+
 def memory_body(
     *,
     content: str,
@@ -178,14 +192,12 @@ def memory_body(
     links: Iterable[LinkIn | Mapping[str, Any]] | None,
     ttl_seconds: int | None,
 ) -> dict[str, Any]:
-    if isinstance(tags, str):
-        raise TypeError("tags must be a list of strings, not a string")
     return {
         "kind": kind,
         **compact(
             content=content,
             metadata=_dict(metadata),
-            tags=None if tags is None else list(tags),
+            tags=_list("tags", tags),
             provenance=_provenance(provenance),
             links=_links(links),
             ttl_seconds=ttl_seconds,
@@ -302,15 +314,15 @@ def search(
 ) -> Call[SearchResponse]:
     body = compact(
         query=query_text,
-        cube_ids=None if cube_ids is None else [str(c) for c in cube_ids],
+        cube_ids=_ids("cube_ids", cube_ids),
         k=k,
         mode=mode,
-        kinds=None if kinds is None else list(kinds),
-        tags=None if tags is None else list(tags),
+        kinds=_list("kinds", kinds),
+        tags=_list("tags", tags),
         filters=_dict(filters),
         since=None if since is None else time_param("since", since),
         until=None if until is None else time_param("until", until),
-        states=None if states is None else list(states),
+        states=_list("states", states),
         diversity=diversity,
     )
     # Search only reads: retrying it on 429/503 is as safe as retrying a GET.
@@ -404,7 +416,9 @@ def get_activation(activation_id: Id) -> Call[Activation]:
 
 def download_kv(activation_id: Id) -> Call[bytes]:
     headers = {"Accept": "application/octet-stream"}
-    return Call("GET", path("activations", activation_id, "kv"), _raw_bytes, headers=headers)
+    return Call(
+        "GET", path("activations", activation_id, "kv"), _raw_bytes, headers=headers, digest_header="X-Memos-SHA256"
+    )
 
 
 def import_kv(memory_id: Id, model: str, data: bytes) -> Call[Activation]:
@@ -433,7 +447,7 @@ def generate(
     body = compact(
         model=model,
         prompt=prompt,
-        memory_ids=None if memory_ids is None else [str(m) for m in memory_ids],
+        memory_ids=_ids("memory_ids", memory_ids),
         search=_dict(search),
         max_new_tokens=max_new_tokens,
         use_activations=use_activations,

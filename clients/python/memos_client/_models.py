@@ -15,6 +15,8 @@ T = TypeVar("T")
 
 Kind = Literal["plaintext", "response"]
 State = Literal["active", "archived", "deleted"]
+SettableState = Literal["active", "archived"]
+"""What an update may set: a memory is deleted with DELETE, never by a PATCH."""
 Mode = Literal["vector", "text", "hybrid", "graph"]
 Access = Literal["read", "write"]
 Role = Literal["agent", "admin"]

@@ -35,6 +35,7 @@ from memos_client._models import (
     Provenance,
     ProvenanceGraph,
     Role,
+    SettableState,
     State,
     TenantCreated,
     Turn,
@@ -238,7 +239,7 @@ class Memories:
         metadata: Mapping[str, Any] | None = None,
         tags: Sequence[str] | None = None,
         provenance: Provenance | Mapping[str, Any] | None = None,
-        state: State | None = None,
+        state: SettableState | None = None,
         ttl_seconds: int | msgspec.UnsetType | None = msgspec.UNSET,
     ) -> Memory:
         """Write a new version, if the memory is still at ``if_version``; otherwise ``PreconditionFailed``.
@@ -519,7 +520,7 @@ class AsyncMemories:
         metadata: Mapping[str, Any] | None = None,
         tags: Sequence[str] | None = None,
         provenance: Provenance | Mapping[str, Any] | None = None,
-        state: State | None = None,
+        state: SettableState | None = None,
         ttl_seconds: int | msgspec.UnsetType | None = msgspec.UNSET,
     ) -> Memory:
         """Write a new version, if the memory is still at ``if_version``; otherwise ``PreconditionFailed``.

@@ -58,6 +58,7 @@ from langgraph.store.base import (
 from memos_client._client import MemosClient
 from memos_client._errors import Conflict, NotFound, PreconditionFailed
 from memos_client._models import Cube, Memory
+from memos_client.compat._cubes import unseen_cube
 
 __all__ = ["MemosStore"]
 
@@ -195,10 +196,13 @@ class MemosStore(BaseStore):
             cube = self._client.cubes.create(
                 self._cube_name(namespace), metadata={"langgraph": {"namespace": list(namespace)}}
             )
-        except Conflict:  # created concurrently under the same name
+        except Conflict as exc:  # created concurrently under the same name, or a cube this key cannot see
             self._all_namespaces()
             with self._lock:
-                return self._cubes.get(namespace)
+                known = self._cubes.get(namespace)
+            if known is None:
+                raise unseen_cube(self._cube_name(namespace), "another cube_prefix=", exc) from exc
+            return known
         with self._lock:
             self._cubes[namespace] = cube.id
         return cube.id

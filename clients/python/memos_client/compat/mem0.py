@@ -36,6 +36,7 @@ from memos_client._client import MemosClient
 from memos_client._errors import Conflict, NotFound
 from memos_client._models import Memory as MemosMemory
 from memos_client._models import Version
+from memos_client.compat._cubes import unseen_cube
 
 __all__ = ["Memory"]
 
@@ -201,8 +202,11 @@ class Memory:
             else:
                 try:
                     self._cube_id = self._client.cubes.create(self._cube_name).id
-                except Conflict:  # created concurrently
-                    self._cube_id = next(c.id for c in self._client.cubes.list() if c.name == self._cube_name)
+                except Conflict as exc:  # created concurrently, or a cube of this key cannot see
+                    found = [c.id for c in self._client.cubes.list() if c.name == self._cube_name]
+                    if not found:
+                        raise unseen_cube(self._cube_name, "another cube=", exc) from exc
+                    self._cube_id = found[0]
         return self._cube_id
 
     def _scoped(self, scope: Mapping[str, str]) -> Iterator[MemosMemory]:
