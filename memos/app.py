@@ -134,6 +134,9 @@ def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Respo
         if not isinstance(m, dict):
             continue
         text = str(m.get("message", "invalid"))
+        if text == "'data'":
+            # An empty body never reaches the decoder: Litestar leaves ``data`` out and reports the KeyError.
+            text = "a JSON body is required; the request had none"
         if "malformed" in text.lower():
             return _problem_response(BadRequest(f"the request body is not valid JSON: {text}"))
         errors.append(FieldError(field=_field_of(str(m.get("key") or ""), text), message=text))

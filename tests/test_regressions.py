@@ -409,3 +409,13 @@ def test_a_memory_cannot_be_derived_from_itself(client, factory: Factory) -> Non
     graph = client.get(f"/v1/memories/{memory['id']}/provenance", headers=bearer(tenant.admin_key)).json()
     assert graph["edges"] == []
     assert client.get(f"/v1/memories/{memory['id']}", headers=bearer(tenant.admin_key)).json()["version"] == 1
+
+
+def test_an_empty_body_is_422_saying_the_body_is_missing(client, factory: Factory) -> None:
+    """It said ``body: 'data'``: the text of the KeyError Litestar raises when it leaves the body out."""
+    tenant = factory.tenant()
+    headers = {**bearer(tenant.admin_key), "Content-Type": "application/json"}
+    for path in ("/v1/cubes", "/v1/search", "/v1/scheduler/pin"):
+        r = client.post(path, content=b"", headers=headers)
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"] == [{"field": "body", "message": "a JSON body is required; the request had none"}]
