@@ -311,6 +311,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             )
             memory_service.on_access = search.on_access = activations.on_access = scheduler.touch
             memory_service.listeners.append(scheduler)  # deleted memories leave the heat table
+            app.state.cubes.listeners.append(scheduler)  # so do a deleted cube's
             scheduler.start()
             app.state.scheduler = scheduler
             app.state.rate_limiter = None

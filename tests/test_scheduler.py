@@ -5,6 +5,7 @@ timer, so every step is deterministic)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -104,7 +105,7 @@ def test_heat_seeded_from_the_database_after_a_restart() -> None:
     clock = Clock()
     heat = HeatTable(10.0, clock=clock)
     a = uuid.uuid4()
-    heat.seed([(a, 4.0, None)])
+    heat.seed([(a, 4.0, None, 0.0)])
     assert heat.value(a) == pytest.approx(4.0) and heat.changes() == {}  # the database holds it already
     clock.t += 10
     assert _write(heat) == {a: pytest.approx(2.0)}
@@ -562,3 +563,181 @@ def test_heat_rows_are_written_at_most_every_heat_every_seconds(
     assert client.get(f"/v1/memories/{memory}", headers=bearer(key)).json()["heat"] == 0.0
     scheduler.heat_every = 0
     assert run_pass(client, scheduler).heat_written == 1
+
+
+# -- found in review ---------------------------------------------------------------------------------------
+
+
+def pin(client: TestClient[Litestar], key: str, memory_id: str, tier: str) -> Any:
+    body = {"memory_id": memory_id, "model": MODEL, "tier": tier}
+    return client.post("/v1/scheduler/pin", json=body, headers=bearer(key))
+
+
+def test_the_pin_share_counts_the_pins_on_record_after_a_restart(
+    client, factory, tenant, cube, scheduler, fresh, settings
+) -> None:
+    """Found in review: the limit counted the pinned chunks in memory only, so after a restart (none loaded yet)
+    a pin went through whatever was pinned on record, and the pass then held every pin on record."""
+    key = tenant.admin_key
+    first, second = (factory.memory(key, cube["id"], f"Kept at rest, pin {i}.")["id"] for i in (1, 2))
+    acts = [built(client, key, m) for m in (first, second)]  # the first is the older
+    (model,) = client.get("/v1/models", headers=bearer(key)).json()["items"]
+    (size,) = {a["tokens"] * model["kv_bytes_per_token"] for a in acts}
+    scheduler.tiers.budgets["host"] = size * 3  # pins may take 1.5 chunks: one
+    assert pin(client, key, first, "host").status_code == 200
+    scheduler.tiers.clear()  # a restart: nothing is in memory until a pass
+    r = pin(client, key, second, "host")
+    assert r.status_code == 409, r.text
+    assert r.json()["extra"]["pinned_bytes"] == size
+    # Pins on record past the share (the budget was lowered since): the oldest is held, the rest wait.
+    with psycopg.connect(settings.database_url) as conn:
+        conn.execute("UPDATE activations SET tier = 'host' WHERE id = %s", (acts[1]["id"],))
+    scheduler.tiers.clear()
+    report = run_pass(client, scheduler)
+    assert report.pinned == 1 and scheduler.tiers.pinned_bytes("host") == size
+    assert scheduler.tiers.is_pinned(acts[0]["sha256"]) and not scheduler.tiers.is_pinned(acts[1]["sha256"])
+    for memory_id in (first, second):
+        assert pin(client, key, memory_id, "store").status_code == 200
+
+
+def test_lifting_a_pin_leaves_another_memory_s_pin_on_the_same_kv(client, factory, tenant, scheduler, fresh) -> None:
+    """Found in review: identical text in two cubes is one KV file; an agent lifting its own memory's pin lifted
+    the pin of a memory it cannot read, and could then pin past the share."""
+    admin = tenant.admin_key
+    text = "Twin text about the harbour bell."
+    x = factory.memory(admin, factory.cube(admin)["id"], text)["id"]
+    writer = factory.agent(tenant)
+    theirs = factory.cube(writer.key)["id"]
+    y = factory.memory(writer.key, theirs, text)["id"]
+    z = factory.memory(writer.key, theirs, "Other text about the harbour bell!")["id"]
+    assert client.get(f"/v1/memories/{x}", headers=bearer(writer.key)).status_code == 404
+    r = pin(client, admin, x, "host")
+    assert r.status_code == 200, r.text
+    size = r.json()["bytes"]
+    sha = client.get(f"/v1/activations/{r.json()['activation_id']}", headers=bearer(admin)).json()["sha256"]
+    assert built(client, writer.key, y)["sha256"] == sha
+    built(client, writer.key, z)
+    scheduler.tiers.budgets["host"] = size * 3  # pins may take 1.5 chunks: x's
+    assert pin(client, writer.key, y, "store").status_code == 200  # y was never pinned
+    assert scheduler.tiers.is_pinned(sha)
+    assert pin(client, writer.key, z, "host").status_code == 409
+    # Two pins of the file that ask for different tiers: device, and one pin held.
+    assert pin(client, writer.key, y, "device").status_code == 200
+    report = run_pass(client, scheduler)
+    assert report.pinned == 1 and scheduler.tiers.tier_of(sha) == "device" and scheduler.tiers.is_pinned(sha)
+    assert pin(client, admin, x, "store").status_code == 200
+    assert scheduler.tiers.is_pinned(sha)  # y's pin still asks for it
+    assert pin(client, writer.key, y, "store").status_code == 200
+    assert not scheduler.tiers.is_pinned(sha)
+    assert run_pass(client, scheduler).pinned == 0
+
+
+def test_a_read_while_heat_is_being_written_is_written_next() -> None:
+    """Found in review: ``written`` forgot a read that came after ``changes``, while the write was in flight."""
+    clock = Clock()
+    heat = HeatTable(3600.0, clock=clock)
+    a, b = uuid.uuid4(), uuid.uuid4()
+    heat.touch([(a, 1.0), (b, 1.0)])
+    heat.written(heat.changes())
+    heat.touch([(a, 1.0)])
+    pending = heat.changes()
+    assert pending == {a: pytest.approx(2.0)}
+    heat.touch([(a, 8.0)])  # during the write
+    heat.written(pending)
+    assert heat.changes() == {a: pytest.approx(10.0)}
+    # Written as 0 (cold), read meanwhile: it gets its row again.
+    clock.t += 3600 * 20
+    pending = heat.changes()
+    assert pending == {a: 0.0, b: 0.0}
+    heat.touch([(b, 5.0)])
+    heat.written(pending)
+    assert heat.changes() == {b: pytest.approx(5.0)}
+
+
+def test_heat_seeded_after_a_restart_has_cooled_for_the_downtime(
+    client, factory, tenant, cube, scheduler, fresh, settings
+) -> None:
+    """Found in review: the seed took heat as last written, however long the service had been down."""
+    key = tenant.admin_key
+    warm, cold = (factory.memory(key, cube["id"], f"Hot before the outage, {i}.")["id"] for i in (1, 2))
+    for memory_id in (warm, warm, warm, warm, cold):
+        client.get(f"/v1/memories/{memory_id}", headers=bearer(key))
+    run_pass(client, scheduler)
+    half_life = settings.heat_half_life_seconds
+    with psycopg.connect(settings.database_url) as conn:
+        for memory_id, half_lives in ((warm, 2), (cold, 100)):
+            conn.execute(
+                "UPDATE memory_heat SET updated_at = now() - make_interval(secs => %s) WHERE memory_id = %s",
+                (half_life * half_lives, memory_id),
+            )
+    restarted = Scheduler(scheduler.db, scheduler.kv, HeatTable(half_life), interval=0)
+    client.blocking_portal.call(restarted._seed)
+    assert restarted.heat.value(uuid.UUID(warm)) == pytest.approx(1.0, rel=1e-3)  # 4, two half-lives ago
+    assert restarted.heat.value(uuid.UUID(cold)) == 0.0
+    assert uuid.UUID(cold) not in dict(restarted.heat.hottest(HOT, minimum=0.0))
+    # Both rows are told at the next write (one halved, one cold), stamped now.
+    assert client.blocking_portal.call(restarted.write_heat) == 2
+    with psycopg.connect(settings.database_url) as conn:
+        rows = {
+            str(m): (h, fresh_stamp)
+            for m, h, fresh_stamp in conn.execute(
+                "SELECT memory_id, heat, updated_at > now() - interval '1 minute' FROM memory_heat"
+                " WHERE memory_id = ANY(%s)",
+                ([uuid.UUID(warm), uuid.UUID(cold)],),
+            ).fetchall()
+        }
+    assert rows[warm] == (pytest.approx(1.0, rel=1e-3), True) and rows[cold] == (0.0, True)
+    assert client.get(f"/v1/memories/{warm}", headers=bearer(key)).json()["heat"] == pytest.approx(1.0, rel=1e-3)
+
+
+def test_heat_seed_decays_by_age_and_leaves_the_cold_out() -> None:
+    clock = Clock()
+    heat = HeatTable(10.0, clock=clock)
+    a, b = uuid.uuid4(), uuid.uuid4()
+    heat.seed([(a, 4.0, None, 20.0), (b, 4.0, None, 200.0)])
+    assert heat.value(a) == pytest.approx(1.0) and len(heat) == 1
+    assert heat.changes() == {a: pytest.approx(1.0), b: 0.0}  # halved since written; gone cold
+
+
+def test_a_deleted_cube_s_memories_leave_the_heat_table(client, factory, tenant, scheduler, fresh) -> None:
+    """Found in review: deleting a cube left its memories' heat (and their place among the hottest)."""
+    key = tenant.admin_key
+    doomed = factory.cube(key)
+    memory = factory.memory(key, doomed["id"], "Soon gone with its cube.")["id"]
+    client.get(f"/v1/memories/{memory}", headers=bearer(key))
+    assert scheduler.heat.value(uuid.UUID(memory)) == pytest.approx(1.0, rel=1e-3)
+    assert client.delete(f"/v1/cubes/{doomed['id']}", headers=bearer(key)).status_code == 204
+    for _ in range(100):  # its memories are looked up after the delete commits, off the request
+        if scheduler.heat.value(uuid.UUID(memory)) == 0.0:
+            break
+        time.sleep(0.05)
+    assert scheduler.heat.value(uuid.UUID(memory)) == 0.0
+
+
+def test_reading_a_deleted_memory_does_not_warm_it(client, factory, tenant, cube, scheduler, fresh) -> None:
+    key = tenant.admin_key
+    memory = factory.memory(key, cube["id"], "Deleted, then read for its history.")["id"]
+    assert client.delete(f"/v1/memories/{memory}", headers=bearer(key)).status_code == 204
+    r = client.get(f"/v1/memories/{memory}", headers=bearer(key))
+    assert r.status_code == 200 and r.json()["state"] == "deleted"
+    assert scheduler.heat.value(uuid.UUID(memory)) == 0.0
+
+
+def test_the_heat_table_stays_bounded_with_the_loop_off(client, scheduler, fresh) -> None:
+    """Found in review: only a pass shrank the table, and with MEMOS_SCHEDULER_SECONDS=0 none runs."""
+    assert scheduler.interval == 0
+    bound = scheduler.heat.max_entries
+    scheduler.heat.max_entries = 10
+    try:
+
+        async def reads() -> None:  # on the event loop, as requests touch it
+            scheduler.touch(None, [(uuid.uuid4(), float(i + 1)) for i in range(11)])
+
+        client.blocking_portal.call(reads)
+        for _ in range(100):
+            if len(scheduler.heat) <= 5:
+                break
+            time.sleep(0.05)
+        assert len(scheduler.heat) == 5
+    finally:
+        scheduler.heat.max_entries = bound

@@ -467,7 +467,8 @@ class MemoryService:
                 conn, principal, memory_id, "read", include_expired=include_expired, columns=DTO_COLUMNS
             )
             memory = to_dto(row)
-        if self.on_access is not None:
+        # A deleted memory is read for its history, not used: warming it would put it back among the hot.
+        if self.on_access is not None and row.state != "deleted":
             self.on_access(principal.tenant_id, [(memory_id, 1.0)])
         return memory
 

@@ -2,7 +2,8 @@
 
 A memory's heat is kept as (value, when) and decayed on read: h(t) = value x 2^-((t - when) / half_life),
 so nothing has to touch every entry as time passes. The table is bounded: past ``max_entries`` the
-coldest fall out at the scheduler's next pass (a memory that has cooled that far is as good as never used).
+coldest fall out (``shrink``, run off the request path as soon as a touch takes the table past its bound: a
+memory that has cooled that far is as good as never used).
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ class HeatTable:
         """Whose memory each is, when known: a tenant's hottest are its own, whatever other tenants read."""
         self._written: dict[uuid.UUID, float] = {}
         """What the database holds, per memory whose heat was written and not yet written back to 0."""
-        self._read: set[uuid.UUID] = set()
-        """Memories read since their heat was last written."""
+        self._read: dict[uuid.UUID, int] = {}
+        """Memories read since their heat was last written, each with the number of its last touch."""
+        self._touches = 0
+        self._seen: dict[uuid.UUID, int | None] = {}
+        """What the last ``changes`` saw of each memory it returned (its ``_read`` number, None if unread): a
+        memory touched again while its write was in flight stays marked as read, so that read is written too."""
         # Touched from request handlers on the event loop and read by the scheduler's task; a lock keeps the
         # bounded eviction and the change scan consistent if a caller ever runs in a thread.
         self._lock = threading.Lock()
@@ -54,7 +59,8 @@ class HeatTable:
                 old = self._heat.get(memory_id)
                 value = weight if old is None else self._decayed(*old, at) + weight
                 self._heat[memory_id] = (value, at)
-                self._read.add(memory_id)
+                self._touches += 1
+                self._read[memory_id] = self._touches
                 if tenant is not None:
                     self._tenant[memory_id] = tenant
 
@@ -100,15 +106,20 @@ class HeatTable:
                     heat = self._decayed(*entry, at)
                     if heat >= minimum and heat >= FLOOR:
                         out[memory_id] = round(heat, 4)
-        # By id: concurrent writers of the same rows take their locks in one order.
-        return {m: out[m] for m in sorted(out, key=lambda m: m.int)[:most]}
+            # By id: concurrent writers of the same rows take their locks in one order.
+            chosen = {m: out[m] for m in sorted(out, key=lambda m: m.int)[:most]}
+            self._seen = {m: self._read.get(m) for m in chosen}
+        return chosen
 
     def written(self, heats: dict[uuid.UUID, float]) -> None:
-        """The database now holds ``heats`` (from ``changes``)."""
+        """The database now holds ``heats`` (from ``changes``). A memory touched since ``changes`` looked at it
+        stays marked as read: its heat moved after the value written was taken."""
         at = self._clock()
         with self._lock:
             for memory_id, heat in heats.items():
-                self._read.discard(memory_id)
+                seen = self._seen.pop(memory_id, None)
+                if seen is not None and self._read.get(memory_id) == seen:
+                    del self._read[memory_id]
                 if heat == 0.0:
                     self._written.pop(memory_id, None)
                     entry = self._heat.get(memory_id)
@@ -118,17 +129,26 @@ class HeatTable:
                 else:
                     self._written[memory_id] = heat
 
-    def seed(self, heats: Iterable[tuple[uuid.UUID, float, uuid.UUID | None]], now: float | None = None) -> None:
-        """Start from heats the database holds (after a restart), (memory, heat, tenant): as if each were written
-        just now."""
+    def seed(self, heats: Iterable[tuple[uuid.UUID, float, uuid.UUID | None, float]], now: float | None = None) -> None:
+        """Start from heats the database holds (after a restart), (memory, heat, tenant, seconds since it was
+        written): each decayed by its age, as if the service had kept counting while it was down. One that
+        has gone cold meanwhile stays out of the table; its row is written as 0 at the next write."""
         at = self._clock() if now is None else now
         with self._lock:
-            for memory_id, heat, tenant in heats:
-                if heat > 0 and memory_id not in self._heat:
-                    self._heat[memory_id] = (heat, at)
-                    self._written[memory_id] = heat
-                    if tenant is not None:
-                        self._tenant[memory_id] = tenant
+            for memory_id, heat, tenant, age in heats:
+                if heat <= 0 or memory_id in self._heat:
+                    continue
+                self._written[memory_id] = heat  # what the database holds: moved on from at the next write
+                current = self._decayed(heat, 0.0, max(0.0, age))
+                if current < FLOOR:
+                    continue
+                self._heat[memory_id] = (current, at)
+                if tenant is not None:
+                    self._tenant[memory_id] = tenant
+
+    def over(self) -> bool:
+        """Past ``max_entries``: time to ``shrink`` (a length check, cheap enough for every request)."""
+        return len(self._heat) > self.max_entries
 
     def shrink(self, now: float | None = None) -> None:
         """Past ``max_entries``, keep the hottest half (``touch`` never does it: it runs inside requests)."""
@@ -145,7 +165,8 @@ class HeatTable:
                 self._heat.pop(memory_id, None)
                 self._tenant.pop(memory_id, None)
                 self._written.pop(memory_id, None)
-                self._read.discard(memory_id)
+                self._read.pop(memory_id, None)
+                self._seen.pop(memory_id, None)
 
     def __len__(self) -> int:
         return len(self._heat)
@@ -156,4 +177,4 @@ class HeatTable:
         ranked = heapq.nlargest(keep, self._heat.items(), key=lambda item: self._decayed(item[1][0], item[1][1], at))
         self._heat = dict(ranked)
         self._tenant = {m: t for m, t in self._tenant.items() if m in self._heat}
-        self._read &= self._heat.keys()
+        self._read = {m: n for m, n in self._read.items() if m in self._heat}

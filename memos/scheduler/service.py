@@ -5,7 +5,7 @@ counts 1, a search result 1 / (rank + 1). A background task (``run``, every ``ME
 then, for each causal LM the service has loaded:
 
 1. pins: the activations pinned to a tier (``POST /v1/scheduler/pin``, kept in ``activations.tier``) are
-   held there, reloaded from the store after a restart;
+   held there, reloaded from the store after a restart, up to ``PIN_SHARE`` of the tier (``_admit``);
 2. promotion: the hottest memories' fresh activations, hottest first, are loaded (store -> host) and moved
    to the device tier while they fit its budget; chunks there that are no longer among them go down to
    host (demotion), where the least recently used leave memory first when it is full;
@@ -22,19 +22,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import logging
 import math
 import time
 import uuid
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Row, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from memos.activations.freshness import is_fresh, with_freshness
 from memos.activations.schemas import BuildIn
-from memos.activations.service import ActivationService
-from memos.activations.tiers import KVTiers
+from memos.activations.service import PINNED, ActivationService
+from memos.activations.tiers import KVTiers, ResidentTier
 from memos.cubes.access import readable_cube_ids
 from memos.errors import Conflict, MemosError
 from memos.identity.principal import Principal
@@ -69,29 +72,54 @@ PIN_SHARE = 0.5
 
 _WRITE_HEAT = text(
     """
-    INSERT INTO memory_heat (memory_id, heat)
-    SELECT u.id, u.heat
+    INSERT INTO memory_heat (memory_id, heat, updated_at)
+    SELECT u.id, u.heat, now()
     FROM unnest(CAST(:ids AS uuid[]), CAST(:heats AS float8[])) AS u(id, heat)
     JOIN memories m ON m.id = u.id
     ORDER BY u.id
     FOR KEY SHARE OF m
-    ON CONFLICT (memory_id) DO UPDATE SET heat = EXCLUDED.heat
-    WHERE memory_heat.heat IS DISTINCT FROM EXCLUDED.heat
+    ON CONFLICT (memory_id) DO UPDATE SET heat = EXCLUDED.heat, updated_at = EXCLUDED.updated_at
     """
 )
-"""Heat into its narrow table (migration 0008; cold ones as 0, so an older ``memories.heat`` never shows again).
-The join skips a memory deleted since it was read. Its rows are locked (key share, in id order) first: a memory
-whose deletion is in flight is then skipped once it commits, instead of failing the whole write on the foreign
-key (found in review: the join's snapshot still saw the row)."""
+"""Heat into its narrow table (migration 0008; cold ones as 0, so an older ``memories.heat`` never shows again),
+with when it was true (migration 0009: a restart decays it by the time since; an unchanged value is stamped
+again too, it was true again now). The join skips a memory deleted since it was read. Its rows are locked (key
+share, in id order) first: a memory whose deletion is in flight is then skipped once it commits, instead of
+failing the whole write on the foreign key (found in review: the join's snapshot still saw the row)."""
 
-# A constant fragment (HEAT_SQL) only; the limit is a bound parameter.
+# A constant fragment (HEAT_SQL) only; the limit and the half-life are bound parameters.
 _SEED_SQL = f"""
-    SELECT id, heat, tenant_id FROM (
-        SELECT m.id, {HEAT_SQL} AS heat, m.tenant_id FROM memories m WHERE m.state <> 'deleted'
+    SELECT id, heat, tenant_id, age FROM (
+        SELECT m.id, {HEAT_SQL} AS heat, m.tenant_id,
+               coalesce(
+                   (SELECT CAST(extract(epoch FROM now() - h.updated_at) AS float8)
+                    FROM memory_heat h WHERE h.memory_id = m.id),
+                   0
+               ) AS age
+        FROM memories m WHERE m.state <> 'deleted'
     ) AS known
-    WHERE heat > 0 ORDER BY heat DESC LIMIT :n
+    WHERE heat > 0
+    ORDER BY ln(heat) - greatest(age, 0) * ln(2) / :half_life DESC, id
+    LIMIT :n
     """  # noqa: S608
 _SEED = text(_SEED_SQL)
+"""The hottest memories the database knows, as they are now: ranked by heat decayed for the seconds since it was
+written (in logarithms: a power of 2 of a long downtime underflows, which Postgres reports as an error). Heat
+with no ``memory_heat`` row (``memories.heat``, imported or written before migration 0008) has no time: age 0."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Pin:
+    """One stored KV file that pinned activations ask a memory tier to hold (several activations may share it)."""
+
+    key: str
+    tier: ResidentTier
+    """``device`` if any of its activations asks for it, else ``host``: the nearer tier serves every one of them."""
+    bytes: int
+    since: datetime.datetime
+    """The oldest of its activations' ``created_at``: the order pins are held in when they do not all fit."""
+    lm: LoadedModel | None
+    """Its model, when loaded (None: counted at its stored size until the model is loaded)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -135,6 +163,11 @@ class Scheduler:
         self._heat_written_at = -math.inf
         self._store: tuple[float, tuple[int, int]] | None = None
         """When the blob store's (files, bytes) were last counted, and what they were."""
+        self._shrinking: asyncio.Task[None] | None = None
+        self._dropping: set[asyncio.Task[None]] = set()
+        """Cube deletions whose memories are being looked up to leave the heat table (kept from the collector)."""
+        self._skipped_pins: frozenset[str] = frozenset()
+        """Pinned files the last pass could not hold (over their tier's share): logged when this changes."""
 
     @property
     def tiers(self) -> KVTiers:
@@ -142,6 +175,15 @@ class Scheduler:
 
     def touch(self, tenant: uuid.UUID | None, accesses: list[tuple[uuid.UUID, float]]) -> None:
         self.heat.touch(accesses, tenant=tenant)
+        # The bound holds with the loop off (MEMOS_SCHEDULER_SECONDS=0) too: past it, one shrink in a thread,
+        # off this request (it ranks the whole table); a request only pays for the length check.
+        if self.heat.over() and (self._shrinking is None or self._shrinking.done()):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # a caller outside the event loop: it has no request to hold up
+                self.heat.shrink()
+                return
+            self._shrinking = loop.create_task(asyncio.to_thread(self.heat.shrink), name="memos-heat-shrink")
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -155,6 +197,10 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for pending in [self._shrinking, *self._dropping]:
+            if pending is not None:
+                with contextlib.suppress(Exception):
+                    await pending
         # What moved since the last pass still reaches the database (a failure is logged, not raised: closing).
         try:
             await self.write_heat()
@@ -189,7 +235,7 @@ class Scheduler:
                     log.warning("writing heat failed; retried next pass", extra={"error": type(exc.orig).__name__})
             # Scans of the whole table (up to 100k memories): off the event loop.
             await asyncio.to_thread(self.heat.shrink)
-            loaded = [lm for name in sorted(self.kv.models.specs) if (lm := self.kv.models.loaded(name)) is not None]
+            loaded = list(self._loaded().values())
             if loaded:
                 hot = await asyncio.to_thread(self.heat.hottest, HOT)
                 pinned = await self._pins(loaded, report)
@@ -224,11 +270,13 @@ class Scheduler:
         return len(changes)
 
     async def _seed(self) -> None:
-        """After a start, the heat the database holds (the hottest memories) seeds the table, so the hot set
-        survives a restart and those rows are written again as they cool."""
+        """After a start, the heat the database holds (the hottest memories, decayed for the time since it was
+        written) seeds the table, so the hot set survives a restart and those rows are written again as they
+        cool."""
+        params = {"n": self.heat.max_entries // 2, "half_life": self.heat.half_life}
         async with self.db.read() as conn:
-            rows = (await conn.execute(_SEED, {"n": self.heat.max_entries // 2})).all()
-        self.heat.seed((r.id, float(r.heat), r.tenant_id) for r in rows)
+            rows = (await conn.execute(_SEED, params)).all()
+        self.heat.seed((r.id, float(r.heat), r.tenant_id, float(r.age)) for r in rows)
         self._seeded = True
 
     async def _store_totals(self) -> tuple[int, int]:
@@ -246,7 +294,7 @@ class Scheduler:
         self._store = (time.monotonic(), (int(items), int(size)))
         return self._store[1]
 
-    # -- a listener of memory writes (deleted memories leave the heat table) ------------------------
+    # -- a listener of memory writes and of cube deletions (deleted memories leave the heat table) --------
 
     def memories_written(self, cube_id: uuid.UUID, rows: Any) -> None:
         return None
@@ -254,19 +302,93 @@ class Scheduler:
     def memories_removed(self, cube_id: uuid.UUID, ids: Any) -> None:
         self.heat.forget(ids)
 
+    def drop(self, cube_id: uuid.UUID) -> None:
+        """A cube was deleted (committed): its memories leave the heat table. The table does not know cubes, so
+        their ids are read from the database, in a task: this is called on the request's path."""
+        task = asyncio.get_running_loop().create_task(self._drop_cube(cube_id), name="memos-heat-drop-cube")
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
+
+    async def _drop_cube(self, cube_id: uuid.UUID) -> None:
+        try:
+            async with self.db.read() as conn:
+                ids = (await conn.execute(select(memories.c.id).where(memories.c.cube_id == cube_id))).scalars()
+                gone = list(ids)
+        except Exception as exc:  # its memories cool off as any unread ones do; nothing else depends on it
+            log.warning("dropping a deleted cube's heat failed", extra={"cube_id": str(cube_id), "error": repr(exc)})
+            return
+        self.heat.forget(gone)
+
+    # -- pins ---------------------------------------------------------------------------------------
+
+    def _loaded(self) -> dict[str, LoadedModel]:
+        return {name: lm for name in sorted(self.kv.models.specs) if (lm := self.kv.models.loaded(name)) is not None}
+
+    def _pin_limits(self) -> dict[ResidentTier, int]:
+        return {tier: int(budget * PIN_SHARE) for tier, budget in self.tiers.budgets.items()}
+
+    async def _pin_plan(self, loaded: dict[str, LoadedModel], keys: list[str] | None = None) -> dict[str, _Pin]:
+        """Every stored file that fresh pinned activations (``activations.tier`` device or host) of a configured
+        model ask a tier to hold, once each, in the order pins are held (oldest first, then by key): what the
+        pin limit counts, loaded or not (after a restart none are until a pass reloads them). A loaded model's
+        files count at their size in a tier (tokens x its KV bytes per token), and only those of its current
+        fingerprint (any other is never held); a model not loaded yet counts its files at their stored size,
+        which is no smaller. ``keys``: only those files."""
+        query = with_freshness().where(PINNED, activations.c.model.in_(sorted(self.kv.models.specs)))
+        if keys is not None:
+            query = query.where(activations.c.sha256.in_(keys))
+        async with self.db.read() as conn:
+            rows = [r for r in (await conn.execute(query)).all() if is_fresh(r)]
+        plan: dict[str, _Pin] = {}
+        for row in rows:
+            lm = loaded.get(row.model)
+            if lm is not None and row.fingerprint != lm.fingerprint:
+                continue
+            size = int(row.bytes) if lm is None else _chunk_bytes(lm, row.tokens)
+            tier: ResidentTier = "device" if row.tier == "device" else "host"
+            have = plan.get(row.sha256)
+            if have is None:
+                plan[row.sha256] = _Pin(row.sha256, tier, size, row.created_at, lm)
+                continue
+            # Two pins of one file that ask for different tiers: device, which serves both.
+            if tier == "device":
+                have.tier = "device"
+            have.since = min(have.since, row.created_at)
+            have.bytes = max(have.bytes, size)
+        return dict(sorted(plan.items(), key=lambda item: (item[1].since, item[0])))
+
     async def _pins(self, loaded: list[LoadedModel], report: PassReport) -> set[str]:
-        """Hold every pinned activation in its tier; lift the pins no activation asks for any more (unpinned,
-        or gone stale). The pinned keys."""
-        pinned: set[str] = set()
-        for lm in loaded:
-            for row in await self.kv.pinned(lm):
-                if await self.kv.hold(lm, row.sha256, row.tier) and self.tiers.move(row.sha256, row.tier, pinned=True):
-                    pinned.add(row.sha256)
-                    report.pinned += 1
+        """Hold every pinned activation's file in its tier, as far as the tier's pin share goes (``_admit``);
+        lift the pins no activation asks for any more (unpinned, or gone stale). The pinned keys, each once."""
+        plan = await self._pin_plan({lm.name: lm for lm in loaded})
+        held, skipped = _admit(plan.values(), self._pin_limits())
+        wanted = {p.key for p in held if p.lm is not None}
+        # Pins lifted first: the room they held is there for the ones to hold.
         for tier in ("device", "host"):
             for key in self.tiers.keys(tier):
-                if key not in pinned:
+                if key not in wanted:
                     self.tiers.unpin(key)
+        pinned: set[str] = set()
+        for pin in held:
+            if pin.lm is None:
+                continue  # its model is not loaded: nothing of it can be in memory
+            if await self.kv.hold(pin.lm, pin.key, pin.tier) and self.tiers.move(pin.key, pin.tier, pinned=True):
+                pinned.add(pin.key)
+                report.pinned += 1
+            else:
+                self.tiers.unpin(pin.key)
+        over = frozenset(p.key for p in skipped if p.lm is not None)
+        if over and over != self._skipped_pins:
+            # Only where the pins on record exceed a share (its budget was lowered since): the newest wait.
+            log.warning(
+                "pinned KV over the tiers' pin share is not held",
+                extra={
+                    "skipped": sorted(over),
+                    "pin_limit_bytes": self._pin_limits(),
+                    "skipped_bytes": sum(p.bytes for p in skipped if p.key in over),
+                },
+            )
+        self._skipped_pins = over
         return pinned
 
     async def _promote(
@@ -368,17 +490,24 @@ class Scheduler:
         key = activation.sha256
         async with self._pass_lock:
             size = _chunk_bytes(lm, activation.tokens)
-            limit = int(self.tiers.budgets[body.tier] * PIN_SHARE)
-            already = self.tiers.pinned_bytes(body.tier)
-            if self.tiers.is_pinned(key) and self.tiers.tier_of(key) == body.tier:
-                already -= size  # pinned there already: pinning again takes nothing more
-            if already + size > limit:
-                raise Conflict(
-                    f"the {body.tier} tier has room for {limit} bytes of pinned KV and {already} are pinned; "
-                    f"this KV is {size} bytes",
-                    extra={"tier": body.tier, "pinned_bytes": already, "pin_limit_bytes": limit, "bytes": size},
-                )
-            if not await self.kv.hold(lm, key, body.tier) or not self.tiers.move(key, body.tier, pinned=True):
+            # Counted from the database, not from what is in memory: after a restart the pins on record are not
+            # loaded until a pass, and each still takes its room then (found in review).
+            plan = await self._pin_plan(self._loaded())
+            limits = self._pin_limits()
+            current = plan.get(key)
+            # The file may be pinned already, by this memory or by another one with the same KV: it stays in
+            # device if any pin asks for device.
+            tier: ResidentTier = "device" if current is not None and current.tier == "device" else body.tier
+            held, _ = _admit(plan.values(), limits)
+            if not any(p.key == key and p.tier == tier for p in held):  # pinning again takes nothing more
+                already = sum(p.bytes for p in plan.values() if p.tier == tier and p.key != key)
+                if already + size > limits[tier]:
+                    raise Conflict(
+                        f"the {tier} tier has room for {limits[tier]} bytes of pinned KV and {already} are "
+                        f"pinned; this KV is {size} bytes",
+                        extra={"tier": tier, "pinned_bytes": already, "pin_limit_bytes": limits[tier], "bytes": size},
+                    )
+            if not await self.kv.hold(lm, key, tier) or not self.tiers.move(key, tier, pinned=True):
                 raise Conflict(
                     f"the KV could not be held in the {body.tier} tier (its stored file failed its check, or the "
                     "tier has no room beside what is pinned there)",
@@ -390,11 +519,19 @@ class Scheduler:
         )
 
     async def _unpin(self, principal: Principal, body: schemas.PinIn) -> schemas.Pin:
+        """Lift the memory's pins. Its file stays pinned while another memory's pin asks for it (the same text,
+        in any cube of the tenant: one file): lifting one's own pin must not lift another's (found in review)."""
         self.kv.models.spec(body.model)
         async with self._pass_lock:
             rows = await self.kv.unpin(principal, body.memory_id, body.model)
-            for row in rows:
-                self.tiers.unpin(row.sha256)
+            keys = sorted({row.sha256 for row in rows})
+            still = await self._pin_plan(self._loaded(), keys) if keys else {}
+            for key in keys:
+                pin = still.get(key)
+                if pin is None:
+                    self.tiers.unpin(key)
+                elif self.tiers.is_pinned(key) and self.tiers.tier_of(key) != pin.tier:
+                    self.tiers.move(key, pin.tier, pinned=True)  # where the pins left ask; else the next pass
         newest = rows[0] if rows else None
         return schemas.Pin(
             memory_id=body.memory_id,
@@ -403,6 +540,24 @@ class Scheduler:
             activation_id=None if newest is None else newest.id,
             bytes=0,
         )
+
+
+def _admit(plan: Iterable[_Pin], limits: dict[ResidentTier, int]) -> tuple[list[_Pin], list[_Pin]]:
+    """The pins held and those not, in ``plan``'s order (``_pin_plan``): per tier, pins are held until the next
+    would pass its share; it and every later pin of that tier wait. Stopping there, not skipping to a smaller
+    one, keeps what is held from changing when a pin is lifted or added under the limit."""
+    used: dict[ResidentTier, int] = dict.fromkeys(limits, 0)
+    full: set[ResidentTier] = set()
+    held: list[_Pin] = []
+    skipped: list[_Pin] = []
+    for pin in plan:
+        if pin.tier not in full and used[pin.tier] + pin.bytes <= limits[pin.tier]:
+            used[pin.tier] += pin.bytes
+            held.append(pin)
+        else:
+            full.add(pin.tier)
+            skipped.append(pin)
+    return held, skipped
 
 
 def _chunk_bytes(lm: LoadedModel, tokens: int) -> int:

@@ -172,6 +172,8 @@ memory_heat = Table(
     # The scheduler's heat per memory (migration 0008): narrow, so its writes do not rewrite memory rows.
     Column("memory_id", UUID(as_uuid=True), ForeignKey("memories.id", ondelete="CASCADE"), primary_key=True),
     Column("heat", Float, nullable=False),
+    # When the value was true (migration 0009): a restart decays it by the time since.
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
 HEAT = func.coalesce(
