@@ -480,3 +480,64 @@ def test_freeing_a_file_another_sweep_took_first_is_not_an_error(client, app, se
     gone = "ab" * 32
     freed = client.blocking_portal.call(lambda: files.free(app.state.db, store, [gone], older_than_s=10))
     assert freed == []
+
+
+# ---------------------------------------------------------------------- found in review
+
+
+def test_an_error_the_domain_code_raises_is_one_line_not_a_traceback(monkeypatch) -> None:
+    """Database.transaction raises a deadlock or serialization failure as Conflict (a MemosError); the tools
+    caught only Unavailable of those, so one ended `kv drop`, `gc` (or `import`, `reembed`) with a traceback."""
+    from memos.admin import gc, kv
+    from memos.errors import Conflict
+
+    async def crossed(*args: Any, **kwargs: Any) -> Any:
+        raise Conflict("a concurrent write to the same data crossed this one and it was rolled back; retry")
+
+    monkeypatch.setattr(kv, "drop", crossed)
+    monkeypatch.setattr(gc, "collect", crossed)
+    for args in (("kv", "drop", "--model", MODEL), ("gc",)):
+        code, out, err = run(*args)
+        assert (code, out) == (1, ""), (args, out)
+        said = "a concurrent write to the same data crossed this one and it was rolled back; retry"
+        assert err == f"memos admin {args[0]}: {said}\n", (args, err)
+
+
+def test_an_unusable_data_dir_is_one_line_and_verify_says_not_checked(monkeypatch, tmp_path: Path) -> None:
+    """Embedded mode, with a MEMOS_DATA_DIR that cannot be a directory (a file in its path): every tool ended
+    with a NotADirectoryError traceback, and verify exited 1 ("problems found") for what it never checked."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.delenv("MEMOS_DATABASE_URL")
+    monkeypatch.setenv("MEMOS_DATA_DIR", str(tmp_path / "afile" / "data"))
+    for args, expected in ((("verify",), 3), (("migrate",), 1), (("gc", "--dry-run"), 1), (("keys", "list"), 1)):
+        code, out, err = run(*args)
+        assert (code, out) == (expected, ""), (args, code, out)
+        assert err == (
+            f"memos admin {args[0]}: cannot start the embedded database in MEMOS_DATA_DIR "
+            f"({tmp_path / 'afile' / 'data'}): Not a directory\n"
+        ), (args, err)
+
+
+def test_a_damaged_file_key_is_a_kv_file_problem_and_drop_skips_it(client, factory, tenant, settings) -> None:
+    """An activation whose recorded key is not a blob key (a manual edit, a restored table): verify raised
+    ValueError from the store (a traceback, exit 1 as if it had listed problems), and `kv drop` raised it after
+    its delete had committed."""
+    cube = factory.cube(tenant.admin_key)
+    memory = factory.memory(tenant.admin_key, cube["id"], "Gina opened a dance studio on the harbour front.")
+    act = build(client, tenant.admin_key, memory["id"])
+    with sql(settings) as conn:
+        conn.execute("UPDATE activations SET sha256 = 'DAMAGED' WHERE id = %s", (act["id"],))
+    try:
+        code, report = verified("--cube", cube["id"])
+        assert code == 1 and report["counts"] == {"kv_file": 1}, report
+        (problem,) = report["problems"]
+        assert problem["target"] == f"DAMAGED (activation {act['id']})" and "not a blob key" in problem["detail"]
+        said = "left: 1 recorded file keys that are not blob keys, no file freed for them (e.g. 'DAMAGED';"
+        code, out, err = run("kv", "drop", "--model", MODEL, "--cube", cube["id"], "--dry-run")
+        assert (code, err) == (0, "") and "1 KV activations (1 of tiny); 0 files" in out and said in out, out
+        code, out, err = run("kv", "drop", "--model", MODEL, "--cube", cube["id"])
+        assert (code, err) == (0, "") and "dropped 1 KV activations (1 of tiny); 0 files" in out and said in out
+        assert verified("--cube", cube["id"])[0] == 0
+    finally:
+        # The file its row no longer named is an orphan now: gone, so later checks of the store see none.
+        blob_path(settings, act["sha256"]).unlink(missing_ok=True)

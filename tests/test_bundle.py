@@ -9,6 +9,8 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
+import stat
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -190,7 +192,8 @@ def test_export_writes_a_bundle_and_says_what_it_left_out(world, export_run, set
     exported, out = export_run
     # versions: 1 + 2 (changed) + 1 + 2 (deleted) + 2 (purged) + 1 (the cached answer)
     assert "6 memories, 9 versions, 3 links, 1 cache entries" in out, out
-    assert "left out: 1 KV activations" in out
+    # Found in review: "{id}" in an f-string printed Python's builtin function.
+    assert "left out: 1 KV activations (rebuild them with POST /v1/memories/{id}/activations)" in out
     # the link to the other cube's memory, and the activation's provenance edge to its source
     assert "left out: 2 links" in out
     with zipfile.ZipFile(exported) as archive:
@@ -525,3 +528,103 @@ def test_a_cube_past_the_exact_size_is_imported_into_the_hnsw_index(
         assert r.status_code == 200, r.text
         top = r.json()["results"][0]["memory"]
         assert top["content"] == needle["content"] and top["id"] != needle["id"] and top["cube_id"] == copy["id"]
+
+
+# -- found in review ------------------------------------------------------------------------------------------
+
+
+def test_a_bundle_breaking_a_rule_verify_checks_is_refused(exported, tmp_path, factory, client, env, capsys) -> None:
+    """Lines each sound on its own, that `memos admin verify` then calls damage: a vector without the model that
+    made it, a purged memory that keeps its text, a live plaintext memory with no vector. They were imported."""
+    tenant = factory.tenant()
+    memories, versions = _lines(exported, "memories.jsonl"), _lines(exported, "versions.jsonl")
+    first = memories[0]
+    assert first["kind"] == "plaintext" and first["vector"] is not None and first["purged_at"] is None
+    newest = next(v for v in versions if v["memory_id"] == first["id"] and v["version"] == first["version"])
+
+    def edited(memory: dict[str, Any], version: dict[str, Any]) -> dict[str, bytes]:
+        return {
+            "memories.jsonl": _jsonl([dict(first, **memory), *memories[1:]]),
+            "versions.jsonl": _jsonl([dict(v, **version) if v is newest else v for v in versions]),
+        }
+
+    cases = {
+        "no-model.memos": (edited({"embedding_model": None}, {"embedding_model": None}), "a vector, but no"),
+        "purged.memos": (edited({"purged_at": "2026-01-01T00:00:00Z"}, {}), "purged, but the memory row keeps"),
+        "no-vector.memos": (
+            edited({"vector": None, "embedding_model": None}, {"vector": None, "embedding_model": None}),
+            "a live plaintext memory with no vector",
+        ),
+    }
+    for name, (change, detail) in cases.items():
+        path = _rewrite(exported, tmp_path / name, change, fix_manifest=True)
+        bundles.read_bundle(path)  # every line passes the bundle's own checks
+        for dry_run in (["--dry-run"], []):
+            argv = ["admin", "import", str(path), "--owner", tenant.admin_id, "--new-ids", "--name", name, *dry_run]
+            assert cli_main(argv) == 1, name
+            err = capsys.readouterr().err
+            assert err.startswith(f"memos admin import: memories.jsonl line 1: memory {first['id']}: {detail}"), err
+            assert err.count("\n") == 1, err
+    assert client.get("/v1/cubes", headers=bearer(tenant.admin_key)).json()["items"] == []
+
+
+def test_cache_settings_the_api_refuses_are_refused(exported, tmp_path, factory, client, env, capsys) -> None:
+    """A threshold past a float's range (401 digits: float() raised OverflowError, a traceback), and category
+    names the API refuses (longer than 64 characters, only spaces): they were imported."""
+    tenant = factory.tenant()
+    cache = json.loads(zipfile.ZipFile(exported).read("cache.json"))
+    assert cache["config"]["categories"]["default"]["threshold"] == 0.93
+    huge = json.loads(json.dumps(cache))
+    huge["config"]["categories"]["default"]["threshold"] = "HUGE"
+    (learned,) = cache["categories"]
+    cases = {
+        "huge.memos": (
+            json.dumps(huge).replace('"HUGE"', "1" + "0" * 400),
+            "cache.json: config.categories.default.threshold: must be a finite number",
+        ),
+        "long.memos": (
+            json.dumps(dict(cache, categories=[learned, dict(learned, category="x" * 65)])),
+            "cache.json: Expected `str` of length <= 64 - at `$.categories[1].category`",
+        ),
+        "spaces.memos": (
+            json.dumps(dict(cache, categories=[learned, dict(learned, category=" \t ")])),
+            "cache.json: categories[1]: ' \\t ': a category name must be a non-empty string",
+        ),
+    }
+    for name, (raw, message) in cases.items():
+        path = _rewrite(exported, tmp_path / name, {"cache.json": raw.encode()}, fix_manifest=True)
+        assert cli_main(["admin", "import", str(path), "--owner", tenant.admin_id, "--new-ids"]) == 1, name
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (name, err)
+    assert client.get("/v1/cubes", headers=bearer(tenant.admin_key)).json()["items"] == []
+
+
+def test_a_bundle_is_readable_by_its_owner_only(world, tmp_path, env, capsys) -> None:
+    """It holds every memory's text: it was written 0644 under the usual umask, readable by every local user.
+    The partial file is made, never reused: one already there (another export, or a link) is refused."""
+    out = tmp_path / "cube.memos"
+    before = os.umask(0o022)
+    try:
+        assert cli_main(["admin", "export", "--cube", world["cube"]["id"], "--out", str(out)]) == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+        assert cli_main(["admin", "export", "--cube", world["cube"]["id"], "--out", str(out), "--force"]) == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    finally:
+        os.umask(before)
+    capsys.readouterr()
+    partial = tmp_path / "cube.memos.partial"
+    partial.symlink_to(tmp_path / "elsewhere")
+    assert cli_main(["admin", "export", "--cube", world["cube"]["id"], "--out", str(out), "--force"]) == 1
+    assert f"{partial} exists (another export to it is running" in capsys.readouterr().err
+    assert partial.is_symlink() and not (tmp_path / "elsewhere").exists()
+
+
+def test_members_past_the_total_limit_are_refused_unread(exported, monkeypatch) -> None:
+    """Each member is bounded on its own; together they are bounded too (the whole bundle is held in memory)."""
+    manifest = json.loads(zipfile.ZipFile(exported).read("manifest.json"))
+    total = sum(manifest["members"][name]["bytes"] for name in bundles.MEMBERS)
+    monkeypatch.setattr(bundles, "MAX_BUNDLE_BYTES", total)
+    bundles.read_bundle(exported)
+    monkeypatch.setattr(bundles, "MAX_BUNDLE_BYTES", total - 1)
+    with pytest.raises(bundles.BundleError, match=f"members of {total} bytes in all, over the {total - 1} read"):
+        bundles.read_bundle(exported)

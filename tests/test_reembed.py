@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -347,28 +348,62 @@ def test_a_cached_answer_is_reembedded_with_the_context_its_metadata_holds(
 
 
 def test_a_batch_the_database_aborted_is_written_again(
-    factory: Factory, other, settings: Settings, database_url, monkeypatch: pytest.MonkeyPatch
+    factory: Factory, client, other, settings: Settings, database_url, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A deadlock with a concurrent write (or a dropped connection) rolls a batch back: it is tried again,
-    safely, since each memory's write is a compare-and-set on the version read."""
-    import memos.admin.reembed as tool
-    from memos.errors import Unavailable
-
+    """A real deadlock with a concurrent write rolls a batch back: it is tried again, safely, since each memory's
+    write is a compare-and-set on the version read. Found in review: Database.transaction raises a deadlock as
+    Conflict, which the retry did not catch, so the run ended with a traceback and the batch was not written."""
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)
-    memory = factory.memory(tenant.admin_key, cube["id"], "Aborted once, written the second time.")
-    real, failures = tool.write_embeddings, [Unavailable("deadlock detected")]
+    answer = _store(client, tenant.admin_key, cube["id"], "How long is the flight?", "Two hours.", CONTEXT)
+    writer = psycopg.connect(database_url)
+    # The tool's backend must be the one that finds the cycle (its deadlock_timeout is the default second).
+    writer.execute("SET deadlock_timeout = '30s'")
+    # The writer holds the cached answer's entry: the tool's batch updates the memory row, then waits on it.
+    writer.execute("SELECT 1 FROM cache_entries WHERE memory_id = %s FOR UPDATE", (answer["id"],))
+    outcome: dict[str, Any] = {}
 
-    async def flaky(*args: Any, **kwargs: Any) -> set[uuid.UUID]:
-        written = await real(*args, **kwargs)  # written, then rolled back with the transaction
-        if failures:
-            raise failures.pop()
-        return written
+    def tool() -> None:
+        try:
+            outcome["report"] = _run(settings, other, cube["id"])
+        except BaseException as exc:  # reported by the test thread below
+            outcome["error"] = exc
 
-    monkeypatch.setattr(tool, "write_embeddings", flaky)
-    report = _run(settings, other, cube["id"])
-    assert (report.reembedded, report.retries, report.skipped) == (1, 1, 0)
-    assert _current(database_url, memory["id"])[:2] == (memory["version"] + 1, other.name)
+    thread = threading.Thread(target=tool)
+    thread.start()
+    try:
+        with psycopg.connect(database_url, autocommit=True) as monitor:
+            for _ in range(600):
+                row = monitor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query ILIKE %s AND pid <> %s",
+                    ("%cache_entries%", writer.info.backend_pid),
+                ).fetchone()
+                if row is not None and row[0]:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the tool never waited on the cache entry")
+        # Now the cycle: the writer wants the memory row the tool's batch holds; the tool's backend aborts.
+        writer.execute("UPDATE memories SET heat = heat WHERE id = %s", (answer["id"],))
+    finally:
+        writer.rollback()
+        writer.close()
+        thread.join(120)
+    assert "error" not in outcome, outcome["error"]
+    report: Report = outcome["report"]
+    assert "concurrent writes crossed" in caplog.text  # a real deadlock, raised as Conflict
+    assert (report.reembedded, report.contexts, report.retries, report.skipped) == (1, 1, 1, 0)
+    assert _current(database_url, answer["id"])[:2] == (answer["version"] + 1, other.name)
+
+
+def test_an_unknown_cube_is_refused(env, capsys) -> None:
+    """Found in review: a mistyped --cube was answered "0 to re-embed", exit 0 (verify and kv refuse it)."""
+    nowhere = str(uuid.uuid4())
+    for dry_run in (["--dry-run"], []):
+        assert cli_main(["admin", "reembed", "--cube", nowhere, *dry_run]) == 1
+        out = capsys.readouterr()
+        assert out.err == f"memos admin reembed: no cube {nowhere}\n" and not out.out, out
 
 
 def test_only_the_kv_of_the_version_before_moves(

@@ -910,3 +910,17 @@ def test_an_entry_embedded_by_another_model_is_never_served(
         service.build_wait = 0.05
     assert indexed_lookup(client, key, cube, question)["hit"] is False  # the rebuilt index leaves it out
     assert indexed_lookup(client, key, cube, "Is there a sauna at the swimming pool?")["memory_id"] == kept["id"]
+
+
+def test_a_threshold_past_a_floats_range_is_a_422_naming_the_field(
+    client: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """Found in review: JSON bounds no integer's digits, and a 401-digit threshold made float() raise
+    OverflowError, a 500 (the policy's checks catch only PolicyError)."""
+    body = '{"cube_id": "' + cube + '", "categories": {"default": {"threshold": 1' + "0" * 400 + "}}}"
+    r = client.put(
+        "/v1/cache/config", content=body, headers={**bearer(tenant.admin_key), "content-type": "application/json"}
+    )
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["errors"]
+    assert error["field"] == "categories.default.threshold" and "finite number" in error["message"], error

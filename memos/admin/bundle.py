@@ -19,8 +19,9 @@ outside the cube or on an activation, both counted in the manifest; grants and A
 deployment) and the audit log (the export and the import each write a row of their own).
 
 An import reads and checks the whole bundle before it writes anything (checksums, every line against its
-schema, the references between lines, the vectors' width), then writes the cube in one transaction:
-everything lands or nothing does. Ids are kept by default, so clients that know them keep working after a
+schema, the references between lines, the vectors' width), then writes the cube in one transaction, which
+runs verify's embedding and purge checks on the rows written before it commits: everything lands or nothing
+does. Ids are kept by default, so clients that know them keep working after a
 move; ``new_ids`` gives the cube, its memories and links fresh ids (a copy beside the original), with
 ``derived_from`` references inside the bundle rewritten to match. Who wrote each version (``created_by``)
 is kept as the bundle says: provenance is history, even where the agent does not exist in this
@@ -33,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import uuid
 import zipfile
 import zlib
@@ -52,13 +54,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.admin import AdminError
+from memos.admin.verify import Verified, check_rows
 from memos.cubes.schemas import Description, Name
 from memos.errors import Invalid
 from memos.identity.principal import OPERATOR
 from memos.memories.ann import EXACT_CUBE_MAX
 from memos.memories.schemas import MAX_VERSION, LinkType, Provenance, Tags
 from memos.memories.versioning import SNAPSHOT, content_sha256
-from memos.semcache.policy import PolicyError, parse_policy
+from memos.semcache.policy import MAX_CATEGORY_NAME, PolicyError, parse_category, parse_policy
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import (
@@ -87,6 +90,11 @@ MEMBERS = (
 )
 MAX_MEMBER_BYTES = 8 * 2**30
 """A member larger than this (uncompressed) is refused before it is read: the bundle is read into memory."""
+MAX_BUNDLE_BYTES = 16 * 2**30
+"""All the members together (uncompressed, as the manifest gives them, which bounds each read), refused past
+this before any is read: a bundle is held in memory whole while it is checked, and each member's own limit
+let six of them add up to 48 GiB. Twice a member's limit: room for a cube whose memories and versions are
+each near it, on a host that can hold that much."""
 CHUNK = 1000
 """Rows per insert statement (all in the import's one transaction)."""
 
@@ -177,7 +185,8 @@ class CacheEntryLine(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class CacheCategory(msgspec.Struct, forbid_unknown_fields=True):
-    category: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    category: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CATEGORY_NAME)]
+    """The API's limit; _check applies the rest of its rule (not only spaces)."""
     threshold: Number | None
     false_hit_floor: Number
     hits: Count
@@ -349,7 +358,18 @@ async def export_cube(db: Database, cube_id: uuid.UUID, out: Path) -> BundleRepo
     )
     partial = out.with_name(out.name + ".partial")
     try:
-        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        # Readable by its owner only (it holds every memory's text; a plain open gave 0644 under the usual
+        # umask), and made here, not reused: another export to the same file, or a symlink left in its place,
+        # is refused rather than written through.
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise BundleError(
+            f"cannot write {out}: {partial} exists (another export to it is running, or one was killed: remove it)"
+        ) from None
+    except OSError as exc:
+        raise BundleError(f"cannot write {out}: {exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as file, zipfile.ZipFile(file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             archive.writestr(MANIFEST, msgspec.json.format(msgspec.json.encode(manifest)))
             for name, blob in blobs.items():
                 archive.writestr(name, blob)
@@ -442,11 +462,15 @@ def read_bundle(path: Path) -> Bundle:
             raise BundleError(
                 f"{MANIFEST}: vectors of {manifest.dims} dimensions; this deployment stores {EMBEDDING_DIMS}"
             )
+        missing = [name for name in MEMBERS if name not in manifest.members]
+        if missing:
+            raise BundleError(f"{MANIFEST}: no entry for member {missing[0]}")
+        total = sum(manifest.members[name].bytes for name in MEMBERS)
+        if total > MAX_BUNDLE_BYTES:
+            raise BundleError(f"{MANIFEST}: members of {total} bytes in all, over the {MAX_BUNDLE_BYTES} read")
         blobs: dict[str, bytes] = {}
         for name in MEMBERS:
-            info = manifest.members.get(name)
-            if info is None:
-                raise BundleError(f"{MANIFEST}: no entry for member {name}")
+            info = manifest.members[name]
             # The manifest's size bounds the read: a member is never inflated past what the export wrote.
             blob = _member(archive, name, info.bytes)
             if len(blob) != info.bytes or hashlib.sha256(blob).hexdigest() != info.sha256:
@@ -604,6 +628,12 @@ def _check(bundle: Bundle) -> None:
         row(where, entry.vector, "contexts")
     if len({c.category for c in bundle.cache.categories}) != len(bundle.cache.categories):
         raise BundleError("cache.json: a category appears twice")
+    for i, category in enumerate(bundle.cache.categories):
+        try:
+            # The API's rule for a name (parse_category checks the name first; no settings, nothing else).
+            parse_category(category.category, {})
+        except PolicyError as exc:
+            raise BundleError(f"cache.json: categories[{i}]: {category.category[:40]!r}: {exc.message}") from None
     if bundle.cache.config is not None:
         try:
             parse_policy(bundle.cache.config)
@@ -678,6 +708,7 @@ async def import_bundle(
             tenant_id = await _owner_tenant(conn, owner)
             await _check_free(conn, tenant_id, cube_name, ids, bundle)
             await _write(conn, bundle, ids, tenant_id=tenant_id, owner=owner, cube_id=cube_id, cube_name=cube_name)
+            await _check_written(conn, bundle, ids, cube_id)
             await record(
                 conn,
                 OPERATOR,
@@ -701,6 +732,27 @@ async def import_bundle(
         # through that a column refuses. (A lost connection is Unavailable, raised by the transaction.)
         raise BundleError(f"the database refused the import, nothing was written: {exc.orig}") from None
     return report
+
+
+_VERIFIED = ("embedding", "purge")
+"""Rules of ``memos admin verify`` that ``_check`` does not hold the lines to (a vector without its model or
+the reverse, a live plaintext memory with no vector, a purged memory that keeps its text): run on the rows
+just written, before the commit, with verify's own statements, so the two tools cannot drift apart."""
+
+
+async def _check_written(
+    conn: AsyncConnection, bundle: Bundle, ids: dict[uuid.UUID, uuid.UUID], cube_id: uuid.UUID
+) -> None:
+    found = Verified()
+    await check_rows(conn, found, [cube_id], only=_VERIFIED)
+    if found.problems:
+        first = found.problems[0]
+        # The rows carry the ids they were written with: name the memory as the bundle does, and its line.
+        lines = {str(ids[m.id]): f"memories.jsonl line {i}: memory {m.id}" for i, m in enumerate(bundle.memories, 1)}
+        raise BundleError(
+            f"{lines.get(first.target, first.target)}: {first.detail} (`memos admin verify` calls it "
+            f"{first.check} damage; {sum(found.counts.values())} such problems in all)"
+        )
 
 
 def _id_map(bundle: Bundle, new_ids: bool) -> dict[uuid.UUID, uuid.UUID]:

@@ -23,7 +23,7 @@ from memos.activations.freshness import STALE, is_fresh, is_stale, with_freshnes
 from memos.admin import require_cubes
 from memos.identity.principal import OPERATOR
 from memos.store.audit import record
-from memos.store.blobs import BlobStore
+from memos.store.blobs import BlobStore, check_key
 from memos.store.db import Database
 from memos.store.models import activations, memories
 
@@ -49,6 +49,9 @@ class Dropped:
     blobs_freed: int = 0
     bytes_freed: int = 0
     by_model: dict[str, int] = dataclasses.field(default_factory=dict)
+    bad_keys: list[str] = dataclasses.field(default_factory=list)
+    """Recorded file keys of the dropped rows that are not blob keys (damage ``memos admin verify`` reports):
+    no file of the store can be theirs, so none is freed for them."""
 
 
 def _scoped(query: Any, cube_ids: Sequence[uuid.UUID]) -> Any:
@@ -100,8 +103,10 @@ async def drop(
         rows = list((await conn.execute(query if dry_run else query.with_for_update(of=activations))).all())
         report.activations = len(rows)
         report.by_model = dict(Counter(r.model for r in rows))
+        sizes = {r.sha256: r.bytes for r in rows if _blob_key(r.sha256)}
+        report.bad_keys = sorted({r.sha256 for r in rows} - sizes.keys())
         if dry_run:
-            report.blobs_freed, report.bytes_freed = await _would_free(conn, rows)
+            report.blobs_freed, report.bytes_freed = await _would_free(conn, rows, sizes)
             return report
         if not rows:
             return report
@@ -119,16 +124,25 @@ async def drop(
                 tenant_id=tenant_id,
                 detail={"activations": len(dropped), "models": dict(Counter(r.model for r in dropped))},
             )
-    sizes = {r.sha256: r.bytes for r in rows}
+    # Only keys of the store's form: a damaged one (a manual edit) raised ValueError in files.free after the
+    # drop had committed, a traceback for a drop that had in fact happened.
     for key in await files.free(db, store, list(sizes)):
         report.blobs_freed += 1
         report.bytes_freed += sizes[key]
     return report
 
 
-async def _would_free(conn: AsyncConnection, rows: Sequence[Any]) -> tuple[int, int]:
-    """Files that dropping ``rows`` would free: those no other activation refers to."""
-    sizes = {r.sha256: r.bytes for r in rows}
+def _blob_key(key: str) -> bool:
+    try:
+        check_key(key)
+    except ValueError:
+        return False
+    return True
+
+
+async def _would_free(conn: AsyncConnection, rows: Sequence[Any], sizes: dict[str, int]) -> tuple[int, int]:
+    """Files that dropping ``rows`` would free (of ``sizes``, their blob keys): those no other activation
+    refers to."""
     if not sizes:
         return 0, 0
     ids = [r.id for r in rows]

@@ -30,8 +30,9 @@ from typing import Any, TypeVar
 from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from memos.admin import require_cubes
 from memos.embed.base import Embedder, Vectors
-from memos.errors import Unavailable
+from memos.errors import Conflict, Unavailable
 from memos.identity.principal import OPERATOR
 from memos.memories.versioning import write_embeddings
 from memos.search.indexing import embedding_text
@@ -85,7 +86,9 @@ def _needs_it(model: str, cube_ids: Sequence[uuid.UUID] | None) -> list[Any]:
 
 
 async def pending(conn: AsyncConnection, model: str, cube_ids: Sequence[uuid.UUID] | None = None) -> dict[str, int]:
-    """How many memories another model embedded, by that model (``--dry-run`` prints this)."""
+    """How many memories another model embedded, by that model (``--dry-run`` prints this). An unknown cube id
+    is AdminError, as in verify and kv: a mistyped ``--cube`` was answered "0 to re-embed"."""
+    await require_cubes(conn, cube_ids or ())
     rows = await conn.execute(
         select(memories.c.embedding_model, func.count())
         .where(*_needs_it(model, cube_ids))
@@ -135,12 +138,13 @@ async def reembed(
 
 
 async def _again(report: Report, step: Callable[[], Awaitable[T]]) -> T:
-    """``step``, tried up to ``ATTEMPTS`` times while the database aborts it (a deadlock with a concurrent
-    write, a lost connection): a read changes nothing, and a write's compare-and-set makes a retry safe."""
+    """``step``, tried up to ``ATTEMPTS`` times while the database aborts it (a deadlock or serialization
+    failure with a concurrent write, which ``Database.transaction`` raises as Conflict; a lost connection,
+    Unavailable): a read changes nothing, and a write's compare-and-set makes a retry safe."""
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return await step()
-        except Unavailable:
+        except (Conflict, Unavailable):
             if attempt == ATTEMPTS:
                 raise
             report.retries += 1

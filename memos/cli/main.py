@@ -57,7 +57,12 @@ def _migrate(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
-    url = embedded.start() if embedded is not None else settings.database_url
+    try:
+        url = embedded.start() if embedded is not None else settings.database_url
+    except OSError as exc:
+        # A data directory that cannot be made or used (a file in its path, no permission): one line, as below.
+        print(f"memos admin migrate: {_no_data_dir(settings, exc)}", file=sys.stderr)
+        return 1
     assert url is not None
     try:
         before = migrations.current_revision(url)
@@ -206,14 +211,28 @@ def _import(args: argparse.Namespace) -> int:
 @contextlib.asynccontextmanager
 async def _database() -> AsyncIterator[Database]:
     """The deployment's database (``MEMOS_DATABASE_URL``, or the embedded server in ``MEMOS_DATA_DIR``)."""
+    from memos.admin import AdminError
     from memos.store.db import Database
 
-    db = Database(Settings.from_env())
-    await db.start()
+    settings = Settings.from_env()
+    db = Database(settings)
     try:
+        try:
+            await db.start()
+        except OSError as exc:
+            if not settings.embedded:
+                raise
+            # The embedded server's directory cannot be made or used: AdminError, so _run_tool prints one line
+            # (and verify exits 3, "not checked") instead of a NotADirectoryError traceback.
+            raise AdminError(_no_data_dir(settings, exc)) from None
         yield db
     finally:
+        # Also after a failed start: an embedded server started before the failure is let go of.
         await db.stop()
+
+
+def _no_data_dir(settings: Settings, exc: OSError) -> str:
+    return f"cannot start the embedded database in MEMOS_DATA_DIR ({settings.data_dir}): {exc.strerror or exc}"
 
 
 def _blob_store() -> BlobStore:
@@ -298,6 +317,7 @@ def _gc(args: argparse.Namespace) -> int:
     )
     if report.young_orphans:
         print(f"left: {report.young_orphans} unreferenced files younger than {args.grace:g} s (--grace)")
+    _print_bad_keys(kv)
     return 0
 
 
@@ -343,7 +363,16 @@ def _kv(args: argparse.Namespace) -> int:
         f"{verb} {report.activations} KV activations ({counted}); {report.blobs_freed} files, "
         f"{_mib(report.bytes_freed)} freed"
     )
+    _print_bad_keys(report)
     return 0
+
+
+def _print_bad_keys(report: Dropped) -> None:
+    if report.bad_keys:
+        print(
+            f"left: {len(report.bad_keys)} recorded file keys that are not blob keys, no file freed for them "
+            f"(e.g. {report.bad_keys[0]!r}; `memos admin verify` names them)"
+        )
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -400,13 +429,16 @@ def _run_tool(tool: str, run: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
     from sqlalchemy.exc import DBAPIError
 
     from memos.admin import AdminError
-    from memos.errors import Unavailable
+    from memos.errors import MemosError
     from memos.store.db import SchemaOutOfDate
     from memos.store.migrations import UnsupportedServer
 
     try:
         return asyncio.run(run())
-    except (AdminError, Unavailable, SchemaOutOfDate, UnsupportedServer) as exc:
+    # MemosError, not only Unavailable: the domain code the tools call raises the API's errors, Conflict among
+    # them (a deadlock or serialization failure that reembed's retries did not get past; in import, kv drop, gc),
+    # and each was a traceback. Its detail is the line to print.
+    except (AdminError, MemosError, SchemaOutOfDate, UnsupportedServer) as exc:
         print(f"memos admin {tool}: {getattr(exc, 'detail', None) or exc}", file=sys.stderr)
         return None
     except DBAPIError as exc:  # the database refused or is not there (raised before any request-level mapping)
@@ -423,7 +455,7 @@ def _print_left_out(report: BundleReport) -> None:
     activations = report.left_out.get("activations", 0)
     outside = report.left_out.get("links_outside", 0)
     if activations:
-        print(f"left out: {activations} KV activations (rebuild them with POST /v1/memories/{id}/activations)")
+        print(f"left out: {activations} KV activations (rebuild them with POST /v1/memories/{{id}}/activations)")
     if outside:
         print(f"left out: {outside} links to memories outside the cube")
 

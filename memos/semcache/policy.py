@@ -161,9 +161,17 @@ _FIELDS = frozenset(
 
 
 def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise PolicyError(where, f"must be a finite number, not {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        # JSON bounds no integer's digits: one past float's range (math.isfinite raises on it too) was a 500 from
+        # the API and a traceback from `memos admin import`. Not repr'd: an integer that long is no use in a message.
+        raise PolicyError(where, "must be a finite number, not an integer that large") from None
+    if not math.isfinite(number):
+        raise PolicyError(where, f"must be a finite number, not {value!r}")
+    return number
 
 
 def _whole(value: Any) -> Any:
