@@ -316,11 +316,21 @@ def test_tampered_truncated_and_foreign_files_are_refused(client, factory, tenan
     problem(import_kv(client, tenant.admin_key, m["id"], b"\x00" * 64), 422)
     problem(import_kv(client, tenant.admin_key, m["id"], b"not safetensors at all"), 422)
     assert "empty" in problem(import_kv(client, tenant.admin_key, m["id"], b""), 422)["detail"]
-    # A header edited to claim another model: the fingerprint check refuses it before anything else.
+    # A header edited to claim another model (tensors and checksum intact): the fingerprint check refuses it.
     fingerprint = exported["activation"]["fingerprint"].encode()
     forged = data.replace(fingerprint, b"f" * len(fingerprint), 1)
     body = problem(import_kv(client, tenant.admin_key, m["id"], forged), 409)
     assert body["extra"] == {"expected_fingerprint": fingerprint.decode(), "actual_fingerprint": "f" * 64}
+
+
+def test_import_checks_the_checksum_before_the_fingerprint(client, tenant, exported) -> None:
+    """The order api.md's import table gives (it had the two the other way round)."""
+    data: bytes = exported["data"]
+    fingerprint = exported["activation"]["fingerprint"].encode()
+    both = bytearray(data.replace(fingerprint, b"f" * len(fingerprint), 1))
+    both[-10] ^= 0x01
+    body = problem(import_kv(client, tenant.admin_key, exported["memory"]["id"], bytes(both)), 422)
+    assert body["errors"][0]["field"] == "body" and "checksum" in body["detail"]
 
 
 def test_kv_of_another_model_is_409_with_both_fingerprints(client, factory, tenant, cube, exported) -> None:
@@ -369,6 +379,126 @@ def test_bad_import_parameters(client, tenant, exported, params, status, field) 
     body = problem(r, status)
     if field is not None:
         assert body["errors"][0]["field"] == field
+
+
+def test_a_header_integer_too_long_for_python_is_422_on_body(client, factory, tenant, cube) -> None:
+    """json.loads raises a plain ValueError for an integer of over 4300 digits: it was a 500 (found in review)."""
+    m = factory.memory(tenant.admin_key, cube["id"], "The ferry leaves at 7:40 on weekdays.")
+    header = b'{"__metadata__":{"format":"memos-kv/1"},"x":' + b"1" * 5000 + b"}"
+    body = problem(import_kv(client, tenant.admin_key, m["id"], len(header).to_bytes(8, "little") + header), 422)
+    assert body["errors"][0]["field"] == "body" and "integer too long" in body["detail"]
+
+
+# ---------------------------------------------------------------------- uploaded KV stays in its cube
+
+
+def forged_kv(client: TestClient[Litestar], factory: Any, text: str) -> bytes:
+    """A file an import accepts for a memory of ``text``: the right tokens, shapes, fingerprint and checksum,
+    but K/V values no prefill computed (built in a tenant of its own, then scaled)."""
+    from memos.kv.codec import decode, encode
+
+    donor = factory.tenant()
+    m = factory.memory(donor.admin_key, factory.cube(donor.admin_key)["id"], text)
+    chunk, meta = decode(download(client, donor.admin_key, built(client, donor.admin_key, m["id"])["id"]))
+    forged = dataclasses.replace(chunk, keys=[k * 5.0 for k in chunk.keys], values=[v * 5.0 for v in chunk.values])
+    return encode(forged, meta)
+
+
+def import_marks(database_url: str, activation_ids: list[str]) -> dict[str, str]:
+    """activation id -> the cube its file was uploaded into, for those of ``activation_ids`` with uploaded bytes."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT activation_id::text, cube_id::text FROM activation_imports WHERE activation_id::text = ANY(%s)",
+            (activation_ids,),
+        ).fetchall()
+    return dict(rows)
+
+
+def test_imported_kv_is_reused_only_in_the_cube_it_was_imported_into(client, factory, tenant, database_url) -> None:
+    """Found in review: a build reused any stored file of the same KV in the tenant, uploads too, so an agent
+    could plant K/V values that builds of the same text in cubes it cannot read then injected."""
+    mallory, carol, bob = factory.agent(tenant), factory.agent(tenant), factory.agent(tenant)
+    m_cube, c_cube, b_cube = factory.cube(mallory.key), factory.cube(carol.key), factory.cube(bob.key)
+    text = "Payments over 10,000 EUR need a second approval from the finance lead."
+    m_mem, m_mem2 = (factory.memory(mallory.key, m_cube["id"], text) for _ in range(2))
+    c_mem = factory.memory(carol.key, c_cube["id"], text)
+    b_mem = factory.memory(bob.key, b_cube["id"], text)
+    r = import_kv(client, mallory.key, m_mem["id"], forged_kv(client, factory, text))
+    assert r.status_code == 201, r.text
+    planted = r.json()
+    # In the cube it was uploaded into, the upload is reused: whoever can build there could import there too.
+    own = built(client, mallory.key, m_mem2["id"])
+    assert own["sha256"] == planted["sha256"]
+    # A scheduler build (a pin builds) in another cube prefills instead of taking the upload...
+    r = client.post(
+        "/v1/scheduler/pin", json={"memory_id": c_mem["id"], "model": MODEL, "tier": "host"}, headers=bearer(carol.key)
+    )
+    assert r.status_code == 200, r.text
+    (pinned,) = client.get(f"/v1/memories/{c_mem['id']}/activations", headers=bearer(carol.key)).json()["items"]
+    assert pinned["sha256"] != planted["sha256"]
+    # ...and so does a request's build; what the server computed is still shared tenant-wide.
+    bobs = built(client, bob.key, b_mem["id"])
+    assert bobs["sha256"] == pinned["sha256"]
+    marks = import_marks(database_url, [planted["id"], own["id"], pinned["id"], bobs["id"]])
+    assert marks == {planted["id"]: m_cube["id"], own["id"]: m_cube["id"]}
+    prompt = "Who must approve large payments?"
+    with_kv = generated(client, bob.key, prompt=prompt, memory_ids=[b_mem["id"]])
+    assert with_kv["activations_used"] == [bobs["id"]]
+    plain = generated(client, bob.key, prompt=prompt, memory_ids=[b_mem["id"]], use_activations=False)
+    assert with_kv["token_ids"] == plain["token_ids"]
+    # Once a server-built file exists, the importing cube's next build takes it rather than the upload.
+    m_mem3 = factory.memory(mallory.key, m_cube["id"], text)
+    assert built(client, mallory.key, m_mem3["id"])["sha256"] == pinned["sha256"]
+
+
+def test_migration_0010_marks_earlier_uploads_and_stales_builds_that_took_them(
+    client, factory, tenant, database_url
+) -> None:
+    """A database from before 0010: uploads unmarked, and a build in another cube already on the upload. The
+    migration's backfill (from the audit log) marks the upload and makes that build stale; its rebuild prefills."""
+    import importlib
+
+    migration = importlib.import_module("memos.migrations.versions.0010_activation_imports")
+    mallory, bob = factory.agent(tenant), factory.agent(tenant)
+    m_cube, b_cube = factory.cube(mallory.key), factory.cube(bob.key)
+    text = "The server room door code changes on the first Monday of each month."
+    m_mem = factory.memory(mallory.key, m_cube["id"], text)
+    b_mem = factory.memory(bob.key, b_cube["id"], text)
+    planted = import_kv(client, mallory.key, m_mem["id"], forged_kv(client, factory, text)).json()
+    with psycopg.connect(database_url) as conn:
+        conn.execute("DELETE FROM activation_imports WHERE activation_id = %s", (planted["id"],))
+    took = built(client, bob.key, b_mem["id"])
+    assert took["sha256"] == planted["sha256"]  # what the code before 0010 did
+    with psycopg.connect(database_url) as conn:
+        conn.execute(migration.MARK_UPLOADED)
+        conn.execute(migration.STALE_ELSEWHERE)
+    assert import_marks(database_url, [planted["id"], took["id"]]) == {
+        planted["id"]: m_cube["id"],
+        took["id"]: m_cube["id"],
+    }
+    assert client.get(f"/v1/activations/{took['id']}", headers=bearer(bob.key)).json()["stale"] is True
+    assert client.get(f"/v1/activations/{planted['id']}", headers=bearer(mallory.key)).json()["stale"] is False
+    out = generated(client, bob.key, prompt="When does the code change?", memory_ids=[b_mem["id"]])
+    assert out["activations_used"] == []
+    rebuilt = build(client, bob.key, b_mem["id"])
+    assert rebuilt.status_code == 201 and rebuilt.json()["sha256"] != planted["sha256"]
+
+
+def test_a_repaired_upload_is_server_built_and_shared_again(client, factory, tenant, settings, database_url) -> None:
+    """A repair rebuilds an uploaded file from the memory's text: its bytes are the server's now, unmarked."""
+    owner, other = factory.agent(tenant), factory.agent(tenant)
+    o_cube, x_cube = factory.cube(owner.key), factory.cube(other.key)
+    text = "The backup generator is tested every second Friday at noon."
+    mine = factory.memory(owner.key, o_cube["id"], text)
+    planted = import_kv(client, owner.key, mine["id"], forged_kv(client, factory, text)).json()
+    assert import_marks(database_url, [planted["id"]]) == {planted["id"]: o_cube["id"]}
+    corrupt(settings, planted["sha256"])
+    r = client.get(f"/v1/activations/{planted['id']}/kv", headers=bearer(owner.key))
+    assert r.status_code == 200 and "x-memos-repaired" in r.headers
+    assert import_marks(database_url, [planted["id"]]) == {}
+    repaired = client.get(f"/v1/activations/{planted['id']}", headers=bearer(owner.key)).json()["sha256"]
+    theirs = factory.memory(other.key, x_cube["id"], text)
+    assert built(client, other.key, theirs["id"])["sha256"] == repaired
 
 
 # ---------------------------------------------------------------------- staleness
@@ -671,6 +801,61 @@ def test_unreadable_memories_in_generate_are_404(client, factory, tenant, cube) 
     missing = "00000000-0000-0000-0000-000000000001"
     body = problem(generate(client, tenant.admin_key, prompt="?", memory_ids=[m["id"], missing]), 404)
     assert body["errors"][0]["field"] == "memory_ids[1]"
+
+
+def test_generate_refuses_memories_too_long_for_the_model_before_any_prefill(
+    client, factory, tenant, cube, monkeypatch
+) -> None:
+    """Found in review: every memory without stored KV was prefilled before the combined length was checked,
+    so a read-only key could hold the KV worker for minutes and still get 422."""
+    import memos.kv.runtime as runtime
+
+    prefilled: list[int] = []
+    real = runtime.prefill
+
+    def counting(lm: Any, ids: Any, **kw: Any) -> Any:
+        prefilled.append(len(ids))
+        return real(lm, ids, **kw)
+
+    monkeypatch.setattr(runtime, "prefill", counting)
+    key = tenant.admin_key
+    # "the" is one token: two memories of 4,500 fit the tiny model's 8,192 positions alone, not together.
+    long_a, long_b = (factory.memory(key, cube["id"], " ".join(["the"] * 4500) + f" {n}") for n in ("one", "two"))
+    stored = factory.memory(key, cube["id"], "A short fact with stored KV.")
+    built(client, key, stored["id"])
+    prefilled.clear()
+    for use_activations in (True, False):
+        r = generate(
+            client,
+            key,
+            prompt="hi",
+            memory_ids=[long_a["id"], long_b["id"], stored["id"]],
+            use_activations=use_activations,
+        )
+        body = problem(r, 422)
+        assert body["errors"][0]["field"] == "memory_ids" and "8192 positions" in body["detail"]
+        assert prefilled == []
+
+
+def test_expired_memories_are_not_found_for_generate_and_build(client, factory, tenant, cube) -> None:
+    """As GET /v1/memories/{id} (404) and search (hidden) treat them; they were used (found in review)."""
+    import time
+
+    key = tenant.admin_key
+    live = factory.memory(key, cube["id"], "Frank's parcel is at the post office.")
+    expiring = factory.memory(key, cube["id"], "Frank's parcel code is 5512.", ttl_seconds=1)
+    time.sleep(1.5)
+    assert client.get(f"/v1/memories/{expiring['id']}", headers=bearer(key)).status_code == 404
+    body = problem(generate(client, key, prompt="Code?", memory_ids=[live["id"], expiring["id"]]), 404)
+    assert body["errors"][0]["field"] == "memory_ids[1]"
+    problem(build(client, key, expiring["id"]), 404)
+    problem(import_kv(client, key, expiring["id"], b"not read: the memory is not found first"), 404)
+    problem(
+        client.post(
+            "/v1/scheduler/pin", json={"memory_id": expiring["id"], "model": MODEL, "tier": "host"}, headers=bearer(key)
+        ),
+        404,
+    )
 
 
 # ---------------------------------------------------------------------- isolation

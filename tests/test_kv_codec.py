@@ -207,6 +207,21 @@ def test_implausible_header_length_is_refused_without_reading_it() -> None:
         read_meta((2**60).to_bytes(8, "little") + b"{}")
 
 
+@pytest.mark.parametrize("where", ["top", "offsets"])
+def test_a_header_integer_too_long_for_python_is_a_format_error(where: str) -> None:
+    """json.loads raises a plain ValueError (not a JSONDecodeError) for an integer of more than 4300 digits:
+    the import answered 500 (found in review)."""
+    huge = b"1" * 5000
+    if where == "top":
+        header = b'{"__metadata__":{"format":"memos-kv/1"},"x":' + huge + b"}"
+    else:
+        header = b'{"k.0":{"dtype":"F32","shape":[1],"data_offsets":[0,' + huge + b"]}}"
+    data = len(header).to_bytes(8, "little") + header
+    for read in (read_meta, decode):
+        with pytest.raises(KVFormatError, match="integer too long"):
+            read(data)
+
+
 def test_wrong_fingerprint_is_a_mismatch_with_both_values() -> None:
     data = encode(make_chunk(), META)
     other = "cd" * 32

@@ -25,6 +25,7 @@ from memos.kv.maker import VOCAB_SIZE, make_model, preset_config
 from memos.kv.rope import rerotate, rope_params
 from memos.kv.runtime import (
     LoadedModel,
+    attention_window,
     compose,
     generate,
     load_model,
@@ -181,6 +182,40 @@ def test_fingerprint_changes_with_weights_tokenizer_rope_and_dtype(
         fields
     )
     assert {"sliding_window", "kv_dtype", "tokenizer", "weights"} <= set(fields)
+
+
+@pytest.mark.parametrize(("field", "value"), [("rms_norm_eps", 0.5), ("hidden_act", "gelu")])
+def test_fingerprint_covers_every_config_field_that_changes_kv(
+    model_dirs: dict[str, Path], models: dict[str, LoadedModel], tmp_path: Path, field: str, value: Any
+) -> None:
+    """A config edit the fingerprint's picked fields missed (found in review: KV built before an edit of
+    rms_norm_eps stayed "fresh" although every layer's KV changed): the whole config is hashed now."""
+    base = models["qwen2"]
+    edited = _copy(model_dirs["qwen2"], tmp_path / field)
+    config = json.loads((edited / "config.json").read_text())
+    config[field] = value
+    (edited / "config.json").write_text(json.dumps(config))
+    lm = load_model(ModelSpec(name=field, path=edited))
+    ids = base.memory_token_ids(MEMORY)
+    assert max_kv_diff(prefill(lm, ids), prefill(base, ids)) > 1e-3  # same weights, same tokens, other KV
+    assert lm.fingerprint != base.fingerprint
+
+
+def test_fingerprint_ignores_names_paths_and_versions(
+    model_dirs: dict[str, Path], models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    base = models["qwen2"]
+    renamed = _copy(model_dirs["qwen2"], tmp_path / "elsewhere" / "renamed-model")
+    config = json.loads((renamed / "config.json").read_text())
+    config.update(transformers_version="0.0.1", architectures=["SomethingElse"], id2label={"0": "A"}, label2id={"A": 0})
+    (renamed / "config.json").write_text(json.dumps(config))
+    lm = load_model(ModelSpec(name="another-name", path=renamed))
+    assert lm.config.name_or_path != base.config.name_or_path
+    assert lm.fingerprint == base.fingerprint
+    fields = fingerprint_fields(renamed, lm.config, lm.tokenizer, "float32")
+    assert fields["recipe"] == "memos-fingerprint/2"
+    assert fields["config"]["rms_norm_eps"] == 1e-6 and fields["config"]["hidden_act"] == "silu"
+    assert not {"_name_or_path", "transformers_version", "architectures", "dtype"} & set(fields["config"])
 
 
 # --- prefill and a single prefix ---------------------------------------------------------------------
@@ -488,21 +523,54 @@ def test_generate_checks_its_inputs(models: dict[str, LoadedModel]) -> None:
 # --- sliding-window attention ------------------------------------------------------------------------
 
 
+def _mistral_dir(directory: Path, window: int) -> Path:
+    """A random Mistral with every layer windowed (``config.sliding_window``), sharp like ``qwen2-sharp``."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from memos.kv.maker import tokenizer_dir
+
+    config = MistralConfig(
+        **{k: v for k, v in preset_config("qwen2", "tiny").to_dict().items() if k in MistralConfig().to_dict()}
+        | {"sliding_window": window}
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = MistralForCausalLM(config)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.dim() == 2:
+                    parameter.normal_(0.0, 0.1)
+    model.save_pretrained(str(directory))
+    AutoTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True).save_pretrained(str(directory))
+    return directory
+
+
 @pytest.fixture(scope="module")
-def sliding_model(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    """The sharp qwen2 model with every layer attending to a window of 8 tokens."""
-    directory = tmp_path_factory.mktemp("sliding") / "model"
-    shutil.copytree(model_dirs["qwen2-sharp"], directory)
-    config = json.loads((directory / "config.json").read_text())
-    config.update(use_sliding_window=True, sliding_window=8, max_window_layers=0)
-    config.pop("layer_types")
-    (directory / "config.json").write_text(json.dumps(config))
-    return load_model(ModelSpec(name="sliding", path=directory))
+def sliding_models(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
+    """Sharp models whose attention slides over a window of 8 tokens: a qwen2 with every layer windowed,
+    one with only its second layer windowed (``max_window_layers``), and a Mistral (whose attention modules
+    do not carry the window: only its config does)."""
+    out: dict[str, LoadedModel] = {}
+    for name, max_window_layers in (("qwen2-all", 0), ("qwen2-second", 1)):
+        directory = tmp_path_factory.mktemp("sliding") / name
+        shutil.copytree(model_dirs["qwen2-sharp"], directory)
+        config = json.loads((directory / "config.json").read_text())
+        config.update(use_sliding_window=True, sliding_window=8, max_window_layers=max_window_layers)
+        config.pop("layer_types")
+        (directory / "config.json").write_text(json.dumps(config))
+        out[name] = load_model(ModelSpec(name=name, path=directory))
+    mistral = _mistral_dir(tmp_path_factory.mktemp("sliding") / "mistral", window=8)
+    out["mistral"] = load_model(ModelSpec(name="mistral", path=mistral))
+    return out
 
 
-def test_sliding_window_models_keep_whole_memories_and_compose_exactly(sliding_model: LoadedModel) -> None:
-    lm = sliding_model
-    assert set(lm.config.layer_types) == {"sliding_attention"}
+@pytest.mark.parametrize(("name", "windows"), [("qwen2-all", [8, 8]), ("qwen2-second", [None, 8]), ("mistral", [8, 8])])
+def test_sliding_window_models_keep_whole_memories_and_compose_exactly(
+    sliding_models: dict[str, LoadedModel], name: str, windows: list[int | None]
+) -> None:
+    lm = sliding_models[name]
+    assert [attention_window(lm.config, i) for i in range(lm.layers)] == windows
+    assert lm.rope is not None
     rng = random.Random(3)
     parts = [random_ids(rng, 20, 20) for _ in range(3)]
     prompt = random_ids(rng, 3, 3)
@@ -519,7 +587,7 @@ def test_sliding_window_models_keep_whole_memories_and_compose_exactly(sliding_m
         float((injected - next_token_logits(lm, prompt, prefix_token_ids=parts[0], use_prefix_kv=False)).abs().max())
         <= TOL
     )
-    # Selective recompute masks to the window too: recomputing everything is the full prefill.
+    # Selective recompute masks to each layer's window too: recomputing everything is the full prefill.
     composed = compose(lm, chunks, recompute_ratio=1.0)
     assert max_kv_diff(composed, prefill(lm, composed.token_ids.tolist())) <= TOL
     assert float((next_token_logits(lm, prompt, prefix=composed) - full).abs().max()) <= TOL

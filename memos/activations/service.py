@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from sqlalchemy import Row, func, insert, select, text, update
+from sqlalchemy import Row, delete, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.activations import files, schemas
@@ -36,7 +36,7 @@ from memos.search.service import SearchService
 from memos.store.audit import record
 from memos.store.blobs import BlobCorrupt, BlobNotFound, BlobStore, BlobStoreFull
 from memos.store.db import Database
-from memos.store.models import activations, memories
+from memos.store.models import activation_imports, activations, memories
 
 if TYPE_CHECKING:
     from memos.kv.codec import KVChunk
@@ -82,6 +82,8 @@ class _Blob:
     nbytes: int
     tokens: int
     dtype: str
+    imported_into: uuid.UUID | None = None
+    """The cube whose import uploaded these bytes; None when this server computed them (decisions 86)."""
 
 
 class _FileFreed(Exception):
@@ -151,6 +153,7 @@ class ActivationService:
         self.models.spec(body.model)
         async with self.db.read() as conn:
             source = await self.memories.load_row(conn, principal, memory_id, "write")
+        _check_live(source)
         _check_source(source)
         lm = await self.models.get(body.model)
         async with self.db.read() as conn:
@@ -250,6 +253,11 @@ class ActivationService:
                     created_by=memory.created_by,
                 )
             )
+            if blob.imported_into is not None:
+                # Uploaded bytes stay in the cube they were uploaded into (decisions 86); reuse found them there.
+                await conn.execute(
+                    insert(activation_imports).values(activation_id=memory.id, cube_id=blob.imported_into)
+                )
             await record(
                 conn,
                 principal,
@@ -267,7 +275,7 @@ class ActivationService:
     ) -> tuple[schemas.Activation, bool] | None:
         """The activation made from a stored file with this KV; None when there is none, or when a drop or gc
         freed it meanwhile (the caller then writes one)."""
-        blob = await self._reusable_blob(principal, lm.fingerprint, ids_sha)
+        blob = await self._reusable_blob(principal, source.cube_id, lm.fingerprint, ids_sha)
         if blob is None:
             return None
         try:
@@ -275,26 +283,49 @@ class ActivationService:
         except _FileFreed:
             return None
 
-    async def _reusable_blob(self, principal: Principal, fingerprint: str, ids_sha: str) -> _Blob | None:
-        """A stored file with exactly this KV, built by anyone in the caller's tenant (``_insert`` claims it, and
-        finds it if it is gone)."""
+    async def _reusable_blob(
+        self, principal: Principal, cube_id: uuid.UUID, fingerprint: str, ids_sha: str
+    ) -> _Blob | None:
+        """A stored file with exactly this KV that a memory of cube ``cube_id`` may use: computed by this server
+        for anyone in the caller's tenant, or uploaded into that cube itself (decisions 86: an import's values
+        are unchecked). ``_insert`` claims it, and finds it if it is gone."""
+        imported_into = activation_imports.c.cube_id
         async with self.db.read() as conn:
             found = (
                 await conn.execute(
-                    select(activations.c.sha256, activations.c.bytes, activations.c.tokens, activations.c.dtype)
+                    select(
+                        activations.c.sha256,
+                        activations.c.bytes,
+                        activations.c.tokens,
+                        activations.c.dtype,
+                        imported_into.label("imported_into"),
+                    )
+                    .select_from(
+                        activations.outerjoin(
+                            activation_imports, activation_imports.c.activation_id == activations.c.id
+                        )
+                    )
                     .where(
                         activations.c.tenant_id == principal.tenant_id,
                         activations.c.fingerprint == fingerprint,
                         activations.c.token_ids_sha256 == ids_sha,
                         activations.c.corrupt_at.is_(None),
+                        or_(imported_into.is_(None), imported_into == cube_id),
                     )
-                    .order_by(activations.c.created_at.desc())
+                    # Server-built bytes first: the cube's own upload only when no build of this KV exists.
+                    .order_by(imported_into.is_(None).desc(), activations.c.created_at.desc())
                     .limit(1)
                 )
             ).first()
         if found is None:
             return None
-        return _Blob(sha256=found.sha256, nbytes=found.bytes, tokens=found.tokens, dtype=found.dtype)
+        return _Blob(
+            sha256=found.sha256,
+            nbytes=found.bytes,
+            tokens=found.tokens,
+            dtype=found.dtype,
+            imported_into=found.imported_into,
+        )
 
     async def _put(self, data: bytes) -> str:
         try:
@@ -447,11 +478,16 @@ class ActivationService:
             await asyncio.to_thread(self.blobs.delete, row.sha256)
             key = await self._put(data)
             # Every activation that shared the bad file shares the good one (same fingerprint, same tokens).
-            await conn.execute(
-                update(activations)
-                .where(activations.c.sha256 == row.sha256, activations.c.token_ids_sha256 == row.token_ids_sha256)
-                .values(sha256=key, bytes=len(data), corrupt_at=None)
-            )
+            moved = (
+                await conn.execute(
+                    update(activations)
+                    .where(activations.c.sha256 == row.sha256, activations.c.token_ids_sha256 == row.token_ids_sha256)
+                    .values(sha256=key, bytes=len(data), corrupt_at=None)
+                    .returning(activations.c.id)
+                )
+            ).scalars()
+            # Their bytes are now this server's prefill: uploaded ones no longer (decisions 86).
+            await conn.execute(delete(activation_imports).where(activation_imports.c.activation_id.in_(list(moved))))
             await record(
                 conn,
                 principal,
@@ -482,6 +518,7 @@ class ActivationService:
             raise Invalid.field("body", "the body is empty; send a memos-kv/1 (safetensors) file")
         async with self.db.read() as conn:
             source = await self.memories.load_row(conn, principal, memory_id, "write")
+        _check_live(source)
         _check_source(source, field="memory_id")
         lm = await self.models.get(model)
         chunk = await self._verified_chunk(lm, data)
@@ -498,9 +535,10 @@ class ActivationService:
         if existing is not None:
             return self._dto(existing), False
         if (reused := await self._reuse(principal, source, lm, ids_sha, "activation.import")) is not None:
-            return reused  # the tenant already stores this KV: the upload is dropped
+            return reused  # the tenant already stores this KV where this cube may use it: the upload is dropped
         key = await self._put(data)
-        blob = _Blob(sha256=key, nbytes=len(data), tokens=chunk.tokens, dtype=lm.dtype)
+        # Checked in every way but its values, which only a prefill could check: reusable in this cube only.
+        blob = _Blob(sha256=key, nbytes=len(data), tokens=chunk.tokens, dtype=lm.dtype, imported_into=source.cube_id)
         return await self._insert_written(principal, source, lm, ids_sha, blob, data, "activation.import")
 
     async def _verified_chunk(self, lm: LoadedModel, data: bytes) -> KVChunk:
@@ -606,6 +644,8 @@ class ActivationService:
                         memories.c.id.in_(ids),
                         memories.c.tenant_id == principal.tenant_id,
                         memories.c.cube_id.in_(readable_cube_ids(principal)),
+                        # Expired: not found, as GET /v1/memories/{id} answers and as search hides it.
+                        or_(memories.c.expires_at.is_(None), memories.c.expires_at > func.now()),
                     )
                 )
             }
@@ -739,6 +779,12 @@ class ActivationService:
 # ---------------------------------------------------------------------- helpers
 
 
+def _check_live(source: Row[Any]) -> None:
+    """404 for an expired memory, as ``GET /v1/memories/{id}`` answers (``load_row`` includes expired ones)."""
+    if source.expires_at is not None and source.expires_at <= datetime.now(UTC):
+        raise NotFound("no such memory")
+
+
 def _check_source(source: Row[Any], field: str = "memory_id") -> None:
     if source.kind == ACTIVATION_KIND:
         raise Invalid.field(field, "this memory is an activation already; build from its source memory")
@@ -792,6 +838,14 @@ def _memory_ids(lm: LoadedModel, text: str) -> list[int]:
     return [int(i) for i in lm.memory_token_ids(text)]
 
 
+def _part_ids(lm: LoadedModel, part: _Part) -> list[int]:
+    """The tokens ``part`` puts before the prompt: its stored KV's, or its text's (the same ids, since a fresh
+    activation was built from this version's text by a model of the same fingerprint, tokenizer included)."""
+    if part.chunk is not None:
+        return [int(i) for i in part.chunk.token_ids.tolist()]
+    return _memory_ids(lm, part.content)
+
+
 def _prefill_file(lm: LoadedModel, ids: list[int], meta: Any) -> tuple[bytes, KVChunk]:
     from memos.kv.codec import encode
     from memos.kv.runtime import prefill
@@ -833,18 +887,27 @@ def _generate_job(
         raise Invalid.field(
             "prompt", f"the prompt is {len(prompt_ids)} tokens; model {lm.name!r} has {lm.max_positions} positions"
         )
+    # Every memory's tokens before any forward pass (a stored chunk's are in its file): memories that cannot
+    # fit are refused now, not after minutes of prefilling the ones before them (found in review). The
+    # KVInputError is the caller's input, 422 on memory_ids or search (``generate``).
+    part_ids = [_part_ids(lm, p) for p in parts]
+    memory_tokens = sum(len(ids) for ids in part_ids)
+    if memory_tokens + len(prompt_ids) > lm.max_positions:
+        raise KVInputError(
+            f"the memories ({memory_tokens} tokens) and the prompt ({len(prompt_ids)}) are "
+            f"{memory_tokens + len(prompt_ids)} tokens; model {lm.name!r} has {lm.max_positions} positions"
+        )
     last = max((i for i, p in enumerate(parts) if p.chunk is not None), default=-1) if use_activations else -1
     fallback: str | None = None
     if last >= 0:
-        head, tail = parts[: last + 1], parts[last + 1 :]
+        head = parts[: last + 1]
         chunks: list[KVChunk] = []
         fresh_tokens = 0
-        for part in head:
+        for part, ids in zip(head, part_ids[: last + 1], strict=True):
             if part.chunk is not None:
                 chunks.append(part.chunk)
             else:
                 # No activation: its KV is computed now, on its own, and composed like the stored ones.
-                ids = _memory_ids(lm, part.content)
                 chunks.append(prefill(lm, ids))
                 fresh_tokens += len(ids)
         try:
@@ -856,7 +919,7 @@ def _generate_job(
         except NotShiftable as exc:
             fallback = f"not_shiftable: {exc.reason}; every token was prefilled instead"
         else:
-            tail_ids = [i for p in tail for i in _memory_ids(lm, p.content)]
+            tail_ids = [i for ids in part_ids[last + 1 :] for i in ids]
             before_generate = time.perf_counter()
             gen = generate(
                 lm,
@@ -875,7 +938,7 @@ def _generate_job(
                 reused_tokens=gen.reused_tokens,
                 used=used,
             )
-    all_ids = [i for p in parts for i in _memory_ids(lm, p.content)]
+    all_ids = [i for ids in part_ids for i in ids]
     before_generate = time.perf_counter()
     gen = generate(
         lm, prompt_ids, prefix=None, prefix_token_ids=all_ids, use_prefix_kv=False, max_new_tokens=max_new_tokens

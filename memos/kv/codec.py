@@ -201,6 +201,10 @@ def _split(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], int]:
         header = json.loads(bytes(view[8 : 8 + size]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise KVFormatError(f"the header is not JSON: {exc}") from None
+    except ValueError:
+        # The plain ValueError int() raises for an integer of more than 4300 digits (Python's limit on converting
+        # text to int): the file's fault, not a 500 (found in review).
+        raise KVFormatError("the header holds an integer too long to read (over 4300 digits)") from None
     except RecursionError:
         # A header of arrays nested thousands deep exhausts the parser's stack: the file's fault, not a 500.
         raise KVFormatError("the header's JSON is nested too deeply") from None

@@ -1,22 +1,57 @@
 """A model's identity for KV: two models share a fingerprint only if their KV caches are interchangeable.
 
 The fingerprint is the SHA-256 of canonical JSON (sorted keys, no spaces) of everything that shapes a
-KV cache: architecture, layer and head counts, RoPE parameters, sliding window, KV dtype, a hash of the
-tokenizer (vocabulary, special tokens, chat template, pipeline) and a hash of the weight files.
+KV cache: the model's whole config (less the fields that name or label it, see ``UNHASHED_CONFIG_KEYS``),
+architecture, layer and head counts, RoPE parameters, sliding window, KV dtype, a hash of the tokenizer
+(vocabulary, special tokens, chat template, pipeline) and a hash of the weight files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-FINGERPRINT_VERSION = "memos-fingerprint/1"
-"""Changes whenever the recipe changes, so old and new fingerprints can never collide."""
+FINGERPRINT_VERSION = "memos-fingerprint/2"
+"""Changes whenever the recipe changes, so old and new fingerprints can never collide. 2: the whole config is
+hashed (1 picked fields, and missed ``rms_norm_eps``, ``hidden_act`` and others that change every layer's KV)."""
+
+UNHASHED_CONFIG_KEYS = frozenset(
+    {
+        # Names, paths and versions: the same files copied, renamed or saved by another transformers release
+        # compute the same KV.
+        "_name_or_path",
+        "name_or_path",
+        "_commit_hash",
+        "transformers_version",
+        "architectures",
+        # Classification labels: a causal LM's KV never reads them.
+        "id2label",
+        "label2id",
+        "num_labels",
+        "problem_type",
+        # How a forward reports its results or caches them, not what it computes.
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        # The dtype the weights were saved in: the KV dtype is its own field, and the weights' values are hashed.
+        "dtype",
+        "torch_dtype",
+        # Only draws random initial weights; the weights themselves are hashed.
+        "initializer_range",
+    }
+)
+"""Config fields left out of the fingerprint: none of them changes a KV cache. Every other field is hashed, so a
+config change nobody listed (a norm's epsilon, the activation function, a new transformers option) cannot leave
+old KV looking fresh: a field that changes nothing only costs a rebuild."""
 
 _CHUNK = 8 * 1024 * 1024
 
@@ -74,6 +109,27 @@ def _sliding_window(config: PretrainedConfig) -> Any:
     return {"window": int(window), "layer_types": list(layer_types) if layer_types is not None else None}
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON values: non-finite floats (``allow_nan`` is off) and anything else JSON lacks
+    (a dtype, a tuple) as text, so that every config can be hashed rather than fail to load."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def config_fields(config: PretrainedConfig) -> dict[str, Any]:
+    """The model config as transformers resolved it (defaults filled in, derived fields such as ``layer_types``
+    computed), less ``UNHASHED_CONFIG_KEYS``. The resolved config, not ``config.json`` as written: a default
+    that changes between transformers releases changes the model's computation just as an edit would."""
+    return {k: _plain(v) for k, v in config.to_dict().items() if k not in UNHASHED_CONFIG_KEYS}
+
+
 def fingerprint_fields(
     model_dir: Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, kv_dtype: str
 ) -> dict[str, Any]:
@@ -94,6 +150,7 @@ def fingerprint_fields(
         "rope": rope,
         "partial_rotary_factor": float(partial) if partial is not None else 1.0,
         "sliding_window": _sliding_window(config),
+        "config": config_fields(config),
         "kv_dtype": kv_dtype,
         "tokenizer": tokenizer_hash(tokenizer),
         "weights": weights_hash(model_dir),

@@ -275,6 +275,36 @@ def compose(lm: LoadedModel, chunks: Sequence[KVChunk], *, recompute_ratio: floa
     return composed
 
 
+_WINDOW_ON_EVERY_LAYER = frozenset({"mistral", "mixtral", "starcoder2"})
+"""Architectures whose modelling code masks every layer to ``config.sliding_window`` (when it is set) and
+reads no ``layer_types``, even if a config carries one."""
+
+
+def attention_window(config: Any, layer_index: int) -> int | None:
+    """The sliding window layer ``layer_index`` attends within (keys at most ``window - 1`` positions back),
+    or None for full causal attention, as the architecture's own modelling code decides it.
+
+    Read from the config, not the attention module: transformers' ``MistralAttention`` has no
+    ``sliding_window`` attribute (its window is ``config.sliding_window``, applied to every layer), so
+    the module said "no window" for Mistral and selective recompute let tokens attend past it (found in
+    review). Qwen2, Qwen3 and Ministral name each layer's kind in ``layer_types`` (which their configs derive
+    from ``use_sliding_window`` and ``max_window_layers``).
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    if str(getattr(config, "model_type", "")) in _WINDOW_ON_EVERY_LAYER:
+        return int(window)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return int(window) if layer_types[layer_index] == "sliding_attention" else None
+    if hasattr(config, "use_sliding_window"):
+        # A Qwen2-style config from before layer_types: the layers from max_window_layers on slide.
+        uses = bool(config.use_sliding_window) and layer_index >= int(getattr(config, "max_window_layers", 0) or 0)
+        return int(window) if uses else None
+    return int(window)
+
+
 def _decoder(lm: LoadedModel) -> Any:
     base = getattr(lm.model, "model", None)
     if base is None or not all(hasattr(base, a) for a in ("embed_tokens", "layers", "rotary_emb")):
@@ -318,15 +348,15 @@ def _layer_rows(
     all_k = cache.keys[layer_index].repeat_interleave(groups, dim=0)  # [heads, N, hd]
     all_v = cache.values[layer_index].repeat_interleave(groups, dim=0)
     key_pos = cache.positions
-    window = getattr(attn, "sliding_window", None)
+    window = attention_window(lm.config, layer_index)
     keys_t = all_k.float().transpose(1, 2)  # [heads, hd, N]
     out = torch.empty_like(q)
     for begin in range(0, len(rows), _QUERY_BLOCK):
         block = slice(begin, begin + _QUERY_BLOCK)
         query_pos = cache.positions[rows[block]]
         allowed = key_pos[None, :] <= query_pos[:, None]  # [B, N] causal
-        if window:
-            allowed &= key_pos[None, :] > query_pos[:, None] - int(window)
+        if window is not None:
+            allowed &= key_pos[None, :] > query_pos[:, None] - window
         scores = torch.matmul(q[:, block].float(), keys_t) * float(attn.scaling)  # [heads, B, N]
         scores = scores.masked_fill(~allowed[None], float("-inf"))
         weights = torch.softmax(scores, dim=-1).to(q.dtype)

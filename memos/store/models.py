@@ -308,6 +308,19 @@ activations = Table(
     Index("ix_activations_model_pinned", "model", postgresql_where=text("tier IN ('device', 'host')")),
 )
 
+# Activations whose file holds uploaded bytes (POST /v1/activations/import, migration 0010, decisions 86). An
+# import checks an upload's format, checksum, shapes, fingerprint and token ids, never its K/V values (only a
+# prefill could), so uploaded bytes are reused only in the cube they were uploaded into; a server-built file
+# is reused tenant-wide. A repair, which rebuilds the file from the text, lifts the mark.
+activation_imports = Table(
+    "activation_imports",
+    metadata,
+    # Deleted with its activation (a purge erases activation memories, and their rows with them).
+    Column("activation_id", UUID(as_uuid=True), ForeignKey("activations.id", ondelete="CASCADE"), primary_key=True),
+    # The cube the bytes were uploaded into: the only cube whose builds and imports may reuse them.
+    Column("cube_id", UUID(as_uuid=True), ForeignKey("cubes.id", ondelete="CASCADE"), nullable=False),
+)
+
 audit_log = Table(
     "audit_log",
     metadata,

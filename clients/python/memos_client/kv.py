@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from os import PathLike
@@ -32,7 +33,30 @@ if TYPE_CHECKING:
 __all__ = ["KVError", "KVFile", "KVMismatch", "load_dynamic_cache", "model_fingerprint", "read_kv"]
 
 FORMAT = "memos-kv/1"
-FINGERPRINT_RECIPE = "memos-fingerprint/1"
+FINGERPRINT_RECIPE = "memos-fingerprint/2"
+_UNHASHED_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "name_or_path",
+        "_commit_hash",
+        "transformers_version",
+        "architectures",
+        "id2label",
+        "label2id",
+        "num_labels",
+        "problem_type",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "dtype",
+        "torch_dtype",
+        "initializer_range",
+    }
+)
+"""Config fields the server's fingerprint leaves out (``memos.kv.fingerprint.UNHASHED_CONFIG_KEYS``)."""
 _DTYPES = ("float32", "bfloat16", "float16")
 _METADATA_KEYS = ("format", "fingerprint", "model", "memory_id", "version", "dtype", "created_at", "payload_sha256")
 _MAX_HEADER = 100 * 1024 * 1024
@@ -88,7 +112,7 @@ def read_kv(source: bytes | bytearray | memoryview | str | PathLike[str]) -> KVF
         raise KVError("truncated or not a safetensors file: the header length does not fit")
     try:
         header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and int() past 4300 digits
         raise KVError(f"the header is not JSON: {exc}") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -203,6 +227,19 @@ def _rope(config: Any) -> Any:
     return json.loads(json.dumps(params, default=float)) if params is not None else None
 
 
+def _plain(value: Any) -> Any:
+    """As the server's ``memos.kv.fingerprint._plain``: plain JSON values, anything else as text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
 def model_fingerprint(
     model_dir: str | PathLike[str], kv_dtype: str, *, config: Any = None, tokenizer: Any = None
 ) -> str:
@@ -244,6 +281,7 @@ def model_fingerprint(
         "rope": rope,
         "partial_rotary_factor": float(partial) if partial is not None else 1.0,
         "sliding_window": sliding,
+        "config": {k: _plain(v) for k, v in config.to_dict().items() if k not in _UNHASHED_CONFIG_KEYS},
         "kv_dtype": kv_dtype,
         "tokenizer": _tokenizer_hash(tokenizer),
         "weights": hashlib.sha256(_canonical({f.name: _sha256_file(f) for f in weights})).hexdigest(),
