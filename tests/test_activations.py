@@ -470,8 +470,8 @@ def test_migration_0010_marks_earlier_uploads_and_stales_builds_that_took_them(
     took = built(client, bob.key, b_mem["id"])
     assert took["sha256"] == planted["sha256"]  # what the code before 0010 did
     with psycopg.connect(database_url) as conn:
-        conn.execute(migration.MARK_UPLOADED)
-        conn.execute(migration.STALE_ELSEWHERE)
+        for statement in migration.BACKFILL:
+            conn.execute(statement)
     assert import_marks(database_url, [planted["id"], took["id"]]) == {
         planted["id"]: m_cube["id"],
         took["id"]: m_cube["id"],
@@ -480,6 +480,33 @@ def test_migration_0010_marks_earlier_uploads_and_stales_builds_that_took_them(
     assert client.get(f"/v1/activations/{planted['id']}", headers=bearer(mallory.key)).json()["stale"] is False
     out = generated(client, bob.key, prompt="When does the code change?", memory_ids=[b_mem["id"]])
     assert out["activations_used"] == []
+    rebuilt = build(client, bob.key, b_mem["id"])
+    assert rebuilt.status_code == 201 and rebuilt.json()["sha256"] != planted["sha256"]
+
+
+def test_migration_0010_marks_an_upload_whose_own_activation_is_gone(client, factory, tenant, database_url) -> None:
+    """The audit log decides, not the surviving rows: once the importing cube dropped its activation (a purge, a
+    ``kv drop``), the other cube's build was the file's first row, and it passed for server-built (found in
+    review)."""
+    import importlib
+
+    migration = importlib.import_module("memos.migrations.versions.0010_activation_imports")
+    mallory, bob = factory.agent(tenant), factory.agent(tenant)
+    m_cube, b_cube = factory.cube(mallory.key), factory.cube(bob.key)
+    text = "The loading dock alarm is disarmed with the code on the blue card."
+    m_mem = factory.memory(mallory.key, m_cube["id"], text)
+    b_mem = factory.memory(bob.key, b_cube["id"], text)
+    planted = import_kv(client, mallory.key, m_mem["id"], forged_kv(client, factory, text)).json()
+    with psycopg.connect(database_url) as conn:
+        conn.execute("DELETE FROM activation_imports WHERE activation_id = %s", (planted["id"],))
+    took = built(client, bob.key, b_mem["id"])
+    assert took["sha256"] == planted["sha256"]
+    with psycopg.connect(database_url) as conn:
+        conn.execute("DELETE FROM memories WHERE id = %s", (planted["id"],))  # the upload's own row, dropped
+        for statement in migration.BACKFILL:
+            conn.execute(statement)
+    assert import_marks(database_url, [took["id"]]) == {took["id"]: m_cube["id"]}
+    assert client.get(f"/v1/activations/{took['id']}", headers=bearer(bob.key)).json()["stale"] is True
     rebuilt = build(client, bob.key, b_mem["id"])
     assert rebuilt.status_code == 201 and rebuilt.json()["sha256"] != planted["sha256"]
 

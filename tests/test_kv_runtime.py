@@ -201,6 +201,17 @@ def test_fingerprint_covers_every_config_field_that_changes_kv(
     assert lm.fingerprint != base.fingerprint
 
 
+def test_the_sdk_leaves_out_the_same_config_fields_as_the_server() -> None:
+    """The SDK computes the fingerprint itself (``memos_client.kv``), from its own copy of the list: one that
+    drifted would make every KV file the server sends fail the SDK's check."""
+    from memos_client import kv as client_kv
+
+    from memos.kv import fingerprint
+
+    assert client_kv._UNHASHED_CONFIG_KEYS == fingerprint.UNHASHED_CONFIG_KEYS
+    assert client_kv.FINGERPRINT_RECIPE == fingerprint.FINGERPRINT_VERSION
+
+
 def test_fingerprint_ignores_names_paths_and_versions(
     model_dirs: dict[str, Path], models: dict[str, LoadedModel], tmp_path: Path
 ) -> None:

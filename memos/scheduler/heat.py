@@ -151,11 +151,27 @@ class HeatTable:
         return len(self._heat) > self.max_entries
 
     def shrink(self, now: float | None = None) -> None:
-        """Past ``max_entries``, keep the hottest half (``touch`` never does it: it runs inside requests)."""
+        """Past ``max_entries``, keep the hottest half (``touch`` never does it: it runs inside requests).
+
+        Ranked on a copy, outside the lock: ranking 100k entries takes ~85 ms, and a request's ``touch`` on the
+        event loop waited for it all (found in review). Only the copying and the removals hold the lock; an
+        entry touched meanwhile (a new value) stays, whatever its rank was."""
         at = self._clock() if now is None else now
         with self._lock:
-            if len(self._heat) > self.max_entries:
-                self._shrink(at)
+            if len(self._heat) <= self.max_entries:
+                return
+            snapshot = list(self._heat.items())
+        keep = max(1, self.max_entries // 2)
+        ranked = heapq.nlargest(keep, snapshot, key=lambda item: self._decayed(item[1][0], item[1][1], at))
+        kept = {memory_id for memory_id, _ in ranked}
+        with self._lock:
+            for memory_id, entry in snapshot:
+                # ``is``: touched since the copy, the entry is a new tuple, and it is hot again.
+                if memory_id not in kept and self._heat.get(memory_id) is entry:
+                    del self._heat[memory_id]
+                    self._tenant.pop(memory_id, None)
+                    self._read.pop(memory_id, None)
+                    self._seen.pop(memory_id, None)
 
     def forget(self, ids: Iterable[uuid.UUID]) -> None:
         """Drop memories (deleted, purged): they are not hot any more, whatever their accesses. (Their rows keep
@@ -170,11 +186,3 @@ class HeatTable:
 
     def __len__(self) -> int:
         return len(self._heat)
-
-    def _shrink(self, at: float) -> None:
-        """Keep the hottest half of ``max_entries`` (a written memory that falls out is written as 0 later)."""
-        keep = max(1, self.max_entries // 2)
-        ranked = heapq.nlargest(keep, self._heat.items(), key=lambda item: self._decayed(item[1][0], item[1][1], at))
-        self._heat = dict(ranked)
-        self._tenant = {m: t for m, t in self._tenant.items() if m in self._heat}
-        self._read = {m: n for m, n in self._read.items() if m in self._heat}

@@ -509,9 +509,9 @@ class Scheduler:
                     )
             if not await self.kv.hold(lm, key, tier) or not self.tiers.move(key, tier, pinned=True):
                 raise Conflict(
-                    f"the KV could not be held in the {body.tier} tier (its stored file failed its check, or the "
+                    f"the KV could not be held in the {tier} tier (its stored file failed its check, or the "
                     "tier has no room beside what is pinned there)",
-                    extra={"tier": body.tier, "bytes": size},
+                    extra={"tier": tier, "bytes": size},
                 )
             await self.kv.set_pin(activation.id, body.tier)
         return schemas.Pin(
