@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import re
@@ -65,6 +66,7 @@ from memos.semcache.service import SemCacheService
 from memos.settings import Settings
 from memos.store.blobs import LocalBlobStore
 from memos.store.db import Database
+from memos.store.embedded import one_start_at_a_time
 from memos.strict_input import StrictQuery, decode_body
 
 log = logging.getLogger(__name__)
@@ -271,7 +273,10 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
         loading.add_done_callback(_log_load_failure)
         loading.add_done_callback(_freeze_after_load)
         try:
-            await db.start()
+            # One memos at a time starts a data directory's embedded server and migrates it: two at once on a
+            # new one both migrated it, and one died (found in review).
+            async with one_start_at_a_time(settings.data_dir) if settings.embedded else contextlib.nullcontext():
+                await db.start()
             embedding = EmbeddingService(worker, settings.embed_wait_seconds)
             graphs = CubeGraphs(db)
             indexes = CacheIndexes(

@@ -17,7 +17,8 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Matched whole (fullmatch): with match and "$", an id ending in a newline passed, and went into logs and headers.
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Attributes every LogRecord has; anything else was passed as `extra=` and goes into the JSON.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -62,7 +63,7 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
-        rid = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        rid = incoming if _SAFE_ID.fullmatch(incoming) else uuid.uuid4().hex
         token = request_id_var.set(rid)
         started = time.perf_counter()
         status = 500

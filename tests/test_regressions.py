@@ -419,3 +419,83 @@ def test_an_empty_body_is_422_saying_the_body_is_missing(client, factory: Factor
         r = client.post(path, content=b"", headers=headers)
         assert r.status_code == 422, r.text
         assert r.json()["errors"] == [{"field": "body", "message": "a JSON body is required; the request had none"}]
+
+
+def test_a_request_id_ending_in_a_newline_is_not_taken() -> None:
+    """``re.match`` with ``$`` passes "abc\\n" ($ matches before a final newline): a caller's id ending in one
+    went into every log line and the response header (found in review). The id is matched whole now."""
+    import asyncio
+    from typing import Any
+
+    from memos.observability import request_id_middleware
+
+    sent: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def request(rid: bytes) -> bytes:
+        sent.clear()
+        scope: Any = {"type": "http", "method": "GET", "path": "/", "headers": [(b"x-request-id", rid)]}
+        await request_id_middleware(app)(scope, None, send)
+        return bytes(dict(sent[0]["headers"])[b"x-request-id"])
+
+    assert asyncio.run(request(b"job-42.a_b")) == b"job-42.a_b"
+    echoed = asyncio.run(request(b"job-42\n"))
+    assert echoed != b"job-42\n" and b"\n" not in echoed and len(echoed) == 32
+
+
+def test_an_operator_key_file_too_short_is_refused_naming_it(tmp_path: Path) -> None:
+    """A crash between creating operator.key and writing it left it empty, and the operator key was then ''
+    (found in review): a key file shorter than MEMOS_OPERATOR_KEY may be is refused, and the file named."""
+    import pytest
+
+    from memos.identity.service import OperatorKeyFileError, load_operator_key
+    from memos.settings import Settings
+
+    key_file = tmp_path / "operator.key"
+    for text in ("", "\n", "short\n"):
+        key_file.write_text(text)
+        with pytest.raises(OperatorKeyFileError, match=str(key_file.resolve())):
+            load_operator_key(Settings(data_dir=tmp_path))
+    key_file.write_text("k" * 32 + "\n")
+    assert load_operator_key(Settings(data_dir=tmp_path)) == "k" * 32
+
+
+def test_two_first_starts_at_once_share_one_operator_key(tmp_path: Path, monkeypatch) -> None:
+    """Both saw no key file; the second's O_EXCL create then died of FileExistsError (found in review). Each
+    writes a whole temporary file and links it into place: the one that comes second reads the first's key."""
+    import threading
+    import time
+
+    from memos.identity import service
+    from memos.settings import Settings
+
+    real_generate = service.generate_key
+    both_generating = threading.Barrier(2, timeout=30)
+
+    def slow_generate() -> tuple[str, str]:
+        both_generating.wait()  # each has looked for the file and found none
+        time.sleep(0.05)
+        return real_generate()
+
+    monkeypatch.setattr(service, "generate_key", slow_generate)
+    keys: list[object] = []
+
+    def first_start() -> None:
+        try:
+            keys.append(service.load_operator_key(Settings(data_dir=tmp_path / "data")))
+        except Exception as exc:  # the failure is what the test reports
+            keys.append(exc)
+
+    threads = [threading.Thread(target=first_start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(keys) == 2 and all(isinstance(k, str) for k in keys), keys
+    assert keys[0] == keys[1] == (tmp_path / "data" / "operator.key").read_text().strip()
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["operator.key"], "no temporary file left"

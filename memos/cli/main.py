@@ -10,11 +10,11 @@ import json
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from memos.settings import Settings, SettingsError
+from memos.settings import Settings, SettingsError, redact_password
 
 if TYPE_CHECKING:
     from sqlalchemy.exc import DBAPIError
@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# ASGI, lifespan messages included (Litestar's own types cover HTTP and WebSocket scopes only).
+_Message = MutableMapping[str, Any]
+_Send = Callable[[_Message], Awaitable[None]]
+_Receive = Callable[[], Awaitable[_Message]]
+_ASGI = Callable[[_Message, _Receive, _Send], Awaitable[None]]
+
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -37,15 +43,109 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env(host=args.host, port=args.port)
     configure_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-    )
+    failed = _StartFailure()
+    try:
+        uvicorn.run(
+            _start_failures_on_one_line(create_app(settings), settings, failed),
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            # Then requests still in flight are cancelled: without a deadline, a client that stalled
+            # mid-body kept the process alive after SIGTERM for as long as it held the connection (found in
+            # review).
+            timeout_graceful_shutdown=settings.shutdown_seconds,
+        )
+    except SystemExit:
+        if failed.line is None:
+            raise
+        print(failed.line, file=sys.stderr)
+        return failed.status
     return 0
+
+
+@dataclasses.dataclass
+class _StartFailure:
+    """Why the application did not start, as the line to print, when that is one the operator can act on."""
+
+    line: str | None = None
+    status: int = 1
+
+
+def _start_failures_on_one_line(
+    app: Callable[..., Awaitable[None]], settings: Settings, failed: _StartFailure
+) -> _ASGI:
+    """``app``, with a start-up failure the operator can act on (settings, a database that is down or out of
+    date, a data directory memos cannot use) told in one line, like the admin tools do, and not as the
+    ~150-line traceback uvicorn logs of any failure in the lifespan.
+
+    The failure is held back from uvicorn until the exception says what it was: Litestar reports it (with
+    the traceback) before re-raising. One memos cannot name goes on to uvicorn with its traceback.
+    """
+
+    async def wrapped(scope: _Message, receive: _Receive, send: _Send) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+        held: list[_Message] = []
+
+        async def send_or_hold(message: _Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)
+            else:
+                await send(message)
+
+        try:
+            await app(scope, receive, send_or_hold)
+        except BaseException as exc:
+            if held and (described := _start_failure(settings, exc)) is not None:
+                failed.line, failed.status = described
+                held[:] = [{"type": "lifespan.startup.failed", "message": ""}]
+            raise
+        finally:
+            for message in held:
+                await send(message)
+
+    return wrapped
+
+
+def _start_failure(settings: Settings, exc: BaseException) -> tuple[str, int] | None:
+    """The line to print and the exit status for a failure at start that the operator can act on, or None."""
+    import subprocess
+
+    import psycopg
+    from sqlalchemy.exc import DBAPIError
+
+    from memos.store.db import SchemaOutOfDate
+    from memos.store.embedded import EmbeddedStartError
+    from memos.store.migrations import UnsupportedServer
+
+    # Litestar runs the lifespan in a task group: the cause comes wrapped.
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, SettingsError):  # the operator key file (memos/identity/service.py): exit 2, as at parse
+        return f"memos: configuration error: {exc}", 2
+    if isinstance(exc, SchemaOutOfDate | UnsupportedServer | EmbeddedStartError):
+        return f"memos serve: {exc}", 1
+    if isinstance(exc, DBAPIError | psycopg.Error):
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        if settings.database_url is None:
+            return f"memos serve: the embedded database in MEMOS_DATA_DIR ({settings.data_dir}) failed: {reason}", 1
+        # libpq names the host and port, never the password; a URL it cannot parse it may quote whole.
+        return (
+            f"memos serve: the database at MEMOS_DATABASE_URL failed: {redact_password(reason, settings.database_url)}",
+            1,
+        )
+    if isinstance(exc, subprocess.CalledProcessError | subprocess.TimeoutExpired) and settings.embedded:
+        log = Path(settings.data_dir, "pg", "log").resolve()
+        return (
+            f"memos serve: the embedded PostgreSQL in MEMOS_DATA_DIR ({settings.data_dir}) did not start: see {log}",
+            1,
+        )
+    if isinstance(exc, OSError):
+        return f"memos serve: {_no_data_dir(settings, exc)}", 1
+    return None
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -232,6 +332,9 @@ async def _database() -> AsyncIterator[Database]:
 
 
 def _no_data_dir(settings: Settings, exc: OSError) -> str:
+    if not settings.embedded:  # serve with an external database: the operator key file, the blob store
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"cannot use MEMOS_DATA_DIR ({settings.data_dir}){where}: {exc.strerror or exc}"
     return f"cannot start the embedded database in MEMOS_DATA_DIR ({settings.data_dir}): {exc.strerror or exc}"
 
 

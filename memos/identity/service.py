@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
+import secrets
 import uuid
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from memos.identity import schemas
 from memos.identity.keys import generate_key, hash_key, key_matches, key_prefix
 from memos.identity.principal import OPERATOR, Principal
 from memos.pagination import Page, decode_keyset, encode_keyset
-from memos.settings import Settings
+from memos.settings import Settings, SettingsError
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import agents, api_keys, tenants
@@ -26,20 +28,65 @@ from memos.validation import reject_nul
 log = logging.getLogger(__name__)
 
 
+OPERATOR_KEY_MIN = 32
+"""Shortest operator key accepted, from the file as from ``MEMOS_OPERATOR_KEY`` (memos/settings.py)."""
+
+
+class OperatorKeyFileError(SettingsError):
+    """``<data_dir>/operator.key`` holds no usable key."""
+
+
 def load_operator_key(settings: Settings) -> str:
-    """``MEMOS_OPERATOR_KEY``, else the key in ``<data_dir>/operator.key``, generated (mode 0600) on first start."""
+    """``MEMOS_OPERATOR_KEY``, else the key in ``<data_dir>/operator.key``, generated (mode 0600) on first start.
+
+    The file appears whole or not at all: the key is written to a temporary file, synced, and linked into
+    place. Created empty and then written, a crash in between left an empty file, read as the key '' (found
+    in review); two first starts at once, one died of ``FileExistsError``, and now the second uses the
+    first one's key.
+    """
     if settings.operator_key is not None:
         return settings.operator_key
     path = Path(settings.data_dir) / "operator.key"
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        return _read_operator_key(path)
+    # 0700 when memos makes it, as the embedded server does (memos/store/embedded.py): it holds the key.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key, _ = generate_key()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
+    partial = path.with_name(f".operator.key.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(partial, path)  # unlike rename, fails if another start put its key there first
+        except FileExistsError:
+            return _read_operator_key(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
     log.warning("generated the operator key", extra={"path": str(path.resolve())})
     return key
+
+
+def _read_operator_key(path: Path) -> str:
+    key = path.read_text().strip()
+    if len(key) < OPERATOR_KEY_MIN:
+        raise OperatorKeyFileError(
+            f"{path.resolve()} holds {len(key)} characters, and an operator key needs at least {OPERATOR_KEY_MIN}: "
+            "delete the file to have a new key generated, or set MEMOS_OPERATOR_KEY"
+        )
+    return key
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a new name in ``path`` survive a crash (the file's own fsync does not cover its directory entry)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # Every request runs this: written out, it costs the event loop no statement building (about 0.4 ms).
