@@ -103,3 +103,19 @@ def test_put_replaces_a_damaged_copy(tmp_path: Path) -> None:
         store.read(key)
     assert store.put(data) == key
     assert store.read(key) == data
+
+
+def test_blobs_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """A blob is a model's KV of a memory's text: it was 0644 (in 0755 directories) under the usual umask."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        store = LocalBlobStore(tmp_path / "blobs")
+        key = store.put(b"the kv of a private memory")
+    finally:
+        os.umask(old)
+    path = tmp_path / "blobs" / key[:2] / key[2:4] / key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700

@@ -37,6 +37,25 @@ from memos.store.urls import libpq_url
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_two_migrators_at_once_both_succeed(pg_server: PgServer) -> None:
+    """``memos admin migrate`` beside a starting ``memos serve`` (or two serves on one external database): the
+    second waits for the first and finds the schema at head, instead of failing on a table just made."""
+    name = "t_migrations_twice"
+    drop_database(pg_server.admin_url, name)
+    ensure_database(pg_server.admin_url, name)
+    url = pg_server.url(name)
+    env = {**os.environ, "MEMOS_DATABASE_URL": url}
+    command = [sys.executable, "-m", "memos.cli.main", "admin", "migrate"]
+    try:
+        # Processes, not threads: alembic's context is one per process.
+        runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        outcomes = [(run.wait(timeout=120), run.communicate()[1].decode()) for run in runs]
+        assert [code for code, _ in outcomes] == [0, 0], outcomes
+        assert migrations.current_revision(url) == migrations.head_revision()
+    finally:
+        drop_database(pg_server.admin_url, name)
+
+
 def test_migrations_upgrade_downgrade_upgrade(pg_server: PgServer) -> None:
     name = "t_migrations_roundtrip"
     drop_database(pg_server.admin_url, name)

@@ -119,14 +119,16 @@ class LocalBlobStore(BlobStore):
                 os.utime(final)
             return key
         # Absent, or present but damaged: (re)write it, atomically replacing a damaged copy.
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        # Owner only: a file is a model's KV of a memory's text, as private as the text (0644 and 0755 let any
+        # local user read it wherever the data directory was open; found in review).
+        self._tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self._tmp / f"{key}.{secrets.token_hex(6)}.part"
         try:
-            with open(tmp, "wb") as fh:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
                 self._write(fh, data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # rename is atomic within one filesystem: readers see no file or the whole file.
             os.replace(tmp, final)
             _fsync_dir(final.parent)
