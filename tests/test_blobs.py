@@ -118,4 +118,5 @@ def test_blobs_are_readable_by_their_owner_only(tmp_path: Path) -> None:
         os.umask(old)
     path = tmp_path / "blobs" / key[:2] / key[2:4] / key
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    for level in (path.parent, path.parent.parent, tmp_path / "blobs", tmp_path / "blobs" / "tmp"):
+        assert stat.S_IMODE(level.stat().st_mode) == 0o700, level

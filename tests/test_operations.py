@@ -46,14 +46,51 @@ def test_two_migrators_at_once_both_succeed(pg_server: PgServer) -> None:
     url = pg_server.url(name)
     env = {**os.environ, "MEMOS_DATABASE_URL": url}
     command = [sys.executable, "-m", "memos.cli.main", "admin", "migrate"]
+    waiting = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        " AND classid = 1835363695 AND objid = 1 AND objsubid = 2"
+    )
     try:
-        # Processes, not threads: alembic's context is one per process.
-        runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        with psycopg.connect(url, autocommit=True) as holder:
+            # The test takes the migrators' lock first, so both are sure to be there at once: each must wait.
+            holder.execute("SELECT pg_advisory_lock(1835363695, 1)")
+            # Processes, not threads: alembic's context is one per process.
+            runs = [
+                subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)
+            ]
+            deadline = time.monotonic() + 60
+            while (count := holder.execute(waiting).fetchone()) is not None and count[0] < 2:
+                assert all(run.poll() is None for run in runs), "a migrator did not wait for the lock"
+                assert time.monotonic() < deadline, "the migrators never waited for the migration lock"
+                time.sleep(0.1)
+            holder.execute("SELECT pg_advisory_unlock(1835363695, 1)")
         outcomes = [(run.wait(timeout=120), run.communicate()[1].decode()) for run in runs]
         assert [code for code, _ in outcomes] == [0, 0], outcomes
         assert migrations.current_revision(url) == migrations.head_revision()
     finally:
         drop_database(pg_server.admin_url, name)
+
+
+def test_a_start_waiting_for_another_ones_lock_says_so_and_gives_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``memos serve`` waited silently, forever, for a start that never let go of the data directory (a stopped
+    process), and only SIGKILL ended it (found in review). It says it waits, then gives up in one line."""
+    import fcntl
+
+    from memos.store.embedded import SERVE_LOCK, EmbeddedStartError, one_start_at_a_time
+
+    async def start() -> None:
+        async with one_start_at_a_time(tmp_path, wait=0.5):
+            pass
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / SERVE_LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another memos, mid-start
+        with caplog.at_level(logging.WARNING), pytest.raises(EmbeddedStartError, match="another memos"):
+            asyncio.run(asyncio.wait_for(start(), timeout=10))
+    assert [r.getMessage() for r in caplog.records].count("waiting for another memos starting this data directory") == 1
+    asyncio.run(asyncio.wait_for(start(), timeout=10))  # let go: the next start goes through
 
 
 def test_migrations_upgrade_downgrade_upgrade(pg_server: PgServer) -> None:
@@ -538,8 +575,9 @@ SECRET = "S3cretPW_zz9"
     [
         ("unreachable", 1, "memos serve: the database at MEMOS_DATABASE_URL failed: connection failed"),
         ("malformed", 2, "memos: configuration error: MEMOS_DATABASE_URL cannot be parsed"),
-        ("data_dir_is_a_file", 1, "memos serve: cannot start the embedded database in MEMOS_DATA_DIR"),
+        ("data_dir_is_a_file", 1, "memos serve: cannot use "),
         ("empty_operator_key_file", 2, "memos: configuration error: "),
+        ("operator_key_is_a_directory", 1, "memos serve: cannot use "),
     ],
 )
 def test_memos_serve_says_why_it_cannot_start_in_one_line(
@@ -556,6 +594,11 @@ def test_memos_serve_says_why_it_cannot_start_in_one_line(
         env["MEMOS_DATABASE_URL"] = f"postgresql://bob:{SECRET}@127.0.0.1:notaport/memos"
     elif case == "data_dir_is_a_file":
         (tmp_path / "data").write_text("not a directory")
+    elif case == "operator_key_is_a_directory":  # the database starts; the key file is what is wrong
+        (tmp_path / "data" / "operator.key").mkdir(parents=True)
+        del env["MEMOS_OPERATOR_KEY"]
+        env["MEMOS_DATABASE_URL"] = database_url
+        line += str(tmp_path / "data" / "operator.key")
     else:  # what a crash between creating the key file and writing it left
         (tmp_path / "data").mkdir()
         (tmp_path / "data" / "operator.key").write_text("")
@@ -570,6 +613,7 @@ def test_memos_serve_says_why_it_cannot_start_in_one_line(
     assert result.stderr.splitlines()[-1].startswith(line), output[-3000:]
     if case == "data_dir_is_a_file":
         assert result.stderr.splitlines()[-1].endswith("File exists")
+        assert "MEMOS_DATA_DIR" in result.stderr.splitlines()[-1]
 
 
 @pytest.mark.slow

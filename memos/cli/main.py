@@ -144,7 +144,10 @@ def _start_failure(settings: Settings, exc: BaseException) -> tuple[str, int] | 
             1,
         )
     if isinstance(exc, OSError):
-        return f"memos serve: {_no_data_dir(settings, exc)}", 1
+        # Named by the file it is about: the embedded server's directory, the operator key file or the blob
+        # store are all in MEMOS_DATA_DIR, and "the embedded database" alone misled (found in review).
+        where = f"{exc.filename} in " if exc.filename else ""
+        return f"memos serve: cannot use {where}MEMOS_DATA_DIR ({settings.data_dir}): {exc.strerror or exc}", 1
     return None
 
 

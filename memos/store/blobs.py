@@ -98,6 +98,13 @@ class BlobStore(abc.ABC):
         how many went."""
 
 
+def _private_dirs(*paths: Path) -> None:
+    """Make each directory (parents first) that is missing, 0700: ``mkdir(parents=True)`` gives the parents it
+    makes the umask's mode, and the first levels of the tree name the blobs' hashes."""
+    for path in paths:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 class LocalBlobStore(BlobStore):
     """Blobs as files under ``root/ab/cd/<sha256>``, written atomically (temp file, fsync, rename)."""
 
@@ -121,14 +128,14 @@ class LocalBlobStore(BlobStore):
         # Absent, or present but damaged: (re)write it, atomically replacing a damaged copy.
         # Owner only: a file is a model's KV of a memory's text, as private as the text (0644 and 0755 let any
         # local user read it wherever the data directory was open; found in review).
-        self._tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private_dirs(self.root, self._tmp)
         tmp = self._tmp / f"{key}.{secrets.token_hex(6)}.part"
         try:
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
                 self._write(fh, data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private_dirs(self.root, final.parent.parent, final.parent)
             # rename is atomic within one filesystem: readers see no file or the whole file.
             os.replace(tmp, final)
             _fsync_dir(final.parent)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -120,9 +121,12 @@ class EmbeddedPostgres:
 SERVE_LOCK = ".serve.lock"
 """The file (in the data directory) a ``memos serve`` locks while it starts the server and migrates it."""
 
+SERVE_LOCK_WAIT = 300.0
+"""Seconds a ``memos serve`` waits for another one's start (``SERVE_LOCK``) before it gives up, in one line."""
+
 
 @contextlib.asynccontextmanager
-async def one_start_at_a_time(data_dir: Path) -> AsyncIterator[None]:
+async def one_start_at_a_time(data_dir: Path, wait: float = SERVE_LOCK_WAIT) -> AsyncIterator[None]:
     """Hold ``SERVE_LOCK`` while the block runs: the embedded server's start and then the migrations.
 
     ``START_LOCK`` covers the start alone; two ``memos serve`` on a new data directory then both migrated
@@ -131,11 +135,25 @@ async def one_start_at_a_time(data_dir: Path) -> AsyncIterator[None]:
     """
     fd = await asyncio.to_thread(_open_lock_file, data_dir, SERVE_LOCK)
     try:
+        # Bounded, and said: a start that waited silently for a holder that never let go (a stopped process)
+        # could only be killed (found in review). A real start and migration take seconds.
+        deadline = time.monotonic() + wait
+        warned = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise EmbeddedStartError(
+                        f"another memos has been starting MEMOS_DATA_DIR ({data_dir}) for over {wait:g} s "
+                        f"(it holds {data_dir / SERVE_LOCK}): stop it, or wait and start again"
+                    ) from None
+                if not warned:
+                    warned = True
+                    log.warning(
+                        "waiting for another memos starting this data directory", extra={"data_dir": str(data_dir)}
+                    )
                 await asyncio.sleep(0.1)
         yield
     finally:
