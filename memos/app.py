@@ -287,7 +287,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             )
             app.state.db = db
             app.state.embed_worker = worker
-            app.state.identity = IdentityService(db, load_operator_key(settings))
+            app.state.identity = IdentityService(db, await asyncio.to_thread(load_operator_key, settings))
             app.state.cubes = CubeService(db, graphs, listeners=[indexes])
             search = SearchService(db, embedding, graphs, settings.search_pool, settings.graph_wait_seconds)
             memory_service = MemoryService(db, embedding, graphs, listeners=[indexes])

@@ -26,6 +26,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from memos_client import AsyncMemosClient, MemosError
 from pydantic import BaseModel, Field
 
+from memos.search.schemas import MAX_K
+
 T = TypeVar("T")
 
 Mode = Literal["hybrid", "vector", "text", "graph"]
@@ -157,8 +159,8 @@ def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos"
         return Remembered(id=memory.id, version=memory.version, cube_id=memory.cube_id)
 
     @server.tool()
-    # k: the search API's own bounds (MAX_K), published in the tool's schema so a model sees them.
-    async def recall(query: str, k: Annotated[int, Field(ge=1, le=200)] = 10, mode: Mode = "hybrid") -> Recalled:
+    # k: the search API's own bounds, published in the tool's schema so a model sees them.
+    async def recall(query: str, k: Annotated[int, Field(ge=1, le=MAX_K)] = 10, mode: Mode = "hybrid") -> Recalled:
         """Search the memories for `query`; return up to `k` of them, best first.
 
         `mode`: hybrid (default: text and vector together), vector (by meaning), text (by words) or graph

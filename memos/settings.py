@@ -25,6 +25,10 @@ def _default_lanes() -> int:
     return 2 if len(os.sched_getaffinity(0)) >= 2 else 1
 
 
+OPERATOR_KEY_MIN = 32
+"""Shortest operator key accepted, from ``MEMOS_OPERATOR_KEY`` as from ``<data_dir>/operator.key``."""
+
+
 class SettingsError(ValueError):
     """A ``MEMOS_*`` variable holds a value memos cannot use."""
 
@@ -281,8 +285,8 @@ class Settings:
         for name, spec in self.models.items():
             if not spec.path.is_dir():
                 raise SettingsError(f"MEMOS_MODELS: models.{name}.path: not a local directory: {str(spec.path)!r}")
-        if self.operator_key is not None and len(self.operator_key) < 32:
-            raise SettingsError("MEMOS_OPERATOR_KEY must be at least 32 characters")
+        if self.operator_key is not None and len(self.operator_key) < OPERATOR_KEY_MIN:
+            raise SettingsError(f"MEMOS_OPERATOR_KEY must be at least {OPERATOR_KEY_MIN} characters")
 
 
 def _check_database_url(url: str) -> None:

@@ -30,7 +30,7 @@ from memos.cubes.access import readable_cube_ids
 from memos.errors import Conflict, FieldError, Invalid, NotFound, Unavailable
 from memos.identity.principal import Principal
 from memos.kv.errors import FingerprintMismatch, KVChecksumError, KVError, KVFormatError, KVInputError, NotShiftable
-from memos.memories.service import Accesses, MemoryService
+from memos.memories.service import Accesses, MemoryService, not_expired
 from memos.pagination import Page, decode_keyset, encode_keyset
 from memos.search.service import SearchService
 from memos.store.audit import record
@@ -645,7 +645,7 @@ class ActivationService:
                         memories.c.tenant_id == principal.tenant_id,
                         memories.c.cube_id.in_(readable_cube_ids(principal)),
                         # Expired: not found, as GET /v1/memories/{id} answers and as search hides it.
-                        or_(memories.c.expires_at.is_(None), memories.c.expires_at > func.now()),
+                        not_expired(),
                     )
                 )
             }
@@ -725,20 +725,6 @@ class ActivationService:
             if is_fresh(row):
                 best.setdefault(row.memory_id, row)
         return best
-
-    async def pinned(self, lm: LoadedModel) -> list[Row[Any]]:
-        """The fresh activations for ``lm`` pinned to a tier in memory (``activations.tier``)."""
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(
-                    with_freshness().where(
-                        activations.c.model == lm.name,
-                        activations.c.fingerprint == lm.fingerprint,
-                        PINNED,
-                    )
-                )
-            ).all()
-        return [r for r in rows if is_fresh(r)]
 
     async def hold(self, lm: LoadedModel, key: str, tier: ResidentTier | None = None) -> bool:
         """Make sure the chunk of stored file ``key`` is in a memory tier (read from the store into ``tier`` if

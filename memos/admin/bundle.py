@@ -61,7 +61,8 @@ from memos.identity.principal import OPERATOR
 from memos.memories.ann import EXACT_CUBE_MAX
 from memos.memories.schemas import MAX_VERSION, LinkType, Provenance, Tags
 from memos.memories.versioning import SNAPSHOT, content_sha256
-from memos.semcache.policy import MAX_CATEGORY_NAME, PolicyError, parse_category, parse_policy
+from memos.semcache.policy import PolicyError, parse_category, parse_policy
+from memos.semcache.schemas import Category
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import (
@@ -185,8 +186,8 @@ class CacheEntryLine(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class CacheCategory(msgspec.Struct, forbid_unknown_fields=True):
-    category: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CATEGORY_NAME)]
-    """The API's limit; _check applies the rest of its rule (not only spaces)."""
+    category: Category
+    """The API's type; _check applies the rest of its rule (not only spaces)."""
     threshold: Number | None
     false_hit_floor: Number
     hits: Count

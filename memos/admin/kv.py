@@ -23,7 +23,7 @@ from memos.activations.freshness import STALE, is_fresh, is_stale, with_freshnes
 from memos.admin import require_cubes
 from memos.identity.principal import OPERATOR
 from memos.store.audit import record
-from memos.store.blobs import BlobStore, check_key
+from memos.store.blobs import BlobStore, is_key
 from memos.store.db import Database
 from memos.store.models import activations, memories
 
@@ -103,7 +103,7 @@ async def drop(
         rows = list((await conn.execute(query if dry_run else query.with_for_update(of=activations))).all())
         report.activations = len(rows)
         report.by_model = dict(Counter(r.model for r in rows))
-        sizes = {r.sha256: r.bytes for r in rows if _blob_key(r.sha256)}
+        sizes = {r.sha256: r.bytes for r in rows if is_key(r.sha256)}
         report.bad_keys = sorted({r.sha256 for r in rows} - sizes.keys())
         if dry_run:
             report.blobs_freed, report.bytes_freed = await _would_free(conn, rows, sizes)
@@ -130,14 +130,6 @@ async def drop(
         report.blobs_freed += 1
         report.bytes_freed += sizes[key]
     return report
-
-
-def _blob_key(key: str) -> bool:
-    try:
-        check_key(key)
-    except ValueError:
-        return False
-    return True
 
 
 async def _would_free(conn: AsyncConnection, rows: Sequence[Any], sizes: dict[str, int]) -> tuple[int, int]:

@@ -335,9 +335,7 @@ async def _database() -> AsyncIterator[Database]:
 
 
 def _no_data_dir(settings: Settings, exc: OSError) -> str:
-    if not settings.embedded:  # serve with an external database: the operator key file, the blob store
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"cannot use MEMOS_DATA_DIR ({settings.data_dir}){where}: {exc.strerror or exc}"
+    """Why the embedded server's data directory cannot be used (the admin tools; serve names the file)."""
     return f"cannot start the embedded database in MEMOS_DATA_DIR ({settings.data_dir}): {exc.strerror or exc}"
 
 

@@ -34,9 +34,10 @@ def _count(kind_is_activation: bool) -> Any:
 
 
 class CubeListener(Protocol):
-    """Something holding per-cube state in memory (the semantic cache's index), told when a cube goes."""
+    """Something holding per-cube or per-memory state in memory (the semantic cache's index, the scheduler's
+    heat), told when a cube goes, with the memories its deletion deleted."""
 
-    def drop(self, cube_id: uuid.UUID) -> None: ...
+    def drop(self, cube_id: uuid.UUID, memory_ids: Sequence[uuid.UUID]) -> None: ...
 
 
 class CubeService:
@@ -141,11 +142,11 @@ class CubeService:
         async with self.db.transaction() as conn:
             await cube_access(conn, principal, cube_id, "manage")
             await conn.execute(update(cubes).where(cubes.c.id == cube_id).values(deleted_at=func.now()))
-            count = await tombstone_cube_memories(conn, cube_id, principal)
-            await record(conn, principal, "cube.delete", "cube", cube_id, detail={"memories": count})
+            deleted = await tombstone_cube_memories(conn, cube_id, principal)
+            await record(conn, principal, "cube.delete", "cube", cube_id, detail={"memories": len(deleted)})
         self.graphs.drop(cube_id)
         for listener in self.listeners:
-            listener.drop(cube_id)
+            listener.drop(cube_id, deleted)
 
     async def grant(
         self, principal: Principal, cube_id: uuid.UUID, agent_id: uuid.UUID, body: schemas.GrantIn

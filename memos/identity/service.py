@@ -19,17 +19,14 @@ from memos.identity import schemas
 from memos.identity.keys import generate_key, hash_key, key_matches, key_prefix
 from memos.identity.principal import OPERATOR, Principal
 from memos.pagination import Page, decode_keyset, encode_keyset
-from memos.settings import Settings, SettingsError
+from memos.settings import OPERATOR_KEY_MIN, Settings, SettingsError
 from memos.store.audit import record
+from memos.store.blobs import fsync_dir
 from memos.store.db import Database
 from memos.store.models import agents, api_keys, tenants
 from memos.validation import reject_nul
 
 log = logging.getLogger(__name__)
-
-
-OPERATOR_KEY_MIN = 32
-"""Shortest operator key accepted, from the file as from ``MEMOS_OPERATOR_KEY`` (memos/settings.py)."""
 
 
 class OperatorKeyFileError(SettingsError):
@@ -65,7 +62,7 @@ def load_operator_key(settings: Settings) -> str:
             return _read_operator_key(path)
     finally:
         partial.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
+    fsync_dir(path.parent)
     log.warning("generated the operator key", extra={"path": str(path.resolve())})
     return key
 
@@ -78,15 +75,6 @@ def _read_operator_key(path: Path) -> str:
             "delete the file to have a new key generated, or set MEMOS_OPERATOR_KEY"
         )
     return key
-
-
-def _fsync_directory(path: Path) -> None:
-    """Make a new name in ``path`` survive a crash (the file's own fsync does not cover its directory entry)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # Every request runs this: written out, it costs the event loop no statement building (about 0.4 ms).

@@ -162,7 +162,7 @@ def _expires(ttl_seconds: int | None) -> datetime | None:
     return None if ttl_seconds is None else datetime.now(UTC) + timedelta(seconds=ttl_seconds)
 
 
-def _not_expired() -> Any:
+def not_expired() -> Any:
     return or_(memories.c.expires_at.is_(None), memories.c.expires_at > func.now())
 
 
@@ -441,7 +441,7 @@ class MemoryService:
             .where(memories.c.id == memory_id, memories.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
         )
         if not include_expired:
-            query = query.where(_not_expired())
+            query = query.where(not_expired())
         if lock:
             query = query.with_for_update(of=memories)
         elif needed != "read":
@@ -487,7 +487,7 @@ class MemoryService:
         if filters.until is not None:
             query = query.where(memories.c.created_at < filters.until)
         if not filters.include_expired:
-            query = query.where(_not_expired())
+            query = query.where(not_expired())
         if after is not None:
             query = query.where(func.row(memories.c.created_at, memories.c.id) > func.row(*after))
         query = query.order_by(memories.c.created_at, memories.c.id).limit(limit + 1)

@@ -198,9 +198,9 @@ async def write_version(
     return row
 
 
-async def tombstone_cube_memories(conn: AsyncConnection, cube_id: uuid.UUID, actor: Actor) -> int:
-    """Give every live memory of a cube a ``delete`` version, in one statement (no race window)."""
-    return len(await tombstone_where(conn, actor, memories.c.cube_id == cube_id))
+async def tombstone_cube_memories(conn: AsyncConnection, cube_id: uuid.UUID, actor: Actor) -> list[uuid.UUID]:
+    """Give every live memory of a cube a ``delete`` version, in one statement (no race window); their ids."""
+    return await tombstone_where(conn, actor, memories.c.cube_id == cube_id)
 
 
 async def tombstone_where(conn: AsyncConnection, actor: Actor, *conditions: Any) -> list[uuid.UUID]:

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Row, func, select, text
@@ -164,8 +164,6 @@ class Scheduler:
         self._store: tuple[float, tuple[int, int]] | None = None
         """When the blob store's (files, bytes) were last counted, and what they were."""
         self._shrinking: asyncio.Task[None] | None = None
-        self._dropping: set[asyncio.Task[None]] = set()
-        """Cube deletions whose memories are being looked up to leave the heat table (kept from the collector)."""
         self._skipped_pins: frozenset[str] = frozenset()
         """Pinned files the last pass could not hold (over their tier's share): logged when this changes."""
 
@@ -197,10 +195,9 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for pending in [self._shrinking, *self._dropping]:
-            if pending is not None:
-                with contextlib.suppress(Exception):
-                    await pending
+        if self._shrinking is not None:
+            with contextlib.suppress(Exception):
+                await self._shrinking
         # What moved since the last pass still reaches the database (a failure is logged, not raised: closing).
         try:
             await self.write_heat()
@@ -235,14 +232,14 @@ class Scheduler:
                     log.warning("writing heat failed; retried next pass", extra={"error": type(exc.orig).__name__})
             # Scans of the whole table (up to 100k memories): off the event loop.
             await asyncio.to_thread(self.heat.shrink)
-            loaded = list(self._loaded().values())
+            loaded = self._loaded()
             if loaded:
                 hot = await asyncio.to_thread(self.heat.hottest, HOT)
                 pinned = await self._pins(loaded, report)
-                fresh = {lm.name: await self.kv.fresh_for_memories([m for m, _ in hot], lm) for lm in loaded}
-                await self._promote(loaded, hot, fresh, pinned, report)
+                fresh = {name: await self.kv.fresh_for_memories([m for m, _ in hot], lm) for name, lm in loaded.items()}
+                await self._promote(list(loaded.values()), hot, fresh, pinned, report)
                 if self.build_heat > 0:
-                    for lm in loaded:
+                    for lm in loaded.values():
                         candidates = [m for m, h in hot if h >= self.build_heat and m not in fresh[lm.name]]
                         await self._build(lm, candidates, report)
             self.queue = report.queued
@@ -302,22 +299,9 @@ class Scheduler:
     def memories_removed(self, cube_id: uuid.UUID, ids: Any) -> None:
         self.heat.forget(ids)
 
-    def drop(self, cube_id: uuid.UUID) -> None:
-        """A cube was deleted (committed): its memories leave the heat table. The table does not know cubes, so
-        their ids are read from the database, in a task: this is called on the request's path."""
-        task = asyncio.get_running_loop().create_task(self._drop_cube(cube_id), name="memos-heat-drop-cube")
-        self._dropping.add(task)
-        task.add_done_callback(self._dropping.discard)
-
-    async def _drop_cube(self, cube_id: uuid.UUID) -> None:
-        try:
-            async with self.db.read() as conn:
-                ids = (await conn.execute(select(memories.c.id).where(memories.c.cube_id == cube_id))).scalars()
-                gone = list(ids)
-        except Exception as exc:  # its memories cool off as any unread ones do; nothing else depends on it
-            log.warning("dropping a deleted cube's heat failed", extra={"cube_id": str(cube_id), "error": repr(exc)})
-            return
-        self.heat.forget(gone)
+    def drop(self, cube_id: uuid.UUID, memory_ids: Sequence[uuid.UUID]) -> None:
+        """A cube was deleted (committed): the memories its deletion deleted leave the heat table."""
+        self.heat.forget(memory_ids)
 
     # -- pins ---------------------------------------------------------------------------------------
 
@@ -357,10 +341,10 @@ class Scheduler:
             have.bytes = max(have.bytes, size)
         return dict(sorted(plan.items(), key=lambda item: (item[1].since, item[0])))
 
-    async def _pins(self, loaded: list[LoadedModel], report: PassReport) -> set[str]:
+    async def _pins(self, loaded: dict[str, LoadedModel], report: PassReport) -> set[str]:
         """Hold every pinned activation's file in its tier, as far as the tier's pin share goes (``_admit``);
         lift the pins no activation asks for any more (unpinned, or gone stale). The pinned keys, each once."""
-        plan = await self._pin_plan({lm.name: lm for lm in loaded})
+        plan = await self._pin_plan(loaded)
         held, skipped = _admit(plan.values(), self._pin_limits())
         wanted = {p.key for p in held if p.lm is not None}
         # Pins lifted first: the room they held is there for the ones to hold.

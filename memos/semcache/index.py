@@ -352,7 +352,7 @@ class CacheIndexes:
         state.index = None
         state.pending.clear()
 
-    def drop(self, cube_id: uuid.UUID) -> None:
+    def drop(self, cube_id: uuid.UUID, memory_ids: Sequence[uuid.UUID] = ()) -> None:
         """The cube is gone (or must be reloaded): forget it; a build under way is discarded when it ends."""
         state = self._states.pop(cube_id, None)
         if state is not None:

@@ -45,9 +45,14 @@ class BlobStoreFull(BlobError):
     """The store has no room for a new blob (nothing was written)."""
 
 
+def is_key(key: str) -> bool:
+    """A lowercase hex sha256: what a blob key is."""
+    return _SHA256.match(key) is not None
+
+
 def check_key(key: str) -> str:
     """A key is a lowercase hex sha256; anything else could escape the store's directory."""
-    if not _SHA256.match(key):
+    if not is_key(key):
         raise ValueError(f"not a sha256 blob key: {key!r}")
     return key
 
@@ -135,10 +140,10 @@ class LocalBlobStore(BlobStore):
                 self._write(fh, data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _private_dirs(self.root, final.parent.parent, final.parent)
+            _private_dirs(final.parent.parent, final.parent)  # the root: made with the tmp directory above
             # rename is atomic within one filesystem: readers see no file or the whole file.
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -226,8 +231,8 @@ class LocalBlobStore(BlobStore):
         return removed
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the rename itself durable (POSIX needs the directory fsynced too)."""
+def fsync_dir(path: Path) -> None:
+    """Make a rename or link in ``path`` durable (POSIX needs the directory fsynced too, not only the file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
