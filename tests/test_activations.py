@@ -974,3 +974,35 @@ async def test_models_load_only_after_the_embedder_has(tmp_path: Path) -> None:
             await task
     finally:
         worker.close()
+
+
+async def test_a_kv_job_holds_its_place_until_it_ends_even_when_its_caller_left() -> None:
+    """A caller that went away (a client that disconnected) freed its place in the KV queue while its job still
+    ran: each such caller let one more job in than the bound (found in review)."""
+    import asyncio
+    import threading
+
+    from memos.activations.models import KVBusy, KVWorker
+
+    worker = KVWorker(max_pending=1)
+    release = threading.Event()
+    try:
+        left = asyncio.create_task(worker.run(release.wait, 10))
+        await asyncio.sleep(0.05)  # the job is running now
+        left.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        with pytest.raises(KVBusy):  # the job runs on, in the only place there is
+            await worker.run(lambda: None)
+        release.set()
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # its place comes back once it has ended
+            try:
+                assert await worker.run(lambda: 7) == 7
+                break
+            except KVBusy:
+                assert asyncio.get_running_loop().time() < deadline, "the place never came back"
+                await asyncio.sleep(0.01)
+    finally:
+        release.set()
+        worker.close()

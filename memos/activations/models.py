@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,12 @@ class KVBusy(Unavailable):
     title = "KV worker busy"
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    """Run ``fn`` on ``loop`` from any thread; nothing if the loop has closed (the service is stopping)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn)
+
+
 class KVWorker:
     """One thread for all KV compute, with at most ``max_pending`` calls queued or running."""
 
@@ -54,12 +61,17 @@ class KVWorker:
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._pending >= self._max_pending:
             raise KVBusy("the KV worker has too much queued work; retry shortly", headers={"Retry-After": "2"})
+        loop = asyncio.get_running_loop()
+        job = self._executor.submit(fn, *args, **kwargs)
         self._pending += 1
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
-        finally:
-            self._pending -= 1
+        # Counted until the job itself ends, not its caller: a caller that goes away (a client that
+        # disconnects) cancels a queued job, but one already running runs on, and freeing its place at
+        # once let one more job in than the bound for each such caller (found in review).
+        job.add_done_callback(lambda _: _call_soon(loop, self._job_done))
+        return await asyncio.wrap_future(job)
+
+    def _job_done(self) -> None:
+        self._pending -= 1
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
