@@ -4,7 +4,9 @@ A real ``memos serve`` runs in a subprocess on embedded Postgres. The cube is fi
 Postgres (the API would spend the better part of an hour embedding 100k texts on 2 cores): the LoCoMo dev
 turns, replicated up to 100k with their real MiniLM vectors plus a little noise, so full text has the
 word statistics of real conversation and HNSW the geometry of real sentence vectors. Queries are the
-LoCoMo questions, embedded by the service itself: the figures include query embedding.
+LoCoMo questions, embedded by the service itself: the figures include query embedding. A mode named
+``<mode>+filtered`` searches with a metadata filter (``filters: {"speaker": ...}``, the speaker with the most
+turns: about one memory in five matches), the path that checks graph candidates against the filter.
 
 Run: ``python -m bench.search_scale [--memories 100000] [--queries 200]``.
 """
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,8 +146,13 @@ def run(memories: int, queries: int, modes: list[str], out: Path | None) -> dict
                 "fill_seconds": round(fill_s, 1),
                 "modes": {},
             }
-            for mode in modes:
-                body = {"query": questions[0], "cube_ids": [cube["id"]], "k": 10, "mode": mode}
+            speaker, count = Counter(t["speaker"] for t in turns).most_common(1)[0]
+            result["filter"] = {"filters": {"speaker": speaker}, "share": round(count / len(turns), 3)}
+            for name in modes:
+                mode, _, filtered = name.partition("+")
+                body: dict[str, Any] = {"query": questions[0], "cube_ids": [cube["id"]], "k": 10, "mode": mode}
+                if filtered:
+                    body["filters"] = {"speaker": speaker}
                 first = time.perf_counter()
                 r = http.post("/v1/search", json=body, headers=auth)  # warms caches (and starts the graph build)
                 assert r.status_code == 200, r.text
@@ -168,7 +176,7 @@ def run(memories: int, queries: int, modes: list[str], out: Path | None) -> dict
                     assert r.status_code == 200, r.text
                     server.append(r.json()["took_ms"])
                     sizes.append(len(r.json()["results"]))
-                result["modes"][mode] = {
+                result["modes"][name] = {
                     "first_query_ms": round(warm_ms, 1),
                     "graph_ready_s": round(ready_s, 1),
                     "p50": round(statistics.median(took), 2),
@@ -202,13 +210,15 @@ def print_table(result: dict[str, Any]) -> None:
     print(
         f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}, {m['date']}; fill {result['fill_seconds']} s"
     )
+    f = result["filter"]
+    print(f"+filtered: filters {json.dumps(f['filters'])}, matched by {f['share']:.1%} of the memories")
     print(
-        f"{'mode':<8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'server p50':>12}{'first query':>13}{'ready s':>9}"
+        f"{'mode':<16}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'server p50':>12}{'first query':>13}{'ready s':>9}"
         f"{'results min/mean':>18}"
     )
     for mode, row in result["modes"].items():
         print(
-            f"{mode:<8}{row['p50']:>9}{row['p95']:>9}{row['p99']:>9}{row['server_p50']:>12}{row['first_query_ms']:>13}"
+            f"{mode:<16}{row['p50']:>9}{row['p95']:>9}{row['p99']:>9}{row['server_p50']:>12}{row['first_query_ms']:>13}"
             f"{row['graph_ready_s']:>9}{row['results_min']:>11} / {row['results_mean']:<5}"
         )
 
@@ -217,7 +227,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--memories", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--modes", default="vector,text,hybrid,graph")
+    parser.add_argument("--modes", default="vector,text,hybrid,graph,hybrid+filtered,graph+filtered")
     parser.add_argument("--out", type=Path, default=Path("bench/results/search_scale.json"))
     args = parser.parse_args()
     run(args.memories, args.queries, args.modes.split(","), args.out)
