@@ -136,11 +136,15 @@ def recall_at(ranked: list[str], gold: set[str], k: int) -> float:
 
 
 def run(
-    limit_conversations: int | None, out: Path | None, data_dir: Path | None = None, k: int | None = None
+    limit_conversations: int | None,
+    out: Path | None,
+    data_dir: Path | None = None,
+    k: int | None = None,
+    source: Path = DATA,
 ) -> dict[str, Any]:
     # Ask with k, as a caller would, and score only the cut-offs it covers (the candidate pool depends on k).
     ks = KS if k is None else (tuple(x for x in KS if x <= k) or (k,))
-    data = json.loads(DATA.read_text())[:limit_conversations]
+    data = json.loads(source.read_text())[:limit_conversations]
     with RawEmbedder() as raw, tempfile.TemporaryDirectory(prefix="memos-locomo-") as tmp:
         # --data-dir keeps the ingested service data for later inspection; by default it is thrown away.
         settings = Settings(data_dir=data_dir or Path(tmp), operator_key=OPERATOR_KEY, log_level="WARNING")
@@ -148,11 +152,16 @@ def run(
         # bench/rawembed.py says why).
         app = create_app(settings)
         with TestClient(app, timeout=120) as client:
-            return _run(client, raw, data, out, ks)
+            return _run(client, raw, data, out, ks, source.name)
 
 
 def _run(
-    client: TestClient[Litestar], raw: RawEmbedder, data: list[dict[str, Any]], out: Path | None, ks: tuple[int, ...]
+    client: TestClient[Litestar],
+    raw: RawEmbedder,
+    data: list[dict[str, Any]],
+    out: Path | None,
+    ks: tuple[int, ...],
+    source: str = DATA.name,
 ) -> dict[str, Any]:
     op = {"Authorization": f"Bearer {OPERATOR_KEY}"}
     tenant = client.post("/v1/tenants", json={"name": "locomo"}, headers=op).json()
@@ -261,6 +270,7 @@ def _run(
 
     result: dict[str, Any] = {
         "machine": machine(),
+        "data": source,
         "conversations": len(data),
         "turns": len(texts_all),
         "questions": questions,
@@ -295,7 +305,8 @@ def _run(
 def print_table(result: dict[str, Any], ks: tuple[int, ...] = KS) -> None:
     m = result["machine"]
     print(
-        f"\nLoCoMo dev evidence recall — {result['conversations']} conversations, {result['turns']} turns, "
+        f"\nLoCoMo evidence recall ({result.get('data', DATA.name)}) — {result['conversations']} conversations, "
+        f"{result['turns']} turns, "
         f"{result['questions']} questions (categories 1-4)"
     )
     print(f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}, {m['date']}")
@@ -332,12 +343,15 @@ def print_table(result: dict[str, Any], ks: tuple[int, ...] = KS) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help="a LoCoMo JSON file (default: the dev conversations); tune on dev only"
+    )
     parser.add_argument("--conversations", type=int, default=None, help="only the first N conversations")
     parser.add_argument("--out", type=Path, default=Path("bench/results/locomo.json"))
     parser.add_argument("--data-dir", type=Path, default=None, help="keep the service's data here (must be new)")
     parser.add_argument("--k", type=int, default=None, help="ask with this k (default 25) and score up to it")
     args = parser.parse_args()
-    run(args.conversations, args.out, args.data_dir, args.k)
+    run(args.conversations, args.out, args.data_dir, args.k, args.data)
 
 
 if __name__ == "__main__":

@@ -239,9 +239,11 @@ def best_f1_threshold(pairs: Sequence[Pair], sims: npt.NDArray[np.float64]) -> f
 
 
 def threshold_at_recall(pairs: Sequence[Pair], sims: npt.NDArray[np.float64], recall: float) -> float:
-    """The highest threshold whose recall is still at least ``recall``."""
+    """The highest threshold whose recall is still at least ``recall`` (none, for a file without a positive pair)."""
     same = np.array([p.same for p in pairs])
     positives = np.sort(sims[same])[::-1]
+    if not len(positives):
+        return float("inf")
     needed = max(1, int(np.ceil(recall * len(positives))))
     return float(positives[min(needed, len(positives)) - 1])
 
@@ -669,6 +671,13 @@ async def run_service(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="folder with the three *-dev.jsonl files")
+    parser.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="one dataset's file instead of the dev file in --data (e.g. traps=/elsewhere/traps.jsonl)",
+    )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="embedding cache (.npz); 'none' to skip")
     parser.add_argument("--json", type=Path, default=Path("bench/results/semcache.json"), help="write figures here")
     parser.add_argument("--only", choices=list(LOADERS), action="append", help="evaluate only these datasets")
@@ -678,8 +687,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=500, help="lookups per latency pass")
     args = parser.parse_args(argv)
 
+    files = {name: args.data / file for name, (file, _, _) in LOADERS.items()}
+    for item in args.file:
+        name, _, path = item.partition("=")
+        if name not in LOADERS or not path:
+            parser.error(f"--file {item}: expected NAME=PATH with NAME one of {', '.join(LOADERS)}")
+        files[name] = Path(path)
     chosen = args.only or list(LOADERS)
-    datasets = {name: LOADERS[name][1](args.data / LOADERS[name][0]) for name in chosen}
+    datasets = {name: LOADERS[name][1](files[name]) for name in chosen}
+    print("datasets: " + ", ".join(f"{name} = {files[name]}" for name in chosen))
     vectors = VectorCache(None if str(args.cache) == "none" else args.cache)
     vectors.ensure(t for pairs in datasets.values() for t in texts_of(pairs))
 
@@ -689,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     else:
         results = asyncio.run(run_service(args, datasets, vectors))
+    results["files"] = {name: str(files[name]) for name in chosen}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     return 0
