@@ -381,3 +381,12 @@ def test_whole_floats_are_still_integers_and_times_still_rfc3339(
     params = {"since": "2020-01-01T00:00:00Z", "limit": "7"}
     r = client.get(f"/v1/cubes/{cube['id']}/memories", params=params, headers=key)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("mode", ["vector", "text", "hybrid", "graph"])
+def test_nul_in_a_search_is_422_naming_the_field_in_every_mode(client: Client, tenant: Tenant, mode: str) -> None:
+    """api.md said vector mode took a NUL in the query and that the 422 named no field; it names it everywhere."""
+    key = bearer(tenant.admin_key)
+    assert field_of(client.post("/v1/search", json={"query": "a\x00b", "mode": mode}, headers=key)) == "query"
+    body = {"query": "ab", "mode": mode, "filters": {"a": "x\x00"}}
+    assert field_of(client.post("/v1/search", json=body, headers=key)) == "filters.a"

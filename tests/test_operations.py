@@ -438,6 +438,10 @@ def test_requests_carry_a_request_id(client: TestClient) -> None:  # type: ignor
     r = client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
     assert r.headers["x-request-id"] != "bad id with spaces"
     assert len(r.headers["x-request-id"]) == 32
+    # api.md said paths that match no route answer without one; they carry it like every other response.
+    for r in (client.get("/nope", headers={"X-Request-ID": "abc-404"}), client.put("/healthz")):
+        assert r.status_code in (404, 405)
+        assert r.headers["x-request-id"]
 
 
 def test_unauthenticated_v1_is_401_problem(client: TestClient) -> None:  # type: ignore[type-arg]
