@@ -21,7 +21,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt clients/python/pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(VENV)/bin/memos serve --host 127.0.0.1 --port 8000
+	$(VENV)/bin/memos serve
 
 test: install
 	$(PY) -m pytest -q

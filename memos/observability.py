@@ -15,6 +15,8 @@ from typing import Any
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from memos.identity.keys import redact_keys
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 # Matched whole (fullmatch): with match and "$", an id ending in a newline passed, and went into logs and headers.
@@ -87,7 +89,8 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
                     "request",
                     extra={
                         "method": scope.get("method"),
-                        "path": scope["path"],
+                        # A key pasted into a path (DELETE /v1/keys/<the whole key>) stays out of the log.
+                        "path": redact_keys(scope["path"]),
                         "status": status,
                         "ms": round(seconds * 1000, 2),
                     },

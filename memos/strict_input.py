@@ -25,6 +25,8 @@ from litestar.serialization import default_deserializer
 from litestar.types import TypeDecodersSequence
 from litestar.typing import FieldDefinition
 
+from memos.validation import NON_BLANK
+
 _AT = re.compile(r" - at `\$\.?(.*)`$")
 _WANTS_INT_GOT_FLOAT = re.compile(r"Expected `([^`]*)`, got `float`")
 
@@ -45,12 +47,12 @@ def decode_body(body: bytes, target: Any, type_decoders: TypeDecodersSequence) -
     except msgspec.ValidationError as exc:
         error = exc
     except msgspec.DecodeError as exc:
-        raise SerializationException(str(exc)) from exc
+        raise _malformed(body, exc) from exc
     # Refused. Malformed JSON is a 400 even where a schema error came first in the text.
     try:
         tree = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
-        raise SerializationException(str(exc)) from exc
+        raise _malformed(body, exc) from exc
     wanted = _WANTS_INT_GOT_FLOAT.match(str(error))
     if wanted is None or "int" not in wanted.group(1).split(" | "):
         raise _invalid(error) from None
@@ -82,11 +84,32 @@ def _whole_floats_as_ints(tree: Any) -> Any:
     return root[0]
 
 
+_BLANK = f"Expected `str` matching regex {NON_BLANK!r}"
+"""msgspec's words for a blank text where one is required: they showed the user our regex."""
+
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"  # a high half with no low one after it
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"  # a low half with no high one before it
+)
+
+
 def _invalid(error: msgspec.ValidationError) -> ValidationException:
     """msgspec's error about the body, keyed by its path under the body (``data``: the body itself)."""
     text = str(error)
     at = _AT.search(text)
-    return _refused((at.group(1) if at else "") or "data", text[: at.start()] if at else text, "body")
+    message = text[: at.start()] if at else text
+    if message == _BLANK:
+        message = "must contain a character that is not a space"
+    return _refused((at.group(1) if at else "") or "data", message, "body")
+
+
+def _malformed(body: bytes, error: msgspec.DecodeError) -> SerializationException:
+    """Malformed JSON (a 400). msgspec calls a string with half of a UTF-16 surrogate pair in it "truncated"."""
+    if _LONE_SURROGATE.search(body):
+        return SerializationException(
+            "a \\uD800-\\uDFFF escape must be one half of a surrogate pair: alone it is not text"
+        )
+    return SerializationException(str(error))
 
 
 def _refused(key: str, message: str, source: str) -> ValidationException:

@@ -364,6 +364,8 @@ def test_kv_list_and_drop_a_models_kv(client, factory, settings) -> None:
     assert run("kv", "list", "--cube", cube["id"])[1].strip() == "no KV activations"
     code, out, _ = run("kv", "drop", "--model", "never-configured")
     assert code == 0 and "dropped 0 KV activations (none)" in out
+    # A typo'd name said only that: it names the models that have KV now.
+    assert f"no KV activations of model 'never-configured' here (models with KV activations: {MODEL})" in out
 
 
 # ---------------------------------------------------------------------- keys

@@ -390,3 +390,30 @@ def test_nul_in_a_search_is_422_naming_the_field_in_every_mode(client: Client, t
     assert field_of(client.post("/v1/search", json={"query": "a\x00b", "mode": mode}, headers=key)) == "query"
     body = {"query": "ab", "mode": mode, "filters": {"a": "x\x00"}}
     assert field_of(client.post("/v1/search", json=body, headers=key)) == "filters.a"
+
+
+def test_blank_text_and_a_lone_surrogate_are_refused_in_plain_words(
+    client: Client, tenant: Tenant, cube: dict[str, Any]
+) -> None:
+    """A blank content's 422 quoted our schema's regex; half a surrogate pair was "Input data was truncated"."""
+    key = bearer(tenant.admin_key)
+    url = f"/v1/cubes/{cube['id']}/memories"
+    before = count(client, tenant.admin_key, cube["id"])
+    r = client.post(url, json={"kind": "plaintext", "content": " \t"}, headers=key)
+    assert problem(r, 422)["errors"] == [
+        {"field": "content", "message": "must contain a character that is not a space"}
+    ]
+    for lone in (rb"a\ud800b", rb"\udc00", rb"\ud83d\ud83d"):
+        body = b'{"kind":"plaintext","content":"' + lone + b'"}'
+        detail = problem(client.post(url, content=body, headers={**key, **JSON}), 400)["detail"]
+        assert "surrogate pair" in detail, detail
+    assert count(client, tenant.admin_key, cube["id"]) == before
+    # A whole pair is text (an emoji), and other malformed JSON keeps its own words.
+    assert (
+        client.post(url, content=rb'{"kind":"plaintext","content":"\ud83d\ude00"}', headers={**key, **JSON}).status_code
+        == 201
+    )
+    detail = problem(
+        client.post(url, content=rb'{"kind":"plaintext","content":"\ud83d\ude00"', headers={**key, **JSON}), 400
+    )
+    assert "surrogate" not in detail["detail"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from typing import Any
 
@@ -260,6 +261,22 @@ def test_agent_may_revoke_its_own_key_only(client: Client, factory: Factory) -> 
     assert client.delete(f"/v1/keys/{spare.split('_')[1]}", headers=bearer(a.key)).status_code == 204
     assert_problem(me(client, spare), 401)
     assert me(client, a.key).status_code == 200
+
+
+def test_revoke_by_the_whole_key_revokes_it_and_keeps_its_secret_out_of_the_log(
+    client: Client, factory: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A whole key in the path was a 404 "no such key" for a key that exists (`memos admin keys revoke` takes a
+    whole key), and the request log wrote the secret down."""
+    tenant = factory.tenant()
+    agent = factory.agent(tenant)
+    secret = agent.key.split("_", 2)[2]
+    with caplog.at_level(logging.INFO, logger="memos.access"):
+        assert client.delete(f"/v1/keys/{agent.key}", headers=bearer(tenant.admin_key)).status_code == 204
+    assert_problem(me(client, agent.key), 401)
+    paths = [getattr(r, "path", "") for r in caplog.records if r.name == "memos.access"]
+    assert any(p.startswith("/v1/keys/memos_") for p in paths), paths
+    assert not any(secret in p for p in paths), paths
 
 
 def test_revoke_unknown_prefix_is_404(client: Client, factory: Factory) -> None:

@@ -571,6 +571,24 @@ def test_memos_serve_refuses_bad_settings(tmp_path: Path) -> None:
     assert "MEMOS_PORT" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["serve"], ["mcp", "--transport", "http"]])
+@pytest.mark.parametrize("port", ["99999", "0", "http"])
+def test_a_port_flag_out_of_range_is_one_line_naming_the_flag(command: list[str], port: str) -> None:
+    """`memos mcp --port 99999` printed an 81-line traceback, and `memos serve --port 99999` blamed MEMOS_PORT."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMOS_")}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "memos"), *command, "--port", port],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"memos {command[0]}: error: argument --port: ")
+    assert "Traceback" not in result.stderr and "MEMOS_PORT" not in result.stderr
+
+
 SECRET = "S3cretPW_zz9"
 
 

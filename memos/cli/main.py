@@ -468,6 +468,15 @@ def _kv(args: argparse.Namespace) -> int:
         f"{_mib(report.bytes_freed)} freed"
     )
     _print_bad_keys(report)
+    if args.model is not None and not report.by_model:
+        # A typo'd model name dropped nothing and said only "dropped 0": say which models have KV here.
+        async def listed() -> list[ModelKV]:
+            async with _database() as db, db.read() as conn:
+                return await summary(conn, cube_ids)
+
+        models = _run_tool("kv", listed) or []
+        have = ", ".join(kv.model for kv in models) or "none"
+        print(f"no KV activations of model {args.model!r} here (models with KV activations: {have})")
     return 0
 
 
@@ -589,22 +598,36 @@ def _make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(value: str) -> int:
+    """A TCP port from the command line: 1-65535 (99999 reached the socket layer as a traceback)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, not {port}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memos", description="memos: a memory operating system for AI agents")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the REST API (embedded Postgres unless MEMOS_DATABASE_URL is set)")
     serve.add_argument("--host", default=None, help="interface to listen on (MEMOS_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="port to listen on (MEMOS_PORT, default 8000)")
+    serve.add_argument("--port", type=_port, default=None, help="port to listen on (MEMOS_PORT, default 8000)")
     serve.set_defaults(func=_serve)
 
-    mcp = sub.add_parser("mcp", help="run an MCP server (remember, recall, forget, history) on one cube")
+    mcp = sub.add_parser(
+        "mcp",
+        help="run an MCP server on one cube (remember, recall, forget, history, cache_lookup, cache_store)",
+    )
     mcp.add_argument("--url", default=None, help="the memos API (MEMOS_URL, default http://127.0.0.1:8000)")
     mcp.add_argument("--api-key", default=None, help="the agent's API key (MEMOS_API_KEY)")
     mcp.add_argument("--cube", default=None, help="the cube id every tool acts on (MEMOS_CUBE_ID)")
     mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio", help="stdio (default) or http")
     mcp.add_argument("--host", default="127.0.0.1", help="interface for --transport http (default 127.0.0.1)")
-    mcp.add_argument("--port", type=int, default=8765, help="port for --transport http (default 8765)")
+    mcp.add_argument("--port", type=_port, default=8765, help="port for --transport http (default 8765)")
     mcp.set_defaults(func=_mcp)
 
     admin = sub.add_parser("admin", help="operations: migrations, re-embedding, export/import, verify, gc, kv, keys")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 KEY_SCHEME = "memos"
@@ -29,6 +30,14 @@ def key_prefix(key: str) -> str | None:
     if len(parts) != 3 or parts[0] != KEY_SCHEME or len(parts[1]) != 2 * PREFIX_BYTES:
         return None
     return parts[1]
+
+
+_SECRET_IN_TEXT = re.compile(rf"\b({KEY_SCHEME}_[0-9a-f]{{{2 * PREFIX_BYTES}}}_)[A-Za-z0-9_-]+")
+
+
+def redact_keys(text: str) -> str:
+    """``text`` with the secret of every key in it cut off (its prefix stays, to say which key it was)."""
+    return _SECRET_IN_TEXT.sub(r"\1...", text)
 
 
 def hash_key(key: str) -> bytes:

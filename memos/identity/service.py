@@ -171,8 +171,10 @@ class IdentityService:
         return schemas.KeyCreated(api_key=key, prefix=prefix)
 
     async def revoke_key(self, principal: Principal, prefix: str) -> None:
-        """A tenant admin revokes any key of its tenant; an agent may revoke its own keys."""
+        """A tenant admin revokes any key of its tenant; an agent may revoke its own keys. ``prefix`` may be the
+        whole key (as ``memos admin keys revoke`` takes it): it was a 404 "no such key" for a key that exists."""
         tenant_id, agent_id = principal.tenant_member()
+        prefix = key_prefix(prefix) or prefix
         if "\x00" in prefix:
             # No key has a NUL in its prefix, and Postgres refuses one in a query (a DataError, answered 422).
             raise NotFound("no such key")
