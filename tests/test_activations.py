@@ -145,6 +145,25 @@ def test_models_lists_configured_models_with_their_fingerprints(client, tenant) 
     assert tiny["rope_shiftable"] is True and models[DYNAMIC]["rope_shiftable"] is False
 
 
+def test_models_are_paged_like_every_other_list(client, tenant) -> None:
+    """API.md conventions: ?limit= is 1..500 and ?cursor= opaque, bad ones 422 (both were ignored: 200)."""
+    auth = bearer(tenant.admin_key)
+    first = client.get("/v1/models", params={"limit": 2}, headers=auth)
+    assert first.status_code == 200, first.text
+    assert [m["name"] for m in first.json()["items"]] == [MODEL, DYNAMIC] and first.json()["next_cursor"]
+    rest = client.get("/v1/models", params={"limit": 2, "cursor": first.json()["next_cursor"]}, headers=auth).json()
+    assert [m["name"] for m in rest["items"]] == [OTHER] and rest["next_cursor"] is None
+    for params, field in (
+        ({"limit": 0}, "limit"),
+        ({"limit": 501}, "limit"),
+        ({"limit": "x"}, "limit"),
+        ({"cursor": "zzz"}, "cursor"),
+        ({"cursor": "WzFd"}, "cursor"),  # [1]: a cursor of the right shape, not a name
+    ):
+        body = problem(client.get("/v1/models", params=params, headers=auth), 422)
+        assert [e["field"] for e in body["errors"]] == [field], body
+
+
 def test_build_list_get(client, factory, tenant, cube, settings) -> None:
     m = factory.memory(tenant.admin_key, cube["id"], FACTS[0])
     r = build(client, tenant.admin_key, m["id"])
@@ -308,8 +327,11 @@ def test_tampered_truncated_and_foreign_files_are_refused(client, factory, tenan
     header_end = 8 + int.from_bytes(data[:8], "little")
     tampered = bytearray(data)
     tampered[header_end + 100] ^= 0x40
-    body = problem(import_kv(client, tenant.admin_key, m["id"], bytes(tampered)), 422)
-    assert body["errors"][0]["field"] == "body" and "checksum" in body["detail"]
+    # A whole file whose tensor bytes are not the ones its payload_sha256 vouches for: API.md's checksum mismatch.
+    body = problem(import_kv(client, tenant.admin_key, m["id"], bytes(tampered)), 409)
+    assert body["type"].endswith("/checksum-mismatch") and "checksum" in body["detail"]
+    assert body["errors"][0]["field"] == "body"
+    # Files that are not a complete memos-kv/1 file at all are malformed, not mismatched: 422.
     for cut in (len(data) - 1, header_end + 3, header_end - 5, 5):
         body = problem(import_kv(client, tenant.admin_key, m["id"], data[:cut]), 422)
         assert body["errors"][0]["field"] == "body"
@@ -324,13 +346,13 @@ def test_tampered_truncated_and_foreign_files_are_refused(client, factory, tenan
 
 
 def test_import_checks_the_checksum_before_the_fingerprint(client, tenant, exported) -> None:
-    """The order api.md's import table gives (it had the two the other way round)."""
+    """The order api.md's import table gives (it had the two the other way round); both are 409 (API.md)."""
     data: bytes = exported["data"]
     fingerprint = exported["activation"]["fingerprint"].encode()
     both = bytearray(data.replace(fingerprint, b"f" * len(fingerprint), 1))
     both[-10] ^= 0x01
-    body = problem(import_kv(client, tenant.admin_key, exported["memory"]["id"], bytes(both)), 422)
-    assert body["errors"][0]["field"] == "body" and "checksum" in body["detail"]
+    body = problem(import_kv(client, tenant.admin_key, exported["memory"]["id"], bytes(both)), 409)
+    assert body["type"].endswith("/checksum-mismatch") and body["errors"][0]["field"] == "body"
 
 
 def test_kv_of_another_model_is_409_with_both_fingerprints(client, factory, tenant, cube, exported) -> None:

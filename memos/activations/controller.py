@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from memos.activations import schemas
@@ -14,6 +15,13 @@ from memos.openapi import errors
 from memos.pagination import DEFAULT_LIMIT, Page
 
 KV_MEDIA_TYPE = "application/octet-stream"
+EXISTING = {
+    200: ResponseSpec(
+        data_container=schemas.Activation,
+        description="A fresh activation of this memory version and model exists: it is returned, nothing is stored",
+    )
+}
+"""The second success of a build and an import, beside their 201 (the OpenAPI document must name every status)."""
 
 
 def _kv_headers(activation: schemas.Activation, sha256: str) -> dict[str, str]:
@@ -29,14 +37,23 @@ class ActivationController(Controller):
     path = "/v1"
     tags = ["activations"]
 
-    @get("/models", summary="Configured causal LMs for KV activations (loads each once to learn its fingerprint)")
-    async def list_models(self, principal: CurrentPrincipal, activations: Activations) -> Page[schemas.Model]:
-        return Page(items=await activations.list_models(principal), next_cursor=None)
+    @get(
+        "/models",
+        summary="Configured causal LMs for KV activations, by name (loads each once to learn its fingerprint)",
+    )
+    async def list_models(
+        self,
+        principal: CurrentPrincipal,
+        activations: Activations,
+        limit: Limit = DEFAULT_LIMIT,
+        cursor: Cursor = None,
+    ) -> Page[schemas.Model]:
+        return await activations.list_models(principal, limit, cursor)
 
     @post(
         "/memories/{memory_id:str}/activations",
         summary="Build the memory's KV for a model now (201), or return the fresh one that exists (200)",
-        responses=errors(409),
+        responses={**EXISTING, **errors(409)},
     )
     async def build_activation(
         self,
@@ -101,7 +118,8 @@ class ActivationImportController(Controller):
     @post(
         "/",
         summary="Import a memos-kv/1 file for a memory (format, checksum, fingerprint, shapes and tokens checked)",
-        responses=errors(404, 409),
+        # No JSON body is declared (the file is read raw), so the rule-made 413 of memos.openapi is declared here.
+        responses={**EXISTING, **errors(404, 409, 413)},
     )
     async def import_kv(
         self,

@@ -31,7 +31,7 @@ from memos.errors import Conflict, FieldError, Invalid, NotFound, Unavailable
 from memos.identity.principal import Principal
 from memos.kv.errors import FingerprintMismatch, KVChecksumError, KVError, KVFormatError, KVInputError, NotShiftable
 from memos.memories.service import Accesses, MemoryService, not_expired
-from memos.pagination import Page, decode_keyset, encode_keyset
+from memos.pagination import Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset
 from memos.search.service import SearchService
 from memos.store.audit import record
 from memos.store.blobs import BlobCorrupt, BlobNotFound, BlobStore, BlobStoreFull
@@ -59,6 +59,14 @@ class FingerprintConflict(Conflict):
 class TokenMismatch(Conflict):
     slug = "token-mismatch"
     title = "KV of other text"
+
+
+class ChecksumConflict(Conflict):
+    """An upload whose tensor bytes do not hash to its header's ``payload_sha256`` (API.md: "checksum verified;
+    mismatch is 409"). A file that is not a well-formed memos-kv/1 file at all stays a 422."""
+
+    slug = "checksum-mismatch"
+    title = "KV checksum mismatch"
 
 
 class KVCorrupt(Conflict):
@@ -136,13 +144,16 @@ class ActivationService:
 
     # ------------------------------------------------------------------ models
 
-    async def list_models(self, principal: Principal) -> list[schemas.Model]:
+    async def list_models(self, principal: Principal, limit: int, cursor: str | None) -> Page[schemas.Model]:
+        """The configured models by name, a page at a time (only the page's models are loaded)."""
         principal.tenant_member()  # the operator key's only job is creating tenants (403, as everywhere in /v1)
-        out = []
-        for name in sorted(self.models.specs):
-            lm = await self.models.get(name)
-            out.append(_model_dto(lm))
-        return out
+        after = decode_cursor(cursor, 1)
+        if after is not None and not isinstance(after[0], str):
+            raise Invalid.field("cursor", "not a cursor this server handed out")
+        names = [n for n in sorted(self.models.specs) if after is None or n > after[0]]
+        out = [_model_dto(await self.models.get(name)) for name in names[:limit]]
+        more = len(names) > limit
+        return Page(items=out, next_cursor=encode_cursor([out[-1].name]) if more else None)
 
     # ------------------------------------------------------------------ build
 
@@ -150,6 +161,7 @@ class ActivationService:
         self, principal: Principal, memory_id: uuid.UUID, body: schemas.BuildIn
     ) -> tuple[schemas.Activation, bool]:
         """The memory's KV for ``body.model``: built now (True), or the fresh one that exists already (False)."""
+        principal.tenant_member()  # the operator is 403 before anything is looked at (pinning builds here too)
         self.models.spec(body.model)
         async with self.db.read() as conn:
             source = await self.memories.load_row(conn, principal, memory_id, "write")
@@ -339,6 +351,7 @@ class ActivationService:
     async def list_for_memory(
         self, principal: Principal, memory_id: uuid.UUID, limit: int, cursor: str | None
     ) -> Page[schemas.Activation]:
+        principal.tenant_member()
         after = decode_keyset(cursor)
         async with self.db.read() as conn:
             await self.memories.load_row(conn, principal, memory_id, "read")
@@ -513,6 +526,7 @@ class ActivationService:
         self, principal: Principal, memory_id: uuid.UUID, model: str, data: bytes
     ) -> tuple[schemas.Activation, bool]:
         """Accept a memos-kv/1 file for a memory after checking format, checksum, model and tokens."""
+        principal.tenant_member()
         self.models.spec(model)
         if not data:
             raise Invalid.field("body", "the body is empty; send a memos-kv/1 (safetensors) file")
@@ -551,7 +565,11 @@ class ActivationService:
                 extra={"expected_fingerprint": exc.expected, "actual_fingerprint": exc.actual},
             ) from None
         except KVChecksumError as exc:
-            raise Invalid.field("body", f"checksum mismatch: {exc}") from None
+            # A well-formed file whose bytes are not the ones its header vouches for: altered or damaged in transit.
+            # API.md: "fingerprint and checksum verified; mismatch is 409". Malformed files are 422 (below).
+            raise ChecksumConflict(
+                f"body: checksum mismatch: {exc}", errors=[FieldError("body", f"checksum mismatch: {exc}")]
+            ) from None
         except KVFormatError as exc:
             raise Invalid.field("body", f"not a valid memos-kv/1 file: {exc}") from None
         want = (lm.layers, lm.kv_heads, lm.head_dim)
@@ -576,6 +594,9 @@ class ActivationService:
     # ------------------------------------------------------------------ generate
 
     async def generate(self, principal: Principal, body: schemas.GenerateIn) -> schemas.Generation:
+        # Before any work: a prompt alone reads no memory, so nothing below would refuse the operator, whose key
+        # the rate limit never throttles (it could keep the KV worker busy without end; found in review).
+        principal.tenant_member()
         if body.memory_ids is not None and body.search is not None:
             raise Invalid.field("search", "send memory_ids or search, not both")
         lm = await self.models.get(body.model)

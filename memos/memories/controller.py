@@ -83,7 +83,7 @@ class MemoryController(Controller):
         "/memories/{memory_id:str}",
         summary="Change a memory: a new version (If-Match required)",
         response_headers=[ETAG],
-        responses=errors(412, 428),
+        responses=errors(409, 412, 428),
     )
     async def update_memory(
         self,
@@ -135,7 +135,7 @@ class MemoryController(Controller):
         status_code=200,
         summary="A new version equal to an old one",
         response_headers=[ETAG],
-        responses=errors(412),
+        responses=errors(409, 412),
     )
     async def restore(
         self,
@@ -156,7 +156,11 @@ class MemoryController(Controller):
     ) -> schemas.ProvenanceGraph:
         return await memories.provenance(principal, parse_id(memory_id, "memory"))
 
-    @post("/memories/{memory_id:str}/links", summary="Link a memory to another (typed, weighted edge)")
+    @post(
+        "/memories/{memory_id:str}/links",
+        summary="Link a memory to another (typed, weighted edge)",
+        responses=errors(409),
+    )
     async def link(
         self,
         memory_id: FromPath[str],

@@ -22,9 +22,10 @@ class SchedulerController(Controller):
         "/pin",
         status_code=200,
         summary="Keep a memory's KV for a model in a tier (building it if needed); tier store lifts the pin",
-        responses=errors(409),
+        responses=errors(404, 409),  # 404: a memory_id the caller cannot read
     )
     async def pin(
         self, data: JSONBody[schemas.PinIn], principal: CurrentPrincipal, scheduler: SchedulerDep
     ) -> schemas.Pin:
+        principal.tenant_member()  # the operator is 403 before the model or the memory is looked at
         return await scheduler.pin(principal, data)
