@@ -109,7 +109,9 @@ class LexicalStats:
                 df[w] += stats.df.get(w, 0)
         idf = {w: math.log(1 + (docs - n + 0.5) / (n + 0.5)) for w, n in df.items()}
         share = {w: (n / docs if docs else 0.0) for w, n in df.items()}
-        return idf, (total_length / docs if docs else 1.0), share, docs
+        # 0 when no memory counted has a lexeme (none at all, or only stopwords and punctuation): no
+        # average to compare a length with, and ``bm25`` then leaves lengths out.
+        return idf, (total_length / docs if docs else 0.0), share, docs
 
     def _refresh_later(self, cube_id: uuid.UUID) -> None:
         if cube_id in self._refreshing:
@@ -162,8 +164,15 @@ class LexicalStats:
 
 
 def bm25(tf: dict[str, int], idf: dict[str, float], avg_length: float, length: int) -> float:
-    """Okapi BM25 of one memory; its length is its number of distinct lexemes, ``length(tsvector)``."""
-    norm = K1 * (1 - B + B * max(length, 1) / avg_length)
+    """Okapi BM25 of one memory; its length is its number of distinct lexemes, ``length(tsvector)``.
+
+    An ``avg_length`` of 0 (or less) means no average is known: the counted memories have no lexeme (only
+    stopwords, punctuation), or none was counted (a search over archived memories in a cube with no active
+    one), or the cached counts predate the memories now found. The length normalization is then neutral
+    (the memory counts as of average length), not a division by zero.
+    """
+    relative = max(length, 1) / avg_length if avg_length > 0 else 1.0
+    norm = K1 * (1 - B + B * relative)
     return sum(weight * tf[w] * (K1 + 1) / (tf[w] + norm) for w, weight in idf.items() if w in tf)
 
 

@@ -252,10 +252,8 @@ class SearchService:
             # The connection's own settings do (iterative scans are on for every connection: store/db.py).
             rows = (await conn.exec_driver_sql(sql, params)).all()
         else:
-            # A bigger pool needs a bigger ef_search, which is local to a transaction, on its own connection.
-            async with self.db.transaction() as own:
-                await own.execute(_HNSW_EF, {"ef": str(ef)})
-                rows = (await own.exec_driver_sql(sql, params)).all()
+            # A bigger pool needs a bigger ef_search: set for this statement alone, on this same connection.
+            rows = await _with_ef_search(conn, ef, sql, params)
         for r in rows:
             cand = found.get(r.id)
             if cand is None:
@@ -366,6 +364,28 @@ class SearchService:
     async def _vectors(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[Any, np.ndarray]:
         rows = await conn.exec_driver_sql(statements.VECTORS, {"ids": ids, "model": self.embedder.model})
         return {r.id: vector for r in rows if (vector := decode_vector(r.vec)) is not None}
+
+
+async def _with_ef_search(conn: AsyncConnection, ef: int, sql: str, params: dict[str, Any]) -> list[Any]:
+    """``sql``'s rows with ``hnsw.ef_search`` at ``ef``, on the search's own (autocommit) connection.
+
+    Never on a second pooled connection: a search that holds one while it waits for another deadlocks the
+    pool once enough searches run at once (each holds one, all wait POOL_TIMEOUT_S, then 503). The setting
+    is ``SET LOCAL`` in an explicit transaction, so only that transaction sees it, and no connection goes
+    back to the pool with it: the transaction ends here (COMMIT; a failed one rolls back). A cancelled
+    statement makes SQLAlchemy invalidate the connection (it is closed, not pooled again); and a connection
+    closed with a transaction still open is rolled back (psycopg sends ROLLBACK, autocommit or not), or
+    discarded by the pool when that fails.
+    """
+    await conn.exec_driver_sql("BEGIN READ ONLY")
+    try:
+        await conn.execute(_HNSW_EF, {"ef": str(ef)})
+        rows = list((await conn.exec_driver_sql(sql, params)).all())
+    finally:
+        if not conn.invalidated:
+            # COMMIT, not ROLLBACK: psycopg forgets its prepared statements after a ROLLBACK.
+            await conn.exec_driver_sql("COMMIT")
+    return rows
 
 
 def cosines(query: np.ndarray, model: str, cands: Iterable[Candidate]) -> None:

@@ -53,7 +53,7 @@ def create_engine(url: str, pool_size: int) -> AsyncEngine:
             "connect_timeout": CONNECT_TIMEOUT_S,
             # Timestamps leave Postgres in UTC, whatever the server's default zone. Filtered HNSW scans keep
             # scanning until enough rows pass the filters (pgvector >= 0.8): every memos query that uses the
-            # index wants that, and a search with the default ef_search then needs no transaction of its own.
+            # index wants that, and a search with the default ef_search then needs no transaction for SET LOCAL.
             "options": "-c TimeZone=UTC -c hnsw.iterative_scan=relaxed_order",
         },
     )

@@ -1,0 +1,199 @@
+"""Search review fixes: one pooled connection per search (a bigger ef_search included), and BM25 in a cube
+whose memories have no words."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from conftest import Factory, bearer
+from litestar import Litestar
+from litestar.testing import TestClient
+from sqlalchemy.exc import DBAPIError
+
+from memos.app import create_app
+from memos.search import lexical
+from memos.search.service import HNSW_DEFAULT_EF, SearchService
+from memos.settings import Settings
+from memos.store import db as store_db
+from memos.store.db import Database
+
+POOL_TIMEOUT_S = 2
+"""The pool wait in these tests: a search that waits for a second connection fails in 2 s, not 10."""
+
+
+def search(client: Any, key: str, **body: Any) -> dict[str, Any]:
+    r = client.post("/v1/search", json=body, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    result: dict[str, Any] = r.json()
+    return result
+
+
+# -- bug 1: a search held one pooled connection while it waited for a second --------------------------------
+
+
+def test_concurrent_searches_with_a_big_pool_never_wait_for_a_second_connection(
+    settings: Settings, embedder: Any, factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """k = 20 makes a pool of 80 candidates, over the default ef_search (40). With a db pool of 1 (at most 2
+    connections), two searches each holding their connection used to wait for a second one until the pool
+    timed out (503). The two searches are lined up at the vector leg, each holding its connection, so the
+    old code deadlocked every time."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    items = [{"kind": "plaintext", "content": f"note {i} about jasmine tea and gardens"} for i in range(25)]
+    r = factory.client.post(
+        f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=bearer(tenant.admin_key)
+    )
+    assert r.status_code == 201, r.text
+
+    monkeypatch.setattr(store_db, "POOL_TIMEOUT_S", POOL_TIMEOUT_S)
+    barrier = asyncio.Barrier(2)
+    vector_leg = SearchService._vector
+
+    async def lined_up(self: SearchService, *args: Any, **kwargs: Any) -> None:
+        # Both searches hold their read connection here; neither goes on until the other has arrived.
+        async with asyncio.timeout(5):
+            await barrier.wait()
+        await vector_leg(self, *args, **kwargs)
+
+    def concurrently(client: TestClient[Litestar], bodies: list[dict[str, Any]]) -> list[Any]:
+        """The requests at once: the TestClient runs the app on one event loop, each request from its thread."""
+        out: list[Any] = [None] * len(bodies)
+
+        def one(i: int) -> None:
+            out[i] = client.post("/v1/search", json=bodies[i], headers=bearer(tenant.admin_key))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return out
+
+    app: Litestar = create_app(dataclasses.replace(settings, db_pool_size=1), embedder_factory=lambda: embedder)
+    with TestClient(app) as client:
+        with monkeypatch.context() as patched:
+            patched.setattr(SearchService, "_vector", lined_up)
+            started = time.monotonic()
+            lined = concurrently(client, [{"query": "jasmine tea", "k": 20}] * 2)
+            took = time.monotonic() - started
+        assert [r.status_code for r in lined] == [200, 200], [r.text[:200] for r in lined]
+        assert took < POOL_TIMEOUT_S, f"the searches waited for the pool: {took:.2f} s"
+        assert all(len(r.json()["results"]) == 20 for r in lined)
+
+        # More searches than connections, every mode with a vector leg: each waits for one connection only.
+        bodies = [{"query": "jasmine tea", "k": 20, "mode": mode} for mode in ("hybrid", "vector", "graph") * 2]
+        burst = concurrently(client, bodies)
+        assert [r.status_code for r in burst] == [200] * len(bodies), [r.text[:200] for r in burst]
+
+
+@contextlib.asynccontextmanager
+async def one_connection_pool(settings: Settings) -> AsyncIterator[Database]:
+    """A Database whose pool opens at most 2 connections, so the checks below see every connection."""
+    db = Database(dataclasses.replace(settings, db_pool_size=1))
+    await db.start()
+    try:
+        yield db
+    finally:
+        await db.stop()
+
+
+async def ef_search_of(db: Database) -> list[str]:
+    """``hnsw.ef_search`` of every connection the pool has (both checked out at once, so both are seen)."""
+    async with db.read() as first, db.read() as second:
+        values = []
+        for conn in (first, second):
+            await conn.exec_driver_sql("SELECT '[1]'::vector")  # loads pgvector, which defines the setting
+            values.append(str((await conn.exec_driver_sql("SHOW hnsw.ef_search")).scalar_one()))
+        return values
+
+
+async def test_the_bigger_ef_search_never_outlives_its_statement(settings: Settings) -> None:
+    """The setting is the statement's alone, on the search's own connection, whether the statement succeeds,
+    fails or is cancelled: no connection goes back to the pool with it."""
+    from memos.search.service import _with_ef_search
+
+    default = str(HNSW_DEFAULT_EF)
+    current = "SELECT current_setting('hnsw.ef_search') AS ef"
+    async with one_connection_pool(settings) as db:
+        async with db.read() as conn:
+            await conn.exec_driver_sql("SELECT '[1]'::vector")
+            rows = await _with_ef_search(conn, 200, current, {})
+            assert [r.ef for r in rows] == ["200"]
+            assert (await conn.exec_driver_sql("SHOW hnsw.ef_search")).scalar_one() == default
+        assert await ef_search_of(db) == [default, default]
+
+        async with db.read() as conn:
+            with pytest.raises(DBAPIError, match="division by zero"):
+                await _with_ef_search(conn, 300, "SELECT 1 / (0 * length(current_setting('hnsw.ef_search')))", {})
+            # The same connection goes on, in autocommit, with its own setting.
+            assert (await conn.exec_driver_sql("SHOW hnsw.ef_search")).scalar_one() == default
+        assert await ef_search_of(db) == [default, default]
+
+        async def slow() -> None:
+            async with db.read() as conn:
+                await _with_ef_search(conn, 400, "SELECT pg_sleep(30)", {})
+
+        task = asyncio.ensure_future(slow())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(10):
+                await task
+        assert await ef_search_of(db) == [default, default]
+
+
+# -- bug 2: BM25 divided by an average length of 0 -----------------------------------------------------------
+
+
+def test_bm25_without_an_average_length_leaves_lengths_out() -> None:
+    idf = {"tea": 1.5}
+    neutral = lexical.bm25({"tea": 2}, idf, avg_length=7.0, length=7)
+    assert lexical.bm25({"tea": 2}, idf, avg_length=0.0, length=7) == pytest.approx(neutral)
+    assert lexical.bm25({"tea": 2}, idf, avg_length=0.0, length=0) == pytest.approx(neutral)
+    assert lexical.bm25({}, idf, avg_length=0.0, length=3) == 0.0
+
+
+def test_a_cube_whose_memories_have_no_words_is_searchable(client: Any, factory: Factory) -> None:
+    """Active memories with only stopwords and punctuation have no lexeme: their average length is 0."""
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube = factory.cube(key)
+    wordless = [factory.memory(key, cube["id"], text)["id"] for text in ("it is what it is", "!!! ??? ...")]
+    archived = factory.memory(key, cube["id"], "Ada keeps her jasmine tea in a tin.")
+    r = client.patch(
+        f"/v1/memories/{archived['id']}", json={"state": "archived"}, headers={**bearer(key), "If-Match": '"1"'}
+    )
+    assert r.status_code == 200, r.text
+
+    # The archived memory has the word; the active ones (all the statistics count) have none.
+    body = search(client, key, query="jasmine tea", mode="text", states=["archived"], cube_ids=[cube["id"]])
+    assert [x["memory"]["id"] for x in body["results"]] == [archived["id"]]
+    assert body["results"][0]["score"] > 0
+    for mode in ("hybrid", "graph"):
+        body = search(client, key, query="what is it about tea", mode=mode, k=5, cube_ids=[cube["id"]])
+        assert {x["memory"]["id"] for x in body["results"]} == set(wordless)
+
+
+def test_cached_statistics_without_words_still_score_a_new_memory(client: Any, factory: Factory) -> None:
+    """The per-cube counts are cached for minutes: a memory with words written after a cube's wordless counts
+    were taken is scored with those counts."""
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube = factory.cube(key)
+    for text in ("it is what it is", "!!! ??? ..."):
+        factory.memory(key, cube["id"], text)
+    # Counts the cube (no lexeme in it) and caches the counts; no memory has the word, so nothing is scored.
+    assert search(client, key, query="tea", mode="text", cube_ids=[cube["id"]])["results"] == []
+    fresh = factory.memory(key, cube["id"], "Ada prefers jasmine tea")
+    for mode in ("text", "hybrid", "graph"):
+        body = search(client, key, query="what tea does Ada like", mode=mode, k=3, cube_ids=[cube["id"]])
+        assert body["results"][0]["memory"]["id"] == fresh["id"], mode
+        assert "text" in body["results"][0]["via"], mode
