@@ -1,9 +1,17 @@
-"""Opaque cursors for keyset pagination: base64url of a small JSON list of sort keys."""
+"""Opaque cursors for keyset pagination: base64url of a small JSON list, ``[list tag, *sort keys]``.
+
+The tag names the list a cursor pages (``list_tag``): a cursor handed out by one list (``GET /v1/cubes``) and
+sent to another (``GET /v1/agents``, or the memories of another cube) is a 422 on ``cursor``, not a page that
+starts at a position of some other list. Cursors are not signed: a well-formed cursor is a position in its
+list and nothing more. Every list applies the caller's scope in its query whatever the cursor says, so a
+hand-made one only chooses where the page starts; it reaches nothing the caller could not list anyway.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import uuid
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -17,6 +25,12 @@ T = TypeVar("T")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 
+NOT_ISSUED = "not a cursor this server handed out"
+OTHER_LIST = (
+    "a cursor of another list, or from a memos release whose cursors did not name their list: "
+    "ask for the first page again (without cursor)"
+)
+
 
 class Page(msgspec.Struct, Generic[T]):
     """A page of a list; pass ``next_cursor`` back as ``?cursor=`` for the next one (null: no more)."""
@@ -25,34 +39,55 @@ class Page(msgspec.Struct, Generic[T]):
     next_cursor: str | None
 
 
-def encode_cursor(keys: list[Any]) -> str:
-    return base64.urlsafe_b64encode(msgspec.json.encode(keys)).decode().rstrip("=")
+def list_tag(name: str, parent: uuid.UUID | None = None) -> str:
+    """The tag of a list, carried by its cursors: the list's name and the resource whose children it lists
+    (the cube of ``memories``, the memory of ``versions``). Eight characters, whatever the parent."""
+    raw = name if parent is None else f"{name}/{parent}"
+    return base64.urlsafe_b64encode(hashlib.blake2s(raw.encode(), digest_size=6).digest()).decode()
 
 
-def decode_cursor(cursor: str | None, arity: int) -> list[Any] | None:
-    """The sort keys inside ``cursor``; a cursor this server did not hand out is a 422 on ``cursor``."""
+def encode_cursor(keys: list[Any], of: str | None = None) -> str:
+    """A cursor of the list tagged ``of`` (``list_tag``); without a tag, the untagged form of older releases."""
+    payload = keys if of is None else [of, *keys]
+    return base64.urlsafe_b64encode(msgspec.json.encode(payload)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, arity: int, of: str | None = None) -> list[Any] | None:
+    """The sort keys inside ``cursor``, a cursor of the list tagged ``of``.
+
+    A cursor this server did not hand out (not base64url JSON, not a list of the right length), or one of
+    another list, is a 422 on ``cursor``. Untagged cursors (``of`` None, or issued before cursors carried
+    their list) are refused by tagged lists, as cursors of another list.
+    """
     if cursor is None:
         return None
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         keys = msgspec.json.decode(raw)
     except (binascii.Error, ValueError, msgspec.DecodeError):
-        raise Invalid.field("cursor", "not a cursor this server handed out") from None
-    if not isinstance(keys, list) or len(keys) != arity:
-        raise Invalid.field("cursor", "not a cursor this server handed out")
-    return keys
+        raise Invalid.field("cursor", NOT_ISSUED) from None
+    if not isinstance(keys, list):
+        raise Invalid.field("cursor", NOT_ISSUED)
+    if of is None:
+        if len(keys) != arity:
+            raise Invalid.field("cursor", NOT_ISSUED)
+        return keys
+    if len(keys) == arity + 1 and keys[0] == of:
+        return keys[1:]
+    tagged = bool(keys) and isinstance(keys[0], str) and len(keys[0]) == len(of)
+    raise Invalid.field("cursor", OTHER_LIST if tagged or len(keys) == arity else NOT_ISSUED)
 
 
-def encode_keyset(created_at: datetime, row_id: uuid.UUID) -> str:
-    """A cursor for lists ordered by (created_at, id)."""
-    return encode_cursor([created_at.isoformat(), str(row_id)])
+def encode_keyset(created_at: datetime, row_id: uuid.UUID, of: str | None = None) -> str:
+    """A cursor for lists ordered by (created_at, id); ``of``: the list's tag (``list_tag``)."""
+    return encode_cursor([created_at.isoformat(), str(row_id)], of)
 
 
-def decode_keyset(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
-    keys = decode_cursor(cursor, 2)
+def decode_keyset(cursor: str | None, of: str | None = None) -> tuple[datetime, uuid.UUID] | None:
+    keys = decode_cursor(cursor, 2, of)
     if keys is None:
         return None
     try:
         return datetime.fromisoformat(str(keys[0])), uuid.UUID(str(keys[1]))
     except ValueError:
-        raise Invalid.field("cursor", "not a cursor this server handed out") from None
+        raise Invalid.field("cursor", NOT_ISSUED) from None

@@ -31,7 +31,7 @@ from memos.errors import Conflict, FieldError, Invalid, NotFound, Unavailable
 from memos.identity.principal import Principal
 from memos.kv.errors import FingerprintMismatch, KVChecksumError, KVError, KVFormatError, KVInputError, NotShiftable
 from memos.memories.service import Accesses, MemoryService, not_expired
-from memos.pagination import Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset
+from memos.pagination import Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset, list_tag
 from memos.search.service import SearchService
 from memos.store.audit import record
 from memos.store.blobs import BlobCorrupt, BlobNotFound, BlobStore, BlobStoreFull
@@ -59,6 +59,10 @@ class FingerprintConflict(Conflict):
 class TokenMismatch(Conflict):
     slug = "token-mismatch"
     title = "KV of other text"
+
+
+MODELS = list_tag("models")
+"""The tag of ``GET /v1/models``'s cursors."""
 
 
 class ChecksumConflict(Conflict):
@@ -147,13 +151,13 @@ class ActivationService:
     async def list_models(self, principal: Principal, limit: int, cursor: str | None) -> Page[schemas.Model]:
         """The configured models by name, a page at a time (only the page's models are loaded)."""
         principal.tenant_member()  # the operator key's only job is creating tenants (403, as everywhere in /v1)
-        after = decode_cursor(cursor, 1)
+        after = decode_cursor(cursor, 1, MODELS)
         if after is not None and not isinstance(after[0], str):
             raise Invalid.field("cursor", "not a cursor this server handed out")
         names = [n for n in sorted(self.models.specs) if after is None or n > after[0]]
         out = [_model_dto(await self.models.get(name)) for name in names[:limit]]
         more = len(names) > limit
-        return Page(items=out, next_cursor=encode_cursor([out[-1].name]) if more else None)
+        return Page(items=out, next_cursor=encode_cursor([out[-1].name], MODELS) if more else None)
 
     # ------------------------------------------------------------------ build
 
@@ -352,7 +356,8 @@ class ActivationService:
         self, principal: Principal, memory_id: uuid.UUID, limit: int, cursor: str | None
     ) -> Page[schemas.Activation]:
         principal.tenant_member()
-        after = decode_keyset(cursor)
+        tag = list_tag("activations", memory_id)
+        after = decode_keyset(cursor, tag)
         async with self.db.read() as conn:
             await self.memories.load_row(conn, principal, memory_id, "read")
             query = with_freshness().where(activations.c.memory_id == memory_id)
@@ -365,7 +370,7 @@ class ActivationService:
         rows = rows[:limit]
         return Page(
             items=[self._dto(r) for r in rows],
-            next_cursor=encode_keyset(rows[-1].created_at, rows[-1].id) if more else None,
+            next_cursor=encode_keyset(rows[-1].created_at, rows[-1].id, tag) if more else None,
         )
 
     async def get(self, principal: Principal, activation_id: uuid.UUID) -> schemas.Activation:

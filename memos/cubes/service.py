@@ -16,12 +16,15 @@ from memos.cubes.access import access_of, cube_access
 from memos.errors import Conflict, Invalid, NotFound
 from memos.identity.principal import Principal
 from memos.memories.versioning import tombstone_cube_memories
-from memos.pagination import Page, decode_keyset, encode_keyset
+from memos.pagination import Page, decode_keyset, encode_keyset, list_tag
 from memos.search.graphs import CubeGraphs
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import agents, cube_grants, cubes, memories
 from memos.validation import reject_nul
+
+CUBES = list_tag("cubes")
+"""The tag of ``GET /v1/cubes``'s cursors."""
 
 
 def _count(kind_is_activation: bool) -> Any:
@@ -106,7 +109,7 @@ class CubeService:
         return self._dto(principal, row)
 
     async def list(self, principal: Principal, limit: int, cursor: str | None) -> Page[schemas.Cube]:
-        after = decode_keyset(cursor)
+        after = decode_keyset(cursor, CUBES)
         query = self._select(principal)
         if not principal.is_admin:
             query = query.where(or_(cubes.c.owner_agent_id == principal.agent_id, cube_grants.c.access.is_not(None)))
@@ -117,7 +120,7 @@ class CubeService:
             rows = (await conn.execute(query)).all()
         more = len(rows) > limit
         rows = rows[:limit]
-        next_cursor = encode_keyset(rows[-1].created_at, rows[-1].id) if more else None
+        next_cursor = encode_keyset(rows[-1].created_at, rows[-1].id, CUBES) if more else None
         return Page(items=[self._dto(principal, r) for r in rows], next_cursor=next_cursor)
 
     async def update(self, principal: Principal, cube_id: uuid.UUID, body: schemas.CubePatch) -> schemas.Cube:

@@ -18,7 +18,7 @@ from memos.errors import Conflict, NotFound
 from memos.identity import schemas
 from memos.identity.keys import generate_key, hash_key, key_matches, key_prefix
 from memos.identity.principal import OPERATOR, Principal
-from memos.pagination import Page, decode_keyset, encode_keyset
+from memos.pagination import Page, decode_keyset, encode_keyset, list_tag
 from memos.settings import OPERATOR_KEY_MIN, Settings, SettingsError
 from memos.store.audit import record
 from memos.store.blobs import fsync_dir
@@ -27,6 +27,9 @@ from memos.store.models import agents, api_keys, tenants
 from memos.validation import reject_nul
 
 log = logging.getLogger(__name__)
+
+AGENTS = list_tag("agents")
+"""The tag of ``GET /v1/agents``'s cursors."""
 
 
 class OperatorKeyFileError(SettingsError):
@@ -133,7 +136,7 @@ class IdentityService:
 
     async def list_agents(self, principal: Principal, limit: int, cursor: str | None) -> Page[schemas.Agent]:
         tenant_id, _ = principal.require_admin()
-        after = decode_keyset(cursor)
+        after = decode_keyset(cursor, AGENTS)
         query = select(agents).where(agents.c.tenant_id == tenant_id)
         if after is not None:
             query = query.where(func.row(agents.c.created_at, agents.c.id) > func.row(*after))
@@ -146,7 +149,7 @@ class IdentityService:
                 schemas.Agent(id=r.id, name=r.name, role=r.role, tenant_id=r.tenant_id, created_at=r.created_at)
                 for r in rows
             ],
-            next_cursor=encode_keyset(rows[-1].created_at, rows[-1].id) if more else None,
+            next_cursor=encode_keyset(rows[-1].created_at, rows[-1].id, AGENTS) if more else None,
         )
 
     async def me(self, principal: Principal) -> schemas.Me:

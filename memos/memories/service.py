@@ -26,7 +26,7 @@ from memos.memories import schemas
 from memos.memories.ann import IndexMover, cube_indexed, cube_indexing
 from memos.memories.neighbours import KNN_LINK, LinkEdge, link_neighbours
 from memos.memories.versioning import content_sha256, insert_new, write_version
-from memos.pagination import Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset
+from memos.pagination import Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset, list_tag
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
 from memos.search.indexing import embedding_text, event_time
@@ -51,6 +51,11 @@ RESERVED_LINKS = {
     KNN_LINK: "memos writes knn links itself",
 }
 MAX_PROVENANCE_NODES = 500
+ACTIVATION = "activation"
+ACTIVATION_IS_SERVER_MADE = (
+    "an activation memory is made by the server and cannot be changed: delete it, "
+    "or build the activation again (POST /v1/memories/{source id}/activations)"
+)
 
 
 class MemoryListener(Protocol):
@@ -475,7 +480,8 @@ class MemoryService:
     async def list(
         self, principal: Principal, cube_id: uuid.UUID, filters: ListFilters, limit: int, cursor: str | None
     ) -> Page[schemas.Memory]:
-        after = decode_keyset(cursor)
+        tag = list_tag("memories", cube_id)
+        after = decode_keyset(cursor, tag)
         reject_nul(list(filters.tags), "tag")  # ?tag=%00: Postgres' DataError named no parameter
         query = select(*DTO_COLUMNS).where(memories.c.cube_id == cube_id, memories.c.state == filters.state)
         if filters.kind is not None:
@@ -498,13 +504,14 @@ class MemoryService:
         rows = rows[:limit]
         return Page(
             items=[to_dto(r) for r in rows],
-            next_cursor=encode_keyset(rows[-1].created_at, rows[-1].id) if more else None,
+            next_cursor=encode_keyset(rows[-1].created_at, rows[-1].id, tag) if more else None,
         )
 
     async def versions(
         self, principal: Principal, memory_id: uuid.UUID, limit: int, cursor: str | None
     ) -> Page[schemas.Version]:
-        after = decode_cursor(cursor, 1)
+        tag = list_tag("versions", memory_id)
+        after = decode_cursor(cursor, 1, tag)
         start = 0
         if after is not None:
             # Only a version number this server could have handed out: a forged ["x"], [1.5] or [true] was
@@ -526,7 +533,7 @@ class MemoryService:
         rows = rows[:limit]
         return Page(
             items=[_version_dto(r) for r in rows],
-            next_cursor=encode_cursor([rows[-1].version]) if more else None,
+            next_cursor=encode_cursor([rows[-1].version], tag) if more else None,
         )
 
     async def version(self, principal: Principal, memory_id: uuid.UUID, n: int) -> schemas.Version:
@@ -558,6 +565,15 @@ class MemoryService:
         """
         async with self.db.read() as conn:
             current = await self._load(conn, principal, memory_id, "write")
+            if current.kind == ACTIVATION:
+                # Found in review: a PATCH rewrote an activation memory's text and provenance (the edge to its
+                # source went) while its KV stayed fresh and was still injected.
+                sent = [f.name for f in msgspec.structs.fields(patch) if getattr(patch, f.name) is not msgspec.UNSET]
+                if sent:
+                    raise Invalid(
+                        f"{', '.join(sent)}: {ACTIVATION_IS_SERVER_MADE}",
+                        errors=[FieldError(f, ACTIVATION_IS_SERVER_MADE) for f in sent],
+                    )
             _check_writable(current)
             _check_match(current.version, if_match)
             for name in ("content", "metadata", "tags", "provenance"):
@@ -690,6 +706,8 @@ class MemoryService:
         """A new version whose content, metadata, tags and provenance equal version ``version``; state active."""
         async with self.db.transaction() as conn:
             current = await self._load(conn, principal, memory_id, "write")
+            if current.kind == ACTIVATION:
+                raise Invalid.field("version", ACTIVATION_IS_SERVER_MADE)
             if current.purged_at is not None:
                 raise Conflict("this memory was purged; its versions have no content to restore")
             _check_match(current.version, if_match)
@@ -808,6 +826,12 @@ class MemoryService:
             raise Invalid.field("to", "a memory cannot link to itself")
         async with self.db.transaction() as conn:
             source = await self._load(conn, principal, memory_id, "write")
+            if source.kind == ACTIVATION:
+                raise Invalid.field("memory_id", ACTIVATION_IS_SERVER_MADE)
+            # Found in review: a deleted or purged memory took new links (201) though it cannot be written. The
+            # target may be deleted or purged, as a derived_from source may: the link is kept, and search walks
+            # through it only while both ends are active.
+            _check_writable(source)
             if body.to not in await self._readable_versions(conn, principal, [body.to]):
                 raise NotFound("to: no such memory", errors=[FieldError("to", "no such memory")])
             (row,) = await self._insert_links(

@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
-from sqlalchemy import Row, and_, func, select
+from sqlalchemy import Row, and_, exists, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -175,8 +175,7 @@ class SemCacheService:
             return policy.default
         if name in policy.categories:
             return name
-        known = ", ".join(sorted(policy.categories))
-        raise Invalid.field("category", f"no category {name!r} in this cube (configured: {known})")
+        raise _unknown_category(policy, name)
 
     # -- lookup -------------------------------------------------------------------------------------
 
@@ -521,7 +520,15 @@ class SemCacheService:
             default = policy.default
             conditions = [memories.c.cube_id == cube_id, memories.c.kind == "response"]
             if category is not None:
-                conditions.append(store.category_is(category, default))
+                named = store.category_is(category, default)
+                # An unknown category is a 422, as in a lookup (found in review: a typo answered
+                # {"invalidated": 0}). Unknown means what stats do not list either: a category the cube no longer
+                # configures still names the entries stored under it, and those can be invalidated by name.
+                if category not in policy.categories and not await conn.scalar(
+                    select(exists().where(*conditions, named, memories.c.state != "deleted"))
+                ):
+                    raise _unknown_category(policy, category)
+                conditions.append(named)
             if older_than is not None:
                 conditions.append(memories.c.created_at <= func.now() - timedelta(seconds=older_than))
             gone = await tombstone_where(conn, principal, *conditions)
@@ -628,6 +635,11 @@ class SemCacheService:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
+
+
+def _unknown_category(policy: CachePolicy, name: str) -> Invalid:
+    known = ", ".join(sorted(policy.categories))
+    return Invalid.field("category", f"no category {name!r} in this cube (configured: {known})")
 
 
 def _bounds(policy: CategoryPolicy) -> tuple[float, float, float]:
