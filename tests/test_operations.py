@@ -922,3 +922,20 @@ def test_objects_alive_once_the_model_has_loaded_leave_the_collectors_full_passe
     while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gc.get_freeze_count() > 100_000
+
+
+def test_the_make_model_command_the_no_model_answer_suggests_runs_as_written(tmp_path: Path) -> None:
+    """The 409 for no configured model says `memos dev make-model DIR`: that failed, --arch and --preset were
+    required."""
+    from memos.activations.models import HOW_TO_CONFIGURE
+
+    assert "`memos dev make-model DIR`" in HOW_TO_CONFIGURE
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "memos"), "dev", "make-model", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "llama" in (tmp_path / "m" / "config.json").read_text()

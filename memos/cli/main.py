@@ -702,9 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
         "make-model", help="write a randomly initialised causal LM with a real tokenizer (loads like a real model)"
     )
     make.add_argument("out_dir", metavar="OUT_DIR", help="directory to write config, safetensors weights, tokenizer")
-    make.add_argument("--arch", choices=["qwen2", "llama"], required=True, help="model architecture")
+    # Defaults, so that the command the no-model 409 suggests (`memos dev make-model DIR`) runs as written.
+    make.add_argument("--arch", choices=["qwen2", "llama"], default="llama", help="model architecture (default llama)")
     make.add_argument(
-        "--preset", choices=["tiny", "small", "qwen2.5-0.5b"], required=True, help="shape: tiny, small or qwen2.5-0.5b"
+        "--preset",
+        choices=["tiny", "small", "qwen2.5-0.5b"],
+        default="tiny",
+        help="shape: tiny (default), small or qwen2.5-0.5b",
     )
     make.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     make.set_defaults(func=_make_model)
