@@ -339,3 +339,19 @@ def test_purge_erases_provenance_text_and_keeps_the_lineage(client: Client, fact
     assert all(v["provenance"] == {} for v in versions)
     graph = client.get(f"/v1/memories/{source['id']}/provenance", headers=bearer(key)).json()
     assert made["id"] in {n["memory_id"] for n in graph["nodes"]}
+
+
+def test_the_same_link_twice_in_one_body_is_422_naming_it(client: Client, factory: Factory, tenant: Tenant) -> None:
+    """It was a 409 "a link of this type between these memories already exists" for a memory not yet written."""
+    key = tenant.admin_key
+    cube = factory.cube(key)
+    target = factory.memory(key, cube["id"], "the target")
+    twice = [{"to": target["id"], "type": "rel"}, {"to": target["id"], "type": "rel"}]
+    item = {"kind": "plaintext", "content": "x", "links": twice}
+    r = client.post(f"/v1/cubes/{cube['id']}/memories", json=item, headers=bearer(key))
+    assert fields(r) == ["links[1]"]
+    r = client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": [item]}, headers=bearer(key))
+    assert fields(r) == ["items[0].links[1]"]
+    # Two types between the same pair are two links.
+    item["links"] = [twice[0], {"to": target["id"], "type": "cites"}]
+    assert client.post(f"/v1/cubes/{cube['id']}/memories", json=item, headers=bearer(key)).status_code == 201

@@ -330,9 +330,14 @@ class MemoryService:
         wanted: dict[uuid.UUID, str] = {}
         for i, item in enumerate(items):
             where = "" if single else f"items[{i}]."
+            seen: set[tuple[uuid.UUID, str]] = set()
             for j, link in enumerate(item.links):
                 if link.type in RESERVED_LINKS:
                     raise Invalid.field(f"{where}links[{j}].type", RESERVED_LINKS[link.type])
+                if (link.to, link.type) in seen:
+                    # The body's own mistake, not a conflict with stored state: it was 409 "already exists".
+                    raise Invalid.field(f"{where}links[{j}]", "the same link (to and type) is listed twice")
+                seen.add((link.to, link.type))
                 wanted.setdefault(link.to, f"{where}links[{j}].to")
             for j, ref in enumerate(item.provenance.derived_from):
                 wanted.setdefault(ref.memory_id, f"{where}provenance.derived_from[{j}].memory_id")
