@@ -197,3 +197,35 @@ def test_cached_statistics_without_words_still_score_a_new_memory(client: Any, f
         body = search(client, key, query="what tea does Ada like", mode=mode, k=3, cube_ids=[cube["id"]])
         assert body["results"][0]["memory"]["id"] == fresh["id"], mode
         assert "text" in body["results"][0]["via"], mode
+
+
+# -- a memory deleted between the ranking and the read of the winners' rows ---------------------------------
+
+
+@pytest.mark.parametrize("mode", ["vector", "text", "hybrid", "graph"])
+def test_a_memory_deleted_after_the_ranking_is_left_out_not_returned_deleted(
+    factory: Factory, database_url: str, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """The winners' rows were read by id alone: a memory deleted after the ranking had read it came back with
+    state "deleted" in a search for active memories (found in review)."""
+    import psycopg
+
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    made = [factory.memory(tenant.admin_key, cube["id"], f"Ada drinks jasmine tea, note {i}") for i in range(3)]
+    rank = SearchService._rank
+    deleted: list[str] = []
+
+    def rank_then_delete(self: SearchService, *args: Any, **kwargs: Any) -> Any:
+        ranked = rank(self, *args, **kwargs)
+        if ranked and not deleted:
+            deleted.append(str(ranked[0].id))
+            with psycopg.connect(database_url, autocommit=True) as conn:  # another writer, committed at once
+                conn.execute("UPDATE memories SET state = 'deleted' WHERE id = %s", (ranked[0].id,))
+        return ranked
+
+    monkeypatch.setattr(SearchService, "_rank", rank_then_delete)
+    found = search(factory.client, tenant.admin_key, query="jasmine tea", mode=mode, cube_ids=[cube["id"]])
+    assert deleted and deleted[0] in {m["id"] for m in made}
+    assert [r["memory"]["state"] for r in found["results"]] == ["active"] * len(found["results"])
+    assert deleted[0] not in {r["memory"]["id"] for r in found["results"]}

@@ -140,7 +140,7 @@ class SearchService:
                 ranked = self._rank(req, list(found.values()))
                 if req.mode != "graph":
                     top = ranked[: req.k]
-                    rows = await self._rows(conn, [c.id for c in top])
+                    rows = await self._rows(conn, [c.id for c in top], where.params["states"])
         finally:
             if embedding is not None and not embedding.done():
                 embedding.cancel()
@@ -160,7 +160,7 @@ class SearchService:
                 else:
                     ranked = await self._graph(conn, req, where, ranked, graphs)
                 top = ranked[: req.k]
-                rows = await self._rows(conn, [c.id for c in top])
+                rows = await self._rows(conn, [c.id for c in top], where.params["states"])
         results = [
             schemas.SearchResult(memory=to_dto(rows[c.id]), score=round(c.score, 6), via="+".join(sorted(c.via)))
             for c in top
@@ -261,9 +261,10 @@ class SearchService:
             cand.dense = 1.0 - float(r.distance)
             cand.via.add("vector")
 
-    async def _rows(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
-        """The winners' full rows: only they leave the database whole."""
-        return {r.id: r for r in await conn.exec_driver_sql(statements.ROWS, {"ids": ids})}
+    async def _rows(self, conn: AsyncConnection, ids: list[uuid.UUID], states: Sequence[str]) -> dict[uuid.UUID, Any]:
+        """The winners' full rows, those still in ``states`` and not expired: only they leave the database whole."""
+        params = {"ids": ids, "states": list(states)}
+        return {r.id: r for r in await conn.exec_driver_sql(statements.ROWS, params)}
 
     # -- ranking ---------------------------------------------------------------------------------------
 

@@ -170,8 +170,12 @@ JOIN memories m ON m.id = nearest.id
 """  # noqa: S608
 
 
-ROWS = f"SELECT {RESULT_COLUMNS} FROM memories m WHERE m.id = ANY(%(ids)s::uuid[])"  # noqa: S608
-"""The winners' full rows: only they leave the database whole."""
+ROWS = (
+    f"SELECT {RESULT_COLUMNS} FROM memories m WHERE m.id = ANY(%(ids)s::uuid[])"  # noqa: S608
+    " AND m.state = ANY(%(states)s::text[]) AND (m.expires_at IS NULL OR m.expires_at > now())"
+)
+"""The winners' full rows: only they leave the database whole. Read again with the search's states and expiry:
+a memory deleted (or expired) after the ranking read it is left out, not returned as deleted."""
 
 VECTORS = (
     "SELECT m.id, vector_send(m.embedding) AS vec FROM memories m"
