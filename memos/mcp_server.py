@@ -5,7 +5,8 @@ the memos REST API through the SDK (``memos_client.AsyncMemosClient``), never to
 Tools: ``remember`` (add), ``recall`` (search), ``forget`` (soft delete), ``history`` (versions),
 ``cache_lookup`` and ``cache_store`` (the semantic cache: reuse an answer a model gave before).
 An API problem comes back as an MCP tool error (``is_error``) carrying the problem's status, title
-and detail, never a traceback.
+and detail, never a traceback; so do bad arguments, one short line per argument (an unknown argument
+included), never pydantic's report.
 
 Only ``memos mcp`` imports this module: ``import memos.app`` must not pull in ``mcp``.
 """
@@ -16,17 +17,23 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, cast
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.tools.base import Tool
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 
 # The SDK (clients/python) is installed editable, through an import hook mypy cannot follow: it is typed (py.typed)
 # when mypy finds it (mypy_path = "clients/python"), and Any, not an error, when it does not.
 from memos_client import AsyncMemosClient, MemosError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
 from memos.search.schemas import MAX_K
+
+if TYPE_CHECKING:
+    from mcp.server.mcpserver.context import Context
 
 T = TypeVar("T")
 
@@ -105,11 +112,127 @@ class Cached(BaseModel):
 
 
 def _problem_text(exc: MemosError) -> str:
-    """The problem detail as one readable line for the model: status, title, detail and field errors."""
+    """The problem detail as one readable line for the model: status, title, detail and field errors.
+
+    A 422's detail already lists its fields (``content: Expected ...``): a field error is added only
+    when the detail does not say it already, so nothing is said twice.
+    """
     text = str(exc.message)
-    if exc.field_errors:
-        text += " (" + "; ".join(f"{e.field}: {e.message}" for e in exc.field_errors) + ")"
+    missing = [f"{e.field}: {e.message}" for e in exc.field_errors if f"{e.field}: {e.message}" not in text]
+    if missing:
+        text += " (" + "; ".join(missing) + ")"
     return text
+
+
+# --- tool arguments -------------------------------------------------------------------------------
+
+
+_JSON_TYPES: dict[type, str] = {
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    list: "a list",
+    dict: "an object",
+    type(None): "null",
+}
+
+
+def _json_type(value: Any) -> str:
+    return next((name for kind, name in _JSON_TYPES.items() if isinstance(value, kind)), type(value).__name__)
+
+
+def _non_null(schema: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An optional argument's schema without its ``null`` arm."""
+    arms = [a for a in schema.get("anyOf", ()) if a.get("type") != "null"]
+    return cast(Mapping[str, Any], arms[0]) if len(arms) == 1 else schema
+
+
+def _schema_at(schema: Mapping[str, Any], loc: tuple[int | str, ...]) -> Mapping[str, Any]:
+    node = schema
+    for part in loc:
+        node = _non_null(node)
+        node = node.get("items", {}) if isinstance(part, int) else node.get("properties", {}).get(part, {})
+    return _non_null(node)
+
+
+def _expected(schema: Mapping[str, Any]) -> str:
+    """What a JSON schema asks for, in words: ``a list of strings``, ``an integer``, ``one of 'a', 'b'``."""
+    if "enum" in schema:
+        return "one of " + ", ".join(repr(v) for v in schema["enum"])
+    kind = schema.get("type")
+    if kind == "array":
+        items = _expected(_non_null(schema.get("items", {})))
+        return "a list" if items == "a value" else f"a list of {items.removeprefix('a ').removeprefix('an ')}s"
+    return {
+        "string": "a string",
+        "integer": "an integer",
+        "number": "a number",
+        "boolean": "true or false",
+        "object": "an object",
+    }.get(str(kind), "a value")
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """``("tags", 0)`` as ``tags[0]``, the way the REST API names a field."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _argument_error(tool: Tool, error: ErrorDetails) -> str:
+    loc = error["loc"]
+    schema = _schema_at(tool.parameters, loc)
+    value, kind = error.get("input"), error["type"]
+    if kind == "missing":
+        message = "required"
+    elif kind == "extra_forbidden":
+        message = f"unknown argument; {tool.name} takes {', '.join(tool.parameters.get('properties', {}))}"
+    elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        low, high = schema.get("minimum"), schema.get("maximum")
+        if low is not None and high is not None:
+            message = f"must be from {low} to {high}, not {value!r}"
+        elif low is not None:
+            message = f"must be at least {low}, not {value!r}"
+        else:
+            message = error["msg"].replace("Input should be", "must be") + f", not {value!r}"
+    elif kind in ("literal_error", "enum"):
+        message = f"must be {_expected(schema)}, not {value!r}"
+    elif kind == "int_from_float":
+        message = f"must be a whole number, not {value!r}"
+    elif kind.endswith(("_type", "_parsing")):
+        message = f"must be {_expected(schema)}, not {_json_type(value)}"
+    else:
+        message = error["msg"].replace("Input should be", "must be")
+    return f"{_where(loc) or 'arguments'}: {message}"
+
+
+class _Tool(Tool):
+    """A tool whose bad arguments are told in one short line per argument, named as the REST API names fields
+    (``k: must be from 1 to 200, not 0``), not in pydantic's report with its links."""
+
+    async def run(self, arguments: dict[str, Any], context: Context[Any, Any], convert_result: bool = False) -> Any:
+        try:
+            self.fn_metadata.validate_arguments(arguments)
+        except ValidationError as exc:
+            errors = dict.fromkeys(_argument_error(self, e) for e in exc.errors(include_url=False))
+            raise ToolError(f"Error executing tool {self.name}: {'; '.join(errors)}") from exc
+        return await super().run(arguments, context, convert_result)
+
+
+def _tool(fn: Callable[..., Any]) -> Tool:
+    """``fn`` as a tool that refuses unknown arguments (as the REST API refuses unknown fields: 422), and says
+    so in the schema it publishes (``additionalProperties: false``)."""
+    tool = _Tool.from_function(fn)
+    loose = tool.fn_metadata.arg_model
+    strict = cast(
+        type[ArgModelBase],
+        type(loose.__name__, (loose,), {"__module__": loose.__module__, "model_config": ConfigDict(extra="forbid")}),
+    )
+    tool.fn_metadata.arg_model = strict
+    tool.parameters = strict.model_json_schema(by_alias=True)
+    return tool
 
 
 async def _call(op: Callable[[], Awaitable[T]]) -> T:
@@ -138,7 +261,6 @@ def _canonical_id(value: str) -> str:
 
 def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos") -> MCPServer:
     """An MCP server whose tools act on ``cube_id`` through ``client``; the caller owns the client's lifecycle."""
-    server: MCPServer = MCPServer(name=name, instructions=INSTRUCTIONS, log_level="WARNING")
     cube_id = _canonical_id(cube_id)  # the API writes ids in lower case: "ABC..." must still match them
 
     async def _in_cube(memory_id: str) -> None:
@@ -148,7 +270,6 @@ def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos"
         if memory.cube_id != cube_id:
             raise ToolError(NOT_FOUND)
 
-    @server.tool()
     async def remember(
         content: str,
         tags: list[str] | None = None,
@@ -158,15 +279,16 @@ def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos"
         memory = await _call(lambda: client.memories.add(cube_id, content=content, tags=tags, metadata=metadata))
         return Remembered(id=memory.id, version=memory.version, cube_id=memory.cube_id)
 
-    @server.tool()
     # k: the search API's own bounds, published in the tool's schema so a model sees them.
     async def recall(query: str, k: Annotated[int, Field(ge=1, le=MAX_K)] = 10, mode: Mode = "hybrid") -> Recalled:
         """Search the memories for `query`; return up to `k` of them, best first.
 
         `mode`: hybrid (default: text and vector together), vector (by meaning), text (by words) or graph
-        (hybrid, then follow links between memories).
+        (hybrid, then follow links between memories). Cached answers (`cache_store`) are not memories: they
+        are never returned here.
         """
-        found = await _call(lambda: client.search(query, cube_ids=[cube_id], k=k, mode=mode))
+        # kinds: the memories an agent stored; the cache's "response" entries answer cache_lookup only.
+        found = await _call(lambda: client.search(query, cube_ids=[cube_id], k=k, mode=mode, kinds=["plaintext"]))
         return Recalled(
             results=[
                 Hit(
@@ -183,14 +305,12 @@ def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos"
             ]
         )
 
-    @server.tool()
     async def forget(memory_id: str) -> Forgotten:
         """Delete a memory: it stops appearing in recall, but its history is kept."""
         await _in_cube(memory_id)
         await _call(lambda: client.memories.delete(memory_id))
         return Forgotten(id=memory_id, state="deleted")
 
-    @server.tool()
     async def history(memory_id: str) -> History:
         """Every version of a memory, oldest first: what it said, and whether it was created, updated or deleted."""
         await _in_cube(memory_id)
@@ -211,7 +331,6 @@ def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos"
 
         return History(id=memory_id, versions=await _call(versions))
 
-    @server.tool()
     async def cache_lookup(query: str, context: list[str] | None = None, category: str | None = None) -> CacheAnswer:
         """Look for an answer given before to the same question; use `response` when `hit` is true.
 
@@ -229,7 +348,6 @@ def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos"
             reason=found.reason,
         )
 
-    @server.tool()
     async def cache_store(
         query: str,
         response: str,
@@ -246,7 +364,8 @@ def create_server(client: AsyncMemosClient, cube_id: str, *, name: str = "memos"
         )
         return Cached(id=memory.id, version=memory.version, cube_id=memory.cube_id)
 
-    return server
+    tools = [_tool(fn) for fn in (remember, recall, forget, history, cache_lookup, cache_store)]
+    return MCPServer(name=name, instructions=INSTRUCTIONS, log_level="WARNING", tools=tools)
 
 
 # --- running it ---------------------------------------------------------------------------------

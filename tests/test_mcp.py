@@ -198,6 +198,27 @@ async def test_api_problems_are_tool_errors(async_app: Litestar, agent_key_and_c
         assert "content" in text(result)
 
 
+async def test_recall_returns_memories_not_cached_answers(
+    async_app: Litestar, agent_key_and_cube: tuple[str, str]
+) -> None:
+    """recall is memory search: a cached answer (kind "response", from cache_store) is cache_lookup's, not recall's
+    (found in review: recall returned it as a memory)."""
+    key, _ = agent_key_and_cube
+    async with connect(async_app, key) as sdk:
+        cube = await sdk.cubes.create(f"recall-{uuid.uuid4().hex[:8]}")
+        async with Client(create_server(sdk, cube.id), mode="legacy") as mcp:
+            cached = structured(
+                await mcp.call_tool("cache_store", {"query": "Which tea does Ada drink?", "response": "Jasmine tea."})
+            )
+            kept = structured(await mcp.call_tool("remember", {"content": "Ada drinks jasmine tea"}))
+            for mode in ("hybrid", "text", "vector"):
+                found = structured(await mcp.call_tool("recall", {"query": "Ada jasmine tea", "mode": mode}))
+                assert [r["id"] for r in found["results"]] == [kept["id"]], mode
+        # The cached answer is there, and in the search the API answers without the tool's default.
+        everything = await sdk.search("Ada jasmine tea", cube_ids=[cube.id], mode="text")
+        assert cached["id"] in [r.memory.id for r in everything.results]
+
+
 async def test_other_cubes_are_out_of_reach(async_app: Litestar, agent_key_and_cube: tuple[str, str]) -> None:
     """The key may see other cubes, but the server acts on its own cube only."""
     key, cube_id = agent_key_and_cube

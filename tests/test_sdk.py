@@ -792,8 +792,9 @@ def test_writes_are_retried_only_when_nothing_was_sent() -> None:
     assert len(script.requests) == 1
     assert lost.value.status is None
     assert isinstance(lost.value.__cause__, httpx.ReadError)
-    # A DELETE whose connection broke after sending: not repeated either. A delete writes a version, so a
-    # repeat of one that landed answers 404 (or 412 under If-Match) for a delete that happened.
+    # A DELETE whose connection broke after sending: not repeated either. A delete writes, so a repeat of one
+    # that landed answers 412 under If-Match (the delete moved the version), or 404 for a cube: a failure
+    # reported for a delete that happened.
     for delete in (lambda sdk: sdk.memories.delete(MISSING), lambda sdk: sdk.cubes.delete(MISSING)):
         script = Script(httpx.ReadError, httpx.Response(204))
         with scripted(script) as sdk, pytest.raises(TransportError):
@@ -1002,8 +1003,9 @@ def test_mcp_documentation_runs(
     with MemosClient(live_url, api_key=tenant.admin_key) as admin:
         agent = admin.agents.create("assistant")
     monkeypatch.setenv("MEMOS_URL", live_url)
+    monkeypatch.setenv("MEMOS_API_KEY", agent.api_key)  # the page exports the agent's key before its first block
     namespace: dict[str, Any] = {"__name__": "__doc_snippet__"}
-    exec(compile(blocks[0].replace("memos_...", agent.api_key), "docs/mcp.md[block 0]", "exec"), namespace)  # noqa: S102
+    exec(compile(blocks[0], "docs/mcp.md[block 0]", "exec"), namespace)  # noqa: S102
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -14,9 +14,9 @@ import os
 import random
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 import msgspec
@@ -37,8 +37,10 @@ Id = str | uuid.UUID
 """An id as a UUID string or a ``uuid.UUID``."""
 
 RETRY_STATUSES = frozenset({429, 503})
-# Not DELETE: memos writes a new version on a delete, so a repeat of one that landed answers 404
-# (or 412 under If-Match) and would report a failure for a delete that happened.
+# Not DELETE: a DELETE writes (a new version, an audit row, or a whole cube's tombstone), and the SDK does not
+# repeat a write that may have reached the server. A repeat of a memory delete that landed would answer 204
+# without If-Match, but 412 under If-Match (the delete moved the version) and 404 for a cube: a failure
+# reported for a delete that happened.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT"})
 # The request never left this machine: safe to send again whatever it does.
 _NOT_SENT: tuple[type[httpx.TransportError], ...] = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -122,6 +124,34 @@ class Call(Generic[T]):
         return self.idempotent if self.idempotent is not None else self.method in IDEMPOTENT_METHODS
 
 
+def ident(name: str, value: object) -> str:
+    """An id argument as sent: a ``str`` or a ``uuid.UUID``; anything else is a ``TypeError`` naming ``name``.
+
+    ``str()`` of any object would send *something* (a ``Cube``'s repr, ``"None"``, ``"123"``), and the
+    server would answer a misleading 404 or 422.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if value is None:
+        raise TypeError(f"{name} must be an id (a UUID string or uuid.UUID), not None")
+    kind = type(value).__name__
+    if isinstance(getattr(value, "id", None), str):
+        raise TypeError(f"{name} must be an id (a UUID string or uuid.UUID), not a {kind}: pass its .id")
+    raise TypeError(f"{name} must be an id (a UUID string or uuid.UUID), not {kind}")
+
+
+def seconds(name: str, value: object) -> int:
+    """A number of seconds: an ``int``, or a ``timedelta`` rounded up to whole seconds."""
+    if isinstance(value, timedelta):
+        whole = value.days * 86400 + value.seconds
+        return whole + 1 if value.microseconds else whole
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int (seconds) or a timedelta, not {type(value).__name__}")
+    return value
+
+
 def path(*segments: object) -> str:
     """``/v1/...`` with every segment percent-encoded, so an id can never change the route."""
     return "/v1/" + "/".join(_segment(str(s)) for s in segments)
@@ -151,13 +181,38 @@ def _check_digest(call: Call[Any], response: httpx.Response) -> None:
         )
 
 
+def _naive(value: datetime) -> bool:
+    return value.tzinfo is None or value.utcoffset() is None
+
+
+def _naive_error(name: str) -> ValueError:
+    return ValueError(f"{name} must be timezone-aware (for example datetime.now(timezone.utc))")
+
+
 def time_param(name: str, value: datetime | str) -> str:
     """A datetime for the wire (RFC 3339); a naive datetime is refused, since its zone would be a guess."""
     if isinstance(value, datetime):
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(f"{name} must be timezone-aware (for example datetime.now(timezone.utc))")
+        if _naive(value):
+            raise _naive_error(name)
         return value.isoformat()
     return value
+
+
+def check_times(body: Any) -> None:
+    """Refuse a naive ``datetime`` anywhere in a JSON body (``metadata={"time": datetime.now()}``), naming its
+    path (``items[0].metadata.time``): encoded as it is, the server would read it as UTC, a guess."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:  # a loop, not recursion: a deeply nested body cannot exhaust the stack
+        where, value = stack.pop()
+        if isinstance(value, datetime):
+            if _naive(value):
+                raise _naive_error(where or "the body")
+        elif isinstance(value, Mapping):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+        elif isinstance(value, list | tuple | set | frozenset):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, msgspec.Struct):
+            stack.extend((f"{where}.{f}" if where else f, getattr(value, f)) for f in value.__struct_fields__)
 
 
 def compact(**fields: Any) -> dict[str, Any]:
@@ -176,6 +231,8 @@ def query(**fields: Any) -> QueryParams:
         for v in values:
             if v is None:
                 continue
+            if isinstance(v, datetime):
+                v = time_param(key, v)
             params.append((key, "true" if v is True else "false" if v is False else str(v)))
     return tuple(params)
 
@@ -183,6 +240,24 @@ def query(**fields: Any) -> QueryParams:
 def _env(name: str) -> str | None:
     value = os.environ.get(name, "").strip()
     return value or None
+
+
+def root_url(url: str) -> str:
+    """The server's root: a trailing ``/`` and a trailing ``/v1`` (the API's prefix, which every call adds) dropped.
+
+    ``http://host:8000/v1`` is the API's own address as docs and logs show it; kept, every call would go
+    to ``/v1/v1/...`` and answer a bare 404.
+    """
+    parts = urlsplit(url.strip())
+    root = parts.path.rstrip("/")
+    if root.endswith("/v1"):
+        root = root[: -len("/v1")].rstrip("/")
+    result = urlunsplit(parts._replace(path=root))
+    try:
+        httpx.URL(result)
+    except httpx.InvalidURL as exc:  # an httpx exception must not escape the SDK, at construction either
+        raise ValueError(f"base_url {url!r} is not a valid URL: {exc}") from exc
+    return result
 
 
 class BaseClient:
@@ -197,7 +272,7 @@ class BaseClient:
         retries: int | RetryPolicy,
         headers: Mapping[str, str] | None,
     ) -> None:
-        self.base_url = (base_url or _env("MEMOS_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.base_url = root_url(base_url or _env("MEMOS_URL") or DEFAULT_BASE_URL)
         key = api_key or _env("MEMOS_API_KEY")
         if not key:
             raise ValueError("no API key: pass api_key= or set MEMOS_API_KEY")
@@ -224,8 +299,17 @@ class BaseClient:
             return call.content, headers
         if call.body is None:
             return None, headers
+        check_times(call.body)
         headers["Content-Type"] = "application/json"
         return msgspec.json.encode(call.body), headers
+
+    @staticmethod
+    def _closed(call: Call[Any]) -> MemosError:
+        """What a call on a closed client raises (httpx's own ``RuntimeError`` would escape the SDK's errors)."""
+        return MemosError(
+            f"{call.method} {call.path}: this client is closed (close() was called, or its with block ended); "
+            "create a new client"
+        )
 
     def _retry_wait(
         self,

@@ -6,12 +6,24 @@ Pure functions, shared by the sync and async resources, so the two clients canno
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
 
-from memos_client._base import Call, Id, any_json, compact, decoder, no_content, path, query, time_param
+from memos_client._base import (
+    Call,
+    Id,
+    any_json,
+    compact,
+    decoder,
+    ident,
+    no_content,
+    path,
+    query,
+    seconds,
+    time_param,
+)
 from memos_client._models import (
     Activation,
     Agent,
@@ -109,10 +121,12 @@ def list_agents(cursor: str | None, page_size: int | None) -> Call[Page[Agent]]:
 
 
 def rotate_key(agent_id: Id) -> Call[KeyCreated]:
-    return Call("POST", path("agents", agent_id, "keys"), _KEY_CREATED)
+    return Call("POST", path("agents", ident("agent_id", agent_id), "keys"), _KEY_CREATED)
 
 
 def revoke_key(prefix: str) -> Call[None]:
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str (KeyCreated.prefix), not {type(prefix).__name__}")
     return Call("DELETE", path("keys", prefix), no_content)
 
 
@@ -120,7 +134,7 @@ def revoke_key(prefix: str) -> Call[None]:
 
 
 def create_cube(name: str, description: str | None, metadata: Mapping[str, Any] | None) -> Call[Cube]:
-    body = compact(name=name, description=description, metadata=_dict(metadata))
+    body = compact(name=name, description=description, metadata=_dict("metadata", metadata))
     return Call("POST", path("cubes"), _CUBE, body=body)
 
 
@@ -129,43 +143,65 @@ def list_cubes(cursor: str | None, page_size: int | None) -> Call[Page[Cube]]:
 
 
 def get_cube(cube_id: Id) -> Call[Cube]:
-    return Call("GET", path("cubes", cube_id), _CUBE)
+    return Call("GET", path("cubes", ident("cube_id", cube_id)), _CUBE)
 
 
 def update_cube(
     cube_id: Id, name: str | None, description: str | None, metadata: Mapping[str, Any] | None
 ) -> Call[Cube]:
-    body = compact(name=name, description=description, metadata=_dict(metadata))
-    return Call("PATCH", path("cubes", cube_id), _CUBE, body=body)
+    body = compact(name=name, description=description, metadata=_dict("metadata", metadata))
+    return Call("PATCH", path("cubes", ident("cube_id", cube_id)), _CUBE, body=body)
 
 
 def delete_cube(cube_id: Id) -> Call[None]:
-    return Call("DELETE", path("cubes", cube_id), no_content)
+    return Call("DELETE", path("cubes", ident("cube_id", cube_id)), no_content)
 
 
 def grant(cube_id: Id, agent_id: Id, access: str) -> Call[Grant]:
-    return Call("PUT", path("cubes", cube_id, "grants", agent_id), _GRANT, body={"access": access})
+    route = path("cubes", ident("cube_id", cube_id), "grants", ident("agent_id", agent_id))
+    return Call("PUT", route, _GRANT, body={"access": access})
 
 
 def revoke(cube_id: Id, agent_id: Id) -> Call[None]:
-    return Call("DELETE", path("cubes", cube_id, "grants", agent_id), no_content)
+    return Call("DELETE", path("cubes", ident("cube_id", cube_id), "grants", ident("agent_id", agent_id)), no_content)
 
 
 # --- memories -----------------------------------------------------------------------------------
 
 
-def _dict(value: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    return None if value is None else dict(value)
-
-
-def _provenance(value: Provenance | Mapping[str, Any] | None) -> Provenance | dict[str, Any] | None:
-    return value if value is None or isinstance(value, Provenance) else dict(value)
-
-
-def _links(value: Iterable[LinkIn | Mapping[str, Any]] | None) -> list[LinkIn | dict[str, Any]] | None:
+def _dict(name: str, value: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON object argument as a dict; anything but a mapping is a ``TypeError`` naming the argument."""
     if value is None:
         return None
-    return [v if isinstance(v, LinkIn) else dict(v) for v in value]
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict, not {type(value).__name__}")
+    return dict(value)
+
+
+def provenance_body(
+    value: Provenance | Mapping[str, Any] | None, name: str = "provenance"
+) -> Provenance | dict[str, Any] | None:
+    return value if value is None or isinstance(value, Provenance) else _dict(name, value)
+
+
+def _links(
+    value: Iterable[LinkIn | Mapping[str, Any]] | None, name: str = "links"
+) -> list[LinkIn | dict[str, Any]] | None:
+    listed = _list(name, value)
+    if listed is None:
+        return None
+    links: list[LinkIn | dict[str, Any]] = []
+    for i, v in enumerate(listed):
+        if isinstance(v, LinkIn | Mapping):
+            links.append(v if isinstance(v, LinkIn) else dict(v))
+        else:
+            raise TypeError(f"{name}[{i}] must be a LinkIn or a dict, not {type(v).__name__}")
+    return links
+
+
+def ttl(name: str, value: int | timedelta | None) -> int | None:
+    """``ttl_seconds``: an int, or a ``timedelta`` rounded up to whole seconds; ``None``: not sent."""
+    return None if value is None else seconds(name, value)
 
 
 def _list(name: str, values: Iterable[Any] | None) -> list[Any] | None:
@@ -174,12 +210,14 @@ def _list(name: str, values: Iterable[Any] | None) -> list[Any] | None:
         return None
     if isinstance(values, str | bytes):
         raise TypeError(f"{name} must be a list, not a single {type(values).__name__}: wrap it in [...]")
+    if isinstance(values, Mapping) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a list, not {type(values).__name__}")
     return list(values)
 
 
 def _ids(name: str, values: Iterable[Id] | None) -> list[str] | None:
     listed = _list(name, values)
-    return None if listed is None else [str(v) for v in listed]
+    return None if listed is None else [ident(f"{name}[{i}]", v) for i, v in enumerate(listed)]
 
 
 def memory_body(
@@ -190,22 +228,25 @@ def memory_body(
     tags: Sequence[str] | None,
     provenance: Provenance | Mapping[str, Any] | None,
     links: Iterable[LinkIn | Mapping[str, Any]] | None,
-    ttl_seconds: int | None,
+    ttl_seconds: int | timedelta | None,
+    where: str = "",
 ) -> dict[str, Any]:
+    """A memory's body; ``where`` prefixes the names in errors (``items[3].``)."""
     return {
         "kind": kind,
         **compact(
             content=content,
-            metadata=_dict(metadata),
-            tags=_list("tags", tags),
-            provenance=_provenance(provenance),
-            links=_links(links),
-            ttl_seconds=ttl_seconds,
+            metadata=_dict(f"{where}metadata", metadata),
+            tags=_list(f"{where}tags", tags),
+            provenance=provenance_body(provenance, f"{where}provenance"),
+            links=_links(links, f"{where}links"),
+            ttl_seconds=ttl(f"{where}ttl_seconds", ttl_seconds),
         ),
     }
 
 
-def _item_body(item: MemoryIn | Mapping[str, Any]) -> dict[str, Any]:
+def _item_body(i: int, item: MemoryIn | Mapping[str, Any]) -> dict[str, Any]:
+    where = f"items[{i}]."
     if isinstance(item, MemoryIn):
         return memory_body(
             content=item.content,
@@ -215,17 +256,34 @@ def _item_body(item: MemoryIn | Mapping[str, Any]) -> dict[str, Any]:
             provenance=item.provenance,
             links=item.links,
             ttl_seconds=item.ttl_seconds,
+            where=where,
         )
-    return {"kind": "plaintext", **item}
+    if not isinstance(item, Mapping):
+        raise TypeError(f"items[{i}] must be a MemoryIn or a dict of its fields, not {type(item).__name__}")
+    # A dict is sent as given (a misspelt key is the server's 422, naming it); the values the SDK
+    # converts for memories.add are converted here too.
+    body = {"kind": "plaintext", **item}
+    if body.get("metadata") is not None:
+        body["metadata"] = _dict(f"{where}metadata", body["metadata"])
+    if body.get("tags") is not None:
+        body["tags"] = _list(f"{where}tags", body["tags"])
+    if body.get("ttl_seconds") is not None:
+        body["ttl_seconds"] = ttl(f"{where}ttl_seconds", body["ttl_seconds"])
+    return body
 
 
 def add_memory(cube_id: Id, body: dict[str, Any]) -> Call[Memory]:
-    return Call("POST", path("cubes", cube_id, "memories"), _MEMORY, body=body)
+    return Call("POST", path("cubes", ident("cube_id", cube_id), "memories"), _MEMORY, body=body)
 
 
 def add_many(cube_id: Id, items: Iterable[MemoryIn | Mapping[str, Any]]) -> Call[_Items]:
-    body = {"items": [_item_body(item) for item in items]}
-    return Call("POST", path("cubes", cube_id, "memories", "batch"), _MEMORY_ITEMS, body=body)
+    if isinstance(items, MemoryIn | Mapping):
+        kind = type(items).__name__
+        raise TypeError(f"items must be a list of MemoryIn or dicts, not a single {kind}: wrap it in [...]")
+    listed = _list("items", items)
+    assert listed is not None
+    body = {"items": [_item_body(i, item) for i, item in enumerate(listed)]}
+    return Call("POST", path("cubes", ident("cube_id", cube_id), "memories", "batch"), _MEMORY_ITEMS, body=body)
 
 
 def list_memories(
@@ -250,36 +308,62 @@ def list_memories(
         limit=page_size,
         cursor=cursor,
     )
-    return Call("GET", path("cubes", cube_id, "memories"), _MEMORY_PAGE, params=params)
+    return Call("GET", path("cubes", ident("cube_id", cube_id), "memories"), _MEMORY_PAGE, params=params)
+
+
+def _memory(memory_id: Id, *rest: object) -> str:
+    return path("memories", ident("memory_id", memory_id), *rest)
 
 
 def get_memory(memory_id: Id, include_expired: bool) -> Call[Memory]:
     params = query(include_expired=True) if include_expired else None
-    return Call("GET", path("memories", memory_id), _MEMORY, params=params)
+    return Call("GET", _memory(memory_id), _MEMORY, params=params)
+
+
+def memory_patch(
+    content: str | None,
+    metadata: Mapping[str, Any] | None,
+    tags: Sequence[str] | None,
+    provenance: Provenance | Mapping[str, Any] | None,
+    state: str | None,
+    ttl_seconds: int | timedelta | msgspec.UnsetType | None,
+) -> dict[str, Any]:
+    """A PATCH body: the fields given. ``ttl_seconds`` is the exception: ``None`` is sent (as null, clearing the
+    expiry); only ``msgspec.UNSET``, its default, leaves it out."""
+    patch = compact(
+        content=content,
+        metadata=_dict("metadata", metadata),
+        tags=_list("tags", tags),
+        provenance=provenance_body(provenance),
+        state=state,
+    )
+    if ttl_seconds is not msgspec.UNSET:
+        patch["ttl_seconds"] = ttl("ttl_seconds", ttl_seconds)  # None is sent as null: it clears the expiry
+    return patch
 
 
 def update_memory(memory_id: Id, if_version: int, patch: dict[str, Any]) -> Call[Memory]:
-    return Call("PATCH", path("memories", memory_id), _MEMORY, body=patch, headers=_if_match(if_version))
+    return Call("PATCH", _memory(memory_id), _MEMORY, body=patch, headers=_if_match(if_version))
 
 
 def delete_memory(memory_id: Id, purge: bool, if_version: int | None) -> Call[None]:
     params = query(purge=True) if purge else None
-    return Call("DELETE", path("memories", memory_id), no_content, params=params, headers=_if_match(if_version))
+    return Call("DELETE", _memory(memory_id), no_content, params=params, headers=_if_match(if_version))
 
 
 def versions(memory_id: Id, cursor: str | None, page_size: int | None) -> Call[Page[Version]]:
     params = query(limit=page_size, cursor=cursor)
-    return Call("GET", path("memories", memory_id, "versions"), _VERSION_PAGE, params=params)
+    return Call("GET", _memory(memory_id, "versions"), _VERSION_PAGE, params=params)
 
 
 def version(memory_id: Id, n: int) -> Call[Version]:
-    return Call("GET", path("memories", memory_id, "versions", n), _VERSION)
+    return Call("GET", _memory(memory_id, "versions", n), _VERSION)
 
 
 def restore(memory_id: Id, version: int, if_version: int | None) -> Call[Memory]:
     return Call(
         "POST",
-        path("memories", memory_id, "restore"),
+        _memory(memory_id, "restore"),
         _MEMORY,
         body={"version": version},
         headers=_if_match(if_version),
@@ -287,12 +371,12 @@ def restore(memory_id: Id, version: int, if_version: int | None) -> Call[Memory]
 
 
 def provenance(memory_id: Id) -> Call[ProvenanceGraph]:
-    return Call("GET", path("memories", memory_id, "provenance"), _PROVENANCE)
+    return Call("GET", _memory(memory_id, "provenance"), _PROVENANCE)
 
 
 def link(memory_id: Id, to: Id, type: str, weight: float | None) -> Call[Link]:
-    body = compact(to=str(to), type=type, weight=weight)
-    return Call("POST", path("memories", memory_id, "links"), _LINK, body=body)
+    body = compact(to=ident("to", to), type=type, weight=weight)
+    return Call("POST", _memory(memory_id, "links"), _LINK, body=body)
 
 
 # --- search -------------------------------------------------------------------------------------
@@ -319,7 +403,7 @@ def search(
         mode=mode,
         kinds=_list("kinds", kinds),
         tags=_list("tags", tags),
-        filters=_dict(filters),
+        filters=_dict("filters", filters),
         since=None if since is None else time_param("since", since),
         until=None if until is None else time_param("until", until),
         states=_list("states", states),
@@ -337,13 +421,18 @@ def _context(value: Iterable[str | Turn | Mapping[str, Any]] | None) -> list[Any
         return None
     if isinstance(value, str):
         raise TypeError("context must be a list of turns (strings or Turn), not a string")
-    return [v if isinstance(v, str | Turn) else dict(v) for v in value]
+    turns: list[Any] = []
+    for i, v in enumerate(_list("context", value) or []):
+        if not isinstance(v, str | Turn | Mapping):
+            raise TypeError(f"context[{i}] must be a string, a Turn or a dict, not {type(v).__name__}")
+        turns.append(v if isinstance(v, str | Turn) else dict(v))
+    return turns
 
 
 def cache_lookup(
     cube_id: Id, query_text: str, category: str | None, context: Iterable[str | Turn | Mapping[str, Any]] | None
 ) -> Call[CacheLookup]:
-    body = compact(cube_id=str(cube_id), query=query_text, category=category, context=_context(context))
+    body = compact(cube_id=ident("cube_id", cube_id), query=query_text, category=category, context=_context(context))
     # A lookup writes nothing but counters: retrying it on 429/503 is safe.
     return Call("POST", path("cache", "lookup"), _CACHE_LOOKUP, body=body, idempotent=True)
 
@@ -354,39 +443,40 @@ def cache_store(
     response: str,
     category: str | None,
     context: Iterable[str | Turn | Mapping[str, Any]] | None,
-    ttl_seconds: int | None,
+    ttl_seconds: int | timedelta | None,
 ) -> Call[Memory]:
     body = compact(
-        cube_id=str(cube_id),
+        cube_id=ident("cube_id", cube_id),
         query=query_text,
         response=response,
         category=category,
         context=_context(context),
-        ttl_seconds=ttl_seconds,
+        ttl_seconds=ttl("ttl_seconds", ttl_seconds),
     )
     return Call("POST", path("cache"), _MEMORY, body=body)
 
 
 def cache_feedback(memory_id: Id, query_text: str, correct: bool, scope: str | None) -> Call[None]:
-    body = compact(memory_id=str(memory_id), query=query_text, correct=correct, scope=scope)
+    body = compact(memory_id=ident("memory_id", memory_id), query=query_text, correct=correct, scope=scope)
     return Call("POST", path("cache", "feedback"), no_content, body=body)
 
 
-def cache_invalidate(cube_id: Id, category: str | None, older_than: int | None) -> Call[_Invalidated]:
-    params = query(cube_id=str(cube_id), category=category, older_than=older_than)
+def cache_invalidate(cube_id: Id, category: str | None, older_than: int | timedelta | None) -> Call[_Invalidated]:
+    age = None if older_than is None else seconds("older_than", older_than)
+    params = query(cube_id=ident("cube_id", cube_id), category=category, older_than=age)
     return Call("DELETE", path("cache"), _INVALIDATED, params=params)
 
 
 def cache_stats(cube_id: Id) -> Call[CacheStats]:
-    return Call("GET", path("cache", "stats"), _CACHE_STATS, params=query(cube_id=str(cube_id)))
+    return Call("GET", path("cache", "stats"), _CACHE_STATS, params=query(cube_id=ident("cube_id", cube_id)))
 
 
 def cache_config(cube_id: Id) -> Call[CacheConfig]:
-    return Call("GET", path("cache", "config"), _CACHE_CONFIG, params=query(cube_id=str(cube_id)))
+    return Call("GET", path("cache", "config"), _CACHE_CONFIG, params=query(cube_id=ident("cube_id", cube_id)))
 
 
 def cache_configure(cube_id: Id, categories: Mapping[str, Any], default: str | None) -> Call[CacheConfig]:
-    body = compact(cube_id=str(cube_id), categories=dict(categories), default=default)
+    body = compact(cube_id=ident("cube_id", cube_id), categories=_dict("categories", categories), default=default)
     return Call("PUT", path("cache", "config"), _CACHE_CONFIG, body=body)
 
 
@@ -402,22 +492,26 @@ def list_models() -> Call[Page[Model]]:
 
 
 def build_activation(memory_id: Id, model: str) -> Call[Activation]:
-    return Call("POST", path("memories", memory_id, "activations"), _ACTIVATION, body={"model": model})
+    return Call("POST", _memory(memory_id, "activations"), _ACTIVATION, body={"model": model})
 
 
 def list_activations(memory_id: Id, cursor: str | None, page_size: int | None) -> Call[Page[Activation]]:
     params = query(limit=page_size, cursor=cursor)
-    return Call("GET", path("memories", memory_id, "activations"), _ACTIVATION_PAGE, params=params)
+    return Call("GET", _memory(memory_id, "activations"), _ACTIVATION_PAGE, params=params)
 
 
 def get_activation(activation_id: Id) -> Call[Activation]:
-    return Call("GET", path("activations", activation_id), _ACTIVATION)
+    return Call("GET", path("activations", ident("activation_id", activation_id)), _ACTIVATION)
 
 
 def download_kv(activation_id: Id) -> Call[bytes]:
     headers = {"Accept": "application/octet-stream"}
     return Call(
-        "GET", path("activations", activation_id, "kv"), _raw_bytes, headers=headers, digest_header="X-Memos-SHA256"
+        "GET",
+        path("activations", ident("activation_id", activation_id), "kv"),
+        _raw_bytes,
+        headers=headers,
+        digest_header="X-Memos-SHA256",
     )
 
 
@@ -428,7 +522,7 @@ def import_kv(memory_id: Id, model: str, data: bytes) -> Call[Activation]:
         "POST",
         path("activations", "import"),
         _ACTIVATION,
-        params=query(memory_id=str(memory_id), model=model),
+        params=query(memory_id=ident("memory_id", memory_id), model=model),
         content=bytes(data),
         headers={"Content-Type": "application/octet-stream"},
     )
@@ -448,7 +542,7 @@ def generate(
         model=model,
         prompt=prompt,
         memory_ids=_ids("memory_ids", memory_ids),
-        search=_dict(search),
+        search=_dict("search", search),
         max_new_tokens=max_new_tokens,
         use_activations=use_activations,
         recompute_ratio=recompute_ratio,
@@ -462,7 +556,10 @@ def scheduler_state() -> Call[SchedulerState]:
 
 def pin(memory_id: Id, model: str, tier: str) -> Call[Pin]:
     return Call(
-        "POST", path("scheduler", "pin"), _PIN, body={"memory_id": str(memory_id), "model": model, "tier": tier}
+        "POST",
+        path("scheduler", "pin"),
+        _PIN,
+        body={"memory_id": ident("memory_id", memory_id), "model": model, "tier": tier},
     )
 
 

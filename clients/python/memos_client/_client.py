@@ -40,7 +40,8 @@ class MemosClient(BaseClient):
     """A synchronous memos client.
 
     ``base_url`` defaults to ``$MEMOS_URL`` (then ``http://127.0.0.1:8000``) and ``api_key`` to
-    ``$MEMOS_API_KEY``; both are read once, here. ``timeout`` is seconds or an ``httpx.Timeout``
+    ``$MEMOS_API_KEY``; both are read once, here. A trailing ``/v1`` of ``base_url`` is dropped (every call
+    adds it). ``timeout`` is seconds or an ``httpx.Timeout``
     (default: 5 s to connect, 60 s for the rest; ``None`` waits forever). ``retries`` is a
     ``RetryPolicy`` or a number of retries (see ``RetryPolicy`` for what is retried). ``transport``
     replaces httpx's network transport (an in-process app in tests, a proxy, a mock).
@@ -160,6 +161,8 @@ class MemosClient(BaseClient):
         return self._send(_calls.raw(method, path, params=params, json=json, content=content, headers=headers))
 
     def _send(self, call: Call[T]) -> T:
+        if self._http.is_closed:
+            raise self._closed(call)
         content, headers = self._content(call)
         request = self._http.build_request(call.method, call.path, params=call.params, content=content, headers=headers)
         attempt = 0
@@ -178,7 +181,7 @@ class MemosClient(BaseClient):
             attempt += 1
 
     def close(self) -> None:
-        """Close the connections; the client cannot be used afterwards."""
+        """Close the connections; a call made afterwards raises ``MemosError``."""
         self._http.close()
 
     def __enter__(self: C) -> C:
@@ -302,6 +305,8 @@ class AsyncMemosClient(BaseClient):
         return await self._send(_calls.raw(method, path, params=params, json=json, content=content, headers=headers))
 
     async def _send(self, call: Call[T]) -> T:
+        if self._http.is_closed:
+            raise self._closed(call)
         content, headers = self._content(call)
         request = self._http.build_request(call.method, call.path, params=call.params, content=content, headers=headers)
         attempt = 0
@@ -320,7 +325,7 @@ class AsyncMemosClient(BaseClient):
             attempt += 1
 
     async def aclose(self) -> None:
-        """Close the connections; the client cannot be used afterwards."""
+        """Close the connections; a call made afterwards raises ``MemosError``."""
         await self._http.aclose()
 
     async def __aenter__(self: A) -> A:

@@ -6,7 +6,7 @@ decoding, so an older client keeps working. IDs are UUID strings; times are time
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
@@ -304,7 +304,8 @@ class MemoryIn(msgspec.Struct, frozen=True, kw_only=True):
     tags: list[str] | None = None
     provenance: Provenance | dict[str, Any] | None = None
     links: list[LinkIn | dict[str, Any]] | None = None
-    ttl_seconds: int | None = None
+    ttl_seconds: int | timedelta | None = None
+    """Seconds, or a ``timedelta`` (rounded up to whole seconds)."""
 
 
 # --- semantic cache -----------------------------------------------------------------------------

@@ -7,13 +7,13 @@ classes differ only in ``await``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 
 from memos_client import _calls
-from memos_client._base import Call, Id, compact
+from memos_client._base import Call, Id
 from memos_client._models import (
     Access,
     Activation,
@@ -52,28 +52,6 @@ class _Sender(Protocol):
 
 class _AsyncSender(Protocol):
     async def _send(self, call: Call[T]) -> T: ...
-
-
-def _patch(
-    content: str | None,
-    metadata: Mapping[str, Any] | None,
-    tags: Sequence[str] | None,
-    provenance: Provenance | Mapping[str, Any] | None,
-    state: str | None,
-    ttl_seconds: int | msgspec.UnsetType | None,
-) -> dict[str, Any]:
-    if isinstance(tags, str):
-        raise TypeError("tags must be a list of strings, not a string")
-    patch = compact(
-        content=content,
-        metadata=None if metadata is None else dict(metadata),
-        tags=None if tags is None else list(tags),
-        provenance=provenance if provenance is None or isinstance(provenance, Provenance) else dict(provenance),
-        state=state,
-    )
-    if ttl_seconds is not msgspec.UNSET:
-        patch["ttl_seconds"] = ttl_seconds  # None is sent as null: it clears the expiry
-    return patch
 
 
 # --- sync ---------------------------------------------------------------------------------------
@@ -173,9 +151,12 @@ class Memories:
         metadata: Mapping[str, Any] | None = None,
         provenance: Provenance | Mapping[str, Any] | None = None,
         links: Iterable[LinkIn | Mapping[str, Any]] | None = None,
-        ttl_seconds: int | None = None,
+        ttl_seconds: int | timedelta | None = None,
     ) -> Memory:
-        """Add a memory (version 1). A ``"response"`` memory needs ``metadata["query"]``."""
+        """Add a memory (version 1). A ``"response"`` memory needs ``metadata["query"]``.
+
+        ``ttl_seconds``: an int, or a ``timedelta`` (rounded up to whole seconds).
+        """
         body = _calls.memory_body(
             content=content,
             kind=kind,
@@ -214,8 +195,8 @@ class Memories:
         ``created_at``.
         """
 
-        def fetch(c: str | None) -> Page[Memory]:
-            call = _calls.list_memories(
+        def call(c: str | None) -> Call[Page[Memory]]:
+            return _calls.list_memories(
                 cube_id,
                 kind=kind,
                 tag=tag,
@@ -226,9 +207,9 @@ class Memories:
                 cursor=c,
                 page_size=page_size,
             )
-            return self._client._send(call)
 
-        return Pager(fetch, cursor)
+        call(cursor)  # built once now, so a bad argument raises here rather than in the loop
+        return Pager(lambda c: self._client._send(call(c)), cursor)
 
     def update(
         self,
@@ -240,7 +221,7 @@ class Memories:
         tags: Sequence[str] | None = None,
         provenance: Provenance | Mapping[str, Any] | None = None,
         state: SettableState | None = None,
-        ttl_seconds: int | msgspec.UnsetType | None = msgspec.UNSET,
+        ttl_seconds: int | timedelta | msgspec.UnsetType | None = msgspec.UNSET,
     ) -> Memory:
         """Write a new version, if the memory is still at ``if_version``; otherwise ``PreconditionFailed``.
 
@@ -248,7 +229,7 @@ class Memories:
         silently overwrite someone else's. Fields left ``None`` stay as they are; ``metadata``,
         ``tags`` and ``provenance`` replace the stored value. ``ttl_seconds=None`` clears the expiry.
         """
-        patch = _patch(content, metadata, tags, provenance, state, ttl_seconds)
+        patch = _calls.memory_patch(content, metadata, tags, provenance, state, ttl_seconds)
         return self._client._send(_calls.update_memory(memory_id, if_version, patch))
 
     def delete(self, memory_id: Id, *, purge: bool = False, if_version: int | None = None) -> None:
@@ -257,6 +238,7 @@ class Memories:
 
     def versions(self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None) -> Pager[Version]:
         """Every version of the memory, oldest first."""
+        _calls.versions(memory_id, cursor, page_size)  # a bad id raises here rather than in the loop
         return Pager(lambda c: self._client._send(_calls.versions(memory_id, c, page_size)), cursor)
 
     def version(self, memory_id: Id, n: int) -> Version:
@@ -303,7 +285,7 @@ class Cache:
         *,
         category: str | None = None,
         context: Context | None = None,
-        ttl_seconds: int | None = None,
+        ttl_seconds: int | timedelta | None = None,
     ) -> Memory:
         """Cache ``response`` as the answer to ``query`` (asked after ``context``): a new response memory."""
         return self._client._send(_calls.cache_store(cube_id, query, response, category, context, ttl_seconds))
@@ -312,7 +294,7 @@ class Cache:
         """Report an answer served for ``query`` as right or wrong; a wrong one raises the thresholds."""
         self._client._send(_calls.cache_feedback(memory_id, query, correct, scope))
 
-    def invalidate(self, cube_id: Id, *, category: str | None = None, older_than: int | None = None) -> int:
+    def invalidate(self, cube_id: Id, *, category: str | None = None, older_than: int | timedelta | None = None) -> int:
         """Delete cached answers of a cube (of one category, or stored at least ``older_than`` seconds ago)."""
         return self._client._send(_calls.cache_invalidate(cube_id, category, older_than)).invalidated
 
@@ -341,6 +323,7 @@ class Activations:
 
     def list(self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None) -> Pager[Activation]:
         """The memory's activations, oldest first (stale ones included, with ``stale=True``)."""
+        _calls.list_activations(memory_id, cursor, page_size)  # a bad id raises here rather than in the loop
         return Pager(lambda c: self._client._send(_calls.list_activations(memory_id, c, page_size)), cursor)
 
     def get(self, activation_id: Id) -> Activation:
@@ -454,9 +437,12 @@ class AsyncMemories:
         metadata: Mapping[str, Any] | None = None,
         provenance: Provenance | Mapping[str, Any] | None = None,
         links: Iterable[LinkIn | Mapping[str, Any]] | None = None,
-        ttl_seconds: int | None = None,
+        ttl_seconds: int | timedelta | None = None,
     ) -> Memory:
-        """Add a memory (version 1). A ``"response"`` memory needs ``metadata["query"]``."""
+        """Add a memory (version 1). A ``"response"`` memory needs ``metadata["query"]``.
+
+        ``ttl_seconds``: an int, or a ``timedelta`` (rounded up to whole seconds).
+        """
         body = _calls.memory_body(
             content=content,
             kind=kind,
@@ -495,8 +481,8 @@ class AsyncMemories:
         ``created_at``.
         """
 
-        async def fetch(c: str | None) -> Page[Memory]:
-            call = _calls.list_memories(
+        def call(c: str | None) -> Call[Page[Memory]]:
+            return _calls.list_memories(
                 cube_id,
                 kind=kind,
                 tag=tag,
@@ -507,9 +493,9 @@ class AsyncMemories:
                 cursor=c,
                 page_size=page_size,
             )
-            return await self._client._send(call)
 
-        return AsyncPager(fetch, cursor)
+        call(cursor)  # built once now, so a bad argument raises here rather than in the loop
+        return AsyncPager(lambda c: self._client._send(call(c)), cursor)
 
     async def update(
         self,
@@ -521,7 +507,7 @@ class AsyncMemories:
         tags: Sequence[str] | None = None,
         provenance: Provenance | Mapping[str, Any] | None = None,
         state: SettableState | None = None,
-        ttl_seconds: int | msgspec.UnsetType | None = msgspec.UNSET,
+        ttl_seconds: int | timedelta | msgspec.UnsetType | None = msgspec.UNSET,
     ) -> Memory:
         """Write a new version, if the memory is still at ``if_version``; otherwise ``PreconditionFailed``.
 
@@ -529,7 +515,7 @@ class AsyncMemories:
         silently overwrite someone else's. Fields left ``None`` stay as they are; ``metadata``,
         ``tags`` and ``provenance`` replace the stored value. ``ttl_seconds=None`` clears the expiry.
         """
-        patch = _patch(content, metadata, tags, provenance, state, ttl_seconds)
+        patch = _calls.memory_patch(content, metadata, tags, provenance, state, ttl_seconds)
         return await self._client._send(_calls.update_memory(memory_id, if_version, patch))
 
     async def delete(self, memory_id: Id, *, purge: bool = False, if_version: int | None = None) -> None:
@@ -540,6 +526,7 @@ class AsyncMemories:
         self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None
     ) -> AsyncPager[Version]:
         """Every version of the memory, oldest first."""
+        _calls.versions(memory_id, cursor, page_size)  # a bad id raises here rather than in the loop
         return AsyncPager(lambda c: self._client._send(_calls.versions(memory_id, c, page_size)), cursor)
 
     async def version(self, memory_id: Id, n: int) -> Version:
@@ -578,7 +565,7 @@ class AsyncCache:
         *,
         category: str | None = None,
         context: Context | None = None,
-        ttl_seconds: int | None = None,
+        ttl_seconds: int | timedelta | None = None,
     ) -> Memory:
         """Cache ``response`` as the answer to ``query`` (asked after ``context``): a new response memory."""
         return await self._client._send(_calls.cache_store(cube_id, query, response, category, context, ttl_seconds))
@@ -587,7 +574,9 @@ class AsyncCache:
         """Report an answer served for ``query`` as right or wrong; a wrong one raises the thresholds."""
         await self._client._send(_calls.cache_feedback(memory_id, query, correct, scope))
 
-    async def invalidate(self, cube_id: Id, *, category: str | None = None, older_than: int | None = None) -> int:
+    async def invalidate(
+        self, cube_id: Id, *, category: str | None = None, older_than: int | timedelta | None = None
+    ) -> int:
         """Delete cached answers of a cube (of one category, or stored at least ``older_than`` seconds ago)."""
         return (await self._client._send(_calls.cache_invalidate(cube_id, category, older_than))).invalidated
 
@@ -616,6 +605,7 @@ class AsyncActivations:
 
     def list(self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None) -> AsyncPager[Activation]:
         """The memory's activations, oldest first (stale ones included, with ``stale=True``)."""
+        _calls.list_activations(memory_id, cursor, page_size)  # a bad id raises here rather than in the loop
         return AsyncPager(lambda c: self._client._send(_calls.list_activations(memory_id, c, page_size)), cursor)
 
     async def get(self, activation_id: Id) -> Activation:

@@ -1,8 +1,8 @@
 """Use a downloaded KV activation in your own process: ``memos-kv/1`` bytes to a transformers ``DynamicCache``.
 
-Needs the ``[kv]`` extra (``pip install "memos-client[kv]"``: torch, transformers, safetensors). The file
-is checked before any tensor is used: format, checksum (``payload_sha256``), shapes, and the model
-fingerprint, which is computed here from the local model directory with the server's recipe
+Needs the ``[kv]`` extra (``pip install "./clients/python[kv]"`` from a checkout: torch, transformers,
+safetensors). The file is checked before any tensor is used: format, checksum (``payload_sha256``), shapes,
+and the model fingerprint, which is computed here from the local model directory with the server's recipe
 (docs/kv.md, "Fingerprint"). KV of another model, another tokenizer or other weights is refused with
 :class:`KVMismatch`, never loaded. Nothing is unpickled: safetensors parses a JSON header and copies
 raw buffers.

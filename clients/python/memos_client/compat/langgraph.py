@@ -1,6 +1,6 @@
 """A LangGraph ``BaseStore`` over memos: swap one object and a LangGraph agent's long-term memory lives in memos.
 
-Install with ``pip install "memos-client[langgraph]"``::
+Install with ``pip install "./clients/python[langgraph]"`` (from a checkout of memos)::
 
     from memos_client import MemosClient
     from memos_client.compat.langgraph import MemosStore
@@ -22,7 +22,9 @@ How LangGraph's model maps onto memos:
   whole value as JSON when ``index`` is not given; the key alone for ``index=False``). ``search``
   with a ``query`` is memos' hybrid search over every cube under the prefix; ``score`` is memos'
   fused score (not a cosine). Plain-equality ``filter`` entries are applied by the server, ``$ne``,
-  ``$gt``, ``$gte``, ``$lt``, ``$lte`` and ``$eq`` here, on the results.
+  ``$gt``, ``$gte``, ``$lt``, ``$lte`` and ``$eq`` here, on the results. Any other operator (``$in``,
+  ``$exists``, ...) is a ``ValueError`` naming it, as in LangGraph's own stores, never an empty result.
+- **Values** are dicts (JSON objects), as LangGraph types them; anything else is a ``TypeError``.
 - **TTL** is in minutes, as in LangGraph, and becomes the memory's ``ttl_seconds``; it counts from
   the last write (memos does not refresh it on reads, so ``refresh_ttl`` is ignored).
 
@@ -114,6 +116,11 @@ class MemosStore(BaseStore):
         return None if memory is None else _item(op.namespace, memory)
 
     def _put(self, op: PutOp) -> None:
+        if op.value is not None and not isinstance(op.value, Mapping):
+            raise TypeError(
+                f"value must be a dict (a LangGraph item's value is a JSON object), not {type(op.value).__name__}: "
+                'wrap it, e.g. {"text": ...}'
+            )
         if op.value is None:
             cube_id = self._cube_id(op.namespace, create=False)
             memory = None if cube_id is None else self._find(cube_id, op.key)
@@ -144,6 +151,7 @@ class MemosStore(BaseStore):
         raise Conflict(f"key {op.key!r} kept changing under concurrent writes; try again", status=409)
 
     def _search(self, op: SearchOp) -> list[SearchItem]:
+        _check_filter(op.filter)
         cubes = self._cubes_under(op.namespace_prefix)
         if not cubes:
             return []
@@ -316,7 +324,20 @@ def _select(value: Any, path: str) -> Iterator[Any]:
 
 
 def _is_operator(condition: Any) -> bool:
-    return isinstance(condition, Mapping) and any(k in _OPERATORS for k in condition)
+    return isinstance(condition, Mapping) and any(isinstance(k, str) and k.startswith("$") for k in condition)
+
+
+def _check_filter(filters: Mapping[str, Any] | None) -> None:
+    """An operator this store does not apply is an error, not a filter that quietly matches nothing."""
+    for key, condition in (filters or {}).items():
+        if not _is_operator(condition):
+            continue
+        for op in condition:
+            if op not in _OPERATORS:
+                raise ValueError(
+                    f"unsupported filter operator {op!r} (in filter[{key!r}]); MemosStore supports "
+                    f"{', '.join(_OPERATORS)} and plain equality"
+                )
 
 
 def _matches(value: Mapping[str, Any], filters: Mapping[str, Any] | None) -> bool:

@@ -41,6 +41,7 @@ from memos_client.compat._cubes import unseen_cube
 __all__ = ["Memory"]
 
 _ENTITY_KEYS = ("user_id", "agent_id", "run_id")
+_CONFIG_KEYS = ("url", "api_key", "cube")
 _SEARCH_MAX_K = 200  # the server's limit on k
 
 
@@ -54,10 +55,32 @@ class Memory:
 
     @classmethod
     def from_config(cls, config_dict: Mapping[str, Any]) -> Memory:
-        """``{"memos": {"url"?, "api_key"?, "cube"?}}``; mem0's provider sections are ignored (memos embeds)."""
-        conf = dict(config_dict.get("memos") or {})
+        """``{"memos": {"url"?, "api_key"?, "cube"?}}``; a key left out falls back to ``MEMOS_URL``,
+        ``MEMOS_API_KEY`` and ``"mem0"``.
+
+        Any other key is a ``ValueError``, mem0's own sections (``vector_store``, ``llm``, ``embedder``, ...)
+        included: memos stores and embeds on its server, so such a section would be silently bypassed.
+        """
+        if not isinstance(config_dict, Mapping):
+            raise TypeError(f'config_dict must be a dict ({{"memos": {{...}}}}), not {type(config_dict).__name__}')
+        other = sorted(str(k) for k in config_dict if k != "memos")
+        if other:
+            raise ValueError(
+                f"from_config does not understand {', '.join(other)}: memos stores and embeds memories on its "
+                "server, so mem0's provider sections do not apply; pass "
+                '{"memos": {"url": ..., "api_key": ..., "cube": ...}} (each key optional)'
+            )
+        conf = config_dict.get("memos") or {}
+        if not isinstance(conf, Mapping):
+            raise TypeError(f'config_dict["memos"] must be a dict, not {type(conf).__name__}')
+        unknown = sorted(str(k) for k in conf if k not in _CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f'unknown keys in config_dict["memos"]: {", ".join(unknown)} (known: url, api_key, cube)')
+        for key, value in conf.items():
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f'config_dict["memos"]["{key}"] must be a str, not {type(value).__name__}')
         client = MemosClient(conf.get("url"), conf.get("api_key"))
-        return cls(client, cube=str(conf.get("cube", "mem0")))
+        return cls(client, cube=conf.get("cube") or "mem0")
 
     # --- writes --------------------------------------------------------------------------------
 
