@@ -97,7 +97,9 @@ _NUMBER_WORDS = {
         ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"],
     )
 }
-_NUM = r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|" + "|".join(_NUMBER_WORDS) + r")"
+# A thousands-separated number starts at its first group, never right after a digit and a comma: tried
+# from inside "1,000,000,…" it would rescan the rest of the run from every group (quadratic in the run).
+_NUM = r"(?P<num>(?<!\d,)\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|" + "|".join(_NUMBER_WORDS) + r")"
 _UNIT_ALT = "|".join(sorted((re.escape(u) for u in _UNITS), key=len, reverse=True))
 _NUMBER_RULES: list[re.Pattern[str]] = [
     re.compile(r"(?P<cur>[$€£])\s?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?P<scale>[kKmM]|bn)?\b"),
@@ -248,13 +250,17 @@ def _names(text: str, taken: bytearray, known: Container[str]) -> list[tuple[str
         runs.append(current)
 
     out: list[tuple[str, int, int]] = []
-    for run in runs:
-        while run and (_strip(run[0][0]) in _NAME_STOPWORDS or run[0][0].lower() in _CONNECTORS):
-            run = run[1:]
-        while run and (_strip(run[-1][0]) in _NAME_STOPWORDS or run[-1][0].lower() in _CONNECTORS):
-            run = run[:-1]
-        if not run:
+    for whole in runs:
+        # Trimmed by moving two indices, then sliced once: slicing at each step would make a long run of
+        # stopwords ("I I I ...") quadratic.
+        first, last = 0, len(whole)
+        while first < last and _trimmed(whole[first][0]):
+            first += 1
+        while last > first and _trimmed(whole[last - 1][0]):
+            last -= 1
+        if first == last:
             continue
+        run = whole[first:last]
         key = " ".join(_strip(w) for w, _, _, _ in run)
         if len(key) < 2:
             continue
@@ -266,6 +272,11 @@ def _names(text: str, taken: bytearray, known: Container[str]) -> list[tuple[str
                 continue
         out.append((key, start, end))
     return out
+
+
+def _trimmed(word: str) -> bool:
+    """Whether a run loses this word at either end: a stopword or a connector."""
+    return _strip(word) in _NAME_STOPWORDS or word.lower() in _CONNECTORS
 
 
 def _is_capital(word: str) -> bool:

@@ -84,8 +84,9 @@ class Expansion(NamedTuple):
 
 
 # Kinds that stand for links stored in one direction (``from -> to``): the graph's edge is undirected, so
-# it keeps each direction's weight apart (a link in each direction makes one edge, weighing the larger)
-# and removing one direction leaves the other. Sequence edges are the graph's own and have no direction.
+# it keeps each link's weight apart (the links of one kind between two memories, in either direction and
+# of any label, make one edge weighing the largest) and removing one link leaves the others. Sequence
+# edges are the graph's own and have no direction.
 _DIRECTED = frozenset({EdgeKind.LINK.value, EdgeKind.DERIVED_FROM.value, EdgeKind.KNN.value})
 
 # Which kind explains an edge that has several (a link beats a coincidental knn edge).
@@ -105,9 +106,10 @@ class MemoryGraph:
 
     Memory nodes are keyed by the caller's ids; entities are :class:`EntityHub` nodes. A memory-to-memory
     edge keeps one weight per :class:`EdgeKind` (its networkx attribute dict maps kind -> weight). Links
-    (``link``, ``derived_from``, ``knn``) have a direction: ``add_edge(a, b)`` and ``add_edge(b, a)`` of
-    one kind make one edge weighing the larger of the two weights, and removing one direction leaves the
-    other, so the graph depends only on which links exist, not on the order they came in. When
+    (``link``, ``derived_from``, ``knn``) have a direction and may carry a label (the type of a user's
+    link): the links of one kind between two memories (``add_edge(a, b)``, ``add_edge(b, a)``, and those
+    of other labels) make one edge weighing the largest of their weights, and removing one leaves the
+    others, so the graph depends only on which links exist, not on the order they came in. When
     full, adding a memory evicts the oldest (by first insertion). Not thread-safe: the owner serializes
     access (and runs ``expand`` on big graphs off the event loop).
     """
@@ -140,6 +142,8 @@ class MemoryGraph:
         self._places: dict[MemoryId, _Place] = {}
         self._sessions: dict[str, list[tuple[float, int]]] = {}  # session -> sorted (turn, insertion number)
         self._links: dict[tuple[MemoryId, MemoryId, str], float] = {}  # (from, to, directed kind) -> weight
+        # The same for links with a label (few: a user's link types), by label.
+        self._labelled: dict[tuple[MemoryId, MemoryId, str], dict[str, float]] = {}
         self._expiry: dict[MemoryId, float] = {}  # memory -> expires_at, for the memories that expire
         self._expiring: list[tuple[float, int, MemoryId]] = []  # heap of (expires_at, insertion number, memory)
         self._expired: set[MemoryId] = set()
@@ -267,11 +271,14 @@ class MemoryGraph:
         self._require(memory_id)
         self._set_entities(memory_id, set(entities))
 
-    def add_edge(self, a: MemoryId, b: MemoryId, kind: EdgeKind | str, weight: float = 1.0) -> bool:
+    def add_edge(
+        self, a: MemoryId, b: MemoryId, kind: EdgeKind | str, weight: float = 1.0, *, label: str | None = None
+    ) -> bool:
         """Add (or reweigh) an edge of ``kind`` from ``a`` to ``b``; False when either is absent or a == b.
 
-        The edge is undirected for PageRank. For a link kind (``link``, ``derived_from``, ``knn``) the
-        weight is the larger of ``a -> b``'s and ``b -> a``'s, whichever came first.
+        The edge is undirected for PageRank. A link kind (``link``, ``derived_from``, ``knn``) keeps one
+        link per direction and ``label`` (a user link's type: links of several types can join two
+        memories), and its edge weighs the largest of those links' weights, whatever order they came in.
         """
         kind = EdgeKind(kind)
         if kind is EdgeKind.ENTITY:
@@ -282,8 +289,11 @@ class MemoryGraph:
             return False
         value = float(weight)
         if kind.value in _DIRECTED:
-            self._links[(a, b, kind.value)] = value
-            value = max(value, self._links.get((b, a, kind.value), 0.0))
+            if label is None:
+                self._links[(a, b, kind.value)] = value
+            else:
+                self._labelled.setdefault((a, b, kind.value), {})[label] = value
+            value = self._link_weight(a, b, kind.value) or value  # never None: the link just stored counts
         data = self._adj[a].get(b)
         if data is None:
             self.graph.add_edge(a, b, **{kind.value: value})
@@ -291,9 +301,12 @@ class MemoryGraph:
             data[kind.value] = value  # the attribute dict is shared by both directions
         return True
 
-    def remove_edge(self, a: MemoryId, b: MemoryId, kind: EdgeKind | str | None = None) -> bool:
-        """Remove the edge of ``kind`` from ``a`` to ``b`` (every kind, both directions, when ``kind`` is
-        None); False if none. A link kind's edge from ``b`` to ``a`` stays, with its own weight."""
+    def remove_edge(
+        self, a: MemoryId, b: MemoryId, kind: EdgeKind | str | None = None, *, label: str | None = None
+    ) -> bool:
+        """Remove the edge of ``kind`` and ``label`` from ``a`` to ``b`` (every kind and label, both
+        directions, when ``kind`` is None); False if none. A link kind's other links between the two (from
+        ``b`` to ``a``, or of another label) stay, and the edge weighs the largest of them."""
         if a not in self._seq or b not in self._seq:
             return False
         data = self._adj[a].get(b)
@@ -302,11 +315,11 @@ class MemoryGraph:
         if kind is not None:
             name = EdgeKind(kind).value
             if name in _DIRECTED:
-                if self._links.pop((a, b, name), None) is None:
+                if not self._drop_link(a, b, name, label):
                     return False
-                back = self._links.get((b, a, name))
-                if back is not None:
-                    data[name] = back
+                rest = self._link_weight(a, b, name)
+                if rest is not None:
+                    data[name] = rest
                     return True
             if data.pop(name, None) is None:
                 return False
@@ -502,8 +515,29 @@ class MemoryGraph:
         """Drop the directed link weights behind the edge between ``a`` and ``b`` (it is going away)."""
         for name in data:
             if name in _DIRECTED:
-                self._links.pop((a, b, name), None)
-                self._links.pop((b, a, name), None)
+                for key in ((a, b, name), (b, a, name)):
+                    self._links.pop(key, None)
+                    self._labelled.pop(key, None)
+
+    def _link_weight(self, a: Hashable, b: Hashable, name: str) -> float | None:
+        """The largest weight of the links of kind ``name`` between ``a`` and ``b`` (either direction, any
+        label); None when there are none."""
+        keys = ((a, b, name), (b, a, name))
+        weights = [weight for key in keys if (weight := self._links.get(key)) is not None]
+        weights.extend(weight for key in keys for weight in self._labelled.get(key, {}).values())
+        return max(weights, default=None)
+
+    def _drop_link(self, a: Hashable, b: Hashable, name: str, label: str | None) -> bool:
+        """Forget the link of kind ``name`` and ``label`` from ``a`` to ``b``; False if there was none."""
+        key = (a, b, name)
+        if label is None:
+            return self._links.pop(key, None) is not None
+        labels = self._labelled.get(key)
+        if labels is None or labels.pop(label, None) is None:
+            return False
+        if not labels:
+            del self._labelled[key]
+        return True
 
     def _require(self, memory_id: MemoryId) -> None:
         if memory_id not in self._seq:

@@ -3,20 +3,26 @@
 The graph lives in this process only. It is built lazily (in a worker thread: entity extraction over a
 big cube takes a while), bounded in node count, and the least recently used cubes are dropped when
 too many are loaded. Writes that land while a cube is being built are replayed onto it afterwards.
+
+A write carrying much text extracts its entities in a worker thread too, so that it never holds up the event
+loop; the cube's later writes wait behind it, and the graph takes every write in the order they came.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from memos.graph.entities import entity_keys
 from memos.graph.memgraph import EdgeKind, MemoryGraph
 from memos.store.db import Database
 from memos.store.models import memories, memory_links
@@ -24,7 +30,33 @@ from memos.store.models import memories, memory_links
 # Link types written by users map onto the graph's edge kinds; provenance keeps its own kind.
 _LINK_KIND = {"derived_from": EdgeKind.DERIVED_FROM, "knn": EdgeKind.KNN}
 
-Note = Callable[[MemoryGraph], None]
+
+def edge_kind(link_type: str) -> tuple[EdgeKind, str | None]:
+    """The graph's edge kind for a stored link's type, and its label: a user's link types all make ``link``
+    edges, labelled with the type so that two links of different types between the same memories stay
+    apart (the edge weighs the larger; deleting one leaves the other)."""
+    kind = _LINK_KIND.get(link_type)
+    return (kind, None) if kind is not None else (EdgeKind.LINK, link_type)
+
+
+log = logging.getLogger(__name__)
+
+OFF_LOOP_CHARS = 16_384
+"""A write whose memories' texts add up to more than this many characters extracts their entities in a worker
+thread. Extraction is linear in the text, at most a few microseconds a character: below this, it takes the
+event loop for tens of milliseconds at worst."""
+
+Note = Callable[[MemoryGraph], Awaitable[None] | None]
+"""A write's change to a cube's graph: applied at once, or (when it returns an awaitable) over time, with the
+cube's later notes waiting behind it."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Queue:
+    """The notes waiting behind a slow one (a big write's entity extraction) for one loaded graph."""
+
+    graph: MemoryGraph
+    notes: deque[Note] = dataclasses.field(default_factory=deque)
 
 
 def node_fields(content: str | None, metadata: dict[str, Any], expires_at: datetime | None = None) -> dict[str, Any]:
@@ -51,6 +83,8 @@ class CubeGraphs:
         self._pending: dict[uuid.UUID, list[Note]] = {}
         self._stale: set[uuid.UUID] = set()
         self._background: dict[uuid.UUID, asyncio.Task[MemoryGraph]] = {}
+        self._queues: dict[uuid.UUID, _Queue] = {}
+        self._drains: set[asyncio.Task[None]] = set()
 
     def sizes(self) -> tuple[int, int]:
         """Graphs held, and their nodes (for ``/metrics``)."""
@@ -80,12 +114,13 @@ class CubeGraphs:
             return None
 
     async def close(self) -> None:
-        """Stop the background builds under way (at shutdown, before the database goes).
+        """Stop the background builds under way, and the writes waiting on an entity extraction (at shutdown,
+        before the database goes).
 
-        A build already in its worker thread runs to its end there (a thread cannot be interrupted);
-        nothing waits for it or keeps its graph.
+        A build or an extraction already in its worker thread runs to its end there (a thread cannot be
+        interrupted); nothing waits for it or keeps its result.
         """
-        tasks = list(self._background.values())
+        tasks = [*self._background.values(), *self._drains]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -111,8 +146,11 @@ class CubeGraphs:
             async with self.db.read() as conn:
                 rows, links = await self._load(conn, cube_id)
             graph = await asyncio.to_thread(self._build, rows, links)
-            for note in self._pending.pop(cube_id, []):
-                note(graph)
+            pending = self._pending[cube_id]
+            while pending:  # a slow note lets more writes land meanwhile: they queue up here, in order
+                if (slow := pending.pop(0)(graph)) is not None:
+                    await slow
+            del self._pending[cube_id]
             if cube_id in self._stale:  # dropped while building: serve this query, rebuild next time
                 self._stale.discard(cube_id)
                 future.set_result(graph)
@@ -153,20 +191,69 @@ class CubeGraphs:
         for row in rows:
             graph.add_memory(row.id, **node_fields(row.content, row.metadata, row.expires_at))
         for link in links:
-            graph.add_edge(link.from_id, link.to_id, _LINK_KIND.get(link.type, EdgeKind.LINK), max(link.weight, 1e-6))
+            kind, label = edge_kind(link.type)
+            graph.add_edge(link.from_id, link.to_id, kind, max(link.weight, 1e-6), label=label)
         return graph
 
     # -- keeping loaded graphs current -------------------------------------------------------------------------
 
-    def _apply(self, cube_id: uuid.UUID, note: Note) -> None:
+    def _apply(self, cube_id: uuid.UUID, note: Note, *, slow: bool = False) -> None:
+        """Apply a note to the cube's loaded graph, or keep it for the graph being built. A ``slow`` note (it
+        returns an awaitable) is applied in a task of its own, and the cube's next notes wait behind it."""
         graph = self._graphs.get(cube_id)
-        if graph is not None:
+        if graph is None:
+            if cube_id in self._pending:
+                self._pending[cube_id].append(note)
+            return
+        queue = self._queues.get(cube_id)
+        if queue is not None and queue.graph is graph:
+            queue.notes.append(note)  # behind a slow note: the graph takes the cube's writes in order
+        elif slow:
+            queue = self._queues[cube_id] = _Queue(graph, deque([note]))
+            task = asyncio.get_running_loop().create_task(self._drain(cube_id, queue))
+            self._drains.add(task)
+            task.add_done_callback(lambda done: self._drained(cube_id, queue, done))
+        else:
             note(graph)
-        elif cube_id in self._pending:
-            self._pending[cube_id].append(note)
+
+    async def _drain(self, cube_id: uuid.UUID, queue: _Queue) -> None:
+        """Apply the queued notes in order while the graph is still the cube's (it may be dropped meanwhile)."""
+        ok = False
+        try:
+            while queue.notes and self._graphs.get(cube_id) is queue.graph:
+                if (slow := queue.notes.popleft()(queue.graph)) is not None:
+                    await slow
+            ok = True
+        except Exception:
+            log.exception("updating a cube's graph failed; it is rebuilt on next use", extra={"cube_id": str(cube_id)})
+        finally:
+            self._end_queue(cube_id, queue, ok)  # at once: a note that comes next must not join a finished queue
+
+    def _drained(self, cube_id: uuid.UUID, queue: _Queue, task: asyncio.Task[None]) -> None:
+        self._drains.discard(task)
+        if task.cancelled():  # perhaps before it started (at shutdown): then nothing above ended the queue
+            self._end_queue(cube_id, queue, ok=False)
+
+    def _end_queue(self, cube_id: uuid.UUID, queue: _Queue, ok: bool) -> None:
+        if self._queues.get(cube_id) is queue:
+            del self._queues[cube_id]
+        if not ok and self._graphs.get(cube_id) is queue.graph:
+            # It may lack part of a write (a note failed, or shutdown): the next query rebuilds it.
+            del self._graphs[cube_id]
+
+    async def settled(self) -> None:
+        """Wait until the writes queued behind entity extractions in worker threads are in their graphs."""
+        while self._drains:
+            await asyncio.gather(*self._drains, return_exceptions=True)
 
     def memories_written(self, cube_id: uuid.UUID, rows: Iterable[Any]) -> None:
-        """New or changed memories (rows with id, state, content, metadata, expires_at)."""
+        """New or changed memories (rows with id, state, content, metadata, expires_at).
+
+        When their texts add up to more than ``OFF_LOOP_CHARS``, their entities are extracted in a worker
+        thread, one memory at a time, and the cube's later writes wait behind them (searches meanwhile see
+        the graph as it was). While the thread reads the entity keys the graph holds (``known``), nothing
+        changes the graph, so it ends as if extraction had run on the event loop.
+        """
         snapshot = [(r.id, r.state, r.content, r.metadata, r.expires_at) for r in rows]
 
         def note(graph: MemoryGraph) -> None:
@@ -176,7 +263,20 @@ class CubeGraphs:
                 else:
                     graph.remove_memory(memory_id)
 
-        self._apply(cube_id, note)
+        async def slow_note(graph: MemoryGraph) -> None:
+            for memory_id, state, content, metadata, expires_at in snapshot:
+                if state == "active":
+                    fields = node_fields(content, metadata, expires_at)
+                    keys = await asyncio.to_thread(entity_keys, fields.pop("text"), known=graph.known_entities)
+                    graph.add_memory(memory_id, entities=keys, **fields)
+                else:
+                    graph.remove_memory(memory_id)
+
+        size = sum(len(content) for _, state, content, _, _ in snapshot if state == "active" and content)
+        if size > OFF_LOOP_CHARS:
+            self._apply(cube_id, slow_note, slow=True)
+        else:
+            self._apply(cube_id, note)
 
     def memories_removed(self, cube_id: uuid.UUID, ids: Iterable[uuid.UUID]) -> None:
         """Deleted or purged memories leave the graph (with their edges)."""
@@ -192,8 +292,9 @@ class CubeGraphs:
         snapshot = list(links)
 
         def note(graph: MemoryGraph) -> None:
-            for a, b, kind, weight in snapshot:
-                graph.add_edge(a, b, _LINK_KIND.get(kind, EdgeKind.LINK), max(weight, 1e-6))
+            for a, b, link_type, weight in snapshot:
+                kind, label = edge_kind(link_type)
+                graph.add_edge(a, b, kind, max(weight, 1e-6), label=label)
 
         self._apply(cube_id, note)
 
@@ -201,13 +302,14 @@ class CubeGraphs:
         snapshot = list(links)
 
         def note(graph: MemoryGraph) -> None:
-            for a, b, kind in snapshot:
-                graph.remove_edge(a, b, _LINK_KIND.get(kind, EdgeKind.LINK))
+            for a, b, link_type in snapshot:
+                kind, label = edge_kind(link_type)
+                graph.remove_edge(a, b, kind, label=label)
 
         self._apply(cube_id, note)
 
     def drop(self, cube_id: uuid.UUID) -> None:
-        """Forget a cube's graph (it is rebuilt on next use)."""
+        """Forget a cube's graph (it is rebuilt on next use; the writes queued for it are dropped with it)."""
         self._graphs.pop(cube_id, None)
         if cube_id in self._building:
             self._stale.add(cube_id)
