@@ -10,6 +10,7 @@ turns it into a 422 naming the field.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -87,11 +88,6 @@ def _whole_floats_as_ints(tree: Any) -> Any:
 _BLANK = f"Expected `str` matching regex {NON_BLANK!r}"
 """msgspec's words for a blank text where one is required: they showed the user our regex."""
 
-_LONE_SURROGATE = re.compile(
-    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"  # a high half with no low one after it
-    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"  # a low half with no high one before it
-)
-
 
 def _invalid(error: msgspec.ValidationError) -> ValidationException:
     """msgspec's error about the body, keyed by its path under the body (``data``: the body itself)."""
@@ -105,11 +101,34 @@ def _invalid(error: msgspec.ValidationError) -> ValidationException:
 
 def _malformed(body: bytes, error: msgspec.DecodeError) -> SerializationException:
     """Malformed JSON (a 400). msgspec calls a string with half of a UTF-16 surrogate pair in it "truncated"."""
-    if _LONE_SURROGATE.search(body):
+    if b"\\u" in body and _has_lone_surrogate(body):
         return SerializationException(
             "a \\uD800-\\uDFFF escape must be one half of a surrogate pair: alone it is not text"
         )
     return SerializationException(str(error))
+
+
+def _has_lone_surrogate(body: bytes) -> bool:
+    """Whether ``body`` is JSON but for half a surrogate pair in a string (Python's parser takes those, and
+    reads escaped backslashes as they are: ``"C:\\\\uD800"`` is no surrogate). Only on a refused body."""
+    try:
+        tree = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    stack = [tree]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 def _refused(key: str, message: str, source: str) -> ValidationException:

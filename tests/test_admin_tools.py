@@ -352,6 +352,8 @@ def test_kv_list_and_drop_a_models_kv(client, factory, settings) -> None:
     code, out, _ = run("kv", "list", "--cube", cube["id"])
     assert code == 0 and out.startswith(f"{MODEL}: 1 activations (1 fresh, 0 stale, 0 corrupt, 0 pinned), 1 files")
     assert run("kv", "drop")[0] == 2  # neither a model nor --stale: nothing is dropped by accident
+    code, out, _ = run("kv", "drop", "--model", MODEL, "--stale")  # all fresh: nothing to drop, no false hint
+    assert code == 0 and "dropped 0 KV activations" in out and "no KV activations of model" not in out
     code, out, _ = run("kv", "drop", "--model", MODEL, "--cube", cube["id"], "--dry-run")
     assert code == 0 and f"would drop (dry run: nothing removed) 1 KV activations (1 of {MODEL}); 1 files" in out
     assert client.get(f"/v1/activations/{here['id']}", headers=bearer(owner.admin_key)).status_code == 200

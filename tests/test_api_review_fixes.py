@@ -355,3 +355,19 @@ def test_the_same_link_twice_in_one_body_is_422_naming_it(client: Client, factor
     # Two types between the same pair are two links.
     item["links"] = [twice[0], {"to": target["id"], "type": "cites"}]
     assert client.post(f"/v1/cubes/{cube['id']}/memories", json=item, headers=bearer(key)).status_code == 201
+
+
+def test_the_same_source_twice_in_derived_from_is_422_naming_it(
+    client: Client, factory: Factory, tenant: Tenant
+) -> None:
+    """It was a 409 "a link of this type between these memories already exists", on create and on PATCH."""
+    key = tenant.admin_key
+    cube = factory.cube(key)
+    source = factory.memory(key, cube["id"], "the source")
+    twice = {"derived_from": [{"memory_id": source["id"]}, {"memory_id": source["id"], "version": 1}]}
+    item = {"kind": "plaintext", "content": "x", "provenance": twice}
+    r = client.post(f"/v1/cubes/{cube['id']}/memories", json=item, headers=bearer(key))
+    assert fields(r) == ["provenance.derived_from[1].memory_id"]
+    made = factory.memory(key, cube["id"], "patched later")
+    r = client.patch(f"/v1/memories/{made['id']}", json={"provenance": twice}, headers={**bearer(key), "If-Match": "1"})
+    assert fields(r) == ["provenance.derived_from[1].memory_id"]

@@ -417,3 +417,7 @@ def test_blank_text_and_a_lone_surrogate_are_refused_in_plain_words(
         client.post(url, content=rb'{"kind":"plaintext","content":"\ud83d\ude00"', headers={**key, **JSON}), 400
     )
     assert "surrogate" not in detail["detail"]
+    # An escaped backslash before "uD800" is text, not an escape: a body malformed otherwise keeps its own words.
+    body = rb'{"kind":"plaintext","content":"C:\\uD800dir",}'
+    detail = problem(client.post(url, content=body, headers={**key, **JSON}), 400)
+    assert "surrogate" not in detail["detail"], detail

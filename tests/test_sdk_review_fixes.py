@@ -294,3 +294,48 @@ def test_mem0_from_config_reads_its_section_and_refuses_what_it_does_not_underst
     assert (m._client.base_url, m._client._api_key, m._cube_name) == ("http://conf.test", "k-conf", "notes")
     m = Mem0.from_config({})
     assert (m._client.base_url, m._client._api_key, m._cube_name) == ("http://env.test", "k-env", "mem0")
+
+
+def test_the_datetime_check_ends_on_a_body_that_contains_itself_and_walks_big_bodies_once(
+    sdk: MemosClient, server: Recorder
+) -> None:
+    """The first check walked a self-containing body forever (msgspec had refused it at once), and a value
+    shared by two places, or a big list of numbers, cost a Python step per element (found in review)."""
+    import threading
+
+    cyclic: dict[str, Any] = {"a": 1}
+    cyclic["self"] = cyclic
+    outcome: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            sdk.memories.add(CUBE_ID, content="x", metadata=cyclic)
+        except BaseException as exc:  # what ends the call is the point
+            outcome.append(exc)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the check never ended"
+    assert outcome and not isinstance(outcome[0], ValueError)  # msgspec's refusal, as before the check
+    # A naive datetime behind a shared value is still found, once.
+    naive = datetime(2026, 5, 20, 12, 0)
+    shared = {"when": naive}
+    with pytest.raises(ValueError, match=r"must be timezone-aware"):
+        sdk.memories.add(CUBE_ID, content="x", metadata={"a": shared, "b": shared})
+    assert server.requests == []
+
+
+def test_langgraph_applies_operators_nested_in_a_filter_as_langgraph_does(sdk: MemosClient, server: Recorder) -> None:
+    """{"a": {"b": {"$gt": 1}}} was sent to the server as a value to equal, and matched nothing, where
+    LangGraph's InMemoryStore matches; {"a": {"b": {"$in": [...]}}} matched nothing where it raises."""
+    from memos_client.compat.langgraph import MemosStore, _matches
+
+    store = MemosStore(sdk)
+    with pytest.raises(ValueError, match=r"'\$in' \(in filter\['a'\]\['b'\]\)"):
+        store.search(("team",), filter={"a": {"b": {"$in": [5]}}})
+    assert server.requests == []
+    assert _matches({"a": {"b": 5, "c": 1}}, {"a": {"b": {"$gt": 1}}})
+    assert not _matches({"a": {"b": 0}}, {"a": {"b": {"$gt": 1}}})
+    assert _matches({"a": {"b": 5, "c": 1}}, {"a": {"b": 5}})  # a nested object matches the keys it names
+    assert not _matches({"tags": ["x", "y"]}, {"tags": ["x"]})  # a list, element by element

@@ -474,9 +474,10 @@ def _kv(args: argparse.Namespace) -> int:
             async with _database() as db, db.read() as conn:
                 return await summary(conn, cube_ids)
 
-        models = _run_tool("kv", listed) or []
-        have = ", ".join(kv.model for kv in models) or "none"
-        print(f"no KV activations of model {args.model!r} here (models with KV activations: {have})")
+        names = [kv.model for kv in _run_tool("kv", listed) or []]
+        if args.model not in names:  # (with --stale, a model whose KV is all fresh drops nothing either)
+            have = ", ".join(names) or "none"
+            print(f"no KV activations of model {args.model!r} here (models with KV activations: {have})")
     return 0
 
 

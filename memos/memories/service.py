@@ -339,7 +339,12 @@ class MemoryService:
                     raise Invalid.field(f"{where}links[{j}]", "the same link (to and type) is listed twice")
                 seen.add((link.to, link.type))
                 wanted.setdefault(link.to, f"{where}links[{j}].to")
+            sources: set[uuid.UUID] = set()
             for j, ref in enumerate(item.provenance.derived_from):
+                if ref.memory_id in sources:  # one provenance link per source: it was a 409 "already exists"
+                    field = f"{where}provenance.derived_from[{j}].memory_id"
+                    raise Invalid.field(field, "the same source memory is listed twice")
+                sources.add(ref.memory_id)
                 wanted.setdefault(ref.memory_id, f"{where}provenance.derived_from[{j}].memory_id")
         if not wanted:
             return {}

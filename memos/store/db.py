@@ -191,8 +191,9 @@ class Database:
         """A connection for reads, in autocommit: no BEGIN/COMMIT round trips.
 
         Visibility is the same as in a READ COMMITTED transaction (each statement sees what was
-        committed when it started). Code that needs ``SET LOCAL``-style settings uses ``transaction()``.
-        """
+        committed when it started). Code that needs ``SET LOCAL``-style settings uses ``transaction()``, or
+        opens a short transaction on this same connection (search's ``_with_ef_search``): never a second
+        pooled connection while holding this one."""
         with _unavailable_when_disconnected():
             async with self.engine.connect() as conn:
                 await conn.execution_options(isolation_level="AUTOCOMMIT")

@@ -198,21 +198,61 @@ def time_param(name: str, value: datetime | str) -> str:
     return value
 
 
+_LEAVES = frozenset({str, int, float, bool, type(None), bytes})
+"""Types that hold no datetime: skipped without a look (a 1 MiB body of strings and numbers is walked in ms)."""
+
+
 def check_times(body: Any) -> None:
     """Refuse a naive ``datetime`` anywhere in a JSON body (``metadata={"time": datetime.now()}``), naming its
-    path (``items[0].metadata.time``): encoded as it is, the server would read it as UTC, a guess."""
-    stack: list[tuple[str, Any]] = [("", body)]
-    while stack:  # a loop, not recursion: a deeply nested body cannot exhaust the stack
-        where, value = stack.pop()
+    path (``items[0].metadata.time``): encoded as it is, the server would read it as UTC, a guess.
+
+    A loop, not recursion (a deeply nested body cannot exhaust the stack); each container is walked once (a
+    body that contains itself ends the walk, and msgspec then refuses it); the path is spelled out only for
+    the datetime refused."""
+    # Each node: (value, its parent's index, its key in the parent, whether that key is a position).
+    nodes: list[tuple[Any, int, Any, bool]] = [(body, -1, None, False)]
+    stack = [0]
+    seen: set[int] = set()
+    while stack:
+        index = stack.pop()
+        value = nodes[index][0]
         if isinstance(value, datetime):
             if _naive(value):
-                raise _naive_error(where or "the body")
-        elif isinstance(value, Mapping):
-            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+                raise _naive_error(_path(nodes, index) or "the body")
+            continue
+        # A container of leaves only (the common case: a vector, a list of tags) is passed over with one C-level
+        # scan of its element types, not a Python step per element.
+        if isinstance(value, Mapping):
+            if set(map(type, value.values())) <= _LEAVES:
+                continue
+            children: Iterable[tuple[Any, Any]] = value.items()
+            positional = False
         elif isinstance(value, list | tuple | set | frozenset):
-            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+            if set(map(type, value)) <= _LEAVES:
+                continue
+            children, positional = enumerate(value), True
         elif isinstance(value, msgspec.Struct):
-            stack.extend((f"{where}.{f}" if where else f, getattr(value, f)) for f in value.__struct_fields__)
+            children = ((f, getattr(value, f)) for f in value.__struct_fields__)
+            positional = False
+        else:
+            continue
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        for key, child in children:
+            if type(child) not in _LEAVES:
+                stack.append(len(nodes))
+                nodes.append((child, index, key, positional))
+
+
+def _path(nodes: list[tuple[Any, int, Any, bool]], index: int) -> str:
+    """``items[0].metadata.time`` for the node at ``index``."""
+    parts: list[str] = []
+    while index > 0:
+        _, parent, key, positional = nodes[index]
+        parts.append(f"[{key}]" if positional else f".{key}")
+        index = parent
+    return "".join(reversed(parts)).removeprefix(".")
 
 
 def compact(**fields: Any) -> dict[str, Any]:

@@ -157,7 +157,7 @@ class MemosStore(BaseStore):
             return []
         wanted = op.offset + op.limit
         if op.query:
-            exact = {k: v for k, v in (op.filter or {}).items() if not _is_operator(v)}
+            exact = {k: v for k, v in (op.filter or {}).items() if not _has_operator(v)}
             found = self._client.search(
                 op.query,
                 cube_ids=list(cubes),
@@ -327,28 +327,48 @@ def _is_operator(condition: Any) -> bool:
     return isinstance(condition, Mapping) and any(isinstance(k, str) and k.startswith("$") for k in condition)
 
 
-def _check_filter(filters: Mapping[str, Any] | None) -> None:
-    """An operator this store does not apply is an error, not a filter that quietly matches nothing."""
+def _has_operator(condition: Any) -> bool:
+    """Whether an operator appears anywhere in ``condition`` (a nested ``{"a": {"b": {"$gt": 1}}}`` too)."""
+    if _is_operator(condition):
+        return True
+    return isinstance(condition, Mapping) and any(_has_operator(v) for v in condition.values())
+
+
+def _check_filter(filters: Mapping[str, Any] | None, where: str = "filter") -> None:
+    """An operator this store does not apply, at any depth, is an error, not a filter that quietly matches
+    nothing."""
     for key, condition in (filters or {}).items():
+        if not isinstance(condition, Mapping):
+            continue
         if not _is_operator(condition):
+            _check_filter(condition, f"{where}[{key!r}]")
             continue
         for op in condition:
             if op not in _OPERATORS:
                 raise ValueError(
-                    f"unsupported filter operator {op!r} (in filter[{key!r}]); MemosStore supports "
+                    f"unsupported filter operator {op!r} (in {where}[{key!r}]); MemosStore supports "
                     f"{', '.join(_OPERATORS)} and plain equality"
                 )
 
 
-def _matches(value: Mapping[str, Any], filters: Mapping[str, Any] | None) -> bool:
-    for key, condition in (filters or {}).items():
-        actual = value.get(key)
+def _matches(value: Any, filters: Mapping[str, Any] | None) -> bool:
+    """LangGraph's filter semantics (its ``InMemoryStore``): a nested object matches the keys it names, a
+    list matches element by element, operators compare."""
+    return _compare_values(value, dict(filters or {}))
+
+
+def _compare_values(actual: Any, condition: Any) -> bool:
+    if isinstance(condition, Mapping):
         if _is_operator(condition):
-            if not all(_compare(actual, op, expected) for op, expected in condition.items()):
-                return False
-        elif actual != condition:
-            return False
-    return True
+            return all(_compare(actual, op, expected) for op, expected in condition.items())
+        return isinstance(actual, Mapping) and all(_compare_values(actual.get(k), v) for k, v in condition.items())
+    if isinstance(condition, list | tuple):
+        return (
+            isinstance(actual, list | tuple)
+            and len(actual) == len(condition)
+            and all(_compare_values(a, c) for a, c in zip(actual, condition, strict=True))
+        )
+    return bool(actual == condition)
 
 
 def _compare(actual: Any, op: str, expected: Any) -> bool:
