@@ -22,7 +22,8 @@ How LangGraph's model maps onto memos:
   whole value as JSON when ``index`` is not given; the key alone for ``index=False``). ``search``
   with a ``query`` is memos' hybrid search over every cube under the prefix; ``score`` is memos'
   fused score (not a cosine). Plain-equality ``filter`` entries are applied by the server, ``$ne``,
-  ``$gt``, ``$gte``, ``$lt``, ``$lte`` and ``$eq`` here, on the results. Any other operator (``$in``,
+  ``$gt``, ``$gte``, ``$lt``, ``$lte`` and ``$eq`` here, on the results (nested in objects too, with
+  LangGraph's semantics). Any other operator (``$in``,
   ``$exists``, ...) is a ``ValueError`` naming it, as in LangGraph's own stores, never an empty result.
 - **Values** are dicts (JSON objects), as LangGraph types them; anything else is a ``TypeError``.
 - **TTL** is in minutes, as in LangGraph, and becomes the memory's ``ttl_seconds``; it counts from
