@@ -4,9 +4,12 @@ A real ``memos serve`` runs in a subprocess on embedded Postgres. The cube is fi
 Postgres (the API would spend the better part of an hour embedding 100k texts on 2 cores): the LoCoMo dev
 turns, replicated up to 100k with their real MiniLM vectors plus a little noise, so full text has the
 word statistics of real conversation and HNSW the geometry of real sentence vectors. Queries are the
-LoCoMo questions, embedded by the service itself: the figures include query embedding. A mode named
-``<mode>+filtered`` searches with a metadata filter (``filters: {"speaker": ...}``, the speaker with the most
-turns: about one memory in five matches), the path that checks graph candidates against the filter.
+LoCoMo questions, embedded by the service itself: the figures include query embedding. Two suffixes search
+with a metadata filter, the path that checks graph candidates against it, each matched by about one memory
+in five: ``<mode>+group`` filters on ``group`` (0-4, drawn at random per memory: a filter that has nothing to
+do with what the memories say), ``<mode>+speaker`` on the speaker with the most turns. The speaker filter is
+the worst case for HNSW here: a turn's replicas sit together in vector space and share their speaker, so the
+index scan passes whole clusters that fail the filter (thousands of rows) before it finds enough that match.
 
 Run: ``python -m bench.search_scale [--memories 100000] [--queries 200]``.
 """
@@ -41,6 +44,8 @@ from memos.embed.registry import load_embedder
 from memos.memories.ann import EXACT_CUBE_MAX
 
 OPERATOR_KEY = "bench-operator-" + "y" * 32
+GROUPS = 5
+"""Memories get a random ``metadata.group`` of 0 to GROUPS - 1 (the ``+group`` filter keeps group 0)."""
 NOISE = 0.02
 """Per-dimension noise added to a replica's vector: replicas stay close to (cosine ~0.9) but not on the original."""
 
@@ -78,6 +83,7 @@ def fill(conninfo: str, cube_id: str, tenant_id: str, agent_id: str, n: int, tur
     embedder = load_embedder(None)
     vectors = embedder.embed([f"{t['speaker']}: {t['text']}" for t in turns])
     rng = np.random.default_rng(7)
+    groups = np.random.default_rng(11)  # its own stream: the vectors' noise stays what it was
 
     def rows() -> Iterator[list[Any]]:
         for i in range(n):
@@ -86,7 +92,12 @@ def fill(conninfo: str, cube_id: str, tenant_id: str, agent_id: str, n: int, tur
             vector = vectors[i % len(turns)] + np.asarray(rng.normal(0, NOISE, size=vectors.shape[1]), dtype=np.float32)
             vector /= np.linalg.norm(vector)
             metadata = Jsonb(
-                {"speaker": turn["speaker"], "session": replica * 1000 + turn["session"], "turn": turn["turn"]}
+                {
+                    "speaker": turn["speaker"],
+                    "session": replica * 1000 + turn["session"],
+                    "turn": turn["turn"],
+                    "group": int(groups.integers(GROUPS)),
+                }
             )
             yield [
                 uuid.uuid4(),
@@ -147,12 +158,13 @@ def run(memories: int, queries: int, modes: list[str], out: Path | None) -> dict
                 "modes": {},
             }
             speaker, count = Counter(t["speaker"] for t in turns).most_common(1)[0]
-            result["filter"] = {"filters": {"speaker": speaker}, "share": round(count / len(turns), 3)}
+            filters = {"group": {"group": 0}, "speaker": {"speaker": speaker}}
+            result["filters"] = {"group": 1 / GROUPS, "speaker": round(count / len(turns), 3)}
             for name in modes:
                 mode, _, filtered = name.partition("+")
                 body: dict[str, Any] = {"query": questions[0], "cube_ids": [cube["id"]], "k": 10, "mode": mode}
                 if filtered:
-                    body["filters"] = {"speaker": speaker}
+                    body["filters"] = filters[filtered]
                 first = time.perf_counter()
                 r = http.post("/v1/search", json=body, headers=auth)  # warms caches (and starts the graph build)
                 assert r.status_code == 200, r.text
@@ -210,8 +222,11 @@ def print_table(result: dict[str, Any]) -> None:
     print(
         f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}, {m['date']}; fill {result['fill_seconds']} s"
     )
-    f = result["filter"]
-    print(f"+filtered: filters {json.dumps(f['filters'])}, matched by {f['share']:.1%} of the memories")
+    shares = result["filters"]
+    print(
+        f"filtered: +group (random, nothing to do with the text) matches {shares['group']:.1%} of the memories, "
+        f"+speaker (shared by a turn's replicas, HNSW's worst case) {shares['speaker']:.1%}"
+    )
     print(
         f"{'mode':<16}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'server p50':>12}{'first query':>13}{'ready s':>9}"
         f"{'results min/mean':>18}"
@@ -227,7 +242,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--memories", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--modes", default="vector,text,hybrid,graph,hybrid+filtered,graph+filtered")
+    parser.add_argument(
+        "--modes", default="vector,text,hybrid,graph,hybrid+group,graph+group,hybrid+speaker,graph+speaker"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/search_scale.json"))
     args = parser.parse_args()
     run(args.memories, args.queries, args.modes.split(","), args.out)
