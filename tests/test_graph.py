@@ -399,6 +399,28 @@ def test_spread_passes_only_through_admitted_memories() -> None:
     assert graph.spread({"seed": 1.0}, now=200.0).reached["behind"] == "graph:link<-blocked"
 
 
+def test_reach_is_what_spread_reaches_without_its_edges() -> None:
+    """A filtered search checks the memories ``reach`` names before its one ``spread``: they must be the ones
+    ``spread`` reaches, on graphs with links, sequences, entities, caps and expiry."""
+    rng = random.Random(5)
+    graph = MemoryGraph()
+    names = [f"m{i}" for i in range(300)]
+    for i, name in enumerate(names):
+        graph.add_memory(
+            name,
+            entities=[f"e{rng.randrange(40)}" for _ in range(2)],
+            metadata={"session": i // 20, "turn": i % 20},
+            expires_at=50.0 if i % 37 == 0 else None,
+        )
+    for _ in range(400):
+        a, b = rng.sample(names, 2)
+        graph.add_edge(a, b, rng.choice([EdgeKind.LINK, EdgeKind.KNN]), rng.random())
+    for trial in range(20):
+        seeds = {name: rng.random() for name in rng.sample(names, 5)}
+        for hops, most, now in ((1, 2000, None), (2, 2000, 100.0), (2, 60 + trial, None), (3, 150, 10.0)):
+            assert graph.reach(seeds, hops, most, now=now) == graph.spread(seeds, hops, most, now=now).memories()
+
+
 def test_edge_weights_are_applied_at_query_time() -> None:
     graph = MemoryGraph()
     for name in ("seed", "by-link", "by-sequence"):

@@ -396,10 +396,37 @@ class MemoryGraph:
         (seconds since the epoch), nor are the memories expired by then."""
         ranked = dict(sorted(seeds.items(), key=lambda item: -item[1]))
         kind_weight = self.weights.by_kind()
+        reached = self._reach(ranked, hops, max_nodes, fanout, kind_weight, admit, now)
+        return Spread(seeds=ranked, reached=reached, edges=self._edges(list(reached), kind_weight))
+
+    def reach(
+        self,
+        seeds: Mapping[MemoryId, float],
+        hops: int = 2,
+        max_nodes: int = 2000,
+        *,
+        fanout: int = 32,
+        now: float | None = None,
+    ) -> list[MemoryId]:
+        """The memories :meth:`spread` would reach from ``seeds`` over an edge (``Spread.memories``), without
+        the edges among them: what a filtered search checks before it spreads again with ``admit``."""
+        ranked = dict(sorted(seeds.items(), key=lambda item: -item[1]))
+        reached = self._reach(ranked, hops, max_nodes, fanout, self.weights.by_kind(), None, now)
+        return [node for node, via in reached.items() if via is not None and not isinstance(node, EntityHub)]
+
+    def _reach(
+        self,
+        ranked: dict[MemoryId, float],
+        hops: int,
+        max_nodes: int,
+        fanout: int,
+        kind_weight: dict[str, float],
+        admit: Container[Hashable] | None,
+        now: float | None,
+    ) -> dict[Hashable, str | None]:
         start = [sid for sid in ranked if sid in self._seq]
         expired = self.expired(now) if now is not None else set()
-        reached = self._neighbourhood(start, hops, max_nodes, fanout, kind_weight, admit, expired)
-        return Spread(seeds=ranked, reached=reached, edges=self._edges(list(reached), kind_weight))
+        return self._neighbourhood(start, hops, max_nodes, fanout, kind_weight, admit, expired)
 
     def _neighbourhood(
         self,
