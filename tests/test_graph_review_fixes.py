@@ -225,6 +225,29 @@ async def test_shutdown_or_a_failed_extraction_forgets_the_graph(monkeypatch: py
     assert cube not in graphs._graphs and graphs._queues == {}
 
 
+async def test_a_big_write_landing_while_the_graphs_close_is_stopped_too() -> None:
+    """close() cancelled the drains it saw when it started; one that a write started meanwhile ran on, past
+    the database's shutdown (found in review)."""
+    cube, other_cube, big, late = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    graphs, _ = _loaded(cube)
+    graphs._graphs[other_cube] = MemoryGraph()
+    gate = asyncio.Event()
+
+    async def blocked_then_write() -> None:
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            graphs.memories_written(other_cube, [_row(late, BIG)])  # a write as the others stop
+            raise
+
+    graphs._drains.add(asyncio.create_task(blocked_then_write()))
+    graphs.memories_written(cube, [_row(big, BIG)])
+    await asyncio.sleep(0)
+    await asyncio.wait_for(graphs.close(), 10)
+    assert all(task.done() for task in graphs._drains), "a drain started during close() still runs"
+    assert other_cube not in graphs._graphs  # its write was cut short: rebuilt on next use
+
+
 # -- links of several types between two memories --------------------------------------------------------------
 
 

@@ -120,10 +120,11 @@ class CubeGraphs:
         A build or an extraction already in its worker thread runs to its end there (a thread cannot be
         interrupted); nothing waits for it or keeps its result.
         """
-        tasks = [*self._background.values(), *self._drains]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Again until none is left: a write that lands while the others stop starts a drain of its own.
+        while tasks := [t for t in (*self._background.values(), *self._drains) if not t.done()]:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _built(self, cube_id: uuid.UUID, task: asyncio.Task[MemoryGraph]) -> None:
         if self._background.get(cube_id) is task:
