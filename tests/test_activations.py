@@ -426,6 +426,26 @@ def forged_kv(client: TestClient[Litestar], factory: Any, text: str) -> bytes:
     return encode(forged, meta)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_import_of_keys_or_values_that_are_not_finite_is_422(client, factory, tenant, bad: float) -> None:
+    """An upload of NaN keys (right tokens, shapes, fingerprint and checksum) was stored, and every generation
+    that used the memory then answered an empty text (found in review)."""
+    from memos.kv.codec import decode, encode
+
+    cube = factory.cube(tenant.admin_key)
+    m = factory.memory(tenant.admin_key, cube["id"], "The gate code is 2468.")
+    chunk, meta = decode(download(client, tenant.admin_key, built(client, tenant.admin_key, m["id"])["id"]))
+    values = [v.clone() for v in chunk.values]
+    values[-1].view(-1)[3] = bad
+    poisoned = encode(dataclasses.replace(chunk, values=values), meta)
+    target = factory.memory(tenant.admin_key, cube["id"], "The gate code is 2468.")
+    body = problem(import_kv(client, tenant.admin_key, target["id"], poisoned), 422)
+    assert body["errors"][0]["field"] == "body" and "finite" in body["detail"]
+    assert (
+        client.get(f"/v1/memories/{target['id']}/activations", headers=bearer(tenant.admin_key)).json()["items"] == []
+    )
+
+
 def import_marks(database_url: str, activation_ids: list[str]) -> dict[str, str]:
     """activation id -> the cube its file was uploaded into, for those of ``activation_ids`` with uploaded bytes."""
     with psycopg.connect(database_url) as conn:

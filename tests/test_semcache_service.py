@@ -510,6 +510,41 @@ def test_feedback_access_and_bad_ids(client: TestClient[Litestar], factory: Fact
         assert r.json()["errors"][0]["field"] == "memory_id"
 
 
+def test_feedback_on_an_entry_that_is_never_served_is_409_and_moves_nothing(
+    client: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """Feedback on a deleted entry, or on one whose category the cube does not configure, moved the default
+    category's threshold and counters (found in review)."""
+    key = tenant.admin_key
+    before = category_stats(client, key, cube)
+    gone = store(client, key, cube, "Where are the spare batteries?", "Kitchen drawer.")
+    assert client.delete(f"/v1/memories/{gone['id']}", headers=bearer(key)).status_code == 204
+    ghost = client.post(
+        f"/v1/cubes/{cube}/memories",
+        json={"kind": "response", "content": "Blue.", "metadata": {"query": "Which door?", "category": "ghost"}},
+        headers=bearer(key),
+    ).json()
+    for entry, query in ((gone, "Where are the batteries?"), (ghost, "Which door is it?")):
+        body = {"memory_id": entry["id"], "query": query, "correct": False}
+        r = client.post("/v1/cache/feedback", json=body, headers=bearer(key))
+        assert r.status_code == 409, r.text
+        assert r.json()["errors"][0]["field"] == "memory_id"
+    after = category_stats(client, key, cube)
+    assert (after["threshold"], after["false_hits"]) == (before["threshold"], before["false_hits"])
+
+
+def test_a_response_memory_category_that_is_not_a_string_is_422(
+    client: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """category: 5 was stored; lookups served it as the default category while stats counted it as "5"."""
+    key = tenant.admin_key
+    item = {"kind": "response", "content": "Blue.", "metadata": {"query": "Which door?", "category": 5}}
+    r = client.post(f"/v1/cubes/{cube}/memories", json=item, headers=bearer(key))
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "metadata.category", r.text
+    r = client.post(f"/v1/cubes/{cube}/memories/batch", json={"items": [item]}, headers=bearer(key))
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "items[0].metadata.category", r.text
+
+
 # -- quotas ------------------------------------------------------------------------------------------------
 
 

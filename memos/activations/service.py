@@ -587,6 +587,10 @@ class ActivationService:
             raise Invalid.field("body", f"KV dtype {meta.dtype} is not model {lm.name!r}'s {lm.dtype}")
         if chunk.positions.tolist() != list(range(chunk.tokens)):
             raise Invalid.field("body", "positions must be 0..tokens-1 (KV as built from the start of a prompt)")
+        if not await asyncio.to_thread(_finite, chunk):
+            # A model never computes NaN or infinite keys or values; injected, they made every generation that
+            # used this memory empty (found in review). The one check of the values an upload can have.
+            raise Invalid.field("body", "the keys and values must be finite numbers (no NaN or infinity)")
         return chunk
 
     # ------------------------------------------------------------------ blobs
@@ -864,6 +868,12 @@ def _prefill_file(lm: LoadedModel, ids: list[int], meta: Any) -> tuple[bytes, KV
 
     chunk = prefill(lm, ids)
     return encode(chunk, meta), chunk
+
+
+def _finite(chunk: KVChunk) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(t).all()) for t in (*chunk.keys, *chunk.values))
 
 
 def _decode(data: bytes, fingerprint: str, verify: bool, device: Any = None) -> tuple[KVChunk, Any]:

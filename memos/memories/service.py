@@ -161,6 +161,11 @@ def _check_response_query(metadata: dict[str, Any], field: str) -> None:
     query = metadata.get("query")
     if not isinstance(query, str) or not query.strip():
         raise Invalid.field(field, "a response memory needs the query it answers")
+    category = metadata.get("category")
+    if category is not None and not isinstance(category, str):
+        # Lookups read a non-string category as none (the default) and stats, quotas and invalidation as its text:
+        # the entry answered the default category while counted in another (found in review).
+        raise Invalid.field(field.removesuffix("query") + "category", "a cache category is a string (its name)")
 
 
 def _expires(ttl_seconds: int | None) -> datetime | None:

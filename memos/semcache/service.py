@@ -28,7 +28,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.cubes.access import Access, access_of, cube_access, require
-from memos.errors import FieldError, Invalid, NotFound
+from memos.errors import Conflict, FieldError, Invalid, NotFound
 from memos.identity.principal import Principal
 from memos.memories import schemas as memory_schemas
 from memos.memories.service import MemoryService
@@ -410,6 +410,7 @@ class SemCacheService:
                     select(
                         memories.c.cube_id,
                         memories.c.kind,
+                        memories.c.state,
                         memories.c.metadata,
                         func.vector_send(memories.c.embedding).label("vec"),
                         cubes.c.owner_agent_id,
@@ -433,6 +434,12 @@ class SemCacheService:
                 "memory_id: no such cached answer", errors=[FieldError("memory_id", "no such cached answer")]
             )
         require(access, "write", "cached answer's cube")
+        if row.state == "deleted":
+            # Found in review: feedback on a deleted entry still moved its category's threshold.
+            raise Conflict(
+                "memory_id: this cached answer is deleted; it is not served, so there is no feedback to take",
+                errors=[FieldError("memory_id", "this cached answer is deleted")],
+            )
         cached = decode_vector(row.vec)
         if cached is None:
             raise Invalid.field("memory_id", "this cached answer was purged; there is nothing to compare with")
@@ -440,6 +447,14 @@ class SemCacheService:
         similarity = max(-1.0, min(1.0, float(np.dot(cached, qvec))))
         state = await self.indexes.state(row.cube_id)
         named = row.metadata.get("category")
+        if isinstance(named, str) and named not in state.policy.categories:
+            # Never served (semcache.md), and the policy's fallback would have moved the default category's
+            # threshold for an entry that default lookups never see (found in review).
+            raise Conflict(
+                f"memory_id: this cached answer's category {named!r} is not configured in its cube; it is not "
+                "served, so there is no feedback to take",
+                errors=[FieldError("memory_id", f"category {named!r} is not configured")],
+            )
         category = state.policy.category(named if isinstance(named, str) else None)
         async with self.db.transaction() as conn:
             await cube_access(conn, principal, row.cube_id, "write")
