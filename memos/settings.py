@@ -27,6 +27,8 @@ def _default_lanes() -> int:
 
 OPERATOR_KEY_MIN = 32
 """Shortest operator key accepted, from ``MEMOS_OPERATOR_KEY`` as from ``<data_dir>/operator.key``."""
+RATE_LIMIT_MAX = 1_000_000
+"""Requests per second per key, at most: far past what one process serves, and its bucket stays an int."""
 
 
 class SettingsError(ValueError):
@@ -260,8 +262,11 @@ class Settings:
             raise SettingsError(
                 f"MEMOS_CACHE_FLUSH_SECONDS must be between 0.05 and 3600, got {self.cache_flush_seconds}"
             )
-        if not (math.isfinite(self.rate_limit) and self.rate_limit >= 0):
-            raise SettingsError(f"MEMOS_RATE_LIMIT must be a number >= 0 (0 = off), got {self.rate_limit}")
+        # Bounded: 1e308 passed as finite, then overflowed sizing the bucket at start (a traceback, exit 3).
+        if not (math.isfinite(self.rate_limit) and 0 <= self.rate_limit <= RATE_LIMIT_MAX):
+            raise SettingsError(
+                f"MEMOS_RATE_LIMIT must be a number from 0 (off) to {RATE_LIMIT_MAX:,}, got {self.rate_limit}"
+            )
         if self.rate_limit_burst is not None and self.rate_limit_burst < 1:
             raise SettingsError(f"MEMOS_RATE_LIMIT_BURST must be at least 1, got {self.rate_limit_burst}")
         if self.embed_model is not None and not Path(self.embed_model).expanduser().is_dir():

@@ -522,6 +522,21 @@ def test_an_unusable_data_dir_is_one_line_and_verify_says_not_checked(monkeypatc
         ), (args, err)
 
 
+def test_a_data_dir_without_a_deployment_is_refused_not_made(monkeypatch, tmp_path: Path) -> None:
+    """A mistyped MEMOS_DATA_DIR (or ./.memos from the wrong directory) made a new, empty deployment there, and
+    verify answered "no problems found", exit 0 (found in review). Only migrate makes one."""
+    monkeypatch.delenv("MEMOS_DATABASE_URL")
+    for where in (tmp_path / "missing", tmp_path / "empty"):
+        if where.name == "empty":
+            where.mkdir()
+        monkeypatch.setenv("MEMOS_DATA_DIR", str(where))
+        for args, expected in ((("verify",), 3), (("gc", "--dry-run"), 1), (("keys", "list"), 1), (("kv", "list"), 1)):
+            code, out, err = run(*args)
+            assert (code, out) == (expected, ""), (args, code, out, err)
+            assert err.startswith(f"memos admin {args[0]}: no memos database in MEMOS_DATA_DIR ({where})"), err
+        assert not (where / "pg").exists()
+
+
 def test_a_damaged_file_key_is_a_kv_file_problem_and_drop_skips_it(client, factory, tenant, settings) -> None:
     """An activation whose recorded key is not a blob key (a manual edit, a restored table): verify raised
     ValueError from the store (a traceback, exit 1 as if it had listed problems), and `kv drop` raised it after

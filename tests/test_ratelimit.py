@@ -80,6 +80,7 @@ def test_check_raises_429_with_retry_after_and_spares_the_operator() -> None:
         ({"MEMOS_RATE_LIMIT": "fast"}, "MEMOS_RATE_LIMIT"),
         ({"MEMOS_RATE_LIMIT": "-1"}, "MEMOS_RATE_LIMIT"),
         ({"MEMOS_RATE_LIMIT": "nan"}, "MEMOS_RATE_LIMIT"),
+        ({"MEMOS_RATE_LIMIT": "1e308"}, "MEMOS_RATE_LIMIT"),  # finite, and overflowed sizing the bucket at start
         ({"MEMOS_RATE_LIMIT": "5", "MEMOS_RATE_LIMIT_BURST": "0"}, "MEMOS_RATE_LIMIT_BURST"),
         ({"MEMOS_RATE_LIMIT_BURST": "lots"}, "MEMOS_RATE_LIMIT_BURST"),
     ],

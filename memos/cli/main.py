@@ -318,6 +318,13 @@ async def _database() -> AsyncIterator[Database]:
     from memos.store.db import Database
 
     settings = Settings.from_env()
+    if settings.embedded and _no_deployment(settings.data_dir):
+        # A mistyped MEMOS_DATA_DIR (or the default ./.memos, run from the wrong directory) made a new, empty
+        # deployment there, and verify said "no problems found" (found in review). Only migrate makes one.
+        raise AdminError(
+            f"no memos database in MEMOS_DATA_DIR ({settings.data_dir}): point it at the data directory "
+            "`memos serve` uses (or, for a new deployment, run `memos serve` or `memos admin migrate` there first)"
+        )
     db = Database(settings)
     try:
         try:
@@ -332,6 +339,19 @@ async def _database() -> AsyncIterator[Database]:
     finally:
         # Also after a failed start: an embedded server started before the failure is let go of.
         await db.stop()
+
+
+def _no_deployment(data_dir: Path) -> bool:
+    """Whether ``data_dir`` is missing, or a directory without an embedded database. A path that cannot be a
+    directory at all (a file in it, no permission) is not this: the start says what is wrong with it."""
+    try:
+        is_dir = data_dir.is_dir()
+        data_dir.stat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return is_dir and not (data_dir / "pg" / "PG_VERSION").is_file()
 
 
 def _no_data_dir(settings: Settings, exc: OSError) -> str:
