@@ -214,11 +214,15 @@ class _Tool(Tool):
 
     async def run(self, arguments: dict[str, Any], context: Context[Any, Any], convert_result: bool = False) -> Any:
         try:
-            self.fn_metadata.validate_arguments(arguments)
-        except ValidationError as exc:
-            errors = dict.fromkeys(_argument_error(self, e) for e in exc.errors(include_url=False))
-            raise ToolError(f"Error executing tool {self.name}: {'; '.join(errors)}") from exc
-        return await super().run(arguments, context, convert_result)
+            return await super().run(arguments, context, convert_result)
+        except ToolError as exc:
+            # The base run validates the arguments once and raises a plain ToolError caused by pydantic's
+            # ValidationError when they do not fit; only that one is reworded (a crash is UnexpectedToolError).
+            cause = exc.__cause__
+            if type(exc) is not ToolError or not isinstance(cause, ValidationError):
+                raise
+            errors = dict.fromkeys(_argument_error(self, e) for e in cause.errors(include_url=False))
+            raise ToolError(f"Error executing tool {self.name}: {'; '.join(errors)}") from cause
 
 
 def _tool(fn: Callable[..., Any]) -> Tool:

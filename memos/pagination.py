@@ -52,12 +52,12 @@ def encode_cursor(keys: list[Any], of: str | None = None) -> str:
     return base64.urlsafe_b64encode(msgspec.json.encode(payload)).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str | None, arity: int, of: str | None = None) -> list[Any] | None:
+def decode_cursor(cursor: str | None, arity: int, of: str) -> list[Any] | None:
     """The sort keys inside ``cursor``, a cursor of the list tagged ``of``.
 
     A cursor this server did not hand out (not base64url JSON, not a list of the right length), or one of
-    another list, is a 422 on ``cursor``. Untagged cursors (``of`` None, or issued before cursors carried
-    their list) are refused by tagged lists, as cursors of another list.
+    another list, is a 422 on ``cursor``. Untagged cursors (issued before cursors carried their list) are
+    refused as cursors of another list.
     """
     if cursor is None:
         return None
@@ -68,22 +68,18 @@ def decode_cursor(cursor: str | None, arity: int, of: str | None = None) -> list
         raise Invalid.field("cursor", NOT_ISSUED) from None
     if not isinstance(keys, list):
         raise Invalid.field("cursor", NOT_ISSUED)
-    if of is None:
-        if len(keys) != arity:
-            raise Invalid.field("cursor", NOT_ISSUED)
-        return keys
     if len(keys) == arity + 1 and keys[0] == of:
         return keys[1:]
     tagged = bool(keys) and isinstance(keys[0], str) and len(keys[0]) == len(of)
     raise Invalid.field("cursor", OTHER_LIST if tagged or len(keys) == arity else NOT_ISSUED)
 
 
-def encode_keyset(created_at: datetime, row_id: uuid.UUID, of: str | None = None) -> str:
+def encode_keyset(created_at: datetime, row_id: uuid.UUID, of: str) -> str:
     """A cursor for lists ordered by (created_at, id); ``of``: the list's tag (``list_tag``)."""
     return encode_cursor([created_at.isoformat(), str(row_id)], of)
 
 
-def decode_keyset(cursor: str | None, of: str | None = None) -> tuple[datetime, uuid.UUID] | None:
+def decode_keyset(cursor: str | None, of: str) -> tuple[datetime, uuid.UUID] | None:
     keys = decode_cursor(cursor, 2, of)
     if keys is None:
         return None

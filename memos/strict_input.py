@@ -112,22 +112,12 @@ def _has_lone_surrogate(body: bytes) -> bool:
     """Whether ``body`` is JSON but for half a surrogate pair in a string (Python's parser takes those, and
     reads escaped backslashes as they are: ``"C:\\\\uD800"`` is no surrogate). Only on a refused body."""
     try:
-        tree = json.loads(body)
+        # Python's encoder keeps a lone surrogate as it is, and UTF-8 cannot encode one.
+        json.dumps(json.loads(body), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
     except (ValueError, RecursionError):
         return False
-    stack = [tree]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
     return False
 
 

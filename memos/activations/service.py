@@ -30,8 +30,8 @@ from memos.cubes.access import readable_cube_ids
 from memos.errors import Conflict, FieldError, Invalid, NotFound, Unavailable
 from memos.identity.principal import Principal
 from memos.kv.errors import FingerprintMismatch, KVChecksumError, KVError, KVFormatError, KVInputError, NotShiftable
-from memos.memories.service import Accesses, MemoryService, not_expired
-from memos.pagination import Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset, list_tag
+from memos.memories.service import ACTIVATION, Accesses, MemoryService, not_expired
+from memos.pagination import NOT_ISSUED, Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset, list_tag
 from memos.search.service import SearchService
 from memos.store.audit import record
 from memos.store.blobs import BlobCorrupt, BlobNotFound, BlobStore, BlobStoreFull
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ACTIVATION_KIND = "activation"
 PINNED = text("activations.tier IN ('device', 'host')")
 """Pinned to a memory tier: written out (not bound) so that it matches the partial index of migration 0007."""
 DEFAULT_COMPOSE_RECOMPUTE = 0.15
@@ -153,7 +152,7 @@ class ActivationService:
         principal.tenant_member()  # the operator key's only job is creating tenants (403, as everywhere in /v1)
         after = decode_cursor(cursor, 1, MODELS)
         if after is not None and not isinstance(after[0], str):
-            raise Invalid.field("cursor", "not a cursor this server handed out")
+            raise Invalid.field("cursor", NOT_ISSUED)
         names = [n for n in sorted(self.models.specs) if after is None or n > after[0]]
         out = [_model_dto(await self.models.get(name)) for name in names[:limit]]
         more = len(names) > limit
@@ -238,7 +237,7 @@ class ActivationService:
                 conn,
                 principal,
                 current,
-                kind=ACTIVATION_KIND,
+                kind=ACTIVATION,
                 content=(
                     f"KV activation of memory {source.id} version {source.version} "
                     f"for model {lm.name}: {blob.tokens} tokens, {blob.dtype}"
@@ -661,7 +660,7 @@ class ActivationService:
             return [
                 _Part(memory_id=r.memory.id, content=r.memory.content)
                 for r in found.results
-                if r.memory.kind != ACTIVATION_KIND and r.memory.content
+                if r.memory.kind != ACTIVATION and r.memory.content
             ]
         ids = body.memory_ids or []
         if not ids:
@@ -685,7 +684,7 @@ class ActivationService:
             row = rows.get(memory_id)
             if row is None:
                 raise NotFound(f"{where}: no such memory", errors=[FieldError(where, "no such memory")])
-            if row.kind == ACTIVATION_KIND:
+            if row.kind == ACTIVATION:
                 raise Invalid.field(where, "an activation memory is KV, not text; name its source memory")
             if row.state == "deleted" or row.content is None:
                 raise Invalid.field(where, "this memory is deleted")
@@ -802,7 +801,7 @@ def _check_live(source: Row[Any]) -> None:
 
 
 def _check_source(source: Row[Any], field: str = "memory_id") -> None:
-    if source.kind == ACTIVATION_KIND:
+    if source.kind == ACTIVATION:
         raise Invalid.field(field, "this memory is an activation already; build from its source memory")
     if source.kind != "plaintext":
         raise Invalid.field(field, f"KV is built from plaintext memories, this one is {source.kind}")

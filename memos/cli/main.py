@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import stat
 import sys
 import uuid
 from collections import Counter
@@ -345,13 +346,12 @@ def _no_deployment(data_dir: Path) -> bool:
     """Whether ``data_dir`` is missing, or a directory without an embedded database. A path that cannot be a
     directory at all (a file in it, no permission) is not this: the start says what is wrong with it."""
     try:
-        is_dir = data_dir.is_dir()
-        data_dir.stat()
+        mode = data_dir.stat().st_mode
     except FileNotFoundError:
         return True
     except OSError:
         return False
-    return is_dir and not (data_dir / "pg" / "PG_VERSION").is_file()
+    return stat.S_ISDIR(mode) and not (data_dir / "pg" / "PG_VERSION").is_file()
 
 
 def _no_data_dir(settings: Settings, exc: OSError) -> str:
@@ -472,15 +472,22 @@ def _kv(args: argparse.Namespace) -> int:
         print("memos admin kv drop: name a --model, or --stale (the stale KV of every model)", file=sys.stderr)
         return 2
 
-    async def dropped() -> Dropped:
+    async def dropped() -> tuple[Dropped, list[str]]:
         async with _database() as db:
-            return await drop(
+            # The models with KV before the drop, read in the same session: a typo'd name drops nothing.
+            have: list[str] = []
+            if args.model is not None:
+                async with db.read() as conn:
+                    have = [kv.model for kv in await summary(conn, cube_ids)]
+            report = await drop(
                 db, _blob_store(), model=args.model, stale_only=args.stale, cube_ids=cube_ids, dry_run=args.dry_run
             )
+            return report, have
 
-    report = _run_tool("kv", dropped)
-    if report is None:
+    outcome = _run_tool("kv", dropped)
+    if outcome is None:
         return 1
+    report, have = outcome
     verb = "would drop (dry run: nothing removed)" if args.dry_run else "dropped"
     counted = ", ".join(f"{n} of {m}" for m, n in sorted(report.by_model.items())) or "none"
     print(
@@ -488,16 +495,12 @@ def _kv(args: argparse.Namespace) -> int:
         f"{_mib(report.bytes_freed)} freed"
     )
     _print_bad_keys(report)
-    if args.model is not None and not report.by_model:
-        # A typo'd model name dropped nothing and said only "dropped 0": say which models have KV here.
-        async def listed() -> list[ModelKV]:
-            async with _database() as db, db.read() as conn:
-                return await summary(conn, cube_ids)
-
-        names = [kv.model for kv in _run_tool("kv", listed) or []]
-        if args.model not in names:  # (with --stale, a model whose KV is all fresh drops nothing either)
-            have = ", ".join(names) or "none"
-            print(f"no KV activations of model {args.model!r} here (models with KV activations: {have})")
+    # A typo'd model name dropped nothing and said only "dropped 0": say which models have KV here. (With
+    # --stale, a model whose KV is all fresh drops nothing either: no hint for it.)
+    if args.model is not None and args.model not in have:
+        print(
+            f"no KV activations of model {args.model!r} here (models with KV activations: {', '.join(have) or 'none'})"
+        )
     return 0
 
 

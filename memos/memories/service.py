@@ -26,7 +26,7 @@ from memos.memories import schemas
 from memos.memories.ann import IndexMover, cube_indexed, cube_indexing
 from memos.memories.neighbours import KNN_LINK, LinkEdge, link_neighbours
 from memos.memories.versioning import content_sha256, insert_new, write_version
-from memos.pagination import Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset, list_tag
+from memos.pagination import NOT_ISSUED, Page, decode_cursor, decode_keyset, encode_cursor, encode_keyset, list_tag
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
 from memos.search.indexing import embedding_text, event_time
@@ -532,7 +532,7 @@ class MemoryService:
             # Only a version number this server could have handed out: a forged ["x"], [1.5] or [true] was
             # read as "from the start", and [2**70] reached Postgres as a DataError that named no field.
             if type(after[0]) is not int or not 1 <= after[0] <= schemas.MAX_VERSION:
-                raise Invalid.field("cursor", "not a cursor this server handed out")
+                raise Invalid.field("cursor", NOT_ISSUED)
             start = after[0]
         async with self.db.read() as conn:
             await self._load(conn, principal, memory_id, "read")

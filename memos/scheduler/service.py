@@ -467,6 +467,7 @@ class Scheduler:
         lifts the memory's pins for that model (and builds nothing). 409 when the tier's share for pins is full.
         Under the pass lock: the limit check, the load and the pin happen as one step, and a pass never sweeps
         a pin that is landing."""
+        principal.tenant_member()  # the operator is 403 before the model or the memory is looked at
         if body.tier == "store":
             return await self._unpin(principal, body)
         activation, _ = await self.kv.build(principal, body.memory_id, BuildIn(model=body.model))

@@ -443,8 +443,6 @@ class SemCacheService:
         cached = decode_vector(row.vec)
         if cached is None:
             raise Invalid.field("memory_id", "this cached answer was purged; there is nothing to compare with")
-        (qvec,) = await self.vectors.embed([req.query])
-        similarity = max(-1.0, min(1.0, float(np.dot(cached, qvec))))
         state = await self.indexes.state(row.cube_id)
         named = row.metadata.get("category")
         if isinstance(named, str) and named not in state.policy.categories:
@@ -456,6 +454,8 @@ class SemCacheService:
                 errors=[FieldError("memory_id", f"category {named!r} is not configured")],
             )
         category = state.policy.category(named if isinstance(named, str) else None)
+        (qvec,) = await self.vectors.embed([req.query])  # after every refusal: a refused call costs no model pass
+        similarity = max(-1.0, min(1.0, float(np.dot(cached, qvec))))
         async with self.db.transaction() as conn:
             await cube_access(conn, principal, row.cube_id, "write")
             current = (

@@ -207,52 +207,33 @@ def check_times(body: Any) -> None:
     path (``items[0].metadata.time``): encoded as it is, the server would read it as UTC, a guess.
 
     A loop, not recursion (a deeply nested body cannot exhaust the stack); each container is walked once (a
-    body that contains itself ends the walk, and msgspec then refuses it); the path is spelled out only for
-    the datetime refused."""
-    # Each node: (value, its parent's index, its key in the parent, whether that key is a position).
-    nodes: list[tuple[Any, int, Any, bool]] = [(body, -1, None, False)]
-    stack = [0]
+    body that contains itself ends the walk, and msgspec then refuses it); leaves are never stacked."""
+    stack: list[tuple[Any, str]] = [(body, "")]
     seen: set[int] = set()
     while stack:
-        index = stack.pop()
-        value = nodes[index][0]
+        value, where = stack.pop()
         if isinstance(value, datetime):
             if _naive(value):
-                raise _naive_error(_path(nodes, index) or "the body")
+                raise _naive_error(where or "the body")
             continue
         # A container of leaves only (the common case: a vector, a list of tags) is passed over with one C-level
         # scan of its element types, not a Python step per element.
         if isinstance(value, Mapping):
             if set(map(type, value.values())) <= _LEAVES:
                 continue
-            children: Iterable[tuple[Any, Any]] = value.items()
-            positional = False
+            children = ((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
         elif isinstance(value, list | tuple | set | frozenset):
             if set(map(type, value)) <= _LEAVES:
                 continue
-            children, positional = enumerate(value), True
+            children = ((f"{where}[{i}]", v) for i, v in enumerate(value))
         elif isinstance(value, msgspec.Struct):
-            children = ((f, getattr(value, f)) for f in value.__struct_fields__)
-            positional = False
+            children = ((f"{where}.{f}" if where else f, getattr(value, f)) for f in value.__struct_fields__)
         else:
             continue
         if id(value) in seen:
             continue
         seen.add(id(value))
-        for key, child in children:
-            if type(child) not in _LEAVES:
-                stack.append(len(nodes))
-                nodes.append((child, index, key, positional))
-
-
-def _path(nodes: list[tuple[Any, int, Any, bool]], index: int) -> str:
-    """``items[0].metadata.time`` for the node at ``index``."""
-    parts: list[str] = []
-    while index > 0:
-        _, parent, key, positional = nodes[index]
-        parts.append(f"[{key}]" if positional else f".{key}")
-        index = parent
-    return "".join(reversed(parts)).removeprefix(".")
+        stack.extend((child, name) for name, child in children if type(child) not in _LEAVES)
 
 
 def compact(**fields: Any) -> dict[str, Any]:

@@ -302,8 +302,8 @@ def list_memories(
         kind=kind,
         tag=[tag] if isinstance(tag, str) else tag,
         state=state,
-        since=None if since is None else time_param("since", since),
-        until=None if until is None else time_param("until", until),
+        since=since,  # query() writes a datetime as RFC 3339 (a naive one is a ValueError naming it)
+        until=until,
         include_expired=include_expired,
         limit=page_size,
         cursor=cursor,
@@ -462,7 +462,7 @@ def cache_feedback(memory_id: Id, query_text: str, correct: bool, scope: str | N
 
 
 def cache_invalidate(cube_id: Id, category: str | None, older_than: int | timedelta | None) -> Call[_Invalidated]:
-    age = None if older_than is None else seconds("older_than", older_than)
+    age = ttl("older_than", older_than)
     params = query(cube_id=ident("cube_id", cube_id), category=category, older_than=age)
     return Call("DELETE", path("cache"), _INVALIDATED, params=params)
 
