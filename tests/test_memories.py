@@ -98,6 +98,53 @@ def test_patch_requires_if_match_and_rejects_stale(client, factory, tenant, cube
     assert patch(client, tenant.admin_key, m["id"], {"content": "v4"}, "*").json()["version"] == 4
 
 
+def test_repeated_tags_are_stored_once_in_first_seen_order(client, factory, tenant, database_url) -> None:
+    """Tags are a set in meaning: a repeat was stored as sent, and showed in every version, list and export."""
+    cube = factory.cube(tenant.admin_key)
+    key = tenant.admin_key
+    one = factory.memory(key, cube["id"], "tagged twice", tags=["b", "a", "b", "a"])
+    assert one["tags"] == ["b", "a"]
+    r = client.post(
+        f"/v1/cubes/{cube['id']}/memories/batch",
+        json={"items": [{"kind": "plaintext", "content": "batched", "tags": ["x", "x", "y"]}]},
+        headers=bearer(key),
+    )
+    assert r.status_code == 201, r.text
+    (batched,) = r.json()["items"]
+    assert batched["tags"] == ["x", "y"]
+    r = patch(client, key, one["id"], {"tags": ["c", "c", "b"]}, 1)
+    assert r.status_code == 200, r.text
+    assert (r.json()["version"], r.json()["tags"]) == (2, ["c", "b"])
+    # The same set with a repeat is no change: no new version.
+    assert patch(client, key, one["id"], {"tags": ["c", "b", "c"]}, 2).json()["version"] == 2
+    assert [v["tags"] for v in versions(client, key, one["id"])] == [["b", "a"], ["c", "b"]]
+    assert client.get(f"/v1/memories/{one['id']}", headers=bearer(key)).json()["tags"] == ["c", "b"]
+    # The rows an export reads hold the same lists.
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            "SELECT id::text, tags FROM memories WHERE cube_id = %s ORDER BY content DESC", (cube["id"],)
+        ).fetchall()
+        history = conn.execute(
+            "SELECT tags FROM memory_versions WHERE memory_id = %s ORDER BY version", (one["id"],)
+        ).fetchall()
+    assert stored == [(one["id"], ["c", "b"]), (batched["id"], ["x", "y"])]
+    assert [row[0] for row in history] == [["b", "a"], ["c", "b"]]
+    listed = client.get(f"/v1/cubes/{cube['id']}/memories", params={"tag": "c"}, headers=bearer(key)).json()
+    assert [(m["id"], m["tags"]) for m in listed["items"]] == [(one["id"], ["c", "b"])]
+    found = client.post(
+        "/v1/search", json={"query": "tagged", "cube_ids": [cube["id"]], "tags": ["c", "c"]}, headers=bearer(key)
+    ).json()["results"]
+    assert [(x["memory"]["id"], x["memory"]["tags"]) for x in found] == [(one["id"], ["c", "b"])]
+    # A refused tag is named where it was sent, repeats counted.
+    r = client.post(
+        f"/v1/cubes/{cube['id']}/memories",
+        json={"kind": "plaintext", "content": "x", "tags": ["a", "a", "b\u0000"]},
+        headers=bearer(key),
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "tags[2]"
+
+
 def test_restore_creates_a_new_version_equal_to_an_old_one(client, factory, tenant, cube) -> None:
     m = factory.memory(tenant.admin_key, cube["id"], "original", tags=["t1"], metadata={"k": 1})
     patch(client, tenant.admin_key, m["id"], {"content": "changed", "tags": [], "metadata": {}}, 1)

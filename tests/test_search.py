@@ -110,6 +110,38 @@ def test_unreadable_time_is_422(client, world) -> None:
     assert r.json()["errors"][0]["field"] == "metadata.time"
 
 
+def test_a_time_is_at_most_120_characters_as_sent(client, factory: Factory) -> None:
+    """The limit was counted after whitespace was collapsed: 10,000 spaces and a date passed, and were parsed."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    key = bearer(tenant.admin_key)
+    padded = " " * 10_000 + "8 May 2023"
+    r = client.post(
+        f"/v1/cubes/{cube['id']}/memories",
+        json={"kind": "plaintext", "content": "x", "metadata": {"time": padded}},
+        headers=key,
+    )
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["errors"][0]["field"] == "metadata.time"
+    assert len(r.text) < 1000  # the message does not echo the text
+    items = [
+        {"kind": "plaintext", "content": "ok"},
+        {"kind": "plaintext", "content": "x", "metadata": {"time": padded}},
+    ]
+    r = client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=key)
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "items[1].metadata.time"
+    # Exactly 120 characters, spaces included, is read.
+    edge = factory.memory(tenant.admin_key, cube["id"], "edge", metadata={"time": " " * 110 + "8 May 2023"})
+    assert edge["version"] == 1
+    r = client.patch(
+        f"/v1/memories/{edge['id']}", json={"metadata": {"time": padded}}, headers={**key, "If-Match": '"1"'}
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "metadata.time"
+
+
 def test_patch_reembeds_and_records_the_model(client, factory: Factory, database_url: str) -> None:
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)
@@ -176,6 +208,26 @@ def test_bad_search_requests_are_422(client, world, body, field) -> None:
     assert r.status_code == 422, r.text
     if field is not None:
         assert r.json()["errors"][0]["field"] == field
+
+
+@pytest.mark.parametrize("field", ["states", "kinds", "cube_ids"])
+def test_an_empty_list_that_can_match_nothing_is_422(client, world, field) -> None:
+    """An empty ``states`` was read as the default (active), an empty ``kinds`` as any kind and an empty
+    ``cube_ids`` searched nothing: each is a caller's mistake, so it is refused, naming the field."""
+    r = client.post("/v1/search", json={"query": "Alice", field: []}, headers=bearer(world["tenant"].admin_key))
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    problem = r.json()
+    assert {"type", "title", "status", "detail", "errors"} <= problem.keys()
+    assert [e["field"] for e in problem["errors"]] == [field]
+
+
+def test_an_empty_tags_list_requires_no_tag(client, world) -> None:
+    """Every listed tag must be present: with none listed every memory qualifies, as without the field."""
+    key = world["tenant"].admin_key
+    everything = search(client, key, query="Alice", mode="text", k=50)
+    assert everything["results"]
+    assert search(client, key, query="Alice", mode="text", k=50, tags=[])["results"] == everything["results"]
 
 
 def test_unknown_cube_in_search_is_404(client, world) -> None:

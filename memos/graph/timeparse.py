@@ -7,7 +7,9 @@ from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 
 from memos.graph._calendar import MONTH_NAMES, MONTH_PATTERN, MONTHS, WEEKDAY_ABBREVIATED_PATTERN, WEEKDAYS
 
-_MAX_LEN = 120  # longer strings are prose, not a time; refusing them keeps the regexes cheap
+MAX_LENGTH = 120
+"""The longest time text read, counted as sent: longer is prose, not a time, and refusing it keeps the regexes
+cheap. Counted before whitespace is collapsed, or 10,000 spaces and a date passed (and were parsed)."""
 
 _TIME = re.compile(
     r"(?P<hour>\d{1,2})(?::(?P<minute>\d{2}))?(?::(?P<second>\d{2}))?\s*(?P<ampm>[ap])\.?\s?m\.?"
@@ -40,8 +42,10 @@ def parse_event_time(value: str, *, assume: tzinfo = UTC) -> datetime | None:
     a date without a time is midnight. Relative phrases ("yesterday") are refused: they need a
     reference point the caller has and this function does not.
     """
+    if len(value) > MAX_LENGTH:
+        return None
     text = " ".join(value.split())
-    if not text or len(text) > _MAX_LEN:
+    if not text:
         return None
     iso = _parse_iso(text)
     if iso is not None:

@@ -150,6 +150,12 @@ def _provenance_json(p: schemas.Provenance) -> dict[str, Any]:
     return out
 
 
+def unique_tags(tags: Sequence[str]) -> list[str]:
+    """``tags`` without repeats, in first-seen order: tags are a set in meaning, and a stored repeat showed in
+    every version, export and list. Applied after the input checks, so a field path names the tag as sent."""
+    return list(dict.fromkeys(tags))
+
+
 def _check_kind(item: schemas.MemoryIn, where: str) -> None:
     for name in ("content", "metadata", "tags", "provenance"):
         reject_nul(getattr(item, name), f"{where}{name}")
@@ -280,7 +286,7 @@ class MemoryService:
                         "version": 1,
                         "content": item.content,
                         "metadata": item.metadata,
-                        "tags": item.tags,
+                        "tags": unique_tags(item.tags),
                         "provenance": provenance,
                         "content_sha256": content_sha256(item.content),
                         "expires_at": _expires(item.ttl_seconds),
@@ -601,8 +607,8 @@ class MemoryService:
                 if current.kind == "response":
                     _check_response_query(patch.metadata, "metadata.query")
                 values["metadata"] = patch.metadata
-            if patch.tags is not msgspec.UNSET and list(patch.tags) != list(current.tags):
-                values["tags"] = patch.tags
+            if patch.tags is not msgspec.UNSET and (tags := unique_tags(patch.tags)) != list(current.tags):
+                values["tags"] = tags
             if patch.state is not msgspec.UNSET and patch.state != current.state:
                 values["state"] = patch.state
             if patch.ttl_seconds is not msgspec.UNSET and not (

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from memos.errors import Invalid
+from memos.graph.timeparse import MAX_LENGTH as MAX_TIME_LENGTH
 from memos.graph.timeparse import parse_event_time
 
 
@@ -30,6 +31,8 @@ def event_time(metadata: dict[str, Any], field: str = "metadata.time") -> dateti
         return None
     if not isinstance(raw, str):
         raise Invalid.field(field, "a time must be a string (RFC 3339 or a date like '8 May, 2023')")
+    if len(raw) > MAX_TIME_LENGTH:  # as sent, spaces included; and the message does not echo it
+        raise Invalid.field(field, f"a time is at most {MAX_TIME_LENGTH} characters, got {len(raw)}")
     parsed = parse_event_time(raw)
     if parsed is None:
         raise Invalid.field(field, f"cannot read {raw!r} as a date or time")

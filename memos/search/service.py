@@ -194,9 +194,8 @@ class SearchService:
     def _filters(
         self, req: schemas.SearchRequest, cubes: list[uuid.UUID], indexed: list[uuid.UUID]
     ) -> statements.Scope:
-        return statements.Scope.of(
-            cubes, indexed, list(req.states or ["active"]), req.kinds, req.tags, req.filters, req.since, req.until
-        )
+        states: list[str] = ["active"] if req.states is None else list(req.states)  # the schema refuses []
+        return statements.Scope.of(cubes, indexed, states, req.kinds, req.tags, req.filters, req.since, req.until)
 
     # -- the two legs: each returns both signals, so fusion compares like with like -------------------------
 
