@@ -355,6 +355,70 @@ def test_import_checks_the_checksum_before_the_fingerprint(client, tenant, expor
     assert body["type"].endswith("/checksum-mismatch") and body["errors"][0]["field"] == "body"
 
 
+def with_metadata(data: bytes, **changes: str) -> bytes:
+    """``data`` with values of its header's ``__metadata__`` replaced; the tensor bytes, and so their
+    ``payload_sha256``, unchanged (the header is not covered by it)."""
+    start = 8 + int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:start])
+    header["__metadata__"] = {**header["__metadata__"], **changes}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors keeps the tensor bytes 8-aligned
+    return len(text).to_bytes(8, "little") + text + data[start:]
+
+
+@pytest.mark.parametrize("fingerprint", ["not-a-fingerprint", "", "F" * 64, "a" * 63, "a" * 65])
+def test_a_malformed_fingerprint_in_the_header_is_422_naming_it(client, tenant, exported, fingerprint: str) -> None:
+    """Found in review: it was 409 fingerprint-mismatch, as if the file held KV of another model; a value that is no
+    fingerprint at all is the caller's mistake. Checked with the header, before the checksum."""
+    m, data = exported["memory"], exported["data"]
+    assert import_kv(client, tenant.admin_key, m["id"], with_metadata(data)).status_code == 200  # the helper is sound
+    for body in (
+        with_metadata(data, fingerprint=fingerprint),
+        with_metadata(data[:-1] + b"?", fingerprint=fingerprint),
+    ):
+        problem_body = problem(import_kv(client, tenant.admin_key, m["id"], body), 422)
+        assert [e["field"] for e in problem_body["errors"]] == ["body.__metadata__.fingerprint"], problem_body
+        assert "64 lowercase hex digits" in problem_body["detail"]
+
+
+@pytest.mark.parametrize(
+    "created_at",
+    [
+        "yesterday",
+        "",
+        "2026-01-31",  # a date, no time
+        "2026-01-31T09:30:00",  # no offset: not a point in time
+        "2026-13-01T09:30:00Z",  # no 13th month
+        "2026-02-30T09:30:00+01:00",
+        "20260131T093000Z",  # ISO 8601's basic form, not RFC 3339
+        "9999-01-01T00:00:00Z",  # the future
+        "FUTURE",  # an hour ahead of now, filled in below
+    ],
+)
+def test_an_unreadable_or_future_created_at_in_the_header_is_422_naming_it(
+    client, tenant, exported, created_at: str
+) -> None:
+    """Found in review: created_at was not checked at all, so an upload could say anything about when it was built,
+    and its downloads repeated it."""
+    from datetime import UTC, datetime, timedelta
+
+    if created_at == "FUTURE":
+        created_at = (datetime.now(UTC) + timedelta(hours=1)).isoformat(timespec="seconds")
+    m, data = exported["memory"], exported["data"]
+    body = problem(import_kv(client, tenant.admin_key, m["id"], with_metadata(data, created_at=created_at)), 422)
+    assert [e["field"] for e in body["errors"]] == ["body.__metadata__.created_at"], body
+
+
+def test_a_created_at_in_the_past_or_within_the_clock_skew_is_accepted(client, tenant, exported) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    m, data = exported["memory"], exported["data"]
+    soon = (datetime.now(UTC) + timedelta(minutes=2)).isoformat(timespec="seconds")
+    for created_at in ("2001-01-01T00:00:00+02:00", "2026-01-31t09:30:00.123456789z", soon):
+        r = import_kv(client, tenant.admin_key, m["id"], with_metadata(data, created_at=created_at))
+        assert r.status_code == 200, (created_at, r.text)  # the memory's fresh activation exists already
+
+
 def test_kv_of_another_model_is_409_with_both_fingerprints(client, factory, tenant, cube, exported) -> None:
     m = factory.memory(tenant.admin_key, cube["id"], exported["memory"]["content"] + " Also on Sundays.")
     foreign = built(client, tenant.admin_key, m["id"], model=OTHER)
@@ -685,7 +749,7 @@ def test_a_corrupted_blob_is_never_served_and_is_rebuilt(client, app, factory, t
     corrupt(settings, act["sha256"])
     r = client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(key))
     assert r.status_code == 200, r.text
-    assert "x-memos-repaired" in r.headers
+    assert r.headers["x-memos-repaired"] == "rebuilt after the stored file failed its checksum"
     assert r.headers["x-memos-sha256"] == hashlib.sha256(r.content).hexdigest() != act["sha256"]
     assert not blob_path(settings, act["sha256"]).exists()
     from memos.kv.codec import decode
@@ -709,7 +773,8 @@ def test_a_deleted_blob_is_reported_and_rebuilt(client, app, factory, tenant, cu
     app.state.activations.tiers.clear()
     r = client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(key))
     assert r.status_code == 200, r.text
-    assert "x-memos-repaired" in r.headers
+    # Found in review: it said the file "failed its checksum", which sends an operator to the wrong problem.
+    assert r.headers["x-memos-repaired"] == "rebuilt after the stored file was found missing"
     assert r.headers["x-memos-sha256"] == hashlib.sha256(r.content).hexdigest()
     assert blob_path(settings, r.headers["x-memos-sha256"]).exists()
     assert len(r.content) == len(original)
@@ -784,8 +849,16 @@ def test_a_corrupted_blob_of_a_changed_memory_is_409(client, factory, tenant, cu
     corrupt(settings, act["sha256"])
     body = problem(client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(key)), 409)
     assert body["type"].endswith("kv-corrupt") and "POST /v1/memories/" in body["detail"]
+    assert "failed its checksum" in body["detail"]
     now = client.get(f"/v1/activations/{act['id']}", headers=bearer(key)).json()
     assert now["corrupt"] is True and now["stale"] is True
+    # A file that is gone is said to be missing, not to have failed its checksum.
+    gone = factory.memory(key, cube["id"], "Leo's orthodontist is on Mill Lane.")
+    act = built(client, key, gone["id"])
+    patch(client, key, gone["id"], {"content": "Leo's orthodontist moved to Bridge Street."}, 1)
+    blob_path(settings, act["sha256"]).unlink()
+    body = problem(client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(key)), 409)
+    assert "was found missing" in body["detail"] and "checksum" not in body["detail"], body
 
 
 # ---------------------------------------------------------------------- generation
@@ -836,6 +909,11 @@ def test_generate_from_a_search(client, factory, tenant) -> None:
     assert out["activations_used"] == [act["id"]]
 
 
+def test_a_prompt_of_20000_characters_is_accepted(client, tenant) -> None:
+    """kv.md's bound, in characters: 20,000 of a two-byte character pass (one more is 422 on prompt, below)."""
+    assert generated(client, tenant.admin_key, prompt="\u00e9" * 20_000, max_new_tokens=1)["memory_ids"] == []
+
+
 def test_generate_with_no_memories_is_just_the_prompt(client, tenant) -> None:
     out = generated(client, tenant.admin_key, prompt="Hello there")
     assert out["memory_ids"] == [] and out["reused_tokens"] == 0 and out["prefill_tokens"] > 0
@@ -847,6 +925,7 @@ def test_generate_with_no_memories_is_just_the_prompt(client, tenant) -> None:
         ({"model": MODEL}, "prompt"),
         ({"prompt": "hi"}, "model"),
         ({"model": MODEL, "prompt": ""}, "prompt"),
+        ({"model": MODEL, "prompt": "x" * 20_001}, "prompt"),  # kv.md: at most 20,000 characters
         ({"model": MODEL, "prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
         ({"model": MODEL, "prompt": "hi", "max_new_tokens": 100000}, "max_new_tokens"),
         ({"model": MODEL, "prompt": "hi", "recompute_ratio": 1.5}, "recompute_ratio"),
@@ -985,6 +1064,59 @@ def test_without_models_kv_endpoints_say_how_to_configure_one(bare_client, facto
     # What was stored stays readable and downloadable.
     assert bare_client.get(f"/v1/activations/{act['id']}", headers=bearer(key)).status_code == 200
     download(bare_client, key, act["id"])
+
+
+# ---------------------------------------------------------------------- a model that does not load
+
+BROKEN = "broken"
+"""Sorts before MODEL: the first page of the list holds it."""
+
+
+@pytest.fixture(scope="module")
+def broken_client(
+    settings: Settings, embedder: Any, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestClient[Litestar]]:
+    """MEMOS_MODELS with one more model, whose weights file is cut short (a copy that broke on the way)."""
+    broken = tmp_path_factory.mktemp("broken") / BROKEN
+    shutil.copytree(model_dirs[MODEL], broken)
+    (weights,) = broken.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    models = {**settings.models, BROKEN: ModelSpec(name=BROKEN, path=broken)}
+    with TestClient(create_app(dataclasses.replace(settings, models=models), embedder_factory=lambda: embedder)) as c:
+        yield c
+
+
+def test_a_model_that_does_not_load_is_listed_unavailable_and_503_only_where_needed(
+    broken_client, factory, tenant, cube
+) -> None:
+    """Found in review: one broken model made every page of GET /v1/models that held it a 503, hiding the models
+    that work. It is listed, unavailable and why; only the requests that need it answer 503."""
+    key = tenant.admin_key
+    r = broken_client.get("/v1/models", headers=bearer(key))
+    assert r.status_code == 200, r.text
+    models = {m["name"]: m for m in r.json()["items"]}
+    assert set(models) == {BROKEN, MODEL, OTHER, DYNAMIC}
+    broken = models[BROKEN]
+    assert broken["status"] == "unavailable" and f"model {BROKEN!r} could not be loaded" in broken["reason"]
+    assert broken["fingerprint"] is None and broken["layers"] is None and broken["kv_bytes_per_token"] is None
+    assert (broken["dtype"], broken["device"]) == ("float32", "auto")
+    tiny = models[MODEL]
+    assert tiny["status"] == "ready" and tiny["reason"] is None and len(tiny["fingerprint"]) == 64
+    # A page holding only the broken model answers too, and the next page goes on.
+    first = broken_client.get("/v1/models", params={"limit": 1}, headers=bearer(key))
+    assert first.status_code == 200, first.text
+    assert [m["name"] for m in first.json()["items"]] == [BROKEN]
+    rest = broken_client.get("/v1/models", params={"cursor": first.json()["next_cursor"]}, headers=bearer(key))
+    assert [m["name"] for m in rest.json()["items"]] == [MODEL, DYNAMIC, OTHER]
+    # What needs the broken model is 503 (retry later); the other models work as before.
+    m = factory.memory(key, cube["id"], "The spare key is taped under the third drawer.")
+    for r in (
+        build(broken_client, key, m["id"], model=BROKEN),
+        broken_client.post("/v1/generate", json={"model": BROKEN, "prompt": "Where is the key?"}, headers=bearer(key)),
+    ):
+        body = problem(r, 503)
+        assert r.headers["retry-after"] == "30" and f"model {BROKEN!r} could not be loaded" in body["detail"]
+    assert build(broken_client, key, m["id"]).status_code == 201
 
 
 # ---------------------------------------------------------------------- model loading

@@ -231,6 +231,16 @@ def test_wrong_fingerprint_is_a_mismatch_with_both_values() -> None:
     assert caught.value.actual == FP
 
 
+@pytest.mark.parametrize("fingerprint", ["nope", "", "AB" * 32, "ab" * 31, "ab" * 33, "ab" * 32 + "\n"])
+def test_a_malformed_fingerprint_is_a_format_error_naming_the_key(fingerprint: str) -> None:
+    """Not a mismatch: a value that is no SHA-256 names no model (the service answers 422 on it, not 409)."""
+    data = forge(tensors_of(make_chunk()), fingerprint=fingerprint)
+    for read in (read_meta, lambda d: decode(d, expect_fingerprint=FP)):
+        with pytest.raises(KVFormatError, match="64 lowercase hex digits") as caught:
+            read(data)
+        assert caught.value.key == "fingerprint"
+
+
 def test_a_plain_safetensors_file_is_not_memos_kv() -> None:
     chunk = make_chunk()
     with pytest.raises(KVFormatError, match="metadata"):

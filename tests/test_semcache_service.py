@@ -251,6 +251,33 @@ def test_an_entry_of_a_category_that_is_not_configured_is_never_served(
         assert "not configured" in body["reason"]
 
 
+def test_a_miss_at_the_category_stage_reports_the_lookups_threshold(
+    client: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """Found in review: a `code` lookup whose nearest entry was stored under `default` answered the default
+    category's threshold (0.75) beside `category: "code"`, whose threshold (0.85) is the one that applied."""
+    key = tenant.admin_key
+    store(client, key, cube, "How do I list the files in a directory?", "ls -la")
+    body = indexed_lookup(client, key, cube, "How do I list the files in a directory?", category="code")
+    assert body["hit"] is False and "category stage" in body["reason"], body
+    assert (body["category"], body["threshold"]) == ("code", 0.85)
+    assert category_stats(client, key, cube, "code")["threshold"] == 0.85
+    # The same holds for an entry of a category the cube does not configure.
+    r = client.post(
+        f"/v1/cubes/{cube}/memories",
+        json={
+            "kind": "response",
+            "content": "Use rsync -a.",
+            "metadata": {"query": "How do I copy a folder to another host?", "category": "ops-unconfigured"},
+        },
+        headers=bearer(key),
+    )
+    assert r.status_code == 201, r.text
+    body = indexed_lookup(client, key, cube, "How do I copy a folder to another host?", category="code")
+    assert body["hit"] is False and "not configured" in body["reason"], body
+    assert (body["category"], body["threshold"]) == ("code", 0.85)
+
+
 # -- invalidation ------------------------------------------------------------------------------------------
 
 
@@ -703,6 +730,28 @@ def test_a_malformed_configuration_is_rejected_naming_the_field(
     assert r.status_code == 422, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     assert r.json()["errors"][0]["field"] == field
+
+
+def test_the_documented_size_limits_hold_at_their_bounds(
+    client: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """semcache.md: a query is at most 8,000 characters (lookup, store, feedback), a category's max_entries at most
+    10,000,000. Characters, not bytes: 8,000 of a three-byte character pass."""
+    key = tenant.admin_key
+    for query in ("q" * 8000, "\u20ac" * 8000):
+        assert lookup(client, key, cube, query)["hit"] is False
+    for path, body in (
+        ("/v1/cache/lookup", {"cube_id": cube, "query": "q" * 8001}),
+        ("/v1/cache", {"cube_id": cube, "query": "q" * 8001, "response": "a"}),
+        ("/v1/cache/feedback", {"memory_id": str(uuid.uuid4()), "query": "q" * 8001, "correct": True}),
+    ):
+        r = client.post(path, json=body, headers=bearer(key))
+        assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["query"], (path, r.text)
+    for quota, status in ((10_000_000, 200), (10_000_001, 422)):
+        config = {"cube_id": cube, "categories": {"faq": {"max_entries": quota}}}
+        r = client.put("/v1/cache/config", json=config, headers=bearer(key))
+        assert r.status_code == status, r.text
+    assert r.json()["errors"][0]["field"] == "categories.faq.max_entries"
 
 
 def test_purge_erases_the_cache_row_too(

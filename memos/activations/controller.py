@@ -93,8 +93,8 @@ class ActivationController(Controller):
     ) -> Response[bytes]:
         data, sha256, activation, repaired = await activations.kv_file(principal, parse_id(activation_id, "activation"))
         headers = _kv_headers(activation, sha256)
-        if repaired:
-            headers["X-Memos-Repaired"] = "rebuilt after the stored file failed its checksum"
+        if repaired is not None:
+            headers["X-Memos-Repaired"] = f"rebuilt after the stored file {repaired}"
         return Response(data, media_type=KV_MEDIA_TYPE, headers=headers)
 
     @post(

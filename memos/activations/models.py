@@ -44,6 +44,10 @@ class KVBusy(Unavailable):
     title = "KV worker busy"
 
 
+class ModelUnavailable(Unavailable):
+    """A configured model whose directory does not load: 503 for the requests that need it (and only those)."""
+
+
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
     """Run ``fn`` on ``loop`` from any thread; nothing if the loop has closed (the service is stopping)."""
     with contextlib.suppress(RuntimeError):
@@ -128,7 +132,9 @@ class ModelRegistry:
                 raise
             except Exception as exc:  # whatever a model directory does wrong, it is the server's configuration
                 log.error("model failed to load", extra={"model": name, "error": str(exc)}, exc_info=exc)
-                raise Unavailable(f"model {name!r} could not be loaded: {exc}", headers={"Retry-After": "30"}) from None
+                raise ModelUnavailable(
+                    f"model {name!r} could not be loaded: {exc}", headers={"Retry-After": "30"}
+                ) from None
             self._loaded[name] = lm
             log.info("model loaded", extra={"model": name, "fingerprint": lm.fingerprint, "device": str(lm.device)})
             return lm

@@ -19,20 +19,31 @@ Prompt = Annotated[str, msgspec.Meta(min_length=1, max_length=20_000, pattern=NO
 Tier = Literal["device", "host", "store"]
 
 
+ModelStatus = Literal["ready", "unavailable"]
+
+
 class Model(msgspec.Struct):
-    """A configured causal LM, as ``GET /v1/models`` shows it."""
+    """A configured causal LM, as ``GET /v1/models`` shows it.
+
+    A model whose directory does not load is listed too, ``unavailable`` with the ``reason``: the fields only a
+    load can tell (fingerprint, shape, RoPE) are null, ``dtype`` and ``device`` are the configured ones."""
 
     name: str
-    fingerprint: str
-    layers: int
-    kv_heads: int
-    head_dim: int
+    fingerprint: str | None
+    layers: int | None
+    kv_heads: int | None
+    head_dim: int | None
     dtype: str
     device: str
-    kv_bytes_per_token: int
+    """Where it runs (``cpu``, ``cuda:0``); the configured ``auto``/``cpu``/``cuda`` while it is unavailable."""
+    kv_bytes_per_token: int | None
     """2 x layers x kv_heads x head_dim x dtype bytes: what one token of stored KV costs."""
-    rope_shiftable: bool
+    rope_shiftable: bool | None
     """False when chunks of this model cannot be composed (generation then prefills in full)."""
+    status: ModelStatus = "ready"
+    """``ready``, or ``unavailable``: it failed to load, and requests that need it answer 503."""
+    reason: str | None = None
+    """Why it is unavailable (the load's error); null when ready."""
 
 
 class BuildIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -55,7 +66,7 @@ class Activation(msgspec.Struct):
     stale: bool
     """The source memory has a newer version (or is deleted): this KV is never injected."""
     corrupt: bool
-    """The stored bytes failed their checksum and could not be rebuilt; never served."""
+    """The stored file was found missing or failed its checksum, and could not be rebuilt; never served."""
     hits: int
     created_at: datetime
     last_used_at: datetime | None

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -24,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.activations import files, schemas
 from memos.activations.freshness import is_fresh, is_stale, with_freshness
-from memos.activations.models import KVWorker, ModelRegistry
+from memos.activations.models import KVWorker, ModelRegistry, ModelUnavailable
 from memos.activations.tiers import KVTiers, ResidentTier
 from memos.cubes.access import readable_cube_ids
 from memos.errors import Conflict, FieldError, Invalid, NotFound, Unavailable
@@ -43,6 +44,12 @@ if TYPE_CHECKING:
     from memos.kv.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
+
+HEADER_FIELD = "body.__metadata__"
+"""How a refused import names a value of the file's header: the path of ``__metadata__`` in the body."""
+CREATED_AT_SKEW = timedelta(minutes=5)
+"""How far ahead of this server's clock an uploaded file's ``created_at`` may be (the uploader's clock may run fast)."""
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})", re.ASCII)
 
 PINNED = text("activations.tier IN ('device', 'host')")
 """Pinned to a memory tier: written out (not bound) so that it matches the partial index of migration 0007."""
@@ -154,9 +161,30 @@ class ActivationService:
         if after is not None and not isinstance(after[0], str):
             raise Invalid.field("cursor", NOT_ISSUED)
         names = [n for n in sorted(self.models.specs) if after is None or n > after[0]]
-        out = [_model_dto(await self.models.get(name)) for name in names[:limit]]
+        out = [await self._model_entry(name) for name in names[:limit]]
         more = len(names) > limit
         return Page(items=out, next_cursor=encode_cursor([out[-1].name], MODELS) if more else None)
+
+    async def _model_entry(self, name: str) -> schemas.Model:
+        """The model as listed; one whose directory does not load is listed as unavailable, with why. Only the
+        requests that need it answer 503: one broken model made every page it was on a 503, hiding the rest."""
+        try:
+            return _model_dto(await self.models.get(name))
+        except ModelUnavailable as exc:
+            spec = self.models.specs[name]
+            return schemas.Model(
+                name=name,
+                fingerprint=None,
+                layers=None,
+                kv_heads=None,
+                head_dim=None,
+                dtype=spec.dtype,
+                device=spec.device,
+                kv_bytes_per_token=None,
+                rope_shiftable=None,
+                status="unavailable",
+                reason=exc.detail,
+            )
 
     # ------------------------------------------------------------------ build
 
@@ -436,22 +464,23 @@ class ActivationService:
 
     async def kv_file(
         self, principal: Principal, activation_id: uuid.UUID
-    ) -> tuple[bytes, str, schemas.Activation, bool]:
+    ) -> tuple[bytes, str, schemas.Activation, str | None]:
         """The activation's memos-kv/1 bytes, checked against their sha256; (bytes, their sha256, activation,
-        repaired). The header names this activation's memory and version (a shared file's names the memory it
-        was first built for, maybe in a cube the caller cannot read).
+        what was wrong with the stored file when it was rebuilt, else None). The header names this activation's
+        memory and version (a shared file's names the memory it was first built for, maybe in a cube the caller
+        cannot read).
 
-        A file that fails its checksum is never served: it is reported (logged, the row marked), and
-        rebuilt from the source memory when that is still the version it was built from.
+        A file that is missing or fails its checksum is never served: it is reported (logged, the row marked),
+        and rebuilt from the source memory when that is still the version it was built from.
         """
         async with self.db.read() as conn:
             row = await self._visible(conn, principal, activation_id)
         try:
             data = await asyncio.to_thread(self.blobs.read, row.sha256)
-            repaired = False
+            repaired = None
         except (BlobCorrupt, BlobNotFound) as exc:
             data, row = await self._repair(principal, row, exc)
-            repaired = True
+            repaired = blob_problem(exc)
         sent, sha256 = await asyncio.to_thread(_own_header, data, row)  # a file of megabytes: off the event loop
         return sent, sha256, self._dto(row), repaired
 
@@ -475,14 +504,14 @@ class ActivationService:
             why = "" if lm.fingerprint == row.fingerprint else "the configured model is not the one it was built with"
         if why or lm is None or source is None:
             raise KVCorrupt(
-                f"the stored KV of activation {row.id} failed its checksum and cannot be rebuilt: {why}; "
+                f"the stored KV of activation {row.id} {blob_problem(problem)} and cannot be rebuilt: {why}; "
                 f"build a new one with POST /v1/memories/{row.memory_id}/activations",
                 extra={"activation_id": str(row.id), "sha256": row.sha256},
             )
         ids = await self.worker.run(_memory_ids, lm, source.content)
         if token_ids_sha256(ids) != row.token_ids_sha256:
             raise KVCorrupt(
-                f"the stored KV of activation {row.id} failed its checksum and the model now tokenizes its text "
+                f"the stored KV of activation {row.id} {blob_problem(problem)} and the model now tokenizes its text "
                 "differently; build a new one",
                 extra={"activation_id": str(row.id), "sha256": row.sha256},
             )
@@ -515,11 +544,17 @@ class ActivationService:
             )
             fixed = await self._row(conn, row.id)
         self.tiers.put(key, chunk, chunk.nbytes, lm.device)
-        log.warning("activation rebuilt after a failed checksum", extra={"activation": str(row.id), "sha256": key})
+        log.warning(
+            "activation rebuilt",
+            extra={"activation": str(row.id), "sha256": key, "stored_file": blob_problem(problem)},
+        )
         return data, fixed
 
     async def _mark_corrupt(self, key: str, problem: Exception) -> None:
-        log.error("KV blob failed its check; not served", extra={"sha256": key, "error": str(problem)})
+        log.error(
+            "stored KV file not served",
+            extra={"sha256": key, "stored_file": blob_problem(problem), "error": str(problem)},
+        )
         self.tiers.discard(key)
         async with self.db.transaction() as conn:
             await conn.execute(update(activations).where(activations.c.sha256 == key).values(corrupt_at=func.now()))
@@ -561,6 +596,10 @@ class ActivationService:
 
     async def _verified_chunk(self, lm: LoadedModel, data: bytes) -> KVChunk:
         try:
+            # The header first, alone (no hashing): a malformed value in it is the caller's to fix, named, before
+            # the checksum and the fingerprint are compared.
+            header = await asyncio.to_thread(_read_meta, data)
+            _check_created_at(header["created_at"], datetime.now(UTC))
             chunk, meta = await asyncio.to_thread(_decode, data, lm.fingerprint, True)
         except FingerprintMismatch as exc:
             raise FingerprintConflict(
@@ -575,7 +614,8 @@ class ActivationService:
                 f"body: checksum mismatch: {exc}", errors=[FieldError("body", f"checksum mismatch: {exc}")]
             ) from None
         except KVFormatError as exc:
-            raise Invalid.field("body", f"not a valid memos-kv/1 file: {exc}") from None
+            field = "body" if exc.key is None else f"{HEADER_FIELD}.{exc.key}"
+            raise Invalid.field(field, f"not a valid memos-kv/1 file: {exc}") from None
         want = (lm.layers, lm.kv_heads, lm.head_dim)
         got = (chunk.layers, chunk.kv_heads, chunk.head_dim)
         if got != want:
@@ -809,6 +849,16 @@ def _check_source(source: Row[Any], field: str = "memory_id") -> None:
         raise Conflict("this memory is deleted; restore a version of it first")
 
 
+def blob_problem(exc: Exception) -> str:
+    """What was wrong with a stored file, as the end of "the stored file ...": a missing file is not one that
+    failed its checksum, and saying so sends an operator to the disk rather than to the bytes."""
+    if isinstance(exc, BlobNotFound):
+        return "was found missing"
+    if isinstance(exc, BlobCorrupt):
+        return "failed its checksum"
+    return f"could not be read ({exc})"  # a file that hashes right but does not decode (_read_chunk)
+
+
 def _model_dto(lm: LoadedModel) -> schemas.Model:
     return schemas.Model(
         name=lm.name,
@@ -873,6 +923,33 @@ def _finite(chunk: KVChunk) -> bool:
     import torch
 
     return all(bool(torch.isfinite(t).all()) for t in (*chunk.keys, *chunk.values))
+
+
+def _read_meta(data: bytes) -> dict[str, str]:
+    from memos.kv.codec import read_meta
+
+    return read_meta(data)
+
+
+def _check_created_at(value: str, now: datetime) -> None:
+    """An upload's ``created_at``: an RFC 3339 date-time with its offset, at most ``CREATED_AT_SKEW`` ahead of
+    ``now``. Nothing depends on it, but it is what a reader of the file (and its later downloads) is told about
+    when the KV was built, so a value that is not a time, or a build in the future, is refused rather than kept.
+    Checked on import only: decoding stays lenient, so files stored before still read."""
+    field = f"{HEADER_FIELD}.created_at"
+    shown = repr(value[:80])
+    if not _RFC3339.fullmatch(value):
+        raise Invalid.field(field, f"{shown} is not an RFC 3339 date-time with an offset (2026-01-31T09:30:00Z)")
+    try:
+        at = datetime.fromisoformat(value.upper())
+    except ValueError as exc:
+        raise Invalid.field(field, f"{shown} is not a valid date-time: {exc}") from None
+    if at > now + CREATED_AT_SKEW:
+        raise Invalid.field(
+            field,
+            f"{shown} is in the future (more than {int(CREATED_AT_SKEW.total_seconds())} s ahead of the "
+            f"server's clock, {now.isoformat(timespec='seconds')})",
+        )
 
 
 def _decode(data: bytes, fingerprint: str, verify: bool, device: Any = None) -> tuple[KVChunk, Any]:

@@ -223,6 +223,11 @@ def _metadata(header: Mapping[str, Any]) -> dict[str, str]:
     missing = [key for key in METADATA_KEYS if key not in meta]
     if missing:
         raise KVFormatError(f"metadata lacks {', '.join(missing)}")
+    if not _SHA256.fullmatch(meta["fingerprint"]):
+        # A fingerprint is a SHA-256: anything else is a malformed file (422), not KV of another model (409).
+        raise KVFormatError(
+            f"fingerprint {meta['fingerprint'][:80]!r} is not 64 lowercase hex digits", key="fingerprint"
+        )
     if meta["dtype"] not in KV_DTYPES:
         raise KVFormatError(f"metadata dtype {meta['dtype']!r} is not one of {', '.join(KV_DTYPES)}")
     if not _SHA256.match(meta["payload_sha256"]):

@@ -10,6 +10,11 @@ class KVError(Exception):
 class KVFormatError(KVError):
     """Not a well-formed ``memos-kv/1`` file: wrong format, bad header, truncated, bad shapes or dtypes."""
 
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        """The ``__metadata__`` key at fault, when the problem is one value of the header (the service names it)."""
+
 
 class KVChecksumError(KVError):
     """The tensor bytes do not hash to the ``payload_sha256`` the header promises: the file was altered or damaged."""

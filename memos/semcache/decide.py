@@ -66,7 +66,8 @@ class Rejection:
     candidate_id: str
     similarity: float
     threshold: float
-    """The similarity threshold that applied to this candidate."""
+    """The similarity threshold that applied to this candidate; at the ``category`` stage, which comes before any
+    similarity test, the lookup's category's."""
     stage: str
     """``expired``, ``threshold``, ``guard``, ``context`` or ``category``."""
     reason: str
@@ -152,21 +153,28 @@ def decide(
                 Rejection(
                     candidate.id,
                     similarity,
-                    max(lookup_policy.threshold, candidate.threshold or 0.0),
+                    lookup_policy.threshold,
                     "category",
                     f"stored under category {stored_under!r}, which is not configured",
                 )
             )
             continue
         cand_policy = policy.categories[stored_under]
-        threshold = max(cand_policy.threshold, candidate.threshold or 0.0)
         if cand_policy.name != lookup_policy.name:
+            # Refused before any similarity test: the threshold in force is the lookup's category's, which the
+            # response names. Reporting the entry's category's told a `code` lookup it missed under the
+            # default category's 0.75 (found in review).
             rejections.append(
                 Rejection(
-                    candidate.id, similarity, threshold, "category", f"stored under category {cand_policy.name!r}"
+                    candidate.id,
+                    similarity,
+                    lookup_policy.threshold,
+                    "category",
+                    f"stored under category {cand_policy.name!r}",
                 )
             )
             continue
+        threshold = max(cand_policy.threshold, candidate.threshold or 0.0)
         if now is not None:
             expired = _expired(candidate, cand_policy, now)
             if expired is not None:

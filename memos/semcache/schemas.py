@@ -53,7 +53,8 @@ class LookupIn(msgspec.Struct, forbid_unknown_fields=True):
 class LookupOut(msgspec.Struct):
     hit: bool
     threshold: float
-    """The similarity threshold that applied (to the served entry, or to the nearest one on a miss)."""
+    """The similarity threshold that applied (to the served entry, or to the nearest one on a miss); the lookup's
+    category's when the nearest entry was refused for its category, before any similarity test."""
     took_ms: float
     reason: str
     """Why it hit or missed: the threshold, the guard or the context check that decided."""

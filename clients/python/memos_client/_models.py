@@ -182,17 +182,24 @@ class SearchResponse(msgspec.Struct, frozen=True):
 
 
 class Model(msgspec.Struct, frozen=True):
-    """A causal LM the server is configured with (``MEMOS_MODELS``)."""
+    """A causal LM the server is configured with (``MEMOS_MODELS``).
+
+    One whose files do not load is listed with ``status`` ``unavailable`` and the ``reason``; the fields only a
+    load can tell (fingerprint, shape, RoPE) are then ``None``."""
 
     name: str
-    fingerprint: str
-    layers: int
-    kv_heads: int
-    head_dim: int
+    fingerprint: str | None
+    layers: int | None
+    kv_heads: int | None
+    head_dim: int | None
     dtype: str
     device: str
-    kv_bytes_per_token: int
-    rope_shiftable: bool
+    kv_bytes_per_token: int | None
+    rope_shiftable: bool | None
+    status: str = "ready"
+    """``ready`` or ``unavailable`` (requests that need it answer 503)."""
+    reason: str | None = None
+    """Why it is unavailable; ``None`` when ready."""
 
 
 class Activation(msgspec.Struct, frozen=True):
