@@ -5,9 +5,9 @@ Pure functions, shared by the sync and async resources, so the two clients canno
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -51,6 +51,8 @@ from memos_client._models import (
     Turn,
     Version,
 )
+
+T = TypeVar("T")
 
 # Decoders are built once per type: msgspec compiles each one.
 _TENANT_CREATED = decoder(TenantCreated)
@@ -184,19 +186,12 @@ def provenance_body(
     return value if value is None or isinstance(value, Provenance) else _dict(name, value)
 
 
-def _links(
-    value: Iterable[LinkIn | Mapping[str, Any]] | None, name: str = "links"
-) -> list[LinkIn | dict[str, Any]] | None:
-    listed = _list(name, value)
-    if listed is None:
-        return None
-    links: list[LinkIn | dict[str, Any]] = []
-    for i, v in enumerate(listed):
-        if isinstance(v, LinkIn | Mapping):
-            links.append(v if isinstance(v, LinkIn) else dict(v))
-        else:
-            raise TypeError(f"{name}[{i}] must be a LinkIn or a dict, not {type(v).__name__}")
-    return links
+def _link(name: str, value: object) -> LinkIn | dict[str, Any]:
+    if isinstance(value, LinkIn):
+        return value
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{name} must be a LinkIn or a dict, not {type(value).__name__}")
 
 
 def ttl(name: str, value: int | timedelta | None) -> int | None:
@@ -215,9 +210,11 @@ def _list(name: str, values: Iterable[Any] | None) -> list[Any] | None:
     return list(values)
 
 
-def _ids(name: str, values: Iterable[Id] | None) -> list[str] | None:
+def _each(name: str, values: Iterable[Any] | None, check: Callable[[str, Any], T]) -> list[T] | None:
+    """``_list``, then each element through ``check``, which is given the element's name (``links[2]``) for its
+    error."""
     listed = _list(name, values)
-    return None if listed is None else [ident(f"{name}[{i}]", v) for i, v in enumerate(listed)]
+    return None if listed is None else [check(f"{name}[{i}]", v) for i, v in enumerate(listed)]
 
 
 def memory_body(
@@ -239,14 +236,14 @@ def memory_body(
             metadata=_dict(f"{where}metadata", metadata),
             tags=_list(f"{where}tags", tags),
             provenance=provenance_body(provenance, f"{where}provenance"),
-            links=_links(links, f"{where}links"),
+            links=_each(f"{where}links", links, _link),
             ttl_seconds=ttl(f"{where}ttl_seconds", ttl_seconds),
         ),
     }
 
 
-def _item_body(i: int, item: MemoryIn | Mapping[str, Any]) -> dict[str, Any]:
-    where = f"items[{i}]."
+def _item_body(name: str, item: MemoryIn | Mapping[str, Any]) -> dict[str, Any]:
+    where = f"{name}."
     if isinstance(item, MemoryIn):
         return memory_body(
             content=item.content,
@@ -259,7 +256,7 @@ def _item_body(i: int, item: MemoryIn | Mapping[str, Any]) -> dict[str, Any]:
             where=where,
         )
     if not isinstance(item, Mapping):
-        raise TypeError(f"items[{i}] must be a MemoryIn or a dict of its fields, not {type(item).__name__}")
+        raise TypeError(f"{name} must be a MemoryIn or a dict of its fields, not {type(item).__name__}")
     # A dict is sent as given (a misspelt key is the server's 422, naming it); the values the SDK
     # converts for memories.add are converted here too.
     body = {"kind": "plaintext", **item}
@@ -280,9 +277,9 @@ def add_many(cube_id: Id, items: Iterable[MemoryIn | Mapping[str, Any]]) -> Call
     if isinstance(items, MemoryIn | Mapping):
         kind = type(items).__name__
         raise TypeError(f"items must be a list of MemoryIn or dicts, not a single {kind}: wrap it in [...]")
-    listed = _list("items", items)
-    assert listed is not None
-    body = {"items": [_item_body(i, item) for i, item in enumerate(listed)]}
+    bodies = _each("items", items, _item_body)
+    assert bodies is not None
+    body = {"items": bodies}
     return Call("POST", path("cubes", ident("cube_id", cube_id), "memories", "batch"), _MEMORY_ITEMS, body=body)
 
 
@@ -398,7 +395,7 @@ def search(
 ) -> Call[SearchResponse]:
     body = compact(
         query=query_text,
-        cube_ids=_ids("cube_ids", cube_ids),
+        cube_ids=_each("cube_ids", cube_ids, ident),
         k=k,
         mode=mode,
         kinds=_list("kinds", kinds),
@@ -416,17 +413,18 @@ def search(
 # --- semantic cache -----------------------------------------------------------------------------
 
 
-def _context(value: Iterable[str | Turn | Mapping[str, Any]] | None) -> list[Any] | None:
-    if value is None:
-        return None
+def _turn(name: str, value: object) -> str | Turn | dict[str, Any]:
+    if isinstance(value, str | Turn):
+        return value
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{name} must be a string, a Turn or a dict, not {type(value).__name__}")
+
+
+def _context(value: Iterable[str | Turn | Mapping[str, Any]] | None) -> list[str | Turn | dict[str, Any]] | None:
     if isinstance(value, str):
         raise TypeError("context must be a list of turns (strings or Turn), not a string")
-    turns: list[Any] = []
-    for i, v in enumerate(_list("context", value) or []):
-        if not isinstance(v, str | Turn | Mapping):
-            raise TypeError(f"context[{i}] must be a string, a Turn or a dict, not {type(v).__name__}")
-        turns.append(v if isinstance(v, str | Turn) else dict(v))
-    return turns
+    return _each("context", value, _turn)
 
 
 def cache_lookup(
@@ -541,7 +539,7 @@ def generate(
     body = compact(
         model=model,
         prompt=prompt,
-        memory_ids=_ids("memory_ids", memory_ids),
+        memory_ids=_each("memory_ids", memory_ids, ident),
         search=_dict("search", search),
         max_new_tokens=max_new_tokens,
         use_activations=use_activations,

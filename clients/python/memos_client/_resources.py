@@ -6,7 +6,7 @@ classes differ only in ``await``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -54,25 +54,45 @@ class _AsyncSender(Protocol):
     async def _send(self, call: Call[T]) -> T: ...
 
 
-# --- sync ---------------------------------------------------------------------------------------
+_PageCall = Callable[[str | None], Call[Page[T]]]
+"""A list's request for the page at a cursor (``None``: the first page)."""
 
 
-class Tenants:
-    """Tenants: the operator key's only job."""
+class _Resource:
+    """What every sync resource holds: the client that sends its calls."""
 
     def __init__(self, client: _Sender) -> None:
         self._client = client
+
+    def _pager(self, call: _PageCall[T], cursor: str | None) -> Pager[T]:
+        call(cursor)  # built once now, so a bad argument raises here rather than in the loop
+        return Pager(lambda c: self._client._send(call(c)), cursor)
+
+
+class _AsyncResource:
+    """What every async resource holds: the client that sends its calls."""
+
+    def __init__(self, client: _AsyncSender) -> None:
+        self._client = client
+
+    def _pager(self, call: _PageCall[T], cursor: str | None) -> AsyncPager[T]:
+        call(cursor)  # built once now, so a bad argument raises here rather than in the loop
+        return AsyncPager(lambda c: self._client._send(call(c)), cursor)
+
+
+# --- sync ---------------------------------------------------------------------------------------
+
+
+class Tenants(_Resource):
+    """Tenants: the operator key's only job."""
 
     def create(self, name: str) -> TenantCreated:
         """Create a tenant and its admin agent; the admin key in the answer is shown once."""
         return self._client._send(_calls.create_tenant(name))
 
 
-class Agents:
+class Agents(_Resource):
     """Agents of the caller's tenant, and their keys."""
-
-    def __init__(self, client: _Sender) -> None:
-        self._client = client
 
     def create(self, name: str, *, role: Role = "agent") -> AgentCreated:
         """Create an agent (tenant admin only); its key in the answer is shown once."""
@@ -84,7 +104,7 @@ class Agents:
 
     def list(self, *, page_size: int | None = None, cursor: str | None = None) -> Pager[Agent]:
         """Every agent of the tenant, oldest first (tenant admin only)."""
-        return Pager(lambda c: self._client._send(_calls.list_agents(c, page_size)), cursor)
+        return self._pager(lambda c: _calls.list_agents(c, page_size), cursor)
 
     def rotate_key(self, agent_id: Id) -> KeyCreated:
         """Issue an additional key for an agent; its older keys stay valid until revoked."""
@@ -95,18 +115,15 @@ class Agents:
         self._client._send(_calls.revoke_key(prefix))
 
 
-class Cubes:
+class Cubes(_Resource):
     """MemCubes: named containers of memories, owned by an agent and shared by grants."""
-
-    def __init__(self, client: _Sender) -> None:
-        self._client = client
 
     def create(self, name: str, *, description: str | None = None, metadata: Mapping[str, Any] | None = None) -> Cube:
         return self._client._send(_calls.create_cube(name, description, metadata))
 
     def list(self, *, page_size: int | None = None, cursor: str | None = None) -> Pager[Cube]:
         """The cubes the caller owns or is granted (every cube of the tenant for an admin), oldest first."""
-        return Pager(lambda c: self._client._send(_calls.list_cubes(c, page_size)), cursor)
+        return self._pager(lambda c: _calls.list_cubes(c, page_size), cursor)
 
     def get(self, cube_id: Id) -> Cube:
         return self._client._send(_calls.get_cube(cube_id))
@@ -135,11 +152,8 @@ class Cubes:
         self._client._send(_calls.revoke(cube_id, agent_id))
 
 
-class Memories:
+class Memories(_Resource):
     """Memories: versioned, with provenance and links."""
-
-    def __init__(self, client: _Sender) -> None:
-        self._client = client
 
     def add(
         self,
@@ -194,9 +208,8 @@ class Memories:
         Several tags must all be present. ``since`` (inclusive) and ``until`` (exclusive) apply to
         ``created_at``.
         """
-
-        def call(c: str | None) -> Call[Page[Memory]]:
-            return _calls.list_memories(
+        return self._pager(
+            lambda c: _calls.list_memories(
                 cube_id,
                 kind=kind,
                 tag=tag,
@@ -206,10 +219,9 @@ class Memories:
                 include_expired=include_expired,
                 cursor=c,
                 page_size=page_size,
-            )
-
-        call(cursor)  # built once now, so a bad argument raises here rather than in the loop
-        return Pager(lambda c: self._client._send(call(c)), cursor)
+            ),
+            cursor,
+        )
 
     def update(
         self,
@@ -238,8 +250,7 @@ class Memories:
 
     def versions(self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None) -> Pager[Version]:
         """Every version of the memory, oldest first."""
-        _calls.versions(memory_id, cursor, page_size)  # a bad id raises here rather than in the loop
-        return Pager(lambda c: self._client._send(_calls.versions(memory_id, c, page_size)), cursor)
+        return self._pager(lambda c: _calls.versions(memory_id, c, page_size), cursor)
 
     def version(self, memory_id: Id, n: int) -> Version:
         return self._client._send(_calls.version(memory_id, n))
@@ -261,11 +272,8 @@ Context = Iterable[str | Turn | Mapping[str, Any]]
 CacheScope = Literal["category", "entry"]
 
 
-class Cache:
+class Cache(_Resource):
     """The semantic cache: answers stored as ``response`` memories, served for queries that mean the same."""
-
-    def __init__(self, client: _Sender) -> None:
-        self._client = client
 
     def lookup(
         self, cube_id: Id, query: str, *, category: str | None = None, context: Context | None = None
@@ -311,11 +319,8 @@ class Cache:
         return self._client._send(_calls.cache_configure(cube_id, categories, default))
 
 
-class Activations:
+class Activations(_Resource):
     """KV activations: a memory's KV cache for a model, built, listed, downloaded and imported."""
-
-    def __init__(self, client: _Sender) -> None:
-        self._client = client
 
     def build(self, memory_id: Id, *, model: str) -> Activation:
         """Build the memory's KV for ``model`` now, or get the fresh one that exists for its current version."""
@@ -323,8 +328,7 @@ class Activations:
 
     def list(self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None) -> Pager[Activation]:
         """The memory's activations, oldest first (stale ones included, with ``stale=True``)."""
-        _calls.list_activations(memory_id, cursor, page_size)  # a bad id raises here rather than in the loop
-        return Pager(lambda c: self._client._send(_calls.list_activations(memory_id, c, page_size)), cursor)
+        return self._pager(lambda c: _calls.list_activations(memory_id, c, page_size), cursor)
 
     def get(self, activation_id: Id) -> Activation:
         return self._client._send(_calls.get_activation(activation_id))
@@ -341,22 +345,16 @@ class Activations:
 # --- async --------------------------------------------------------------------------------------
 
 
-class AsyncTenants:
+class AsyncTenants(_AsyncResource):
     """Tenants: the operator key's only job."""
-
-    def __init__(self, client: _AsyncSender) -> None:
-        self._client = client
 
     async def create(self, name: str) -> TenantCreated:
         """Create a tenant and its admin agent; the admin key in the answer is shown once."""
         return await self._client._send(_calls.create_tenant(name))
 
 
-class AsyncAgents:
+class AsyncAgents(_AsyncResource):
     """Agents of the caller's tenant, and their keys."""
-
-    def __init__(self, client: _AsyncSender) -> None:
-        self._client = client
 
     async def create(self, name: str, *, role: Role = "agent") -> AgentCreated:
         """Create an agent (tenant admin only); its key in the answer is shown once."""
@@ -368,7 +366,7 @@ class AsyncAgents:
 
     def list(self, *, page_size: int | None = None, cursor: str | None = None) -> AsyncPager[Agent]:
         """Every agent of the tenant, oldest first (tenant admin only)."""
-        return AsyncPager(lambda c: self._client._send(_calls.list_agents(c, page_size)), cursor)
+        return self._pager(lambda c: _calls.list_agents(c, page_size), cursor)
 
     async def rotate_key(self, agent_id: Id) -> KeyCreated:
         """Issue an additional key for an agent; its older keys stay valid until revoked."""
@@ -379,11 +377,8 @@ class AsyncAgents:
         await self._client._send(_calls.revoke_key(prefix))
 
 
-class AsyncCubes:
+class AsyncCubes(_AsyncResource):
     """MemCubes: named containers of memories, owned by an agent and shared by grants."""
-
-    def __init__(self, client: _AsyncSender) -> None:
-        self._client = client
 
     async def create(
         self, name: str, *, description: str | None = None, metadata: Mapping[str, Any] | None = None
@@ -392,7 +387,7 @@ class AsyncCubes:
 
     def list(self, *, page_size: int | None = None, cursor: str | None = None) -> AsyncPager[Cube]:
         """The cubes the caller owns or is granted (every cube of the tenant for an admin), oldest first."""
-        return AsyncPager(lambda c: self._client._send(_calls.list_cubes(c, page_size)), cursor)
+        return self._pager(lambda c: _calls.list_cubes(c, page_size), cursor)
 
     async def get(self, cube_id: Id) -> Cube:
         return await self._client._send(_calls.get_cube(cube_id))
@@ -421,11 +416,8 @@ class AsyncCubes:
         await self._client._send(_calls.revoke(cube_id, agent_id))
 
 
-class AsyncMemories:
+class AsyncMemories(_AsyncResource):
     """Memories: versioned, with provenance and links."""
-
-    def __init__(self, client: _AsyncSender) -> None:
-        self._client = client
 
     async def add(
         self,
@@ -480,9 +472,8 @@ class AsyncMemories:
         Several tags must all be present. ``since`` (inclusive) and ``until`` (exclusive) apply to
         ``created_at``.
         """
-
-        def call(c: str | None) -> Call[Page[Memory]]:
-            return _calls.list_memories(
+        return self._pager(
+            lambda c: _calls.list_memories(
                 cube_id,
                 kind=kind,
                 tag=tag,
@@ -492,10 +483,9 @@ class AsyncMemories:
                 include_expired=include_expired,
                 cursor=c,
                 page_size=page_size,
-            )
-
-        call(cursor)  # built once now, so a bad argument raises here rather than in the loop
-        return AsyncPager(lambda c: self._client._send(call(c)), cursor)
+            ),
+            cursor,
+        )
 
     async def update(
         self,
@@ -526,8 +516,7 @@ class AsyncMemories:
         self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None
     ) -> AsyncPager[Version]:
         """Every version of the memory, oldest first."""
-        _calls.versions(memory_id, cursor, page_size)  # a bad id raises here rather than in the loop
-        return AsyncPager(lambda c: self._client._send(_calls.versions(memory_id, c, page_size)), cursor)
+        return self._pager(lambda c: _calls.versions(memory_id, c, page_size), cursor)
 
     async def version(self, memory_id: Id, n: int) -> Version:
         return await self._client._send(_calls.version(memory_id, n))
@@ -545,11 +534,8 @@ class AsyncMemories:
         return await self._client._send(_calls.link(memory_id, to, type, weight))
 
 
-class AsyncCache:
+class AsyncCache(_AsyncResource):
     """The semantic cache: answers stored as ``response`` memories, served for queries that mean the same."""
-
-    def __init__(self, client: _AsyncSender) -> None:
-        self._client = client
 
     async def lookup(
         self, cube_id: Id, query: str, *, category: str | None = None, context: Context | None = None
@@ -593,11 +579,8 @@ class AsyncCache:
         return await self._client._send(_calls.cache_configure(cube_id, categories, default))
 
 
-class AsyncActivations:
+class AsyncActivations(_AsyncResource):
     """KV activations: a memory's KV cache for a model, built, listed, downloaded and imported."""
-
-    def __init__(self, client: _AsyncSender) -> None:
-        self._client = client
 
     async def build(self, memory_id: Id, *, model: str) -> Activation:
         """Build the memory's KV for ``model`` now, or get the fresh one that exists for its current version."""
@@ -605,8 +588,7 @@ class AsyncActivations:
 
     def list(self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None) -> AsyncPager[Activation]:
         """The memory's activations, oldest first (stale ones included, with ``stale=True``)."""
-        _calls.list_activations(memory_id, cursor, page_size)  # a bad id raises here rather than in the loop
-        return AsyncPager(lambda c: self._client._send(_calls.list_activations(memory_id, c, page_size)), cursor)
+        return self._pager(lambda c: _calls.list_activations(memory_id, c, page_size), cursor)
 
     async def get(self, activation_id: Id) -> Activation:
         return await self._client._send(_calls.get_activation(activation_id))
