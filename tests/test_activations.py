@@ -382,6 +382,23 @@ def test_a_malformed_fingerprint_in_the_header_is_422_naming_it(client, tenant, 
 
 
 @pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("dtype", "int8"),
+        ("version", "one"),
+        ("version", "1" * 19),
+        ("format", "memos-kv/2"),
+        ("payload_sha256", "a" * 64 + "\n"),  # `$` matched before a trailing newline
+    ],
+)
+def test_a_bad_header_value_is_422_naming_its_key(client, tenant, exported, key: str, value: str) -> None:
+    """Each value of the header that is malformed is named, as the fingerprint is (they were all 422 on `body`)."""
+    m, data = exported["memory"], exported["data"]
+    problem_body = problem(import_kv(client, tenant.admin_key, m["id"], with_metadata(data, **{key: value})), 422)
+    assert [e["field"] for e in problem_body["errors"]] == [f"body.__metadata__.{key}"], problem_body
+
+
+@pytest.mark.parametrize(
     "created_at",
     [
         "yesterday",

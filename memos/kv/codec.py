@@ -219,24 +219,24 @@ def _metadata(header: Mapping[str, Any]) -> dict[str, str]:
         raise KVFormatError("no __metadata__ of strings: not a memos-kv file")
     fmt = meta.get("format")
     if fmt != FORMAT:
-        raise KVFormatError(f"format is {fmt!r}, expected {FORMAT!r}")
+        raise KVFormatError(f"format is {fmt!r}, expected {FORMAT!r}", key="format")
     missing = [key for key in METADATA_KEYS if key not in meta]
     if missing:
-        raise KVFormatError(f"metadata lacks {', '.join(missing)}")
+        raise KVFormatError(f"metadata lacks {', '.join(missing)}", key=missing[0])
     if not _SHA256.fullmatch(meta["fingerprint"]):
         # A fingerprint is a SHA-256: anything else is a malformed file (422), not KV of another model (409).
         raise KVFormatError(
             f"fingerprint {meta['fingerprint'][:80]!r} is not 64 lowercase hex digits", key="fingerprint"
         )
     if meta["dtype"] not in KV_DTYPES:
-        raise KVFormatError(f"metadata dtype {meta['dtype']!r} is not one of {', '.join(KV_DTYPES)}")
-    if not _SHA256.match(meta["payload_sha256"]):
-        raise KVFormatError("payload_sha256 is not 64 lowercase hex digits")
+        raise KVFormatError(f"metadata dtype {meta['dtype']!r} is not one of {', '.join(KV_DTYPES)}", key="dtype")
+    if not _SHA256.fullmatch(meta["payload_sha256"]):
+        raise KVFormatError("payload_sha256 is not 64 lowercase hex digits", key="payload_sha256")
     if not (meta["version"].isascii() and meta["version"].isdigit()):
-        raise KVFormatError(f"version {meta['version']!r} is not a non-negative integer")
+        raise KVFormatError(f"version {meta['version'][:80]!r} is not a non-negative integer", key="version")
     if len(meta["version"]) > _MAX_VERSION_DIGITS:
         # int() refuses over 4300 digits with a ValueError (a 500), and no memory version comes near 18.
-        raise KVFormatError(f"version has {len(meta['version'])} digits; at most {_MAX_VERSION_DIGITS}")
+        raise KVFormatError(f"version has {len(meta['version'])} digits; at most {_MAX_VERSION_DIGITS}", key="version")
     return dict(meta)
 
 
