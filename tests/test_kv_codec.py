@@ -333,3 +333,19 @@ def test_decoding_never_unpickles(monkeypatch: pytest.MonkeyPatch) -> None:
     chunk, meta = decode(encode(make_chunk(), META), expect_fingerprint=FP)
     assert meta.version == 3
     assert chunk.layers == 3
+
+
+def test_a_tensor_name_ending_in_a_newline_is_a_format_error() -> None:
+    """``k.0\\n`` passed the layer-name check (its ``$`` matches before a trailing newline) and decoding then
+    failed with a KeyError: a 500 from an import (found in review)."""
+    tensors = tensors_of(make_chunk())
+    tensors["k.0\n"] = tensors.pop("k.0")
+    with pytest.raises(KVFormatError, match="unexpected tensor"):
+        decode(forge(tensors), expect_fingerprint=FP)
+
+
+def test_a_model_name_ending_in_a_newline_is_refused() -> None:
+    """The name check's ``$`` matched before a trailing newline: a configured name could end in one, and names go
+    into headers, log lines and cursors."""
+    with pytest.raises(ValueError, match="a model name is"):
+        parse_models('{"small\\n": {"path": "/m"}}')

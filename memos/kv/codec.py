@@ -340,7 +340,7 @@ def decode(
     names = set(header) - {"__metadata__"}
     layer_ids: dict[str, set[int]] = {"k": set(), "v": set()}
     for name in names - {"token_ids", "positions"}:
-        match = _LAYER_NAME.match(name)
+        match = _LAYER_NAME.fullmatch(name)  # match: `$` let "k.0\n" through, then a KeyError (a 500)
         if match is None:
             raise KVFormatError(f"unexpected tensor {name!r}")
         layer_ids[match.group(1)].add(int(match.group(2)))

@@ -54,7 +54,7 @@ def parse_models(text: str) -> dict[str, ModelSpec]:
     specs: dict[str, ModelSpec] = {}
     for name, entry in raw.items():
         key = f"models.{name}"
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):  # match: `$` let a name ending in a newline through
             raise ValueError(f"{key}: a model name is 1-64 letters, digits, '.', '_' or '-', starting alphanumeric")
         if not isinstance(entry, dict):
             raise ValueError(f'{key}: must be an object like {{"path": "/dir"}}')
