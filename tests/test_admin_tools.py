@@ -560,3 +560,46 @@ def test_a_damaged_file_key_is_a_kv_file_problem_and_drop_skips_it(client, facto
     finally:
         # The file its row no longer named is an orphan now: gone, so later checks of the store see none.
         blob_path(settings, act["sha256"]).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- export of a damaged cube
+
+# Damage verify finds in what a bundle carries (the DAMAGE cases), and a cache setting the API refuses, which
+# verify does not check and the import does.
+REFUSED_CONFIG = (
+    'INSERT INTO cache_configs (cube_id, config, updated_by) VALUES (%(cube)s, \'{"default": "nowhere"}\', %(admin)s)'
+)
+
+
+@pytest.mark.parametrize("case", ["content_hash", "gap", "no_vector", "cache_entry", "purge_versions", "config"])
+def test_export_refuses_a_bundle_the_import_would_refuse(client, factory, tenant, settings, tmp_path, case) -> None:
+    """A cube `memos admin verify` calls damaged was exported without a word, into a bundle `import` refuses:
+    a backup found unusable when it is needed. Refused now in one line, exit 1, nothing written, saying how
+    to go on; --allow-damaged writes it, saying so on stderr."""
+    world = _world(client, factory, tenant, f"export {case}")
+    out = tmp_path / "cube.memos"
+    assert run("export", "--cube", world["cube"], "--out", str(out))[0] == 0  # sound: written
+    out.unlink()
+    statements = REFUSED_CONFIG if case == "config" else DAMAGE[case][0]
+    with sql(settings) as conn:
+        for statement in statements.split("; "):
+            conn.execute(statement, {**world, "admin": tenant.admin_id})
+    code, stdout, err = run("export", "--cube", world["cube"], "--out", str(out))
+    assert (code, stdout) == (1, "") and err.count("\n") == 1, err
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    cube = world["cube"]
+    if case == "config":
+        said = f"`memos admin import` would refuse the bundle of cube {cube}: cache.json: config.default: must name"
+    else:
+        said = f"cube {cube} is damaged (`memos admin verify --cube {cube}` names the rows: "
+        assert f" {DAMAGE[case][1]}" in err, err
+    assert err.startswith(f"memos admin export: {said}"), err
+    assert err.endswith(": nothing written (repair the cube and export again, or --allow-damaged writes it anyway)\n")
+
+    code, stdout, err = run("export", "--cube", cube, "--out", str(out), "--allow-damaged")
+    assert code == 0 and stdout.startswith("exported cube") and out.exists(), (stdout, err)
+    assert err.startswith(f"memos admin export: warning: {said}") and err.count("\n") == 1, err
+    assert err.endswith(": written all the same (--allow-damaged)\n"), err
+    # The import does refuse it.
+    code, _, err = run("import", str(out), "--owner", tenant.admin_id, "--new-ids", "--name", f"copy {case}")
+    assert code == 1 and err.startswith("memos admin import: "), err

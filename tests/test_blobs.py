@@ -9,7 +9,7 @@ from typing import BinaryIO
 
 import pytest
 
-from memos.store.blobs import BlobCorrupt, BlobNotFound, BlobStoreFull, LocalBlobStore
+from memos.store.blobs import BlobCorrupt, BlobNotFound, BlobStoreFull, LocalBlobStore, check_key, is_key
 
 
 def files_under(root: Path) -> list[Path]:
@@ -120,3 +120,11 @@ def test_blobs_are_readable_by_their_owner_only(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     for level in (path.parent, path.parent.parent, tmp_path / "blobs", tmp_path / "blobs" / "tmp"):
         assert stat.S_IMODE(level.stat().st_mode) == 0o700, level
+
+
+def test_a_key_ending_in_a_newline_is_not_a_key() -> None:
+    """The key check's ``$`` matched before a trailing newline: "<64 hex>\\n" passed as a blob key."""
+    key = "a" * 64
+    assert is_key(key) and not is_key(key + "\n")
+    with pytest.raises(ValueError, match="not a sha256 blob key"):
+        check_key(key + "\n")

@@ -956,3 +956,38 @@ def test_no_runtime_dir_warning_on_every_command(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "XDG_RUNTIME_DIR" not in result.stderr, result.stderr
+
+
+def test_migrate_to_a_revision_older_than_the_schema_says_it_needs_down(
+    pg_server: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`memos admin migrate 0009` on a schema at 0010 did nothing and printed `schema: 0010 -> 0010`, exit 0: an
+    upgrade never goes back, and nothing said so. Refused now in one line, exit 1, naming --down."""
+    name = fresh_database(pg_server, "migrate_older")  # cloned from the migrated template: at head
+    url = pg_server.url(name)
+    head = migrations.head_revision()
+    older = migrations.older_than
+    monkeypatch.setenv("MEMOS_DATABASE_URL", url)
+    monkeypatch.setenv("MEMOS_DATA_DIR", str(tmp_path))
+    try:
+        below = next(r for r in ("0009", "0008") if older(head, r))
+        for target in (below, "0001", "base"):
+            assert cli_main(["admin", "migrate", target]) == 1
+            captured = capsys.readouterr()
+            assert captured.out == ""
+            assert captured.err == (
+                f"memos admin migrate: the schema is at {head}, newer than {target}: an upgrade does not go back "
+                f"(`memos admin migrate {target} --down` downgrades to it)\n"
+            )
+            assert migrations.current_revision(url) == head
+        assert cli_main(["admin", "migrate", below, "--down"]) == 0
+        assert cli_main(["admin", "migrate", below]) == 0  # already there: nothing to do, and nothing wrong
+        assert cli_main(["admin", "migrate"]) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            f"schema: {head} -> {below}",
+            f"schema: {below} -> {below}",
+            f"schema: {below} -> {head}",
+        ]
+        assert not older(head, "head") and not older(None, below) and not older(head, "no-such-rev")
+    finally:
+        drop_database(pg_server.admin_url, name)

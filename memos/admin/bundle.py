@@ -18,6 +18,10 @@ rebuilt with ``POST /v1/memories/{id}/activations`` from the imported memories) 
 outside the cube or on an activation, both counted in the manifest; grants and API keys (agents belong to a
 deployment) and the audit log (the export and the import each write a row of their own).
 
+An export refuses to write a bundle the import would refuse (a cube ``memos admin verify`` finds damaged in
+what the bundle carries, or lines the import's checks refuse) unless told to (``--allow-damaged``, said again
+on stderr): a backup that cannot be restored should be found when it is written, not when it is needed.
+
 An import reads and checks the whole bundle before it writes anything (checksums, every line against its
 schema, the references between lines, the vectors' width), then writes the cube in one transaction, which
 runs verify's embedding and purge checks on the rows written before it commits: everything lands or nothing
@@ -252,16 +256,28 @@ class BundleReport:
     left_out: dict[str, int]
     models: dict[str, int]
     """Embedded memories by the model that embedded them."""
+    damage: str | None = None
+    """Export only: why ``memos admin import`` would refuse the bundle, written all the same (``allow_damaged``)."""
 
 
 # -- export --------------------------------------------------------------------------------------------------
 
 
-async def export_cube(db: Database, cube_id: uuid.UUID, out: Path) -> BundleReport:
+CARRIED = ("content_hash", "version_hash", "version_chain", "embedding", "purge", "cache_entry")
+"""``memos admin verify``'s checks of what a bundle carries (memories, versions, cache entries): damage any of
+them finds is refused by the import, by its line checks or by the verify checks it runs before its commit.
+Tenancy and KV damage stay behind: the import writes every row in its owner's tenant, and carries no KV."""
+
+
+async def export_cube(db: Database, cube_id: uuid.UUID, out: Path, *, allow_damaged: bool = False) -> BundleReport:
     """Write cube ``cube_id`` (any tenant's: this is the operator's tool) to ``out`` as a bundle.
 
     The rows are read in one REPEATABLE READ transaction, so the bundle is one consistent moment of the cube
-    even while clients write to it. The file is written beside ``out`` and renamed into place at the end."""
+    even while clients write to it. The file is written beside ``out`` and renamed into place at the end.
+
+    A bundle ``import_bundle`` would refuse (the cube is damaged: ``CARRIED``; or its lines fail the import's
+    checks) is not written, ``BundleError`` saying why, unless ``allow_damaged``: then the report's ``damage``
+    says it. A backup found unusable only when it is needed is worse than an export that fails."""
     async with db.snapshot() as conn:
         cube = (
             await conn.execute(select(cubes).where(cubes.c.id == cube_id, cubes.c.deleted_at.is_(None)))
@@ -309,6 +325,9 @@ async def export_cube(db: Database, cube_id: uuid.UUID, out: Path) -> BundleRepo
                 select(cache_entries).where(cache_entries.c.memory_id.in_(exported)).order_by(cache_entries.c.memory_id)
             )
         ).all()
+        # In the same snapshot: the damage of the rows being exported, in verify's own statements and names.
+        found = Verified()
+        await check_rows(conn, found, [cube_id], only=CARRIED)
 
     inside = set(ids)
     links = [r for r in link_rows if r.from_id in inside and r.to_id in inside]
@@ -357,6 +376,11 @@ async def export_cube(db: Database, cube_id: uuid.UUID, out: Path) -> BundleRepo
             name: MemberInfo(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest()) for name, blob in blobs.items()
         },
     )
+    damage = _damage(cube_id, found, manifest, blobs)
+    if damage is not None and not allow_damaged:
+        raise BundleError(
+            f"{damage}: nothing written (repair the cube and export again, or --allow-damaged writes it anyway)"
+        )
     partial = out.with_name(out.name + ".partial")
     try:
         # Readable by its owner only (it holds every memory's text; a plain open gave 0644 under the usual
@@ -386,7 +410,7 @@ async def export_cube(db: Database, cube_id: uuid.UUID, out: Path) -> BundleRepo
             "cube",
             cube_id,
             tenant_id=cube.tenant_id,
-            detail={**manifest.counts, "left_out": left_out},
+            detail={**manifest.counts, "left_out": left_out, **({"damage": damage} if damage else {})},
         )
     return BundleReport(
         cube_id=cube_id,
@@ -397,7 +421,23 @@ async def export_cube(db: Database, cube_id: uuid.UUID, out: Path) -> BundleRepo
         cache_entries=len(entry_lines),
         left_out=left_out,
         models=_models(memory_lines),
+        damage=damage,
     )
+
+
+def _damage(cube_id: uuid.UUID, found: Verified, manifest: Manifest, blobs: dict[str, bytes]) -> str | None:
+    """Why an import would refuse the bundle of these members (None: it would not), on one line."""
+    refused = "`memos admin import` refuses a bundle that carries it"
+    if found.counts:
+        counted = ", ".join(f"{n} {check}" for check, n in found.counts.items())
+        return f"cube {cube_id} is damaged (`memos admin verify --cube {cube_id}` names the rows: {counted}); {refused}"
+    # What verify does not check (values past the API's limits, a cache setting it now refuses): read back as
+    # the import reads it. Costs a second decoding of the lines; the members are in memory already.
+    try:
+        _bundle(_decode(Manifest, msgspec.json.encode(manifest), MANIFEST), blobs)
+    except BundleError as exc:
+        return f"`memos admin import` would refuse the bundle of cube {cube_id}: {exc}"
+    return None
 
 
 def _line(kind: type[L], row: Row[Any], **given: Any) -> L:
@@ -477,6 +517,12 @@ def read_bundle(path: Path) -> Bundle:
             if len(blob) != info.bytes or hashlib.sha256(blob).hexdigest() != info.sha256:
                 raise BundleError(f"{name}: does not match its size and SHA-256 in the manifest (damaged or edited)")
             blobs[name] = blob
+    return _bundle(manifest, blobs)
+
+
+def _bundle(manifest: Manifest, blobs: dict[str, bytes]) -> Bundle:
+    """The members (past their sizes and hashes) read and checked: what an import reads, and what an export
+    checks it wrote."""
     try:
         vectors = load_tensors(blobs["vectors.safetensors"])
     except Exception as exc:  # safetensors raises its own error types for a malformed header

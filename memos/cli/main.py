@@ -44,6 +44,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env(host=args.host, port=args.port)
     configure_logging(settings.log_level)
+    # Before the database starts: uvicorn binds its socket only after the lifespan (the embedded server, the
+    # migrations) has run, and then a taken port or a host that does not resolve was its traceback, exit 3.
+    problem = _cannot_listen(settings, host_given=args.host is not None, port_given=args.port is not None)
+    if problem is None:
+        problem = _cannot_store_kv(settings)
+    if problem is not None:
+        print(f"memos serve: {problem}", file=sys.stderr)
+        return 1
     failed = _StartFailure()
     try:
         uvicorn.run(
@@ -64,6 +72,71 @@ def _serve(args: argparse.Namespace) -> int:
         print(failed.line, file=sys.stderr)
         return failed.status
     return 0
+
+
+def _cannot_listen(settings: Settings, *, host_given: bool, port_given: bool) -> str | None:
+    """Why ``memos serve`` cannot listen on its host and port (the flag or variable named), or None.
+
+    Found by binding what uvicorn will bind, as asyncio's ``create_server`` does for it: every address the host
+    resolves to, SO_REUSEADDR (so a port still in TIME_WAIT from a previous run is not refused), IPv6 sockets
+    v6-only; then let go. Only a probe: another process can still take the port between it and uvicorn's bind
+    (after the database has started), and then uvicorn's own error and exit code 3 stand.
+    """
+    import errno
+    import socket
+
+    host_name = "--host" if host_given else "MEMOS_HOST"
+    port_name = "--port" if port_given else "MEMOS_PORT"
+    try:
+        # "" is every interface, as asyncio takes it.
+        found = socket.getaddrinfo(
+            settings.host or None, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError) as exc:  # gaierror; UnicodeError: a name IDNA cannot encode (a label too long)
+        return f"cannot resolve {host_name} ({settings.host}): {getattr(exc, 'strerror', None) or exc}"
+    held: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                continue  # a family this host lacks: asyncio skips it too
+            held.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):  # the port is taken, or privileged
+                    return f"cannot listen on {port_name} ({settings.port}) at {address[0]}: {exc.strerror}"
+                return f"cannot listen on {host_name} ({settings.host}) at {address[0]}: {exc.strerror}"
+    finally:
+        for sock in held:
+            sock.close()
+    return None
+
+
+def _cannot_store_kv(settings: Settings) -> str | None:
+    """Why the blob store cannot be written (the variable named), or None; checked when something may write
+    there: ``MEMOS_BLOB_DIR`` set (the operator named it), or ``MEMOS_MODELS`` (KV builds and imports). With
+    neither, nothing writes a KV file, and a data directory memos cannot write to (an external database, a
+    read-only file system) must not stop the start."""
+    from memos.store.blobs import LocalBlobStore
+
+    if settings.blob_dir is None and not settings.models:
+        return None
+    try:
+        LocalBlobStore(settings.blob_root).check_writable()
+    except OSError as exc:
+        if settings.blob_dir is not None:
+            variable, value = "MEMOS_BLOB_DIR", settings.blob_dir
+        else:
+            variable, value = "MEMOS_DATA_DIR", settings.data_dir
+        # Named by the path it is about when that is not the variable's own, as _start_failure does.
+        where = f"{exc.filename} in " if exc.filename and Path(exc.filename) != value else ""
+        return f"cannot use {where}{variable} ({value}): {exc.strerror or exc}"
+    return None
 
 
 @dataclasses.dataclass
@@ -172,6 +245,15 @@ def _migrate(args: argparse.Namespace) -> int:
         before = migrations.current_revision(url)
         if args.revision.startswith("-") or args.down:
             migrations.downgrade(url, args.revision)
+        elif migrations.older_than(before, args.revision):
+            # alembic's upgrade to an older revision does nothing and says nothing: `schema: 0010 -> 0010`, exit
+            # 0, read as done. Refused like a revision alembic cannot locate (exit 1), with the way back.
+            print(
+                f"memos admin migrate: the schema is at {before}, newer than {args.revision}: an upgrade does not "
+                f"go back (`memos admin migrate {args.revision} --down` downgrades to it)",
+                file=sys.stderr,
+            )
+            return 1
         else:
             migrations.upgrade(url, args.revision)
         after = migrations.current_revision(url)
@@ -258,11 +340,13 @@ def _export(args: argparse.Namespace) -> int:
 
     async def run() -> BundleReport:
         async with _database() as db:
-            return await export_cube(db, cube_id, out)
+            return await export_cube(db, cube_id, out, allow_damaged=args.allow_damaged)
 
     report = _run_tool("export", run)
     if report is None:
         return 1
+    if report.damage is not None:
+        print(f"memos admin export: warning: {report.damage}: written all the same (--allow-damaged)", file=sys.stderr)
     print(
         f"exported cube {report.name!r} ({report.cube_id}) to {out}: {report.memories} memories, "
         f"{report.versions} versions, {report.links} links, {report.cache_entries} cache entries"
@@ -671,6 +755,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--cube", required=True, metavar="CUBE_ID", help="the cube to export")
     export.add_argument("--out", required=True, metavar="FILE", help="the bundle to write (memos-bundle/1, a zip)")
     export.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    # Not --force: a routine overwrite (a nightly backup) must not also accept a bundle that will not import.
+    export.add_argument(
+        "--allow-damaged",
+        action="store_true",
+        help="write the bundle even if `memos admin import` would refuse it (the cube is damaged; said on stderr)",
+    )
     export.set_defaults(func=_export)
     imp = admin_sub.add_parser("import", help="write a bundle as a new cube, in one transaction")
     imp.add_argument("bundle", metavar="FILE", help="a bundle written by `memos admin export`")

@@ -47,7 +47,7 @@ class BlobStoreFull(BlobError):
 
 def is_key(key: str) -> bool:
     """A lowercase hex sha256: what a blob key is."""
-    return _SHA256.match(key) is not None
+    return _SHA256.fullmatch(key) is not None  # match: `$` let a key ending in a newline through
 
 
 def check_key(key: str) -> str:
@@ -120,6 +120,18 @@ class LocalBlobStore(BlobStore):
     def _path(self, key: str) -> Path:
         check_key(key)
         return self.root / key[:2] / key[2:4] / key
+
+    def check_writable(self) -> None:
+        """Make the store's directories that are missing (those above it too, all 0700) and create and remove a
+        file where ``put`` writes first: ``OSError``, naming the path, when the store cannot be written.
+        ``memos serve`` calls it at start, so an unusable directory is not found at the first KV write."""
+        # The missing ones only, top down: mkdir(parents=True) would give those above the root the umask's mode,
+        # and the default root is in the data directory, which memos makes 0700 (before the embedded server).
+        _private_dirs(*reversed([p for p in self.root.parents if not p.exists()]), self.root, self._tmp)
+        # A .part name: sweep_partial removes it if the process dies before the unlink.
+        probe = self._tmp / f"writable.{secrets.token_hex(6)}.part"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
 
     def put(self, data: bytes) -> str:
         key = hashlib.sha256(data).hexdigest()
@@ -212,7 +224,7 @@ class LocalBlobStore(BlobStore):
             for path in sorted(first.glob("[0-9a-f][0-9a-f]/*")):
                 name = path.name
                 # Only files where their name puts them: anything else is not this store's.
-                if not (_SHA256.match(name) and name[:2] == first.name and name[2:4] == path.parent.name):
+                if not (_SHA256.fullmatch(name) and name[:2] == first.name and name[2:4] == path.parent.name):
                     continue
                 try:
                     stat = path.stat()

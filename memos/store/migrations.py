@@ -9,6 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import create_engine, text
 
 from memos.store.urls import sqlalchemy_url
@@ -88,6 +89,23 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 def downgrade(url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(url), revision)
+
+
+def older_than(current: str | None, target: str) -> bool:
+    """Whether ``target`` is older than the schema's ``current`` revision (one it descends from, or ``base``):
+    an upgrade to it changes nothing, going back is a downgrade. False when alembic cannot place one of them
+    (an unknown or relative revision): the upgrade then says so in alembic's words."""
+    if current is None:
+        return False
+    if target == "base":
+        return True
+    script = ScriptDirectory.from_config(alembic_config("postgresql://localhost/unused"))
+    try:
+        wanted = script.get_revision(target)
+        below = {r.revision for r in script.walk_revisions(base="base", head=current)}
+    except CommandError:
+        return False
+    return wanted is not None and wanted.revision != current and wanted.revision in below
 
 
 def head_revision() -> str:
