@@ -21,6 +21,7 @@ from conftest import OPERATOR_KEY, bearer
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from memos.activations.service import IMPORTS_AT_ONCE, ActivationService
 from memos.app import create_app
 from memos.kv.codec import read_meta
 from memos.kv.spec import ModelSpec
@@ -1197,3 +1198,116 @@ async def test_a_kv_job_holds_its_place_until_it_ends_even_when_its_caller_left(
     finally:
         release.set()
         worker.close()
+
+
+# ---------------------------------------------------------------------- an import's body: read last, bounded
+# Found in review: the body (up to MEMOS_MAX_KV_BYTES, 1 GiB) was read before the model, the memory and the
+# caller's access were checked, and concurrent uploads each held it: four 900 MiB uploads answered 409 no-model
+# with the server at 5.5 GiB.
+
+
+class Body:
+    """A request body sent as it is iterated, which records whether the server asked for any of it."""
+
+    def __init__(self, data: bytes, pieces: int = 4) -> None:
+        step = max(1, -(-len(data) // pieces))
+        self.pieces = [data[i : i + step] for i in range(0, len(data), step)]
+        self.read = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.read = True
+        yield from self.pieces
+
+
+def post_streamed(
+    client: Any, key: str, memory_id: str, body: Body, model: str = MODEL, length: int | None = None
+) -> Any:
+    """The import with ``body`` streamed: chunked, or with a declared ``length`` (what the SDK sends)."""
+    headers = {**bearer(key), "Content-Type": "application/octet-stream"}
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    return client.post(
+        "/v1/activations/import",
+        params={"memory_id": memory_id, "model": model},
+        content=iter(body),
+        headers=headers,
+    )
+
+
+def test_without_a_model_the_body_is_never_read(bare_client, tenant, exported) -> None:
+    data = exported["data"]
+    for length in (None, len(data)):
+        body = Body(data)
+        r = post_streamed(bare_client, tenant.admin_key, exported["memory"]["id"], body, length=length)
+        assert problem(r, 409)["type"].endswith("no-model")
+        assert not body.read, f"the body was read before the 409 (Content-Length {length})"
+
+
+def test_an_unknown_model_or_a_memory_the_caller_may_not_write_is_refused_unread(
+    client, factory, tenant, cube, exported
+) -> None:
+    data = exported["data"]
+    stranger = factory.tenant()
+    reader = factory.agent(tenant)
+    r = client.put(
+        f"/v1/cubes/{cube['id']}/grants/{reader.id}", json={"access": "read"}, headers=bearer(tenant.admin_key)
+    )
+    assert r.status_code in (200, 201), r.text
+    m = exported["memory"]["id"]
+    for key, model, status in (
+        (tenant.admin_key, "no-such-model", 422),  # model configured
+        (stranger.admin_key, MODEL, 404),  # a memory of another tenant
+        (reader.key, MODEL, 403),  # a cube the caller may only read
+    ):
+        body = Body(data)
+        problem(post_streamed(client, key, m, body, model=model, length=len(data)), status)
+        assert not body.read, f"the body was read before the {status}"
+
+
+def test_the_checks_keep_api_md_order_for_an_empty_body(client, factory, tenant, exported) -> None:
+    """Body not empty comes before the memory's checks, with a declared length (read from it) and chunked."""
+    stranger = factory.tenant()
+    for length in (0, None):
+        body = Body(b"")
+        r = post_streamed(client, stranger.admin_key, exported["memory"]["id"], body, length=length)
+        assert problem(r, 422)["errors"][0]["field"] == "body"
+    problem(post_streamed(client, stranger.admin_key, exported["memory"]["id"], Body(b"x")), 404)
+
+
+def test_imports_past_the_bound_are_503_unread_and_the_places_come_back(client, app, factory, exported) -> None:
+    service: ActivationService = app.state.activations
+    other = factory.tenant()
+    c = factory.cube(other.admin_key)
+    m = factory.memory(other.admin_key, c["id"], FACTS[2])
+    data = exported["data"]
+    places = [service._import_slot() for _ in range(IMPORTS_AT_ONCE)]
+    for place in places:  # as imports reading their bodies would hold them
+        place.__enter__()
+    try:
+        for length in (len(data), None):
+            body = Body(data)
+            r = post_streamed(client, other.admin_key, m["id"], body, length=length)
+            assert problem(r, 503)["type"].endswith("kv-busy") and r.headers["retry-after"] == "2"
+            assert not body.read or length is None  # chunked, only the first message was looked at
+    finally:
+        for place in places:
+            place.__exit__(None, None, None)
+    assert post_streamed(client, other.admin_key, m["id"], Body(data), length=len(data)).status_code == 201
+    # A refused or failed import gives its place back too: both places are free again.
+    problem(import_kv(client, other.admin_key, m["id"], b"not a kv file"), 422)
+    assert service._importing == 0
+
+
+def test_a_chunked_upload_over_the_limit_is_413_and_a_chunked_import_works(client, factory, exported) -> None:
+    other = factory.tenant()
+    c = factory.cube(other.admin_key)
+    m = factory.memory(other.admin_key, c["id"], FACTS[2])
+    # No Content-Length to refuse it by: the limit is counted as the body arrives.
+    problem(post_streamed(client, other.admin_key, m["id"], Body(b"x" * (KV_LIMIT + 1), pieces=8)), 413)
+    # A declared length over the limit is refused before anything else, unread.
+    body = Body(b"x" * 16)
+    problem(post_streamed(client, other.admin_key, m["id"], body, model="no-such-model", length=KV_LIMIT + 1), 413)
+    assert not body.read
+    r = post_streamed(client, other.admin_key, m["id"], Body(exported["data"], pieces=7))
+    assert r.status_code == 201, r.text
+    assert r.json()["sha256"] == exported["activation"]["sha256"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.exceptions import ClientException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 
@@ -31,6 +34,51 @@ def _kv_headers(activation: schemas.Activation, sha256: str) -> dict[str, str]:
         "X-Memos-Activation": str(activation.id),
         "ETag": f'"{sha256}"',
     }
+
+
+class _RequestUpload:
+    """The import's body, read from the ASGI channel only when the service asks (``service.KVUpload``).
+
+    Not ``request.body()``: that read the whole body before any check, and held it twice while joining its
+    chunks. The chunks go into one ``BytesIO``, whose ``getvalue()`` hands over its own buffer without a copy.
+    A body never read is discarded by the server (uvicorn reads and drops the rest, and the response is sent)."""
+
+    def __init__(self, request: Request[Any, Any, Any], limit: int | None) -> None:
+        self._request = request
+        self._limit = limit
+        self._first = b""
+        """What ``empty`` received of a chunked body, for ``read``."""
+        self._more = True
+
+    async def _receive(self) -> bytes:
+        message = await self._request.receive()
+        if message["type"] != "http.request":  # http.disconnect: the client went away mid-body
+            raise ClientException("the client disconnected before the body was complete")
+        self._more = message.get("more_body", False)
+        return message.get("body", b"")
+
+    async def empty(self) -> bool:
+        length = self._request.content_length
+        if length is not None:
+            return length == 0
+        # Chunked (no Content-Length): only the first bytes can tell. One ASGI message is at most the server's
+        # read buffer (uvicorn pauses reading past 64 KiB), kept for read().
+        while self._more and not self._first:
+            self._first = await self._receive()
+        return not self._first
+
+    async def read(self) -> bytes:
+        buffer = io.BytesIO()
+        total = 0
+        piece, self._first = self._first, b""
+        while True:
+            total += len(piece)
+            if self._limit is not None and total > self._limit:  # as it arrives: a chunked body declares no length
+                raise RequestEntityTooLarge
+            buffer.write(piece)
+            if not self._more:
+                return buffer.getvalue()
+            piece = await self._receive()
 
 
 class ActivationController(Controller):
@@ -129,6 +177,10 @@ class ActivationImportController(Controller):
         memory_id: Annotated[str, QueryParameter(description="The memory the KV is of")],
         model: Annotated[str, QueryParameter(description="A configured model name")],
     ) -> Response[schemas.Activation]:
-        body = await request.body()
-        activation, created = await activations.import_file(principal, parse_id(memory_id, "memory"), model, body)
+        # MEMOS_MAX_KV_BYTES, set on this controller's router (memos.app).
+        limit = request.route_handler.resolve_request_max_body_size()
+        if limit is not None and (request.content_length or 0) > limit:
+            raise RequestEntityTooLarge  # as before: a declared length over the limit is refused first, unread
+        upload = _RequestUpload(request, limit)
+        activation, created = await activations.import_file(principal, parse_id(memory_id, "memory"), model, upload)
         return Response(activation, status_code=201 if created else 200)

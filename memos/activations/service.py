@@ -14,10 +14,11 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 from sqlalchemy import Row, delete, func, insert, or_, select, text, update
@@ -25,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.activations import files, schemas
 from memos.activations.freshness import is_fresh, is_stale, with_freshness
-from memos.activations.models import KVWorker, ModelRegistry, ModelUnavailable
+from memos.activations.models import KVBusy, KVWorker, ModelRegistry, ModelUnavailable
 from memos.activations.tiers import KVTiers, ResidentTier
 from memos.cubes.access import readable_cube_ids
 from memos.errors import Conflict, FieldError, Invalid, NotFound, Unavailable
@@ -55,6 +56,22 @@ PINNED = text("activations.tier IN ('device', 'host')")
 """Pinned to a memory tier: written out (not bound) so that it matches the partial index of migration 0007."""
 DEFAULT_COMPOSE_RECOMPUTE = 0.15
 """Share of tokens recomputed when several chunks are composed (CacheBlend-style), unless the request says."""
+IMPORTS_AT_ONCE = 2
+"""Imports reading, verifying and storing a body at the same time in one process; one more is 503 ``kv-busy``.
+Each holds about twice its body at its peak (the file, then its decoded tensors), up to ``MEMOS_MAX_KV_BYTES``."""
+IMPORTS_BUSY_RETRY_AFTER = "2"
+
+
+class KVUpload(Protocol):
+    """An import's body, which ``import_file`` reads only once every check that does not need it has passed."""
+
+    async def empty(self) -> bool:
+        """Whether the body is empty, reading as little of it as can tell (nothing when its length is declared)."""
+        ...
+
+    async def read(self) -> bytes:
+        """The whole body (413 past the limit); called at most once."""
+        ...
 
 
 class FingerprintConflict(Conflict):
@@ -147,6 +164,8 @@ class ActivationService:
         self.search = search
         self.on_access: Accesses | None = None
         """Told which memories a generation placed before its prompt (the scheduler's heat)."""
+        self._importing = 0
+        """Imports holding a body now (``_import_slot``)."""
 
     @property
     def worker(self) -> KVWorker:
@@ -562,36 +581,63 @@ class ActivationService:
     # ------------------------------------------------------------------ import
 
     async def import_file(
-        self, principal: Principal, memory_id: uuid.UUID, model: str, data: bytes
+        self, principal: Principal, memory_id: uuid.UUID, model: str, upload: KVUpload
     ) -> tuple[schemas.Activation, bool]:
-        """Accept a memos-kv/1 file for a memory after checking format, checksum, model and tokens."""
+        """Accept a memos-kv/1 file for a memory after checking format, checksum, model and tokens.
+
+        Every check that does not need the file comes first, in api.md's order, and only then is the body read:
+        a refused import never holds it (found in review: four 900 MiB uploads answered 409 no-model after the
+        server had held 5.5 GiB of them)."""
         principal.tenant_member()
         self.models.spec(model)
-        if not data:
+        if await upload.empty():
             raise Invalid.field("body", "the body is empty; send a memos-kv/1 (safetensors) file")
         async with self.db.read() as conn:
             source = await self.memories.load_row(conn, principal, memory_id, "write")
         _check_live(source)
         _check_source(source, field="memory_id")
         lm = await self.models.get(model)
+        with self._import_slot():
+            return await self._import(principal, source, lm, await upload.read())
+
+    @contextmanager
+    def _import_slot(self) -> Iterator[None]:
+        """One of ``IMPORTS_AT_ONCE`` places, or 503 before the body is read: concurrent uploads each hold their
+        file and its tensors, so without a bound they multiply the memory an import needs."""
+        if self._importing >= IMPORTS_AT_ONCE:
+            raise KVBusy(
+                f"{IMPORTS_AT_ONCE} KV imports are being read already; retry shortly",
+                headers={"Retry-After": IMPORTS_BUSY_RETRY_AFTER},
+            )
+        self._importing += 1  # no await since the check: nothing else ran in between
+        try:
+            yield
+        finally:
+            self._importing -= 1
+
+    async def _import(
+        self, principal: Principal, source: Row[Any], lm: LoadedModel, data: bytes
+    ) -> tuple[schemas.Activation, bool]:
         chunk = await self._verified_chunk(lm, data)
+        file_ids, file_tokens = chunk.token_ids.tolist(), chunk.tokens
+        del chunk  # its tensors are a second copy of the file; only the token ids are needed from here
         ids: list[int] = await self.worker.run(_memory_ids, lm, source.content)
-        if chunk.token_ids.tolist() != ids:
+        if file_ids != ids:
             raise TokenMismatch(
-                f"the file holds KV of {chunk.tokens} tokens that are not the memory's current text "
+                f"the file holds KV of {file_tokens} tokens that are not the memory's current text "
                 f"({len(ids)} tokens at version {source.version}); build it from this memory instead",
-                extra={"file_tokens": chunk.tokens, "memory_tokens": len(ids), "memory_version": source.version},
+                extra={"file_tokens": file_tokens, "memory_tokens": len(ids), "memory_version": source.version},
             )
         ids_sha = token_ids_sha256(ids)
         async with self.db.read() as conn:
-            existing = await self._fresh_for(conn, memory_id, lm, source.version)
+            existing = await self._fresh_for(conn, source.id, lm, source.version)
         if existing is not None:
             return self._dto(existing), False
         if (reused := await self._reuse(principal, source, lm, ids_sha, "activation.import")) is not None:
             return reused  # the tenant already stores this KV where this cube may use it: the upload is dropped
         key = await self._put(data)
         # Checked in every way but its values, which only a prefill could check: reusable in this cube only.
-        blob = _Blob(sha256=key, nbytes=len(data), tokens=chunk.tokens, dtype=lm.dtype, imported_into=source.cube_id)
+        blob = _Blob(sha256=key, nbytes=len(data), tokens=file_tokens, dtype=lm.dtype, imported_into=source.cube_id)
         return await self._insert_written(principal, source, lm, ids_sha, blob, data, "activation.import")
 
     async def _verified_chunk(self, lm: LoadedModel, data: bytes) -> KVChunk:
