@@ -466,8 +466,9 @@ async def evaluate_service(
     h: Harness, name: str, pairs: Sequence[Pair], vectors: VectorCache, *, groups: bool
 ) -> dict[str, Any]:
     # The query LRU is the service's own; filling it from the embedding cache saves re-embedding 40k texts.
+    tenant_id, _ = h.principal.tenant_member()
     for text in texts_of(pairs):
-        h.cache.vectors.put(text, vectors[text])
+        h.cache.vectors.put(tenant_id, text, vectors[text])
     started = time.perf_counter()
     plain, mine, sims_list, reasons = await service_run(h, pairs)
     seconds = time.perf_counter() - started
@@ -544,7 +545,7 @@ def summary(values_ms: list[float]) -> dict[str, float]:
 async def latency_in_process(h: Harness, cube_id: uuid.UUID, queries: list[str]) -> dict[str, Any]:
     cache = h.cache
     started = time.perf_counter()
-    state = await cache.indexes.state(cube_id)
+    state = await cache.indexes.state(cube_id, h.principal.tenant_member()[0])
     await cache.indexes.index(state)
     if state.building is not None:
         await state.building

@@ -66,7 +66,7 @@ from memos.memories.ann import EXACT_CUBE_MAX
 from memos.memories.schemas import MAX_VERSION, LinkType, Provenance, Tags
 from memos.memories.versioning import SNAPSHOT, content_sha256
 from memos.semcache.policy import PolicyError, parse_category, parse_policy
-from memos.semcache.schemas import Category
+from memos.semcache.schemas import MAX_QUERY_CHARS, Category, context_limit_error
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import (
@@ -646,6 +646,8 @@ def _check(bundle: Bundle) -> None:
                 f"{where}: memory {mem.id} is at version {mem.version} but its versions are not 1..{mem.version}"
             )
         _check_current(where, mem, history[mem.version], bundle.vectors)
+        if mem.kind == "response":
+            _check_cached_answer(where, mem.metadata)
     strays = versions.keys() - ids
     if strays:
         raise BundleError(
@@ -686,6 +688,16 @@ def _check(bundle: Bundle) -> None:
             parse_policy(bundle.cache.config)
         except PolicyError as exc:
             raise BundleError(f"cache.json: config.{exc.field}: {exc.message}") from None
+
+
+def _check_cached_answer(where: str, metadata: dict[str, Any]) -> None:
+    """The API's limits on a cached answer's query and context: a lookup reads both, so their size is its cost."""
+    query = metadata.get("query")
+    if isinstance(query, str) and len(query) > MAX_QUERY_CHARS:
+        raise BundleError(f"{where}: metadata.query: at most {MAX_QUERY_CHARS} characters, not {len(query)}")
+    context = metadata.get("context")
+    if isinstance(context, list) and (over := context_limit_error(context)) is not None:
+        raise BundleError(f"{where}: metadata.context: {over}")
 
 
 def _check_provenance(where: str, provenance: dict[str, Any]) -> None:

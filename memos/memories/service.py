@@ -30,6 +30,7 @@ from memos.pagination import NOT_ISSUED, Page, decode_cursor, decode_keyset, enc
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
 from memos.search.indexing import embedding_text, event_time
+from memos.semcache.schemas import MAX_QUERY_CHARS, context_limit_error
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import (
@@ -167,11 +168,19 @@ def _check_response_query(metadata: dict[str, Any], field: str) -> None:
     query = metadata.get("query")
     if not isinstance(query, str) or not query.strip():
         raise Invalid.field(field, "a response memory needs the query it answers")
+    if len(query) > MAX_QUERY_CHARS:
+        # The cache's own limit: lookups run the guards over every compared query (not served past it).
+        raise Invalid.field(field, f"at most {MAX_QUERY_CHARS} characters, not {len(query)}")
     category = metadata.get("category")
     if category is not None and not isinstance(category, str):
         # Lookups read a non-string category as none (the default) and stats, quotas and invalidation as its text:
         # the entry answered the default category while counted in another (found in review).
         raise Invalid.field(field.removesuffix("query") + "category", "a cache category is a string (its name)")
+    context = metadata.get("context")
+    if isinstance(context, list) and (over := context_limit_error(context)) is not None:
+        # The cache endpoints' limits, on this path too: a lookup compares the stored context with its own, and a
+        # 1 MiB one written here blocked the event loop for minutes (found in review).
+        raise Invalid.field(field.removesuffix("query") + "context", over)
 
 
 def _expires(ttl_seconds: int | None) -> datetime | None:

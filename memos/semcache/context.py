@@ -53,6 +53,16 @@ FACTS_WINDOW_CHARS = 8000
 REPLY_TURNS = 2
 """How many of the newest assistant turns a bare reply needs to match."""
 
+REPLY_WINDOW_CHARS = 1000
+"""How much of the end of each of those turns the reply check reads (as much as :func:`context_text` embeds).
+
+The offer a bare reply answers closes the turn ("... Want me to book it?"); the facts of the rest are
+compared by :func:`fact_conflict`. Reading whole turns made one lookup cost minutes: a stored context may
+hold a 64 KiB turn (more, if written before the limits applied to the memories API).
+"""
+REPLY_WINDOW_TOKENS = 150
+"""Most words of each turn's tail compared in order: ``SequenceMatcher`` is quadratic in them (150: ~1 ms)."""
+
 CONTEXT_WINDOW_CHARS = 1000
 """How much of the newest history :func:`context_text` keeps: about the 256 tokens the default encoder reads.
 
@@ -326,15 +336,27 @@ def _reply_conflict(stored: Sequence[Turn], lookup: Sequence[Turn], min_overlap:
     recent_lookup = _assistant_turns(lookup, REPLY_TURNS)
     if len(recent_stored) != len(recent_lookup):
         return "the reply follows a different exchange (not the same number of assistant turns)"
-    for left, right in zip(recent_stored, recent_lookup, strict=True):
+    for left, right in zip(map(_tail, recent_stored), map(_tail, recent_lookup), strict=True):
         a, b = analyze(left), analyze(right)
-        overlap = SequenceMatcher(None, a.tokens, b.tokens, autojunk=False).ratio()
+        overlap = SequenceMatcher(
+            None, a.tokens[-REPLY_WINDOW_TOKENS:], b.tokens[-REPLY_WINDOW_TOKENS:], autojunk=False
+        ).ratio()
         if overlap < min_overlap:
             return f"the reply answers a different assistant turn (word overlap {overlap:.2f} < {min_overlap:.2f})"
         objections = check_all(left, right)
         if objections:
             return f"the reply answers a different offer ({objections[0]})"
     return None
+
+
+def _tail(text: str) -> str:
+    """The last ``REPLY_WINDOW_CHARS`` of a turn, from a word's start (all of one long word if it has no space)."""
+    text = text.rstrip()  # the cut then ends in a word: never an empty tail, which every other tail would match
+    if len(text) <= REPLY_WINDOW_CHARS:
+        return text
+    tail = text[-REPLY_WINDOW_CHARS:]
+    space = re.search(r"\s", tail)
+    return tail[space.end() :] if space is not None else tail
 
 
 def _assistant_turns(turns: Sequence[Turn], count: int) -> list[str]:

@@ -78,6 +78,20 @@ _CONTRACTIONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 )
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
+MAX_SPELLING_LETTERS = 40
+"""Longer tokens (a hash, a pasted blob) are never spellings of one another: only equal ones match.
+
+The edit distance is quadratic in the word's length, and a lookup may send 8,000 letters in one token.
+"""
+PAIRING_BUDGET = 1024
+"""Most (only-in-one x only-in-other) word pairs :func:`wording_guard` tries to pair off as spellings.
+
+Past it the two texts differ in dozens of words each, far more than the guard's few: it leaves them to
+the threshold without the quadratic pairing (a lookup's 8,000-character query took seconds).
+"""
+SURFACE_BUDGET = 200 * 200
+"""Most token pairs :func:`wording_guard`'s shape comparison (a quadratic ``SequenceMatcher``) may cost."""
+
 
 def _normalize(text: str) -> str:
     # line breaks survive: in a conversation they end a turn, which the name reader needs to know
@@ -95,7 +109,11 @@ def similar_words(a: str, b: str) -> bool:
     """
     if a == b:
         return True
-    if min(len(a), len(b)) < 4 or _prefixed_opposites(a, b):
+    if min(len(a), len(b)) < 4 or max(len(a), len(b)) > MAX_SPELLING_LETTERS:
+        return False
+    if a[:4] != b[:4] and abs(len(a) - len(b)) > 2:
+        return False  # every rule below needs a shared 4-letter prefix or lengths within the edit limit
+    if _prefixed_opposites(a, b):
         return False
     prefix = 0
     for x, y in zip(a, b, strict=False):
@@ -530,6 +548,8 @@ class QueryFacts:
     targets: frozenset[str]
     """Content stems after "to"/"into"/"onto"."""
     asks_reason: bool
+    joined: str
+    """The tokens run together ("wi fi" -> "wifi"): what :func:`mentions` looks a joined-up name up in."""
 
 
 _POSSESSIVE_PERSON = {"my": "1", "our": "1", "your": "2", "his": "3", "her": "3", "their": "3", "its": "3"}
@@ -672,6 +692,7 @@ def analyze(text: str) -> QueryFacts:
         sources=sources,
         targets=targets,
         asks_reason=bool(REASON_MARKERS.search(lowered)),
+        joined="".join(tokens),
     )
 
 
@@ -744,8 +765,11 @@ def _is_name(text: str, surface: str) -> bool:
     if " " in surface or any(c.isupper() or c.isdigit() for c in surface[1:]):
         return True
     for match in re.finditer(re.escape(surface), text):
-        before = text[: match.start()].rstrip(" \t")
-        if before and before[-1] not in _SENTENCE_END:
+        # walk back over blanks instead of slicing the text before each match: that was quadratic in a long text
+        i = match.start() - 1
+        while i >= 0 and text[i] in " \t":
+            i -= 1
+        if i >= 0 and text[i] not in _SENTENCE_END:
             return True
     return False
 
@@ -777,11 +801,25 @@ def negation_guard(a: QueryFacts, b: QueryFacts) -> str | None:
         return f"negation differs ({a.negations} vs {b.negations} negations)"
     only_a = a.stems - b.stems
     only_b = b.stems - a.stems
+    # Each word's possible opposites are built and looked up (linear), not every pair tried (quadratic in a long
+    # text); the first pair in sorted order is reported, as a pairwise scan would.
     for x in sorted(only_a):
-        for y in sorted(only_b):
-            if _prefixed_opposites(x, y):
-                return f"negation differs: {x!r} vs {y!r}"
+        found = [y for y in _prefix_partners(x) if y in only_b and _prefixed_opposites(x, y)]
+        if found:
+            return f"negation differs: {x!r} vs {min(found)!r}"
     return None
+
+
+def _prefix_partners(word: str) -> set[str]:
+    """Every word that :func:`_prefixed_opposites` could pair with ``word`` (a superset: callers re-check)."""
+    out = {prefix + word for prefix in NEGATIVE_PREFIXES}
+    out.update(word[len(prefix) :] for prefix in NEGATIVE_PREFIXES if word.startswith(prefix))
+    for left, right in OPPOSED_PREFIXES:
+        if word.startswith(left):
+            out.add(right + word[len(left) :])
+        if word.startswith(right):
+            out.add(left + word[len(right) :])
+    return out
 
 
 def antonym_guard(a: QueryFacts, b: QueryFacts) -> str | None:
@@ -854,7 +892,7 @@ def mentions(facts: QueryFacts, name: str) -> bool:
         return True
     # "Wi-Fi" vs "wifi", "LS6 2AB" vs "ls62ab"
     joined = "".join(parts)
-    return len(joined) >= 4 and joined in "".join(facts.tokens)
+    return len(joined) >= 4 and joined in facts.joined  # joined once per text: per name, it was quadratic
 
 
 def scope_guard(a: QueryFacts, b: QueryFacts) -> str | None:
@@ -938,8 +976,13 @@ def wording_guard(a: QueryFacts, b: QueryFacts, *, max_diff: int = 3, min_overla
     if len(shared) < len(only_a) + len(only_b) - 1:
         return None
     # only sentences built alike: a reworded paraphrase shares content words but not its shape
-    if SequenceMatcher(None, a.surface, b.surface, autojunk=False).ratio() < min_overlap:
+    shape = SequenceMatcher(None, a.surface, b.surface, autojunk=False)
+    if shape.quick_ratio() < min_overlap:  # an upper bound of ratio(), linear
         return None
+    if len(a.surface) * len(b.surface) <= SURFACE_BUDGET and shape.ratio() < min_overlap:
+        return None
+    # past the budget the exact ratio is quadratic: a long text with all but a few words shared is taken as built
+    # alike, so the changed words object (a miss, never a wrong answer)
     if only_a and only_b:
         return f"different words: {_fmt(only_a)} vs {_fmt(only_b)}"
     extra = only_a or only_b
@@ -952,6 +995,8 @@ def _content_diff(a: Sequence[str], b: Sequence[str]) -> tuple[set[str], set[str
     shared = set_a & set_b
     only_a = set_a - shared
     only_b = set_b - shared
+    if len(only_a) * len(only_b) > PAIRING_BUDGET:
+        return only_a, only_b, shared  # far more different words than the wording guard looks at
     # spellings and synonyms pair off
     for x in sorted(only_a):
         match = next((y for y in sorted(only_b) if similar_words(x, y) or _synonyms(x, y)), None)

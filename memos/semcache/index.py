@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -31,6 +32,7 @@ from memos.semcache import store
 from memos.semcache.context import Turn, as_turns, context_sha256, context_text
 from memos.semcache.decide import Candidate
 from memos.semcache.policy import CachePolicy
+from memos.semcache.schemas import MAX_QUERY_CHARS
 from memos.store.arrays import decode_vector
 from memos.store.db import Database
 
@@ -49,43 +51,55 @@ SYNC_MARGIN = timedelta(seconds=10)
 
 
 class VectorLRU:
-    """Text -> embedding for the most recent texts: an exact repeat of a query (or a context) embeds once."""
+    """(tenant, text) -> embedding for the most recent texts: an exact repeat of a query (or a context) embeds once.
+
+    Keyed by tenant: one process-wide LRU shared by text alone let an agent of one tenant tell, from a lookup's
+    ``took_ms``, whether any other tenant had just asked an exact question (found in review). A tenant's
+    entries now only ever speed up that tenant's own calls.
+    """
 
     def __init__(self, embedder: EmbeddingService, maxsize: int) -> None:
         self.embedder = embedder
         self.maxsize = maxsize
-        self._vectors: OrderedDict[str, Vector] = OrderedDict()
+        self._vectors: OrderedDict[tuple[uuid.UUID, str], Vector] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, text: str) -> Vector | None:
-        vector = self._vectors.get(text)
+    def get(self, tenant_id: uuid.UUID, text: str) -> Vector | None:
+        key = (tenant_id, text)
+        vector = self._vectors.get(key)
         if vector is not None:
-            self._vectors.move_to_end(text)
+            self._vectors.move_to_end(key)
         return vector
 
-    def put(self, text: str, vector: Vector) -> None:
-        self._vectors[text] = vector
-        self._vectors.move_to_end(text)
+    def put(self, tenant_id: uuid.UUID, text: str, vector: Vector) -> None:
+        key = (tenant_id, text)
+        self._vectors[key] = vector
+        self._vectors.move_to_end(key)
         while len(self._vectors) > self.maxsize:
             self._vectors.popitem(last=False)
+
+    def discard(self, tenant_id: uuid.UUID, text: str) -> None:
+        """Forget a text (a removed cached answer's question): a deleted entry's words are not kept here."""
+        self._vectors.pop((tenant_id, text), None)
 
     def clear(self) -> None:
         self._vectors.clear()
 
-    async def embed(self, texts: Sequence[str]) -> list[Vector]:
-        """Embeddings of ``texts`` (L2-normalized float32), embedding only those not remembered, in one call."""
-        found = [self.get(t) for t in texts]
+    async def embed(self, tenant_id: uuid.UUID, texts: Sequence[str]) -> list[Vector]:
+        """Embeddings of ``texts`` (L2-normalized float32) for one tenant, embedding only those it has not
+        embedded lately, in one call."""
+        found = [self.get(tenant_id, t) for t in texts]
         missing = list(dict.fromkeys(t for t, v in zip(texts, found, strict=True) if v is None))
         self.hits += len(texts) - len(missing)
         self.misses += len(missing)
         if missing:
             vectors = await self.embedder.embed(missing)
             for text, vector in zip(missing, vectors, strict=True):
-                self.put(text, np.ascontiguousarray(vector, dtype=np.float32))
+                self.put(tenant_id, text, np.ascontiguousarray(vector, dtype=np.float32))
         out = []
         for text, vector in zip(texts, found, strict=True):
-            resolved = vector if vector is not None else self._vectors.get(text)
+            resolved = vector if vector is not None else self._vectors.get((tenant_id, text))
             assert resolved is not None
             out.append(resolved)
         return out
@@ -151,13 +165,16 @@ class Entry:
 def entry_from_row(row: Any, context_vectors: Callable[[str], Vector | None] | None = None) -> Entry | None:
     """An index entry from a row with the memory's columns (and, when joined, its ``cache_entries`` row).
 
-    ``None`` for a row that cannot be served: no query, or a context that cannot be read. A context
+    ``None`` for a row that cannot be served: no query (or one over ``MAX_QUERY_CHARS``), or a context that cannot
+    be read. A context
     embedding counts only if it was made from the context the memory holds now (its hash matches);
     otherwise ``context_vectors`` (the embedding LRU) may know it, else the contexts are compared as text.
     """
     metadata = row.metadata or {}
     query = metadata.get("query")
-    if not isinstance(query, str) or not query.strip():
+    if not isinstance(query, str) or not query.strip() or len(query) > MAX_QUERY_CHARS:
+        # Over the limit only if written through the memories API before it applied there: the guards read every
+        # compared query, and no lookup (8,000 characters at most) asks a longer one.
         return None
     category = metadata.get("category")
     try:
@@ -266,6 +283,8 @@ class CubeState:
     """What this process holds for one cube: its policy, and its index once built."""
 
     cube_id: uuid.UUID
+    tenant_id: uuid.UUID
+    """The cube's tenant: whose entries of the embedding LRU this cube's rows may use."""
     policy: CachePolicy
     policy_stamp: datetime | None
     index: CubeIndex | None = None
@@ -321,8 +340,9 @@ class CacheIndexes:
             self._states.move_to_end(cube_id)
         return state
 
-    async def state(self, cube_id: uuid.UUID) -> CubeState:
-        """The cube's state, loading its policy from Postgres the first time (callers check access first)."""
+    async def state(self, cube_id: uuid.UUID, tenant_id: uuid.UUID) -> CubeState:
+        """The cube's state, loading its policy from Postgres the first time (callers check access first, so
+        ``tenant_id``, the caller's, is the cube's)."""
         state = self.peek(cube_id)
         if state is not None:
             return state
@@ -331,7 +351,7 @@ class CacheIndexes:
         state = self.peek(cube_id)  # another task may have loaded it meanwhile
         if state is not None:
             return state
-        state = CubeState(cube_id, record.policy, record.stamp)
+        state = CubeState(cube_id, tenant_id, record.policy, record.stamp)
         self._states[cube_id] = state
         while len(self._states) > self.max_cubes:
             _, old = self._states.popitem(last=False)
@@ -425,7 +445,7 @@ class CacheIndexes:
             state.index = None
             state.building = self._spawn(self._build(state))
 
-    def _upsert_rows(self, index: CubeIndex, rows: Iterable[Any]) -> None:
+    def _upsert_rows(self, index: CubeIndex, rows: Iterable[Any], tenant_id: uuid.UUID) -> None:
         try:
             model: str | None = self.vectors.embedder.model
         except EmbedError:  # not loaded (an index exists only after a lookup, so not expected): keep the rows
@@ -446,7 +466,7 @@ class CacheIndexes:
                 # Embedded by another model (MEMOS_EMBED_MODEL changed): another vector space, not servable.
                 and (model is None or getattr(row, "embedding_model", model) == model)
             )
-            entry = entry_from_row(row, self.vectors.get) if live else None
+            entry = entry_from_row(row, functools.partial(self.vectors.get, tenant_id)) if live else None
             if entry is None or decoded is None:
                 index.remove(row.id)
                 continue
@@ -456,14 +476,23 @@ class CacheIndexes:
 
     def memories_written(self, cube_id: uuid.UUID, rows: Iterable[Any]) -> None:
         snapshot = [r for r in rows if r.kind == "response"]
-        if snapshot:
-            self._apply(cube_id, lambda index: self._upsert_rows(index, snapshot))
+        state = self._states.get(cube_id)
+        if snapshot and state is not None:
+            tenant_id = state.tenant_id
+            self._apply(cube_id, lambda index: self._upsert_rows(index, snapshot, tenant_id))
 
     def memories_removed(self, cube_id: uuid.UUID, ids: Iterable[uuid.UUID]) -> None:
         gone = list(ids)
+        state = self._states.get(cube_id)
 
         def note(index: CubeIndex) -> None:
             for memory_id in gone:
+                entry = index.get(memory_id)
+                if entry is not None and state is not None:
+                    # a deleted (or purged) answer's question and context leave the embedding LRU with it
+                    self.vectors.discard(state.tenant_id, entry.query)
+                    if entry.context:
+                        self.vectors.discard(state.tenant_id, context_text(entry.context))
                 index.remove(memory_id)
 
         self._apply(cube_id, note)
@@ -499,7 +528,7 @@ class CacheIndexes:
                 rows = await store.changed_entries(conn, state.cube_id, since)
                 stamp = await store.policy_stamp(conn, state.cube_id)
             if state.index is not None and not state.dropped:
-                self._upsert_rows(state.index, rows)
+                self._upsert_rows(state.index, rows, state.tenant_id)
                 state.synced_at = now
             if stamp is not None and (state.policy_stamp is None or stamp > state.policy_stamp):
                 await self.reload_policy(state.cube_id)

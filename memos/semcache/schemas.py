@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -24,8 +25,10 @@ from memos.semcache.policy import (
 
 MAX_CONTEXT_TURNS = 50
 MAX_CONTEXT_BYTES = 64 * 1024
+MAX_QUERY_CHARS = 8000
+"""A cached or looked-up query's most characters: the guards read every query a lookup compares."""
 
-Query = Annotated[str, msgspec.Meta(min_length=1, max_length=8000)]
+Query = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_QUERY_CHARS)]
 Answer = Annotated[str, msgspec.Meta(min_length=1)]
 Category = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CATEGORY_NAME)]
 
@@ -40,6 +43,25 @@ class TurnIn(msgspec.Struct, forbid_unknown_fields=True):
 Context = list[str | TurnIn]
 """The turns before the query, oldest first: plain strings (taken to alternate, the newest being the
 assistant's) or ``{role, content}`` objects."""
+
+
+def context_limit_error(context: Sequence[object]) -> str | None:
+    """Why a context (a request's, or a response memory's ``metadata.context``) is over the cache's limits.
+
+    ``None`` within them. Turns are strings or ``{role, content}`` objects (or :class:`TurnIn`); text that is not
+    a string is not counted (such a context is never served). Every path that writes a cached answer applies
+    this: a lookup compares the stored context with its own, so its size is the lookup's cost.
+    """
+    if len(context) > MAX_CONTEXT_TURNS:
+        return f"at most {MAX_CONTEXT_TURNS} turns, not {len(context)}"
+    size = 0
+    for turn in context:
+        content = turn.get("content") if isinstance(turn, Mapping) else getattr(turn, "content", turn)
+        if isinstance(content, str):
+            size += len(content.encode())
+    if size > MAX_CONTEXT_BYTES:
+        return f"at most {MAX_CONTEXT_BYTES} bytes of text, not {size}"
+    return None
 
 
 class LookupIn(msgspec.Struct, forbid_unknown_fields=True):

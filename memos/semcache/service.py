@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -163,7 +164,8 @@ class SemCacheService:
         """
         async with self.db.read() as conn:
             await cube_access(conn, principal, cube_id, needed)
-        return await self.indexes.state(cube_id)
+        tenant_id, _ = principal.tenant_member()
+        return await self.indexes.state(cube_id, tenant_id)
 
     @staticmethod
     def _category(policy: CachePolicy, name: str | None) -> str:
@@ -181,14 +183,14 @@ class SemCacheService:
 
     async def lookup(self, principal: Principal, req: schemas.LookupIn) -> schemas.LookupOut:
         started = time.perf_counter()
-        principal.tenant_member()
+        tenant_id, _ = principal.tenant_member()
         _check_query(req.query, "query")
         turns = _check_context(req.context)
         texts = [req.query] + ([context_text(turns)] if turns else [])
         # The caller's own texts embed while the access read runs: the two overlap instead of adding up. The
         # embedding depends on nothing but the request, so a caller without access learns nothing from it, and
         # the cube's index is still neither built nor searched before the check has passed.
-        embedding = asyncio.ensure_future(self.vectors.embed(texts))
+        embedding = asyncio.ensure_future(self.vectors.embed(tenant_id, texts))
         embedding.add_done_callback(_retrieve)
         state = await self._state(principal, req.cube_id)
         category = self._category(state.policy, req.category)
@@ -291,7 +293,7 @@ class SemCacheService:
             rows = await store.nearest_entries(conn, req.cube_id, qvec, CANDIDATES, self.vectors.embedder.model)
         entries: list[tuple[Entry, float, Row[Any]]] = []
         for r in rows:
-            entry = entry_from_row(r, self.vectors.get)
+            entry = entry_from_row(r, functools.partial(self.vectors.get, state.tenant_id))
             if entry is not None:
                 entries.append((entry, float(r.similarity), r))
         decision = decide(
@@ -322,7 +324,7 @@ class SemCacheService:
         category = self._category(state.policy, req.category)
         policy = state.policy.category(category)
         ctx_text = context_text(turns) if turns else None
-        vectors = await self.vectors.embed([req.query] + ([ctx_text] if ctx_text else []))
+        vectors = await self.vectors.embed(state.tenant_id, [req.query] + ([ctx_text] if ctx_text else []))
         qvec, cvec = vectors[0], (vectors[1] if ctx_text else None)
         metadata: dict[str, Any] = {"query": req.query, "category": category}
         if req.context:
@@ -443,7 +445,7 @@ class SemCacheService:
         cached = decode_vector(row.vec)
         if cached is None:
             raise Invalid.field("memory_id", "this cached answer was purged; there is nothing to compare with")
-        state = await self.indexes.state(row.cube_id)
+        state = await self.indexes.state(row.cube_id, tenant_id)
         named = row.metadata.get("category")
         if isinstance(named, str) and named not in state.policy.categories:
             # Never served (semcache.md), and the policy's fallback would have moved the default category's
@@ -454,7 +456,8 @@ class SemCacheService:
                 errors=[FieldError("memory_id", f"category {named!r} is not configured")],
             )
         category = state.policy.category(named if isinstance(named, str) else None)
-        (qvec,) = await self.vectors.embed([req.query])  # after every refusal: a refused call costs no model pass
+        # after every refusal: a refused call costs no model pass
+        (qvec,) = await self.vectors.embed(tenant_id, [req.query])
         similarity = max(-1.0, min(1.0, float(np.dot(cached, qvec))))
         async with self.db.transaction() as conn:
             await cube_access(conn, principal, row.cube_id, "write")
@@ -689,15 +692,11 @@ def _check_context(context: Sequence[str | schemas.TurnIn] | None) -> tuple[Turn
     """The turns of a request's context; more than 50 turns or 64 KiB of text is a 422 naming ``context``."""
     if context is None:
         return None
-    if len(context) > schemas.MAX_CONTEXT_TURNS:
-        raise Invalid.field("context", f"at most {schemas.MAX_CONTEXT_TURNS} turns, not {len(context)}")
-    size = 0
+    over = schemas.context_limit_error(context)
+    if over is not None:
+        raise Invalid.field("context", over)
     for i, turn in enumerate(context):
-        content = turn if isinstance(turn, str) else turn.content
-        reject_nul(content, f"context[{i}]")
-        size += len(content.encode())
-    if size > schemas.MAX_CONTEXT_BYTES:
-        raise Invalid.field("context", f"at most {schemas.MAX_CONTEXT_BYTES} bytes of text, not {size}")
+        reject_nul(turn if isinstance(turn, str) else turn.content, f"context[{i}]")
     return turns_from(list(context))
 
 
