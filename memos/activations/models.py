@@ -13,6 +13,8 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -81,8 +83,16 @@ class KVWorker:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+RETRY_FAILED_LOAD_S = 30.0
+"""How long a model that failed to load answers 503 before a request loads it again (its ``Retry-After``)."""
+
+
 class ModelRegistry:
-    """The models of ``MEMOS_MODELS`` by name; each is loaded once, on first use, in the KV worker."""
+    """The models of ``MEMOS_MODELS`` by name; each is loaded once, on first use, in the KV worker.
+
+    A load that fails is remembered for ``retry_failed_after`` seconds: every request in that time gets the same
+    503 at once. Without it, each listing or build loaded the broken directory again (reading its files, an ERROR
+    with a traceback each time) in the worker other tenants' generations wait on."""
 
     def __init__(
         self,
@@ -98,6 +108,9 @@ class ModelRegistry:
         self.before_load = before_load
         self._loaded: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._failed: dict[str, tuple[float, str]] = {}
+        """Name -> (monotonic time it failed, why)."""
+        self.retry_failed_after = RETRY_FAILED_LOAD_S
 
     def require_configured(self) -> None:
         if not self.specs:
@@ -120,10 +133,12 @@ class ModelRegistry:
         spec = self.spec(name, field)
         if (lm := self._loaded.get(name)) is not None:
             return lm
+        self._raise_if_failed(name)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             if (lm := self._loaded.get(name)) is not None:
                 return lm
+            self._raise_if_failed(name)  # a load that failed while this request waited for the lock
             if self.before_load is not None:
                 await self.before_load()
             try:
@@ -132,12 +147,22 @@ class ModelRegistry:
                 raise
             except Exception as exc:  # whatever a model directory does wrong, it is the server's configuration
                 log.error("model failed to load", extra={"model": name, "error": str(exc)}, exc_info=exc)
-                raise ModelUnavailable(
-                    f"model {name!r} could not be loaded: {exc}", headers={"Retry-After": "30"}
-                ) from None
+                why = f"model {name!r} could not be loaded: {exc}"
+                self._failed[name] = (time.monotonic(), why)
+                retry = str(max(1, math.ceil(self.retry_failed_after)))
+                raise ModelUnavailable(why, headers={"Retry-After": retry}) from None
+            self._failed.pop(name, None)
             self._loaded[name] = lm
             log.info("model loaded", extra={"model": name, "fingerprint": lm.fingerprint, "device": str(lm.device)})
             return lm
+
+    def _raise_if_failed(self, name: str) -> None:
+        failed = self._failed.get(name)
+        if failed is None:
+            return
+        left = failed[0] + self.retry_failed_after - time.monotonic()
+        if left > 0:
+            raise ModelUnavailable(failed[1], headers={"Retry-After": str(max(1, math.ceil(left)))})
 
 
 def _load(spec: ModelSpec) -> LoadedModel:
