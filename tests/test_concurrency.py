@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 import uuid
+from typing import Any
 
 import psycopg
 from conftest import Factory, bearer
@@ -186,3 +187,114 @@ def test_the_index_move_waits_for_a_cube_deletion_and_then_moves_nothing(
     with psycopg.connect(database_url) as conn:
         moved = conn.execute("SELECT count(*) FROM memories WHERE cube_id = %s AND ann", (cube["id"],)).fetchone()
     assert moved == (0,)
+
+
+def _waits_then(database_url: str, hold_sql: list[tuple[str, tuple[Any, ...]]], request: Any) -> int:
+    """Run ``hold_sql`` in a transaction left open, start ``request`` (a callable giving a status code) in a thread,
+    check that it waits on the rows held, commit, and give its status."""
+    answers: list[int] = []
+    with psycopg.connect(database_url) as holding:
+        for sql, args in hold_sql:
+            holding.execute(sql, args)  # uncommitted: the rows stay locked
+        worker = threading.Thread(target=lambda: answers.append(request()))
+        worker.start()
+        worker.join(timeout=2.0)
+        assert answers == [], "it waits for the rows held"
+        holding.commit()
+    worker.join(timeout=30)
+    assert len(answers) == 1
+    return answers[0]
+
+
+def test_a_write_waiting_while_its_grant_is_revoked_is_refused(client, factory: Factory, database_url: str) -> None:
+    """A revoke holds the cube row and deletes the grant. A write that waited on the row got, once it went on, the
+    grant row it had joined before waiting (Postgres re-checks only the locked row): it committed after the
+    revoke had answered 204 (found in review). Its access is read again after the lock."""
+    tenant = factory.tenant()
+    owner, writer = factory.agent(tenant), factory.agent(tenant)
+    cube = factory.cube(owner.key)
+    r = client.put(f"/v1/cubes/{cube['id']}/grants/{writer.id}", json={"access": "write"}, headers=bearer(owner.key))
+    assert r.status_code in (200, 201), r.text
+    gone = factory.memory(owner.key, cube["id"], "a note to bring back")
+    assert client.delete(f"/v1/memories/{gone['id']}", headers=bearer(owner.key)).status_code == 204
+    revoke = [
+        ("SELECT 1 FROM cubes WHERE id = %s FOR UPDATE", (cube["id"],)),
+        ("DELETE FROM cube_grants WHERE cube_id = %s AND agent_id = %s", (cube["id"], writer.id)),
+    ]
+    for write in (
+        lambda: (
+            client.post(
+                f"/v1/cubes/{cube['id']}/memories",
+                json={"kind": "plaintext", "content": "after the revoke"},
+                headers=bearer(writer.key),
+            ).status_code
+        ),  # cube_access
+        lambda: (
+            client.post(
+                f"/v1/memories/{gone['id']}/restore", json={"version": 1}, headers=bearer(writer.key)
+            ).status_code
+        ),  # a memory's own access check
+    ):
+        assert _waits_then(database_url, revoke, write) == 404
+        r = client.put(
+            f"/v1/cubes/{cube['id']}/grants/{writer.id}", json={"access": "write"}, headers=bearer(owner.key)
+        )
+        assert r.status_code in (200, 201), r.text
+    listed = client.get(f"/v1/cubes/{cube['id']}/memories", headers=bearer(owner.key)).json()["items"]
+    assert [m["content"] for m in listed] == [], "nothing was written, nothing restored"
+
+
+def test_a_link_waiting_on_its_memorys_delete_is_409(client, factory: Factory, database_url: str) -> None:
+    """The link checked the memory's state, then inserted: a delete committing in between left a link on a deleted
+    memory (the link's foreign key takes only a key-share lock; found in review). The memory is locked now."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    source = factory.memory(tenant.admin_key, cube["id"], "the source")
+    target = factory.memory(tenant.admin_key, cube["id"], "the target")
+    delete = [("UPDATE memories SET state = 'deleted' WHERE id = %s", (source["id"],))]
+    status = _waits_then(
+        database_url,
+        delete,
+        lambda: (
+            client.post(
+                f"/v1/memories/{source['id']}/links",
+                json={"to": target["id"], "type": "related"},
+                headers=bearer(tenant.admin_key),
+            ).status_code
+        ),
+    )
+    assert status == 409
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM memory_links WHERE from_id = %s", (source["id"],)).fetchone() == (0,)
+
+
+def test_feedback_on_an_entry_invalidated_meanwhile_is_409(client, factory: Factory, database_url: str) -> None:
+    """Feedback checked the entry's state before embedding the query and moved the category's threshold after it:
+    an invalidation committing in between let one report on a deleted entry raise the threshold (0.75 -> 0.98,
+    found in review). The state is read again, locked, in the feedback's transaction."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    key = bearer(tenant.admin_key)
+    stored = client.post(
+        "/v1/cache",
+        json={"cube_id": cube["id"], "query": "What is the capital of France?", "response": "Paris."},
+        headers=key,
+    )
+    assert stored.status_code == 201, stored.text
+    entry = stored.json()["id"]
+    invalidate = [("UPDATE memories SET state = 'deleted' WHERE id = %s", (entry,))]
+    status = _waits_then(
+        database_url,
+        invalidate,
+        lambda: (
+            client.post(
+                "/v1/cache/feedback",
+                json={"memory_id": entry, "query": "What is the capital of France?", "correct": False},
+                headers=key,
+            ).status_code
+        ),
+    )
+    assert status == 409
+    stats = client.get("/v1/cache/stats", params={"cube_id": cube["id"]}, headers=key).json()
+    default = next(c for c in stats["categories"] if c["category"] == stats["default"])
+    assert default["threshold"] == default["configured_threshold"] and default["false_hits"] == 0, default

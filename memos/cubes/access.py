@@ -56,10 +56,31 @@ async def cube_access(conn: AsyncConnection, principal: Principal, cube_id: uuid
         query = query.with_for_update(of=cubes)
     row = (await conn.execute(query)).first()
     access = None if row is None else access_of(principal, row.owner_agent_id, row.access)
+    if row is not None and needed != "read":
+        access = await locked_access(conn, principal, cube_id, row.owner_agent_id, access)
     if access is None:
         raise NotFound("no such cube")
     require(access, needed)
     return access
+
+
+async def locked_access(
+    conn: AsyncConnection, principal: Principal, cube_id: uuid.UUID, owner_agent_id: uuid.UUID, access: Access | None
+) -> Access | None:
+    """``access`` (read with the cube row locked, in the same statement) made current: a grant may have been
+    revoked while that statement waited for the lock, and Postgres then re-checks only the locked row, not the
+    grant joined to it, so a write went through on a revoked grant after the revoke had answered 204 (found
+    in review). An owner's or an admin's access rests on the locked row itself; a grantee's is read again,
+    after the lock, from a snapshot that holds the revoke."""
+    if access is None or access == "manage":
+        return access
+    _, agent_id = principal.tenant_member()
+    fresh = (
+        await conn.execute(
+            select(cube_grants.c.access).where(cube_grants.c.cube_id == cube_id, cube_grants.c.agent_id == agent_id)
+        )
+    ).scalar_one_or_none()
+    return access_of(principal, owner_agent_id, fresh)
 
 
 def readable_cube_ids(principal: Principal) -> Select[Any]:

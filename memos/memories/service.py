@@ -19,7 +19,7 @@ from sqlalchemy import Row, and_, delete, func, insert, literal, or_, select, up
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from memos.cubes.access import Access, access_of, cube_access, readable_cube_ids, require
+from memos.cubes.access import Access, access_of, cube_access, locked_access, readable_cube_ids, require
 from memos.errors import Conflict, FieldError, Forbidden, Invalid, NotFound, PreconditionFailed
 from memos.identity.principal import Principal
 from memos.memories import schemas
@@ -484,6 +484,8 @@ class MemoryService:
             query = query.with_for_update(read=True, of=cubes)
         row: Row[Any] | None = (await conn.execute(query)).first()
         access = None if row is None else access_of(principal, row.owner_agent_id, row.grant)
+        if row is not None and needed != "read" and not lock:  # with lock, the cube was locked a statement ago
+            access = await locked_access(conn, principal, row.cube_id, row.owner_agent_id, access)
         if row is None or access is None:
             raise NotFound("no such memory")
         require(access, needed, "memory's cube")
@@ -855,7 +857,9 @@ class MemoryService:
         if body.to == memory_id:
             raise Invalid.field("to", "a memory cannot link to itself")
         async with self.db.transaction() as conn:
-            source = await self._load(conn, principal, memory_id, "write")
+            # Locked: a delete or purge committing between the state check and the insert left a link on a
+            # deleted memory (found in review; the link's foreign key takes only a key-share lock).
+            source = await self._load(conn, principal, memory_id, "write", lock=True)
             if source.kind == ACTIVATION:
                 raise Invalid.field("memory_id", ACTIVATION_IS_SERVER_MADE)
             # Found in review: a deleted or purged memory took new links (201) though it cannot be written. The

@@ -436,15 +436,9 @@ class SemCacheService:
                 "memory_id: no such cached answer", errors=[FieldError("memory_id", "no such cached answer")]
             )
         require(access, "write", "cached answer's cube")
-        if row.state == "deleted":
-            # Found in review: feedback on a deleted entry still moved its category's threshold.
-            raise Conflict(
-                "memory_id: this cached answer is deleted; it is not served, so there is no feedback to take",
-                errors=[FieldError("memory_id", "this cached answer is deleted")],
-            )
         cached = decode_vector(row.vec)
-        if cached is None:
-            raise Invalid.field("memory_id", "this cached answer was purged; there is nothing to compare with")
+        _check_feedable(row.state, purged=cached is None)
+        assert cached is not None
         state = await self.indexes.state(row.cube_id, tenant_id)
         named = row.metadata.get("category")
         if isinstance(named, str) and named not in state.policy.categories:
@@ -461,6 +455,16 @@ class SemCacheService:
         similarity = max(-1.0, min(1.0, float(np.dot(cached, qvec))))
         async with self.db.transaction() as conn:
             await cube_access(conn, principal, row.cube_id, "write")
+            # Again, locked: an invalidation that committed while the query embedded left this feedback moving the
+            # category's threshold for a deleted entry (found in review: 0.75 -> 0.98 from one report).
+            now = (
+                await conn.execute(
+                    select(memories.c.state, memories.c.purged_at)
+                    .where(memories.c.id == req.memory_id)
+                    .with_for_update(read=True)
+                )
+            ).one()
+            _check_feedable(now.state, purged=now.purged_at is not None)
             current = (
                 await conn.execute(
                     select(cache_categories.c.threshold, cache_categories.c.false_hit_floor)
@@ -714,3 +718,15 @@ def _confirmed(row: Row[Any], entry: Entry) -> bool:
         and row.version == entry.version
         and row.content is not None
     )
+
+
+def _check_feedable(state: str, *, purged: bool) -> None:
+    """A deleted entry is never served (feedback on one moved its category's threshold, found in review); a purged
+    one has no vector to compare the query with."""
+    if state == "deleted":
+        raise Conflict(
+            "memory_id: this cached answer is deleted; it is not served, so there is no feedback to take",
+            errors=[FieldError("memory_id", "this cached answer is deleted")],
+        )
+    if purged:
+        raise Invalid.field("memory_id", "this cached answer was purged; there is nothing to compare with")
