@@ -23,6 +23,7 @@ from memos.graph import (
     parse_event_time,
     scale_seeds,
 )
+from memos.graph.entities import MAX_KEYS
 
 # -- entities -------------------------------------------------------------------------------
 
@@ -79,6 +80,20 @@ def test_known_entities_admit_a_sentence_start() -> None:
 def test_extraction_is_deterministic_and_cheap_on_long_text() -> None:
     text = "Caroline met Mel in Paris on 8 May 2023 and ran 5 km. " * 2000
     assert entity_keys(text) == entity_keys(text) == ["caroline", "mel", "paris", "2023-05-08", "5 km"]
+
+
+def test_a_memory_gives_the_graph_at_most_its_first_max_keys_entities() -> None:
+    """Every entity is an edge each graph search reaching the memory scans: 300 memories of 12,000 shared number
+    keys each held the event loop for seconds per graph search and took 500 MB (found in review)."""
+    text = " ".join(f"{i} km" for i in range(12_000))
+    keys = entity_keys(text)
+    assert keys == [f"{i} km" for i in range(MAX_KEYS)]
+    assert len(extract_entities(text)) == 12_000, "extraction itself still finds them all"
+    graph = MemoryGraph()
+    for n in range(3):
+        graph.add_memory(f"m{n}", text=text)
+    assert len(graph.entities("m0")) == MAX_KEYS
+    assert graph.mentions("0 km") == 3 and graph.mentions(f"{MAX_KEYS} km") == 0
 
 
 # -- event times ----------------------------------------------------------------------------

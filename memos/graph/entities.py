@@ -32,6 +32,11 @@ class Entity:
 
 
 _MAX_TEXT = 100_000  # longer texts are cut: extraction must stay cheap on every write
+MAX_KEYS = 64
+"""Entity keys a memory gives the graph: its first ones, in order of appearance. Each key is an edge that every
+graph search reaching the memory scans, and a graph's memory grows with them: 300 memories of "0 km 1 km 2 km
+..." (12,000 keys each) made one graph search hold the event loop 1-3 s and the graph take 500 MB (found in
+review). A LoCoMo turn has at most 6."""
 
 # -- dates ----------------------------------------------------------------------------------
 
@@ -174,8 +179,8 @@ def extract_entities(text: str, *, known: Container[str] = frozenset()) -> list[
 
 
 def entity_keys(text: str, *, known: Container[str] = frozenset()) -> list[str]:
-    """Just the keys of :func:`extract_entities`, in order."""
-    return [entity.key for entity in extract_entities(text, known=known)]
+    """The keys of :func:`extract_entities`, in order: the first ``MAX_KEYS``, what the graph takes."""
+    return [entity.key for entity in extract_entities(text, known=known)[:MAX_KEYS]]
 
 
 def _date_key(match: re.Match[str], form: str) -> str | None:
