@@ -206,14 +206,17 @@ def env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
     monkeypatch.setenv("MEMOS_DATA_DIR", str(settings.data_dir))
 
 
-def _with_context(src: Path, dst: Path, memory_id: str, context: Any) -> Path:
-    """``src`` with one memory's (and its newest version's) metadata.context replaced, the manifest made to match."""
+def _with_context(src: Path, dst: Path, memory_id: str, context: Any, only_version: int | None = None) -> Path:
+    """``src`` with one memory's (and its versions') metadata.context replaced, the manifest made to match;
+    ``only_version``: in that version's line alone (an old version, the memory's current one untouched)."""
     with zipfile.ZipFile(src) as archive:
         members = {n: archive.read(n) for n in archive.namelist()}
     for name, key in (("memories.jsonl", "id"), ("versions.jsonl", "memory_id")):
         lines = [json.loads(x) for x in members[name].splitlines()]
         for line in lines:
-            if line[key] == memory_id:
+            if line[key] == memory_id and (only_version is None or line.get("version") == only_version):
+                if only_version is not None and name == "memories.jsonl":
+                    continue
                 line["metadata"] = dict(line["metadata"], context=context)
         members[name] = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
     manifest = json.loads(members["manifest.json"])
@@ -252,6 +255,49 @@ def test_a_bundle_with_a_cached_answer_over_the_limits_is_refused(
     assert client.get("/v1/cubes", headers=bearer(other.admin_key)).json()["items"] == []
     # the untouched bundle imports (the check refuses only what is over the limits)
     assert cli_main(["admin", "import", str(exported), "--owner", other.admin_id, "--new-ids"]) == 0
+
+
+def test_an_old_version_over_the_limits_is_refused_by_restore_and_by_import(
+    client: Client,
+    factory: Factory,
+    database_url: str,
+    tmp_path: Path,
+    env: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A restore makes an old version current, so an old version over the limits (written before they held on
+    every path, or carried in by a bundle, whose history the import did not check) came back as a served entry
+    over them (found in review)."""
+    tenant = factory.tenant()
+    key, cube = tenant.admin_key, str(factory.cube(tenant.admin_key)["id"])
+    body = {"cube_id": cube, "query": "yes please", "response": "Booked.", "context": _turns("Shall I book it?")}
+    stored = client.post("/v1/cache", json=body, headers=bearer(key))
+    assert stored.status_code == 201, stored.text
+    entry = stored.json()["id"]
+    patched = client.patch(
+        f"/v1/memories/{entry}",
+        json={"metadata": {"query": "yes please", "context": _turns("Shall I book the 9:40?")}},
+        headers={**bearer(key), "If-Match": '"1"'},
+    )
+    assert patched.status_code == 200, patched.text
+    exported = tmp_path / "cube.memos"
+    assert cli_main(["admin", "export", "--cube", cube, "--out", str(exported)]) == 0
+    # An import: version 1's line over the limits, the current version within them.
+    path = _with_context(exported, tmp_path / "old.memos", entry, TOO_MANY_TURNS, only_version=1)
+    capsys.readouterr()
+    other = factory.tenant()
+    assert cli_main(["admin", "import", str(path), "--owner", other.admin_id, "--new-ids"]) == 1
+    err = capsys.readouterr().err
+    assert "(version 1): metadata.context: at most" in err and err.count("\n") == 1, err
+    # A restore: version 1 as a write from before the fix left it.
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE memory_versions SET metadata = %s::jsonb WHERE memory_id = %s AND version = 1",
+            (json.dumps({"query": "yes please", "context": TOO_MANY_TURNS}), entry),
+        )
+    r = client.post(f"/v1/memories/{entry}/restore", json={"version": 1}, headers=bearer(key))
+    _refused(r, "version", f"metadata.context is over the cache's limits: at most {MAX_CONTEXT_TURNS} turns")
+    assert client.get(f"/v1/memories/{entry}", headers=bearer(key)).json()["version"] == 2, "nothing restored"
 
 
 # -- the embedding LRU is per tenant -------------------------------------------------------------------------

@@ -66,7 +66,7 @@ from memos.memories.ann import EXACT_CUBE_MAX
 from memos.memories.schemas import MAX_VERSION, LinkType, Provenance, Tags
 from memos.memories.versioning import SNAPSHOT, content_sha256
 from memos.semcache.policy import PolicyError, parse_category, parse_policy
-from memos.semcache.schemas import MAX_QUERY_CHARS, Category, context_limit_error
+from memos.semcache.schemas import Category, cached_answer_problems
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import (
@@ -646,8 +646,9 @@ def _check(bundle: Bundle) -> None:
                 f"{where}: memory {mem.id} is at version {mem.version} but its versions are not 1..{mem.version}"
             )
         _check_current(where, mem, history[mem.version], bundle.vectors)
-        if mem.kind == "response":
-            _check_cached_answer(where, mem.metadata)
+        if mem.kind == "response":  # every version: a restore makes an old one current
+            for n, version in sorted(history.items()):
+                _check_cached_answer(f"{where} (version {n})", version.metadata)
     strays = versions.keys() - ids
     if strays:
         raise BundleError(
@@ -692,12 +693,9 @@ def _check(bundle: Bundle) -> None:
 
 def _check_cached_answer(where: str, metadata: dict[str, Any]) -> None:
     """The API's limits on a cached answer's query and context: a lookup reads both, so their size is its cost."""
-    query = metadata.get("query")
-    if isinstance(query, str) and len(query) > MAX_QUERY_CHARS:
-        raise BundleError(f"{where}: metadata.query: at most {MAX_QUERY_CHARS} characters, not {len(query)}")
-    context = metadata.get("context")
-    if isinstance(context, list) and (over := context_limit_error(context)) is not None:
-        raise BundleError(f"{where}: metadata.context: {over}")
+    if problems := cached_answer_problems(metadata):
+        key, why = problems[0]
+        raise BundleError(f"{where}: metadata.{key}: {why}")
 
 
 def _check_provenance(where: str, provenance: dict[str, Any]) -> None:

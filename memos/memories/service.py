@@ -30,7 +30,7 @@ from memos.pagination import NOT_ISSUED, Page, decode_cursor, decode_keyset, enc
 from memos.search.embedding import EmbeddingService
 from memos.search.graphs import CubeGraphs
 from memos.search.indexing import embedding_text, event_time
-from memos.semcache.schemas import MAX_QUERY_CHARS, context_limit_error
+from memos.semcache.schemas import cached_answer_problems
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import (
@@ -168,19 +168,16 @@ def _check_response_query(metadata: dict[str, Any], field: str) -> None:
     query = metadata.get("query")
     if not isinstance(query, str) or not query.strip():
         raise Invalid.field(field, "a response memory needs the query it answers")
-    if len(query) > MAX_QUERY_CHARS:
-        # The cache's own limit: lookups run the guards over every compared query (not served past it).
-        raise Invalid.field(field, f"at most {MAX_QUERY_CHARS} characters, not {len(query)}")
     category = metadata.get("category")
     if category is not None and not isinstance(category, str):
         # Lookups read a non-string category as none (the default) and stats, quotas and invalidation as its text:
         # the entry answered the default category while counted in another (found in review).
         raise Invalid.field(field.removesuffix("query") + "category", "a cache category is a string (its name)")
-    context = metadata.get("context")
-    if isinstance(context, list) and (over := context_limit_error(context)) is not None:
-        # The cache endpoints' limits, on this path too: a lookup compares the stored context with its own, and a
-        # 1 MiB one written here blocked the event loop for minutes (found in review).
-        raise Invalid.field(field.removesuffix("query") + "context", over)
+    # The cache endpoints' limits, on this path too: a lookup compares the stored query and context with its own,
+    # and a 1 MiB context written here blocked the event loop for minutes (found in review).
+    if problems := cached_answer_problems(metadata):
+        key, why = problems[0]
+        raise Invalid.field(field.removesuffix("query") + key, why)
 
 
 def _expires(ttl_seconds: int | None) -> datetime | None:
@@ -752,6 +749,11 @@ class MemoryService:
             ).first()
             if old is None:
                 raise NotFound(f"this memory has no version {version}")
+            # A version written before the cache's limits held on every path (or carried in by an import) would come
+            # back as a served entry over them (found in review).
+            if current.kind == "response" and (problems := cached_answer_problems(old.metadata)):
+                key, why = problems[0]
+                raise Invalid.field("version", f"version {version}'s metadata.{key} is over the cache's limits: {why}")
             values = {
                 "content": old.content,
                 "metadata": old.metadata,

@@ -64,6 +64,20 @@ def context_limit_error(context: Sequence[object]) -> str | None:
     return None
 
 
+def cached_answer_problems(metadata: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Where a response memory's metadata is over the cache's limits, as (key under ``metadata``, why): its
+    ``query`` and its ``context`` are read by every lookup that compares the entry. Applied on every path that
+    makes one current (create, batch, PATCH, restore, bundle import)."""
+    problems: list[tuple[str, str]] = []
+    query = metadata.get("query")
+    if isinstance(query, str) and len(query) > MAX_QUERY_CHARS:
+        problems.append(("query", f"at most {MAX_QUERY_CHARS} characters, not {len(query)}"))
+    context = metadata.get("context")
+    if isinstance(context, list) and (over := context_limit_error(context)) is not None:
+        problems.append(("context", over))
+    return problems
+
+
 class LookupIn(msgspec.Struct, forbid_unknown_fields=True):
     cube_id: uuid.UUID
     query: Query
