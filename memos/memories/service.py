@@ -644,7 +644,8 @@ class MemoryService:
         if "content" in values or "metadata" in values:
             new_content = values.get("content", current.content)
             new_metadata = values.get("metadata", current.metadata)
-            values["event_time"] = event_time(new_metadata)
+            if "metadata" in values:  # a content-only PATCH must not fail on a time stored under older rules
+                values["event_time"] = event_time(new_metadata)
             indexed = embedding_text(current.kind, new_content, new_metadata)
             if indexed != embedding_text(current.kind, current.content, current.metadata):
                 values["embedding"] = (await self.embedder.embed([indexed]))[0]

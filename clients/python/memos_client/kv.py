@@ -134,7 +134,7 @@ def read_kv(source: bytes | bytearray | memoryview | str | PathLike[str]) -> KVF
         raise KVError(f"not a readable safetensors file: {exc}") from None
     layers: dict[str, set[int]] = {"k": set(), "v": set()}
     for name in set(tensors) - {"token_ids", "positions"}:
-        match = _LAYER.match(name)
+        match = _LAYER.fullmatch(name)  # match: `$` let "k.0\n" through, then a KeyError
         if match is None:
             raise KVError(f"unexpected tensor {name!r}")
         layers[match.group(1)].add(int(match.group(2)))
