@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
-from litestar.exceptions import ClientException
+from litestar.exceptions import ClientException, HTTPException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
@@ -36,6 +37,11 @@ def _kv_headers(activation: schemas.Activation, sha256: str) -> dict[str, str]:
     }
 
 
+BODY_IDLE_S = 30.0
+"""How long an import waits for the next piece of its body. A client that stopped sending held its import place
+(one of two in the process) for as long as it kept the connection open (found in review)."""
+
+
 class _RequestUpload:
     """The import's body, read from the ASGI channel only when the service asks (``service.KVUpload``).
 
@@ -51,7 +57,13 @@ class _RequestUpload:
         self._more = True
 
     async def _receive(self) -> bytes:
-        message = await self._request.receive()
+        try:
+            async with asyncio.timeout(BODY_IDLE_S):
+                message = await self._request.receive()
+        except TimeoutError:
+            raise HTTPException(
+                status_code=408, detail=f"request timeout: no part of the body arrived for {BODY_IDLE_S:g} s"
+            ) from None
         if message["type"] != "http.request":  # http.disconnect: the client went away mid-body
             raise ClientException("the client disconnected before the body was complete")
         self._more = message.get("more_body", False)

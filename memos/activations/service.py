@@ -166,6 +166,8 @@ class ActivationService:
         """Told which memories a generation placed before its prompt (the scheduler's heat)."""
         self._importing = 0
         """Imports holding a body now (``_import_slot``)."""
+        self._importing_tenants: set[uuid.UUID] = set()
+        """The tenants those imports are of: one place each."""
 
     @property
     def worker(self) -> KVWorker:
@@ -597,23 +599,26 @@ class ActivationService:
         _check_live(source)
         _check_source(source, field="memory_id")
         lm = await self.models.get(model)
-        with self._import_slot():
+        with self._import_slot(source.tenant_id):
             return await self._import(principal, source, lm, await upload.read())
 
     @contextmanager
-    def _import_slot(self) -> Iterator[None]:
-        """One of ``IMPORTS_AT_ONCE`` places, or 503 before the body is read: concurrent uploads each hold their
-        file and its tensors, so without a bound they multiply the memory an import needs."""
-        if self._importing >= IMPORTS_AT_ONCE:
+    def _import_slot(self, tenant_id: uuid.UUID) -> Iterator[None]:
+        """One of ``IMPORTS_AT_ONCE`` places, at most one a tenant, or 503 before the body is read: concurrent
+        uploads each hold their file and its tensors, so without a bound they multiply the memory an import
+        needs; and one tenant's slow uploads must not take every place from the others (found in review)."""
+        if self._importing >= IMPORTS_AT_ONCE or tenant_id in self._importing_tenants:
             raise KVBusy(
-                f"{IMPORTS_AT_ONCE} KV imports are being read already; retry shortly",
+                f"{IMPORTS_AT_ONCE} KV imports (one a tenant) are being read already; retry shortly",
                 headers={"Retry-After": IMPORTS_BUSY_RETRY_AFTER},
             )
         self._importing += 1  # no await since the check: nothing else ran in between
+        self._importing_tenants.add(tenant_id)
         try:
             yield
         finally:
             self._importing -= 1
+            self._importing_tenants.discard(tenant_id)
 
     async def _import(
         self, principal: Principal, source: Row[Any], lm: LoadedModel, data: bytes
