@@ -80,9 +80,7 @@ def test_a_reply_after_a_30000_word_turn_compares_a_bounded_tail(
     assert len(long_turn.encode()) < MAX_CONTEXT_BYTES
     body = {"cube_id": cube, "query": "yes please", "response": "Booked.", "context": _turns(long_turn)}
     assert client.post("/v1/cache", json=body, headers=bearer(key)).status_code == 201
-    started = time.perf_counter()
     hit = _lookup(client, key, cube, "yes please", context=_turns(long_turn))
-    assert time.perf_counter() - started < 2.0  # generous: it took minutes; the bound below is what is tested
     assert hit["hit"], hit
     assert compared and all(max(pair) <= REPLY_WINDOW_TOKENS for pair in compared), compared
     # the tail still decides: another offer at the end of the same long turn is another reply
@@ -103,9 +101,7 @@ def test_a_stored_context_over_the_limits_costs_a_lookup_no_more(
     huge = {"query": "yes please", "context": _turns("a " * 250_000)}
     with psycopg.connect(database_url) as conn:
         conn.execute("UPDATE memories SET metadata = %s::jsonb WHERE id = %s", (json.dumps(huge), memory["id"]))
-    started = time.perf_counter()
     hit = _lookup(client, key, cube, "yes please", context=_turns("a " * 30_000))
-    assert time.perf_counter() - started < 2.0
     assert hit["hit"], hit
     assert compared and all(max(pair) <= REPLY_WINDOW_TOKENS for pair in compared), compared
 
