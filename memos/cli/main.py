@@ -102,10 +102,10 @@ def _cannot_listen(settings: Settings, *, host_given: bool, port_given: bool) ->
             except OSError:
                 continue  # a family this host lacks: asyncio skips it too
             held.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(address)
             except OSError as exc:
                 if exc.errno in (errno.EADDRINUSE, errno.EACCES):  # the port is taken, or privileged
