@@ -147,10 +147,8 @@ class ModelRegistry:
                 raise
             except Exception as exc:  # whatever a model directory does wrong, it is the server's configuration
                 log.error("model failed to load", extra={"model": name, "error": str(exc)}, exc_info=exc)
-                why = f"model {name!r} could not be loaded: {exc}"
-                self._failed[name] = (time.monotonic(), why)
-                retry = str(max(1, math.ceil(self.retry_failed_after)))
-                raise ModelUnavailable(why, headers={"Retry-After": retry}) from None
+                self._failed[name] = (time.monotonic(), f"model {name!r} could not be loaded: {exc}")
+                raise self._unavailable(name) from None
             self._failed.pop(name, None)
             self._loaded[name] = lm
             log.info("model loaded", extra={"model": name, "fingerprint": lm.fingerprint, "device": str(lm.device)})
@@ -158,11 +156,14 @@ class ModelRegistry:
 
     def _raise_if_failed(self, name: str) -> None:
         failed = self._failed.get(name)
-        if failed is None:
-            return
-        left = failed[0] + self.retry_failed_after - time.monotonic()
-        if left > 0:
-            raise ModelUnavailable(failed[1], headers={"Retry-After": str(max(1, math.ceil(left)))})
+        if failed is not None and failed[0] + self.retry_failed_after > time.monotonic():
+            raise self._unavailable(name)
+
+    def _unavailable(self, name: str) -> ModelUnavailable:
+        """The 503 of a remembered failure, its ``Retry-After`` the seconds left until a request loads it again."""
+        failed_at, why = self._failed[name]
+        left = failed_at + self.retry_failed_after - time.monotonic()
+        return ModelUnavailable(why, headers={"Retry-After": str(max(1, math.ceil(left)))})
 
 
 def _load(spec: ModelSpec) -> LoadedModel:

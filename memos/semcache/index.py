@@ -275,7 +275,7 @@ class CubeIndex:
 
 # -- every cube this process knows -------------------------------------------------------------------------
 
-Note = Callable[[CubeIndex], None]
+Note = Callable[["CubeState", CubeIndex], None]
 
 
 @dataclass(eq=False)
@@ -403,7 +403,7 @@ class CacheIndexes:
             if state.dropped:
                 return
             for note in state.pending:
-                note(index)
+                note(state, index)
             state.pending.clear()
             state.index = index
             state.synced_at = synced_at
@@ -433,7 +433,7 @@ class CacheIndexes:
         if state is None:
             return
         if state.index is not None:
-            note(state.index)
+            note(state, state.index)
             self._maybe_compact(state)
         elif state.building is not None:
             state.pending.append(note)
@@ -476,19 +476,16 @@ class CacheIndexes:
 
     def memories_written(self, cube_id: uuid.UUID, rows: Iterable[Any]) -> None:
         snapshot = [r for r in rows if r.kind == "response"]
-        state = self._states.get(cube_id)
-        if snapshot and state is not None:
-            tenant_id = state.tenant_id
-            self._apply(cube_id, lambda index: self._upsert_rows(index, snapshot, tenant_id))
+        if snapshot:
+            self._apply(cube_id, lambda state, index: self._upsert_rows(index, snapshot, state.tenant_id))
 
     def memories_removed(self, cube_id: uuid.UUID, ids: Iterable[uuid.UUID]) -> None:
         gone = list(ids)
-        state = self._states.get(cube_id)
 
-        def note(index: CubeIndex) -> None:
+        def note(state: CubeState, index: CubeIndex) -> None:
             for memory_id in gone:
                 entry = index.get(memory_id)
-                if entry is not None and state is not None:
+                if entry is not None:
                     # a deleted (or purged) answer's question and context leave the embedding LRU with it
                     self.vectors.discard(state.tenant_id, entry.query)
                     if entry.context:
@@ -498,7 +495,7 @@ class CacheIndexes:
         self._apply(cube_id, note)
 
     def set_threshold(self, cube_id: uuid.UUID, memory_id: uuid.UUID, threshold: float) -> None:
-        def note(index: CubeIndex) -> None:
+        def note(_: CubeState, index: CubeIndex) -> None:
             entry = index.get(memory_id)
             if entry is not None:
                 entry.threshold = threshold
