@@ -211,6 +211,50 @@ def test_max_nodes_bounds_the_neighbourhood() -> None:
     assert {r.id for r in results} == set(range(88, 113))
 
 
+def dense(n: int) -> MemoryGraph:
+    """``n`` memories, each derived from every one before it: n * (n - 1) / 2 edges among n nodes."""
+    graph = MemoryGraph()
+    for i in range(n):
+        graph.add_memory(i)
+        for j in range(i):
+            graph.add_edge(i, j, EdgeKind.DERIVED_FROM)
+    return graph
+
+
+def test_max_scan_bounds_the_edges_gathered_on_a_link_dense_graph() -> None:
+    graph = dense(300)
+    whole = graph.spread({0: 1.0, 1: 0.5}, hops=2, max_nodes=2000, fanout=400, max_scan=10**9)
+    assert len(whole.reached) == 300
+    assert len(whole.edges[0]) == 300 * 299 // 2
+    bounded = graph.spread({0: 1.0, 1: 0.5}, hops=2, max_nodes=2000, fanout=400, max_scan=1000)
+    # The walk stops once it has read 1,000 adjacency entries: the first seed's 299 and most of the second's.
+    assert {0, 1} <= set(bounded.reached) and len(bounded.reached) == 300
+    # Collecting the edges reads at most max_scan entries, plus one node's worth of overshoot (its reached set).
+    assert 0 < len(bounded.edges[0]) <= 1000 + 300
+    # The seeds' edges come first: the best seed keeps every one of its edges.
+    assert sum(1 for a, b in zip(*bounded.edges[:2], strict=True) if 0 in (a, b)) == 299
+
+
+def test_max_scan_stops_the_walk_and_keeps_every_seed() -> None:
+    graph = MemoryGraph()
+    graph.add_memory("seed")
+    graph.add_memory("other seed")
+    for i in range(50):
+        graph.add_memory(f"a{i}")
+        graph.add_edge("seed", f"a{i}", EdgeKind.LINK)
+        for j in range(100):
+            graph.add_memory(f"b{i}.{j}")
+            graph.add_edge(f"a{i}", f"b{i}.{j}", EdgeKind.LINK)
+    seeds = {"seed": 1.0, "other seed": 0.2}
+    assert len(graph.reach(seeds, hops=2, max_nodes=10_000, fanout=200, max_scan=10**9)) == 50 + 50 * 100
+    # 50 entries for the seed's hop, then 101 for each a (its seed, its b's): three of them, and the first
+    # 47 entries of the fourth (its seed and 46 b's) spend the 400.
+    reached = graph.reach(seeds, hops=2, max_nodes=10_000, fanout=200, max_scan=400)
+    assert len(reached) == 50 + 3 * 100 + 46
+    results = {r.id for r in graph.expand(seeds, k=10_000, max_scan=400)}
+    assert {"seed", "other seed"} <= results
+
+
 def test_a_strongly_connected_memory_outranks_a_weak_seed() -> None:
     graph = MemoryGraph()
     for name in ("top", "second", "weak", "bridge"):

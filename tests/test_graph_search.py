@@ -79,6 +79,20 @@ def test_graph_reaches_a_memory_only_through_a_link(client, world) -> None:
     assert via[world["linked"]["id"]] == f"graph:link<-{world['hit']['id']}"
 
 
+def test_graph_search_reads_at_most_its_scan_budget(client, world, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memos.search import service
+
+    query = "Melanie sunrise painting"
+    # The budget reaches the walk: with none, the memory only a link leads to is not found.
+    monkeypatch.setattr(service, "GRAPH_MAX_SCAN", 0)
+    found = {r["memory"]["id"]: r["via"] for r in search(client, world["key"], query=query, k=10, mode="graph")}
+    assert world["hit"]["id"] in found
+    assert world["linked"]["id"] not in found
+    monkeypatch.setattr(service, "GRAPH_MAX_SCAN", 40_000)
+    found = {r["memory"]["id"]: r["via"] for r in search(client, world["key"], query=query, k=10, mode="graph")}
+    assert found[world["linked"]["id"]] == f"graph:link<-{world['hit']['id']}"
+
+
 def test_graph_reaches_a_memory_only_through_a_shared_entity(client, world) -> None:
     query = "Melanie sunrise painting"
     hybrid = [r["memory"]["id"] for r in search(client, world["key"], query=query, k=10, mode="hybrid")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import heapq
+import itertools
 import math
 from collections.abc import Container, Hashable, Iterable, Iterator, Mapping
 from enum import StrEnum
@@ -351,6 +352,7 @@ class MemoryGraph:
         seed_weight: float = 0.6,
         seed_scaling: Literal["minmax", "max"] = "minmax",
         fanout: int = 32,
+        max_scan: int = 40_000,
         tol: float = 1e-6,
         max_iter: int = 50,
     ) -> list[Expansion]:
@@ -359,8 +361,12 @@ class MemoryGraph:
         The seeds' neighbourhood is gathered breadth-first, best seed first, up to ``hops`` memory hops
         (sharing an entity is one hop), at most ``fanout`` new neighbours per memory per relation
         (heaviest edges first; for an entity, the members nearest in insertion order) and ``max_nodes``
-        nodes in all. Personalized PageRank (follow-an-edge probability ``alpha``; restarts go to the
-        seeds in proportion to their scores) runs on that subgraph only. A memory scores
+        nodes in all. ``max_scan`` bounds the work on link-dense graphs, where a few thousand nodes can
+        carry hundreds of thousands of edges: gathering the neighbourhood reads at most that many
+        adjacency entries (the walk stops when they are spent), and so does collecting the edges among
+        it (the latest-reached nodes, the weakest, then bring fewer of theirs). Personalized PageRank
+        (follow-an-edge probability ``alpha``; restarts go to the seeds in proportion to their scores)
+        runs on that subgraph only. A memory scores
         ``seed_weight * seed score + (1 - seed_weight) * inflow``, both scaled to [0, 1], where inflow
         is the rank that reached it over edges: a seed other seeds point to rises, and a memory that
         strong seeds point to can outrank a weak seed. Seeds unknown to the graph keep their seed score.
@@ -373,7 +379,7 @@ class MemoryGraph:
         """
         if k <= 0 or not seeds:
             return []
-        part = self.spread(scale_seeds(seeds, seed_scaling), hops, max_nodes, fanout=fanout)
+        part = self.spread(scale_seeds(seeds, seed_scaling), hops, max_nodes, fanout=fanout, max_scan=max_scan)
         return combine([part], seed_weight, alpha=alpha, tol=tol, max_iter=max_iter)[:k]
 
     def spread(
@@ -383,6 +389,7 @@ class MemoryGraph:
         max_nodes: int = 2000,
         *,
         fanout: int = 32,
+        max_scan: int = 40_000,
         admit: Container[Hashable] | None = None,
         now: float | None = None,
     ) -> Spread:
@@ -396,8 +403,8 @@ class MemoryGraph:
         (seconds since the epoch), nor are the memories expired by then."""
         ranked = dict(sorted(seeds.items(), key=lambda item: -item[1]))
         kind_weight = self.weights.by_kind()
-        reached = self._reach(ranked, hops, max_nodes, fanout, kind_weight, admit, now)
-        return Spread(seeds=ranked, reached=reached, edges=self._edges(list(reached), kind_weight))
+        reached = self._reach(ranked, hops, max_nodes, fanout, max_scan, kind_weight, admit, now)
+        return Spread(seeds=ranked, reached=reached, edges=self._edges(list(reached), kind_weight, max_scan))
 
     def reach(
         self,
@@ -406,12 +413,13 @@ class MemoryGraph:
         max_nodes: int = 2000,
         *,
         fanout: int = 32,
+        max_scan: int = 40_000,
         now: float | None = None,
     ) -> list[MemoryId]:
         """The memories :meth:`spread` would reach from ``seeds`` over an edge (``Spread.memories``), without
         the edges among them: what a filtered search checks before it spreads again with ``admit``."""
         ranked = dict(sorted(seeds.items(), key=lambda item: -item[1]))
-        reached = self._reach(ranked, hops, max_nodes, fanout, self.weights.by_kind(), None, now)
+        reached = self._reach(ranked, hops, max_nodes, fanout, max_scan, self.weights.by_kind(), None, now)
         return [node for node, via in reached.items() if via is not None and not isinstance(node, EntityHub)]
 
     def _reach(
@@ -420,13 +428,14 @@ class MemoryGraph:
         hops: int,
         max_nodes: int,
         fanout: int,
+        max_scan: int,
         kind_weight: dict[str, float],
         admit: Container[Hashable] | None,
         now: float | None,
     ) -> dict[Hashable, str | None]:
         start = [sid for sid in ranked if sid in self._seq]
         expired = self.expired(now) if now is not None else set()
-        return self._neighbourhood(start, hops, max_nodes, fanout, kind_weight, admit, expired)
+        return self._neighbourhood(start, hops, max_nodes, fanout, max_scan, kind_weight, admit, expired)
 
     def _neighbourhood(
         self,
@@ -434,27 +443,33 @@ class MemoryGraph:
         hops: int,
         max_nodes: int,
         fanout: int,
+        max_scan: int,
         kind_weight: dict[str, float],
         admit: Container[Hashable] | None,
         expired: set[MemoryId],
     ) -> dict[Hashable, str | None]:
-        """Node -> how it was reached (None for a seed), breadth-first within hops, fanout and max_nodes."""
+        """Node -> how it was reached (None for a seed), breadth-first within hops, fanout and max_nodes,
+        reading at most ``max_scan`` adjacency entries (every seed stays, reached or not)."""
         adj = self._adj
         reached: dict[Hashable, str | None] = dict.fromkeys(seeds[:max_nodes])
         frontier = list(reached)
+        left = max_scan
         for _ in range(hops):
             found: list[Hashable] = []
             for node in frontier:
-                if len(reached) >= max_nodes:
+                if len(reached) >= max_nodes or left <= 0:
                     break
-                for other, via in self._steps(node, adj[node], fanout, reached, kind_weight, admit, expired):
+                neighbours = adj[node]
+                steps = self._steps(node, neighbours, fanout, left, reached, kind_weight, admit, expired)
+                left -= min(len(neighbours), left)
+                for other, via in steps:
                     reached[other] = via
                     if not isinstance(other, EntityHub):
                         found.append(other)
                     if len(reached) >= max_nodes:
                         break
             frontier = found
-            if not frontier or len(reached) >= max_nodes:
+            if not frontier or len(reached) >= max_nodes or left <= 0:
                 break
         return reached
 
@@ -463,16 +478,17 @@ class MemoryGraph:
         node: MemoryId,
         neighbours: dict[Hashable, dict[str, float]],
         fanout: int,
+        scan: int,
         reached: Mapping[Hashable, str | None],
         kind_weight: dict[str, float],
         admit: Container[Hashable] | None,
         expired: set[MemoryId],
     ) -> Iterator[tuple[Hashable, str]]:
         """Unvisited, unexpired (and, with ``admit``, admitted) neighbours of a memory worth visiting, with
-        the edge each is reached over."""
+        the edge each is reached over; among its first ``scan`` neighbours (in the order they joined) only."""
         memories: list[tuple[float, Hashable, dict[str, float]]] = []
         hubs: list[EntityHub] = []
-        for other, data in neighbours.items():
+        for other, data in itertools.islice(neighbours.items(), scan):
             if isinstance(other, EntityHub):
                 hubs.append(other)  # even when reached from another memory: its members near this one differ
             elif other not in reached and other not in expired and (admit is None or other in admit):
@@ -492,18 +508,29 @@ class MemoryGraph:
                 if member not in reached and member not in expired and (admit is None or member in admit):
                     yield member, via
 
-    def _edges(self, nodes: list[Hashable], kind_weight: dict[str, float]) -> tuple[list[int], list[int], list[float]]:
+    def _edges(
+        self, nodes: list[Hashable], kind_weight: dict[str, float], max_scan: int
+    ) -> tuple[list[int], list[int], list[float]]:
         """The edges among ``nodes`` as (source, target, weight) lists of positions in ``nodes``, each
-        undirected edge once."""
+        undirected edge once, reading about ``max_scan`` adjacency entries at most: in ``nodes``' order, so
+        the last reached lose theirs first. A memory with more neighbours than ``nodes`` has is looked
+        up from ``nodes``' side."""
         adj = self._adj
         index = {node: i for i, node in enumerate(nodes)}
         src: list[int] = []
         dst: list[int] = []
         weight: list[float] = []
+        left = max_scan
         for i, node in enumerate(nodes):
             if isinstance(node, EntityHub):
                 continue  # a hub's edges are collected from the memory side
-            for other, data in adj[node].items():
+            if left <= 0:
+                break
+            neighbours = adj[node]
+            left -= min(len(neighbours), len(nodes))
+            if len(neighbours) > len(nodes):
+                neighbours = {other: data for other in nodes if (data := neighbours.get(other)) is not None}
+            for other, data in neighbours.items():
                 j = index.get(other)
                 if j is None:
                     continue

@@ -49,6 +49,10 @@ GRAPH_FINALISTS = 30
 GRAPH_HOPS = 2
 GRAPH_MAX_NODES = 2000
 """The neighbourhood PageRank runs over: memory hops from the seeds, and at most this many nodes in all."""
+GRAPH_MAX_SCAN = 40_000
+"""And at most this many adjacency entries read to gather it, and as many to collect its edges: a cube
+whose memories carry hundreds of links each cannot hold the event loop (a LoCoMo search reads a few
+thousand)."""
 GRAPH_SEED_WEIGHT = 0.6
 """A memory's graph score = this x its scaled seed score + the rest x the PageRank inflow it received."""
 
@@ -293,8 +297,9 @@ class SearchService:
         The seeds' fused scores, scaled once over all of them, weigh their restarts. Each cube's graph
         gathers its own seeds' neighbourhood; PageRank then runs over all of them at once (the graphs share
         no edge), so one scale ranks the memories of every cube. It runs on the event loop: the graphs
-        change there too, and a neighbourhood is bounded (``GRAPH_MAX_NODES`` a cube). The walk and PageRank
-        pass only through memories that could be results themselves (scope, filters, expiry).
+        change there too, and a neighbourhood is bounded (``GRAPH_MAX_NODES`` nodes a cube, gathered and
+        joined reading ``GRAPH_MAX_SCAN`` adjacency entries at most). The walk and PageRank pass only
+        through memories that could be results themselves (scope, filters, expiry).
         """
         by_id = {c.id: c for c in ranked}
         seeds = scale_seeds({c.id: c.score for c in ranked[: max(req.k * 3, GRAPH_SEEDS)]})
@@ -318,7 +323,8 @@ class SearchService:
             # Who the walk reaches first (the neighbourhood alone: its edges are only worth gathering for the
             # walk that counts, 2-3 ms of a filtered graph search at 100k).
             walks = [
-                graphs[cube_id].reach(mine, GRAPH_HOPS, GRAPH_MAX_NODES, now=now) for cube_id, mine in starts.items()
+                graphs[cube_id].reach(mine, GRAPH_HOPS, GRAPH_MAX_NODES, max_scan=GRAPH_MAX_SCAN, now=now)
+                for cube_id, mine in starts.items()
             ]
             unchecked = list(dict.fromkeys(m for memories in walks for m in memories if m not in by_id))
             if unchecked:
@@ -327,7 +333,9 @@ class SearchService:
             if len(passed) < len(unchecked):
                 admit = set(by_id).union(passed)
         parts = {
-            cube_id: graphs[cube_id].spread(mine, GRAPH_HOPS, GRAPH_MAX_NODES, admit=admit, now=now)
+            cube_id: graphs[cube_id].spread(
+                mine, GRAPH_HOPS, GRAPH_MAX_NODES, max_scan=GRAPH_MAX_SCAN, admit=admit, now=now
+            )
             for cube_id, mine in starts.items()
         }
         expansions = combine(parts.values(), GRAPH_SEED_WEIGHT)
