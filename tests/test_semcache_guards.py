@@ -6,6 +6,10 @@ vectors are small hand-made unit vectors, so the whole module takes well under a
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -170,6 +174,42 @@ def test_reason_names_the_guard_and_disabled_guards_are_skipped() -> None:
     assert "2" in reason and "3" in reason
     assert check("Table for 2 please", "Table for 3 please", disabled=frozenset({"number"})) is None
     assert set(GUARD_NAMES) >= {"negation", "number", "date", "entity", "scope", "wording"}
+
+
+UNIT_PAIRS = [
+    ("Convert 5 km and 7 kg to imperial", "Convert 5 miles and 7 lb to imperial"),
+    ("Is 5 km the same as 5 miles?", "Is 5 km long?"),
+    ("Wake me at 3:00 am or 3:00 pm", "Wake me at 3:00 pm"),
+]
+
+
+def test_number_guard_reads_units_and_times_the_same_under_any_hash_seed() -> None:
+    # The guard walked frozensets as they hash: which unit it compared, and so its reason (and, for a
+    # value written with two units, its decision), changed with PYTHONHASHSEED.
+    script = (
+        "import json, sys\n"
+        "from memos.semcache.guards import check\n"
+        "pairs = json.loads(sys.argv[1])\n"
+        "print(json.dumps([[check(a, b), check(b, a)] for a, b in pairs]))\n"
+    )
+    seen = set()
+    for seed in range(8):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        out = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(UNIT_PAIRS)], env=env, capture_output=True, text=True, check=True
+        )
+        seen.add(out.stdout)
+    assert len(seen) == 1
+    assert json.loads(seen.pop()) == [
+        ["number: units differ for 5: km vs mi", "number: units differ for 5: mi vs km"],
+        # A value with two units on one side and one on the other differs, whichever side is cached.
+        ["number: units differ for 5: km, mi vs km", "number: units differ for 5: km vs km, mi"],
+        ["number: times differ: 3:00 am, pm vs 3:00 pm", "number: times differ: 3:00 pm vs 3:00 am, pm"],
+    ]
+    # "pounds" is money or weight: it still matches either.
+    assert check("It costs 5 pounds", "It costs £5") is None
+    assert check("It weighs 5 pounds", "It weighs 5 lb") is None
+    assert check("It costs £5", "It weighs 5 lb") is not None
 
 
 def test_analyze_normalizes_numbers_dates_and_names() -> None:

@@ -846,21 +846,36 @@ def antonym_guard(a: QueryFacts, b: QueryFacts) -> str | None:
 
 
 def number_guard(a: QueryFacts, b: QueryFacts) -> str | None:
-    """Numbers, amounts, units and clock times must be the same on both sides."""
+    """Numbers, amounts, units and clock times must be the same on both sides.
+
+    Walked in sorted order, and a value's units compared as sets (a value one side gives no unit is not
+    compared): walking the sets as they hash let the reason, and for a value written with two units
+    the decision, change with PYTHONHASHSEED."""
     if a.numbers != b.numbers:
         return f"numbers differ: {_fmt(a.numbers)} vs {_fmt(b.numbers)}"
-    units_a = dict(a.units)
-    for value, unit in b.units:
-        other = units_a.get(value)
-        if other is not None and other != unit and frozenset({other, unit}) not in _AMBIGUOUS_UNITS:
-            return f"units differ for {value}: {other} vs {unit}"
+    units_a, units_b = _grouped(a.units), _grouped(b.units)
+    for value in sorted(units_a.keys() & units_b.keys()):
+        if _unmatched(units_a[value], units_b[value]) or _unmatched(units_b[value], units_a[value]):
+            return f"units differ for {value}: {_fmt(units_a[value])} vs {_fmt(units_b[value])}"
     if a.times != b.times:
         return f"times differ: {_fmt(a.times)} vs {_fmt(b.times)}"
-    parts_a = dict(a.meridiem)
-    for key, part in b.meridiem:
-        if parts_a.get(key, part) != part:
-            return f"times differ: {key} {parts_a[key]} vs {key} {part}"
+    parts_a, parts_b = _grouped(a.meridiem), _grouped(b.meridiem)
+    for key in sorted(parts_a.keys() & parts_b.keys()):
+        if parts_a[key] != parts_b[key]:
+            return f"times differ: {key} {_fmt(parts_a[key])} vs {key} {_fmt(parts_b[key])}"
     return None
+
+
+def _unmatched(units: set[str], others: set[str]) -> bool:
+    """Whether a unit of ``units`` matches none of ``others`` ("pounds" matches "£" and "lb")."""
+    return any(u not in others and not any(frozenset({o, u}) in _AMBIGUOUS_UNITS for o in others) for u in units)
+
+
+def _grouped(pairs: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
+    grouped: dict[str, set[str]] = {}
+    for key, value in pairs:
+        grouped.setdefault(key, set()).add(value)
+    return grouped
 
 
 def date_guard(a: QueryFacts, b: QueryFacts) -> str | None:
