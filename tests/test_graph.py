@@ -391,6 +391,32 @@ def test_edge_api_validates() -> None:
     assert not graph.remove_edge("a", "b")
 
 
+def test_max_links_bounds_the_links_a_graph_holds() -> None:
+    graph = MemoryGraph(max_links=4)
+    for name in "abcdef":
+        graph.add_memory(name, entities=[])
+    assert graph.add_edge("a", "b", EdgeKind.LINK, label="about")
+    assert graph.add_edge("a", "b", EdgeKind.LINK, label="cites")  # another label: another link
+    assert graph.add_edge("b", "a", EdgeKind.KNN, 0.8)
+    assert graph.add_edge("c", "d", EdgeKind.DERIVED_FROM)
+    assert graph.links == 4
+    assert not graph.add_edge("e", "f", EdgeKind.LINK)  # full: a new link is not held
+    assert not graph.add_edge("a", "b", EdgeKind.LINK, label="third")
+    assert graph.edges("e") == []
+    assert graph.add_edge("b", "a", EdgeKind.KNN, 0.9)  # reweighing one it holds adds none
+    assert graph.add_edge("a", "b", EdgeKind.SEQUENCE)  # nor does an edge that is not a link
+    assert graph.links == 4
+    # Every way a link goes frees its place: removed alone, with its edge, or with its memory.
+    assert graph.remove_edge("a", "b", EdgeKind.LINK, label="cites")
+    assert graph.links == 3 and graph.add_edge("e", "f", EdgeKind.LINK)
+    assert graph.remove_edge("e", "f")
+    assert graph.remove_memory("a")
+    assert graph.links == 1  # c -> d
+    assert graph.add_edge("e", "f", EdgeKind.LINK) and graph.add_edge("b", "c", EdgeKind.LINK, label="x")
+    assert graph.add_edge("c", "b", EdgeKind.KNN, 0.7) and graph.links == 4
+    assert not graph.add_edge("d", "e", EdgeKind.KNN, 0.7)
+
+
 def test_links_each_way_are_kept_apart_as_a_rebuild_has_them() -> None:
     """A knn link from each of two memories to the other is one edge weighing the larger, whatever the order
     they came in; removing one memory's links (it was re-embedded) leaves the other's link to it, as a graph

@@ -432,6 +432,27 @@ def test_shutdown_stops_a_graph_build_in_flight(client, app, factory: Factory) -
     assert task.cancelled() and hung._background == {} and hung._building == {}, "shutdown stops it"
 
 
+def test_a_graph_build_reads_at_most_max_links_links(client, app, factory: Factory) -> None:
+    """Nothing bounds the links an agent writes; a cube's graph holds (and its build reads) max_links."""
+    from memos.search.graphs import CubeGraphs
+
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key, name="many links")
+    hub = factory.memory(tenant.admin_key, cube["id"], "The hub everything cites.")
+    items = [
+        {"kind": "plaintext", "content": f"Citing note {i}.", "links": [{"to": hub["id"], "type": "cites"}]}
+        for i in range(6)
+    ]
+    r = client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=bearer(tenant.admin_key))
+    assert r.status_code == 201, r.text
+    cube_id = uuid.UUID(cube["id"])
+    whole = client.blocking_portal.call(CubeGraphs(app.state.db).get_within, cube_id, 30.0)
+    assert whole is not None and whole.links >= 6
+    bounded = client.blocking_portal.call(CubeGraphs(app.state.db, max_links=3).get_within, cube_id, 30.0)
+    assert bounded is not None and bounded.links == 3
+    assert len(bounded) == len(whole) == 7  # every memory is still there
+
+
 # -- which memories sit in the HNSW index (memos/memories/ann.py) -------------------------------------------
 
 

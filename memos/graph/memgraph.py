@@ -123,10 +123,15 @@ class MemoryGraph:
         knn_floor: float = 0.5,
         hub_max_share: float = 0.25,
         hub_max_mentions: int = 5_000,
+        max_links: int = 1_000_000,
     ) -> None:
         """``knn_floor``: :meth:`add_knn` keeps neighbours at least this similar. An entity mentioned by
         more than ``hub_max_mentions`` memories, or (in graphs of 100+ memories) by more than
         ``hub_max_share`` of them, is too common to relate anything and is not traversed.
+
+        ``max_links``: the links (of the link kinds, one per direction and label) the graph holds at most;
+        past it :meth:`add_edge` adds no new one (about 370 bytes each: the default, ten per memory of a
+        full graph, is about 370 MB). Nothing else bounds them: an agent may write any number of links.
         """
         if max_nodes < 1:
             raise ValueError("max_nodes must be >= 1")
@@ -136,6 +141,8 @@ class MemoryGraph:
         self.knn_floor = knn_floor
         self.hub_max_share = hub_max_share
         self.hub_max_mentions = hub_max_mentions
+        self.max_links = max_links
+        self._link_count = 0  # entries of _links plus the labels of _labelled
         self._seq: dict[MemoryId, int] = {}  # memory -> insertion number; dict order = age, oldest first
         self._by_seq: dict[int, MemoryId] = {}
         self._next_seq = 0
@@ -178,6 +185,11 @@ class MemoryGraph:
     def entities(self, memory_id: MemoryId) -> set[str]:
         self._require(memory_id)
         return {node.key for node in self._adj[memory_id] if isinstance(node, EntityHub)}
+
+    @property
+    def links(self) -> int:
+        """The links held (one per direction, kind and label; see ``max_links``)."""
+        return self._link_count
 
     def mentions(self, key: str) -> int:
         """How many memories mention the entity ``key``."""
@@ -275,7 +287,8 @@ class MemoryGraph:
     def add_edge(
         self, a: MemoryId, b: MemoryId, kind: EdgeKind | str, weight: float = 1.0, *, label: str | None = None
     ) -> bool:
-        """Add (or reweigh) an edge of ``kind`` from ``a`` to ``b``; False when either is absent or a == b.
+        """Add (or reweigh) an edge of ``kind`` from ``a`` to ``b``; False when either is absent, a == b, or
+        it is a new link and the graph holds ``max_links`` already.
 
         The edge is undirected for PageRank. A link kind (``link``, ``derived_from``, ``knn``) keeps one
         link per direction and ``label`` (a user link's type: links of several types can join two
@@ -290,10 +303,18 @@ class MemoryGraph:
             return False
         value = float(weight)
         if kind.value in _DIRECTED:
+            key = (a, b, kind.value)
+            labels = self._labelled.get(key, {})
+            is_new = (key not in self._links) if label is None else (label not in labels)
+            if is_new:
+                if self._link_count >= self.max_links:
+                    return False
+                self._link_count += 1
             if label is None:
-                self._links[(a, b, kind.value)] = value
+                self._links[key] = value
             else:
-                self._labelled.setdefault((a, b, kind.value), {})[label] = value
+                labels[label] = value
+                self._labelled[key] = labels
             value = self._link_weight(a, b, kind.value) or value  # never None: the link just stored counts
         data = self._adj[a].get(b)
         if data is None:
@@ -570,8 +591,7 @@ class MemoryGraph:
         for name in data:
             if name in _DIRECTED:
                 for key in ((a, b, name), (b, a, name)):
-                    self._links.pop(key, None)
-                    self._labelled.pop(key, None)
+                    self._link_count -= (self._links.pop(key, None) is not None) + len(self._labelled.pop(key, {}))
 
     def _link_weight(self, a: Hashable, b: Hashable, name: str) -> float | None:
         """The largest weight of the links of kind ``name`` between ``a`` and ``b`` (either direction, any
@@ -585,12 +605,15 @@ class MemoryGraph:
         """Forget the link of kind ``name`` and ``label`` from ``a`` to ``b``; False if there was none."""
         key = (a, b, name)
         if label is None:
-            return self._links.pop(key, None) is not None
-        labels = self._labelled.get(key)
-        if labels is None or labels.pop(label, None) is None:
-            return False
-        if not labels:
-            del self._labelled[key]
+            if self._links.pop(key, None) is None:
+                return False
+        else:
+            labels = self._labelled.get(key)
+            if labels is None or labels.pop(label, None) is None:
+                return False
+            if not labels:
+                del self._labelled[key]
+        self._link_count -= 1
         return True
 
     def _require(self, memory_id: MemoryId) -> None:

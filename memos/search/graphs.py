@@ -74,10 +74,14 @@ def node_fields(content: str | None, metadata: dict[str, Any], expires_at: datet
 
 
 class CubeGraphs:
-    def __init__(self, db: Database, *, max_cubes: int = 32, max_nodes: int = 100_000) -> None:
+    def __init__(
+        self, db: Database, *, max_cubes: int = 32, max_nodes: int = 100_000, max_links: int = 1_000_000
+    ) -> None:
         self.db = db
         self.max_cubes = max_cubes
         self.max_nodes = max_nodes
+        self.max_links = max_links
+        """Links a cube's graph holds at most (``MemoryGraph``'s ``max_links``); a build reads no more."""
         self._graphs: OrderedDict[uuid.UUID, MemoryGraph] = OrderedDict()
         self._building: dict[uuid.UUID, asyncio.Future[MemoryGraph]] = {}
         self._pending: dict[uuid.UUID, list[Note]] = {}
@@ -183,12 +187,13 @@ class CubeGraphs:
                 select(memory_links.c.from_id, memory_links.c.to_id, memory_links.c.type, memory_links.c.weight)
                 .join(memories, memories.c.id == memory_links.c.from_id)
                 .where(memories.c.cube_id == cube_id)
+                .limit(self.max_links)
             )
         ).all()
         return list(rows), list(links)
 
     def _build(self, rows: Iterable[Any], links: Iterable[Any]) -> MemoryGraph:
-        graph = MemoryGraph(max_nodes=self.max_nodes)
+        graph = MemoryGraph(max_nodes=self.max_nodes, max_links=self.max_links)
         for row in rows:
             graph.add_memory(row.id, **node_fields(row.content, row.metadata, row.expires_at))
         for link in links:
