@@ -1322,14 +1322,16 @@ def test_a_chunked_upload_over_the_limit_is_413_and_a_chunked_import_works(clien
 
 
 def test_a_model_that_failed_to_load_is_not_loaded_again_until_its_retry_after(
-    broken_client, factory, tenant, cube, caplog: pytest.LogCaptureFixture
+    broken_client, factory, tenant, cube, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each listing or build loaded the broken directory again (its files read, an ERROR with a traceback each
     time) in the KV worker that every tenant's generations wait on: any agent polling GET /v1/models kept it
     busy. A failure now answers 503 at once until its Retry-After has passed (found in review)."""
     registry = broken_client.app.state.activations.models
-    registry.retry_failed_after = 1.0
-    time.sleep(1.1)  # a failure remembered from an earlier test has lapsed
+    now = [time.monotonic()]
+    monkeypatch.setattr(registry, "clock", lambda: now[0])
+    monkeypatch.setattr(registry, "retry_failed_after", 1.0)
+    now[0] += 1.1  # a failure remembered from an earlier test has lapsed
     key = tenant.admin_key
     m = factory.memory(key, cube["id"], "The ladder is in the shed.")
 
@@ -1344,7 +1346,10 @@ def test_a_model_that_failed_to_load_is_not_loaded_again_until_its_retry_after(
         problem(r, 503)
         assert r.headers["retry-after"] == "1"
         assert loads() == 1, "one load for three listings and a build"
-        time.sleep(1.1)
+        now[0] += 0.5
+        assert build(broken_client, key, m["id"], model=BROKEN).status_code == 503
+        assert loads() == 1, "not yet"
+        now[0] += 0.6
         assert broken_client.get("/v1/models", headers=bearer(key)).status_code == 200
         assert loads() == 2, "loaded again once the retry time had passed"
 

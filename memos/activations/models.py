@@ -109,8 +109,10 @@ class ModelRegistry:
         self._loaded: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._failed: dict[str, tuple[float, str]] = {}
-        """Name -> (monotonic time it failed, why)."""
+        """Name -> (the ``clock`` when it failed, why)."""
         self.retry_failed_after = RETRY_FAILED_LOAD_S
+        self.clock: Callable[[], float] = time.monotonic
+        """What the failures are timed by (a test moves it on instead of sleeping)."""
 
     def require_configured(self) -> None:
         if not self.specs:
@@ -147,7 +149,7 @@ class ModelRegistry:
                 raise
             except Exception as exc:  # whatever a model directory does wrong, it is the server's configuration
                 log.error("model failed to load", extra={"model": name, "error": str(exc)}, exc_info=exc)
-                self._failed[name] = (time.monotonic(), f"model {name!r} could not be loaded: {exc}")
+                self._failed[name] = (self.clock(), f"model {name!r} could not be loaded: {exc}")
                 raise self._unavailable(name) from None
             self._failed.pop(name, None)
             self._loaded[name] = lm
@@ -156,13 +158,13 @@ class ModelRegistry:
 
     def _raise_if_failed(self, name: str) -> None:
         failed = self._failed.get(name)
-        if failed is not None and failed[0] + self.retry_failed_after > time.monotonic():
+        if failed is not None and failed[0] + self.retry_failed_after > self.clock():
             raise self._unavailable(name)
 
     def _unavailable(self, name: str) -> ModelUnavailable:
         """The 503 of a remembered failure, its ``Retry-After`` the seconds left until a request loads it again."""
         failed_at, why = self._failed[name]
-        left = failed_at + self.retry_failed_after - time.monotonic()
+        left = failed_at + self.retry_failed_after - self.clock()
         return ModelUnavailable(why, headers={"Retry-After": str(max(1, math.ceil(left)))})
 
 
