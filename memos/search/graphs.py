@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.graph.entities import entity_keys
 from memos.graph.memgraph import EdgeKind, MemoryGraph
+from memos.sharing import fair_victim
 from memos.store.db import Database
 from memos.store.models import memories, memory_links
 
@@ -83,6 +84,8 @@ class CubeGraphs:
         self.max_links = max_links
         """Links a cube's graph holds at most (``MemoryGraph``'s ``max_links``); a build reads no more."""
         self._graphs: OrderedDict[uuid.UUID, MemoryGraph] = OrderedDict()
+        self._tenants: dict[uuid.UUID, uuid.UUID | None] = {}
+        """The tenant of each cube whose graph is held, as the query that built it said (``fair_victim``)."""
         self._building: dict[uuid.UUID, asyncio.Future[MemoryGraph]] = {}
         self._pending: dict[uuid.UUID, list[Note]] = {}
         self._stale: set[uuid.UUID] = set()
@@ -95,8 +98,12 @@ class CubeGraphs:
         graphs = list(self._graphs.values())
         return len(graphs), sum(len(g) for g in graphs)
 
-    async def get_within(self, cube_id: uuid.UUID, seconds: float) -> MemoryGraph | None:
+    async def get_within(
+        self, cube_id: uuid.UUID, seconds: float, tenant_id: uuid.UUID | None = None
+    ) -> MemoryGraph | None:
         """The cube's graph if it is loaded or builds within ``seconds``; else None, and it goes on building.
+        ``tenant_id``: the cube's; past ``max_cubes`` the graph dropped is the least recently used of the tenant
+        holding the most (``memos.sharing``).
 
         A big cube's first build takes a while (entity extraction over 100k memories: about 20 s on two
         cores); a query should not wait that long. The build carries on in a task of its own, and a later
@@ -108,7 +115,7 @@ class CubeGraphs:
             return graph
         task = self._background.get(cube_id)
         if task is None:
-            task = asyncio.ensure_future(self.get(cube_id))
+            task = asyncio.ensure_future(self.get(cube_id, tenant_id))
             self._background[cube_id] = task
             task.add_done_callback(lambda done: self._built(cube_id, done))
         try:
@@ -136,7 +143,7 @@ class CubeGraphs:
         if not task.cancelled():
             task.exception()  # retrieved: a failed build is retried by the next query, not logged as unretrieved
 
-    async def get(self, cube_id: uuid.UUID) -> MemoryGraph:
+    async def get(self, cube_id: uuid.UUID, tenant_id: uuid.UUID | None = None) -> MemoryGraph:
         graph = self._graphs.get(cube_id)
         if graph is not None:
             self._graphs.move_to_end(cube_id)
@@ -161,8 +168,9 @@ class CubeGraphs:
                 future.set_result(graph)
                 return graph
             self._graphs[cube_id] = graph
+            self._tenants[cube_id] = tenant_id
             while len(self._graphs) > self.max_cubes:
-                self._graphs.popitem(last=False)
+                self._forget(fair_victim((c, self._tenants.get(c)) for c in self._graphs))
             future.set_result(graph)
             return graph
         except BaseException as exc:
@@ -245,7 +253,7 @@ class CubeGraphs:
             del self._queues[cube_id]
         if not ok and self._graphs.get(cube_id) is queue.graph:
             # It may lack part of a write (a note failed, or shutdown): the next query rebuilds it.
-            del self._graphs[cube_id]
+            self._forget(cube_id)
 
     async def settled(self) -> None:
         """Wait until the writes queued behind entity extractions in worker threads are in their graphs."""
@@ -316,6 +324,10 @@ class CubeGraphs:
 
     def drop(self, cube_id: uuid.UUID) -> None:
         """Forget a cube's graph (it is rebuilt on next use; the writes queued for it are dropped with it)."""
-        self._graphs.pop(cube_id, None)
+        self._forget(cube_id)
         if cube_id in self._building:
             self._stale.add(cube_id)
+
+    def _forget(self, cube_id: uuid.UUID) -> None:
+        self._graphs.pop(cube_id, None)
+        self._tenants.pop(cube_id, None)

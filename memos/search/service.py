@@ -153,7 +153,7 @@ class SearchService:
             graphs: dict[uuid.UUID, MemoryGraph] = {}
             seeds = ranked[: max(req.k * 3, GRAPH_SEEDS)]
             for cube_id in dict.fromkeys(c.cube_id for c in seeds):
-                graph = await self.graphs.get_within(cube_id, self.graph_wait)
+                graph = await self.graphs.get_within(cube_id, self.graph_wait, principal.tenant_id)
                 if graph is not None:
                     graphs[cube_id] = graph
             async with self.db.read() as conn:

@@ -33,6 +33,7 @@ from memos.semcache.context import Turn, as_turns, context_sha256, context_text
 from memos.semcache.decide import Candidate
 from memos.semcache.policy import CachePolicy
 from memos.semcache.schemas import MAX_QUERY_CHARS
+from memos.sharing import fair_victim
 from memos.store.arrays import decode_vector
 from memos.store.db import Database
 
@@ -304,7 +305,8 @@ class CubeState:
 
 
 class CacheIndexes:
-    """The per-cube states of this process: loaded on demand, the least recently used dropped past ``max_cubes``.
+    """The per-cube states of this process: loaded on demand; past ``max_cubes``, the least recently used of the
+    tenant holding the most is dropped (``memos.sharing``).
 
     It listens to memory writes (``memories_written``, ``memories_removed``) and cube deletions
     (``drop``), so this process's own writes reach its indexes as soon as they commit.
@@ -354,8 +356,7 @@ class CacheIndexes:
         state = CubeState(cube_id, tenant_id, record.policy, record.stamp)
         self._states[cube_id] = state
         while len(self._states) > self.max_cubes:
-            _, old = self._states.popitem(last=False)
-            self._forget(old)
+            self._forget(self._states.pop(fair_victim((c, s.tenant_id) for c, s in self._states.items())))
         return state
 
     async def reload_policy(self, cube_id: uuid.UUID) -> None:
