@@ -115,7 +115,11 @@ Number = Annotated[float, msgspec.Meta(ge=-1e12, le=1e12)]
 Row_ = Annotated[int, msgspec.Meta(ge=0)]
 MAX_MANIFEST_BYTES = 2**20
 MAX_RATIO = 200
-"""A member that inflates more than this many times its compressed size is refused unread (a zip bomb)."""
+"""A member over ``RATIO_FLOOR`` that inflates more than this many times its compressed size is refused unread
+(a zip bomb). Export stores such a member uncompressed, so an export always imports."""
+RATIO_FLOOR = 64 * 2**20
+"""Members up to this size are read whatever their ratio: real text can compress past it (a 460 KB memory of
+one repeated sentence: 300 times, and its bundle was refused), and six of them cost 384 MiB at worst."""
 
 
 L = TypeVar("L", bound=msgspec.Struct)
@@ -397,7 +401,7 @@ async def export_cube(db: Database, cube_id: uuid.UUID, out: Path, *, allow_dama
         with os.fdopen(fd, "wb") as file, zipfile.ZipFile(file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             archive.writestr(MANIFEST, msgspec.json.format(msgspec.json.encode(manifest)))
             for name, blob in blobs.items():
-                archive.writestr(name, blob)
+                archive.writestr(name, blob, compress_type=_compression(blob))
         partial.replace(out)
     except OSError as exc:
         partial.unlink(missing_ok=True)
@@ -540,15 +544,34 @@ def _bundle(manifest: Manifest, blobs: dict[str, bytes]) -> Bundle:
     return bundle
 
 
+def _compression(blob: bytes) -> int:
+    """How export writes a member: deflated, unless that would make ``_member`` refuse it (then stored).
+
+    Deflates it as zipfile does (raw, zlib's default level), counting the output only, and stops as soon as
+    the count shows the ratio is fine: for ordinary text that is after the first few percent."""
+    if len(blob) <= RATIO_FLOOR:
+        return zipfile.ZIP_DEFLATED
+    enough = len(blob) / MAX_RATIO  # deflated to more than this: the import reads it
+    deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+    view, size = memoryview(blob), 0
+    for start in range(0, len(view), 2**24):
+        size += len(deflate.compress(view[start : start + 2**24]))
+        if size >= enough:
+            return zipfile.ZIP_DEFLATED
+    size += len(deflate.flush())
+    return zipfile.ZIP_DEFLATED if size >= enough else zipfile.ZIP_STORED
+
+
 def _member(archive: zipfile.ZipFile, name: str, most: int) -> bytes:
-    """The member's bytes, if its header says at most ``most`` and it inflates no more than ``MAX_RATIO`` times."""
+    """The member's bytes, if its header says at most ``most`` and, past ``RATIO_FLOOR``, it inflates no more than
+    ``MAX_RATIO`` times."""
     try:
         info = archive.getinfo(name)
     except KeyError:
         raise BundleError(f"the bundle has no {name}") from None
     if info.file_size > most:
         raise BundleError(f"{name}: {info.file_size} bytes, over the {most} expected (damaged or edited)")
-    if info.file_size > MAX_RATIO * info.compress_size + 2**16:
+    if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * info.compress_size:
         raise BundleError(f"{name}: inflates {info.file_size} bytes from {info.compress_size}: refused unread")
     try:
         with archive.open(info) as stream:
