@@ -227,12 +227,17 @@ class _Tool(Tool):
 
 def _tool(fn: Callable[..., Any]) -> Tool:
     """``fn`` as a tool that refuses unknown arguments (as the REST API refuses unknown fields: 422), and says
-    so in the schema it publishes (``additionalProperties: false``)."""
+    so in the schema it publishes (``additionalProperties: false``), and takes each argument only as the type
+    its schema gives (strict: ``"k": "3"`` or ``true`` was read as a number, where the REST API answers 422)."""
     tool = _Tool.from_function(fn)
     loose = tool.fn_metadata.arg_model
     strict = cast(
         type[ArgModelBase],
-        type(loose.__name__, (loose,), {"__module__": loose.__module__, "model_config": ConfigDict(extra="forbid")}),
+        type(
+            loose.__name__,
+            (loose,),
+            {"__module__": loose.__module__, "model_config": ConfigDict(extra="forbid", strict=True)},
+        ),
     )
     tool.fn_metadata.arg_model = strict
     tool.parameters = strict.model_json_schema(by_alias=True)

@@ -71,6 +71,11 @@ def text(result: Any) -> str:
         ("recall", {"query": "tea", "k": 0}, "k: must be from 1 to 200, not 0"),
         ("recall", {"query": "tea", "k": 201}, "k: must be from 1 to 200, not 201"),
         ("recall", {"query": "tea", "k": "ten"}, "k: must be an integer, not a string"),
+        # Coerced before (the REST API answers 422 for each): found by a new-user walkthrough.
+        ("recall", {"query": "tea", "k": "3"}, "k: must be an integer, not a string"),
+        ("recall", {"query": "tea", "k": True}, "k: must be an integer, not a boolean"),
+        ("recall", {"query": "tea", "k": 2.5}, "k: must be an integer, not a number"),
+        ("remember", {"content": 5}, "content: must be a string, not a number"),
         (
             "recall",
             {"query": "tea", "mode": "fuzzy"},
