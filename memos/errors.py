@@ -53,6 +53,16 @@ class MemosError(Exception):
         self.extra = extra
         self.headers = headers or {}
 
+    def within(self, prefix: str) -> MemosError:
+        """This error as one about the part of a request at ``prefix`` (a field holding a request of its own, as
+        generate's ``search``): its fields, and the detail that names the first, put under it."""
+        if self.errors:
+            first = self.errors[0].field
+            if self.detail.startswith(f"{first}:"):
+                self.detail = f"{prefix}.{self.detail}"
+            self.errors = [FieldError(f"{prefix}.{e.field}", e.message) for e in self.errors]
+        return self
+
     def problem(self) -> Problem:
         return Problem(
             type=PROBLEM_BASE + self.slug,

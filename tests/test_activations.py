@@ -963,6 +963,29 @@ def test_bad_generate_bodies_name_the_field(client, tenant, body, field) -> None
     assert problem(r, 422)["errors"][0]["field"] == field
 
 
+def test_a_generate_search_names_its_fields_under_search(client, factory, tenant, cube) -> None:
+    """Found in a contract review: the search's own errors named "cube_ids[0]" or "query", fields the generate
+    body does not have; and a search for deleted memories fed their text to the model, where memory_ids
+    answers 422 for a deleted memory."""
+    other = factory.tenant()
+    theirs = factory.cube(other.admin_key)
+    key = tenant.admin_key
+    cases = [
+        ({"query": "tea", "cube_ids": [theirs["id"]]}, 404, "search.cube_ids[0]"),
+        ({"query": "tea\u0000"}, 422, "search.query"),
+        ({"query": "tea", "filters": {"k": "a\u0000"}}, 422, "search.filters.k"),
+        ({"query": "tea", "states": ["active", "deleted"]}, 422, "search.states"),
+    ]
+    for search, status, field in cases:
+        body = problem(generate(client, key, prompt="hi", search=search), status)
+        assert [e["field"] for e in body["errors"]] == [field], body
+        assert body["detail"].startswith(f"{field}:"), body
+    # What a search for deleted memories found was generated from; now only where they are not asked for.
+    gone = factory.memory(key, cube["id"], "The spare key is under the mat.")
+    assert client.delete(f"/v1/memories/{gone['id']}", headers=bearer(key)).status_code == 204
+    problem(generate(client, key, prompt="Where?", search={"query": "spare key mat", "states": ["deleted"]}), 422)
+
+
 def test_unreadable_memories_in_generate_are_404(client, factory, tenant, cube) -> None:
     agent = factory.agent(tenant)  # no grant on the admin's cube
     m = factory.memory(tenant.admin_key, cube["id"], "Secret: the vault code is 0000.")

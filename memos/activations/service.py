@@ -29,7 +29,7 @@ from memos.activations.freshness import is_fresh, is_stale, with_freshness
 from memos.activations.models import KVBusy, KVWorker, ModelRegistry, ModelUnavailable
 from memos.activations.tiers import KVTiers, ResidentTier
 from memos.cubes.access import readable_cube_ids
-from memos.errors import Conflict, FieldError, Invalid, NotFound, Unavailable
+from memos.errors import Conflict, FieldError, Invalid, MemosError, NotFound, Unavailable
 from memos.identity.principal import Principal
 from memos.kv.errors import FingerprintMismatch, KVChecksumError, KVError, KVFormatError, KVInputError, NotShiftable
 from memos.memories.service import ACTIVATION, Accesses, MemoryService, not_expired
@@ -745,9 +745,15 @@ class ActivationService:
         """The memories to put before the prompt, in order, each one the caller may read."""
         if body.search is not None:
             request = body.search
+            if request.states is not None and "deleted" in request.states:
+                # As memory_ids answers for a deleted memory: its text is not generated from.
+                raise Invalid.field("search.states", "a deleted memory is not generated from")
             if request.kinds is None:
                 request = msgspec.structs.replace(request, kinds=["plaintext"])
-            found = await self.search.search(principal, request)
+            try:
+                found = await self.search.search(principal, request)
+            except MemosError as exc:  # its fields are the search object's: "cube_ids[0]" is "search.cube_ids[0]"
+                raise exc.within("search") from None
             return [
                 _Part(memory_id=r.memory.id, content=r.memory.content)
                 for r in found.results
