@@ -224,11 +224,19 @@ def test_ttl_hides_expired_memories(client, factory, tenant, cube) -> None:
     assert m["id"] not in ids
     r = client.get(f"/v1/cubes/{cube['id']}/memories?include_expired=true&limit=500", headers=bearer(tenant.admin_key))
     assert m["id"] in {x["id"] for x in r.json()["items"]}
+    # Its history holds its content: 404 as the memory is, unless asked for (found in a contract review: the
+    # versions and provenance of an expired memory were 200 while the memory itself was 404).
+    for sub in ("versions", "versions/1", "provenance"):
+        r = client.get(f"/v1/memories/{m['id']}/{sub}", headers=bearer(tenant.admin_key))
+        assert r.status_code == 404, sub
+        r = client.get(f"/v1/memories/{m['id']}/{sub}?include_expired=true", headers=bearer(tenant.admin_key))
+        assert r.status_code == 200, sub
     # Extending the TTL brings it back; null clears it.
     revived = patch(client, tenant.admin_key, m["id"], {"ttl_seconds": None}, 1)
     assert revived.status_code == 200
     assert revived.json()["expires_at"] is None
     assert client.get(f"/v1/memories/{m['id']}", headers=bearer(tenant.admin_key)).status_code == 200
+    assert client.get(f"/v1/memories/{m['id']}/versions", headers=bearer(tenant.admin_key)).status_code == 200
 
 
 def test_archive_via_patch(client, factory, tenant, cube) -> None:

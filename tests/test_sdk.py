@@ -629,6 +629,16 @@ def test_expired_memories_only_with_include_expired(connect: Callable[[str], Mem
     assert admin.memories.get(memory.id, include_expired=True).id == memory.id
     assert list(admin.memories.list(cube.id)) == []
     assert [m.id for m in admin.memories.list(cube.id, include_expired=True)] == [memory.id]
+    # Its history and provenance too.
+    with pytest.raises(NotFound):
+        list(admin.memories.versions(memory.id))
+    with pytest.raises(NotFound):
+        admin.memories.version(memory.id, 1)
+    with pytest.raises(NotFound):
+        admin.memories.provenance(memory.id)
+    assert [v.version for v in admin.memories.versions(memory.id, include_expired=True)] == [1]
+    assert admin.memories.version(memory.id, 1, include_expired=True).content == "short-lived"
+    assert [n.memory_id for n in admin.memories.provenance(memory.id, include_expired=True).nodes] == [memory.id]
     # Expired memories can be patched: that is how a TTL is extended or cleared.
     assert admin.memories.update(memory.id, if_version=1, ttl_seconds=None).expires_at is None
     assert admin.memories.get(memory.id).version == 2

@@ -121,14 +121,20 @@ class MemoryController(Controller):
         memories: Memories,
         limit: Limit = DEFAULT_LIMIT,
         cursor: Cursor = None,
+        include_expired: FromQuery[bool] = False,
     ) -> Page[schemas.Version]:
-        return await memories.versions(principal, parse_id(memory_id, "memory"), limit, cursor)
+        return await memories.versions(principal, parse_id(memory_id, "memory"), limit, cursor, include_expired)
 
     @get("/memories/{memory_id:str}/versions/{n:int}", summary="One version of a memory")
     async def version(
-        self, memory_id: FromPath[str], n: FromPath[int], principal: CurrentPrincipal, memories: Memories
+        self,
+        memory_id: FromPath[str],
+        n: FromPath[int],
+        principal: CurrentPrincipal,
+        memories: Memories,
+        include_expired: FromQuery[bool] = False,
     ) -> schemas.Version:
-        return await memories.version(principal, parse_id(memory_id, "memory"), n)
+        return await memories.version(principal, parse_id(memory_id, "memory"), n, include_expired)
 
     @post(
         "/memories/{memory_id:str}/restore",
@@ -152,9 +158,13 @@ class MemoryController(Controller):
 
     @get("/memories/{memory_id:str}/provenance", summary="Ancestors and descendants by derivation")
     async def provenance(
-        self, memory_id: FromPath[str], principal: CurrentPrincipal, memories: Memories
+        self,
+        memory_id: FromPath[str],
+        principal: CurrentPrincipal,
+        memories: Memories,
+        include_expired: FromQuery[bool] = False,
     ) -> schemas.ProvenanceGraph:
-        return await memories.provenance(principal, parse_id(memory_id, "memory"))
+        return await memories.provenance(principal, parse_id(memory_id, "memory"), include_expired)
 
     @post(
         "/memories/{memory_id:str}/links",

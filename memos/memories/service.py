@@ -537,7 +537,12 @@ class MemoryService:
         )
 
     async def versions(
-        self, principal: Principal, memory_id: uuid.UUID, limit: int, cursor: str | None
+        self,
+        principal: Principal,
+        memory_id: uuid.UUID,
+        limit: int,
+        cursor: str | None,
+        include_expired: bool = False,
     ) -> Page[schemas.Version]:
         tag = list_tag("versions", memory_id)
         after = decode_cursor(cursor, 1, tag)
@@ -549,7 +554,7 @@ class MemoryService:
                 raise Invalid.field("cursor", NOT_ISSUED)
             start = after[0]
         async with self.db.read() as conn:
-            await self._load(conn, principal, memory_id, "read")
+            await self._load(conn, principal, memory_id, "read", include_expired=include_expired)
             rows = (
                 await conn.execute(
                     select(memory_versions)
@@ -565,9 +570,11 @@ class MemoryService:
             next_cursor=encode_cursor([rows[-1].version], tag) if more else None,
         )
 
-    async def version(self, principal: Principal, memory_id: uuid.UUID, n: int) -> schemas.Version:
+    async def version(
+        self, principal: Principal, memory_id: uuid.UUID, n: int, include_expired: bool = False
+    ) -> schemas.Version:
         async with self.db.read() as conn:
-            await self._load(conn, principal, memory_id, "read")
+            await self._load(conn, principal, memory_id, "read", include_expired=include_expired)
             if not 1 <= n <= schemas.MAX_VERSION:
                 # Found by fuzzing: a number past the column's range was a DataError (422), not "no such version".
                 raise NotFound(f"this memory has no version {n}")
@@ -894,10 +901,15 @@ class MemoryService:
             created_at=row.created_at,
         )
 
-    async def provenance(self, principal: Principal, memory_id: uuid.UUID) -> schemas.ProvenanceGraph:
-        """Ancestors (what it was derived from) and descendants (what was derived from it) the caller can read."""
+    async def provenance(
+        self, principal: Principal, memory_id: uuid.UUID, include_expired: bool = False
+    ) -> schemas.ProvenanceGraph:
+        """Ancestors (what it was derived from) and descendants (what was derived from it) the caller can read.
+
+        An expired memory's versions and provenance are 404 as the memory is (``include_expired`` reads them):
+        they hold its content. Writes still reach it (a PATCH extends or clears its TTL)."""
         async with self.db.read() as conn:
-            await self._load(conn, principal, memory_id, "read")
+            await self._load(conn, principal, memory_id, "read", include_expired=include_expired)
             edges = await _lineage(conn, memory_id)
             depth: dict[uuid.UUID, int] = {memory_id: 0}
             for e in edges:

@@ -14,6 +14,7 @@ import msgspec
 from memos_client._base import (
     Call,
     Id,
+    QueryParams,
     any_json,
     compact,
     decoder,
@@ -312,9 +313,12 @@ def _memory(memory_id: Id, *rest: object) -> str:
     return path("memories", ident("memory_id", memory_id), *rest)
 
 
+def _expired(include_expired: bool) -> QueryParams | None:
+    return query(include_expired=True) if include_expired else None
+
+
 def get_memory(memory_id: Id, include_expired: bool) -> Call[Memory]:
-    params = query(include_expired=True) if include_expired else None
-    return Call("GET", _memory(memory_id), _MEMORY, params=params)
+    return Call("GET", _memory(memory_id), _MEMORY, params=_expired(include_expired))
 
 
 def memory_patch(
@@ -348,13 +352,15 @@ def delete_memory(memory_id: Id, purge: bool, if_version: int | None) -> Call[No
     return Call("DELETE", _memory(memory_id), no_content, params=params, headers=_if_match(if_version))
 
 
-def versions(memory_id: Id, cursor: str | None, page_size: int | None) -> Call[Page[Version]]:
-    params = query(limit=page_size, cursor=cursor)
+def versions(
+    memory_id: Id, cursor: str | None, page_size: int | None, include_expired: bool = False
+) -> Call[Page[Version]]:
+    params = query(limit=page_size, cursor=cursor, include_expired=True if include_expired else None)
     return Call("GET", _memory(memory_id, "versions"), _VERSION_PAGE, params=params)
 
 
-def version(memory_id: Id, n: int) -> Call[Version]:
-    return Call("GET", _memory(memory_id, "versions", n), _VERSION)
+def version(memory_id: Id, n: int, include_expired: bool = False) -> Call[Version]:
+    return Call("GET", _memory(memory_id, "versions", n), _VERSION, params=_expired(include_expired))
 
 
 def restore(memory_id: Id, version: int, if_version: int | None) -> Call[Memory]:
@@ -367,8 +373,8 @@ def restore(memory_id: Id, version: int, if_version: int | None) -> Call[Memory]
     )
 
 
-def provenance(memory_id: Id) -> Call[ProvenanceGraph]:
-    return Call("GET", _memory(memory_id, "provenance"), _PROVENANCE)
+def provenance(memory_id: Id, include_expired: bool = False) -> Call[ProvenanceGraph]:
+    return Call("GET", _memory(memory_id, "provenance"), _PROVENANCE, params=_expired(include_expired))
 
 
 def link(memory_id: Id, to: Id, type: str, weight: float | None) -> Call[Link]:

@@ -248,20 +248,27 @@ class Memories(_Resource):
         """Soft-delete (history kept); ``purge=True`` (tenant admin) erases the content of every version."""
         self._client._send(_calls.delete_memory(memory_id, purge, if_version))
 
-    def versions(self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None) -> Pager[Version]:
-        """Every version of the memory, oldest first."""
-        return self._pager(lambda c: _calls.versions(memory_id, c, page_size), cursor)
+    def versions(
+        self,
+        memory_id: Id,
+        *,
+        page_size: int | None = None,
+        cursor: str | None = None,
+        include_expired: bool = False,
+    ) -> Pager[Version]:
+        """Every version of the memory, oldest first (an expired memory's only with ``include_expired``)."""
+        return self._pager(lambda c: _calls.versions(memory_id, c, page_size, include_expired), cursor)
 
-    def version(self, memory_id: Id, n: int) -> Version:
-        return self._client._send(_calls.version(memory_id, n))
+    def version(self, memory_id: Id, n: int, *, include_expired: bool = False) -> Version:
+        return self._client._send(_calls.version(memory_id, n, include_expired))
 
     def restore(self, memory_id: Id, version: int, *, if_version: int | None = None) -> Memory:
         """Write a new version equal to version ``version`` (this also undeletes and unarchives)."""
         return self._client._send(_calls.restore(memory_id, version, if_version))
 
-    def provenance(self, memory_id: Id) -> ProvenanceGraph:
+    def provenance(self, memory_id: Id, *, include_expired: bool = False) -> ProvenanceGraph:
         """Ancestors and descendants by ``derived_from``, with their edges."""
-        return self._client._send(_calls.provenance(memory_id))
+        return self._client._send(_calls.provenance(memory_id, include_expired))
 
     def link(self, memory_id: Id, *, to: Id, type: str, weight: float | None = None) -> Link:
         """Add a typed, weighted edge from this memory to another."""
@@ -513,21 +520,26 @@ class AsyncMemories(_AsyncResource):
         await self._client._send(_calls.delete_memory(memory_id, purge, if_version))
 
     def versions(
-        self, memory_id: Id, *, page_size: int | None = None, cursor: str | None = None
+        self,
+        memory_id: Id,
+        *,
+        page_size: int | None = None,
+        cursor: str | None = None,
+        include_expired: bool = False,
     ) -> AsyncPager[Version]:
-        """Every version of the memory, oldest first."""
-        return self._pager(lambda c: _calls.versions(memory_id, c, page_size), cursor)
+        """Every version of the memory, oldest first (an expired memory's only with ``include_expired``)."""
+        return self._pager(lambda c: _calls.versions(memory_id, c, page_size, include_expired), cursor)
 
-    async def version(self, memory_id: Id, n: int) -> Version:
-        return await self._client._send(_calls.version(memory_id, n))
+    async def version(self, memory_id: Id, n: int, *, include_expired: bool = False) -> Version:
+        return await self._client._send(_calls.version(memory_id, n, include_expired))
 
     async def restore(self, memory_id: Id, version: int, *, if_version: int | None = None) -> Memory:
         """Write a new version equal to version ``version`` (this also undeletes and unarchives)."""
         return await self._client._send(_calls.restore(memory_id, version, if_version))
 
-    async def provenance(self, memory_id: Id) -> ProvenanceGraph:
+    async def provenance(self, memory_id: Id, *, include_expired: bool = False) -> ProvenanceGraph:
         """Ancestors and descendants by ``derived_from``, with their edges."""
-        return await self._client._send(_calls.provenance(memory_id))
+        return await self._client._send(_calls.provenance(memory_id, include_expired))
 
     async def link(self, memory_id: Id, *, to: Id, type: str, weight: float | None = None) -> Link:
         """Add a typed, weighted edge from this memory to another."""
