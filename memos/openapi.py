@@ -7,7 +7,7 @@ the document, :func:`complete` rewrites it by rules that hold for every operatio
 including ones added later:
 
 - every ``/v1`` operation (it declares ``security``) may answer 401, 403, 429 and 503;
-- an operation with a request body may answer 400 (not JSON), 413 (too large), 422;
+- an operation with a request body may answer 413 (too large) and 422, and with a JSON one 400 (not JSON);
 - an operation with query or header parameters may answer 422; one with path parameters, 404;
 - every response with a status of 400 or more carries a ``Problem`` body; 429 and 503 carry
   ``Retry-After``;
@@ -48,6 +48,7 @@ _DESCRIPTIONS = {
     401: "No valid API key",
     403: "The caller's role or grant does not allow this (a read-only grant used to write)",
     404: "No such resource, or one the caller may not see (never confirms that it exists)",
+    408: "The request body stopped arriving",
     409: "The change conflicts with existing data",
     412: "If-Match names a version that is not the current one (nothing changed)",
     413: "The request body is larger than the server accepts",
@@ -194,8 +195,11 @@ def _codes_by_rule(operation: Operation) -> set[int]:
     codes: set[int] = set()
     if operation.security:
         codes |= {401, 403, 429, 503}
-    if operation.request_body is not None:
-        codes |= {400, 413, 422}
+    body = operation.request_body
+    if body is not None:
+        codes |= {413, 422}
+        if isinstance(body, Reference) or "application/json" in body.content:
+            codes.add(400)  # not JSON: only a body meant to be JSON is refused for that
     locations = {p.param_in for p in operation.parameters or [] if not isinstance(p, Reference)}
     if locations & {"query", "header"}:
         codes.add(422)
@@ -236,10 +240,14 @@ def complete(openapi: OpenAPI) -> None:
                     parameter.schema = _drop_null(parameter.schema)
             responses = operation.responses if operation.responses is not None else {}
             declared = {int(code): r for code, r in responses.items() if int(code) >= 400}
-            for code in sorted(set(declared) | _codes_by_rule(operation)):
+            by_rule = _codes_by_rule(operation)
+            for code in sorted(set(declared) | by_rule):
                 existing = declared.get(code)
                 # Litestar's own 400 describes a body memos never sends; handler-declared ones keep their text.
                 handler_declared = isinstance(existing, OpenAPIResponse) and existing.content is None
+                if not handler_declared and code not in by_rule:
+                    responses.pop(str(code), None)  # Litestar's 400 where no JSON body could be malformed
+                    continue
                 text = existing.description if handler_declared and existing is not None else None
                 responses[str(code)] = _problem_response(code, text)
             operation.responses = dict(sorted(responses.items()))

@@ -148,7 +148,7 @@ def test_the_operator_is_refused_before_any_kv_work(client: Client, factory: Fac
 # The statuses each operation answers beyond what memos.openapi adds by rule (401/403/429/503 everywhere in /v1,
 # 400/413/422 with a JSON body, 422 with query parameters, 404 with path parameters).
 ANSWERED = {
-    ("post", "/v1/activations/import"): {"200", "201", "404", "409", "413", "422"},
+    ("post", "/v1/activations/import"): {"200", "201", "404", "408", "409", "413", "422"},
     ("post", "/v1/memories/{memory_id}/activations"): {"200", "201", "403", "404", "409", "422"},
     ("post", "/v1/scheduler/pin"): {"200", "404", "409", "422"},
     ("post", "/v1/generate"): {"200", "404", "409", "422"},
@@ -173,5 +173,21 @@ def test_openapi_declares_every_status_these_operations_answer(client: Client) -
     for method, path in (("post", "/v1/activations/import"), ("post", "/v1/memories/{memory_id}/activations")):
         ok = spec["paths"][path][method]["responses"]["200"]
         assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Activation"}
+    # Found in a contract review: statuses and headers the service sends that the document left out.
+    imported = spec["paths"]["/v1/activations/import"]["post"]
+    assert imported["requestBody"]["content"] == {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+    }
+    assert "408" in imported["responses"] and "400" not in imported["responses"]  # the file is not JSON
+    kv = spec["paths"]["/v1/activations/{activation_id}/kv"]["get"]["responses"]["200"]
+    assert set(kv["headers"]) == {
+        "X-Memos-Fingerprint",
+        "X-Memos-SHA256",
+        "X-Memos-Activation",
+        "ETag",
+        "X-Memos-Repaired",
+    }
+    assert set(spec["paths"]["/v1/cache"]["post"]["responses"]["201"]["headers"]) == {"ETag"}
+    assert "409" in spec["paths"]["/v1/cache/feedback"]["post"]["responses"]
     models = spec["paths"]["/v1/models"]["get"]
     assert {p["name"] for p in models["parameters"]} >= {"limit", "cursor"}

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import ResponseHeader
 from litestar.exceptions import ClientException, HTTPException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from memos.activations import schemas
@@ -26,6 +29,33 @@ EXISTING = {
     )
 }
 """The second success of a build and an import, beside their 201 (the OpenAPI document must name every status)."""
+
+KV_HEADERS = [
+    ResponseHeader(name="X-Memos-Fingerprint", documentation_only=True, description="The model's fingerprint"),
+    ResponseHeader(name="X-Memos-SHA256", documentation_only=True, description="SHA-256 of the file sent"),
+    ResponseHeader(name="X-Memos-Activation", documentation_only=True, description="The activation's id"),
+    ResponseHeader(name="ETag", documentation_only=True, description="The file's SHA-256, quoted"),
+    ResponseHeader(
+        name="X-Memos-Repaired",
+        documentation_only=True,
+        required=False,
+        description="Present when the stored file was missing or failed its checksum and was rebuilt first",
+    ),
+]
+"""What the KV download sends beside the file (``_kv_headers``), for the OpenAPI document."""
+
+
+@dataclasses.dataclass
+class _ImportOperation(Operation):
+    """The import's operation: its body is the raw file, read by the handler, so Litestar declares none."""
+
+    def __post_init__(self) -> None:
+        binary = Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
+        self.request_body = RequestBody(
+            content={KV_MEDIA_TYPE: OpenAPIMediaType(schema=binary)},
+            required=True,
+            description="A memos-kv/1 file (safetensors), at most MEMOS_MAX_KV_BYTES",
+        )
 
 
 def _kv_headers(activation: schemas.Activation, sha256: str) -> dict[str, str]:
@@ -147,6 +177,7 @@ class ActivationController(Controller):
         summary="The activation's memos-kv/1 file (safetensors), checksum-verified before it is sent",
         media_type=KV_MEDIA_TYPE,
         responses=errors(409),
+        response_headers=KV_HEADERS,
     )
     async def download_kv(
         self, activation_id: FromPath[str], principal: CurrentPrincipal, activations: Activations
@@ -179,7 +210,8 @@ class ActivationImportController(Controller):
         "/",
         summary="Import a memos-kv/1 file for a memory (format, checksum, fingerprint, shapes and tokens checked)",
         # No JSON body is declared (the file is read raw), so the rule-made 413 of memos.openapi is declared here.
-        responses={**EXISTING, **errors(404, 409, 413)},
+        responses={**EXISTING, **errors(404, 408, 409, 413)},
+        operation_class=_ImportOperation,
     )
     async def import_kv(
         self,

@@ -10,7 +10,7 @@ from litestar.params import JSONBody, QueryParameter
 from memos.deps import CurrentPrincipal, SemCache
 from memos.http import etag, parse_id
 from memos.memories import schemas as memory_schemas
-from memos.openapi import errors
+from memos.openapi import ETAG, errors
 from memos.semcache import schemas
 
 CubeId = Annotated[str, QueryParameter(description="The cube's id")]
@@ -38,7 +38,12 @@ class CacheController(Controller):
     ) -> schemas.LookupOut:
         return await semcache.lookup(principal, data)
 
-    @post("/", responses=errors(404), summary="Cache an answer: a response memory (version 1)")
+    @post(
+        "/",
+        responses=errors(404),
+        response_headers=[ETAG],
+        summary="Cache an answer: a response memory (version 1)",
+    )
     async def store(
         self, data: JSONBody[schemas.StoreIn], principal: CurrentPrincipal, semcache: SemCache
     ) -> Response[memory_schemas.Memory]:
@@ -48,7 +53,7 @@ class CacheController(Controller):
     @post(
         "/feedback",
         status_code=204,
-        responses=errors(404),
+        responses=errors(404, 409),
         summary="Report a served answer as right or wrong (adapts thresholds)",
     )
     async def feedback(
