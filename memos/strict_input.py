@@ -156,11 +156,15 @@ def _scalar(field: FieldDefinition) -> Any:
 
 class StrictQuery:
     """A ``before_request`` hook: the integer and date-time query parameters of a request, each value written as
-    one. Which parameters those are is worked out once per handler, by :meth:`learn`, from Litestar's own
-    reading of the handler's signature."""
+    one, and a parameter that takes one value given once. Which parameters those are is worked out once per
+    handler, by :meth:`learn`, from Litestar's own reading of the handler's signature.
+
+    Litestar keeps the last of a repeated single-valued parameter: ``?state=active&state=deleted`` listed the
+    deleted memories only, with no error (found by a new user)."""
 
     def __init__(self) -> None:
         self._checks: dict[HTTPRouteHandler, list[tuple[str, str, Callable[[str], str | None]]]] = {}
+        self._single: dict[HTTPRouteHandler, list[str]] = {}
 
     def learn(self, app: Litestar) -> None:
         """Find the parameters to check in every route of ``app`` (the routes exist once the app is built)."""
@@ -176,13 +180,19 @@ class StrictQuery:
                 ]
                 if checks:
                     self._checks[handler] = checks
+                sequences = set(kwargs_model.sequence_query_parameter_names)
+                single = sorted(
+                    p.field_alias for p in kwargs_model.expected_query_params if p.field_alias not in sequences
+                )
+                if single:
+                    self._single[handler] = single
 
     def __call__(self, request: Request[Any, Any, Any]) -> None:
-        checks = self._checks.get(request.route_handler)
-        if not checks:
-            return
         query = request.query_params
-        for name, alias, check in checks:
+        for alias in self._single.get(request.route_handler, ()):
+            if len(query.getall(alias, [])) > 1:
+                raise _refused(alias, "given more than once; it takes one value", "query")
+        for name, alias, check in self._checks.get(request.route_handler, ()):
             for value in query.getall(alias, []):
                 if (problem := check(value)) is not None:
                     raise _refused(name, problem, "query")
