@@ -7,6 +7,7 @@ rebuilt from Postgres on its next use (a 100k-memory cube's graph: about 20 s of
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 
 import pytest
 from conftest import Factory
@@ -16,12 +17,44 @@ from memos.semcache.index import CacheIndexes, VectorLRU
 from memos.sharing import fair_victim
 
 
-def test_fair_victim_is_the_least_recently_used_of_the_tenant_holding_most() -> None:
-    assert fair_victim([("a1", "A"), ("b1", "B"), ("b2", "B"), ("a2", "A"), ("b3", "B")]) == "b1"
-    assert fair_victim([("a1", "A"), ("b1", "B"), ("a2", "A"), ("b2", "B")]) == "a1"  # a tie: plain LRU
-    assert fair_victim([("x", None), ("y", None)]) == "x"  # one owner: plain LRU
+def test_fair_victim_is_the_least_recently_used_beyond_each_tenants_reserve() -> None:
+    # Capacity 4, two owners: each keeps 1 however old; B's oldest goes before A's only one.
+    assert fair_victim([("a1", "A"), ("b1", "B"), ("b2", "B"), ("b3", "B")], 4) == "b1"
+    assert fair_victim([("a1", "A"), ("a2", "A"), ("b1", "B"), ("b2", "B")], 4) == "a1"  # both over: plain LRU
+    assert fair_victim([("x", None), ("y", None)], 2) == "x"  # one owner: plain LRU
+    assert fair_victim([("a", "A"), ("b", "B"), ("c", "C")], 2) == "a"  # everyone within: plain LRU
     with pytest.raises(ValueError, match="nothing to evict"):
-        fair_victim([])
+        fair_victim([], 1)
+
+
+def misses(uses: list[tuple[str, str]], capacity: int = 32) -> int:
+    """Rebuilds a cache of ``capacity`` evicting by fair_victim makes over ``uses`` (key, owner), in order."""
+    held: OrderedDict[str, str] = OrderedDict()
+    count = 0
+    for key, owner in uses:
+        if key in held:
+            held.move_to_end(key)
+            continue
+        count += 1
+        held[key] = owner
+        while len(held) > capacity:
+            del held[fair_victim(held.items(), capacity)]
+    return count
+
+
+def test_idle_tenants_do_not_pin_their_entries_while_an_active_one_churns() -> None:
+    """Found in review: evicting from "the tenant holding the most" kept idle tenants' entries for ever, and an
+    active tenant whose cubes did not fit in what was left rebuilt on every use."""
+    churn = [(f"b{i}", "B") for _ in range(50) for i in range(40)]
+    quiet = [("a0", "A")]
+    # One tenant churning through 40 cubes does not evict another's one graph (once built, it stays).
+    assert misses([u for r in range(50) for u in quiet + churn[r * 40 : (r + 1) * 40]]) - 50 * 40 <= 1
+    # A tenant that touched 16 cubes and went idle leaves room for an active one's 20.
+    idle = [(f"b{i}", "B") for i in range(16)]
+    assert misses(idle + [(f"a{i}", "A") for _ in range(100) for i in range(20)]) == 16 + 20
+    # Ten small idle tenants of 3 cubes each leave room for one active tenant's 8.
+    small = [(f"t{t}.{i}", f"T{t}") for t in range(10) for i in range(3)]
+    assert misses(small + [(f"big{i}", "BIG") for _ in range(100) for i in range(8)]) == 30 + 8
 
 
 def cubes(factory: Factory, key: str, n: int) -> list[uuid.UUID]:

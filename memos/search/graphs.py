@@ -102,8 +102,8 @@ class CubeGraphs:
         self, cube_id: uuid.UUID, seconds: float, tenant_id: uuid.UUID | None = None
     ) -> MemoryGraph | None:
         """The cube's graph if it is loaded or builds within ``seconds``; else None, and it goes on building.
-        ``tenant_id``: the cube's; past ``max_cubes`` the graph dropped is the least recently used of the tenant
-        holding the most (``memos.sharing``).
+        ``tenant_id``: the cube's; past ``max_cubes`` the graph dropped is the least recently used of a tenant
+        holding more than its reserve (``memos.sharing``).
 
         A big cube's first build takes a while (entity extraction over 100k memories: about 20 s on two
         cores); a query should not wait that long. The build carries on in a task of its own, and a later
@@ -170,7 +170,7 @@ class CubeGraphs:
             self._graphs[cube_id] = graph
             self._tenants[cube_id] = tenant_id
             while len(self._graphs) > self.max_cubes:
-                self._forget(fair_victim((c, self._tenants.get(c)) for c in self._graphs))
+                self._forget(fair_victim(((c, self._tenants.get(c)) for c in self._graphs), self.max_cubes))
             future.set_result(graph)
             return graph
         except BaseException as exc:

@@ -305,8 +305,8 @@ class CubeState:
 
 
 class CacheIndexes:
-    """The per-cube states of this process: loaded on demand; past ``max_cubes``, the least recently used of the
-    tenant holding the most is dropped (``memos.sharing``).
+    """The per-cube states of this process: loaded on demand; past ``max_cubes``, the least recently used of a
+    tenant holding more than its reserve is dropped (``memos.sharing``).
 
     It listens to memory writes (``memories_written``, ``memories_removed``) and cube deletions
     (``drop``), so this process's own writes reach its indexes as soon as they commit.
@@ -356,7 +356,9 @@ class CacheIndexes:
         state = CubeState(cube_id, tenant_id, record.policy, record.stamp)
         self._states[cube_id] = state
         while len(self._states) > self.max_cubes:
-            self._forget(self._states.pop(fair_victim((c, s.tenant_id) for c, s in self._states.items())))
+            self._forget(
+                self._states.pop(fair_victim(((c, s.tenant_id) for c, s in self._states.items()), self.max_cubes))
+            )
         return state
 
     async def reload_policy(self, cube_id: uuid.UUID) -> None:
