@@ -451,6 +451,17 @@ def test_a_graph_build_reads_at_most_max_links_links(client, app, factory: Facto
     bounded = client.blocking_portal.call(CubeGraphs(app.state.db, max_links=3).get_within, cube_id, 30.0)
     assert bounded is not None and bounded.links == 3
     assert len(bounded) == len(whole) == 7  # every memory is still there
+    # The links kept are the graph's own: not those of deleted memories (they stay stored), and user links
+    # before knn ones. Found in review: under a bare LIMIT, the links of deleted memories filled it.
+    for item in r.json()["items"]:
+        assert client.delete(f"/v1/memories/{item['id']}", headers=bearer(tenant.admin_key)).status_code == 204
+    r = client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=bearer(tenant.admin_key))
+    assert r.status_code == 201, r.text
+    live = {uuid.UUID(item["id"]) for item in r.json()["items"]}
+    bounded = client.blocking_portal.call(CubeGraphs(app.state.db, max_links=6).get_within, cube_id, 30.0)
+    assert bounded is not None and bounded.links == 6
+    assert {other for m in live for other, kind, _ in bounded.edges(m) if kind == "link"} == {uuid.UUID(hub["id"])}
+    assert sum(1 for m in live for _, kind, _ in bounded.edges(m) if kind == "link") == 6
 
 
 # -- which memories sit in the HNSW index (memos/memories/ann.py) -------------------------------------------

@@ -190,11 +190,24 @@ class CubeGraphs:
                 .limit(self.max_nodes)
             )
         ).all()
+        # Only links between the cube's active memories (the graph's nodes) count against max_links: the links
+        # of deleted or archived memories stay stored, and under a bare LIMIT they filled it (found in review).
+        # User links and provenance first, then the newest: the same ones in every rebuild and process.
+        source, target = memories.alias("source"), memories.alias("target")
         links = (
             await conn.execute(
                 select(memory_links.c.from_id, memory_links.c.to_id, memory_links.c.type, memory_links.c.weight)
-                .join(memories, memories.c.id == memory_links.c.from_id)
-                .where(memories.c.cube_id == cube_id)
+                .join(source, source.c.id == memory_links.c.from_id)
+                .join(target, target.c.id == memory_links.c.to_id)
+                .where(
+                    source.c.cube_id == cube_id,
+                    source.c.state == "active",
+                    target.c.cube_id == cube_id,
+                    target.c.state == "active",
+                )
+                .order_by(
+                    memory_links.c.type == EdgeKind.KNN.value, memory_links.c.created_at.desc(), memory_links.c.id
+                )
                 .limit(self.max_links)
             )
         ).all()
