@@ -27,7 +27,7 @@ from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 # The SDK (clients/python) is installed editable, through an import hook mypy cannot follow: it is typed (py.typed)
 # when mypy finds it (mypy_path = "clients/python"), and Any, not an error, when it does not.
 from memos_client import AsyncMemosClient, MemosError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
 from memos.search.schemas import MAX_K
@@ -231,14 +231,24 @@ def _tool(fn: Callable[..., Any]) -> Tool:
     its schema gives (strict: ``"k": "3"`` or ``true`` was read as a number, where the REST API answers 422)."""
     tool = _Tool.from_function(fn)
     loose = tool.fn_metadata.arg_model
-    strict = cast(
-        type[ArgModelBase],
-        type(
-            loose.__name__,
-            (loose,),
-            {"__module__": loose.__module__, "model_config": ConfigDict(extra="forbid", strict=True)},
-        ),
-    )
+    integers = {
+        name
+        for name, spec in loose.model_json_schema(by_alias=True).get("properties", {}).items()
+        if "integer" in {spec.get("type"), *(option.get("type") for option in spec.get("anyOf", []))}
+    }
+
+    def whole_numbers(cls: type[BaseModel], data: Any) -> Any:
+        # JSON Schema's integer includes 5.0, and the REST API takes it: so does a tool (strict refuses it).
+        if not isinstance(data, dict):
+            return data
+        return {k: int(v) if k in integers and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
+
+    namespace = {
+        "__module__": loose.__module__,
+        "model_config": ConfigDict(extra="forbid", strict=True),
+        "whole_numbers": model_validator(mode="before")(classmethod(whole_numbers)),  # type: ignore[arg-type]
+    }
+    strict = cast(type[ArgModelBase], type(loose.__name__, (loose,), namespace))
     tool.fn_metadata.arg_model = strict
     tool.parameters = strict.model_json_schema(by_alias=True)
     return tool

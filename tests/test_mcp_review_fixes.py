@@ -99,6 +99,14 @@ async def test_bad_arguments_are_one_short_line_naming_the_argument(
     assert api.requests == []
 
 
+async def test_a_whole_number_written_as_a_float_is_an_integer(api: Api) -> None:
+    """JSON Schema's integer includes 3.0 and the REST API takes it; strict argument types refused it (review)."""
+    async with session(api) as mcp:
+        await mcp.call_tool("recall", {"query": "tea", "k": 3.0})
+    (sent,) = api.requests  # past the arguments' check, to the API (which this fake answers 422)
+    assert json.loads(sent.content)["k"] == 3
+
+
 async def test_several_bad_arguments_are_all_named(api: Api) -> None:
     async with session(api) as mcp:
         result = await mcp.call_tool("recall", {"query": "tea", "k": 0, "mode": "fuzzy"})
