@@ -1051,6 +1051,20 @@ def test_expired_memories_are_not_found_for_generate_and_build(client, factory, 
     )
 
 
+def test_an_expired_memorys_activations_are_not_found(client, factory, tenant, cube, database_url) -> None:
+    """Their tokens are its text: 404 as the memory, its versions and its provenance are (found in review: the
+    KV file of an expired memory was still served)."""
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "Grace's locker code is 7301.", ttl_seconds=3600)
+    act = built(client, key, m["id"])
+    urls = [f"/v1/activations/{act['id']}", f"/v1/activations/{act['id']}/kv", f"/v1/memories/{m['id']}/activations"]
+    assert [client.get(u, headers=bearer(key)).status_code for u in urls] == [200, 200, 200]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE memories SET expires_at = now() - interval '1 second' WHERE id = %s", [m["id"]])
+    for url in urls:
+        problem(client.get(url, headers=bearer(key)), 404)
+
+
 # ---------------------------------------------------------------------- isolation
 
 

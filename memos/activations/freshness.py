@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Row, or_, select
+from sqlalchemy import Row, func, or_, select
 
 from memos.store.models import activations, memories
 
@@ -25,6 +25,11 @@ STALE = or_(
 """Built from a version that is no longer the source's (never injected again), or deleted either side. Every new
 version counts, archiving and tag changes too (decisions 44): a rebuild of unchanged text finds the same tokens
 and reuses the file. Valid in ``with_freshness``."""
+
+
+SOURCE_LIVE = or_(_source.c.expires_at.is_(None), _source.c.expires_at > func.now())
+"""The source memory has not expired (valid in ``with_freshness``): an expired memory's activations are 404 as
+the memory is, since their tokens are its text."""
 
 
 def with_freshness() -> Any:

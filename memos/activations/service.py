@@ -25,7 +25,7 @@ from sqlalchemy import Row, delete, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.activations import files, schemas
-from memos.activations.freshness import is_fresh, is_stale, with_freshness
+from memos.activations.freshness import SOURCE_LIVE, is_fresh, is_stale, with_freshness
 from memos.activations.models import KVBusy, KVWorker, ModelRegistry, ModelUnavailable
 from memos.activations.tiers import KVTiers, ResidentTier
 from memos.cubes.access import readable_cube_ids
@@ -407,7 +407,7 @@ class ActivationService:
         tag = list_tag("activations", memory_id)
         after = decode_keyset(cursor, tag)
         async with self.db.read() as conn:
-            await self.memories.load_row(conn, principal, memory_id, "read")
+            _check_live(await self.memories.load_row(conn, principal, memory_id, "read"))
             query = with_freshness().where(activations.c.memory_id == memory_id)
             if after is not None:
                 query = query.where(func.row(activations.c.created_at, activations.c.id) > func.row(*after))
@@ -426,13 +426,15 @@ class ActivationService:
             return self._dto(await self._visible(conn, principal, activation_id))
 
     async def _visible(self, conn: AsyncConnection, principal: Principal, activation_id: uuid.UUID) -> Row[Any]:
-        """The activation's row if the caller may read its cube; 404 otherwise (other tenants included)."""
+        """The activation's row if the caller may read its cube and its memory has not expired; 404 otherwise
+        (other tenants included)."""
         row = (
             await conn.execute(
                 with_freshness().where(
                     activations.c.id == activation_id,
                     activations.c.tenant_id == principal.tenant_id,
                     activations.c.cube_id.in_(readable_cube_ids(principal)),
+                    SOURCE_LIVE,
                 )
             )
         ).first()
