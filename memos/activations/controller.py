@@ -31,10 +31,25 @@ EXISTING = {
 """The second success of a build and an import, beside their 201 (the OpenAPI document must name every status)."""
 
 KV_HEADERS = [
-    ResponseHeader(name="X-Memos-Fingerprint", documentation_only=True, description="The model's fingerprint"),
-    ResponseHeader(name="X-Memos-SHA256", documentation_only=True, description="SHA-256 of the file sent"),
-    ResponseHeader(name="X-Memos-Activation", documentation_only=True, description="The activation's id"),
-    ResponseHeader(name="ETag", documentation_only=True, description="The file's SHA-256, quoted"),
+    ResponseHeader(
+        name="X-Memos-Fingerprint",
+        documentation_only=True,
+        required=True,
+        description="The model's fingerprint",
+    ),
+    ResponseHeader(
+        name="X-Memos-SHA256",
+        documentation_only=True,
+        required=True,
+        description="SHA-256 of the file sent",
+    ),
+    ResponseHeader(
+        name="X-Memos-Activation",
+        documentation_only=True,
+        required=True,
+        description="The activation's id",
+    ),
+    ResponseHeader(name="ETag", documentation_only=True, required=True, description="The file's SHA-256, quoted"),
     ResponseHeader(
         name="X-Memos-Repaired",
         documentation_only=True,
@@ -209,8 +224,8 @@ class ActivationImportController(Controller):
     @post(
         "/",
         summary="Import a memos-kv/1 file for a memory (format, checksum, fingerprint, shapes and tokens checked)",
-        # No JSON body is declared (the file is read raw), so the rule-made 413 of memos.openapi is declared here.
-        responses={**EXISTING, **errors(404, 408, 409, 413)},
+        # The body is the raw file (_ImportOperation declares it): 413 and 422 come by memos.openapi's rule.
+        responses={**EXISTING, **errors(404, 408, 409)},
         operation_class=_ImportOperation,
     )
     async def import_kv(
