@@ -180,13 +180,13 @@ def test_openapi_declares_every_status_these_operations_answer(client: Client) -
     }
     assert "408" in imported["responses"] and "400" not in imported["responses"]  # the file is not JSON
     kv = spec["paths"]["/v1/activations/{activation_id}/kv"]["get"]["responses"]["200"]
-    assert set(kv["headers"]) == {
+    assert {name for name, h in kv["headers"].items() if h["required"]} == {
         "X-Memos-Fingerprint",
         "X-Memos-SHA256",
         "X-Memos-Activation",
         "ETag",
-        "X-Memos-Repaired",
     }
+    assert kv["headers"]["X-Memos-Repaired"]["required"] is False  # only after a repair
     assert set(spec["paths"]["/v1/cache"]["post"]["responses"]["201"]["headers"]) == {"ETag"}
     assert "409" in spec["paths"]["/v1/cache/feedback"]["post"]["responses"]
     models = spec["paths"]["/v1/models"]["get"]
