@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, Response, Router, get
+from litestar import Litestar, Request, Response, Router, get, head
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, Schema, SecurityScheme
@@ -226,6 +226,12 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+# Load balancers and uptime checks often probe with HEAD: it was a 405 (found by a new user).
+@head("/healthz", summary="As GET /healthz, without the body", tags=["operations"])
+async def healthz_head() -> Response[None]:
+    return Response(None, headers={"Content-Length": "0"})
+
+
 @get(
     "/readyz",
     summary="200 when the database answers and its schema is current, else 503",
@@ -233,11 +239,23 @@ async def healthz() -> dict[str, str]:
     responses=errors(503),
 )
 async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
+    db = await _ready(request)
+    worker: EmbedWorker = request.app.state.embed_worker
+    return Response({"status": "ready", "schema": db.head, "embedder": str(worker.state)})
+
+
+@head("/readyz", summary="As GET /readyz, without the body", tags=["operations"], responses=errors(503))
+async def readyz_head(request: Request[Any, Any, Any]) -> Response[None]:
+    await _ready(request)
+    return Response(None, headers={"Content-Length": "0"})
+
+
+async def _ready(request: Request[Any, Any, Any]) -> Database:
+    """The database, if it answers and its schema is current; else 503."""
     db: Database = request.app.state.db
-    if await db.ready():
-        worker: EmbedWorker = request.app.state.embed_worker
-        return Response({"status": "ready", "schema": db.head, "embedder": str(worker.state)})
-    raise Unavailable("the database is not answering or its schema is not current", headers={"Retry-After": "1"})
+    if not await db.ready():
+        raise Unavailable("the database is not answering or its schema is not current", headers={"Retry-After": "1"})
+    return db
 
 
 @get(
@@ -372,7 +390,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
     # The app's before_request: a router or handler that sets its own replaces this one.
     strict_query = StrictQuery()
     app = Litestar(
-        route_handlers=[healthz, readyz, scraped, v1],
+        route_handlers=[healthz, healthz_head, readyz, readyz_head, scraped, v1],
         before_request=strict_query,
         lifespan=[lifespan],
         exception_handlers={

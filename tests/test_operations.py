@@ -408,6 +408,10 @@ def test_health_ready_and_openapi(client: TestClient) -> None:  # type: ignore[t
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["schema"] == migrations.head_revision()
+    # HEAD too (load balancers probe with it; it was a 405): no body, the same status.
+    for path in ("/healthz", "/readyz"):
+        r = client.head(path)
+        assert (r.status_code, r.content, r.headers["content-length"]) == (200, b"", "0"), path
     spec = client.get("/schema/openapi.json").json()
     paths = spec["paths"]
     for path in (
