@@ -26,7 +26,7 @@ from litestar.serialization import default_deserializer
 from litestar.types import TypeDecodersSequence
 from litestar.typing import FieldDefinition
 
-from memos.validation import NON_BLANK
+from memos.validation import LINK_TYPE, NON_BLANK
 
 _AT = re.compile(r" - at `\$\.?(.*)`$")
 _WANTS_INT_GOT_FLOAT = re.compile(r"Expected `([^`]*)`, got `float`")
@@ -85,8 +85,11 @@ def _whole_floats_as_ints(tree: Any) -> Any:
     return root[0]
 
 
-_BLANK = f"Expected `str` matching regex {NON_BLANK!r}"
-"""msgspec's words for a blank text where one is required: they showed the user our regex."""
+_PATTERNS = {
+    f"Expected `str` matching regex {NON_BLANK!r}": "must contain a character that is not a space",
+    f"Expected `str` matching regex {LINK_TYPE!r}": "must be a letter, then letters, digits or _ . : -",
+}
+"""msgspec's words for a text its pattern refuses showed the user our regex; these say what it wants."""
 
 
 def _invalid(error: msgspec.ValidationError) -> ValidationException:
@@ -94,8 +97,7 @@ def _invalid(error: msgspec.ValidationError) -> ValidationException:
     text = str(error)
     at = _AT.search(text)
     message = text[: at.start()] if at else text
-    if message == _BLANK:
-        message = "must contain a character that is not a space"
+    message = _PATTERNS.get(message, message)
     return _refused((at.group(1) if at else "") or "data", message, "body")
 
 

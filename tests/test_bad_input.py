@@ -458,3 +458,6 @@ def test_a_link_type_ending_in_a_newline_is_422(
         headers=bearer(tenant.admin_key),
     )
     assert r.status_code == 422 and field_of(r) == "type", r.text
+    # Its message says what a type is; it quoted the pattern, lookahead and all (found by a new user).
+    assert r.json()["errors"][0]["message"] == "must be a letter, then letters, digits or _ . : -"
+    assert "regex" not in r.json()["detail"]
