@@ -192,25 +192,25 @@ class CubeGraphs:
         ).all()
         # Only links between the cube's active memories (the graph's nodes) count against max_links: the links
         # of deleted or archived memories stay stored, and under a bare LIMIT they filled it (found in review).
-        # User links and provenance first, then the newest: the same ones in every rebuild and process.
         source, target = memories.alias("source"), memories.alias("target")
-        links = (
-            await conn.execute(
-                select(memory_links.c.from_id, memory_links.c.to_id, memory_links.c.type, memory_links.c.weight)
-                .join(source, source.c.id == memory_links.c.from_id)
-                .join(target, target.c.id == memory_links.c.to_id)
-                .where(
-                    source.c.cube_id == cube_id,
-                    source.c.state == "active",
-                    target.c.cube_id == cube_id,
-                    target.c.state == "active",
-                )
-                .order_by(
-                    memory_links.c.type == EdgeKind.KNN.value, memory_links.c.created_at.desc(), memory_links.c.id
-                )
-                .limit(self.max_links)
+        query = (
+            select(memory_links.c.from_id, memory_links.c.to_id, memory_links.c.type, memory_links.c.weight)
+            .join(source, source.c.id == memory_links.c.from_id)
+            .join(target, target.c.id == memory_links.c.to_id)
+            .where(
+                source.c.cube_id == cube_id,
+                source.c.state == "active",
+                target.c.cube_id == cube_id,
+                target.c.state == "active",
             )
-        ).all()
+        )
+        links = (await conn.execute(query.limit(self.max_links + 1))).all()
+        if len(links) > self.max_links:
+            # Past the bound: user links and provenance first, then the newest, the same ones in every rebuild.
+            # (Within it the rows come as stored: an order by time would break the ties of links written by one
+            # statement by their random ids, and with them the walk's ties, differently in every deployment.)
+            order = (memory_links.c.type == EdgeKind.KNN.value, memory_links.c.created_at.desc(), memory_links.c.id)
+            links = (await conn.execute(query.order_by(*order).limit(self.max_links))).all()
         return list(rows), list(links)
 
     def _build(self, rows: Iterable[Any], links: Iterable[Any]) -> MemoryGraph:
