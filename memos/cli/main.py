@@ -721,7 +721,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memos", description="memos: a memory operating system for AI agents")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the REST API (embedded Postgres unless MEMOS_DATABASE_URL is set)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the REST API (embedded Postgres unless MEMOS_DATABASE_URL is set)",
+        # Everything else is a MEMOS_* variable; a new user read --help and found only --host and --port.
+        epilog=(
+            "configured by environment variables, among them: MEMOS_DATA_DIR (default ./.memos: the embedded "
+            "database, the operator key, KV files), MEMOS_DATABASE_URL (your own PostgreSQL instead), "
+            "MEMOS_OPERATOR_KEY, MEMOS_MODELS (causal LMs for KV activations), MEMOS_EMBED_MODEL, MEMOS_LOG_LEVEL. "
+            "Every one is listed in docs/architecture.md, Configuration."
+        ),
+    )
     serve.add_argument("--host", default=None, help="interface to listen on (MEMOS_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=None, help="port to listen on (MEMOS_PORT, default 8000)")
     serve.set_defaults(func=_serve)
