@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 from litestar import Litestar, Request, Response, Router, get, head
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, Schema, SecurityScheme
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
@@ -160,9 +161,13 @@ _HTTP_PROBLEMS = {
 }
 
 
-def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     if exc.status_code == 413:
-        return _problem_response(TooLarge("the request body is larger than this server accepts"))
+        # The limit is the route's (JSON bodies: MEMOS_MAX_BODY_BYTES, KV imports: MEMOS_MAX_KV_BYTES): say it.
+        handler = request.scope.get("route_handler")
+        limit = handler.resolve_request_max_body_size() if isinstance(handler, HTTPRouteHandler) else None
+        within = f": at most {limit} bytes" if limit else ""
+        return _problem_response(TooLarge(f"the request body is larger than this server accepts{within}"))
     if exc.status_code == 400:
         return _problem_response(BadRequest(exc.detail))
     slug, title = _HTTP_PROBLEMS.get(exc.status_code, ("http", "HTTP error"))

@@ -286,6 +286,7 @@ def test_every_operation_with_a_body_answers_413_past_the_limit(client: Client, 
         r = client.request(method, url, content=too_big, headers=headers)
         assert r.status_code == 413, (method, path, r.status_code, r.text[:200])
         assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["detail"].endswith(f"at most {limit} bytes"), r.text  # it said no limit (a new user)
         # Without Content-Length (chunked), the limit holds while the body streams in.
         r = client.request(method, url, content=iter([too_big[:4096], too_big[4096:]]), headers=headers)
         assert r.status_code == 413, (method, path, "chunked", r.status_code)
