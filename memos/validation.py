@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -16,6 +18,14 @@ U+FEFF. With ``\\S`` alone, "\u0085" passed the published schema and was refused
 # msgspec tests a pattern with re.search, whose `$` also matches before a trailing newline: "next\n" passed and was
 # stored as a link type. The lookahead refuses it (and means nothing to a JavaScript reader of the schema).
 LINK_TYPE = r"^[A-Za-z][A-Za-z0-9_.:-]*(?!\n)$"
+
+
+def unique_tags(tags: Sequence[str]) -> list[str]:
+    """``tags`` in Unicode's composed form (NFC), without repeats, in first-seen order: as written to a memory
+    and as a filter reads them. Tags are a set in meaning, and a stored repeat showed in every version, export
+    and list; "café" typed composed and "café" typed decomposed look the same and were two tags, each finding
+    only itself (found by a new user). Applied after the input checks, so a field path names the tag as sent."""
+    return list(dict.fromkeys(unicodedata.normalize("NFC", tag) for tag in tags))
 
 
 MAX_JSON_DEPTH = 32

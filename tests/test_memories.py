@@ -98,6 +98,25 @@ def test_patch_requires_if_match_and_rejects_stale(client, factory, tenant, cube
     assert patch(client, tenant.admin_key, m["id"], {"content": "v4"}, "*").json()["version"] == 4
 
 
+def test_tags_are_compared_in_composed_form(client, factory, tenant) -> None:
+    """"café" typed composed (U+00E9) and decomposed (e + U+0301) look the same and were two tags, each finding
+    only itself (found by a new user): tags are stored, and filters read, in NFC."""
+    cube = factory.cube(tenant.admin_key)
+    key = tenant.admin_key
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    m = factory.memory(key, cube["id"], "Espresso at the corner place.", tags=[decomposed, composed, "x"])
+    assert m["tags"] == [composed, "x"]
+    for tag in (composed, decomposed):
+        listed = client.get(f"/v1/cubes/{cube['id']}/memories", params={"tag": tag}, headers=bearer(key)).json()
+        assert [x["id"] for x in listed["items"]] == [m["id"]], tag
+        body = {"query": "espresso", "cube_ids": [cube["id"]], "tags": [tag], "mode": "text"}
+        found = client.post("/v1/search", json=body, headers=bearer(key)).json()["results"]
+        assert [r["memory"]["id"] for r in found] == [m["id"]], tag
+    # The same tags in the other form are no change.
+    assert patch(client, key, m["id"], {"tags": [composed, "x"]}, 1).json()["version"] == 1
+    assert patch(client, key, m["id"], {"tags": [decomposed, "x"]}, 1).json()["version"] == 1
+
+
 def test_repeated_tags_are_stored_once_in_first_seen_order(client, factory, tenant, database_url) -> None:
     """Tags are a set in meaning: a repeat was stored as sent, and showed in every version, list and export."""
     cube = factory.cube(tenant.admin_key)

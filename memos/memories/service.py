@@ -44,7 +44,7 @@ from memos.store.models import (
     memory_links,
     memory_versions,
 )
-from memos.validation import reject_nul
+from memos.validation import reject_nul, unique_tags
 
 PROVENANCE_LINK = "derived_from"
 RESERVED_LINKS = {
@@ -149,12 +149,6 @@ def _provenance_json(p: schemas.Provenance) -> dict[str, Any]:
     if not out.get("derived_from"):
         out.pop("derived_from", None)
     return out
-
-
-def unique_tags(tags: Sequence[str]) -> list[str]:
-    """``tags`` without repeats, in first-seen order: tags are a set in meaning, and a stored repeat showed in
-    every version, export and list. Applied after the input checks, so a field path names the tag as sent."""
-    return list(dict.fromkeys(tags))
 
 
 def _check_kind(item: schemas.MemoryIn, where: str) -> None:
@@ -516,7 +510,7 @@ class MemoryService:
         if filters.kind is not None:
             query = query.where(memories.c.kind == filters.kind)
         if filters.tags:
-            query = query.where(memories.c.tags.contains(list(filters.tags)))
+            query = query.where(memories.c.tags.contains(unique_tags(filters.tags)))
         if filters.since is not None:
             query = query.where(memories.c.created_at >= filters.since)
         if filters.until is not None:

@@ -37,7 +37,7 @@ from memos.search.lexical import (
 )
 from memos.store.arrays import Float4Array, decode_vector
 from memos.store.db import Database
-from memos.validation import reject_nul
+from memos.validation import reject_nul, unique_tags
 
 DENSE_WEIGHT = 0.5
 """Hybrid score = DENSE_WEIGHT * scaled cosine + (1 - DENSE_WEIGHT) * scaled BM25: equal say, no tuning."""
@@ -199,7 +199,8 @@ class SearchService:
         self, req: schemas.SearchRequest, cubes: list[uuid.UUID], indexed: list[uuid.UUID]
     ) -> statements.Scope:
         states: list[str] = ["active"] if req.states is None else list(req.states)  # the schema refuses []
-        return statements.Scope.of(cubes, indexed, states, req.kinds, req.tags, req.filters, req.since, req.until)
+        tags = None if req.tags is None else unique_tags(req.tags)
+        return statements.Scope.of(cubes, indexed, states, req.kinds, tags, req.filters, req.since, req.until)
 
     # -- the two legs: each returns both signals, so fusion compares like with like -------------------------
 
