@@ -99,7 +99,7 @@ def test_patch_requires_if_match_and_rejects_stale(client, factory, tenant, cube
 
 
 def test_tags_are_compared_in_composed_form(client, factory, tenant) -> None:
-    """"café" typed composed (U+00E9) and decomposed (e + U+0301) look the same and were two tags, each finding
+    """ "café" typed composed (U+00E9) and decomposed (e + U+0301) look the same and were two tags, each finding
     only itself (found by a new user): tags are stored, and filters read, in NFC."""
     cube = factory.cube(tenant.admin_key)
     key = tenant.admin_key
