@@ -1030,6 +1030,38 @@ def test_generate_refuses_memories_too_long_for_the_model_before_any_prefill(
         assert prefilled == []
 
 
+def test_generate_refuses_stored_kv_past_the_models_positions_before_reading_any(
+    client, app, factory, tenant, cube, monkeypatch
+) -> None:
+    """Found in review: every memory's stored KV was read from the blob store and decoded before the length was
+    checked (64 activations of a 0.5B model at 8k tokens: ~48 GiB, outside every tier's budget, then a 422)."""
+    service = app.state.activations
+    key = tenant.admin_key
+    # "the" is one token: each memory fits the tiny model's 8,192 positions alone, not together.
+    a, b = (factory.memory(key, cube["id"], " ".join(["the"] * 4500) + f" {n}") for n in ("one", "two"))
+    for m in (a, b):
+        built(client, key, m["id"])
+    service.tiers.clear()  # cold: a chunk would have to come from the blob store
+    reads: list[str] = []
+    real = service._read_chunk
+
+    async def counting(lm: Any, blob_key: str) -> Any:
+        reads.append(blob_key)
+        return await real(lm, blob_key)
+
+    monkeypatch.setattr(service, "_read_chunk", counting)
+    body = problem(generate(client, key, prompt="hi", memory_ids=[a["id"], b["id"]]), 422)
+    assert body["errors"][0]["field"] == "memory_ids" and "stored KV alone is 9002 tokens" in body["detail"]
+    assert reads == []
+    # And a full KV worker is 503 before anything is read.
+    monkeypatch.setattr(service.worker, "_pending", service.worker._max_pending)
+    assert problem(generate(client, key, prompt="hi", memory_ids=[a["id"]]), 503)["type"].endswith("kv-busy")
+    assert reads == []
+    monkeypatch.setattr(service.worker, "_pending", 0)
+    out = generated(client, key, prompt="hi", memory_ids=[a["id"]], max_new_tokens=1)
+    assert len(reads) == 1 and out["reused_tokens"] > 4000
+
+
 def test_expired_memories_are_not_found_for_generate_and_build(client, factory, tenant, cube) -> None:
     """As GET /v1/memories/{id} (404) and search (hidden) treat them; they were used (found in review)."""
     import time

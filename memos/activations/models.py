@@ -64,9 +64,13 @@ class KVWorker:
         self._max_pending = max_pending
         self._pending = 0
 
-    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def check_room(self) -> None:
+        """503 ``kv-busy`` now if a job would be refused: before a request reads anything for its job."""
         if self._pending >= self._max_pending:
             raise KVBusy("the KV worker has too much queued work; retry shortly", headers={"Retry-After": "2"})
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        self.check_room()
         loop = asyncio.get_running_loop()
         job = self._executor.submit(fn, *args, **kwargs)
         self._pending += 1

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -704,7 +704,17 @@ class ActivationService:
         started = time.perf_counter()
         parts = await self._parts(principal, body)
         if body.use_activations and parts:
-            await self._attach_kv(lm, parts)
+            # Before any KV is read: a job the worker would refuse, or memories whose stored KV alone is past the
+            # model's positions, read and decoded every activation first (64 of a 0.5B model's at 8k tokens:
+            # ~48 GiB, outside every tier's budget, for a request that then failed; found in review).
+            self.worker.check_room()
+            best = await self.fresh_for_memories(list({p.memory_id for p in parts}), lm)
+            stored = sum(best[p.memory_id].tokens for p in parts if p.memory_id in best)
+            if stored > lm.max_positions:
+                field = "search" if body.search is not None else "memory_ids"
+                message = f"the memories' stored KV alone is {stored} tokens; model {lm.name!r} has"
+                raise Invalid.field(field, f"{message} {lm.max_positions} positions")
+            await self._attach_kv(lm, parts, best)
         try:
             outcome: _Outcome = await self.worker.run(
                 _generate_job,
@@ -790,9 +800,9 @@ class ActivationService:
             parts.append(_Part(memory_id=memory_id, content=row.content))
         return parts
 
-    async def _attach_kv(self, lm: LoadedModel, parts: list[_Part]) -> None:
-        """Give each part the KV of a fresh activation of it, from a memory tier or the blob store."""
-        best = await self.fresh_for_memories(list({p.memory_id for p in parts}), lm)
+    async def _attach_kv(self, lm: LoadedModel, parts: list[_Part], best: Mapping[uuid.UUID, Row[Any]]) -> None:
+        """Give each part the KV of its fresh activation in ``best`` (``fresh_for_memories``), from a memory tier
+        or the blob store."""
         loaded: dict[str, KVChunk | None] = {}
         for part in parts:
             row = best.get(part.memory_id)
