@@ -512,6 +512,34 @@ def test_pins_may_take_half_a_tier(client, factory, tenant, cube, scheduler, fre
     client.post("/v1/scheduler/pin", json={**body, "memory_id": second, "tier": "store"}, headers=bearer(key))
 
 
+def test_an_expired_memorys_pin_takes_no_room_and_is_not_held(
+    client, factory, tenant, cube, scheduler, fresh, settings
+) -> None:
+    """Found in review: an expired memory's pin was held again by every pass and counted against the pin limit
+    (other pins, any tenant's, got 409) while the memory and its activation answered 404; and the expired
+    memory stayed in the hot list."""
+    key = tenant.admin_key
+    first, second = (factory.memory(key, cube["id"], f"Pin me, number {i}.")["id"] for i in (1, 2))
+    (model,) = client.get("/v1/models", headers=bearer(key)).json()["items"]
+    (size,) = {built(client, key, m)["tokens"] * model["kv_bytes_per_token"] for m in (first, second)}
+    scheduler.tiers.budgets["host"] = size * 3  # pins may take 1.5 chunks: one
+    body = {"memory_id": first, "model": MODEL, "tier": "host"}
+    assert client.post("/v1/scheduler/pin", json=body, headers=bearer(key)).status_code == 200
+    assert client.post("/v1/scheduler/pin", json={**body, "memory_id": second}, headers=bearer(key)).status_code == 409
+    assert client.get(f"/v1/memories/{first}", headers=bearer(key)).status_code == 200  # a read: it is hot
+    hot = client.get("/v1/scheduler", headers=bearer(key)).json()["hot"]
+    assert first in {h["memory_id"] for h in hot}
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE memories SET expires_at = now() - interval '1 second' WHERE id = %s", [first])
+    report = run_pass(client, scheduler)
+    assert report.pinned == 0
+    r = client.post("/v1/scheduler/pin", json={**body, "memory_id": second}, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    hot = client.get("/v1/scheduler", headers=bearer(key)).json()["hot"]
+    assert first not in {h["memory_id"] for h in hot}
+    client.post("/v1/scheduler/pin", json={**body, "memory_id": second, "tier": "store"}, headers=bearer(key))
+
+
 def test_bad_pins_get_clear_answers(client, factory, tenant, cube, fresh) -> None:
     key = tenant.admin_key
     memory = factory.memory(key, cube["id"], "Something to pin.")["id"]

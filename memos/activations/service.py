@@ -854,6 +854,7 @@ class ActivationService:
                         activations.c.memory_id.in_(list(memory_ids)),
                         activations.c.model == lm.name,
                         activations.c.fingerprint == lm.fingerprint,
+                        SOURCE_LIVE,  # an expired memory's KV is not promoted (nor used: it is 404)
                     )
                     .order_by(activations.c.created_at.desc())
                 )

@@ -34,13 +34,14 @@ from sqlalchemy import Row, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from memos.activations.freshness import is_fresh, with_freshness
+from memos.activations.freshness import SOURCE_LIVE, is_fresh, with_freshness
 from memos.activations.schemas import BuildIn
 from memos.activations.service import PINNED, ActivationService
 from memos.activations.tiers import KVTiers, ResidentTier
 from memos.cubes.access import readable_cube_ids
 from memos.errors import Conflict, MemosError
 from memos.identity.principal import Principal
+from memos.memories.service import not_expired
 from memos.scheduler import schemas
 from memos.scheduler.heat import HeatTable
 from memos.store.db import Database
@@ -317,8 +318,10 @@ class Scheduler:
         pin limit counts, loaded or not (after a restart none are until a pass reloads them). A loaded model's
         files count at their size in a tier (tokens x its KV bytes per token), and only those of its current
         fingerprint (any other is never held); a model not loaded yet counts its files at their stored size,
-        which is no smaller. ``keys``: only those files."""
-        query = with_freshness().where(PINNED, activations.c.model.in_(sorted(self.kv.models.specs)))
+        which is no smaller. ``keys``: only those files. An expired memory's pins count for nothing and are not
+        held (its activations are 404 like it: they were held, and counted against everyone's pin limit, for ever;
+        found in review); they come back if a PATCH extends its TTL."""
+        query = with_freshness().where(PINNED, SOURCE_LIVE, activations.c.model.in_(sorted(self.kv.models.specs)))
         if keys is not None:
             query = query.where(activations.c.sha256.in_(keys))
         async with self.db.read() as conn:
@@ -568,6 +571,7 @@ async def _readable(conn: AsyncConnection, principal: Principal, ids: list[uuid.
             memories.c.tenant_id == principal.tenant_id,
             memories.c.cube_id.in_(readable_cube_ids(principal)),
             memories.c.state != "deleted",
+            not_expired(),  # as GET /v1/memories/{id} answers: an expired memory is not listed hot
         )
     )
     return {r.id for r in rows}
