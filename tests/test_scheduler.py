@@ -656,6 +656,33 @@ def test_the_pin_share_counts_the_pins_on_record_after_a_restart(
         assert pin(client, key, memory_id, "store").status_code == 200
 
 
+def test_moving_a_pin_from_device_to_host_is_checked_against_the_host_share(
+    client, factory, tenant, cube, scheduler, fresh
+) -> None:
+    """Found in review: a pin was checked against the tier its file sat in, so moving one from device to host
+    skipped the host share, and the next pass dropped another tenant's host pin to make room."""
+    key = tenant.admin_key
+    a = factory.memory(key, cube["id"], "Alpha memory pinned first.")["id"]
+    r = pin(client, key, a, "device")
+    assert r.status_code == 200, r.text
+    size = r.json()["bytes"]
+    scheduler.tiers.budgets["host"] = size * 3  # pins may take 1.5 chunks of host: one
+    other = factory.tenant()
+    theirs = factory.memory(other.admin_key, factory.cube(other.admin_key)["id"], "Another tenant's pinned fact.")
+    r = pin(client, other.admin_key, theirs["id"], "host")
+    assert r.status_code == 200, r.text
+    sha = client.get(f"/v1/activations/{r.json()['activation_id']}", headers=bearer(other.admin_key)).json()["sha256"]
+    moved = pin(client, key, a, "host")
+    assert moved.status_code == 409, moved.text
+    assert moved.json()["extra"]["tier"] == "host"
+    run_pass(client, scheduler)
+    assert scheduler.tiers.is_pinned(sha) and scheduler.tiers.tier_of(sha) == "host"
+    # Once the other pin is lifted, the move fits.
+    assert pin(client, other.admin_key, theirs["id"], "store").status_code == 200
+    assert pin(client, key, a, "host").status_code == 200
+    assert pin(client, key, a, "store").status_code == 200
+
+
 def test_lifting_a_pin_leaves_another_memory_s_pin_on_the_same_kv(client, factory, tenant, scheduler, fresh) -> None:
     """Found in review: identical text in two cubes is one KV file; an agent lifting its own memory's pin lifted
     the pin of a memory it cannot read, and could then pin past the share."""

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Row, func, select, text
+from sqlalchemy import Row, func, or_, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -312,7 +312,13 @@ class Scheduler:
     def _pin_limits(self) -> dict[ResidentTier, int]:
         return {tier: int(budget * PIN_SHARE) for tier, budget in self.tiers.budgets.items()}
 
-    async def _pin_plan(self, loaded: dict[str, LoadedModel], keys: list[str] | None = None) -> dict[str, _Pin]:
+    async def _pin_plan(
+        self,
+        loaded: dict[str, LoadedModel],
+        keys: list[str] | None = None,
+        *,
+        after: tuple[uuid.UUID, ResidentTier] | None = None,
+    ) -> dict[str, _Pin]:
         """Every stored file that fresh pinned activations (``activations.tier`` device or host) of a configured
         model ask a tier to hold, once each, in the order pins are held (oldest first, then by key): what the
         pin limit counts, loaded or not (after a restart none are until a pass reloads them). A loaded model's
@@ -320,8 +326,10 @@ class Scheduler:
         fingerprint (any other is never held); a model not loaded yet counts its files at their stored size,
         which is no smaller. ``keys``: only those files. An expired memory's pins count for nothing and are not
         held (its activations are 404 like it: they were held, and counted against everyone's pin limit, for ever;
-        found in review); they come back if a PATCH extends its TTL."""
-        query = with_freshness().where(PINNED, SOURCE_LIVE, activations.c.model.in_(sorted(self.kv.models.specs)))
+        found in review); they come back if a PATCH extends its TTL. ``after``: the plan as it would be with that
+        activation pinned to that tier (a pin being made, checked before it is recorded)."""
+        pinned = PINNED if after is None else or_(PINNED, activations.c.id == after[0])
+        query = with_freshness().where(pinned, SOURCE_LIVE, activations.c.model.in_(sorted(self.kv.models.specs)))
         if keys is not None:
             query = query.where(activations.c.sha256.in_(keys))
         async with self.db.read() as conn:
@@ -332,7 +340,8 @@ class Scheduler:
             if lm is not None and row.fingerprint != lm.fingerprint:
                 continue
             size = int(row.bytes) if lm is None else _chunk_bytes(lm, row.tokens)
-            tier: ResidentTier = "device" if row.tier == "device" else "host"
+            asked = after[1] if after is not None and row.id == after[0] else row.tier
+            tier: ResidentTier = "device" if asked == "device" else "host"
             have = plan.get(row.sha256)
             if have is None:
                 plan[row.sha256] = _Pin(row.sha256, tier, size, row.created_at, lm)
@@ -479,22 +488,24 @@ class Scheduler:
         async with self._pass_lock:
             size = _chunk_bytes(lm, activation.tokens)
             # Counted from the database, not from what is in memory: after a restart the pins on record are not
-            # loaded until a pass, and each still takes its room then (found in review).
-            plan = await self._pin_plan(self._loaded())
-            limits = self._pin_limits()
-            current = plan.get(key)
-            # The file may be pinned already, by this memory or by another one with the same KV: it stays in
-            # device if any pin asks for device.
-            tier: ResidentTier = "device" if current is not None and current.tier == "device" else body.tier
+            # loaded until a pass, and each still takes its room then (found in review). The check is the plan
+            # with this pin in it, as the next pass will hold it: every pin held now must stay held, and this
+            # one be held too. Checking only the tier the file sat in let a pin moved from device to host skip
+            # the host limit, and the next pass dropped another tenant's host pin (found in review).
+            loaded, limits = self._loaded(), self._pin_limits()
+            before, _ = _admit((await self._pin_plan(loaded)).values(), limits)
+            plan = await self._pin_plan(loaded, after=(activation.id, body.tier))
             held, _ = _admit(plan.values(), limits)
-            if not any(p.key == key and p.tier == tier for p in held):  # pinning again takes nothing more
+            kept = {p.key for p in held}
+            # The file may be pinned by another memory with the same KV too: it stays in device if any asks.
+            tier: ResidentTier = plan[key].tier if key in plan else body.tier
+            if key not in kept or any(p.key not in kept for p in before):
                 already = sum(p.bytes for p in plan.values() if p.tier == tier and p.key != key)
-                if already + size > limits[tier]:
-                    raise Conflict(
-                        f"the {tier} tier has room for {limits[tier]} bytes of pinned KV and {already} are "
-                        f"pinned; this KV is {size} bytes",
-                        extra={"tier": tier, "pinned_bytes": already, "pin_limit_bytes": limits[tier], "bytes": size},
-                    )
+                raise Conflict(
+                    f"the {tier} tier has room for {limits[tier]} bytes of pinned KV and {already} are "
+                    f"pinned; this KV is {size} bytes",
+                    extra={"tier": tier, "pinned_bytes": already, "pin_limit_bytes": limits[tier], "bytes": size},
+                )
             if not await self.kv.hold(lm, key, tier) or not self.tiers.move(key, tier, pinned=True):
                 raise Conflict(
                     f"the KV could not be held in the {tier} tier (its stored file failed its check, or the "
