@@ -29,7 +29,8 @@ from memos.blas import one_blas_thread
 from memos.cubes.controller import CubeController
 from memos.cubes.service import CubeService
 from memos.deps import dependencies
-from memos.embed.base import Embedder
+from memos.embed.base import Embedder, misfit
+from memos.embed.errors import EmbedderLoadError
 from memos.embed.registry import load_embedder
 from memos.embed.worker import EmbedWorker
 from memos.errors import (
@@ -68,6 +69,7 @@ from memos.settings import Settings
 from memos.store.blobs import LocalBlobStore
 from memos.store.db import Database
 from memos.store.embedded import one_start_at_a_time
+from memos.store.models import EMBEDDING_DIMS
 from memos.strict_input import StrictQuery, decode_body
 
 log = logging.getLogger(__name__)
@@ -284,7 +286,16 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
     settings = settings or Settings.from_env()
     db = Database(settings)
     model = settings.embed_model
-    factory = embedder_factory or (lambda: load_embedder(model))
+    chosen = embedder_factory or (lambda: load_embedder(model))
+
+    def factory() -> Embedder:
+        # A model of another width loaded and every write then failed in Postgres: a 422 "out of the range the
+        # database accepts" for the server's own misconfiguration (found by an operator). Now the embedder has
+        # failed to load, as /readyz says, and writes and searches are 503 saying why.
+        embedder = chosen()
+        if (why := misfit(embedder, EMBEDDING_DIMS)) is not None:
+            raise EmbedderLoadError(f"{why}: MEMOS_EMBED_MODEL must name an encoder of {EMBEDDING_DIMS} dimensions")
+        return embedder
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -683,6 +683,27 @@ def test_app_factory_uses_given_settings(settings: Settings, embedder) -> None:
         assert c.get("/v1/agents/me", headers=bearer(OPERATOR_KEY)).status_code == 403
 
 
+def test_an_embedder_of_another_width_fails_to_load_and_writes_say_why(settings: Settings) -> None:
+    """Found by an operator: a 128-dimension MEMOS_EMBED_MODEL loaded, /readyz was green, and every write was a
+    422 "a value is out of the range the database accepts", the server's misconfiguration blamed on the client."""
+    from hashing_embedder import HashingEmbedder
+
+    app = create_app(settings, embedder_factory=lambda: HashingEmbedder(dims=128))
+    with TestClient(app) as c:
+        tenant = c.post("/v1/tenants", json={"name": f"w-{uuid.uuid4().hex[:8]}"}, headers=bearer(OPERATOR_KEY))
+        key = tenant.json()["admin_key"]
+        cube = c.post("/v1/cubes", json={"name": "c"}, headers=bearer(key)).json()
+        deadline = time.monotonic() + 30
+        while (ready := c.get("/readyz").json())["embedder"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready["embedder"] == "failed"
+        r = c.post(f"/v1/cubes/{cube['id']}/memories", json={"kind": "plaintext", "content": "x"}, headers=bearer(key))
+        assert r.status_code == 503, r.text
+        assert "128-dimension vectors; the embedding column holds 384" in r.json()["detail"]
+        r = c.post("/v1/search", json={"query": "x"}, headers=bearer(key))
+        assert r.status_code == 503 and "MEMOS_EMBED_MODEL" in r.json()["detail"], r.text
+
+
 def _shared_buffers_mb(url: str) -> int:
     with psycopg.connect(libpq_url(url)) as conn:
         row = conn.execute("SELECT setting::bigint * 8192 / 1048576 FROM pg_settings WHERE name = 'shared_buffers'")

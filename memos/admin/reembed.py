@@ -31,7 +31,7 @@ from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.admin import require_cubes
-from memos.embed.base import Embedder, Vectors
+from memos.embed.base import Embedder, Vectors, misfit
 from memos.errors import Conflict, Unavailable
 from memos.identity.principal import OPERATOR
 from memos.memories.versioning import write_embeddings
@@ -61,16 +61,6 @@ class Report:
     retries: int = 0
     """Reads or writes tried again after the database aborted them (a deadlock with a concurrent write)."""
     batches: int = 0
-
-
-def misfit(embedder: Embedder) -> str | None:
-    """Why ``embedder``'s vectors cannot be stored, or None: the column has fixed dimensions."""
-    if embedder.dims == EMBEDDING_DIMS:
-        return None
-    return (
-        f"{embedder.name} gives {embedder.dims}-dimension vectors; the embedding column holds {EMBEDDING_DIMS} "
-        "(another size needs a migration)"
-    )
 
 
 def _needs_it(model: str, cube_ids: Sequence[uuid.UUID] | None) -> list[Any]:
@@ -109,7 +99,7 @@ async def reembed(
     """Re-embed, with ``embedder``, every live memory of ``cube_ids`` (all cubes if None) another model embedded."""
     if batch < 1:
         raise ValueError("batch must be >= 1")
-    if (why := misfit(embedder)) is not None:
+    if (why := misfit(embedder, EMBEDDING_DIMS)) is not None:
         raise ValueError(why)
     report = Report(model=embedder.name)
     async with db.read() as conn:

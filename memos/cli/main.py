@@ -275,9 +275,11 @@ def _migrate(args: argparse.Namespace) -> int:
 def _reembed(args: argparse.Namespace) -> int:
     import uuid
 
-    from memos.admin.reembed import Report, misfit, pending, reembed
+    from memos.admin.reembed import Report, pending, reembed
+    from memos.embed.base import misfit
     from memos.embed.errors import EmbedderLoadError
     from memos.embed.registry import load_embedder
+    from memos.store.models import EMBEDDING_DIMS
 
     try:
         cube_ids = [uuid.UUID(c) for c in args.cube]
@@ -293,7 +295,7 @@ def _reembed(args: argparse.Namespace) -> int:
     except EmbedderLoadError as exc:
         print(f"memos admin reembed: {exc}", file=sys.stderr)
         return 2
-    if (why := misfit(embedder)) is not None:
+    if (why := misfit(embedder, EMBEDDING_DIMS)) is not None:
         print(f"memos admin reembed: {why}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,16 @@ Vectors = npt.NDArray[np.float32]
 """A ``[n, dims]`` float32 matrix whose rows have unit L2 norm (or are all zero)."""
 
 
+def misfit(embedder: Embedder, dims: int) -> str | None:
+    """Why ``embedder``'s vectors cannot be stored in a column of ``dims`` dimensions, or None."""
+    if embedder.dims == dims:
+        return None
+    return (
+        f"{embedder.name} gives {embedder.dims}-dimension vectors; the embedding column holds {dims} "
+        "(another size needs a migration)"
+    )
+
+
 @runtime_checkable
 class Embedder(Protocol):
     """Turns texts into unit-length vectors.
