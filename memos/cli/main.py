@@ -186,7 +186,6 @@ def _start_failures_on_one_line(
 
 def _start_failure(settings: Settings, exc: BaseException) -> tuple[str, int] | None:
     """The line to print and the exit status for a failure at start that the operator can act on, or None."""
-    import subprocess
 
     import psycopg
     from sqlalchemy.exc import DBAPIError
@@ -211,17 +210,23 @@ def _start_failure(settings: Settings, exc: BaseException) -> tuple[str, int] | 
             f"memos serve: the database at MEMOS_DATABASE_URL failed: {redact_password(reason, settings.database_url)}",
             1,
         )
-    if isinstance(exc, subprocess.CalledProcessError | subprocess.TimeoutExpired) and settings.embedded:
-        log = Path(settings.data_dir, "pg", "log").resolve()
-        return (
-            f"memos serve: the embedded PostgreSQL in MEMOS_DATA_DIR ({settings.data_dir}) did not start: see {log}",
-            1,
-        )
+    if (line := _embedded_did_not_start(settings, exc)) is not None:
+        return f"memos serve: {line}", 1
     if isinstance(exc, OSError):
         # Named by the file it is about: the embedded server's directory, the operator key file or the blob
         # store are all in MEMOS_DATA_DIR, and "the embedded database" alone misled (found in review).
         where = f"{exc.filename} in " if exc.filename else ""
         return f"memos serve: cannot use {where}MEMOS_DATA_DIR ({settings.data_dir}): {exc.strerror or exc}", 1
+    return None
+
+
+def _embedded_did_not_start(settings: Settings, exc: BaseException) -> str | None:
+    """The line for an embedded server that failed to start (pg_ctl failed or timed out), or None."""
+    import subprocess
+
+    if isinstance(exc, subprocess.CalledProcessError | subprocess.TimeoutExpired) and settings.embedded:
+        log = Path(settings.data_dir, "pg", "log").resolve()
+        return f"the embedded PostgreSQL in MEMOS_DATA_DIR ({settings.data_dir}) did not start: see {log}"
     return None
 
 
@@ -234,16 +239,39 @@ def _migrate(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
+    from memos.store.embedded import EmbeddedStartError
+
     try:
         url = embedded.start() if embedded is not None else settings.database_url
     except OSError as exc:
         # A data directory that cannot be made or used (a file in its path, no permission): one line, as below.
         print(f"memos admin migrate: {_no_data_dir(settings, exc)}", file=sys.stderr)
         return 1
+    except EmbeddedStartError as exc:
+        print(f"memos admin migrate: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # pg_ctl failed or timed out: a traceback before (found by an operator)
+        if (line := _embedded_did_not_start(settings, exc)) is None:
+            raise
+        print(f"memos admin migrate: {line}", file=sys.stderr)
+        return 1
     assert url is not None
     try:
         before = migrations.current_revision(url)
-        if args.revision.startswith("-") or args.down:
+        if args.down and args.revision == "head":
+            # --down alone downgraded to head: nothing, silently (found by an operator).
+            print("memos admin migrate: --down needs the revision to go down to (0009, or -1)", file=sys.stderr)
+            return 2
+        if args.revision.startswith("-") and not args.down:
+            # alembic reads -1 as "one down": a downgrade (-10 dropped every tenant) without the flag that says
+            # so, exit 0 (found by an operator). Every downgrade names --down.
+            print(
+                f"memos admin migrate: {args.revision} downgrades: add --down to mean it "
+                f"(`memos admin migrate {args.revision} --down`)",
+                file=sys.stderr,
+            )
+            return 2
+        if args.down:
             migrations.downgrade(url, args.revision)
         elif migrations.older_than(before, args.revision):
             # alembic's upgrade to an older revision does nothing and says nothing: `schema: 0010 -> 0010`, exit
@@ -422,6 +450,10 @@ async def _database() -> AsyncIterator[Database]:
             # The embedded server's directory cannot be made or used: AdminError, so _run_tool prints one line
             # (and verify exits 3, "not checked") instead of a NotADirectoryError traceback.
             raise AdminError(_no_data_dir(settings, exc)) from None
+        except Exception as exc:  # pg_ctl failed or timed out: the same (verify exited 1, "problems found")
+            if (line := _embedded_did_not_start(settings, exc)) is None:
+                raise
+            raise AdminError(line) from None
         yield db
     finally:
         # Also after a failed start: an embedded server started before the failure is let go of.
@@ -654,6 +686,7 @@ def _run_tool(tool: str, run: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
     from memos.admin import AdminError
     from memos.errors import MemosError
     from memos.store.db import SchemaOutOfDate
+    from memos.store.embedded import EmbeddedStartError
     from memos.store.migrations import UnsupportedServer
 
     try:
@@ -661,7 +694,7 @@ def _run_tool(tool: str, run: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
     # MemosError, not only Unavailable: the domain code the tools call raises the API's errors, Conflict among
     # them (a deadlock or serialization failure that reembed's retries did not get past; in import, kv drop, gc),
     # and each was a traceback. Its detail is the line to print.
-    except (AdminError, MemosError, SchemaOutOfDate, UnsupportedServer) as exc:
+    except (AdminError, MemosError, SchemaOutOfDate, UnsupportedServer, EmbeddedStartError) as exc:
         print(f"memos admin {tool}: {getattr(exc, 'detail', None) or exc}", file=sys.stderr)
         return None
     except DBAPIError as exc:  # the database refused or is not there (raised before any request-level mapping)
