@@ -253,7 +253,10 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
 
 @head("/readyz", summary="As GET /readyz, without the body", tags=["operations"], responses=errors(503))
 async def readyz_head(request: Request[Any, Any, Any]) -> Response[None]:
-    await _ready(request)
+    try:
+        await _ready(request)
+    except Unavailable as exc:  # its status and Retry-After, not its problem body (a HEAD answer has none)
+        return Response(None, status_code=exc.status, headers={**exc.headers, "Content-Length": "0"})
     return Response(None, headers={"Content-Length": "0"})
 
 

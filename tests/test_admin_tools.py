@@ -290,6 +290,7 @@ def test_gc_frees_stale_kv_and_old_unreferenced_files_only(client, factory, tena
 
     code, out, _ = run("gc", "--dry-run")
     assert code == 0 and "dry run" in out
+    assert "; 1 unfinished writes" in out  # it said 0, and the run then removed it (found by an operator)
     assert store.exists(old_orphan) and partial.exists()
     assert client.get(f"/v1/activations/{stale['id']}", headers=bearer(tenant.admin_key)).status_code == 200
 

@@ -412,6 +412,18 @@ def test_health_ready_and_openapi(client: TestClient) -> None:  # type: ignore[t
     for path in ("/healthz", "/readyz"):
         r = client.head(path)
         assert (r.status_code, r.content, r.headers["content-length"]) == (200, b"", "0"), path
+    db = client.app.state.db
+    real = db.ready
+
+    async def down() -> bool:
+        return False
+
+    db.ready = down
+    try:
+        r = client.head("/readyz")  # not ready: 503 and its Retry-After, still no body (it declared 162 bytes)
+        assert (r.status_code, r.headers["content-length"], r.headers["retry-after"]) == (503, "0", "1")
+    finally:
+        db.ready = real
     spec = client.get("/schema/openapi.json").json()
     paths = spec["paths"]
     for path in (

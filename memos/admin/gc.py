@@ -58,6 +58,8 @@ async def collect(
     report.young_orphans = len(candidates) - len(old)
     if dry_run:
         report.orphans, report.orphan_bytes = len(old), sum(b.nbytes for b in old)
+        # Counted as the real run would remove them: a dry run said 0 and the run then removed some (an operator).
+        report.partial = await asyncio.to_thread(store.sweep_partial, max(grace_s, PARTIAL_MIN_S), dry_run=True)
         return report
     # Each checked again under its lock, age included (a put meanwhile makes it young again).
     freed = set(await files.free(db, store, [b.key for b in old], older_than_s=grace_s))

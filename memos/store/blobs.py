@@ -98,9 +98,9 @@ class BlobStore(abc.ABC):
         """Every stored blob (for ``memos admin gc`` and ``verify``; not on a request path)."""
 
     @abc.abstractmethod
-    def sweep_partial(self, older_than_s: float) -> int:
+    def sweep_partial(self, older_than_s: float, *, dry_run: bool = False) -> int:
         """Remove writes left unfinished (a crash between write and rename) older than ``older_than_s``;
-        how many went."""
+        how many went (``dry_run``: how many would, removing none)."""
 
 
 def _private_dirs(*paths: Path) -> None:
@@ -232,13 +232,14 @@ class LocalBlobStore(BlobStore):
                     continue
                 yield StoredBlob(key=name, nbytes=stat.st_size, age_s=max(0.0, now - stat.st_mtime))
 
-    def sweep_partial(self, older_than_s: float) -> int:
+    def sweep_partial(self, older_than_s: float, *, dry_run: bool = False) -> int:
         removed = 0
         now = time.time()
         for path in self._tmp.glob("*.part") if self._tmp.is_dir() else ():
             with contextlib.suppress(FileNotFoundError):
                 if now - path.stat().st_mtime >= older_than_s:
-                    path.unlink()
+                    if not dry_run:
+                        path.unlink()
                     removed += 1
         return removed
 
