@@ -1062,6 +1062,18 @@ def test_generate_refuses_stored_kv_past_the_models_positions_before_reading_any
     assert len(reads) == 1 and out["reused_tokens"] > 4000
 
 
+def test_a_memory_with_no_tokens_between_stored_kv_adds_nothing(client, factory, tenant, cube) -> None:
+    """Found in review: a memory whose text has no tokens for the model (a zero-width space; the memories API
+    takes it) made a generate 422 when a memory with stored KV came after it."""
+    key = tenant.admin_key
+    empty = factory.memory(key, cube["id"], "\u200b")
+    a, b = (factory.memory(key, cube["id"], f"Fact {n} about the lighthouse keeper.") for n in ("one", "two"))
+    for m in (a, b):
+        built(client, key, m["id"])
+    out = generated(client, key, prompt="Tell me.", memory_ids=[a["id"], empty["id"], b["id"]], max_new_tokens=1)
+    assert out["memory_ids"] == [a["id"], empty["id"], b["id"]] and out["reused_tokens"] > 0
+
+
 def test_expired_memories_are_not_found_for_generate_and_build(client, factory, tenant, cube) -> None:
     """As GET /v1/memories/{id} (404) and search (hidden) treat them; they were used (found in review)."""
     import time

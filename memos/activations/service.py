@@ -1074,6 +1074,10 @@ def _generate_job(
         for part, ids in zip(head, part_ids[: last + 1], strict=True):
             if part.chunk is not None:
                 chunks.append(part.chunk)
+            elif not ids:
+                # A memory with no tokens for this model (a zero-width space) adds nothing: a prefill of it was a
+                # KVInputError, the whole generate a 422 naming no memory (found in review).
+                continue
             else:
                 # No activation: its KV is computed now, on its own, and composed like the stored ones.
                 chunks.append(prefill(lm, ids))
