@@ -451,6 +451,38 @@ def test_hot_memories_get_their_kv_built_for_the_cube_owner(
     assert run_pass(client, scheduler).built == 0  # nothing left to build
 
 
+def test_a_hot_memory_whose_build_fails_is_not_tried_every_pass(
+    client, factory, tenant, cube, scheduler, fresh, monkeypatch
+) -> None:
+    """Found in review: failed builds did not count against the builds a pass tries, and every pass tried every
+    failing hot memory again (each tokenizing up to 1 MiB of text in the KV worker generations wait on)."""
+    from memos.scheduler import service as scheduler_service
+
+    key = tenant.admin_key
+    assert client.get("/v1/models", headers=bearer(key)).status_code == 200  # loads the model: passes build
+    empty = [factory.memory(key, cube["id"], "\u200b" * (i + 1))["id"] for i in range(3)]  # no tokens: 422
+    scheduler.build_heat = 1.5
+    for memory_id in empty:
+        for _ in range(2):
+            client.get(f"/v1/memories/{memory_id}", headers=bearer(key))
+    tries: list[str] = []
+    real = scheduler.kv.build
+
+    async def counting(principal: Any, memory_id: Any, body: Any) -> Any:
+        tries.append(str(memory_id))
+        return await real(principal, memory_id, body)
+
+    monkeypatch.setattr(scheduler.kv, "build", counting)
+    report = run_pass(client, scheduler)
+    assert (len(tries), report.built, report.queued) == (2, 0, 1)  # two tries a pass, failed or not
+    report = run_pass(client, scheduler)
+    assert (len(tries), report.built, report.queued) == (3, 0, 0)  # the third; the two that failed wait
+    assert run_pass(client, scheduler).built == 0 and len(tries) == 3
+    monkeypatch.setattr(scheduler_service, "FAILED_BUILD_WAIT_S", 0.0)
+    run_pass(client, scheduler)
+    assert len(tries) == 5  # past the wait, tried again
+
+
 def test_pins_hold_a_memory_s_kv_in_a_tier_and_survive_a_restart(
     client, factory, tenant, cube, scheduler, fresh, settings
 ) -> None:

@@ -57,6 +57,10 @@ HOT = 256
 SHOWN = 20
 """Hot memories ``GET /v1/scheduler`` lists (of those the caller can read)."""
 BUILDS_PER_PASS = 2
+"""Builds a pass tries, failed ones included (a failure tokenizes up to 1 MiB of text in the KV worker too)."""
+FAILED_BUILD_WAIT_S = 300.0
+"""How long a memory whose build failed (too long for the model, no tokens...) waits before a pass tries it again:
+every pass retried every failing hot memory, in the worker generations wait on (found in review)."""
 HEAT_EVERY = 30.0
 """Seconds between writes of heat to the database (every pass moves KV; heat rows are written less often:
 under a stream of searches, writing every two seconds cost graph search about 10 % at the median on the
@@ -166,6 +170,8 @@ class Scheduler:
         """When the blob store's (files, bytes) were last counted, and what they were."""
         self._shrinking: asyncio.Task[None] | None = None
         self._skipped_pins: frozenset[str] = frozenset()
+        self._failed_builds: dict[tuple[uuid.UUID, str], float] = {}
+        """(memory, model) -> monotonic time its build failed (``FAILED_BUILD_WAIT_S``)."""
         """Pinned files the last pass could not hold (over their tier's share): logged when this changes."""
 
     @property
@@ -422,19 +428,24 @@ class Scheduler:
             return
         async with self.db.read() as conn:
             owners = await _buildable(conn, candidates)
+        now = time.monotonic()
+        self._failed_builds = {k: t for k, t in self._failed_builds.items() if now - t < FAILED_BUILD_WAIT_S}
+        tried = 0
         for memory_id in candidates:
             owner = owners.get(memory_id)
-            if owner is None:
+            if owner is None or (memory_id, lm.name) in self._failed_builds:
                 continue
-            if report.built >= BUILDS_PER_PASS:
+            if tried >= BUILDS_PER_PASS:
                 report.queued += 1
                 continue
+            tried += 1
             tenant_id, agent_id = owner
             principal = Principal(role="admin", tenant_id=tenant_id, agent_id=agent_id)
             try:
                 await self.kv.build(principal, memory_id, BuildIn(model=lm.name))
             except MemosError as exc:  # changed or deleted meanwhile, store full...: not this pass's problem
                 log.info("scheduler build skipped", extra={"memory_id": str(memory_id), "error": exc.detail})
+                self._failed_builds[(memory_id, lm.name)] = now
                 continue
             report.built += 1
 
