@@ -1074,6 +1074,43 @@ def test_a_memory_with_no_tokens_between_stored_kv_adds_nothing(client, factory,
     assert out["memory_ids"] == [a["id"], empty["id"], b["id"]] and out["reused_tokens"] > 0
 
 
+def test_builds_of_one_memory_at_once_run_one_prefill(client, app, factory, tenant, cube, monkeypatch) -> None:
+    """Found in review: N builds of one memory at once ran N prefills, wrote N files and kept N chunks in the host
+    tier, one of them referenced by a row. Now they take turns; the later ones find the first one's activation."""
+    import asyncio
+
+    from memos.activations import service as activation_service
+    from memos.activations.schemas import BuildIn
+    from memos.identity.principal import Principal
+
+    service: ActivationService = app.state.activations
+    m = factory.memory(tenant.admin_key, cube["id"], "The night ferry leaves from pier nine.")
+    prefills: list[int] = []
+    real = activation_service._prefill_file
+
+    def counting(*args: Any) -> Any:
+        prefills.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(activation_service, "_prefill_file", counting)
+    principal = Principal(role="admin", tenant_id=uuid.UUID(tenant.id), agent_id=uuid.UUID(tenant.admin_id))
+    service.tiers.clear()
+
+    async def four() -> list[Any]:
+        return list(
+            await asyncio.gather(
+                *(service.build(principal, uuid.UUID(m["id"]), BuildIn(model=MODEL)) for _ in range(4))
+            )
+        )
+
+    results = client.blocking_portal.call(four)
+    assert len(prefills) == 1
+    assert sorted(created for _, created in results) == [False, False, False, True]
+    assert len({activation.id for activation, _ in results}) == 1
+    assert len(service.tiers.keys("host")) + len(service.tiers.keys("device")) == 1
+    assert service._builds == {}
+
+
 def test_expired_memories_are_not_found_for_generate_and_build(client, factory, tenant, cube) -> None:
     """As GET /v1/memories/{id} (404) and search (hidden) treat them; they were used (found in review)."""
     import time

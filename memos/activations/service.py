@@ -14,8 +14,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -168,6 +168,8 @@ class ActivationService:
         """Imports holding a body now (``_import_slot``)."""
         self._importing_tenants: set[uuid.UUID] = set()
         """The tenants those imports are of: one place each."""
+        self._builds: dict[tuple[uuid.UUID, str], tuple[asyncio.Lock, list[int]]] = {}
+        """(memory, model) -> the lock its builds take turns under, and how many hold or wait for it."""
 
     @property
     def worker(self) -> KVWorker:
@@ -220,6 +222,25 @@ class ActivationService:
         _check_live(source)
         _check_source(source)
         lm = await self.models.get(body.model)
+        # One build of a memory for a model at a time in this process; the next finds its activation fresh. N at
+        # once ran N prefills, wrote N files and kept N chunks in the host tier, one of them referenced (review).
+        async with self._one_build((memory_id, body.model)):
+            return await self._build(principal, source, lm)
+
+    @asynccontextmanager
+    async def _one_build(self, key: tuple[uuid.UUID, str]) -> AsyncIterator[None]:
+        lock, holders = self._builds.setdefault(key, (asyncio.Lock(), [0]))
+        holders[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            holders[0] -= 1
+            if not holders[0]:
+                del self._builds[key]
+
+    async def _build(self, principal: Principal, source: Row[Any], lm: LoadedModel) -> tuple[schemas.Activation, bool]:
+        memory_id = source.id
         async with self.db.read() as conn:
             existing = await self._fresh_for(conn, memory_id, lm, source.version)
         if existing is not None:
@@ -241,9 +262,13 @@ class ActivationService:
         data, chunk = await self.worker.run(_prefill_file, lm, ids, meta)
         key = await self._put(data)
         blob = _Blob(sha256=key, nbytes=len(data), tokens=len(ids), dtype=lm.dtype)
-        # Just computed, so likely to be used soon: keep it in memory.
-        self.tiers.put(key, chunk, chunk.nbytes, lm.device)
-        return await self._insert_written(principal, source, lm, ids_sha, blob, data, "activation.build")
+        activation, created = await self._insert_written(principal, source, lm, ids_sha, blob, data, "activation.build")
+        if created:
+            # Just computed, so likely to be used soon: keep it in memory. Only once its row is in: a build that
+            # lost to a PATCH (409) or to another process kept a chunk no row referred to (found in review).
+            self.tiers.put(key, chunk, chunk.nbytes, lm.device)
+            activation = msgspec.structs.replace(activation, tier=self.tiers.tier_of(key) or "store")
+        return activation, created
 
     async def _insert_written(
         self,
