@@ -538,6 +538,27 @@ def test_a_data_dir_without_a_deployment_is_refused_not_made(monkeypatch, tmp_pa
         assert not (where / "pg").exists()
 
 
+def test_admin_tools_never_migrate_an_embedded_deployment(monkeypatch, tmp_path: Path) -> None:
+    """Found by an operator: verify, export and keys list (read-only, by their docs) upgraded an embedded
+    deployment's schema on the way, undoing a deliberate downgrade. Only serve and migrate change it now; the
+    others answer as for an external server with an older schema."""
+    from memos.store import migrations
+
+    monkeypatch.delenv("MEMOS_DATABASE_URL")
+    monkeypatch.setenv("MEMOS_DATA_DIR", str(tmp_path / "data"))
+    head = migrations.head_revision()
+    below = next(r for r in ("0009", "0008") if migrations.older_than(head, r))
+    assert run("migrate")[0] == 0
+    code, out, _ = run("migrate", below, "--down")
+    assert code == 0 and out == f"schema: {head} -> {below}\n"
+    for args, expected in ((("verify",), 3), (("keys", "list"), 1), (("kv", "list"), 1)):
+        code, out, err = run(*args)
+        assert (code, out) == (expected, ""), (args, code, out, err)
+        assert "run `memos admin migrate` first" in err, (args, err)
+    code, out, _ = run("migrate")
+    assert code == 0 and out == f"schema: {below} -> {head}\n"  # still where the downgrade left it
+
+
 def test_a_damaged_file_key_is_a_kv_file_problem_and_drop_skips_it(client, factory, tenant, settings) -> None:
     """An activation whose recorded key is not a blob key (a manual edit, a restored table): verify raised
     ValueError from the store (a traceback, exit 1 as if it had listed problems), and `kv drop` raised it after

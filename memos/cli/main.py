@@ -443,7 +443,10 @@ async def _database() -> AsyncIterator[Database]:
     db = Database(settings)
     try:
         try:
-            await db.start()
+            # Never migrated here: an upgrade on the way undid an operator's downgrade (verify, documented to
+            # write nothing, took the schema from 0008 back to 0010; found by an operator). An older schema is
+            # SchemaOutOfDate, one line naming `memos admin migrate`, as for an external server.
+            await db.start(migrate=False)
         except OSError as exc:
             if not settings.embedded:
                 raise

@@ -133,11 +133,13 @@ class Database:
         pool: Any = engine.sync_engine.pool
         return pool.checkedout(), pool.checkedin(), pool_most(self.settings.db_pool_size)
 
-    async def start(self) -> None:
-        """Start the embedded server and migrate it, or check an external server's schema; then connect."""
+    async def start(self, *, migrate: bool = True) -> None:
+        """Start the embedded server and migrate it (unless not ``migrate``: the admin tools only check it, as for
+        an external server), or check an external server's schema; then connect."""
         if self.url is None:
             self._embedded = EmbeddedPostgres(self.settings.data_dir)
             self.url = await asyncio.to_thread(self._embedded.start)
+        if self._embedded is not None and migrate:
             await asyncio.to_thread(self._upgrade_if_needed, self.url)
         else:
             await asyncio.to_thread(migrations.check_server, self.url)
