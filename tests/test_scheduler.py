@@ -504,8 +504,10 @@ def test_pins_hold_a_memory_s_kv_in_a_tier_and_survive_a_restart(
     scheduler.tiers.budgets["device"] = pin["bytes"] * 3
     run_pass(client, scheduler)
     assert scheduler.tiers.tier_of(act["sha256"]) == "device"
-    # A restart: the tiers start empty, and the next pass pins it again from the database.
+    # A restart: the tiers start empty and no model is loaded; the next pass loads the model its pins ask for
+    # (it waited for a request to load it, found in review) and pins it again from the database.
     scheduler.tiers.clear()
+    scheduler.kv.models._loaded.clear()
     assert run_pass(client, scheduler).pinned == 1
     assert scheduler.tiers.tier_of(act["sha256"]) == "device" and scheduler.tiers.is_pinned(act["sha256"])
     with psycopg.connect(settings.database_url) as conn:

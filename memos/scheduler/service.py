@@ -239,6 +239,7 @@ class Scheduler:
                     log.warning("writing heat failed; retried next pass", extra={"error": type(exc.orig).__name__})
             # Scans of the whole table (up to 100k memories): off the event loop.
             await asyncio.to_thread(self.heat.shrink)
+            await self._load_pinned_models()
             loaded = self._loaded()
             if loaded:
                 hot = await asyncio.to_thread(self.heat.hottest, HOT)
@@ -311,6 +312,21 @@ class Scheduler:
         self.heat.forget(memory_ids)
 
     # -- pins ---------------------------------------------------------------------------------------
+
+    async def _load_pinned_models(self) -> None:
+        """Load the configured models that pins on record ask for. After a restart a pass did nothing until some
+        request loaded a model, so pins (counted against the limit all along) held nothing (found in review)."""
+        waiting = [name for name in sorted(self.kv.models.specs) if self.kv.models.loaded(name) is None]
+        if not waiting:
+            return
+        query = select(activations.c.model).where(PINNED, activations.c.model.in_(waiting)).distinct()
+        async with self.db.read() as conn:
+            names = (await conn.scalars(query)).all()
+        for name in names:
+            try:
+                await self.kv.models.get(name)
+            except MemosError as exc:  # fails to load (remembered by the registry for its Retry-After): next pass
+                log.warning("a pinned model did not load", extra={"model": name, "error": exc.detail})
 
     def _loaded(self) -> dict[str, LoadedModel]:
         return {name: lm for name in sorted(self.kv.models.specs) if (lm := self.kv.models.loaded(name)) is not None}
