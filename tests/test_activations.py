@@ -784,6 +784,34 @@ def test_a_corrupted_blob_is_never_served_and_is_rebuilt(client, app, factory, t
     assert now["sha256"] == r.headers["x-memos-sha256"] and now["corrupt"] is False
 
 
+def test_two_repairs_of_one_file_send_the_file_they_name(client, app, factory, tenant, cube, settings) -> None:
+    """Found in review: of two downloads repairing one corrupt file at once, the second wrote a file of its own
+    that no row took, and sent it under headers naming the first one's file. The second now sends the file the
+    first repair left (here: the second starts from the row both read before either repaired)."""
+    from memos.identity.principal import Principal
+    from memos.store.blobs import BlobCorrupt
+
+    service: ActivationService = app.state.activations
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "Kim keeps the spare key under the blue pot.")
+    act = built(client, key, m["id"])
+    corrupt(settings, act["sha256"])
+    principal = Principal(role="admin", tenant_id=uuid.UUID(tenant.id), agent_id=uuid.UUID(tenant.admin_id))
+
+    async def read_row() -> Any:
+        async with service.db.read() as conn:
+            return await service._visible(conn, principal, uuid.UUID(act["id"]))
+
+    before = client.blocking_portal.call(read_row)
+    problem_ = BlobCorrupt(act["sha256"], "0" * 64)
+    first_data, first_row = client.blocking_portal.call(service._repair, principal, before, problem_)
+    second_data, second_row = client.blocking_portal.call(service._repair, principal, before, problem_)
+    assert first_row.sha256 == second_row.sha256 == hashlib.sha256(second_data).hexdigest()
+    assert second_data == first_data
+    r = client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(key))
+    assert r.status_code == 200 and "x-memos-repaired" not in r.headers
+
+
 @pytest.mark.faults
 def test_a_deleted_blob_is_reported_and_rebuilt(client, app, factory, tenant, cube, settings) -> None:
     """Fault run 3: the KV file removed behind memos' back is detected on read, never served, and rebuilt."""

@@ -569,6 +569,11 @@ class ActivationService:
             # deletion and the rows moving to the new file. The bad file goes first: the rebuilt bytes may hash
             # the same (same KV, same second), and a damaged copy under that name must not be taken for the new one.
             await files.hold_exclusive(conn, row.sha256)
+            current = await self._row(conn, row.id)
+            if current.sha256 != row.sha256:
+                # Another request repaired it while this one computed: its file is the activation's now. This
+                # rebuild went on to write a file no row took, and sent headers naming that other file (review).
+                return await asyncio.to_thread(self.blobs.read, current.sha256), current
             await asyncio.to_thread(self.blobs.delete, row.sha256)
             key = await self._put(data)
             # Every activation that shared the bad file shares the good one (same fingerprint, same tokens).
