@@ -4,6 +4,7 @@ timer, so every step is deterministic)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import time
@@ -572,6 +573,38 @@ def test_an_expired_memorys_pin_takes_no_room_and_is_not_held(
     hot = client.get("/v1/scheduler", headers=bearer(key)).json()["hot"]
     assert first not in {h["memory_id"] for h in hot}
     client.post("/v1/scheduler/pin", json={**body, "memory_id": second, "tier": "store"}, headers=bearer(key))
+
+
+def test_a_pin_whose_memory_changes_meanwhile_is_409_retry_not_corrupt(
+    client, factory, tenant, cube, scheduler, fresh, monkeypatch, caplog
+) -> None:
+    """Found in review: a pin racing a purge answered 409 "its stored file failed its check" and logged a false
+    corruption ERROR; one racing a PATCH answered 200 for KV already stale. Here the PATCH lands while the pin
+    loads the KV."""
+    import logging
+
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "The boathouse key hangs by the door.")
+    built(client, key, m["id"])
+    real = scheduler.kv.hold
+
+    async def hold_then_patch(lm: Any, blob_key: str, tier: Any = None) -> bool:
+        held = await real(lm, blob_key, tier)
+        r = await asyncio.to_thread(
+            client.patch,
+            f"/v1/memories/{m['id']}",
+            json={"content": "The boathouse key hangs by the window."},
+            headers={**bearer(key), "If-Match": '"1"'},
+        )
+        assert r.status_code == 200, r.text
+        return held
+
+    monkeypatch.setattr(scheduler.kv, "hold", hold_then_patch)
+    with caplog.at_level(logging.INFO, logger="memos.activations.service"):
+        r = pin(client, key, m["id"], "host")
+    assert r.status_code == 409 and "changed or was deleted" in r.json()["detail"], r.text
+    assert not any(rec.levelno >= logging.ERROR for rec in caplog.records)
+    assert scheduler.tiers.pinned_bytes("host") == 0
 
 
 def test_bad_pins_get_clear_answers(client, factory, tenant, cube, fresh) -> None:

@@ -603,14 +603,27 @@ class ActivationService:
         )
         return data, fixed
 
+    async def is_current(self, activation_id: uuid.UUID) -> bool:
+        """Whether the activation still exists and is fresh (its memory neither changed nor deleted since)."""
+        async with self.db.read() as conn:
+            row = (await conn.execute(with_freshness().where(activations.c.id == activation_id))).first()
+        return row is not None and is_fresh(row)
+
     async def _mark_corrupt(self, key: str, problem: Exception) -> None:
+        self.tiers.discard(key)
+        async with self.db.transaction() as conn:
+            marked = await conn.execute(
+                update(activations).where(activations.c.sha256 == key).values(corrupt_at=func.now())
+            )
+        if not marked.rowcount and isinstance(problem, BlobNotFound):
+            # No activation refers to it any more: freed on purpose (a purge, a drop) while this request was on
+            # its way, not damage. It was an ERROR, a false alarm for a pin racing a purge (found in review).
+            log.info("stored KV file gone with its activations", extra={"sha256": key})
+            return
         log.error(
             "stored KV file not served",
             extra={"sha256": key, "stored_file": blob_problem(problem), "error": str(problem)},
         )
-        self.tiers.discard(key)
-        async with self.db.transaction() as conn:
-            await conn.execute(update(activations).where(activations.c.sha256 == key).values(corrupt_at=func.now()))
 
     # ------------------------------------------------------------------ import
 

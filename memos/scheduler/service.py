@@ -533,7 +533,17 @@ class Scheduler:
                     f"pinned; this KV is {size} bytes",
                     extra={"tier": tier, "pinned_bytes": already, "pin_limit_bytes": limits[tier], "bytes": size},
                 )
-            if not await self.kv.hold(lm, key, tier) or not self.tiers.move(key, tier, pinned=True):
+            held_now = await self.kv.hold(lm, key, tier) and self.tiers.move(key, tier, pinned=True)
+            if not await self.kv.is_current(activation.id):
+                # Its memory was purged, deleted or changed while this pin built and loaded it: not a damaged
+                # file (it said so), and not a pin to answer 200 for, stale already (found in review).
+                if held_now and key not in {p.key for p in before}:
+                    self.tiers.unpin(key)  # pinned just now for this pin alone
+                raise Conflict(
+                    "the memory changed or was deleted while its KV was being pinned; retry",
+                    extra={"tier": tier, "bytes": size},
+                )
+            if not held_now:
                 raise Conflict(
                     f"the KV could not be held in the {tier} tier (its stored file failed its check, or the "
                     "tier has no room beside what is pinned there)",
