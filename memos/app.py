@@ -236,7 +236,7 @@ async def healthz() -> dict[str, str]:
 # Load balancers and uptime checks often probe with HEAD: it was a 405 (found by a new user).
 @head("/healthz", summary="As GET /healthz, without the body", tags=["operations"])
 async def healthz_head() -> Response[None]:
-    return Response(None, headers={"Content-Length": "0"})
+    return _no_body()
 
 
 @get(
@@ -256,8 +256,13 @@ async def readyz_head(request: Request[Any, Any, Any]) -> Response[None]:
     try:
         await _ready(request)
     except Unavailable as exc:  # its status and Retry-After, not its problem body (a HEAD answer has none)
-        return Response(None, status_code=exc.status, headers={**exc.headers, "Content-Length": "0"})
-    return Response(None, headers={"Content-Length": "0"})
+        return _no_body(exc.status, exc.headers)
+    return _no_body()
+
+
+def _no_body(status: int = 200, headers: dict[str, str] | None = None) -> Response[None]:
+    """A HEAD answer: the status, and no body (so a length of 0, not the length of ``null``)."""
+    return Response(None, status_code=status, headers={**(headers or {}), "Content-Length": "0"})
 
 
 async def _ready(request: Request[Any, Any, Any]) -> Database:

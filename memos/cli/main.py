@@ -191,7 +191,6 @@ def _start_failure(settings: Settings, exc: BaseException) -> tuple[str, int] | 
     from sqlalchemy.exc import DBAPIError
 
     from memos.store.db import SchemaOutOfDate
-    from memos.store.embedded import EmbeddedStartError
     from memos.store.migrations import UnsupportedServer
 
     # Litestar runs the lifespan in a task group: the cause comes wrapped.
@@ -199,7 +198,7 @@ def _start_failure(settings: Settings, exc: BaseException) -> tuple[str, int] | 
         exc = exc.exceptions[0]
     if isinstance(exc, SettingsError):  # the operator key file (memos/identity/service.py): exit 2, as at parse
         return f"memos: configuration error: {exc}", 2
-    if isinstance(exc, SchemaOutOfDate | UnsupportedServer | EmbeddedStartError):
+    if isinstance(exc, SchemaOutOfDate | UnsupportedServer):
         return f"memos serve: {exc}", 1
     if isinstance(exc, DBAPIError | psycopg.Error):
         reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
@@ -221,9 +220,14 @@ def _start_failure(settings: Settings, exc: BaseException) -> tuple[str, int] | 
 
 
 def _embedded_did_not_start(settings: Settings, exc: BaseException) -> str | None:
-    """The line for an embedded server that failed to start (pg_ctl failed or timed out), or None."""
+    """The line for an embedded server that could not be used (memos refused it) or failed to start (pg_ctl failed
+    or timed out), or None."""
     import subprocess
 
+    from memos.store.embedded import EmbeddedStartError
+
+    if isinstance(exc, EmbeddedStartError):
+        return str(exc)
     if isinstance(exc, subprocess.CalledProcessError | subprocess.TimeoutExpired) and settings.embedded:
         log = Path(settings.data_dir, "pg", "log").resolve()
         return f"the embedded PostgreSQL in MEMOS_DATA_DIR ({settings.data_dir}) did not start: see {log}"
@@ -239,18 +243,13 @@ def _migrate(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
-    from memos.store.embedded import EmbeddedStartError
-
     try:
         url = embedded.start() if embedded is not None else settings.database_url
     except OSError as exc:
         # A data directory that cannot be made or used (a file in its path, no permission): one line, as below.
         print(f"memos admin migrate: {_no_data_dir(settings, exc)}", file=sys.stderr)
         return 1
-    except EmbeddedStartError as exc:
-        print(f"memos admin migrate: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # pg_ctl failed or timed out: a traceback before (found by an operator)
+    except Exception as exc:  # refused, or pg_ctl failed or timed out: a traceback before (found by an operator)
         if (line := _embedded_did_not_start(settings, exc)) is None:
             raise
         print(f"memos admin migrate: {line}", file=sys.stderr)
@@ -453,7 +452,7 @@ async def _database() -> AsyncIterator[Database]:
             # The embedded server's directory cannot be made or used: AdminError, so _run_tool prints one line
             # (and verify exits 3, "not checked") instead of a NotADirectoryError traceback.
             raise AdminError(_no_data_dir(settings, exc)) from None
-        except Exception as exc:  # pg_ctl failed or timed out: the same (verify exited 1, "problems found")
+        except Exception as exc:  # the same (verify exited 1, "problems found")
             if (line := _embedded_did_not_start(settings, exc)) is None:
                 raise
             raise AdminError(line) from None
@@ -689,7 +688,6 @@ def _run_tool(tool: str, run: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
     from memos.admin import AdminError
     from memos.errors import MemosError
     from memos.store.db import SchemaOutOfDate
-    from memos.store.embedded import EmbeddedStartError
     from memos.store.migrations import UnsupportedServer
 
     try:
@@ -697,7 +695,7 @@ def _run_tool(tool: str, run: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
     # MemosError, not only Unavailable: the domain code the tools call raises the API's errors, Conflict among
     # them (a deadlock or serialization failure that reembed's retries did not get past; in import, kv drop, gc),
     # and each was a traceback. Its detail is the line to print.
-    except (AdminError, MemosError, SchemaOutOfDate, UnsupportedServer, EmbeddedStartError) as exc:
+    except (AdminError, MemosError, SchemaOutOfDate, UnsupportedServer) as exc:
         print(f"memos admin {tool}: {getattr(exc, 'detail', None) or exc}", file=sys.stderr)
         return None
     except DBAPIError as exc:  # the database refused or is not there (raised before any request-level mapping)

@@ -170,9 +170,9 @@ class Scheduler:
         """When the blob store's (files, bytes) were last counted, and what they were."""
         self._shrinking: asyncio.Task[None] | None = None
         self._skipped_pins: frozenset[str] = frozenset()
+        """Pinned files the last pass could not hold (over their tier's share): logged when this changes."""
         self._failed_builds: dict[tuple[uuid.UUID, str], float] = {}
         """(memory, model) -> monotonic time its build failed (``FAILED_BUILD_WAIT_S``)."""
-        """Pinned files the last pass could not hold (over their tier's share): logged when this changes."""
 
     @property
     def tiers(self) -> KVTiers:
@@ -334,46 +334,21 @@ class Scheduler:
     def _pin_limits(self) -> dict[ResidentTier, int]:
         return {tier: int(budget * PIN_SHARE) for tier, budget in self.tiers.budgets.items()}
 
-    async def _pin_plan(
-        self,
-        loaded: dict[str, LoadedModel],
-        keys: list[str] | None = None,
-        *,
-        after: tuple[uuid.UUID, ResidentTier] | None = None,
-    ) -> dict[str, _Pin]:
-        """Every stored file that fresh pinned activations (``activations.tier`` device or host) of a configured
-        model ask a tier to hold, once each, in the order pins are held (oldest first, then by key): what the
-        pin limit counts, loaded or not (after a restart none are until a pass reloads them). A loaded model's
-        files count at their size in a tier (tokens x its KV bytes per token), and only those of its current
-        fingerprint (any other is never held); a model not loaded yet counts its files at their stored size,
-        which is no smaller. ``keys``: only those files. An expired memory's pins count for nothing and are not
-        held (its activations are 404 like it: they were held, and counted against everyone's pin limit, for ever;
-        found in review); they come back if a PATCH extends its TTL. ``after``: the plan as it would be with that
-        activation pinned to that tier (a pin being made, checked before it is recorded)."""
-        pinned = PINNED if after is None else or_(PINNED, activations.c.id == after[0])
+    async def _pin_plan(self, loaded: dict[str, LoadedModel], keys: list[str] | None = None) -> dict[str, _Pin]:
+        """What the pins on record ask the tiers to hold (``_plan``); ``keys``: only those files."""
+        return _plan(await self._pinned_rows(keys), loaded)
+
+    async def _pinned_rows(self, keys: list[str] | None = None, *, also: uuid.UUID | None = None) -> list[Row[Any]]:
+        """The fresh pinned activations (``activations.tier`` device or host) of configured models, and ``also``
+        that one, pinned or not (a pin being made). An expired memory's pins count for nothing and are not held
+        (its activations are 404 like it: they were held, and counted against everyone's pin limit, for ever;
+        found in review); they come back if a PATCH extends its TTL."""
+        pinned = PINNED if also is None else or_(PINNED, activations.c.id == also)
         query = with_freshness().where(pinned, SOURCE_LIVE, activations.c.model.in_(sorted(self.kv.models.specs)))
         if keys is not None:
             query = query.where(activations.c.sha256.in_(keys))
         async with self.db.read() as conn:
-            rows = [r for r in (await conn.execute(query)).all() if is_fresh(r)]
-        plan: dict[str, _Pin] = {}
-        for row in rows:
-            lm = loaded.get(row.model)
-            if lm is not None and row.fingerprint != lm.fingerprint:
-                continue
-            size = int(row.bytes) if lm is None else _chunk_bytes(lm, row.tokens)
-            asked = after[1] if after is not None and row.id == after[0] else row.tier
-            tier: ResidentTier = "device" if asked == "device" else "host"
-            have = plan.get(row.sha256)
-            if have is None:
-                plan[row.sha256] = _Pin(row.sha256, tier, size, row.created_at, lm)
-                continue
-            # Two pins of one file that ask for different tiers: device, which serves both.
-            if tier == "device":
-                have.tier = "device"
-            have.since = min(have.since, row.created_at)
-            have.bytes = max(have.bytes, size)
-        return dict(sorted(plan.items(), key=lambda item: (item[1].since, item[0])))
+            return [r for r in (await conn.execute(query)).all() if is_fresh(r)]
 
     async def _pins(self, loaded: dict[str, LoadedModel], report: PassReport) -> set[str]:
         """Hold every pinned activation's file in its tier, as far as the tier's pin share goes (``_admit``);
@@ -520,13 +495,15 @@ class Scheduler:
             # one be held too. Checking only the tier the file sat in let a pin moved from device to host skip
             # the host limit, and the next pass dropped another tenant's host pin (found in review).
             loaded, limits = self._loaded(), self._pin_limits()
-            before, _ = _admit((await self._pin_plan(loaded)).values(), limits)
-            plan = await self._pin_plan(loaded, after=(activation.id, body.tier))
+            rows = await self._pinned_rows(also=activation.id)
+            before, _ = _admit(_plan(rows, loaded).values(), limits)
+            held_before = {p.key for p in before}
+            plan = _plan(rows, loaded, after=(activation.id, body.tier))
             held, _ = _admit(plan.values(), limits)
             kept = {p.key for p in held}
             # The file may be pinned by another memory with the same KV too: it stays in device if any asks.
             tier: ResidentTier = plan[key].tier if key in plan else body.tier
-            if key not in kept or any(p.key not in kept for p in before):
+            if key not in kept or not held_before <= kept:
                 already = sum(p.bytes for p in plan.values() if p.tier == tier and p.key != key)
                 raise Conflict(
                     f"the {tier} tier has room for {limits[tier]} bytes of pinned KV and {already} are "
@@ -537,7 +514,7 @@ class Scheduler:
             if not await self.kv.is_current(activation.id):
                 # Its memory was purged, deleted or changed while this pin built and loaded it: not a damaged
                 # file (it said so), and not a pin to answer 200 for, stale already (found in review).
-                if held_now and key not in {p.key for p in before}:
+                if held_now and key not in held_before:
                     self.tiers.unpin(key)  # pinned just now for this pin alone
                 raise Conflict(
                     "the memory changed or was deleted while its KV was being pinned; retry",
@@ -576,6 +553,37 @@ class Scheduler:
             activation_id=None if newest is None else newest.id,
             bytes=0,
         )
+
+
+def _plan(
+    rows: Iterable[Row[Any]], loaded: dict[str, LoadedModel], after: tuple[uuid.UUID, ResidentTier] | None = None
+) -> dict[str, _Pin]:
+    """Every stored file that ``rows`` (``_pinned_rows``) ask a tier to hold, once each, in the order pins are
+    held (oldest first, then by key): what the pin limit counts, loaded or not (after a restart none are until a
+    pass reloads them). A loaded model's files count at their size in a tier (tokens x its KV bytes per token),
+    and only those of its current fingerprint (any other is never held); a model not loaded yet counts its files
+    at their stored size, which is no smaller. ``after``: with that activation pinned to that tier (a pin being
+    made, checked before it is recorded); a row not pinned otherwise asks for nothing."""
+    plan: dict[str, _Pin] = {}
+    for row in rows:
+        lm = loaded.get(row.model)
+        if lm is not None and row.fingerprint != lm.fingerprint:
+            continue
+        asked = after[1] if after is not None and row.id == after[0] else row.tier
+        if asked not in ("device", "host"):
+            continue
+        size = int(row.bytes) if lm is None else _chunk_bytes(lm, row.tokens)
+        tier: ResidentTier = "device" if asked == "device" else "host"
+        have = plan.get(row.sha256)
+        if have is None:
+            plan[row.sha256] = _Pin(row.sha256, tier, size, row.created_at, lm)
+            continue
+        # Two pins of one file that ask for different tiers: device, which serves both.
+        if tier == "device":
+            have.tier = "device"
+        have.since = min(have.since, row.created_at)
+        have.bytes = max(have.bytes, size)
+    return dict(sorted(plan.items(), key=lambda item: (item[1].since, item[0])))
 
 
 def _admit(plan: Iterable[_Pin], limits: dict[ResidentTier, int]) -> tuple[list[_Pin], list[_Pin]]:
