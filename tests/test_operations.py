@@ -1012,6 +1012,46 @@ def test_admin_tools_say_in_one_line_that_the_embedded_server_did_not_start(
         assert capsys.readouterr().err == f"memos admin {command}: {line}\n"
 
 
+def test_migrate_status_says_where_the_schema_is_and_changes_nothing(
+    pg_server: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """There was no read-only way to see the schema's revision: `migrate` upgrades, and verify refuses an old
+    schema. `migrate --status` prints it against this memos's head (exit 0 only at head) and writes nothing."""
+    name = fresh_database(pg_server, "migrate_status")
+    url = pg_server.url(name)
+    head = migrations.head_revision()
+    below = next(r for r in ("0009", "0008") if migrations.older_than(head, r))
+    monkeypatch.setenv("MEMOS_DATABASE_URL", url)
+    monkeypatch.setenv("MEMOS_DATA_DIR", str(tmp_path))
+    try:
+        assert cli_main(["admin", "migrate", "--status"]) == 0
+        assert capsys.readouterr().out == f"schema: {head} (this memos's head: up to date)\n"
+        migrations.downgrade(url, below)
+        assert cli_main(["admin", "migrate", "--status"]) == 1
+        assert capsys.readouterr().out == (
+            f"schema: {below} (this memos's head: {head}; `memos admin migrate` upgrades it)\n"
+        )
+        assert migrations.current_revision(url) == below
+        for args in (["0009", "--status"], ["--status", "--down"]):
+            assert cli_main(["admin", "migrate", *args]) == 2
+            assert capsys.readouterr().err == "memos admin migrate: --status takes no revision and no --down\n"
+        assert migrations.current_revision(url) == below
+        migrations.downgrade(url, "base")
+        assert cli_main(["admin", "migrate", "--status"]) == 1
+        assert (
+            capsys.readouterr().out == f"schema: empty (this memos's head: {head}; `memos admin migrate` creates it)\n"
+        )
+    finally:
+        drop_database(pg_server.admin_url, name)
+    # Embedded: a data directory with no deployment in it is not made into one.
+    monkeypatch.delenv("MEMOS_DATABASE_URL")
+    empty = tmp_path / "nothing-here"
+    monkeypatch.setenv("MEMOS_DATA_DIR", str(empty))
+    assert cli_main(["admin", "migrate", "--status"]) == 1
+    assert capsys.readouterr().err == f"memos admin migrate: no memos database in MEMOS_DATA_DIR ({empty})\n"
+    assert not empty.exists()
+
+
 def test_migrate_to_a_revision_older_than_the_schema_says_it_needs_down(
     pg_server: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -241,7 +241,14 @@ def _migrate(args: argparse.Namespace) -> int:
     from memos.store import migrations
     from memos.store.embedded import EmbeddedPostgres
 
+    if args.status and (args.down or args.revision != "head"):
+        print("memos admin migrate: --status takes no revision and no --down", file=sys.stderr)
+        return 2
     settings = Settings.from_env()
+    if args.status and settings.embedded and _no_deployment(settings.data_dir):
+        # --status writes nothing: it does not make a deployment where a mistyped MEMOS_DATA_DIR points.
+        print(f"memos admin migrate: no memos database in MEMOS_DATA_DIR ({settings.data_dir})", file=sys.stderr)
+        return 1
     embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
     try:
         url = embedded.start() if embedded is not None else settings.database_url
@@ -257,6 +264,8 @@ def _migrate(args: argparse.Namespace) -> int:
     assert url is not None
     try:
         before = migrations.current_revision(url)
+        if args.status:
+            return _schema_status(before, migrations.head_revision())
         if args.down and args.revision == "head":
             # --down alone downgraded to head: nothing, silently (found by an operator).
             print("memos admin migrate: --down needs the revision to go down to (0009, or -1)", file=sys.stderr)
@@ -423,6 +432,23 @@ def _import(args: argparse.Namespace) -> int:
             f"{n} memories were embedded by {model}, not {current}: run `memos admin reembed --cube {report.cube_id}`"
         )
     return 0
+
+
+def _schema_status(current: str | None, head: str) -> int:
+    """``migrate --status``: the schema's revision against this memos's head, one line; exit 0 only at head. There
+    was no way to see it without upgrading (an operator before an upgrade, or after a downgrade)."""
+    from memos.store import migrations
+
+    if current == head:
+        print(f"schema: {head} (this memos's head: up to date)")
+        return 0
+    if current is None:
+        print(f"schema: empty (this memos's head: {head}; `memos admin migrate` creates it)")
+    elif migrations.older_than(head, current):
+        print(f"schema: {current} (this memos's head: {head}; `memos admin migrate` upgrades it)")
+    else:
+        print(f"schema: {current} (this memos's head: {head}; the schema is from another or newer memos)")
+    return 1
 
 
 @contextlib.asynccontextmanager
@@ -789,6 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = admin_sub.add_parser("migrate", help="upgrade the database schema (or --down to a revision)")
     migrate.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
     migrate.add_argument("--down", action="store_true", help="downgrade to the revision instead")
+    migrate.add_argument(
+        "--status", action="store_true", help="print the schema's revision and this memos's head; change nothing"
+    )
     migrate.set_defaults(func=_migrate)
     reembed = admin_sub.add_parser(
         "reembed", help="re-embed, with MEMOS_EMBED_MODEL, the memories another embedding model embedded"
