@@ -423,7 +423,9 @@ def test_damaged_bundles_are_refused_before_anything_is_written(
     assert client.get("/v1/cubes", headers=bearer(tenant.admin_key)).json()["items"] == []
 
 
-def test_bad_arguments_and_targets_are_refused(world, exported, tmp_path, factory, client, env, capsys) -> None:
+def test_bad_arguments_and_targets_are_refused(
+    world, exported, tmp_path, factory, client, env, capsys, monkeypatch
+) -> None:
     assert cli_main(["admin", "export", "--cube", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "--cube takes a cube id" in capsys.readouterr().err
     assert cli_main(["admin", "export", "--cube", str(uuid.uuid4()), "--out", str(tmp_path / "x")]) == 1
@@ -431,6 +433,11 @@ def test_bad_arguments_and_targets_are_refused(world, exported, tmp_path, factor
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
     assert cli_main(["admin", "export", "--cube", world["cube"]["id"], "--out", str(exported)]) == 2
     assert "exists (--force replaces it)" in capsys.readouterr().err
+    # "-" wrote a file named "-" in the working directory.
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["admin", "export", "--cube", world["cube"]["id"], "--out", "-"]) == 2
+    assert "--out takes a file path: a bundle is a zip file, not a stream" in capsys.readouterr().err
+    assert not (tmp_path / "-").exists()
     assert cli_main(["admin", "import", str(exported), "--owner", str(uuid.uuid4()), "--new-ids"]) == 1
     assert "no such agent" in capsys.readouterr().err
     # The exporting tenant already has a live cube of that name.

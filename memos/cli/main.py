@@ -371,6 +371,11 @@ def _export(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"memos admin export: --cube takes a cube id: {exc}", file=sys.stderr)
         return 2
+    if args.out == "-":
+        # It wrote a file named "-" (found by an operator). A bundle is a zip, written beside its path and renamed
+        # into place when whole: it cannot stream to stdout.
+        print("memos admin export: --out takes a file path: a bundle is a zip file, not a stream", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if out.exists() and not args.force:
         print(f"memos admin export: {out} exists (--force replaces it)", file=sys.stderr)
