@@ -4,6 +4,7 @@ request is counted in ``/metrics`` (``memos.metrics``) on its way out."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
@@ -13,9 +14,11 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
 
+from memos.errors import Unavailable
 from memos.identity.keys import redact_keys
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -91,6 +94,29 @@ def configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.error").addFilter(_CANCELLED)  # once: addFilter skips a filter it holds
 
 
+_SHUTTING_DOWN = msgspec.json.encode(
+    Unavailable("the service is shutting down and cancelled this request: retry it").problem()
+)
+
+
+async def _shutting_down(send: Send) -> None:
+    """A 503 problem for a request cancelled at shutdown. Nothing of the request is known to have been written or
+    not (a write commits or rolls back whole): a retry of a create may find it done; PATCH's If-Match says."""
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": 503,
+        "headers": [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(_SHUTTING_DOWN)).encode()),
+            (b"retry-after", b"1"),
+            (b"connection", b"close"),
+        ],
+    }
+    body: HTTPResponseBodyEvent = {"type": "http.response.body", "body": _SHUTTING_DOWN, "more_body": False}
+    await send(start)
+    await send(body)
+
+
 def request_id_middleware(app: ASGIApp) -> ASGIApp:
     """Give each request an id (the caller's ``X-Request-ID`` when it is sane) and log one line when it ends."""
 
@@ -116,6 +142,11 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send_with_id)
         except asyncio.CancelledError:
             if not answered:
+                # Cancelled before it answered: at shutdown, past MEMOS_SHUTDOWN_SECONDS. uvicorn then sent the
+                # client a plain-text 500, as for a bug; a 503 with Retry-After says "try again" (another
+                # instance, or this one restarted). Logged and counted as 499: nothing the app did answered it.
+                with contextlib.suppress(Exception):
+                    await _shutting_down(send_with_id)
                 status = CANCELLED_STATUS
             raise
         finally:

@@ -490,6 +490,9 @@ def test_sigterm_stops_the_service_past_a_client_that_stalls_mid_body(database_u
             except subprocess.TimeoutExpired:
                 raise AssertionError(f"still running 30 s after SIGTERM:\n{_tail(service.log)}") from None
             took = time.monotonic() - sent
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
     finally:
         stop_service(service)
     assert took < 15, took
@@ -501,3 +504,9 @@ def test_sigterm_stops_the_service_past_a_client_that_stalls_mid_body(database_u
     assert "a request still running at shutdown was cancelled" in log
     access = [json.loads(line) for line in log.splitlines() if '"memos.access"' in line and "/v1/tenants" in line]
     assert [line["status"] for line in access] == [499], access
+    # The client was sent a plain-text 500, as for a bug; now a 503 that says to retry.
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert b"retry-after: 1" in head.lower() and b"content-type: application/problem+json" in head.lower(), head
+    problem = json.loads(body)
+    assert problem["status"] == 503 and "shutting down" in problem["detail"], problem
