@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -229,3 +230,51 @@ def test_a_memory_deleted_after_the_ranking_is_left_out_not_returned_deleted(
     assert deleted and deleted[0] in {m["id"] for m in made}
     assert [r["memory"]["state"] for r in found["results"]] == ["active"] * len(found["results"])
     assert deleted[0] not in {r["memory"]["id"] for r in found["results"]}
+
+
+# -- a turn number past float's range (security review) ------------------------------------------------------
+
+
+def test_a_turn_past_floats_range_neither_fails_the_write_nor_the_cubes_graph(
+    client: Any, app: Litestar, factory: Factory
+) -> None:
+    """``metadata.turn`` of 401 digits: float() raised OverflowError after the commit (the write answered 500,
+    committed) and in every build of the cube's graph, so every graph search of the cube was a 500."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    key = bearer(tenant.admin_key)
+    plain = factory.memory(tenant.admin_key, cube["id"], "the lighthouse keeper paints seashells")
+    assert search(client, tenant.admin_key, query="lighthouse", mode="graph")["results"]  # the graph is loaded
+    body = {"kind": "plaintext", "content": "the lighthouse keeper feeds gulls", "metadata": {"turn": 10**400}}
+    r = client.post(f"/v1/cubes/{cube['id']}/memories", json=body, headers=key)
+    assert r.status_code == 201, r.text
+    huge = r.json()["id"]
+    for _ in range(2):  # the graph updated by the write, then built again from the database
+        found = {
+            x["memory"]["id"] for x in search(client, tenant.admin_key, query="lighthouse", mode="graph")["results"]
+        }
+        assert {plain["id"], huge} <= found
+        app.state.memories.graphs.drop(uuid.UUID(cube["id"]))
+
+
+def test_a_graph_note_that_fails_leaves_the_write_standing_and_the_graph_rebuilt(
+    client: Any, app: Litestar, factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever a graph update raises after the commit, the write answers 201 (not 500 for a committed write) and
+    the cube's graph is rebuilt from the database on its next search."""
+    from memos.search import graphs
+
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    factory.memory(tenant.admin_key, cube["id"], "the orchard grows quinces")
+    assert search(client, tenant.admin_key, query="quinces", mode="graph")["results"]
+
+    def broken(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise RuntimeError("a graph update that fails")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(graphs, "node_fields", broken)
+        written = factory.memory(tenant.admin_key, cube["id"], "the orchard also grows medlars")
+    assert uuid.UUID(cube["id"]) not in app.state.memories.graphs._graphs, "dropped, to be rebuilt"
+    found = {x["memory"]["id"] for x in search(client, tenant.admin_key, query="medlars", mode="graph")["results"]}
+    assert written["id"] in found

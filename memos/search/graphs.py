@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -69,9 +70,25 @@ def node_fields(content: str | None, metadata: dict[str, Any], expires_at: datet
     return {
         "text": f"{speaker}: {content}" if isinstance(speaker, str) and content else content or "",
         "session": None if session is None else str(session),
-        "turn": float(turn) if isinstance(turn, int | float) and not isinstance(turn, bool) else None,
+        "turn": _turn(turn),
         "expires_at": None if expires_at is None else expires_at.timestamp(),
     }
+
+
+_UPDATE_FAILED = "updating a cube's graph failed; it is rebuilt on next use"
+
+
+def _turn(value: Any) -> float | None:
+    """A turn number as the graph orders turns by; None for anything else. JSON bounds no integer's digits: one
+    past float's range raised OverflowError on the write (a 500 after the commit) and in every build of the cube's
+    graph, so its graph searches were 500s until the memory changed (found in a security review)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        turn = float(value)
+    except OverflowError:
+        return None
+    return turn if math.isfinite(turn) else None
 
 
 class CubeGraphs:
@@ -241,7 +258,13 @@ class CubeGraphs:
             self._drains.add(task)
             task.add_done_callback(lambda done: self._drained(cube_id, queue, done))
         else:
-            note(graph)
+            try:
+                note(graph)
+            except Exception:
+                # After the commit: the write stands and must not answer 500 for its graph's sake. The graph may
+                # lack part of it, so the next query rebuilds it.
+                log.exception(_UPDATE_FAILED, extra={"cube_id": str(cube_id)})
+                self.drop(cube_id)
 
     async def _drain(self, cube_id: uuid.UUID, queue: _Queue) -> None:
         """Apply the queued notes in order while the graph is still the cube's (it may be dropped meanwhile)."""
@@ -252,7 +275,7 @@ class CubeGraphs:
                     await slow
             ok = True
         except Exception:
-            log.exception("updating a cube's graph failed; it is rebuilt on next use", extra={"cube_id": str(cube_id)})
+            log.exception(_UPDATE_FAILED, extra={"cube_id": str(cube_id)})
         finally:
             self._end_queue(cube_id, queue, ok)  # at once: a note that comes next must not join a finished queue
 
