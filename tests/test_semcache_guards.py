@@ -212,6 +212,23 @@ def test_number_guard_reads_units_and_times_the_same_under_any_hash_seed() -> No
     assert check("It costs £5", "It weighs 5 lb") is not None
 
 
+def test_number_guard_tells_long_numbers_apart_and_takes_any_length() -> None:
+    """Numbers were read as floats: two 17-digit order numbers were one value (a hit served the other order's
+    answer), and 320 digits were infinity, whose int() raised: a 500 on every lookup that met such an entry
+    (found in a security review)."""
+    order = "What is the status of order {}?"
+    assert check(order.format(12345678901234567), order.format(12345678901234568)) is not None
+    assert check(order.format("9" * 40), order.format("9" * 39 + "8")) is not None
+    huge = "1" * 320
+    assert check(f"what is the price of the basic plan {huge}", "what is the price of the basic plan 5") is not None
+    assert check(f"what is the price of plan {huge}", f"what is the price of plan {huge}") is None
+    assert check(f"is {huge}k a lot", f"is {huge}000 a lot") is None  # the scale is exact too
+    # The same value however it is written: commas, trailing zeros, a scale.
+    assert check("It costs $1,500", "It costs $1500.00") is None
+    assert check("It costs $1.5k", "It costs $1,500") is None
+    assert check("Is 0.000001 small?", "Is 0.0000010 small?") is None
+
+
 def test_analyze_normalizes_numbers_dates_and_names() -> None:
     facts = analyze("Can I send £1.5k to Anna at HSBC on Tuesday at 3 pm? It's twenty-five percent")
     assert facts.numbers == frozenset({"1500", "25"})

@@ -1008,3 +1008,35 @@ def test_a_threshold_past_a_floats_range_is_a_422_naming_the_field(
     assert r.status_code == 422, r.text
     (error,) = r.json()["errors"]
     assert error["field"] == "categories.default.threshold" and "finite number" in error["message"], error
+
+
+def test_a_number_past_floats_range_in_an_entry_or_a_query_is_no_500(
+    client: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """A stored entry with a 320-digit number made every lookup that met it a 500, and so did such a query
+    (the number guard read numbers as floats: infinity; found in a security review)."""
+    huge = "1" * 320
+    store(client, tenant.admin_key, cube, f"what is the price of the basic plan {huge}", "a lot")
+    assert lookup(client, tenant.admin_key, cube, "what is the price of the basic plan 5")["hit"] is False
+    assert lookup(client, tenant.admin_key, cube, f"what is the price of the basic plan {huge}5")["hit"] is False
+    assert indexed_lookup(client, tenant.admin_key, cube, "what is the price of the basic plan 5")["hit"] is False
+
+
+def test_a_cache_index_update_that_fails_leaves_the_store_standing_and_the_index_reloaded(
+    client: TestClient[Litestar], tenant: Tenant, cube: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the in-memory index raises while taking a committed entry, the store answers 201 (not a 500 for a
+    committed write), and the index is loaded again from the database, with the entry, on the next lookup."""
+    from memos.semcache.index import CacheIndexes
+
+    store(client, tenant.admin_key, cube, "what is the capital of peru", "Lima")
+    indexed_lookup(client, tenant.admin_key, cube, "what is the capital of peru")
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("an index update that fails")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(CacheIndexes, "_upsert_rows", broken)
+        store(client, tenant.admin_key, cube, "what is the capital of chile", "Santiago")
+    hit = indexed_lookup(client, tenant.admin_key, cube, "what is the capital of chile")
+    assert hit["hit"] is True and hit["response"] == "Santiago", hit

@@ -13,6 +13,7 @@ a rejected paraphrase costs one model call, a served wrong answer costs trust.
 
 from __future__ import annotations
 
+import decimal
 import itertools
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -290,8 +291,14 @@ def _word_value(word: str) -> int | None:
     return _SMALL.get(parts[0])
 
 
-def _number_text(value: float) -> str:
-    return str(int(value)) if value == int(value) else f"{value:g}"
+def _number_text(digits: str, scale: int = 1) -> str:
+    """The number ``digits`` writes (thousands commas allowed) times ``scale``, as canonical text: "5", "5.0" and
+    "5.00" are "5"; "1.5" with scale 1000 is "1500". Exact at any length: read as floats, two order numbers of 17
+    digits could be one value (a hit for the other's answer), and 320 digits were infinity, whose int() raised
+    (a 500 on every lookup that met such an entry; found in a security review)."""
+    value = decimal.Decimal(digits.replace(",", ""))
+    exact = decimal.Context(prec=len(digits) + 12)  # room for every digit and the scale's zeros: nothing rounds
+    return format(exact.normalize(exact.multiply(value, scale)), "f")
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +322,7 @@ def _take(pattern: re.Pattern[str], text: str, handle: Callable[[re.Match[str]],
     return pattern.sub(replace, text)
 
 
-_SCALES = {"k": 1e3, "thousand": 1e3, "m": 1e6, "million": 1e6, "bn": 1e9, "billion": 1e9}
+_SCALES = {"k": 10**3, "thousand": 10**3, "m": 10**6, "million": 10**6, "bn": 10**9, "billion": 10**9}
 _BIG = {"hundred": 100, "thousand": 1000, "million": 1_000_000}
 
 
@@ -353,9 +360,9 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
         return add_time(12, 0, "am" if match["w"].lower() == "midnight" else "pm")
 
     def money(match: re.Match[str]) -> bool:
-        value = float(match["num"].replace(",", "")) * _SCALES.get((match["scale"] or "").lower(), 1)
-        values.add(_number_text(value))
-        units.add((_number_text(value), _CURRENCY_SYMBOLS[match["cur"]]))
+        key = _number_text(match["num"], _SCALES.get((match["scale"] or "").lower(), 1))
+        values.add(key)
+        units.add((key, _CURRENCY_SYMBOLS[match["cur"]]))
         return True
 
     def ordinal(match: re.Match[str]) -> bool:
@@ -363,8 +370,7 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
         return True
 
     def number(match: re.Match[str]) -> bool:
-        value = float(match["num"].replace(",", "")) * (1000 if match["k"] else 1)
-        key = _number_text(value)
+        key = _number_text(match["num"], 1000 if match["k"] else 1)
         values.add(key)
         unit = match["unit"]
         # a one-letter unit must touch its number ("5m", "2g"): "18 in the UK" is not eighteen inches

@@ -436,7 +436,14 @@ class CacheIndexes:
         if state is None:
             return
         if state.index is not None:
-            note(state, state.index)
+            try:
+                note(state, state.index)
+            except Exception:
+                # After the commit: the write stands and must not answer 500 for the index's sake; the index may
+                # lack part of it, so it is loaded again on the cube's next lookup.
+                log.exception("updating a cube's cache index failed; it is reloaded", extra={"cube_id": str(cube_id)})
+                self.drop(cube_id)
+                return
             self._maybe_compact(state)
         elif state.building is not None:
             state.pending.append(note)
