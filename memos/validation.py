@@ -63,3 +63,17 @@ def _walk(value: Any, field: str, levels_left: int | None) -> None:
     else:
         for i, item in enumerate(value):
             _walk(item, f"{field}[{i}]", levels_left)
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are the same JSON value. Python's ``==`` has ``True == 1`` (and ``False == 0``): a
+    PATCH from ``{"flag": 1}`` to ``{"flag": true}`` was taken for no change, answered 200 and wrote nothing, and a
+    filter on the new value then missed the memory (found in a data-integrity review). Numbers compare by value,
+    as JSON and jsonb do (1 and 1.0 are one number)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(same_json, a, b))
+    return bool(a == b)

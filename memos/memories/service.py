@@ -44,7 +44,7 @@ from memos.store.models import (
     memory_links,
     memory_versions,
 )
-from memos.validation import reject_nul, unique_tags
+from memos.validation import reject_nul, same_json, unique_tags
 
 PROVENANCE_LINK = "derived_from"
 RESERVED_LINKS = {
@@ -612,7 +612,7 @@ class MemoryService:
             values: dict[str, Any] = {}
             if patch.content is not msgspec.UNSET and patch.content != current.content:
                 values["content"] = patch.content
-            if patch.metadata is not msgspec.UNSET and patch.metadata != current.metadata:
+            if patch.metadata is not msgspec.UNSET and not same_json(patch.metadata, current.metadata):
                 if current.kind == "response":
                     _check_response_query(patch.metadata, "metadata.query")
                 values["metadata"] = patch.metadata
@@ -637,7 +637,7 @@ class MemoryService:
                     found = await self._resolve_references(conn, principal, [item], single=True)
                     for ref in provenance["derived_from"]:
                         ref.setdefault("version", found[uuid.UUID(ref["memory_id"])])
-                if provenance != current.provenance:
+                if not same_json(provenance, current.provenance):
                     values["provenance"] = provenance
                     new_links, dropped = _provenance_link_changes(memory_id, current.provenance, provenance)
         if not values:
