@@ -660,3 +660,49 @@ def test_members_past_the_total_limit_are_refused_unread(exported, monkeypatch) 
     monkeypatch.setattr(bundles, "MAX_BUNDLE_BYTES", total - 1)
     with pytest.raises(bundles.BundleError, match=f"members of {total} bytes in all, over the {total - 1} read"):
         bundles.read_bundle(exported)
+
+
+def test_restoring_a_version_whose_source_is_outside_the_tenant_restores_it_without_the_edge(
+    factory: Factory,
+    client: TestClient,
+    settings: Settings,
+    env: None,
+    tmp_path: Path,  # type: ignore[type-arg]
+) -> None:
+    """A memory derived from one in another cube, then given other provenance, exported with its cube and
+    imported as a copy into another tenant: restoring its first version wrote a link from the copy to the
+    first tenant's memory (a link across tenants, which verify reports), and in another deployment it was a 409
+    "already exists" (the source is not there: history that could not be restored). Found in a data-integrity
+    review. The provenance comes back as it was; an edge only to a source in the tenant."""
+    first = factory.tenant()
+    key = bearer(first.admin_key)
+    cube, elsewhere = factory.cube(first.admin_key), factory.cube(first.admin_key)
+    source = factory.memory(first.admin_key, elsewhere["id"], "the harbour master's log")
+    derived = factory.memory(
+        first.admin_key, cube["id"], "a summary of the log", provenance={"derived_from": [{"memory_id": source["id"]}]}
+    )
+    r = client.patch(f"/v1/memories/{derived['id']}", json={"provenance": {}}, headers={**key, "If-Match": '"1"'})
+    assert r.status_code == 200, r.text
+    out = tmp_path / "cube.memos"
+    assert cli_main(["admin", "export", "--cube", cube["id"], "--out", str(out)]) == 0
+    second = factory.tenant()
+    assert cli_main(["admin", "import", str(out), "--owner", second.admin_id, "--new-ids", "--name", "copy"]) == 0
+    (copied,) = client.get("/v1/cubes", headers=bearer(second.admin_key)).json()["items"]
+    (copy,) = client.get(f"/v1/cubes/{copied['id']}/memories", headers=bearer(second.admin_key)).json()["items"]
+    r = client.post(
+        f"/v1/memories/{copy['id']}/restore",
+        json={"version": 1},
+        headers={**bearer(second.admin_key), "If-Match": '"2"'},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["provenance"]["derived_from"][0]["memory_id"] == source["id"], "the history, as it was"
+    with psycopg.connect(settings.database_url) as conn:
+        links = conn.execute("SELECT to_id FROM memory_links WHERE from_id = %s", (copy["id"],)).fetchall()
+    assert uuid.UUID(source["id"]) not in {to for (to,) in links}
+    assert cli_main(["admin", "verify"]) == 0
+    # In the first tenant, where the source is, its edge comes back with it.
+    r = client.post(f"/v1/memories/{derived['id']}/restore", json={"version": 1}, headers={**key, "If-Match": '"2"'})
+    assert r.status_code == 200, r.text
+    with psycopg.connect(settings.database_url) as conn:
+        links = conn.execute("SELECT to_id, type FROM memory_links WHERE from_id = %s", (derived["id"],)).fetchall()
+    assert (uuid.UUID(source["id"]), "derived_from") in links

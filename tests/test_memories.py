@@ -472,3 +472,22 @@ def test_every_write_leaves_an_audit_row(client, factory, tenant, database_url) 
             ).fetchall()
         ]
     assert actions == ["memory.create", "memory.update", "memory.delete"]
+
+
+def test_a_link_to_a_memory_deleted_for_good_meanwhile_is_not_called_a_duplicate(app, client, factory, tenant, cube):
+    """Every IntegrityError of a link insert was "a link of this type between these memories already exists",
+    a foreign key to a memory deleted for good since its check too (found in a data-integrity review)."""
+    from memos.errors import Conflict
+    from memos.identity.principal import Principal
+
+    service = app.state.memories
+    m = factory.memory(tenant.admin_key, cube["id"], "the lock code changed")
+    principal = Principal(role="admin", tenant_id=uuid.UUID(tenant.id), agent_id=uuid.UUID(tenant.admin_id))
+    link = {"from_id": uuid.UUID(m["id"]), "to_id": uuid.uuid4(), "type": "related", "weight": 1.0}
+
+    async def insert() -> None:
+        async with service.db.transaction() as conn:
+            await service._insert_links(conn, principal, [link])
+
+    with pytest.raises(Conflict, match="deleted meanwhile"):
+        client.blocking_portal.call(insert)

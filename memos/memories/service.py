@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import msgspec
 import numpy as np
+from psycopg.errors import ForeignKeyViolation
 from sqlalchemy import Row, and_, delete, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -394,7 +395,11 @@ class MemoryService:
         try:
             async with conn.begin_nested():
                 return list((await conn.execute(insert(memory_links).returning(memory_links), links)).all())
-        except IntegrityError:
+        except IntegrityError as exc:
+            if isinstance(exc.orig, ForeignKeyViolation):
+                # Checked readable just before: deleted for good meanwhile (every IntegrityError said "already
+                # exists").
+                raise Conflict("a memory it links to was deleted meanwhile; retry") from None
             raise Conflict("a link of this type between these memories already exists") from None
 
     async def _move_provenance_links(
@@ -773,6 +778,10 @@ class MemoryService:
             # The restored provenance brings its edges back, as a PATCH of provenance would (found in review:
             # /provenance kept showing the edges of the provenance the restore replaced).
             new_links, dropped = _provenance_link_changes(memory_id, current.provenance, old.provenance)
+            # Only to sources still in this tenant: a source deleted for good since (an activation memory, whose
+            # source was purged), or one outside the tenant (a copy imported into another tenant) was a 409
+            # "already exists", or a link across tenants. The provenance itself is restored as it was: history.
+            new_links = await _to_tenant_memories(conn, principal.tenant_member()[0], new_links)
             await self._move_provenance_links(conn, principal, memory_id, new_links, dropped)
             knn = await self._relink_neighbours(conn, principal, memory_id, current.cube_id)
             # Deleting took the memory's edges out of the in-memory graph; its links are still in Postgres.
@@ -1017,6 +1026,23 @@ def _provenance_link_changes(
         if (ref["memory_id"], ref.get("version")) not in before
     ]
     return added, [uuid.UUID(m) for m, _ in before - after]
+
+
+async def _to_tenant_memories(
+    conn: AsyncConnection, tenant_id: uuid.UUID, links: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The ``links`` whose target is a memory of ``tenant_id`` (one that exists, in any state)."""
+    if not links:
+        return links
+    targets = {link["to_id"] for link in links}
+    found = set(
+        (
+            await conn.execute(
+                select(memories.c.id).where(memories.c.id.in_(targets), memories.c.tenant_id == tenant_id)
+            )
+        ).scalars()
+    )
+    return [link for link in links if link["to_id"] in found]
 
 
 async def _edges_of(conn: AsyncConnection, memory_id: uuid.UUID) -> list[tuple[uuid.UUID, uuid.UUID, str, float]]:
