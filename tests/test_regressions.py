@@ -397,6 +397,40 @@ def test_the_provenance_graph_stops_at_a_memory_the_caller_cannot_read(client, f
     assert [(n["memory_id"], n["depth"]) for n in full["nodes"]] == [(m1["id"], -2), (m2["id"], -1), (m3["id"], 0)]
 
 
+def test_memories_the_caller_cannot_read_do_not_crowd_its_provenance_graph(
+    client, factory: Factory, monkeypatch
+) -> None:
+    """The walk went through every memory and stopped at MAX_PROVENANCE_NODES before the caller's view applied: an
+    agent with only a read grant on a cube derived that many memories from one of it, in its own cube, and the
+    owner's provenance graph lost the memory's real descendants (found in a security review)."""
+    from memos.memories import service
+
+    monkeypatch.setattr(service, "MAX_PROVENANCE_NODES", 5)
+    tenant = factory.tenant()
+    owner, reader = factory.agent(tenant), factory.agent(tenant)
+    shared = factory.cube(owner.key)
+    grant = client.put(
+        f"/v1/cubes/{shared['id']}/grants/{reader.id}", json={"access": "read"}, headers=bearer(owner.key)
+    )
+    assert grant.status_code == 200, grant.text
+    m1 = factory.memory(owner.key, shared["id"], "the original note")
+    d1 = factory.memory(owner.key, shared["id"], "a digest", provenance={"derived_from": [{"memory_id": m1["id"]}]})
+    d2 = factory.memory(
+        owner.key, shared["id"], "a digest of it", provenance={"derived_from": [{"memory_id": d1["id"]}]}
+    )
+    own = factory.cube(reader.key)
+    items = [
+        {"kind": "plaintext", "content": f"copy {i}", "provenance": {"derived_from": [{"memory_id": m1["id"]}]}}
+        for i in range(5)
+    ]
+    r = client.post(f"/v1/cubes/{own['id']}/memories/batch", json={"items": items}, headers=bearer(reader.key))
+    assert r.status_code == 201, r.text
+    graph = client.get(f"/v1/memories/{m1['id']}/provenance", headers=bearer(owner.key)).json()
+    assert [(n["memory_id"], n["depth"]) for n in graph["nodes"]] == sorted(
+        [(m1["id"], 0), (d1["id"], 1), (d2["id"], 2)], key=lambda n: (n[1], n[0])
+    )
+
+
 def test_a_memory_cannot_be_derived_from_itself(client, factory: Factory) -> None:
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import msgspec
 import numpy as np
 from psycopg.errors import ForeignKeyViolation
-from sqlalchemy import Row, and_, delete, func, insert, literal, or_, select, update
+from sqlalchemy import Row, Select, and_, delete, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -913,7 +913,7 @@ class MemoryService:
         they hold its content. Writes still reach it (a PATCH extends or clears its TTL)."""
         async with self.db.read() as conn:
             await self._load(conn, principal, memory_id, "read", include_expired=include_expired)
-            edges = await _lineage(conn, memory_id)
+            edges = await _lineage(conn, memory_id, readable_cube_ids(principal))
             depth: dict[uuid.UUID, int] = {memory_id: 0}
             for e in edges:
                 depth.setdefault(e.node, e.depth)
@@ -1055,22 +1055,32 @@ async def _edges_of(conn: AsyncConnection, memory_id: uuid.UUID) -> list[tuple[u
     return [(r.from_id, r.to_id, r.type, float(r.weight)) for r in rows]
 
 
-async def _lineage(conn: AsyncConnection, memory_id: uuid.UUID) -> list[Row[Any]]:
-    """Provenance edges reachable from ``memory_id``: upwards (ancestors) and downwards (descendants)."""
+async def _lineage(conn: AsyncConnection, memory_id: uuid.UUID, readable: Select[Any]) -> list[Row[Any]]:
+    """Provenance edges reachable from ``memory_id`` through memories of the ``readable`` cubes (a subquery of cube
+    ids): upwards (ancestors) and downwards (descendants).
+
+    The walk stops at a memory the caller cannot read. It went through them and cut at ``MAX_PROVENANCE_NODES``
+    before the caller's view was applied, so 500 memories derived from one, written in a cube the owner cannot
+    read (by an agent with a read grant on it), hid its real descendants from everyone (found in a security
+    review). What lies beyond an unreadable memory was never shown anyway."""
     out: list[Row[Any]] = []
+    visible = select(memories.c.id).where(memories.c.cube_id.in_(readable))
     for up in (True, False):
         link = memory_links.alias("l")
         near, far = (link.c.from_id, link.c.to_id) if up else (link.c.to_id, link.c.from_id)
         step = -1 if up else 1
         base = select(
             link.c.from_id, link.c.to_id, link.c.to_version, far.label("node"), literal(step).label("depth")
-        ).where(link.c.type == PROVENANCE_LINK, near == memory_id)
+        ).where(link.c.type == PROVENANCE_LINK, near == memory_id, far.in_(visible))
         walk = base.cte("walk", recursive=True)
         link2 = memory_links.alias("l2")
         near2, far2 = (link2.c.from_id, link2.c.to_id) if up else (link2.c.to_id, link2.c.from_id)
         walk = walk.union(
             select(link2.c.from_id, link2.c.to_id, link2.c.to_version, far2, walk.c.depth + step).where(
-                link2.c.type == PROVENANCE_LINK, near2 == walk.c.node, func.abs(walk.c.depth) < 50
+                link2.c.type == PROVENANCE_LINK,
+                near2 == walk.c.node,
+                func.abs(walk.c.depth) < 50,
+                far2.in_(visible),
             )
         )
         out.extend((await conn.execute(select(walk).limit(MAX_PROVENANCE_NODES))).all())
