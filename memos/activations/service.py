@@ -986,13 +986,18 @@ def _model_dto(lm: LoadedModel) -> schemas.Model:
     )
 
 
+def rfc3339(moment: datetime) -> str:
+    """A time as a KV file's header writes it: UTC, to the second, with Z."""
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def _own_header(data: bytes, row: Row[Any]) -> tuple[bytes, str]:
     """The file as this activation's own, and its sha256: a shared file's header names the memory it was first
     built for, which may sit in a cube the caller cannot read (``codec.relabel``). Unchanged, it is the stored
     file, whose sha256 is its key."""
     from memos.kv.codec import relabel
 
-    sent = relabel(data, str(row.memory_id), row.source_version)
+    sent = relabel(data, str(row.memory_id), row.source_version, rfc3339(row.created_at))
     return sent, row.sha256 if sent is data else hashlib.sha256(sent).hexdigest()
 
 
@@ -1005,7 +1010,7 @@ def _meta(lm: LoadedModel, memory_id: uuid.UUID, version: int) -> Any:
         memory_id=str(memory_id),
         version=version,
         dtype=lm.dtype,
-        created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        created_at=rfc3339(datetime.now(UTC)),
     )
 
 

@@ -290,17 +290,21 @@ def encode(chunk: KVChunk, meta: KVMeta) -> bytes:
     return bytes(draft)
 
 
-def relabel(data: bytes, memory_id: str, version: int) -> bytes:
-    """``data`` with its header naming ``memory_id`` at ``version``; the tensor bytes and their checksum unchanged.
+def relabel(data: bytes, memory_id: str, version: int, created_at: str) -> bytes:
+    """``data`` with its header naming ``memory_id`` at ``version``, made at ``created_at``; the tensor bytes and
+    their checksum unchanged. A file already naming them is returned as it is.
 
     One stored file serves every activation of its tenant with the same KV (api.md, "Stored once"), but its
     header names the memory it was first built for: served as stored, it would show that memory's id to a
-    reader of another cube. The header is not covered by ``payload_sha256``, so only it is written again."""
+    reader of another cube, and when it was built (a security review found the time). So the header says the
+    caller's activation, and holds the format's keys only. The header is not covered by ``payload_sha256``,
+    so only it is written again."""
     header, start = _split(data)
     meta = _metadata(header)
     if meta["memory_id"] == memory_id and meta["version"] == str(version):
         return data
-    header["__metadata__"] = {**meta, "memory_id": memory_id, "version": str(version)}
+    own = {"memory_id": memory_id, "version": str(version), "created_at": created_at}
+    header["__metadata__"] = {key: own.get(key, meta[key]) for key in METADATA_KEYS}
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # as safetensors pads it: the tensor bytes start 8-aligned
     return b"".join((len(text).to_bytes(8, "little"), text, memoryview(data)[start:]))  # one copy of the tensors
