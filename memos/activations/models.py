@@ -36,6 +36,10 @@ HOW_TO_CONFIGURE = (
 )
 
 
+LOAD_FAILED = "its directory did not load on this server (the server's log names the error)"
+"""Why a model is unavailable, as callers read it."""
+
+
 class NoModelConfigured(Conflict):
     slug = "no-model"
     title = "No model configured"
@@ -153,7 +157,9 @@ class ModelRegistry:
                 raise
             except Exception as exc:  # whatever a model directory does wrong, it is the server's configuration
                 log.error("model failed to load", extra={"model": name, "error": str(exc)}, exc_info=exc)
-                self._failed[name] = (self.clock(), f"model {name!r} could not be loaded: {exc}")
+                # Every tenant reads the reason (GET /v1/models, the 503s): the error, which names the server's
+                # directories, stays in the log (a security review found the paths in both).
+                self._failed[name] = (self.clock(), f"model {name!r} could not be loaded: {LOAD_FAILED}")
                 raise self._unavailable(name) from None
             self._failed.pop(name, None)
             self._loaded[name] = lm
