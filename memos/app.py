@@ -32,7 +32,7 @@ from memos.deps import dependencies
 from memos.embed.base import Embedder, misfit
 from memos.embed.errors import EmbedderLoadError
 from memos.embed.registry import load_embedder
-from memos.embed.worker import EmbedWorker
+from memos.embed.worker import EmbedWorker, WorkerState
 from memos.errors import (
     PROBLEM_BASE,
     BadRequest,
@@ -266,10 +266,21 @@ def _no_body(status: int = 200, headers: dict[str, str] | None = None) -> Respon
 
 
 async def _ready(request: Request[Any, Any, Any]) -> Database:
-    """The database, if it answers and its schema is current; else 503."""
+    """The database, if it answers and its schema is current, and an embedding model that has not failed; else 503.
+
+    A model still loading is ready (it takes seconds; writes wait for it). One that failed stays failed until a
+    restart, and every write and search answers 503: /readyz was 200 all the same, so a load balancer kept sending
+    such an instance its traffic (found by an operator)."""
     db: Database = request.app.state.db
     if not await db.ready():
         raise Unavailable("the database is not answering or its schema is not current", headers={"Retry-After": "1"})
+    worker: EmbedWorker = request.app.state.embed_worker
+    if worker.state is WorkerState.FAILED:
+        raise Unavailable(
+            "the embedding model failed to load: writes and searches cannot run (the server's log says why; fix "
+            "MEMOS_EMBED_MODEL and restart)",
+            headers={"Retry-After": "30"},
+        )
     return db
 
 
