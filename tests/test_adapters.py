@@ -231,6 +231,22 @@ def test_mem0_delete_all_is_scoped(mem0: Memory) -> None:
     assert [r["memory"] for r in mem0.get_all(user_id="erin")["results"]] == ["fact three"]
 
 
+def test_mem0_delete_all_and_search_apply_the_other_filters(mem0: Memory) -> None:
+    """delete_all deleted every memory of the user whatever the other filters said, and search applied them to the
+    top k afterwards, missing a match ranked lower (found in an SDK review)."""
+    mem0.add("alice drinks oat milk coffee", user_id="alice", metadata={"topic": "food"})
+    mem0.add("alice drinks black coffee at breakfast", user_id="alice", metadata={"topic": "food"})
+    mem0.add("alice files reports on Fridays", user_id="alice", metadata={"topic": "work"})
+    found = mem0.search("what coffee does alice drink", filters={"user_id": "alice", "topic": "work"}, limit=1)
+    assert [r["memory"] for r in found["results"]] == ["alice files reports on Fridays"]
+    mem0.delete_all(filters={"user_id": "alice", "topic": "work"})
+    left = mem0.get_all(user_id="alice")["results"]
+    assert sorted(r["memory"] for r in left) == [
+        "alice drinks black coffee at breakfast",
+        "alice drinks oat milk coffee",
+    ]
+
+
 def test_mem0_bad_input(mem0: Memory) -> None:
     with pytest.raises(ValueError, match="user_id"):
         mem0.add("no scope")

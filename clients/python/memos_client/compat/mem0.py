@@ -139,7 +139,10 @@ class Memory:
         filters: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         scope = _scope(user_id=user_id, agent_id=agent_id, run_id=run_id, filters=filters, required=True)
-        for memory in list(self._scoped(scope)):
+        # Only those the other filters match, as get_all and search read them: every memory of the scope went
+        # (filters={"user_id": "alice", "topic": "work"} deleted alice's other topics too; found in review).
+        doomed = [memory for memory in self._scoped(scope) if _extra_filters_hold(memory, filters)]
+        for memory in doomed:
             with contextlib.suppress(NotFound):  # deleted meanwhile
                 self._client.memories.delete(memory.id)
         return {"message": "Memories deleted successfully!"}
@@ -195,8 +198,16 @@ class Memory:
             raise ValueError("Invalid query: cannot be empty or whitespace-only.")
         scope = _scope(user_id=user_id, agent_id=agent_id, run_id=run_id, filters=filters, required=True)
         wanted = top_k if top_k is not None else limit
+        # The other filters go to the server as metadata containment, so they narrow the top k instead of being
+        # applied to it afterwards (a matching memory outside the top k was missed; found in review). Containment
+        # is looser than equality for a list or an object value: the check below still applies.
+        extra = {k: v for k, v in (filters or {}).items() if k not in _ENTITY_KEYS}
         found = self._client.search(
-            query, cube_ids=[self._cube()], k=max(1, min(wanted, _SEARCH_MAX_K)), tags=_tags(scope)
+            query,
+            cube_ids=[self._cube()],
+            k=max(1, min(wanted, _SEARCH_MAX_K)),
+            tags=_tags(scope),
+            filters=extra or None,
         )
         results = [
             {**_record(r.memory), "score": r.score}
