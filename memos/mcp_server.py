@@ -419,7 +419,11 @@ async def serve(
     port: int = 8765,
 ) -> None:
     """Check the key and the cube once, then serve MCP on stdio or streamable HTTP (``http://host:port/mcp``)."""
-    async with AsyncMemosClient(url, api_key=api_key) as client:
+    try:
+        client = AsyncMemosClient(url, api_key=api_key)
+    except ValueError as exc:  # a URL that does not parse, a key no header can carry: a traceback before (review)
+        raise ConfigError(f"cannot use {url!r}: {exc}") from None
+    async with client:
         try:
             await client.cubes.get(cube_id)  # a bad URL, key or cube fails here, not on the first tool call
         except MemosError as exc:

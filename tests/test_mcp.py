@@ -264,3 +264,12 @@ def test_cli_refuses_a_missing_cube() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 2
     assert "a cube is required" in out.stderr
+
+
+async def test_a_url_that_does_not_parse_is_a_config_error() -> None:
+    """`memos mcp --url 'http://[::1'` was a ValueError traceback, exit 1; mcp.md says a wrong URL is a message on
+    stderr and exit 2 (found in an SDK review)."""
+    from memos.mcp_server import serve
+
+    with pytest.raises(ConfigError, match="Invalid IPv6 URL"):
+        await serve("http://[::1", "k", "c")

@@ -339,3 +339,40 @@ def test_langgraph_applies_operators_nested_in_a_filter_as_langgraph_does(sdk: M
     assert not _matches({"a": {"b": 0}}, {"a": {"b": {"$gt": 1}}})
     assert _matches({"a": {"b": 5, "c": 1}}, {"a": {"b": 5}})  # a nested object matches the keys it names
     assert not _matches({"tags": ["x", "y"]}, {"tags": ["x"]})  # a list, element by element
+
+
+# --- the API key in errors, a path httpx cannot use (an SDK review) -------------------------------------------
+
+
+def test_a_key_with_a_newline_or_a_space_never_shows_in_an_error(server: Recorder) -> None:
+    """A key with a trailing newline (read from a file) or a space reached the header, and httpx's refusal, which
+    this client passed on, quoted the whole key. It is stripped as MEMOS_API_KEY is, and one with a space or a
+    control character inside is refused at once, without quoting it."""
+    secret = "memos_0123456789ab_SECRETSECRETSECRET"
+    with MemosClient(BASE, api_key=secret + "\n", transport=httpx.MockTransport(server)) as client:
+        client.agents.me()
+    assert server.requests[-1].headers["authorization"] == f"Bearer {secret}"
+    for bad in (secret[:10] + " " + secret[10:], secret[:10] + "\n" + secret[10:], secret + "é"):
+        with pytest.raises(ValueError, match="the API key holds") as refused:
+            MemosClient(BASE, api_key=bad, transport=httpx.MockTransport(server))
+        assert secret[12:] not in str(refused.value)
+
+    def leaks(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(f"refused header b'Bearer {secret}'", request=request)
+
+    client = MemosClient(BASE, api_key=secret, retries=0, transport=httpx.MockTransport(leaks))
+    with client, pytest.raises(MemosError) as failed:
+        client.agents.me()
+    assert secret not in str(failed.value) and "<the API key>" in str(failed.value)
+
+
+async def test_a_path_httpx_cannot_use_is_a_value_error_sync_and_async(server: Recorder) -> None:
+    """httpx's InvalidURL escaped request(), though sdk.md says no httpx exception does."""
+    client = MemosClient(BASE, api_key="k", transport=httpx.MockTransport(server))
+    with client, pytest.raises(ValueError, match="not a usable path"):
+        client.request("GET", "/v1/agents/me\n")
+    aclient = AsyncMemosClient(BASE, api_key="k", transport=httpx.MockTransport(server))
+    async with aclient:
+        with pytest.raises(ValueError, match="not a usable path"):
+            await aclient.request("GET", "/v1/agents/me\n")
+    assert server.requests == []

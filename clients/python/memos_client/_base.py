@@ -12,6 +12,7 @@ import hmac
 import logging
 import os
 import random
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
@@ -258,6 +259,10 @@ def query(**fields: Any) -> QueryParams:
     return tuple(params)
 
 
+_HEADER_SAFE = re.compile(r"[!-~]+")
+"""Printable ASCII with no space: what an API key is, and what a header value can carry."""
+
+
 def _env(name: str) -> str | None:
     value = os.environ.get(name, "").strip()
     return value or None
@@ -294,9 +299,14 @@ class BaseClient:
         headers: Mapping[str, str] | None,
     ) -> None:
         self.base_url = root_url(base_url or _env("MEMOS_URL") or DEFAULT_BASE_URL)
-        key = api_key or _env("MEMOS_API_KEY")
+        # Stripped as MEMOS_API_KEY is (a key read from a file ends in a newline), and checked before it goes in a
+        # header: one with a space or a newline inside made httpx's error, and so this client's, quote the whole
+        # key (found in an SDK review).
+        key = (api_key or "").strip() or _env("MEMOS_API_KEY")
         if not key:
             raise ValueError("no API key: pass api_key= or set MEMOS_API_KEY")
+        if not _HEADER_SAFE.fullmatch(key):
+            raise ValueError("the API key holds a space, a control or a non-ASCII character: check how it was copied")
         self._api_key = key
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self.retry_policy = retries if isinstance(retries, RetryPolicy) else RetryPolicy(max_retries=retries)
@@ -370,7 +380,17 @@ class BaseClient:
                 headers=response.headers,
             ) from exc
 
-    @staticmethod
-    def _transport_error(call: Call[Any], error: httpx.RequestError) -> MemosError:
+    def _transport_error(self, call: Call[Any], error: httpx.RequestError) -> MemosError:
         cls = Timeout if isinstance(error, httpx.TimeoutException) else TransportError
-        return cls(f"{call.method} {call.path}: {type(error).__name__}: {error}")
+        # httpx's text may quote a header it refused: never the key.
+        text = str(error).replace(self._api_key, "<the API key>")
+        return cls(f"{call.method} {call.path}: {type(error).__name__}: {text}")
+
+    def _request(self, http: httpx.Client | httpx.AsyncClient, call: Call[Any]) -> httpx.Request:
+        """The request for ``call``. A path httpx cannot use (a newline in it) raised httpx's InvalidURL, which the
+        docs promise never escapes: it is the caller's ``ValueError``, raised before anything is sent."""
+        content, headers = self._content(call)
+        try:
+            return http.build_request(call.method, call.path, params=call.params, content=content, headers=headers)
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"{call.method} {call.path!r}: not a usable path: {exc}") from None

@@ -163,8 +163,7 @@ class MemosClient(BaseClient):
     def _send(self, call: Call[T]) -> T:
         if self._http.is_closed:
             raise self._closed(call)
-        content, headers = self._content(call)
-        request = self._http.build_request(call.method, call.path, params=call.params, content=content, headers=headers)
+        request = self._request(self._http, call)
         attempt = 0
         while True:
             try:
@@ -307,8 +306,7 @@ class AsyncMemosClient(BaseClient):
     async def _send(self, call: Call[T]) -> T:
         if self._http.is_closed:
             raise self._closed(call)
-        content, headers = self._content(call)
-        request = self._http.build_request(call.method, call.path, params=call.params, content=content, headers=headers)
+        request = self._request(self._http, call)
         attempt = 0
         while True:
             try:
