@@ -346,13 +346,13 @@ def test_langgraph_applies_operators_nested_in_a_filter_as_langgraph_does(sdk: M
 
 def test_a_key_with_a_newline_or_a_space_never_shows_in_an_error(server: Recorder) -> None:
     """A key with a trailing newline (read from a file) or a space reached the header, and httpx's refusal, which
-    this client passed on, quoted the whole key. It is stripped as MEMOS_API_KEY is, and one with a space or a
-    control character inside is refused at once, without quoting it."""
+    this client passed on, quoted the whole key. It is stripped as MEMOS_API_KEY is, and one with a control or a
+    non-ASCII character inside is refused at once, without quoting it."""
     secret = "memos_0123456789ab_SECRETSECRETSECRET"
     with MemosClient(BASE, api_key=secret + "\n", transport=httpx.MockTransport(server)) as client:
         client.agents.me()
     assert server.requests[-1].headers["authorization"] == f"Bearer {secret}"
-    for bad in (secret[:10] + " " + secret[10:], secret[:10] + "\n" + secret[10:], secret + "é"):
+    for bad in (secret[:10] + "\t" + secret[10:], secret[:10] + "\n" + secret[10:], secret + "é"):
         with pytest.raises(ValueError, match="the API key holds") as refused:
             MemosClient(BASE, api_key=bad, transport=httpx.MockTransport(server))
         assert secret[12:] not in str(refused.value)

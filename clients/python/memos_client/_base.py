@@ -259,8 +259,8 @@ def query(**fields: Any) -> QueryParams:
     return tuple(params)
 
 
-_HEADER_SAFE = re.compile(r"[!-~]+")
-"""Printable ASCII with no space: what an API key is, and what a header value can carry."""
+_HEADER_SAFE = re.compile(r"[ -~]+")
+"""Printable ASCII: what a header value can carry (an operator key may hold spaces; memos's own keys hold none)."""
 
 
 def _env(name: str) -> str | None:
@@ -306,7 +306,7 @@ class BaseClient:
         if not key:
             raise ValueError("no API key: pass api_key= or set MEMOS_API_KEY")
         if not _HEADER_SAFE.fullmatch(key):
-            raise ValueError("the API key holds a space, a control or a non-ASCII character: check how it was copied")
+            raise ValueError("the API key holds a control or a non-ASCII character: check how it was copied")
         self._api_key = key
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self.retry_policy = retries if isinstance(retries, RetryPolicy) else RetryPolicy(max_retries=retries)
