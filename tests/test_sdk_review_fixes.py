@@ -376,3 +376,49 @@ async def test_a_path_httpx_cannot_use_is_a_value_error_sync_and_async(server: R
         with pytest.raises(ValueError, match="not a usable path"):
             await aclient.request("GET", "/v1/agents/me\n")
     assert server.requests == []
+
+
+async def test_models_reads_every_page_sync_and_async() -> None:
+    """GET /v1/models pages (50 a page by default), and models() returned the first page only (an SDK review)."""
+
+    def model(i: int) -> dict[str, Any]:
+        return {
+            "name": f"m{i:02d}",
+            "fingerprint": None,
+            "layers": None,
+            "kv_heads": None,
+            "head_dim": None,
+            "dtype": "float32",
+            "device": "cpu",
+            "kv_bytes_per_token": None,
+            "rope_shiftable": None,
+            "status": "unavailable",
+            "reason": "x",
+        }
+
+    def pages(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/models"
+        if request.url.params.get("cursor") == "page-2":
+            return httpx.Response(200, json={"items": [model(i) for i in range(50, 60)], "next_cursor": None})
+        return httpx.Response(200, json={"items": [model(i) for i in range(50)], "next_cursor": "page-2"})
+
+    with MemosClient(BASE, api_key="k", transport=httpx.MockTransport(pages)) as client:
+        assert [m.name for m in client.models()] == [f"m{i:02d}" for i in range(60)]
+    async with AsyncMemosClient(BASE, api_key="k", transport=httpx.MockTransport(pages)) as aclient:
+        assert len(await aclient.models()) == 60
+
+
+def test_a_set_of_tags_to_list_is_sent_as_tags() -> None:
+    """memories.list(cube, tag={"a"}) sent ?tag={'a'} and found nothing (an SDK review)."""
+    sent: list[httpx.Request] = []
+
+    def empty(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json={"items": [], "next_cursor": None})
+
+    with MemosClient(BASE, api_key="k", transport=httpx.MockTransport(empty)) as client:
+        list(client.memories.list(CUBE_ID, tag={"a"}))
+        list(client.memories.list(CUBE_ID, tag=("a", "b")))
+        with pytest.raises(TypeError, match="tag must be a list"):
+            list(client.memories.list(CUBE_ID, tag={"a": 1}))  # type: ignore[arg-type]
+    assert [r.url.params.get_list("tag") for r in sent] == [["a"], ["a", "b"]]

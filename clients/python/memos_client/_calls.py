@@ -298,7 +298,7 @@ def list_memories(
 ) -> Call[Page[Memory]]:
     params = query(
         kind=kind,
-        tag=[tag] if isinstance(tag, str) else tag,
+        tag=[tag] if isinstance(tag, str) else _list("tag", tag),  # a set was sent as its repr (an SDK review)
         state=state,
         since=since,  # query() writes a datetime as RFC 3339 (a naive one is a ValueError naming it)
         until=until,
@@ -491,8 +491,8 @@ def _raw_bytes(content: bytes) -> bytes:
     return content
 
 
-def list_models() -> Call[Page[Model]]:
-    return Call("GET", path("models"), _MODEL_PAGE)
+def list_models(cursor: str | None = None) -> Call[Page[Model]]:
+    return Call("GET", path("models"), _MODEL_PAGE, params=query(cursor=cursor))
 
 
 def build_activation(memory_id: Id, model: str) -> Call[Activation]:

@@ -14,6 +14,7 @@ import httpx
 from memos_client import _calls
 from memos_client._base import DEFAULT_TIMEOUT, BaseClient, Call, Id, RetryPolicy
 from memos_client._models import Generation, Mode, Model, Pin, SchedulerState, SearchResponse, State
+from memos_client._pagination import AsyncPager, Pager
 from memos_client._resources import (
     Activations,
     Agents,
@@ -72,8 +73,8 @@ class MemosClient(BaseClient):
         self.activations = Activations(self)
 
     def models(self) -> list[Model]:
-        """The causal LMs the server is configured with (empty: KV endpoints answer ``Conflict``)."""
-        return self._send(_calls.list_models()).items
+        """The causal LMs the server is configured with, every page (empty: KV endpoints answer ``Conflict``)."""
+        return list(Pager(lambda cursor: self._send(_calls.list_models(cursor))))
 
     def scheduler(self) -> SchedulerState:
         """The KV tiers (budget, use, hit rate), the build queue and the hottest memories the caller can read."""
@@ -219,8 +220,8 @@ class AsyncMemosClient(BaseClient):
         self.activations = AsyncActivations(self)
 
     async def models(self) -> list[Model]:
-        """The causal LMs the server is configured with (empty: KV endpoints answer ``Conflict``)."""
-        return (await self._send(_calls.list_models())).items
+        """The causal LMs the server is configured with, every page (empty: KV endpoints answer ``Conflict``)."""
+        return [model async for model in AsyncPager(lambda cursor: self._send(_calls.list_models(cursor)))]
 
     async def scheduler(self) -> SchedulerState:
         """The KV tiers (budget, use, hit rate), the build queue and the hottest memories the caller can read."""
