@@ -115,6 +115,64 @@ def test_search_filters_and_listing(store: MemosStore) -> None:
     assert len(page) == 2
 
 
+def test_two_puts_of_a_new_key_at_once_leave_one_item(store: MemosStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both puts found no item and both added one: the key had two items, search listed it twice (found in an SDK
+    review). Here the second put looks before the first one's item lands; it then gives way to the older item
+    and writes its value over it."""
+    ns = ("race",)
+    store.put(ns, "k", {"text": "first writer"})
+    real_find = MemosStore._find
+    looked: list[str] = []
+
+    def too_early(self: MemosStore, cube_id: str, key: str) -> object:
+        looked.append(key)
+        return None if len(looked) == 1 else real_find(self, cube_id, key)
+
+    monkeypatch.setattr(MemosStore, "_find", too_early)
+    store.put(ns, "k", {"text": "second writer"})
+    monkeypatch.undo()
+    items = store.search(ns, limit=10)
+    assert [(i.key, i.value) for i in items] == [("k", {"text": "second writer"})]
+    item = store.get(ns, "k")
+    assert item is not None and item.value == {"text": "second writer"}
+
+
+def test_a_put_whose_item_is_the_oldest_deletes_a_younger_twin(
+    store: MemosStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order of the race: the second put looked before this one's item landed and kept its own; this
+    one, whose item is the oldest, sees the younger twin and deletes it."""
+    client = store._client
+    real_add = client.memories.add
+
+    def add_then_a_twin(cube_id: str, **fields: object) -> object:
+        mine = real_add(cube_id, **fields)
+        real_add(cube_id, **{**fields, "metadata": {**fields["metadata"], "value": {"text": "twin"}}})  # type: ignore[dict-item]
+        return mine
+
+    monkeypatch.setattr(client.memories, "add", add_then_a_twin)
+    store.put(("race2",), "k", {"text": "mine"})
+    monkeypatch.undo()
+    assert [(i.key, i.value) for i in store.search(("race2",), limit=10)] == [("k", {"text": "mine"})]
+
+
+def test_search_with_a_query_over_many_namespaces_and_its_paging_limit(
+    store: MemosStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query over more than 100 namespaces was a 422 (the server's cap on cube_ids), and offset 200 answered
+    nothing, silently (found in an SDK review). The cubes go in groups (2 here), merged by score."""
+    from memos_client.compat import langgraph
+
+    monkeypatch.setattr(langgraph, "_SEARCH_MAX_CUBES", 2)
+    for who in ("ana", "ben", "cy"):
+        store.put(("people", who), "coffee", {"text": f"{who} drinks espresso every morning"})
+    hits = store.search(("people",), query="who drinks espresso?", limit=10)
+    assert sorted(h.namespace for h in hits) == [("people", "ana"), ("people", "ben"), ("people", "cy")]
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    with pytest.raises(ValueError, match="offset \\+ limit is at most 200"):
+        store.search(("people",), query="espresso", offset=195, limit=10)
+
+
 def test_index_fields_decide_what_is_searched(store: MemosStore) -> None:
     ns = ("docs",)
     store.put(ns, "a", {"title": "Quarterly volcano report", "body": "irrelevant"}, index=["title"])

@@ -20,8 +20,9 @@ How LangGraph's model maps onto memos:
   soft delete.
 - **What is searched** is the memory's content: the item's ``index`` fields joined by newlines (the
   whole value as JSON when ``index`` is not given; the key alone for ``index=False``). ``search``
-  with a ``query`` is memos' hybrid search over every cube under the prefix; ``score`` is memos'
-  fused score (not a cosine). Plain-equality ``filter`` entries are applied by the server, ``$ne``,
+  with a ``query`` is memos' hybrid search over every cube under the prefix (in groups of 100, the
+  server's cap, merged by score; ``offset + limit`` at most 200); ``score`` is memos' fused score
+  (not a cosine). Plain-equality ``filter`` entries are applied by the server, ``$ne``,
   ``$gt``, ``$gte``, ``$lt``, ``$lte`` and ``$eq`` here, on the results (nested in objects too, with
   LangGraph's semantics). Any other operator (``$in``,
   ``$exists``, ...) is a ``ValueError`` naming it, as in LangGraph's own stores, never an empty result.
@@ -68,6 +69,7 @@ __all__ = ["MemosStore"]
 SearchMode = Literal["vector", "text", "hybrid", "graph"]
 
 _SEARCH_MAX_K = 200  # the server's limit on k
+_SEARCH_MAX_CUBES = 100  # and on cube_ids
 _OPERATORS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte")
 
 
@@ -138,10 +140,20 @@ class MemosStore(BaseStore):
         for _ in range(3):  # a concurrent put of the same key moved the version: read it again
             memory = self._find(cube_id, op.key)
             if memory is None:
-                self._client.memories.add(
+                added = self._client.memories.add(
                     cube_id, content=content, metadata=metadata, tags=[_key_tag(op.key)], ttl_seconds=ttl_seconds
                 )
-                return
+                # Two puts of a new key at once both added one: the key then had two items (found in review). The
+                # oldest is the key's item, as _find reads it, and whichever put sees younger ones deletes them (one
+                # may not see the other's yet). A put whose item is not the oldest writes its value over the
+                # oldest (the next round's update), as a put on an existing key does.
+                winner, *others = self._items(cube_id, op.key) or [added]
+                for other in others:
+                    with contextlib.suppress(NotFound):
+                        self._client.memories.delete(other.id)
+                if winner.id == added.id:
+                    return
+                continue
             try:
                 self._client.memories.update(
                     memory.id, if_version=memory.version, content=content, metadata=metadata, ttl_seconds=ttl_seconds
@@ -158,17 +170,26 @@ class MemosStore(BaseStore):
             return []
         wanted = op.offset + op.limit
         if op.query:
+            if wanted > _SEARCH_MAX_K:
+                # The server ranks at most k = 200: offset 200 answered nothing, silently (found in review).
+                raise ValueError(f"offset + limit is at most {_SEARCH_MAX_K} with a query (memos ranks at most 200)")
             exact = {k: v for k, v in (op.filter or {}).items() if not _has_operator(v)}
-            found = self._client.search(
-                op.query,
-                cube_ids=list(cubes),
-                k=min(max(wanted, 1), _SEARCH_MAX_K),
-                mode=self._mode,
-                filters={"value": exact} if exact else None,
-            )
+            ids = list(cubes)
+            results = []
+            # A search takes at most _SEARCH_MAX_CUBES cubes (a 422 over 100 namespaces; found in review): one per
+            # group, merged by score.
+            for start in range(0, len(ids), _SEARCH_MAX_CUBES):
+                results += self._client.search(
+                    op.query,
+                    cube_ids=ids[start : start + _SEARCH_MAX_CUBES],
+                    k=max(wanted, 1),
+                    mode=self._mode,
+                    filters={"value": exact} if exact else None,
+                ).results
+            results.sort(key=lambda r: r.score, reverse=True)
             hits = [
                 _search_item(cubes[r.memory.cube_id], r.memory, r.score)
-                for r in found.results
+                for r in results
                 if r.memory.cube_id in cubes and _matches(_value(r.memory), op.filter)
             ]
         else:
@@ -241,10 +262,16 @@ class MemosStore(BaseStore):
         return tuple(labels)
 
     def _find(self, cube_id: str, key: str) -> Memory | None:
+        """The key's item: the oldest memory holding it."""
         for memory in self._client.memories.list(cube_id, tag=_key_tag(key), page_size=10):
             if memory.metadata.get("langgraph", {}).get("key") == key:
                 return memory
         return None
+
+    def _items(self, cube_id: str, key: str) -> list[Memory]:
+        """Every memory holding the key, oldest first (more than one only while two puts race)."""
+        listed = self._client.memories.list(cube_id, tag=_key_tag(key), page_size=10)
+        return [m for m in listed if m.metadata.get("langgraph", {}).get("key") == key]
 
 
 # --- items ----------------------------------------------------------------------------------------
