@@ -310,6 +310,19 @@ def test_candidate_words_stay_within_the_postings_budget() -> None:
     assert discriminating({"dolomit": 0.002, "bob": 0.5}, docs=600) == ["dolomit", "bob"]
 
 
+def test_words_no_memory_has_are_always_looked_up() -> None:
+    """A word the counts say no memory has came after the common words, and the loop stopped at the first rule
+    that refused one, so it was never looked up; counts cached for minutes say so of a word a new memory holds
+    (found in review)."""
+    common = {"tea": 0.3, "coffee": 0.3, "piano": 0.3, "zanzibar": 0.0}
+    assert discriminating(common, docs=1000) == ["coffee", "piano", "zanzibar"]
+    over_budget = {"carolin": 0.1, "said": 0.2, "zanzibar": 0.0}
+    assert discriminating(over_budget, docs=100 * POSTINGS_BUDGET) == ["carolin", "zanzibar"]
+    # A small cube's common words still select no candidates beyond the two rarest (they would crowd graph mode's
+    # seeds); the word no memory has is taken.
+    assert discriminating({"tea": 0.25, "coffee": 0.375, "cat": 0.25, "gnu": 0.0}, docs=8) == ["cat", "tea", "gnu"]
+
+
 def test_words_no_memory_has_do_not_crowd_out_the_words_that_find_candidates(client, factory: Factory) -> None:
     """Two query words no memory contains are the rarest of all: they must not fill the lookup in place of
     a common word that does find memories."""
@@ -595,3 +608,19 @@ def test_text_leg_candidates_get_their_cosine_for_the_query_model_only() -> None
     assert same.dense == pytest.approx(1.0)
     assert tilted.dense == pytest.approx(0.8)
     assert (other.dense, zero.dense, none.dense) == (0.0, 0.0, 0.0)
+
+
+def test_a_memory_written_after_the_word_counts_were_cached_is_found_by_text(client, factory: Factory) -> None:
+    """The word counts are cached for minutes: a word only a memory written since holds counts as in none, came
+    last, and was never looked up after three common words (found in review)."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    items = [{"kind": "plaintext", "content": f"note {i}: tea, coffee and piano practice"} for i in range(20)]
+    r = client.post(f"/v1/cubes/{cube['id']}/memories/batch", json={"items": items}, headers=bearer(tenant.admin_key))
+    assert r.status_code == 201
+    search(client, tenant.admin_key, query="tea", mode="text", cube_ids=[cube["id"]])  # the counts are cached
+    new = factory.memory(tenant.admin_key, cube["id"], "Zanzibar ferry tickets are booked.")
+    found = search(
+        client, tenant.admin_key, query="tea coffee piano zanzibar", mode="text", k=50, cube_ids=[cube["id"]]
+    )
+    assert new["id"] in {r["memory"]["id"] for r in found["results"]}

@@ -200,12 +200,17 @@ def discriminating(share: dict[str, float], docs: int, keep_at_least: int = 2) -
     chosen: list[str] = []
     postings = 0.0
     for _, s, w in ranked:
+        cost = s * docs
+        # Rules that skip a word skip every word with some memories after it too (they come rarest first), but
+        # not the words with none, which cost nothing: they were never looked up once a rule stopped the loop,
+        # and cached counts up to a few minutes old say "none" of a word a memory written since holds (found in
+        # review: "tea coffee piano zanzibar" missed the new Zanzibar memory that "zanzibar" alone found).
         # The budget binds even below ``keep_at_least`` (only the rarest word is always taken): in a big
         # cube, a second, common word would add thousands of memories to rank.
-        if chosen and postings + s * docs > POSTINGS_BUDGET:
-            break
+        if chosen and cost and postings + cost > POSTINGS_BUDGET:
+            continue
         if len(chosen) >= keep_at_least and s > COMMON_SHARE:
-            break
+            continue
         chosen.append(w)
-        postings += s * docs
+        postings += cost
     return chosen
