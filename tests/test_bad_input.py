@@ -461,3 +461,26 @@ def test_a_link_type_ending_in_a_newline_is_422(
     # Its message says what a type is; it quoted the pattern, lookahead and all (found by a new user).
     assert r.json()["errors"][0]["message"] == "must be a letter, then letters, digits or _ . : -"
     assert "regex" not in r.json()["detail"]
+
+
+def test_text_of_only_invisible_characters_is_blank_where_it_is_read_as_words(
+    client: Client, tenant: Tenant, cube: dict[str, Any]
+) -> None:
+    """A query of zero-width spaces, a soft hyphen or control characters was searched (graph mode answered arbitrary
+    memories at score 1.0), and looked up in the cache; a cube could be named with them (found in review). A
+    memory's content is stored as written, so it keeps the whitespace-only rule."""
+    key = bearer(tenant.admin_key)
+    invisible = ["\u200b", "\u200b\u200c\u200d\u2060", "\u00ad", "\x01\x02", " \u200e "]
+    for text in invisible:
+        for mode in ("vector", "text", "hybrid", "graph"):
+            r = client.post("/v1/search", json={"query": text, "mode": mode}, headers=key)
+            assert problem(r, 422)["errors"][0] == {
+                "field": "query",
+                "message": "must contain a character that is neither a space nor invisible",
+            }, (text, mode)
+        assert field_of(client.post("/v1/cubes", json={"name": text}, headers=key)) == "name"
+        r = client.post("/v1/cache/lookup", json={"cube_id": cube["id"], "query": text}, headers=key)
+        assert field_of(r) == "query", text
+    assert client.post("/v1/search", json={"query": "\u200bcafé"}, headers=key).status_code == 200
+    r = client.post(f"/v1/cubes/{cube['id']}/memories", json={"kind": "plaintext", "content": "\u200b"}, headers=key)
+    assert r.status_code == 201, r.text

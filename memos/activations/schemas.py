@@ -9,13 +9,13 @@ from typing import Annotated, Literal
 import msgspec
 
 from memos.search.schemas import SearchRequest
-from memos.validation import NON_BLANK
+from memos.validation import VISIBLE
 
 MAX_NEW_TOKENS = 512
 MAX_GENERATE_MEMORIES = 64
 ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-# NON_BLANK: a prompt of spaces has no tokens to generate after (it was a 500 from the KV library).
-Prompt = Annotated[str, msgspec.Meta(min_length=1, max_length=20_000, pattern=NON_BLANK)]
+# VISIBLE: a prompt of spaces has no tokens to generate after (it was a 500 from the KV library).
+Prompt = Annotated[str, msgspec.Meta(min_length=1, max_length=20_000, pattern=VISIBLE)]
 Tier = Literal["device", "host", "store"]
 
 

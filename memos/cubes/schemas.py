@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from memos.validation import NON_BLANK
+from memos.validation import VISIBLE
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NON_BLANK)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=VISIBLE)]
 Description = Annotated[str, msgspec.Meta(max_length=10_000)]
 
 

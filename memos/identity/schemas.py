@@ -8,9 +8,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from memos.validation import NON_BLANK
+from memos.validation import VISIBLE
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NON_BLANK)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=VISIBLE)]
 
 
 class TenantIn(msgspec.Struct, forbid_unknown_fields=True):

@@ -9,12 +9,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from memos.memories.schemas import Memory, Tags
-from memos.validation import NON_BLANK
+from memos.validation import VISIBLE
 
 MAX_K = 200
 
 Mode = Literal["vector", "text", "hybrid", "graph"]
-Query = Annotated[str, msgspec.Meta(min_length=1, max_length=4000, pattern=NON_BLANK)]
+Query = Annotated[str, msgspec.Meta(min_length=1, max_length=4000, pattern=VISIBLE)]
 
 
 # An empty cube_ids, kinds or states can match nothing: it is a caller's mistake, not the default (an empty

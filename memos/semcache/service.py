@@ -52,7 +52,7 @@ from memos.store.arrays import decode_vector
 from memos.store.audit import record
 from memos.store.db import Database
 from memos.store.models import cache_categories, cache_configs, cache_entries, cube_grants, cubes, memories
-from memos.validation import reject_nul
+from memos.validation import is_blank, reject_nul
 
 log = logging.getLogger(__name__)
 
@@ -687,7 +687,7 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 
 def _check_query(query: str, field: str) -> None:
-    if not query.strip():
+    if is_blank(query):  # "\u200b" passed strip() and was embedded and looked up (found in review)
         raise Invalid.field(field, "must not be blank")
     reject_nul(query, field)
 
