@@ -134,6 +134,25 @@ async def test_a_big_write_extracts_its_entities_in_a_worker_thread(monkeypatch:
     assert graph.entities(small) == {"gina"}, "a small write is applied at once, on the loop"
 
 
+async def test_a_memory_deleted_or_archived_behind_a_big_write_leaves_the_graph_at_once() -> None:
+    """A removal queued behind a big write's entity extraction left the deleted memory in the graph meanwhile, and
+    graph search walked through it and named it in ``via`` (found in a search review). A removal of the big
+    write's own memory still holds after its queued add."""
+    cube, source, middle, archived = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    graphs, graph = _loaded(cube, (source, "Gina keeps notes."), (middle, "Gina's notes."), (archived, "More notes."))
+    graph.add_edge(middle, source, "link", 1.0)
+    big = uuid.uuid4()
+    graphs.memories_written(cube, [_row(big, BIG)])
+    assert graphs._queues, "the big write is queued"
+    graphs.memories_removed(cube, [middle])
+    graphs.memories_written(cube, [_row(archived, "More notes.", state="archived")])
+    assert middle not in graph and archived not in graph, "gone before the big write's extraction ends"
+    graphs.memories_removed(cube, [big])  # the big write itself, deleted while its add waits
+    await graphs.settled()
+    assert middle not in graph and archived not in graph and big not in graph
+    assert source in graph and graphs._queues == {}
+
+
 async def test_writes_queued_behind_a_big_one_leave_the_graph_as_writes_in_order_do(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

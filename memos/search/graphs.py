@@ -322,6 +322,7 @@ class CubeGraphs:
                 else:
                     graph.remove_memory(memory_id)
 
+        self._remove_at_once(cube_id, [memory_id for memory_id, state, _, _, _ in snapshot if state != "active"])
         size = sum(len(content) for _, state, content, _, _ in snapshot if state == "active" and content)
         if size > OFF_LOOP_CHARS:
             self._apply(cube_id, slow_note, slow=True)
@@ -336,7 +337,20 @@ class CubeGraphs:
             for memory_id in gone:
                 graph.remove_memory(memory_id)
 
+        self._remove_at_once(cube_id, gone)
         self._apply(cube_id, note)
+
+    def _remove_at_once(self, cube_id: uuid.UUID, ids: list[uuid.UUID]) -> None:
+        """Memories that left the cube's active set leave its loaded graph now, even behind a slow note: queued,
+        a deleted memory stayed in the graph while a big write's entities were extracted, and graph search walked
+        through it and named it in ``via`` (found in review). The removal stays queued in its place too, in case
+        a note before it adds one of them back. Only membership of the graph's entity keys is read meanwhile by
+        the extraction (``known_entities``), which a removal may change: as if the deletion had come first."""
+        graph = self._graphs.get(cube_id)
+        queue = self._queues.get(cube_id)
+        if ids and graph is not None and queue is not None and queue.graph is graph:
+            for memory_id in ids:
+                graph.remove_memory(memory_id)
 
     def links_written(self, cube_id: uuid.UUID, links: Iterable[tuple[uuid.UUID, uuid.UUID, str, float]]) -> None:
         snapshot = list(links)
