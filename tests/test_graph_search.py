@@ -337,3 +337,33 @@ def test_a_graph_still_building_answers_in_hybrid_and_says_so(settings, embedder
         else:
             raise AssertionError("the graph never became ready")
         assert later["results"]
+
+
+def test_a_filtered_graph_search_reaches_a_linked_memory_behind_heavier_ones_that_fail(
+    client, factory: Factory
+) -> None:
+    """A filtered graph search checked only the memories its unfiltered walk reached: a memory keeps its 32
+    heaviest neighbours, so a linked memory that passed the filter was never reached behind 40 heavier ones that
+    failed it (found in a search review). The neighbourhood is now gathered again without the failures."""
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube = factory.cube(key)["id"]
+    fill = [{"kind": "plaintext", "content": f"A sunrise over the beach, study {i}.", "tags": ["t"]} for i in range(10)]
+    heavy = [{"kind": "plaintext", "content": f"Blarg vintol {i} snerp."} for i in range(40)]
+    for items in (fill, heavy):
+        r = client.post(f"/v1/cubes/{cube}/memories/batch", json={"items": items}, headers=bearer(key))
+        assert r.status_code == 201, r.text
+    heavy_ids = [m["id"] for m in r.json()["items"]]
+    seed = factory.memory(key, cube, "Melanie painted a sunrise over the beach in Zanzibar.", tags=["t"])
+    linked = factory.memory(key, cube, "Qwertz flumbo 4471 grelt.", tags=["t"])
+    for other, weight in [(h, 5) for h in heavy_ids] + [(linked["id"], 1)]:
+        r = client.post(
+            f"/v1/memories/{seed['id']}/links", json={"to": other, "type": "rel", "weight": weight}, headers=bearer(key)
+        )
+        assert r.status_code == 201, r.text
+    results = search(
+        client, key, query="Melanie sunrise beach Zanzibar", mode="graph", k=10, tags=["t"], cube_ids=[cube]
+    )
+    found = {r["memory"]["id"]: r["via"] for r in results}
+    assert found.get(linked["id"]) == f"graph:link<-{seed['id']}", found
+    assert not set(heavy_ids) & set(found)

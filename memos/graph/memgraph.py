@@ -435,12 +435,13 @@ class MemoryGraph:
         *,
         fanout: int = 32,
         max_scan: int = 40_000,
+        admit: Container[Hashable] | None = None,
         now: float | None = None,
     ) -> list[MemoryId]:
         """The memories :meth:`spread` would reach from ``seeds`` over an edge (``Spread.memories``), without
         the edges among them: what a filtered search checks before it spreads again with ``admit``."""
         ranked = dict(sorted(seeds.items(), key=lambda item: -item[1]))
-        reached = self._reach(ranked, hops, max_nodes, fanout, max_scan, self.weights.by_kind(), None, now)
+        reached = self._reach(ranked, hops, max_nodes, fanout, max_scan, self.weights.by_kind(), admit, now)
         return [node for node, via in reached.items() if via is not None and not isinstance(node, EntityHub)]
 
     def _reach(
