@@ -241,7 +241,7 @@ async def healthz_head() -> Response[None]:
 
 @get(
     "/readyz",
-    summary="200 when the database answers and its schema is current, else 503",
+    summary="200 when the database answers, its schema is current and the embedding model has not failed, else 503",
     tags=["operations"],
     responses=errors(503),
 )
@@ -269,16 +269,17 @@ async def _ready(request: Request[Any, Any, Any]) -> Database:
     """The database, if it answers and its schema is current, and an embedding model that has not failed; else 503.
 
     A model still loading is ready (it takes seconds; writes wait for it). One that failed stays failed until a
-    restart, and every write and search answers 503: /readyz was 200 all the same, so a load balancer kept sending
-    such an instance its traffic (found by an operator)."""
+    restart, and every write or search that embeds text answers 503 (all but reads, deletes and text search):
+    /readyz was 200 all the same, so a load balancer kept sending such an instance its traffic (found by an
+    operator)."""
     db: Database = request.app.state.db
     if not await db.ready():
         raise Unavailable("the database is not answering or its schema is not current", headers={"Retry-After": "1"})
     worker: EmbedWorker = request.app.state.embed_worker
     if worker.state is WorkerState.FAILED:
         raise Unavailable(
-            "the embedding model failed to load: writes and searches cannot run (the server's log says why; fix "
-            "MEMOS_EMBED_MODEL and restart)",
+            "the embedding model failed to load: writes and searches that embed text cannot run (the server's log "
+            "says why; fix MEMOS_EMBED_MODEL and restart)",
             headers={"Retry-After": "30"},
         )
     return db

@@ -144,10 +144,13 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
             if not answered:
                 # Cancelled before it answered: at shutdown, past MEMOS_SHUTDOWN_SECONDS. uvicorn then sent the
                 # client a plain-text 500, as for a bug; a 503 with Retry-After says "try again" (another
-                # instance, or this one restarted). Logged and counted as 499: nothing the app did answered it.
-                with contextlib.suppress(Exception):
-                    await _shutting_down(send_with_id)
-                status = CANCELLED_STATUS
+                # instance, or this one restarted). Logged and counted as 499: nothing the app did answered it,
+                # also when a second cancellation ends the 503 (hence the finally).
+                try:
+                    with contextlib.suppress(Exception):
+                        await _shutting_down(send_with_id)
+                finally:
+                    status = CANCELLED_STATUS
             raise
         finally:
             seconds = time.perf_counter() - started

@@ -600,3 +600,40 @@ def test_json_logs_carry_no_terminal_colour_codes() -> None:
     entry = json.loads(line)
     assert entry["msg"] == "Started server process [4242]" and entry["pgdata"] == "/data/pg"
     assert "color_message" not in entry
+
+
+def test_a_request_cancelled_at_shutdown_is_answered_503_and_logged_499_even_if_cancelled_again(caplog) -> None:
+    """A request cancelled before it answered gets a 503 (uvicorn sent a plain-text 500) and is logged as 499. A
+    second cancellation while the 503 went out skipped the 499, and the request was logged as 503 (a review)."""
+    import asyncio
+    import contextlib
+    import logging
+    from typing import Any
+
+    from memos.observability import request_id_middleware
+
+    sent: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(3600)
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.start":
+            await asyncio.sleep(3600)  # the client reads slowly: the shutdown cancels again here
+
+    async def run() -> None:
+        scope = {"type": "http", "method": "GET", "path": "/v1/x", "headers": []}
+        task = asyncio.ensure_future(request_id_middleware(app)(scope, None, send))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        assert sent and sent[0]["status"] == 503, sent
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.INFO, logger="memos.access"):
+        asyncio.run(run())
+    (line,) = [r for r in caplog.records if r.name == "memos.access"]
+    assert line.status == 499  # type: ignore[attr-defined]

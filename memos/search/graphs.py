@@ -302,7 +302,8 @@ class CubeGraphs:
         When their texts add up to more than ``OFF_LOOP_CHARS``, their entities are extracted in a worker
         thread, one memory at a time, and the cube's later writes wait behind them (searches meanwhile see
         the graph as it was). While the thread reads the entity keys the graph holds (``known``), nothing
-        changes the graph, so it ends as if extraction had run on the event loop.
+        changes the graph but removals (``_remove_at_once``), so it ends as if extraction had run on the event
+        loop, or as if those removals had come first.
         """
         snapshot = [(r.id, r.state, r.content, r.metadata, r.expires_at) for r in rows]
 

@@ -190,11 +190,12 @@ def discriminating(share: dict[str, float], docs: int, keep_at_least: int = 2) -
     little weight anyway, so candidates come from the words that tell memories apart. The budget keeps
     the ranking work bounded in big cubes, where even a word in 1 % of memories has thousands of them.
 
-    A word no active memory has comes last, after every word that some have: it finds no active memory,
-    so taken first it would fill the lookup's places and leave out the words that do find candidates
-    ("zebra unicorn dragon" finding nothing where "zebra" alone finds plenty). It is still looked up
-    when a place is left (archived or deleted memories may have it, for a search over those states):
-    it adds nothing to the postings counted against the budget.
+    A word no active memory has (by the cached counts) comes last, after every word that some have: it finds
+    no active memory, so taken first it would fill the lookup's places and leave out the words that do find
+    candidates ("zebra unicorn dragon" finding nothing where "zebra" alone finds plenty). It is always looked
+    up, and adds nothing to the postings counted against the budget: archived or deleted memories may have it
+    (a search over those states), and so may memories written since the counts were taken. Such a word found
+    in many memories shares the lookup's ``POSTINGS_BUDGET`` matches with the others.
     """
     ranked = sorted((s == 0, s, w) for w, s in share.items())
     chosen: list[str] = []
