@@ -26,7 +26,7 @@ from litestar.serialization import default_deserializer
 from litestar.types import TypeDecodersSequence
 from litestar.typing import FieldDefinition
 
-from memos.validation import LINK_TYPE, NON_BLANK, VISIBLE
+from memos.validation import BLANK_MESSAGE, LINK_TYPE, NON_BLANK, VISIBLE
 
 _AT = re.compile(r" - at `\$\.?(.*)`$")
 _WANTS_INT_GOT_FLOAT = re.compile(r"Expected `([^`]*)`, got `float`")
@@ -87,7 +87,7 @@ def _whole_floats_as_ints(tree: Any) -> Any:
 
 _PATTERNS = {
     f"Expected `str` matching regex {NON_BLANK!r}": "must contain a character that is not a space",
-    f"Expected `str` matching regex {VISIBLE!r}": "must contain a character that is neither a space nor invisible",
+    f"Expected `str` matching regex {VISIBLE!r}": BLANK_MESSAGE,
     f"Expected `str` matching regex {LINK_TYPE!r}": "must be a letter, then letters, digits or _ . : -",
 }
 """msgspec's words for a text its pattern refuses showed the user our regex; these say what it wants."""

@@ -16,11 +16,16 @@ NON_BLANK = r"[^\s\x1c-\x1f\x85\ufeff]"
 JSON Schema's ECMA-262 regex: Python's ``\\s`` also covers U+001C..U+001F and U+0085, ECMA's covers
 U+FEFF. With ``\\S`` alone, "\u0085" passed the published schema and was refused by the server."""
 
-VISIBLE = r"[^\s\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]"
-"""``NON_BLANK``, with control characters and the invisible format characters (zero-width spaces and joiners, the
-soft hyphen, direction marks) blank too: for what is read or matched as words (a query, a prompt, a name). A query
-of "\u200b" was searched, and graph mode answered arbitrary memories at score 1.0 (found in review). A memory's
-content keeps ``NON_BLANK``: it is stored as written."""
+VISIBLE = (
+    r"[^\s\x00-\x1f\x7f-\x9f\xad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    r"\u202a-\u202e\u2060-\u2064\u2066-\u206f\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb]"
+)
+"""``NON_BLANK``, with control characters and the invisible characters of the Basic Multilingual Plane blank too
+(zero-width spaces and joiners, the soft hyphen, direction marks, variation selectors, the Hangul fillers, the blank
+braille pattern): for what is read or matched as words (a query, a prompt, a name). A query of "\u200b" was
+searched, and graph mode answered arbitrary memories at score 1.0 (found in review). It is a schema pattern, a
+character class Python and JSON Schema read alike, so it stops at the BMP: the invisible characters beyond it (tag
+characters, musical formatting) still count. A memory's content keeps ``NON_BLANK``: it is stored as written."""
 
 # msgspec tests a pattern with re.search, whose `$` also matches before a trailing newline: "next\n" passed and was
 # stored as a link type. The lookahead refuses it (and means nothing to a JavaScript reader of the schema).
@@ -86,9 +91,11 @@ def same_json(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+BLANK_MESSAGE = "must contain a character that is neither a space nor invisible"
+
 _VISIBLE = re.compile(VISIBLE)
 
 
 def is_blank(text: str) -> bool:
-    """Whether ``text`` has no character ``VISIBLE`` counts: only spaces, control and invisible format characters."""
+    """Whether ``text`` has no character ``VISIBLE`` counts (the rule the published schemas state)."""
     return _VISIBLE.search(text) is None

@@ -470,7 +470,7 @@ def test_text_of_only_invisible_characters_is_blank_where_it_is_read_as_words(
     memories at score 1.0), and looked up in the cache; a cube could be named with them (found in review). A
     memory's content is stored as written, so it keeps the whitespace-only rule."""
     key = bearer(tenant.admin_key)
-    invisible = ["\u200b", "\u200b\u200c\u200d\u2060", "\u00ad", "\x01\x02", " \u200e "]
+    invisible = ["\u200b", "\u200b\u200c\u200d\u2060", "\u00ad", "\x01\x02", " \u200e ", "\u3164", "\ufe0f\u034f"]
     for text in invisible:
         for mode in ("vector", "text", "hybrid", "graph"):
             r = client.post("/v1/search", json={"query": text, "mode": mode}, headers=key)

@@ -22,13 +22,15 @@ from memos.semcache.policy import (
     THRESHOLD_FLOOR,
     ContextPolicy,
 )
+from memos.validation import VISIBLE
 
 MAX_CONTEXT_TURNS = 50
 MAX_CONTEXT_BYTES = 64 * 1024
 MAX_QUERY_CHARS = 8000
 """A cached or looked-up query's most characters: the guards read every query a lookup compares."""
 
-Query = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_QUERY_CHARS)]
+# VISIBLE: a query of zero-width spaces was embedded and looked up (the service refused only whitespace; a review).
+Query = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_QUERY_CHARS, pattern=VISIBLE)]
 Answer = Annotated[str, msgspec.Meta(min_length=1)]
 Category = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CATEGORY_NAME)]
 
