@@ -422,7 +422,7 @@ async def serve(
     try:
         client = AsyncMemosClient(url, api_key=api_key)
     except ValueError as exc:  # a URL that does not parse, a key no header can carry: a traceback before (review)
-        raise ConfigError(f"cannot use {url!r}: {exc}") from None
+        raise ConfigError(f"cannot use the URL or the API key given: {exc}") from None
     async with client:
         try:
             await client.cubes.get(cube_id)  # a bad URL, key or cube fails here, not on the first tool call

@@ -422,3 +422,13 @@ def test_a_set_of_tags_to_list_is_sent_as_tags() -> None:
         with pytest.raises(TypeError, match="tag must be a list"):
             list(client.memories.list(CUBE_ID, tag={"a": 1}))  # type: ignore[arg-type]
     assert [r.url.params.get_list("tag") for r in sent] == [["a"], ["a", "b"]]
+
+
+def test_a_blank_api_key_given_is_refused_not_replaced_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """api_key="   " silently fell back to MEMOS_API_KEY once keys were stripped (a review): a caller who passed a
+    key, and got it blank, is told so."""
+    monkeypatch.setenv("MEMOS_API_KEY", "memos_env_key")
+    with pytest.raises(ValueError, match="api_key= is blank"):
+        MemosClient(BASE, api_key="   ")
+    with MemosClient(BASE) as client:
+        assert client._api_key == "memos_env_key"

@@ -302,6 +302,8 @@ class BaseClient:
         # Stripped as MEMOS_API_KEY is (a key read from a file ends in a newline), and checked before it goes in a
         # header: one with a space or a newline inside made httpx's error, and so this client's, quote the whole
         # key (found in an SDK review).
+        if api_key is not None and not api_key.strip():
+            raise ValueError("api_key= is blank: pass the key, or leave it out to use MEMOS_API_KEY")
         key = (api_key or "").strip() or _env("MEMOS_API_KEY")
         if not key:
             raise ValueError("no API key: pass api_key= or set MEMOS_API_KEY")

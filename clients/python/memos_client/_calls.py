@@ -288,7 +288,7 @@ def list_memories(
     cube_id: Id,
     *,
     kind: str | None,
-    tag: str | Sequence[str] | None,
+    tag: str | Iterable[str] | None,
     state: str | None,
     since: datetime | str | None,
     until: datetime | str | None,

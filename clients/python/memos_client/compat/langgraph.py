@@ -21,8 +21,8 @@ How LangGraph's model maps onto memos:
 - **What is searched** is the memory's content: the item's ``index`` fields joined by newlines (the
   whole value as JSON when ``index`` is not given; the key alone for ``index=False``). ``search``
   with a ``query`` is memos' hybrid search over every cube under the prefix (in groups of 100, the
-  server's cap, merged by score; ``offset + limit`` at most 200); ``score`` is memos' fused score
-  (not a cosine). Plain-equality ``filter`` entries are applied by the server, ``$ne``,
+  server's cap, merged by rank; at most 200 ranked, a page past them is empty); ``score`` is memos'
+  fused score (not a cosine). Plain-equality ``filter`` entries are applied by the server, ``$ne``,
   ``$gt``, ``$gte``, ``$lt``, ``$lte`` and ``$eq`` here, on the results (nested in objects too, with
   LangGraph's semantics). Any other operator (``$in``,
   ``$exists``, ...) is a ``ValueError`` naming it, as in LangGraph's own stores, never an empty result.
@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import re
 import threading
@@ -170,23 +171,23 @@ class MemosStore(BaseStore):
             return []
         wanted = op.offset + op.limit
         if op.query:
-            if wanted > _SEARCH_MAX_K:
-                # The server ranks at most k = 200: offset 200 answered nothing, silently (found in review).
-                raise ValueError(f"offset + limit is at most {_SEARCH_MAX_K} with a query (memos ranks at most 200)")
             exact = {k: v for k, v in (op.filter or {}).items() if not _has_operator(v)}
             ids = list(cubes)
-            results = []
-            # A search takes at most _SEARCH_MAX_CUBES cubes (a 422 over 100 namespaces; found in review): one per
-            # group, merged by score.
-            for start in range(0, len(ids), _SEARCH_MAX_CUBES):
-                results += self._client.search(
+            # A search takes at most _SEARCH_MAX_CUBES cubes (a 422 over 100 namespaces; found in review): one
+            # search per group. Hybrid and graph scores are scaled within each search, so the groups' results are
+            # merged by rank (each group's best, then each one's second, ...), not by score. At most k = 200 are
+            # ranked: a page past that is empty, as a page past the last is.
+            groups = [
+                self._client.search(
                     op.query,
                     cube_ids=ids[start : start + _SEARCH_MAX_CUBES],
-                    k=max(wanted, 1),
+                    k=min(max(wanted, 1), _SEARCH_MAX_K),
                     mode=self._mode,
                     filters={"value": exact} if exact else None,
                 ).results
-            results.sort(key=lambda r: r.score, reverse=True)
+                for start in range(0, len(ids), _SEARCH_MAX_CUBES)
+            ]
+            results = [r for row in itertools.zip_longest(*groups) for r in row if r is not None]
             hits = [
                 _search_item(cubes[r.memory.cube_id], r.memory, r.score)
                 for r in results
@@ -263,15 +264,15 @@ class MemosStore(BaseStore):
 
     def _find(self, cube_id: str, key: str) -> Memory | None:
         """The key's item: the oldest memory holding it."""
-        for memory in self._client.memories.list(cube_id, tag=_key_tag(key), page_size=10):
-            if memory.metadata.get("langgraph", {}).get("key") == key:
-                return memory
-        return None
+        return next(self._holding(cube_id, key), None)
 
     def _items(self, cube_id: str, key: str) -> list[Memory]:
         """Every memory holding the key, oldest first (more than one only while two puts race)."""
+        return list(self._holding(cube_id, key))
+
+    def _holding(self, cube_id: str, key: str) -> Iterator[Memory]:
         listed = self._client.memories.list(cube_id, tag=_key_tag(key), page_size=10)
-        return [m for m in listed if m.metadata.get("langgraph", {}).get("key") == key]
+        return (m for m in listed if m.metadata.get("langgraph", {}).get("key") == key)
 
 
 # --- items ----------------------------------------------------------------------------------------

@@ -201,7 +201,9 @@ class Memory:
         # The other filters go to the server as metadata containment, so they narrow the top k instead of being
         # applied to it afterwards (a matching memory outside the top k was missed; found in review). Containment
         # is looser than equality for a list or an object value: the check below still applies.
-        extra = {k: v for k, v in (filters or {}).items() if k not in _ENTITY_KEYS}
+        # Not a None value: containment of {"k": null} needs the key, where equality here also takes a memory
+        # without it (found in review).
+        extra = {k: v for k, v in (filters or {}).items() if k not in _ENTITY_KEYS and v is not None}
         found = self._client.search(
             query,
             cube_ids=[self._cube()],
