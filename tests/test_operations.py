@@ -1053,9 +1053,13 @@ def test_migrate_status_says_where_the_schema_is_and_changes_nothing(
     monkeypatch.delenv("MEMOS_DATABASE_URL")
     empty = tmp_path / "nothing-here"
     monkeypatch.setenv("MEMOS_DATA_DIR", str(empty))
-    assert cli_main(["admin", "migrate", "--status"]) == 1
+    assert cli_main(["admin", "migrate", "--status"]) == 3  # not checked: 1 says "not at head"
     assert capsys.readouterr().err == f"memos admin migrate: no memos database in MEMOS_DATA_DIR ({empty})\n"
     assert not empty.exists()
+    # A database that cannot be reached is not checked either.
+    monkeypatch.setenv("MEMOS_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    assert cli_main(["admin", "migrate", "--status"]) == 3
+    assert capsys.readouterr().err.startswith("memos admin migrate: ")
 
 
 def test_migrate_to_a_revision_older_than_the_schema_says_it_needs_down(

@@ -244,23 +244,25 @@ def _migrate(args: argparse.Namespace) -> int:
     if args.status and (args.down or args.revision != "head"):
         print("memos admin migrate: --status takes no revision and no --down", file=sys.stderr)
         return 2
+    # --status that could not look is 3 ("not checked", as for verify): its 1 means "the schema is not at head".
+    failed = 3 if args.status else 1
     settings = Settings.from_env()
     if args.status and settings.embedded and _no_deployment(settings.data_dir):
-        # --status writes nothing: it does not make a deployment where a mistyped MEMOS_DATA_DIR points.
+        # --status changes nothing: it does not make a deployment where a mistyped MEMOS_DATA_DIR points.
         print(f"memos admin migrate: no memos database in MEMOS_DATA_DIR ({settings.data_dir})", file=sys.stderr)
-        return 1
+        return failed
     embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
     try:
         url = embedded.start() if embedded is not None else settings.database_url
     except OSError as exc:
         # A data directory that cannot be made or used (a file in its path, no permission): one line, as below.
         print(f"memos admin migrate: {_no_data_dir(settings, exc)}", file=sys.stderr)
-        return 1
+        return failed
     except Exception as exc:  # refused, or pg_ctl failed or timed out: a traceback before (found by an operator)
         if (line := _embedded_did_not_start(settings, exc)) is None:
             raise
         print(f"memos admin migrate: {line}", file=sys.stderr)
-        return 1
+        return failed
     assert url is not None
     try:
         before = migrations.current_revision(url)
@@ -298,10 +300,10 @@ def _migrate(args: argparse.Namespace) -> int:
     # refuses printed full tracebacks before.
     except (CommandError, migrations.UnsupportedServer) as exc:
         print(f"memos admin migrate: {exc}", file=sys.stderr)
-        return 1
+        return failed
     except DBAPIError as exc:
         print(f"memos admin migrate: {_database_failed(exc)}", file=sys.stderr)
-        return 1
+        return failed
     finally:
         if embedded is not None:
             embedded.stop()
