@@ -16,6 +16,7 @@ from __future__ import annotations
 import decimal
 import itertools
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -556,6 +557,10 @@ class QueryFacts:
     asks_reason: bool
     joined: str
     """The tokens run together ("wi fi" -> "wifi"): what :func:`mentions` looks a joined-up name up in."""
+    unread: bool
+    """The text has letters of a script the guards cannot read (not Latin: Cyrillic, CJK, Greek, Devanagari...)."""
+    plain: str
+    """The text compatibility-normalized, case-folded, its spaces collapsed: what "the same words" compares."""
 
 
 _POSSESSIVE_PERSON = {"my": "1", "our": "1", "your": "2", "his": "3", "her": "3", "their": "3", "its": "3"}
@@ -699,6 +704,8 @@ def analyze(text: str) -> QueryFacts:
         targets=targets,
         asks_reason=bool(REASON_MARKERS.search(lowered)),
         joined="".join(tokens),
+        unread=any(_unreadable(c) for c in text),
+        plain=" ".join(unicodedata.normalize("NFKC", text).casefold().split()),
     )
 
 
@@ -799,6 +806,25 @@ Guard = Callable[[QueryFacts, QueryFacts], "str | None"]
 def _fmt(items: Iterable[str]) -> str:
     listed = sorted(items)
     return ", ".join(listed) if listed else "nothing"
+
+
+@lru_cache(maxsize=8192)
+def _unreadable(char: str) -> bool:
+    """A letter the guards' tokens ([a-z0-9]) cannot hold, nor one of its accented Latin forms."""
+    return char.isalpha() and "LATIN" not in unicodedata.name(char, "")
+
+
+def script_guard(a: QueryFacts, b: QueryFacts) -> str | None:
+    """Only the same words are served for a query in a script the guards cannot read.
+
+    Every other guard reads Latin letters and digits: in Chinese, Russian, Japanese, Korean, Greek or Hindi they
+    saw no words at all, so "cancel my subscription" and "do not cancel my subscription" (cosine 0.86 in
+    Chinese), "delete" and "create my account" (1.00) were hits (found in review). Such a query is answered
+    only by an entry of the same text, up to case, spacing and compatibility forms.
+    """
+    if (a.unread or b.unread) and a.plain != b.plain:
+        return "written in a script these guards cannot read: only the same words are served"
+    return None
 
 
 def negation_guard(a: QueryFacts, b: QueryFacts) -> str | None:
@@ -1041,6 +1067,7 @@ def _synonyms(x: str, y: str) -> bool:
 
 
 GUARDS: tuple[tuple[str, Guard], ...] = (
+    ("script", script_guard),
     ("negation", negation_guard),
     ("antonym", antonym_guard),
     ("number", number_guard),
