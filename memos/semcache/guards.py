@@ -54,7 +54,16 @@ __all__ = [
 # -- normalization ----------------------------------------------------------------------------------
 
 _TRANSLATE = str.maketrans(
-    {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-", "\u00a0": " "}
+    {
+        "\u2019": "'",
+        "\u2018": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u2013": "-",
+        "\u2014": "-",
+        "\u2212": "-",  # the minus sign: "\u22125 degrees" is -5 (found in review)
+        "\u00a0": " ",
+    }
 )
 _CONTRACTIONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern, re.IGNORECASE), repl)
@@ -253,12 +262,39 @@ _UNIT_FAMILIES: dict[str, str] = {
     **dict.fromkeys(["week", "weeks"], "week"),
     **dict.fromkeys(["month", "months"], "month"),
     **dict.fromkeys(["yr", "yrs", "year", "years"], "year"),
+    # Temperatures, doses and kitchen measures: "38°C" against "38°F", "400 mg" against "400 g" were hits (a review).
+    # A one-letter "c" or "f" is a unit only touching its number ("180C"), as every one-letter unit.
+    **dict.fromkeys(["°c", "c", "celsius", "centigrade"], "celsius"),
+    **dict.fromkeys(["°f", "f", "fahrenheit"], "fahrenheit"),
+    **dict.fromkeys(["mg", "milligram", "milligrams", "milligramme", "milligrammes"], "mg"),
+    **dict.fromkeys(["mcg", "µg", "μg", "microgram", "micrograms"], "mcg"),
+    **dict.fromkeys(["oz", "ounce", "ounces"], "oz"),
+    **dict.fromkeys(["tsp", "teaspoon", "teaspoons"], "tsp"),
+    **dict.fromkeys(["tbsp", "tablespoon", "tablespoons"], "tbsp"),
 }
-_CURRENCY_SYMBOLS = {"$": "usd", "£": "gbp", "€": "eur", "₹": "inr", "¥": "yen"}
+_CURRENCY_SYMBOLS = {
+    "$": "usd",
+    "£": "gbp",
+    "€": "eur",
+    "₹": "inr",
+    "¥": "yen",
+    "₽": "rub",
+    "₺": "try",
+    "₩": "krw",
+    "₦": "ngn",
+    "₪": "ils",
+    "฿": "thb",
+    "₫": "vnd",
+    "₴": "uah",
+    "₱": "php",
+    "₿": "btc",
+}
 _AMBIGUOUS_UNITS = (frozenset({"pound", "gbp"}), frozenset({"pound", "lb"}))
 """The word "pounds" is money or weight: it matches either, "£" and "lb" never match each other."""
 _UNIT_ALT = "|".join(sorted((re.escape(u) for u in _UNIT_FAMILIES), key=len, reverse=True))
-_DIGITS = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+_DIGITS = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+"
+_VERSION = re.compile(r"\d+(?:\.\d+){2,}")
+"""A dotted numeral of three parts or more (a version, an address): one literal key, not a decimal and its rest."""
 
 _TIME_AMPM = re.compile(r"\b(?P<h>\d{1,2})(?:[:.](?P<m>\d{2}))?\s?(?P<ap>a\.?m\.?|p\.?m\.?)(?![a-z])", re.IGNORECASE)
 _TIME_CLOCK = re.compile(r"(?<![\d.,:])(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)(?![\d:])")
@@ -270,10 +306,16 @@ _TIME_WORDS = re.compile(
 )
 _NOON = re.compile(r"\b(?P<w>noon|midday|midnight)\b", re.IGNORECASE)
 _MONEY = re.compile(
-    rf"(?P<cur>[$£€₹¥])\s?(?P<num>{_DIGITS})(?:\s?(?P<scale>k|m|bn|million|billion|thousand)\b)?", re.IGNORECASE
+    rf"(?P<cur>[{''.join(_CURRENCY_SYMBOLS)}])\s?(?P<num>{_DIGITS})(?:\s?(?P<scale>k|m|bn|million|billion|thousand)\b)?",
+    re.IGNORECASE,
 )
+# A sign only with nothing word-like before it ("-5", not the range "5-10"); a scale word after the digits
+# ("5 million"): "-5 degrees" against "5 degrees" and "5 million users" against "5 billion" were hits (a review).
 _NUMBER = re.compile(
-    rf"(?<![\w.])(?P<num>{_DIGITS})(?P<k>k\b)?(?:(?:\s?|-)(?P<unit>{_UNIT_ALT})(?![a-z0-9]))?", re.IGNORECASE
+    rf"(?<![\w.])(?P<sign>-(?=\.?\d))?(?P<num>{_VERSION.pattern}|{_DIGITS})(?P<k>k\b)?"
+    r"(?:\s(?P<scale>thousand|million|billion|bn)\b)?"
+    rf"(?:(?:\s?|-)(?P<unit>{_UNIT_ALT})(?![a-z0-9]))?",
+    re.IGNORECASE,
 )
 _ORDINAL = re.compile(r"\b(?P<num>\d+)(?:st|nd|rd|th)\b", re.IGNORECASE)
 _WORD_NUMBER = re.compile(
@@ -371,9 +413,15 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
         return True
 
     def number(match: re.Match[str]) -> bool:
-        key = _number_text(match["num"], 1000 if match["k"] else 1)
+        raw, unit = match["num"], match["unit"]
+        if _VERSION.fullmatch(raw):  # "17.0.1": a version or an address, whose every digit counts
+            key = raw
+        else:
+            scale = _SCALES[match["scale"].lower()] if match["scale"] else 1000 if match["k"] else 1
+            key = _number_text(raw, scale)
+        if match["sign"] and key != "0":
+            key = "-" + key
         values.add(key)
-        unit = match["unit"]
         # a one-letter unit must touch its number ("5m", "2g"): "18 in the UK" is not eighteen inches
         if unit and (len(unit) > 1 or not match.group()[: -len(unit)].endswith(" ")):
             units.add((key, _UNIT_FAMILIES[unit.lower()]))
