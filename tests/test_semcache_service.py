@@ -1040,3 +1040,31 @@ def test_a_cache_index_update_that_fails_leaves_the_store_standing_and_the_index
         store(client, tenant.admin_key, cube, "what is the capital of chile", "Santiago")
     hit = indexed_lookup(client, tenant.admin_key, cube, "what is the capital of chile")
     assert hit["hit"] is True and hit["response"] == "Santiago", hit
+
+
+def test_two_reports_at_once_on_a_new_category_both_count(
+    client: TestClient[Litestar], tenant: Tenant, factory: Factory
+) -> None:
+    """With no category row yet, the feedback's FOR UPDATE locked nothing: of two wrong-hit reports at once, the
+    second overwrote the first's raise to 0.98 with the default 0.75 (found in a concurrency review; three
+    rounds, each on a new cube, since the two must meet in Postgres)."""
+    from memos.identity.principal import Principal
+    from memos.semcache import schemas
+
+    query, other = "what is the capital city of france", "which river flows through the capital city"
+    service = client.app.state.semcache
+    principal = Principal(role="admin", tenant_id=uuid.UUID(tenant.id), agent_id=uuid.UUID(tenant.admin_id))
+    for _ in range(3):
+        cube = str(factory.cube(tenant.admin_key)["id"])
+        stored = store(client, tenant.admin_key, cube, query, "Paris")
+        lookup(client, tenant.admin_key, cube, other)  # both questions embedded already: the reports meet in SQL
+        reports = [
+            schemas.FeedbackIn(memory_id=uuid.UUID(stored["id"]), query=q, correct=False) for q in (query, other)
+        ]
+
+        async def both(reports: list[schemas.FeedbackIn] = reports) -> None:
+            await asyncio.gather(*(service.feedback(principal, r) for r in reports))
+
+        client.blocking_portal.call(both)
+        row = category_stats(client, tenant.admin_key, cube)
+        assert row["false_hits"] == 2 and row["threshold"] >= 0.98, row

@@ -455,6 +455,10 @@ class SemCacheService:
         similarity = max(-1.0, min(1.0, float(np.dot(cached, qvec))))
         async with self.db.transaction() as conn:
             await cube_access(conn, principal, row.cube_id, "write")
+            # The category's lock first (a store takes it before the rows it evicts): with no category row yet,
+            # FOR UPDATE below locked nothing, and of two reports at once the second overwrote the first's raise
+            # (0.98 back to 0.75; found in a concurrency review).
+            await store.lock_category(conn, row.cube_id, category.name)
             # Again, locked: an invalidation that committed while the query embedded left this feedback moving the
             # category's threshold for a deleted entry (found in review: 0.75 -> 0.98 from one report).
             now = (
