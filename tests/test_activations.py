@@ -1549,3 +1549,31 @@ async def test_a_body_that_stops_arriving_is_408(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(HTTPException) as caught:
         await asyncio.wait_for(upload.read(), 5)
     assert caught.value.status_code == 408
+
+
+def test_a_kv_download_whose_rebuild_races_a_purge_is_404_not_500(
+    app, client, factory, tenant, cube, settings, monkeypatch
+) -> None:
+    """The stored file was missing, so the download rebuilt it; the memory's purge committed during the prefill and
+    deleted the activation, and the repair's assert made it a 500 (found in a concurrency review)."""
+    from memos.activations import service as activation_service
+    from memos.identity.principal import Principal
+
+    service: ActivationService = app.state.activations
+    key = tenant.admin_key
+    m = factory.memory(key, cube["id"], "The vault code is 4417 and the door is blue.")
+    act = built(client, key, m["id"])
+    service.tiers.discard(act["sha256"])
+    blob_path(settings, act["sha256"]).unlink()  # the stored file goes missing
+    principal = Principal(role="admin", tenant_id=uuid.UUID(tenant.id), agent_id=uuid.UUID(tenant.admin_id))
+    real_run = service.worker.run
+
+    async def purge_first(fn: Any, *args: Any) -> Any:
+        if fn is activation_service._prefill_file:
+            await app.state.memories.delete(principal, uuid.UUID(m["id"]), None, purge=True)
+        return await real_run(fn, *args)
+
+    monkeypatch.setattr(service.worker, "run", purge_first)
+    r = client.get(f"/v1/activations/{act['id']}/kv", headers=bearer(key))
+    assert problem(r, 404)["detail"] == "no such activation"
+    assert not blob_path(settings, act["sha256"]).exists()

@@ -77,10 +77,12 @@ async def test_concurrent_creates_in_one_cube_all_land(settings, embedder, facto
 async def test_a_purge_that_lands_during_a_restore_wins(
     settings, embedder, factory: Factory, database_url: str, monkeypatch
 ) -> None:
-    """A restore reads the deleted memory, then a purge commits, then the restore writes: the purge must win.
+    """A restore reads the deleted memory, then a purge is sent, then the restore writes: the purge must win.
 
     Purging a memory that is already deleted writes no version, so the restore's compare-and-set on the
-    version alone let it write the purged text back as a new version (found in review)."""
+    version alone let it write the purged text back as a new version (found in review). Since a restore locks
+    the memory (a link racing it missed the graph, found in a concurrency review), the purge waits for the
+    restore to commit and then erases what it wrote: the purge still wins."""
     from memos.memories import service as memory_service
 
     tenant = factory.tenant()
@@ -93,14 +95,22 @@ async def test_a_purge_that_lands_during_a_restore_wins(
         assert (await client.delete(f"/v1/memories/{memory['id']}", headers=auth)).status_code == 204
         real_write_version = memory_service.write_version
 
+        purges: list[asyncio.Future[None]] = []
+        purged = threading.Event()  # the purge runs on the app's loop, not this test's
+
         async def purge_first(conn, memory_id, expected_version, op, actor, values):  # type: ignore[no-untyped-def]
-            if op == "restore":  # the same admin purges, in a transaction of its own, and it commits first
-                await app.state.memories.delete(actor, memory_id, None, purge=True)
+            if op == "restore":  # the same admin purges, in a transaction of its own, while the restore writes
+                purges.append(asyncio.ensure_future(app.state.memories.delete(actor, memory_id, None, purge=True)))
+                purges[0].add_done_callback(lambda _: purged.set())
+                await asyncio.sleep(0.3)  # the purge's turn, if the memory were not locked
+                assert not purges[0].done(), "the purge waits for the restore"
             return await real_write_version(conn, memory_id, expected_version, op, actor, values)
 
         monkeypatch.setattr(memory_service, "write_version", purge_first)
         restored = await client.post(f"/v1/memories/{memory['id']}/restore", json={"version": 1}, headers=auth)
-        assert restored.status_code == 412, restored.text
+        assert restored.status_code == 200, restored.text
+        assert await asyncio.to_thread(purged.wait, 30)
+        assert purges[0].exception() is None
         monkeypatch.undo()
         again = await client.post(f"/v1/memories/{memory['id']}/restore", json={"version": 1}, headers=auth)
         assert again.status_code == 409  # purged: nothing to restore

@@ -278,3 +278,63 @@ def test_a_graph_note_that_fails_leaves_the_write_standing_and_the_graph_rebuilt
     assert uuid.UUID(cube["id"]) not in app.state.memories.graphs._graphs, "dropped, to be rebuilt"
     found = {x["memory"]["id"] for x in search(client, tenant.admin_key, query="medlars", mode="graph")["results"]}
     assert written["id"] in found
+
+
+def test_a_link_to_a_memory_made_active_again_at_the_same_time_reaches_the_graph(
+    client: Any, app: Litestar, factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PATCH to active (or a restore) read the memory's edges for the graph, then a link to it committed before
+    the PATCH did (the link's foreign key took a lock the PATCH did not block): the link was in neither that read
+    nor, with no node yet, the graph (found in a concurrency review). Here the link is sent right after the read;
+    the reviver now holds the memory locked, so the link waits for it and lands in the graph."""
+    from memos.identity.principal import Principal
+    from memos.memories import schemas as memory_schemas
+    from memos.memories import service as memory_service
+
+    tenant = factory.tenant()
+    key = tenant.admin_key
+    cube = factory.cube(key)
+    principal = Principal(role="admin", tenant_id=uuid.UUID(tenant.id), agent_id=uuid.UUID(tenant.admin_id))
+    service = app.state.memories
+    real_edges = memory_service._edges_of
+    cube_id = uuid.UUID(cube["id"])
+    for how in ("patch", "restore"):
+        target = factory.memory(key, cube["id"], f"alpha bravo charlie target {how}")
+        source = factory.memory(key, cube["id"], f"xylophone quartz zebra source {how}")
+        if how == "patch":
+            r = client.patch(
+                f"/v1/memories/{target['id']}", json={"state": "archived"}, headers={**bearer(key), "If-Match": '"1"'}
+            )
+        else:
+            r = client.delete(f"/v1/memories/{target['id']}", headers=bearer(key))
+        assert r.status_code in (200, 204), r.text
+        target_id, source_id = uuid.UUID(target["id"]), uuid.UUID(source["id"])
+
+        async def race(how: str = how, target_id: uuid.UUID = target_id, source_id: uuid.UUID = source_id) -> None:
+            await service.graphs.get(cube_id)
+            read = asyncio.Event()
+
+            async def edges_then_pause(conn: Any, memory_id: uuid.UUID) -> Any:
+                out = await real_edges(conn, memory_id)
+                if memory_id == target_id:
+                    read.set()
+                    await asyncio.sleep(0.3)  # room for the link to commit, if nothing stops it
+                return out
+
+            monkeypatch.setattr(memory_service, "_edges_of", edges_then_pause)
+
+            async def revive() -> Any:
+                if how == "patch":
+                    return await service.update(principal, target_id, memory_schemas.MemoryPatch(state="active"), 2)
+                return await service.restore(principal, target_id, 1, None)
+
+            async def link() -> Any:
+                await read.wait()
+                return await service.link(principal, source_id, memory_schemas.LinkIn(to=target_id, type="related"))
+
+            await asyncio.gather(revive(), link())
+            monkeypatch.setattr(memory_service, "_edges_of", real_edges)
+
+        client.blocking_portal.call(race)
+        graph = client.blocking_portal.call(service.graphs.get, cube_id)
+        assert (source_id, "link", 1.0) in graph.edges(target_id), (how, graph.edges(target_id))

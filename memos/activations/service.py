@@ -468,7 +468,7 @@ class ActivationService:
         return row
 
     async def _row(self, conn: AsyncConnection, activation_id: uuid.UUID) -> Row[Any]:
-        row = (await conn.execute(with_freshness().where(activations.c.id == activation_id))).first()
+        row = await _row_if_any(conn, activation_id)
         assert row is not None
         return row
 
@@ -569,7 +569,11 @@ class ActivationService:
             # deletion and the rows moving to the new file. The bad file goes first: the rebuilt bytes may hash
             # the same (same KV, same second), and a damaged copy under that name must not be taken for the new one.
             await files.hold_exclusive(conn, row.sha256)
-            current = await self._row(conn, row.id)
+            current = await _row_if_any(conn, row.id)
+            if current is None:
+                # Purged meanwhile (its memory's purge deleted it): nothing to repair, and no file to write. It was
+                # an AssertionError, a 500 (found in a concurrency review).
+                raise NotFound("no such activation")
             if current.sha256 != row.sha256:
                 # Another request repaired it while this one computed: its file is the activation's now. This
                 # rebuild went on to write a file no row took, and sent headers naming that other file (review).
@@ -606,7 +610,7 @@ class ActivationService:
     async def is_current(self, activation_id: uuid.UUID) -> bool:
         """Whether the activation still exists and is fresh (its memory neither changed nor deleted since)."""
         async with self.db.read() as conn:
-            row = (await conn.execute(with_freshness().where(activations.c.id == activation_id))).first()
+            row = await _row_if_any(conn, activation_id)
         return row is not None and is_fresh(row)
 
     async def _mark_corrupt(self, key: str, problem: Exception) -> None:
@@ -989,6 +993,12 @@ def _model_dto(lm: LoadedModel) -> schemas.Model:
 def rfc3339(moment: datetime) -> str:
     """A time as a KV file's header writes it: UTC, to the second, with Z."""
     return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def _row_if_any(conn: AsyncConnection, activation_id: uuid.UUID) -> Row[Any] | None:
+    """The activation's row with its freshness, None when it is gone."""
+    row: Row[Any] | None = (await conn.execute(with_freshness().where(activations.c.id == activation_id))).first()
+    return row
 
 
 def _own_header(data: bytes, row: Row[Any]) -> tuple[bytes, str]:

@@ -657,7 +657,10 @@ class MemoryService:
                 values["embedding"] = (await self.embedder.embed([indexed]))[0]
                 values["embedding_model"] = self.embedder.model
         async with self.db.transaction() as conn:
-            await self._load(conn, principal, memory_id, "write")  # access may have changed meanwhile
+            # Access may have changed meanwhile. Made active again, the memory is locked: its edges are read below
+            # for the graph, and a link to it committing meanwhile (its foreign key takes a lock this one blocks)
+            # was in neither that read nor, with no node yet, the graph (found in a concurrency review).
+            await self._load(conn, principal, memory_id, "write", lock=values.get("state") == "active")
             # The compare-and-set on the planned version answers 412 if anyone wrote in between.
             row = await write_version(conn, memory_id, current.version, "update", principal, values)
             if row is None:
@@ -741,7 +744,8 @@ class MemoryService:
     ) -> schemas.Memory:
         """A new version whose content, metadata, tags and provenance equal version ``version``; state active."""
         async with self.db.transaction() as conn:
-            current = await self._load(conn, principal, memory_id, "write")
+            # Locked, as a PATCH that makes a memory active: its edges are read for the graph below.
+            current = await self._load(conn, principal, memory_id, "write", lock=True)
             if current.kind == ACTIVATION:
                 raise Invalid.field("version", ACTIVATION_IS_SERVER_MADE)
             if current.purged_at is not None:
