@@ -260,3 +260,45 @@ def test_the_service_runs_blas_on_one_thread(client: TestClient[Litestar]) -> No
     blas = [info for info in threadpool_info() if info["user_api"] == "blas"]
     assert blas, "numpy brings a BLAS"
     assert {info["num_threads"] for info in blas} == {1}
+
+
+@pytest.mark.parametrize("in_python", [False, True])
+def test_a_write_that_believed_its_cube_outside_the_index_still_links_to_memories_moved_meanwhile(
+    client: TestClient[Litestar], factory: Factory, database_url: str, in_python: bool
+) -> None:
+    """A write read ``indexed = False``, then the index mover moved the cube's memories into HNSW before the write's
+    knn statement ran: the statement read only memories outside the index, and the write got no knn links to the
+    moved ones, for good (found in a concurrency review). Both ways, the statement and numpy, read them all now."""
+    key, cube = _new_cube(factory)
+    items = [
+        {"kind": "plaintext", "content": f"Note {i}: the ferry timetable to the island, take {i}."} for i in range(8)
+    ]
+    r = client.post(f"/v1/cubes/{cube}/memories/batch", json={"items": items}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    old = [uuid.UUID(m["id"]) for m in r.json()["items"]]
+    actor = uuid.UUID(r.json()["items"][0]["created_by"])
+    r = client.post(
+        f"/v1/cubes/{cube}/memories",
+        json={"kind": "plaintext", "content": "The ferry timetable to the island."},
+        headers=bearer(key),
+    )
+    assert r.status_code == 201, r.text
+    new = uuid.UUID(r.json()["id"])
+
+    async def moved_meanwhile(conn: AsyncConnection) -> set[uuid.UUID]:
+        await conn.exec_driver_sql("DELETE FROM memory_links WHERE type = 'knn' AND from_id = %(id)s", {"id": new})
+        await conn.exec_driver_sql("UPDATE memories SET ann = true WHERE id = ANY(%(ids)s)", {"ids": old})
+        if in_python:
+            tenant = (
+                await conn.exec_driver_sql("SELECT tenant_id FROM memories WHERE id = %(id)s", {"id": new})
+            ).scalar_one()
+            found = await neighbours._exact_in_python(conn, tenant, actor, uuid.UUID(cube), [new])
+            return {link[1] for link in found}
+        rows = await conn.execute(
+            _KNN_SQL[False],
+            {"ids": [new], "cube": uuid.UUID(cube), "actor": actor, "k": KNN_NEIGHBOURS, "floor": KNN_FLOOR},
+        )
+        return {row.to_id for row in rows}
+
+    linked = client.blocking_portal.call(_rolled_back, database_url, moved_meanwhile)
+    assert len(linked) == KNN_NEIGHBOURS and linked <= set(old), linked

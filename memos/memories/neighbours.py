@@ -64,10 +64,14 @@ def _knn_sql(indexed: bool) -> TextClause:
         sets = f"({near_exact}\n        ) UNION ALL ({near_ann}\n        )"
     # Constant fragments only (which sets to read); every value is a bound parameter. A zero vector's cosine
     # distance is NaN, which Postgres sorts above every number: it would pass the floor, so it is ruled out.
+    # Not indexed, the exact part reads every embedded memory of the cube, ``ann`` or not: the index mover may
+    # have moved some into HNSW since the caller read the cube's state, and a write racing it got no knn links
+    # to them (found in a concurrency review).
+    outside = " AND NOT ann" if indexed else ""
     sql = f"""
     WITH exact AS MATERIALIZED (
         SELECT id, embedding, embedding_model FROM memories
-        WHERE cube_id = :cube AND state = 'active' AND embedding IS NOT NULL AND NOT ann
+        WHERE cube_id = :cube AND state = 'active' AND embedding IS NOT NULL{outside}
     )
     INSERT INTO memory_links (id, tenant_id, from_id, to_id, type, weight, created_by)
     SELECT gen_random_uuid(), n.tenant_id, n.id, nb.id, 'knn', 1 - nb.distance, :actor
@@ -90,11 +94,12 @@ _KNN_SQL = {indexed: _knn_sql(indexed) for indexed in (False, True)}
 
 # The set the lateral scan reads in a cube outside the index, as one value: each memory's id (16 bytes) and
 # its vector's binary form (``vector_send``: int16 dimensions, int16 unused, big-endian float32s), end to end.
+# Every embedded memory of the cube, ``ann`` or not, as in _knn_sql: the index mover may be moving them meanwhile.
 _CUBE_VECTORS = text(
     """
     SELECT string_agg(uuid_send(id) || vector_send(embedding), ''::bytea) AS packed
     FROM memories
-    WHERE cube_id = :cube AND state = 'active' AND embedding IS NOT NULL AND NOT ann
+    WHERE cube_id = :cube AND state = 'active' AND embedding IS NOT NULL
         AND embedding_model IN (SELECT embedding_model FROM memories WHERE id = ANY(:ids))
     """
 )
