@@ -295,6 +295,9 @@ class CubeState:
     """Postgres time up to which this index has seen the cube's writes."""
     next_sync: float = 0.0
     syncing: asyncio.Task[None] | None = None
+    written_meanwhile: set[uuid.UUID] | None = None
+    """While a catch-up reads Postgres: the memories this process wrote meanwhile, whose newer state its notes
+    gave the index already (the catch-up's older rows for them are skipped)."""
     dropped: bool = False
 
     @property
@@ -487,10 +490,12 @@ class CacheIndexes:
     def memories_written(self, cube_id: uuid.UUID, rows: Iterable[Any]) -> None:
         snapshot = [r for r in rows if r.kind == "response"]
         if snapshot:
+            self._written_meanwhile(cube_id, [r.id for r in snapshot])
             self._apply(cube_id, lambda state, index: self._upsert_rows(index, snapshot, state.tenant_id))
 
     def memories_removed(self, cube_id: uuid.UUID, ids: Iterable[uuid.UUID]) -> None:
         gone = list(ids)
+        self._written_meanwhile(cube_id, gone)
 
         def note(state: CubeState, index: CubeIndex) -> None:
             for memory_id in gone:
@@ -512,6 +517,11 @@ class CacheIndexes:
 
         self._apply(cube_id, note)
 
+    def _written_meanwhile(self, cube_id: uuid.UUID, ids: list[uuid.UUID]) -> None:
+        state = self._states.get(cube_id)
+        if state is not None and state.written_meanwhile is not None:
+            state.written_meanwhile.update(ids)
+
     # -- other processes' writes --------------------------------------------------------------------
 
     def _maybe_sync(self, state: CubeState) -> None:
@@ -530,12 +540,17 @@ class CacheIndexes:
             if state.synced_at is None:
                 return
             since = state.synced_at - SYNC_MARGIN
+            state.written_meanwhile = set()
             async with self.db.read() as conn:
                 now = await store.db_now(conn)
                 rows = await store.changed_entries(conn, state.cube_id, since)
                 stamp = await store.policy_stamp(conn, state.cube_id)
             if state.index is not None and not state.dropped:
-                self._upsert_rows(state.index, rows, state.tenant_id)
+                # A memory deleted or purged while the rows were read came back from them, its question held in
+                # memory and counted against the quota until the next catch-up (a concurrency review): the
+                # rows of memories this process wrote meanwhile are older than what their notes applied.
+                newer = state.written_meanwhile
+                self._upsert_rows(state.index, [r for r in rows if r.id not in newer], state.tenant_id)
                 state.synced_at = now
             if stamp is not None and (state.policy_stamp is None or stamp > state.policy_stamp):
                 await self.reload_policy(state.cube_id)
@@ -543,6 +558,7 @@ class CacheIndexes:
             log.exception("catching up a cache index failed; it retries at the next interval")
         finally:
             state.syncing = None
+            state.written_meanwhile = None
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
