@@ -667,3 +667,15 @@ def test_the_same_values_written_differently_still_match() -> None:
     assert check("Is 5 million dollars a lot?", "Is $5,000,000 a lot?") is None
     assert check("Is 5-10% normal?", "Is 5-10 % normal?") is None
     assert check("the 2020-2021 season results", "the 2020-2021 season results") is None
+
+
+def test_which_monday_and_half_past_midnight_count() -> None:
+    """ "next Monday" against "this Monday" or "Monday", and 00:30 against 12:30 pm, were hits (a semantic-cache
+    review). "this may help" is no date."""
+    assert (check("What is the weather next Monday?", "What is the weather this Monday?") or "").startswith("date:")
+    assert (check("What is the weather next Monday?", "What is the weather on Monday?") or "").startswith("date:")
+    assert (check("Who did I meet last June?", "Who did I meet in June?") or "").startswith("date:")
+    assert check("What is the weather next Monday?", "whats the weather next monday") is None
+    assert (check("Is the shop open at 00:30?", "Is the shop open at 12:30 pm?") or "").startswith("number:")
+    assert check("Is the shop open at 00:30?", "Is the shop open at 12:30 am?") is None
+    assert check("Will this may help me sleep?", "Will this may help me sleep?") is None

@@ -379,6 +379,8 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
     def add_time(hour: int, minute: int, part: str | None) -> bool:
         if not 0 <= hour <= 24 or not 0 <= minute < 60:
             return False
+        if part is None and hour == 0:  # "00:30" is half past midnight: it was "12:30" either way (a review)
+            part = "am"
         if part is None and hour > 12:
             part = "pm"
         key = f"{(hour % 12) or 12}:{minute:02d}"
@@ -480,6 +482,15 @@ _RELATIVE = re.compile(
     r"(?:morning|afternoon|evening|night))\b",
     re.IGNORECASE,
 )
+_NAMED_DAY = (
+    "monday|tuesday|wednesday|thursday|friday|saturday|sunday|january|february|april|june|july|august|september|"
+    "october|november|december"
+)
+_RELATIVE_NAMED = re.compile(
+    rf"\b(?P<rel>this|next|last|coming|following|previous|past)\s+(?=(?:{_NAMED_DAY})\b)", re.IGNORECASE
+)
+"""The word that says which Monday (or June): "next Monday" against "this Monday" or "Monday" was a hit (a review).
+Only the word is taken: the day or month is read as ever. May and March are left out: "this may help"."""
 _CALENDAR_WORDS = re.compile(
     r"\b(?P<w>weekdays?|weekends?|weeknights?|christmas(?:\s+(?:eve|day))?|boxing\s+day|new\s+year'?s?(?:\s+(?:eve|day))?"
     r"|easter|halloween|bank\s+holidays?|thanksgiving|spring|summer|autumn|winter)\b",
@@ -498,6 +509,10 @@ def _read_dates(cased: str) -> tuple[frozenset[str], str]:
 
     def relative(match: re.Match[str]) -> bool:
         keys.add("rel:" + " ".join(match["rel"].lower().replace("-", " ").split()))
+        return True
+
+    def named(match: re.Match[str]) -> bool:
+        keys.add("rel:" + match["rel"].lower() + " <day>")
         return True
 
     def calendar(match: re.Match[str]) -> bool:
@@ -528,6 +543,7 @@ def _read_dates(cased: str) -> tuple[frozenset[str], str]:
             keys.add(key)
             text = _take(pattern, text, _always)
     text = _take(_RELATIVE, text, relative)
+    text = _take(_RELATIVE_NAMED, text, named)
     text = _take(_CALENDAR_WORDS, text, calendar)
     text = _take(_WORD_IN_TEXT, text, name)
     return frozenset(keys), text
