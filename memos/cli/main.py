@@ -747,7 +747,9 @@ def _print_left_out(report: BundleReport) -> None:
     if activations:
         print(f"left out: {activations} KV activations (rebuild them with POST /v1/memories/{{id}}/activations)")
     if outside:
-        print(f"left out: {outside} links to memories outside the cube")
+        # An activation's provenance edge is left out with its activation, both ends in the cube: "links to
+        # memories outside the cube" said otherwise for a cube whose only left-out link was one (a new user).
+        print(f"left out: {outside} links with an end outside the cube or on a KV activation")
 
 
 def _mcp(args: argparse.Namespace) -> int:
