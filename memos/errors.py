@@ -7,7 +7,7 @@ client errors) into ``application/problem+json`` in one place.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import msgspec
 
@@ -128,8 +128,15 @@ class Invalid(MemosError):
     title = "Invalid request"
 
     @classmethod
-    def field(cls, field: str, message: str) -> Invalid:
+    def field(cls, field: str, message: str) -> Self:
         return cls(f"{field}: {message}", errors=[FieldError(field, message)])
+
+
+class BeyondDatabaseLimit(Invalid):
+    """Postgres refused a value as past one of its own limits (SQLSTATE class 54, "program limit exceeded"): a
+    memory whose words make a full-text vector over 1 MiB, though the body is under the size limit. It was taken for
+    a lost database (an OperationalError): 503 with Retry-After, which a client retries for ever (found in review).
+    Writes that know the field name it (``MemoryService``)."""
 
 
 class TooManyRequests(MemosError):

@@ -484,3 +484,41 @@ def test_text_of_only_invisible_characters_is_blank_where_it_is_read_as_words(
     assert client.post("/v1/search", json={"query": "\u200bcafé"}, headers=key).status_code == 200
     r = client.post(f"/v1/cubes/{cube['id']}/memories", json={"kind": "plaintext", "content": "\u200b"}, headers=key)
     assert r.status_code == 201, r.text
+
+
+# ---------------------------------------------------------------- text past Postgres's full-text limit
+
+
+def _words_past_the_index_limit() -> str:
+    """About 840 KB of distinct made-up words (under the 1 MiB body limit): their full-text vector is ~1.2 MB,
+    past Postgres's 1 MiB for one tsvector."""
+    import random
+
+    rng = random.Random(7)
+    return " ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=6)) for _ in range(120_000))
+
+
+def test_text_too_large_to_index_is_422_naming_it_not_a_503(
+    client: Client, factory: Factory, tenant: Tenant, cube: dict[str, Any]
+) -> None:
+    """Found in review: Postgres refuses such a row with "string is too long for tsvector" (SQLSTATE 54000, an
+    OperationalError), which was taken for a lost database: 503 "not answering" with Retry-After, retried for ever."""
+    key = bearer(tenant.admin_key)
+    huge = _words_past_the_index_limit()
+    memories = f"/v1/cubes/{cube['id']}/memories"
+    before = count(client, tenant.admin_key, cube["id"])
+    r = client.post(memories, json={"kind": "plaintext", "content": huge}, headers=key)
+    assert field_of(r) == "content"
+    assert "too large to index for full-text search" in problem(r, 422)["detail"]
+    assert "Retry-After" not in r.headers
+    r = client.post(memories, json={"kind": "plaintext", "content": "Ada", "metadata": {"speaker": huge}}, headers=key)
+    assert field_of(r) == "metadata.speaker"
+    items = [{"kind": "plaintext", "content": "fits"}, {"kind": "plaintext", "content": huge}]
+    assert field_of(client.post(f"{memories}/batch", json={"items": items}, headers=key)) == "items[1].content"
+    r = client.post("/v1/cache", json={"cube_id": cube["id"], "query": "what?", "response": huge}, headers=key)
+    assert field_of(r) == "response"
+    assert count(client, tenant.admin_key, cube["id"]) == before
+    m = factory.memory(tenant.admin_key, cube["id"], "small")
+    r = client.patch(f"/v1/memories/{m['id']}", json={"content": huge}, headers={**key, "If-Match": '"1"'})
+    assert field_of(r) == "content"
+    assert client.get(f"/v1/memories/{m['id']}", headers=key).json()["version"] == 1

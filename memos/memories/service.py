@@ -7,8 +7,10 @@ read does not exist for it (404).
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -17,11 +19,11 @@ import msgspec
 import numpy as np
 from psycopg.errors import ForeignKeyViolation
 from sqlalchemy import Row, Select, and_, delete, func, insert, literal, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.cubes.access import Access, access_of, cube_access, locked_access, readable_cube_ids, require
-from memos.errors import Conflict, FieldError, Forbidden, Invalid, NotFound, PreconditionFailed
+from memos.errors import BeyondDatabaseLimit, Conflict, FieldError, Forbidden, Invalid, NotFound, PreconditionFailed
 from memos.identity.principal import Principal
 from memos.memories import schemas
 from memos.memories.ann import IndexMover, cube_indexed, cube_indexing
@@ -37,6 +39,7 @@ from memos.store.db import Database
 from memos.store.models import (
     HEAT,
     MEMORY_ROW,
+    TSV_EXPRESSION,
     activations,
     cache_entries,
     cube_grants,
@@ -150,6 +153,19 @@ def _provenance_json(p: schemas.Provenance) -> dict[str, Any]:
     if not out.get("derived_from"):
         out.pop("derived_from", None)
     return out
+
+
+# A constant of the schema put in; every value is a bound parameter.
+_INDEXED_SIZE = f"SELECT length({TSV_EXPRESSION}) FROM (SELECT CAST(%(content)s AS text) AS content, CAST(%(metadata)s AS jsonb) AS metadata) AS m"  # noqa: S608, E501
+"""The full-text vector a memory's row would get (the generated column's own expression), for one memory."""
+
+
+def _indexed_metadata(metadata: dict[str, Any], key: str) -> str:
+    """What ``metadata->>key`` gives the full-text vector: a string as it is, any other value as JSON."""
+    value = metadata.get(key)
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _check_kind(item: schemas.MemoryIn, where: str) -> None:
@@ -268,7 +284,8 @@ class MemoryService:
         # Embedding runs before the transaction: no connection is held while the model works.
         if vectors is None:
             vectors = await self.embedder.embed([embedding_text(i.kind, i.content, i.metadata) for i in items])
-        async with self.db.transaction() as conn:
+        indexed_texts = [("" if single else f"items[{n}].", i.content, i.metadata) for n, i in enumerate(items)]
+        async with self._naming_what_is_too_large(indexed_texts), self.db.transaction() as conn:
             await cube_access(conn, principal, cube_id, "write")
             indexing = await cube_indexing(conn, cube_id)
             versions = await self._resolve_references(conn, principal, items, single)
@@ -334,6 +351,40 @@ class MemoryService:
         if indexing.move_after(len(rows)):  # every new memory here has an embedding
             self.index_mover.schedule(cube_id)
         return [to_dto(r) for r in inserted]
+
+    @asynccontextmanager
+    async def _naming_what_is_too_large(self, texts: list[tuple[str, str, dict[str, Any]]]) -> AsyncIterator[None]:
+        """Name the field when Postgres refuses a write as past one of its limits: the full-text vector of a
+        memory's words (speaker, content and time) is at most 1 MiB, which a body under the size limit can pass.
+        Each memory's text is tried alone, longest first, and only after such a refusal. ``texts``: (the item's
+        field prefix, its content, its metadata)."""
+        try:
+            yield
+        except BeyondDatabaseLimit as exc:
+            raise await self._too_large_to_index(texts, exc) from exc
+
+    async def _too_large_to_index(
+        self, texts: list[tuple[str, str, dict[str, Any]]], refused: BeyondDatabaseLimit
+    ) -> BeyondDatabaseLimit:
+        def size(item: tuple[str, str, dict[str, Any]]) -> int:
+            return len(item[1]) + sum(len(_indexed_metadata(item[2], key)) for key in ("speaker", "time"))
+
+        async with self.db.read() as conn:
+            for where, content, meta in sorted(texts, key=size, reverse=True):
+                try:
+                    await conn.exec_driver_sql(_INDEXED_SIZE, {"content": content, "metadata": json.dumps(meta)})
+                except DBAPIError as exc:
+                    if not str(getattr(exc.orig, "sqlstate", "")).startswith("54"):
+                        raise
+                    parts = {"content": content} | {
+                        f"metadata.{key}": _indexed_metadata(meta, key) for key in ("speaker", "time")
+                    }
+                    field = max(parts, key=lambda name: len(parts[name]))
+                    reason = getattr(getattr(exc.orig, "diag", None), "message_primary", None) or "too long"
+                    return BeyondDatabaseLimit.field(
+                        f"{where}{field}", f"too large to index for full-text search ({reason})"
+                    )
+        return refused
 
     async def _resolve_references(
         self, conn: AsyncConnection, principal: Principal, items: Sequence[schemas.MemoryIn], single: bool
@@ -656,7 +707,8 @@ class MemoryService:
             if indexed != embedding_text(current.kind, current.content, current.metadata):
                 values["embedding"] = (await self.embedder.embed([indexed]))[0]
                 values["embedding_model"] = self.embedder.model
-        async with self.db.transaction() as conn:
+        indexed_texts = [("", values.get("content", current.content), values.get("metadata", current.metadata))]
+        async with self._naming_what_is_too_large(indexed_texts), self.db.transaction() as conn:
             # Access may have changed meanwhile. Made active again, the memory is locked: its edges are read below
             # for the graph, and a link to it committing meanwhile (its foreign key takes a lock this one blocks)
             # was in neither that read nor, with no node yet, the graph (found in a concurrency review).

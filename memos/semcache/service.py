@@ -29,7 +29,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.cubes.access import Access, access_of, cube_access, require
-from memos.errors import Conflict, FieldError, Invalid, NotFound
+from memos.errors import BeyondDatabaseLimit, Conflict, FieldError, Invalid, NotFound
 from memos.identity.principal import Principal
 from memos.memories import schemas as memory_schemas
 from memos.memories.service import MemoryService
@@ -361,9 +361,14 @@ class SemCacheService:
                         await self._enforce_quota(conn, principal, req.cube_id, state, policy, quota, row.id)
                     )
 
-            memory = await self.memories.create(
-                principal, req.cube_id, body, vector=qvec, in_transaction=in_transaction
-            )
+            try:
+                memory = await self.memories.create(
+                    principal, req.cube_id, body, vector=qvec, in_transaction=in_transaction
+                )
+            except BeyondDatabaseLimit as exc:  # the cached answer is the memory's content
+                if exc.errors and exc.errors[0].field == "content":
+                    raise BeyondDatabaseLimit.field("response", exc.errors[0].message) from exc
+                raise
         finally:
             self._storing[storing] -= 1
             if not self._storing[storing]:

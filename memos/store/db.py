@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from memos.errors import Conflict, Unavailable
+from memos.errors import BeyondDatabaseLimit, Conflict, Unavailable
 from memos.settings import Settings
 from memos.store import migrations
 from memos.store.embedded import EmbeddedPostgres
@@ -203,6 +203,8 @@ class Database:
 
 
 _CONCURRENT_WRITES = {"40P01", "40001"}
+_PAST_A_LIMIT = "54"
+"""The SQLSTATE class of "program limit exceeded": the database answered, and the request asked too much of it."""
 """SQLSTATEs of a deadlock and a serialization failure: two writers' transactions crossed, nothing is down."""
 
 
@@ -213,8 +215,14 @@ def _unavailable_when_disconnected() -> Iterator[None]:
     try:
         yield
     except (OperationalError, InterfaceError, PoolTimeout) as exc:
-        if isinstance(exc, OperationalError) and getattr(exc.orig, "sqlstate", None) in _CONCURRENT_WRITES:
-            log.warning("concurrent writes crossed", extra={"error": type(exc.orig).__name__})
+        orig = exc.orig if isinstance(exc, OperationalError) else None
+        sqlstate = getattr(orig, "sqlstate", None)
+        if sqlstate is not None and sqlstate.startswith(_PAST_A_LIMIT):
+            diag = getattr(orig, "diag", None)
+            reason = getattr(diag, "message_primary", None) or "past one of its limits"
+            raise BeyondDatabaseLimit(f"too large for the database: {reason}") from exc
+        if sqlstate in _CONCURRENT_WRITES:
+            log.warning("concurrent writes crossed", extra={"error": type(orig).__name__})
             raise Conflict(
                 "a concurrent write to the same data crossed this one and it was rolled back; retry",
                 headers={"Retry-After": "0"},
