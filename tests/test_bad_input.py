@@ -522,3 +522,16 @@ def test_text_too_large_to_index_is_422_naming_it_not_a_503(
     r = client.patch(f"/v1/memories/{m['id']}", json={"content": huge}, headers={**key, "If-Match": '"1"'})
     assert field_of(r) == "content"
     assert client.get(f"/v1/memories/{m['id']}", headers=key).json()["version"] == 1
+
+
+def test_nul_in_the_cache_config_is_422_naming_the_part_it_is_in(
+    client: Client, tenant: Tenant, cube: dict[str, Any]
+) -> None:
+    """Found in an API review: the whole configuration was walked as "body", so the field was "body.categories"."""
+    key = bearer(tenant.admin_key)
+    r = client.put("/v1/cache/config", json={"cube_id": cube["id"], "categories": {"a\x00": {}}}, headers=key)
+    assert field_of(r) == "categories"
+    r = client.put(
+        "/v1/cache/config", json={"cube_id": cube["id"], "categories": {"code": {"x": "a\x00"}}}, headers=key
+    )
+    assert field_of(r) == "categories.code.x"
