@@ -679,3 +679,29 @@ def test_which_monday_and_half_past_midnight_count() -> None:
     assert (check("Is the shop open at 00:30?", "Is the shop open at 12:30 pm?") or "").startswith("number:")
     assert check("Is the shop open at 00:30?", "Is the shop open at 12:30 am?") is None
     assert check("Will this may help me sleep?", "Will this may help me sleep?") is None
+
+
+@pytest.mark.parametrize(
+    ("cached", "query"),
+    [
+        ("Increase the price by 10%", "Increase the price to 10%"),
+        ("Can I bring up to 3 bags?", "Can I bring at least 3 bags?"),
+        ("Raise my overdraft limit to £500", "Raise my overdraft limit by £500"),
+        ("Is the museum free for about 20 people?", "Is the museum free for more than 20 people?"),
+        ("Is the pool open until 9pm?", "Is the pool open from 9pm?"),
+        ("Do you deliver up to twelve miles away?", "Do you deliver about twelve miles away?"),
+    ],
+)
+def test_number_guard_reads_the_word_before_a_number(cached: str, query: str) -> None:
+    """A different comparison word or preposition directly before the same number asks another thing: each pair
+    was a hit (a semantic-cache review)."""
+    assert (check(cached, query) or "").startswith("number: qualifiers differ"), check(cached, query)
+    assert (check(query, cached) or "").startswith("number: qualifiers differ"), check(query, cached)
+
+
+def test_qualifiers_of_one_meaning_or_on_one_side_only_still_match() -> None:
+    assert check("Do orders over 5 items ship free?", "Do orders of more than 5 items ship free?") is None
+    assert check("Can I bring up to 3 bags?", "Can I bring at most 3 bags?") is None
+    assert check("Is the pool open till 9pm?", "Is the pool open until 9 pm?") is None
+    assert check("Can I bring 3 bags?", "Can I bring up to 3 bags?") is None
+    assert check("Flights from 5 to 10 May", "flights from 5 to 10 May") is None

@@ -344,12 +344,43 @@ def _number_text(digits: str, scale: int = 1) -> str:
     return format(exact.normalize(exact.multiply(value, scale)), "f")
 
 
+_QUALIFIER_CLASSES: dict[str, str] = {
+    **dict.fromkeys(["up to", "at most", "no more than", "not more than"], "at most"),
+    **dict.fromkeys(["at least", "no less than", "not less than", "no fewer than"], "at least"),
+    **dict.fromkeys(
+        ["more than", "greater than", "higher than", "bigger than", "larger than", "over", "above", "exceeding"],
+        "more than",
+    ),
+    **dict.fromkeys(["less than", "fewer than", "lower than", "smaller than", "under", "below"], "less than"),
+    **dict.fromkeys(["before", "until", "till"], "before"),
+    **dict.fromkeys(["after", "since"], "after"),
+    **dict.fromkeys(["around", "about", "approximately", "roughly", "nearly", "almost", "close to"], "about"),
+    **{q: q for q in ("by", "to", "from")},
+}
+"""Words directly before a number that say how it is meant; synonyms share a class ("over 5" is "more than 5")."""
+_QUALIFIER = re.compile(
+    r"\b(?P<q>" + "|".join(sorted((re.escape(q) for q in _QUALIFIER_CLASSES), key=len, reverse=True)) + r")\s+$",
+    re.IGNORECASE,
+)
+
+
+def _qualifier(text: str, start: int) -> str | None:
+    """The class of the qualifier written directly before ``text[start:]`` ("up to 3" -> "at most"), if any."""
+    # the longest qualifier ("approximately ", "not less than ") fits in 20 characters: the search stays constant
+    found = _QUALIFIER.search(text, max(0, start - 20), start)
+    if found is None:
+        return None
+    word = " ".join(found["q"].lower().split())
+    return _QUALIFIER_CLASSES[word]
+
+
 @dataclass(frozen=True, slots=True)
 class _Numbers:
     values: frozenset[str]
     units: frozenset[tuple[str, str]]
     times: frozenset[str]
     meridiem: frozenset[tuple[str, str]]
+    qualifiers: frozenset[tuple[str, str]]
 
 
 def _take(pattern: re.Pattern[str], text: str, handle: Callable[[re.Match[str]], bool]) -> str:
@@ -375,8 +406,14 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
     units: set[tuple[str, str]] = set()
     times: set[str] = set()
     meridiem: set[tuple[str, str]] = set()
+    qualifiers: set[tuple[str, str]] = set()
 
-    def add_time(hour: int, minute: int, part: str | None) -> bool:
+    def qualify(key: str, match: re.Match[str]) -> None:
+        qualifier = _qualifier(match.string, match.start())
+        if qualifier is not None:
+            qualifiers.add((key, qualifier))
+
+    def add_time(hour: int, minute: int, part: str | None, match: re.Match[str]) -> bool:
         if not 0 <= hour <= 24 or not 0 <= minute < 60:
             return False
         if part is None and hour == 0:  # "00:30" is half past midnight: it was "12:30" either way (a review)
@@ -387,27 +424,31 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
         times.add(key)
         if part:
             meridiem.add((key, part))
+        qualify(key, match)  # "until 9pm" / "from 9pm"
         return True
 
     def ampm(match: re.Match[str]) -> bool:
-        return add_time(int(match["h"]), int(match["m"] or 0), "am" if match["ap"].lower().startswith("a") else "pm")
+        return add_time(
+            int(match["h"]), int(match["m"] or 0), "am" if match["ap"].lower().startswith("a") else "pm", match
+        )
 
     def spoken(match: re.Match[str]) -> bool:
         raw = match["h"] or match["h2"]
         hour = int(raw) if raw.isdigit() else _word_value(raw)
         part = (match["part"] or "").lower()
-        return hour is not None and add_time(hour, 0, "am" if "morning" in part else ("pm" if part else None))
+        return hour is not None and add_time(hour, 0, "am" if "morning" in part else ("pm" if part else None), match)
 
     def clock(match: re.Match[str]) -> bool:
-        return add_time(int(match["h"]), int(match["m"]), None)
+        return add_time(int(match["h"]), int(match["m"]), None, match)
 
     def noon(match: re.Match[str]) -> bool:
-        return add_time(12, 0, "am" if match["w"].lower() == "midnight" else "pm")
+        return add_time(12, 0, "am" if match["w"].lower() == "midnight" else "pm", match)
 
     def money(match: re.Match[str]) -> bool:
         key = _number_text(match["num"], _SCALES.get((match["scale"] or "").lower(), 1))
         values.add(key)
         units.add((key, _CURRENCY_SYMBOLS[match["cur"]]))
+        qualify(key, match)
         return True
 
     def ordinal(match: re.Match[str]) -> bool:
@@ -424,6 +465,7 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
         if match["sign"] and key != "0":
             key = "-" + key
         values.add(key)
+        qualify(key, match)
         # a one-letter unit must touch its number ("5m", "2g"): "18 in the UK" is not eighteen inches
         if unit and (len(unit) > 1 or not match.group()[: -len(unit)].endswith(" ")):
             units.add((key, _UNIT_FAMILIES[unit.lower()]))
@@ -436,6 +478,7 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
             return False
         value *= _BIG.get((match["big"] or "").lower(), 1)
         values.add(str(value))
+        qualify(str(value), match)
         if match["unit"]:
             units.add((str(value), _UNIT_FAMILIES[match["unit"].lower()]))
         return True
@@ -457,7 +500,10 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
         (_WORD_ORDINAL, word_ordinal),
     ):
         text = _take(pattern, text, handle)
-    return _Numbers(frozenset(values), frozenset(units), frozenset(times), frozenset(meridiem)), text
+    numbers = _Numbers(
+        frozenset(values), frozenset(units), frozenset(times), frozenset(meridiem), frozenset(qualifiers)
+    )
+    return numbers, text
 
 
 # -- dates ------------------------------------------------------------------------------------------
@@ -597,6 +643,9 @@ class QueryFacts:
     units: frozenset[tuple[str, str]]
     times: frozenset[str]
     meridiem: frozenset[tuple[str, str]]
+    qualifiers: frozenset[tuple[str, str]]
+    """(value, qualifier class) for a number with a comparison word or preposition directly before it:
+    ("3", "at most") for "up to 3", ("10", "by") for "by 10%"."""
     dates: frozenset[str]
     names: frozenset[str]
     """Proper names (lowercase keys), from :func:`memos.graph.entities.extract_entities` plus alphanumeric codes."""
@@ -759,6 +808,7 @@ def analyze(text: str) -> QueryFacts:
         units=numbers.units,
         times=numbers.times,
         meridiem=numbers.meridiem,
+        qualifiers=numbers.qualifiers,
         dates=dates,
         names=frozenset(names),
         scope=frozenset(scope),
@@ -959,6 +1009,12 @@ def number_guard(a: QueryFacts, b: QueryFacts) -> str | None:
     for key in sorted(parts_a.keys() & parts_b.keys()):
         if parts_a[key] != parts_b[key]:
             return f"times differ: {key} {_fmt(parts_a[key])} vs {key} {_fmt(parts_b[key])}"
+    # "by 10%" / "to 10%", "up to 3" / "at least 3": the same number, asked about another way (a review). A
+    # number one side qualifies and the other does not is not compared ("3 bags" / "up to 3 bags").
+    quals_a, quals_b = _grouped(a.qualifiers), _grouped(b.qualifiers)
+    for value in sorted(quals_a.keys() & quals_b.keys()):
+        if quals_a[value] != quals_b[value]:
+            return f"qualifiers differ for {value}: {_fmt(quals_a[value])} vs {_fmt(quals_b[value])}"
     return None
 
 
