@@ -705,3 +705,23 @@ def test_qualifiers_of_one_meaning_or_on_one_side_only_still_match() -> None:
     assert check("Is the pool open till 9pm?", "Is the pool open until 9 pm?") is None
     assert check("Can I bring 3 bags?", "Can I bring up to 3 bags?") is None
     assert check("Flights from 5 to 10 May", "flights from 5 to 10 May") is None
+
+
+def test_a_capital_letter_after_a_word_names_a_kind_of_it() -> None:
+    """One-letter words are no content words, so "hepatitis B" against "hepatitis C" was a hit (a semantic-cache
+    review). A capital letter after a word is compared with the letter the other side gives that word, in any case."""
+    refused = [
+        ("How is hepatitis B transmitted?", "How is hepatitis C transmitted?"),
+        ("Which foods are rich in vitamin D?", "Which foods are rich in vitamin A?"),
+        ("What should our plan B be?", "What should our plan C be?"),
+        ("Is vitamin D safe for babies?", "is vitamin a safe for babies"),
+    ]
+    for cached, query in refused:
+        assert (check(cached, query) or "").startswith("entity: entities differ"), (cached, query)
+        assert (check(query, cached) or "").startswith("entity: entities differ"), (query, cached)
+    assert check("How is hepatitis B transmitted?", "how is hepatitis b transmitted") is None
+    # a letter glued to more is not one alone, and one the other side leaves out is not compared
+    assert check("Should I learn C++ or C?", "Should I learn C++ or C?") is None
+    added = check_all("What does the treaty say about trade?", "What does the treaty say about trade in article V?")
+    assert not [reason for reason in added if reason.startswith("entity:")]
+    assert check("Can I learn C in a month?", "Can I learn C# in a month?") is None

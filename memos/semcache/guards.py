@@ -659,6 +659,10 @@ class QueryFacts:
     """Every number written in digits, in order ("2024-05-01" -> 2024, 5, 1): what swapping operands changes."""
     name_order: tuple[str, ...]
     """The names, in the order of their first mention."""
+    letters: frozenset[tuple[str, str]]
+    """(word stem, letter) for a capital letter alone after a content word: ("hepatitis", "b"), ("vitamin", "d")."""
+    any_letters: frozenset[tuple[str, str]]
+    """The same for a letter alone after a content word in any case ("hepatitis b"): what ``letters`` meets."""
     operators: tuple[str, ...]
     """Arithmetic operators, in order, symbols and words alike ("2+2" -> +; "12 divided by 4" -> /)."""
     to_pairs: frozenset[tuple[str, str]]
@@ -788,7 +792,10 @@ def analyze(text: str) -> QueryFacts:
     if sum(c.isupper() for c in letters) * 2 < len(letters):
         names.update(m.group().lower() for m in _MARKED_NAME.finditer(cased) if m.group().lower() not in _NAME_NOISE)
 
+    letter_kinds, any_letters = _letters_after(cased)
     return QueryFacts(
+        letters=letter_kinds,
+        any_letters=any_letters,
         number_order=tuple(_number_key(m.group()) for m in _NUMERAL.finditer(lowered)),
         name_order=tuple(sorted(names, key=lambda name: (lowered.find(name), name))),
         operators=tuple(_OPERATOR_WORDS.get(m.group().strip(), m.group().strip()) for m in _OPERATOR.finditer(lowered)),
@@ -882,6 +889,27 @@ _COMPARATIVE = re.compile(
 _IMPLIED_BY_HOW_MUCH = frozenset({"cost", "price", "charge", "pay"})
 _TIME_WORD = frozenset({"time"})
 _MARKED_NAME = re.compile(r"\b[A-Z][a-z]+[A-Z][A-Za-z]*\b|\b[A-Z]{2,}\b")
+_LETTER_AFTER = re.compile(r"\b(?P<w>[A-Za-z]{2,}) (?P<l>[A-Za-z])(?=[\s?!,;:)]|[.](?!\w)|$)")
+"""A letter standing alone right after a word: "hepatitis B", "vitamin D", "plan B". Not one glued to more ("C++",
+"C#", "B's", "B.Sc", "A-level", "E=mc^2")."""
+
+
+def _letters_after(cased: str) -> tuple[frozenset[tuple[str, str]], frozenset[tuple[str, str]]]:
+    """(word stem, letter) for each letter alone after a word that is not a function word: first those written as a
+    capital (not I, nor U as in "love U"), then every one in any case."""
+    capitals: set[tuple[str, str]] = set()
+    every: set[tuple[str, str]] = set()
+    for match in _LETTER_AFTER.finditer(cased):
+        word = match["w"].lower()
+        if word in STOPWORDS or word in FILLERS or word in NEGATORS:
+            continue
+        key = (stem(word), match["l"].lower())
+        every.add(key)
+        if match["l"].isupper() and match["l"] not in "IU":
+            capitals.add(key)
+    return frozenset(capitals), frozenset(every)
+
+
 _SENTENCE_END = frozenset('.!?:;\n"(')
 
 
@@ -1049,6 +1077,14 @@ def entity_guard(a: QueryFacts, b: QueryFacts) -> str | None:
         return f"entity only in the cached query: {_fmt(missing_in_b)}"
     if missing_in_a:
         return f"entity only in the new query: {_fmt(missing_in_a)}"
+    # One-letter words are no content words (a stray "a" or "s" is everywhere), so "hepatitis B" / "hepatitis C"
+    # and "vitamin D" / "vitamin A" were hits (a review). A capital letter after a word names a kind of it: the
+    # other side may give that word another letter (in any case), not drop it ("article V" added is left alone).
+    for x, y in ((a, b), (b, a)):
+        for word, letter in sorted(x.letters):
+            others = {other for w, other in y.any_letters if w == word}
+            if others and letter not in others:
+                return f"entities differ: {word} {letter.upper()} vs {word} {_fmt(o.upper() for o in others)}"
     return None
 
 
