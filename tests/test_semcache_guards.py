@@ -725,3 +725,22 @@ def test_a_capital_letter_after_a_word_names_a_kind_of_it() -> None:
     added = check_all("What does the treaty say about trade?", "What does the treaty say about trade in article V?")
     assert not [reason for reason in added if reason.startswith("entity:")]
     assert check("Can I learn C in a month?", "Can I learn C# in a month?") is None
+
+
+def test_swapped_sides_of_a_comparison_and_swapped_dates_are_refused() -> None:
+    """The entity and date guards compare sets, and the order guard's names need capitals: each pair was a hit
+    (a semantic-cache review)."""
+    refused = [
+        ("Is a cat bigger than a dog?", "Is a dog bigger than a cat?"),
+        ("is tea healthier than coffee", "is coffee healthier than tea"),
+        ("Why is a fox faster than a hare?", "Why is a hare faster than a fox?"),
+        ("Cheapest flights from June to May", "Cheapest flights from May to June"),
+        ("Is the shop open Monday to Saturday?", "Is the shop open Saturday to Monday?"),
+        ("Is it colder in winter than in spring?", "Is it colder in spring than in winter?"),
+    ]
+    for cached, query in refused:
+        assert (check(cached, query) or "").startswith("order:"), (cached, query, check(cached, query))
+        assert (check(query, cached) or "").startswith("order:"), (query, cached)
+    assert check("Is a cat bigger than a dog?", "is a cat bigger than a dog") is None
+    assert check("Cheapest flights from June to July", "cheapest flights from june to july") is None
+    assert check("Is a cat bigger than a dog?", "Is a cat larger than a dog?") is None

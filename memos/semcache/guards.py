@@ -549,22 +549,28 @@ def _always(_match: re.Match[str]) -> bool:
     return True
 
 
-def _read_dates(cased: str) -> tuple[frozenset[str], str]:
-    """Weekdays, months, holidays, seasons and relative days in ``cased``; ``cased`` with their spans blanked."""
+def _read_dates(cased: str) -> tuple[frozenset[str], tuple[str, ...], str]:
+    """Weekdays, months, holidays, seasons and relative days in ``cased``, as a set and in the order they are
+    written; ``cased`` with their spans blanked."""
     keys: set[str] = set()
+    placed: list[tuple[int, str]] = []
+
+    def add(key: str, match: re.Match[str]) -> None:
+        keys.add(key)
+        placed.append((match.start(), key))
 
     def relative(match: re.Match[str]) -> bool:
-        keys.add("rel:" + " ".join(match["rel"].lower().replace("-", " ").split()))
+        add("rel:" + " ".join(match["rel"].lower().replace("-", " ").split()), match)
         return True
 
     def named(match: re.Match[str]) -> bool:
-        keys.add("rel:" + match["rel"].lower() + " <day>")
+        add("rel:" + match["rel"].lower() + " <day>", match)
         return True
 
     def calendar(match: re.Match[str]) -> bool:
         word = " ".join(match["w"].lower().replace("'", "").split())
         word = word.removesuffix("s") if word.startswith(("week", "bank")) else word
-        keys.add("cal:" + word.replace("new years", "new year"))
+        add("cal:" + word.replace("new years", "new year"), match)
         return True
 
     def name(match: re.Match[str]) -> bool:
@@ -580,19 +586,20 @@ def _read_dates(cased: str) -> tuple[frozenset[str], str]:
             capital_mid = match.group()[0].isupper() and match.start() > 0 and not re.search(r"[.?!\n]\s*$", before)
             if not (capital_mid or _DATE_CONTEXT_BEFORE.search(before) or re.match(r"\s*\d", after)):
                 return False
-        keys.add(found)
+        add(found, match)
         return True
 
     text = cased
     for pattern, key in _RANGES:
-        if pattern.search(text):
-            keys.add(key)
+        found = pattern.search(text)
+        if found:
+            add(key, found)
             text = _take(pattern, text, _always)
     text = _take(_RELATIVE, text, relative)
     text = _take(_RELATIVE_NAMED, text, named)
     text = _take(_CALENDAR_WORDS, text, calendar)
     text = _take(_WORD_IN_TEXT, text, name)
-    return frozenset(keys), text
+    return frozenset(keys), tuple(key for _, key in sorted(placed)), text
 
 
 _CALENDAR_EXACT: dict[str, str] = {
@@ -657,6 +664,9 @@ class QueryFacts:
     """(noun stem, person) after a possessive determiner: ("password", "1"), ("name", "2")."""
     number_order: tuple[str, ...]
     """Every number written in digits, in order ("2024-05-01" -> 2024, 5, 1): what swapping operands changes."""
+    date_order: tuple[str, ...]
+    """The date keys (weekdays, months, holidays...), in the order they are written: "from June to May" is not
+    "from May to June"."""
     name_order: tuple[str, ...]
     """The names, in the order of their first mention."""
     letters: frozenset[tuple[str, str]]
@@ -667,6 +677,9 @@ class QueryFacts:
     """Arithmetic operators, in order, symbols and words alike ("2+2" -> +; "12 divided by 4" -> /)."""
     to_pairs: frozenset[tuple[str, str]]
     """(stem before, stem after) of "to"/"into" between two content words: ("english", "german")."""
+    than_pairs: frozenset[tuple[str, str]]
+    """(content stem of the clause before "than", first content stem after it): ("cat", "dog") and ("bigger", "dog")
+    for "is a cat bigger than a dog"."""
     sources: frozenset[str]
     """Content stems after "from"."""
     targets: frozenset[str]
@@ -727,7 +740,7 @@ def analyze(text: str) -> QueryFacts:
     lowered = cased.lower()
     tokens = tuple(_TOKEN.findall(lowered))
     numbers, rest = _read_numbers(cased)
-    dates, rest = _read_dates(rest)
+    dates, date_order, rest = _read_dates(rest)
     rest_lower = rest.lower()
     rest_tokens = _TOKEN.findall(rest_lower)
     stems_all = [stem(t) for t in rest_tokens]
@@ -797,8 +810,10 @@ def analyze(text: str) -> QueryFacts:
         letters=letter_kinds,
         any_letters=any_letters,
         number_order=tuple(_number_key(m.group()) for m in _NUMERAL.finditer(lowered)),
+        date_order=date_order,
         name_order=tuple(sorted(names, key=lambda name: (lowered.find(name), name))),
         operators=tuple(_OPERATOR_WORDS.get(m.group().strip(), m.group().strip()) for m in _OPERATOR.finditer(lowered)),
+        than_pairs=_than_pairs(rest_tokens),
         to_pairs=frozenset(
             (stem(before), stem(after))
             for before, word, after in zip(rest_tokens, rest_tokens[1:], rest_tokens[2:], strict=False)
@@ -846,6 +861,27 @@ _OPERATOR_WORDS = {
 _OPERATOR = re.compile(
     r"(?<=\d)\s*[-+*/^x\u00d7\u00f7](?=\s*\d)|\b(?:plus|minus|times|multiplied by|divided by|to the power of)\b"
 )
+
+
+def _than_pairs(tokens: Sequence[str]) -> frozenset[tuple[str, str]]:
+    """Each content word of the few before a "than" (up to a clause word), paired with the first content word after
+    it: the two sides of a comparison, whatever comparative stands between them."""
+    out: set[tuple[str, str]] = set()
+    for i, word in enumerate(tokens):
+        if word != "than":
+            continue
+        after = next((t for t in tokens[i + 1 : i + 4] if _content_word(t)), None)
+        if after is None:
+            continue
+        for before in reversed(tokens[max(0, i - 5) : i]):
+            if before in _CLAUSE_BREAK:
+                break
+            if _content_word(before):
+                out.add((stem(before), stem(after)))
+    return frozenset(out)
+
+
+_CLAUSE_BREAK = frozenset({"and", "or", "but", "than", "if", "because", "when", "which", "that"})
 
 
 def _content_word(token: str) -> bool:
@@ -1129,6 +1165,9 @@ def order_guard(a: QueryFacts, b: QueryFacts) -> str | None:
     that only reorders ("in 2020, 3 kids" / "3 kids in 2020") is refused too: a miss, never a wrong answer."""
     if a.number_order != b.number_order and sorted(a.number_order) == sorted(b.number_order):
         return f"numbers in another order: {', '.join(a.number_order)} vs {', '.join(b.number_order)}"
+    # the date guard compares sets: "from June to May" / "from May to June" was a hit (a review)
+    if a.date_order != b.date_order and sorted(a.date_order) == sorted(b.date_order):
+        return f"dates in another order: {', '.join(a.date_order)} vs {', '.join(b.date_order)}"
     shared = set(a.name_order) & set(b.name_order)
     if len(shared) >= 2:
         order_a = [name for name in a.name_order if name in shared]
@@ -1142,6 +1181,11 @@ def order_guard(a: QueryFacts, b: QueryFacts) -> str | None:
     if swapped:
         x, y = min(swapped)
         return f"direction reversed: '{x} to {y}' vs '{y} to {x}'"
+    # "is a cat bigger than a dog" / "is a dog bigger than a cat": the names check needs capitals (a review)
+    swapped = {(x, y) for x, y in a.than_pairs if (y, x) in b.than_pairs and (x, y) not in b.than_pairs}
+    if swapped:
+        x, y = min(swapped)
+        return f"comparison reversed: '{x} ... than {y}' vs '{y} ... than {x}'"
     return None
 
 
