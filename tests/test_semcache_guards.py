@@ -744,3 +744,20 @@ def test_swapped_sides_of_a_comparison_and_swapped_dates_are_refused() -> None:
     assert check("Is a cat bigger than a dog?", "is a cat bigger than a dog") is None
     assert check("Cheapest flights from June to July", "cheapest flights from june to july") is None
     assert check("Is a cat bigger than a dog?", "Is a cat larger than a dog?") is None
+
+
+def test_a_two_part_number_after_a_word_is_a_version() -> None:
+    """ "Python 3.10" against "Python 3.1" was a hit: read as decimals they are one value, as 2.50 and 2.5 are one
+    amount (a semantic-cache review). After a word both sides write it after, the digits count as written."""
+    refused = [
+        ("What's new in Python 3.10?", "What's new in Python 3.1?"),
+        ("Does django 4.10 support async views?", "Does django 4.1 support async views?"),
+        ("Is Firefox 115.0 faster than Chrome?", "Is Firefox 115.00 faster than Chrome?"),
+    ]
+    for cached, query in refused:
+        assert (check(cached, query) or "").startswith("number: versions differ"), (cached, query)
+        assert (check(query, cached) or "").startswith("number: versions differ"), (query, cached)
+    assert check("What's new in Python 3.10?", "whats new in python 3.10") is None
+    assert check("Is Android 6.0 stable?", "Is Android 6 stable?") is None  # one side gives no decimal
+    assert check("It costs $2.50", "It costs $2.5") is None  # an amount
+    assert check("Is it 2.50 in total?", "Is it 2.5 in total?") is None  # after a function word

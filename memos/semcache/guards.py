@@ -295,6 +295,10 @@ _UNIT_ALT = "|".join(sorted((re.escape(u) for u in _UNIT_FAMILIES), key=len, rev
 _DIGITS = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+"
 _VERSION = re.compile(r"\d+(?:\.\d+){2,}")
 """A dotted numeral of three parts or more (a version, an address): one literal key, not a decimal and its rest."""
+_TWO_PARTS = re.compile(r"\d+\.\d+")
+"""A decimal of two parts: an amount ("2.50" is "2.5"), or, right after a word, a version ("Python 3.10")."""
+_WORD_BEFORE = re.compile(r"(?<![\w'])(?P<w>[A-Za-z]{2,})\s$")
+"""The word directly before a number (searched in the 40 characters before it, so the search stays constant)."""
 
 _TIME_AMPM = re.compile(r"\b(?P<h>\d{1,2})(?:[:.](?P<m>\d{2}))?\s?(?P<ap>a\.?m\.?|p\.?m\.?)(?![a-z])", re.IGNORECASE)
 _TIME_CLOCK = re.compile(r"(?<![\d.,:])(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)(?![\d:])")
@@ -381,6 +385,7 @@ class _Numbers:
     times: frozenset[str]
     meridiem: frozenset[tuple[str, str]]
     qualifiers: frozenset[tuple[str, str]]
+    spelled: frozenset[tuple[str, str]]
 
 
 def _take(pattern: re.Pattern[str], text: str, handle: Callable[[re.Match[str]], bool]) -> str:
@@ -407,6 +412,7 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
     times: set[str] = set()
     meridiem: set[tuple[str, str]] = set()
     qualifiers: set[tuple[str, str]] = set()
+    spelled: set[tuple[str, str]] = set()
 
     def qualify(key: str, match: re.Match[str]) -> None:
         qualifier = _qualifier(match.string, match.start())
@@ -466,6 +472,10 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
             key = "-" + key
         values.add(key)
         qualify(key, match)
+        if _TWO_PARTS.fullmatch(raw) and not (unit or match["scale"] or match["k"] or match["sign"]):
+            before = _WORD_BEFORE.search(match.string, max(0, match.start() - 40), match.start())
+            if before is not None and before["w"].lower() not in STOPWORDS:
+                spelled.add((key, raw))
         # a one-letter unit must touch its number ("5m", "2g"): "18 in the UK" is not eighteen inches
         if unit and (len(unit) > 1 or not match.group()[: -len(unit)].endswith(" ")):
             units.add((key, _UNIT_FAMILIES[unit.lower()]))
@@ -501,7 +511,12 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
     ):
         text = _take(pattern, text, handle)
     numbers = _Numbers(
-        frozenset(values), frozenset(units), frozenset(times), frozenset(meridiem), frozenset(qualifiers)
+        frozenset(values),
+        frozenset(units),
+        frozenset(times),
+        frozenset(meridiem),
+        frozenset(qualifiers),
+        frozenset(spelled),
     )
     return numbers, text
 
@@ -653,6 +668,9 @@ class QueryFacts:
     qualifiers: frozenset[tuple[str, str]]
     """(value, qualifier class) for a number with a comparison word or preposition directly before it:
     ("3", "at most") for "up to 3", ("10", "by") for "by 10%"."""
+    spelled: frozenset[tuple[str, str]]
+    """(value, digits as written) for a two-part decimal with no unit right after a word: ("3.1", "3.10") for
+    "Python 3.10", a version, where 2.50 and 2.5 as amounts are one value."""
     dates: frozenset[str]
     names: frozenset[str]
     """Proper names (lowercase keys), from :func:`memos.graph.entities.extract_entities` plus alphanumeric codes."""
@@ -831,6 +849,7 @@ def analyze(text: str) -> QueryFacts:
         times=numbers.times,
         meridiem=numbers.meridiem,
         qualifiers=numbers.qualifiers,
+        spelled=numbers.spelled,
         dates=dates,
         names=frozenset(names),
         scope=frozenset(scope),
@@ -1067,6 +1086,12 @@ def number_guard(a: QueryFacts, b: QueryFacts) -> str | None:
     for value in sorted(units_a.keys() & units_b.keys()):
         if _unmatched(units_a[value], units_b[value]) or _unmatched(units_b[value], units_a[value]):
             return f"units differ for {value}: {_fmt(units_a[value])} vs {_fmt(units_b[value])}"
+    # "Python 3.10" / "Python 3.1": after a name, a two-part number is a version, not an amount (a review);
+    # compared only where both sides write it after a word, so "2.50" and "2.5" elsewhere stay one amount
+    spelled_a, spelled_b = _grouped(a.spelled), _grouped(b.spelled)
+    for value in sorted(spelled_a.keys() & spelled_b.keys()):
+        if spelled_a[value] != spelled_b[value]:
+            return f"versions differ: {_fmt(spelled_a[value])} vs {_fmt(spelled_b[value])}"
     if a.times != b.times:
         return f"times differ: {_fmt(a.times)} vs {_fmt(b.times)}"
     parts_a, parts_b = _grouped(a.meridiem), _grouped(b.meridiem)
