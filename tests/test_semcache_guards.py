@@ -761,3 +761,22 @@ def test_a_two_part_number_after_a_word_is_a_version() -> None:
     assert check("Is Android 6.0 stable?", "Is Android 6 stable?") is None  # one side gives no decimal
     assert check("It costs $2.50", "It costs $2.5") is None  # an amount
     assert check("Is it 2.50 in total?", "Is it 2.5 in total?") is None  # after a function word
+
+
+def test_another_first_letter_or_two_letters_inside_make_another_word() -> None:
+    """The wording guard's typo tolerance took real words for spellings of each other: "prednisone" against
+    "prednisolone", "lend" against "send" were hits (a semantic-cache review)."""
+    refused = [
+        ("Can I lend money to my brother?", "Can I send money to my brother?"),
+        ("What is the usual height for a bike frame?", "What is the usual weight for a bike frame?"),
+        ("What is prednisone used for?", "What is prednisolone used for?"),
+        ("Which continent is Egypt in?", "Which content is Egypt in?"),
+    ]
+    for cached, query in refused:
+        assert (check(cached, query) or "").startswith("wording: different words"), (cached, query)
+        assert (check(query, cached) or "").startswith("wording: different words"), (query, cached)
+    # slips of the keys, spellings and suffixes still pair off
+    assert check("How do I recieve a parcel?", "How do I receive a parcel?") is None
+    assert check("Which colour is the sofa?", "Which color is the sofa?") is None
+    assert check("Is the pharmacy open on Thursday?", "Is the pharmacy open on Thrusday?") is None
+    assert check("What counts as abuse at work?", "What counts as abusive at work?") is None

@@ -116,7 +116,8 @@ def similar_words(a: str, b: str) -> bool:
     """True when two stems are spellings of one word: a typo, a British/American spelling, an inflection.
 
     Damerau-Levenshtein distance 1 for words of 4+ letters, 2 for 7+ letters, or a long shared
-    prefix ("agent"/"agency"). A negative prefix ("lock"/"unlock") never counts as a spelling.
+    prefix ("agent"/"agency"). A negative prefix ("lock"/"unlock"), another first letter ("lend"/"send") and
+    two letters inserted together inside a word ("prednisone"/"prednisolone") never count as a spelling.
     """
     if a == b:
         return True
@@ -125,6 +126,8 @@ def similar_words(a: str, b: str) -> bool:
     if a[:4] != b[:4] and abs(len(a) - len(b)) > 2:
         return False  # every rule below needs a shared 4-letter prefix or lengths within the edit limit
     if _prefixed_opposites(a, b):
+        return False
+    if _other_word(a, b):
         return False
     prefix = 0
     for x, y in zip(a, b, strict=False):
@@ -137,6 +140,20 @@ def similar_words(a: str, b: str) -> bool:
         return True
     limit = 2 if min(len(a), len(b)) >= 7 else 1
     return abs(len(a) - len(b)) <= limit and _damerau(a, b, limit) <= limit
+
+
+def _other_word(a: str, b: str) -> bool:
+    """Edits that make another word far more often than they are a slip of the keys: another first letter
+    ("lend"/"send", "height"/"weight", "good"/"food"), or two letters together inside a word of 7+ letters, not
+    at its end ("prednisone"/"prednisolone", "content"/"continent", "conversion"/"conversation"). Within the edit
+    limit, they were taken for spellings of one word (a review); a suffix ("abuse"/"abusive") still is one."""
+    if a[0] != b[0] and a[1:] == b[1:]:
+        return True
+    short, long_ = (a, b) if len(a) <= len(b) else (b, a)
+    if len(long_) - len(short) != 2 or len(short) < 7:
+        return False
+    # the two letters start after the first and leave at least two after them: "abus(iv)e" is a suffix's change
+    return any(long_[:i] + long_[i + 2 :] == short for i in range(1, len(long_) - 3))
 
 
 def _damerau(a: str, b: str, limit: int) -> int:
