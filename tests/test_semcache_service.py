@@ -388,6 +388,123 @@ def test_another_process_invalidating_is_never_served_from_this_index(
     assert body["via"] == "index"
 
 
+# ---- a policy another process changed (found in a multi-process review)
+
+PERMIT = "How do I renew my parking permit?"
+PERMIT_REWORDED = "How can I renew my parking permit?"
+STRICT = {"categories": {"default": {"threshold": 0.998, "max_threshold": 0.999}}}
+
+
+def test_a_lookup_while_the_index_builds_decides_with_a_policy_another_process_changed(
+    client: TestClient[Litestar], other_process: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """The other process held the cube's policy (from a store) and no index yet; its pgvector path decided with
+    the copy: a hit at 0.75 after this process configured 0.998."""
+    key = tenant.admin_key
+    entry = store(other_process, key, cube, PERMIT, "Online, at the council's site.")
+    assert client.put("/v1/cache/config", json={"cube_id": cube, **STRICT}, headers=bearer(key)).status_code == 200
+    here = lookup(client, key, cube, PERMIT_REWORDED)
+    assert here["hit"] is False and here["threshold"] == 0.998, here
+    service = other_process.app.state.semcache
+    indexes = service.indexes
+    real_build, wait = indexes._build, service.build_wait
+    released = threading.Event()
+
+    async def held_build(state: Any) -> None:  # a big cube's build takes seconds: hold this small one's
+        await asyncio.to_thread(released.wait, 60)
+        await real_build(state)
+
+    indexes._build, service.build_wait = held_build, 0.0
+    try:
+        there = lookup(other_process, key, cube, PERMIT_REWORDED)
+    finally:
+        released.set()
+        indexes._build, service.build_wait = real_build, wait
+    assert there["via"] == "database"
+    assert there["hit"] is False and there["threshold"] == 0.998, there
+    assert there["memory_id"] is None or there["memory_id"] != entry["id"]
+
+
+def test_false_hit_feedback_in_another_process_never_lowers_a_configured_threshold(
+    client: TestClient[Litestar], other_process: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """The other process took the category from its copy of the policy: with 0.998 configured since, a false-hit
+    report through it wrote 0.972 (the similarity plus the margin, from the old 0.75) for every process."""
+    key = tenant.admin_key
+    entry = store(other_process, key, cube, PERMIT, "Online, at the council's site.")
+    assert client.put("/v1/cache/config", json={"cube_id": cube, **STRICT}, headers=bearer(key)).status_code == 200
+    assert category_stats(client, key, cube)["threshold"] == 0.998
+    body = {"memory_id": entry["id"], "query": "Where do I renew my parking permit?", "correct": False}
+    r = other_process.post("/v1/cache/feedback", json={**body, "scope": "category"}, headers=bearer(key))
+    assert r.status_code == 204, r.text
+    assert category_stats(client, key, cube)["threshold"] >= 0.998
+    assert lookup(client, key, cube, PERMIT_REWORDED)["hit"] is False
+
+
+def test_stores_in_another_process_keep_to_a_quota_this_one_raised(
+    client: TestClient[Litestar], other_process: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """The other process kept its copy's quota of 2 after it was raised to 100, and evicted two of four entries."""
+    key = tenant.admin_key
+
+    def quota(n: int) -> None:
+        config = {"cube_id": cube, "categories": {"default": {"max_entries": n}}}
+        assert client.put("/v1/cache/config", json=config, headers=bearer(key)).status_code == 200
+
+    quota(2)
+    store(other_process, key, cube, "Who waters the plants?", "Sam.")
+    quota(100)
+    for i, question in enumerate(["Who feeds the cat?", "Who takes out the bins?", "Who walks the dog?"]):
+        store(other_process, key, cube, question, f"Person {i}.")
+    row = category_stats(client, key, cube)
+    assert (row["entries"], row["evicted"]) == (4, 0), row
+
+
+def test_a_policy_change_committing_after_a_newer_one_reaches_every_process(
+    client: TestClient[Litestar], other_process: TestClient[Litestar], tenant: Tenant, cube: str, database_url: str
+) -> None:
+    """The reload cue was the newest updated_at, a transaction's start: feedback on c1 that waited for its
+    category's lock committed after feedback on c2 that the other process had reloaded, with an older time, and
+    the other process kept c1's old threshold for good."""
+    key = tenant.admin_key
+    config = {"cube_id": cube, "categories": {"c1": {}, "c2": {}}}
+    assert client.put("/v1/cache/config", json=config, headers=bearer(key)).status_code == 200
+    e1 = store(client, key, cube, PERMIT, "Online, at the council's site.", category="c1")
+    pool = store(client, key, cube, "What time does the swimming pool open?", "At 7 am.", category="c1")
+    e2 = store(client, key, cube, "Which bin goes out on Thursday?", "The green one.", category="c2")
+    question = "When does the swimming pool open?"
+    probe = indexed_lookup(other_process, key, cube, question, category="c1")
+    assert probe["hit"] and probe["memory_id"] == pool["id"], probe
+    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as holder, psycopg.connect(url, autocommit=True) as watcher:
+        lock = "SELECT pg_advisory_lock(hashtextextended(concat(%s::text, ':', %s::text), 0))"
+        holder.execute(lock, (cube, "c1"))  # as a store at its quota holds it
+        answered: dict[str, int] = {}
+
+        def false_hit_on_c1() -> None:  # at similarity ~1: c1's threshold goes to its ceiling, above the probe's
+            body = {"memory_id": e1["id"], "query": PERMIT, "correct": False, "scope": "category"}
+            answered["status"] = client.post("/v1/cache/feedback", json=body, headers=bearer(key)).status_code
+
+        waiting = threading.Thread(target=false_hit_on_c1)
+        waiting.start()
+        deadline = time.monotonic() + 20
+        blocked = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        while not watcher.execute(blocked).fetchone()[0]:  # type: ignore[index]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # Feedback on c2 starts later and commits first; the other process reloads after it.
+        body = {"memory_id": e2["id"], "query": "Which bin goes out on Thursdays?", "correct": True}
+        r = other_process.post("/v1/cache/feedback", json={**body, "scope": "category"}, headers=bearer(key))
+        assert r.status_code == 204, r.text
+        holder.execute("SELECT pg_advisory_unlock_all()")
+        waiting.join(30)
+    assert answered["status"] == 204
+    assert category_stats(client, key, cube, "c1")["threshold"] > probe["similarity"]
+    assert lookup(client, key, cube, question, category="c1")["hit"] is False
+    there = lookup(other_process, key, cube, question, category="c1")
+    assert there["hit"] is False, there
+
+
 def test_while_the_index_builds_lookups_use_pgvector(
     other_process: TestClient[Litestar], tenant: Tenant, cube: str
 ) -> None:
@@ -1085,7 +1202,7 @@ def test_a_catch_up_does_not_bring_back_an_entry_purged_while_it_read(
     indexes = client.app.state.semcache.indexes
     memory_id, cube_id = uuid.UUID(stored["id"]), uuid.UUID(cube)
     principal = Principal(role="admin", tenant_id=uuid.UUID(tenant.id), agent_id=uuid.UUID(tenant.admin_id))
-    real_stamp = cache_store.policy_stamp
+    real_revision = cache_store.policy_revision
 
     async def race() -> Any:
         state = indexes.peek(cube_id)
@@ -1095,9 +1212,9 @@ def test_a_catch_up_does_not_bring_back_an_entry_purged_while_it_read(
         async def after_the_read(conn: Any, cube_id: uuid.UUID) -> Any:
             read.set()
             await purged.wait()
-            return await real_stamp(conn, cube_id)
+            return await real_revision(conn, cube_id)
 
-        monkeypatch.setattr(cache_store, "policy_stamp", after_the_read)
+        monkeypatch.setattr(cache_store, "policy_revision", after_the_read)
 
         async def purge() -> None:
             await read.wait()

@@ -287,7 +287,8 @@ class CubeState:
     tenant_id: uuid.UUID
     """The cube's tenant: whose entries of the embedding LRU this cube's rows may use."""
     policy: CachePolicy
-    policy_stamp: datetime | None
+    policy_revision: int
+    """The stored policy revision this ``policy`` is at least as new as."""
     index: CubeIndex | None = None
     building: asyncio.Task[None] | None = None
     pending: list[Note] = field(default_factory=list)
@@ -305,6 +306,12 @@ class CubeState:
         if self.index is not None:
             return "ready"
         return "building" if self.building is not None else "cold"
+
+
+def take_policy(state: CubeState, record: store.PolicyRecord) -> None:
+    """``record`` as the state's policy, unless the state holds a newer one already (two reloads crossed)."""
+    if record.revision >= state.policy_revision:
+        state.policy, state.policy_revision = record.policy, record.revision
 
 
 class CacheIndexes:
@@ -356,7 +363,7 @@ class CacheIndexes:
         state = self.peek(cube_id)  # another task may have loaded it meanwhile
         if state is not None:
             return state
-        state = CubeState(cube_id, tenant_id, record.policy, record.stamp)
+        state = CubeState(cube_id, tenant_id, record.policy, record.revision)
         self._states[cube_id] = state
         while len(self._states) > self.max_cubes:
             self._forget(
@@ -365,13 +372,13 @@ class CacheIndexes:
         return state
 
     async def reload_policy(self, cube_id: uuid.UUID) -> None:
-        """Re-read a cube's policy (after a configuration write or feedback)."""
+        """Re-read a cube's policy (after a configuration write or feedback, or seeing a newer revision)."""
         state = self._states.get(cube_id)
         if state is None:
             return
         async with self.db.read() as conn:
             record = await store.load_policy(conn, cube_id)
-        state.policy, state.policy_stamp = record.policy, record.stamp
+        take_policy(state, record)
 
     def _forget(self, state: CubeState) -> None:
         state.dropped = True
@@ -544,7 +551,7 @@ class CacheIndexes:
             async with self.db.read() as conn:
                 now = await store.db_now(conn)
                 rows = await store.changed_entries(conn, state.cube_id, since)
-                stamp = await store.policy_stamp(conn, state.cube_id)
+                revision = await store.policy_revision(conn, state.cube_id)
             if state.index is not None and not state.dropped:
                 # A memory deleted or purged while the rows were read came back from them, its question held in
                 # memory and counted against the quota until the next catch-up (a concurrency review): the
@@ -552,7 +559,7 @@ class CacheIndexes:
                 newer = state.written_meanwhile
                 self._upsert_rows(state.index, [r for r in rows if r.id not in newer], state.tenant_id)
                 state.synced_at = now
-            if stamp is not None and (state.policy_stamp is None or stamp > state.policy_stamp):
+            if revision > state.policy_revision:
                 await self.reload_policy(state.cube_id)
         except Exception:
             log.exception("catching up a cache index failed; it retries at the next interval")

@@ -37,7 +37,7 @@ from memos.memories.versioning import tombstone_where
 from memos.semcache import schemas, store
 from memos.semcache.context import Turn, context_sha256, context_text
 from memos.semcache.decide import Decision, decide
-from memos.semcache.index import CacheIndexes, CubeState, Entry, entry_from_row, turns_from
+from memos.semcache.index import CacheIndexes, CubeState, Entry, entry_from_row, take_policy, turns_from
 from memos.semcache.policy import (
     FALSE_HIT_MARGIN,
     THRESHOLD_CEILING,
@@ -163,9 +163,19 @@ class SemCacheService:
         nothing, as fast, and must not warm another tenant's index. It costs one indexed read.
         """
         async with self.db.read() as conn:
-            await cube_access(conn, principal, cube_id, needed)
+            row = await store.check_and_fetch(conn, principal, cube_id, None)
+        access = None if row is None else access_of(principal, row.owner_agent_id, row.grant)
+        if row is None or access is None:
+            raise NotFound("no such cube")
+        require(access, needed)
         tenant_id, _ = principal.tenant_member()
-        return await self.indexes.state(cube_id, tenant_id)
+        state = await self.indexes.state(cube_id, tenant_id)
+        if row.policy_revision > state.policy_revision:
+            # Another process changed the policy (a configuration, feedback): every decision, store and quota
+            # of this request uses the current one. Only hits re-checked it, and a lookup while the index was
+            # building, a store's quota and a category's name went by the old one (a multi-process review).
+            await self.indexes.reload_policy(cube_id)
+        return state
 
     @staticmethod
     def _category(policy: CachePolicy, name: str | None) -> str:
@@ -254,7 +264,7 @@ class SemCacheService:
                 row = await store.check_and_fetch(conn, principal, req.cube_id, chosen.id)
             _require_read(principal, row)
             assert row is not None
-            if row.policy_stamp is not None and (state.policy_stamp is None or row.policy_stamp > state.policy_stamp):
+            if row.policy_revision > state.policy_revision:
                 # The policy changed in another process since this one read it (the catch-up runs only every
                 # few seconds, and only once a lookup comes): decide again under the current one.
                 await self.indexes.reload_policy(req.cube_id)
@@ -290,6 +300,9 @@ class SemCacheService:
         async with self.db.transaction() as conn:
             row = await store.check_and_fetch(conn, principal, req.cube_id, None)
             _require_read(principal, row)
+            assert row is not None
+            if row.policy_revision > state.policy_revision:  # changed since _state read it: this connection reads it
+                take_policy(state, await store.load_policy(conn, req.cube_id))
             rows = await store.nearest_entries(conn, req.cube_id, qvec, CANDIDATES, self.vectors.embedder.model)
         entries: list[tuple[Entry, float, Row[Any]]] = []
         for r in rows:
@@ -449,11 +462,7 @@ class SemCacheService:
         if isinstance(named, str) and named not in state.policy.categories:
             # Never served (semcache.md), and the policy's fallback would have moved the default category's
             # threshold for an entry that default lookups never see (found in review).
-            raise Conflict(
-                f"memory_id: this cached answer's category {named!r} is not configured in its cube; it is not "
-                "served, so there is no feedback to take",
-                errors=[FieldError("memory_id", f"category {named!r} is not configured")],
-            )
+            raise _category_gone(named)
         category = state.policy.category(named if isinstance(named, str) else None)
         # after every refusal: a refused call costs no model pass
         (qvec,) = await self.vectors.embed(tenant_id, [req.query])
@@ -474,17 +483,13 @@ class SemCacheService:
                 )
             ).one()
             _check_feedable(now.state, purged=now.purged_at is not None)
-            current = (
-                await conn.execute(
-                    select(cache_categories.c.threshold, cache_categories.c.false_hit_floor)
-                    .where(cache_categories.c.cube_id == row.cube_id, cache_categories.c.category == category.name)
-                    .with_for_update()
-                )
-            ).first()
-            if current is not None and current.threshold is not None:
-                category = replace(category, threshold=float(current.threshold))
-            if current is not None:
-                category = replace(category, false_hit_floor=float(current.false_hit_floor))
+            # The category as Postgres holds it now, under its lock: with the threshold and bounds of this process's
+            # copy, a report to a process that had not seen a new configuration wrote a threshold from the old one
+            # (0.998 configured, 0.972 after a false-hit report; found in a multi-process review).
+            fresh = (await store.load_policy(conn, row.cube_id)).policy.categories.get(category.name)
+            if fresh is None:
+                raise _category_gone(category.name)
+            category = fresh
             moved = apply_feedback(category, similarity, correct=req.correct) if req.scope == "category" else category
             counter = cache_categories.c.correct_hits if req.correct else cache_categories.c.false_hits
             values: dict[str, Any] = {"updated_at": func.now(), counter.name: counter + 1}
@@ -501,6 +506,8 @@ class SemCacheService:
                 ),
             )
             await conn.execute(stmt.on_conflict_do_update(index_elements=["cube_id", "category"], set_=values))
+            if moved != category:
+                await store.policy_changed(conn, row.cube_id)
             entry_threshold = None
             if not req.correct:
                 # This pair must stop hitting even where the category's ceiling stops below its similarity. The
@@ -543,11 +550,11 @@ class SemCacheService:
             reject_nul(category, "category")
         async with self.db.transaction() as conn:
             await cube_access(conn, principal, cube_id, "write")
-            # Read the policy on this connection when the cube has no loaded state: asking the index for it
-            # would take a second pooled connection while this one is held, and enough concurrent
-            # invalidations of cold cubes would then wait on each other until the pool times out.
-            loaded = self.indexes.peek(cube_id)
-            policy = loaded.policy if loaded is not None else (await store.load_policy(conn, cube_id)).policy
+            # The policy as Postgres holds it, on this connection: a process's copy may be older (another process
+            # configured the cube), and asking the index for it would take a second pooled connection while this
+            # one is held (enough concurrent invalidations of cold cubes then waited on each other until the pool
+            # timed out).
+            policy = (await store.load_policy(conn, cube_id)).policy
             default = policy.default
             conditions = [memories.c.cube_id == cube_id, memories.c.kind == "response"]
             if category is not None:
@@ -616,6 +623,7 @@ class SemCacheService:
                 if name not in old.categories or _bounds(old.categories[name]) != _bounds(cat)
             ]
             await store.reset_adapted(conn, req.cube_id, changed)
+            await store.policy_changed(conn, req.cube_id)
             await record(conn, principal, "cache.configure", "cube", req.cube_id, detail={"reset": changed})
         await self.indexes.reload_policy(req.cube_id)
         return _config_out(req.cube_id, policy, configured, updated_at)
@@ -713,6 +721,14 @@ def _check_context(context: Sequence[str | schemas.TurnIn] | None) -> tuple[Turn
     for i, turn in enumerate(context):
         reject_nul(turn if isinstance(turn, str) else turn.content, f"context[{i}]")
     return turns_from(list(context))
+
+
+def _category_gone(named: str) -> Conflict:
+    return Conflict(
+        f"memory_id: this cached answer's category {named!r} is not configured in its cube; it is not "
+        "served, so there is no feedback to take",
+        errors=[FieldError("memory_id", f"category {named!r} is not configured")],
+    )
 
 
 def _require_read(principal: Principal, row: Row[Any] | None) -> None:

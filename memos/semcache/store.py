@@ -24,7 +24,15 @@ from memos.identity.principal import Principal
 from memos.semcache.context import context_sha256
 from memos.semcache.policy import DEFAULT_POLICY, CachePolicy, PolicyError, parse_policy
 from memos.store.arrays import Float4Array, vector_at
-from memos.store.models import cache_categories, cache_configs, cache_entries, cube_grants, cubes, memories
+from memos.store.models import (
+    cache_categories,
+    cache_configs,
+    cache_entries,
+    cache_policy_revisions,
+    cube_grants,
+    cubes,
+    memories,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +112,8 @@ class PolicyRecord:
     configured: dict[str, Any]
     updated_at: datetime | None
     """The configuration's last write."""
-    stamp: datetime | None
-    """The newest change to the configuration or to an adapted threshold: the cue to reload."""
+    revision: int
+    """The policy's revision when it was read (read first: the policy is at least that new)."""
 
 
 def build_policy(configured: Mapping[str, Any] | None, adapted: Iterable[Any]) -> CachePolicy:
@@ -127,6 +135,9 @@ def build_policy(configured: Mapping[str, Any] | None, adapted: Iterable[Any]) -
 
 
 async def load_policy(conn: AsyncConnection, cube_id: uuid.UUID) -> PolicyRecord:
+    # The revision before the rows: a change committing in between makes the policy newer than its number (reloaded
+    # once more later), never older (kept for good).
+    revision = await policy_revision(conn, cube_id)
     config = (
         await conn.execute(
             select(cache_configs.c.config, cache_configs.c.updated_at).where(cache_configs.c.cube_id == cube_id)
@@ -143,26 +154,36 @@ async def load_policy(conn: AsyncConnection, cube_id: uuid.UUID) -> PolicyRecord
         )
     ).all()
     configured: dict[str, Any] = dict(config.config) if config is not None else {}
-    stamps = [r.updated_at for r in adapted] + ([config.updated_at] if config is not None else [])
     return PolicyRecord(
         policy=build_policy(configured, adapted),
         configured=configured,
         updated_at=None if config is None else config.updated_at,
-        stamp=max(stamps) if stamps else None,
+        revision=revision,
     )
 
 
-def _policy_stamp(cube_id: Any) -> Any:
-    """When the cube's cache policy last changed (configuration or feedback); NULL when it never did."""
-    return func.greatest(
-        select(func.max(cache_configs.c.updated_at)).where(cache_configs.c.cube_id == cube_id).scalar_subquery(),
-        select(func.max(cache_categories.c.updated_at)).where(cache_categories.c.cube_id == cube_id).scalar_subquery(),
+def _policy_revision(cube_id: Any) -> Any:
+    """The cube's cache policy revision: 0 until its first change (configuration, feedback or a reset)."""
+    stored = select(cache_policy_revisions.c.revision).where(cache_policy_revisions.c.cube_id == cube_id)
+    return func.coalesce(stored.scalar_subquery(), 0)
+
+
+async def policy_revision(conn: AsyncConnection, cube_id: uuid.UUID) -> int:
+    return int((await conn.execute(select(_policy_revision(cube_id)))).scalar_one())
+
+
+async def policy_changed(conn: AsyncConnection, cube_id: uuid.UUID) -> None:
+    """Count a change to the cube's cache policy, in the transaction that makes it, after its other locks.
+
+    Every process holds the policy in memory and reloads it when the stored revision passes its own. The row's
+    lock is held until the commit, so revisions follow commits. The cue was the newest ``updated_at``, a
+    transaction's start: a change that committed after a newer one was never seen, and a process decided with
+    the old threshold until the next change (found in a multi-process review).
+    """
+    stmt = pg_insert(cache_policy_revisions).values(cube_id=cube_id, revision=1)
+    await conn.execute(
+        stmt.on_conflict_do_update(index_elements=["cube_id"], set_={"revision": cache_policy_revisions.c.revision + 1})
     )
-
-
-async def policy_stamp(conn: AsyncConnection, cube_id: uuid.UUID) -> datetime | None:
-    row = (await conn.execute(select(_policy_stamp(cube_id)))).first()
-    return None if row is None else row[0]
 
 
 # -- entries -----------------------------------------------------------------------------------------
@@ -226,15 +247,21 @@ async def nearest_entries(conn: AsyncConnection, cube_id: uuid.UUID, vector: Vec
 async def check_and_fetch(
     conn: AsyncConnection, principal: Principal, cube_id: uuid.UUID, memory_id: uuid.UUID | None
 ) -> Row[Any] | None:
-    """One round trip: the caller's standing in the cube and, when given, the entry's current state, answer and
-    threshold, and the cube's policy stamp.
+    """One round trip: the caller's standing in the cube, the cube's cache policy revision and, when given, the
+    entry's current state, answer and threshold.
 
     ``None`` when the cube is not the caller's tenant's or is deleted. The entry columns are NULL when
     it is not in that cube.
     """
     tenant_id, agent_id = principal.tenant_member()
     query: Any = (
-        select(cubes.c.owner_agent_id, cube_grants.c.access.label("grant"))
+        select(
+            cubes.c.owner_agent_id,
+            cube_grants.c.access.label("grant"),
+            # What a decision rests on besides the entry: another process may have changed the policy since this
+            # one read it.
+            _policy_revision(cubes.c.id).label("policy_revision"),
+        )
         .select_from(cubes)
         .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id))
         .where(cubes.c.id == cube_id, cubes.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
@@ -248,10 +275,8 @@ async def check_and_fetch(
                 entry.c.kind,
                 entry.c.content,
                 or_(entry.c.expires_at.is_(None), entry.c.expires_at > func.now()).label("fresh"),
-                # What a hit is decided with besides the entry: its feedback threshold and the cube's policy,
-                # both of which another process (or a re-added entry) may hold older than Postgres.
+                # The entry's feedback threshold, which another process (or a re-added entry) may hold older.
                 cache_entries.c.threshold.label("entry_threshold"),
-                _policy_stamp(cubes.c.id).label("policy_stamp"),
             )
             .outerjoin(entry, and_(entry.c.id == memory_id, entry.c.cube_id == cubes.c.id))
             .outerjoin(cache_entries, cache_entries.c.memory_id == entry.c.id)

@@ -239,6 +239,15 @@ cache_configs = Table(
     Column("updated_by", UUID(as_uuid=True), nullable=False),
 )
 
+cache_policy_revisions = Table(
+    "cache_policy_revisions",
+    metadata,
+    # Bumped by every change to the cube's cache policy (configuration, feedback, a reset), under this row's lock,
+    # so the numbers follow the commits: how a process knows its copy of the policy is old (migration 0011).
+    Column("cube_id", UUID(as_uuid=True), ForeignKey("cubes.id", ondelete="CASCADE"), primary_key=True),
+    Column("revision", BigInteger, nullable=False),
+)
+
 cache_categories = Table(
     "cache_categories",
     metadata,
