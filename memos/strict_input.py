@@ -190,7 +190,9 @@ class StrictQuery:
                 if single:
                     self._single[handler] = single
 
-    def __call__(self, request: Request[Any, Any, Any]) -> None:
+    async def __call__(self, request: Request[Any, Any, Any]) -> None:
+        # async, though it awaits nothing: Litestar runs a sync before_request hook in a worker thread, and that
+        # hop cost every request (every route, /healthz too) 0.15-0.3 ms on the 2-core box, more than the checks.
         query = request.query_params
         for alias in self._single.get(request.route_handler, ()):
             if len(query.getall(alias, [])) > 1:

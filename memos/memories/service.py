@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any, Protocol
 
 import msgspec
 import numpy as np
 from psycopg.errors import ForeignKeyViolation
-from sqlalchemy import Row, Select, and_, delete, func, insert, literal, or_, select, update
+from sqlalchemy import Row, Select, Uuid, and_, bindparam, delete, func, insert, literal, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -197,6 +198,39 @@ def _expires(ttl_seconds: int | None) -> datetime | None:
 
 def not_expired() -> Any:
     return or_(memories.c.expires_at.is_(None), memories.c.expires_at > func.now())
+
+
+def _load_query(
+    columns: Sequence[Any], memory_id: Any, tenant_id: Any, agent_id: Any, include_expired: bool
+) -> Select[Any]:
+    """A memory's row (``columns`` of it) with what the access check needs: its cube's owner and the caller's
+    grant. Live cubes of the caller's tenant only."""
+    query = (
+        select(*columns, cubes.c.owner_agent_id, cube_grants.c.access.label("grant"))
+        .select_from(memories)
+        .join(cubes, cubes.c.id == memories.c.cube_id)
+        .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id))
+        .where(memories.c.id == memory_id, memories.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
+    )
+    return query if include_expired else query.where(not_expired())
+
+
+@cache
+def _get_sql(include_expired: bool) -> str:
+    """``GET /v1/memories/{id}``'s statement as text, compiled once: ``%(memory)s``, ``%(tenant)s``, ``%(agent)s``.
+
+    Building the statement with the expression language, then its cache key, cost the event loop about 0.5 ms
+    a request, more than Postgres took to run it (measured A/B in one process)."""
+    from sqlalchemy.dialects.postgresql.psycopg import dialect
+
+    query = _load_query(
+        DTO_COLUMNS,
+        bindparam("memory", type_=Uuid()),
+        bindparam("tenant", type_=Uuid()),
+        bindparam("agent", type_=Uuid()),
+        include_expired,
+    )
+    return str(query.compile(dialect=dialect()))  # type: ignore[no-untyped-call]
 
 
 Accesses = Callable[[uuid.UUID | None, list[tuple[uuid.UUID, float]]], None]
@@ -515,15 +549,7 @@ class MemoryService:
                 .where(memories.c.id == memory_id, memories.c.tenant_id == tenant_id)
                 .with_for_update(read=True, of=cubes)
             )
-        query: Any = (
-            select(*columns, cubes.c.owner_agent_id, cube_grants.c.access.label("grant"))
-            .select_from(memories)
-            .join(cubes, cubes.c.id == memories.c.cube_id)
-            .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id))
-            .where(memories.c.id == memory_id, memories.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
-        )
-        if not include_expired:
-            query = query.where(not_expired())
+        query = _load_query(columns, memory_id, tenant_id, agent_id, include_expired)
         if lock:
             query = query.with_for_update(of=memories)
         elif needed != "read":
@@ -546,11 +572,14 @@ class MemoryService:
         return await self._load(conn, principal, memory_id, needed, lock=lock)
 
     async def get(self, principal: Principal, memory_id: uuid.UUID, include_expired: bool = False) -> schemas.Memory:
+        tenant_id, agent_id = principal.tenant_member()
+        params = {"memory": memory_id, "tenant": tenant_id, "agent": agent_id}
         async with self.db.read() as conn:
-            row = await self._load(
-                conn, principal, memory_id, "read", include_expired=include_expired, columns=DTO_COLUMNS
-            )
-            memory = to_dto(row)
+            row = (await conn.exec_driver_sql(_get_sql(include_expired), params)).first()
+        # As _load for "read": any access to the cube reads it; none, and the memory does not exist for the caller.
+        if row is None or access_of(principal, row.owner_agent_id, row.grant) is None:
+            raise NotFound("no such memory")
+        memory = to_dto(row)
         # A deleted memory is read for its history, not used: warming it would put it back among the hot.
         if self.on_access is not None and row.state != "deleted":
             self.on_access(principal.tenant_id, [(memory_id, 1.0)])
