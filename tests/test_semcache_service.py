@@ -441,6 +441,21 @@ def test_false_hit_feedback_in_another_process_never_lowers_a_configured_thresho
     assert lookup(client, key, cube, PERMIT_REWORDED)["hit"] is False
 
 
+def test_feedback_in_another_process_takes_a_category_configured_since(
+    client: TestClient[Litestar], other_process: TestClient[Litestar], tenant: Tenant, cube: str
+) -> None:
+    """The other process refused the report by its copy of the policy: 409 "category 'med' is not configured"
+    (found in review)."""
+    key = tenant.admin_key
+    store(other_process, key, cube, "Who waters the plants?", "Sam.")  # its copy: the default category only
+    config = {"cube_id": cube, "categories": {"default": {}, "med": {}}}
+    assert client.put("/v1/cache/config", json=config, headers=bearer(key)).status_code == 200
+    entry = store(client, key, cube, "What is a safe dose of ibuprofen?", "Ask your doctor.", category="med")
+    body = {"memory_id": entry["id"], "query": "What is a safe ibuprofen dose?", "correct": True}
+    r = other_process.post("/v1/cache/feedback", json=body, headers=bearer(key))
+    assert r.status_code == 204, r.text
+
+
 def test_stores_in_another_process_keep_to_a_quota_this_one_raised(
     client: TestClient[Litestar], other_process: TestClient[Litestar], tenant: Tenant, cube: str
 ) -> None:

@@ -395,7 +395,10 @@ class MemoryService:
         try:
             yield
         except BeyondDatabaseLimit as exc:
-            raise await self._too_large_to_index(texts, exc) from exc
+            named = await self._too_large_to_index(texts, exc)
+            if named is exc:
+                raise
+            raise named from exc
 
     async def _too_large_to_index(
         self, texts: list[tuple[str, str, dict[str, Any]]], refused: BeyondDatabaseLimit

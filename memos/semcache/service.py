@@ -435,6 +435,7 @@ class SemCacheService:
                         func.vector_send(memories.c.embedding).label("vec"),
                         cubes.c.owner_agent_id,
                         cube_grants.c.access.label("grant"),
+                        store.policy_revision_of(cubes.c.id).label("policy_revision"),
                     )
                     .select_from(memories)
                     .join(cubes, cubes.c.id == memories.c.cube_id)
@@ -458,6 +459,10 @@ class SemCacheService:
         _check_feedable(row.state, purged=cached is None)
         assert cached is not None
         state = await self.indexes.state(row.cube_id, tenant_id)
+        if row.policy_revision > state.policy_revision:
+            # A category another process configured since this one read the policy was refused here as "not
+            # configured" (found in review); the check under the locks below reads it from Postgres again.
+            await self.indexes.reload_policy(row.cube_id)
         named = row.metadata.get("category")
         if isinstance(named, str) and named not in state.policy.categories:
             # Never served (semcache.md), and the policy's fallback would have moved the default category's

@@ -162,14 +162,14 @@ async def load_policy(conn: AsyncConnection, cube_id: uuid.UUID) -> PolicyRecord
     )
 
 
-def _policy_revision(cube_id: Any) -> Any:
+def policy_revision_of(cube_id: Any) -> Any:
     """The cube's cache policy revision: 0 until its first change (configuration, feedback or a reset)."""
     stored = select(cache_policy_revisions.c.revision).where(cache_policy_revisions.c.cube_id == cube_id)
     return func.coalesce(stored.scalar_subquery(), 0)
 
 
 async def policy_revision(conn: AsyncConnection, cube_id: uuid.UUID) -> int:
-    return int((await conn.execute(select(_policy_revision(cube_id)))).scalar_one())
+    return int((await conn.execute(select(policy_revision_of(cube_id)))).scalar_one())
 
 
 async def policy_changed(conn: AsyncConnection, cube_id: uuid.UUID) -> None:
@@ -260,7 +260,7 @@ async def check_and_fetch(
             cube_grants.c.access.label("grant"),
             # What a decision rests on besides the entry: another process may have changed the policy since this
             # one read it.
-            _policy_revision(cubes.c.id).label("policy_revision"),
+            policy_revision_of(cubes.c.id).label("policy_revision"),
         )
         .select_from(cubes)
         .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id))

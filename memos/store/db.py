@@ -203,9 +203,9 @@ class Database:
 
 
 _CONCURRENT_WRITES = {"40P01", "40001"}
+"""SQLSTATEs of a deadlock and a serialization failure: two writers' transactions crossed, nothing is down."""
 _PAST_A_LIMIT = "54"
 """The SQLSTATE class of "program limit exceeded": the database answered, and the request asked too much of it."""
-"""SQLSTATEs of a deadlock and a serialization failure: two writers' transactions crossed, nothing is down."""
 
 
 @contextmanager
