@@ -705,6 +705,14 @@ def test_qualifiers_of_one_meaning_or_on_one_side_only_still_match() -> None:
     assert check("Is the pool open till 9pm?", "Is the pool open until 9 pm?") is None
     assert check("Can I bring 3 bags?", "Can I bring up to 3 bags?") is None
     assert check("Flights from 5 to 10 May", "flights from 5 to 10 May") is None
+    # before a time or a year, "to" and "by" end a span as "until" does, "from" starts one as "since" (a review)
+    assert check("Is the shop open 9am to 5pm?", "Is the shop open 9am until 5pm?") is None
+    assert check("Can it be delivered by 5pm?", "Can it be delivered before 5pm?") is None
+    assert check("Will we finish by 2030?", "Will we finish before 2030?") is None
+    assert check("Am I free after 6pm?", "Am I free from 6pm?") is None
+    assert check("Prices since 2020", "Prices from 2020") is None
+    # a qualifier does not reach past a span read before the number ("until 9pm" is read, then "7")
+    assert check("Is it open until 9pm 7 days a week?", "Is it open until 9pm, 7 days a week?") is None
 
 
 def test_a_capital_letter_after_a_word_names_a_kind_of_it() -> None:
@@ -724,7 +732,6 @@ def test_a_capital_letter_after_a_word_names_a_kind_of_it() -> None:
     assert check("Should I learn C++ or C?", "Should I learn C++ or C?") is None
     added = check_all("What does the treaty say about trade?", "What does the treaty say about trade in article V?")
     assert not [reason for reason in added if reason.startswith("entity:")]
-    assert check("Can I learn C in a month?", "Can I learn C# in a month?") is None
 
 
 def test_swapped_sides_of_a_comparison_and_swapped_dates_are_refused() -> None:
@@ -751,7 +758,8 @@ def test_a_two_part_number_after_a_word_is_a_version() -> None:
     amount (a semantic-cache review). After a word both sides write it after, the digits count as written."""
     refused = [
         ("What's new in Python 3.10?", "What's new in Python 3.1?"),
-        ("Does django 4.10 support async views?", "Does django 4.1 support async views?"),
+        ("Does Django 4.10 support async views?", "Does Django 4.1 support async views?"),
+        ("What changed in version 2.10?", "What changed in version 2.1?"),
         ("Is Firefox 115.0 faster than Chrome?", "Is Firefox 115.00 faster than Chrome?"),
     ]
     for cached, query in refused:
@@ -761,6 +769,11 @@ def test_a_two_part_number_after_a_word_is_a_version() -> None:
     assert check("Is Android 6.0 stable?", "Is Android 6 stable?") is None  # one side gives no decimal
     assert check("It costs $2.50", "It costs $2.5") is None  # an amount
     assert check("Is it 2.50 in total?", "Is it 2.5 in total?") is None  # after a function word
+    # after a lowercase word or at a sentence's start, an amount (a review: these were refused as versions)
+    assert check("Does it cost 1.50?", "Does it cost 1.5?") is None
+    assert check("Is my blood sugar 5.50 high?", "Is my blood sugar 5.5 high?") is None
+    assert check("Is pH 7.00 neutral?", "Is pH 7.0 neutral?") is None
+    assert check("Convert 1.50 to a fraction", "Convert 1.5 to a fraction") is None
 
 
 def test_another_first_letter_or_two_letters_inside_make_another_word() -> None:
@@ -780,3 +793,7 @@ def test_another_first_letter_or_two_letters_inside_make_another_word() -> None:
     assert check("Which colour is the sofa?", "Which color is the sofa?") is None
     assert check("Is the pharmacy open on Thursday?", "Is the pharmacy open on Thrusday?") is None
     assert check("What counts as abuse at work?", "What counts as abusive at work?") is None
+    # a first letter one key off is a slip, a doubled letter a spelling (a review: these were refused)
+    assert check("How do I xancel my order?", "How do I cancel my order?") is None
+    assert check("How do I reset the eouter?", "How do I reset the router?") is None
+    assert check("Where can I buy jewellery?", "Where can I buy jewelry?") is None

@@ -142,18 +142,29 @@ def similar_words(a: str, b: str) -> bool:
     return abs(len(a) - len(b)) <= limit and _damerau(a, b, limit) <= limit
 
 
+_KEY_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+_NEXT_KEYS = {
+    key: {row[j] for j in (i - 1, i + 1) if 0 <= j < len(row)}
+    | {other[j] for other in _KEY_ROWS if other is not row for j in (i - 1, i, i + 1) if 0 <= j < len(other)}
+    for row in _KEY_ROWS
+    for i, key in enumerate(row)
+}
+"""The keys around each letter's (QWERTY, rows taken as aligned): a first letter one key off is a slip."""
+
+
 def _other_word(a: str, b: str) -> bool:
-    """Edits that make another word far more often than they are a slip of the keys: another first letter
-    ("lend"/"send", "height"/"weight", "good"/"food"), or two letters together inside a word of 7+ letters, not
-    at its end ("prednisone"/"prednisolone", "content"/"continent", "conversion"/"conversation"). Within the edit
-    limit, they were taken for spellings of one word (a review); a suffix ("abuse"/"abusive") still is one."""
+    """Edits that make another word far more often than they are a slip of the keys: another first letter, not
+    one key away ("lend"/"send", "height"/"weight"; "xancel"/"cancel" is a slip), or two letters together inside a
+    word of 7+ letters, not at its end and not a doubled letter ("prednisone"/"prednisolone", "content"/"continent",
+    "conversion"/"conversation"; "jewellery"/"jewelry" is a spelling). Within the edit limit, they were taken for
+    spellings of one word (a review); a suffix ("abuse"/"abusive") still is one."""
     if a[0] != b[0] and a[1:] == b[1:]:
-        return True
+        return b[0] not in _NEXT_KEYS.get(a[0], ())
     short, long_ = (a, b) if len(a) <= len(b) else (b, a)
     if len(long_) - len(short) != 2 or len(short) < 7:
         return False
     # the two letters start after the first and leave at least two after them: "abus(iv)e" is a suffix's change
-    return any(long_[:i] + long_[i + 2 :] == short for i in range(1, len(long_) - 3))
+    return any(long_[:i] + long_[i + 2 :] == short and long_[i] != long_[i - 1] for i in range(1, len(long_) - 3))
 
 
 def _damerau(a: str, b: str, limit: int) -> int:
@@ -314,8 +325,23 @@ _VERSION = re.compile(r"\d+(?:\.\d+){2,}")
 """A dotted numeral of three parts or more (a version, an address): one literal key, not a decimal and its rest."""
 _TWO_PARTS = re.compile(r"\d+\.\d+")
 """A decimal of two parts: an amount ("2.50" is "2.5"), or, right after a word, a version ("Python 3.10")."""
-_WORD_BEFORE = re.compile(r"(?<![\w'])(?P<w>[A-Za-z]{2,})\s$")
+_WORD_BEFORE = re.compile(r"(?<![\w'])(?P<w>[A-Za-z]{1,})\s$")
 """The word directly before a number (searched in the 40 characters before it, so the search stays constant)."""
+_VERSION_WORDS = frozenset({"version", "ver", "v", "release", "build"})
+_YEAR = re.compile(r"1[5-9]\d\d|20\d\d")
+
+
+def _names_a_version(text: str, before: re.Match[str]) -> bool:
+    """Whether a two-part number after ``before``'s word is a version: after a capitalised word that does not
+    start a sentence ("Python 3.10", "Is Android 6.0") or after "version". After any other word it is an amount,
+    where 1.50 and 1.5 are one value ("does it cost 1.50", "is my blood sugar 5.50"; found in review)."""
+    word = before["w"]
+    if word.lower() in _VERSION_WORDS:
+        return True
+    prefix = text[: before.start()].rstrip()
+    starts_sentence = not prefix or prefix[-1] in ".?!:"
+    return word[0].isupper() and word.lower() not in STOPWORDS and not starts_sentence
+
 
 _TIME_AMPM = re.compile(r"\b(?P<h>\d{1,2})(?:[:.](?P<m>\d{2}))?\s?(?P<ap>a\.?m\.?|p\.?m\.?)(?![a-z])", re.IGNORECASE)
 _TIME_CLOCK = re.compile(r"(?<![\d.,:])(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)(?![\d:])")
@@ -379,20 +405,25 @@ _QUALIFIER_CLASSES: dict[str, str] = {
     **{q: q for q in ("by", "to", "from")},
 }
 """Words directly before a number that say how it is meant; synonyms share a class ("over 5" is "more than 5")."""
+_WHEN_QUALIFIER = {"to": "before", "by": "before", "from": "after"}
+"""Before a time or a year, "to" and "by" end a span as "until" does, and "from" starts one as "since" does: "open
+9am to 5pm" is "until 5pm", "by 2030" is "before 2030" (before amounts, "by 10%" and "to 10%" differ)."""
+# One or two spaces between: a span blanked in between ("until 9pm 7 days") must not qualify the next number.
 _QUALIFIER = re.compile(
-    r"\b(?P<q>" + "|".join(sorted((re.escape(q) for q in _QUALIFIER_CLASSES), key=len, reverse=True)) + r")\s+$",
+    r"\b(?P<q>" + "|".join(sorted((re.escape(q) for q in _QUALIFIER_CLASSES), key=len, reverse=True)) + r")\s{1,2}$",
     re.IGNORECASE,
 )
 
 
-def _qualifier(text: str, start: int) -> str | None:
-    """The class of the qualifier written directly before ``text[start:]`` ("up to 3" -> "at most"), if any."""
+def _qualifier(text: str, start: int, *, when: bool = False) -> str | None:
+    """The class of the qualifier written directly before ``text[start:]`` ("up to 3" -> "at most"), if any;
+    ``when``: the number is a time or a year."""
     # the longest qualifier ("approximately ", "not less than ") fits in 20 characters: the search stays constant
     found = _QUALIFIER.search(text, max(0, start - 20), start)
     if found is None:
         return None
-    word = " ".join(found["q"].lower().split())
-    return _QUALIFIER_CLASSES[word]
+    word = _QUALIFIER_CLASSES[" ".join(found["q"].lower().split())]
+    return _WHEN_QUALIFIER.get(word, word) if when else word
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,8 +462,8 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
     qualifiers: set[tuple[str, str]] = set()
     spelled: set[tuple[str, str]] = set()
 
-    def qualify(key: str, match: re.Match[str]) -> None:
-        qualifier = _qualifier(match.string, match.start())
+    def qualify(key: str, match: re.Match[str], *, when: bool = False) -> None:
+        qualifier = _qualifier(match.string, match.start(), when=when)
         if qualifier is not None:
             qualifiers.add((key, qualifier))
 
@@ -447,7 +478,7 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
         times.add(key)
         if part:
             meridiem.add((key, part))
-        qualify(key, match)  # "until 9pm" / "from 9pm"
+        qualify(key, match, when=True)  # "until 9pm" / "from 9pm"
         return True
 
     def ampm(match: re.Match[str]) -> bool:
@@ -488,10 +519,11 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
         if match["sign"] and key != "0":
             key = "-" + key
         values.add(key)
-        qualify(key, match)
-        if _TWO_PARTS.fullmatch(raw) and not (unit or match["scale"] or match["k"] or match["sign"]):
+        bare = not (unit or match["scale"] or match["k"] or match["sign"])
+        qualify(key, match, when=bare and _YEAR.fullmatch(raw) is not None)
+        if bare and _TWO_PARTS.fullmatch(raw):
             before = _WORD_BEFORE.search(match.string, max(0, match.start() - 40), match.start())
-            if before is not None and before["w"].lower() not in STOPWORDS:
+            if before is not None and _names_a_version(match.string, before):
                 spelled.add((key, raw))
         # a one-letter unit must touch its number ("5m", "2g"): "18 in the UK" is not eighteen inches
         if unit and (len(unit) > 1 or not match.group()[: -len(unit)].endswith(" ")):
