@@ -44,17 +44,8 @@ async def cube_access(conn: AsyncConnection, principal: Principal, cube_id: uuid
     deleted between a writer's check and its commit (the delete's tombstoning would miss the new rows).
     """
     tenant_id, agent_id = principal.tenant_member()
-    query = (
-        select(cubes.c.owner_agent_id, cube_grants.c.access)
-        .select_from(cubes)
-        .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent_id))
-        .where(cubes.c.id == cube_id, cubes.c.tenant_id == tenant_id, cubes.c.deleted_at.is_(None))
-    )
-    if needed == "write":
-        query = query.with_for_update(read=True, of=cubes)
-    elif needed == "manage":
-        query = query.with_for_update(of=cubes)
-    row = (await conn.execute(query)).first()
+    params = {"cube": cube_id, "tenant": tenant_id, "agent": agent_id}
+    row = (await conn.exec_driver_sql(_access_sql(needed), params)).first()
     access = None if row is None else access_of(principal, row.owner_agent_id, row.access)
     if row is not None and needed != "read":
         access = await locked_access(conn, principal, cube_id, row.owner_agent_id, access)
@@ -62,6 +53,31 @@ async def cube_access(conn: AsyncConnection, principal: Principal, cube_id: uuid
         raise NotFound("no such cube")
     require(access, needed)
     return access
+
+
+@cache
+def _access_sql(needed: Access) -> str:
+    """``cube_access``'s statement as text, compiled once per level: built with the expression language on every
+    call, it cost a write about 0.5-1 ms of the event loop, more than Postgres took (measured in one process).
+    Writers take a share lock on the cube row and managers an exclusive one."""
+    from sqlalchemy.dialects.postgresql.psycopg import dialect
+
+    agent = bindparam("agent", type_=Uuid())
+    query = (
+        select(cubes.c.owner_agent_id, cube_grants.c.access)
+        .select_from(cubes)
+        .outerjoin(cube_grants, and_(cube_grants.c.cube_id == cubes.c.id, cube_grants.c.agent_id == agent))
+        .where(
+            cubes.c.id == bindparam("cube", type_=Uuid()),
+            cubes.c.tenant_id == bindparam("tenant", type_=Uuid()),
+            cubes.c.deleted_at.is_(None),
+        )
+    )
+    if needed == "write":
+        query = query.with_for_update(read=True, of=cubes)
+    elif needed == "manage":
+        query = query.with_for_update(of=cubes)
+    return str(query.compile(dialect=dialect()))  # type: ignore[no-untyped-call]
 
 
 async def locked_access(
