@@ -1109,7 +1109,9 @@ def test_a_memory_with_no_tokens_between_stored_kv_adds_nothing(client, factory,
     assert out["memory_ids"] == [a["id"], empty["id"], b["id"]] and out["reused_tokens"] > 0
 
 
-def test_builds_of_one_memory_at_once_run_one_prefill(client, app, factory, tenant, cube, monkeypatch) -> None:
+def test_builds_of_one_memory_at_once_run_one_prefill(
+    client, app, factory, tenant, cube, monkeypatch, database_url
+) -> None:
     """Found in review: N builds of one memory at once ran N prefills, wrote N files and kept N chunks in the host
     tier, one of them referenced by a row. Now they take turns; the later ones find the first one's activation."""
     import asyncio
@@ -1142,7 +1144,13 @@ def test_builds_of_one_memory_at_once_run_one_prefill(client, app, factory, tena
     assert len(prefills) == 1
     assert sorted(created for _, created in results) == [False, False, False, True]
     assert len({activation.id for activation, _ in results}) == 1
-    assert len(service.tiers.keys("host")) + len(service.tiers.keys("device")) == 1
+    held = set(service.tiers.keys("host")) | set(service.tiers.keys("device"))
+    assert results[0][0].sha256 in held
+    # No chunk that no activation refers to. (Counting every held chunk failed on a loaded CI box: a scheduler pass
+    # promoted other memories' KV into the tiers while the four builds ran.)
+    with psycopg.connect(database_url) as conn:
+        stored = {row[0] for row in conn.execute("SELECT sha256 FROM activations")}
+    assert held <= stored
     assert service._builds == {}
 
 
