@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.errors import Forbidden, NotFound
 from memos.identity.principal import Principal
+from memos.store.db import driver_sql
 from memos.store.models import cube_grants, cubes
 
 Access = Literal["read", "write", "manage"]
@@ -57,11 +58,8 @@ async def cube_access(conn: AsyncConnection, principal: Principal, cube_id: uuid
 
 @cache
 def _access_sql(needed: Access) -> str:
-    """``cube_access``'s statement as text, compiled once per level: built with the expression language on every
-    call, it cost a write about 0.5-1 ms of the event loop, more than Postgres took (measured in one process).
-    Writers take a share lock on the cube row and managers an exclusive one."""
-    from sqlalchemy.dialects.postgresql.psycopg import dialect
-
+    """``cube_access``'s statement as text, compiled once per level (built on every call, it cost a write about
+    0.5-1 ms of the event loop). Writers take a share lock on the cube row and managers an exclusive one."""
     agent = bindparam("agent", type_=Uuid())
     query = (
         select(cubes.c.owner_agent_id, cube_grants.c.access)
@@ -77,7 +75,7 @@ def _access_sql(needed: Access) -> str:
         query = query.with_for_update(read=True, of=cubes)
     elif needed == "manage":
         query = query.with_for_update(of=cubes)
-    return str(query.compile(dialect=dialect()))  # type: ignore[no-untyped-call]
+    return driver_sql(query)
 
 
 async def locked_access(
@@ -109,10 +107,7 @@ def readable_cube_ids(principal: Principal) -> Select[Any]:
 def readable_cube_ids_sql(admin: bool) -> str:
     """``readable_cube_ids`` as SQL text, for statements written out as text: the same rule, with
     ``%(tenant)s`` and ``%(agent)s`` placeholders (pass ``Principal.tenant_member()``)."""
-    from sqlalchemy.dialects.postgresql.psycopg import dialect
-
-    query = _readable(bindparam("tenant", type_=Uuid()), bindparam("agent", type_=Uuid()), admin)
-    return str(query.compile(dialect=dialect()))  # type: ignore[no-untyped-call]
+    return driver_sql(_readable(bindparam("tenant", type_=Uuid()), bindparam("agent", type_=Uuid()), admin))
 
 
 def _readable(tenant: Any, agent: Any, admin: bool) -> Select[Any]:
