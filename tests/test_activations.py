@@ -1075,15 +1075,22 @@ def test_generate_refuses_stored_kv_past_the_models_positions_before_reading_any
     a, b = (factory.memory(key, cube["id"], " ".join(["the"] * 4500) + f" {n}") for n in ("one", "two"))
     for m in (a, b):
         built(client, key, m["id"])
+
+    # The scheduler loads nothing meanwhile (on a loaded CI box a pass read three other memories' KV and promoted
+    # this one's between the clear and the request), and only a request's reads are counted.
+    async def scheduler_holds_nothing(*args: Any) -> bool:
+        return False
+
+    monkeypatch.setattr(service, "hold", scheduler_holds_nothing)
     service.tiers.clear()  # cold: a chunk would have to come from the blob store
     reads: list[str] = []
-    real = service._read_chunk
+    real = service._from_store
 
-    async def counting(lm: Any, blob_key: str) -> Any:
-        reads.append(blob_key)
-        return await real(lm, blob_key)
+    async def counting(lm: Any, row: Any) -> Any:
+        reads.append(row.sha256)
+        return await real(lm, row)
 
-    monkeypatch.setattr(service, "_read_chunk", counting)
+    monkeypatch.setattr(service, "_from_store", counting)
     body = problem(generate(client, key, prompt="hi", memory_ids=[a["id"], b["id"]]), 422)
     assert body["errors"][0]["field"] == "memory_ids" and "stored KV alone is 9002 tokens" in body["detail"]
     assert reads == []
@@ -1092,7 +1099,7 @@ def test_generate_refuses_stored_kv_past_the_models_positions_before_reading_any
     assert problem(generate(client, key, prompt="hi", memory_ids=[a["id"]]), 503)["type"].endswith("kv-busy")
     assert reads == []
     monkeypatch.setattr(service.worker, "_pending", 0)
-    service.tiers.clear()  # cold again: a scheduler pass may have promoted it meanwhile (a loaded CI box did)
+    service.tiers.clear()  # cold again
     out = generated(client, key, prompt="hi", memory_ids=[a["id"]], max_new_tokens=1)
     assert len(reads) == 1 and out["reused_tokens"] > 4000
 
