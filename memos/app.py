@@ -332,7 +332,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             async with one_start_at_a_time(settings.data_dir) if settings.embedded else contextlib.nullcontext():
                 await db.start()
             embedding = EmbeddingService(worker, settings.embed_wait_seconds)
-            graphs = CubeGraphs(db)
+            graphs = CubeGraphs(db, sync_seconds=settings.graph_sync_seconds)
             indexes = CacheIndexes(
                 db,
                 VectorLRU(embedding, settings.cache_query_lru),

@@ -83,6 +83,9 @@ class Settings:
     graph_wait_seconds: float = 1.0
     """How long a graph search waits for a cube's graph to build; past that it answers in hybrid meanwhile."""
 
+    graph_sync_seconds: float = 2.0
+    """How often, at most, a loaded graph catches up with other memos processes' writes (0: at every graph search)."""
+
     cache_indexes: int = 32
     """Cubes whose semantic-cache index this process keeps in memory (least recently used dropped first)."""
 
@@ -188,6 +191,8 @@ class Settings:
             values["embed_wait_seconds"] = _parse_float("MEMOS_EMBED_WAIT_SECONDS", v)
         if (v := raw("GRAPH_WAIT_SECONDS")) is not None:
             values["graph_wait_seconds"] = _parse_float("MEMOS_GRAPH_WAIT_SECONDS", v)
+        if (v := raw("GRAPH_SYNC_SECONDS")) is not None:
+            values["graph_sync_seconds"] = _parse_float("MEMOS_GRAPH_SYNC_SECONDS", v)
         if (v := raw("RATE_LIMIT")) is not None:
             values["rate_limit"] = _parse_float("MEMOS_RATE_LIMIT", v)
         if (v := raw("RATE_LIMIT_BURST")) is not None:
@@ -250,6 +255,8 @@ class Settings:
             raise SettingsError(f"MEMOS_EMBED_WAIT_SECONDS must be >= 0, got {self.embed_wait_seconds}")
         if not 0 <= self.graph_wait_seconds <= 3600:
             raise SettingsError(f"MEMOS_GRAPH_WAIT_SECONDS must be between 0 and 3600, got {self.graph_wait_seconds}")
+        if not 0 <= self.graph_sync_seconds <= 3600:
+            raise SettingsError(f"MEMOS_GRAPH_SYNC_SECONDS must be between 0 and 3600, got {self.graph_sync_seconds}")
         if self.cache_indexes < 1:
             raise SettingsError(f"MEMOS_CACHE_INDEXES must be at least 1, got {self.cache_indexes}")
         if self.cache_query_lru < 0:

@@ -583,3 +583,21 @@ def test_entity_coverage_without_vectors() -> None:
     entities = {"m1": {"caroline", "sweden"}, "m2": {"caroline", "sweden"}, "m3": {"melanie"}}
     assert [cid for cid, _ in coverage(candidates, entities, k=2, diversity=0.6)] == ["m1", "m3"]
     assert [cid for cid, _ in coverage(candidates, entities, k=2, diversity=0.0)] == ["m1", "m2"]
+
+
+def test_clear_links_drops_a_memorys_links_and_keeps_its_entities_and_session() -> None:
+    g = MemoryGraph()
+    for name, text, turn in (("a", "Melanie went to Zanzibar.", 1), ("b", "Zanzibar again.", 2), ("c", "Other.", 3)):
+        g.add_memory(name, text=text, session="s", turn=turn)
+    g.add_edge("a", "c", EdgeKind.LINK, 2.0, label="about")
+    g.add_edge("c", "a", EdgeKind.DERIVED_FROM)
+    g.add_edge("a", "b", EdgeKind.KNN, 0.8)
+    g.add_edge("b", "c", EdgeKind.KNN, 0.7)
+    assert g.links == 4
+    assert g.clear_links("a") == 2  # two neighbours' edges changed
+    assert g.links == 1  # b -> c stays
+    kinds = {(other, kind) for other, kind, _ in g.edges("a")}
+    assert kinds == {("b", "sequence")}, "the session's sequence edge stays; the links went"
+    assert "zanzibar" in g.entities("a")
+    assert g.add_edge("a", "c", EdgeKind.LINK, 1.0, label="about")  # and links come back as new ones
+    assert g.links == 2

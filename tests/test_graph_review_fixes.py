@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -82,7 +83,15 @@ def test_numbers_and_names_read_as_before() -> None:
 
 
 def _row(memory_id: uuid.UUID, content: str, state: str = "active", **metadata: Any) -> SimpleNamespace:
-    return SimpleNamespace(id=memory_id, state=state, content=content, metadata=metadata, expires_at=None)
+    return SimpleNamespace(
+        id=memory_id,
+        state=state,
+        content=content,
+        metadata=metadata,
+        expires_at=None,
+        version=1,
+        updated_at=datetime.now(UTC),
+    )
 
 
 def _loaded(cube: uuid.UUID, *memories: tuple[uuid.UUID, str]) -> tuple[CubeGraphs, MemoryGraph]:
@@ -194,9 +203,9 @@ class _SlowBuild(CubeGraphs):
         self.rows = rows
         self.release = asyncio.Event()
 
-    async def _load(self, conn: Any, cube_id: uuid.UUID) -> tuple[list[Any], list[Any]]:
+    async def _load(self, conn: Any, cube_id: uuid.UUID) -> tuple[list[Any], list[Any], datetime]:
         await self.release.wait()
-        return self.rows, []
+        return self.rows, [], datetime.now(UTC)
 
 
 async def test_a_big_write_landing_during_a_build_is_replayed_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -352,6 +352,26 @@ class MemoryGraph:
         self.graph.remove_edge(a, b)
         return True
 
+    def clear_links(self, memory_id: MemoryId) -> int:
+        """Drop every link (``link``, ``derived_from``, ``knn``, either direction, any label) between
+        ``memory_id`` and other memories; its entities and session place stay. Returns the edges changed.
+        (A catch-up re-reads a memory another process changed with all of its links: its old ones go first.)"""
+        self._require(memory_id)
+        changed = 0
+        for other, data in list(self._adj[memory_id].items()):
+            if isinstance(other, EntityHub):
+                continue
+            names = [name for name in data if name in _DIRECTED]
+            if not names:
+                continue
+            self._forget_links(memory_id, other, dict.fromkeys(names, 0.0))
+            for name in names:
+                del data[name]
+            if not data:
+                self.graph.remove_edge(memory_id, other)
+            changed += 1
+        return changed
+
     def add_knn(self, memory_id: MemoryId, neighbours: Iterable[tuple[MemoryId, float]]) -> int:
         """Add ``knn`` edges to ``(neighbour, cosine similarity)`` pairs at or above ``knn_floor``; returns how many."""
         return sum(

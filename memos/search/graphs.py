@@ -3,6 +3,8 @@
 The graph lives in this process only. It is built lazily (in a worker thread: entity extraction over a
 big cube takes a while), bounded in node count, and the least recently used cubes are dropped when
 too many are loaded. Writes that land while a cube is being built are replayed onto it afterwards.
+Writes of other processes on the same database reach it through a catch-up read from Postgres, started in
+the background by a graph search at most every ``sync_seconds``.
 
 A write carrying much text extracts its entities in a worker thread too, so that it never holds up the event
 loop; the cube's later writes wait behind it, and the graph takes every write in the order they came.
@@ -17,10 +19,10 @@ import math
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.graph.entities import entity_keys
@@ -51,6 +53,68 @@ event loop for tens of milliseconds at worst."""
 Note = Callable[[MemoryGraph], Awaitable[None] | None]
 """A write's change to a cube's graph: applied at once, or (when it returns an awaitable) over time, with the
 cube's later notes waiting behind it."""
+
+
+SYNC_MARGIN = timedelta(seconds=10)
+"""A catch-up re-reads this far back: a row's ``created_at`` or ``updated_at`` is its transaction's or statement's
+start, before its commit."""
+
+SEEN_MAX = 20_000
+"""Versions a loaded graph remembers between catch-ups (``_Sync.seen``)."""
+
+CATCH_UP_MAX = 5_000
+"""A catch-up finding more changed memories than this (and than half the graph) rebuilds the graph instead."""
+
+# The versions of a cube's memories made or changed since a moment, or named: each arm has an index (created_at's,
+# the partial index of changed memories of migration 0012, the primary key). The arms overlap. Versions first:
+# most rows a catch-up reads back are at the version it has, and only the others' texts are read.
+_CHANGED_MEMORIES = """
+SELECT id, version FROM memories WHERE cube_id = %(cube)s AND created_at > %(since)s
+UNION ALL
+SELECT id, version FROM memories WHERE cube_id = %(cube)s AND version > 1 AND updated_at > %(since)s
+UNION ALL
+SELECT id, version FROM memories WHERE cube_id = %(cube)s AND id = ANY(%(ids)s)
+"""
+
+_MEMORY_ROWS = """
+SELECT id, state, version, content, metadata, expires_at FROM memories WHERE id = ANY(%(ids)s) AND cube_id = %(cube)s
+"""
+
+# The links between active memories of the cube that touch the given memories, or that were written since a moment
+# on their own (``POST .../links``; knn links are only ever written with their memory).
+_LINKS_TOUCHING = """
+SELECT l.from_id, l.to_id, l.type, l.weight
+FROM (
+    SELECT id FROM memory_links WHERE from_id = ANY(%(ids)s)
+    UNION
+    SELECT id FROM memory_links WHERE to_id = ANY(%(ids)s)
+    UNION
+    SELECT id FROM memory_links WHERE type <> %(knn)s AND created_at > %(since)s
+) AS touching
+JOIN memory_links l ON l.id = touching.id
+JOIN memories s ON s.id = l.from_id
+JOIN memories t ON t.id = l.to_id
+WHERE s.cube_id = %(cube)s AND s.state = 'active' AND t.cube_id = %(cube)s AND t.state = 'active'
+"""
+
+
+@dataclasses.dataclass(slots=True)
+class _Sync:
+    """Where a loaded graph stands against the writes of other processes."""
+
+    graph: MemoryGraph
+    read_at: datetime
+    """The database's clock when the graph's memories were last read (its build, or the last catch-up)."""
+    next_at: float = 0.0
+    """When (``loop.time()``) a graph search may start the next catch-up."""
+    task: asyncio.Task[None] | None = None
+    touched: set[uuid.UUID] | None = None
+    """While a catch-up reads: the memories this process's own writes changed meanwhile (their notes are at
+    least as new as the rows read; they are read again next time)."""
+    seen: dict[uuid.UUID, int] = dataclasses.field(default_factory=dict)
+    """The version of each memory the last catch-up read: a row read again unchanged is not applied again."""
+    retry: set[uuid.UUID] = dataclasses.field(default_factory=set)
+    """Memories the last catch-up skipped (touched meanwhile): the next one reads them whatever their time."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -93,13 +157,23 @@ def _turn(value: Any) -> float | None:
 
 class CubeGraphs:
     def __init__(
-        self, db: Database, *, max_cubes: int = 32, max_nodes: int = 100_000, max_links: int = 1_000_000
+        self,
+        db: Database,
+        *,
+        max_cubes: int = 32,
+        max_nodes: int = 100_000,
+        max_links: int = 1_000_000,
+        sync_seconds: float = 2.0,
     ) -> None:
         self.db = db
         self.max_cubes = max_cubes
         self.max_nodes = max_nodes
         self.max_links = max_links
         """Links a cube's graph holds at most (``MemoryGraph``'s ``max_links``); a build reads no more."""
+        self.sync_seconds = sync_seconds
+        """A loaded graph catches up with other processes' writes at most this often (0: at every graph search)."""
+        self._syncs: dict[uuid.UUID, _Sync] = {}
+        self._catching: set[asyncio.Task[None]] = set()
         self._graphs: OrderedDict[uuid.UUID, MemoryGraph] = OrderedDict()
         self._tenants: dict[uuid.UUID, uuid.UUID | None] = {}
         """The tenant of each cube whose graph is held, as the query that built it said (``fair_victim``)."""
@@ -129,6 +203,7 @@ class CubeGraphs:
         graph = self._graphs.get(cube_id)
         if graph is not None:
             self._graphs.move_to_end(cube_id)
+            self._maybe_catch_up(cube_id)
             return graph
         task = self._background.get(cube_id)
         if task is None:
@@ -149,7 +224,7 @@ class CubeGraphs:
         interrupted); nothing waits for it or keeps its result.
         """
         # Again until none is left: a write that lands while the others stop starts a drain of its own.
-        while tasks := [t for t in (*self._background.values(), *self._drains) if not t.done()]:
+        while tasks := [t for t in (*self._background.values(), *self._drains, *self._catching) if not t.done()]:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -164,6 +239,7 @@ class CubeGraphs:
         graph = self._graphs.get(cube_id)
         if graph is not None:
             self._graphs.move_to_end(cube_id)
+            self._maybe_catch_up(cube_id)
             return graph
         building = self._building.get(cube_id)
         if building is not None:
@@ -173,7 +249,7 @@ class CubeGraphs:
         self._pending[cube_id] = []
         try:
             async with self.db.read() as conn:
-                rows, links = await self._load(conn, cube_id)
+                rows, links, read_at = await self._load(conn, cube_id)
             graph = await asyncio.to_thread(self._build, rows, links)
             pending = self._pending[cube_id]
             while pending:  # a slow note lets more writes land meanwhile: they queue up here, in order
@@ -186,6 +262,10 @@ class CubeGraphs:
                 return graph
             self._graphs[cube_id] = graph
             self._tenants[cube_id] = tenant_id
+            # The first catch-up reads again what changed within the margin before the build's read: what the build
+            # read at the same version is not applied twice.
+            recent = {row.id: row.version for row in rows if row.updated_at > read_at - SYNC_MARGIN}
+            self._syncs[cube_id] = _Sync(graph, read_at, next_at=self._now() + self.sync_seconds, seen=recent)
             while len(self._graphs) > self.max_cubes:
                 self._forget(fair_victim(((c, self._tenants.get(c)) for c in self._graphs), self.max_cubes))
             future.set_result(graph)
@@ -198,10 +278,20 @@ class CubeGraphs:
         finally:
             del self._building[cube_id]
 
-    async def _load(self, conn: AsyncConnection, cube_id: uuid.UUID) -> tuple[list[Any], list[Any]]:
+    async def _load(self, conn: AsyncConnection, cube_id: uuid.UUID) -> tuple[list[Any], list[Any], datetime]:
+        """The cube's active memories and the links between them, and the database's clock before they were read
+        (where the first catch-up starts)."""
+        read_at = await _database_now(conn)
         rows = (
             await conn.execute(
-                select(memories.c.id, memories.c.content, memories.c.metadata, memories.c.expires_at)
+                select(
+                    memories.c.id,
+                    memories.c.content,
+                    memories.c.metadata,
+                    memories.c.expires_at,
+                    memories.c.version,
+                    memories.c.updated_at,
+                )
                 .where(memories.c.cube_id == cube_id, memories.c.state == "active")
                 .order_by(memories.c.created_at, memories.c.id)
                 .limit(self.max_nodes)
@@ -228,7 +318,7 @@ class CubeGraphs:
             # statement by their random ids, and with them the walk's ties, differently in every deployment.)
             order = (memory_links.c.type == EdgeKind.KNN.value, memory_links.c.created_at.desc(), memory_links.c.id)
             links = (await conn.execute(query.order_by(*order).limit(self.max_links))).all()
-        return list(rows), list(links)
+        return list(rows), list(links), read_at
 
     def _build(self, rows: Iterable[Any], links: Iterable[Any]) -> MemoryGraph:
         graph = MemoryGraph(max_nodes=self.max_nodes, max_links=self.max_links)
@@ -305,34 +395,23 @@ class CubeGraphs:
         changes the graph but removals (``_remove_at_once``), so it ends as if extraction had run on the event
         loop, or as if those removals had come first.
         """
+        rows = list(rows)
         snapshot = [(r.id, r.state, r.content, r.metadata, r.expires_at) for r in rows]
-
-        def note(graph: MemoryGraph) -> None:
-            for memory_id, state, content, metadata, expires_at in snapshot:
-                if state == "active":
-                    graph.add_memory(memory_id, **node_fields(content, metadata, expires_at))
-                else:
-                    graph.remove_memory(memory_id)
-
-        async def slow_note(graph: MemoryGraph) -> None:
-            for memory_id, state, content, metadata, expires_at in snapshot:
-                if state == "active":
-                    fields = node_fields(content, metadata, expires_at)
-                    keys = await asyncio.to_thread(entity_keys, fields.pop("text"), known=graph.known_entities)
-                    graph.add_memory(memory_id, entities=keys, **fields)
-                else:
-                    graph.remove_memory(memory_id)
-
+        self._touch(cube_id, (memory_id for memory_id, *_ in snapshot))
+        if (sync := self._syncs.get(cube_id)) is not None:
+            # A catch-up reading these rows back at this version has nothing to apply. (Bounded: with no graph
+            # search to start a catch-up, a busy cube's writes would pile up here; forgotten, they are applied again.)
+            if len(sync.seen) > SEEN_MAX:
+                sync.seen.clear()
+            sync.seen.update((r.id, r.version) for r in rows if getattr(r, "version", None) is not None)
+        note, slow = _memories_note(snapshot)
         self._remove_at_once(cube_id, [memory_id for memory_id, state, _, _, _ in snapshot if state != "active"])
-        size = sum(len(content) for _, state, content, _, _ in snapshot if state == "active" and content)
-        if size > OFF_LOOP_CHARS:
-            self._apply(cube_id, slow_note, slow=True)
-        else:
-            self._apply(cube_id, note)
+        self._apply(cube_id, note, slow=slow)
 
     def memories_removed(self, cube_id: uuid.UUID, ids: Iterable[uuid.UUID]) -> None:
         """Deleted or purged memories leave the graph (with their edges)."""
         gone = list(ids)
+        self._touch(cube_id, gone)
 
         def note(graph: MemoryGraph) -> None:
             for memory_id in gone:
@@ -355,6 +434,7 @@ class CubeGraphs:
 
     def links_written(self, cube_id: uuid.UUID, links: Iterable[tuple[uuid.UUID, uuid.UUID, str, float]]) -> None:
         snapshot = list(links)
+        self._touch(cube_id, (end for a, b, _, _ in snapshot for end in (a, b)))
 
         def note(graph: MemoryGraph) -> None:
             for a, b, link_type, weight in snapshot:
@@ -365,6 +445,7 @@ class CubeGraphs:
 
     def links_removed(self, cube_id: uuid.UUID, links: Iterable[tuple[uuid.UUID, uuid.UUID, str]]) -> None:
         snapshot = list(links)
+        self._touch(cube_id, (end for a, b, _ in snapshot for end in (a, b)))
 
         def note(graph: MemoryGraph) -> None:
             for a, b, link_type in snapshot:
@@ -382,3 +463,126 @@ class CubeGraphs:
     def _forget(self, cube_id: uuid.UUID) -> None:
         self._graphs.pop(cube_id, None)
         self._tenants.pop(cube_id, None)
+        self._syncs.pop(cube_id, None)  # a catch-up under way finds its graph gone and applies nothing
+
+    # -- other processes' writes -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    def _touch(self, cube_id: uuid.UUID, ids: Iterable[uuid.UUID]) -> None:
+        sync = self._syncs.get(cube_id)
+        if sync is not None and sync.touched is not None:
+            sync.touched.update(ids)
+
+    def _maybe_catch_up(self, cube_id: uuid.UUID) -> None:
+        """Start a catch-up of the cube's loaded graph in the background, if none runs and it is time."""
+        sync = self._syncs.get(cube_id)
+        if sync is None or sync.task is not None or self._now() < sync.next_at:
+            return
+        sync.next_at = self._now() + self.sync_seconds
+        sync.task = task = asyncio.get_running_loop().create_task(self._catch_up(cube_id, sync))
+        self._catching.add(task)
+        task.add_done_callback(self._catching.discard)
+
+    async def _catch_up(self, cube_id: uuid.UUID, sync: _Sync) -> None:
+        """Read from Postgres the cube's memories made or changed since the graph's last read (by any process) and
+        the links touching them or written since, then apply them in order with this process's own writes: a
+        changed memory gets its node updated (or removed) and its links replaced by those stored."""
+        try:
+            retry, sync.retry = sync.retry, set()
+            sync.touched = set()
+            params: dict[str, Any] = {"cube": cube_id, "since": sync.read_at - SYNC_MARGIN, "ids": list(retry)}
+            async with self.db.read() as conn:
+                read_at = await _database_now(conn)
+                versions = {row.id: row.version for row in await conn.exec_driver_sql(_CHANGED_MEMORIES, params)}
+                if self._syncs.get(cube_id) is not sync:
+                    return  # dropped meanwhile
+                # A memory read again for a retry is applied whatever its version: links of it were left out.
+                changed = [i for i, version in versions.items() if sync.seen.get(i) != version or i in retry]
+                if len(changed) > max(CATCH_UP_MAX, len(sync.graph) // 2):
+                    self.drop(cube_id)  # cheaper rebuilt than caught up; the next graph search starts the build
+                    return
+                fresh = (
+                    list(await conn.exec_driver_sql(_MEMORY_ROWS, {"ids": changed, "cube": cube_id})) if changed else []
+                )
+                relinked = [row.id for row in fresh if row.state == "active"]
+                links = list(
+                    await conn.exec_driver_sql(_LINKS_TOUCHING, {**params, "ids": relinked, "knn": EdgeKind.KNN.value})
+                )
+            if self._syncs.get(cube_id) is not sync:
+                return
+            touched = sync.touched
+            sync.retry.update(row.id for row in fresh if row.id in touched)
+            versions.update((row.id, row.version) for row in fresh)  # as applied (perhaps newer than first read)
+            sync.seen = {i: version for i, version in versions.items() if i not in touched}
+            sync.read_at = read_at
+            rows = [row for row in fresh if row.id not in touched]
+            if rows or links:
+                self._apply_caught_up(
+                    cube_id, rows, [x for x in links if x.from_id not in touched and x.to_id not in touched]
+                )
+        except Exception:
+            log.exception("catching up a cube's graph failed; it retries at the next graph search")
+        finally:
+            sync.touched = None
+            sync.task = None
+
+    def _apply_caught_up(self, cube_id: uuid.UUID, rows: list[Any], links: list[Any]) -> None:
+        snapshot = [(r.id, r.state, r.content, r.metadata, r.expires_at) for r in rows]
+        write, slow = _memories_note(snapshot)
+        relinked = [memory_id for memory_id, state, *_ in snapshot if state == "active"]
+
+        def relink(graph: MemoryGraph) -> None:
+            for memory_id in relinked:
+                if memory_id in graph:
+                    graph.clear_links(memory_id)
+            for link in links:
+                kind, label = edge_kind(link.type)
+                graph.add_edge(link.from_id, link.to_id, kind, max(link.weight, 1e-6), label=label)
+
+        async def slow_note(graph: MemoryGraph) -> None:
+            written = write(graph)
+            if written is not None:
+                await written
+            relink(graph)
+
+        def note(graph: MemoryGraph) -> None:
+            write(graph)
+            relink(graph)
+
+        self._remove_at_once(cube_id, [memory_id for memory_id, state, *_ in snapshot if state != "active"])
+        self._apply(cube_id, slow_note if slow else note, slow=slow)
+
+
+async def _database_now(conn: AsyncConnection) -> datetime:
+    now: datetime = (await conn.execute(select(func.clock_timestamp()))).scalar_one()
+    return now
+
+
+def _memories_note(
+    snapshot: list[tuple[uuid.UUID, str, str | None, dict[str, Any], datetime | None]],
+) -> tuple[Note, bool]:
+    """The note that puts memories (id, state, content, metadata, expires_at) in a graph, or takes them out, and
+    whether it is slow: past ``OFF_LOOP_CHARS`` of text it extracts their entities in a worker thread, one memory
+    at a time."""
+
+    def note(graph: MemoryGraph) -> None:
+        for memory_id, state, content, metadata, expires_at in snapshot:
+            if state == "active":
+                graph.add_memory(memory_id, **node_fields(content, metadata, expires_at))
+            else:
+                graph.remove_memory(memory_id)
+
+    async def slow_note(graph: MemoryGraph) -> None:
+        for memory_id, state, content, metadata, expires_at in snapshot:
+            if state == "active":
+                fields = node_fields(content, metadata, expires_at)
+                keys = await asyncio.to_thread(entity_keys, fields.pop("text"), known=graph.known_entities)
+                graph.add_memory(memory_id, entities=keys, **fields)
+            else:
+                graph.remove_memory(memory_id)
+
+    size = sum(len(content) for _, state, content, _, _ in snapshot if state == "active" and content)
+    return (slow_note, True) if size > OFF_LOOP_CHARS else (note, False)

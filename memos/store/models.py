@@ -164,6 +164,9 @@ memories = Table(
     Index("ix_memories_cube_id_event_time", "cube_id", "event_time"),
     # The semantic cache reads a cube's response memories through this (migration 0003).
     Index("ix_memories_response_cube", "cube_id", "updated_at", postgresql_where=text("kind = 'response'")),
+    # A graph's catch-up finds the memories changed since it last read (migration 0012); new ones (version 1)
+    # come through (cube_id, created_at), so a create adds nothing to this index.
+    Index("ix_memories_cube_id_changed", "cube_id", "updated_at", postgresql_where=text("version > 1")),
 )
 
 memory_heat = Table(
@@ -225,6 +228,9 @@ memory_links = Table(
     Column("created_by", UUID(as_uuid=True), nullable=False),
     UniqueConstraint("from_id", "to_id", "type"),
     Index(None, "to_id"),
+    # A graph's catch-up finds the links written since it last read (migration 0012); knn links are written only
+    # with their memory, which the catch-up finds, so they stay out of this index.
+    Index("ix_memory_links_created_at_not_knn", "created_at", postgresql_where=text("type <> 'knn'")),
 )
 
 # -- the semantic cache (migration 0003): what the cache adds to its ``response`` memories ----------------
