@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections.abc import Iterator
 
 import psycopg
@@ -412,8 +413,6 @@ def eventually(check, what: str) -> None:
 
 
 def loaded_graph(client, cube: str):
-    import uuid
-
     return client.app.state.search.graphs._graphs.get(uuid.UUID(cube))
 
 
@@ -542,9 +541,7 @@ def test_this_processs_own_writes_are_not_caught_up_again(
     assert {m["id"] for m in r.json()["items"]} <= {str(m) for m in before.memory_ids()}
 
 
-def _uuid(value: str):
-    import uuid
-
+def _uuid(value: str) -> uuid.UUID:
     return uuid.UUID(value)
 
 
@@ -593,3 +590,118 @@ def test_a_catch_up_leaves_alone_what_this_process_wrote_while_it_read(
     graph_via(reader, key, cube)  # the next one
     eventually(lambda: sync.task is None and not sync.retry, "read again")
     assert not {"oslo", "priya"} & graph.entities(_uuid(m["id"])), "and then the stored text, the truth, applies"
+
+
+def test_a_link_left_out_for_a_touched_end_comes_back_at_the_next_catch_up(
+    client, reader, factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a changed memory's links were replaced without those to a memory this process touched
+    meanwhile, and nothing read them again: a stored link left this process's graph for good."""
+    import memos.search.graphs as graphs_module
+
+    key, cube, hit = painted_cube(client, factory)
+    b = factory.memory(key, cube, "Blorp snazz 9. Vindu klep.", links=[{"to": hit["id"], "type": "see"}])
+    graph_via(reader, key, cube)
+    graphs = reader.app.state.search.graphs
+    graph = loaded_graph(reader, cube)
+    sync = graphs._syncs[_uuid(cube)]
+
+    def linked() -> bool:
+        return any(str(o) == hit["id"] for o, _, _ in graph.edges(_uuid(b["id"])))
+
+    eventually(lambda: bool(graph_via(reader, key, cube)) and linked(), "the link, caught up")
+    eventually(lambda: sync.task is None, "idle")
+    r = client.patch(f"/v1/memories/{b['id']}", json={"tags": ["x"]}, headers={**bearer(key), "If-Match": '"1"'})
+    assert r.status_code == 200, r.text  # another process changes b: the catch-up replaces its links
+    real_now = graphs_module._database_now
+
+    async def own_link_meanwhile(conn):
+        monkeypatch.setattr(graphs_module, "_database_now", real_now)
+        graphs.links_written(_uuid(cube), [(uuid.uuid4(), _uuid(hit["id"]), "knn", 0.9)])  # this process touches hit
+        return await real_now(conn)
+
+    monkeypatch.setattr(graphs_module, "_database_now", own_link_meanwhile)
+    graph_via(reader, key, cube)
+    eventually(lambda: sync.task is None and _uuid(hit["id"]) in sync.retry, "the touched end, kept for a retry")
+    graph_via(reader, key, cube)
+    eventually(lambda: sync.task is None and not sync.retry, "retried")
+    assert linked(), "the stored link is back"
+
+
+def test_activations_a_purge_deletes_elsewhere_leave_this_graph(
+    client, reader, factory: Factory, database_url: str
+) -> None:
+    """A purge deletes the memories derived from it as KV activations, rows and all (no version a catch-up could
+    read): they leave with the purged memory when their rows are gone (found in review)."""
+    key, cube, hit = painted_cube(client, factory)
+    source = factory.memory(key, cube, "Grelp vonk 12 sprue.", links=[{"to": hit["id"], "type": "see"}])
+    derived = factory.memory(
+        key, cube, "Vintol grask 31 plim.", provenance={"derived_from": [{"memory_id": source["id"]}]}
+    )
+    graph_via(reader, key, cube)
+    graph = loaded_graph(reader, cube)
+    eventually(lambda: bool(graph_via(reader, key, cube)) and _uuid(derived["id"]) in graph, "caught up")
+    with psycopg.connect(database_url) as conn:  # what a purge does to an activation memory of the source
+        conn.execute("DELETE FROM memories WHERE id = %s", (derived["id"],))
+    r = client.delete(f"/v1/memories/{source['id']}", params={"purge": "true"}, headers=bearer(key))
+    assert r.status_code == 204, r.text
+    eventually(
+        lambda: (
+            bool(graph_via(reader, key, cube))
+            and not {_uuid(source["id"]), _uuid(derived["id"])} & set(graph.memory_ids())
+        ),
+        "both left",
+    )
+
+
+def test_a_failed_catch_up_keeps_its_retries(client, reader, factory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    import memos.search.graphs as graphs_module
+
+    key, cube, _ = painted_cube(client, factory)
+    graph_via(reader, key, cube)
+    sync = reader.app.state.search.graphs._syncs[_uuid(cube)]
+    eventually(lambda: sync.task is None, "idle")
+    waiting = uuid.uuid4()
+    sync.retry.add(waiting)
+
+    async def down(conn):
+        raise psycopg.OperationalError("the database went away")
+
+    monkeypatch.setattr(graphs_module, "_database_now", down)
+    graph_via(reader, key, cube)
+    eventually(lambda: sync.task is None, "the catch-up failed")
+    assert waiting in sync.retry
+
+
+def test_own_writes_past_what_a_graph_remembers_rebuild_it(
+    client, reader, factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past SEEN_MAX own writes between catch-ups a graph can no longer tell them from other processes': it is
+    rebuilt at its next use rather than caught up with rows it may already hold (or set back by them)."""
+    import memos.search.graphs as graphs_module
+
+    monkeypatch.setattr(graphs_module, "SEEN_MAX", 3)
+    key, cube, _ = painted_cube(client, factory)
+    graph_via(reader, key, cube)
+    before = loaded_graph(reader, cube)
+    items = [{"kind": "plaintext", "content": f"Zib zab {i} quorn."} for i in range(5)]
+    r = reader.post(f"/v1/cubes/{cube}/memories/batch", json={"items": items}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+    assert reader.app.state.search.graphs._syncs[_uuid(cube)].overflow
+    eventually(
+        lambda: bool(graph_via(reader, key, cube)) and loaded_graph(reader, cube) not in (None, before), "rebuilt"
+    )
+    assert {m["id"] for m in r.json()["items"]} <= {str(m) for m in loaded_graph(reader, cube).memory_ids()}
+
+
+def test_a_warm_graph_catches_up_between_searches(client, settings, embedder, factory: Factory) -> None:
+    app = create_app(
+        dataclasses.replace(settings, search_pool=4, graph_sync_seconds=0.1), embedder_factory=lambda: embedder
+    )
+    with TestClient(app) as warm:
+        key, cube, hit = painted_cube(client, factory)
+        graph_via(warm, key, cube)
+        graph = loaded_graph(warm, cube)
+        late = factory.memory(key, cube, "Blorp snazz 9. Vindu klep.", links=[{"to": hit["id"], "type": "see"}])
+        eventually(lambda: _uuid(late["id"]) in graph, "caught up with no search")
+        assert graph_via(warm, key, cube).get(late["id"]) == f"graph:link<-{hit['id']}"

@@ -3,8 +3,8 @@
 The graph lives in this process only. It is built lazily (in a worker thread: entity extraction over a
 big cube takes a while), bounded in node count, and the least recently used cubes are dropped when
 too many are loaded. Writes that land while a cube is being built are replayed onto it afterwards.
-Writes of other processes on the same database reach it through a catch-up read from Postgres, started in
-the background by a graph search at most every ``sync_seconds``.
+Writes of other processes on the same database reach it through a catch-up read from Postgres, in the
+background: every ``sync_seconds`` while graph searches use the graph, else at its next graph search.
 
 A write carrying much text extracts its entities in a worker thread too, so that it never holds up the event
 loop; the cube's later writes wait behind it, and the graph takes every write in the order they came.
@@ -59,37 +59,49 @@ SYNC_MARGIN = timedelta(seconds=10)
 """A catch-up re-reads this far back: a row's ``created_at`` or ``updated_at`` is its transaction's or statement's
 start, before its commit."""
 
-SEEN_MAX = 20_000
-"""Versions a loaded graph remembers between catch-ups (``_Sync.seen``)."""
+SEEN_MAX = 50_000
+"""Versions of its own writes a loaded graph remembers between catch-ups (``_Sync.seen``); past it, the graph
+cannot tell them from other processes' writes and is rebuilt at its next use."""
 
 CATCH_UP_MAX = 5_000
 """A catch-up finding more changed memories than this (and than half the graph) rebuilds the graph instead."""
 
+WARM_SECONDS = 300.0
+"""A graph searched within this long catches up every ``sync_seconds`` in the background, searched or not, so
+that its catch-ups stay small; a colder one catches up when a graph search next uses it."""
+
 # The versions of a cube's memories made or changed since a moment, or named: each arm has an index (created_at's,
 # the partial index of changed memories of migration 0012, the primary key). The arms overlap. Versions first:
 # most rows a catch-up reads back are at the version it has, and only the others' texts are read.
+# Bounded (``limit``): after a long cold spell a catch-up could read without end; at the bound it rebuilds.
 _CHANGED_MEMORIES = """
-SELECT id, version FROM memories WHERE cube_id = %(cube)s AND created_at > %(since)s
+(SELECT id, version, 1 AS arm FROM memories WHERE cube_id = %(cube)s AND created_at > %(since)s LIMIT %(limit)s)
 UNION ALL
-SELECT id, version FROM memories WHERE cube_id = %(cube)s AND version > 1 AND updated_at > %(since)s
+(SELECT id, version, 2 FROM memories
+ WHERE cube_id = %(cube)s AND version > 1 AND updated_at > %(since)s LIMIT %(limit)s)
 UNION ALL
-SELECT id, version FROM memories WHERE cube_id = %(cube)s AND id = ANY(%(ids)s)
+SELECT id, version, 3 FROM memories WHERE cube_id = %(cube)s AND id = ANY(%(ids)s)
 """
 
 _MEMORY_ROWS = """
 SELECT id, state, version, content, metadata, expires_at FROM memories WHERE id = ANY(%(ids)s) AND cube_id = %(cube)s
 """
 
-# The links between active memories of the cube that touch the given memories, or that were written since a moment
-# on their own (``POST .../links``; knn links are only ever written with their memory).
+_EXISTING = "SELECT id FROM memories WHERE id = ANY(%(ids)s)"
+
+# The links between active memories of the cube that touch the given memories, or that the cube's tenant wrote since
+# a moment (``POST .../links`` adds them on their own; knn links are only ever written with their memory). 'knn' is
+# written out: a parameter there would not match the partial index's predicate under a generic plan.
 _LINKS_TOUCHING = """
-SELECT l.from_id, l.to_id, l.type, l.weight
+SELECT l.from_id, l.to_id, l.type, l.weight, touching.arm
 FROM (
-    SELECT id FROM memory_links WHERE from_id = ANY(%(ids)s)
-    UNION
-    SELECT id FROM memory_links WHERE to_id = ANY(%(ids)s)
-    UNION
-    SELECT id FROM memory_links WHERE type <> %(knn)s AND created_at > %(since)s
+    SELECT id, 1 AS arm FROM memory_links WHERE from_id = ANY(%(ids)s)
+    UNION ALL
+    SELECT id, 2 FROM memory_links WHERE to_id = ANY(%(ids)s)
+    UNION ALL
+    (SELECT id, 3 FROM memory_links
+     WHERE tenant_id = (SELECT tenant_id FROM cubes WHERE id = %(cube)s) AND type <> 'knn' AND created_at > %(since)s
+     LIMIT %(limit)s)
 ) AS touching
 JOIN memory_links l ON l.id = touching.id
 JOIN memories s ON s.id = l.from_id
@@ -106,13 +118,18 @@ class _Sync:
     read_at: datetime
     """The database's clock when the graph's memories were last read (its build, or the last catch-up)."""
     next_at: float = 0.0
-    """When (``loop.time()``) a graph search may start the next catch-up."""
+    """When (``loop.time()``) the next catch-up may start."""
+    used_at: float = 0.0
+    """When (``loop.time()``) a graph search last used the graph (``WARM_SECONDS``)."""
     task: asyncio.Task[None] | None = None
     touched: set[uuid.UUID] | None = None
     """While a catch-up reads: the memories this process's own writes changed meanwhile (their notes are at
     least as new as the rows read; they are read again next time)."""
     seen: dict[uuid.UUID, int] = dataclasses.field(default_factory=dict)
-    """The version of each memory the last catch-up read: a row read again unchanged is not applied again."""
+    """The version of each memory the last catch-up read, and of this process's writes since: a row read again at
+    that version is not applied again."""
+    overflow: bool = False
+    """More own writes came than ``seen`` holds: the next catch-up rebuilds the graph instead."""
     retry: set[uuid.UUID] = dataclasses.field(default_factory=set)
     """Memories the last catch-up skipped (touched meanwhile): the next one reads them whatever their time."""
 
@@ -174,6 +191,7 @@ class CubeGraphs:
         """A loaded graph catches up with other processes' writes at most this often (0: at every graph search)."""
         self._syncs: dict[uuid.UUID, _Sync] = {}
         self._catching: set[asyncio.Task[None]] = set()
+        self._warm_loop: asyncio.Task[None] | None = None
         self._graphs: OrderedDict[uuid.UUID, MemoryGraph] = OrderedDict()
         self._tenants: dict[uuid.UUID, uuid.UUID | None] = {}
         """The tenant of each cube whose graph is held, as the query that built it said (``fair_victim``)."""
@@ -224,7 +242,10 @@ class CubeGraphs:
         interrupted); nothing waits for it or keeps its result.
         """
         # Again until none is left: a write that lands while the others stop starts a drain of its own.
-        while tasks := [t for t in (*self._background.values(), *self._drains, *self._catching) if not t.done()]:
+        loops = [self._warm_loop] if self._warm_loop is not None else []
+        while tasks := [
+            t for t in (*self._background.values(), *self._drains, *self._catching, *loops) if not t.done()
+        ]:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -265,7 +286,9 @@ class CubeGraphs:
             # The first catch-up reads again what changed within the margin before the build's read: what the build
             # read at the same version is not applied twice.
             recent = {row.id: row.version for row in rows if row.updated_at > read_at - SYNC_MARGIN}
-            self._syncs[cube_id] = _Sync(graph, read_at, next_at=self._now() + self.sync_seconds, seen=recent)
+            now = self._now()
+            self._syncs[cube_id] = _Sync(graph, read_at, next_at=now + self.sync_seconds, used_at=now, seen=recent)
+            self._start_warm_loop()
             while len(self._graphs) > self.max_cubes:
                 self._forget(fair_victim(((c, self._tenants.get(c)) for c in self._graphs), self.max_cubes))
             future.set_result(graph)
@@ -401,9 +424,10 @@ class CubeGraphs:
         if (sync := self._syncs.get(cube_id)) is not None:
             # A catch-up reading these rows back at this version has nothing to apply. (Bounded: with no graph
             # search to start a catch-up, a busy cube's writes would pile up here; forgotten, they are applied again.)
+            sync.seen.update((r.id, r.version) for r in rows if getattr(r, "version", None) is not None)
             if len(sync.seen) > SEEN_MAX:
                 sync.seen.clear()
-            sync.seen.update((r.id, r.version) for r in rows if getattr(r, "version", None) is not None)
+                sync.overflow = True
         note, slow = _memories_note(snapshot)
         self._remove_at_once(cube_id, [memory_id for memory_id, state, _, _, _ in snapshot if state != "active"])
         self._apply(cube_id, note, slow=slow)
@@ -476,61 +500,99 @@ class CubeGraphs:
         if sync is not None and sync.touched is not None:
             sync.touched.update(ids)
 
-    def _maybe_catch_up(self, cube_id: uuid.UUID) -> None:
+    def _maybe_catch_up(self, cube_id: uuid.UUID, *, searched: bool = True) -> None:
         """Start a catch-up of the cube's loaded graph in the background, if none runs and it is time."""
         sync = self._syncs.get(cube_id)
-        if sync is None or sync.task is not None or self._now() < sync.next_at:
+        if sync is None:
             return
-        sync.next_at = self._now() + self.sync_seconds
+        now = self._now()
+        if searched:
+            sync.used_at = now
+        if sync.task is not None or now < sync.next_at:
+            return
+        sync.next_at = now + self.sync_seconds
         sync.task = task = asyncio.get_running_loop().create_task(self._catch_up(cube_id, sync))
         self._catching.add(task)
         task.add_done_callback(self._catching.discard)
+
+    def _start_warm_loop(self) -> None:
+        if self.sync_seconds > 0 and (self._warm_loop is None or self._warm_loop.done()):
+            self._warm_loop = asyncio.get_running_loop().create_task(self._keep_warm_graphs_current())
+
+    async def _keep_warm_graphs_current(self) -> None:
+        """Every ``sync_seconds``, catch up the graphs a graph search used within ``WARM_SECONDS``: their catch-ups
+        stay a few seconds' writes, and ``seen`` stays small, however rarely they are searched."""
+        while self._syncs:
+            await asyncio.sleep(self.sync_seconds)
+            now = self._now()
+            for cube_id, sync in list(self._syncs.items()):
+                if now - sync.used_at <= WARM_SECONDS:
+                    self._maybe_catch_up(cube_id, searched=False)
 
     async def _catch_up(self, cube_id: uuid.UUID, sync: _Sync) -> None:
         """Read from Postgres the cube's memories made or changed since the graph's last read (by any process) and
         the links touching them or written since, then apply them in order with this process's own writes: a
         changed memory gets its node updated (or removed) and its links replaced by those stored."""
+        retry, sync.retry = sync.retry, set()
         try:
-            retry, sync.retry = sync.retry, set()
+            if sync.overflow:
+                self.drop(cube_id)  # its own writes are no longer told apart: rebuilt at the next graph search
+                return
             sync.touched = set()
-            params: dict[str, Any] = {"cube": cube_id, "since": sync.read_at - SYNC_MARGIN, "ids": list(retry)}
+            limit = CATCH_UP_MAX + len(sync.seen) + 1
+            since = sync.read_at - SYNC_MARGIN
+            params: dict[str, Any] = {"cube": cube_id, "since": since, "ids": list(retry), "limit": limit}
             async with self.db.read() as conn:
                 read_at = await _database_now(conn)
-                versions = {row.id: row.version for row in await conn.exec_driver_sql(_CHANGED_MEMORIES, params)}
+                rows = (await conn.exec_driver_sql(_CHANGED_MEMORIES, params)).all()
                 if self._syncs.get(cube_id) is not sync:
                     return  # dropped meanwhile
+                versions = {row.id: row.version for row in rows}
                 # A memory read again for a retry is applied whatever its version: links of it were left out.
                 changed = [i for i, version in versions.items() if sync.seen.get(i) != version or i in retry]
-                if len(changed) > max(CATCH_UP_MAX, len(sync.graph) // 2):
+                full = any(sum(row.arm == arm for row in rows) >= limit for arm in (1, 2))
+                if full or len(changed) > max(CATCH_UP_MAX, len(sync.graph) // 2):
                     self.drop(cube_id)  # cheaper rebuilt than caught up; the next graph search starts the build
                     return
-                fresh = (
-                    list(await conn.exec_driver_sql(_MEMORY_ROWS, {"ids": changed, "cube": cube_id})) if changed else []
-                )
+                fresh = (await conn.exec_driver_sql(_MEMORY_ROWS, {**params, "ids": changed})).all() if changed else []
                 relinked = [row.id for row in fresh if row.state == "active"]
-                links = list(
-                    await conn.exec_driver_sql(_LINKS_TOUCHING, {**params, "ids": relinked, "knn": EdgeKind.KNN.value})
-                )
+                links = (await conn.exec_driver_sql(_LINKS_TOUCHING, {**params, "ids": relinked})).all()
+                if sum(link.arm == 3 for link in links) >= limit:
+                    self.drop(cube_id)
+                    return
+                # A purge deletes the activation memories made from its memory, rows and all: a catch-up never
+                # reads them. They go with the memory they were derived from, if their rows are gone.
+                gone = [row.id for row in fresh if row.state != "active"]
+                derived: set[Any] = {
+                    o for m in gone if m in sync.graph for o, kind, _ in sync.graph.edges(m) if kind == "derived_from"
+                }
+                if derived:
+                    left = {row.id for row in await conn.exec_driver_sql(_EXISTING, {"ids": list(derived)})}
+                    derived -= left
             if self._syncs.get(cube_id) is not sync:
                 return
             touched = sync.touched
+            # Skipped for now, read again next time: the memories this process wrote meanwhile, and the touched ends
+            # of links left out (the other end's links were replaced without them).
             sync.retry.update(row.id for row in fresh if row.id in touched)
+            sync.retry.update(end for x in links for end in (x.from_id, x.to_id) if end in touched)
             versions.update((row.id, row.version) for row in fresh)  # as applied (perhaps newer than first read)
             sync.seen = {i: version for i, version in versions.items() if i not in touched}
             sync.read_at = read_at
-            rows = [row for row in fresh if row.id not in touched]
-            if rows or links:
-                self._apply_caught_up(
-                    cube_id, rows, [x for x in links if x.from_id not in touched and x.to_id not in touched]
-                )
+            applied = [row for row in fresh if row.id not in touched]
+            kept = [x for x in links if x.from_id not in touched and x.to_id not in touched]
+            if applied or kept or derived:
+                self._apply_caught_up(cube_id, applied, kept, derived - touched)
         except Exception:
+            sync.retry |= retry
             log.exception("catching up a cube's graph failed; it retries at the next graph search")
         finally:
             sync.touched = None
             sync.task = None
 
-    def _apply_caught_up(self, cube_id: uuid.UUID, rows: list[Any], links: list[Any]) -> None:
+    def _apply_caught_up(self, cube_id: uuid.UUID, rows: list[Any], links: list[Any], gone: set[uuid.UUID]) -> None:
         snapshot = [(r.id, r.state, r.content, r.metadata, r.expires_at) for r in rows]
+        snapshot.extend((memory_id, "deleted", None, {}, None) for memory_id in gone)
         write, slow = _memories_note(snapshot)
         relinked = [memory_id for memory_id, state, *_ in snapshot if state == "active"]
 

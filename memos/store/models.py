@@ -228,9 +228,14 @@ memory_links = Table(
     Column("created_by", UUID(as_uuid=True), nullable=False),
     UniqueConstraint("from_id", "to_id", "type"),
     Index(None, "to_id"),
-    # A graph's catch-up finds the links written since it last read (migration 0012); knn links are written only
-    # with their memory, which the catch-up finds, so they stay out of this index.
-    Index("ix_memory_links_created_at_not_knn", "created_at", postgresql_where=text("type <> 'knn'")),
+    # A graph's catch-up finds the links a tenant wrote since it last read (migration 0012); knn links are written
+    # only with their memory, which the catch-up finds, so they stay out of this index.
+    Index(
+        "ix_memory_links_tenant_id_created_at_not_knn",
+        "tenant_id",
+        "created_at",
+        postgresql_where=text("type <> 'knn'"),
+    ),
 )
 
 # -- the semantic cache (migration 0003): what the cache adds to its ``response`` memories ----------------
