@@ -84,8 +84,8 @@ class Settings:
     """How long a graph search waits for a cube's graph to build; past that it answers in hybrid meanwhile."""
 
     graph_sync_seconds: float = 2.0
-    """How often a loaded graph catches up with other memos processes' writes: in the background while graph searches
-    used it in the last 5 minutes, else at its next graph search (0: at every graph search, none in the background)."""
+    """How often a loaded graph catches up with other memos processes' writes, in the background, while graph searches
+    used it in the last 5 minutes (others every 30 s; 0: at every graph search, none in the background)."""
 
     cache_indexes: int = 32
     """Cubes whose semantic-cache index this process keeps in memory (least recently used dropped first)."""

@@ -539,6 +539,14 @@ def test_this_processs_own_writes_are_not_caught_up_again(
         eventually(lambda: sync.task is None, "the catch-up ends")
     assert loaded_graph(reader, cube) is before
     assert {m["id"] for m in r.json()["items"]} <= {str(m) for m in before.memory_ids()}
+    # Nor its own deletions (found in review: they recorded no version, and looked like a big change).
+    for m in r.json()["items"]:
+        assert reader.delete(f"/v1/memories/{m['id']}", headers=bearer(key)).status_code == 204
+    for _ in range(3):
+        graph_via(reader, key, cube)
+        eventually(lambda: sync.task is None, "the catch-up ends")
+    assert loaded_graph(reader, cube) is before
+    assert not {m["id"] for m in r.json()["items"]} & {str(m) for m in before.memory_ids()}
 
 
 def _uuid(value: str) -> uuid.UUID:

@@ -4,7 +4,7 @@ The graph lives in this process only. It is built lazily (in a worker thread: en
 big cube takes a while), bounded in node count, and the least recently used cubes are dropped when
 too many are loaded. Writes that land while a cube is being built are replayed onto it afterwards.
 Writes of other processes on the same database reach it through a catch-up read from Postgres, in the
-background: every ``sync_seconds`` while graph searches use the graph, else at its next graph search.
+background: every ``sync_seconds`` while graph searches use the graph, every ``COLD_SYNC_SECONDS`` after.
 
 A write carrying much text extracts its entities in a worker thread too, so that it never holds up the event
 loop; the cube's later writes wait behind it, and the graph takes every write in the order they came.
@@ -67,20 +67,28 @@ CATCH_UP_MAX = 5_000
 """A catch-up finding more changed memories than this (and than half the graph) rebuilds the graph instead."""
 
 WARM_SECONDS = 300.0
-"""A graph searched within this long catches up every ``sync_seconds`` in the background, searched or not, so
-that its catch-ups stay small; a colder one catches up when a graph search next uses it."""
+"""A graph a graph search used within this long catches up every ``sync_seconds`` in the background."""
+
+COLD_SYNC_SECONDS = 30.0
+"""A colder graph catches up this often (or at its next graph search): every loaded graph's catch-ups read a few
+seconds' writes, never the backlog of a long idle spell."""
+
+REMOVED = -1
+"""``_Sync.seen``'s version for a memory this process deleted or purged (a catch-up reading it back, not active,
+has nothing to apply)."""
 
 # The versions of a cube's memories made or changed since a moment, or named: each arm has an index (created_at's,
 # the partial index of changed memories of migration 0012, the primary key). The arms overlap. Versions first:
 # most rows a catch-up reads back are at the version it has, and only the others' texts are read.
-# Bounded (``limit``): after a long cold spell a catch-up could read without end; at the bound it rebuilds.
+# Bounded (``limit``): past it, more memories changed than a catch-up applies (it rebuilds instead).
 _CHANGED_MEMORIES = """
-(SELECT id, version, 1 AS arm FROM memories WHERE cube_id = %(cube)s AND created_at > %(since)s LIMIT %(limit)s)
+(SELECT id, version, state = 'active' AS active, 1 AS arm FROM memories
+ WHERE cube_id = %(cube)s AND created_at > %(since)s LIMIT %(limit)s)
 UNION ALL
-(SELECT id, version, 2 FROM memories
+(SELECT id, version, state = 'active', 2 FROM memories
  WHERE cube_id = %(cube)s AND version > 1 AND updated_at > %(since)s LIMIT %(limit)s)
 UNION ALL
-SELECT id, version, 3 FROM memories WHERE cube_id = %(cube)s AND id = ANY(%(ids)s)
+SELECT id, version, state = 'active', 3 FROM memories WHERE cube_id = %(cube)s AND id = ANY(%(ids)s)
 """
 
 _MEMORY_ROWS = """
@@ -89,24 +97,31 @@ SELECT id, state, version, content, metadata, expires_at FROM memories WHERE id 
 
 _EXISTING = "SELECT id FROM memories WHERE id = ANY(%(ids)s)"
 
-# The links between active memories of the cube that touch the given memories, or that the cube's tenant wrote since
-# a moment (``POST .../links`` adds them on their own; knn links are only ever written with their memory). 'knn' is
-# written out: a parameter there would not match the partial index's predicate under a generic plan.
+# The links between active memories of the cube that touch the given memories.
 _LINKS_TOUCHING = """
-SELECT l.from_id, l.to_id, l.type, l.weight, touching.arm
+SELECT l.from_id, l.to_id, l.type, l.weight
 FROM (
-    SELECT id, 1 AS arm FROM memory_links WHERE from_id = ANY(%(ids)s)
-    UNION ALL
-    SELECT id, 2 FROM memory_links WHERE to_id = ANY(%(ids)s)
-    UNION ALL
-    (SELECT id, 3 FROM memory_links
-     WHERE tenant_id = (SELECT tenant_id FROM cubes WHERE id = %(cube)s) AND type <> 'knn' AND created_at > %(since)s
-     LIMIT %(limit)s)
+    SELECT id FROM memory_links WHERE from_id = ANY(%(ids)s)
+    UNION
+    SELECT id FROM memory_links WHERE to_id = ANY(%(ids)s)
 ) AS touching
 JOIN memory_links l ON l.id = touching.id
 JOIN memories s ON s.id = l.from_id
 JOIN memories t ON t.id = l.to_id
 WHERE s.cube_id = %(cube)s AND s.state = 'active' AND t.cube_id = %(cube)s AND t.state = 'active'
+"""
+
+# The links between active memories of the cube that its tenant wrote since a moment: ``POST .../links`` adds them on
+# their own (knn links are only ever written with their memory, which the catch-up reads). Not bounded: every loaded
+# graph catches up every few seconds, so this is a few seconds of one tenant's links. 'knn' is written out: a
+# parameter there would not match the partial index's predicate under a generic plan.
+_LINKS_SINCE = """
+SELECT l.from_id, l.to_id, l.type, l.weight
+FROM memory_links l
+JOIN memories s ON s.id = l.from_id
+JOIN memories t ON t.id = l.to_id
+WHERE l.tenant_id = (SELECT tenant_id FROM cubes WHERE id = %(cube)s) AND l.type <> 'knn' AND l.created_at > %(since)s
+  AND s.cube_id = %(cube)s AND s.state = 'active' AND t.cube_id = %(cube)s AND t.state = 'active'
 """
 
 
@@ -117,8 +132,8 @@ class _Sync:
     graph: MemoryGraph
     read_at: datetime
     """The database's clock when the graph's memories were last read (its build, or the last catch-up)."""
-    next_at: float = 0.0
-    """When (``loop.time()``) the next catch-up may start."""
+    started_at: float = 0.0
+    """When (``loop.time()``) the last catch-up started (or the graph was built)."""
     used_at: float = 0.0
     """When (``loop.time()``) a graph search last used the graph (``WARM_SECONDS``)."""
     task: asyncio.Task[None] | None = None
@@ -188,10 +203,11 @@ class CubeGraphs:
         self.max_links = max_links
         """Links a cube's graph holds at most (``MemoryGraph``'s ``max_links``); a build reads no more."""
         self.sync_seconds = sync_seconds
-        """A loaded graph catches up with other processes' writes at most this often (0: at every graph search)."""
+        """A warm graph catches up with other processes' writes this often (0: at every graph search, never in the
+        background)."""
         self._syncs: dict[uuid.UUID, _Sync] = {}
         self._catching: set[asyncio.Task[None]] = set()
-        self._warm_loop: asyncio.Task[None] | None = None
+        self._sync_loop: asyncio.Task[None] | None = None
         self._graphs: OrderedDict[uuid.UUID, MemoryGraph] = OrderedDict()
         self._tenants: dict[uuid.UUID, uuid.UUID | None] = {}
         """The tenant of each cube whose graph is held, as the query that built it said (``fair_victim``)."""
@@ -242,7 +258,7 @@ class CubeGraphs:
         interrupted); nothing waits for it or keeps its result.
         """
         # Again until none is left: a write that lands while the others stop starts a drain of its own.
-        loops = [self._warm_loop] if self._warm_loop is not None else []
+        loops = [self._sync_loop] if self._sync_loop is not None else []
         while tasks := [
             t for t in (*self._background.values(), *self._drains, *self._catching, *loops) if not t.done()
         ]:
@@ -287,8 +303,8 @@ class CubeGraphs:
             # read at the same version is not applied twice.
             recent = {row.id: row.version for row in rows if row.updated_at > read_at - SYNC_MARGIN}
             now = self._now()
-            self._syncs[cube_id] = _Sync(graph, read_at, next_at=now + self.sync_seconds, used_at=now, seen=recent)
-            self._start_warm_loop()
+            self._syncs[cube_id] = _Sync(graph, read_at, started_at=now, used_at=now, seen=recent)
+            self._start_sync_loop()
             while len(self._graphs) > self.max_cubes:
                 self._forget(fair_victim(((c, self._tenants.get(c)) for c in self._graphs), self.max_cubes))
             future.set_result(graph)
@@ -436,6 +452,8 @@ class CubeGraphs:
         """Deleted or purged memories leave the graph (with their edges)."""
         gone = list(ids)
         self._touch(cube_id, gone)
+        if (sync := self._syncs.get(cube_id)) is not None:
+            sync.seen.update(dict.fromkeys(gone, REMOVED))
 
         def note(graph: MemoryGraph) -> None:
             for memory_id in gone:
@@ -500,34 +518,36 @@ class CubeGraphs:
         if sync is not None and sync.touched is not None:
             sync.touched.update(ids)
 
-    def _maybe_catch_up(self, cube_id: uuid.UUID, *, searched: bool = True) -> None:
-        """Start a catch-up of the cube's loaded graph in the background, if none runs and it is time."""
+    def _maybe_catch_up(self, cube_id: uuid.UUID, *, searched: bool = True) -> asyncio.Task[None] | None:
+        """Start a catch-up of the cube's loaded graph in the background, if none runs and it is time: every
+        ``sync_seconds`` while graph searches use it, ``COLD_SYNC_SECONDS`` after. The catch-up under way, if any."""
         sync = self._syncs.get(cube_id)
         if sync is None:
-            return
+            return None
         now = self._now()
         if searched:
             sync.used_at = now
-        if sync.task is not None or now < sync.next_at:
-            return
-        sync.next_at = now + self.sync_seconds
-        sync.task = task = asyncio.get_running_loop().create_task(self._catch_up(cube_id, sync))
-        self._catching.add(task)
-        task.add_done_callback(self._catching.discard)
+        every = self.sync_seconds if now - sync.used_at <= WARM_SECONDS else max(self.sync_seconds, COLD_SYNC_SECONDS)
+        if sync.task is None and now - sync.started_at >= every:
+            sync.started_at = now
+            sync.task = task = asyncio.get_running_loop().create_task(self._catch_up(cube_id, sync))
+            self._catching.add(task)
+            task.add_done_callback(self._catching.discard)
+        return sync.task
 
-    def _start_warm_loop(self) -> None:
-        if self.sync_seconds > 0 and (self._warm_loop is None or self._warm_loop.done()):
-            self._warm_loop = asyncio.get_running_loop().create_task(self._keep_warm_graphs_current())
+    def _start_sync_loop(self) -> None:
+        if self.sync_seconds > 0 and (self._sync_loop is None or self._sync_loop.done()):
+            self._sync_loop = asyncio.get_running_loop().create_task(self._keep_graphs_current())
 
-    async def _keep_warm_graphs_current(self) -> None:
-        """Every ``sync_seconds``, catch up the graphs a graph search used within ``WARM_SECONDS``: their catch-ups
-        stay a few seconds' writes, and ``seen`` stays small, however rarely they are searched."""
+    async def _keep_graphs_current(self) -> None:
+        """Catch up the loaded graphs that are due (``_maybe_catch_up``), one at a time (one pooled connection), until
+        no graph is loaded."""
         while self._syncs:
             await asyncio.sleep(self.sync_seconds)
-            now = self._now()
-            for cube_id, sync in list(self._syncs.items()):
-                if now - sync.used_at <= WARM_SECONDS:
-                    self._maybe_catch_up(cube_id, searched=False)
+            for cube_id in list(self._syncs):
+                task = self._maybe_catch_up(cube_id, searched=False)
+                if task is not None:
+                    await asyncio.wait([task])
 
     async def _catch_up(self, cube_id: uuid.UUID, sync: _Sync) -> None:
         """Read from Postgres the cube's memories made or changed since the graph's last read (by any process) and
@@ -539,7 +559,8 @@ class CubeGraphs:
                 self.drop(cube_id)  # its own writes are no longer told apart: rebuilt at the next graph search
                 return
             sync.touched = set()
-            limit = CATCH_UP_MAX + len(sync.seen) + 1
+            most = max(CATCH_UP_MAX, len(sync.graph) // 2)
+            limit = most + len(sync.seen) + 1  # an arm this long has more than ``most`` memories not seen
             since = sync.read_at - SYNC_MARGIN
             params: dict[str, Any] = {"cube": cube_id, "since": since, "ids": list(retry), "limit": limit}
             async with self.db.read() as conn:
@@ -548,18 +569,18 @@ class CubeGraphs:
                 if self._syncs.get(cube_id) is not sync:
                     return  # dropped meanwhile
                 versions = {row.id: row.version for row in rows}
-                # A memory read again for a retry is applied whatever its version: links of it were left out.
-                changed = [i for i, version in versions.items() if sync.seen.get(i) != version or i in retry]
+                # A memory read again for a retry is applied whatever its version: links of it were left out. One
+                # this process removed and still not active has nothing to apply.
+                changed = list(dict.fromkeys(row.id for row in rows if row.id in retry or not _applied(sync, row)))
                 full = any(sum(row.arm == arm for row in rows) >= limit for arm in (1, 2))
-                if full or len(changed) > max(CATCH_UP_MAX, len(sync.graph) // 2):
+                if full or len(changed) > most:
                     self.drop(cube_id)  # cheaper rebuilt than caught up; the next graph search starts the build
                     return
                 fresh = (await conn.exec_driver_sql(_MEMORY_ROWS, {**params, "ids": changed})).all() if changed else []
                 relinked = [row.id for row in fresh if row.state == "active"]
-                links = (await conn.exec_driver_sql(_LINKS_TOUCHING, {**params, "ids": relinked})).all()
-                if sum(link.arm == 3 for link in links) >= limit:
-                    self.drop(cube_id)
-                    return
+                links = list(await conn.exec_driver_sql(_LINKS_SINCE, params))
+                if relinked:
+                    links += await conn.exec_driver_sql(_LINKS_TOUCHING, {**params, "ids": relinked})
                 # A purge deletes the activation memories made from its memory, rows and all: a catch-up never
                 # reads them. They go with the memory they were derived from, if their rows are gone.
                 gone = [row.id for row in fresh if row.state != "active"]
@@ -585,7 +606,7 @@ class CubeGraphs:
                 self._apply_caught_up(cube_id, applied, kept, derived - touched)
         except Exception:
             sync.retry |= retry
-            log.exception("catching up a cube's graph failed; it retries at the next graph search")
+            log.exception("catching up a cube's graph failed; the next catch-up tries again")
         finally:
             sync.touched = None
             sync.task = None
@@ -616,6 +637,13 @@ class CubeGraphs:
 
         self._remove_at_once(cube_id, [memory_id for memory_id, state, *_ in snapshot if state != "active"])
         self._apply(cube_id, slow_note if slow else note, slow=slow)
+
+
+def _applied(sync: _Sync, row: Any) -> bool:
+    """The graph has the memory of ``row`` (id, version, active) as it is: at that version, or removed by this
+    process and still not active."""
+    seen = sync.seen.get(row.id)
+    return seen == row.version or (seen == REMOVED and not row.active)
 
 
 async def _database_now(conn: AsyncConnection) -> datetime:
