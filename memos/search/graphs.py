@@ -80,13 +80,15 @@ has nothing to apply)."""
 # The versions of a cube's memories made or changed since a moment, or named: each arm has an index (created_at's,
 # the partial index of changed memories of migration 0012, the primary key). The arms overlap. Versions first:
 # most rows a catch-up reads back are at the version it has, and only the others' texts are read.
-# Bounded (``limit``): past it, more memories changed than a catch-up applies (it rebuilds instead).
+# Bounded (``limit``): past it, more memories changed than a catch-up applies (it rebuilds instead). Ordered by the
+# indexed time: a generic plan (psycopg prepares a statement run often) took 45 ms on 100k memories without it,
+# reading the cube rather than the index's few rows; 0.7 ms with it.
 _CHANGED_MEMORIES = """
 (SELECT id, version, state = 'active' AS active, 1 AS arm FROM memories
- WHERE cube_id = %(cube)s AND created_at > %(since)s LIMIT %(limit)s)
+ WHERE cube_id = %(cube)s AND created_at > %(since)s ORDER BY created_at LIMIT %(limit)s)
 UNION ALL
 (SELECT id, version, state = 'active', 2 FROM memories
- WHERE cube_id = %(cube)s AND version > 1 AND updated_at > %(since)s LIMIT %(limit)s)
+ WHERE cube_id = %(cube)s AND version > 1 AND updated_at > %(since)s ORDER BY updated_at LIMIT %(limit)s)
 UNION ALL
 SELECT id, version, state = 'active', 3 FROM memories WHERE cube_id = %(cube)s AND id = ANY(%(ids)s)
 """
