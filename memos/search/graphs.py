@@ -150,6 +150,14 @@ class _Sync:
     retry: set[uuid.UUID] = dataclasses.field(default_factory=set)
     """Memories the last catch-up skipped (touched meanwhile): the next one reads them whatever their time."""
 
+    def remember(self, versions: Iterable[tuple[uuid.UUID, int]]) -> None:
+        """This process wrote these memories at these versions (``REMOVED``: deleted them). Bounded between two
+        catch-ups: past ``SEEN_MAX`` the graph can no longer tell its own writes from others' and is rebuilt."""
+        self.seen.update(versions)
+        if len(self.seen) > SEEN_MAX:
+            self.seen.clear()
+            self.overflow = True
+
 
 @dataclasses.dataclass(slots=True)
 class _Queue:
@@ -440,12 +448,8 @@ class CubeGraphs:
         snapshot = [(r.id, r.state, r.content, r.metadata, r.expires_at) for r in rows]
         self._touch(cube_id, (memory_id for memory_id, *_ in snapshot))
         if (sync := self._syncs.get(cube_id)) is not None:
-            # A catch-up reading these rows back at this version has nothing to apply. (Bounded: with no graph
-            # search to start a catch-up, a busy cube's writes would pile up here; forgotten, they are applied again.)
-            sync.seen.update((r.id, r.version) for r in rows if getattr(r, "version", None) is not None)
-            if len(sync.seen) > SEEN_MAX:
-                sync.seen.clear()
-                sync.overflow = True
+            # A catch-up reading these rows back at this version has nothing to apply.
+            sync.remember((r.id, r.version) for r in rows if getattr(r, "version", None) is not None)
         note, slow = _memories_note(snapshot)
         self._remove_at_once(cube_id, [memory_id for memory_id, state, _, _, _ in snapshot if state != "active"])
         self._apply(cube_id, note, slow=slow)
@@ -455,7 +459,7 @@ class CubeGraphs:
         gone = list(ids)
         self._touch(cube_id, gone)
         if (sync := self._syncs.get(cube_id)) is not None:
-            sync.seen.update(dict.fromkeys(gone, REMOVED))
+            sync.remember((memory_id, REMOVED) for memory_id in gone)
 
         def note(graph: MemoryGraph) -> None:
             for memory_id in gone:
