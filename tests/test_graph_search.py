@@ -579,10 +579,10 @@ def test_a_catch_up_leaves_alone_what_this_process_wrote_while_it_read(
     graphs = reader.app.state.search.graphs
     graph = loaded_graph(reader, cube)
     m = factory.memory(key, cube, "Grelp vonk 12 sprue.")  # by the other process: the catch-up reads it
-    real_now = graphs_module._database_now
+    real_now = graphs_module.db_now
 
     async def own_write_meanwhile(conn):
-        monkeypatch.setattr(graphs_module, "_database_now", real_now)
+        monkeypatch.setattr(graphs_module, "db_now", real_now)
         # This process's own write of the memory lands while the catch-up reads.
         row = types.SimpleNamespace(
             id=_uuid(m["id"]), state="active", content="Dinner in Oslo with Priya.", metadata={}, expires_at=None
@@ -590,7 +590,7 @@ def test_a_catch_up_leaves_alone_what_this_process_wrote_while_it_read(
         graphs.memories_written(_uuid(cube), [row])
         return await real_now(conn)
 
-    monkeypatch.setattr(graphs_module, "_database_now", own_write_meanwhile)
+    monkeypatch.setattr(graphs_module, "db_now", own_write_meanwhile)
     sync = graphs._syncs[_uuid(cube)]
     graph_via(reader, key, cube)  # starts a catch-up
     eventually(lambda: sync.task is None and _uuid(m["id"]) in sync.retry, "skipped for now")
@@ -621,14 +621,14 @@ def test_a_link_left_out_for_a_touched_end_comes_back_at_the_next_catch_up(
     eventually(lambda: sync.task is None, "idle")
     r = client.patch(f"/v1/memories/{b['id']}", json={"tags": ["x"]}, headers={**bearer(key), "If-Match": '"1"'})
     assert r.status_code == 200, r.text  # another process changes b: the catch-up replaces its links
-    real_now = graphs_module._database_now
+    real_now = graphs_module.db_now
 
     async def own_link_meanwhile(conn):
-        monkeypatch.setattr(graphs_module, "_database_now", real_now)
+        monkeypatch.setattr(graphs_module, "db_now", real_now)
         graphs.links_written(_uuid(cube), [(uuid.uuid4(), _uuid(hit["id"]), "knn", 0.9)])  # this process touches hit
         return await real_now(conn)
 
-    monkeypatch.setattr(graphs_module, "_database_now", own_link_meanwhile)
+    monkeypatch.setattr(graphs_module, "db_now", own_link_meanwhile)
     graph_via(reader, key, cube)
     eventually(lambda: sync.task is None and _uuid(hit["id"]) in sync.retry, "the touched end, kept for a retry")
     graph_via(reader, key, cube)
@@ -675,7 +675,7 @@ def test_a_failed_catch_up_keeps_its_retries(client, reader, factory: Factory, m
     async def down(conn):
         raise psycopg.OperationalError("the database went away")
 
-    monkeypatch.setattr(graphs_module, "_database_now", down)
+    monkeypatch.setattr(graphs_module, "db_now", down)
     graph_via(reader, key, cube)
     eventually(lambda: sync.task is None, "the catch-up failed")
     assert waiting in sync.retry

@@ -22,13 +22,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.graph.entities import entity_keys
 from memos.graph.memgraph import EdgeKind, MemoryGraph
 from memos.sharing import fair_victim
-from memos.store.db import Database
+from memos.store.db import Database, db_now
 from memos.store.models import memories, memory_links
 
 # Link types written by users map onto the graph's edge kinds; provenance keeps its own kind.
@@ -330,7 +330,7 @@ class CubeGraphs:
     async def _load(self, conn: AsyncConnection, cube_id: uuid.UUID) -> tuple[list[Any], list[Any], datetime]:
         """The cube's active memories and the links between them, and the database's clock before they were read
         (where the first catch-up starts)."""
-        read_at = await _database_now(conn)
+        read_at = await db_now(conn)
         rows = (
             await conn.execute(
                 select(
@@ -373,9 +373,7 @@ class CubeGraphs:
         graph = MemoryGraph(max_nodes=self.max_nodes, max_links=self.max_links)
         for row in rows:
             graph.add_memory(row.id, **node_fields(row.content, row.metadata, row.expires_at))
-        for link in links:
-            kind, label = edge_kind(link.type)
-            graph.add_edge(link.from_id, link.to_id, kind, max(link.weight, 1e-6), label=label)
+        add_stored_links(graph, links)
         return graph
 
     # -- keeping loaded graphs current -------------------------------------------------------------------------
@@ -570,7 +568,7 @@ class CubeGraphs:
             since = sync.read_at - SYNC_MARGIN
             params: dict[str, Any] = {"cube": cube_id, "since": since, "ids": list(retry), "limit": limit}
             async with self.db.read() as conn:
-                read_at = await _database_now(conn)
+                read_at = await db_now(conn)
                 rows = (await conn.exec_driver_sql(_CHANGED_MEMORIES, params)).all()
                 if self._syncs.get(cube_id) is not sync:
                     return  # dropped meanwhile
@@ -627,9 +625,7 @@ class CubeGraphs:
             for memory_id in relinked:
                 if memory_id in graph:
                     graph.clear_links(memory_id)
-            for link in links:
-                kind, label = edge_kind(link.type)
-                graph.add_edge(link.from_id, link.to_id, kind, max(link.weight, 1e-6), label=label)
+            add_stored_links(graph, links)
 
         async def slow_note(graph: MemoryGraph) -> None:
             written = write(graph)
@@ -652,9 +648,11 @@ def _applied(sync: _Sync, row: Any) -> bool:
     return seen == row.version or (seen == REMOVED and not row.active)
 
 
-async def _database_now(conn: AsyncConnection) -> datetime:
-    now: datetime = (await conn.execute(select(func.clock_timestamp()))).scalar_one()
-    return now
+def add_stored_links(graph: MemoryGraph, links: Iterable[Any]) -> None:
+    """Stored links (rows with from_id, to_id, type, weight) as the graph's edges."""
+    for link in links:
+        kind, label = edge_kind(link.type)
+        graph.add_edge(link.from_id, link.to_id, kind, max(link.weight, 1e-6), label=label)
 
 
 def _memories_note(

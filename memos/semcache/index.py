@@ -35,7 +35,7 @@ from memos.semcache.policy import CachePolicy
 from memos.semcache.schemas import MAX_QUERY_CHARS
 from memos.sharing import fair_victim
 from memos.store.arrays import decode_vector
-from memos.store.db import Database
+from memos.store.db import Database, db_now
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ class CacheIndexes:
     async def _build(self, state: CubeState) -> None:
         try:
             async with self.db.transaction() as conn:  # streaming needs a transaction (a server-side cursor)
-                synced_at = await store.db_now(conn)
+                synced_at = await db_now(conn)
                 rows = await store.live_entries(conn, state.cube_id, self.vectors.embedder.model)
             index = await asyncio.to_thread(self._build_index, rows)
             if state.dropped:
@@ -549,7 +549,7 @@ class CacheIndexes:
             since = state.synced_at - SYNC_MARGIN
             state.written_meanwhile = set()
             async with self.db.read() as conn:
-                now = await store.db_now(conn)
+                now = await db_now(conn)
                 rows = await store.changed_entries(conn, state.cube_id, since)
                 revision = await store.policy_revision(conn, state.cube_id)
             if state.index is not None and not state.dropped:

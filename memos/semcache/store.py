@@ -189,11 +189,6 @@ async def policy_changed(conn: AsyncConnection, cube_id: uuid.UUID) -> None:
 # -- entries -----------------------------------------------------------------------------------------
 
 
-async def db_now(conn: AsyncConnection) -> datetime:
-    value: datetime = (await conn.execute(select(func.now()))).scalar_one()
-    return value
-
-
 async def live_entries(conn: AsyncConnection, cube_id: uuid.UUID, model: str, batch: int = 5000) -> list[Any]:
     """Every servable entry of a cube (``_servable``: live, embedded by ``model``), streamed in batches so a big
     cube does not stall the event loop."""

@@ -12,6 +12,7 @@ import select
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -200,6 +201,13 @@ class Database:
             async with self.engine.connect() as conn:
                 await conn.execution_options(isolation_level="AUTOCOMMIT")
                 yield conn
+
+
+async def db_now(conn: AsyncConnection) -> datetime:
+    """The database's clock (``now()``: in a read's autocommit statement, that statement's start; either way no
+    later than what the connection reads next). Catch-ups read "changed since" against it, never this host's clock."""
+    value: datetime = (await conn.exec_driver_sql("SELECT now()")).scalar_one()
+    return value
 
 
 def driver_sql(query: Any) -> str:
