@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, Router, get, head
+from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
@@ -297,6 +298,31 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(figures.render(), media_type=METRICS_CONTENT_TYPE)
 
 
+def _cors(origins: tuple[str, ...]) -> CORSConfig | None:
+    """CORS for browser pages on ``origins``; none without any.
+
+    Litestar answers a preflight (``OPTIONS`` with ``Origin``) before routing, so it needs no key: a browser
+    never sends one on it. Keys are bearer tokens, not cookies, so credentials stay off.
+    """
+    if not origins:
+        return None
+    return CORSConfig(
+        allow_origins=list(origins),
+        allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "If-Match", "X-Request-Id"],
+        expose_headers=[
+            "ETag",
+            "Location",
+            "Retry-After",
+            "X-Request-Id",
+            "X-Memos-Fingerprint",
+            "X-Memos-SHA256",
+            "X-Memos-Activation",
+            "X-Memos-Repaired",
+        ],
+    )
+
+
 def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[], Embedder] | None = None) -> Litestar:
     """Build the application; the database starts (embedded or external) when the app starts.
 
@@ -426,6 +452,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
     # The app's before_request: a router or handler that sets its own replaces this one.
     strict_query = StrictQuery()
     app = Litestar(
+        cors_config=_cors(settings.cors_origins),
         route_handlers=[healthz, healthz_head, readyz, readyz_head, scraped, v1],
         before_request=strict_query,
         lifespan=[lifespan],

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Protocol, TypeVar
 
+from litestar import Response
 from litestar.params import HeaderParameter, QueryParameter
 
 from memos.errors import NotFound, PreconditionFailed
@@ -29,6 +30,30 @@ def parse_id(value: str, what: str) -> uuid.UUID:
 
 def etag(version: int) -> str:
     return f'"{version}"'
+
+
+class _Versioned(Protocol):
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def version(self) -> int: ...
+
+
+M = TypeVar("M", bound=_Versioned)
+T = TypeVar("T")
+
+
+def created(body: T, location: str, headers: dict[str, str] | None = None) -> Response[T]:
+    """201 with ``Location`` naming where ``body`` is read again (RFC 9110 15.3.2)."""
+    return Response(body, status_code=201, headers={**(headers or {}), "Location": location})
+
+
+def memory_response(memory: M, status_code: int = 200) -> Response[M]:
+    """A memory with its ``ETag``; a created one (201) also says where it is read: ``/v1/memories/{id}``."""
+    headers = {"ETag": etag(memory.version)}
+    if status_code == 201:
+        return created(memory, f"/v1/memories/{memory.id}", headers)
+    return Response(memory, status_code=status_code, headers=headers)
 
 
 def parse_if_match(header: str | None) -> int | None:

@@ -65,6 +65,13 @@ ETAG = ResponseHeader(
 )
 """The header every response that carries a memory sets (documented on those handlers)."""
 
+LOCATION = ResponseHeader(
+    name="Location",
+    documentation_only=True,
+    description="On 201: the path to read what was created (RFC 9110)",
+)
+"""The header a 201 that made one readable resource sets (documented on those handlers)."""
+
 
 def errors(*codes: int) -> dict[int, ResponseSpec]:
     """Problem responses a handler declares beyond the ones :func:`complete` adds by rule."""

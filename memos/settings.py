@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from urllib.parse import unquote
 from memos.kv.spec import ModelSpec, parse_models
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# What a browser sends in Origin: a scheme, a host and an optional port; nothing after them.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+", re.IGNORECASE)
 
 
 def _default_lanes() -> int:
@@ -130,6 +133,10 @@ class Settings:
     metrics_public: bool = False
     """``GET /metrics`` without a key (for a scraper on a private network); by default it needs the operator key."""
 
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins (``https://app.example.com``, or ``*``) allowed to call the API cross-origin
+    (``MEMOS_CORS_ORIGINS``, comma-separated). Empty: no CORS headers, as a browser page elsewhere needs none."""
+
     @property
     def blob_root(self) -> Path:
         """The blob store's directory."""
@@ -228,6 +235,8 @@ class Settings:
             values["max_kv_bytes"] = _parse_int("MEMOS_MAX_KV_BYTES", v)
         if (v := raw("METRICS_PUBLIC")) is not None:
             values["metrics_public"] = _parse_bool("MEMOS_METRICS_PUBLIC", v)
+        if (v := raw("CORS_ORIGINS")) is not None:
+            values["cors_origins"] = tuple(part.strip() for part in v.split(",") if part.strip())
 
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -298,6 +307,12 @@ class Settings:
         for name, spec in self.models.items():
             if not spec.path.is_dir():
                 raise SettingsError(f"MEMOS_MODELS: models.{name}.path: not a local directory: {str(spec.path)!r}")
+        for origin in self.cors_origins:
+            if not (origin == "*" or _ORIGIN.fullmatch(origin)):
+                raise SettingsError(
+                    f"MEMOS_CORS_ORIGINS: {origin!r} is not an origin: write scheme://host[:port] "
+                    "(no path, no trailing slash), or *"
+                )
         if self.operator_key is not None and len(self.operator_key) < OPERATOR_KEY_MIN:
             raise SettingsError(f"MEMOS_OPERATOR_KEY must be at least {OPERATOR_KEY_MIN} characters")
 

@@ -175,6 +175,7 @@ def test_build_list_get(client, factory, tenant, cube, settings) -> None:
     r = build(client, tenant.admin_key, m["id"])
     assert r.status_code == 201, r.text
     act = r.json()
+    assert r.headers["location"] == f"/v1/activations/{act['id']}"
     assert act["memory_id"] == m["id"] and act["source_version"] == 1 and act["model"] == MODEL
     assert act["stale"] is False and act["corrupt"] is False and act["hits"] == 0
     assert act["dtype"] == "float32" and act["tier"] == "host"
@@ -184,6 +185,7 @@ def test_build_list_get(client, factory, tenant, cube, settings) -> None:
     # The same memory, version and model: the existing activation, not a second one.
     again = build(client, tenant.admin_key, m["id"])
     assert again.status_code == 200 and again.json()["id"] == act["id"]
+    assert "location" not in again.headers  # nothing was created
     listed = client.get(f"/v1/memories/{m['id']}/activations", headers=bearer(tenant.admin_key)).json()
     assert [a["id"] for a in listed["items"]] == [act["id"]] and listed["next_cursor"] is None
     one = client.get(f"/v1/activations/{act['id']}", headers=bearer(tenant.admin_key))
@@ -310,6 +312,7 @@ def test_export_import_inject_round_trip_gives_identical_logits(client, factory,
     r = import_kv(client, other.admin_key, m["id"], exported["data"])
     assert r.status_code == 201, r.text
     imported = r.json()
+    assert r.headers["location"] == f"/v1/activations/{imported['id']}"
     assert imported["memory_id"] == m["id"] and imported["sha256"] == exported["activation"]["sha256"]
     assert import_kv(client, other.admin_key, m["id"], exported["data"]).json()["id"] == imported["id"]
     prompt = "Where does Bob run?"

@@ -321,6 +321,7 @@ def test_create_cube_returns_the_contract_fields(client: Client, factory: Factor
     cube = r.json()
     assert cube.keys() >= CUBE_FIELDS
     uuid.UUID(cube["id"])
+    assert r.headers["location"] == f"/v1/cubes/{cube['id']}"
     assert cube["name"] == name
     assert cube["description"] == "what I learned"
     assert cube["metadata"] == {"team": "x", "n": [1, 2]}

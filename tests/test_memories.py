@@ -39,6 +39,9 @@ def test_create_returns_memory_with_etag(client, factory, tenant, cube) -> None:
     assert r.status_code == 201, r.text
     body = r.json()
     assert r.headers["etag"] == '"1"'
+    # Location names where the new memory is read (RFC 9110): the same memory comes back from it.
+    assert r.headers["location"] == f"/v1/memories/{body['id']}"
+    assert client.get(r.headers["location"], headers=bearer(tenant.admin_key)).json() == body
     assert body["version"] == 1
     assert body["state"] == "active"
     assert body["kind"] == "plaintext"

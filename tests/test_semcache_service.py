@@ -42,6 +42,7 @@ def store(
     assert r.status_code == 201, r.text
     assert r.headers["ETag"] == '"1"'
     out: dict[str, Any] = r.json()
+    assert r.headers["Location"] == f"/v1/memories/{out['id']}"
     return out
 
 

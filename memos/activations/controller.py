@@ -17,8 +17,8 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from memos.activations import schemas
 from memos.deps import Activations, CurrentPrincipal
-from memos.http import Cursor, Limit, parse_id
-from memos.openapi import errors
+from memos.http import Cursor, Limit, created, parse_id
+from memos.openapi import LOCATION, errors
 from memos.pagination import DEFAULT_LIMIT, Page
 
 KV_MEDIA_TYPE = "application/octet-stream"
@@ -85,6 +85,13 @@ def _kv_headers(activation: schemas.Activation, sha256: str) -> dict[str, str]:
 BODY_IDLE_S = 30.0
 """How long an import waits for the next piece of its body. A client that stopped sending held its import place
 (one of two in the process) for as long as it kept the connection open (found in review)."""
+
+
+def _built(activation: schemas.Activation, is_new: bool) -> Response[schemas.Activation]:
+    """201 with where to read it for a new activation; 200 for the fresh one that was there."""
+    if is_new:
+        return created(activation, f"/v1/activations/{activation.id}")
+    return Response(activation, status_code=200)  # a POST handler's default would be 201
 
 
 class _RequestUpload:
@@ -159,6 +166,7 @@ class ActivationController(Controller):
         "/memories/{memory_id:str}/activations",
         summary="Build the memory's KV for a model now (201), or return the fresh one that exists (200)",
         responses={**EXISTING, **errors(409)},
+        response_headers=[LOCATION],
     )
     async def build_activation(
         self,
@@ -167,8 +175,8 @@ class ActivationController(Controller):
         principal: CurrentPrincipal,
         activations: Activations,
     ) -> Response[schemas.Activation]:
-        activation, created = await activations.build(principal, parse_id(memory_id, "memory"), data)
-        return Response(activation, status_code=201 if created else 200)
+        activation, is_new = await activations.build(principal, parse_id(memory_id, "memory"), data)
+        return _built(activation, is_new)
 
     @get("/memories/{memory_id:str}/activations", summary="A memory's activations, oldest first")
     async def list_activations(
@@ -226,6 +234,7 @@ class ActivationImportController(Controller):
         summary="Import a memos-kv/1 file for a memory (format, checksum, fingerprint, shapes and tokens checked)",
         # The body is the raw file (_ImportOperation declares it): 413 and 422 come by memos.openapi's rule.
         responses={**EXISTING, **errors(404, 408, 409)},
+        response_headers=[LOCATION],
         operation_class=_ImportOperation,
     )
     async def import_kv(
@@ -241,5 +250,5 @@ class ActivationImportController(Controller):
         if limit is not None and (request.content_length or 0) > limit:
             raise RequestEntityTooLarge  # as before: a declared length over the limit is refused first, unread
         upload = _RequestUpload(request, limit)
-        activation, created = await activations.import_file(principal, parse_id(memory_id, "memory"), model, upload)
-        return Response(activation, status_code=201 if created else 200)
+        activation, is_new = await activations.import_file(principal, parse_id(memory_id, "memory"), model, upload)
+        return _built(activation, is_new)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from litestar import Controller, delete, get, patch, post, put
+from litestar import Controller, Response, delete, get, patch, post, put
 from litestar.params import FromPath, JSONBody
 
 from memos.cubes import schemas
 from memos.deps import Cubes, CurrentPrincipal
-from memos.http import Cursor, Limit, parse_id
-from memos.openapi import errors
+from memos.http import Cursor, Limit, created, parse_id
+from memos.openapi import LOCATION, errors
 from memos.pagination import DEFAULT_LIMIT, Page
 
 
@@ -16,11 +16,12 @@ class CubeController(Controller):
     path = "/v1/cubes"
     tags = ["cubes"]
 
-    @post("/", summary="Create a cube owned by the caller", responses=errors(409))
+    @post("/", summary="Create a cube owned by the caller", responses=errors(409), response_headers=[LOCATION])
     async def create_cube(
         self, data: JSONBody[schemas.CubeIn], principal: CurrentPrincipal, cubes: Cubes
-    ) -> schemas.Cube:
-        return await cubes.create(principal, data)
+    ) -> Response[schemas.Cube]:
+        cube = await cubes.create(principal, data)
+        return created(cube, f"/v1/cubes/{cube.id}")
 
     @get("/", summary="Cubes the caller owns or is granted (all of the tenant's for an admin)")
     async def list_cubes(

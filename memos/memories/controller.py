@@ -10,25 +10,25 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from memos.deps import CurrentPrincipal, Memories
 from memos.errors import PreconditionRequired
-from memos.http import Cursor, IfMatch, Limit, RequiredIfMatch, etag, parse_id, parse_if_match
+from memos.http import Cursor, IfMatch, Limit, RequiredIfMatch, memory_response, parse_id, parse_if_match
 from memos.memories import schemas
 from memos.memories.service import ListFilters
-from memos.openapi import ETAG, errors
+from memos.openapi import ETAG, LOCATION, errors
 from memos.pagination import DEFAULT_LIMIT, Page
 
 KindFilter = Literal["plaintext", "response", "activation"]
 StateFilter = Literal["active", "archived", "deleted"]
 
 
-def _with_etag(memory: schemas.Memory, status_code: int = 200) -> Response[schemas.Memory]:
-    return Response(memory, status_code=status_code, headers={"ETag": etag(memory.version)})
-
-
 class MemoryController(Controller):
     path = "/v1"
     tags = ["memories"]
 
-    @post("/cubes/{cube_id:str}/memories", summary="Add a memory to a cube (version 1)", response_headers=[ETAG])
+    @post(
+        "/cubes/{cube_id:str}/memories",
+        summary="Add a memory to a cube (version 1)",
+        response_headers=[ETAG, LOCATION],
+    )
     async def create_memory(
         self,
         cube_id: FromPath[str],
@@ -37,7 +37,7 @@ class MemoryController(Controller):
         memories: Memories,
     ) -> Response[schemas.Memory]:
         memory = await memories.create(principal, parse_id(cube_id, "cube"), data)
-        return _with_etag(memory, 201)
+        return memory_response(memory, 201)
 
     @post("/cubes/{cube_id:str}/memories/batch", summary="Add up to 1000 memories at once (all or nothing)")
     async def create_batch(
@@ -77,7 +77,7 @@ class MemoryController(Controller):
         memories: Memories,
         include_expired: FromQuery[bool] = False,
     ) -> Response[schemas.Memory]:
-        return _with_etag(await memories.get(principal, parse_id(memory_id, "memory"), include_expired))
+        return memory_response(await memories.get(principal, parse_id(memory_id, "memory"), include_expired))
 
     @patch(
         "/memories/{memory_id:str}",
@@ -96,7 +96,7 @@ class MemoryController(Controller):
         if if_match is None:
             raise PreconditionRequired('send If-Match with the ETag of the version you read, e.g. If-Match: "3"')
         memory = await memories.update(principal, parse_id(memory_id, "memory"), data, parse_if_match(if_match))
-        return _with_etag(memory)
+        return memory_response(memory)
 
     @delete(
         "/memories/{memory_id:str}",
@@ -154,7 +154,7 @@ class MemoryController(Controller):
         memory = await memories.restore(
             principal, parse_id(memory_id, "memory"), data.version, parse_if_match(if_match)
         )
-        return _with_etag(memory)
+        return memory_response(memory)
 
     @get("/memories/{memory_id:str}/provenance", summary="Ancestors and descendants by derivation")
     async def provenance(

@@ -8,9 +8,9 @@ from litestar import Controller, Response, delete, get, post, put
 from litestar.params import JSONBody, QueryParameter
 
 from memos.deps import CurrentPrincipal, SemCache
-from memos.http import etag, parse_id
+from memos.http import memory_response, parse_id
 from memos.memories import schemas as memory_schemas
-from memos.openapi import ETAG, errors
+from memos.openapi import ETAG, LOCATION, errors
 from memos.semcache import schemas
 
 CubeId = Annotated[str, QueryParameter(description="The cube's id")]
@@ -41,14 +41,14 @@ class CacheController(Controller):
     @post(
         "/",
         responses=errors(404),
-        response_headers=[ETAG],
+        response_headers=[ETAG, LOCATION],
         summary="Cache an answer: a response memory (version 1)",
     )
     async def store(
         self, data: JSONBody[schemas.StoreIn], principal: CurrentPrincipal, semcache: SemCache
     ) -> Response[memory_schemas.Memory]:
         memory = await semcache.store(principal, data)
-        return Response(memory, status_code=201, headers={"ETag": etag(memory.version)})
+        return memory_response(memory, 201)
 
     @post(
         "/feedback",
