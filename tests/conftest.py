@@ -125,6 +125,11 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def full_width(text: str) -> str:
+    """``text`` in full-width forms (U+FF01..U+FF5E), as some keyboards and IMEs type it; NFKC undoes it."""
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+
+
 @dataclasses.dataclass
 class Tenant:
     id: str

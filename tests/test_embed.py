@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_encoder_dir
+from conftest import full_width, make_encoder_dir
 from hashing_embedder import HashingEmbedder
 
 from memos.embed import (
@@ -307,6 +307,23 @@ def test_paraphrases_are_closer_than_unrelated_texts(minilm: TransformersEncoder
     )
     assert cosine(a, b) > 0.5
     assert cosine(a, b) > cosine(a, c) + 0.3
+
+
+def test_compatibility_forms_embed_as_their_plain_text(minilm: TransformersEncoder) -> None:
+    """Ligatures (as PDF extraction writes them) and full-width letters: the tokenizer made them rare pieces or
+    [UNK] (cosine 0.76 for the ligature sentence); they are NFKC-normalized first."""
+    wide = full_width("ACME Corp")
+    plain, ligature, wide_form, wide_plain = minilm.embed(
+        [
+            "financial report for the first quarter",
+            "\ufb01nancial report for the \ufb01rst quarter",
+            f"{wide} signed the lease",
+            "ACME Corp signed the lease",
+        ]
+    )
+    assert cosine(plain, ligature) > 0.999
+    assert cosine(wide_form, wide_plain) > 0.999
+    assert minilm.token_lengths(["\ufb01nance"]) == minilm.token_lengths(["finance"])
 
 
 # -- the registry ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from conftest import full_width
 
 from memos.graph import (
     EdgeKind,
@@ -60,6 +61,15 @@ from memos.graph.entities import MAX_KEYS
 )
 def test_entity_keys(text: str, expected: list[str]) -> None:
     assert entity_keys(text) == expected
+
+
+def test_entities_in_compatibility_forms_meet_their_plain_keys() -> None:
+    """Full-width digits and letters: the same keys as the plain text (NFKC first)."""
+    wide = full_width("We saw Caroline and Jon on 8 May, 2023")
+    assert (
+        entity_keys(wide) == entity_keys("We saw Caroline and Jon on 8 May, 2023") == ["caroline", "jon", "2023-05-08"]
+    )
+    assert entity_keys("I ran \uff15\uff10 km on the \ufb01rst day.") == ["50 km"]
 
 
 def test_entities_carry_kind_and_surface_form() -> None:

@@ -249,6 +249,33 @@ def test_migration_0008_moves_heat_to_its_own_table_and_back(pg_server: PgServer
         drop_database(pg_server.admin_url, name)
 
 
+_LIGATURE_MEMORY = """
+INSERT INTO memories (id, tenant_id, cube_id, kind, state, version, content, created_by)
+SELECT gen_random_uuid(), c.tenant_id, c.id, 'plaintext', 'active', 1, 'the \ufb01nancial audit', c.owner_agent_id FROM c
+"""
+
+
+def test_migration_0013_indexes_the_nfkc_form_of_memories_already_written(pg_server: PgServer) -> None:
+    name = fresh_database(pg_server, "nfkc0013")
+    url = pg_server.url(name)
+    found = "SELECT count(*) FROM memories WHERE tsv @@ to_tsquery('english', 'financial')"
+    try:
+        migrations.downgrade(url, "0012")
+        with psycopg.connect(url) as conn:
+            conn.execute(_ONE_CUBE.split("INSERT INTO memories")[0] + _LIGATURE_MEMORY)
+            assert conn.execute(found).fetchone() == (0,)  # the ligature was its own word
+        migrations.upgrade(url)
+        with psycopg.connect(url) as conn:
+            assert conn.execute(found).fetchone() == (1,)
+            index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_memories_tsv'").fetchone()
+        assert index is not None and "gin (tsv)" in index[0]
+        migrations.downgrade(url, "0012")
+        with psycopg.connect(url) as conn:
+            assert conn.execute(found).fetchone() == (0,)
+    finally:
+        drop_database(pg_server.admin_url, name)
+
+
 def test_a_heat_write_skips_a_memory_deleted_while_it_runs(pg_server: PgServer) -> None:
     """A memory whose deletion commits while the scheduler writes heat is skipped; the rest are written (the
     join's snapshot still saw the row, and the foreign key failed the whole write: found in review)."""

@@ -435,3 +435,72 @@ def test_only_the_kv_of_the_version_before_moves(
     assert versions == {old: 1, new: 3}
     stale = {a: client.get(f"/v1/activations/{a}", headers=bearer(key)).json()["stale"] for a in (old, new)}
     assert stale == {old: True, new: False}
+
+
+def test_nfkc_reembeds_text_in_compatibility_forms_that_the_same_model_embedded(
+    factory: Factory,
+    embedder: Embedder,
+    settings: Settings,
+    database_url: str,
+    env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Memories embedded as written before text was NFKC-normalized (a ligature from a PDF): ``--nfkc`` gives them
+    the vector their text embeds to now; memories already in NFKC form are left alone."""
+    from memos.admin.reembed import pending
+
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    ligature = factory.memory(tenant.admin_key, cube["id"], "The \ufb01nancial audit closes in March.")
+    plain = factory.memory(tenant.admin_key, cube["id"], "The budget was approved in April.")
+    stale = embedder.embed(["something else entirely"])[0]
+    with psycopg.connect(database_url) as conn:  # as a release before 2026-12-07 left it
+        conn.execute("UPDATE memories SET embedding = %s::vector WHERE id = %s", (str(stale.tolist()), ligature["id"]))
+    before = {m["id"]: _current(database_url, m["id"]) for m in (ligature, plain)}
+    monkeypatch.delenv("MEMOS_EMBED_MODEL")  # the bundled model, which embedded them
+    assert cli_main(["admin", "reembed", "--dry-run", "--cube", cube["id"]]) == 0
+    assert f"0 to re-embed with {embedder.name}" in capsys.readouterr().out
+    assert cli_main(["admin", "reembed", "--dry-run", "--nfkc", "--cube", cube["id"]]) == 0
+    assert f"1 to re-embed with {embedder.name}" in capsys.readouterr().out
+
+    async def run() -> tuple[dict[str, int], dict[str, int], Report]:
+        db = Database(settings)
+        await db.start()
+        try:
+            async with db.read() as conn:
+                without = await pending(conn, embedder.name, [uuid.UUID(cube["id"])])
+                with_nfkc = await pending(conn, embedder.name, [uuid.UUID(cube["id"])], nfkc=True)
+            return without, with_nfkc, await reembed(db, embedder, cube_ids=[uuid.UUID(cube["id"])], nfkc=True)
+        finally:
+            await db.stop()
+
+    without, with_nfkc, report = asyncio.run(run())
+    assert without == {} and with_nfkc == {embedder.name: 1}
+    assert report.reembedded == 1
+    version, model, vector, _ = _current(database_url, ligature["id"])
+    assert (version, model) == (before[ligature["id"]][0] + 1, embedder.name)
+    assert float(np.asarray(vector) @ embedder.embed(["The financial audit closes in March."])[0]) > 0.999
+    assert _current(database_url, plain["id"]) == before[plain["id"]]
+
+
+def test_nfkc_also_finds_what_is_embedded_from_the_metadata(
+    factory: Factory, embedder: Embedder, settings: Settings
+) -> None:
+    """A speaker, or a cached answer's query, in compatibility forms: the text embedded is not only the content."""
+    from memos.admin.reembed import pending
+
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    factory.memory(tenant.admin_key, cube["id"], "We met at noon.", metadata={"speaker": "\uff2a\uff4f"})  # full-width
+
+    async def count() -> dict[str, int]:
+        db = Database(settings)
+        await db.start()
+        try:
+            async with db.read() as conn:
+                return await pending(conn, embedder.name, [uuid.UUID(cube["id"])], nfkc=True)
+        finally:
+            await db.stop()
+
+    assert asyncio.run(count()) == {embedder.name: 1}

@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import psycopg
 import pytest
-from conftest import Factory, Tenant, bearer
+from conftest import Factory, Tenant, bearer, full_width
 from litestar.testing import TestClient
 from psycopg import sql
 
@@ -624,3 +624,27 @@ def test_a_memory_written_after_the_word_counts_were_cached_is_found_by_text(cli
         client, tenant.admin_key, query="tea coffee piano zanzibar", mode="text", k=50, cube_ids=[cube["id"]]
     )
     assert new["id"] in {r["memory"]["id"] for r in found["results"]}
+
+
+def test_text_search_matches_compatibility_forms_both_ways(client, factory: Factory) -> None:
+    """Ligatures, full-width letters and decomposed accents are the same words for full text (migration 0013):
+    before, "financial" never found the ligature form a PDF extraction writes."""
+    tenant = factory.tenant()
+    cube = factory.cube(tenant.admin_key)
+    key = tenant.admin_key
+    ligature = factory.memory(key, cube["id"], "The \ufb01nancial audit closes in March.")["id"]
+    wide = factory.memory(key, cube["id"], f"{full_width('ACME')} signed the warehouse lease.")["id"]
+    decomposed = factory.memory(key, cube["id"], "Cafe\u0301 Lumiere opens at nine.")["id"]
+    plain = factory.memory(key, cube["id"], "The finance committee approved the budget.")["id"]
+
+    def found(query: str) -> list[str]:
+        body = search(client, key, query=query, mode="text", k=5, cube_ids=[cube["id"]])
+        return [r["memory"]["id"] for r in body["results"]]
+
+    # One word each: any other word of a memory would find it alone.
+    assert found("financial") == [ligature]
+    assert found("acme") == [wide]
+    assert found("caf\u00e9") == [decomposed]  # composed in the query, decomposed in the memory
+    # And the query in those forms finds the plain text.
+    assert found("\ufb01nance") == [plain]
+    assert found(full_width("finance")) == [plain]

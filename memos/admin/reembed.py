@@ -13,6 +13,11 @@ hash, in the same transaction, or the cache would compare a new lookup's context
 vector. The KV activations built from a re-embedded memory stay
 current: their text did not change, so their source version moves with the memory's.
 
+With ``nfkc``, also the memories whose text or metadata is not in NFKC form, whatever model embedded them: before
+2026-12-07 (migration 0013) memos embedded text as written, and a ligature or a full-width letter made the
+tokenizer's pieces rare or unknown; the same text now embeds NFKC-normalized. Their stored text keeps its form,
+so each run with ``nfkc`` embeds them again (it needs a UTF8 database, as NFKC is checked in SQL).
+
 What stays: knn links (they were ranked within one model's space, so they still say "similar"), deleted
 memories (a restore copies the vector of the version it restores; re-run the tool after restoring old
 versions) and memories that have no embedding by design (derived ones, activations).
@@ -27,10 +32,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from memos.admin import require_cubes
+from memos.admin import AdminError, require_cubes
 from memos.embed.base import Embedder, Vectors, misfit
 from memos.errors import Conflict, Unavailable
 from memos.identity.principal import OPERATOR
@@ -63,10 +68,16 @@ class Report:
     batches: int = 0
 
 
-def _needs_it(model: str, cube_ids: Sequence[uuid.UUID] | None) -> list[Any]:
+# Postgres's SQL-standard predicate (UTF8 databases only); no parameter in it. Over the metadata too: what is
+# embedded may be the speaker, a cached answer's query or its context turns (jsonb's text keeps them as written).
+_NOT_NFKC = text("(coalesce(memories.content, '') || memories.metadata::text) IS NOT NFKC NORMALIZED")
+
+
+def _needs_it(model: str, cube_ids: Sequence[uuid.UUID] | None, nfkc: bool = False) -> list[Any]:
+    other_model = memories.c.embedding_model.is_distinct_from(model)
     conditions = [
         memories.c.embedding.is_not(None),
-        memories.c.embedding_model.is_distinct_from(model),
+        or_(other_model, _NOT_NFKC) if nfkc else other_model,
         memories.c.state != "deleted",
         memories.c.purged_at.is_(None),
     ]
@@ -75,13 +86,18 @@ def _needs_it(model: str, cube_ids: Sequence[uuid.UUID] | None) -> list[Any]:
     return conditions
 
 
-async def pending(conn: AsyncConnection, model: str, cube_ids: Sequence[uuid.UUID] | None = None) -> dict[str, int]:
-    """How many memories another model embedded, by that model (``--dry-run`` prints this). An unknown cube id
-    is AdminError, as in verify and kv: a mistyped ``--cube`` was answered "0 to re-embed"."""
+async def pending(
+    conn: AsyncConnection, model: str, cube_ids: Sequence[uuid.UUID] | None = None, *, nfkc: bool = False
+) -> dict[str, int]:
+    """How many memories another model embedded (with ``nfkc``, or whose text is not NFKC), by the model that
+    embedded them (``--dry-run`` prints this). An unknown cube id is AdminError, as in verify and kv: a mistyped
+    ``--cube`` was answered "0 to re-embed"."""
     await require_cubes(conn, cube_ids or ())
+    if nfkc and await conn.scalar(text("SELECT current_setting('server_encoding')")) != "UTF8":
+        raise AdminError("--nfkc needs a UTF8 database (Postgres checks NFKC only there)")
     rows = await conn.execute(
         select(memories.c.embedding_model, func.count())
-        .where(*_needs_it(model, cube_ids))
+        .where(*_needs_it(model, cube_ids, nfkc))
         .group_by(memories.c.embedding_model)
         .order_by(memories.c.embedding_model)
     )
@@ -95,22 +111,24 @@ async def reembed(
     cube_ids: Sequence[uuid.UUID] | None = None,
     batch: int = DEFAULT_BATCH,
     progress: Callable[[Report], None] | None = None,
+    nfkc: bool = False,
 ) -> Report:
-    """Re-embed, with ``embedder``, every live memory of ``cube_ids`` (all cubes if None) another model embedded."""
+    """Re-embed, with ``embedder``, every live memory of ``cube_ids`` (all cubes if None) another model embedded
+    (with ``nfkc``, also those whose text is not in NFKC form)."""
     if batch < 1:
         raise ValueError("batch must be >= 1")
     if (why := misfit(embedder, EMBEDDING_DIMS)) is not None:
         raise ValueError(why)
     report = Report(model=embedder.name)
     async with db.read() as conn:
-        report.pending = await pending(conn, embedder.name, cube_ids)
-    rows = await _again(report, functools.partial(_read, db, embedder.name, cube_ids, None, batch))
+        report.pending = await pending(conn, embedder.name, cube_ids, nfkc=nfkc)
+    rows = await _again(report, functools.partial(_read, db, embedder.name, cube_ids, nfkc, None, batch))
     embedding = asyncio.ensure_future(_embed(embedder, rows)) if rows else None
     try:
         while embedding is not None:
             ready = await embedding
             following = await _again(
-                report, functools.partial(_read, db, embedder.name, cube_ids, ready.rows[-1].id, batch)
+                report, functools.partial(_read, db, embedder.name, cube_ids, nfkc, ready.rows[-1].id, batch)
             )
             # The next batch embeds (in a worker thread) while this one is written: the two overlap.
             embedding = asyncio.ensure_future(_embed(embedder, following)) if following else None
@@ -143,9 +161,15 @@ async def _again(report: Report, step: Callable[[], Awaitable[T]]) -> T:
 
 
 async def _read(
-    db: Database, model: str, cube_ids: Sequence[uuid.UUID] | None, after: uuid.UUID | None, batch: int
+    db: Database,
+    model: str,
+    cube_ids: Sequence[uuid.UUID] | None,
+    nfkc: bool,
+    after: uuid.UUID | None,
+    batch: int,
 ) -> list[Row[Any]]:
-    """The next ``batch`` memories (by id, after ``after``) that another model embedded."""
+    """The next ``batch`` memories (by id, after ``after``) that another model embedded (or, with ``nfkc``,
+    whose text is not NFKC)."""
     query = (
         select(
             memories.c.id,
@@ -157,7 +181,7 @@ async def _read(
             memories.c.metadata,
             memories.c.embedding_model,
         )
-        .where(*_needs_it(model, cube_ids))
+        .where(*_needs_it(model, cube_ids, nfkc))
         .order_by(memories.c.id)
         .limit(batch)
     )

@@ -345,12 +345,14 @@ def _reembed(args: argparse.Namespace) -> int:
         async with _database() as db:
             if args.dry_run:
                 async with db.read() as conn:
-                    counts = await pending(conn, embedder.name, cube_ids)
+                    counts = await pending(conn, embedder.name, cube_ids, nfkc=args.nfkc)
                 for model, count in counts.items():
                     print(f"{count} memories embedded by {model}")
                 print(f"{sum(counts.values())} to re-embed with {embedder.name} (dry run: nothing written)")
                 return 0
-            report = await reembed(db, embedder, cube_ids=cube_ids, batch=args.batch_size, progress=progress)
+            report = await reembed(
+                db, embedder, cube_ids=cube_ids, batch=args.batch_size, progress=progress, nfkc=args.nfkc
+            )
         print(
             f"re-embedded {report.reembedded} memories with {report.model} "
             f"({report.contexts} cached-answer contexts); skipped {report.skipped} changed meanwhile"
@@ -834,6 +836,12 @@ def build_parser() -> argparse.ArgumentParser:
     reembed.add_argument("--cube", action="append", default=[], metavar="CUBE_ID", help="only this cube (repeatable)")
     reembed.add_argument("--batch-size", type=int, default=256, help="memories per transaction (default 256)")
     reembed.add_argument("--dry-run", action="store_true", help="count what needs it, by model; write nothing")
+    reembed.add_argument(
+        "--nfkc",
+        action="store_true",
+        help="also memories whose text is not in NFKC form (ligatures, full-width letters), embedded as written "
+        "before 2026-12-07; they are embedded again on every run with this flag",
+    )
     reembed.set_defaults(func=_reembed)
     export = admin_sub.add_parser("export", help="write a cube, with its history, links and cache, to a bundle file")
     export.add_argument("--cube", required=True, metavar="CUBE_ID", help="the cube to export")

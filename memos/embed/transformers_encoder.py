@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -346,8 +347,11 @@ class TransformersEncoder:
             return None
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        # NFKC first: BERT's tokenizer lowercases and strips accents but keeps compatibility forms, so a
+        # ligature from a PDF ("fi" as U+FB01) or a full-width letter became a rare piece or [UNK] (cosine
+        # 0.76 between one sentence with and without ligatures). Text already in NFKC (most) is unchanged.
         encoded = self._tokenizer(
-            texts,
+            [unicodedata.normalize("NFKC", text) for text in texts],
             truncation=True,
             max_length=self._max_length,
             padding=False,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Container
 from enum import StrEnum
@@ -150,7 +151,9 @@ def extract_entities(text: str, *, known: Container[str] = frozenset()) -> list[
     holds), or it is a speaker label ("Caroline: ..."); elsewhere a capitalized run is a name unless
     it is only stopwords.
     """
-    text = text[:_MAX_TEXT]
+    # NFKC as search and the embedder read text: full-width digits and letters, ligatures (entities match
+    # whatever form a memory was written in). Offsets are the normalized text's.
+    text = unicodedata.normalize("NFKC", text[:_MAX_TEXT])
     found: dict[str, Entity] = {}
     taken = bytearray(len(text))  # characters already claimed by a date or number
 

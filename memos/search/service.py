@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import typing
+import unicodedata
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -186,7 +187,11 @@ class SearchService:
         lexemes, read in one round trip."""
         tenant_id, agent_id = principal.tenant_member()
         sql = statements.scope_and_lexemes(principal.is_admin, lexemes=req.mode != "vector")
-        row = (await conn.exec_driver_sql(sql, {"tenant": tenant_id, "agent": agent_id, "query": req.query})).one()
+        # NFKC as the indexed text is (migration 0013): "finance" finds it written with the U+FB01 ligature, "ABC"
+        # finds it in full-width letters.
+        # In Python, not SQL: Postgres's normalize() refuses to run on a database that is not UTF8.
+        query = unicodedata.normalize("NFKC", req.query)
+        row = (await conn.exec_driver_sql(sql, {"tenant": tenant_id, "agent": agent_id, "query": query})).one()
         readable_ids, lexemes = row.cubes, parse_lexemes(row.lexemes)
         allowed: list[uuid.UUID] = list(readable_ids or [])
         indexed: list[uuid.UUID] = list(row.indexed or [])

@@ -1,0 +1,54 @@
+"""Full text of Unicode-compatible forms: the indexed text is NFKC-normalized before it is parsed.
+
+Revision ID: 0013
+Revises: 0012
+Create Date: 2026-12-07
+
+Text pasted from PDFs carries ligatures ("ﬁnance" with U+FB01), phones and IMEs full-width letters and digits,
+macOS decomposed accents: Postgres parsed each as written, so "finance" never found "ﬁnance" and a decomposed
+"café" was another word than the composed one. The tsvector is now of ``normalize(..., NFKC)``; queries are
+normalized the same way before they are parsed (memos.search). ``normalize`` needs a UTF8 database: on any other
+encoding (which cannot hold those characters anyway) the column keeps its expression.
+
+The generated column is dropped and added again (``ALTER COLUMN ... SET EXPRESSION`` is Postgres 17+), so the
+upgrade rewrites ``memories`` and rebuilds its GIN index: seconds for 100k memories, under an exclusive lock.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision = "0013"
+down_revision = "0012"
+branch_labels = None
+depends_on = None
+
+_TEXT = "coalesce(metadata->>'speaker', '') || ' ' || coalesce(content, '') || ' ' || coalesce(metadata->>'time', '')"
+RAW = f"to_tsvector('english'::regconfig, {_TEXT})"
+NFKC = f"to_tsvector('english'::regconfig, normalize({_TEXT}, NFKC))"
+
+
+def _utf8() -> bool:
+    return op.get_bind().execute(sa.text("SELECT current_setting('server_encoding') = 'UTF8'")).scalar_one() is True
+
+
+def _set_tsv(expression: str) -> None:
+    op.drop_index("ix_memories_tsv", table_name="memories", postgresql_using="gin")
+    op.drop_column("memories", "tsv")
+    op.add_column(
+        "memories",
+        sa.Column("tsv", postgresql.TSVECTOR(), sa.Computed(expression, persisted=True), nullable=True),
+    )
+    op.create_index("ix_memories_tsv", "memories", ["tsv"], postgresql_using="gin")
+
+
+def upgrade() -> None:
+    if _utf8():
+        _set_tsv(NFKC)
+
+
+def downgrade() -> None:
+    if _utf8():
+        _set_tsv(RAW)
