@@ -19,8 +19,9 @@ from urllib.parse import unquote
 from memos.kv.spec import ModelSpec, parse_models
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-# What a browser sends in Origin: a scheme, a host and an optional port; nothing after them.
-_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+", re.IGNORECASE)
+# What a browser sends in Origin: a lowercase scheme, host and optional port; nothing after them. No "*" inside
+# (Litestar would read it as a wildcard: "https://*example.com" lets in evilexample.com), no user info.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#@*]+")
 
 
 def _default_lanes() -> int:
@@ -236,7 +237,8 @@ class Settings:
         if (v := raw("METRICS_PUBLIC")) is not None:
             values["metrics_public"] = _parse_bool("MEMOS_METRICS_PUBLIC", v)
         if (v := raw("CORS_ORIGINS")) is not None:
-            values["cors_origins"] = tuple(part.strip() for part in v.split(",") if part.strip())
+            # Lowercased: browsers send the scheme and host in lowercase, and origins are compared as strings.
+            values["cors_origins"] = tuple(part.strip().lower() for part in v.split(",") if part.strip())
 
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
@@ -311,7 +313,7 @@ class Settings:
             if not (origin == "*" or _ORIGIN.fullmatch(origin)):
                 raise SettingsError(
                     f"MEMOS_CORS_ORIGINS: {origin!r} is not an origin: write scheme://host[:port] "
-                    "(no path, no trailing slash), or *"
+                    "(no path, no trailing slash, no wildcard inside), or * alone"
                 )
         if self.operator_key is not None and len(self.operator_key) < OPERATOR_KEY_MIN:
             raise SettingsError(f"MEMOS_OPERATOR_KEY must be at least {OPERATOR_KEY_MIN} characters")

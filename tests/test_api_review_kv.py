@@ -187,7 +187,12 @@ def test_openapi_declares_every_status_these_operations_answer(client: Client) -
         "ETag",
     }
     assert kv["headers"]["X-Memos-Repaired"]["required"] is False  # only after a repair
-    assert set(spec["paths"]["/v1/cache"]["post"]["responses"]["201"]["headers"]) == {"ETag"}
+    assert set(spec["paths"]["/v1/cache"]["post"]["responses"]["201"]["headers"]) == {"ETag", "Location"}
+    # Every 201 that makes one readable resource documents where it is read.
+    created = spec["paths"]["/v1/cubes/{cube_id}/memories"]["post"]["responses"]["201"]["headers"]
+    assert set(created) == {"ETag", "Location"}
+    assert set(spec["paths"]["/v1/cubes"]["post"]["responses"]["201"]["headers"]) == {"Location"}
+    assert "Location" in imported["responses"]["201"]["headers"]
     assert "409" in spec["paths"]["/v1/cache/feedback"]["post"]["responses"]
     models = spec["paths"]["/v1/models"]["get"]
     assert {p["name"] for p in models["parameters"]} >= {"limit", "cursor"}

@@ -73,9 +73,10 @@ def test_without_origins_there_are_no_cors_headers(client: TestClient[Litestar],
 
 
 def test_cors_origins_are_read_from_the_environment_and_checked() -> None:
-    s = Settings.from_env({"MEMOS_CORS_ORIGINS": f" {ORIGIN} , http://localhost:5173 ,"})
-    assert s.cors_origins == (ORIGIN, "http://localhost:5173")
+    s = Settings.from_env({"MEMOS_CORS_ORIGINS": f" {ORIGIN} , HTTP://LocalHost:5173 ,"})
+    assert s.cors_origins == (ORIGIN, "http://localhost:5173")  # browsers send them lowercase
     assert Settings.from_env({"MEMOS_CORS_ORIGINS": "*"}).cors_origins == ("*",)
-    for bad in (f"{ORIGIN}/", "app.example.com", f"{ORIGIN}/path", "https://"):
+    # A "*" inside is a wildcard to Litestar ("https://*example.com" matched evilexample.com): refused.
+    for bad in (f"{ORIGIN}/", "app.example.com", f"{ORIGIN}/path", "https://", "https://*example.com", "https://u@h"):
         with pytest.raises(SettingsError, match="MEMOS_CORS_ORIGINS"):
             Settings.from_env({"MEMOS_CORS_ORIGINS": bad})

@@ -276,6 +276,47 @@ def test_migration_0013_indexes_the_nfkc_form_of_memories_already_written(pg_ser
         drop_database(pg_server.admin_url, name)
 
 
+def test_a_database_that_is_not_utf8_keeps_text_as_written(pg_server: PgServer, embedder, tmp_path: Path) -> None:
+    """On LATIN1 Postgres's normalize() cannot run: migration 0013 leaves the full-text column as it was, and
+    search sends the query as written. Normalized, "\u00b5g" (the micro sign, in LATIN1) became the Greek mu,
+    which LATIN1 cannot hold: the search failed (found in review)."""
+    from memos.memories.service import _indexed_size
+
+    name = "t_latin1"
+    drop_database(pg_server.admin_url, name)
+    with psycopg.connect(libpq_url(pg_server.admin_url), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'")
+    ensure_database(pg_server.admin_url, name)  # the vector extension
+    url = pg_server.url(name)
+    try:
+        migrations.upgrade(url)
+        with psycopg.connect(url) as conn:
+            column = conn.execute(
+                "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a"
+                " ON a.attrelid = d.adrelid AND a.attnum = d.adnum WHERE a.attname = 'tsv'"
+            ).fetchone()
+            assert column is not None and "normalize" not in column[0]
+            # What the write path's size check runs: the column's own expression, not the UTF8 one.
+            conn.execute(_indexed_size(False), {"content": "50 \u00b5g", "metadata": "{}"})
+            with pytest.raises(psycopg.errors.SyntaxError, match="server encoding is UTF8"):
+                conn.execute(_indexed_size(True), {"content": "50 \u00b5g", "metadata": "{}"})
+        settings = Settings(database_url=url, data_dir=tmp_path, operator_key=OPERATOR_KEY)
+        with TestClient(create_app(settings, embedder_factory=lambda: embedder)) as client:
+            assert client.app.state.db.utf8 is False
+            r = client.post("/v1/tenants", json={"name": "latin"}, headers=bearer(OPERATOR_KEY))
+            key = r.json()["admin_key"]
+            cube = client.post("/v1/cubes", json={"name": "c"}, headers=bearer(key)).json()["id"]
+            body = {"kind": "plaintext", "content": "Take 50 \u00b5g of vitamin B12 daily."}
+            memory = client.post(f"/v1/cubes/{cube}/memories", json=body, headers=bearer(key)).json()
+            r = client.post(
+                "/v1/search", json={"query": "\u00b5g vitamin", "mode": "text", "cube_ids": [cube]}, headers=bearer(key)
+            )
+            assert r.status_code == 200, r.text
+            assert [x["memory"]["id"] for x in r.json()["results"]] == [memory["id"]]
+    finally:
+        drop_database(pg_server.admin_url, name)
+
+
 def test_a_heat_write_skips_a_memory_deleted_while_it_runs(pg_server: PgServer) -> None:
     """A memory whose deletion commits while the scheduler writes heat is skipped; the rest are written (the
     join's snapshot still saw the row, and the foreign key failed the whole write: found in review)."""

@@ -487,12 +487,14 @@ def test_nfkc_reembeds_text_in_compatibility_forms_that_the_same_model_embedded(
 def test_nfkc_also_finds_what_is_embedded_from_the_metadata(
     factory: Factory, embedder: Embedder, settings: Settings
 ) -> None:
-    """A speaker, or a cached answer's query, in compatibility forms: the text embedded is not only the content."""
+    """A speaker in compatibility forms: the text embedded is not only the content; other metadata is not."""
     from memos.admin.reembed import pending
 
     tenant = factory.tenant()
     cube = factory.cube(tenant.admin_key)
     factory.memory(tenant.admin_key, cube["id"], "We met at noon.", metadata={"speaker": "\uff2a\uff4f"})  # full-width
+    # An ellipsis (NFKC: three dots) in a field that is not embedded: not re-embedded on every run for it.
+    factory.memory(tenant.admin_key, cube["id"], "We left at one.", metadata={"note": "and then\u2026"})
 
     async def count() -> dict[str, int]:
         db = Database(settings)

@@ -13,7 +13,8 @@ hash, in the same transaction, or the cache would compare a new lookup's context
 vector. The KV activations built from a re-embedded memory stay
 current: their text did not change, so their source version moves with the memory's.
 
-With ``nfkc``, also the memories whose text or metadata is not in NFKC form, whatever model embedded them: before
+With ``nfkc``, also the memories whose embedded text (content and speaker; a cached answer's query and context)
+is not in NFKC form, whatever model embedded them: before
 2026-12-07 (migration 0013) memos embedded text as written, and a ligature or a full-width letter made the
 tokenizer's pieces rare or unknown; the same text now embeds NFKC-normalized. Their stored text keeps its form,
 so each run with ``nfkc`` embeds them again (it needs a UTF8 database, as NFKC is checked in SQL).
@@ -68,9 +69,17 @@ class Report:
     batches: int = 0
 
 
-# Postgres's SQL-standard predicate (UTF8 databases only); no parameter in it. Over the metadata too: what is
-# embedded may be the speaker, a cached answer's query or its context turns (jsonb's text keeps them as written).
-_NOT_NFKC = text("(coalesce(memories.content, '') || memories.metadata::text) IS NOT NFKC NORMALIZED")
+# Postgres's SQL-standard predicate (UTF8 databases only); no parameter in it. Over what is embedded
+# (memos.search.indexing.embedding_text, memos.semcache.context): the speaker and the content of a memory, the
+# query and context turns of a cached answer; not the rest of the metadata, or each run would embed again every
+# memory with an ellipsis in some unrelated field.
+_NOT_NFKC = text(
+    """CASE WHEN memories.kind = 'response'
+            THEN coalesce(memories.metadata->>'query', memories.content, '')
+                 || coalesce((memories.metadata->'context')::text, '')
+            ELSE coalesce(memories.metadata->>'speaker', '') || coalesce(memories.content, '')
+       END IS NOT NFKC NORMALIZED"""
+)
 
 
 def _needs_it(model: str, cube_ids: Sequence[uuid.UUID] | None, nfkc: bool = False) -> list[Any]:

@@ -151,9 +151,7 @@ def extract_entities(text: str, *, known: Container[str] = frozenset()) -> list[
     holds), or it is a speaker label ("Caroline: ..."); elsewhere a capitalized run is a name unless
     it is only stopwords.
     """
-    # NFKC as search and the embedder read text: full-width digits and letters, ligatures (entities match
-    # whatever form a memory was written in). Offsets are the normalized text's.
-    text = unicodedata.normalize("NFKC", text[:_MAX_TEXT])
+    text = text[:_MAX_TEXT]
     found: dict[str, Entity] = {}
     taken = bytearray(len(text))  # characters already claimed by a date or number
 
@@ -182,8 +180,14 @@ def extract_entities(text: str, *, known: Container[str] = frozenset()) -> list[
 
 
 def entity_keys(text: str, *, known: Container[str] = frozenset()) -> list[str]:
-    """The keys of :func:`extract_entities`, in order: the first ``MAX_KEYS``, what the graph takes."""
-    return [entity.key for entity in extract_entities(text, known=known)[:MAX_KEYS]]
+    """The keys of :func:`extract_entities`, in order: the first ``MAX_KEYS``, what the graph takes.
+
+    Of the NFKC form, as search and the embedder read text: full-width digits and letters meet their plain keys.
+    Here and not in :func:`extract_entities`, whose offsets and surface forms index the text it is given (the
+    semantic cache's guards read them against their own text).
+    """
+    normalized = unicodedata.normalize("NFKC", text[:_MAX_TEXT])
+    return [entity.key for entity in extract_entities(normalized, known=known)[:MAX_KEYS]]
 
 
 def _date_key(match: re.Match[str], form: str) -> str | None:

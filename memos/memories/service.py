@@ -41,6 +41,7 @@ from memos.store.models import (
     HEAT,
     MEMORY_ROW,
     TSV_EXPRESSION,
+    TSV_EXPRESSION_NOT_UTF8,
     activations,
     cache_entries,
     cube_grants,
@@ -156,9 +157,13 @@ def _provenance_json(p: schemas.Provenance) -> dict[str, Any]:
     return out
 
 
-# A constant of the schema put in; every value is a bound parameter.
-_INDEXED_SIZE = f"SELECT length({TSV_EXPRESSION}) FROM (SELECT CAST(%(content)s AS text) AS content, CAST(%(metadata)s AS jsonb) AS metadata) AS m"  # noqa: S608, E501
-"""The full-text vector a memory's row would get (the generated column's own expression), for one memory."""
+def _indexed_size(utf8: bool) -> str:
+    """The full-text vector a memory's row would get (the generated column's own expression), for one memory.
+
+    A constant of the schema put in; every value is a bound parameter."""
+    expression = TSV_EXPRESSION if utf8 else TSV_EXPRESSION_NOT_UTF8
+    values = "SELECT CAST(%(content)s AS text) AS content, CAST(%(metadata)s AS jsonb) AS metadata"
+    return f"SELECT length({expression}) FROM ({values}) AS m"  # noqa: S608
 
 
 def _indexed_metadata(metadata: dict[str, Any], key: str) -> str:
@@ -405,7 +410,9 @@ class MemoryService:
         async with self.db.read() as conn:
             for where, content, meta in sorted(texts, key=size, reverse=True):
                 try:
-                    await conn.exec_driver_sql(_INDEXED_SIZE, {"content": content, "metadata": json.dumps(meta)})
+                    await conn.exec_driver_sql(
+                        _indexed_size(self.db.utf8), {"content": content, "metadata": json.dumps(meta)}
+                    )
                 except DBAPIError as exc:
                     if (reason := past_a_limit(exc.orig)) is None:
                         raise

@@ -188,9 +188,8 @@ class SearchService:
         tenant_id, agent_id = principal.tenant_member()
         sql = statements.scope_and_lexemes(principal.is_admin, lexemes=req.mode != "vector")
         # NFKC as the indexed text is (migration 0013): "finance" finds it written with the U+FB01 ligature, "ABC"
-        # finds it in full-width letters.
-        # In Python, not SQL: Postgres's normalize() refuses to run on a database that is not UTF8.
-        query = unicodedata.normalize("NFKC", req.query)
+        # finds it in full-width letters. Not on a database that is not UTF8, whose column is of the text as written.
+        query = unicodedata.normalize("NFKC", req.query) if self.db.utf8 else req.query
         row = (await conn.exec_driver_sql(sql, {"tenant": tenant_id, "agent": agent_id, "query": query})).one()
         readable_ids, lexemes = row.cubes, parse_lexemes(row.lexemes)
         allowed: list[uuid.UUID] = list(readable_ids or [])

@@ -120,6 +120,8 @@ class Database:
         self._embedded: EmbeddedPostgres | None = None
         self._engine: AsyncEngine | None = None
         self.head = migrations.head_revision()
+        self.utf8 = True
+        """Whether the server encoding is UTF8 (read at start): text is matched in NFKC form only there."""
 
     @property
     def engine(self) -> AsyncEngine:
@@ -151,6 +153,8 @@ class Database:
                     "run `memos admin migrate` first"
                 )
         self._engine = create_engine(self.url, self.settings.db_pool_size)
+        async with self.read() as conn:
+            self.utf8 = await conn.scalar(text("SELECT current_setting('server_encoding') = 'UTF8'")) is True
 
     def _upgrade_if_needed(self, url: str) -> None:
         if migrations.current_revision(url) != self.head:

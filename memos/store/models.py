@@ -35,10 +35,13 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TSVECTOR, UUID
 EMBEDDING_DIMS = 384
 """Width of the ``embedding`` columns (all-MiniLM-L6-v2, the default embedder)."""
 
-TSV_EXPRESSION = (
-    "to_tsvector('english'::regconfig, normalize(coalesce(metadata->>'speaker', '') || ' ' || coalesce(content, '') "
-    "|| ' ' || coalesce(metadata->>'time', ''), NFKC))"
+_TSV_TEXT = (
+    "coalesce(metadata->>'speaker', '') || ' ' || coalesce(content, '') || ' ' || coalesce(metadata->>'time', '')"
 )
+TSV_EXPRESSION = f"to_tsvector('english'::regconfig, normalize({_TSV_TEXT}, NFKC))"
+"""The generated full-text vector's expression (migration 0013), on a UTF8 database."""
+TSV_EXPRESSION_NOT_UTF8 = f"to_tsvector('english'::regconfig, {_TSV_TEXT})"
+"""Its expression on any other encoding, where ``normalize()`` cannot run (migration 0013 leaves it as 0002 made it)."""
 
 metadata = MetaData(
     naming_convention={

@@ -8,10 +8,12 @@ Text pasted from PDFs carries ligatures ("ﬁnance" with U+FB01), phones and IME
 macOS decomposed accents: Postgres parsed each as written, so "finance" never found "ﬁnance" and a decomposed
 "café" was another word than the composed one. The tsvector is now of ``normalize(..., NFKC)``; queries are
 normalized the same way before they are parsed (memos.search). ``normalize`` needs a UTF8 database: on any other
-encoding (which cannot hold those characters anyway) the column keeps its expression.
+encoding the column keeps its expression, and memos sends queries as written there (``Database.utf8``).
 
-The generated column is dropped and added again (``ALTER COLUMN ... SET EXPRESSION`` is Postgres 17+), so the
-upgrade rewrites ``memories`` and rebuilds its GIN index: seconds for 100k memories, under an exclusive lock.
+The generated column is dropped and added again (``ALTER COLUMN ... SET EXPRESSION``, Postgres 17+, rewrites the
+table too): the upgrade rewrites ``memories`` and so rebuilds every index on it, the HNSW index included, under an
+exclusive lock (docs/architecture.md gives the time it took at 100k memories). ``maintenance_work_mem`` is raised
+for it, as an HNSW build that outgrows it slows down many times over.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def _utf8() -> bool:
 
 
 def _set_tsv(expression: str) -> None:
+    op.execute("SET LOCAL maintenance_work_mem = '512MB'")
     op.drop_index("ix_memories_tsv", table_name="memories", postgresql_using="gin")
     op.drop_column("memories", "tsv")
     op.add_column(
@@ -42,6 +45,7 @@ def _set_tsv(expression: str) -> None:
         sa.Column("tsv", postgresql.TSVECTOR(), sa.Computed(expression, persisted=True), nullable=True),
     )
     op.create_index("ix_memories_tsv", "memories", ["tsv"], postgresql_using="gin")
+    op.execute("ANALYZE memories")  # the new column has no statistics until autovacuum comes by
 
 
 def upgrade() -> None:
