@@ -56,13 +56,19 @@ def memory_response(memory: M, status_code: int = 200) -> Response[M]:
     return Response(memory, status_code=status_code, headers=headers)
 
 
-def parse_if_match(header: str | None) -> int | None:
-    """The version an ``If-Match`` header names; None when absent or ``*``."""
+def parse_if_match(header: str | None) -> frozenset[int] | None:
+    """The versions an ``If-Match`` header names (any of them matches: RFC 9110 13.1.1); None when absent or ``*``."""
     if header is None:
         return None
     value = header.strip()
     if value == "*":
         return None
+    # A list ("3", "4"): a client that read the memory twice, or holds several copies. An ETag of this server
+    # is digits, so a comma only ever separates tags. "*" is a whole header, never an item of a list.
+    return frozenset(_version(item.strip()) for item in value.split(","))
+
+
+def _version(value: str) -> int:
     # The forms api.md lists are "3", W/"3" and a bare 3: quotes come in a pair (strip('"') took the
     # unbalanced '"1' for version 1), and a weak ETag is always quoted.
     weak = value.startswith("W/")

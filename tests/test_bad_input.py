@@ -295,6 +295,18 @@ def test_if_match_in_a_form_the_docs_do_not_list_is_412_and_changes_nothing(
     for if_match in ('"1"', 'W/"2"', "3"):
         r = client.patch(f"/v1/memories/{m['id']}", json={"content": if_match}, headers={**key, "If-Match": if_match})
         assert r.status_code == 200, r.text
+    # A list, any of whose tags matches (RFC 9110 13.1.1): it was a 412 whatever it held. A bad item in it, or a
+    # "*" among tags, is still a 412, and so is a list none of whose tags is the current version.
+    for bad in ('"4", "1', '"4", *', '"4",'):
+        problem(client.patch(f"/v1/memories/{m['id']}", json={"content": "x"}, headers={**key, "If-Match": bad}), 412)
+    r = client.patch(f"/v1/memories/{m['id']}", json={"content": "x"}, headers={**key, "If-Match": '"1", "2"'})
+    assert problem(r, 412)["extra"]["current_version"] == 4
+    assert "versions 1, 2, the memory is at version 4" in r.json()["detail"]
+    for if_match in ('"3", "4"', '"5" , W/"9"'):
+        r = client.patch(f"/v1/memories/{m['id']}", json={"content": if_match}, headers={**key, "If-Match": if_match})
+        assert r.status_code == 200, r.text
+    r = client.delete(f"/v1/memories/{m['id']}", headers={**key, "If-Match": '"1", "6"'})
+    assert r.status_code == 204, r.text
 
 
 @pytest.mark.parametrize("keys", [["x"], [-5], [0], [1.5], [True], [2**70], [None]])

@@ -676,7 +676,7 @@ class MemoryService:
     # ------------------------------------------------------------------ change
 
     async def update(
-        self, principal: Principal, memory_id: uuid.UUID, patch: schemas.MemoryPatch, if_match: int | None
+        self, principal: Principal, memory_id: uuid.UUID, patch: schemas.MemoryPatch, if_match: frozenset[int] | None
     ) -> schemas.Memory:
         """A new version with the sent fields changed; none if nothing changes. Stale ``if_match`` is 412.
 
@@ -778,7 +778,7 @@ class MemoryService:
         return to_dto(row)
 
     async def delete(
-        self, principal: Principal, memory_id: uuid.UUID, if_match: int | None, purge: bool = False
+        self, principal: Principal, memory_id: uuid.UUID, if_match: frozenset[int] | None, purge: bool = False
     ) -> None:
         """Soft delete (a ``delete`` version; history kept), or purge: erase the content of every version."""
         if purge and not principal.is_admin:
@@ -826,7 +826,7 @@ class MemoryService:
             await self.release_blobs(blob_keys)
 
     async def restore(
-        self, principal: Principal, memory_id: uuid.UUID, version: int, if_match: int | None
+        self, principal: Principal, memory_id: uuid.UUID, version: int, if_match: frozenset[int] | None
     ) -> schemas.Memory:
         """A new version whose content, metadata, tags and provenance equal version ``version``; state active."""
         async with self.db.transaction() as conn:
@@ -1082,10 +1082,12 @@ async def _drop_activations(conn: AsyncConnection, memory_id: uuid.UUID) -> tupl
     return ids, sorted({r.sha256 for r in rows})
 
 
-def _check_match(current_version: int, if_match: int | None) -> None:
-    if if_match is not None and if_match != current_version:
+def _check_match(current_version: int, if_match: frozenset[int] | None) -> None:
+    if if_match is not None and current_version not in if_match:
+        named = ", ".join(str(v) for v in sorted(if_match))
         raise PreconditionFailed(
-            f"If-Match names version {if_match}, the memory is at version {current_version}",
+            f"If-Match names version{'s' if len(if_match) > 1 else ''} {named}, the memory is at version "
+            f"{current_version}",
             extra={"current_version": current_version},
         )
 
