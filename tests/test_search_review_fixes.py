@@ -325,7 +325,9 @@ def test_a_link_to_a_memory_made_active_again_at_the_same_time_reaches_the_graph
 
             async def revive() -> Any:
                 if how == "patch":
-                    return await service.update(principal, target_id, memory_schemas.MemoryPatch(state="active"), 2)
+                    return await service.update(
+                        principal, target_id, memory_schemas.MemoryPatch(state="active"), frozenset({2})
+                    )
                 return await service.restore(principal, target_id, 1, None)
 
             async def link() -> Any:
