@@ -190,6 +190,8 @@ def _on_integrity(_: Request[Any, Any, Any], exc: IntegrityError) -> Response[by
 
 
 def _on_data_error(_: Request[Any, Any, Any], exc: DataError) -> Response[bytes]:
+    if getattr(exc.orig, "sqlstate", None) == "22P05":  # untranslatable character: a database not in UTF8
+        return _problem_response(Invalid("the text holds a character this database's encoding cannot store"))
     log.warning("unmapped data error", extra={"error": str(exc.orig)})
     return _problem_response(Invalid("a value is out of the range the database accepts"))
 

@@ -313,6 +313,10 @@ def test_a_database_that_is_not_utf8_keeps_text_as_written(pg_server: PgServer, 
             )
             assert r.status_code == 200, r.text
             assert [x["memory"]["id"] for x in r.json()["results"]] == [memory["id"]]
+            # A character LATIN1 cannot hold: the caller's 422, not a driver's UnicodeEncodeError (a 500 before).
+            emoji = {"kind": "plaintext", "content": "Booked \U0001f642"}
+            r = client.post(f"/v1/cubes/{cube}/memories", json=emoji, headers=bearer(key))
+            assert r.status_code == 422 and "encoding cannot store" in r.json()["detail"], r.text
     finally:
         drop_database(pg_server.admin_url, name)
 

@@ -56,6 +56,10 @@ def create_engine(url: str, pool_size: int) -> AsyncEngine:
             # scanning until enough rows pass the filters (pgvector >= 0.8): every memos query that uses the
             # index wants that, and a search with the default ef_search then needs no transaction for SET LOCAL.
             "options": "-c TimeZone=UTC -c hnsw.iterative_scan=relaxed_order",
+            # Text goes to the server as UTF8 whatever the database's encoding: on a LATIN1 database a character it
+            # cannot hold (an emoji) was a UnicodeEncodeError in the driver, a 500; the server refuses it instead
+            # (SQLSTATE 22P05), which is the caller's 422. A no-op on a UTF8 database.
+            "client_encoding": "utf8",
         },
     )
     _check_liveness_on_checkout(engine)
