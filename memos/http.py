@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Protocol, TypeVar
+from typing import Annotated, TypeVar
 
 from litestar import Response
 from litestar.params import HeaderParameter, QueryParameter
 
 from memos.errors import NotFound, PreconditionFailed
+from memos.memories.schemas import Memory
 from memos.pagination import DEFAULT_LIMIT, MAX_LIMIT
 
 Limit = Annotated[int, QueryParameter(ge=1, le=MAX_LIMIT, description=f"page size (default {DEFAULT_LIMIT})")]
@@ -32,14 +33,6 @@ def etag(version: int) -> str:
     return f'"{version}"'
 
 
-class _Versioned(Protocol):
-    @property
-    def id(self) -> uuid.UUID: ...
-    @property
-    def version(self) -> int: ...
-
-
-M = TypeVar("M", bound=_Versioned)
 T = TypeVar("T")
 
 
@@ -48,7 +41,7 @@ def created(body: T, location: str, headers: dict[str, str] | None = None) -> Re
     return Response(body, status_code=201, headers={**(headers or {}), "Location": location})
 
 
-def memory_response(memory: M, status_code: int = 200) -> Response[M]:
+def memory_response(memory: Memory, status_code: int = 200) -> Response[Memory]:
     """A memory with its ``ETag``; a created one (201) also says where it is read: ``/v1/memories/{id}``."""
     headers = {"ETag": etag(memory.version)}
     if status_code == 201:

@@ -468,9 +468,8 @@ def test_nfkc_reembeds_text_in_compatibility_forms_that_the_same_model_embedded(
         db = Database(settings)
         await db.start()
         try:
-            async with db.read() as conn:
-                without = await pending(conn, embedder.name, [uuid.UUID(cube["id"])])
-                with_nfkc = await pending(conn, embedder.name, [uuid.UUID(cube["id"])], nfkc=True)
+            without = await pending(db, embedder.name, [uuid.UUID(cube["id"])])
+            with_nfkc = await pending(db, embedder.name, [uuid.UUID(cube["id"])], nfkc=True)
             return without, with_nfkc, await reembed(db, embedder, cube_ids=[uuid.UUID(cube["id"])], nfkc=True)
         finally:
             await db.stop()
@@ -500,8 +499,7 @@ def test_nfkc_also_finds_what_is_embedded_from_the_metadata(
         db = Database(settings)
         await db.start()
         try:
-            async with db.read() as conn:
-                return await pending(conn, embedder.name, [uuid.UUID(cube["id"])], nfkc=True)
+            return await pending(db, embedder.name, [uuid.UUID(cube["id"])], nfkc=True)
         finally:
             await db.stop()
 

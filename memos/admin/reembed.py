@@ -96,21 +96,22 @@ def _needs_it(model: str, cube_ids: Sequence[uuid.UUID] | None, nfkc: bool = Fal
 
 
 async def pending(
-    conn: AsyncConnection, model: str, cube_ids: Sequence[uuid.UUID] | None = None, *, nfkc: bool = False
+    db: Database, model: str, cube_ids: Sequence[uuid.UUID] | None = None, *, nfkc: bool = False
 ) -> dict[str, int]:
     """How many memories another model embedded (with ``nfkc``, or whose text is not NFKC), by the model that
     embedded them (``--dry-run`` prints this). An unknown cube id is AdminError, as in verify and kv: a mistyped
     ``--cube`` was answered "0 to re-embed"."""
-    await require_cubes(conn, cube_ids or ())
-    if nfkc and await conn.scalar(text("SELECT current_setting('server_encoding')")) != "UTF8":
+    if nfkc and not db.utf8:
         raise AdminError("--nfkc needs a UTF8 database (Postgres checks NFKC only there)")
-    rows = await conn.execute(
-        select(memories.c.embedding_model, func.count())
-        .where(*_needs_it(model, cube_ids, nfkc))
-        .group_by(memories.c.embedding_model)
-        .order_by(memories.c.embedding_model)
-    )
-    return {str(name): int(count) for name, count in rows}
+    async with db.read() as conn:
+        await require_cubes(conn, cube_ids or ())
+        rows = await conn.execute(
+            select(memories.c.embedding_model, func.count())
+            .where(*_needs_it(model, cube_ids, nfkc))
+            .group_by(memories.c.embedding_model)
+            .order_by(memories.c.embedding_model)
+        )
+        return {str(name): int(count) for name, count in rows}
 
 
 async def reembed(
@@ -129,8 +130,7 @@ async def reembed(
     if (why := misfit(embedder, EMBEDDING_DIMS)) is not None:
         raise ValueError(why)
     report = Report(model=embedder.name)
-    async with db.read() as conn:
-        report.pending = await pending(conn, embedder.name, cube_ids, nfkc=nfkc)
+    report.pending = await pending(db, embedder.name, cube_ids, nfkc=nfkc)
     rows = await _again(report, functools.partial(_read, db, embedder.name, cube_ids, nfkc, None, batch))
     embedding = asyncio.ensure_future(_embed(embedder, rows)) if rows else None
     try:

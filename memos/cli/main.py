@@ -344,8 +344,7 @@ def _reembed(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _database() as db:
             if args.dry_run:
-                async with db.read() as conn:
-                    counts = await pending(conn, embedder.name, cube_ids, nfkc=args.nfkc)
+                counts = await pending(db, embedder.name, cube_ids, nfkc=args.nfkc)
                 for model, count in counts.items():
                     print(f"{count} memories embedded by {model}")
                 print(f"{sum(counts.values())} to re-embed with {embedder.name} (dry run: nothing written)")
