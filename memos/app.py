@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import re
@@ -47,6 +48,7 @@ from memos.errors import (
 )
 from memos.identity.auth import require_api_key, require_operator_key
 from memos.identity.controller import IdentityController
+from memos.identity.keycache import CHANNEL, KeyCache, KeyListener
 from memos.identity.ratelimit import RateLimiter
 from memos.identity.service import IdentityService, load_operator_key
 from memos.memories.controller import MemoryController
@@ -369,7 +371,12 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             )
             app.state.db = db
             app.state.embed_worker = worker
-            app.state.identity = IdentityService(db, await asyncio.to_thread(load_operator_key, settings))
+            keys = KeyCache(settings.auth_cache_seconds)
+            app.state.identity = IdentityService(db, await asyncio.to_thread(load_operator_key, settings), keys)
+            if settings.auth_cache_seconds > 0:
+                key_listener = KeyListener(db.conninfo, keys, functools.partial(db.notify, CHANNEL))
+                key_listener.start()
+                app.state.key_listener = key_listener
             app.state.cubes = CubeService(db, graphs, listeners=[indexes])
             search = SearchService(db, embedding, graphs, settings.search_pool, settings.graph_wait_seconds)
             memory_service = MemoryService(db, embedding, graphs, listeners=[indexes])
@@ -410,6 +417,8 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
                 )
             yield
         finally:
+            if (listener := getattr(app.state, "key_listener", None)) is not None:
+                await listener.close()
             if (scheduler_service := getattr(app.state, "scheduler", None)) is not None:
                 await scheduler_service.close()
             if (semcache_service := getattr(app.state, "semcache", None)) is not None:

@@ -95,7 +95,7 @@ class ServiceCollector(Collector):
         self.state = state
 
     def collect(self) -> Iterator[Metric]:
-        for part in (self._embedder, self._database, self._kv, self._scheduler, self._memory_structures):
+        for part in (self._embedder, self._database, self._keys, self._kv, self._scheduler, self._memory_structures):
             try:
                 yield from list(part())
             except Exception as exc:  # one part failing (starting, stopping) must not fail the whole scrape
@@ -125,6 +125,22 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily(
             "memos_db_pool_max_connections", "The most connections the pool opens when busy.", value=limit
         )
+
+    def _keys(self) -> Iterator[Metric]:
+        identity = getattr(self.state, "identity", None)
+        if identity is None:
+            return
+        keys = identity.keys
+        yield GaugeMetricFamily(
+            "memos_auth_cache_live", "1 while checked API keys may be reused (revocations are heard).", value=keys.live
+        )
+        yield GaugeMetricFamily("memos_auth_cache_keys", "API keys this process remembers.", value=keys.size)
+        lookups = CounterMetricFamily(
+            "memos_auth_cache_lookups", "API key checks, by whether the cache answered.", labels=["outcome"]
+        )
+        lookups.add_metric(["hit"], keys.stats.hits)
+        lookups.add_metric(["miss"], keys.stats.misses)
+        yield lookups
 
     def _kv(self) -> Iterator[Metric]:
         activations = getattr(self.state, "activations", None)

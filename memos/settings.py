@@ -150,6 +150,11 @@ class Settings:
     rate_limit_burst: int | None = None
     """Requests a key may send at once before ``rate_limit`` applies. Unset: twice the rate (at least 1)."""
 
+    auth_cache_seconds: float = 60.0
+    """How long this process may use an API key it checked without asking the database again; a revoked key stops
+    working at once all the same (the database notifies every process, ``identity/keycache.py``), and where
+    notifications do not arrive the cache stays off. 0: every request looks its key up."""
+
     @property
     def rate_limit_bucket(self) -> int:
         """The bucket size in force."""
@@ -206,6 +211,8 @@ class Settings:
             values["rate_limit"] = _parse_float("MEMOS_RATE_LIMIT", v)
         if (v := raw("RATE_LIMIT_BURST")) is not None:
             values["rate_limit_burst"] = _parse_int("MEMOS_RATE_LIMIT_BURST", v)
+        if (v := raw("AUTH_CACHE_SECONDS")) is not None:
+            values["auth_cache_seconds"] = _parse_float("MEMOS_AUTH_CACHE_SECONDS", v)
 
         if (v := raw("CACHE_INDEXES")) is not None:
             values["cache_indexes"] = _parse_int("MEMOS_CACHE_INDEXES", v)
@@ -269,6 +276,8 @@ class Settings:
             raise SettingsError(f"MEMOS_GRAPH_WAIT_SECONDS must be between 0 and 3600, got {self.graph_wait_seconds}")
         if not 0 <= self.graph_sync_seconds <= 3600:
             raise SettingsError(f"MEMOS_GRAPH_SYNC_SECONDS must be between 0 and 3600, got {self.graph_sync_seconds}")
+        if not 0 <= self.auth_cache_seconds <= 3600:
+            raise SettingsError(f"MEMOS_AUTH_CACHE_SECONDS must be between 0 and 3600, got {self.auth_cache_seconds}")
         if self.cache_indexes < 1:
             raise SettingsError(f"MEMOS_CACHE_INDEXES must be at least 1, got {self.cache_indexes}")
         if self.cache_query_lru < 0:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,16 @@ def client(app: Litestar) -> Iterator[TestClient[Litestar]]:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def soon(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    """Whether ``condition()`` turns true within ``seconds`` (what another session or a background task does)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def full_width(text: str) -> str:

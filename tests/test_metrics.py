@@ -77,6 +77,7 @@ def test_the_services_figures_are_read_at_scrape_time(client: TestClient[Litesta
     assert value(figures, "memos_kv_lookups_total") >= 0 and "memos_kv_hits" in figures
     assert "memos_scheduler_passes" in figures and "memos_scheduler_queued_memories" in figures
     assert "memos_graph_cubes" in figures and "memos_cache_index_entries" in figures
+    assert {"memos_auth_cache_live", "memos_auth_cache_keys", "memos_auth_cache_lookups"} <= set(figures)
     assert value(figures, "process_cpu_seconds_total") > 0  # the process collectors are there
     assert "_created" not in figures["text"]  # no creation-time sample beside every series
 

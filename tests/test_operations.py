@@ -447,6 +447,9 @@ async def test_external_database_with_old_schema_refuses_to_start(pg_server: PgS
         ({"MEMOS_EMBED_LANES": "0"}, "MEMOS_EMBED_LANES"),
         ({"MEMOS_EMBED_LANES": "two"}, "MEMOS_EMBED_LANES"),
         ({"MEMOS_METRICS_PUBLIC": "maybe"}, "MEMOS_METRICS_PUBLIC"),
+        ({"MEMOS_AUTH_CACHE_SECONDS": "-1"}, "MEMOS_AUTH_CACHE_SECONDS"),
+        ({"MEMOS_AUTH_CACHE_SECONDS": "3601"}, "MEMOS_AUTH_CACHE_SECONDS"),
+        ({"MEMOS_AUTH_CACHE_SECONDS": "a minute"}, "MEMOS_AUTH_CACHE_SECONDS"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:

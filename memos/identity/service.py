@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from memos.errors import Conflict, NotFound
 from memos.identity import schemas
+from memos.identity.keycache import KeyCache
 from memos.identity.keys import generate_key, hash_key, key_matches, key_prefix
 from memos.identity.principal import OPERATOR, Principal
 from memos.pagination import Page, decode_keyset, encode_keyset, list_tag
@@ -89,9 +90,11 @@ WHERE k.prefix = %(prefix)s AND k.revoked_at IS NULL
 
 
 class IdentityService:
-    def __init__(self, db: Database, operator_key: str) -> None:
+    def __init__(self, db: Database, operator_key: str, keys: KeyCache | None = None) -> None:
         self.db = db
         self._operator_hash = hash_key(operator_key)
+        self.keys = keys if keys is not None else KeyCache(0)
+        """Keys checked before (``keycache.py``); with no listener it is never live, so never used."""
 
     async def authenticate(self, token: str) -> Principal | None:
         """The principal a bearer token stands for, or None. Constant-time compares either way."""
@@ -100,11 +103,17 @@ class IdentityService:
         prefix = key_prefix(token)
         if prefix is None:
             return None
+        if (known := self.keys.get(prefix)) is not None:
+            stored_hash, principal = known
+            return principal if key_matches(token, stored_hash) else None
+        generation = self.keys.generation  # read before the lookup: a change heard meanwhile voids what it reads
         async with self.db.read() as conn:
             row = (await conn.exec_driver_sql(_KEY_LOOKUP, {"prefix": prefix})).first()
         if row is None or not key_matches(token, row.key_hash):
             return None
-        return Principal(role=row.role, agent_id=row.id, tenant_id=row.tenant_id, key_prefix=prefix)
+        principal = Principal(role=row.role, agent_id=row.id, tenant_id=row.tenant_id, key_prefix=prefix)
+        self.keys.put(prefix, row.key_hash, principal, generation)
+        return principal
 
     async def create_tenant(self, principal: Principal, body: schemas.TenantIn) -> schemas.TenantCreated:
         reject_nul(body.name, "name")  # else Postgres refuses it: a 422 that named no field
@@ -198,6 +207,9 @@ class IdentityService:
             if result.rowcount == 0:
                 raise NotFound("no such key")
             await record(conn, principal, "key.revoke", "api_key", prefix)
+        # Its notification reaches this process's listener a moment later: the caller's next request must not
+        # find the key still good here.
+        self.keys.forget(prefix)
 
 
 async def issue_key(conn: AsyncConnection, agent_id: uuid.UUID) -> str:

@@ -25,7 +25,7 @@ from memos.errors import BeyondDatabaseLimit, Conflict, Unavailable
 from memos.settings import Settings
 from memos.store import migrations
 from memos.store.embedded import EmbeddedPostgres
-from memos.store.urls import sqlalchemy_url
+from memos.store.urls import libpq_url, sqlalchemy_url
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,19 @@ class Database:
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
             self._embedded = None
+
+    @property
+    def conninfo(self) -> str:
+        """The server as a libpq URL, for a connection of its own outside the pool (a LISTEN)."""
+        assert self.url is not None, "Database.start() has not run"
+        return libpq_url(self.url)
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """Send a notification through the pool: listening sessions get it at once (a read commits each statement)."""
+        async with self.read() as conn:
+            await conn.exec_driver_sql(
+                "SELECT pg_notify(%(channel)s, %(payload)s)", {"channel": channel, "payload": payload}
+            )
 
     async def ready(self) -> bool:
         """True when the database answers and its schema is the one this code knows."""
