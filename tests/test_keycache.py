@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from conftest import Factory, bearer, soon
+from conftest import OPERATOR_KEY, Factory, bearer, soon
 from litestar import Litestar
 from litestar.testing import TestClient
 from test_metrics import scrape, value
 
 from memos.identity.keycache import CHANNEL, KeyCache, KeyListener
-from memos.identity.principal import Principal
+from memos.identity.principal import OPERATOR, Principal
+from memos.identity.schemas import TenantIn
+from memos.identity.service import IdentityService
 from memos.settings import Settings
 from memos.store.db import Database
 
@@ -211,3 +214,29 @@ async def test_the_listener_comes_back_after_its_connection_is_lost(db: Database
         assert await eventually(lambda: cache.live)
     finally:
         await listener.close()
+
+
+async def test_a_lookup_crossed_by_a_change_does_not_keep_the_key(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lookup read the key as good, and a revocation was heard before it returned: what it read is not stored
+    (the generation is read before the lookup, not after)."""
+    cache = KeyCache(60)
+    cache.set_live(True)
+    service = IdentityService(db, OPERATOR_KEY, cache)
+    created = await service.create_tenant(OPERATOR, TenantIn(name=f"crossed-{uuid.uuid4().hex[:8]}"))
+    prefix = created.admin_key.split("_")[1]
+    lookup = db.read
+
+    @contextlib.asynccontextmanager
+    async def crossed() -> AsyncIterator[Any]:
+        async with lookup() as conn:
+            yield conn
+        cache.forget(prefix)  # the notification arrives while the lookup's answer is on its way back
+
+    monkeypatch.setattr(db, "read", crossed)
+    assert await service.authenticate(created.admin_key) is not None
+    assert cache.size == 0
+    monkeypatch.setattr(db, "read", lookup)
+    assert await service.authenticate(created.admin_key) is not None
+    assert cache.size == 1  # a lookup nothing crossed is kept
