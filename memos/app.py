@@ -48,7 +48,7 @@ from memos.errors import (
 )
 from memos.identity.auth import require_api_key, require_operator_key
 from memos.identity.controller import IdentityController
-from memos.identity.keycache import CHANNEL, KeyCache, KeyListener
+from memos.identity.keycache import KeyCache, KeyListener, probe
 from memos.identity.ratelimit import RateLimiter
 from memos.identity.service import IdentityService, load_operator_key
 from memos.memories.controller import MemoryController
@@ -374,7 +374,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
             keys = KeyCache(settings.auth_cache_seconds)
             app.state.identity = IdentityService(db, await asyncio.to_thread(load_operator_key, settings), keys)
             if settings.auth_cache_seconds > 0:
-                key_listener = KeyListener(db.conninfo, keys, functools.partial(db.notify, CHANNEL))
+                key_listener = KeyListener(db.conninfo, keys, functools.partial(probe, db))
                 key_listener.start()
                 app.state.key_listener = key_listener
             app.state.cubes = CubeService(db, graphs, listeners=[indexes])

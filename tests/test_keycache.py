@@ -18,7 +18,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from test_metrics import scrape, value
 
-from memos.identity.keycache import CHANNEL, KeyCache, KeyListener
+from memos.identity.keycache import KeyCache, KeyListener, probe
 from memos.identity.principal import OPERATOR, Principal
 from memos.identity.schemas import TenantIn
 from memos.identity.service import IdentityService
@@ -189,29 +189,91 @@ async def test_the_cache_stays_off_where_notifications_do_not_arrive(db: Databas
     listener = KeyListener(db.conninfo, cache, lost, probe_wait=0.2, retry=0.1)
     listener.start()
     try:
-        await asyncio.sleep(0.8)
+        assert await eventually(lambda: listener.connections >= 2)  # it listened, gave up on the probe, and again
         cache.put("a", b"h", principal(), cache.generation)
         assert not cache.live and cache.size == 0
     finally:
         await listener.close()
 
 
+async def notify(db: Database, *payloads: str) -> None:
+    """Notifications on the channel, sent in one transaction (delivered together when it commits)."""
+    async with db.transaction() as conn:
+        for payload in payloads:
+            await conn.exec_driver_sql("SELECT pg_notify('memos_auth', %(payload)s)", {"payload": payload})
+
+
+async def test_a_change_that_arrives_with_the_probe_is_acted_on(db: Database) -> None:
+    """psycopg hands out what one read brings one by one: leaving after the probe dropped a revocation behind it."""
+    cache = KeyCache(60)
+    cache.set_live(True)
+    listener = KeyListener(db.conninfo, cache, functools.partial(probe, db))
+    async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+        await conn.execute("LISTEN memos_auth")
+        cache.put("abc", b"h", principal(), cache.generation)
+        await notify(db, "probe:x", "abc")
+        assert await listener._hear(conn, 2.0, until="probe:x")
+        assert cache.get("abc") is None
+
+
+async def test_changes_are_heard_while_a_probe_waits_for_the_pool(db: Database) -> None:
+    """A probe waits for a pooled connection (up to the pool's timeout under load): meanwhile revocations must still
+    be heard, and a probe that does not come back in time turns the cache off."""
+    sent = 0
+
+    async def stuck_after_the_first(payload: str) -> None:
+        nonlocal sent
+        sent += 1
+        if sent > 1:
+            await asyncio.sleep(30)
+        await probe(db, payload)
+
+    cache = KeyCache(60)
+    listener = KeyListener(db.conninfo, cache, stuck_after_the_first, heartbeat=0.1, probe_wait=1.0, retry=5)
+    listener.start()
+    try:
+        assert await eventually(lambda: cache.live)
+        assert await eventually(lambda: sent == 2)
+        cache.put("abc", b"h", principal(), cache.generation)
+        await notify(db, "abc")
+        assert await eventually(lambda: cache.get("abc") is None, 0.5)
+        assert cache.live
+        assert await eventually(lambda: not cache.live, 2.0)
+    finally:
+        await listener.close()
+
+
+async def test_a_disabled_trigger_turns_every_cache_off(db: Database, database_url: str) -> None:
+    """With a trigger off (by hand, or a downgrade beside live servers) changes go unheard: the probe refuses."""
+    cache = KeyCache(60)
+    listener = KeyListener(db.conninfo, cache, functools.partial(probe, db), heartbeat=0.1, probe_wait=0.5, retry=0.1)
+    listener.start()
+    try:
+        assert await eventually(lambda: cache.live)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE agents DISABLE TRIGGER memos_agents_notify")
+            try:
+                assert await eventually(lambda: not cache.live, 3.0)
+            finally:
+                conn.execute("ALTER TABLE agents ENABLE TRIGGER memos_agents_notify")
+        assert await eventually(lambda: cache.live, 3.0)
+    finally:
+        await listener.close()
+
+
 async def test_the_listener_comes_back_after_its_connection_is_lost(db: Database) -> None:
     cache = KeyCache(60)
-    listener = KeyListener(db.conninfo, cache, functools.partial(db.notify, CHANNEL), heartbeat=0.2, retry=0.1)
+    listener = KeyListener(db.conninfo, cache, functools.partial(probe, db), heartbeat=0.2, retry=0.1)
     listener.start()
     try:
         assert await eventually(lambda: cache.live)
         cache.put("a", b"h", principal(), cache.generation)
         async with db.read() as conn:
-            ended = await conn.exec_driver_sql(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND query = %(listen)s",
-                {"listen": f"LISTEN {CHANNEL}"},
-            )
+            ended = await conn.exec_driver_sql("SELECT pg_terminate_backend(%(pid)s)", {"pid": listener.backend_pid})
             assert ended.scalar() is True
         assert await eventually(lambda: cache.size == 0)  # what it held may have changed unheard
         assert await eventually(lambda: cache.live)
+        assert listener.connections == 2
     finally:
         await listener.close()
 

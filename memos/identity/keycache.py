@@ -9,10 +9,12 @@ database's triggers (migration 0014) send the key's prefix on channel ``memos_au
 
 The cache is only used while notifications are known to arrive. The listener checks that end to end: it sends a
 probe notification through the service's own pool (as a revocation from another session would come) and waits
-for it, when it connects and every ``HEARTBEAT_S`` after. A probe that does not come back (a transaction-mode
-pooler such as pgbouncer delivers no notifications; a peer lost without a word) or a lost connection empties the
-cache and turns it off, and every request asks the database again until a probe comes back. The entries'
-``ttl`` bounds what a failure the probe cannot see could cost.
+for it, when it connects and every ``HEARTBEAT_S`` after; the probe's SQL function refuses while a trigger is
+missing or disabled. A probe that does not come back (a transaction-mode pooler such as pgbouncer delivers no
+notifications; a peer lost without a word; a trigger off) or a lost connection empties the cache and turns it
+off, and every request asks the database again until a probe comes back. The entries' ``ttl`` bounds what a
+failure the probe cannot see could cost (a session that writes with ``session_replication_role = replica``, as
+``pg_restore --disable-triggers`` does, fires no trigger).
 
 A lookup that started before a change and ends after it must not store what it read: each put carries the
 ``generation`` read before the lookup, and every notification (and every change of liveness) moves it on.
@@ -32,6 +34,7 @@ from collections.abc import Awaitable, Callable
 import psycopg
 
 from memos.identity.principal import Principal
+from memos.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,7 @@ class KeyCache:
             self.stats.misses += 1
             return None
         self.stats.hits += 1
+        self._entries.move_to_end(prefix)  # least recently used leave first when it is full
         return entry.key_hash, entry.principal
 
     def put(self, prefix: str, key_hash: bytes, principal: Principal, generation: int) -> None:
@@ -123,6 +127,13 @@ class KeyCache:
     def size(self) -> int:
         """Keys held (not ``__len__``: an empty cache would be falsy, and ``cache or default`` replaced it)."""
         return len(self._entries)
+
+
+async def probe(db: Database, payload: str) -> None:
+    """Send a probe through the service's pool, as a revocation from another session would come (migration 0014's
+    function: it refuses while a trigger that notifies changes is missing or disabled)."""
+    async with db.read() as conn:  # autocommit: delivered at once
+        await conn.exec_driver_sql("SELECT memos_auth_probe(%(payload)s)", {"payload": payload})
 
 
 class ProbeLost(Exception):
@@ -153,6 +164,10 @@ class KeyListener:
         self._retry = retry
         self._task: asyncio.Task[None] | None = None
         self._failed = False
+        self.backend_pid: int | None = None
+        """The listening session's server process while connected (``pg_stat_activity``)."""
+        self.connections = 0
+        """LISTENs made so far (one per connection)."""
 
     def start(self) -> None:
         if self._task is None:
@@ -169,9 +184,13 @@ class KeyListener:
     async def _run(self) -> None:
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, connect_timeout=5)
+                conn = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, connect_timeout=5, application_name="memos key listener"
+                )
                 async with conn:
                     await conn.execute(_LISTEN)
+                    self.backend_pid = conn.info.backend_pid
+                    self.connections += 1
                     await self._serve(conn)
             except Exception as exc:  # psycopg's, a lost probe, or the pool's own (the probe goes through it)
                 # At warning level the first time and once per outage, not at every retry while it lasts.
@@ -180,27 +199,48 @@ class KeyListener:
                 log.log(level, "API key listener failed: %s", exc, extra={"error": type(exc).__name__})
             finally:
                 self._cache.set_live(False)
+                self.backend_pid = None
             await asyncio.sleep(self._retry)
 
     async def _serve(self, conn: psycopg.AsyncConnection[object]) -> None:
         while True:
             token = PROBE + secrets.token_hex(8)
-            await self._probe(token)
-            if not await self._hear(conn, self._probe_wait, until=token):
-                raise ProbeLost(f"a notification sent did not come back within {self._probe_wait} s")
+            # Sent beside the listening, never before it: the probe may wait for a pooled connection (up to the
+            # pool's timeout under load), and revocations heard meanwhile must still be acted on at once.
+            sending: asyncio.Future[None] = asyncio.ensure_future(self._probe(token))
+            try:
+                came_back = await self._hear(conn, self._probe_wait, until=token)
+            finally:
+                failed = sending.exception() if sending.done() and not sending.cancelled() else None
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # its failure is the probe not coming back
+                    await sending
+            if not came_back:
+                why = (
+                    f"it failed: {failed}"
+                    if failed is not None
+                    else f"it did not come back within {self._probe_wait} s"
+                )
+                raise ProbeLost(f"a probe notification was sent and {why}")
             if not self._cache.live:
                 self._cache.set_live(True)
             await self._hear(conn, self._heartbeat)
 
     async def _hear(self, conn: psycopg.AsyncConnection[object], seconds: float, until: str | None = None) -> bool:
-        """Act on notifications for ``seconds``; True as soon as ``until`` arrives (if given)."""
+        """Act on notifications for ``seconds``; True once ``until`` arrived (if given), after the rest of its batch.
+
+        psycopg reads notifications in batches (all that one read of the socket brings) and hands them out one by one:
+        leaving its generator in the middle of one dropped the rest of it, a revocation committed just after a probe
+        among them (found in review). So each generator is run to its end: ``stop_after=1`` ends it after the batch
+        that brings one.
+        """
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds
-        while (left := end - loop.time()) > 0:
-            async with contextlib.aclosing(conn.notifies(timeout=left)) as heard:
-                async for note in heard:
-                    if note.payload == until:
-                        return True
-                    if not note.payload.startswith(PROBE):  # other processes' probes say nothing
-                        self._cache.forget(note.payload)
-        return False
+        came = False
+        while not came and (left := end - loop.time()) > 0:
+            async for note in conn.notifies(timeout=left, stop_after=1):
+                if until is not None and note.payload == until:
+                    came = True
+                elif not note.payload.startswith(PROBE):  # other processes' probes say nothing
+                    self._cache.forget(note.payload)
+        return came

@@ -179,13 +179,6 @@ class Database:
         assert self.url is not None, "Database.start() has not run"
         return libpq_url(self.url)
 
-    async def notify(self, channel: str, payload: str) -> None:
-        """Send a notification through the pool: listening sessions get it at once (a read commits each statement)."""
-        async with self.read() as conn:
-            await conn.exec_driver_sql(
-                "SELECT pg_notify(%(channel)s, %(payload)s)", {"channel": channel, "payload": payload}
-            )
-
     async def ready(self) -> bool:
         """True when the database answers and its schema is the one this code knows."""
         try:

@@ -11,6 +11,10 @@ machine, or an operator's own SQL. So the database says so itself: these trigger
 ``memos_auth`` when a key row is updated or deleted (its prefix) and when agents or keys are changed wholesale
 (``*``: forget everything). Postgres delivers a notification when the transaction commits, to every session
 listening on the channel. Inserts send nothing: a new key was never cached.
+
+``memos_auth_probe(payload)`` is how a process checks that it would hear of a change: it notifies with the payload,
+and refuses while one of these triggers is missing or disabled (``ALTER TABLE ... DISABLE TRIGGER``, or a
+downgrade run beside live servers), so no process trusts its cache then.
 """
 
 from __future__ import annotations
@@ -45,6 +49,22 @@ def upgrade() -> None:
         """
     )
     op.execute(
+        """
+        CREATE FUNCTION memos_auth_probe(payload text) RETURNS void LANGUAGE plpgsql AS $$
+        BEGIN
+            IF (SELECT count(*) FROM pg_trigger
+                WHERE tgrelid IN ('api_keys'::regclass, 'agents'::regclass)
+                  AND tgname IN ('memos_api_keys_notify', 'memos_api_keys_truncate_notify',
+                                 'memos_agents_notify', 'memos_agents_truncate_notify')
+                  AND tgenabled IN ('O', 'A')) <> 4 THEN
+                RAISE EXCEPTION 'API key changes are not notified: a trigger of migration 0014 is missing or disabled';
+            END IF;
+            PERFORM pg_notify('memos_auth', payload);
+        END
+        $$
+        """
+    )
+    op.execute(
         "CREATE TRIGGER memos_api_keys_notify AFTER UPDATE OR DELETE ON api_keys "
         "FOR EACH ROW EXECUTE FUNCTION memos_key_changed()"
     )
@@ -68,5 +88,6 @@ def downgrade() -> None:
     op.execute("DROP TRIGGER memos_agents_truncate_notify ON agents")
     op.execute("DROP TRIGGER memos_api_keys_truncate_notify ON api_keys")
     op.execute("DROP TRIGGER memos_api_keys_notify ON api_keys")
+    op.execute("DROP FUNCTION memos_auth_probe(text)")
     op.execute("DROP FUNCTION memos_auth_changed()")
     op.execute("DROP FUNCTION memos_key_changed()")
