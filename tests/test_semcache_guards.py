@@ -765,6 +765,10 @@ def test_a_two_part_number_after_a_word_is_a_version() -> None:
         ("Does Django 4.10 support async views?", "Does Django 4.1 support async views?"),
         ("What changed in version 2.10?", "What changed in version 2.1?"),
         ("Is Firefox 115.0 faster than Chrome?", "Is Firefox 115.00 faster than Chrome?"),
+        # names that take versions in lowercase too: each side, and one side capitalised (that was a hit)
+        ("whats new in python 3.10", "whats new in python 3.1"),
+        ("What's new in Python 3.10?", "whats new in python 3.1"),
+        ("does node 18.10 support fetch", "does node 18.1 support fetch"),
     ]
     for cached, query in refused:
         assert (check(cached, query) or "").startswith("number: versions differ"), (cached, query)

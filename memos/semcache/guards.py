@@ -328,15 +328,35 @@ _TWO_PARTS = re.compile(r"\d+\.\d+")
 _WORD_BEFORE = re.compile(r"(?<![\w'])(?P<w>[A-Za-z]{1,})\s$")
 """The word directly before a number (searched in the 40 characters before it, so the search stays constant)."""
 _VERSION_WORDS = frozenset({"version", "ver", "v", "release", "build"})
+_VERSIONED_NAMES = frozenset(
+    {
+        *("python", "py", "node", "nodejs", "java", "jdk", "jre", "kotlin", "scala", "go", "golang", "rust", "ruby"),
+        *("rails", "php", "perl", "swift", "dart", "flutter", "typescript", "ts", "dotnet", "django", "flask"),
+        *("fastapi", "react", "angular", "vue", "svelte", "nextjs", "next", "express", "spring", "laravel", "symfony"),
+        *("ios", "ipados", "macos", "osx", "android", "ubuntu", "debian", "fedora", "centos", "rhel", "alpine"),
+        *("windows", "win", "linux", "kernel", "chrome", "chromium", "firefox", "safari", "edge", "electron"),
+        *("postgres", "postgresql", "psql", "mysql", "mariadb", "sqlite", "mongodb", "mongo", "redis", "kafka"),
+        *("elasticsearch", "kubernetes", "k8s", "kubectl", "docker", "helm", "terraform", "ansible", "nginx"),
+        *("numpy", "pandas", "scipy", "sklearn", "tensorflow", "tf", "pytorch", "torch", "cuda", "cudnn", "keras"),
+        *("transformers", "gcc", "clang", "llvm", "cmake", "gradle", "maven", "npm", "pip", "yarn", "webpack"),
+        *("vite", "jquery", "bootstrap", "tailwind", "openssl", "openssh", "git", "bash", "zsh", "vim", "emacs"),
+        *("wordpress", "drupal", "unity", "unreal", "blender", "gpt", "llama", "gemini", "claude", "qt", "gtk"),
+    }
+)
+"""Names that take a two-part version when written in lowercase too ("python 3.10", "node 18.10"): the digits count as
+written. Any other lowercase word makes an amount ("sugar 5.50" is 5.5). Where one of these is an ordinary word before
+an amount ("go 1.50 miles"), a different spelling of the amount is only a miss, never a wrong answer."""
 _YEAR = re.compile(r"1[5-9]\d\d|20\d\d")
 
 
 def _names_a_version(text: str, before: re.Match[str]) -> bool:
     """Whether a two-part number after ``before``'s word is a version: after a capitalised word that does not
-    start a sentence ("Python 3.10", "Is Android 6.0") or after "version". After any other word it is an amount,
+    start a sentence ("Python 3.10", "Is Android 6.0"), after "version", or after a name that takes versions in
+    lowercase too ("python 3.10": with the capitalised form on the other side, "Python 3.10" against
+    "python 3.1" was a hit, found in review). After any other word it is an amount,
     where 1.50 and 1.5 are one value ("does it cost 1.50", "is my blood sugar 5.50"; found in review)."""
     word = before["w"]
-    if word.lower() in _VERSION_WORDS:
+    if word.lower() in _VERSION_WORDS or word.lower() in _VERSIONED_NAMES:
         return True
     prefix = text[: before.start()].rstrip()
     starts_sentence = not prefix or prefix[-1] in ".?!:"
