@@ -74,16 +74,29 @@ def decode_cursor(cursor: str | None, arity: int, of: str) -> list[Any] | None:
     raise Invalid.field("cursor", OTHER_LIST if tagged or len(keys) == arity else NOT_ISSUED)
 
 
-def encode_keyset(created_at: datetime, row_id: uuid.UUID, of: str) -> str:
+def encode_keyset(created_at: datetime, row_id: uuid.UUID | str, of: str) -> str:
     """A cursor for lists ordered by (created_at, id); ``of``: the list's tag (``list_tag``)."""
     return encode_cursor([created_at.isoformat(), str(row_id)], of)
 
 
 def decode_keyset(cursor: str | None, of: str) -> tuple[datetime, uuid.UUID] | None:
-    keys = decode_cursor(cursor, 2, of)
+    keys = decode_text_keyset(cursor, of)
     if keys is None:
         return None
     try:
-        return datetime.fromisoformat(str(keys[0])), uuid.UUID(str(keys[1]))
+        return keys[0], uuid.UUID(keys[1])
+    except ValueError:
+        raise Invalid.field("cursor", NOT_ISSUED) from None
+
+
+def decode_text_keyset(cursor: str | None, of: str) -> tuple[datetime, str] | None:
+    """A cursor of a list ordered by (created_at, a text key): an API key's prefix."""
+    keys = decode_cursor(cursor, 2, of)
+    if keys is None:
+        return None
+    if not isinstance(keys[1], str):
+        raise Invalid.field("cursor", NOT_ISSUED)
+    try:
+        return datetime.fromisoformat(str(keys[0])), keys[1]
     except ValueError:
         raise Invalid.field("cursor", NOT_ISSUED) from None

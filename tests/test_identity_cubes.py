@@ -279,6 +279,49 @@ def test_revoke_by_the_whole_key_revokes_it_and_keeps_its_secret_out_of_the_log(
     assert not any(secret in p for p in paths), paths
 
 
+def test_an_agents_keys_are_listed_by_prefix_with_revoked_ones_marked(client: Client, factory: Factory) -> None:
+    tenant = factory.tenant()
+    agent = factory.agent(tenant)
+    admin = bearer(tenant.admin_key)
+    rotated = [client.post(f"/v1/agents/{agent.id}/keys", headers=admin).json()["prefix"] for _ in range(2)]
+    first = agent.key.split("_")[1]
+    assert client.delete(f"/v1/keys/{first}", headers=admin).status_code == 204
+    listed = client.get(f"/v1/agents/{agent.id}/keys", headers=admin)
+    assert listed.status_code == 200, listed.text
+    body = listed.json()
+    assert [k["prefix"] for k in body["items"]] == [first, *rotated] and body["next_cursor"] is None
+    assert body["items"][0]["revoked_at"] is not None and [k["revoked_at"] for k in body["items"][1:]] == [None, None]
+    assert {k["agent_id"] for k in body["items"]} == {agent.id}
+    assert set(body["items"][0]) == {"prefix", "agent_id", "created_at", "revoked_at"}  # never a hash or secret
+    # An agent lists its own keys; pages follow one another.
+    rotated_key = client.post(f"/v1/agents/{agent.id}/keys", headers=admin).json()["api_key"]
+    page = client.get(f"/v1/agents/{agent.id}/keys", params={"limit": 2}, headers=bearer(rotated_key)).json()
+    rest = client.get(
+        f"/v1/agents/{agent.id}/keys", params={"limit": 2, "cursor": page["next_cursor"]}, headers=bearer(rotated_key)
+    ).json()
+    assert [k["prefix"] for k in page["items"] + rest["items"]] == [first, *rotated, rotated_key.split("_")[1]]
+    assert rest["next_cursor"] is None
+
+
+def test_another_agents_keys_are_404(client: Client, factory: Factory) -> None:
+    tenant, other = factory.tenant(), factory.tenant()
+    a, b = factory.agent(tenant), factory.agent(tenant)
+    stranger = factory.agent(other)
+    assert_problem(client.get(f"/v1/agents/{b.id}/keys", headers=bearer(a.key)), 404)
+    assert_problem(client.get(f"/v1/agents/{tenant.admin_id}/keys", headers=bearer(a.key)), 404)
+    for missing in (stranger.id, other.admin_id, str(uuid.uuid4()), "not-a-uuid"):
+        assert_problem(client.get(f"/v1/agents/{missing}/keys", headers=bearer(tenant.admin_key)), 404)
+    # A cursor of another agent's list is refused, not read as a position in this one.
+    for _ in range(2):
+        client.post(f"/v1/agents/{a.id}/keys", headers=bearer(tenant.admin_key))
+    cursor = client.get(f"/v1/agents/{a.id}/keys", params={"limit": 1}, headers=bearer(tenant.admin_key)).json()
+    r = client.get(
+        f"/v1/agents/{b.id}/keys", params={"cursor": cursor["next_cursor"]}, headers=bearer(tenant.admin_key)
+    )
+    assert_problem(r, 422)
+    assert_problem(client.get(f"/v1/agents/{a.id}/keys", params={"cursor": "nope"}, headers=bearer(a.key)), 422)
+
+
 def test_revoke_unknown_prefix_is_404(client: Client, factory: Factory) -> None:
     tenant = factory.tenant()
     assert_problem(client.delete("/v1/keys/000000000000", headers=bearer(tenant.admin_key)), 404)

@@ -183,6 +183,7 @@ PUBLIC_NAMES = {
     "Agent",
     "Me",
     "KeyCreated",
+    "ApiKey",
     "Cube",
     "CubeStats",
     "Grant",
@@ -410,6 +411,11 @@ def test_full_flow_sync(connect: Callable[[str], MemosClient]) -> None:
     bot.agents.revoke_key(key.prefix)
     with pytest.raises(Unauthorized):
         rotated.agents.me()
+    listed = list(bot.agents.list_keys(bot_created.id, page_size=1))  # its own keys, page by page
+    assert [k.prefix for k in listed][-1] == key.prefix and listed[-1].revoked_at is not None
+    assert listed[0].revoked_at is None and {k.agent_id for k in listed} == {bot_created.id}
+    with pytest.raises(NotFound):
+        list(bot.agents.list_keys(reader_created.id))  # another agent's are not the bot's to see
     assert {a.id for a in admin.agents.list()} >= {tenant.admin_agent_id, bot_created.id, reader_created.id}
 
     bot.memories.delete(other.id, if_version=1)
@@ -477,6 +483,7 @@ async def test_full_flow_async(async_app: Litestar) -> None:
         await bot.memories.delete(memory.id)
         await bot.cubes.delete(cube.id)
         assert (await bot.request("GET", "/v1/agents/me"))["id"] == bot_created.id
+        assert [k.prefix async for k in bot.agents.list_keys(bot_created.id)][-1] == key.prefix
         await bot.agents.revoke_key(key.prefix)
         with pytest.raises(Unauthorized):
             await bot.agents.me()

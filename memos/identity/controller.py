@@ -51,6 +51,21 @@ class IdentityController(Controller):
     ) -> schemas.KeyCreated:
         return await identity.rotate_key(principal, parse_id(agent_id, "agent"))
 
+    @get(
+        "/agents/{agent_id:str}/keys",
+        summary="List an agent's keys by prefix, revoked ones included (tenant admin, or the agent itself)",
+        responses=errors(404),
+    )
+    async def list_keys(
+        self,
+        agent_id: FromPath[str],
+        principal: CurrentPrincipal,
+        identity: Identity,
+        limit: Limit = DEFAULT_LIMIT,
+        cursor: Cursor = None,
+    ) -> Page[schemas.ApiKey]:
+        return await identity.list_keys(principal, parse_id(agent_id, "agent"), limit, cursor)
+
     @delete("/keys/{prefix:str}", summary="Revoke a key by its prefix")
     async def revoke_key(self, prefix: FromPath[str], principal: CurrentPrincipal, identity: Identity) -> None:
         await identity.revoke_key(principal, prefix)

@@ -56,3 +56,13 @@ class Me(msgspec.Struct):
 class KeyCreated(msgspec.Struct):
     api_key: str
     prefix: str
+
+
+class ApiKey(msgspec.Struct):
+    """A key as listings show it: its public prefix and dates, never its secret or hash."""
+
+    prefix: str
+    agent_id: uuid.UUID
+    created_at: datetime
+    revoked_at: datetime | None
+    """Null while the key works."""

@@ -19,7 +19,7 @@ from memos.identity import schemas
 from memos.identity.keycache import KeyCache
 from memos.identity.keys import generate_key, hash_key, key_matches, key_prefix
 from memos.identity.principal import OPERATOR, Principal
-from memos.pagination import Page, decode_keyset, encode_keyset, list_tag
+from memos.pagination import Page, decode_keyset, decode_text_keyset, encode_keyset, list_tag
 from memos.settings import OPERATOR_KEY_MIN, Settings, SettingsError
 from memos.store.audit import record
 from memos.store.blobs import fsync_dir
@@ -159,6 +159,33 @@ class IdentityService:
                 for r in rows
             ],
             next_cursor=encode_keyset(rows[-1].created_at, rows[-1].id, AGENTS) if more else None,
+        )
+
+    async def list_keys(
+        self, principal: Principal, agent_id: uuid.UUID, limit: int, cursor: str | None
+    ) -> Page[schemas.ApiKey]:
+        """An agent's keys, revoked ones included, oldest first: a tenant admin's for any agent of its tenant, an
+        agent's for itself (another agent's are 404, as revoking them is)."""
+        tenant_id, caller = principal.tenant_member()
+        if not principal.is_admin and agent_id != caller:
+            raise NotFound("no such agent")
+        tag = list_tag("keys", agent_id)
+        after = decode_text_keyset(cursor, tag)
+        query = select(api_keys.c.prefix, api_keys.c.agent_id, api_keys.c.created_at, api_keys.c.revoked_at).where(
+            api_keys.c.agent_id == agent_id
+        )
+        if after is not None:
+            query = query.where(func.row(api_keys.c.created_at, api_keys.c.prefix) > func.row(*after))
+        async with self.db.read() as conn:
+            owner = select(agents.c.id).where(agents.c.id == agent_id, agents.c.tenant_id == tenant_id)
+            if await conn.scalar(owner) is None:
+                raise NotFound("no such agent")
+            rows = (await conn.execute(query.order_by(api_keys.c.created_at, api_keys.c.prefix).limit(limit + 1))).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(
+            items=[schemas.ApiKey(r.prefix, r.agent_id, r.created_at, r.revoked_at) for r in rows],
+            next_cursor=encode_keyset(rows[-1].created_at, rows[-1].prefix, tag) if more else None,
         )
 
     async def me(self, principal: Principal) -> schemas.Me:

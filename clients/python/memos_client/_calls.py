@@ -29,6 +29,7 @@ from memos_client._models import (
     Activation,
     Agent,
     AgentCreated,
+    ApiKey,
     CacheConfig,
     CacheLookup,
     CacheStats,
@@ -61,6 +62,7 @@ _AGENT_CREATED = decoder(AgentCreated)
 _AGENT_PAGE = decoder(Page[Agent])
 _ME = decoder(Me)
 _KEY_CREATED = decoder(KeyCreated)
+_KEY_PAGE = decoder(Page[ApiKey])
 _CUBE = decoder(Cube)
 _CUBE_PAGE = decoder(Page[Cube])
 _GRANT = decoder(Grant)
@@ -125,6 +127,15 @@ def list_agents(cursor: str | None, page_size: int | None) -> Call[Page[Agent]]:
 
 def rotate_key(agent_id: Id) -> Call[KeyCreated]:
     return Call("POST", path("agents", ident("agent_id", agent_id), "keys"), _KEY_CREATED)
+
+
+def list_keys(agent_id: Id, cursor: str | None, page_size: int | None) -> Call[Page[ApiKey]]:
+    return Call(
+        "GET",
+        path("agents", ident("agent_id", agent_id), "keys"),
+        _KEY_PAGE,
+        params=query(limit=page_size, cursor=cursor),
+    )
 
 
 def revoke_key(prefix: str) -> Call[None]:

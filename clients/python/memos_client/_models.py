@@ -69,6 +69,16 @@ class KeyCreated(msgspec.Struct, frozen=True):
     """The key's public handle: ``agents.revoke_key(prefix)`` revokes it."""
 
 
+class ApiKey(msgspec.Struct, frozen=True):
+    """A key as ``agents.list_keys`` shows it: its prefix and dates, never its secret."""
+
+    prefix: str
+    agent_id: str
+    created_at: datetime
+    revoked_at: datetime | None
+    """None while the key works."""
+
+
 # --- cubes --------------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from memos_client._models import (
     Activation,
     Agent,
     AgentCreated,
+    ApiKey,
     CacheConfig,
     CacheLookup,
     CacheStats,
@@ -109,6 +110,10 @@ class Agents(_Resource):
     def rotate_key(self, agent_id: Id) -> KeyCreated:
         """Issue an additional key for an agent; its older keys stay valid until revoked."""
         return self._client._send(_calls.rotate_key(agent_id))
+
+    def list_keys(self, agent_id: Id, *, page_size: int | None = None, cursor: str | None = None) -> Pager[ApiKey]:
+        """An agent's keys by prefix, revoked ones included, oldest first (tenant admin, or the agent itself)."""
+        return self._pager(lambda c: _calls.list_keys(agent_id, c, page_size), cursor)
 
     def revoke_key(self, prefix: str) -> None:
         """Revoke a key by its prefix (``KeyCreated.prefix``, or the 12 hex after ``memos_``)."""
@@ -378,6 +383,10 @@ class AsyncAgents(_AsyncResource):
     async def rotate_key(self, agent_id: Id) -> KeyCreated:
         """Issue an additional key for an agent; its older keys stay valid until revoked."""
         return await self._client._send(_calls.rotate_key(agent_id))
+
+    def list_keys(self, agent_id: Id, *, page_size: int | None = None, cursor: str | None = None) -> AsyncPager[ApiKey]:
+        """An agent's keys by prefix, revoked ones included, oldest first (tenant admin, or the agent itself)."""
+        return self._pager(lambda c: _calls.list_keys(agent_id, c, page_size), cursor)
 
     async def revoke_key(self, prefix: str) -> None:
         """Revoke a key by its prefix (``KeyCreated.prefix``, or the 12 hex after ``memos_``)."""
