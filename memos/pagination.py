@@ -94,7 +94,7 @@ def decode_text_keyset(cursor: str | None, of: str) -> tuple[datetime, str] | No
     keys = decode_cursor(cursor, 2, of)
     if keys is None:
         return None
-    if not isinstance(keys[1], str):
+    if not isinstance(keys[1], str) or "\x00" in keys[1]:  # Postgres refuses a NUL in text: a 422 naming no field
         raise Invalid.field("cursor", NOT_ISSUED)
     try:
         return datetime.fromisoformat(str(keys[0])), keys[1]

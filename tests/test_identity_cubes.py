@@ -13,6 +13,7 @@ from httpx import Response
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from memos.pagination import encode_cursor, list_tag
 from tests.conftest import OPERATOR_KEY, Agent, Factory, Tenant, bearer
 
 Client = TestClient[Litestar]
@@ -320,6 +321,12 @@ def test_another_agents_keys_are_404(client: Client, factory: Factory) -> None:
     )
     assert_problem(r, 422)
     assert_problem(client.get(f"/v1/agents/{a.id}/keys", params={"cursor": "nope"}, headers=bearer(a.key)), 422)
+    # A hand-made cursor with a NUL in its prefix: a 422 on cursor, not Postgres's refusal naming no field.
+    made = encode_cursor(["2026-01-01T00:00:00+00:00", "ab\x00c"], list_tag("keys", uuid.UUID(a.id)))
+    r = client.get(f"/v1/agents/{a.id}/keys", params={"cursor": made}, headers=bearer(a.key))
+    assert_problem(r, 422)
+    assert r.json()["errors"][0]["field"] == "cursor"
+    assert_problem(client.get(f"/v1/agents/{a.id}/keys", headers=bearer(OPERATOR_KEY)), 403)
 
 
 def test_revoke_unknown_prefix_is_404(client: Client, factory: Factory) -> None:

@@ -54,7 +54,6 @@ class IdentityController(Controller):
     @get(
         "/agents/{agent_id:str}/keys",
         summary="List an agent's keys by prefix, revoked ones included (tenant admin, or the agent itself)",
-        responses=errors(404),
     )
     async def list_keys(
         self,

@@ -330,22 +330,22 @@ _WORD_BEFORE = re.compile(r"(?<![\w'])(?P<w>[A-Za-z]{1,})\s$")
 _VERSION_WORDS = frozenset({"version", "ver", "v", "release", "build"})
 _VERSIONED_NAMES = frozenset(
     {
-        *("python", "py", "node", "nodejs", "java", "jdk", "jre", "kotlin", "scala", "go", "golang", "rust", "ruby"),
+        *("python", "py", "node", "nodejs", "java", "jdk", "jre", "kotlin", "scala", "golang", "rust", "ruby"),
         *("rails", "php", "perl", "swift", "dart", "flutter", "typescript", "ts", "dotnet", "django", "flask"),
-        *("fastapi", "react", "angular", "vue", "svelte", "nextjs", "next", "express", "spring", "laravel", "symfony"),
+        *("fastapi", "react", "angular", "vue", "svelte", "nextjs", "laravel", "symfony"),
         *("ios", "ipados", "macos", "osx", "android", "ubuntu", "debian", "fedora", "centos", "rhel", "alpine"),
-        *("windows", "win", "linux", "kernel", "chrome", "chromium", "firefox", "safari", "edge", "electron"),
+        *("windows", "linux", "kernel", "chrome", "chromium", "firefox", "safari", "electron"),
         *("postgres", "postgresql", "psql", "mysql", "mariadb", "sqlite", "mongodb", "mongo", "redis", "kafka"),
         *("elasticsearch", "kubernetes", "k8s", "kubectl", "docker", "helm", "terraform", "ansible", "nginx"),
         *("numpy", "pandas", "scipy", "sklearn", "tensorflow", "tf", "pytorch", "torch", "cuda", "cudnn", "keras"),
-        *("transformers", "gcc", "clang", "llvm", "cmake", "gradle", "maven", "npm", "pip", "yarn", "webpack"),
+        *("transformers", "gcc", "clang", "llvm", "cmake", "gradle", "maven", "npm", "yarn", "webpack"),
         *("vite", "jquery", "bootstrap", "tailwind", "openssl", "openssh", "git", "bash", "zsh", "vim", "emacs"),
         *("wordpress", "drupal", "unity", "unreal", "blender", "gpt", "llama", "gemini", "claude", "qt", "gtk"),
     }
 )
 """Names that take a two-part version when written in lowercase too ("python 3.10", "node 18.10"): the digits count as
 written. Any other lowercase word makes an amount ("sugar 5.50" is 5.5). Where one of these is an ordinary word before
-an amount ("go 1.50 miles"), a different spelling of the amount is only a miss, never a wrong answer."""
+an amount (a "ruby 2.50" that is a price), a different spelling of the amount is only a miss, never a wrong answer."""
 _YEAR = re.compile(r"1[5-9]\d\d|20\d\d")
 
 
@@ -453,7 +453,7 @@ class _Numbers:
     times: frozenset[str]
     meridiem: frozenset[tuple[str, str]]
     qualifiers: frozenset[tuple[str, str]]
-    spelled: frozenset[tuple[str, str]]
+    spelled: tuple[tuple[str, str], ...]
 
 
 def _take(pattern: re.Pattern[str], text: str, handle: Callable[[re.Match[str]], bool]) -> str:
@@ -480,7 +480,7 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
     times: set[str] = set()
     meridiem: set[tuple[str, str]] = set()
     qualifiers: set[tuple[str, str]] = set()
-    spelled: set[tuple[str, str]] = set()
+    spelled: list[tuple[str, str]] = []  # in the text's order: "3.1 to 3.10" is not "3.10 to 3.1"
 
     def qualify(key: str, match: re.Match[str], *, when: bool = False) -> None:
         qualifier = _qualifier(match.string, match.start(), when=when)
@@ -544,7 +544,7 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
         if bare and _TWO_PARTS.fullmatch(raw):
             before = _WORD_BEFORE.search(match.string, max(0, match.start() - 40), match.start())
             if before is not None and _names_a_version(match.string, before):
-                spelled.add((key, raw))
+                spelled.append((key, raw))
         # a one-letter unit must touch its number ("5m", "2g"): "18 in the UK" is not eighteen inches
         if unit and (len(unit) > 1 or not match.group()[: -len(unit)].endswith(" ")):
             units.add((key, _UNIT_FAMILIES[unit.lower()]))
@@ -585,7 +585,7 @@ def _read_numbers(text: str) -> tuple[_Numbers, str]:
         frozenset(times),
         frozenset(meridiem),
         frozenset(qualifiers),
-        frozenset(spelled),
+        tuple(spelled),
     )
     return numbers, text
 
@@ -737,9 +737,9 @@ class QueryFacts:
     qualifiers: frozenset[tuple[str, str]]
     """(value, qualifier class) for a number with a comparison word or preposition directly before it:
     ("3", "at most") for "up to 3", ("10", "by") for "by 10%"."""
-    spelled: frozenset[tuple[str, str]]
+    spelled: tuple[tuple[str, str], ...]
     """(value, digits as written) for a two-part decimal with no unit right after a word: ("3.1", "3.10") for
-    "Python 3.10", a version, where 2.50 and 2.5 as amounts are one value."""
+    "Python 3.10", a version, where 2.50 and 2.5 as amounts are one value. In the text's order."""
     dates: frozenset[str]
     names: frozenset[str]
     """Proper names (lowercase keys), from :func:`memos.graph.entities.extract_entities` plus alphanumeric codes."""
@@ -1157,10 +1157,12 @@ def number_guard(a: QueryFacts, b: QueryFacts) -> str | None:
             return f"units differ for {value}: {_fmt(units_a[value])} vs {_fmt(units_b[value])}"
     # "Python 3.10" / "Python 3.1": after a name, a two-part number is a version, not an amount (a review);
     # compared only where both sides write it after a word, so "2.50" and "2.5" elsewhere stay one amount
-    spelled_a, spelled_b = _grouped(a.spelled), _grouped(b.spelled)
+    # compared in the order written: "from python 3.1 to Python 3.10" and the other way round hold the same two
+    # spellings of 3.1, and compared as sets they were a hit for the opposite migration (a review)
+    spelled_a, spelled_b = _in_order(a.spelled), _in_order(b.spelled)
     for value in sorted(spelled_a.keys() & spelled_b.keys()):
         if spelled_a[value] != spelled_b[value]:
-            return f"versions differ: {_fmt(spelled_a[value])} vs {_fmt(spelled_b[value])}"
+            return f"versions differ: {', '.join(spelled_a[value])} vs {', '.join(spelled_b[value])}"
     if a.times != b.times:
         return f"times differ: {_fmt(a.times)} vs {_fmt(b.times)}"
     parts_a, parts_b = _grouped(a.meridiem), _grouped(b.meridiem)
@@ -1179,6 +1181,14 @@ def number_guard(a: QueryFacts, b: QueryFacts) -> str | None:
 def _unmatched(units: set[str], others: set[str]) -> bool:
     """Whether a unit of ``units`` matches none of ``others`` ("pounds" matches "£" and "lb")."""
     return any(u not in others and not any(frozenset({o, u}) in _AMBIGUOUS_UNITS for o in others) for u in units)
+
+
+def _in_order(pairs: Iterable[tuple[str, str]]) -> dict[str, tuple[str, ...]]:
+    """Each key's distinct values, in the order they first come."""
+    grouped: dict[str, dict[str, None]] = {}
+    for key, value in pairs:
+        grouped.setdefault(key, {})[value] = None
+    return {key: tuple(values) for key, values in grouped.items()}
 
 
 def _grouped(pairs: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
