@@ -772,12 +772,18 @@ def test_a_two_part_number_after_a_word_is_a_version() -> None:
         # the same two spellings in the other order: the opposite question (a review; a hit as sets)
         ("migrate python 3.1 code to Python 3.10", "migrate python 3.10 code to Python 3.1"),
         ("Is Python 3.10 faster than Python 3.1?", "Is Python 3.1 faster than Python 3.10?"),
+        # written onto the name: no number at all, so a hit (a review)
+        ("upgrade to v3.10", "upgrade to v3.1"),
+        ("install python3.10 on ubuntu", "install python3.1 on ubuntu"),
+        ("python-3.10 docs", "python-3.1 docs"),
     ]
     for cached, query in refused:
         assert (check(cached, query) or "").startswith("number: versions differ"), (cached, query)
         assert (check(query, cached) or "").startswith("number: versions differ"), (query, cached)
     assert check("What's new in Python 3.10?", "whats new in python 3.10") is None
     assert check("Is Python 3.10 faster than Python 3.1?", "is python 3.10 faster than python 3.1") is None
+    assert check("install python3.10 on ubuntu", "install Python 3.10 on Ubuntu") is None  # the same, spaced
+    assert check("how do I upgrade to v3.10", "how can I upgrade to v3.10") is None
     assert check("Is Android 6.0 stable?", "Is Android 6 stable?") is None  # one side gives no decimal
     assert check("It costs $2.50", "It costs $2.5") is None  # an amount
     assert check("Is it 2.50 in total?", "Is it 2.5 in total?") is None  # after a function word

@@ -473,8 +473,21 @@ _SCALES = {"k": 10**3, "thousand": 10**3, "m": 10**6, "million": 10**6, "bn": 10
 _BIG = {"hundred": 100, "thousand": 1000, "million": 1_000_000}
 
 
+_ATTACHED_VERSION = re.compile(r"(?<![\w.])(?P<w>[A-Za-z]+)-?(?P<num>\d+(?:\.\d+)+)(?![\w.])")
+"""A version written onto its name ("v3.10", "python3.10", "python-3.10"): no number at all for the number pass, so
+"v3.10" against "v3.1" was a hit (a review). Read as if spaced: "v 3.10" is a version like "version 3.10"."""
+
+
+def _spaced_version(match: re.Match[str]) -> str:
+    word = match["w"].lower()
+    if word in _VERSION_WORDS or word in _VERSIONED_NAMES:
+        return f"{match['w']} {match['num']}"
+    return match.group()
+
+
 def _read_numbers(text: str) -> tuple[_Numbers, str]:
     """Times, amounts, counts and ordinals in ``text``; returns them and ``text`` with their spans blanked."""
+    text = _ATTACHED_VERSION.sub(_spaced_version, text)
     values: set[str] = set()
     units: set[tuple[str, str]] = set()
     times: set[str] = set()
