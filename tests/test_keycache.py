@@ -18,6 +18,8 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from test_metrics import scrape, value
 
+from memos.app import create_app
+from memos.embed.base import Embedder
 from memos.identity.keycache import KeyCache, KeyListener, probe
 from memos.identity.principal import OPERATOR, Principal
 from memos.identity.schemas import TenantIn
@@ -157,6 +159,24 @@ def test_agents_changed_by_hand_empty_every_process_cache(
     assert soon(lambda: keys.size == 0, 3.0)
     admin_only = client.get("/v1/agents", headers=bearer(agent.key))
     assert admin_only.status_code == 200  # the key now stands for an admin
+
+
+def test_a_key_revoked_in_one_process_fails_in_another_within_moments(
+    app: Litestar, client: Client, factory: Factory, settings: Settings, embedder: Embedder
+) -> None:
+    """Two memos processes on one database, each with its own cache and listener: a key the other one has cached
+    stops working there once this one revokes it."""
+    other_app = create_app(settings, embedder_factory=lambda: embedder)
+    with TestClient(other_app) as other:
+        assert soon(lambda: app.state.identity.keys.live and other_app.state.identity.keys.live)
+        tenant = factory.tenant()
+        agent = factory.agent(tenant)
+        for _ in range(2):
+            assert other.get("/v1/agents/me", headers=bearer(agent.key)).status_code == 200
+        prefix = agent.key.split("_")[1]
+        assert other_app.state.identity.keys.get(prefix) is not None  # cached over there
+        assert client.delete(f"/v1/keys/{prefix}", headers=bearer(tenant.admin_key)).status_code == 204
+        assert soon(lambda: other.get("/v1/agents/me", headers=bearer(agent.key)).status_code == 401, 3.0)
 
 
 # ---------------------------------------------------------------------- the listener
