@@ -281,6 +281,21 @@ async def test_a_disabled_trigger_turns_every_cache_off(db: Database, database_u
         await listener.close()
 
 
+async def test_the_listening_session_outlives_an_idle_session_timeout(db: Database) -> None:
+    """The listener only receives: with the server's idle_session_timeout shorter than its heartbeat it was ended
+    again and again, and the cache went off each time."""
+    cache = KeyCache(60)
+    conninfo = db.conninfo + ("&" if "?" in db.conninfo else "?") + "options=-c%20idle_session_timeout%3D400"
+    listener = KeyListener(conninfo, cache, functools.partial(probe, db), heartbeat=0.1, retry=0.1)
+    listener.start()
+    try:
+        assert await eventually(lambda: cache.live)
+        await asyncio.sleep(1.5)
+        assert cache.live and listener.connections == 1
+    finally:
+        await listener.close()
+
+
 async def test_the_listener_comes_back_after_its_connection_is_lost(db: Database) -> None:
     cache = KeyCache(60)
     listener = KeyListener(db.conninfo, cache, functools.partial(probe, db), heartbeat=0.2, retry=0.1)

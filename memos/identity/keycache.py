@@ -225,6 +225,10 @@ class KeyListener:
             if not self._cache.live:
                 self._cache.set_live(True)
             await self._hear(conn, self._heartbeat)
+            # A statement now and then: a server with idle_session_timeout ended the listening session (it only ever
+            # receives), turning the cache off until it reconnected. Notifications that arrive meanwhile wait in
+            # psycopg's backlog for the next _hear.
+            await conn.execute("SELECT 1")
 
     async def _hear(self, conn: psycopg.AsyncConnection[object], seconds: float, until: str | None = None) -> bool:
         """Act on notifications for ``seconds``; True once ``until`` arrived (if given), after the rest of its batch.
