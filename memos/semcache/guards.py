@@ -346,6 +346,8 @@ _VERSIONED_NAMES = frozenset(
 """Names that take a two-part version when written in lowercase too ("python 3.10", "node 18.10"): the digits count as
 written. Any other lowercase word makes an amount ("sugar 5.50" is 5.5). Where one of these is an ordinary word before
 an amount (a "ruby 2.50" that is a price), a different spelling of the amount is only a miss, never a wrong answer."""
+_VERSION_LEADS = _VERSION_WORDS | _VERSIONED_NAMES
+"""Words after which a two-part number is a version, whatever their case."""
 _YEAR = re.compile(r"1[5-9]\d\d|20\d\d")
 
 
@@ -356,7 +358,7 @@ def _names_a_version(text: str, before: re.Match[str]) -> bool:
     "python 3.1" was a hit, found in review). After any other word it is an amount,
     where 1.50 and 1.5 are one value ("does it cost 1.50", "is my blood sugar 5.50"; found in review)."""
     word = before["w"]
-    if word.lower() in _VERSION_WORDS or word.lower() in _VERSIONED_NAMES:
+    if word.lower() in _VERSION_LEADS:
         return True
     prefix = text[: before.start()].rstrip()
     starts_sentence = not prefix or prefix[-1] in ".?!:"
@@ -479,8 +481,7 @@ _ATTACHED_VERSION = re.compile(r"(?<![\w.])(?P<w>[A-Za-z]+)-?(?P<num>\d+(?:\.\d+
 
 
 def _spaced_version(match: re.Match[str]) -> str:
-    word = match["w"].lower()
-    if word in _VERSION_WORDS or word in _VERSIONED_NAMES:
+    if match["w"].lower() in _VERSION_LEADS:
         return f"{match['w']} {match['num']}"
     return match.group()
 
